@@ -1,0 +1,359 @@
+//! The CPU a guest sees, as data: CPUID leaves and the MSRs the platform saves and restores.
+//!
+//! The `portable` model is identical on every backend and host so a VM can move anywhere; it is
+//! documented leaf by leaf in `docs/cpu-model.md`. `host` models are built by a backend from what
+//! its host offers and can only move to an identical host.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::msr;
+
+/// One CPUID leaf (and sub-leaf).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    pub function: u32,
+    /// Sub-leaf; only meaningful when `indexed`.
+    pub index: u32,
+    /// The leaf depends on ECX (sub-leaf).
+    pub indexed: bool,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// A CPU model: its name, CPUID table and the MSRs a guest of this model may use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuModel {
+    /// `portable-v1`, or `host:<backend>:<digest>` for host models.
+    pub name: String,
+    /// Leaves as the bootstrap processor sees them in a one-vCPU VM; see [`CpuModel::cpuid_for`].
+    pub cpuid: Vec<CpuidEntry>,
+    /// MSRs that make up a vCPU's state under this model, in ascending order.
+    pub msrs: Vec<u32>,
+}
+
+/// Feature bits of the portable model, named where code needs to test them.
+pub mod feature {
+    // CPUID.1:ECX
+    pub const SSE3: u32 = 1 << 0;
+    pub const PCLMULQDQ: u32 = 1 << 1;
+    pub const SSSE3: u32 = 1 << 9;
+    pub const FMA: u32 = 1 << 12;
+    pub const CX16: u32 = 1 << 13;
+    pub const SSE4_1: u32 = 1 << 19;
+    pub const SSE4_2: u32 = 1 << 20;
+    pub const X2APIC: u32 = 1 << 21;
+    pub const MOVBE: u32 = 1 << 22;
+    pub const POPCNT: u32 = 1 << 23;
+    pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const AES: u32 = 1 << 25;
+    pub const XSAVE: u32 = 1 << 26;
+    pub const OSXSAVE: u32 = 1 << 27;
+    pub const AVX: u32 = 1 << 28;
+    pub const F16C: u32 = 1 << 29;
+    pub const RDRAND: u32 = 1 << 30;
+    pub const HYPERVISOR: u32 = 1 << 31;
+    // CPUID.1:EDX
+    pub const FPU: u32 = 1 << 0;
+    pub const DE: u32 = 1 << 2;
+    pub const PSE: u32 = 1 << 3;
+    pub const TSC: u32 = 1 << 4;
+    pub const MSR: u32 = 1 << 5;
+    pub const PAE: u32 = 1 << 6;
+    pub const CX8: u32 = 1 << 8;
+    pub const APIC: u32 = 1 << 9;
+    pub const SEP: u32 = 1 << 11;
+    pub const PGE: u32 = 1 << 13;
+    pub const CMOV: u32 = 1 << 15;
+    pub const PAT: u32 = 1 << 16;
+    pub const CLFSH: u32 = 1 << 19;
+    pub const MMX: u32 = 1 << 23;
+    pub const FXSR: u32 = 1 << 24;
+    pub const SSE: u32 = 1 << 25;
+    pub const SSE2: u32 = 1 << 26;
+    pub const HTT: u32 = 1 << 28;
+    // CPUID.80000001:ECX / EDX
+    pub const LAHF_LM: u32 = 1 << 0;
+    pub const SYSCALL: u32 = 1 << 11;
+    pub const NX: u32 = 1 << 20;
+    pub const LM: u32 = 1 << 29;
+    // CPUID.6:EAX
+    pub const ARAT: u32 = 1 << 2;
+    // CPUID.80000007:EDX
+    pub const INVARIANT_TSC: u32 = 1 << 8;
+    // CPUID.40000001:EAX (KVM paravirtual features)
+    pub const KVM_CLOCKSOURCE2: u32 = 1 << 3;
+    pub const KVM_CLOCKSOURCE_STABLE: u32 = 1 << 24;
+}
+
+/// The KVM paravirtual signature, "KVMKVMKVM\0\0\0", as EBX, ECX, EDX.
+pub const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+
+fn leaf(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
+    CpuidEntry {
+        function,
+        index: 0,
+        indexed: false,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    }
+}
+
+fn str_regs(s: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+impl CpuModel {
+    pub const PORTABLE_NAME: &'static str = "portable-v1";
+
+    /// The portable model: an x86-64-v2 CPU ("AuthenticAMD", family 15 model 107 like QEMU's
+    /// `qemu64`, plus SSE3-SSE4.2, POPCNT, CX16), TSC-deadline local APIC, always-running APIC timer,
+    /// and the KVM paravirtual leaves with kvm-clock. No XSAVE/AVX, no x2APIC, no PCID.
+    pub fn portable() -> CpuModel {
+        use feature::*;
+        let vendor = b"AuthenticAMD";
+        let v =
+            |i: usize| u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]]);
+        let leaf1_ecx = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
+        let leaf1_edx = FPU
+            | DE
+            | PSE
+            | TSC
+            | MSR
+            | PAE
+            | CX8
+            | APIC
+            | SEP
+            | PGE
+            | CMOV
+            | PAT
+            | CLFSH
+            | MMX
+            | FXSR
+            | SSE
+            | SSE2
+            | HTT;
+        let brand = [
+            str_regs(b"anyvisor portabl"),
+            str_regs(b"e x86-64-v2 CPU\0"),
+            [0; 4],
+        ];
+        let mut cpuid = vec![
+            // Max basic leaf 7, vendor "AuthenticAMD" (EBX, EDX, ECX order).
+            leaf(0, 7, v(0), v(8), v(4)),
+            // Family 15, model 107, stepping 1. EBX: CLFLUSH 64 bytes, 1 logical CPU, APIC ID 0.
+            leaf(1, 0x0006_0fb1, 0x0001_0800, leaf1_ecx, leaf1_edx),
+            leaf(6, ARAT, 0, 0, 0),
+            CpuidEntry {
+                function: 7,
+                index: 0,
+                indexed: true,
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+            leaf(
+                0x4000_0000,
+                0x4000_0001,
+                KVM_SIGNATURE[0],
+                KVM_SIGNATURE[1],
+                KVM_SIGNATURE[2],
+            ),
+            leaf(
+                0x4000_0001,
+                KVM_CLOCKSOURCE2 | KVM_CLOCKSOURCE_STABLE,
+                0,
+                0,
+                0,
+            ),
+            leaf(0x8000_0000, 0x8000_0008, v(0), v(8), v(4)),
+            leaf(0x8000_0001, 0x0006_0fb1, 0, LAHF_LM, SYSCALL | NX | LM),
+        ];
+        for (i, regs) in brand.iter().enumerate() {
+            cpuid.push(leaf(
+                0x8000_0002 + i as u32,
+                regs[0],
+                regs[1],
+                regs[2],
+                regs[3],
+            ));
+        }
+        cpuid.extend([
+            leaf(0x8000_0005, 0, 0, 0, 0),
+            leaf(0x8000_0006, 0, 0, 0, 0),
+            leaf(0x8000_0007, 0, 0, 0, INVARIANT_TSC),
+            // 40 physical, 48 linear address bits; ECX: number of cores - 1.
+            leaf(0x8000_0008, 0x3028, 0, 0, 0),
+        ]);
+        CpuModel {
+            name: Self::PORTABLE_NAME.to_string(),
+            cpuid,
+            msrs: Self::portable_msrs(),
+        }
+    }
+
+    /// MSRs saved and restored for every vCPU of the portable model.
+    pub fn portable_msrs() -> Vec<u32> {
+        let mut m = vec![
+            msr::IA32_TSC,
+            msr::IA32_APIC_BASE,
+            msr::IA32_TSC_ADJUST,
+            msr::IA32_SYSENTER_CS,
+            msr::IA32_SYSENTER_ESP,
+            msr::IA32_SYSENTER_EIP,
+            msr::IA32_MISC_ENABLE,
+            msr::IA32_PAT,
+            msr::IA32_TSC_DEADLINE,
+            msr::IA32_EFER,
+            msr::IA32_STAR,
+            msr::IA32_LSTAR,
+            msr::IA32_CSTAR,
+            msr::IA32_FMASK,
+            msr::IA32_FS_BASE,
+            msr::IA32_GS_BASE,
+            msr::IA32_KERNEL_GS_BASE,
+            msr::KVM_WALL_CLOCK_NEW,
+            msr::KVM_SYSTEM_TIME_NEW,
+        ];
+        m.sort_unstable();
+        m
+    }
+
+    pub fn is_portable(&self) -> bool {
+        self.name == Self::PORTABLE_NAME
+    }
+
+    /// Looks a leaf up the way the CPU does for `cpuid` with EAX=`function`, ECX=`index`.
+    pub fn lookup(&self, function: u32, index: u32) -> Option<&CpuidEntry> {
+        self.cpuid
+            .iter()
+            .find(|e| e.function == function && (!e.indexed || e.index == index))
+    }
+
+    /// The CPUID table as vCPU `vcpu_id` of a VM with `vcpu_count` vCPUs sees it: APIC ID and
+    /// logical-processor counts filled in.
+    pub fn cpuid_for(&self, vcpu_id: u32, vcpu_count: u32) -> Vec<CpuidEntry> {
+        let count = vcpu_count.clamp(1, 255);
+        self.cpuid
+            .iter()
+            .map(|e| {
+                let mut e = *e;
+                match e.function {
+                    1 => {
+                        e.ebx = (e.ebx & 0x0000_ffff) | (count << 16) | ((vcpu_id & 0xff) << 24);
+                    }
+                    0x8000_0008 => e.ecx = (e.ecx & !0xff) | (count - 1),
+                    _ => {}
+                }
+                e
+            })
+            .collect()
+    }
+
+    /// The answer of `cpuid` for vCPU `vcpu_id`: the leaf if present, else (as AMD CPUs do for
+    /// leaves above the maximum) all zeros.
+    pub fn cpuid_value(
+        &self,
+        vcpu_id: u32,
+        vcpu_count: u32,
+        function: u32,
+        index: u32,
+    ) -> [u32; 4] {
+        let max = if function >= 0x8000_0000 {
+            self.lookup(0x8000_0000, 0).map(|e| e.eax)
+        } else if function >= 0x4000_0000 {
+            self.lookup(0x4000_0000, 0).map(|e| e.eax)
+        } else {
+            self.lookup(0, 0).map(|e| e.eax)
+        };
+        if max.is_none_or(|m| function > m) {
+            return [0; 4];
+        }
+        match self.lookup(function, index) {
+            Some(e) => {
+                let mut one = CpuModel {
+                    name: String::new(),
+                    cpuid: vec![*e],
+                    msrs: Vec::new(),
+                };
+                one.cpuid = one.cpuid_for(vcpu_id, vcpu_count);
+                let e = one.cpuid[0];
+                [e.eax, e.ebx, e.ecx, e.edx]
+            }
+            None => [0; 4],
+        }
+    }
+
+    /// Feature registers of leaf 1 (ECX, EDX).
+    pub fn leaf1_features(&self) -> (u32, u32) {
+        self.lookup(1, 0).map(|e| (e.ecx, e.edx)).unwrap_or((0, 0))
+    }
+
+    /// Whether a VM created with `self` can move to a destination that presents `other`.
+    /// Returns the first difference as a one-line reason.
+    pub fn compatible_with(&self, other: &CpuModel) -> Result<(), String> {
+        if self.name != other.name {
+            return Err(format!(
+                "CPU model {} cannot move to a host presenting {}",
+                self.name, other.name
+            ));
+        }
+        if self.cpuid != other.cpuid {
+            return Err(format!(
+                "CPU model {} differs in its CPUID table",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portable_has_kvm_signature_and_vendor() {
+        let m = CpuModel::portable();
+        let v = m.cpuid_value(0, 1, 0x4000_0000, 0);
+        assert_eq!(&v[1..], &KVM_SIGNATURE);
+        let v0 = m.cpuid_value(0, 1, 0, 0);
+        let mut vendor = Vec::new();
+        for r in [v0[1], v0[3], v0[2]] {
+            vendor.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(vendor, b"AuthenticAMD");
+    }
+
+    #[test]
+    fn per_vcpu_apic_id_and_count() {
+        let m = CpuModel::portable();
+        let l1 = m.cpuid_value(3, 4, 1, 0);
+        assert_eq!(l1[1] >> 24, 3);
+        assert_eq!((l1[1] >> 16) & 0xff, 4);
+        assert_eq!(m.cpuid_value(0, 4, 0x8000_0008, 0)[2] & 0xff, 3);
+    }
+
+    #[test]
+    fn leaves_above_max_are_zero() {
+        let m = CpuModel::portable();
+        assert_eq!(m.cpuid_value(0, 1, 0xd, 0), [0; 4]);
+        assert_eq!(m.cpuid_value(0, 1, 0x8000_0009, 0), [0; 4]);
+    }
+
+    #[test]
+    fn portable_is_x86_64_v2_without_xsave() {
+        use feature::*;
+        let (ecx, edx) = CpuModel::portable().leaf1_features();
+        for f in [SSE3, SSSE3, CX16, SSE4_1, SSE4_2, POPCNT] {
+            assert_ne!(ecx & f, 0);
+        }
+        assert_eq!(ecx & (XSAVE | AVX | X2APIC), 0);
+        assert_ne!(edx & SSE2, 0);
+    }
+}

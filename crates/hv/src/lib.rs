@@ -1,0 +1,195 @@
+//! The hypervisor contract of anyvisor.
+//!
+//! Everything a backend (KVM, the `emu` software CPU, ...) must provide, and the hypervisor-neutral
+//! state it converts to and from. Nothing here names a backend type: a [`CpuState`] saved under one
+//! backend restores under any other.
+//!
+//! Shape:
+//! * [`Hypervisor`] opens a backend and creates a [`Vm`] over a [`GuestMemory`].
+//! * A [`Vm`] creates [`Vcpu`]s and delivers interrupts as x86 MSI messages ([`Vm::signal_msi`]).
+//!   The platform's IOAPIC lives outside the backend (crate `machine`), so it is the same everywhere.
+//! * [`Vcpu::run`] executes guest code until something needs the VMM. Port and MMIO accesses go
+//!   through the [`DeviceIo`] callback handed to `run`, so a backend that emulates instructions
+//!   (emu, or KVM completing an instruction its own emulator refused) calls devices directly.
+
+pub mod cpu_model;
+pub mod state;
+
+use std::sync::Arc;
+
+pub use cpu_model::{CpuModel, CpuidEntry};
+pub use state::*;
+
+/// Guest RAM as every backend and device sees it. Writes through this type (devices, the software
+/// CPU) are recorded in its dirty bitmap; writes by hardware-virtualized vCPUs are reported by the
+/// backend through [`Vm::take_dirty_log`].
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// Size of a guest page for dirty tracking and snapshots.
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend cannot be used on this host (no device node, missing capability, ...).
+    #[error("{backend} is not usable: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    /// A call into the backend failed.
+    #[error("{op} failed: {source}")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CPU model or state asks for something this backend cannot present.
+    #[error("{0}")]
+    Incompatible(String),
+    /// State handed to `set_state` violates an invariant.
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+    /// The guest executed something the backend cannot complete. The message names the
+    /// instruction bytes and RIP.
+    #[error("{0}")]
+    Unhandled(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which backend runs a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kvm,
+    Emu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Kvm => "kvm",
+            BackendKind::Emu => "emu",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a VM is made of, as far as the backend is concerned.
+#[derive(Clone)]
+pub struct VmConfig {
+    pub memory: Arc<GuestMemory>,
+    pub cpu_model: CpuModel,
+    pub vcpus: u32,
+    /// Guest TSC frequency in kHz. `None`: the host's (KVM) or a backend default (emu).
+    /// A restored or migrated VM passes the frequency it was created with.
+    pub tsc_khz: Option<u32>,
+}
+
+/// An opened hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Fails with [`Error::Incompatible`] and a one-line reason when this backend cannot present
+    /// `model` to a guest exactly.
+    fn check_cpu_model(&self, model: &CpuModel) -> Result<()>;
+
+    /// The model for `--cpu-model host`: everything this host can offer a guest under this backend.
+    fn host_cpu_model(&self) -> Result<CpuModel>;
+
+    fn create_vm(&self, config: VmConfig) -> Result<Arc<dyn Vm>>;
+}
+
+/// A virtual machine: memory is mapped, vCPUs can be created.
+pub trait Vm: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Creates vCPU `id` (0 = bootstrap processor). Each vCPU is run by one thread at a time.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+
+    /// Delivers an x86 MSI: `addr` in the 0xFEEx_xxxx window (destination), `data` (vector,
+    /// delivery mode, trigger). This is how the platform's IOAPIC and devices interrupt vCPUs.
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;
+
+    /// The guest TSC frequency this VM presents, in kHz.
+    fn tsc_khz(&self) -> u32;
+
+    /// Starts (or stops) recording which guest pages vCPUs write.
+    fn set_dirty_tracking(&self, enabled: bool) -> Result<()>;
+
+    /// Guest-physical page numbers written by vCPUs since the last call (or since tracking was
+    /// enabled), then forgets them. Writes made through [`GuestMemory`] by devices are in the
+    /// memory's own bitmap, not here. Backends whose vCPUs write through [`GuestMemory`] (emu)
+    /// may return an empty list.
+    fn take_dirty_log(&self) -> Result<Vec<u64>>;
+
+    /// VM-wide state the backend owns (paravirtual clock reference).
+    fn state(&self) -> Result<VmState>;
+    fn set_state(&self, state: &VmState) -> Result<()>;
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// `hlt` with interrupts disabled and nothing that can wake the vCPU: it will never run again.
+    Halted,
+    /// Triple fault (or an equivalent unrecoverable CPU shutdown).
+    Shutdown,
+    /// [`VcpuKicker::kick`] was called; the vCPU stopped on an instruction boundary.
+    Interrupted,
+}
+
+/// Makes a running vCPU return [`VcpuExit::Interrupted`] soon, from any thread.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// A virtual CPU.
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+
+    /// Runs guest code until an exit. Port and MMIO accesses are served through `io` while the
+    /// call is in progress.
+    fn run(&mut self, io: &dyn DeviceIo) -> Result<VcpuExit>;
+
+    /// A handle that interrupts `run`. Kicks sent before `run` is entered make the next `run`
+    /// return [`VcpuExit::Interrupted`] at once; after that, each kick is consumed.
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    /// The complete architectural state, on an instruction boundary.
+    fn state(&mut self) -> Result<CpuState>;
+
+    /// Replaces the complete state. Invalid combinations fail with [`Error::InvalidState`].
+    fn set_state(&mut self, state: &CpuState) -> Result<()>;
+}
+
+/// Port and MMIO accesses of the guest, dispatched to the platform's devices.
+///
+/// Accesses nobody claims read as all-ones and writes are dropped (and counted): the same on
+/// every backend. `data.len()` is 1, 2, 4 or 8.
+pub trait DeviceIo: Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Completes one guest instruction in software. The KVM backend uses this when the kernel's
+/// instruction emulator gives up; the implementation is the emu backend's, so instruction
+/// semantics are written once.
+pub trait InstructionEmulator: Send + Sync {
+    /// Executes exactly one instruction at `state.regs.rip` (fetched through the guest's page
+    /// tables), updating `state` and memory, or delivering the exception the instruction raises
+    /// as a pending event in `state.events`.
+    fn emulate_one(
+        &self,
+        state: &mut CpuState,
+        memory: &GuestMemory,
+        io: &dyn DeviceIo,
+    ) -> Result<()>;
+}
