@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: sets up what it needs (packages, guest kit), then runs every test of the
+# workspace. KVM tests print `SKIP: no /dev/kvm` where KVM is unusable; emu tests always run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will SKIP)"; fi
+cargo test --workspace --release -- --test-threads=2
