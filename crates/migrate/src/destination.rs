@@ -1,0 +1,185 @@
+//! The receiving side: a state machine that treats the stream as hostile
+//! (docs/migration-protocol.md §7).
+
+use std::io::{Read, Write};
+
+use crate::pages;
+use crate::wire::{self, Channel, Frame, Kind, Role};
+use crate::{DestinationVm, Error, Key, MAX_STATE_BYTES, Result};
+
+/// A VM whose memory and final state have fully arrived. The VMM restores `state`, resumes
+/// the guest, then calls [`Confirmation::resumed`], which lets the source exit.
+pub struct Arrived<D> {
+    pub vm: D,
+    /// The source's final vCPU and device state, as its VMM produced it.
+    pub state: Vec<u8>,
+    /// The source's description (the JSON `prepare` was called with).
+    pub description: serde_json::Value,
+    pub confirmation: Confirmation,
+}
+
+/// The last step of a migration: tell the source the VM runs here (it then exits), or that it
+/// does not (it then resumes the VM). Dropping it unused counts as failure.
+pub struct Confirmation {
+    ch: Option<Channel>,
+}
+
+impl Confirmation {
+    /// Tells the source the VM is running here. Call only after the guest was resumed.
+    ///
+    /// An `Err` means the source may not have heard it: it will resume its copy of the VM
+    /// unless the message got through (see the protocol spec, §8).
+    pub fn resumed(mut self) -> Result<()> {
+        match self.ch.take() {
+            Some(mut ch) => ch.send(Kind::Resumed, &[]),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the source the VM could not be started here, so it resumes its copy.
+    pub fn abort(mut self, reason: &str) {
+        if let Some(mut ch) = self.ch.take() {
+            ch.send_error(reason);
+        }
+    }
+}
+
+impl Drop for Confirmation {
+    fn drop(&mut self) {
+        if let Some(mut ch) = self.ch.take() {
+            ch.send_error("the destination did not resume the VM");
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Handshake done, waiting for the source's description.
+    Hello,
+    /// Receiving page batches and round ends.
+    Memory,
+    /// Receiving the final state.
+    State,
+}
+
+impl Phase {
+    fn during(self) -> &'static str {
+        match self {
+            Phase::Hello => "before Hello",
+            Phase::Memory => "while receiving memory",
+            Phase::State => "while receiving the final state",
+        }
+    }
+}
+
+/// Receives a VM over an already connected `stream` (the caller sets its timeouts; see
+/// [`receive`](crate::receive)). Every failure is reported to the source when possible and
+/// returned as `Err`; no input makes this panic.
+pub fn receive_on<S, D, F>(stream: S, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
+where
+    S: Read + Write + Send + 'static,
+    D: DestinationVm,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+{
+    let mut ch = Channel::new(Box::new(stream), Role::Destination);
+    match run(&mut ch, key, prepare) {
+        Ok((vm, state, description)) => Ok(Arrived {
+            vm,
+            state,
+            description,
+            confirmation: Confirmation { ch: Some(ch) },
+        }),
+        Err(e) => {
+            // A source that failed authentication cannot verify our messages; a gone peer
+            // cannot read them; a refusal was already sent.
+            if !matches!(
+                e,
+                Error::PeerGone | Error::Peer(_) | Error::Refused(_) | Error::Version { .. }
+            ) && (ch.is_authenticated() || !matches!(e, Error::Auth(_)))
+            {
+                ch.send_error(&e.to_string());
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run<D, F>(
+    ch: &mut Channel,
+    key: Option<&Key>,
+    prepare: F,
+) -> Result<(D, Vec<u8>, serde_json::Value)>
+where
+    D: DestinationVm,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+{
+    wire::handshake_destination(ch, key)?;
+
+    let f = ch.recv()?;
+    if f.kind != Kind::Hello {
+        return Err(wire::unexpected(&f, Phase::Hello.during()));
+    }
+    let description: serde_json::Value = serde_json::from_slice(&f.payload)
+        .map_err(|_| Error::Protocol("Hello does not carry a JSON description".into()))?;
+    let vm = match prepare(&description) {
+        Ok(vm) => vm,
+        Err(reason) => {
+            let reason = wire::reason_text(reason.as_bytes());
+            ch.send(Kind::Refuse, reason.as_bytes())?;
+            return Err(Error::Refused(reason));
+        }
+    };
+    ch.send(Kind::Ready, &[])?;
+
+    let mut phase = Phase::Memory;
+    let mut next_round: u32 = 0;
+    let mut state: Vec<u8> = Vec::new();
+    loop {
+        let f: Frame = ch.recv()?;
+        match (phase, f.kind) {
+            (Phase::Memory, Kind::MemoryPages) => {
+                pages::apply_batch(vm.memory(), &f.payload)?;
+            }
+            (Phase::Memory, Kind::RoundEnd) => {
+                let round = f
+                    .payload
+                    .get(0..4)
+                    .filter(|_| f.payload.len() == 12)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .ok_or_else(|| Error::Protocol("bad RoundEnd".into()))?;
+                if round != next_round {
+                    return Err(Error::Protocol(format!(
+                        "RoundEnd {round} out of order (expected {next_round})"
+                    )));
+                }
+                next_round = next_round
+                    .checked_add(1)
+                    .ok_or_else(|| Error::Protocol("too many rounds".into()))?;
+            }
+            (Phase::Memory, Kind::StateBlob) | (Phase::State, Kind::StateBlob)
+                if next_round > 0 =>
+            {
+                phase = Phase::State;
+                if state.len() + f.payload.len() > MAX_STATE_BYTES {
+                    return Err(Error::Protocol(format!(
+                        "final state exceeds {MAX_STATE_BYTES} bytes"
+                    )));
+                }
+                state.extend_from_slice(&f.payload);
+            }
+            (Phase::State, Kind::Complete) => {
+                let len = <[u8; 8]>::try_from(f.payload.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| Error::Protocol("bad Complete".into()))?;
+                if len != state.len() as u64 {
+                    return Err(Error::Protocol(format!(
+                        "Complete announces {len} state bytes, {} arrived",
+                        state.len()
+                    )));
+                }
+                return Ok((vm, state, description));
+            }
+            (p, _) => return Err(wire::unexpected(&f, p.during())),
+        }
+    }
+}
