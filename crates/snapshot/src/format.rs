@@ -1,0 +1,564 @@
+//! The on-disk layout: constants, limits, section encoding, and the parser shared by the file
+//! reader and [`crate::fuzz_open`]. `docs/snapshot-format.md` is the specification; keep the two
+//! in step.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Header, Result, SnapshotContents};
+
+/// The first eight bytes of every snapshot file.
+pub const MAGIC: [u8; 8] = *b"ANYVSNAP";
+/// Readers refuse any other major version.
+pub const VERSION_MAJOR: u32 = 1;
+/// Minor versions only add skippable sections and optional header fields.
+pub const VERSION_MINOR: u32 = 0;
+
+pub(crate) const PREAMBLE_LEN: u64 = 24;
+pub(crate) const SECTION_HEADER_LEN: u64 = 20;
+pub(crate) const PAGE_SIZE: u64 = hv::PAGE_SIZE;
+/// Fixed part of the memory section payload, before the page bitmap.
+pub(crate) const MEMORY_FIXED_LEN: u64 = 32;
+/// Unit in which the RAM image is read and written.
+pub(crate) const CHUNK: usize = 1 << 20;
+
+/// What a reader accepts; a writer refuses to produce anything beyond these.
+pub mod limits {
+    /// Payload of a header, vm, vcpu, device or unknown section.
+    pub const MAX_STATE_SECTION: u64 = 16 << 20;
+    pub const MAX_VCPUS: u32 = 256;
+    pub const MAX_REGIONS: usize = 64;
+    /// Total guest RAM (1 TiB).
+    pub const MAX_MEMORY: u64 = 1 << 40;
+    pub const MAX_DEVICES: usize = 256;
+    /// Device name length in bytes.
+    pub const MAX_DEVICE_NAME: usize = 64;
+    /// Sections, including the end marker.
+    pub const MAX_SECTIONS: u32 = 1024;
+    /// Preamble plus all sections (everything before the padding and the RAM image).
+    pub const MAX_METADATA: u64 = 256 << 20;
+    /// Memory section payload: fixed part plus the bitmap of `MAX_MEMORY`.
+    pub const MAX_MEMORY_SECTION: u64 = 32 + MAX_MEMORY / 4096 / 8;
+}
+
+pub(crate) mod tag {
+    pub const HEADER: u32 = 1;
+    pub const VM: u32 = 2;
+    pub const VCPU: u32 = 3;
+    pub const DEVICE: u32 = 4;
+    pub const MEMORY: u32 = 5;
+    pub const END: u32 = 0xff;
+}
+
+/// Section flag: a reader that does not know the tag must refuse the file.
+pub(crate) const FLAG_REQUIRED: u32 = 1;
+
+/// The header section as stored: the caller's [`Header`] plus the device names.
+#[derive(Deserialize)]
+pub(crate) struct DiskHeader {
+    #[serde(flatten)]
+    pub header: Header,
+    pub devices: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct DiskHeaderRef<'a> {
+    #[serde(flatten)]
+    pub header: &'a Header,
+    pub devices: Vec<&'a str>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DeviceRecord {
+    pub name: String,
+    pub state: serde_json::Value,
+}
+
+#[derive(Serialize)]
+pub(crate) struct DeviceRecordRef<'a> {
+    pub name: &'a str,
+    pub state: &'a serde_json::Value,
+}
+
+/// The memory section: where the RAM image is and which of its pages are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MemoryInfo {
+    pub image_offset: u64,
+    pub image_len: u64,
+    /// crc32c of the present pages, concatenated in image order.
+    pub image_crc: u32,
+    pub present_pages: u64,
+    /// Bit `i` (byte `i / 8`, bit `i % 8`) set: image page `i` is stored; clear: it is a hole
+    /// that reads as zero.
+    pub bitmap: Vec<u8>,
+}
+
+pub(crate) fn bitmap_len(image_len: u64) -> u64 {
+    (image_len / PAGE_SIZE).div_ceil(8)
+}
+
+impl MemoryInfo {
+    pub fn page_present(&self, page: u64) -> bool {
+        usize::try_from(page / 8)
+            .ok()
+            .and_then(|i| self.bitmap.get(i))
+            .is_some_and(|b| b & (1 << (page % 8)) != 0)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bitmap.len() + 32);
+        out.extend_from_slice(&self.image_offset.to_le_bytes());
+        out.extend_from_slice(&self.image_len.to_le_bytes());
+        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&self.image_crc.to_le_bytes());
+        out.extend_from_slice(&self.present_pages.to_le_bytes());
+        out.extend_from_slice(&self.bitmap);
+        out
+    }
+
+    pub fn decode(p: &[u8], header: &Header) -> std::result::Result<Self, String> {
+        if p.len() < MEMORY_FIXED_LEN as usize {
+            return Err(format!("{} bytes, shorter than 32", p.len()));
+        }
+        let image_offset = le64(&p[0..8]);
+        let image_len = le64(&p[8..16]);
+        let page_size = le32(&p[16..20]);
+        let image_crc = le32(&p[20..24]);
+        let present_pages = le64(&p[24..32]);
+        let bitmap = &p[32..];
+        if u64::from(page_size) != PAGE_SIZE {
+            return Err(format!("page size {page_size} (expected 4096)"));
+        }
+        if !image_offset.is_multiple_of(PAGE_SIZE) {
+            return Err(format!("image offset {image_offset} is not 4 KiB-aligned"));
+        }
+        if image_len != header.memory_size() {
+            return Err(format!(
+                "image is {image_len} bytes but the header's memory size is {}",
+                header.memory_size()
+            ));
+        }
+        let expect = bitmap_len(image_len);
+        if bitmap.len() as u64 != expect {
+            return Err(format!(
+                "bitmap is {} bytes, expected {expect}",
+                bitmap.len()
+            ));
+        }
+        let pages = image_len / PAGE_SIZE;
+        if !pages.is_multiple_of(8) && bitmap.last().is_some_and(|b| b >> (pages % 8) != 0) {
+            return Err("bitmap marks pages beyond the image".into());
+        }
+        let counted: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+        if counted != present_pages {
+            return Err(format!(
+                "bitmap holds {counted} pages, section says {present_pages}"
+            ));
+        }
+        Ok(MemoryInfo {
+            image_offset,
+            image_len,
+            image_crc,
+            present_pages,
+            bitmap: bitmap.to_vec(),
+        })
+    }
+}
+
+/// Random-access bytes the parser reads: a file or a slice. Callers check lengths first.
+pub(crate) trait Source {
+    fn len(&self) -> u64;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+impl Source for &[u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|s| self.get(s..s.checked_add(buf.len())?));
+        match src {
+            Some(s) => {
+                buf.copy_from_slice(s);
+                Ok(())
+            }
+            None => Err(Error::Truncated {
+                offset,
+                needs: buf.len() as u64,
+            }),
+        }
+    }
+}
+
+/// A parsed and validated snapshot, RAM image excepted.
+pub(crate) struct Parsed {
+    pub version: (u32, u32),
+    pub contents: SnapshotContents,
+    pub memory: MemoryInfo,
+}
+
+pub(crate) fn le32(b: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(v)
+}
+
+pub(crate) fn le64(b: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(v)
+}
+
+pub(crate) fn align_up(v: u64) -> u64 {
+    v.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+pub(crate) fn encode_preamble() -> [u8; 24] {
+    let mut p = [0u8; 24];
+    p[0..8].copy_from_slice(&MAGIC);
+    p[8..12].copy_from_slice(&VERSION_MAJOR.to_le_bytes());
+    p[12..16].copy_from_slice(&VERSION_MINOR.to_le_bytes());
+    // 16..20: flags, zero.
+    let crc = crc32c::crc32c(&p[..20]);
+    p[20..24].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+/// Appends one section (header and payload) to `out`.
+pub(crate) fn push_section(out: &mut Vec<u8>, tag: u32, payload: &[u8]) {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&tag.to_le_bytes());
+    h[4..8].copy_from_slice(&FLAG_REQUIRED.to_le_bytes());
+    h[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..16]), payload);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(payload);
+}
+
+/// True when every byte of `b` is zero. Works on 64-byte blocks OR-folded so it vectorizes.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    b.chunks(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// Checks a header's own consistency and limits.
+pub(crate) fn validate_header(h: &Header, devices: &[&str]) -> std::result::Result<(), String> {
+    if h.vcpus == 0 || h.vcpus > limits::MAX_VCPUS {
+        return Err(format!(
+            "{} vCPUs (allowed 1..={})",
+            h.vcpus,
+            limits::MAX_VCPUS
+        ));
+    }
+    if h.memory_regions.is_empty() {
+        return Err("no memory regions".into());
+    }
+    if h.memory_regions.len() > limits::MAX_REGIONS {
+        return Err(format!(
+            "{} memory regions (limit {})",
+            h.memory_regions.len(),
+            limits::MAX_REGIONS
+        ));
+    }
+    let mut total = 0u64;
+    let mut prev_end = 0u64;
+    for (i, r) in h.memory_regions.iter().enumerate() {
+        if r.len == 0 {
+            return Err(format!("memory region {i} is empty"));
+        }
+        if !r.len.is_multiple_of(PAGE_SIZE) || !r.guest_addr.is_multiple_of(PAGE_SIZE) {
+            return Err(format!("memory region {i} is not 4 KiB-aligned"));
+        }
+        let end = r
+            .guest_addr
+            .checked_add(r.len)
+            .ok_or_else(|| format!("memory region {i} wraps around the address space"))?;
+        if i > 0 && r.guest_addr < prev_end {
+            return Err(format!(
+                "memory region {i} overlaps its predecessor or is out of order"
+            ));
+        }
+        prev_end = end;
+        total = total
+            .checked_add(r.len)
+            .filter(|t| *t <= limits::MAX_MEMORY)
+            .ok_or_else(|| format!("memory size exceeds {} bytes", limits::MAX_MEMORY))?;
+    }
+    if devices.len() > limits::MAX_DEVICES {
+        return Err(format!(
+            "{} devices (limit {})",
+            devices.len(),
+            limits::MAX_DEVICES
+        ));
+    }
+    let mut seen = HashSet::new();
+    for d in devices {
+        if d.is_empty() || d.len() > limits::MAX_DEVICE_NAME {
+            return Err(format!(
+                "device name '{d}' must be 1..={} bytes",
+                limits::MAX_DEVICE_NAME
+            ));
+        }
+        if !seen.insert(*d) {
+            return Err(format!("device '{d}' appears twice"));
+        }
+    }
+    Ok(())
+}
+
+fn section_name(tag: u32, vcpus: usize, devices: usize, offset: u64) -> String {
+    match tag {
+        tag::HEADER => "header".into(),
+        tag::VM => "vm".into(),
+        tag::VCPU => format!("vcpu {vcpus}"),
+        tag::DEVICE => format!("device {devices}"),
+        tag::MEMORY => "memory".into(),
+        tag::END => "end".into(),
+        _ => format!("tag {tag:#x} at offset {offset}"),
+    }
+}
+
+fn json<'a, T: Deserialize<'a>>(payload: &'a [u8], section: &str) -> Result<T> {
+    serde_json::from_slice(payload).map_err(|source| Error::Malformed {
+        section: section.to_string(),
+        source,
+    })
+}
+
+/// Reads and validates everything but the RAM image's contents.
+pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
+    let file_len = src.len();
+    if file_len < PREAMBLE_LEN {
+        return Err(Error::TooShort { len: file_len });
+    }
+    let mut pre = [0u8; PREAMBLE_LEN as usize];
+    src.read_at(0, &mut pre)?;
+    if pre[0..8] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let (major, minor) = (le32(&pre[8..12]), le32(&pre[12..16]));
+    if major != VERSION_MAJOR {
+        return Err(Error::UnsupportedVersion { major, minor });
+    }
+    if crc32c::crc32c(&pre[..20]) != le32(&pre[20..24]) {
+        return Err(Error::PreambleChecksum);
+    }
+    let flags = le32(&pre[16..20]);
+    if flags != 0 {
+        return Err(Error::PreambleFlags(flags));
+    }
+
+    let mut off = PREAMBLE_LEN;
+    let mut count = 0u32;
+    let mut header: Option<DiskHeader> = None;
+    let mut vm: Option<hv::VmState> = None;
+    let mut vcpus: Vec<hv::CpuState> = Vec::new();
+    let mut devices: Vec<(String, serde_json::Value)> = Vec::new();
+    let mut memory: Option<MemoryInfo> = None;
+    loop {
+        count += 1;
+        if count > limits::MAX_SECTIONS {
+            return Err(Error::TooManySections);
+        }
+        if file_len - off < SECTION_HEADER_LEN {
+            return Err(Error::Truncated {
+                offset: off,
+                needs: SECTION_HEADER_LEN,
+            });
+        }
+        let mut sh = [0u8; SECTION_HEADER_LEN as usize];
+        src.read_at(off, &mut sh)?;
+        let (tag, flags, len, crc) = (
+            le32(&sh[0..4]),
+            le32(&sh[4..8]),
+            le64(&sh[8..16]),
+            le32(&sh[16..20]),
+        );
+        let name = section_name(tag, vcpus.len(), devices.len(), off);
+        let known = matches!(
+            tag,
+            tag::HEADER | tag::VM | tag::VCPU | tag::DEVICE | tag::MEMORY | tag::END
+        );
+        if !known && flags & FLAG_REQUIRED != 0 {
+            return Err(Error::UnknownRequiredSection { tag, offset: off });
+        }
+        if (known && flags != FLAG_REQUIRED) || (!known && flags != 0) {
+            return Err(Error::SectionFlags {
+                section: name,
+                flags,
+            });
+        }
+        let limit = match tag {
+            tag::MEMORY => limits::MAX_MEMORY_SECTION,
+            tag::END => 0,
+            _ => limits::MAX_STATE_SECTION,
+        };
+        if len > limit {
+            return Err(Error::SectionTooLarge {
+                section: name,
+                len,
+                limit,
+            });
+        }
+        let needs = SECTION_HEADER_LEN + len;
+        if file_len - off < needs {
+            return Err(Error::Truncated { offset: off, needs });
+        }
+        if off + needs > limits::MAX_METADATA {
+            return Err(Error::MetadataTooLarge);
+        }
+        // `len` is capped above, so this allocation is bounded.
+        let mut payload = vec![0u8; len as usize];
+        src.read_at(off + SECTION_HEADER_LEN, &mut payload)?;
+        if crc32c::crc32c_append(crc32c::crc32c(&sh[..16]), &payload) != crc {
+            return Err(Error::ChecksumMismatch { section: name });
+        }
+        off += needs;
+
+        let Some(h) = &header else {
+            if tag != tag::HEADER {
+                return Err(Error::HeaderNotFirst(name));
+            }
+            let h: DiskHeader = json(&payload, &name)?;
+            let names: Vec<&str> = h.devices.iter().map(String::as_str).collect();
+            validate_header(&h.header, &names).map_err(Error::InvalidHeader)?;
+            header = Some(h);
+            continue;
+        };
+        match tag {
+            tag::HEADER => return Err(Error::DuplicateSection(name)),
+            tag::VM => {
+                if vm.is_some() {
+                    return Err(Error::DuplicateSection(name));
+                }
+                vm = Some(json(&payload, &name)?);
+            }
+            tag::VCPU => {
+                if vcpus.len() >= h.header.vcpus as usize {
+                    return Err(Error::UnexpectedSection {
+                        section: name,
+                        reason: format!("the header declares {} vCPUs", h.header.vcpus),
+                    });
+                }
+                let state: hv::CpuState = json(&payload, &name)?;
+                state.validate().map_err(|reason| Error::InvalidVcpu {
+                    index: vcpus.len(),
+                    reason,
+                })?;
+                vcpus.push(state);
+            }
+            tag::DEVICE => {
+                let Some(expected) = h.devices.get(devices.len()) else {
+                    return Err(Error::UnexpectedSection {
+                        section: name,
+                        reason: format!("the header lists {} devices", h.devices.len()),
+                    });
+                };
+                let d: DeviceRecord = json(&payload, &name)?;
+                if d.name != *expected {
+                    return Err(Error::UnexpectedSection {
+                        section: name,
+                        reason: format!(
+                            "it holds device '{}' where the header lists '{expected}'",
+                            d.name
+                        ),
+                    });
+                }
+                devices.push((d.name, d.state));
+            }
+            tag::MEMORY => {
+                if memory.is_some() {
+                    return Err(Error::DuplicateSection(name));
+                }
+                memory = Some(
+                    MemoryInfo::decode(&payload, &h.header).map_err(Error::InvalidMemorySection)?,
+                );
+            }
+            tag::END => break,
+            _ => {} // An optional section from a later minor version: skipped.
+        }
+    }
+
+    let Some(DiskHeader {
+        header,
+        devices: names,
+    }) = header
+    else {
+        return Err(Error::MissingSection("header section".into()));
+    };
+    let vm = vm.ok_or_else(|| Error::MissingSection("vm section".into()))?;
+    if vcpus.len() != header.vcpus as usize {
+        return Err(Error::MissingSection(format!(
+            "section 'vcpu {}' (the header declares {} vCPUs)",
+            vcpus.len(),
+            header.vcpus
+        )));
+    }
+    if let Some(missing) = names.get(devices.len()) {
+        return Err(Error::MissingSection(format!(
+            "section for device '{missing}'"
+        )));
+    }
+    let memory = memory.ok_or_else(|| Error::MissingSection("memory section".into()))?;
+
+    let image_offset = align_up(off);
+    if memory.image_offset != image_offset {
+        return Err(Error::InvalidMemorySection(format!(
+            "image offset {} should be {image_offset}",
+            memory.image_offset
+        )));
+    }
+    // Both terms are capped (metadata 256 MiB, memory 1 TiB): no overflow.
+    let needed = image_offset + memory.image_len;
+    if file_len < needed {
+        return Err(Error::MemoryImageShort { file_len, needed });
+    }
+    if file_len > needed {
+        return Err(Error::TrailingData(file_len - needed));
+    }
+    let mut padding = vec![0u8; (image_offset - off) as usize];
+    src.read_at(off, &mut padding)?;
+    if !is_zero(&padding) {
+        return Err(Error::NonZeroPadding);
+    }
+
+    Ok(Parsed {
+        version: (major, minor),
+        contents: SnapshotContents {
+            header,
+            vcpus,
+            vm,
+            devices,
+        },
+        memory,
+    })
+}
+
+/// Reads the whole RAM image: stored pages must match the checksum, holes must read as zero.
+pub(crate) fn verify_image<S: Source>(src: &S, mem: &MemoryInfo) -> Result<()> {
+    let mut crc = 0u32;
+    let chunk = usize::try_from(mem.image_len).map_or(CHUNK, |l| l.min(CHUNK));
+    let mut buf = vec![0u8; chunk];
+    let mut pos = 0u64;
+    while pos < mem.image_len {
+        let n = (mem.image_len - pos).min(CHUNK as u64) as usize;
+        src.read_at(mem.image_offset + pos, &mut buf[..n])?;
+        for (i, page) in buf[..n].chunks(PAGE_SIZE as usize).enumerate() {
+            let p = pos / PAGE_SIZE + i as u64;
+            if mem.page_present(p) {
+                crc = crc32c::crc32c_append(crc, page);
+            } else if !is_zero(page) {
+                return Err(Error::AbsentPageNotZero(p));
+            }
+        }
+        pos += n as u64;
+    }
+    if crc != mem.image_crc {
+        return Err(Error::MemoryChecksum);
+    }
+    Ok(())
+}
