@@ -1,0 +1,314 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (documented in
+//! `api/openapi.yaml`). [`ApiServer`] serves one request per connection on its own thread and
+//! hands each to a [`VmControl`]; [`client`] is what the control subcommands use.
+
+pub mod client;
+pub mod http;
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use http::{Request, Response};
+
+/// How long a client may take to send its request or read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An API failure: the HTTP status and a one-line message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// `PUT /vm/snapshot` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub output: PathBuf,
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// `PUT /vm/migrate` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    pub to: String,
+    #[serde(default)]
+    pub migration_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+}
+
+/// What the API can do to a VM.
+pub trait VmControl: Send + Sync {
+    /// `GET /vm`: state, backend, cpu model, cpus, memory, devices, counters.
+    fn info(&self) -> serde_json::Value;
+    fn pause(&self) -> std::result::Result<(), ApiError>;
+    fn resume(&self) -> std::result::Result<(), ApiError>;
+    fn shutdown(&self) -> std::result::Result<(), ApiError>;
+    fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError>;
+    /// Returns the final statistics object.
+    fn migrate(&self, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError>;
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(req: &Request) -> std::result::Result<T, ApiError> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::new(400, format!("invalid request body: {e}")))
+}
+
+/// Answers one parsed request.
+pub fn route(control: &dyn VmControl, req: &Request) -> Response {
+    let done = |r: std::result::Result<(), ApiError>| match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::error(e.status, &e.message),
+    };
+    let method = req.method.as_str();
+    match (req.path.trim_end_matches('/'), method) {
+        ("/vm", "GET") => Response::json(200, &control.info()),
+        ("/vm/pause", "PUT") => done(control.pause()),
+        ("/vm/resume", "PUT") => done(control.resume()),
+        ("/vm/shutdown", "PUT") => done(control.shutdown()),
+        ("/vm/snapshot", "PUT") => done(body_json(req).and_then(|r| control.snapshot(r))),
+        ("/vm/migrate", "PUT") => match body_json(req).and_then(|r| control.migrate(r)) {
+            Ok(v) => Response::json(200, &v),
+            Err(e) => Response::error(e.status, &e.message),
+        },
+        (
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate",
+            _,
+        ) => Response::error(405, &format!("method {method} not allowed here")),
+        _ => Response::error(404, &format!("no such endpoint: {}", req.path)),
+    }
+}
+
+/// Serves one connection: one request, one response.
+fn serve(control: &dyn VmControl, mut stream: UnixStream) {
+    // A client that stalls must not block the API for everyone else for long.
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let response = match http::read_request(&mut stream) {
+        Ok(req) => route(control, &req),
+        Err(e) => match e.status() {
+            Some(status) => Response::error(status, &e.to_string()),
+            None => return,
+        },
+    };
+    let _ = response.write_to(&mut stream);
+}
+
+/// The API socket: listening while this value lives; dropping it stops the server and removes
+/// the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `path`. A stale socket file left by a dead VMM is replaced; a live one, or any
+    /// other kind of file, is an error.
+    pub fn start(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer> {
+        let listen_err = |source| Error::ApiListen {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(listen_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "file exists and is not a socket",
+                )));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(listen_err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another VMM is listening on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(listen_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        crate::exit::remove_on_exit(path);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if let Ok(stream) = conn {
+                        serve(&*control, stream);
+                    }
+                }
+            })
+            .map_err(|source| Error::Io {
+                op: "cannot start the api thread",
+                source,
+            })?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept loop so it sees the flag. If the connect fails the thread is left
+        // blocked in accept, which the process exit ends.
+        if UnixStream::connect(&self.path).is_ok()
+            && let Some(t) = self.thread.take()
+        {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        crate::exit::forget_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl VmControl for Fake {
+        fn info(&self) -> serde_json::Value {
+            serde_json::json!({"state": "running"})
+        }
+        fn pause(&self) -> std::result::Result<(), ApiError> {
+            self.calls.lock().unwrap().push("pause".into());
+            Ok(())
+        }
+        fn resume(&self) -> std::result::Result<(), ApiError> {
+            Err(ApiError::new(409, "not paused"))
+        }
+        fn shutdown(&self) -> std::result::Result<(), ApiError> {
+            Ok(())
+        }
+        fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
+            self.calls.lock().unwrap().push(format!(
+                "snapshot {} {}",
+                req.output.display(),
+                req.stop
+            ));
+            Ok(())
+        }
+        fn migrate(&self, _: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
+            Err(ApiError::new(501, "migrate is not supported yet"))
+        }
+    }
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn routing() {
+        let f = Fake::default();
+        assert_eq!(route(&f, &req("GET", "/vm", "")).status, 200);
+        assert_eq!(route(&f, &req("PUT", "/vm/pause", "")).status, 204);
+        let r = route(&f, &req("PUT", "/vm/resume", ""));
+        assert_eq!(r.status, 409);
+        assert_eq!(r.body.as_deref(), Some(r#"{"error":"not paused"}"#));
+        assert_eq!(route(&f, &req("GET", "/vm/pause", "")).status, 405);
+        assert_eq!(route(&f, &req("PUT", "/vm/nope", "")).status, 404);
+        assert_eq!(route(&f, &req("PUT", "/vm/snapshot", "")).status, 400);
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/snapshot", "{\"stop\":1}")).status,
+            400
+        );
+        assert_eq!(
+            route(
+                &f,
+                &req("PUT", "/vm/snapshot", r#"{"output":"/x","stop":true}"#)
+            )
+            .status,
+            204
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/migrate", r#"{"to":"unix:/m"}"#)).status,
+            501
+        );
+        assert_eq!(
+            f.calls.lock().unwrap().as_slice(),
+            ["pause", "snapshot /x true"]
+        );
+    }
+
+    #[test]
+    fn server_and_client() {
+        let dir = std::env::temp_dir().join(format!("anyvisor-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        // A stale socket file is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let server = ApiServer::start(&path, Arc::new(Fake::default())).unwrap();
+        // A second server on a live socket is refused.
+        let e = ApiServer::start(&path, Arc::new(Fake::default()))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::ApiListen { .. }));
+        let info = client::call(&path, "GET", "/vm", None).unwrap();
+        assert_eq!(info.as_deref(), Some(r#"{"state":"running"}"#));
+        assert_eq!(client::call(&path, "PUT", "/vm/pause", None).unwrap(), None);
+        let e = client::call(&path, "PUT", "/vm/resume", None).unwrap_err();
+        assert!(
+            matches!(e, Error::ApiRequest { status: 409, ref message } if message == "not paused")
+        );
+        // Garbage gets a 400 and the server keeps serving.
+        {
+            use std::io::{Read, Write};
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(b"NONSENSE\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        }
+        assert!(client::call(&path, "GET", "/vm", None).is_ok());
+        drop(server);
+        assert!(!path.exists());
+        let e = client::call(&path, "GET", "/vm", None).unwrap_err();
+        assert!(matches!(e, Error::ApiConnect { .. }));
+        assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        // Refuses to replace a regular file.
+        std::fs::write(&path, b"x").unwrap();
+        assert!(ApiServer::start(&path, Arc::new(Fake::default())).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,707 @@
+//! The run configuration: what `anyvisor run` flags and `--config FILE.json` say, merged and
+//! checked into one [`VmConfig`].
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const MIB: u64 = 1 << 20;
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY: u64 = 256 * MIB;
+/// Most vCPUs a VM may have (xAPIC IDs are 8 bits; 255 is broadcast).
+pub const MAX_CPUS: u32 = 254;
+/// Largest guest RAM accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Largest config file read.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// Parses a size: a number with an optional `K`, `M` or `G` suffix (powers of 1024, case
+/// insensitive, an optional trailing `B` or `iB` is accepted); a bare number is MiB.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let bad = |why: &str| Error::Usage(format!("invalid size '{text}': {why}"));
+    let t = text.trim();
+    let lower = t.to_ascii_lowercase();
+    let unit_part = lower.trim_start_matches(|c: char| c.is_ascii_digit());
+    let digits = &lower[..lower.len() - unit_part.len()];
+    if digits.is_empty() {
+        return Err(bad("expected a number with an optional K, M or G suffix"));
+    }
+    let shift = match unit_part {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad("unknown suffix (use K, M or G)")),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad("number too large"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| bad("number too large"))
+}
+
+/// Which hypervisor backend to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// KVM where `/dev/kvm` can be opened, else emu.
+    #[default]
+    Auto,
+    Kvm,
+    Emu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "emu" => Ok(Self::Emu),
+            _ => Err(Error::Usage(format!(
+                "invalid backend '{s}' (expected kvm, emu or auto)"
+            ))),
+        }
+    }
+}
+
+/// Which CPU the guest sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuModelChoice {
+    /// The same CPU on every backend and host.
+    #[default]
+    Portable,
+    /// Everything the host offers (KVM only).
+    Host,
+}
+
+impl std::str::FromStr for CpuModelChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "portable" => Ok(Self::Portable),
+            "host" => Ok(Self::Host),
+            _ => Err(Error::Usage(format!(
+                "invalid cpu model '{s}' (expected portable or host)"
+            ))),
+        }
+    }
+}
+
+/// Where the guest's ttyS0 goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialConfig {
+    /// Guest output on stdout, host stdin to the guest.
+    #[default]
+    Stdio,
+    /// Output dropped, no input.
+    Null,
+    /// Output appended to a file, no input.
+    File(PathBuf),
+}
+
+impl SerialConfig {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "null" => Ok(Self::Null),
+            "" => Err(Error::Usage("--serial needs stdio, null or a path".into())),
+            p => Ok(Self::File(PathBuf::from(p))),
+        }
+    }
+}
+
+/// Disk image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// One `--disk PATH[,readonly=on][,format=raw|qcow2]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// `None`: detected from the content.
+    pub format: Option<DiskFormat>,
+}
+
+impl DiskConfig {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::Usage(format!("invalid --disk '{s}': {why}"));
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("missing path".into()));
+        }
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            readonly: false,
+            format: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("readonly", v)) => {
+                    disk.readonly =
+                        parse_on_off(v).ok_or_else(|| bad(format!("bad value '{v}'")))?
+                }
+                Some(("format", "raw")) => disk.format = Some(DiskFormat::Raw),
+                Some(("format", "qcow2")) => disk.format = Some(DiskFormat::Qcow2),
+                Some(("format", v)) => return Err(bad(format!("unknown format '{v}'"))),
+                _ => return Err(bad(format!("unknown option '{opt}'"))),
+            }
+        }
+        Ok(disk)
+    }
+}
+
+fn parse_on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// One `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    /// `None`: a generated locally administered address.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl NetConfig {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::Usage(format!("invalid --net '{s}': {why}"));
+        let mut tap = None;
+        let mut mac = None;
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
+                    tap = Some(name.to_string())
+                }
+                Some(("tap", _)) => return Err(bad("tap name must be 1 to 15 bytes".into())),
+                Some(("mac", m)) => {
+                    mac = Some(parse_mac(m).ok_or_else(|| bad(format!("bad mac '{m}'")))?)
+                }
+                _ => return Err(bad(format!("unknown option '{opt}'"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| bad("missing tap=NAME".into()))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// `--vsock CID,uds=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub uds: PathBuf,
+}
+
+impl VsockConfig {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Usage(format!("invalid --vsock '{s}': {why}"));
+        let (cid, rest) = s
+            .split_once(',')
+            .ok_or_else(|| bad("expected CID,uds=PATH"))?;
+        let cid: u32 = cid.parse().map_err(|_| bad("bad CID"))?;
+        // 0, 1 and 2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+        if cid < 3 || cid == u32::MAX {
+            return Err(bad("CID must be at least 3"));
+        }
+        let uds = rest
+            .strip_prefix("uds=")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| bad("expected CID,uds=PATH"))?;
+        Ok(VsockConfig {
+            cid,
+            uds: PathBuf::from(uds),
+        })
+    }
+}
+
+/// Everything that defines a VM booted from a kernel. Recorded in snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub backend: BackendChoice,
+    pub cpu_model: CpuModelChoice,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub rng: bool,
+    pub serial: SerialConfig,
+    pub api_socket: Option<PathBuf>,
+}
+
+/// A size in a config file: a number of MiB or a string like `"4G"`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Mib(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64> {
+        match self {
+            SizeValue::Mib(n) => n
+                .checked_mul(MIB)
+                .ok_or_else(|| Error::Usage(format!("invalid size '{n}': number too large"))),
+            SizeValue::Text(t) => parse_size(t),
+        }
+    }
+}
+
+/// The `run` settings as given: every field optional, named like the long flags. This is the
+/// shape of `--config FILE.json`; the command line fills one too, and [`RunOptions::merge`]
+/// lays the command line over the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunOptions {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<SizeValue>,
+    pub backend: Option<String>,
+    pub cpu_model: Option<String>,
+    #[serde(default)]
+    pub disk: Vec<String>,
+    #[serde(default)]
+    pub net: Vec<String>,
+    pub vsock: Option<String>,
+    pub rng: Option<bool>,
+    pub serial: Option<String>,
+    pub api_socket: Option<PathBuf>,
+    pub restore: Option<PathBuf>,
+    pub incoming: Option<String>,
+    pub migration_key: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// Reads `--config FILE.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|source| Error::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|source| Error::ReadFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if text.len() as u64 > MAX_CONFIG_FILE {
+            return Err(Error::BadFile {
+                path: path.to_path_buf(),
+                reason: "config file larger than 1 MiB".into(),
+            });
+        }
+        Self::from_json(&text).map_err(|reason| Error::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// `self` (a config file) overridden by every setting present in `flags`. Lists given on the
+    /// command line replace the file's lists.
+    pub fn merge(self, flags: RunOptions) -> RunOptions {
+        RunOptions {
+            kernel: flags.kernel.or(self.kernel),
+            initrd: flags.initrd.or(self.initrd),
+            cmdline: flags.cmdline.or(self.cmdline),
+            cpus: flags.cpus.or(self.cpus),
+            memory: flags.memory.or(self.memory),
+            backend: flags.backend.or(self.backend),
+            cpu_model: flags.cpu_model.or(self.cpu_model),
+            disk: if flags.disk.is_empty() {
+                self.disk
+            } else {
+                flags.disk
+            },
+            net: if flags.net.is_empty() {
+                self.net
+            } else {
+                flags.net
+            },
+            vsock: flags.vsock.or(self.vsock),
+            rng: flags.rng.or(self.rng),
+            serial: flags.serial.or(self.serial),
+            api_socket: flags.api_socket.or(self.api_socket),
+            restore: flags.restore.or(self.restore),
+            incoming: flags.incoming.or(self.incoming),
+            migration_key: flags.migration_key.or(self.migration_key),
+        }
+    }
+
+    /// What to do: boot, restore or receive a migration. Checks every setting.
+    pub fn into_request(self) -> Result<RunRequest> {
+        let backend = match &self.backend {
+            Some(b) => b.parse()?,
+            None => BackendChoice::Auto,
+        };
+        let serial = match &self.serial {
+            Some(s) => SerialConfig::parse(s)?,
+            None => SerialConfig::Stdio,
+        };
+        let runtime = RuntimeOptions {
+            backend,
+            serial,
+            api_socket: self.api_socket.clone(),
+        };
+        if self.restore.is_some() && self.incoming.is_some() {
+            return Err(Error::Usage(
+                "--restore and --incoming cannot be used together".into(),
+            ));
+        }
+        if self.restore.is_some() || self.incoming.is_some() {
+            let boot_only = [
+                ("--kernel", self.kernel.is_some()),
+                ("--initrd", self.initrd.is_some()),
+                ("--cmdline", self.cmdline.is_some()),
+                ("--cpus", self.cpus.is_some()),
+                ("--memory", self.memory.is_some()),
+                ("--cpu-model", self.cpu_model.is_some()),
+                ("--disk", !self.disk.is_empty()),
+                ("--net", !self.net.is_empty()),
+                ("--vsock", self.vsock.is_some()),
+                ("--rng", self.rng.is_some()),
+            ];
+            let mode = if self.restore.is_some() {
+                "--restore"
+            } else {
+                "--incoming"
+            };
+            if let Some((flag, _)) = boot_only.iter().find(|(_, set)| *set) {
+                return Err(Error::Usage(format!(
+                    "{flag} cannot be used with {mode} (the VM brings its own config)"
+                )));
+            }
+            if let Some(snapshot) = self.restore {
+                if self.migration_key.is_some() {
+                    return Err(Error::Usage(
+                        "--migration-key is only used with --incoming".into(),
+                    ));
+                }
+                return Ok(RunRequest::Restore { snapshot, runtime });
+            }
+            let from = self.incoming.unwrap_or_default();
+            return Ok(RunRequest::Incoming {
+                from,
+                migration_key: self.migration_key,
+                runtime,
+            });
+        }
+        if self.migration_key.is_some() {
+            return Err(Error::Usage(
+                "--migration-key is only used with --incoming".into(),
+            ));
+        }
+        let kernel = self
+            .kernel
+            .ok_or_else(|| Error::Usage("--kernel is required".into()))?;
+        let cpus = self.cpus.unwrap_or(DEFAULT_CPUS);
+        if cpus == 0 || cpus > MAX_CPUS {
+            return Err(Error::Usage(format!(
+                "invalid --cpus {cpus}: must be 1 to {MAX_CPUS}"
+            )));
+        }
+        let memory = match &self.memory {
+            Some(m) => m.bytes()?,
+            None => DEFAULT_MEMORY,
+        };
+        if memory == 0 {
+            return Err(Error::Usage("invalid --memory: must not be 0".into()));
+        }
+        if memory % hv::PAGE_SIZE != 0 {
+            return Err(Error::Usage(
+                "invalid --memory: must be a multiple of 4K".into(),
+            ));
+        }
+        if memory > MAX_MEMORY {
+            return Err(Error::Usage(
+                "invalid --memory: at most 1024G is supported".into(),
+            ));
+        }
+        let cpu_model = match &self.cpu_model {
+            Some(m) => m.parse()?,
+            None => CpuModelChoice::Portable,
+        };
+        let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.contains('\0') {
+            return Err(Error::Usage("--cmdline must not contain NUL".into()));
+        }
+        Ok(RunRequest::Boot(VmConfig {
+            kernel,
+            initrd: self.initrd,
+            cmdline,
+            cpus,
+            memory,
+            backend,
+            cpu_model,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_>>()?,
+            nets: self
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n))
+                .collect::<Result<_>>()?,
+            vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
+            rng: self.rng.unwrap_or(false),
+            serial: runtime.serial,
+            api_socket: runtime.api_socket,
+        }))
+    }
+}
+
+/// Settings that belong to this VMM process, not to the VM, so a restored or arriving VM takes
+/// them from the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    pub backend: BackendChoice,
+    pub serial: SerialConfig,
+    pub api_socket: Option<PathBuf>,
+}
+
+/// What `anyvisor run` was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunRequest {
+    Boot(VmConfig),
+    Restore {
+        snapshot: PathBuf,
+        runtime: RuntimeOptions,
+    },
+    Incoming {
+        from: String,
+        migration_key: Option<PathBuf>,
+        runtime: RuntimeOptions,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256").unwrap(), 256 * MIB);
+        assert_eq!(parse_size("256M").unwrap(), 256 * MIB);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4g").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        for bad in [
+            "",
+            "G",
+            "-1",
+            "1.5G",
+            "12X",
+            "1T",
+            "4 G G",
+            "99999999999999999999",
+            "17179869184G",
+            "0x10",
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(matches!(e, Error::Usage(_)), "{bad}");
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        }
+    }
+
+    fn boot(opts: RunOptions) -> Result<VmConfig> {
+        match opts.into_request()? {
+            RunRequest::Boot(c) => Ok(c),
+            other => panic!("not a boot: {other:?}"),
+        }
+    }
+
+    fn kernel_only() -> RunOptions {
+        RunOptions {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = boot(kernel_only()).unwrap();
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.memory, 256 * MIB);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.cpu_model, CpuModelChoice::Portable);
+        assert_eq!(c.serial, SerialConfig::Stdio);
+        assert!(!c.rng);
+    }
+
+    #[test]
+    fn invalid_values() {
+        let cases = [
+            RunOptions::default(),
+            RunOptions {
+                cpus: Some(0),
+                ..kernel_only()
+            },
+            RunOptions {
+                memory: Some(SizeValue::Text("0".into())),
+                ..kernel_only()
+            },
+            RunOptions {
+                memory: Some(SizeValue::Mib(0)),
+                ..kernel_only()
+            },
+            RunOptions {
+                memory: Some(SizeValue::Text("1001K".into())),
+                ..kernel_only()
+            },
+            RunOptions {
+                backend: Some("xen".into()),
+                ..kernel_only()
+            },
+            RunOptions {
+                cpu_model: Some("fast".into()),
+                ..kernel_only()
+            },
+            RunOptions {
+                disk: vec!["/d,readonly=maybe".into()],
+                ..kernel_only()
+            },
+            RunOptions {
+                net: vec!["tap=t0,mac=zz:00:00:00:00:00".into()],
+                ..kernel_only()
+            },
+            RunOptions {
+                vsock: Some("2,uds=/v".into()),
+                ..kernel_only()
+            },
+            RunOptions {
+                restore: Some("/s".into()),
+                ..kernel_only()
+            },
+        ];
+        for c in cases {
+            let e = c.clone().into_request().unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn config_file_and_merge() {
+        let file = RunOptions::from_json(
+            r#"{"kernel":"/file-k","cpus":4,"memory":"1G","cpu-model":"portable",
+                "disk":["/a.img"],"serial":"null","api-socket":"/tmp/s","rng":true}"#,
+        )
+        .unwrap();
+        let flags = RunOptions {
+            cpus: Some(2),
+            memory: Some(SizeValue::Text("512".into())),
+            ..Default::default()
+        };
+        let c = boot(file.clone().merge(flags)).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/file-k"));
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, 512 * MIB);
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.serial, SerialConfig::Null);
+        assert_eq!(c.api_socket, Some(PathBuf::from("/tmp/s")));
+        assert!(c.rng);
+        // Lists on the command line replace the file's.
+        let flags = RunOptions {
+            disk: vec!["/b.img,readonly=on,format=qcow2".into(), "/c.img".into()],
+            ..Default::default()
+        };
+        let c = boot(file.merge(flags)).unwrap();
+        assert_eq!(c.disks[0].path, PathBuf::from("/b.img"));
+        assert!(c.disks[0].readonly);
+        assert_eq!(c.disks[0].format, Some(DiskFormat::Qcow2));
+        assert_eq!(c.disks.len(), 2);
+        // A number in the file is MiB.
+        let c = boot(RunOptions::from_json(r#"{"kernel":"/k","memory":64}"#).unwrap()).unwrap();
+        assert_eq!(c.memory, 64 * MIB);
+        // Unknown fields and wrong types are rejected.
+        assert!(RunOptions::from_json(r#"{"kernal":"/k"}"#).is_err());
+        assert!(RunOptions::from_json(r#"{"cpus":"two"}"#).is_err());
+        assert!(RunOptions::from_json(r#"{"cpus":-1}"#).is_err());
+        assert!(RunOptions::from_json("[").is_err());
+    }
+
+    #[test]
+    fn device_options() {
+        let n = NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!(NetConfig::parse("mac=52:54:00:12:34:56").is_err());
+        assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34").is_err());
+        assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34:56:78").is_err());
+        let v = VsockConfig::parse("3,uds=/tmp/v").unwrap();
+        assert_eq!(v.cid, 3);
+        assert!(VsockConfig::parse("3").is_err());
+        assert!(VsockConfig::parse("x,uds=/v").is_err());
+        assert!(DiskConfig::parse(",readonly=on").is_err());
+        assert!(DiskConfig::parse("/d,format=vmdk").is_err());
+    }
+
+    #[test]
+    fn restore_and_incoming() {
+        let r = RunOptions {
+            restore: Some("/snap".into()),
+            serial: Some("null".into()),
+            ..Default::default()
+        }
+        .into_request()
+        .unwrap();
+        assert!(matches!(r, RunRequest::Restore { .. }));
+        let r = RunOptions {
+            incoming: Some("unix:/tmp/m".into()),
+            migration_key: Some("/key".into()),
+            ..Default::default()
+        }
+        .into_request()
+        .unwrap();
+        assert!(matches!(r, RunRequest::Incoming { .. }));
+        assert!(
+            RunOptions {
+                migration_key: Some("/key".into()),
+                ..kernel_only()
+            }
+            .into_request()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The error type of the VMM and the one place that maps errors to process exit codes.
+
+use std::path::PathBuf;
+
+/// Exit status: the guest powered off or reset, or the VM was handed off.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the guest crashed, or an internal error.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad usage or bad input.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command line or config file is wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// A file named by the user cannot be opened or read.
+    #[error("cannot read {}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file named by the user has the wrong content.
+    #[error("{}: {reason}", path.display())]
+    BadFile { path: PathBuf, reason: String },
+    /// A file the user asked the VMM to create or append to cannot be opened.
+    #[error("cannot open {}", path.display())]
+    OpenOutput {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A feature that later work provides.
+    #[error("{0} is not supported yet")]
+    NotSupported(&'static str),
+    /// A setting the chosen backend cannot provide.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The backend refused or failed.
+    #[error(transparent)]
+    Hypervisor(#[from] hv::Error),
+    /// Setting up the VM failed on something the user supplied (kernel, initrd, memory size).
+    #[error("{0}")]
+    Setup(String),
+    /// The API socket cannot be created.
+    #[error("cannot listen on api socket {}", path.display())]
+    ApiListen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A control command cannot reach the VM.
+    #[error("cannot connect to api socket {}", path.display())]
+    ApiConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM answered a control command with an error (HTTP status, message).
+    #[error("{message}")]
+    ApiRequest { status: u16, message: String },
+    /// The guest's CPU shut down (triple fault).
+    #[error("guest triple fault")]
+    TripleFault,
+    /// A vCPU stopped on something the backend cannot complete.
+    #[error("vcpu {id}")]
+    Vcpu {
+        id: u32,
+        #[source]
+        source: hv::Error,
+    },
+    /// A host operation failed.
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug or an unexpected host condition.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The process exit status for this error: [`EXIT_USAGE`] for bad usage or input,
+    /// [`EXIT_FAILURE`] for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_)
+            | Error::ReadFile { .. }
+            | Error::BadFile { .. }
+            | Error::OpenOutput { .. }
+            | Error::NotSupported(_)
+            | Error::Unsupported(_)
+            | Error::Setup(_)
+            | Error::ApiListen { .. }
+            | Error::ApiConnect { .. } => EXIT_USAGE,
+            Error::Hypervisor(e) => match e {
+                hv::Error::Unavailable { .. } | hv::Error::Incompatible(_) => EXIT_USAGE,
+                _ => EXIT_FAILURE,
+            },
+            Error::ApiRequest { status, .. } => {
+                if (400..500).contains(status) {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILURE
+                }
+            }
+            Error::TripleFault | Error::Vcpu { .. } | Error::Io { .. } | Error::Internal(_) => {
+                EXIT_FAILURE
+            }
+        }
+    }
+}
+
+/// The error and its chain of causes as one line, each cause once:
+/// `cannot read /x: No such file or directory (os error 2)`.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Some errors (from other crates) already print their source; never say it twice.
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    // One line, whatever the messages contain.
+    line.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> std::io::Error {
+        std::io::Error::new(kind, "boom")
+    }
+
+    #[test]
+    fn exit_codes() {
+        let usage = [
+            Error::Usage("x".into()),
+            Error::ReadFile {
+                path: "/k".into(),
+                source: io(std::io::ErrorKind::NotFound),
+            },
+            Error::BadFile {
+                path: "/k".into(),
+                reason: "not a kernel".into(),
+            },
+            Error::NotSupported("--restore"),
+            Error::Hypervisor(hv::Error::Unavailable {
+                backend: "kvm",
+                reason: "no".into(),
+            }),
+            Error::Hypervisor(hv::Error::Incompatible("x".into())),
+            Error::ApiConnect {
+                path: "/s".into(),
+                source: io(std::io::ErrorKind::NotFound),
+            },
+            Error::ApiRequest {
+                status: 409,
+                message: "x".into(),
+            },
+        ];
+        for e in &usage {
+            assert_eq!(e.exit_code(), EXIT_USAGE, "{e}");
+        }
+        let failure = [
+            Error::TripleFault,
+            Error::Vcpu {
+                id: 1,
+                source: hv::Error::Unhandled("x".into()),
+            },
+            Error::Internal("x".into()),
+            Error::Hypervisor(hv::Error::InvalidState("x".into())),
+            Error::ApiRequest {
+                status: 500,
+                message: "x".into(),
+            },
+        ];
+        for e in &failure {
+            assert_eq!(e.exit_code(), EXIT_FAILURE, "{e}");
+        }
+    }
+
+    #[test]
+    fn report_joins_chain_once() {
+        let e = Error::ReadFile {
+            path: "/k".into(),
+            source: io(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(report(&e), "cannot read /k: boom");
+        let e = Error::Hypervisor(hv::Error::Unavailable {
+            backend: "kvm",
+            reason: "cannot open /dev/kvm".into(),
+        });
+        assert_eq!(report(&e), "kvm is not usable: cannot open /dev/kvm");
+        // hv::Error::Backend prints its source itself; the chain must not repeat it.
+        let e = Error::Vcpu {
+            id: 0,
+            source: hv::Error::Backend {
+                op: "KVM_RUN",
+                source: io(std::io::ErrorKind::Other),
+            },
+        };
+        assert_eq!(report(&e), "vcpu 0: KVM_RUN failed: boom");
+        assert_eq!(report(&Error::Usage("a\nb".into())), "a b");
+    }
+}

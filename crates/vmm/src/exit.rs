@@ -1,0 +1,65 @@
+//! What must be undone however the process ends (normal exit, error, panic): the terminal's raw
+//! mode and the API socket file. The CLI's panic hook calls [`cleanup`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use vmm_sys_util::terminal::Terminal;
+
+struct Pending {
+    terminal_raw: bool,
+    files: Vec<PathBuf>,
+}
+
+static PENDING: Mutex<Pending> = Mutex::new(Pending {
+    terminal_raw: false,
+    files: Vec::new(),
+});
+
+fn with_pending(f: impl FnOnce(&mut Pending)) {
+    // Never block or panic here: this also runs from the panic hook.
+    match PENDING.try_lock() {
+        Ok(mut p) => f(&mut p),
+        Err(std::sync::TryLockError::Poisoned(e)) => f(&mut e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    }
+}
+
+/// Puts the terminal on stdin in raw mode (no line editing, echo or signal keys) until
+/// [`cleanup`] or [`restore_terminal`].
+pub fn set_terminal_raw() -> std::io::Result<()> {
+    std::io::stdin()
+        .lock()
+        .set_raw_mode()
+        .map_err(std::io::Error::from)?;
+    with_pending(|p| p.terminal_raw = true);
+    Ok(())
+}
+
+/// Gives the terminal back its line mode if [`set_terminal_raw`] took it.
+pub fn restore_terminal() {
+    let mut was_raw = false;
+    with_pending(|p| was_raw = std::mem::take(&mut p.terminal_raw));
+    if was_raw {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Removes `path` at [`cleanup`] unless [`forget_file`] is called first.
+pub fn remove_on_exit(path: &Path) {
+    with_pending(|p| p.files.push(path.to_path_buf()));
+}
+
+pub fn forget_file(path: &Path) {
+    with_pending(|p| p.files.retain(|f| f != path));
+}
+
+/// Restores the terminal and removes registered files. Safe to call more than once.
+pub fn cleanup() {
+    restore_terminal();
+    let mut files = Vec::new();
+    with_pending(|p| files = std::mem::take(&mut p.files));
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+}
