@@ -82,7 +82,7 @@ pub(crate) struct DeviceRecordRef<'a> {
 }
 
 /// The memory section: where the RAM image is and which of its pages are stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct MemoryInfo {
     pub image_offset: u64,
     pub image_len: u64,
@@ -92,6 +92,18 @@ pub(crate) struct MemoryInfo {
     /// Bit `i` (byte `i / 8`, bit `i % 8`) set: image page `i` is stored; clear: it is a hole
     /// that reads as zero.
     pub bitmap: Vec<u8>,
+}
+
+impl std::fmt::Debug for MemoryInfo {
+    // The bitmap can be megabytes: summarize it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryInfo")
+            .field("image_offset", &self.image_offset)
+            .field("image_len", &self.image_len)
+            .field("image_crc", &self.image_crc)
+            .field("present_pages", &self.present_pages)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) fn bitmap_len(image_len: u64) -> u64 {

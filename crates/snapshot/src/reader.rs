@@ -99,6 +99,12 @@ impl SnapshotReader {
         &self.contents
     }
 
+    /// The states, for a caller done with the file (memory mapped earlier stays valid: each
+    /// mapping keeps the file open).
+    pub fn into_contents(self) -> SnapshotContents {
+        self.contents
+    }
+
     /// Pages of the RAM image stored in the file (the rest are zero).
     pub fn stored_pages(&self) -> u64 {
         self.memory.present_pages

@@ -78,6 +78,10 @@ fn newer_minor_with_an_optional_section_is_read() {
             payload: b"something new".to_vec(),
         },
     );
+    // ... and an optional header field it does not know.
+    let mut h: serde_json::Value = serde_json::from_slice(&s[0].payload).unwrap();
+    h["added_in_1_7"] = serde_json::json!({"x": 1});
+    s[0].payload = serde_json::to_vec(&h).unwrap();
     let newer = join((1, 7), &s, &image);
     let r = open_bytes(&newer).unwrap();
     assert_eq!(r.version(), (1, 7));
@@ -368,4 +372,10 @@ fn random_mutations_never_panic() {
         }
         let _ = fuzz_open(&b);
     }
+}
+
+/// The spec names CRC-32C by its check value; pin it.
+#[test]
+fn checksum_is_crc32c() {
+    assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
 }

@@ -31,6 +31,9 @@ fn round_trip_states_and_memory() {
     let mapped = r.map_memory().unwrap();
     assert_eq!(read_all(&mapped), read_all(&mem));
     r.verify_memory().unwrap();
+    // Memory stays readable after the reader (and its file handle) is gone.
+    assert_eq!(r.into_contents(), contents);
+    assert_eq!(read_all(&mapped), read_all(&mem));
     // Only the temp name was used; nothing is left besides the snapshot.
     assert_eq!(dir.entries(), vec!["vm.snap".to_string()]);
 }
