@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use destination::{Arrived, Confirmation, receive_on};
-pub use source::{Outcome, Progress, SendOptions, send_on};
+pub use source::{Outcome, Progress, ProgressFn, SendOptions, send_on};
 pub use wire::PROTOCOL_VERSION;
 
 /// Default socket read/write timeout: a silent peer fails the migration after this long.

@@ -19,6 +19,9 @@ const STATE_CHUNK: usize = 1024 * 1024;
 /// How often progress is reported during a long round.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
+/// Receives progress reports.
+pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
 /// How [`send`](crate::send) behaves.
 pub struct SendOptions {
     /// Pause the VM once the remaining dirty pages are expected to transfer within this time.
@@ -30,7 +33,7 @@ pub struct SendOptions {
     /// Caps the send rate in bytes per second (None: as fast as the link goes).
     pub bandwidth_limit: Option<u64>,
     /// Called after every round and every ~250 ms during long rounds.
-    pub progress: Option<Box<dyn FnMut(&Progress) + Send>>,
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for SendOptions {
@@ -320,6 +323,10 @@ impl Sender<'_> {
     /// Sends one message, then sleeps as needed to honour the bandwidth limit. A write that
     /// fails because the peer went away reports the peer's last words if it left any.
     fn send_frame(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        let limit = self.opts.bandwidth_limit.filter(|&l| l > 0);
+        if limit.is_some() && self.limiter.is_none() {
+            self.limiter = Some((Instant::now(), self.ch.bytes_out));
+        }
         if let Err(e) = self.ch.send(kind, payload) {
             if matches!(e, Error::PeerGone)
                 && let Ok(f) = self.ch.recv()
@@ -329,10 +336,7 @@ impl Sender<'_> {
             }
             return Err(e);
         }
-        if let Some(limit) = self.opts.bandwidth_limit.filter(|&l| l > 0) {
-            let (since, base) = *self
-                .limiter
-                .get_or_insert((Instant::now(), self.ch.bytes_out));
+        if let (Some(limit), Some((since, base))) = (limit, self.limiter) {
             let due = Duration::from_secs_f64((self.ch.bytes_out - base) as f64 / limit as f64);
             let now = since.elapsed();
             if due > now {

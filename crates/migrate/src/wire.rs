@@ -365,9 +365,13 @@ pub(crate) fn handshake_source(ch: &mut Channel, key: Option<&Key>) -> Result<()
 
 /// The destination's half of the handshake (§3).
 pub(crate) fn handshake_destination(ch: &mut Channel, key: Option<&Key>) -> Result<()> {
-    let f = ch.recv()?;
+    let not_ours = || Error::Protocol("not an anyvisor migration stream".into());
+    let f = ch.recv().map_err(|e| match e {
+        Error::Protocol(_) => not_ours(),
+        e => e,
+    })?;
     if f.kind != Kind::ClientHello {
-        return Err(Error::Protocol("not an anyvisor migration stream".into()));
+        return Err(not_ours());
     }
     let peer = parse_hello(&f.payload)?;
     let nonce_d = new_nonce(key.is_some())?;
