@@ -12,7 +12,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::{GuestMemory, Interrupt};
+use crate::{DeviceError, GuestMemory, Interrupt, VirtioDevice};
 
 /// Guest RAM used by tests: 16 MiB at 0.
 pub const MEM_SIZE: u64 = 16 << 20;
@@ -70,6 +70,8 @@ pub fn w(addr: u64, len: u32) -> Buf {
 pub struct Driver<'a> {
     pub mq: MockSplitQueue<'a, GuestMemory>,
     pub mem: &'a GuestMemory,
+    /// The device side of the queue, kept across requests like a transport keeps it.
+    pub queue: Queue,
     next_desc: u16,
     avail_idx: u16,
     size: u16,
@@ -77,8 +79,11 @@ pub struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a GuestMemory, size: u16) -> Self {
+        let mq = MockSplitQueue::new(mem, size);
+        let queue = mq.create_queue::<Queue>().expect("queue");
         Driver {
-            mq: MockSplitQueue::new(mem, size),
+            mq,
+            queue,
             mem,
             next_desc: 0,
             avail_idx: 0,
@@ -86,8 +91,9 @@ impl<'a> Driver<'a> {
         }
     }
 
-    pub fn queue(&self) -> Queue {
-        self.mq.create_queue::<Queue>().expect("queue")
+    /// Lets `dev` process everything made available so far.
+    pub fn process(&mut self, dev: &mut dyn VirtioDevice) -> Result<bool, DeviceError> {
+        dev.process_queue(0, &mut self.queue, self.mem)
     }
 
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
