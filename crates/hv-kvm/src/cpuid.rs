@@ -62,8 +62,14 @@ fn native_isa(function: u32, reg: usize) -> u32 {
     }
 }
 
-/// Feature leaves the model check compares bit by bit: (function, index, register names).
-const FEATURE_LEAVES: &[(u32, u32)] = &[(1, 0), (7, 0), (0x8000_0001, 0), (0x4000_0001, 0)];
+/// Feature registers the model check compares bit by bit: (function, index, [eax, ebx, ecx, edx]
+/// compared?).
+const FEATURE_LEAVES: &[(u32, u32, [bool; 4])] = &[
+    (1, 0, [false, false, true, true]),
+    (7, 0, [false, true, true, true]),
+    (0x8000_0001, 0, [false, false, true, true]),
+    (0x4000_0001, 0, [true, false, false, false]),
+];
 
 fn regs(e: &CpuidEntry) -> [u32; 4] {
     [e.eax, e.ebx, e.ecx, e.edx]
@@ -203,7 +209,7 @@ pub fn host_model(supported: &[kvm_cpuid_entry2], msr_index: &[u32]) -> CpuModel
 /// host CPU provides, naming the first such bit.
 pub fn check_model(model: &CpuModel, supported: &[kvm_cpuid_entry2]) -> hv::Result<()> {
     let sup: Vec<CpuidEntry> = supported.iter().map(entry_from_kvm).collect();
-    for &(function, index) in FEATURE_LEAVES {
+    for &(function, index, compared) in FEATURE_LEAVES {
         let Some(want) = model.lookup(function, index) else {
             continue;
         };
@@ -213,8 +219,8 @@ pub fn check_model(model: &CpuModel, supported: &[kvm_cpuid_entry2]) -> hv::Resu
             .map_or([0; 4], regs);
         let native = host_cpuid(function, index);
         for (r, (&w, &h)) in regs(want).iter().zip(have.iter()).enumerate() {
-            if function == 7 && r == 0 {
-                continue; // EAX of leaf 7.0 is the highest sub-leaf, not features
+            if !compared[r] {
+                continue;
             }
             let mut allowed = h | kvm_provides(function, r);
             if function == 1 && r == 2 {
