@@ -341,11 +341,12 @@ fn silent_destination_times_out_instead_of_hanging() {
         rx.recv().unwrap();
         drop(arrived);
     });
-    let o = SendOptions {
-        timeout: Duration::from_millis(300),
-        ..opts()
-    };
-    let e = migrate::send_on(a, None, &src, o).unwrap_err();
+    // send_on leaves timeouts to the caller; send() applies SendOptions::timeout.
+    a.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let e = migrate::send_on(a, None, &src, opts()).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3));
     tx.send(()).unwrap();
     h.join().unwrap();
     assert!(matches!(e, Error::Timeout), "{e}");
