@@ -43,7 +43,11 @@ pub(crate) fn collect(
 /// Hands every available chain of `queue` to `handle`, which returns the number of bytes it
 /// wrote into the chain; puts each chain in the used ring. Re-checks the ring after enabling
 /// notifications so no chain is left behind. Returns whether the driver wants an interrupt.
-pub(crate) fn drain<F>(queue: &mut Queue, mem: &GuestMemory, mut handle: F) -> Result<bool, DeviceError>
+pub(crate) fn drain<F>(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    mut handle: F,
+) -> Result<bool, DeviceError>
 where
     F: FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, DeviceError>,
 {
@@ -60,15 +64,10 @@ where
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let len = handle(chain)?;
-            queue
-                .add_used(mem, head, len)
-                .map_err(DeviceError::Queue)?;
+            queue.add_used(mem, head, len).map_err(DeviceError::Queue)?;
             used_any = true;
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(DeviceError::Queue)?
-        {
+        if !queue.enable_notification(mem).map_err(DeviceError::Queue)? {
             break;
         }
     }

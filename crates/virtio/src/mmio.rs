@@ -198,7 +198,11 @@ impl MmioTransport {
         let value = if data.len() == 4 && offset.is_multiple_of(4) {
             self.read_reg(offset)
         } else {
-            tracing::debug!(offset, len = data.len(), "virtio-mmio: unaligned register read");
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: unaligned register read"
+            );
             0
         };
         let bytes = value.to_le_bytes();
@@ -214,7 +218,11 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!(offset, len = data.len(), "virtio-mmio: register write not 32-bit");
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register write not 32-bit"
+            );
             return;
         };
         if !offset.is_multiple_of(4) {
@@ -228,7 +236,9 @@ impl MmioTransport {
         if self.status & (DRIVER_OK | NEEDS_RESET | FAILED) != DRIVER_OK {
             return;
         }
-        let Ok(i) = usize::try_from(index) else { return };
+        let Ok(i) = usize::try_from(index) else {
+            return;
+        };
         let Some(queue) = self.queues.get_mut(i) else {
             return;
         };
@@ -274,7 +284,10 @@ impl MmioTransport {
     /// The selected queue, if its registers may be written now.
     fn writable_queue(&mut self) -> Option<&mut Queue> {
         if self.status & (FEATURES_OK | DRIVER_OK | FAILED | NEEDS_RESET) != FEATURES_OK {
-            tracing::debug!(status = self.status, "virtio-mmio: queue register write refused");
+            tracing::debug!(
+                status = self.status,
+                "virtio-mmio: queue register write refused"
+            );
             return None;
         }
         let i = usize::try_from(self.queue_sel).ok()?;
@@ -346,7 +359,10 @@ impl MmioTransport {
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             reg::SHM_SEL => self.shm_sel = v,
-            _ => tracing::debug!(offset, "virtio-mmio: write to read-only or unknown register"),
+            _ => tracing::debug!(
+                offset,
+                "virtio-mmio: write to read-only or unknown register"
+            ),
         }
     }
 
@@ -365,7 +381,11 @@ impl MmioTransport {
         }
         let cur = self.status & !NEEDS_RESET;
         if v & cur != cur {
-            tracing::debug!(cur, v, "virtio-mmio: status bits can only be cleared by reset");
+            tracing::debug!(
+                cur,
+                v,
+                "virtio-mmio: status bits can only be cleared by reset"
+            );
             return;
         }
         let mut new = v & !cur;

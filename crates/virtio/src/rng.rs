@@ -46,7 +46,11 @@ impl Rng {
         })
     }
 
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Result<u32, DeviceError> {
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Result<u32, DeviceError> {
         self.counters.requests += 1;
         let segs = chain::collect(chain, MAX_DESCRIPTORS).inspect_err(|_| {
             self.counters.invalid_descriptors += 1;

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{DeviceError, GuestMemory, Interrupt, VirtioDevice};
@@ -109,7 +109,9 @@ impl<'a> Driver<'a> {
     /// Makes `head` available to the device.
     pub fn publish(&mut self, head: u16) {
         let ring = self.mq.avail_addr().0 + 4 + u64::from(self.avail_idx % self.size) * 2;
-        self.mem.write_obj(head, GuestAddress(ring)).expect("avail ring");
+        self.mem
+            .write_obj(head, GuestAddress(ring))
+            .expect("avail ring");
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.set_avail_idx(self.avail_idx);
     }
@@ -126,7 +128,11 @@ impl<'a> Driver<'a> {
         for (i, b) in bufs.iter().enumerate() {
             let idx = self.next_desc;
             let last = i + 1 == bufs.len();
-            let mut flags = if b.write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let mut flags = if b.write {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             if !last {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
@@ -142,7 +148,11 @@ impl<'a> Driver<'a> {
     pub fn add_indirect(&mut self, table: u64, bufs: &[Buf]) -> u16 {
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
-            let mut flags = if b.write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let mut flags = if b.write {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             if !last {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
@@ -167,7 +177,9 @@ impl<'a> Driver<'a> {
     /// With VIRTIO_RING_F_EVENT_IDX: interrupt me once the used index passes `idx`.
     pub fn set_used_event(&self, idx: u16) {
         let at = self.mq.avail_addr().0 + 4 + u64::from(self.size) * 2;
-        self.mem.write_obj(idx, GuestAddress(at)).expect("used event");
+        self.mem
+            .write_obj(idx, GuestAddress(at))
+            .expect("used event");
     }
 
     pub fn used_idx(&self) -> u16 {

@@ -69,7 +69,11 @@ pub(crate) const CHUNK: usize = 1 << 20;
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Opens `path` as `format`, or as what its content says when `format` is `None`.
-pub fn open(path: &Path, readonly: bool, format: Option<Format>) -> Result<Box<dyn DiskImage>, Error> {
+pub fn open(
+    path: &Path,
+    readonly: bool,
+    format: Option<Format>,
+) -> Result<Box<dyn DiskImage>, Error> {
     open_depth(path, readonly, format, 0)
 }
 

@@ -134,7 +134,11 @@ impl Block {
     }
 
     /// Handles one chain; returns the bytes written into it (data and status).
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Result<u32, DeviceError> {
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Result<u32, DeviceError> {
         self.counters.requests += 1;
         let segs = chain::collect(chain, MAX_DESCRIPTORS).inspect_err(|_| {
             self.counters.invalid_descriptors += 1;
@@ -254,7 +258,9 @@ impl Block {
         if self.readonly {
             return Err(());
         }
-        let len = total_len(readable).checked_sub(HEADER_LEN as u64).ok_or(())?;
+        let len = total_len(readable)
+            .checked_sub(HEADER_LEN as u64)
+            .ok_or(())?;
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
         let mut chunk = vec![0u8; len.min(disk::CHUNK as u64) as usize];
@@ -294,7 +300,11 @@ impl Block {
             let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
             let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
             // Only the unmap bit (0) is defined, and only for WRITE_ZEROES.
-            let allowed = if req_type == VIRTIO_BLK_T_WRITE_ZEROES { 1 } else { 0 };
+            let allowed = if req_type == VIRTIO_BLK_T_WRITE_ZEROES {
+                1
+            } else {
+                0
+            };
             if flags & !allowed != 0 {
                 return VIRTIO_BLK_S_UNSUPP as u8;
             }
@@ -322,7 +332,10 @@ impl Block {
 /// GET_ID answer: the image's file name, cut to 20 bytes (no terminator when it fills them).
 fn serial_for(path: &Path) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
     let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-    let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.as_encoded_bytes())
+        .unwrap_or_default();
     let n = name.len().min(serial.len());
     serial[..n].copy_from_slice(&name[..n]);
     serial
@@ -343,7 +356,12 @@ fn check_guest(mem: &GuestMemory, segs: &[Seg], access: Permissions) -> Result<(
 }
 
 /// Walks `segs` as one byte stream from `skip`, calling `f(addr, range of buf)` per piece.
-fn walk(segs: &[Seg], mut skip: u64, len: usize, mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>) -> Result<(), ()> {
+fn walk(
+    segs: &[Seg],
+    mut skip: u64,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>,
+) -> Result<(), ()> {
     let mut done = 0usize;
     for s in segs {
         if done == len {

@@ -224,10 +224,7 @@ fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
     let len = usize::try_from(entries * 8).map_err(|_| corrupt("table too large"))?;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, offset)?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| be64(c, 0))
-        .collect())
+    Ok(buf.chunks_exact(8).map(|c| be64(c, 0)).collect())
 }
 
 impl Qcow2 {
@@ -336,19 +333,18 @@ impl Qcow2 {
             } else {
                 path.parent().unwrap_or(Path::new(".")).join(bpath)
             };
-            let img = disk::open_depth(&bpath, true, format, depth + 1).map_err(|e| {
-                Error::Backing {
+            let img =
+                disk::open_depth(&bpath, true, format, depth + 1).map_err(|e| Error::Backing {
                     path: bpath.clone(),
                     source: Box::new(e),
-                }
-            })?;
+                })?;
             Some(img)
         } else {
             None
         };
 
-        let end = align_up(file_len, cluster_size)
-            .ok_or_else(|| Error::Header("file size".into()))?;
+        let end =
+            align_up(file_len, cluster_size).ok_or_else(|| Error::Header("file size".into()))?;
         let mut q = Qcow2 {
             file,
             readonly,
@@ -500,7 +496,10 @@ impl Qcow2 {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.virtual_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "access beyond the end of the disk",
@@ -607,7 +606,9 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let per_cluster = (cs / 8) as usize;
         let reach = self.refblock_entries() * cs; // bytes of file one entry covers
-        let mut entries = min_entries.max(self.reftable.len() * 2).next_multiple_of(per_cluster);
+        let mut entries = min_entries
+            .max(self.reftable.len() * 2)
+            .next_multiple_of(per_cluster);
         loop {
             let clusters = (entries / per_cluster) as u64;
             // The table, plus a refcount block for each of its clusters, must be covered.
@@ -741,7 +742,11 @@ impl Qcow2 {
 }
 
 /// The format named by the backing format header extension, if present and known.
-fn read_backing_format(file: &File, h: &Header, cluster_size: u64) -> Result<Option<Format>, Error> {
+fn read_backing_format(
+    file: &File,
+    h: &Header,
+    cluster_size: u64,
+) -> Result<Option<Format>, Error> {
     let mut pos = u64::from(h.header_length);
     // Extensions live in the first cluster; stop at its end whatever the file says.
     while pos + 8 <= cluster_size {

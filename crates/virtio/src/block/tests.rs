@@ -93,9 +93,14 @@ fn read_request() {
     let res = run(
         &mut f.dev,
         &mut d,
-        &[r(HDR, 16), w(DATA, 512), w(DATA + 0x1000, 1024), w(STATUS, 1)],
+        &[
+            r(HDR, 16),
+            w(DATA, 512),
+            w(DATA + 0x1000, 1024),
+            w(STATUS, 1),
+        ],
     );
-    assert_eq!(res.unwrap(), true);
+    assert!(res.unwrap());
     assert_eq!(status(&d), OK);
     let disk = pattern(DISK_SIZE, 7);
     assert_eq!(d.read(DATA, 512), disk[1024..1536]);
@@ -124,7 +129,12 @@ fn write_request() {
     header(&d, VIRTIO_BLK_T_OUT, 8);
     let data = pattern(2048, 99);
     d.fill(DATA, &data);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), r(DATA, 2048), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), r(DATA, 2048), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), OK);
     assert_eq!(d.used(0).1, 1);
     let file = std::fs::read(&f.path).unwrap();
@@ -225,7 +235,12 @@ fn readonly_disk_refuses_writes() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_OUT, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
     header(&d, VIRTIO_BLK_T_WRITE_ZEROES, 0);
     d.fill(DATA, &range(0, 1, 0));
@@ -234,7 +249,12 @@ fn readonly_disk_refuses_writes() {
     assert_eq!(std::fs::read(&f.path).unwrap(), pattern(DISK_SIZE, 7));
     // Reads still work.
     header(&d, VIRTIO_BLK_T_IN, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), OK);
     assert_eq!(f.dev.counters().errors, 2);
 }
@@ -257,9 +277,19 @@ fn out_of_range_and_partial_sectors_fail() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     let last = (DISK_SIZE / 512) as u64;
-    for (sector, len) in [(last, 512), (last - 1, 1024), (u64::MAX / 256, 512), (0, 100)] {
+    for (sector, len) in [
+        (last, 512),
+        (last - 1, 1024),
+        (u64::MAX / 256, 512),
+        (0, 100),
+    ] {
         header(&d, VIRTIO_BLK_T_IN, sector);
-        run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, len), w(STATUS, 1)]).unwrap();
+        run(
+            &mut f.dev,
+            &mut d,
+            &[r(HDR, 16), w(DATA, len), w(STATUS, 1)],
+        )
+        .unwrap();
         assert_eq!(status(&d), IOERR, "sector {sector} len {len}");
     }
 }
@@ -350,10 +380,7 @@ fn hostile_avail_index_too_far_ahead() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     d.set_avail_idx(17);
-    assert!(matches!(
-        d.process(&mut f.dev),
-        Err(DeviceError::Queue(_))
-    ));
+    assert!(matches!(d.process(&mut f.dev), Err(DeviceError::Queue(_))));
 }
 
 #[test]
@@ -362,10 +389,20 @@ fn hostile_data_outside_ram() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
     header(&d, VIRTIO_BLK_T_OUT, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), r(1 << 40, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), r(1 << 40, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
     assert_eq!(std::fs::read(&f.path).unwrap(), pattern(DISK_SIZE, 7));
 }
@@ -396,7 +433,11 @@ fn hostile_status_outside_ram() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    let res = run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 512), w(MEM_SIZE + 4096, 1)]);
+    let res = run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 512), w(MEM_SIZE + 4096, 1)],
+    );
     assert!(matches!(res, Err(DeviceError::Memory(_))));
 }
 
@@ -406,7 +447,11 @@ fn hostile_status_not_writable() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    let res = run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 512), r(STATUS, 1)]);
+    let res = run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 512), r(STATUS, 1)],
+    );
     assert!(matches!(res, Err(DeviceError::NoStatus)));
 }
 
@@ -426,7 +471,12 @@ fn zero_length_data_descriptor_is_harmless() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 0), w(DATA, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 0), w(DATA, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), OK);
 }
 
@@ -437,10 +487,20 @@ fn hostile_huge_length() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 0xffff_fe00), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 0xffff_fe00), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
     header(&d, VIRTIO_BLK_T_OUT, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), r(DATA, 0xffff_fe00), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), r(DATA, 0xffff_fe00), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
 }
 
@@ -454,7 +514,12 @@ fn hostile_chain_over_4gib_total() {
     let res = run(
         &mut f.dev,
         &mut d,
-        &[r(HDR, 16), w(DATA, u32::MAX), w(DATA, u32::MAX), w(STATUS, 1)],
+        &[
+            r(HDR, 16),
+            w(DATA, u32::MAX),
+            w(DATA, u32::MAX),
+            w(STATUS, 1),
+        ],
     );
     assert!(matches!(res, Err(DeviceError::InvalidChain)));
 }
@@ -506,7 +571,12 @@ fn hostile_readable_after_writable() {
     let mem = memory();
     let mut d = Driver::new(&mem, 16);
     header(&d, VIRTIO_BLK_T_IN, 0);
-    run(&mut f.dev, &mut d, &[r(HDR, 16), w(DATA, 512), r(DATA, 512), w(STATUS, 1)]).unwrap();
+    run(
+        &mut f.dev,
+        &mut d,
+        &[r(HDR, 16), w(DATA, 512), r(DATA, 512), w(STATUS, 1)],
+    )
+    .unwrap();
     assert_eq!(status(&d), IOERR);
 }
 

@@ -6,8 +6,12 @@ use crate::{Rng, RngState};
 
 fn rng_transport(mem: &GuestMemory) -> (MmioTransport, Arc<CountingIrq>) {
     let i = irq();
-    let t = MmioTransport::new(Box::new(Rng::new().unwrap()), Arc::new(mem.clone()), i.clone())
-        .unwrap();
+    let t = MmioTransport::new(
+        Box::new(Rng::new().unwrap()),
+        Arc::new(mem.clone()),
+        i.clone(),
+    )
+    .unwrap();
     (t, i)
 }
 
@@ -286,7 +290,13 @@ fn device_error_sets_needs_reset_and_raises_config_interrupt() {
     let mut d = Driver::new(&mem, 16);
     linux_probe(&mut t, &d);
     // A descriptor whose `next` points outside the table.
-    d.write_desc(0, DATA, 8, (VRING_DESC_F_NEXT_ | VRING_DESC_F_WRITE_) as u16, 99);
+    d.write_desc(
+        0,
+        DATA,
+        8,
+        (VRING_DESC_F_NEXT_ | VRING_DESC_F_WRITE_) as u16,
+        99,
+    );
     d.publish(0);
     wr(&mut t, reg::QUEUE_NOTIFY, 0);
     assert_ne!(t.status() & NEEDS_RESET, 0);
@@ -360,7 +370,12 @@ fn active_transport(mem: &GuestMemory) -> (MmioTransport, Driver<'_>) {
 }
 
 fn restore(mem: &GuestMemory, s: &MmioState) -> Result<MmioTransport, Error> {
-    MmioTransport::restore(Box::new(Rng::new().unwrap()), Arc::new(mem.clone()), irq(), s)
+    MmioTransport::restore(
+        Box::new(Rng::new().unwrap()),
+        Arc::new(mem.clone()),
+        irq(),
+        s,
+    )
 }
 
 #[test]
@@ -405,8 +420,12 @@ fn restore_rejects_each_invalid_field() {
         ("desc misaligned", |s| s.queues[0].desc_table += 1),
         ("avail misaligned", |s| s.queues[0].avail_ring += 1),
         ("used misaligned", |s| s.queues[0].used_ring += 2),
-        ("desc outside memory", |s| s.queues[0].desc_table = MEM_SIZE_),
-        ("used outside memory", |s| s.queues[0].used_ring = MEM_SIZE_ - 8),
+        ("desc outside memory", |s| {
+            s.queues[0].desc_table = MEM_SIZE_
+        }),
+        ("used outside memory", |s| {
+            s.queues[0].used_ring = MEM_SIZE_ - 8
+        }),
         ("event idx disagrees", |s| {
             s.queues[0].event_idx_enabled = !s.queues[0].event_idx_enabled
         }),
