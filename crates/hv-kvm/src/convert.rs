@@ -328,7 +328,7 @@ impl From<Kvm<kvm_vcpu_events>> for PendingEvents {
                 error_code: (e.exception.has_error_code != 0).then_some(e.exception.error_code),
                 injected: e.exception.injected != 0,
             });
-        let interrupt = (e.interrupt.injected != 0).then(|| PendingInterrupt {
+        let interrupt = (e.interrupt.injected != 0).then_some(PendingInterrupt {
             vector: e.interrupt.nr,
             soft: e.interrupt.soft != 0,
         });

@@ -445,7 +445,7 @@ impl KvmVcpu {
     /// other untouched state are not disturbed after completing one instruction).
     fn write_state(&self, s: &CpuState, before: Option<&CpuState>) -> hv::Result<()> {
         s.validate().map_err(hv::Error::InvalidState)?;
-        let changed = |f: &dyn Fn(&CpuState) -> bool| before.is_none_or(|b| f(b));
+        let changed = |f: &dyn Fn(&CpuState) -> bool| before.is_none_or(f);
         if changed(&|b| b.regs != s.regs) {
             self.fd
                 .set_regs(&Kvm::<kvm_regs>::from(&s.regs).0)
