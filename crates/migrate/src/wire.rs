@@ -328,7 +328,11 @@ fn check_peer(ours_auth: bool, peer: &PeerHello) -> Result<()> {
 }
 
 fn verify_proof(ch: &mut Channel, session: &[u8], label: &[u8], t: &[u8]) -> Result<()> {
-    let f = ch.recv()?;
+    // The first authenticated message fails its MAC when the keys differ.
+    let f = ch.recv().map_err(|e| match e {
+        Error::Auth(_) => Error::Auth("wrong key"),
+        e => e,
+    })?;
     if f.kind != Kind::Proof {
         return Err(unexpected(&f, "during the handshake"));
     }
@@ -351,10 +355,8 @@ pub(crate) fn handshake_source(ch: &mut Channel, key: Option<&Key>) -> Result<()
         return Err(unexpected(&f, "instead of ServerHello"));
     }
     let peer = parse_hello(&f.payload)?;
-    if let Err(e) = check_peer(key.is_some(), &peer) {
-        ch.send_error(&e.to_string());
-        return Err(e);
-    }
+    // On failure the caller tells the destination why.
+    check_peer(key.is_some(), &peer)?;
     let Some(key) = key else { return Ok(()) };
     let session = session_key(key, &nonce_s, &peer.nonce)?;
     let t = transcript(&ours, &f.payload);

@@ -171,7 +171,8 @@ fn wrong_key_fails_both_sides_and_source_keeps_running() {
     let (se, de) = (r.unwrap_err(), d.err().unwrap());
     assert!(matches!(se, Error::Auth(_)), "{se}");
     assert!(matches!(de, Error::Auth(_)), "{de}");
-    assert!(se.to_string().starts_with("authentication failed"));
+    assert_eq!(se.to_string(), "authentication failed: wrong key");
+    assert_eq!(de.to_string(), "authentication failed: wrong key");
     assert_eq!(src.pauses.load(Ordering::SeqCst), 0);
     src.assert_running_again();
 }
