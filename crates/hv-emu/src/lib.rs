@@ -1,1 +1,211 @@
+//! `emu`: a software x86-64 CPU behind the `hv` contract.
+//!
+//! Instructions are decoded with `iced-x86` and executed by this crate's own code (`exec`,
+//! `system`, `string`, `sse`). Guest RAM is accessed only through `hv::GuestMemory`, so every
+//! vCPU write lands in the memory's dirty bitmap. The local APIC (xAPIC at the APIC base),
+//! the TSC and kvm-clock live here; everything else on the platform is reached through
+//! `hv::DeviceIo`.
+//!
+//! * [`EmuHypervisor`] implements `hv::Hypervisor` (kind `Emu`).
+//! * [`Emulator`] implements `hv::InstructionEmulator` for the KVM backend: one instruction on
+//!   a neutral `CpuState`.
+#![forbid(unsafe_code)]
 
+mod clock;
+mod cpu;
+mod decode;
+mod exec;
+mod lapic;
+mod mmu;
+mod sse;
+mod string;
+mod system;
+mod vcpu;
+mod vm;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmState};
+use vm_memory::GuestMemoryBackend as _;
+
+pub use clock::default_tsc_khz;
+pub use vcpu::EmuVcpu;
+
+use crate::vm::VmShared;
+
+/// The software-CPU hypervisor backend.
+#[derive(Default)]
+pub struct EmuHypervisor {}
+
+impl EmuHypervisor {
+    pub fn new() -> EmuHypervisor {
+        EmuHypervisor {}
+    }
+}
+
+/// Features of leaf 1 / 0x80000001 the emulator implements; a model asking for more is refused.
+fn supported(model: &CpuModel) -> Result<(), String> {
+    use hv::cpu_model::feature::*;
+    let (ecx, edx) = model.leaf1_features();
+    let ecx_ok = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
+    let edx_ok = FPU | DE | PSE | TSC | MSR | PAE | CX8 | APIC | SEP | PGE | CMOV | PAT | CLFSH
+        | MMX | FXSR | SSE | SSE2 | HTT | (1 << 7) | (1 << 14) | (1 << 12);
+    if ecx & !ecx_ok != 0 {
+        return Err(format!(
+            "emu does not implement CPUID.1:ECX features {:#x}",
+            ecx & !ecx_ok
+        ));
+    }
+    if edx & !edx_ok != 0 {
+        return Err(format!(
+            "emu does not implement CPUID.1:EDX features {:#x}",
+            edx & !edx_ok
+        ));
+    }
+    if let Some(e) = model.lookup(7, 0) {
+        if e.ebx != 0 || e.ecx != 0 || e.edx != 0 {
+            return Err("emu does not implement CPUID.7 features".into());
+        }
+    }
+    if let Some(e) = model.lookup(0x8000_0001, 0) {
+        let ok_ecx = LAHF_LM;
+        let ok_edx = SYSCALL | NX | LM | (1 << 11);
+        if e.ecx & !ok_ecx != 0 || e.edx & !(ok_edx | (edx_ok & 0x0183_f3ff)) != 0 {
+            return Err("emu does not implement CPUID.80000001 features".into());
+        }
+    }
+    Ok(())
+}
+
+impl hv::Hypervisor for EmuHypervisor {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Emu
+    }
+
+    fn check_cpu_model(&self, model: &CpuModel) -> hv::Result<()> {
+        supported(model).map_err(hv::Error::Incompatible)
+    }
+
+    fn host_cpu_model(&self) -> hv::Result<CpuModel> {
+        // The software CPU offers exactly the portable model.
+        Ok(CpuModel::portable())
+    }
+
+    fn create_vm(&self, config: VmConfig) -> hv::Result<Arc<dyn hv::Vm>> {
+        self.check_cpu_model(&config.cpu_model)?;
+        if config.vcpus == 0 || config.vcpus > 255 {
+            return Err(hv::Error::Incompatible(format!(
+                "emu supports 1 to 255 vCPUs, not {}",
+                config.vcpus
+            )));
+        }
+        let tsc_khz = config.tsc_khz.unwrap_or_else(default_tsc_khz);
+        let max_addr = config.memory.last_addr().0;
+        let shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
+        Ok(Arc::new(EmuVm {
+            memory: config.memory,
+            shared: Arc::new(shared),
+            created: std::sync::Mutex::new(vec![false; config.vcpus as usize]),
+        }))
+    }
+}
+
+/// A VM whose vCPUs run in software.
+pub struct EmuVm {
+    memory: Arc<GuestMemory>,
+    shared: Arc<VmShared>,
+    created: std::sync::Mutex<Vec<bool>>,
+}
+
+impl hv::Vm for EmuVm {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Emu
+    }
+
+    fn create_vcpu(&self, id: u32) -> hv::Result<Box<dyn hv::Vcpu>> {
+        let mut created = vm::lock(&self.created);
+        match created.get_mut(id as usize) {
+            None => Err(hv::Error::InvalidState(format!(
+                "vCPU {id} is outside the VM's {} vCPUs",
+                self.shared.vcpu_count
+            ))),
+            Some(true) => Err(hv::Error::InvalidState(format!("vCPU {id} already exists"))),
+            Some(c) => {
+                *c = true;
+                Ok(Box::new(EmuVcpu::new(
+                    id,
+                    self.memory.clone(),
+                    self.shared.clone(),
+                )))
+            }
+        }
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) -> hv::Result<()> {
+        if addr >> 20 != 0xfee {
+            return Err(hv::Error::InvalidState(format!(
+                "MSI address {addr:#x} is outside 0xfee00000-0xfeefffff"
+            )));
+        }
+        self.shared.signal_msi(addr, data);
+        Ok(())
+    }
+
+    fn tsc_khz(&self) -> u32 {
+        self.shared.clock.tsc_khz
+    }
+
+    fn set_dirty_tracking(&self, _enabled: bool) -> hv::Result<()> {
+        // vCPU writes go through GuestMemory and its bitmap.
+        Ok(())
+    }
+
+    fn take_dirty_log(&self) -> hv::Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
+
+    fn state(&self) -> hv::Result<VmState> {
+        let c = &self.shared.clock;
+        Ok(VmState {
+            clock_ns: c.kvmclock_ns(c.host_ns()),
+            tsc_khz: c.tsc_khz,
+        })
+    }
+
+    fn set_state(&self, state: &VmState) -> hv::Result<()> {
+        if state.tsc_khz != self.shared.clock.tsc_khz {
+            return Err(hv::Error::InvalidState(format!(
+                "VM state has a TSC of {} kHz, this VM runs at {} kHz",
+                state.tsc_khz, self.shared.clock.tsc_khz
+            )));
+        }
+        self.shared.clock.set_kvmclock_ns(state.clock_ns);
+        self.shared.clock_epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Executes single instructions for another backend (KVM) on a neutral [`CpuState`].
+pub struct Emulator {
+    shared: VmShared,
+}
+
+impl Emulator {
+    pub fn new(model: CpuModel) -> Emulator {
+        Emulator {
+            shared: VmShared::new(model, 1, default_tsc_khz(), 0),
+        }
+    }
+}
+
+impl hv::InstructionEmulator for Emulator {
+    fn emulate_one(
+        &self,
+        state: &mut CpuState,
+        memory: &GuestMemory,
+        io: &dyn DeviceIo,
+    ) -> hv::Result<()> {
+        vcpu::emulate_one(&self.shared, state, memory, io)
+    }
+}

@@ -1,0 +1,110 @@
+//! Guest time: the TSC and kvm-clock, both derived from the host's monotonic clock.
+//!
+//! `host_ns` counts from the VM's creation. A vCPU's TSC is `host_ns` scaled to `tsc_khz` plus its
+//! own offset (so `IA32_TSC` writes and restores work); kvm-clock is `host_ns` plus a VM-wide
+//! offset (so a restored VM continues its clock). Both are linear in `host_ns`, so the pvclock
+//! page written once stays exact.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+pub struct Clock {
+    origin: Instant,
+    pub tsc_khz: u32,
+    /// kvm-clock ns = host ns + this (wrapping).
+    kvmclock_offset: AtomicU64,
+}
+
+/// The guest TSC frequency when the VM config does not give one: the host's, from
+/// `/proc/cpuinfo`, else 2 GHz.
+pub fn default_tsc_khz() -> u32 {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    for line in text.lines() {
+        let mut parts = line.splitn(2, ':');
+        let key = parts.next().unwrap_or("").trim();
+        if key == "cpu MHz" {
+            if let Some(mhz) = parts.next().and_then(|v| v.trim().parse::<f64>().ok()) {
+                if mhz > 100.0 && mhz < 100_000.0 {
+                    return (mhz * 1000.0).round() as u32;
+                }
+            }
+        }
+    }
+    2_000_000
+}
+
+impl Clock {
+    pub fn new(tsc_khz: u32) -> Clock {
+        Clock {
+            origin: Instant::now(),
+            tsc_khz: tsc_khz.max(1),
+            kvmclock_offset: AtomicU64::new(0),
+        }
+    }
+
+    pub fn host_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn ns_to_tsc(&self, ns: u64) -> u64 {
+        (u128::from(ns) * u128::from(self.tsc_khz) / 1_000_000) as u64
+    }
+
+    pub fn tsc_to_ns(&self, tsc: u64) -> u64 {
+        (u128::from(tsc) * 1_000_000 / u128::from(self.tsc_khz)).min(u128::from(u64::MAX)) as u64
+    }
+
+    pub fn kvmclock_ns(&self, host_ns: u64) -> u64 {
+        host_ns.wrapping_add(self.kvmclock_offset.load(Ordering::Relaxed))
+    }
+
+    pub fn set_kvmclock_ns(&self, clock_ns: u64) {
+        let now = self.host_ns();
+        self.kvmclock_offset
+            .store(clock_ns.wrapping_sub(now), Ordering::Relaxed);
+    }
+}
+
+/// KVM's `kvm_get_time_scale`: multiplier and shift turning TSC ticks into nanoseconds.
+pub fn pvclock_scale(tsc_khz: u32) -> (u32, i8) {
+    let scaled_hz: u64 = 1_000_000_000;
+    let base_hz = u64::from(tsc_khz.max(1)) * 1000;
+    let mut shift: i32 = 0;
+    let mut tps64 = base_hz;
+    let mut scaled64 = scaled_hz;
+    while tps64 > scaled64 * 2 || tps64 & 0xffff_ffff_0000_0000 != 0 {
+        tps64 >>= 1;
+        shift -= 1;
+    }
+    let mut tps32 = tps64 as u32;
+    while tps32 as u64 <= scaled64 || scaled64 & 0xffff_ffff_0000_0000 != 0 {
+        if scaled64 & 0xffff_ffff_0000_0000 != 0 || tps32 & 0x8000_0000 != 0 {
+            scaled64 >>= 1;
+        } else {
+            tps32 <<= 1;
+        }
+        shift += 1;
+    }
+    let mul = ((scaled64 << 32) / u64::from(tps32.max(1))) as u32;
+    (mul, shift as i8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvclock_scale_converts_one_second() {
+        for khz in [1_000_000u32, 2_000_000, 2_995_123, 3_700_000] {
+            let (mul, shift) = pvclock_scale(khz);
+            let ticks = u64::from(khz) * 1000;
+            let d = if shift < 0 {
+                ticks >> (-shift)
+            } else {
+                ticks << shift
+            };
+            let ns = ((u128::from(d) * u128::from(mul)) >> 32) as u64;
+            assert!(ns.abs_diff(1_000_000_000) < 1000, "{khz}: {ns}");
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Linear-to-physical translation (4-level paging, software TLB) and physical accesses:
+//! guest RAM through `vm-memory` (so writes mark the dirty bitmap), the local APIC page, and
+//! everything else through the platform's `DeviceIo`.
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+
+use crate::cpu::{CR0_PG, CR0_WP, CR4_PAE, EFER_NXE};
+use crate::exec::{Exc, Exec};
+
+const TLB_SIZE: usize = 1024;
+const T_WRITE: u8 = 1; // writable at all levels and dirty already set
+const T_USER: u8 = 2;
+const T_NX: u8 = 4;
+
+#[derive(Clone, Copy)]
+struct TlbEntry {
+    vpn: u64,
+    ppn: u64,
+    flags: u8,
+}
+
+pub struct Tlb {
+    e: Vec<TlbEntry>,
+}
+
+impl Tlb {
+    pub fn new() -> Tlb {
+        Tlb {
+            e: vec![
+                TlbEntry {
+                    vpn: u64::MAX,
+                    ppn: 0,
+                    flags: 0
+                };
+                TLB_SIZE
+            ],
+        }
+    }
+
+    pub fn flush_all(&mut self) {
+        for e in self.e.iter_mut() {
+            e.vpn = u64::MAX;
+        }
+    }
+
+    pub fn flush_page(&mut self, lin: u64) {
+        let vpn = lin >> 12;
+        let e = &mut self.e[(vpn as usize) & (TLB_SIZE - 1)];
+        if e.vpn == vpn {
+            e.vpn = u64::MAX;
+        }
+    }
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Tlb::new()
+    }
+}
+
+/// Kind of a memory access, for permission checks and #PF error codes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Acc {
+    Read,
+    Write,
+    Exec,
+}
+
+const PTE_P: u64 = 1;
+const PTE_W: u64 = 2;
+const PTE_U: u64 = 4;
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
+const PTE_PS: u64 = 1 << 7;
+const PTE_NX: u64 = 1 << 63;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+impl Exec<'_> {
+    /// Translates a linear address. `user` is the privilege of the access (CPL 3 and not an
+    /// implicit supervisor access).
+    #[inline]
+    pub fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> Result<u64, Exc> {
+        if self.cpu.cr0 & CR0_PG == 0 {
+            return Ok(lin & 0xffff_ffff);
+        }
+        let vpn = lin >> 12;
+        let e = self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)];
+        if e.vpn == vpn {
+            let ok = match acc {
+                Acc::Read => true,
+                Acc::Write => e.flags & T_WRITE != 0,
+                Acc::Exec => e.flags & T_NX == 0,
+            } && (!user || e.flags & T_USER != 0);
+            if ok {
+                return Ok(e.ppn | (lin & 0xfff));
+            }
+        }
+        self.walk(lin, acc, user)
+    }
+
+    fn pf(&mut self, lin: u64, code: u32) -> Exc {
+        self.cpu.cr2 = lin;
+        Exc::Fault(14, Some(code))
+    }
+
+    fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> Result<u64, Exc> {
+        let nxe = self.cpu.efer & EFER_NXE != 0;
+        let mut code: u32 = 0;
+        if acc == Acc::Write {
+            code |= 2;
+        }
+        if user {
+            code |= 4;
+        }
+        if acc == Acc::Exec && nxe {
+            code |= 16;
+        }
+        if !self.cpu.long_mode() || self.cpu.cr4 & CR4_PAE == 0 {
+            return self.walk_legacy(lin, acc, user, code);
+        }
+        // Canonical check is done by the caller for 64-bit; here only the walk.
+        let mut table = self.cpu.cr3 & ADDR_MASK;
+        let mut w = true;
+        let mut u = true;
+        let mut nx = false;
+        let mut entries = [(0u64, 0u64); 4];
+        let mut depth = 0;
+        let mut level = 4;
+        let (phys, page_mask) = loop {
+            let index = (lin >> (12 + 9 * (level - 1))) & 0x1ff;
+            let ea = table + index * 8;
+            let pte = self.phys_read_u64_ram(ea).ok_or_else(|| Exc::Unhandled(format!(
+                "page table at {ea:#x} is outside RAM (walking {lin:#x})"
+            )))?;
+            if pte & PTE_P == 0 {
+                return Err(self.pf(lin, code));
+            }
+            entries[depth] = (ea, pte);
+            depth += 1;
+            w &= pte & PTE_W != 0;
+            u &= pte & PTE_U != 0;
+            nx |= nxe && pte & PTE_NX != 0;
+            if level == 1 || (level <= 3 && pte & PTE_PS != 0) {
+                let size_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
+                break (pte & ADDR_MASK & !size_mask, size_mask);
+            }
+            table = pte & ADDR_MASK;
+            level -= 1;
+        };
+        // Permission checks.
+        let wp = self.cpu.cr0 & CR0_WP != 0;
+        let denied = (user && !u)
+            || (acc == Acc::Write && !w && (user || wp))
+            || (acc == Acc::Exec && nx);
+        if denied {
+            return Err(self.pf(lin, code | 1));
+        }
+        // Accessed bits on every level, dirty on the leaf for writes.
+        for (i, (ea, pte)) in entries.iter().take(depth).enumerate() {
+            let leaf = i + 1 == depth;
+            let mut set = PTE_A;
+            if leaf && acc == Acc::Write {
+                set |= PTE_D;
+            }
+            if pte & set != set {
+                self.phys_or_u64(*ea, set);
+            }
+        }
+        let leaf = entries[depth.saturating_sub(1)].1;
+        let dirty = leaf & PTE_D != 0 || acc == Acc::Write;
+        let mut flags = 0;
+        // Supervisor writes to read-only pages with CR0.WP=0 are allowed but not cached, so
+        // they walk every time.
+        if w && dirty {
+            flags |= T_WRITE;
+        }
+        if u {
+            flags |= T_USER;
+        }
+        if nx {
+            flags |= T_NX;
+        }
+        let pa = phys | (lin & page_mask);
+        let vpn = lin >> 12;
+        self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = TlbEntry {
+            vpn,
+            ppn: pa & !0xfff,
+            flags,
+        };
+        Ok(pa)
+    }
+
+    fn walk_legacy(&mut self, lin: u64, acc: Acc, user: bool, code: u32) -> Result<u64, Exc> {
+        let lin = lin & 0xffff_ffff;
+        if self.cpu.cr4 & CR4_PAE != 0 {
+            // PAE paging outside long mode: PDPTE from CR3, then PD/PT with 8-byte entries.
+            let pdpte_addr = (self.cpu.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8;
+            let pdpte = self.phys_read_u64_ram(pdpte_addr).unwrap_or(0);
+            if pdpte & PTE_P == 0 {
+                return Err(self.pf(lin, code));
+            }
+            let pde_addr = (pdpte & ADDR_MASK) + ((lin >> 21) & 0x1ff) * 8;
+            let pde = self.phys_read_u64_ram(pde_addr).unwrap_or(0);
+            if pde & PTE_P == 0 {
+                return Err(self.pf(lin, code));
+            }
+            if pde & PTE_PS != 0 {
+                self.check_legacy(lin, acc, user, code, pde, pde)?;
+                self.phys_or_u64(pde_addr, PTE_A | if acc == Acc::Write { PTE_D } else { 0 });
+                return Ok((pde & ADDR_MASK & !0x1f_ffff) | (lin & 0x1f_ffff));
+            }
+            let pte_addr = (pde & ADDR_MASK) + ((lin >> 12) & 0x1ff) * 8;
+            let pte = self.phys_read_u64_ram(pte_addr).unwrap_or(0);
+            if pte & PTE_P == 0 {
+                return Err(self.pf(lin, code));
+            }
+            self.check_legacy(lin, acc, user, code, pde, pte)?;
+            self.phys_or_u64(pde_addr, PTE_A);
+            self.phys_or_u64(pte_addr, PTE_A | if acc == Acc::Write { PTE_D } else { 0 });
+            return Ok((pte & ADDR_MASK) | (lin & 0xfff));
+        }
+        let pde_addr = (self.cpu.cr3 & 0xffff_f000) + (lin >> 22) * 4;
+        let pde = u64::from(self.phys_read_u32_ram(pde_addr).unwrap_or(0));
+        if pde & PTE_P == 0 {
+            return Err(self.pf(lin, code));
+        }
+        if pde & PTE_PS != 0 && self.cpu.cr4 & crate::cpu::CR4_PSE != 0 {
+            self.check_legacy(lin, acc, user, code, pde, pde)?;
+            return Ok((pde & 0xffc0_0000) | (lin & 0x3f_ffff));
+        }
+        let pte_addr = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
+        let pte = u64::from(self.phys_read_u32_ram(pte_addr).unwrap_or(0));
+        if pte & PTE_P == 0 {
+            return Err(self.pf(lin, code));
+        }
+        self.check_legacy(lin, acc, user, code, pde, pte)?;
+        Ok((pte & 0xffff_f000) | (lin & 0xfff))
+    }
+
+    fn check_legacy(
+        &mut self,
+        lin: u64,
+        acc: Acc,
+        user: bool,
+        code: u32,
+        pde: u64,
+        pte: u64,
+    ) -> Result<(), Exc> {
+        let w = pde & pte & PTE_W != 0;
+        let u = pde & pte & PTE_U != 0;
+        let wp = self.cpu.cr0 & CR0_WP != 0;
+        if (user && !u) || (acc == Acc::Write && !w && (user || wp)) {
+            return Err(self.pf(lin, code | 1));
+        }
+        Ok(())
+    }
+
+    fn phys_read_u64_ram(&self, pa: u64) -> Option<u64> {
+        self.mem.load::<u64>(GuestAddress(pa), Ordering::Relaxed).ok()
+    }
+
+    fn phys_read_u32_ram(&self, pa: u64) -> Option<u32> {
+        self.mem.load::<u32>(GuestAddress(pa), Ordering::Relaxed).ok()
+    }
+
+    /// Atomically ORs bits into a page-table entry in RAM (A/D bits).
+    fn phys_or_u64(&mut self, pa: u64, bits: u64) {
+        if let Ok(s) = self.mem.get_slice(GuestAddress(pa), 8) {
+            if let Ok(a) = s.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) {
+                a.fetch_or(bits, Ordering::SeqCst);
+                s.bitmap().mark_dirty(0, 8);
+                self.note_write(pa);
+            }
+        }
+    }
+
+    #[inline]
+    pub fn note_write(&mut self, pa: u64) {
+        if self.vm.code.on_write(pa >> 12) {
+            self.cpu.cache.generation = self.vm.code.generation.load(Ordering::Acquire);
+        }
+    }
+
+    #[inline]
+    fn is_lapic(&self, pa: u64) -> bool {
+        self.lapic_enabled
+            && self.apic_hw_enabled()
+            && (pa & !0xfff) == (self.cpu.apic_base & 0x000f_ffff_ffff_f000)
+    }
+
+    /// Reads `size` (1, 2, 4, 8) bytes at a physical address that does not cross a page.
+    pub fn phys_read(&mut self, pa: u64, size: usize) -> Result<u64, Exc> {
+        let ga = GuestAddress(pa);
+        if pa & (size as u64 - 1) == 0 {
+            let r = match size {
+                1 => self.mem.load::<u8>(ga, Ordering::Relaxed).map(u64::from),
+                2 => self.mem.load::<u16>(ga, Ordering::Relaxed).map(u64::from),
+                4 => self.mem.load::<u32>(ga, Ordering::Relaxed).map(u64::from),
+                _ => self.mem.load::<u64>(ga, Ordering::Relaxed),
+            };
+            if let Ok(v) = r {
+                return Ok(v);
+            }
+        } else {
+            let mut b = [0u8; 8];
+            if self.mem.read_slice(&mut b[..size], ga).is_ok() {
+                return Ok(u64::from_le_bytes(b));
+            }
+        }
+        if self.is_lapic(pa) {
+            return self.lapic_read(pa, size);
+        }
+        let mut b = [0u8; 8];
+        self.io.mmio_read(pa, &mut b[..size]);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn phys_write(&mut self, pa: u64, size: usize, v: u64) -> Result<(), Exc> {
+        let ga = GuestAddress(pa);
+        let ok = if pa & (size as u64 - 1) == 0 {
+            match size {
+                1 => self.mem.store(v as u8, ga, Ordering::Relaxed),
+                2 => self.mem.store(v as u16, ga, Ordering::Relaxed),
+                4 => self.mem.store(v as u32, ga, Ordering::Relaxed),
+                _ => self.mem.store(v, ga, Ordering::Relaxed),
+            }
+            .is_ok()
+        } else {
+            self.mem
+                .write_slice(&v.to_le_bytes()[..size], ga)
+                .is_ok()
+        };
+        if ok {
+            self.note_write(pa);
+            return Ok(());
+        }
+        if self.is_lapic(pa) {
+            return self.lapic_write(pa, size, v);
+        }
+        self.io.mmio_write(pa, &v.to_le_bytes()[..size]);
+        Ok(())
+    }
+
+    #[inline]
+    fn user_access(&self) -> bool {
+        self.cpu.cpl == 3
+    }
+
+    /// Reads `size` bytes (1..=8) at a linear address.
+    #[inline]
+    pub fn read_lin(&mut self, lin: u64, size: usize) -> Result<u64, Exc> {
+        let user = self.user_access();
+        self.read_lin_as(lin, size, user)
+    }
+
+    pub fn read_lin_as(&mut self, lin: u64, size: usize, user: bool) -> Result<u64, Exc> {
+        if (lin & 0xfff) as usize + size <= 0x1000 {
+            let pa = self.translate(lin, Acc::Read, user)?;
+            return self.phys_read(pa, size);
+        }
+        let first = 0x1000 - (lin & 0xfff) as usize;
+        let pa0 = self.translate(lin, Acc::Read, user)?;
+        let pa1 = self.translate(lin.wrapping_add(first as u64), Acc::Read, user)?;
+        let mut v = 0u64;
+        for i in 0..size {
+            let pa = if i < first {
+                pa0 + i as u64
+            } else {
+                pa1 + (i - first) as u64
+            };
+            v |= self.phys_read(pa, 1)? << (8 * i);
+        }
+        Ok(v)
+    }
+
+    #[inline]
+    pub fn write_lin(&mut self, lin: u64, size: usize, v: u64) -> Result<(), Exc> {
+        let user = self.user_access();
+        self.write_lin_as(lin, size, v, user)
+    }
+
+    pub fn write_lin_as(&mut self, lin: u64, size: usize, v: u64, user: bool) -> Result<(), Exc> {
+        if (lin & 0xfff) as usize + size <= 0x1000 {
+            let pa = self.translate(lin, Acc::Write, user)?;
+            return self.phys_write(pa, size, v);
+        }
+        let first = 0x1000 - (lin & 0xfff) as usize;
+        let pa0 = self.translate(lin, Acc::Write, user)?;
+        let pa1 = self.translate(lin.wrapping_add(first as u64), Acc::Write, user)?;
+        for i in 0..size {
+            let pa = if i < first {
+                pa0 + i as u64
+            } else {
+                pa1 + (i - first) as u64
+            };
+            self.phys_write(pa, 1, (v >> (8 * i)) & 0xff)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `size` bytes at `lin` are writable without writing (for instructions that
+    /// must fault before changing anything).
+    pub fn probe_write(&mut self, lin: u64, size: usize) -> Result<(), Exc> {
+        let user = self.user_access();
+        self.translate(lin, Acc::Write, user)?;
+        let last = lin.wrapping_add(size as u64 - 1);
+        if last >> 12 != lin >> 12 {
+            self.translate(last, Acc::Write, user)?;
+        }
+        Ok(())
+    }
+
+    pub fn read_u128(&mut self, lin: u64) -> Result<u128, Exc> {
+        let lo = self.read_lin(lin, 8)?;
+        let hi = self.read_lin(lin.wrapping_add(8), 8)?;
+        Ok(u128::from(lo) | (u128::from(hi) << 64))
+    }
+
+    pub fn write_u128(&mut self, lin: u64, v: u128) -> Result<(), Exc> {
+        self.probe_write(lin, 16)?;
+        self.write_lin(lin, 8, v as u64)?;
+        self.write_lin(lin.wrapping_add(8), 8, (v >> 64) as u64)
+    }
+
+    /// Locked read-modify-write of `size` bytes at `lin`: `f(old)` gives the new value, or
+    /// `None` to leave memory unchanged. Returns the old value. Aligned RAM operands use a host
+    /// atomic compare-exchange loop, so they are atomic against every other vCPU's accesses.
+    pub fn locked_rmw(
+        &mut self,
+        lin: u64,
+        size: usize,
+        mut f: impl FnMut(u64) -> Option<u64>,
+    ) -> Result<u64, Exc> {
+        use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
+        let user = self.user_access();
+        let aligned = lin & (size as u64 - 1) == 0;
+        if aligned {
+            let pa = self.translate(lin, Acc::Write, user)?;
+            if let Ok(s) = self.mem.get_slice(GuestAddress(pa), size) {
+                macro_rules! cas {
+                    ($t:ty, $v:ty) => {
+                        if let Ok(a) = s.get_atomic_ref::<$t>(0) {
+                            let mut old = a.load(Ordering::SeqCst);
+                            loop {
+                                let Some(new) = f(old as u64) else {
+                                    return Ok(old as u64);
+                                };
+                                match a.compare_exchange(
+                                    old,
+                                    new as $v,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                ) {
+                                    Ok(_) => {
+                                        s.bitmap().mark_dirty(0, size);
+                                        self.note_write(pa);
+                                        return Ok(old as u64);
+                                    }
+                                    Err(cur) => old = cur,
+                                }
+                            }
+                        }
+                    };
+                }
+                match size {
+                    1 => cas!(AtomicU8, u8),
+                    2 => cas!(AtomicU16, u16),
+                    4 => cas!(AtomicU32, u32),
+                    _ => cas!(AtomicU64, u64),
+                }
+            }
+        }
+        // Misaligned or not RAM: serialize with the VM-wide lock.
+        let vm = self.vm;
+        let _g = crate::vm::lock(&vm.atomic_lock);
+        self.probe_write(lin, size)?;
+        let old = self.read_lin(lin, size)?;
+        if let Some(new) = f(old) {
+            self.write_lin(lin, size, new)?;
+        }
+        Ok(old)
+    }
+}

@@ -1,0 +1,410 @@
+//! The emu vCPU: the run loop (interrupt acceptance, HLT, INIT/SIPI, timers) and state
+//! conversion, plus single-instruction emulation for other backends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hv::{CpuState, DeviceIo, GuestMemory, MpState, VcpuExit, msr};
+use iced_x86::{Decoder, DecoderOptions};
+
+use crate::cpu::{CS, Cpu, IF};
+use crate::decode::DecodeCache;
+use crate::exec::{Exc, Exec, R};
+use crate::lapic::{APIC_BASE_BSP, APIC_BASE_DEFAULT, APIC_BASE_ENABLE};
+use crate::system::Event;
+use crate::vm::{VmShared, lock};
+
+/// Instructions between checks of timers, the mailbox and kicks.
+const BATCH: u32 = 2048;
+
+struct Kicker {
+    shared: Arc<VmShared>,
+    id: usize,
+}
+
+impl hv::VcpuKicker for Kicker {
+    fn kick(&self) {
+        if let Some(v) = self.shared.vcpus.get(self.id) {
+            v.kick();
+        }
+    }
+}
+
+/// Placeholder device access for internal state updates that touch no device.
+struct NoIo;
+
+impl DeviceIo for NoIo {
+    fn pio_read(&self, _port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&self, _port: u16, _data: &[u8]) {}
+    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+pub struct EmuVcpu {
+    id: u32,
+    cpu: Box<Cpu>,
+    memory: Arc<GuestMemory>,
+    shared: Arc<VmShared>,
+    clock_epoch: u64,
+    /// Instructions executed (for MIPS measurements).
+    pub instructions: u64,
+}
+
+impl EmuVcpu {
+    pub fn new(id: u32, memory: Arc<GuestMemory>, shared: Arc<VmShared>) -> EmuVcpu {
+        let mut cpu = Box::new(Cpu::new(id));
+        cpu.cache = DecodeCache::new(1);
+        cpu.apic_base = APIC_BASE_DEFAULT | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 };
+        cpu.msr.pat = 0x0007_0406_0007_0406;
+        if id != 0 {
+            cpu.mp_state = MpState::Uninitialized;
+        }
+        let clock_epoch = shared.clock_epoch.load(Ordering::Acquire);
+        EmuVcpu {
+            id,
+            cpu,
+            memory,
+            shared,
+            clock_epoch,
+            instructions: 0,
+        }
+    }
+
+    fn exec<'a>(&'a mut self, io: &'a dyn DeviceIo) -> Exec<'a> {
+        Exec {
+            cpu: &mut self.cpu,
+            mem: &self.memory,
+            io,
+            vm: &self.shared,
+            lapic_enabled: true,
+            cur_rip: 0,
+        }
+    }
+
+    fn merge_mailbox(&mut self) {
+        let me = &self.shared.vcpus[self.id as usize];
+        let m = {
+            let mut g = lock(&me.mailbox);
+            me.pending.store(false, Ordering::Release);
+            std::mem::take(&mut *g)
+        };
+        for w in 0..8 {
+            let mut bits = m.irr[w];
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let v = (w as u32 * 32 + b) as u8;
+                self.cpu.lapic.set_irr(v, m.tmr[w] & (1 << b) != 0);
+            }
+        }
+        if m.nmi {
+            self.cpu.nmi_pending = true;
+        }
+        if m.init {
+            let apic_base = self.cpu.apic_base;
+            let id = self.cpu.lapic.id();
+            let pat = self.cpu.msr.pat;
+            self.cpu.reset();
+            self.cpu.apic_base = apic_base;
+            self.cpu.msr.pat = pat;
+            self.cpu.lapic.reset(id);
+            self.cpu.mp_state = MpState::InitReceived;
+        }
+        if let Some(v) = m.sipi {
+            if self.cpu.mp_state == MpState::InitReceived {
+                let seg = &mut self.cpu.seg[CS];
+                seg.selector = u16::from(v) << 8;
+                seg.base = u64::from(v) << 12;
+                self.cpu.rip = 0;
+                self.cpu.mp_state = MpState::Runnable;
+            }
+        }
+        self.cpu.irq_check = true;
+    }
+
+    /// Sleeps until the mailbox has something, a kick arrives, or `deadline_ns` passes.
+    fn wait(&self, deadline_ns: Option<u64>) {
+        let me = &self.shared.vcpus[self.id as usize];
+        let mut g = lock(&me.mailbox);
+        loop {
+            if me.pending.load(Ordering::Acquire) || me.kicked.load(Ordering::Acquire) {
+                return;
+            }
+            let now = self.shared.clock.host_ns();
+            let dur = match deadline_ns {
+                Some(d) if d <= now => return,
+                Some(d) => Duration::from_nanos((d - now).min(1_000_000_000)),
+                None => Duration::from_secs(1),
+            };
+            g = match me.cond.wait_timeout(g, dur) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    fn run_inner(&mut self, io: &dyn DeviceIo) -> R<VcpuExit> {
+        let me_idx = self.id as usize;
+        loop {
+            let me = &self.shared.vcpus[me_idx];
+            if me.kicked.swap(false, Ordering::AcqRel) {
+                return Ok(VcpuExit::Interrupted);
+            }
+            if me.pending.load(Ordering::Acquire) {
+                self.merge_mailbox();
+            }
+            let epoch = self.shared.clock_epoch.load(Ordering::Acquire);
+            if epoch != self.clock_epoch {
+                self.clock_epoch = epoch;
+                self.exec(io).write_pvclock();
+            }
+            let now = self.shared.clock.host_ns();
+            if self.cpu.lapic.poll_timer(now) {
+                self.cpu.irq_check = true;
+            }
+            match self.cpu.mp_state {
+                MpState::Uninitialized | MpState::InitReceived | MpState::SipiReceived => {
+                    self.wait(None);
+                    continue;
+                }
+                MpState::Halted => {
+                    let wake = self.cpu.nmi_pending
+                        || (self.cpu.rflags & IF != 0 && self.cpu.lapic.deliverable().is_some());
+                    if wake {
+                        self.cpu.mp_state = MpState::Runnable;
+                    } else if self.cpu.rflags & IF == 0 {
+                        return Ok(VcpuExit::Halted);
+                    } else {
+                        let d = self.cpu.lapic.deadline_ns;
+                        self.wait(d);
+                        continue;
+                    }
+                }
+                MpState::Runnable => {}
+            }
+            let mut ex = self.exec(io);
+            ex.cpu.cache.generation = ex.vm.code.generation.load(Ordering::Acquire);
+            let mut n = 0;
+            while n < BATCH {
+                if ex.cpu.irq_check {
+                    ex.try_inject()?;
+                }
+                ex.step()?;
+                n += 1;
+                if ex.cpu.mp_state != MpState::Runnable {
+                    break;
+                }
+            }
+            self.instructions += u64::from(n);
+        }
+    }
+}
+
+impl Exec<'_> {
+    /// Delivers a pending NMI or the highest deliverable APIC interrupt, if allowed now.
+    pub fn try_inject(&mut self) -> R<()> {
+        self.cpu.irq_check = false;
+        if self.cpu.shadow != 0 {
+            self.cpu.irq_check = true;
+            return Ok(());
+        }
+        if self.cpu.nmi_pending && !self.cpu.nmi_masked {
+            self.cpu.nmi_pending = false;
+            self.cpu.nmi_masked = true;
+            self.cpu.mp_state = MpState::Runnable;
+            return self.raise_event(2, None, Event::External);
+        }
+        if self.cpu.rflags & IF != 0 {
+            if let Some(v) = self.cpu.lapic.deliverable() {
+                self.cpu.lapic.ack(v);
+                self.cpu.mp_state = MpState::Runnable;
+                self.raise_event(v, None, Event::External)?;
+                // Another one may be pending at a higher priority later (after EOI).
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes one instruction, delivering the exception it raises.
+    pub fn step(&mut self) -> R<()> {
+        self.cpu.shadow = 0;
+        let rip = self.cpu.rip;
+        self.cur_rip = rip;
+        let insn = match self.fetch() {
+            Ok(i) => i,
+            Err(Exc::Fault(v, c)) => return self.raise_event(v, c, Event::Exception),
+            Err(e) => return Err(e),
+        };
+        self.cpu.rip = insn.next_ip() & self.ip_mask();
+        match self.exec(&insn) {
+            Ok(()) => Ok(()),
+            Err(Exc::Fault(v, c)) => {
+                self.cpu.rip = rip;
+                self.raise_event(v, c, Event::Exception)
+            }
+            Err(Exc::Unhandled(msg)) => {
+                self.cpu.rip = rip;
+                Err(Exc::Unhandled(format!(
+                    "unsupported instruction {} at rip {rip:#x} ({msg})",
+                    self.insn_hex(rip, insn.len())
+                )))
+            }
+            Err(e) => {
+                self.cpu.rip = rip;
+                Err(e)
+            }
+        }
+    }
+
+    fn insn_hex(&mut self, rip: u64, len: usize) -> String {
+        let lin = self.code_lin(rip);
+        let mut s = String::new();
+        for k in 0..len.min(15) {
+            match self.read_lin_as(lin.wrapping_add(k as u64), 1, false) {
+                Ok(b) => s.push_str(&format!("{b:02x}")),
+                Err(_) => break,
+            }
+        }
+        s
+    }
+}
+
+fn to_hv(e: Exc) -> hv::Error {
+    match e {
+        Exc::Unhandled(m) => hv::Error::Unhandled(m),
+        Exc::Fault(v, c) => hv::Error::Unhandled(format!("unhandled exception {v} ({c:?})")),
+        Exc::Shutdown => hv::Error::Unhandled("triple fault".into()),
+    }
+}
+
+impl hv::Vcpu for EmuVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn run(&mut self, io: &dyn DeviceIo) -> hv::Result<VcpuExit> {
+        match self.run_inner(io) {
+            Ok(x) => Ok(x),
+            Err(Exc::Shutdown) => Ok(VcpuExit::Shutdown),
+            Err(e) => Err(to_hv(e)),
+        }
+    }
+
+    fn kicker(&self) -> Arc<dyn hv::VcpuKicker> {
+        Arc::new(Kicker {
+            shared: self.shared.clone(),
+            id: self.id as usize,
+        })
+    }
+
+    fn state(&mut self) -> hv::Result<CpuState> {
+        if self.shared.vcpus[self.id as usize]
+            .pending
+            .load(Ordering::Acquire)
+        {
+            self.merge_mailbox();
+        }
+        let now = self.shared.clock.host_ns();
+        let tsc = self
+            .shared
+            .clock
+            .ns_to_tsc(now)
+            .wrapping_add(self.cpu.msr.tsc_offset);
+        Ok(self.cpu.to_state(&self.shared.model.msrs, tsc, now))
+    }
+
+    fn set_state(&mut self, s: &CpuState) -> hv::Result<()> {
+        s.validate().map_err(hv::Error::InvalidState)?;
+        if s.xcr0 & !3 != 0 {
+            return Err(hv::Error::InvalidState(format!(
+                "XCR0 {:#x} enables state this CPU model does not have",
+                s.xcr0
+            )));
+        }
+        let now = self.shared.clock.host_ns();
+        self.cpu.load_state(s);
+        self.cpu.lapic.load_state(&s.lapic, now);
+        if let Some(t) = s.msr(msr::IA32_TSC) {
+            self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.ns_to_tsc(now));
+        }
+        let io = NoIo;
+        let mut ex = self.exec(&io);
+        if let Some(d) = s.msr(msr::IA32_TSC_DEADLINE) {
+            ex.set_tsc_deadline(d);
+        }
+        ex.cpu.lapic.set_tpr((s.sregs.cr8 as u32 & 0xf) << 4 | (ex.cpu.lapic.tpr() & 0xf));
+        ex.publish_routing();
+        ex.write_pvclock();
+        if let Some(e) = s.events.exception {
+            ex.raise_event(e.vector, e.error_code, Event::Exception)
+                .map_err(to_hv)?;
+        }
+        if let Some(i) = s.events.interrupt {
+            let kind = if i.soft { Event::Software } else { Event::External };
+            ex.raise_event(i.vector, None, kind).map_err(to_hv)?;
+        }
+        Ok(())
+    }
+}
+
+/// `hv::InstructionEmulator::emulate_one`: one instruction on a neutral state, exceptions
+/// reported in `state.events` instead of delivered.
+pub fn emulate_one(
+    shared: &VmShared,
+    state: &mut CpuState,
+    memory: &GuestMemory,
+    io: &dyn DeviceIo,
+) -> hv::Result<()> {
+    let mut cpu = Box::new(Cpu::new(0));
+    cpu.load_state(state);
+    cpu.deliver_exceptions = false;
+    let mut ex = Exec {
+        cpu: &mut cpu,
+        mem: memory,
+        io,
+        vm: shared,
+        lapic_enabled: false,
+        cur_rip: 0,
+    };
+    ex.step().map_err(to_hv)?;
+    let reported = cpu.reported.take();
+    let new = cpu.to_state(&[], 0, 0);
+    state.regs = new.regs;
+    let (cr8, apic_base) = (state.sregs.cr8, state.sregs.apic_base);
+    state.sregs = new.sregs;
+    state.sregs.cr8 = cr8;
+    state.sregs.apic_base = apic_base;
+    state.debug = new.debug;
+    state.fpu = new.fpu;
+    for m in state.msrs.iter_mut() {
+        if m.index != msr::IA32_TSC && m.index != msr::IA32_TSC_DEADLINE {
+            if let Some(v) = cpu.msr_value(m.index) {
+                m.value = v;
+            }
+        }
+    }
+    state.events.interrupt_shadow = cpu.shadow & 3;
+    state.events.nmi_masked = cpu.nmi_masked;
+    if cpu.mp_state == MpState::Halted {
+        state.mp_state = MpState::Halted;
+    }
+    if let Some((vector, error_code)) = reported {
+        state.events.exception = Some(hv::PendingException {
+            vector,
+            error_code,
+            injected: false,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes one instruction for diagnostics (used by tests and the boot example).
+pub fn disassemble(bytes: &[u8], bitness: u32, rip: u64) -> String {
+    let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
+    format!("{:?}", d.decode().mnemonic())
+}

@@ -1,0 +1,228 @@
+//! State shared by the vCPUs of one VM: interrupt mailboxes, routing copies of APIC IDs, the
+//! clock, and the record of which guest pages hold decoded code.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use hv::CpuModel;
+
+use crate::clock::Clock;
+
+/// Interrupts sent to a vCPU by other threads, merged into its local APIC at the next
+/// instruction boundary.
+#[derive(Default)]
+pub struct Mailbox {
+    pub irr: [u32; 8],
+    pub tmr: [u32; 8],
+    pub nmi: bool,
+    pub init: bool,
+    pub sipi: Option<u8>,
+}
+
+pub struct VcpuShared {
+    pub id: u32,
+    pub apic_id: AtomicU32,
+    pub ldr: AtomicU32,
+    pub dfr: AtomicU32,
+    pub mailbox: Mutex<Mailbox>,
+    /// The mailbox has something (checked without the lock on every instruction batch).
+    pub pending: AtomicBool,
+    pub kicked: AtomicBool,
+    pub cond: Condvar,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VcpuShared {
+    pub fn new(id: u32) -> VcpuShared {
+        VcpuShared {
+            id,
+            apic_id: AtomicU32::new(id),
+            ldr: AtomicU32::new(0),
+            dfr: AtomicU32::new(0xffff_ffff),
+            mailbox: Mutex::new(Mailbox::default()),
+            pending: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            cond: Condvar::new(),
+        }
+    }
+
+    pub fn post(&self, f: impl FnOnce(&mut Mailbox)) {
+        let mut m = lock(&self.mailbox);
+        f(&mut m);
+        self.pending.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    pub fn kick(&self) {
+        let _m = lock(&self.mailbox);
+        self.kicked.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+}
+
+/// Which guest-physical pages have instructions in some vCPU's decode cache. A write to such a
+/// page bumps the generation, which invalidates every cached instruction.
+pub struct CodeTracker {
+    bits: Vec<AtomicU64>,
+    pub generation: AtomicU64,
+}
+
+impl CodeTracker {
+    pub fn new(max_addr: u64) -> CodeTracker {
+        let pages = (max_addr >> 12) + 1;
+        let words = pages.div_ceil(64).min(1 << 22) as usize;
+        CodeTracker {
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    /// Records that `page` holds cached code. Returns false if the page is not tracked (then
+    /// its instructions must not be cached).
+    #[inline]
+    pub fn mark(&self, page: u64) -> bool {
+        match self.bits.get((page >> 6) as usize) {
+            Some(w) => {
+                let b = 1u64 << (page & 63);
+                if w.load(Ordering::Relaxed) & b == 0 {
+                    w.fetch_or(b, Ordering::Relaxed);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A write hit `page`. Returns true if that invalidated cached code.
+    #[inline]
+    pub fn on_write(&self, page: u64) -> bool {
+        if let Some(w) = self.bits.get((page >> 6) as usize) {
+            let b = 1u64 << (page & 63);
+            if w.load(Ordering::Relaxed) & b != 0 {
+                w.fetch_and(!b, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+pub struct VmShared {
+    pub model: CpuModel,
+    pub vcpu_count: u32,
+    pub vcpus: Vec<VcpuShared>,
+    pub clock: Clock,
+    pub code: CodeTracker,
+    /// Serializes locked read-modify-writes that cannot use a host atomic (misaligned, 16 bytes).
+    pub atomic_lock: Mutex<()>,
+    /// Bumped when the VM clock is restored; vCPUs then rewrite their pvclock pages.
+    pub clock_epoch: AtomicU64,
+}
+
+/// Delivery modes of the MSI data / ICR.
+pub const DM_FIXED: u32 = 0;
+pub const DM_LOWEST: u32 = 1;
+pub const DM_NMI: u32 = 4;
+pub const DM_INIT: u32 = 5;
+pub const DM_SIPI: u32 = 6;
+
+impl VmShared {
+    pub fn new(model: CpuModel, vcpu_count: u32, tsc_khz: u32, max_addr: u64) -> VmShared {
+        VmShared {
+            model,
+            vcpu_count,
+            vcpus: (0..vcpu_count).map(VcpuShared::new).collect(),
+            clock: Clock::new(tsc_khz),
+            code: CodeTracker::new(max_addr),
+            atomic_lock: Mutex::new(()),
+            clock_epoch: AtomicU64::new(0),
+        }
+    }
+
+    fn matches(&self, v: &VcpuShared, dest: u32, logical: bool) -> bool {
+        if !logical {
+            return dest == 0xff || v.apic_id.load(Ordering::Relaxed) == dest;
+        }
+        let ldr = v.ldr.load(Ordering::Relaxed) >> 24;
+        let flat = v.dfr.load(Ordering::Relaxed) >> 28 == 0xf;
+        if flat {
+            ldr & dest != 0
+        } else {
+            // Cluster model: high nibble cluster, low nibble member bits.
+            (ldr >> 4) == (dest >> 4) && (ldr & dest & 0xf) != 0
+        }
+    }
+
+    /// Sends one message (vector, delivery mode, level) to every vCPU `target` accepts.
+    pub fn send(&self, targets: impl Iterator<Item = usize>, vector: u8, mode: u32, level: bool) {
+        for i in targets {
+            let Some(v) = self.vcpus.get(i) else { continue };
+            match mode {
+                DM_FIXED | DM_LOWEST => v.post(|m| {
+                    let w = usize::from(vector / 32);
+                    m.irr[w] |= 1 << (vector % 32);
+                    if level {
+                        m.tmr[w] |= 1 << (vector % 32);
+                    }
+                }),
+                DM_NMI => v.post(|m| m.nmi = true),
+                DM_INIT => v.post(|m| m.init = true),
+                DM_SIPI => v.post(|m| m.sipi = Some(vector)),
+                _ => {}
+            }
+            if mode == DM_LOWEST {
+                break;
+            }
+        }
+    }
+
+    pub fn signal_msi(&self, addr: u64, data: u32) {
+        let dest = ((addr >> 12) & 0xff) as u32;
+        let logical = addr & (1 << 2) != 0;
+        let vector = (data & 0xff) as u8;
+        let mode = (data >> 8) & 7;
+        let level = data & (1 << 15) != 0;
+        let targets: Vec<usize> = (0..self.vcpus.len())
+            .filter(|&i| self.matches(&self.vcpus[i], dest, logical))
+            .collect();
+        self.send(targets.into_iter(), vector, mode, level);
+    }
+
+    /// An IPI written to the ICR of vCPU `from`.
+    pub fn send_ipi(&self, from: usize, low: u32, high: u32) {
+        let vector = (low & 0xff) as u8;
+        let mode = (low >> 8) & 7;
+        let logical = low & (1 << 11) != 0;
+        let level_assert = low & (1 << 14) != 0;
+        let trigger_level = low & (1 << 15) != 0;
+        if mode == DM_INIT && trigger_level && !level_assert {
+            return; // INIT level de-assert: no effect on modern CPUs.
+        }
+        let dest = high >> 24;
+        let n = self.vcpus.len();
+        let mut targets = [false; 256];
+        match (low >> 18) & 3 {
+            0 => {
+                for (i, t) in targets.iter_mut().enumerate().take(n) {
+                    *t = self.matches(&self.vcpus[i], dest, logical);
+                }
+            }
+            1 => {
+                if from < 256 {
+                    targets[from] = true;
+                }
+            }
+            2 => targets.iter_mut().take(n).for_each(|t| *t = true),
+            _ => {
+                for (i, t) in targets.iter_mut().enumerate().take(n) {
+                    *t = i != from;
+                }
+            }
+        }
+        self.send((0..n.min(256)).filter(|&i| targets[i]), vector, mode, false);
+    }
+}
