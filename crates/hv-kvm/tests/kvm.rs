@@ -338,3 +338,93 @@ fn cpu_model_checks() {
         "CPU model portable-v1 needs CPUID.0x7.0:ebx bit 16 which KVM on this host cannot provide"
     );
 }
+
+/// Split irqchip: an MSI sent with `signal_msi` reaches the in-kernel local APIC and the guest's
+/// handler; the guest enables its APIC through the APIC page (kernel-handled MMIO).
+#[test]
+fn msi_reaches_the_guest_handler() {
+    let Some(h) = kvm() else { return };
+    let mut g = Guest::new(&h, CpuModel::portable());
+    // Map 3..4 GiB (2 MiB pages) so the APIC page at 0xfee0_0000 is reachable.
+    g.mem
+        .write_obj(0x4000u64 | 3, GuestAddress(0x2000 + 3 * 8))
+        .unwrap();
+    for i in 0..512u64 {
+        let pa = 0xc000_0000 + (i << 21);
+        g.mem
+            .write_obj(pa | 0x83 | 0x10, GuestAddress(0x4000 + i * 8))
+            .unwrap();
+    }
+    let handler = CODE + 0x800;
+    g.mem
+        .write_slice(
+            &asm(handler, |a| {
+                a.mov(byte_ptr(MMIO + 0x30), 0x40)?;
+                a.mov(rax, 0xfee0_00b0u64)?;
+                a.mov(dword_ptr(rax), 0)?; // EOI
+                done(a)
+            }),
+            GuestAddress(handler),
+        )
+        .unwrap();
+    g.set_idt_gate(0x40, handler);
+    g.load(&asm(CODE, |a| {
+        a.mov(rax, 0xfee0_00f0u64)?;
+        a.mov(dword_ptr(rax), 0x1ff)?; // SVR: APIC enabled
+        a.out(0x80, al)?; // tell the test the APIC is on
+        a.sti()?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.jmp(spin)
+    }));
+    let vm = g.vm.clone();
+    let io = g.io.clone();
+    let k = g.vcpu.kicker();
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fin = finished.clone();
+    let sender = std::thread::spawn(move || {
+        let t = Instant::now();
+        while io.port_bytes(0x80).is_empty() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vm.signal_msi(0xfee0_0000, 0x40).unwrap();
+        // Watchdog: the test fails instead of hanging.
+        let t = Instant::now();
+        while !fin.load(std::sync::atomic::Ordering::SeqCst) && t.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        k.kick();
+    });
+    assert_eq!(g.run().unwrap(), VcpuExit::Interrupted);
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        g.io.take()
+            .contains(&Access::MmioWrite(MMIO + 0x30, vec![0x40])),
+        "interrupt handler ran"
+    );
+    sender.join().unwrap();
+}
+
+/// APs start in "wait for INIT" under the in-kernel local APIC.
+#[test]
+fn application_processors_wait_for_init() {
+    let Some(h) = kvm() else { return };
+    let mem = Arc::new(hv::GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let vm = h
+        .create_vm(VmConfig {
+            memory: mem,
+            cpu_model: CpuModel::portable(),
+            vcpus: 2,
+            tsc_khz: None,
+        })
+        .unwrap();
+    let mut bsp = vm.create_vcpu(0).unwrap();
+    let mut ap = vm.create_vcpu(1).unwrap();
+    assert_eq!(bsp.state().unwrap().mp_state, hv::MpState::Runnable);
+    let s = ap.state().unwrap();
+    assert_eq!(s.mp_state, hv::MpState::Uninitialized);
+    assert_eq!(s.lapic.get(hv::LapicState::ID) >> 24, 1);
+    ap.set_state(&s).unwrap();
+    assert!(vm.create_vcpu(2).is_err());
+}
