@@ -16,6 +16,8 @@
 
 pub mod block;
 pub(crate) mod chain;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]

@@ -1,0 +1,9 @@
+//! Opens arbitrary bytes as a qcow2 image (read-only and writable) and reads and writes a little
+//! of it. Must never panic, allocate without bound, or hang.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    virtio::fuzz::qcow2_open(data);
+});
