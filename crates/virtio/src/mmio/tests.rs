@@ -456,3 +456,54 @@ fn restore_rejects_each_invalid_field() {
 }
 
 const MEM_SIZE_: u64 = crate::testutil::MEM_SIZE;
+
+#[test]
+fn block_through_the_transport() {
+    use crate::testutil::{TempDir, pattern, r};
+    use crate::{Block, BlockConfig};
+    let dir = TempDir::new("mmioblk");
+    let path = dir.path("vda.img");
+    std::fs::write(&path, pattern(64 * 1024, 3)).unwrap();
+    let dev = Block::new(BlockConfig {
+        path,
+        readonly: false,
+        format: None,
+    })
+    .unwrap();
+    let mem = memory();
+    let i = irq();
+    let mut t = MmioTransport::new(Box::new(dev), Arc::new(mem.clone()), i.clone()).unwrap();
+    assert_eq!(rd(&t, reg::DEVICE_ID), 2);
+    let mut cap = [0u8; 8];
+    t.read(reg::CONFIG, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 128);
+    let mut d = Driver::new(&mem, 16);
+    linux_probe(&mut t, &d);
+    let mut h = [0u8; 16];
+    h[8] = 1; // IN, sector 1
+    d.fill(0x8_0000, &h);
+    d.add(&[r(0x8_0000, 16), w(DATA, 512), w(0x9_0000, 1)]);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    assert_eq!(d.read(0x9_0000, 1)[0], 0);
+    assert_eq!(d.read(DATA, 512), pattern(64 * 1024, 3)[512..1024]);
+    assert_eq!(i.count(), 1);
+    assert_eq!(t.counters().requests, 1);
+    // Save/restore with a block device.
+    let s = t.save();
+    let dev2 = Block::new(BlockConfig {
+        path: dir.path("vda.img"),
+        readonly: false,
+        format: None,
+    })
+    .unwrap();
+    let t2 = MmioTransport::restore(Box::new(dev2), Arc::new(mem.clone()), irq(), &s).unwrap();
+    assert_eq!(t2.save(), s);
+    // A different disk (read-only: other features) is refused.
+    let dev3 = Block::new(BlockConfig {
+        path: dir.path("vda.img"),
+        readonly: true,
+        format: None,
+    })
+    .unwrap();
+    assert!(MmioTransport::restore(Box::new(dev3), Arc::new(mem.clone()), irq(), &s).is_err());
+}
