@@ -1,0 +1,295 @@
+//! Installs each role's filter in a child process (this test binary re-run for one test, with an
+//! environment variable set) and checks what the child may and may not do: an allowed call
+//! works, a forbidden one kills the child with SIGSYS. Needs Linux with seccomp; no root.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use sandbox::{SeccompMode, ThreadRole, install};
+
+const CHILD_ENV: &str = "SANDBOX_TEST_CHILD";
+/// The child's exit code when its body returned.
+const SURVIVED: i32 = 42;
+
+/// In the parent: re-runs this binary for `test` alone and returns the child's status. In the
+/// child: runs `body` and exits with [`SURVIVED`] (never returns).
+fn in_child(test: &str, body: impl FnOnce()) -> ExitStatus {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        body();
+        // Flushes stdout and exits through exit_group, which every role allows.
+        std::process::exit(SURVIVED);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // No core file for the SIGSYS kills; `exec` keeps the status the child's own.
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("ulimit -c 0; exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("running 1 test"),
+        "child did not run exactly one test: {stdout}"
+    );
+    out.status
+}
+
+fn assert_survived(status: ExitStatus) {
+    assert_eq!(status.code(), Some(SURVIVED), "child: {status:?}");
+}
+
+fn assert_killed_by_sigsys(status: ExitStatus) {
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "child: {status:?}");
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sandbox-test-{}-{name}", std::process::id()))
+}
+
+/// The calling thread's seccomp mode from /proc: 0 none, 2 filter.
+fn seccomp_status() -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn harness_tells_survival_from_death() {
+    assert_survived(in_child("harness_tells_survival_from_death", || {}));
+    // A child that panics (exit 101) is neither survival nor a SIGSYS kill.
+    let status = in_child("harness_child_panics", || {});
+    assert_eq!(status.code(), Some(101));
+    assert_eq!(status.signal(), None);
+}
+
+#[test]
+fn harness_child_panics() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        panic!("on purpose");
+    }
+}
+
+#[test]
+fn vcpu_role_allows_its_work() {
+    let path = scratch("vcpu-disk");
+    let status = in_child("vcpu_role_allows_its_work", || {
+        let mut disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(scratch("vcpu-disk"))
+            .unwrap();
+        let (mut rx, mut tx) = std::io::pipe().unwrap();
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+
+        disk.write_all_at(b"sector", 4096).unwrap(); // pwrite64
+        let mut buf = [0u8; 6];
+        disk.read_exact_at(&mut buf, 4096).unwrap(); // pread64
+        assert_eq!(&buf, b"sector");
+        disk.seek(SeekFrom::Start(0)).unwrap(); // lseek
+        disk.sync_all().unwrap(); // fsync
+        disk.sync_data().unwrap(); // fdatasync
+        tx.write_all(b"x").unwrap();
+        rx.read_exact(&mut buf[..1]).unwrap();
+        println!("serial output"); // write to stdout
+        let big = vec![1u8; 64 << 20]; // mmap
+        assert_eq!(big[big.len() - 1], 1);
+        drop(big); // munmap
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_millis(2)); // clock_nanosleep
+        assert!(t.elapsed() >= Duration::from_millis(2));
+        let mut seed = std::collections::HashMap::<u8, u8>::new(); // getrandom
+        seed.insert(1, 1);
+        // TCGETS is on the allowlist (returns ENOTTY on a pipe, no kill).
+        let _ = std::io::stdin().is_terminal();
+        drop(disk); // close
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_survived(status);
+}
+
+#[test]
+fn vcpu_role_kills_on_open() {
+    assert_killed_by_sigsys(in_child("vcpu_role_kills_on_open", || {
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let _ = File::open("/dev/null"); // openat
+    }));
+}
+
+#[test]
+fn vcpu_role_kills_on_thread_spawn() {
+    assert_killed_by_sigsys(in_child("vcpu_role_kills_on_thread_spawn", || {
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        // clone3 (and clone) are not on the vCPU list.
+        let _ = std::thread::spawn(|| {}).join();
+    }));
+}
+
+#[test]
+fn vcpu_role_kills_on_an_ioctl_outside_its_list() {
+    assert_killed_by_sigsys(in_child(
+        "vcpu_role_kills_on_an_ioctl_outside_its_list",
+        || {
+            let (a, _b) = UnixStream::pair().unwrap();
+            install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+            let _ = a.set_nonblocking(true); // ioctl(FIONBIO)
+        },
+    ));
+}
+
+#[test]
+fn device_role_kills_on_socket() {
+    assert_killed_by_sigsys(in_child("device_role_kills_on_socket", || {
+        install(ThreadRole::Device, SeccompMode::On).unwrap();
+        let _ = UnixStream::pair(); // socketpair
+    }));
+}
+
+#[test]
+fn device_role_allows_input_forwarding() {
+    assert_survived(in_child("device_role_allows_input_forwarding", || {
+        let (mut rx, mut tx) = std::io::pipe().unwrap();
+        install(ThreadRole::Device, SeccompMode::On).unwrap();
+        tx.write_all(b"keys").unwrap();
+        let mut buf = [0u8; 4];
+        rx.read_exact(&mut buf).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }));
+}
+
+#[test]
+fn api_role_allows_threads_sockets_and_snapshot_files() {
+    let sock = scratch("api.sock");
+    let file = scratch("api-snapshot");
+    let status = in_child("api_role_allows_threads_sockets_and_snapshot_files", || {
+        let listener = UnixListener::bind(scratch("api.sock")).unwrap();
+        install(ThreadRole::Api, SeccompMode::On).unwrap();
+
+        // A named thread (clone with CLONE_THREAD, prctl(PR_SET_NAME)) inherits the filter.
+        let worker = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(|| 6 * 7)
+            .unwrap();
+        assert_eq!(worker.join().unwrap(), 42);
+
+        let mut client = UnixStream::connect(scratch("api.sock")).unwrap(); // socket + connect
+        let (mut server, _) = listener.accept().unwrap(); // accept4
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap(); // setsockopt
+        client.write_all(b"GET /vm").unwrap();
+        let mut buf = [0u8; 7];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"GET /vm");
+
+        let tmp = scratch("api-snapshot.tmp");
+        let f = File::create(&tmp).unwrap(); // openat
+        f.set_len(1 << 20).unwrap(); // ftruncate
+        f.write_all_at(b"AVSNAP", 0).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 1 << 20); // statx
+        std::fs::rename(&tmp, scratch("api-snapshot")).unwrap();
+        std::fs::remove_file(scratch("api.sock")).unwrap();
+    });
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&file);
+    assert_survived(status);
+}
+
+#[test]
+fn api_role_kills_on_process_spawn() {
+    assert_killed_by_sigsys(in_child("api_role_kills_on_process_spawn", || {
+        install(ThreadRole::Api, SeccompMode::On).unwrap();
+        // posix_spawn/fork: clone without CLONE_THREAD.
+        let _ = Command::new("/bin/true").status();
+    }));
+}
+
+#[test]
+fn migration_role_allows_stream_io() {
+    assert_survived(in_child("migration_role_allows_stream_io", || {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        install(ThreadRole::Migration, SeccompMode::On).unwrap();
+        a.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.write_all(&[7u8; 16384]).unwrap();
+        let mut buf = vec![0u8; 16384];
+        b.read_exact(&mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 7));
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+    }));
+}
+
+#[test]
+fn migration_role_kills_on_open() {
+    assert_killed_by_sigsys(in_child("migration_role_kills_on_open", || {
+        install(ThreadRole::Migration, SeccompMode::On).unwrap();
+        let _ = File::open("/etc/hostname");
+    }));
+}
+
+#[test]
+fn main_role_allows_shutdown_work() {
+    let sock = scratch("main.sock");
+    let status = in_child("main_role_allows_shutdown_work", || {
+        let _listener = UnixListener::bind(scratch("main.sock")).unwrap();
+        install(ThreadRole::Main, SeccompMode::On).unwrap();
+        // What ApiServer's drop does: wake the accept loop, remove the socket file.
+        let _ = UnixStream::connect(scratch("main.sock")).unwrap();
+        std::fs::remove_file(scratch("main.sock")).unwrap();
+        eprintln!("error: a one-line message");
+    });
+    let _ = std::fs::remove_file(&sock);
+    assert_survived(status);
+}
+
+#[test]
+fn main_role_kills_on_open() {
+    assert_killed_by_sigsys(in_child("main_role_kills_on_open", || {
+        install(ThreadRole::Main, SeccompMode::On).unwrap();
+        let _ = File::open("/dev/null");
+    }));
+}
+
+#[test]
+fn a_second_filter_only_narrows() {
+    assert_killed_by_sigsys(in_child("a_second_filter_only_narrows", || {
+        install(ThreadRole::Api, SeccompMode::On).unwrap();
+        File::open("/dev/null").unwrap(); // allowed for the API role
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let _ = File::open("/dev/null"); // no longer
+    }));
+}
+
+#[test]
+fn log_mode_does_not_kill() {
+    assert_survived(in_child("log_mode_does_not_kill", || {
+        install(ThreadRole::Vcpu, SeccompMode::Log).unwrap();
+        File::open("/dev/null").unwrap(); // logged, allowed
+        assert_eq!(seccomp_status(), "2");
+        let _ = std::thread::spawn(|| {}).join(); // clone logged, allowed
+    }));
+}
+
+#[test]
+fn off_installs_nothing() {
+    assert_survived(in_child("off_installs_nothing", || {
+        assert_eq!(seccomp_status(), "0");
+        install(ThreadRole::Vcpu, SeccompMode::Off).unwrap();
+        assert_eq!(seccomp_status(), "0");
+        File::open("/dev/null").unwrap();
+    }));
+}
