@@ -5,7 +5,8 @@
 //!   space, and how to process one of its queues.
 //! * [`MmioTransport`] presents one device as a virtio-mmio (version 2, modern only) register
 //!   window. The platform maps it on its MMIO bus and hands it an [`Interrupt`] line.
-//! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`) and [`Rng`].
+//! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`), [`Rng`], and [`Net`] (tap, see
+//!   `docs/virtio-net-vsock.md`).
 //!
 //! Everything a guest writes into queues is untrusted: a malformed request ends with an error
 //! status in the request, or, when the device cannot even report that, with the device entering
@@ -14,17 +15,21 @@
 //! Saved state ([`MmioState`], [`DeviceState`], [`QueueSaved`]) is plain serde data; the only way
 //! back to a live device is [`MmioTransport::restore`], which re-runs every runtime check.
 
+use std::sync::Arc;
+
 pub mod block;
 pub(crate) mod chain;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testutil;
 
 pub use block::{Block, BlockConfig, BlockState, Format};
 pub use mmio::{MmioState, MmioTransport};
+pub use net::{Net, NetConfig, NetState};
 pub use rng::{Rng, RngState};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -68,6 +73,8 @@ pub enum DeviceError {
     Queue(#[source] virtio_queue::Error),
     #[error("invalid saved state: {0}")]
     State(String),
+    #[error("device backend failed")]
+    Backend(#[source] std::io::Error),
 }
 
 /// Saved state of one device model.
@@ -76,7 +83,15 @@ pub enum DeviceError {
 pub enum DeviceState {
     Block(BlockState),
     Rng(RngState),
+    Net(NetState),
 }
+
+/// Asks the transport to process queue `index` outside a driver notification, as if the driver
+/// had notified it: how a device's own threads (net receive, vsock host side) hand work to the
+/// queues the transport owns. Installed by [`MmioTransport::into_shared`]; calling it takes the
+/// transport's lock, so a device must never call it while holding a lock the transport's
+/// callers (its `process_queue`) also take, nor from inside `process_queue`.
+pub type QueueKick = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// A virtio device model, driven by a transport.
 ///
@@ -110,6 +125,9 @@ pub trait VirtioDevice: Send {
     fn save(&self) -> DeviceState;
     /// Checks `state` against this device (built from the same configuration) and adopts it.
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError>;
+    /// Receives the handle through which the device's own threads get a queue processed (see
+    /// [`QueueKick`]). Devices that only work when notified ignore it.
+    fn set_queue_kick(&mut self, _kick: QueueKick) {}
 }
 
 /// Serializable mirror of virtio-queue's [`QueueState`]. Untrusted: it becomes a [`Queue`] only

@@ -29,7 +29,7 @@
 //! only between FEATURES_OK and DRIVER_OK. A device failure sets DEVICE_NEEDS_RESET and raises a
 //! config-change interrupt; the device then does nothing until the driver resets it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -42,8 +42,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::{
-    Counters, DeviceError, DeviceState, GuestMemory, Interrupt, QueueSaved, VirtioDevice,
-    apply_features,
+    Counters, DeviceError, DeviceState, GuestMemory, Interrupt, QueueKick, QueueSaved,
+    VirtioDevice, apply_features,
 };
 
 /// "virt" in little endian.
@@ -170,6 +170,30 @@ impl MmioTransport {
             interrupt_status: 0,
             config_generation: 0,
         })
+    }
+
+    /// Puts the transport behind the lock the MMIO bus and the device's own threads share, and
+    /// gives the device a [`QueueKick`] that processes a queue under that lock (a no-op once the
+    /// transport is dropped). Devices with host-side threads (net, vsock) need this; for the
+    /// others it is equivalent to `Arc::new(Mutex::new(t))`.
+    pub fn into_shared(self) -> Arc<Mutex<MmioTransport>> {
+        let shared = Arc::new(Mutex::new(self));
+        let weak = Arc::downgrade(&shared);
+        let kick: QueueKick = Arc::new(move |index| {
+            let Some(t) = weak.upgrade() else { return };
+            let Ok(index) = u32::try_from(index) else {
+                return;
+            };
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .notify(index);
+        });
+        shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .device
+            .set_queue_kick(kick);
+        shared
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
