@@ -1,1 +1,187 @@
-fn main() {}
+//! `anyvisor`: the command line of the VMM (contract: the CLI spec).
+//!
+//! Every failure ends as one `error: ...` line on stderr and the exit status chosen by
+//! [`vmm::Error::exit_code`]: 0 success, 1 guest crash or internal error, 2 bad usage or input.
+
+mod args;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e),
+    };
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            vmm::exit::cleanup();
+            eprintln!("error: {}", vmm::error::report(&e));
+            e.exit_code()
+        }
+    };
+    vmm::exit::cleanup();
+    ExitCode::from(code)
+}
+
+/// Help and version go to stdout with status 0; every other clap error is reduced to its
+/// first line (`error: ...`) with status 2.
+fn clap_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("error: a subcommand is required (see anyvisor --help)");
+            ExitCode::from(vmm::error::EXIT_USAGE)
+        }
+        _ => {
+            eprintln!("{}", first_line(&e.to_string()));
+            ExitCode::from(vmm::error::EXIT_USAGE)
+        }
+    }
+}
+
+/// The one-line form of a clap message: its first line, with the indented list that follows a
+/// line ending in `:` folded into it.
+fn first_line(text: &str) -> String {
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let mut line = lines.next().unwrap_or("").trim_end().to_string();
+    if line.ends_with(':') {
+        let items: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if !items.is_empty() {
+            line.push(' ');
+            line.push_str(&items.join(", "));
+        }
+    }
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
+    }
+}
+
+/// A panic anywhere (including a vCPU thread) ends the process with one line and status 1,
+/// after restoring the terminal and removing the API socket.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        vmm::exit::cleanup();
+        eprintln!(
+            "error: internal error: {}{place}",
+            msg.replace(['\n', '\r'], " ")
+        );
+        std::process::exit(i32::from(vmm::error::EXIT_FAILURE));
+    }));
+}
+
+fn run(cli: Cli) -> vmm::Result<u8> {
+    match cli.command {
+        Command::Run(args) => {
+            let flags = args.to_options();
+            let options = match &args.config {
+                Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
+                None => flags,
+            };
+            let reason = vmm::run(options.into_request()?)?;
+            Ok(reason.exit_code())
+        }
+        Command::Info(a) => {
+            let body = vmm::api::client::call(&a.api_socket, "GET", "/vm", None)?;
+            println!("{}", body.unwrap_or_default());
+            Ok(0)
+        }
+        Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
+        Command::Resume(a) => control(&a.api_socket, "/vm/resume", None),
+        Command::Shutdown(a) => control(&a.api_socket, "/vm/shutdown", None),
+        Command::Snapshot(a) => {
+            let body = serde_json::json!({
+                "output": absolute(&a.output)?,
+                "stop": a.stop,
+            });
+            control(&a.api_socket, "/vm/snapshot", Some(body))
+        }
+        Command::Migrate(a) => {
+            let key = a.migration_key.as_deref().map(absolute).transpose()?;
+            let body = serde_json::json!({
+                "to": a.to,
+                "migration_key_file": key,
+                "max_downtime_ms": a.max_downtime_ms,
+            });
+            let out = vmm::api::client::call(
+                &a.api_socket,
+                "PUT",
+                "/vm/migrate",
+                Some(&body.to_string()),
+            )?;
+            if let Some(line) = out {
+                println!("{line}");
+            }
+            Ok(0)
+        }
+        Command::SnapshotInfo(a) => {
+            let info = vmm::snapshot_info(&a.file)?;
+            println!("{info}");
+            Ok(0)
+        }
+    }
+}
+
+/// A control command with no output.
+fn control(
+    socket: &std::path::Path,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> vmm::Result<u8> {
+    let body = body.map(|b| b.to_string());
+    vmm::api::client::call(socket, "PUT", path, body.as_deref())?;
+    Ok(0)
+}
+
+/// Paths sent to the VMM are made absolute: its working directory is not ours.
+fn absolute(p: &std::path::Path) -> vmm::Result<std::path::PathBuf> {
+    std::path::absolute(p).map_err(|source| vmm::Error::Io {
+        op: "cannot resolve path",
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_messages_become_one_line() {
+        assert_eq!(
+            first_line(
+                "error: the following required arguments were not provided:\n  --api-socket <PATH>\n\nUsage: x\n"
+            ),
+            "error: the following required arguments were not provided: --api-socket <PATH>"
+        );
+        assert_eq!(
+            first_line("error: unexpected argument '--x' found\n\n  tip: y\n"),
+            "error: unexpected argument '--x' found"
+        );
+        assert_eq!(first_line("oops"), "error: oops");
+        assert_eq!(first_line(""), "error: ");
+    }
+}

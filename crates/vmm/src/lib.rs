@@ -1,12 +1,19 @@
 //! The VMM: turns a [`config::VmConfig`] into a running VM on a chosen backend, runs it to
 //! completion, and serves the control API.
+//!
+//! Entry points: [`run`] (what `anyvisor run` does), [`vm::Vmm::start`] / [`vm::Vmm::wait`]
+//! (boot and run a VM), [`api::client::call`] (the control commands). Every failure is an
+//! [`Error`]; [`Error::exit_code`] is the one mapping to process exit codes.
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod exit;
 pub mod serial;
+pub mod vm;
 
 pub use config::{RunOptions, RunRequest, VmConfig};
 pub use error::{Error, Result};
+pub use vm::{ExitReason, Vmm, run, snapshot_info};

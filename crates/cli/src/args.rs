@@ -1,0 +1,210 @@
+//! The command line, exactly as the CLI spec names it.
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "anyvisor",
+    version,
+    about = "A VMM whose VMs are not tied to one hypervisor"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a VM (boot a kernel, restore a snapshot, or receive a migration).
+    Run(Box<RunArgs>),
+    /// Print a running VM's state as JSON.
+    Info(ApiArgs),
+    /// Pause a running VM.
+    Pause(ApiArgs),
+    /// Resume a paused VM.
+    Resume(ApiArgs),
+    /// Ask the guest to power off, then stop the VM.
+    Shutdown(ApiArgs),
+    /// Write a snapshot of a running VM.
+    Snapshot(SnapshotArgs),
+    /// Move a running VM to another anyvisor.
+    Migrate(MigrateArgs),
+    /// Print what a snapshot file holds as JSON.
+    SnapshotInfo(SnapshotInfoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Linux kernel: bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// The whole kernel command line [default: console=ttyS0 reboot=k panic=-1].
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest RAM; K, M, G suffixes, a bare number is MiB [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Hypervisor backend [default: auto].
+    #[arg(long, value_parser = PossibleValuesParser::new(["kvm", "emu", "auto"]))]
+    pub backend: Option<String>,
+    /// CPU the guest sees [default: portable].
+    #[arg(long, value_parser = PossibleValuesParser::new(["portable", "host"]))]
+    pub cpu_model: Option<String>,
+    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2]; repeat for more.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// virtio-net device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]; repeat for more.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// virtio-vsock device: CID,uds=PATH.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+    /// virtio-rng device.
+    #[arg(long)]
+    pub rng: bool,
+    /// Guest serial console: stdio, null or a file to append to [default: stdio].
+    #[arg(long, value_name = "stdio|null|PATH")]
+    pub serial: Option<String>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Settings as JSON (field names = long flag names); flags override it.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Resume a VM from a snapshot file instead of booting.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub restore: Option<PathBuf>,
+    /// Wait for one live migration (tcp:HOST:PORT or unix:PATH), then run the VM.
+    #[arg(long, value_name = "ADDR")]
+    pub incoming: Option<String>,
+    /// Shared secret file for tcp: migration.
+    #[arg(long, value_name = "FILE")]
+    pub migration_key: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The settings given on the command line, to lay over a config file.
+    pub fn to_options(&self) -> vmm::RunOptions {
+        vmm::RunOptions {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone().map(vmm::config::SizeValue::Text),
+            backend: self.backend.clone(),
+            cpu_model: self.cpu_model.clone(),
+            disk: self.disk.clone(),
+            net: self.net.clone(),
+            vsock: self.vsock.clone(),
+            rng: self.rng.then_some(true),
+            serial: self.serial.clone(),
+            api_socket: self.api_socket.clone(),
+            restore: self.restore.clone(),
+            incoming: self.incoming.clone(),
+            migration_key: self.migration_key.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Snapshot file to write (atomically).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// End the VM after the snapshot is written.
+    #[arg(long)]
+    pub stop: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Destination: tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// Shared secret file (required for tcp:).
+    #[arg(long, value_name = "FILE")]
+    pub migration_key: Option<PathBuf>,
+    /// Longest acceptable pause of the guest.
+    #[arg(long, value_name = "N")]
+    pub max_downtime_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotInfoArgs {
+    /// Snapshot file.
+    pub file: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("anyvisor").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_flags() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "k",
+            "--cpus",
+            "2",
+            "--memory",
+            "4G",
+            "--disk",
+            "a",
+            "--disk",
+            "b,readonly=on",
+            "--rng",
+            "--cmdline",
+            "-x console=ttyS0",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
+        let o = r.to_options();
+        assert_eq!(o.cpus, Some(2));
+        assert_eq!(o.disk.len(), 2);
+        assert_eq!(o.rng, Some(true));
+        assert_eq!(o.cmdline.as_deref(), Some("-x console=ttyS0"));
+        assert!(o.serial.is_none() && o.backend.is_none());
+        assert!(parse(&["run", "--bogus"]).is_err());
+        assert!(parse(&["run", "--backend", "xen"]).is_err());
+        assert!(parse(&["run", "--cpus", "two"]).is_err());
+        assert!(parse(&["info"]).is_err());
+        assert!(parse(&["snapshot", "--api-socket", "s"]).is_err());
+        assert!(parse(&["snapshot-info", "f"]).is_ok());
+        assert!(parse(&["migrate", "--api-socket", "s", "--to", "unix:/x"]).is_ok());
+    }
+}

@@ -1,0 +1,277 @@
+//! End-to-end: boot the test guest kit (guest/build-kit.sh) with the real binary.
+//! Needs /dev/kvm for the KVM tests and the built kit; each test says SKIP and returns when
+//! what it needs is missing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
+
+/// Boots share two host cores with everything else: one guest at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Generous: a nested, loaded host boots the guest in minutes.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        println!("SKIP: no /dev/kvm");
+    }
+    ok
+}
+
+struct Kit {
+    bzimage: PathBuf,
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+fn kit() -> Option<Kit> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let kit = Kit {
+        bzimage: out.join("bzImage"),
+        vmlinux: out.join("vmlinux"),
+        initrd: out.join("initramfs.cpio.gz"),
+    };
+    if kit.bzimage.is_file() && kit.vmlinux.is_file() && kit.initrd.is_file() {
+        Some(kit)
+    } else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        None
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anyvisor-boot-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn boot_args(kernel: &Path, kit: &Kit, test: &str) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        kit.initrd.display().to_string(),
+        "--cmdline".into(),
+        format!("{CMDLINE} anyvisor.test={test}"),
+    ]
+}
+
+/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Run {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary to its end (at most `limit`), collecting stdout and stderr.
+fn run(args: &[String], limit: Duration) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start anyvisor");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = wait_timeout(&mut child, limit);
+    Run {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+fn control(cmd: &str, socket: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args([cmd, "--api-socket", socket.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn harness_helpers_can_fail() {
+    let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+    assert!(wait_timeout(&mut child, Duration::from_millis(200)).is_none());
+    assert!(!eventually(Duration::from_millis(200), || false));
+}
+
+#[test]
+fn kvm_boot_two_cpus_4g_poweroff() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let _one = serial_guard();
+    let mut args = boot_args(&kit.bzimage, &kit, "cpus");
+    args.extend(["--cpus", "2", "--memory", "4G", "--backend", "kvm"].map(String::from));
+    let r = run(&args, BOOT_LIMIT);
+    assert!(
+        r.stdout.contains("ANYVISOR-INIT-OK"),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(r.stdout.contains("ANYVISOR-CPUS 2"), "stdout: {}", r.stdout);
+    let mem_kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ANYVISOR-MEM "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("no ANYVISOR-MEM line");
+    assert!(mem_kib > 3 * 1024 * 1024, "guest sees {mem_kib} KiB");
+    assert_eq!(
+        r.status.and_then(|s| s.code()),
+        Some(0),
+        "stderr: {}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("error:"), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn kvm_reboot_exits_0() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let _one = serial_guard();
+    // The ELF vmlinux: no decompression, a faster boot.
+    let mut args = boot_args(&kit.vmlinux, &kit, "reboot");
+    args.extend(["--backend", "kvm"].map(String::from));
+    let r = run(&args, BOOT_LIMIT);
+    assert!(
+        r.stdout.contains("ANYVISOR-INIT-OK"),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        r.status.and_then(|s| s.code()),
+        Some(0),
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn kvm_api_pause_resume_info_shutdown() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let _one = serial_guard();
+    let dir = scratch("api");
+    let socket = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    // No test selected: the guest runs a shell on ttyS0 and waits.
+    let mut args = boot_args(&kit.vmlinux, &kit, "none");
+    args.extend([
+        "--backend".into(),
+        "kvm".into(),
+        "--cpus".into(),
+        "2".into(),
+        "--serial".into(),
+        serial.display().to_string(),
+        "--api-socket".into(),
+        socket.display().to_string(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let booted = eventually(BOOT_LIMIT, || {
+        std::fs::read_to_string(&serial).is_ok_and(|s| s.contains("ANYVISOR-INIT-OK"))
+    });
+    if !booted {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("guest did not boot: {:?}", std::fs::read_to_string(&serial));
+    }
+    let info = control("info", &socket);
+    assert_eq!(info.status.code(), Some(0), "{info:?}");
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["backend"], "kvm");
+    assert_eq!(v["cpu_model"], "portable-v1");
+    assert_eq!(v["cpus"], 2);
+    assert_eq!(v["memory_mib"], 256);
+    assert!(
+        v["devices"].is_array() && v.get("counters").is_some(),
+        "{v}"
+    );
+
+    assert_eq!(control("pause", &socket).status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&control("info", &socket).stdout).unwrap();
+    assert_eq!(v["state"], "paused");
+    // Paused guests print nothing more.
+    let before = std::fs::read(&serial).unwrap().len();
+    assert_eq!(control("resume", &socket).status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&control("info", &socket).stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    assert!(std::fs::read(&serial).unwrap().len() >= before);
+
+    assert_eq!(control("shutdown", &socket).status.code(), Some(0));
+    let status = wait_timeout(&mut child, Duration::from_secs(30));
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "stderr: {stderr}");
+    assert!(!socket.exists(), "api socket left behind");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,272 @@
+//! Bad usage and bad input: exit status 2 and exactly one `error:` line on stderr, nothing on
+//! stdout. Needs neither KVM nor the guest kit.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn anyvisor(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anyvisor"));
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("cannot run anyvisor")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anyvisor-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Checks the process exited `code` with exactly one stderr line, an `error:` line containing
+/// `needle`, and no panic text.
+fn assert_error(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "want exactly one error line, stderr: {stderr}"
+    );
+    assert!(
+        errors[0].contains(needle),
+        "{:?} lacks {needle:?}",
+        errors[0]
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "stderr must be the error line alone: {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A file that looks like a bzImage to the pre-check (for tests that must get past it).
+fn fake_bzimage(dir: &std::path::Path) -> PathBuf {
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let p = dir.join("fake-bzImage");
+    std::fs::write(&p, bz).unwrap();
+    p
+}
+
+#[test]
+fn helper_detects_wrong_outcomes() {
+    // The assertion helper itself must be able to fail.
+    let ok = anyvisor(&["--help"], &[]);
+    assert!(std::panic::catch_unwind(|| assert_error(&ok, 2, "")).is_err());
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let out = anyvisor(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run"));
+    let out = anyvisor(&["run", "--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--api-socket"));
+    assert_eq!(anyvisor(&["--version"], &[]).status.code(), Some(0));
+}
+
+#[test]
+fn usage_errors() {
+    assert_error(&anyvisor(&[], &[]), 2, "subcommand");
+    assert_error(&anyvisor(&["run", "--bogus"], &[]), 2, "--bogus");
+    assert_error(&anyvisor(&["frobnicate"], &[]), 2, "frobnicate");
+    assert_error(&anyvisor(&["run", "--backend", "xen"], &[]), 2, "xen");
+    assert_error(&anyvisor(&["run", "--cpus", "two"], &[]), 2, "two");
+    assert_error(&anyvisor(&["run"], &[]), 2, "--kernel");
+    assert_error(&anyvisor(&["info"], &[]), 2, "--api-socket");
+}
+
+#[test]
+fn missing_kernel() {
+    let out = anyvisor(&["run", "--kernel", "/nonexistent/bzImage"], &[]);
+    assert_error(&out, 2, "cannot read /nonexistent/bzImage: No such file");
+}
+
+#[test]
+fn not_a_kernel() {
+    let dir = scratch("notkernel");
+    let k = dir.join("notes.txt");
+    std::fs::write(&k, "just text\n").unwrap();
+    let out = anyvisor(&["run", "--kernel", k.to_str().unwrap()], &[]);
+    assert_error(&out, 2, "not a Linux kernel");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn missing_initrd() {
+    let dir = scratch("initrd");
+    let k = fake_bzimage(&dir);
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "cannot read /nonexistent/initrd");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_sizes_and_counts() {
+    let dir = scratch("sizes");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    assert_error(
+        &anyvisor(&["run", "--kernel", k, "--cpus", "0"], &[]),
+        2,
+        "--cpus",
+    );
+    assert_error(
+        &anyvisor(&["run", "--kernel", k, "--memory", "0"], &[]),
+        2,
+        "--memory",
+    );
+    assert_error(
+        &anyvisor(&["run", "--kernel", k, "--memory", "0G"], &[]),
+        2,
+        "--memory",
+    );
+    assert_error(
+        &anyvisor(&["run", "--kernel", k, "--memory", "12X"], &[]),
+        2,
+        "12X",
+    );
+    assert_error(
+        &anyvisor(&["run", "--kernel", k, "--memory", "lots"], &[]),
+        2,
+        "lots",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn config_file() {
+    let dir = scratch("config");
+    let k = fake_bzimage(&dir);
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, format!(r#"{{"kernel":"{}","cpus":0}}"#, k.display())).unwrap();
+    let c = cfg.to_str().unwrap();
+    assert_error(&anyvisor(&["run", "--config", c], &[]), 2, "--cpus");
+    std::fs::write(&cfg, r#"{"kernal":"/x"}"#).unwrap();
+    assert_error(&anyvisor(&["run", "--config", c], &[]), 2, "kernal");
+    assert_error(
+        &anyvisor(&["run", "--config", "/nonexistent/vm.json"], &[]),
+        2,
+        "cannot read /nonexistent/vm.json",
+    );
+    // The file's kernel with a flag overriding its bad cpu count gets past validation to the
+    // next check (the missing kernel file named in the file).
+    std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":0}"#).unwrap();
+    assert_error(
+        &anyvisor(&["run", "--config", c, "--cpus", "1"], &[]),
+        2,
+        "cannot read /nonexistent/k",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kvm_unusable() {
+    let dir = scratch("kvm");
+    let k = fake_bzimage(&dir);
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--backend",
+            "kvm",
+            "--serial",
+            "null",
+        ],
+        &[("ANYVISOR_KVM_DEVICE", "/nonexistent/kvm")],
+    );
+    assert_error(
+        &out,
+        2,
+        "error: kvm is not usable: cannot open /nonexistent/kvm",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn host_model_needs_kvm() {
+    let dir = scratch("host");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--backend",
+            "emu",
+            "--cpu-model",
+            "host",
+            "--serial",
+            "null",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "--cpu-model host");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn later_features_fail_cleanly() {
+    assert_error(
+        &anyvisor(&["run", "--restore", "/tmp/x.snap"], &[]),
+        2,
+        "not supported yet",
+    );
+    assert_error(
+        &anyvisor(&["run", "--incoming", "unix:/tmp/m.sock"], &[]),
+        2,
+        "not supported yet",
+    );
+    assert_error(
+        &anyvisor(&["snapshot-info", "/tmp/x.snap"], &[]),
+        2,
+        "not supported yet",
+    );
+}
+
+#[test]
+fn api_socket_not_there() {
+    for cmd in ["info", "pause", "resume", "shutdown"] {
+        let out = anyvisor(&[cmd, "--api-socket", "/nonexistent/api.sock"], &[]);
+        assert_error(
+            &out,
+            2,
+            "cannot connect to api socket /nonexistent/api.sock",
+        );
+    }
+    let out = anyvisor(
+        &[
+            "snapshot",
+            "--api-socket",
+            "/nonexistent/api.sock",
+            "--output",
+            "/tmp/s",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "cannot connect to api socket");
+}

@@ -1,0 +1,107 @@
+//! Choosing and opening the hypervisor backend, and the CPU model the guest sees.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hv::{BackendKind, CpuModel, Hypervisor};
+
+use crate::config::{BackendChoice, CpuModelChoice};
+use crate::error::{Error, Result};
+
+/// Overrides the KVM device node probed before opening KVM (tests use it to simulate a host
+/// without usable KVM).
+pub const KVM_DEVICE_ENV: &str = "ANYVISOR_KVM_DEVICE";
+const KVM_DEVICE: &str = "/dev/kvm";
+
+fn kvm_device() -> PathBuf {
+    std::env::var_os(KVM_DEVICE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(KVM_DEVICE))
+}
+
+/// Whether the KVM device can be opened read-write; the reason when it cannot.
+pub fn kvm_available() -> std::result::Result<(), String> {
+    let path = kvm_device();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map(drop)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+/// An opened backend and the CPU model its guest sees.
+pub struct Backend {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub cpu_model: CpuModel,
+}
+
+impl Backend {
+    pub fn kind(&self) -> BackendKind {
+        self.hypervisor.kind()
+    }
+}
+
+fn open_kvm(model: Option<&CpuModel>) -> Result<Arc<dyn Hypervisor>> {
+    kvm_available().map_err(|reason| hv::Error::Unavailable {
+        backend: "kvm",
+        reason,
+    })?;
+    // The emu backend's instruction emulator (which completes what KVM's refuses) is wired
+    // once hv-emu provides it.
+    let _ = model;
+    Ok(Arc::new(hv_kvm::KvmHypervisor::open(None)?))
+}
+
+fn open_emu() -> Result<Arc<dyn Hypervisor>> {
+    Err(Error::NotSupported("the emu backend"))
+}
+
+/// Opens the backend `choice` names and settles the CPU model. `auto` logs its pick on stderr.
+pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
+    let kind = match choice {
+        BackendChoice::Kvm => BackendKind::Kvm,
+        BackendChoice::Emu => BackendKind::Emu,
+        BackendChoice::Auto => match kvm_available() {
+            Ok(()) => BackendKind::Kvm,
+            Err(_) => BackendKind::Emu,
+        },
+    };
+    let (hypervisor, cpu_model) = match (kind, model) {
+        (BackendKind::Emu, CpuModelChoice::Host) => {
+            return Err(Error::Unsupported(
+                "--cpu-model host needs the kvm backend".into(),
+            ));
+        }
+        (BackendKind::Emu, CpuModelChoice::Portable) => (open_emu()?, CpuModel::portable()),
+        (BackendKind::Kvm, CpuModelChoice::Portable) => {
+            let model = CpuModel::portable();
+            match open_kvm(Some(&model)) {
+                Ok(h) => (h, model),
+                // `auto` falls back to emu when KVM is there but refuses to open.
+                Err(e) if choice == BackendChoice::Auto => {
+                    eprintln!(
+                        "anyvisor: kvm not usable ({}), falling back to emu",
+                        crate::error::report(&e)
+                    );
+                    (open_emu()?, model)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        (BackendKind::Kvm, CpuModelChoice::Host) => {
+            // The host model is known only once KVM is open; the emulator must present it too.
+            let model = open_kvm(None)?.host_cpu_model()?;
+            (open_kvm(Some(&model))?, model)
+        }
+    };
+    hypervisor.check_cpu_model(&cpu_model)?;
+    if choice == BackendChoice::Auto {
+        eprintln!("anyvisor: using backend {}", hypervisor.kind());
+    }
+    Ok(Backend {
+        hypervisor,
+        cpu_model,
+    })
+}

@@ -1,0 +1,446 @@
+//! A running VM: boot sequence, vCPU threads, and the API's view of it.
+//!
+//! Boot ([`Vmm::start`]):
+//! 1. check the kernel and initrd files and the device options;
+//! 2. open the backend and settle the CPU model ([`crate::backend::open`]);
+//! 3. create guest RAM ([`machine::memory::create_guest_memory`]) and the VM on it;
+//! 4. build the platform (serial, interrupt controller, power events) and attach the VM;
+//! 5. load the kernel ([`machine::boot::load_linux`]), which yields each vCPU's first state;
+//! 6. create the vCPUs and set their states;
+//! 7. listen on the API socket, forward stdin to the serial port, start one thread per vCPU.
+//!
+//! [`Vmm::wait`] then blocks until the guest powers off or resets, a vCPU fails, or the API asks
+//! to stop, stops every vCPU through its kicker and returns the [`ExitReason`].
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hv::{BackendKind, CpuModel, GuestMemory, Vcpu, VcpuExit};
+use machine::{Platform, PlatformEvent, PlatformEvents};
+
+use crate::api::{ApiError, ApiServer, MigrateRequest, SnapshotRequest, VmControl};
+use crate::config::{MIB, SerialConfig, VmConfig};
+use crate::control::{Control, PauseError, Stop};
+use crate::error::{Error, Result};
+
+/// How long a pause may take to park every vCPU.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long vCPU threads get to return once stopped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a VM ended without an error. Every reason exits 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    PowerOff,
+    Reset,
+    /// Every vCPU halted with interrupts off.
+    Halted,
+    /// Stopped through the API.
+    Shutdown,
+    /// The user typed the console's quit escape.
+    Quit,
+    /// Handed off by a snapshot `--stop` or a migration.
+    HandedOff,
+}
+
+impl ExitReason {
+    pub fn exit_code(self) -> u8 {
+        crate::error::EXIT_OK
+    }
+}
+
+/// One vCPU; its thread holds the lock while the vCPU runs, so whoever holds it with the VM
+/// paused has the vCPU on an instruction boundary.
+pub type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
+
+/// Everything about a running VM that the API, snapshots and migration need.
+pub struct VmParts {
+    pub config: VmConfig,
+    pub backend: BackendKind,
+    pub cpu_model: CpuModel,
+    pub memory: Arc<GuestMemory>,
+    pub vm: Arc<dyn hv::Vm>,
+    pub platform: Arc<Platform>,
+    pub vcpus: Vec<SharedVcpu>,
+    control: Arc<Control>,
+}
+
+impl VmParts {
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Parks every vCPU on an instruction boundary.
+    pub fn pause(&self) -> std::result::Result<(), ApiError> {
+        self.control.pause(PAUSE_TIMEOUT).map_err(pause_error)
+    }
+
+    pub fn resume(&self) -> std::result::Result<(), ApiError> {
+        self.control.resume().map_err(pause_error)
+    }
+
+    /// Ends the VM process with exit status 0 (after a snapshot `--stop` or a migration).
+    pub fn hand_off(&self) {
+        self.control.request_stop(Stop::HandedOff);
+    }
+}
+
+fn pause_error(e: PauseError) -> ApiError {
+    match e {
+        PauseError::Stopping => ApiError::new(409, "the vm is stopping"),
+        PauseError::Timeout => ApiError::new(500, "vcpus did not stop in time"),
+    }
+}
+
+impl VmControl for VmParts {
+    fn info(&self) -> serde_json::Value {
+        let counters =
+            serde_json::to_value(self.platform.counters()).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "state": if self.is_paused() { "paused" } else { "running" },
+            "backend": self.backend.name(),
+            "cpu_model": self.cpu_model.name,
+            "cpus": self.config.cpus,
+            "memory_mib": self.config.memory / MIB,
+            "devices": devices(&self.config),
+            "counters": counters,
+        })
+    }
+
+    fn pause(&self) -> std::result::Result<(), ApiError> {
+        VmParts::pause(self)
+    }
+
+    fn resume(&self) -> std::result::Result<(), ApiError> {
+        VmParts::resume(self)
+    }
+
+    fn shutdown(&self) -> std::result::Result<(), ApiError> {
+        // The platform has no power button to press yet, so this stops the VM at once
+        // (not graceful for the guest); the process exits 0.
+        self.control.request_stop(Stop::Shutdown);
+        Ok(())
+    }
+
+    fn snapshot(&self, _: SnapshotRequest) -> std::result::Result<(), ApiError> {
+        Err(ApiError::new(501, "snapshot is not supported yet"))
+    }
+
+    fn migrate(&self, _: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
+        Err(ApiError::new(501, "migrate is not supported yet"))
+    }
+}
+
+/// The guest-visible devices, for `GET /vm`.
+fn devices(config: &VmConfig) -> serde_json::Value {
+    let mut list =
+        vec![serde_json::json!({"type": "serial", "model": "16550", "port": "0x3f8", "irq": 4})];
+    for d in &config.disks {
+        list.push(
+            serde_json::json!({"type": "virtio-blk", "path": d.path, "readonly": d.readonly}),
+        );
+    }
+    serde_json::Value::Array(list)
+}
+
+/// Platform power events stop the VM.
+struct Events(Arc<Control>);
+
+impl PlatformEvents for Events {
+    fn request(&self, ev: PlatformEvent) {
+        self.0.request_stop(match ev {
+            PlatformEvent::PowerOff => Stop::PowerOff,
+            PlatformEvent::Reset => Stop::Reset,
+        });
+    }
+}
+
+/// Host stdin to the guest's UART.
+struct SerialIn {
+    platform: Arc<Platform>,
+    control: Arc<Control>,
+}
+
+impl crate::serial::InputSink for SerialIn {
+    fn input(&self, bytes: &[u8]) {
+        self.platform.serial_input(bytes);
+    }
+    fn quit(&self) {
+        self.control.request_stop(Stop::Quit);
+    }
+}
+
+/// Refuses files that are neither a bzImage nor an ELF vmlinux, with a clear reason, before
+/// anything is loaded.
+fn check_kernel(path: &Path) -> Result<()> {
+    let read_err = |source| Error::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if file.metadata().map_err(read_err)?.is_dir() {
+        return Err(Error::BadFile {
+            path: path.to_path_buf(),
+            reason: "is a directory, not a Linux kernel".into(),
+        });
+    }
+    let mut head = Vec::with_capacity(1024);
+    file.take(1024).read_to_end(&mut head).map_err(read_err)?;
+    let elf = head.starts_with(b"\x7fELF");
+    // Linux boot protocol: "HdrS" at offset 0x202 of a bzImage.
+    let bzimage = head.get(0x202..0x206) == Some(b"HdrS");
+    if !elf && !bzimage {
+        return Err(Error::BadFile {
+            path: path.to_path_buf(),
+            reason: "not a Linux kernel (neither a bzImage nor an ELF vmlinux)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_readable(path: &Path) -> Result<()> {
+    let read_err = |source| Error::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if file.metadata().map_err(read_err)?.is_dir() {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        )));
+    }
+    Ok(())
+}
+
+fn machine_error(what: &str, e: impl std::error::Error + 'static) -> Error {
+    Error::Setup(format!("{what}: {}", crate::error::report(&e)))
+}
+
+/// A VM that is running.
+pub struct Vmm {
+    parts: Arc<VmParts>,
+    threads: Vec<JoinHandle<()>>,
+    api: Option<ApiServer>,
+}
+
+impl Vmm {
+    /// Boots `config` and starts its vCPUs.
+    pub fn start(config: VmConfig) -> Result<Vmm> {
+        check_kernel(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            check_readable(initrd)?;
+        }
+        if !config.disks.is_empty() {
+            return Err(Error::NotSupported("--disk"));
+        }
+        if !config.nets.is_empty() {
+            return Err(Error::NotSupported("--net"));
+        }
+        if config.vsock.is_some() {
+            return Err(Error::NotSupported("--vsock"));
+        }
+        if config.rng {
+            return Err(Error::NotSupported("--rng"));
+        }
+        let serial_out = crate::serial::output(&config.serial)?;
+
+        let backend = crate::backend::open(config.backend, config.cpu_model)?;
+        let memory = Arc::new(
+            machine::memory::create_guest_memory(config.memory)
+                .map_err(|e| machine_error("cannot create guest memory", e))?,
+        );
+        let vm = backend.hypervisor.create_vm(hv::VmConfig {
+            memory: memory.clone(),
+            cpu_model: backend.cpu_model.clone(),
+            vcpus: config.cpus,
+            tsc_khz: None,
+        })?;
+        let control = Arc::new(Control::new(config.cpus));
+        let platform = Platform::new(serial_out, Arc::new(Events(control.clone())));
+        platform.attach_vm(vm.clone());
+        let platform = Arc::new(platform);
+
+        let boot = machine::boot::BootConfig {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            cpus: config.cpus,
+            virtio: &[],
+        };
+        let states = machine::boot::load_linux(&memory, &boot)
+            .map_err(|e| machine_error("cannot load the kernel", e))?;
+        if states.len() != config.cpus as usize {
+            return Err(Error::Internal(format!(
+                "kernel loader returned {} vcpu states for {} vcpus",
+                states.len(),
+                config.cpus
+            )));
+        }
+        let mut vcpus = Vec::with_capacity(states.len());
+        let mut kickers = Vec::with_capacity(states.len());
+        for (id, state) in (0..config.cpus).zip(&states) {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.set_state(state)?;
+            kickers.push(vcpu.kicker());
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        control.set_kickers(kickers);
+
+        let parts = Arc::new(VmParts {
+            backend: backend.kind(),
+            cpu_model: backend.cpu_model,
+            memory,
+            vm,
+            platform: platform.clone(),
+            vcpus,
+            control: control.clone(),
+            config,
+        });
+        Self::launch(parts)
+    }
+
+    /// Starts the API, console input and vCPU threads of a VM whose parts are ready (booted,
+    /// restored or received).
+    pub fn launch(parts: Arc<VmParts>) -> Result<Vmm> {
+        let api = match &parts.config.api_socket {
+            Some(path) => Some(ApiServer::start(path, parts.clone())?),
+            None => None,
+        };
+        if parts.config.serial == SerialConfig::Stdio {
+            crate::serial::spawn_stdin_reader(Arc::new(SerialIn {
+                platform: parts.platform.clone(),
+                control: parts.control.clone(),
+            }))?;
+        }
+        let mut threads = Vec::with_capacity(parts.vcpus.len());
+        for (id, vcpu) in (0u32..).zip(&parts.vcpus) {
+            let vcpu = vcpu.clone();
+            let platform = parts.platform.clone();
+            let control = parts.control.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_thread(id, &vcpu, &platform, &control));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    parts
+                        .control
+                        .request_stop(Stop::Internal("cannot start a vcpu thread".into()));
+                    return Err(Error::Io {
+                        op: "cannot start a vcpu thread",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Vmm {
+            parts,
+            threads,
+            api,
+        })
+    }
+
+    pub fn parts(&self) -> &Arc<VmParts> {
+        &self.parts
+    }
+
+    /// Runs the VM to its end.
+    pub fn wait(mut self) -> Result<ExitReason> {
+        let control = self.parts.control.clone();
+        let stop = control.wait_stop();
+        if control.wait_exited(STOP_TIMEOUT) {
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+        // A vCPU thread that did not return is left behind; the process ends anyway.
+        drop(self.api.take());
+        match stop {
+            Stop::PowerOff => Ok(ExitReason::PowerOff),
+            Stop::Reset => Ok(ExitReason::Reset),
+            Stop::AllHalted => {
+                eprintln!("anyvisor: all vcpus halted");
+                Ok(ExitReason::Halted)
+            }
+            Stop::Shutdown => Ok(ExitReason::Shutdown),
+            Stop::Quit => Ok(ExitReason::Quit),
+            Stop::HandedOff => Ok(ExitReason::HandedOff),
+            Stop::TripleFault { .. } => Err(Error::TripleFault),
+            Stop::VcpuFailed { vcpu, error } => Err(Error::Vcpu {
+                id: vcpu,
+                source: error,
+            }),
+            Stop::Internal(msg) => Err(Error::Internal(msg)),
+        }
+    }
+}
+
+fn vcpu_thread(id: u32, vcpu: &Mutex<Box<dyn Vcpu>>, io: &Platform, control: &Control) {
+    let body = std::panic::AssertUnwindSafe(|| {
+        while control.before_run() {
+            let exit = vcpu.lock().unwrap_or_else(PoisonError::into_inner).run(io);
+            match exit {
+                Ok(VcpuExit::Interrupted) => {}
+                Ok(VcpuExit::Halted) => control.halted(),
+                Ok(VcpuExit::Shutdown) => control.request_stop(Stop::TripleFault { vcpu: id }),
+                Err(error) => control.request_stop(Stop::VcpuFailed { vcpu: id, error }),
+            }
+        }
+    });
+    if std::panic::catch_unwind(body).is_err() {
+        control.request_stop(Stop::Internal(format!("vcpu {id} thread panicked")));
+    }
+    control.exited();
+}
+
+/// Runs what `anyvisor run` was asked to, to its end.
+pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
+    use crate::config::RunRequest;
+    match request {
+        RunRequest::Boot(config) => Vmm::start(config)?.wait(),
+        RunRequest::Restore { .. } => Err(Error::NotSupported("--restore")),
+        RunRequest::Incoming { .. } => Err(Error::NotSupported("--incoming")),
+    }
+}
+
+/// `anyvisor snapshot-info`: what a snapshot file holds, as JSON.
+pub fn snapshot_info(_path: &Path) -> Result<serde_json::Value> {
+    Err(Error::NotSupported("snapshot-info"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_check() {
+        let dir = std::env::temp_dir().join(format!("anyvisor-kcheck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not = dir.join("not-a-kernel");
+        std::fs::write(&not, b"hello").unwrap();
+        let e = check_kernel(&not).unwrap_err();
+        assert!(matches!(e, Error::BadFile { .. }));
+        assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        let elf = dir.join("elf");
+        std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
+        check_kernel(&elf).unwrap();
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bzp = dir.join("bz");
+        std::fs::write(&bzp, &bz).unwrap();
+        check_kernel(&bzp).unwrap();
+        assert!(matches!(
+            check_kernel(&dir.join("missing")).unwrap_err(),
+            Error::ReadFile { .. }
+        ));
+        assert!(matches!(
+            check_kernel(&dir).unwrap_err(),
+            Error::BadFile { .. }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
