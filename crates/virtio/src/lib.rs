@@ -5,8 +5,8 @@
 //!   space, and how to process one of its queues.
 //! * [`MmioTransport`] presents one device as a virtio-mmio (version 2, modern only) register
 //!   window. The platform maps it on its MMIO bus and hands it an [`Interrupt`] line.
-//! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`), [`Rng`], and [`Net`] (tap, see
-//!   `docs/virtio-net-vsock.md`).
+//! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`), [`Rng`], [`Net`] (tap) and
+//!   [`Vsock`] (Unix-socket host side, see `docs/virtio-net-vsock.md`).
 //!
 //! Everything a guest writes into queues is untrusted: a malformed request ends with an error
 //! status in the request, or, when the device cannot even report that, with the device entering
@@ -26,6 +26,7 @@ pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod vsock;
 
 pub use block::{Block, BlockConfig, BlockState, Format};
 pub use mmio::{MmioState, MmioTransport};
@@ -33,6 +34,7 @@ pub use net::{Net, NetConfig, NetState};
 pub use rng::{Rng, RngState};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
+pub use vsock::{Vsock, VsockConfig, VsockState};
 
 /// Guest memory as devices see it.
 pub use hv::GuestMemory;
@@ -84,6 +86,7 @@ pub enum DeviceState {
     Block(BlockState),
     Rng(RngState),
     Net(NetState),
+    Vsock(VsockState),
 }
 
 /// Asks the transport to process queue `index` outside a driver notification, as if the driver
