@@ -414,7 +414,13 @@ impl Cpu {
             self.cpl = self.seg[CS].dpl & 3;
         }
         for m in &s.msrs {
-            self.set_plain_msr(m.index, m.value);
+            // EFER, APIC base and the FS/GS bases are authoritative in `sregs`.
+            if !matches!(
+                m.index,
+                msr::IA32_EFER | msr::IA32_APIC_BASE | msr::IA32_FS_BASE | msr::IA32_GS_BASE
+            ) {
+                self.set_plain_msr(m.index, m.value);
+            }
         }
         self.shadow = s.events.interrupt_shadow & 3;
         self.nmi_masked = s.events.nmi_masked;

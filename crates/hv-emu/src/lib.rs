@@ -30,7 +30,12 @@ use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmSta
 use vm_memory::GuestMemoryBackend as _;
 
 pub use clock::default_tsc_khz;
-pub use vcpu::EmuVcpu;
+pub use vcpu::{EmuVcpu, disassemble};
+
+/// Instructions executed so far by all emu vCPUs in this process.
+pub fn instructions_retired() -> u64 {
+    vcpu::INSTRUCTIONS.load(Ordering::Relaxed)
+}
 
 use crate::vm::VmShared;
 

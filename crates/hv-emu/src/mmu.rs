@@ -136,6 +136,7 @@ impl Exec<'_> {
                 "page table at {ea:#x} is outside RAM (walking {lin:#x})"
             )))?;
             if pte & PTE_P == 0 {
+                if std::env::var_os("HV_EMU_TRACE").is_some() { eprintln!("walk {lin:#x} level {level} ea {ea:#x} pte {pte:#x} cr3 {:#x}", self.cpu.cr3); }
                 return Err(self.pf(lin, code));
             }
             entries[depth] = (ea, pte);
@@ -195,6 +196,7 @@ impl Exec<'_> {
 
     fn walk_legacy(&mut self, lin: u64, acc: Acc, user: bool, code: u32) -> Result<u64, Exc> {
         let lin = lin & 0xffff_ffff;
+        if std::env::var_os("HV_EMU_TRACE").is_some() { eprintln!("legacy walk {lin:#x} efer {:#x} cr4 {:#x} cr0 {:#x}", self.cpu.efer, self.cpu.cr4, self.cpu.cr0); }
         if self.cpu.cr4 & CR4_PAE != 0 {
             // PAE paging outside long mode: PDPTE from CR3, then PD/PT with 8-byte entries.
             let pdpte_addr = (self.cpu.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8;

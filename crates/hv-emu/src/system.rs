@@ -23,11 +23,23 @@ pub enum Event {
     External,
 }
 
+/// `HV_EMU_TRACE=1` prints every exception and software interrupt (debugging aid).
+fn trace_events() -> bool {
+    static T: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *T.get_or_init(|| std::env::var_os("HV_EMU_TRACE").is_some())
+}
+
+fn trace_irqs() -> bool {
+    static T: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *T.get_or_init(|| std::env::var("HV_EMU_TRACE").is_ok_and(|v| v == "2"))
+}
+
 fn contributory(v: u8) -> bool {
     matches!(v, 0 | 10 | 11 | 12 | 13)
 }
 
 const MSR_K7_HWCR: u32 = 0xc001_0015;
+const MSR_K8_INT_PENDING_MSG: u32 = 0xc001_0055;
 const MSR_AMD64_DE_CFG: u32 = 0xc001_1029;
 const MSR_K8_SYSCFG: u32 = 0xc001_0010;
 const MSR_AMD64_PATCH_LEVEL: u32 = 0x8b;
@@ -790,6 +802,7 @@ impl Exec<'_> {
             msr::IA32_TSC => self.guest_tsc(),
             msr::IA32_TSC_DEADLINE => self.cpu.lapic.tsc_deadline,
             MSR_K7_HWCR => 0,
+            MSR_K8_INT_PENDING_MSG => 0,
             MSR_AMD64_DE_CFG => 0,
             MSR_K8_SYSCFG => 0,
             MSR_AMD64_PATCH_LEVEL => 0,
@@ -801,6 +814,9 @@ impl Exec<'_> {
     }
 
     pub fn wrmsr(&mut self, idx: u32, v: u64) -> R<()> {
+        if trace_irqs() {
+            eprintln!("[emu] wrmsr {idx:#x} {v:#x}");
+        }
         match idx {
             msr::IA32_TSC => {
                 let now = self.vm.clock.ns_to_tsc(self.vm.clock.host_ns());
@@ -868,6 +884,9 @@ impl Exec<'_> {
     }
 
     pub fn set_tsc_deadline(&mut self, v: u64) {
+        if trace_irqs() {
+            eprintln!("[emu] tsc deadline {v:#x} mode {} now {:#x}", self.cpu.lapic.timer_mode(), self.guest_tsc());
+        }
         let l = &mut self.cpu.lapic;
         if l.timer_mode() != 2 {
             return;
@@ -954,6 +973,9 @@ impl Exec<'_> {
             return Ok(());
         }
         let now = self.vm.clock.host_ns();
+        if trace_irqs() {
+            eprintln!("[emu] lapic write {off:#x} {v:#x}");
+        }
         match self.cpu.lapic.write(off, v as u32, now) {
             WriteEffect::SendIpi(lo, hi) => {
                 self.vm.send_ipi(self.cpu.id as usize, lo, hi);
@@ -982,6 +1004,12 @@ impl Exec<'_> {
 
     /// Delivers an event, turning faults during delivery into #DF / triple fault.
     pub fn raise_event(&mut self, vector: u8, code: Option<u32>, kind: Event) -> R<()> {
+        if trace_events() && (kind != Event::External || trace_irqs()) {
+            eprintln!(
+                "[emu] vcpu {} event {vector} {code:x?} {kind:?} at rip {:#x} cr2 {:#x}",
+                self.cpu.id, self.cpu.rip, self.cpu.cr2
+            );
+        }
         if !self.cpu.deliver_exceptions {
             if kind == Event::Software || kind == Event::Exception {
                 self.cpu.reported = Some((vector, code));

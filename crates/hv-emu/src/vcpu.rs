@@ -15,6 +15,9 @@ use crate::lapic::{APIC_BASE_BSP, APIC_BASE_DEFAULT, APIC_BASE_ENABLE};
 use crate::system::Event;
 use crate::vm::{VmShared, lock};
 
+/// Instructions executed by all emu vCPUs of this process (for MIPS measurements).
+pub static INSTRUCTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Instructions between checks of timers, the mailbox and kicks.
 const BATCH: u32 = 2048;
 
@@ -201,6 +204,7 @@ impl EmuVcpu {
                 }
             }
             self.instructions += u64::from(n);
+            INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
         }
     }
 }
