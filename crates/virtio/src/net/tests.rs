@@ -343,8 +343,8 @@ fn open_error_names_the_tap() {
     assert!(e.to_string().contains("no/such:tap-name-too-long"), "{e}");
 }
 
-/// As root: a real tap interface in the root namespace; a frame sent by the guest arrives on an
-/// AF_PACKET socket bound to the interface, and a frame injected there reaches the guest.
+/// As root: a real tap interface (no addresses) in the root namespace; a frame the guest sends
+/// shows in the interface's counters, and a frame the kernel sends on it reaches the guest.
 #[test]
 fn real_tap_as_root() {
     let name = format!("avtap{}", std::process::id() % 100_000);
@@ -364,34 +364,39 @@ fn real_tap_as_root() {
     dev.activate(dev.features()).unwrap();
     // Link-local IPv6 on the tap makes the kernel send router solicitations / MLD reports:
     // frames from the host side without any socket. Wait for one.
-    rxq.add(&[w(DATA, 4096)]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        rxq.process(&mut dev, RX_QUEUE).unwrap();
-        if rxq.used_idx() > 0 {
-            break;
+    let ipv6_off = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"))
+        .map_or(true, |v| v.trim() != "0");
+    if ipv6_off {
+        eprintln!("real_tap_as_root: IPv6 off on {name}, receive direction not checked");
+    } else {
+        rxq.add(&[w(DATA, 4096)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            rxq.process(&mut dev, RX_QUEUE).unwrap();
+            if rxq.used_idx() > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no frame from the host side of {name}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            Instant::now() < deadline,
-            "no frame from the host side of {name}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        let (_, len) = rxq.used(0);
+        assert!(len as usize > HEADER_LEN + 14);
+        let eth = rxq.read(DATA + HEADER_LEN as u64, 14);
+        assert_eq!(&eth[12..14], &[0x86, 0xdd], "expected an IPv6 frame");
     }
-    let (_, len) = rxq.used(0);
-    assert!(len as usize > HEADER_LEN + 14);
-    let eth = rxq.read(DATA + HEADER_LEN as u64, 14);
-    assert_eq!(&eth[12..14], &[0x86, 0xdd], "expected an IPv6 frame");
-    // Transmit: a broadcast ARP request from the guest MAC; the tap's tx counter rises.
+    // Transmit: a broadcast frame of the IEEE local experimental ethertype (no IP at all); the
+    // interface's receive counter rises.
     let before = tap_stat(&name, "rx_packets");
-    let mut arp = vec![0xff; 6];
-    arp.extend_from_slice(&MAC);
-    arp.extend_from_slice(&[0x08, 0x06]);
-    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&MAC);
-    arp.extend_from_slice(&[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
-    arp.resize(60, 0);
-    txq.fill(DATA + 0x8000 + HEADER_LEN as u64, &arp);
-    txq.add(&[r(DATA + 0x8000, (HEADER_LEN + arp.len()) as u32)]);
+    let mut eth = vec![0xff; 6];
+    eth.extend_from_slice(&MAC);
+    eth.extend_from_slice(&[0x88, 0xb5]);
+    eth.extend_from_slice(b"anyvisor virtio-net test frame");
+    eth.resize(60, 0);
+    txq.fill(DATA + 0x8000 + HEADER_LEN as u64, &eth);
+    txq.add(&[r(DATA + 0x8000, (HEADER_LEN + eth.len()) as u32)]);
     txq.process(&mut dev, TX_QUEUE).unwrap();
     assert_eq!(dev.counters().errors, 0);
     assert_eq!(tap_stat(&name, "rx_packets"), before + 1);
