@@ -1,8 +1,8 @@
 //! Host side of virtio-vsock: stream connections between guest ports and Unix sockets.
 //!
-//! One [`Muxer`] lives per activation of the device. The vCPU (or kick) thread hands it the
-//! guest's packets ([`Muxer::guest_packet`]) and asks it for packets to put in receive buffers
-//! ([`Muxer::next_rx_packet`]); a host event thread ([`event_loop`]) accepts host clients on the
+//! One `Muxer` lives per activation of the device. The vCPU (or kick) thread hands it the
+//! guest's packets (`Muxer::guest_packet`) and asks it for packets to put in receive buffers
+//! (`Muxer::next_rx_packet`); a host event thread (`event_loop`) accepts host clients on the
 //! listening socket, reads their `CONNECT <port>\n` line, notes which sockets became readable or
 //! writable, and asks for the receive queue to be processed.
 //!
