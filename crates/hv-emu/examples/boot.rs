@@ -416,7 +416,12 @@ fn run() -> Result<(), String> {
         if last.0.elapsed() > Duration::from_secs(10) {
             let n = hv_emu::instructions_retired();
             let mips = (n - last.1) as f64 / last.0.elapsed().as_secs_f64() / 1e6;
-            eprintln!("\n[boot] {:.1}s {:.1} MIPS", start.elapsed().as_secs_f64(), mips);
+            eprintln!(
+                "\n[boot] {:.1}s {:.1} MIPS, {} decoded",
+                start.elapsed().as_secs_f64(),
+                mips,
+                hv_emu::instructions_decoded()
+            );
             last = (Instant::now(), n);
         }
     }

@@ -15,6 +15,9 @@ use crate::mmu::Acc;
 
 const CACHE_SIZE: usize = 1 << 14;
 
+/// Instructions decoded (cache misses) by all vCPUs of this process.
+pub static DECODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Clone, Copy, Default)]
 struct Entry {
     rip: u64,
@@ -103,6 +106,7 @@ impl Exec<'_> {
         if insn.is_invalid() {
             return Err(Exc::Fault(6, None));
         }
+        DECODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if cacheable && !crosses {
             self.cpu.cache.misses += 1;
             let generation = self.cpu.cache.generation;

@@ -32,6 +32,11 @@ use vm_memory::GuestMemoryBackend as _;
 pub use clock::default_tsc_khz;
 pub use vcpu::{EmuVcpu, disassemble};
 
+/// Instructions decoded so far (decode-cache misses) by all emu vCPUs in this process.
+pub fn instructions_decoded() -> u64 {
+    decode::DECODES.load(Ordering::Relaxed)
+}
+
 /// Instructions executed so far by all emu vCPUs in this process.
 pub fn instructions_retired() -> u64 {
     vcpu::INSTRUCTIONS.load(Ordering::Relaxed)
