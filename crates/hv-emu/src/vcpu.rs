@@ -90,44 +90,8 @@ impl EmuVcpu {
     }
 
     fn merge_mailbox(&mut self) {
-        let me = &self.shared.vcpus[self.id as usize];
-        let m = {
-            let mut g = lock(&me.mailbox);
-            me.pending.store(false, Ordering::Release);
-            std::mem::take(&mut *g)
-        };
-        for w in 0..8 {
-            let mut bits = m.irr[w];
-            while bits != 0 {
-                let b = bits.trailing_zeros();
-                bits &= bits - 1;
-                let v = (w as u32 * 32 + b) as u8;
-                self.cpu.lapic.set_irr(v, m.tmr[w] & (1 << b) != 0);
-            }
-        }
-        if m.nmi {
-            self.cpu.nmi_pending = true;
-        }
-        if m.init {
-            let apic_base = self.cpu.apic_base;
-            let id = self.cpu.lapic.id();
-            let pat = self.cpu.msr.pat;
-            self.cpu.reset();
-            self.cpu.apic_base = apic_base;
-            self.cpu.msr.pat = pat;
-            self.cpu.lapic.reset(id);
-            self.cpu.mp_state = MpState::InitReceived;
-        }
-        if let Some(v) = m.sipi {
-            if self.cpu.mp_state == MpState::InitReceived {
-                let seg = &mut self.cpu.seg[CS];
-                seg.selector = u16::from(v) << 8;
-                seg.base = u64::from(v) << 12;
-                self.cpu.rip = 0;
-                self.cpu.mp_state = MpState::Runnable;
-            }
-        }
-        self.cpu.irq_check = true;
+        let io = NoIo;
+        self.exec(&io).merge_mailbox();
     }
 
     /// Sleeps until the mailbox has something, a kick arrives, or `deadline_ns` passes.
@@ -196,6 +160,9 @@ impl EmuVcpu {
             while n < BATCH {
                 if ex.cpu.irq_check {
                     ex.try_inject()?;
+                    if ex.cpu.mp_state != MpState::Runnable {
+                        break;
+                    }
                 }
                 ex.step()?;
                 n += 1;
@@ -210,9 +177,62 @@ impl EmuVcpu {
 }
 
 impl Exec<'_> {
+    /// Merges interrupts other threads posted into this vCPU's local APIC / INIT-SIPI state.
+    pub fn merge_mailbox(&mut self) {
+        let Some(me) = self.vm.vcpus.get(self.cpu.id as usize) else {
+            return;
+        };
+        let m = {
+            let mut g = lock(&me.mailbox);
+            me.pending.store(false, Ordering::Release);
+            std::mem::take(&mut *g)
+        };
+        for w in 0..8 {
+            let mut bits = m.irr[w];
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let v = (w as u32 * 32 + b) as u8;
+                self.cpu.lapic.set_irr(v, m.tmr[w] & (1 << b) != 0);
+            }
+        }
+        if m.nmi {
+            self.cpu.nmi_pending = true;
+        }
+        if m.init {
+            let apic_base = self.cpu.apic_base;
+            let id = self.cpu.lapic.id();
+            let pat = self.cpu.msr.pat;
+            self.cpu.reset();
+            self.cpu.apic_base = apic_base;
+            self.cpu.msr.pat = pat;
+            self.cpu.lapic.reset(id);
+            self.cpu.mp_state = MpState::InitReceived;
+        }
+        if let Some(v) = m.sipi {
+            if self.cpu.mp_state == MpState::InitReceived {
+                let seg = &mut self.cpu.seg[CS];
+                seg.selector = u16::from(v) << 8;
+                seg.base = u64::from(v) << 12;
+                self.cpu.rip = 0;
+                self.cpu.mp_state = MpState::Runnable;
+            }
+        }
+        self.cpu.irq_check = true;
+    }
+
     /// Delivers a pending NMI or the highest deliverable APIC interrupt, if allowed now.
     pub fn try_inject(&mut self) -> R<()> {
         self.cpu.irq_check = false;
+        if self
+            .vm
+            .vcpus
+            .get(self.cpu.id as usize)
+            .is_some_and(|v| v.pending.load(Ordering::Acquire))
+        {
+            self.merge_mailbox();
+            self.cpu.irq_check = false;
+        }
         if self.cpu.shadow != 0 {
             self.cpu.irq_check = true;
             return Ok(());
