@@ -82,17 +82,17 @@ impl Write for Console {
 impl DeviceIo for Platform {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
-        if (0x3f8..0x400).contains(&port) {
-            if let Ok(mut s) = self.serial.lock() {
-                data[0] = s.read((port - 0x3f8) as u8);
-            }
+        if (0x3f8..0x400).contains(&port)
+            && let Ok(mut s) = self.serial.lock()
+        {
+            data[0] = s.read((port - 0x3f8) as u8);
         }
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        if (0x3f8..0x400).contains(&port) {
-            if let Ok(mut s) = self.serial.lock() {
-                let _ = s.write((port - 0x3f8) as u8, data[0]);
-            }
+        if (0x3f8..0x400).contains(&port)
+            && let Ok(mut s) = self.serial.lock()
+        {
+            let _ = s.write((port - 0x3f8) as u8, data[0]);
         }
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
@@ -108,7 +108,11 @@ impl DeviceIo for Platform {
                     2 => 0,
                     r @ 0x10..=0x3f => {
                         let e = a.redir[((r - 0x10) / 2) as usize];
-                        if r & 1 == 0 { e as u32 } else { (e >> 32) as u32 }
+                        if r & 1 == 0 {
+                            e as u32
+                        } else {
+                            (e >> 32) as u32
+                        }
                     }
                     _ => 0,
                 }
@@ -124,7 +128,9 @@ impl DeviceIo for Platform {
             let n = data.len().min(4);
             b[..n].copy_from_slice(&data[..n]);
             let v = u32::from_le_bytes(b);
-            let Ok(mut a) = self.ioapic.lock() else { return };
+            let Ok(mut a) = self.ioapic.lock() else {
+                return;
+            };
             if addr == IOAPIC {
                 a.sel = v;
             } else if let r @ 0x10..=0x3f = a.sel {
@@ -244,7 +250,8 @@ fn run() -> Result<(), String> {
     }
     let mut cb = cmdline.clone().into_bytes();
     cb.push(0);
-    mem.write_slice(&cb, GuestAddress(CMDLINE)).map_err(|e| e.to_string())?;
+    mem.write_slice(&cb, GuestAddress(CMDLINE))
+        .map_err(|e| e.to_string())?;
 
     // Zero page.
     let mut zp = vec![0u8; 4096];
@@ -272,23 +279,28 @@ fn run() -> Result<(), String> {
         put(&mut zp, o + 8, &s.to_le_bytes());
         put(&mut zp, o + 16, &t.to_le_bytes());
     }
-    mem.write_slice(&zp, GuestAddress(ZERO_PAGE)).map_err(|e| e.to_string())?;
+    mem.write_slice(&zp, GuestAddress(ZERO_PAGE))
+        .map_err(|e| e.to_string())?;
     mem.write_slice(&acpi_tables(cpus), GuestAddress(ACPI))
         .map_err(|e| e.to_string())?;
 
     // Identity map of the first 4 GiB with 2 MiB pages.
-    mem.write_obj(0xa000u64 | 3, GuestAddress(PML4)).map_err(|e| e.to_string())?;
+    mem.write_obj(0xa000u64 | 3, GuestAddress(PML4))
+        .map_err(|e| e.to_string())?;
     for g in 0..4u64 {
         let pd = 0xb000 + g * 0x1000;
-        mem.write_obj(pd | 3, GuestAddress(0xa000 + g * 8)).map_err(|e| e.to_string())?;
+        mem.write_obj(pd | 3, GuestAddress(0xa000 + g * 8))
+            .map_err(|e| e.to_string())?;
         for k in 0..512u64 {
             let pa = (g << 30) | (k << 21);
-            mem.write_obj(pa | 0x83, GuestAddress(pd + k * 8)).map_err(|e| e.to_string())?;
+            mem.write_obj(pa | 0x83, GuestAddress(pd + k * 8))
+                .map_err(|e| e.to_string())?;
         }
     }
     let gdt: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
     for (k, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT + k as u64 * 8)).map_err(|e| e.to_string())?;
+        mem.write_obj(*d, GuestAddress(GDT + k as u64 * 8))
+            .map_err(|e| e.to_string())?;
     }
 
     let hv = hv_emu::EmuHypervisor::new();
@@ -403,11 +415,11 @@ fn run() -> Result<(), String> {
             ok = true;
             break;
         }
-        if let Ok(d) = done.lock() {
-            if let Some(d) = d.as_ref() {
-                eprintln!("\n[boot] {d}");
-                break;
-            }
+        if let Ok(d) = done.lock()
+            && let Some(d) = d.as_ref()
+        {
+            eprintln!("\n[boot] {d}");
+            break;
         }
         if Instant::now() > deadline {
             eprintln!("\n[boot] timeout");

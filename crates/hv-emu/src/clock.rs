@@ -22,12 +22,12 @@ pub fn default_tsc_khz() -> u32 {
     for line in text.lines() {
         let mut parts = line.splitn(2, ':');
         let key = parts.next().unwrap_or("").trim();
-        if key == "cpu MHz" {
-            if let Some(mhz) = parts.next().and_then(|v| v.trim().parse::<f64>().ok()) {
-                if mhz > 100.0 && mhz < 100_000.0 {
-                    return (mhz * 1000.0).round() as u32;
-                }
-            }
+        if key == "cpu MHz"
+            && let Some(mhz) = parts.next().and_then(|v| v.trim().parse::<f64>().ok())
+            && mhz > 100.0
+            && mhz < 100_000.0
+        {
+            return (mhz * 1000.0).round() as u32;
         }
     }
     2_000_000

@@ -26,8 +26,6 @@ pub const FLAGS_WRITABLE: u64 = CF | PF | AF | ZF | SF | TF | IF | DF | OF | IOP
 pub const ARITH_FLAGS: u64 = CF | PF | AF | ZF | SF | OF;
 
 pub const CR0_PE: u64 = 1 << 0;
-pub const CR0_MP: u64 = 1 << 1;
-pub const CR0_EM: u64 = 1 << 2;
 pub const CR0_TS: u64 = 1 << 3;
 pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_WP: u64 = 1 << 16;
@@ -35,8 +33,6 @@ pub const CR0_PG: u64 = 1 << 31;
 pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_PGE: u64 = 1 << 7;
-pub const CR4_OSFXSR: u64 = 1 << 9;
-pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
 pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
@@ -110,8 +106,6 @@ pub struct Cpu {
     pub lapic: Lapic,
     pub tlb: Tlb,
     pub cache: DecodeCache,
-    /// Nesting of exception delivery, to detect double and triple faults.
-    pub delivering: u8,
     /// Something happened that may make an interrupt deliverable; re-check before the next
     /// instruction.
     pub irq_check: bool,
@@ -161,7 +155,6 @@ impl Cpu {
             lapic: Lapic::new(id),
             tlb: Tlb::new(),
             cache: DecodeCache::new(0),
-            delivering: 0,
             irq_check: true,
             reported: None,
             deliver_exceptions: true,
@@ -244,9 +237,7 @@ impl Cpu {
     pub fn bitness(&self) -> u32 {
         if self.mode64() {
             64
-        } else if self.protected() && self.seg[CS].db {
-            32
-        } else if !self.protected() && self.seg[CS].db {
+        } else if self.seg[CS].db {
             32
         } else {
             16

@@ -31,7 +31,6 @@ pub struct DecodeCache {
     entries: Vec<Entry>,
     /// This vCPU's view of the VM-wide code generation.
     pub generation: u64,
-    pub hits: u64,
     pub misses: u64,
 }
 
@@ -45,7 +44,6 @@ impl DecodeCache {
                 Vec::new()
             },
             generation: 0,
-            hits: 0,
             misses: 0,
         }
     }

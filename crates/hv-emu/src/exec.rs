@@ -238,7 +238,10 @@ impl Exec<'_> {
         }
         if index != Register::None {
             asz = reg_size(index);
-            a = a.wrapping_add(self.rd_reg(index).wrapping_mul(u64::from(i.memory_index_scale())));
+            a = a.wrapping_add(
+                self.rd_reg(index)
+                    .wrapping_mul(u64::from(i.memory_index_scale())),
+            );
         }
         if asz == 0 {
             let d = i.memory_displ_size() as usize;
@@ -474,7 +477,7 @@ impl Exec<'_> {
                         let v = self.rd_reg(i.op_register(1));
                         let r = i.op_register(0);
                         let idx = gpr_index(r);
-                        self.set_gpr_sized(idx, reg_size(r).max(4).min(8), v);
+                        self.set_gpr_sized(idx, reg_size(r).clamp(4, 8), v);
                         if reg_size(r) == 2 {
                             self.wr_reg(r, v);
                         }
@@ -914,7 +917,11 @@ impl Exec<'_> {
                 if level != 0 {
                     return Err(Exc::Unhandled("enter with nesting level".into()));
                 }
-                let size = if self.cpu.mode64() { 8 } else { self.stack_size() };
+                let size = if self.cpu.mode64() {
+                    8
+                } else {
+                    self.stack_size()
+                };
                 let bp = self.cpu.gpr[5];
                 self.push(bp, size)?;
                 let frame = self.cpu.gpr[4];
@@ -969,9 +976,7 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Div | M::Idiv => self.div(i),
-            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
-                self.shift(i)
-            }
+            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => self.shift(i),
             M::Shld | M::Shrd => self.shld(i),
             M::Bt | M::Bts | M::Btr | M::Btc => self.bt(i),
             M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
@@ -1077,9 +1082,7 @@ impl Exec<'_> {
             }
             M::Movbe => ud(),
             M::Rdrand | M::Rdseed | M::Rdtscp | M::Rdpid | M::Xgetbv | M::Xsetbv => ud(),
-            M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 | M::Xsaveopt | M::Xsaveopt64 => {
-                ud()
-            }
+            M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 | M::Xsaveopt | M::Xsaveopt64 => ud(),
             M::Xsavec | M::Xsavec64 | M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
             M::Monitor | M::Mwait | M::Monitorx | M::Mwaitx => ud(),
             M::Adcx | M::Adox | M::Andn | M::Bextr | M::Blsi | M::Blsmsk | M::Blsr => ud(),
@@ -1087,12 +1090,39 @@ impl Exec<'_> {
                 let v = self.rd(i, 1)?;
                 self.wr(i, 0, v)
             }
-            M::Movsb | M::Movsw | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
-            | M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq | M::Scasb | M::Scasw | M::Scasd
-            | M::Scasq | M::Cmpsb | M::Cmpsw | M::Cmpsq | M::Insb | M::Insw | M::Insd
-            | M::Outsb | M::Outsw | M::Outsd => self.string(i),
+            M::Movsb
+            | M::Movsw
+            | M::Movsq
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Stosq
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Lodsq
+            | M::Scasb
+            | M::Scasw
+            | M::Scasd
+            | M::Scasq
+            | M::Cmpsb
+            | M::Cmpsw
+            | M::Cmpsq
+            | M::Insb
+            | M::Insw
+            | M::Insd
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd => self.string(i),
             M::Movsd | M::Cmpsd if i.op0_kind() != OpKind::Register => self.string(i),
-            M::Movsd | M::Cmpsd if matches!(i.op1_kind(), OpKind::MemorySegRSI | OpKind::MemorySegESI | OpKind::MemorySegSI) => self.string(i),
+            M::Movsd | M::Cmpsd
+                if matches!(
+                    i.op1_kind(),
+                    OpKind::MemorySegRSI | OpKind::MemorySegESI | OpKind::MemorySegSI
+                ) =>
+            {
+                self.string(i)
+            }
             _ => self.exec_system(i),
         }
     }
@@ -1204,7 +1234,11 @@ impl Exec<'_> {
         let (r, flags, which) = match mn {
             M::Shl | M::Sal => {
                 let r = if count >= bits { 0 } else { (a << count) & m };
-                let cf = if count > bits { false } else { (a >> (bits - count)) & 1 != 0 };
+                let cf = if count > bits {
+                    false
+                } else {
+                    (a >> (bits - count)) & 1 != 0
+                };
                 let mut f = szp(size, r);
                 if cf {
                     f |= CF;
@@ -1239,7 +1273,11 @@ impl Exec<'_> {
             }
             M::Rol => {
                 let c = count % bits;
-                let r = if c == 0 { a } else { ((a << c) | (a >> (bits - c))) & m };
+                let r = if c == 0 {
+                    a
+                } else {
+                    ((a << c) | (a >> (bits - c))) & m
+                };
                 let cf = r & 1 != 0;
                 let mut f = if cf { CF } else { 0 };
                 if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
@@ -1249,7 +1287,11 @@ impl Exec<'_> {
             }
             M::Ror => {
                 let c = count % bits;
-                let r = if c == 0 { a } else { ((a >> c) | (a << (bits - c))) & m };
+                let r = if c == 0 {
+                    a
+                } else {
+                    ((a >> c) | (a << (bits - c))) & m
+                };
                 let cf = r & sb != 0;
                 let mut f = if cf { CF } else { 0 };
                 if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
@@ -1441,8 +1483,12 @@ pub fn gpr_index(r: Register) -> usize {
 fn loop_addr_size(i: &Instruction) -> usize {
     use iced_x86::Code as C;
     match i.code() {
-        C::Loop_rel8_16_CX | C::Loop_rel8_32_CX | C::Loope_rel8_16_CX | C::Loope_rel8_32_CX
-        | C::Loopne_rel8_16_CX | C::Loopne_rel8_32_CX => 2,
+        C::Loop_rel8_16_CX
+        | C::Loop_rel8_32_CX
+        | C::Loope_rel8_16_CX
+        | C::Loope_rel8_32_CX
+        | C::Loopne_rel8_16_CX
+        | C::Loopne_rel8_32_CX => 2,
         C::Loop_rel8_16_ECX
         | C::Loop_rel8_32_ECX
         | C::Loop_rel8_64_ECX

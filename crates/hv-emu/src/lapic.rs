@@ -72,10 +72,6 @@ impl Lapic {
         self.tsc_deadline = 0;
     }
 
-    pub fn reg(&self, offset: usize) -> u32 {
-        self.regs[idx(offset)]
-    }
-
     pub fn id(&self) -> u32 {
         self.regs[idx(LapicState::ID)] >> 24
     }
@@ -98,11 +94,6 @@ impl Lapic {
 
     pub fn sw_enabled(&self) -> bool {
         self.regs[idx(LapicState::SVR)] & 0x100 != 0
-    }
-
-    fn bit(&self, base: usize, vector: u8) -> bool {
-        let v = usize::from(vector);
-        self.regs[idx(base) + v / 32] & (1 << (v % 32)) != 0
     }
 
     fn set_bit(&mut self, base: usize, vector: u8, on: bool) {
@@ -317,15 +308,15 @@ impl Lapic {
         let lvt = self.regs[idx(LapicState::LVT_TIMER)];
         match self.timer_mode() {
             1 => {
-                let period =
-                    u64::from(self.regs[idx(LapicState::TIMER_INITIAL)]).saturating_mul(self.divide());
-                if period == 0 {
-                    self.deadline_ns = None;
-                } else {
-                    // Skip missed periods rather than firing a burst.
-                    let missed = (now - d) / period;
-                    self.timer_start = d + missed * period;
-                    self.deadline_ns = Some(self.timer_start + period);
+                let period = u64::from(self.regs[idx(LapicState::TIMER_INITIAL)])
+                    .saturating_mul(self.divide());
+                match (now - d).checked_div(period) {
+                    None => self.deadline_ns = None,
+                    Some(missed) => {
+                        // Skip missed periods rather than firing a burst.
+                        self.timer_start = d + missed * period;
+                        self.deadline_ns = Some(self.timer_start + period);
+                    }
                 }
             }
             2 => {

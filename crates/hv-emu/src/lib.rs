@@ -59,8 +59,27 @@ fn supported(model: &CpuModel) -> Result<(), String> {
     use hv::cpu_model::feature::*;
     let (ecx, edx) = model.leaf1_features();
     let ecx_ok = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
-    let edx_ok = FPU | DE | PSE | TSC | MSR | PAE | CX8 | APIC | SEP | PGE | CMOV | PAT | CLFSH
-        | MMX | FXSR | SSE | SSE2 | HTT | (1 << 7) | (1 << 14) | (1 << 12);
+    let edx_ok = FPU
+        | DE
+        | PSE
+        | TSC
+        | MSR
+        | PAE
+        | CX8
+        | APIC
+        | SEP
+        | PGE
+        | CMOV
+        | PAT
+        | CLFSH
+        | MMX
+        | FXSR
+        | SSE
+        | SSE2
+        | HTT
+        | (1 << 7)
+        | (1 << 14)
+        | (1 << 12);
     if ecx & !ecx_ok != 0 {
         return Err(format!(
             "emu does not implement CPUID.1:ECX features {:#x}",
@@ -73,10 +92,10 @@ fn supported(model: &CpuModel) -> Result<(), String> {
             edx & !edx_ok
         ));
     }
-    if let Some(e) = model.lookup(7, 0) {
-        if e.ebx != 0 || e.ecx != 0 || e.edx != 0 {
-            return Err("emu does not implement CPUID.7 features".into());
-        }
+    if let Some(e) = model.lookup(7, 0)
+        && (e.ebx != 0 || e.ecx != 0 || e.edx != 0)
+    {
+        return Err("emu does not implement CPUID.7 features".into());
     }
     if let Some(e) = model.lookup(0x8000_0001, 0) {
         let ok_ecx = LAHF_LM;

@@ -132,11 +132,12 @@ impl Exec<'_> {
         let (phys, page_mask) = loop {
             let index = (lin >> (12 + 9 * (level - 1))) & 0x1ff;
             let ea = table + index * 8;
-            let pte = self.phys_read_u64_ram(ea).ok_or_else(|| Exc::Unhandled(format!(
-                "page table at {ea:#x} is outside RAM (walking {lin:#x})"
-            )))?;
+            let pte = self.phys_read_u64_ram(ea).ok_or_else(|| {
+                Exc::Unhandled(format!(
+                    "page table at {ea:#x} is outside RAM (walking {lin:#x})"
+                ))
+            })?;
             if pte & PTE_P == 0 {
-                if std::env::var_os("HV_EMU_TRACE").is_some() { eprintln!("walk {lin:#x} level {level} ea {ea:#x} pte {pte:#x} cr3 {:#x}", self.cpu.cr3); }
                 return Err(self.pf(lin, code));
             }
             entries[depth] = (ea, pte);
@@ -153,9 +154,8 @@ impl Exec<'_> {
         };
         // Permission checks.
         let wp = self.cpu.cr0 & CR0_WP != 0;
-        let denied = (user && !u)
-            || (acc == Acc::Write && !w && (user || wp))
-            || (acc == Acc::Exec && nx);
+        let denied =
+            (user && !u) || (acc == Acc::Write && !w && (user || wp)) || (acc == Acc::Exec && nx);
         if denied {
             return Err(self.pf(lin, code | 1));
         }
@@ -196,7 +196,6 @@ impl Exec<'_> {
 
     fn walk_legacy(&mut self, lin: u64, acc: Acc, user: bool, code: u32) -> Result<u64, Exc> {
         let lin = lin & 0xffff_ffff;
-        if std::env::var_os("HV_EMU_TRACE").is_some() { eprintln!("legacy walk {lin:#x} efer {:#x} cr4 {:#x} cr0 {:#x}", self.cpu.efer, self.cpu.cr4, self.cpu.cr0); }
         if self.cpu.cr4 & CR4_PAE != 0 {
             // PAE paging outside long mode: PDPTE from CR3, then PD/PT with 8-byte entries.
             let pdpte_addr = (self.cpu.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8;
@@ -261,21 +260,25 @@ impl Exec<'_> {
     }
 
     fn phys_read_u64_ram(&self, pa: u64) -> Option<u64> {
-        self.mem.load::<u64>(GuestAddress(pa), Ordering::Relaxed).ok()
+        self.mem
+            .load::<u64>(GuestAddress(pa), Ordering::Relaxed)
+            .ok()
     }
 
     fn phys_read_u32_ram(&self, pa: u64) -> Option<u32> {
-        self.mem.load::<u32>(GuestAddress(pa), Ordering::Relaxed).ok()
+        self.mem
+            .load::<u32>(GuestAddress(pa), Ordering::Relaxed)
+            .ok()
     }
 
     /// Atomically ORs bits into a page-table entry in RAM (A/D bits).
     fn phys_or_u64(&mut self, pa: u64, bits: u64) {
-        if let Ok(s) = self.mem.get_slice(GuestAddress(pa), 8) {
-            if let Ok(a) = s.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) {
-                a.fetch_or(bits, Ordering::SeqCst);
-                s.bitmap().mark_dirty(0, 8);
-                self.note_write(pa);
-            }
+        if let Ok(s) = self.mem.get_slice(GuestAddress(pa), 8)
+            && let Ok(a) = s.get_atomic_ref::<std::sync::atomic::AtomicU64>(0)
+        {
+            a.fetch_or(bits, Ordering::SeqCst);
+            s.bitmap().mark_dirty(0, 8);
+            self.note_write(pa);
         }
     }
 
@@ -331,9 +334,7 @@ impl Exec<'_> {
             }
             .is_ok()
         } else {
-            self.mem
-                .write_slice(&v.to_le_bytes()[..size], ga)
-                .is_ok()
+            self.mem.write_slice(&v.to_le_bytes()[..size], ga).is_ok()
         };
         if ok {
             self.note_write(pa);

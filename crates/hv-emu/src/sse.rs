@@ -1,6 +1,9 @@
 //! SSE..SSE4.2 (integer and the scalar/packed FP the kernel and libc use), FXSAVE/FXRSTOR,
 //! MXCSR, and the few x87 control instructions Linux executes.
 
+// Lane-wise loops index several arrays at once.
+#![allow(clippy::needless_range_loop)]
+
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::exec::{Exc, Exec, R, gp0, reg_size};
@@ -33,10 +36,18 @@ fn from_u16s(a: [u16; 8]) -> u128 {
         .fold(0u128, |acc, (k, x)| acc | (u128::from(*x) << (16 * k)))
 }
 fn u32s(v: u128) -> [u32; 4] {
-    [(v) as u32, (v >> 32) as u32, (v >> 64) as u32, (v >> 96) as u32]
+    [
+        (v) as u32,
+        (v >> 32) as u32,
+        (v >> 64) as u32,
+        (v >> 96) as u32,
+    ]
 }
 fn from_u32s(a: [u32; 4]) -> u128 {
-    u128::from(a[0]) | (u128::from(a[1]) << 32) | (u128::from(a[2]) << 64) | (u128::from(a[3]) << 96)
+    u128::from(a[0])
+        | (u128::from(a[1]) << 32)
+        | (u128::from(a[2]) << 64)
+        | (u128::from(a[3]) << 96)
 }
 fn u64s(v: u128) -> [u64; 2] {
     [v as u64, (v >> 64) as u64]
@@ -284,9 +295,13 @@ impl Exec<'_> {
                         _ => {
                             let b = f64_to_f80(v);
                             self.probe_write(a, 10)?;
-                            self.write_lin(a, 8, u64::from_le_bytes([
-                                b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                            ]))?;
+                            self.write_lin(
+                                a,
+                                8,
+                                u64::from_le_bytes([
+                                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                                ]),
+                            )?;
                             self.write_lin(a + 8, 2, u64::from(u16::from_le_bytes([b[8], b[9]])))?;
                         }
                     }
@@ -309,7 +324,11 @@ impl Exec<'_> {
                 let size = i.memory_size().size();
                 let out = match size {
                     2 => {
-                        if r.is_nan() || !(-32768.0..32768.0).contains(&r) { 0x8000 } else { r as i16 as u16 as u64 }
+                        if r.is_nan() || !(-32768.0..32768.0).contains(&r) {
+                            0x8000
+                        } else {
+                            r as i16 as u16 as u64
+                        }
                     }
                     4 => cvt_int(r, 4),
                     _ => cvt_int(r, 8),
@@ -408,18 +427,21 @@ impl Exec<'_> {
                 self.xwr(i, 0, v)
             }
             M::Movd | M::Movq => {
-                let to_xmm = i.op_kind(0) == OpKind::Register && xidx(i.op_register(0)).is_some();
+                // To an XMM register the rest is zeroed; to a GPR/memory only the low part moves.
                 let v = self.xrd(i, 1)?;
-                if to_xmm {
-                    let w = if mn == M::Movd { v & 0xffff_ffff } else { v & u128::from(u64::MAX) };
-                    self.xwr(i, 0, w)
+                let w = if mn == M::Movd {
+                    v & 0xffff_ffff
                 } else {
-                    let w = if mn == M::Movd { v & 0xffff_ffff } else { v & u128::from(u64::MAX) };
-                    self.xwr(i, 0, w)
-                }
+                    v & u128::from(u64::MAX)
+                };
+                self.xwr(i, 0, w)
             }
             M::Movss | M::Movsd => {
-                let m: u128 = if mn == M::Movss { 0xffff_ffff } else { u128::from(u64::MAX) };
+                let m: u128 = if mn == M::Movss {
+                    0xffff_ffff
+                } else {
+                    u128::from(u64::MAX)
+                };
                 let src = self.xrd(i, 1)?;
                 match (i.op_kind(0), i.op_kind(1)) {
                     (OpKind::Register, OpKind::Register) => {
@@ -535,10 +557,18 @@ impl Exec<'_> {
             let c = u32::from(i.immediate8());
             let r = match mn {
                 M::Psrldq => {
-                    if c > 15 { 0 } else { a >> (8 * c) }
+                    if c > 15 {
+                        0
+                    } else {
+                        a >> (8 * c)
+                    }
                 }
                 M::Pslldq => {
-                    if c > 15 { 0 } else { a << (8 * c) }
+                    if c > 15 {
+                        0
+                    } else {
+                        a << (8 * c)
+                    }
                 }
                 _ => self.shift_lanes(mn, a, u64::from(c))?,
             };
@@ -561,9 +591,21 @@ impl Exec<'_> {
             M::Pcmpeqd => map32(a, b, |x, y| if x == y { u32::MAX } else { 0 }),
             M::Pcmpeqq => map64(a, b, |x, y| if x == y { u64::MAX } else { 0 }),
             M::Pcmpgtb => map8(a, b, |x, y| if (x as i8) > (y as i8) { 0xff } else { 0 }),
-            M::Pcmpgtw => map16(a, b, |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 }),
-            M::Pcmpgtd => map32(a, b, |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 }),
-            M::Pcmpgtq => map64(a, b, |x, y| if (x as i64) > (y as i64) { u64::MAX } else { 0 }),
+            M::Pcmpgtw => map16(
+                a,
+                b,
+                |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 },
+            ),
+            M::Pcmpgtd => map32(
+                a,
+                b,
+                |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 },
+            ),
+            M::Pcmpgtq => map64(
+                a,
+                b,
+                |x, y| if (x as i64) > (y as i64) { u64::MAX } else { 0 },
+            ),
             M::Paddb => map8(a, b, |x, y| x.wrapping_add(y)),
             M::Paddw => map16(a, b, |x, y| x.wrapping_add(y)),
             M::Paddd => map32(a, b, |x, y| x.wrapping_add(y)),
@@ -577,9 +619,13 @@ impl Exec<'_> {
             M::Psubusb => map8(a, b, |x, y| x.saturating_sub(y)),
             M::Psubusw => map16(a, b, |x, y| x.saturating_sub(y)),
             M::Paddsb => map8(a, b, |x, y| sat_i8(i32::from(x as i8) + i32::from(y as i8))),
-            M::Paddsw => map16(a, b, |x, y| sat_i16(i32::from(x as i16) + i32::from(y as i16))),
+            M::Paddsw => map16(a, b, |x, y| {
+                sat_i16(i32::from(x as i16) + i32::from(y as i16))
+            }),
             M::Psubsb => map8(a, b, |x, y| sat_i8(i32::from(x as i8) - i32::from(y as i8))),
-            M::Psubsw => map16(a, b, |x, y| sat_i16(i32::from(x as i16) - i32::from(y as i16))),
+            M::Psubsw => map16(a, b, |x, y| {
+                sat_i16(i32::from(x as i16) - i32::from(y as i16))
+            }),
             M::Pminub => map8(a, b, |x, y| x.min(y)),
             M::Pmaxub => map8(a, b, |x, y| x.max(y)),
             M::Pminsb => map8(a, b, |x, y| (x as i8).min(y as i8) as u8),
@@ -598,7 +644,9 @@ impl Exec<'_> {
             M::Pabsw => map16(0, b, |_, y| (y as i16).unsigned_abs()),
             M::Pabsd => map32(0, b, |_, y| (y as i32).unsigned_abs()),
             M::Pmullw => map16(a, b, |x, y| x.wrapping_mul(y)),
-            M::Pmulhw => map16(a, b, |x, y| ((i32::from(x as i16) * i32::from(y as i16)) >> 16) as u16),
+            M::Pmulhw => map16(a, b, |x, y| {
+                ((i32::from(x as i16) * i32::from(y as i16)) >> 16) as u16
+            }),
             M::Pmulhuw => map16(a, b, |x, y| ((u32::from(x) * u32::from(y)) >> 16) as u16),
             M::Pmulld => map32(a, b, |x, y| x.wrapping_mul(y)),
             M::Pmuludq => map64(a, b, |x, y| (x & 0xffff_ffff) * (y & 0xffff_ffff)),
@@ -621,8 +669,16 @@ impl Exec<'_> {
                 let hi: u64 = (8..16).map(|k| u64::from(x[k].abs_diff(y[k]))).sum();
                 from_u64s([lo, hi])
             }
-            M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw
-            | M::Psrad => self.shift_lanes(mn, a, b as u64 | if (b >> 64) != 0 { u64::MAX } else { 0 })?,
+            M::Psllw
+            | M::Pslld
+            | M::Psllq
+            | M::Psrlw
+            | M::Psrld
+            | M::Psrlq
+            | M::Psraw
+            | M::Psrad => {
+                self.shift_lanes(mn, a, b as u64 | if (b >> 64) != 0 { u64::MAX } else { 0 })?
+            }
             M::Pshufd => {
                 let x = u32s(b);
                 from_u32s([
@@ -645,7 +701,11 @@ impl Exec<'_> {
                 let (x, y) = (u8s(a), u8s(b));
                 let mut o = [0u8; 16];
                 for k in 0..16 {
-                    o[k] = if y[k] & 0x80 != 0 { 0 } else { x[(y[k] & 15) as usize] };
+                    o[k] = if y[k] & 0x80 != 0 {
+                        0
+                    } else {
+                        x[(y[k] & 15) as usize]
+                    };
                 }
                 from_u8s(o)
             }
@@ -692,7 +752,11 @@ impl Exec<'_> {
             }
             M::Punpckldq | M::Punpckhdq | M::Unpcklps | M::Unpckhps => {
                 let (x, y) = (u32s(a), u32s(b));
-                let base = if matches!(mn, M::Punpckldq | M::Unpcklps) { 0 } else { 2 };
+                let base = if matches!(mn, M::Punpckldq | M::Unpcklps) {
+                    0
+                } else {
+                    2
+                };
                 from_u32s([x[base], y[base], x[base + 1], y[base + 1]])
             }
             M::Punpcklqdq | M::Unpcklpd => from_u64s([u64s(a)[0], u64s(b)[0]]),
@@ -731,7 +795,11 @@ impl Exec<'_> {
                 let x = u8s(b);
                 let mut o = [0u16; 8];
                 for k in 0..8 {
-                    o[k] = if mn == M::Pmovzxbw { u16::from(x[k]) } else { x[k] as i8 as i16 as u16 };
+                    o[k] = if mn == M::Pmovzxbw {
+                        u16::from(x[k])
+                    } else {
+                        x[k] as i8 as i16 as u16
+                    };
                 }
                 from_u16s(o)
             }
@@ -739,7 +807,11 @@ impl Exec<'_> {
                 let x = u8s(b);
                 let mut o = [0u32; 4];
                 for k in 0..4 {
-                    o[k] = if mn == M::Pmovzxbd { u32::from(x[k]) } else { x[k] as i8 as i32 as u32 };
+                    o[k] = if mn == M::Pmovzxbd {
+                        u32::from(x[k])
+                    } else {
+                        x[k] as i8 as i32 as u32
+                    };
                 }
                 from_u32s(o)
             }
@@ -747,23 +819,45 @@ impl Exec<'_> {
                 let x = u16s(b);
                 let mut o = [0u32; 4];
                 for k in 0..4 {
-                    o[k] = if mn == M::Pmovzxwd { u32::from(x[k]) } else { x[k] as i16 as i32 as u32 };
+                    o[k] = if mn == M::Pmovzxwd {
+                        u32::from(x[k])
+                    } else {
+                        x[k] as i16 as i32 as u32
+                    };
                 }
                 from_u32s(o)
             }
             M::Pmovzxdq | M::Pmovsxdq => {
                 let x = u32s(b);
-                let f = |v: u32| if mn == M::Pmovzxdq { u64::from(v) } else { v as i32 as i64 as u64 };
+                let f = |v: u32| {
+                    if mn == M::Pmovzxdq {
+                        u64::from(v)
+                    } else {
+                        v as i32 as i64 as u64
+                    }
+                };
                 from_u64s([f(x[0]), f(x[1])])
             }
             M::Pmovzxbq | M::Pmovsxbq => {
                 let x = u8s(b);
-                let f = |v: u8| if mn == M::Pmovzxbq { u64::from(v) } else { v as i8 as i64 as u64 };
+                let f = |v: u8| {
+                    if mn == M::Pmovzxbq {
+                        u64::from(v)
+                    } else {
+                        v as i8 as i64 as u64
+                    }
+                };
                 from_u64s([f(x[0]), f(x[1])])
             }
             M::Pmovzxwq | M::Pmovsxwq => {
                 let x = u16s(b);
-                let f = |v: u16| if mn == M::Pmovzxwq { u64::from(v) } else { v as i16 as i64 as u64 };
+                let f = |v: u16| {
+                    if mn == M::Pmovzxwq {
+                        u64::from(v)
+                    } else {
+                        v as i16 as i64 as u64
+                    }
+                };
                 from_u64s([f(x[0]), f(x[1])])
             }
             M::Ptest => {
@@ -831,12 +925,20 @@ impl Exec<'_> {
         let v: u64 = match mn {
             M::Cvttsd2si | M::Cvtsd2si => {
                 let f = f64b(src as u64);
-                let f = if mn == M::Cvtsd2si { round_mxcsr(f, self.cpu.mxcsr) } else { f.trunc() };
+                let f = if mn == M::Cvtsd2si {
+                    round_mxcsr(f, self.cpu.mxcsr)
+                } else {
+                    f.trunc()
+                };
                 cvt_int(f, size)
             }
             M::Cvttss2si | M::Cvtss2si => {
                 let f = f64::from(f32b(src as u32));
-                let f = if mn == M::Cvtss2si { round_mxcsr(f, self.cpu.mxcsr) } else { f.trunc() };
+                let f = if mn == M::Cvtss2si {
+                    round_mxcsr(f, self.cpu.mxcsr)
+                } else {
+                    f.trunc()
+                };
                 cvt_int(f, size)
             }
             M::Crc32 => {
@@ -845,7 +947,11 @@ impl Exec<'_> {
                 for k in 0..ssz {
                     crc ^= ((src >> (8 * k)) & 0xff) as u32;
                     for _ in 0..8 {
-                        crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+                        crc = if crc & 1 != 0 {
+                            (crc >> 1) ^ 0x82f6_3b78
+                        } else {
+                            crc >> 1
+                        };
                     }
                 }
                 u64::from(crc)
@@ -866,12 +972,10 @@ impl Exec<'_> {
         let ss = |f: fn(f32, f32) -> f32| -> u128 {
             (a & !lo32) | u128::from(f(f32b(a as u32), f32b(b as u32)).to_bits())
         };
-        let pd = |f: fn(f64, f64) -> f64| -> u128 {
-            map64(a, b, |x, y| f(f64b(x), f64b(y)).to_bits())
-        };
-        let ps = |f: fn(f32, f32) -> f32| -> u128 {
-            map32(a, b, |x, y| f(f32b(x), f32b(y)).to_bits())
-        };
+        let pd =
+            |f: fn(f64, f64) -> f64| -> u128 { map64(a, b, |x, y| f(f64b(x), f64b(y)).to_bits()) };
+        let ps =
+            |f: fn(f32, f32) -> f32| -> u128 { map32(a, b, |x, y| f(f32b(x), f32b(y)).to_bits()) };
         let r = match mn {
             M::Addsd => sd(|x, y| x + y),
             M::Subsd => sd(|x, y| x - y),
@@ -943,14 +1047,18 @@ impl Exec<'_> {
                         2 => x <= y,
                         3 => x.is_nan() || y.is_nan(),
                         4 => x != y,
-                        5 => !(x < y),
-                        6 => !(x <= y),
+                        5 => x >= y || x.is_nan() || y.is_nan(),
+                        6 => x > y || x.is_nan() || y.is_nan(),
                         _ => !(x.is_nan() || y.is_nan()),
                     }
                 };
                 match mn {
                     M::Cmpsd => {
-                        let m = if cmp(f64b(a as u64), f64b(b as u64)) { u64::MAX } else { 0 };
+                        let m = if cmp(f64b(a as u64), f64b(b as u64)) {
+                            u64::MAX
+                        } else {
+                            0
+                        };
                         (a & !lo64) | u128::from(m)
                     }
                     M::Cmpss => {
@@ -961,9 +1069,17 @@ impl Exec<'_> {
                         };
                         (a & !lo32) | u128::from(m)
                     }
-                    M::Cmppd => map64(a, b, |x, y| if cmp(f64b(x), f64b(y)) { u64::MAX } else { 0 }),
+                    M::Cmppd => map64(
+                        a,
+                        b,
+                        |x, y| if cmp(f64b(x), f64b(y)) { u64::MAX } else { 0 },
+                    ),
                     _ => map32(a, b, |x, y| {
-                        if cmp(f64::from(f32b(x)), f64::from(f32b(y))) { u32::MAX } else { 0 }
+                        if cmp(f64::from(f32b(x)), f64::from(f32b(y))) {
+                            u32::MAX
+                        } else {
+                            0
+                        }
                     }),
                 }
             }
@@ -983,10 +1099,18 @@ impl Exec<'_> {
         let elem = |v: u128, k: usize| -> i32 {
             if words {
                 let x = (v >> (16 * k)) as u16;
-                if signed { i32::from(x as i16) } else { i32::from(x) }
+                if signed {
+                    i32::from(x as i16)
+                } else {
+                    i32::from(x)
+                }
             } else {
                 let x = (v >> (8 * k)) as u8;
-                if signed { i32::from(x as i8) } else { i32::from(x) }
+                if signed {
+                    i32::from(x as i8)
+                } else {
+                    i32::from(x)
+                }
             }
         };
         let explicit = matches!(mn, M::Pcmpestri | M::Pcmpestrm);
@@ -1005,9 +1129,9 @@ impl Exec<'_> {
         for j in 0..n {
             let bit = match agg {
                 0 => (0..la).any(|k| j < lb && elem(a, k) == elem(b, j)),
-                1 => (0..la / 2 * 2).step_by(2).any(|k| {
-                    j < lb && elem(a, k) <= elem(b, j) && elem(b, j) <= elem(a, k + 1)
-                }),
+                1 => (0..la / 2 * 2)
+                    .step_by(2)
+                    .any(|k| j < lb && elem(a, k) <= elem(b, j) && elem(b, j) <= elem(a, k + 1)),
                 2 => {
                     if j >= la && j >= lb {
                         true
@@ -1065,7 +1189,11 @@ impl Exec<'_> {
                 let mut o: u128 = 0;
                 for j in 0..n {
                     if res & (1 << j) != 0 {
-                        o |= if words { 0xffffu128 << (16 * j) } else { 0xffu128 << (8 * j) };
+                        o |= if words {
+                            0xffffu128 << (16 * j)
+                        } else {
+                            0xffu128 << (8 * j)
+                        };
                     }
                 }
                 o
@@ -1113,7 +1241,11 @@ fn f80_to_f64(b: &[u8; 16]) -> f64 {
         return 0.0 * sign;
     }
     if e == 0x7fff {
-        return if m << 1 == 0 { sign * f64::INFINITY } else { f64::NAN };
+        return if m << 1 == 0 {
+            sign * f64::INFINITY
+        } else {
+            f64::NAN
+        };
     }
     sign * (m as f64) * 2f64.powi(e - 16383 - 63)
 }
@@ -1123,7 +1255,11 @@ fn round_mxcsr(f: f64, mxcsr: u32) -> f64 {
         0 => {
             let r = f.round();
             // Round half to even.
-            if (f - f.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - f.signum() } else { r }
+            if (f - f.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+                r - f.signum()
+            } else {
+                r
+            }
         }
         1 => f.floor(),
         2 => f.ceil(),
@@ -1134,12 +1270,12 @@ fn round_mxcsr(f: f64, mxcsr: u32) -> f64 {
 /// Float to integer conversion with the x86 "integer indefinite" result on overflow/NaN.
 fn cvt_int(f: f64, size: usize) -> u64 {
     if size == 8 {
-        if f.is_nan() || f >= 9.223_372_036_854_776e18 || f < -9.223_372_036_854_776e18 {
+        if f.is_nan() || !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
             1u64 << 63
         } else {
             f as i64 as u64
         }
-    } else if f.is_nan() || f >= 2_147_483_648.0 || f < -2_147_483_648.0 {
+    } else if f.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&f) {
         0x8000_0000
     } else {
         f as i32 as u32 as u64

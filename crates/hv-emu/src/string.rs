@@ -44,7 +44,10 @@ impl Exec<'_> {
             size as u64
         };
         let src_seg = i.memory_segment();
-        if matches!(mn, M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd) {
+        if matches!(
+            mn,
+            M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+        ) {
             self.check_io_priv()?;
         }
         let mut done: u64 = 0;
@@ -59,7 +62,19 @@ impl Exec<'_> {
                     self.cpu.rip = self.cur_rip;
                     return Ok(());
                 }
-                if step == size as u64 && matches!(mn, M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq) {
+                if step == size as u64
+                    && matches!(
+                        mn,
+                        M::Movsb
+                            | M::Movsw
+                            | M::Movsd
+                            | M::Movsq
+                            | M::Stosb
+                            | M::Stosw
+                            | M::Stosd
+                            | M::Stosq
+                    )
+                {
                     let n = self.string_bulk(mn, size, asz, c, src_seg)?;
                     if n > 0 {
                         done += n;
@@ -189,7 +204,11 @@ impl Exec<'_> {
             if dpa > spa && dpa < spa + len as u64 {
                 return Ok(0);
             }
-            if self.mem.read_slice(&mut buf[..len], GuestAddress(spa)).is_err() {
+            if self
+                .mem
+                .read_slice(&mut buf[..len], GuestAddress(spa))
+                .is_err()
+            {
                 return Ok(0);
             }
         } else {
@@ -198,7 +217,11 @@ impl Exec<'_> {
                 *b = v[k % size];
             }
         }
-        if self.mem.write_slice(&buf[..len], GuestAddress(dpa)).is_err() {
+        if self
+            .mem
+            .write_slice(&buf[..len], GuestAddress(dpa))
+            .is_err()
+        {
             return Ok(0);
         }
         self.note_write(dpa);

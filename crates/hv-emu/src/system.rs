@@ -267,7 +267,11 @@ impl Exec<'_> {
     fn lsl_lar(&mut self, i: &Instruction) -> R<()> {
         let sel = self.rd(i, 1)? as u16;
         let ok = sel & !3 != 0;
-        let d = if ok { self.read_descriptor(sel).ok() } else { None };
+        let d = if ok {
+            self.read_descriptor(sel).ok()
+        } else {
+            None
+        };
         match d {
             Some(d) if d & (1 << 47) != 0 => {
                 let s = parse_descriptor(sel, d);
@@ -428,7 +432,12 @@ impl Exec<'_> {
         }
         if tr {
             // Mark the TSS busy in the GDT.
-            let a = self.cpu.gdt.base.wrapping_add(u64::from(sel & !7)).wrapping_add(5);
+            let a = self
+                .cpu
+                .gdt
+                .base
+                .wrapping_add(u64::from(sel & !7))
+                .wrapping_add(5);
             self.write_lin_as(a, 1, ((lo >> 40) & 0xff) | 2, false)?;
             s.type_ |= 2;
             self.cpu.tr = s;
@@ -532,7 +541,8 @@ impl Exec<'_> {
             self.load_cs(cs, 0)?;
             self.cpu.rip = ip & mask(osz);
             let w = if osz == 2 { 0xffff } else { FLAGS_WRITABLE };
-            self.cpu.rflags = (self.cpu.rflags & !(w & FLAGS_WRITABLE)) | (fl & w & FLAGS_WRITABLE) | 2;
+            self.cpu.rflags =
+                (self.cpu.rflags & !(w & FLAGS_WRITABLE)) | (fl & w & FLAGS_WRITABLE) | 2;
             let ss = self.stack_size();
             let sp = self.cpu.gpr[4].wrapping_add(3 * osz as u64);
             self.set_gpr_sized(4, ss, sp);
@@ -791,7 +801,10 @@ impl Exec<'_> {
 
     pub fn guest_tsc(&self) -> u64 {
         let ns = self.vm.clock.host_ns();
-        self.vm.clock.ns_to_tsc(ns).wrapping_add(self.cpu.msr.tsc_offset)
+        self.vm
+            .clock
+            .ns_to_tsc(ns)
+            .wrapping_add(self.cpu.msr.tsc_offset)
     }
 
     pub fn rdmsr(&mut self, idx: u32) -> R<u64> {
@@ -845,7 +858,10 @@ impl Exec<'_> {
                 self.cpu.apic_base = (v & !(crate::lapic::APIC_BASE_BSP | (1 << 10))) | bsp;
                 Ok(())
             }
-            msr::IA32_FS_BASE | msr::IA32_GS_BASE | msr::IA32_KERNEL_GS_BASE | msr::IA32_LSTAR
+            msr::IA32_FS_BASE
+            | msr::IA32_GS_BASE
+            | msr::IA32_KERNEL_GS_BASE
+            | msr::IA32_LSTAR
             | msr::IA32_CSTAR => {
                 if !canonical(v) {
                     return gp0();
@@ -871,8 +887,12 @@ impl Exec<'_> {
                 self.write_wall_clock(v);
                 Ok(())
             }
-            MSR_K7_HWCR | MSR_AMD64_DE_CFG | MSR_K8_SYSCFG | MSR_AMD64_PATCH_LEVEL
-            | MSR_IA32_MCG_STATUS | MSR_IA32_MCG_CTL => Ok(()),
+            MSR_K7_HWCR
+            | MSR_AMD64_DE_CFG
+            | MSR_K8_SYSCFG
+            | MSR_AMD64_PATCH_LEVEL
+            | MSR_IA32_MCG_STATUS
+            | MSR_IA32_MCG_CTL => Ok(()),
             _ => {
                 if self.cpu.set_plain_msr(idx, v) {
                     Ok(())
@@ -885,7 +905,11 @@ impl Exec<'_> {
 
     pub fn set_tsc_deadline(&mut self, v: u64) {
         if trace_irqs() {
-            eprintln!("[emu] tsc deadline {v:#x} mode {} now {:#x}", self.cpu.lapic.timer_mode(), self.guest_tsc());
+            eprintln!(
+                "[emu] tsc deadline {v:#x} mode {} now {:#x}",
+                self.cpu.lapic.timer_mode(),
+                self.guest_tsc()
+            );
         }
         let l = &mut self.cpu.lapic;
         if l.timer_mode() != 2 {
@@ -912,7 +936,11 @@ impl Exec<'_> {
         }
         let gpa = v & !1;
         let host = self.vm.clock.host_ns();
-        let tsc = self.vm.clock.ns_to_tsc(host).wrapping_add(self.cpu.msr.tsc_offset);
+        let tsc = self
+            .vm
+            .clock
+            .ns_to_tsc(host)
+            .wrapping_add(self.cpu.msr.tsc_offset);
         let system_time = self.vm.clock.kvmclock_ns(host);
         let (mul, shift) = crate::clock::pvclock_scale(self.vm.clock.tsc_khz);
         let mut b = [0u8; 32];
@@ -1010,11 +1038,9 @@ impl Exec<'_> {
                 self.cpu.id, self.cpu.rip, self.cpu.cr2
             );
         }
-        if !self.cpu.deliver_exceptions {
-            if kind == Event::Software || kind == Event::Exception {
-                self.cpu.reported = Some((vector, code));
-                return Ok(());
-            }
+        if !self.cpu.deliver_exceptions && (kind == Event::Software || kind == Event::Exception) {
+            self.cpu.reported = Some((vector, code));
+            return Ok(());
         }
         let mut vector = vector;
         let mut code = code;
@@ -1110,7 +1136,11 @@ impl Exec<'_> {
         let old_fl = self.cpu.rflags;
         let changes = new_cpl < self.cpu.cpl;
         let mut rsp = if ist != 0 {
-            self.read_lin_as(self.cpu.tr.base.wrapping_add(0x24 + (ist - 1) * 8), 8, false)?
+            self.read_lin_as(
+                self.cpu.tr.base.wrapping_add(0x24 + (ist - 1) * 8),
+                8,
+                false,
+            )?
         } else if changes {
             self.read_lin_as(
                 self.cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8),
@@ -1174,9 +1204,7 @@ impl Exec<'_> {
         new_cpl: u8,
     ) -> R<()> {
         if typ != 0xe && typ != 0xf {
-            return Err(Exc::Unhandled(format!(
-                "protected-mode gate type {typ:#x}"
-            )));
+            return Err(Exc::Unhandled(format!("protected-mode gate type {typ:#x}")));
         }
         let old_cs = u64::from(self.cpu.seg[CS].selector);
         let old_fl = self.cpu.rflags;

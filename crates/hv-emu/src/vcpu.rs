@@ -62,7 +62,8 @@ impl EmuVcpu {
     pub fn new(id: u32, memory: Arc<GuestMemory>, shared: Arc<VmShared>) -> EmuVcpu {
         let mut cpu = Box::new(Cpu::new(id));
         cpu.cache = DecodeCache::new(1);
-        cpu.apic_base = APIC_BASE_DEFAULT | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 };
+        cpu.apic_base =
+            APIC_BASE_DEFAULT | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 };
         cpu.msr.pat = 0x0007_0406_0007_0406;
         if id != 0 {
             cpu.mp_state = MpState::Uninitialized;
@@ -209,14 +210,14 @@ impl Exec<'_> {
             self.cpu.lapic.reset(id);
             self.cpu.mp_state = MpState::InitReceived;
         }
-        if let Some(v) = m.sipi {
-            if self.cpu.mp_state == MpState::InitReceived {
-                let seg = &mut self.cpu.seg[CS];
-                seg.selector = u16::from(v) << 8;
-                seg.base = u64::from(v) << 12;
-                self.cpu.rip = 0;
-                self.cpu.mp_state = MpState::Runnable;
-            }
+        if let Some(v) = m.sipi
+            && self.cpu.mp_state == MpState::InitReceived
+        {
+            let seg = &mut self.cpu.seg[CS];
+            seg.selector = u16::from(v) << 8;
+            seg.base = u64::from(v) << 12;
+            self.cpu.rip = 0;
+            self.cpu.mp_state = MpState::Runnable;
         }
         self.cpu.irq_check = true;
     }
@@ -243,13 +244,12 @@ impl Exec<'_> {
             self.cpu.mp_state = MpState::Runnable;
             return self.raise_event(2, None, Event::External);
         }
-        if self.cpu.rflags & IF != 0 {
-            if let Some(v) = self.cpu.lapic.deliverable() {
-                self.cpu.lapic.ack(v);
-                self.cpu.mp_state = MpState::Runnable;
-                self.raise_event(v, None, Event::External)?;
-                // Another one may be pending at a higher priority later (after EOI).
-            }
+        if self.cpu.rflags & IF != 0
+            && let Some(v) = self.cpu.lapic.deliverable()
+        {
+            self.cpu.lapic.ack(v);
+            self.cpu.mp_state = MpState::Runnable;
+            self.raise_event(v, None, Event::External)?;
         }
         Ok(())
     }
@@ -361,7 +361,9 @@ impl hv::Vcpu for EmuVcpu {
         if let Some(d) = s.msr(msr::IA32_TSC_DEADLINE) {
             ex.set_tsc_deadline(d);
         }
-        ex.cpu.lapic.set_tpr((s.sregs.cr8 as u32 & 0xf) << 4 | (ex.cpu.lapic.tpr() & 0xf));
+        ex.cpu
+            .lapic
+            .set_tpr((s.sregs.cr8 as u32 & 0xf) << 4 | (ex.cpu.lapic.tpr() & 0xf));
         ex.publish_routing();
         ex.write_pvclock();
         if let Some(e) = s.events.exception {
@@ -369,7 +371,11 @@ impl hv::Vcpu for EmuVcpu {
                 .map_err(to_hv)?;
         }
         if let Some(i) = s.events.interrupt {
-            let kind = if i.soft { Event::Software } else { Event::External };
+            let kind = if i.soft {
+                Event::Software
+            } else {
+                Event::External
+            };
             ex.raise_event(i.vector, None, kind).map_err(to_hv)?;
         }
         Ok(())
@@ -406,10 +412,11 @@ pub fn emulate_one(
     state.debug = new.debug;
     state.fpu = new.fpu;
     for m in state.msrs.iter_mut() {
-        if m.index != msr::IA32_TSC && m.index != msr::IA32_TSC_DEADLINE {
-            if let Some(v) = cpu.msr_value(m.index) {
-                m.value = v;
-            }
+        if m.index != msr::IA32_TSC
+            && m.index != msr::IA32_TSC_DEADLINE
+            && let Some(v) = cpu.msr_value(m.index)
+        {
+            m.value = v;
         }
     }
     state.events.interrupt_shadow = cpu.shadow & 3;

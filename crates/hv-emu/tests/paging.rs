@@ -47,7 +47,11 @@ fn nx_fetch(hv: &dyn Hypervisor) {
     g.write_code(target, &[0xf4]);
     g.write_u64(g.pte(target), target | 3 | (1 << 63));
     assert_eq!(g.run(), VcpuExit::Halted);
-    assert_eq!(g.exception(), Some((14, 0x11)), "present | instruction fetch");
+    assert_eq!(
+        g.exception(),
+        Some((14, 0x11)),
+        "present | instruction fetch"
+    );
     assert_eq!(g.state().sregs.cr2, target);
 }
 

@@ -26,9 +26,13 @@ fn strlen_like(hv: &dyn Hypervisor) {
         a.hlt()
     });
     let mut g = long_mode_guest(hv, &code);
-    g.mem.write_slice(b"hello, world\0xyz", GuestAddress(DATA)).unwrap();
+    g.mem
+        .write_slice(b"hello, world\0xyz", GuestAddress(DATA))
+        .unwrap();
     for k in 0..4u32 {
-        g.mem.write_obj(k + 1, GuestAddress(DATA + 16 + u64::from(k) * 4)).unwrap();
+        g.mem
+            .write_obj(k + 1, GuestAddress(DATA + 16 + u64::from(k) * 4))
+            .unwrap();
     }
     assert_eq!(g.run(), VcpuExit::Halted);
     let r = g.regs();
@@ -49,7 +53,9 @@ fn pcmpistri_equal_any(hv: &dyn Hypervisor) {
     });
     let mut g = long_mode_guest(hv, &code);
     g.mem.write_slice(b"cb\0", GuestAddress(DATA)).unwrap();
-    g.mem.write_slice(b"xyzabc\0", GuestAddress(DATA + 16)).unwrap();
+    g.mem
+        .write_slice(b"xyzabc\0", GuestAddress(DATA + 16))
+        .unwrap();
     assert_eq!(g.run(), VcpuExit::Halted);
     assert_eq!(g.regs().rcx, 4);
 }

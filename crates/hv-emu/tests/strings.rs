@@ -38,17 +38,26 @@ fn rep_movs_stos_scas(hv: &dyn Hypervisor) {
     });
     let mut g = long_mode_guest(hv, &code);
     let seq: Vec<u8> = (1..=16).collect();
-    g.mem.write_slice(&seq, GuestAddress(DATA + 0x8000)).unwrap();
+    g.mem
+        .write_slice(&seq, GuestAddress(DATA + 0x8000))
+        .unwrap();
     assert_eq!(g.run(), VcpuExit::Halted);
     let r = g.regs();
     assert_eq!(r.r8, DATA + 0x4000 + 5000);
     assert_eq!(r.r9, DATA + 4, "scasb stops after the match");
     assert_eq!(r.r10, 96);
     let mut buf = vec![0u8; 5000];
-    g.mem.read_slice(&mut buf, GuestAddress(DATA + 0x4000)).unwrap();
-    assert!(buf.chunks(8).all(|c| c == &[8, 7, 6, 5, 4, 3, 2, 1][..c.len()]));
+    g.mem
+        .read_slice(&mut buf, GuestAddress(DATA + 0x4000))
+        .unwrap();
+    assert!(
+        buf.chunks(8)
+            .all(|c| c == &[8, 7, 6, 5, 4, 3, 2, 1][..c.len()])
+    );
     let mut out = [0u8; 17];
-    g.mem.read_slice(&mut out, GuestAddress(DATA + 0x8000)).unwrap();
+    g.mem
+        .read_slice(&mut out, GuestAddress(DATA + 0x8000))
+        .unwrap();
     assert_eq!(out[0], 1);
     assert_eq!(&out[1..], &seq[..]);
 }
@@ -65,10 +74,13 @@ fn outs_to_port(hv: &dyn Hypervisor) {
     g.mem.write_slice(b"abc", GuestAddress(DATA)).unwrap();
     assert_eq!(g.run(), VcpuExit::Halted);
     let w = g.io.pio_writes.lock().unwrap().clone();
-    let bytes: Vec<u8> = w.iter().map(|(p, d)| {
-        assert_eq!(*p, 0x3f8);
-        d[0]
-    }).collect();
+    let bytes: Vec<u8> = w
+        .iter()
+        .map(|(p, d)| {
+            assert_eq!(*p, 0x3f8);
+            d[0]
+        })
+        .collect();
     assert_eq!(bytes, b"abc");
 }
 

@@ -96,9 +96,8 @@ pub fn long_mode_guest(hv: &dyn Hypervisor, code: &[u8]) -> Guest {
 }
 
 pub fn guest_with(hv: &dyn Hypervisor, code: &[u8], vcpus: u32) -> Guest {
-    let mem = Arc::new(
-        hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory"),
-    );
+    let mem =
+        Arc::new(hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory"));
     let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
     w(PML4, 0x2000 | 3);
     w(0x2000, 0x3000 | 3);
