@@ -48,14 +48,14 @@ fn open_kvm(model: Option<&CpuModel>) -> Result<Arc<dyn Hypervisor>> {
         backend: "kvm",
         reason,
     })?;
-    // The emu backend's instruction emulator (which completes what KVM's refuses) is wired
-    // once hv-emu provides it.
-    let _ = model;
-    Ok(Arc::new(hv_kvm::KvmHypervisor::open(None)?))
+    // KVM completes the instructions its own emulator refuses with emu's instruction emulator.
+    let emulator = model
+        .map(|m| Arc::new(hv_emu::Emulator::new(m.clone())) as Arc<dyn hv::InstructionEmulator>);
+    Ok(Arc::new(hv_kvm::KvmHypervisor::open(emulator)?))
 }
 
 fn open_emu() -> Result<Arc<dyn Hypervisor>> {
-    Err(Error::NotSupported("the emu backend"))
+    Ok(Arc::new(hv_emu::EmuHypervisor::new()))
 }
 
 /// Opens the backend `choice` names and settles the CPU model. `auto` logs its pick on stderr.
