@@ -1114,15 +1114,8 @@ impl Exec<'_> {
             | M::Outsb
             | M::Outsw
             | M::Outsd => self.string(i),
-            M::Movsd | M::Cmpsd if i.op0_kind() != OpKind::Register => self.string(i),
-            M::Movsd | M::Cmpsd
-                if matches!(
-                    i.op1_kind(),
-                    OpKind::MemorySegRSI | OpKind::MemorySegESI | OpKind::MemorySegSI
-                ) =>
-            {
-                self.string(i)
-            }
+            // String MOVSD/CMPSD (not the SSE scalar-double forms of the same mnemonic).
+            M::Movsd | M::Cmpsd if is_string_op(i) => self.string(i),
             _ => self.exec_system(i),
         }
     }
@@ -1452,6 +1445,20 @@ impl Exec<'_> {
         }
         Ok(())
     }
+}
+
+fn is_string_op(i: &Instruction) -> bool {
+    (0..i.op_count()).any(|n| {
+        matches!(
+            i.op_kind(n),
+            OpKind::MemorySegSI
+                | OpKind::MemorySegESI
+                | OpKind::MemorySegRSI
+                | OpKind::MemoryESDI
+                | OpKind::MemoryESEDI
+                | OpKind::MemoryESRDI
+        )
+    })
 }
 
 pub fn is_sreg(r: Register) -> bool {

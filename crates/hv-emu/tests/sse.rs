@@ -80,6 +80,35 @@ fn fxsave_round_trip(hv: &dyn Hypervisor) {
     assert_eq!(g.read_u64(DATA + 240), 0x1234_5678);
 }
 
+fn scalar_double(hv: &dyn Hypervisor) {
+    // movsd to memory is the SSE store, not the string instruction of the same mnemonic.
+    let code = asm(|a| {
+        a.mov(rdi, DATA)?;
+        a.mov(eax, 7)?;
+        a.cvtsi2sd(xmm0, eax)?;
+        a.mov(eax, 2)?;
+        a.cvtsi2sd(xmm1, eax)?;
+        a.divsd(xmm0, xmm1)?;
+        a.movsd_2(qword_ptr(rdi), xmm0)?;
+        a.cvttsd2si(ebx, xmm0)?;
+        a.mov(rsi, DATA + 64)?;
+        a.mov(rdi, DATA + 128)?;
+        a.movsd()?; // string form: copies 4 bytes
+        a.hlt()
+    });
+    let mut g = long_mode_guest(hv, &code);
+    g.write_u64(DATA + 64, 0x1122_3344);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(f64::from_bits(g.read_u64(DATA)), 3.5);
+    assert_eq!(g.regs().rbx, 3);
+    assert_eq!(g.read_u64(DATA + 128), 0x1122_3344);
+}
+
+#[test]
+fn emu_scalar_double() {
+    scalar_double(&emu());
+}
+
 #[test]
 fn emu_strlen_like() {
     strlen_like(&emu());
