@@ -1,0 +1,82 @@
+//! Runs arbitrary bytes as guest code on the emu backend's instruction decoder and executor
+//! (`hv_emu::Emulator`, the same code the emu vCPU runs), for at most 200 instructions (stopping at the first exception), in
+//! 64-bit long mode (identity-mapped, as Linux is entered) or in real mode. Must never panic,
+//! hang inside one instruction, or allocate without bound.
+//!
+//! Input: byte 0 bit 0 selects long mode; bytes 1.. are the code (at most 64 KiB), placed at
+//! 1 MiB (long mode) or at 0x1000:0000 (real mode) in 2 MiB of RAM. Everything above RAM is
+//! MMIO nobody claims: reads all-ones, writes dropped.
+#![no_main]
+
+use hv::{GuestMemory, InstructionEmulator, MpState};
+use libfuzzer_sys::fuzz_target;
+use machine::layout::{BOOT_GDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR};
+use vm_memory::{Bytes, GuestAddress};
+
+const RAM: usize = 2 << 20;
+const LONG_ENTRY: u64 = 0x10_0000;
+const REAL_SEGMENT: u16 = 0x1000;
+const STEPS: usize = 200;
+
+struct Unclaimed;
+
+impl hv::DeviceIo for Unclaimed {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) {}
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+/// The boot GDT (null, code64, data, busy 64-bit TSS) and identity-mapping page tables of
+/// the first GiB, as `machine::boot` writes them.
+fn write_long_mode_tables(mem: &GuestMemory) -> Option<()> {
+    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067, 0];
+    for (i, e) in gdt.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64)).ok()?;
+    }
+    mem.write_obj(PDPT_ADDR | 3, GuestAddress(PML4_ADDR)).ok()?;
+    mem.write_obj(PD_ADDR | 3, GuestAddress(PDPT_ADDR)).ok()?;
+    for i in 0..512u64 {
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + 8 * i)).ok()?;
+    }
+    Some(())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [mode, code @ ..] = data else { return };
+    let code = &code[..code.len().min(64 << 10)];
+    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), RAM)]) else {
+        return;
+    };
+    let long = mode & 1 == 1;
+    let mut state = if long {
+        if write_long_mode_tables(&mem).is_none() {
+            return;
+        }
+        machine::boot::bsp_boot_state(LONG_ENTRY)
+    } else {
+        let mut s = machine::boot::reset_state(0);
+        s.mp_state = MpState::Runnable;
+        s.sregs.cs.selector = REAL_SEGMENT;
+        s.sregs.cs.base = u64::from(REAL_SEGMENT) << 4;
+        s.regs.rip = 0;
+        s
+    };
+    let at = if long { LONG_ENTRY } else { u64::from(REAL_SEGMENT) << 4 };
+    if mem.write_slice(code, GuestAddress(at)).is_err() {
+        return;
+    }
+    let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
+    for _ in 0..STEPS {
+        // An exception is left pending for the caller to inject: the run ends there.
+        if emu.emulate_one(&mut state, &mem, &Unclaimed).is_err()
+            || state.events.exception.is_some()
+        {
+            break;
+        }
+    }
+});
