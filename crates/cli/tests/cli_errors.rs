@@ -270,3 +270,54 @@ fn api_socket_not_there() {
     );
     assert_error(&out, 2, "cannot connect to api socket");
 }
+
+#[test]
+fn missing_disk_image() {
+    let dir = scratch("disk");
+    let k = fake_bzimage(&dir);
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--backend",
+            "emu",
+            "--serial",
+            "null",
+            "--disk",
+            "/nonexistent/disk.img",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "cannot open disk /nonexistent/disk.img");
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--disk",
+            "/d.img,format=vmdk",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "vmdk");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn serial_file_unwritable() {
+    let dir = scratch("serialfile");
+    let k = fake_bzimage(&dir);
+    let out = anyvisor(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial",
+            "/nonexistent/dir/log",
+        ],
+        &[],
+    );
+    assert_error(&out, 2, "cannot open /nonexistent/dir/log");
+    let _ = std::fs::remove_dir_all(dir);
+}

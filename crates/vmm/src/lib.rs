@@ -9,6 +9,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod serial;

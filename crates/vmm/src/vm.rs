@@ -64,6 +64,8 @@ pub struct VmParts {
     pub memory: Arc<GuestMemory>,
     pub vm: Arc<dyn hv::Vm>,
     pub platform: Arc<Platform>,
+    /// Virtio devices in slot order.
+    pub virtio: Vec<crate::devices::VirtioSlotDevice>,
     pub vcpus: Vec<SharedVcpu>,
     control: Arc<Control>,
 }
@@ -105,7 +107,7 @@ impl VmControl for VmParts {
             "cpu_model": self.cpu_model.name,
             "cpus": self.config.cpus,
             "memory_mib": self.config.memory / MIB,
-            "devices": devices(&self.config),
+            "devices": self.devices(),
             "counters": counters,
         })
     }
@@ -134,16 +136,20 @@ impl VmControl for VmParts {
     }
 }
 
-/// The guest-visible devices, for `GET /vm`.
-fn devices(config: &VmConfig) -> serde_json::Value {
-    let mut list =
-        vec![serde_json::json!({"type": "serial", "model": "16550", "port": "0x3f8", "irq": 4})];
-    for d in &config.disks {
-        list.push(
-            serde_json::json!({"type": "virtio-blk", "path": d.path, "readonly": d.readonly}),
-        );
+impl VmParts {
+    /// The guest-visible devices, for `GET /vm`.
+    fn devices(&self) -> serde_json::Value {
+        let serial = serde_json::json!({
+            "type": "serial",
+            "model": "16550",
+            "port": "0x3f8",
+            "irq": machine::layout::SERIAL_IRQ,
+        });
+        let list = std::iter::once(serial)
+            .chain(self.virtio.iter().map(|d| d.info()))
+            .collect();
+        serde_json::Value::Array(list)
     }
-    serde_json::Value::Array(list)
 }
 
 /// Platform power events stop the VM.
@@ -234,18 +240,6 @@ impl Vmm {
         if let Some(initrd) = &config.initrd {
             check_readable(initrd)?;
         }
-        if !config.disks.is_empty() {
-            return Err(Error::NotSupported("--disk"));
-        }
-        if !config.nets.is_empty() {
-            return Err(Error::NotSupported("--net"));
-        }
-        if config.vsock.is_some() {
-            return Err(Error::NotSupported("--vsock"));
-        }
-        if config.rng {
-            return Err(Error::NotSupported("--rng"));
-        }
         let serial_out = crate::serial::output(&config.serial)?;
 
         let backend = crate::backend::open(config.backend, config.cpu_model)?;
@@ -262,14 +256,16 @@ impl Vmm {
         let control = Arc::new(Control::new(config.cpus));
         let platform = Platform::new(serial_out, Arc::new(Events(control.clone())));
         platform.attach_vm(vm.clone());
+        let virtio = crate::devices::create(&config, &memory, &platform)?;
         let platform = Arc::new(platform);
 
+        let slots: Vec<machine::boot::VirtioSlot> = virtio.iter().map(|d| d.slot).collect();
         let boot = machine::boot::BootConfig {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
             cmdline: &config.cmdline,
             cpus: config.cpus,
-            virtio: &[],
+            virtio: &slots,
         };
         let states = machine::boot::load_linux(&memory, &boot)
             .map_err(|e| machine_error("cannot load the kernel", e))?;
@@ -296,6 +292,7 @@ impl Vmm {
             memory,
             vm,
             platform: platform.clone(),
+            virtio,
             vcpus,
             control: control.clone(),
             config,

@@ -1,0 +1,155 @@
+//! The VM's virtio devices: each one behind a virtio-mmio transport in one platform slot
+//! (`machine::boot::VirtioSlot`), in a fixed order: disks, network devices, vsock, rng. The
+//! order decides the slots, so the same config always gives the same guest-visible machine.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use machine::boot::VirtioSlot;
+use machine::{IrqLine, MmioHandler, Platform};
+use virtio::{MmioTransport, VirtioDevice};
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+
+/// One virtio device in its slot.
+pub struct VirtioSlotDevice {
+    /// `virtio-blk`, `virtio-net`, `virtio-vsock` or `virtio-rng`.
+    pub kind: &'static str,
+    pub slot: VirtioSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// What the user configured, for `GET /vm`.
+    pub detail: serde_json::Value,
+}
+
+impl VirtioSlotDevice {
+    pub fn info(&self) -> serde_json::Value {
+        let counters = self
+            .transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .counters();
+        let mut v = serde_json::json!({
+            "type": self.kind,
+            "mmio_base": format!("{:#x}", self.slot.base),
+            "irq": self.slot.irq,
+            "counters": serde_json::to_value(counters).unwrap_or(serde_json::Value::Null),
+        });
+        if let (Some(obj), Some(detail)) = (v.as_object_mut(), self.detail.as_object()) {
+            obj.extend(detail.clone());
+        }
+        v
+    }
+}
+
+/// The platform bus calls into the transport under its lock.
+struct Window(Arc<Mutex<MmioTransport>>);
+
+impl MmioHandler for Window {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(offset, data);
+    }
+}
+
+/// A device's interrupt: one edge on its IOAPIC pin.
+struct Irq(IrqLine);
+
+impl virtio::Interrupt for Irq {
+    fn trigger(&self) {
+        self.0.trigger();
+    }
+}
+
+fn device_error(what: String, e: impl std::error::Error + 'static) -> Error {
+    Error::Setup(format!("{what}: {}", crate::error::report(&e)))
+}
+
+/// Creates the devices `config` asks for and maps them on `platform`.
+pub fn create(
+    config: &VmConfig,
+    memory: &Arc<hv::GuestMemory>,
+    platform: &Platform,
+) -> Result<Vec<VirtioSlotDevice>> {
+    let mut wanted: Vec<(&'static str, Box<dyn VirtioDevice>, serde_json::Value)> = Vec::new();
+    for d in &config.disks {
+        let block = virtio::Block::new(virtio::BlockConfig {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            format: d.format.map(|f| match f {
+                crate::config::DiskFormat::Raw => virtio::Format::Raw,
+                crate::config::DiskFormat::Qcow2 => virtio::Format::Qcow2,
+            }),
+        })
+        .map_err(|e| device_error(format!("cannot open disk {}", d.path.display()), e))?;
+        wanted.push((
+            "virtio-blk",
+            Box::new(block),
+            serde_json::json!({"path": d.path, "readonly": d.readonly}),
+        ));
+    }
+    for n in &config.nets {
+        let net = virtio::Net::new(virtio::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        })
+        .map_err(|e| device_error(format!("cannot open tap {}", n.tap), e))?;
+        wanted.push((
+            "virtio-net",
+            Box::new(net),
+            serde_json::json!({"tap": n.tap}),
+        ));
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = virtio::Vsock::new(virtio::VsockConfig {
+            guest_cid: u64::from(v.cid),
+            uds_path: v.uds.clone(),
+        })
+        .map_err(|e| device_error("cannot create the vsock device".into(), e))?;
+        wanted.push((
+            "virtio-vsock",
+            Box::new(vsock),
+            serde_json::json!({"cid": v.cid, "uds": v.uds}),
+        ));
+    }
+    if config.rng {
+        let rng = virtio::Rng::new()
+            .map_err(|e| device_error("cannot create the rng device".into(), e))?;
+        wanted.push(("virtio-rng", Box::new(rng), serde_json::json!({})));
+    }
+
+    let mut devices = Vec::with_capacity(wanted.len());
+    for (index, (kind, device, detail)) in (0u32..).zip(wanted) {
+        let slot = VirtioSlot::for_index(index).ok_or_else(|| {
+            Error::Usage(format!(
+                "too many virtio devices (at most {})",
+                machine::layout::MAX_VIRTIO_SLOTS
+            ))
+        })?;
+        let irq = Arc::new(Irq(platform.irq_line(slot.irq)));
+        let transport = MmioTransport::new(device, memory.clone(), irq)
+            .map_err(|e| device_error(format!("cannot create {kind}"), e))?
+            .into_shared();
+        platform
+            .register_mmio(
+                slot.base,
+                machine::layout::VIRTIO_MMIO_SIZE,
+                Arc::new(Window(transport.clone())),
+            )
+            .map_err(|e| Error::Internal(crate::error::report(&e)))?;
+        devices.push(VirtioSlotDevice {
+            kind,
+            slot,
+            transport,
+            detail,
+        });
+    }
+    Ok(devices)
+}
