@@ -14,9 +14,15 @@ use vm_memory::{Bytes, GuestAddress};
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn put(target: &str, name: &str, bytes: &[u8]) -> Res<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir)?;
-    assert!(bytes.len() < 100 << 10, "{target}/{name} is {} bytes", bytes.len());
+    assert!(
+        bytes.len() < 100 << 10,
+        "{target}/{name} is {} bytes",
+        bytes.len()
+    );
     std::fs::write(dir.join(name), bytes)?;
     println!("{target}/{name}: {} bytes", bytes.len());
     Ok(())
@@ -24,7 +30,8 @@ fn put(target: &str, name: &str, bytes: &[u8]) -> Res<()> {
 
 /// A 16 KiB guest with a few non-zero pages.
 fn small_memory() -> Res<GuestMemory> {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x4000), 0x2000)])?;
+    let mem =
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x4000), 0x2000)])?;
     mem.write_slice(b"anyvisor seed page", GuestAddress(0x10))?;
     mem.write_slice(&[0xa5; 64], GuestAddress(0x4800))?;
     Ok(mem)
@@ -67,7 +74,10 @@ struct Recorder {
 impl Read for Recorder {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.log.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(&buf[..n]);
+        self.log
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(&buf[..n]);
         Ok(n)
     }
 }
@@ -124,12 +134,17 @@ impl migrate::DestinationVm for Dest {
 fn migrate_seeds() -> Res<()> {
     let (a, b) = UnixStream::pair()?;
     let log = Arc::new(Mutex::new(Vec::new()));
-    let recorder = Recorder { inner: b, log: log.clone() };
+    let recorder = Recorder {
+        inner: b,
+        log: log.clone(),
+    };
     let dest = std::thread::spawn(move || {
         let arrived = migrate::receive_on(recorder, None, |_| {
             small_memory().map(Dest).map_err(|e| e.to_string())
         });
-        arrived.map(|a| a.confirmation.resumed()).map_err(|e| e.to_string())
+        arrived
+            .map(|a| a.confirmation.resumed())
+            .map_err(|e| e.to_string())
     });
     let src = Source {
         mem: small_memory()?,
@@ -140,7 +155,11 @@ fn migrate_seeds() -> Res<()> {
     let bytes = log.lock().map_err(|_| "poisoned")?.clone();
     put("migrate_receiver", "full-migration", &bytes)?;
     // The handshake alone, and the stream cut in the middle of the memory phase.
-    put("migrate_receiver", "first-64-bytes", &bytes[..64.min(bytes.len())])?;
+    put(
+        "migrate_receiver",
+        "first-64-bytes",
+        &bytes[..64.min(bytes.len())],
+    )?;
     put("migrate_receiver", "cut-half", &bytes[..bytes.len() / 2])?;
     Ok(())
 }
@@ -219,7 +238,11 @@ fn loader_seeds() -> Res<()> {
     let cmd = b"console=ttyS0 quiet reboot=k panic=-1 anyvisor.test=poweroff";
     for (name, flags, kernel) in [
         ("elf", 0u8, tiny_elf(&[0xf4; 64])),
-        ("elf-initrd-4cpus-virtio", 1 | 6 | 8, tiny_elf(&[0x90, 0xf4])),
+        (
+            "elf-initrd-4cpus-virtio",
+            1 | 6 | 8,
+            tiny_elf(&[0x90, 0xf4]),
+        ),
         ("bzimage", 0, tiny_bzimage()),
         ("bzimage-initrd", 1, tiny_bzimage()),
     ] {

@@ -34,14 +34,22 @@ impl hv::DeviceIo for Unclaimed {
 /// The boot GDT (null, code64, data, busy 64-bit TSS) and identity-mapping page tables of
 /// the first GiB, as `machine::boot` writes them.
 fn write_long_mode_tables(mem: &GuestMemory) -> Option<()> {
-    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067, 0];
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x0000_8b00_0000_0067,
+        0,
+    ];
     for (i, e) in gdt.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64)).ok()?;
+        mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64))
+            .ok()?;
     }
     mem.write_obj(PDPT_ADDR | 3, GuestAddress(PML4_ADDR)).ok()?;
     mem.write_obj(PD_ADDR | 3, GuestAddress(PDPT_ADDR)).ok()?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + 8 * i)).ok()?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + 8 * i))
+            .ok()?;
     }
     Some(())
 }
@@ -66,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
         s.regs.rip = 0;
         s
     };
-    let at = if long { LONG_ENTRY } else { u64::from(REAL_SEGMENT) << 4 };
+    let at = if long {
+        LONG_ENTRY
+    } else {
+        u64::from(REAL_SEGMENT) << 4
+    };
     if mem.write_slice(code, GuestAddress(at)).is_err() {
         return;
     }

@@ -20,12 +20,17 @@ fn memory() -> Option<&'static GuestMemory> {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("anyvisor-fuzz-loader-{}-{name}", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "anyvisor-fuzz-loader-{}-{name}",
+        std::process::id()
+    ))
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some(mem) = memory() else { return };
-    let [flags, l0, l1, rest @ ..] = data else { return };
+    let [flags, l0, l1, rest @ ..] = data else {
+        return;
+    };
     let len = usize::from(u16::from_le_bytes([*l0, *l1])).min(rest.len());
     let (cmdline, kernel) = rest.split_at(len);
     let cmdline = String::from_utf8_lossy(cmdline);

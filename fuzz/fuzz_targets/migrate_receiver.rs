@@ -41,11 +41,8 @@ impl migrate::DestinationVm for Dest {
 fn memory() -> Option<&'static GuestMemory> {
     static MEM: OnceLock<Option<GuestMemory>> = OnceLock::new();
     MEM.get_or_init(|| {
-        GuestMemory::from_ranges(&[
-            (GuestAddress(0), 1 << 20),
-            (GuestAddress(4 << 20), 1 << 20),
-        ])
-        .ok()
+        GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 1 << 20)])
+            .ok()
     })
     .as_ref()
 }

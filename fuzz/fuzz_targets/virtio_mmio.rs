@@ -65,7 +65,8 @@ fn run(data: &[u8]) -> Option<()> {
     let mut input = data;
     let flags = take(&mut input, 1)?[0];
     let (blk, readonly) = (flags & 1 == 1, flags & 2 == 2);
-    let disk = Disk(std::env::temp_dir().join(format!("anyvisor-fuzz-mmio-{}", std::process::id())));
+    let disk =
+        Disk(std::env::temp_dir().join(format!("anyvisor-fuzz-mmio-{}", std::process::id())));
     std::fs::write(&disk.0, [0u8; 8192]).ok()?;
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).ok()?);
     let irq = Arc::new(NoIrq);
@@ -104,9 +105,14 @@ fn run(data: &[u8]) -> Option<()> {
             _ => {
                 let state: MmioState = serde_json::from_slice(input).ok()?;
                 let fresh = device(blk, readonly, &disk)?;
-                let restored = MmioTransport::restore(fresh, mem.clone(), irq.clone(), &state).ok()?;
+                let restored =
+                    MmioTransport::restore(fresh, mem.clone(), irq.clone(), &state).ok()?;
                 // A restored transport must save back to what it was restored from.
-                assert_eq!(restored.save(), state, "restore then save changed the state");
+                assert_eq!(
+                    restored.save(),
+                    state,
+                    "restore then save changed the state"
+                );
                 // Queue addresses and indices came from the state: walk them.
                 let mut t = restored;
                 for q in 0..4 {
