@@ -14,6 +14,17 @@
 //! Two filters are installed per role: a first one makes `clone3` fail with `ENOSYS` (its flags
 //! live in memory, out of a filter's reach), so that glibc falls back to `clone`, whose flags the
 //! role filter checks: threads may be created by roles that need them, processes never.
+//!
+//! Where the VMM installs each role (everything a thread opens must be opened before):
+//! * [`ThreadRole::Vcpu`]: first thing in each vCPU thread, before its run loop (the vCPU fd,
+//!   its `kvm_run` mapping, the kick signal handler and the disk images already exist).
+//! * [`ThreadRole::Device`]: first thing in the console-input thread (raw mode already set).
+//! * [`ThreadRole::Api`]: first thing in the API thread, before its accept loop. A `tcp:`
+//!   migration started from here must get a numeric address: resolving a host name may load
+//!   NSS modules (executable mappings), which the filter refuses.
+//! * [`ThreadRole::Migration`]: in a migration thread, after the key file was read.
+//! * [`ThreadRole::Main`]: on the main thread after the last thread was spawned, before it
+//!   waits for the VM's end.
 
 pub mod ioctl;
 pub mod rules;
