@@ -139,7 +139,7 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             Ok(0)
         }
         Command::SnapshotInfo(a) => {
-            let info = vmm::snapshot_info(&a.file)?;
+            let info = vmm::snapshot::info(&a.file)?;
             println!("{info}");
             Ok(0)
         }

@@ -102,8 +102,9 @@ impl Error {
                 hv::Error::Unavailable { .. } | hv::Error::Incompatible(_) => EXIT_USAGE,
                 _ => EXIT_FAILURE,
             },
+            // 501: the VM does not offer that operation (yet): like an unsupported option.
             Error::ApiRequest { status, .. } => {
-                if (400..500).contains(status) {
+                if (400..500).contains(status) || *status == 501 {
                     EXIT_USAGE
                 } else {
                     EXIT_FAILURE
@@ -167,6 +168,10 @@ mod tests {
             Error::ApiRequest {
                 status: 409,
                 message: "x".into(),
+            },
+            Error::ApiRequest {
+                status: 501,
+                message: "snapshot is not supported yet".into(),
             },
         ];
         for e in &usage {

@@ -12,9 +12,11 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod migration;
 pub mod serial;
+pub mod snapshot;
 pub mod vm;
 
 pub use config::{RunOptions, RunRequest, VmConfig};
 pub use error::{Error, Result};
-pub use vm::{ExitReason, Vmm, run, snapshot_info};
+pub use vm::{ExitReason, Vmm, run};

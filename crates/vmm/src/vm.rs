@@ -67,7 +67,8 @@ pub struct VmParts {
     /// Virtio devices in slot order.
     pub virtio: Vec<crate::devices::VirtioSlotDevice>,
     pub vcpus: Vec<SharedVcpu>,
-    control: Arc<Control>,
+    /// Pause, resume and stop; the platform's power events land here.
+    pub control: Arc<Control>,
 }
 
 impl VmParts {
@@ -127,12 +128,12 @@ impl VmControl for VmParts {
         Ok(())
     }
 
-    fn snapshot(&self, _: SnapshotRequest) -> std::result::Result<(), ApiError> {
-        Err(ApiError::new(501, "snapshot is not supported yet"))
+    fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
+        crate::snapshot::take(self, req)
     }
 
-    fn migrate(&self, _: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
-        Err(ApiError::new(501, "migrate is not supported yet"))
+    fn migrate(&self, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
+        crate::migration::send(self, req)
     }
 }
 
@@ -150,6 +151,13 @@ impl VmParts {
             .collect();
         serde_json::Value::Array(list)
     }
+}
+
+/// A platform whose serial port goes where `serial` says and whose power events stop the VM
+/// through `control`. Booting, restoring and receiving a VM all build theirs here.
+pub fn new_platform(serial: &SerialConfig, control: &Arc<Control>) -> Result<Platform> {
+    let out = crate::serial::output(serial)?;
+    Ok(Platform::new(out, Arc::new(Events(control.clone()))))
 }
 
 /// Platform power events stop the VM.
@@ -240,7 +248,9 @@ impl Vmm {
         if let Some(initrd) = &config.initrd {
             check_readable(initrd)?;
         }
-        let serial_out = crate::serial::output(&config.serial)?;
+        let control = Arc::new(Control::new(config.cpus));
+        // Opened before the backend, so a bad --serial path fails fast.
+        let platform = new_platform(&config.serial, &control)?;
 
         let backend = crate::backend::open(config.backend, config.cpu_model)?;
         let memory = Arc::new(
@@ -253,8 +263,6 @@ impl Vmm {
             vcpus: config.cpus,
             tsc_khz: None,
         })?;
-        let control = Arc::new(Control::new(config.cpus));
-        let platform = Platform::new(serial_out, Arc::new(Events(control.clone())));
         platform.attach_vm(vm.clone());
         let virtio = crate::devices::create(&config, &memory, &platform)?;
         let platform = Arc::new(platform);
@@ -399,14 +407,15 @@ pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
     use crate::config::RunRequest;
     match request {
         RunRequest::Boot(config) => Vmm::start(config)?.wait(),
-        RunRequest::Restore { .. } => Err(Error::NotSupported("--restore")),
-        RunRequest::Incoming { .. } => Err(Error::NotSupported("--incoming")),
+        RunRequest::Restore { snapshot, runtime } => {
+            crate::snapshot::restore(&snapshot, &runtime)?.wait()
+        }
+        RunRequest::Incoming {
+            from,
+            migration_key,
+            runtime,
+        } => crate::migration::receive(&from, migration_key.as_deref(), &runtime)?.wait(),
     }
-}
-
-/// `anyvisor snapshot-info`: what a snapshot file holds, as JSON.
-pub fn snapshot_info(_path: &Path) -> Result<serde_json::Value> {
-    Err(Error::NotSupported("snapshot-info"))
 }
 
 #[cfg(test)]
