@@ -115,15 +115,15 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     }
 }
 
-/// The command line handed to the kernel: the user's, then one
+/// The command line handed to the kernel: the user's, unchanged, then one
 /// `virtio_mmio.device=4K@0x<base>:<irq>` per slot. At most `CMDLINE_MAX - 1` bytes.
 pub fn build_cmdline(user: &str, virtio: &[VirtioSlot]) -> Result<String, Error> {
     if user.contains('\0') {
         return Err(Error::CmdlineNul);
     }
-    let mut s = user.trim_end().to_string();
+    let mut s = user.to_string();
     for v in virtio {
-        if !s.is_empty() {
+        if !s.is_empty() && !s.ends_with(char::is_whitespace) {
             s.push(' ');
         }
         s.push_str(&format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq));
@@ -773,6 +773,11 @@ mod tests {
         assert_eq!(build_cmdline(&"y".repeat(2047), &[]).unwrap().len(), 2047);
         assert!(build_cmdline(&"y".repeat(2048), &[]).is_err());
         assert!(build_cmdline("a\0b", &[]).is_err());
+        assert_eq!(
+            build_cmdline("x  ", &slots[..1]).unwrap(),
+            "x  virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(build_cmdline(" keep ", &[]).unwrap(), " keep ");
         assert!(VirtioSlot::for_index(16).is_none());
     }
 
