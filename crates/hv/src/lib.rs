@@ -193,3 +193,45 @@ pub trait InstructionEmulator: Send + Sync {
         io: &dyn DeviceIo,
     ) -> Result<()>;
 }
+
+/// Why [`UserModeRunner::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserExit {
+    /// The guest executed `syscall`. The state is the user-mode state with RIP already past the
+    /// instruction; the caller performs the `syscall` semantics (RCX, R11, LSTAR, ...).
+    Syscall,
+    /// An exception or interrupt (including `int n`) was raised in user mode. The state is the
+    /// user-mode state to push in the interrupt frame (RIP = the return address the CPU pushed:
+    /// the faulting instruction for faults, the next one for traps and `int n`); `cr2` is set for
+    /// #PF. The caller delivers the event through the guest's IDT.
+    Event { vector: u8, error_code: Option<u32> },
+    /// The kicker fired or the deadline passed; the state is on a user-mode instruction boundary.
+    Interrupted,
+}
+
+/// Runs a guest's user-mode (CPL 3, 64-bit) code on hardware on behalf of a backend that
+/// executes everything else itself (emu). Used where the hardware backend cannot run guest
+/// kernel code at useful speed (KVM's PVM flavour emulates all CPL 0 code instruction by
+/// instruction): the kernel runs in emu, user programs run natively.
+pub trait UserModeAccelerator: Send + Sync {
+    /// A runner for vCPU `vcpu_id` over `memory` (the VM's guest RAM, shared with the caller).
+    fn create_runner(&self, vcpu_id: u32, memory: Arc<GuestMemory>) -> Result<Box<dyn UserModeRunner>>;
+    /// The TSC frequency user code observes, in kHz (the caller's guest TSC must match it).
+    fn tsc_khz(&self) -> u32;
+}
+
+pub trait UserModeRunner: Send {
+    /// Runs `state` (which must be at CPL 3 in long mode with paging) until it leaves user mode,
+    /// the kicker fires, or `deadline` passes. On return `state` is updated, and every guest page
+    /// user code wrote has been marked in the [`GuestMemory`] dirty bitmap and is listed in
+    /// `written` (guest page frame numbers) so the caller can drop cached translations.
+    fn run(
+        &mut self,
+        state: &mut CpuState,
+        deadline: Option<std::time::Instant>,
+        io: &dyn DeviceIo,
+        written: &mut Vec<u64>,
+    ) -> Result<UserExit>;
+    /// Interrupts a `run` in progress (or makes the next one return at once).
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+}
