@@ -10,6 +10,7 @@
 
 pub mod convert;
 mod cpuid;
+mod user_accel;
 mod vcpu;
 mod vm;
 mod walk;
@@ -20,6 +21,7 @@ use hv::{BackendKind, CpuModel, Hypervisor, InstructionEmulator, VmConfig};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::{Cap, Kvm};
 
+pub use user_accel::{KvmUserAccelerator, KvmUserRunner, MAX_RUNNERS, PRIVATE_GPA, PRIVATE_STRIDE};
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 

@@ -1,0 +1,1028 @@
+//! Runs guest user mode (CPL 3) on KVM for a backend that executes everything else itself.
+//!
+//! On hosts whose KVM emulates all CPL-0 code (the PVM flavour, see `docs/kvm-platform.md`) a
+//! guest kernel is far faster in the `emu` software CPU, while user code runs natively under KVM.
+//! [`KvmUserAccelerator`] gives `emu` a KVM vCPU per guest vCPU to run user-mode stretches on.
+//!
+//! How a run leaves user mode without running guest kernel code in KVM ("trap redirection"):
+//! * Each runner owns a few pages of host memory, mapped into the KVM VM as a private memory slot
+//!   at [`PRIVATE_GPA`] + `vcpu_id` * [`PRIVATE_STRIDE`] (outside guest RAM and every platform
+//!   MMIO window). They hold a shadow PML4, a PDPT/PD/PT chain, a shadow IDT and a trap page.
+//! * The shadow PML4 is a copy of the guest's top-level page table with one empty kernel-half
+//!   slot pointing at the private chain, which maps the shadow IDT and the trap page there.
+//!   CR3 points at the shadow PML4 (same PCID bits), so user code sees exactly its own mappings.
+//! * The shadow IDT is the guest's IDT with only the handler offsets replaced by
+//!   `trap page + vector`; selector, type, DPL, IST and present bits are the guest's, so privilege
+//!   checks, stack switching and the pushed frame are the CPU's own. LSTAR/CSTAR point at
+//!   `trap page + 0x100/0x101`.
+//! * The trap page is filled with `hlt`. Without an in-kernel local APIC, `hlt` ends `KVM_RUN`
+//!   with `KVM_EXIT_HLT` and RIP after it, which names the vector. The frame the CPU pushed on the
+//!   kernel stack gives the user-mode RIP/CS/RFLAGS/RSP/SS and the error code.
+//!
+//! Guest page tables change in guest RAM behind KVM's back (the caller's kernel writes them), so
+//! KVM's shadow page tables are dropped before every run (the private slot is removed and
+//! re-added, which makes KVM zap all shadow pages).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
+use std::time::Instant;
+
+use hv::state::msr;
+use hv::{CpuState, DeviceIo, FpuState, GuestMemory, UserExit, VcpuKicker};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_sregs, kvm_userspace_memory_region, kvm_xcrs,
+};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+
+use crate::convert::Kvm as K;
+use crate::{BACKEND, backend_err, walk};
+
+/// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
+/// virtio-mmio slots' neighbours at 0xfec0_0000 and unused by the platform).
+pub const PRIVATE_GPA: u64 = 0xfe00_0000;
+/// Private pages per runner: 32 KiB, so runners 0..[`MAX_RUNNERS`] use
+/// `0xfe00_0000..0xfe10_0000`.
+pub const PRIVATE_STRIDE: u64 = 0x8000;
+/// Highest vCPU count the private window holds.
+pub const MAX_RUNNERS: u32 = 32;
+
+// Page offsets inside a runner's private area.
+const PML4_OFF: usize = 0x0000;
+const PDPT_OFF: usize = 0x1000;
+const PD_OFF: usize = 0x2000;
+const PT_OFF: usize = 0x3000;
+const IDT_OFF: usize = 0x4000;
+const TRAP_OFF: usize = 0x5000;
+const PRIVATE_SIZE: usize = PRIVATE_STRIDE as usize;
+
+/// Trap page offsets of the SYSCALL entry points (vectors use 0..=255).
+const SYSCALL_ENTRY: u64 = 0x100;
+const COMPAT_SYSCALL_ENTRY: u64 = 0x101;
+const HLT: u8 = 0xf4;
+
+/// PML4 slots tried for the private mapping, in order: Linux's unused hole at
+/// 0xfffffc0000000000 first (slots 504-507), then any other empty kernel-half slot.
+const PREFERRED_SLOTS: [usize; 4] = [504, 505, 506, 507];
+
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 2;
+const PTE_A: u64 = 0x20;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+const CR0_PG: u64 = 1 << 31;
+const CR4_LA57: u64 = 1 << 12;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Vectors whose exceptions push an error code.
+const ERROR_CODE_VECTORS: [u8; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
+
+/// MSRs loaded from the state before each run; the trap entry points replace LSTAR/CSTAR.
+const LOADED_MSRS: [u32; 6] = [
+    msr::IA32_STAR,
+    msr::IA32_FMASK,
+    msr::IA32_KERNEL_GS_BASE,
+    msr::IA32_PAT,
+    msr::IA32_TSC_AUX,
+    msr::IA32_TSC,
+];
+
+fn unavailable(reason: String) -> hv::Error {
+    hv::Error::Unavailable {
+        backend: BACKEND,
+        reason,
+    }
+}
+
+/// Runs guest user mode on this host's KVM. See the module documentation.
+pub struct KvmUserAccelerator {
+    kvm: Kvm,
+    tsc_khz: u32,
+    cpuid: CpuId,
+    vm: Mutex<Option<Arc<AccelVm>>>,
+}
+
+impl KvmUserAccelerator {
+    /// Opens `/dev/kvm`. Fails with [`hv::Error::Unavailable`] when KVM cannot be used.
+    pub fn open() -> hv::Result<KvmUserAccelerator> {
+        let kvm = Kvm::new().map_err(|e| {
+            unavailable(format!(
+                "cannot open /dev/kvm: {}",
+                std::io::Error::from_raw_os_error(e.errno())
+            ))
+        })?;
+        for (cap, name) in [
+            (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (kvm_ioctls::Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(unavailable(format!("missing capability {name}")));
+            }
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| unavailable(format!("KVM_GET_SUPPORTED_CPUID failed: errno {}", e.errno())))?;
+        let tsc_khz = kvm
+            .create_vm()
+            .and_then(|vm| vm.create_vcpu(0))
+            .and_then(|vcpu| vcpu.get_tsc_khz())
+            .map_err(|e| unavailable(format!("cannot read the TSC frequency: errno {}", e.errno())))?;
+        Ok(KvmUserAccelerator {
+            kvm,
+            tsc_khz,
+            cpuid,
+            vm: Mutex::new(None),
+        })
+    }
+
+    /// Whether this host's KVM is worth using only for user mode: true when the PVM flavour of
+    /// KVM is loaded (module `kvm_pvm` in `/sys/module`), which runs guest CPL-0 code in its
+    /// instruction emulator (~4000× slower than CPL 3, see `docs/kvm-platform.md`). On hosts
+    /// with VMX/SVM plain KVM runs the whole guest at native speed and this is not needed.
+    pub fn is_useful() -> bool {
+        std::path::Path::new("/sys/module/kvm_pvm").exists()
+    }
+
+    fn vm_for(&self, memory: &Arc<GuestMemory>) -> hv::Result<Arc<AccelVm>> {
+        let mut vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = vm.as_ref() {
+            if !Arc::ptr_eq(&v.memory, memory) {
+                return Err(hv::Error::InvalidState(
+                    "all runners of an accelerator must share one guest memory".into(),
+                ));
+            }
+            return Ok(v.clone());
+        }
+        let v = Arc::new(AccelVm::new(&self.kvm, memory.clone())?);
+        *vm = Some(v.clone());
+        Ok(v)
+    }
+}
+
+impl hv::UserModeAccelerator for KvmUserAccelerator {
+    fn create_runner(
+        &self,
+        vcpu_id: u32,
+        memory: Arc<GuestMemory>,
+    ) -> hv::Result<Box<dyn hv::UserModeRunner>> {
+        if vcpu_id >= MAX_RUNNERS {
+            return Err(hv::Error::InvalidState(format!(
+                "vCPU {vcpu_id} out of range for the user-mode accelerator (at most {MAX_RUNNERS})"
+            )));
+        }
+        let vm = self.vm_for(&memory)?;
+        Ok(Box::new(KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?))
+    }
+
+    fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+}
+
+struct RamSlot {
+    slot: u32,
+    gpa: u64,
+    size: u64,
+}
+
+/// The KVM VM all runners of an accelerator share: guest RAM slots with dirty logging.
+struct AccelVm {
+    fd: VmFd,
+    memory: Arc<GuestMemory>,
+    ram: Vec<RamSlot>,
+    /// Pages written since each live runner last collected them.
+    written: Mutex<Vec<Weak<Mutex<Vec<u64>>>>>,
+}
+
+impl AccelVm {
+    fn new(kvm: &Kvm, memory: Arc<GuestMemory>) -> hv::Result<AccelVm> {
+        let fd = kvm.create_vm().map_err(backend_err("KVM_CREATE_VM"))?;
+        let mut ram = Vec::new();
+        for (i, region) in memory.iter().enumerate() {
+            let slot = RamSlot {
+                slot: u32::try_from(i)
+                    .map_err(|_| hv::Error::InvalidState("too many memory regions".into()))?,
+                gpa: region.start_addr().0,
+                size: region.len(),
+            };
+            if slot.gpa < PRIVATE_GPA + PRIVATE_STRIDE * u64::from(MAX_RUNNERS)
+                && slot.gpa + slot.size > PRIVATE_GPA
+            {
+                return Err(hv::Error::InvalidState(format!(
+                    "guest RAM at {:#x} overlaps the user-mode accelerator's window at {PRIVATE_GPA:#x}",
+                    slot.gpa
+                )));
+            }
+            let region = kvm_userspace_memory_region {
+                slot: slot.slot,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: slot.gpa,
+                memory_size: slot.size,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the host range is a live mapping of `size` bytes owned by `memory`, which
+            // this struct keeps alive for as long as the VM fd (and so the slot) exists.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(backend_err("KVM_SET_USER_MEMORY_REGION"))?;
+            ram.push(slot);
+        }
+        Ok(AccelVm {
+            fd,
+            memory,
+            ram,
+            written: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn first_private_slot(&self) -> u32 {
+        self.ram.len() as u32
+    }
+
+    /// Collects KVM's dirty log (VM-wide), marks the pages in the guest memory's bitmap and
+    /// hands them to every live runner's queue.
+    fn collect_dirty(&self) -> hv::Result<()> {
+        let mut lists = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pages = Vec::new();
+        for slot in &self.ram {
+            let size = usize::try_from(slot.size)
+                .map_err(|_| hv::Error::InvalidState("memory slot too large".into()))?;
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot.slot, size)
+                .map_err(backend_err("KVM_GET_DIRTY_LOG"))?;
+            let first = slot.gpa >> 12;
+            for (w, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    pages.push(first + w as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        for &pfn in &pages {
+            let gpa = GuestAddress(pfn << 12);
+            if let Some((region, offset)) = self.memory.to_region_addr(gpa) {
+                region
+                    .bitmap()
+                    .mark_dirty(offset.0 as usize, hv::PAGE_SIZE as usize);
+            }
+        }
+        lists.retain(|w| w.strong_count() > 0);
+        for list in lists.iter().filter_map(Weak::upgrade) {
+            list.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&pages);
+        }
+        Ok(())
+    }
+}
+
+/// Host memory of one runner, mapped into the KVM VM as its private slot.
+struct PrivatePages {
+    ptr: *mut u8,
+}
+
+// SAFETY: the mapping is owned by this struct and only accessed through `&mut self` or shared
+// reads by KVM; moving it between threads is fine.
+unsafe impl Send for PrivatePages {}
+
+impl PrivatePages {
+    fn new() -> hv::Result<PrivatePages> {
+        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PRIVATE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(hv::Error::Backend {
+                op: "mmap",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(PrivatePages { ptr: ptr.cast() })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is a live read-write mapping of PRIVATE_SIZE bytes owned by `self`;
+        // the exclusive borrow of `self` is the only Rust reference to it (KVM's accesses go
+        // through the guest and are not Rust references).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, PRIVATE_SIZE) }
+    }
+
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.bytes()[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+impl Drop for PrivatePages {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping created in `new`; nothing refers to it any more (the KVM
+        // slot is removed by the runner before this is dropped).
+        unsafe {
+            libc::munmap(self.ptr.cast(), PRIVATE_SIZE);
+        }
+    }
+}
+
+// ---- kicks and deadlines --------------------------------------------------------------------
+
+/// The kvm_run page of the runner's vCPU, shared with its kicker and timer.
+#[derive(Clone, Copy)]
+struct RunPtr(*mut kvm_run);
+
+// SAFETY: the pointer is only dereferenced to reach `immediate_exit`, a byte KVM expects to be
+// written by any thread at any time; that happens only while the runner (and so the mapping) is
+// alive, which `Ctl::inner.run` guards.
+unsafe impl Send for RunPtr {}
+// SAFETY: as above; all access goes through an atomic byte store.
+unsafe impl Sync for RunPtr {}
+
+impl RunPtr {
+    fn set_immediate_exit(self, v: u8) {
+        // SAFETY: the mapping is alive (see `RunPtr`); `immediate_exit` is a plain byte in it,
+        // accessed only atomically by this module.
+        let byte = unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.0).immediate_exit)) };
+        byte.store(v, Ordering::SeqCst);
+    }
+
+    fn io_size(self) -> usize {
+        // SAFETY: called only while handling KVM_EXIT_IO, when `io` is the active union member;
+        // a raw read of a byte disjoint from the data area the exit's slice covers.
+        let size =
+            unsafe { std::ptr::addr_of!((*self.0).__bindgen_anon_1.io.size).read_volatile() };
+        usize::from(size).max(1)
+    }
+}
+
+struct CtlInner {
+    /// `None` once the runner is gone.
+    run: Option<RunPtr>,
+    /// The thread inside `run`, if any.
+    thread: Option<libc::pthread_t>,
+    /// A kick not consumed yet.
+    pending: bool,
+    deadline: Option<Instant>,
+    /// The deadline of the current run passed.
+    fired: bool,
+    quit: bool,
+}
+
+struct Ctl {
+    inner: Mutex<CtlInner>,
+    cv: Condvar,
+}
+
+impl Ctl {
+    fn lock(&self) -> MutexGuard<'_, CtlInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn interrupt(k: &CtlInner) {
+    let Some(run) = k.run else {
+        return;
+    };
+    run.set_immediate_exit(1);
+    if let Some(thread) = k.thread {
+        // SAFETY: `thread` is set only while that thread is inside `run`, which clears it under
+        // the same lock before returning, so the thread is alive. The handler does nothing; the
+        // signal only makes KVM_RUN return EINTR.
+        unsafe {
+            libc::pthread_kill(thread, kick_signal());
+        }
+    }
+}
+
+struct Kicker(Arc<Ctl>);
+
+impl VcpuKicker for Kicker {
+    fn kick(&self) {
+        let mut k = self.0.lock();
+        if k.run.is_none() {
+            return;
+        }
+        k.pending = true;
+        interrupt(&k);
+    }
+}
+
+/// The deadline timer of one runner: waits on the condvar until the current run's deadline,
+/// then interrupts the run.
+fn timer_thread(ctl: Arc<Ctl>) {
+    let mut k = ctl.lock();
+    loop {
+        if k.quit {
+            return;
+        }
+        match k.deadline {
+            None => k = ctl.cv.wait(k).unwrap_or_else(|p| p.into_inner()),
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    k.deadline = None;
+                    k.fired = true;
+                    interrupt(&k);
+                } else {
+                    k = ctl
+                        .cv
+                        .wait_timeout(k, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick signal handler once per process; the same signal and the same
+/// do-nothing handler as `KvmVcpu`'s, so either installation serves both.
+fn install_kick_handler() -> hv::Result<()> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
+        // async-signal-safe function that does nothing; RESULT is written only here, inside
+        // `call_once`.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_kick_signal as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            RESULT = libc::sigaction(kick_signal(), &act, std::ptr::null_mut());
+        }
+    });
+    // SAFETY: RESULT is only written inside `call_once`, which has completed.
+    let r = unsafe { RESULT };
+    if r != 0 {
+        return Err(hv::Error::Backend {
+            op: "sigaction",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Ends a run's kick/deadline bookkeeping however `run` returns.
+struct RunningGuard<'a>(&'a Ctl);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let mut k = self.0.lock();
+        k.thread = None;
+        k.deadline = None;
+        k.fired = false;
+        if !k.pending {
+            if let Some(run) = k.run {
+                run.set_immediate_exit(0);
+            }
+        }
+    }
+}
+
+// ---- the runner ---------------------------------------------------------------------------
+
+/// What the current run loaded that the exit handling needs.
+struct Loaded {
+    /// Linear address of the trap page.
+    trap_la: u64,
+    cs: hv::Segment,
+    ss: hv::Segment,
+}
+
+/// A KVM vCPU running one guest vCPU's user mode. Created by [`KvmUserAccelerator`].
+pub struct KvmUserRunner {
+    vm: Arc<AccelVm>,
+    fd: VcpuFd,
+    run: RunPtr,
+    ctl: Arc<Ctl>,
+    timer: Option<std::thread::JoinHandle<()>>,
+    pages: PrivatePages,
+    slot: u32,
+    gpa: u64,
+    written: Arc<Mutex<Vec<u64>>>,
+}
+
+enum Step {
+    Continue,
+    Trap { index: u64 },
+    Interrupted,
+}
+
+impl KvmUserRunner {
+    fn new(vm: Arc<AccelVm>, vcpu_id: u32, cpuid: &CpuId) -> hv::Result<KvmUserRunner> {
+        install_kick_handler()?;
+        let mut fd = vm
+            .fd
+            .create_vcpu(u64::from(vcpu_id))
+            .map_err(backend_err("KVM_CREATE_VCPU"))?;
+        // The host's CPUID table: KVM then accepts every CR4/XCR0 value a guest kernel may have
+        // set. User code executes `cpuid` natively on this host anyway (docs/kvm-platform.md).
+        fd.set_cpuid2(cpuid).map_err(backend_err("KVM_SET_CPUID2"))?;
+        let run = RunPtr(fd.get_kvm_run() as *mut kvm_run);
+        let mut pages = PrivatePages::new()?;
+        let gpa = PRIVATE_GPA + PRIVATE_STRIDE * u64::from(vcpu_id);
+        // The private page-table chain; the PML4 slot that points at it is chosen per run.
+        pages.put_u64(PDPT_OFF, (gpa + PD_OFF as u64) | PTE_P | PTE_RW | PTE_A);
+        pages.put_u64(PD_OFF, (gpa + PT_OFF as u64) | PTE_P | PTE_RW | PTE_A);
+        pages.put_u64(PT_OFF, (gpa + IDT_OFF as u64) | PTE_P | PTE_A);
+        pages.put_u64(PT_OFF + 8, (gpa + TRAP_OFF as u64) | PTE_P | PTE_A);
+        pages.bytes()[TRAP_OFF..TRAP_OFF + 0x1000].fill(HLT);
+        let ctl = Arc::new(Ctl {
+            inner: Mutex::new(CtlInner {
+                run: Some(run),
+                thread: None,
+                pending: false,
+                deadline: None,
+                fired: false,
+                quit: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let timer = {
+            let ctl = ctl.clone();
+            std::thread::Builder::new()
+                .name(format!("kvm-user-timer-{vcpu_id}"))
+                .spawn(move || timer_thread(ctl))
+                .map_err(|e| hv::Error::Backend {
+                    op: "spawn timer thread",
+                    source: e,
+                })?
+        };
+        let written = Arc::new(Mutex::new(Vec::new()));
+        vm.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&written));
+        let runner = KvmUserRunner {
+            slot: vm.first_private_slot() + vcpu_id,
+            vm,
+            fd,
+            run,
+            ctl,
+            timer: Some(timer),
+            pages,
+            gpa,
+            written,
+        };
+        runner.map_private(true)?;
+        Ok(runner)
+    }
+
+    /// Adds (or removes) the private slot. Removing a slot makes KVM zap all its shadow page
+    /// tables, which is how stale translations are dropped before each run.
+    fn map_private(&self, present: bool) -> hv::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: 0,
+            guest_phys_addr: self.gpa,
+            memory_size: if present { PRIVATE_SIZE as u64 } else { 0 },
+            userspace_addr: self.pages.ptr as u64,
+        };
+        // SAFETY: the host range is the live mapping of PRIVATE_SIZE bytes owned by
+        // `self.pages`; the slot is removed in `Drop` before the mapping goes away.
+        unsafe { self.vm.fd.set_user_memory_region(region) }
+            .map_err(backend_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Builds the shadow PML4 and IDT for `state`; returns the trap page's linear address.
+    fn prepare(&mut self, state: &CpuState) -> hv::Result<u64> {
+        let mem = &*self.vm.memory;
+        let mut pml4 = [0u8; 4096];
+        mem.read_slice(&mut pml4, GuestAddress(state.sregs.cr3 & ADDR_MASK))
+            .map_err(|_| {
+                hv::Error::InvalidState(format!(
+                    "CR3 {:#x} is not in guest RAM",
+                    state.sregs.cr3
+                ))
+            })?;
+        let entry = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&pml4[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let slot = PREFERRED_SLOTS
+            .into_iter()
+            .chain((256..512).rev())
+            .find(|&i| entry(i) & PTE_P == 0)
+            .ok_or_else(|| {
+                hv::Error::Unhandled(
+                    "no free kernel-half PML4 slot for the user-mode accelerator".into(),
+                )
+            })?;
+        let chain = (self.gpa + PDPT_OFF as u64) | PTE_P | PTE_RW | PTE_A;
+        pml4[slot * 8..slot * 8 + 8].copy_from_slice(&chain.to_le_bytes());
+        let base = 0xffff_0000_0000_0000 | ((slot as u64) << 39);
+        let trap_la = base + 0x1000;
+
+        let mut idt = [0u8; 4096];
+        let len = (usize::from(state.sregs.idt.limit) + 1).min(4096);
+        // The IDT is addressed linearly: read it through the guest's page tables.
+        read_linear(&state.sregs, mem, state.sregs.idt.base, &mut idt[..len]).ok_or_else(|| {
+            hv::Error::InvalidState(format!("IDT at {:#x} is not mapped", state.sregs.idt.base))
+        })?;
+        for (v, gate) in idt[..len].chunks_exact_mut(16).enumerate() {
+            let target = trap_la + v as u64;
+            gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+            gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+            gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+        }
+        let bytes = self.pages.bytes();
+        bytes[PML4_OFF..PML4_OFF + 4096].copy_from_slice(&pml4);
+        bytes[IDT_OFF..IDT_OFF + 4096].copy_from_slice(&idt);
+        Ok(trap_la)
+    }
+
+    fn load(&mut self, state: &CpuState) -> hv::Result<Loaded> {
+        let s = &state.sregs;
+        if s.cr0 & CR0_PG == 0 || s.efer & EFER_LMA == 0 {
+            return Err(hv::Error::InvalidState(
+                "user-mode run needs long mode with paging".into(),
+            ));
+        }
+        if s.cs.dpl != 3 || s.cs.selector & 3 != 3 {
+            return Err(hv::Error::InvalidState(format!(
+                "user-mode run at CPL {} (CS {:#x})",
+                s.cs.dpl, s.cs.selector
+            )));
+        }
+        if s.cr4 & CR4_LA57 != 0 {
+            return Err(hv::Error::Incompatible(
+                "5-level paging is not supported by the user-mode accelerator".into(),
+            ));
+        }
+        let trap_la = self.prepare(state)?;
+        // Drop KVM's shadow page tables: the guest's may have changed since the last run.
+        self.map_private(false)?;
+        self.map_private(true)?;
+
+        let mut sregs = *s;
+        sregs.cr3 = self.gpa + PML4_OFF as u64 | (s.cr3 & 0xfff);
+        sregs.idt = hv::DescriptorTable {
+            base: trap_la - 0x1000,
+            limit: s.idt.limit.min(4095),
+        };
+        self.fd
+            .set_regs(&K::<kvm_regs>::from(&state.regs).0)
+            .map_err(backend_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&K::<kvm_sregs>::from(&sregs).0)
+            .map_err(backend_err("KVM_SET_SREGS"))?;
+        if s.cr4 & CR4_OSXSAVE != 0 {
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = state.xcr0.max(1);
+            self.fd
+                .set_xcrs(&xcrs)
+                .map_err(backend_err("KVM_SET_XCRS"))?;
+        }
+        self.fd
+            .set_fpu(&K::<kvm_fpu>::from(&state.fpu).0)
+            .map_err(backend_err("KVM_SET_FPU"))?;
+        let mut entries: Vec<kvm_msr_entry> = LOADED_MSRS
+            .iter()
+            .filter_map(|&index| {
+                state.msr(index).map(|data| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        for (index, data) in [
+            (msr::IA32_LSTAR, trap_la + SYSCALL_ENTRY),
+            (msr::IA32_CSTAR, trap_la + COMPAT_SYSCALL_ENTRY),
+        ] {
+            entries.push(kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            });
+        }
+        self.set_msrs(&entries)?;
+        Ok(Loaded {
+            trap_la,
+            cs: s.cs,
+            ss: s.ss,
+        })
+    }
+
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> hv::Result<()> {
+        let msrs = Msrs::from_entries(entries)
+            .map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
+        let n = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(backend_err("KVM_SET_MSRS"))?;
+        if n != entries.len() {
+            let e = entries[n.min(entries.len() - 1)];
+            return Err(hv::Error::InvalidState(format!(
+                "KVM refused MSR {:#x} = {:#x}",
+                e.index, e.data
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_tsc(&self) -> hv::Result<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr::IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
+        self.fd
+            .get_msrs(&mut msrs)
+            .map_err(backend_err("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[0].data)
+    }
+
+    /// Takes a kick or a passed deadline after KVM_RUN returned EINTR (or was not entered).
+    fn take_interrupt(&self, deadline: Option<Instant>) -> bool {
+        let mut k = self.ctl.lock();
+        let hit = if k.pending {
+            k.pending = false;
+            true
+        } else if k.fired || deadline.is_some_and(|d| Instant::now() >= d) {
+            k.fired = false;
+            true
+        } else {
+            false
+        };
+        if hit {
+            self.run.set_immediate_exit(0);
+        }
+        hit
+    }
+
+    fn step(&mut self, io: &dyn DeviceIo, loaded: &Loaded) -> hv::Result<Step> {
+        let run_ptr = self.run;
+        Ok(match self.fd.run() {
+            Ok(KvmExit::IoOut(port, data)) => {
+                for chunk in data.chunks(run_ptr.io_size()) {
+                    io.pio_write(port, chunk);
+                }
+                Step::Continue
+            }
+            Ok(KvmExit::IoIn(port, data)) => {
+                for chunk in data.chunks_mut(run_ptr.io_size()) {
+                    io.pio_read(port, chunk);
+                }
+                Step::Continue
+            }
+            Ok(KvmExit::MmioRead(addr, data)) => {
+                io.mmio_read(addr, data);
+                Step::Continue
+            }
+            Ok(KvmExit::MmioWrite(addr, data)) => {
+                io.mmio_write(addr, data);
+                Step::Continue
+            }
+            Ok(KvmExit::Hlt) => {
+                let rip = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rip;
+                let index = rip.wrapping_sub(loaded.trap_la).wrapping_sub(1);
+                if index > COMPAT_SYSCALL_ENTRY {
+                    return Err(hv::Error::Unhandled(format!(
+                        "hlt outside the trap page at rip {rip:#x}"
+                    )));
+                }
+                Step::Trap { index }
+            }
+            Ok(KvmExit::Shutdown) => {
+                return Err(hv::Error::Unhandled(
+                    "triple fault while leaving user mode".into(),
+                ));
+            }
+            Ok(KvmExit::Intr) => Step::Interrupted,
+            Ok(KvmExit::InternalError) => {
+                let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
+                let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
+                let mut sregs = hv::SpecialRegisters::from(K(sregs));
+                sregs.cr3 = 0; // unused below: instruction bytes are fetched by the caller's tables
+                return Err(hv::Error::Unhandled(format!(
+                    "KVM could not complete an instruction at rip {:#x} (CPL {})",
+                    regs.rip, sregs.cs.dpl
+                )));
+            }
+            Ok(KvmExit::FailEntry(reason, _)) => {
+                return Err(hv::Error::Unhandled(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x})"
+                )));
+            }
+            Ok(other) => {
+                return Err(hv::Error::Unhandled(format!(
+                    "unexpected KVM exit {other:?} in user mode"
+                )));
+            }
+            Err(e) if e.errno() == libc::EINTR => Step::Interrupted,
+            Err(e) if e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => return Err(backend_err("KVM_RUN")(e)),
+        })
+    }
+
+    /// Copies the vCPU's user-visible state back into `state`.
+    fn save(&self, state: &mut CpuState) -> hv::Result<()> {
+        let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
+        let fpu = self.fd.get_fpu().map_err(backend_err("KVM_GET_FPU"))?;
+        state.regs = K(regs).into();
+        let sregs = hv::SpecialRegisters::from(K(sregs));
+        state.sregs.fs.base = sregs.fs.base;
+        state.sregs.gs.base = sregs.gs.base;
+        state.fpu = FpuState::from(K(fpu));
+        let tsc = self.read_tsc()?;
+        state.set_msr(msr::IA32_TSC, tsc);
+        Ok(())
+    }
+
+    /// The vCPU sits on the trap page after leaving user mode through entry `index`: rebuild the
+    /// user-mode state from what the CPU saved.
+    fn finish_trap(
+        &self,
+        state: &mut CpuState,
+        loaded: &Loaded,
+        index: u64,
+    ) -> hv::Result<UserExit> {
+        let kernel_rsp = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rsp;
+        let cr2 = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?.cr2;
+        self.save(state)?;
+        state.sregs.cs = loaded.cs;
+        state.sregs.ss = loaded.ss;
+        if index == SYSCALL_ENTRY || index == COMPAT_SYSCALL_ENTRY {
+            // SYSCALL saved the next RIP in RCX and RFLAGS in R11; the stack is the user's.
+            state.regs.rip = state.regs.rcx;
+            state.regs.rflags = state.regs.r11;
+            return Ok(UserExit::Syscall);
+        }
+        let vector = index as u8;
+        // 64-bit delivery aligns the new stack to 16 bytes and pushes 5 or 6 quadwords, so the
+        // frame carries an error code exactly when it starts on a 16-byte boundary.
+        let has_error = kernel_rsp % 16 == 0;
+        let mut frame = [0u8; 48];
+        let n = if has_error { 48 } else { 40 };
+        read_linear(&state.sregs, &self.vm.memory, kernel_rsp, &mut frame[..n]).ok_or_else(
+            || hv::Error::Unhandled(format!("interrupt frame at {kernel_rsp:#x} is not mapped")),
+        )?;
+        let q = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&frame[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let (error_code, f) = if has_error {
+            (Some(q(0) as u32), 1)
+        } else {
+            (None, 0)
+        };
+        let (rip, cs, rflags, rsp, ss) = (q(f), q(f + 1), q(f + 2), q(f + 3), q(f + 4));
+        if cs & 3 != 3 {
+            return Err(hv::Error::Unhandled(format!(
+                "vector {vector} was raised while leaving user mode (frame CS {cs:#x}, RIP {rip:#x})"
+            )));
+        }
+        let _ = ss;
+        if vector == 14
+            && (rip == loaded.trap_la + SYSCALL_ENTRY
+                || rip == loaded.trap_la + COMPAT_SYSCALL_ENTRY)
+        {
+            // PVM runs `syscall` from user mode without leaving CPL 3: RIP = LSTAR, RCX and
+            // R11 set, and the fetch from the supervisor-only trap page faults.
+            state.regs.rip = state.regs.rcx;
+            state.regs.rflags = state.regs.r11;
+            state.regs.rsp = rsp;
+            return Ok(UserExit::Syscall);
+        }
+        state.regs.rip = rip;
+        state.regs.rflags = rflags;
+        state.regs.rsp = rsp;
+        if vector == 14 {
+            state.sregs.cr2 = cr2;
+        }
+        let error_code = if ERROR_CODE_VECTORS.contains(&vector) {
+            error_code
+        } else {
+            // A software interrupt (`int n`) to an exception vector pushes no error code.
+            None
+        };
+        Ok(UserExit::Event { vector, error_code })
+    }
+}
+
+/// Reads `buf.len()` bytes at linear address `la` through the page tables of `sregs`.
+fn read_linear(
+    sregs: &hv::SpecialRegisters,
+    mem: &GuestMemory,
+    la: u64,
+    buf: &mut [u8],
+) -> Option<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let addr = la.wrapping_add(done as u64);
+        let chunk = (0x1000 - (addr & 0xfff) as usize).min(buf.len() - done);
+        let gpa = walk::translate(sregs, mem, addr)?;
+        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa))
+            .ok()?;
+        done += chunk;
+    }
+    Some(())
+}
+
+impl hv::UserModeRunner for KvmUserRunner {
+    fn run(
+        &mut self,
+        state: &mut CpuState,
+        deadline: Option<Instant>,
+        io: &dyn DeviceIo,
+        written: &mut Vec<u64>,
+    ) -> hv::Result<UserExit> {
+        let loaded = self.load(state)?;
+        let ctl = self.ctl.clone();
+        {
+            let mut k = ctl.lock();
+            // SAFETY: pthread_self has no preconditions.
+            k.thread = Some(unsafe { libc::pthread_self() });
+            k.deadline = deadline;
+            k.fired = false;
+            if k.pending {
+                self.run.set_immediate_exit(1);
+            }
+            ctl.cv.notify_one();
+        }
+        let guard = RunningGuard(&ctl);
+        let result = loop {
+            match self.step(io, &loaded) {
+                Ok(Step::Continue) => {}
+                Ok(Step::Trap { index }) => break self.finish_trap(state, &loaded, index),
+                Ok(Step::Interrupted) => {
+                    if !self.take_interrupt(deadline) {
+                        continue;
+                    }
+                    let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
+                    let index = regs.rip.wrapping_sub(loaded.trap_la);
+                    if index <= COMPAT_SYSCALL_ENTRY {
+                        // Stopped after leaving user mode, before the trap's `hlt`.
+                        break self.finish_trap(state, &loaded, index);
+                    }
+                    let events = self
+                        .fd
+                        .get_vcpu_events()
+                        .map_err(backend_err("KVM_GET_VCPU_EVENTS"))?;
+                    if events.exception.injected != 0
+                        || events.exception.pending != 0
+                        || events.interrupt.injected != 0
+                    {
+                        // An event is being delivered: let it reach the trap page.
+                        continue;
+                    }
+                    break self.save(state).map(|()| UserExit::Interrupted);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(guard);
+        self.vm.collect_dirty()?;
+        let mut mine = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        written.append(&mut mine);
+        result
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(Kicker(self.ctl.clone()))
+    }
+}
+
+impl Drop for KvmUserRunner {
+    fn drop(&mut self) {
+        {
+            let mut k = self.ctl.lock();
+            k.run = None;
+            k.thread = None;
+            k.quit = true;
+            self.ctl.cv.notify_all();
+        }
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+        let _ = self.map_private(false);
+    }
+}
