@@ -2,7 +2,6 @@
 
 use hv::{CpuState, DescriptorTable, MpState, Segment, msr};
 
-use crate::decode::DecodeCache;
 use crate::lapic::Lapic;
 use crate::mmu::Tlb;
 
@@ -105,7 +104,8 @@ pub struct Cpu {
     pub mp_state: MpState,
     pub lapic: Lapic,
     pub tlb: Tlb,
-    pub cache: DecodeCache,
+    /// A write hit a page holding cached code: the block being executed may be stale.
+    pub code_written: bool,
     /// Something happened that may make an interrupt deliverable; re-check before the next
     /// instruction.
     pub irq_check: bool,
@@ -154,7 +154,7 @@ impl Cpu {
             mp_state: MpState::Runnable,
             lapic: Lapic::new(id),
             tlb: Tlb::new(),
-            cache: DecodeCache::new(0),
+            code_written: false,
             irq_check: true,
             reported: None,
             deliver_exceptions: true,

@@ -1,57 +1,131 @@
-//! Instruction fetch and the decoded-instruction cache.
+//! Instruction fetch and the decoded-block cache.
 //!
-//! Entries are tagged with RIP, the physical address it maps to, the code bitness and the
-//! VM-wide code generation. Writes to a guest page that holds cached code (self-modifying code,
-//! the kernel's alternatives and static-key patching) bump the generation (see
-//! `vm::CodeTracker`), which invalidates every entry. RIP-relative operands are resolved at
-//! decode time, hence RIP in the tag.
+//! A block is a run of straight-line instructions decoded from one guest-physical page, each
+//! with its handler and the RIP that follows it. It ends at the first instruction that can
+//! branch or change how later instructions decode or are checked (far transfers, control
+//! registers, descriptor tables, `sti`, ...), at the end of the page, or after `MAX_OPS`
+//! instructions. Blocks live in a direct-mapped cache keyed by RIP and are tagged with the
+//! physical address RIP maps to, the code bitness and the page's write generation: a write to
+//! a page that holds cached code (self-modifying code, the kernel's alternatives and
+//! static-key patching) bumps that page's generation (see `vm::CodeTracker`), which
+//! invalidates its blocks. RIP-relative operands are resolved at decode time, hence RIP in the
+//! key.
 
-use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
-use vm_memory::{Bytes, GuestAddress};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, Mnemonic as M};
 
 use crate::cpu::CS;
-use crate::exec::{Exc, Exec};
+use crate::exec::{Exc, Exec, R};
 use crate::mmu::Acc;
 
-const CACHE_SIZE: usize = 1 << 14;
-
-/// Instructions decoded (cache misses) by all vCPUs of this process.
+/// Instructions decoded by all vCPUs of this process.
 pub static DECODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-#[derive(Clone, Copy, Default)]
-struct Entry {
+const SLOTS: usize = 1 << 13;
+const MAX_OPS: usize = 64;
+/// Bytes read ahead when decoding a block (bounded by the end of the page).
+const READ_AHEAD: usize = 1024;
+
+/// Executes one decoded instruction; RIP already points past it.
+pub type Handler = fn(&mut Exec<'_>, &Instruction) -> R<()>;
+
+pub struct Op {
+    pub insn: Instruction,
+    pub handler: Handler,
+    /// RIP after this instruction (masked to the code size).
+    pub next: u64,
+}
+
+#[derive(Default)]
+pub struct Block {
     rip: u64,
     phys: u64,
-    generation: u64,
     bitness: u32,
-    insn: Instruction,
+    generation: u32,
+    /// Empty: the slot holds no block.
+    pub ops: Vec<Op>,
 }
 
-pub struct DecodeCache {
-    entries: Vec<Entry>,
-    /// This vCPU's view of the VM-wide code generation.
-    pub generation: u64,
-    pub misses: u64,
+/// Decoded blocks of one vCPU.
+pub struct BlockCache {
+    slots: Vec<Block>,
 }
 
-impl DecodeCache {
-    /// A cache with room for `2^14` instructions, or none at all when `enabled` is 0.
-    pub fn new(enabled: usize) -> DecodeCache {
-        DecodeCache {
-            entries: if enabled != 0 {
-                vec![Entry::default(); CACHE_SIZE]
-            } else {
-                Vec::new()
-            },
-            generation: 0,
-            misses: 0,
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache::new()
+    }
+}
+
+impl BlockCache {
+    pub fn new() -> BlockCache {
+        BlockCache {
+            slots: (0..SLOTS).map(|_| Block::default()).collect(),
+        }
+    }
+
+    #[inline]
+    pub fn block(&self, slot: usize) -> &Block {
+        &self.slots[slot]
+    }
+
+    /// Drops every block (they would be revalidated anyway; this frees memory).
+    pub fn clear(&mut self) {
+        for b in self.slots.iter_mut() {
+            b.ops = Vec::new();
         }
     }
 }
 
 #[inline]
 fn slot(rip: u64) -> usize {
-    ((rip ^ (rip >> 14)) as usize) & (CACHE_SIZE - 1)
+    ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SLOTS - 1)
+}
+
+/// Whether execution must leave the block after `i`: it may branch, or change the mode,
+/// paging, privilege, interrupt acceptance or anything else decoding and checks depend on.
+fn ends_block(i: &Instruction) -> bool {
+    if i.flow_control() != FlowControl::Next {
+        return true;
+    }
+    match i.mnemonic() {
+        M::Mov => (0..i.op_count()).any(|n| {
+            i.op_kind(n) == iced_x86::OpKind::Register && {
+                let r = i.op_register(n);
+                crate::exec::is_cr(r) || crate::exec::is_dr(r) || crate::exec::is_sreg(r)
+            }
+        }),
+        M::Pop => {
+            i.op_kind(0) == iced_x86::OpKind::Register && crate::exec::is_sreg(i.op_register(0))
+        }
+        M::Lss
+        | M::Lds
+        | M::Les
+        | M::Lfs
+        | M::Lgs
+        | M::Lgdt
+        | M::Lidt
+        | M::Lldt
+        | M::Ltr
+        | M::Lmsw
+        | M::Clts
+        | M::Invlpg
+        | M::Wrmsr
+        | M::Sti
+        | M::Cli
+        | M::Popf
+        | M::Popfd
+        | M::Popfq
+        | M::Hlt
+        | M::Swapgs
+        | M::Cpuid
+        | M::Wbinvd
+        | M::Invd
+        | M::Fxrstor
+        | M::Fxrstor64
+        | M::Ldmxcsr
+        | M::Rsm => true,
+        _ => false,
+    }
 }
 
 impl Exec<'_> {
@@ -65,7 +139,75 @@ impl Exec<'_> {
         }
     }
 
-    /// Fetches and decodes the instruction at RIP.
+    /// The cached block starting at RIP, decoding it on a miss. `None`: the instruction at RIP
+    /// cannot be cached (it crosses a page, or its page is not tracked RAM); run it with
+    /// [`Exec::step`]. Errors are faults of the instruction fetch.
+    pub fn lookup_block(&mut self, cache: &mut BlockCache) -> R<Option<usize>> {
+        let bitness = self.cpu.bitness();
+        let rip = self.cpu.rip;
+        let lin = self.code_lin(rip);
+        if bitness == 64 && !canonical(lin) {
+            return Err(Exc::Fault(13, Some(0)));
+        }
+        let user = self.cpu.cpl == 3;
+        let pa = self.translate(lin, Acc::Exec, user)?;
+        let page = pa >> 12;
+        let s = slot(rip);
+        let b = &cache.slots[s];
+        if b.rip == rip
+            && b.phys == pa
+            && b.bitness == bitness
+            && !b.ops.is_empty()
+            && self.vm.code.generation(page) == Some(b.generation)
+        {
+            return Ok(Some(s));
+        }
+        // Mark the page before reading it, so a concurrent write invalidates what we read.
+        let Some(generation) = self.vm.code.mark(page) else {
+            return Ok(None);
+        };
+        let avail = (0x1000 - (lin & 0xfff) as usize).min(READ_AHEAD);
+        let mut buf = [0u8; READ_AHEAD];
+        if !self.ram.read_bytes(pa, &mut buf[..avail]) {
+            return Ok(None);
+        }
+        let ip_mask = self.ip_mask();
+        let b = &mut cache.slots[s];
+        b.ops.clear();
+        b.rip = rip;
+        b.phys = pa;
+        b.bitness = bitness;
+        b.generation = generation;
+        let mut dec = Decoder::with_ip(bitness, &buf[..avail], rip, DecoderOptions::NONE);
+        let mut n = 0u64;
+        while b.ops.len() < MAX_OPS && dec.can_decode() {
+            let insn = dec.decode();
+            if insn.is_invalid() {
+                if dec.last_error() != DecoderError::NoMoreBytes && b.ops.is_empty() {
+                    return Err(Exc::Fault(6, None));
+                }
+                // Crosses the end of what was read: the next block starts there.
+                break;
+            }
+            n += 1;
+            let end = ends_block(&insn);
+            b.ops.push(Op {
+                handler: crate::fast::handler(&insn),
+                next: insn.next_ip() & ip_mask,
+                insn,
+            });
+            if end {
+                break;
+            }
+        }
+        DECODES.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if b.ops.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(s))
+    }
+
+    /// Fetches and decodes the instruction at RIP without caching.
     pub fn fetch(&mut self) -> Result<Instruction, Exc> {
         let bitness = self.cpu.bitness();
         let rip = self.cpu.rip;
@@ -75,27 +217,12 @@ impl Exec<'_> {
         }
         let user = self.cpu.cpl == 3;
         let pa = self.translate(lin, Acc::Exec, user)?;
-        let use_cache = !self.cpu.cache.entries.is_empty();
-        if use_cache {
-            let e = &self.cpu.cache.entries[slot(rip)];
-            if e.rip == rip
-                && e.phys == pa
-                && e.generation == self.cpu.cache.generation
-                && e.bitness == bitness
-            {
-                return Ok(e.insn);
-            }
-        }
-        // Mark the page before reading it, so a concurrent write invalidates what we read.
-        let cacheable = use_cache && self.vm.code.mark(pa >> 12);
         let mut buf = [0u8; 15];
         let avail = (0x1000 - (lin & 0xfff) as usize).min(15);
         self.read_code(pa, &mut buf[..avail])?;
         let mut dec = Decoder::with_ip(bitness, &buf[..avail], rip, DecoderOptions::NONE);
         let mut insn = dec.decode();
-        let mut crosses = false;
         if insn.is_invalid() && dec.last_error() == DecoderError::NoMoreBytes && avail < 15 {
-            crosses = true;
             let pa2 = self.translate(lin.wrapping_add(avail as u64), Acc::Exec, user)?;
             self.read_code(pa2, &mut buf[avail..])?;
             let mut dec = Decoder::with_ip(bitness, &buf, rip, DecoderOptions::NONE);
@@ -105,22 +232,11 @@ impl Exec<'_> {
             return Err(Exc::Fault(6, None));
         }
         DECODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if cacheable && !crosses {
-            self.cpu.cache.misses += 1;
-            let generation = self.cpu.cache.generation;
-            self.cpu.cache.entries[slot(rip)] = Entry {
-                rip,
-                phys: pa,
-                generation,
-                bitness,
-                insn,
-            };
-        }
         Ok(insn)
     }
 
     fn read_code(&mut self, pa: u64, buf: &mut [u8]) -> Result<(), Exc> {
-        if self.mem.read_slice(buf, GuestAddress(pa)).is_ok() {
+        if self.ram.read_bytes(pa, buf) {
             return Ok(());
         }
         for (i, b) in buf.iter_mut().enumerate() {

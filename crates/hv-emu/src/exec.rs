@@ -35,6 +35,8 @@ pub fn ud<T>() -> R<T> {
 pub struct Exec<'a> {
     pub cpu: &'a mut Cpu,
     pub mem: &'a hv::GuestMemory,
+    /// Fast access to the RAM regions of `mem`.
+    pub ram: &'a crate::mmu::Ram<'a>,
     pub io: &'a dyn hv::DeviceIo,
     pub vm: &'a VmShared,
     /// The local APIC page is served by the emulator (false when KVM owns the APIC).

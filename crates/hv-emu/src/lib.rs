@@ -15,6 +15,7 @@ mod clock;
 mod cpu;
 mod decode;
 mod exec;
+mod fast;
 mod lapic;
 mod mmu;
 mod sse;

@@ -4,8 +4,10 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, VolatileSlice,
+};
 
 use crate::cpu::{CR0_PG, CR0_WP, CR4_PAE, EFER_NXE};
 use crate::exec::{Exc, Exec};
@@ -58,6 +60,96 @@ impl Tlb {
 impl Default for Tlb {
     fn default() -> Self {
         Tlb::new()
+    }
+}
+
+struct RamRegion<'m> {
+    start: u64,
+    len: u64,
+    slice: VolatileSlice<'m, RefSlice<'m, AtomicBitmap>>,
+}
+
+/// The RAM regions of a `GuestMemory` as volatile slices, looked up by a linear scan (there are
+/// one to three regions), which is much cheaper than `GuestMemory`'s per-access lookup. Writes
+/// through it mark the memory's dirty bitmap like `GuestMemory`'s own accessors.
+pub struct Ram<'m> {
+    regions: Vec<RamRegion<'m>>,
+}
+
+impl<'m> Ram<'m> {
+    pub fn new(mem: &'m hv::GuestMemory) -> Ram<'m> {
+        let regions = mem
+            .iter()
+            .filter_map(|r| {
+                r.as_volatile_slice().ok().map(|slice| RamRegion {
+                    start: r.start_addr().0,
+                    len: r.len(),
+                    slice,
+                })
+            })
+            .collect();
+        Ram { regions }
+    }
+
+    #[inline]
+    fn find(
+        &self,
+        pa: u64,
+        size: usize,
+    ) -> Option<(&VolatileSlice<'m, RefSlice<'m, AtomicBitmap>>, usize)> {
+        for r in &self.regions {
+            let off = pa.wrapping_sub(r.start);
+            if off < r.len && r.len - off >= size as u64 {
+                return Some((&r.slice, off as usize));
+            }
+        }
+        None
+    }
+
+    /// Reads `size` (1, 2, 4, 8) bytes of RAM at `pa`; `None` if not RAM.
+    #[inline]
+    pub fn read(&self, pa: u64, size: usize) -> Option<u64> {
+        let (s, off) = self.find(pa, size)?;
+        if off & (size - 1) == 0 {
+            match size {
+                1 => s.load::<u8>(off, Ordering::Relaxed).ok().map(u64::from),
+                2 => s.load::<u16>(off, Ordering::Relaxed).ok().map(u64::from),
+                4 => s.load::<u32>(off, Ordering::Relaxed).ok().map(u64::from),
+                _ => s.load::<u64>(off, Ordering::Relaxed).ok(),
+            }
+        } else {
+            let mut b = [0u8; 8];
+            s.read_slice(&mut b[..size], off).ok()?;
+            Some(u64::from_le_bytes(b))
+        }
+    }
+
+    /// Writes `size` (1, 2, 4, 8) bytes of RAM at `pa`, marking the dirty bitmap; false if not
+    /// RAM.
+    #[inline]
+    pub fn write(&self, pa: u64, size: usize, v: u64) -> bool {
+        let Some((s, off)) = self.find(pa, size) else {
+            return false;
+        };
+        if off & (size - 1) == 0 {
+            match size {
+                1 => s.store(v as u8, off, Ordering::Relaxed),
+                2 => s.store(v as u16, off, Ordering::Relaxed),
+                4 => s.store(v as u32, off, Ordering::Relaxed),
+                _ => s.store(v, off, Ordering::Relaxed),
+            }
+            .is_ok()
+        } else {
+            s.write_slice(&v.to_le_bytes()[..size], off).is_ok()
+        }
+    }
+
+    /// Copies RAM at `pa` into `buf`; false if the range is not entirely RAM.
+    pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) -> bool {
+        match self.find(pa, buf.len()) {
+            Some((s, off)) => s.read_slice(buf, off).is_ok(),
+            None => false,
+        }
     }
 }
 
@@ -260,15 +352,11 @@ impl Exec<'_> {
     }
 
     fn phys_read_u64_ram(&self, pa: u64) -> Option<u64> {
-        self.mem
-            .load::<u64>(GuestAddress(pa), Ordering::Relaxed)
-            .ok()
+        self.ram.read(pa, 8)
     }
 
     fn phys_read_u32_ram(&self, pa: u64) -> Option<u32> {
-        self.mem
-            .load::<u32>(GuestAddress(pa), Ordering::Relaxed)
-            .ok()
+        self.ram.read(pa, 4).map(|v| v as u32)
     }
 
     /// Atomically ORs bits into a page-table entry in RAM (A/D bits).
@@ -285,7 +373,8 @@ impl Exec<'_> {
     #[inline]
     pub fn note_write(&mut self, pa: u64) {
         if self.vm.code.on_write(pa >> 12) {
-            self.cpu.cache.generation = self.vm.code.generation.load(Ordering::Acquire);
+            // Cached code of this page is stale: leave the block being executed.
+            self.cpu.code_written = true;
         }
     }
 
@@ -298,22 +387,8 @@ impl Exec<'_> {
 
     /// Reads `size` (1, 2, 4, 8) bytes at a physical address that does not cross a page.
     pub fn phys_read(&mut self, pa: u64, size: usize) -> Result<u64, Exc> {
-        let ga = GuestAddress(pa);
-        if pa & (size as u64 - 1) == 0 {
-            let r = match size {
-                1 => self.mem.load::<u8>(ga, Ordering::Relaxed).map(u64::from),
-                2 => self.mem.load::<u16>(ga, Ordering::Relaxed).map(u64::from),
-                4 => self.mem.load::<u32>(ga, Ordering::Relaxed).map(u64::from),
-                _ => self.mem.load::<u64>(ga, Ordering::Relaxed),
-            };
-            if let Ok(v) = r {
-                return Ok(v);
-            }
-        } else {
-            let mut b = [0u8; 8];
-            if self.mem.read_slice(&mut b[..size], ga).is_ok() {
-                return Ok(u64::from_le_bytes(b));
-            }
+        if let Some(v) = self.ram.read(pa, size) {
+            return Ok(v);
         }
         if self.is_lapic(pa) {
             return self.lapic_read(pa, size);
@@ -323,23 +398,16 @@ impl Exec<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
+    #[inline]
     pub fn phys_write(&mut self, pa: u64, size: usize, v: u64) -> Result<(), Exc> {
-        let ga = GuestAddress(pa);
-        let ok = if pa & (size as u64 - 1) == 0 {
-            match size {
-                1 => self.mem.store(v as u8, ga, Ordering::Relaxed),
-                2 => self.mem.store(v as u16, ga, Ordering::Relaxed),
-                4 => self.mem.store(v as u32, ga, Ordering::Relaxed),
-                _ => self.mem.store(v, ga, Ordering::Relaxed),
-            }
-            .is_ok()
-        } else {
-            self.mem.write_slice(&v.to_le_bytes()[..size], ga).is_ok()
-        };
-        if ok {
+        if self.ram.write(pa, size, v) {
             self.note_write(pa);
             return Ok(());
         }
+        self.phys_write_slow(pa, size, v)
+    }
+
+    fn phys_write_slow(&mut self, pa: u64, size: usize, v: u64) -> Result<(), Exc> {
         if self.is_lapic(pa) {
             return self.lapic_write(pa, size, v);
         }

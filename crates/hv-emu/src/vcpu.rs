@@ -9,9 +9,10 @@ use hv::{CpuState, DeviceIo, GuestMemory, MpState, VcpuExit, msr};
 use iced_x86::{Decoder, DecoderOptions};
 
 use crate::cpu::{CS, Cpu, IF};
-use crate::decode::DecodeCache;
+use crate::decode::BlockCache;
 use crate::exec::{Exc, Exec, R};
 use crate::lapic::{APIC_BASE_BSP, APIC_BASE_DEFAULT, APIC_BASE_ENABLE};
+use crate::mmu::Ram;
 use crate::system::Event;
 use crate::vm::{VmShared, lock};
 
@@ -54,6 +55,7 @@ pub struct EmuVcpu {
     memory: Arc<GuestMemory>,
     shared: Arc<VmShared>,
     clock_epoch: u64,
+    blocks: BlockCache,
     /// Instructions executed (for MIPS measurements).
     pub instructions: u64,
 }
@@ -61,7 +63,6 @@ pub struct EmuVcpu {
 impl EmuVcpu {
     pub fn new(id: u32, memory: Arc<GuestMemory>, shared: Arc<VmShared>) -> EmuVcpu {
         let mut cpu = Box::new(Cpu::new(id));
-        cpu.cache = DecodeCache::new(1);
         cpu.apic_base =
             APIC_BASE_DEFAULT | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 };
         cpu.msr.pat = 0x0007_0406_0007_0406;
@@ -75,24 +76,28 @@ impl EmuVcpu {
             memory,
             shared,
             clock_epoch,
+            blocks: BlockCache::new(),
             instructions: 0,
         }
     }
 
-    fn exec<'a>(&'a mut self, io: &'a dyn DeviceIo) -> Exec<'a> {
-        Exec {
+    /// Runs `f` with an execution context over this vCPU.
+    fn with_exec<T>(&mut self, io: &dyn DeviceIo, f: impl FnOnce(&mut Exec<'_>) -> T) -> T {
+        let ram = Ram::new(&self.memory);
+        let mut ex = Exec {
             cpu: &mut self.cpu,
             mem: &self.memory,
+            ram: &ram,
             io,
             vm: &self.shared,
             lapic_enabled: true,
             cur_rip: 0,
-        }
+        };
+        f(&mut ex)
     }
 
     fn merge_mailbox(&mut self) {
-        let io = NoIo;
-        self.exec(&io).merge_mailbox();
+        self.with_exec(&NoIo, |ex| ex.merge_mailbox());
     }
 
     /// Sleeps until the mailbox has something, a kick arrives, or `deadline_ns` passes.
@@ -118,59 +123,54 @@ impl EmuVcpu {
 
     fn run_inner(&mut self, io: &dyn DeviceIo) -> R<VcpuExit> {
         let me_idx = self.id as usize;
+        let ram = Ram::new(&self.memory);
         loop {
             let me = &self.shared.vcpus[me_idx];
             if me.kicked.swap(false, Ordering::AcqRel) {
                 return Ok(VcpuExit::Interrupted);
             }
+            let mut ex = Exec {
+                cpu: &mut self.cpu,
+                mem: &self.memory,
+                ram: &ram,
+                io,
+                vm: &self.shared,
+                lapic_enabled: true,
+                cur_rip: 0,
+            };
             if me.pending.load(Ordering::Acquire) {
-                self.merge_mailbox();
+                ex.merge_mailbox();
             }
-            let epoch = self.shared.clock_epoch.load(Ordering::Acquire);
+            let epoch = ex.vm.clock_epoch.load(Ordering::Acquire);
             if epoch != self.clock_epoch {
                 self.clock_epoch = epoch;
-                self.exec(io).write_pvclock();
+                ex.write_pvclock();
             }
-            let now = self.shared.clock.host_ns();
-            if self.cpu.lapic.poll_timer(now) {
-                self.cpu.irq_check = true;
+            let now = ex.vm.clock.host_ns();
+            if ex.cpu.lapic.poll_timer(now) {
+                ex.cpu.irq_check = true;
             }
-            match self.cpu.mp_state {
+            match ex.cpu.mp_state {
                 MpState::Uninitialized | MpState::InitReceived | MpState::SipiReceived => {
                     self.wait(None);
                     continue;
                 }
                 MpState::Halted => {
-                    let wake = self.cpu.nmi_pending
-                        || (self.cpu.rflags & IF != 0 && self.cpu.lapic.deliverable().is_some());
+                    let wake = ex.cpu.nmi_pending
+                        || (ex.cpu.rflags & IF != 0 && ex.cpu.lapic.deliverable().is_some());
                     if wake {
-                        self.cpu.mp_state = MpState::Runnable;
-                    } else if self.cpu.rflags & IF == 0 {
+                        ex.cpu.mp_state = MpState::Runnable;
+                    } else if ex.cpu.rflags & IF == 0 {
                         return Ok(VcpuExit::Halted);
                     } else {
-                        let d = self.cpu.lapic.deadline_ns;
+                        let d = ex.cpu.lapic.deadline_ns;
                         self.wait(d);
                         continue;
                     }
                 }
                 MpState::Runnable => {}
             }
-            let mut ex = self.exec(io);
-            ex.cpu.cache.generation = ex.vm.code.generation.load(Ordering::Acquire);
-            let mut n = 0;
-            while n < BATCH {
-                if ex.cpu.irq_check {
-                    ex.try_inject()?;
-                    if ex.cpu.mp_state != MpState::Runnable {
-                        break;
-                    }
-                }
-                ex.step()?;
-                n += 1;
-                if ex.cpu.mp_state != MpState::Runnable {
-                    break;
-                }
-            }
+            let n = ex.run_batch(&mut self.blocks, BATCH)?;
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
         }
@@ -254,7 +254,59 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// Executes one instruction, delivering the exception it raises.
+    /// Runs up to about `budget` instructions from the block cache, delivering interrupts at
+    /// block boundaries and the exceptions instructions raise. Returns the number executed.
+    pub fn run_batch(&mut self, cache: &mut BlockCache, budget: u32) -> R<u32> {
+        let mut n = 0u32;
+        while n < budget {
+            if self.cpu.irq_check {
+                self.try_inject()?;
+                if self.cpu.mp_state != MpState::Runnable {
+                    break;
+                }
+            }
+            let slot = match self.lookup_block(cache) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    self.step()?;
+                    n += 1;
+                    if self.cpu.mp_state != MpState::Runnable {
+                        break;
+                    }
+                    continue;
+                }
+                Err(Exc::Fault(v, c)) => {
+                    self.cur_rip = self.cpu.rip;
+                    self.cpu.shadow = 0;
+                    self.raise_event(v, c, Event::Exception)?;
+                    n += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.cpu.code_written = false;
+            for op in &cache.block(slot).ops {
+                let rip = self.cpu.rip;
+                self.cpu.shadow = 0;
+                self.cur_rip = rip;
+                self.cpu.rip = op.next;
+                n += 1;
+                if let Err(e) = (op.handler)(self, &op.insn) {
+                    self.fail(rip, op.insn.len(), e)?;
+                    break;
+                }
+                if self.cpu.rip != op.next || self.cpu.irq_check || self.cpu.code_written {
+                    break;
+                }
+            }
+            if self.cpu.mp_state != MpState::Runnable {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Executes one instruction (uncached), delivering the exception it raises.
     pub fn step(&mut self) -> R<()> {
         self.cpu.shadow = 0;
         let rip = self.cpu.rip;
@@ -267,21 +319,21 @@ impl Exec<'_> {
         self.cpu.rip = insn.next_ip() & self.ip_mask();
         match self.exec(&insn) {
             Ok(()) => Ok(()),
-            Err(Exc::Fault(v, c)) => {
-                self.cpu.rip = rip;
-                self.raise_event(v, c, Event::Exception)
-            }
-            Err(Exc::Unhandled(msg)) => {
-                self.cpu.rip = rip;
-                Err(Exc::Unhandled(format!(
-                    "unsupported instruction {} at rip {rip:#x} ({msg})",
-                    self.insn_hex(rip, insn.len())
-                )))
-            }
-            Err(e) => {
-                self.cpu.rip = rip;
-                Err(e)
-            }
+            Err(e) => self.fail(rip, insn.len(), e),
+        }
+    }
+
+    /// An instruction at `rip` failed: restore RIP and deliver the fault, or report what
+    /// emu cannot do.
+    fn fail(&mut self, rip: u64, len: usize, e: Exc) -> R<()> {
+        self.cpu.rip = rip;
+        match e {
+            Exc::Fault(v, c) => self.raise_event(v, c, Event::Exception),
+            Exc::Unhandled(msg) => Err(Exc::Unhandled(format!(
+                "unsupported instruction {} at rip {rip:#x} ({msg})",
+                self.insn_hex(rip, len)
+            ))),
+            e => Err(e),
         }
     }
 
@@ -356,8 +408,14 @@ impl hv::Vcpu for EmuVcpu {
         if let Some(t) = s.msr(msr::IA32_TSC) {
             self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.ns_to_tsc(now));
         }
-        let io = NoIo;
-        let mut ex = self.exec(&io);
+        self.blocks.clear();
+        self.with_exec(&NoIo, |ex| Self::load_rest(ex, s))
+    }
+}
+
+impl EmuVcpu {
+    /// The part of `set_state` that runs on the execution context.
+    fn load_rest(ex: &mut Exec<'_>, s: &CpuState) -> hv::Result<()> {
         if let Some(d) = s.msr(msr::IA32_TSC_DEADLINE) {
             ex.set_tsc_deadline(d);
         }
@@ -393,9 +451,11 @@ pub fn emulate_one(
     let mut cpu = Box::new(Cpu::new(0));
     cpu.load_state(state);
     cpu.deliver_exceptions = false;
+    let ram = Ram::new(memory);
     let mut ex = Exec {
         cpu: &mut cpu,
         mem: memory,
+        ram: &ram,
         io,
         vm: shared,
         lapic_enabled: false,

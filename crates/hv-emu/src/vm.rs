@@ -63,37 +63,45 @@ impl VcpuShared {
     }
 }
 
-/// Which guest-physical pages have instructions in some vCPU's decode cache. A write to such a
-/// page bumps the generation, which invalidates every cached instruction.
+/// Which guest-physical pages have instructions in some vCPU's block cache, and a write
+/// generation per page. A write to a page marked as holding code clears the mark and bumps that
+/// page's generation, which invalidates the blocks decoded from it (each block remembers the
+/// generation it was decoded under).
 pub struct CodeTracker {
     bits: Vec<AtomicU64>,
-    pub generation: AtomicU64,
+    gens: Vec<AtomicU32>,
 }
 
 impl CodeTracker {
     pub fn new(max_addr: u64) -> CodeTracker {
-        let pages = (max_addr >> 12) + 1;
-        let words = pages.div_ceil(64).min(1 << 22) as usize;
+        let pages = ((max_addr >> 12) + 1).min(1 << 28);
+        let words = pages.div_ceil(64) as usize;
         CodeTracker {
             bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            generation: AtomicU64::new(1),
+            gens: (0..pages as usize).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
-    /// Records that `page` holds cached code. Returns false if the page is not tracked (then
-    /// its instructions must not be cached).
+    /// Records that `page` holds cached code and returns its current generation, or `None` if
+    /// the page is not tracked (then its instructions must not be cached). Call before reading
+    /// the code bytes, so a concurrent write invalidates what is read.
     #[inline]
-    pub fn mark(&self, page: u64) -> bool {
-        match self.bits.get((page >> 6) as usize) {
-            Some(w) => {
-                let b = 1u64 << (page & 63);
-                if w.load(Ordering::Relaxed) & b == 0 {
-                    w.fetch_or(b, Ordering::Relaxed);
-                }
-                true
-            }
-            None => false,
+    pub fn mark(&self, page: u64) -> Option<u32> {
+        let w = self.bits.get((page >> 6) as usize)?;
+        let g = self.gens.get(page as usize)?;
+        let b = 1u64 << (page & 63);
+        if w.load(Ordering::Relaxed) & b == 0 {
+            w.fetch_or(b, Ordering::SeqCst);
         }
+        Some(g.load(Ordering::Acquire))
+    }
+
+    /// The write generation of `page` (`None` if untracked).
+    #[inline]
+    pub fn generation(&self, page: u64) -> Option<u32> {
+        self.gens
+            .get(page as usize)
+            .map(|g| g.load(Ordering::Acquire))
     }
 
     /// A write hit `page`. Returns true if that invalidated cached code.
@@ -102,8 +110,10 @@ impl CodeTracker {
         if let Some(w) = self.bits.get((page >> 6) as usize) {
             let b = 1u64 << (page & 63);
             if w.load(Ordering::Relaxed) & b != 0 {
-                w.fetch_and(!b, Ordering::Relaxed);
-                self.generation.fetch_add(1, Ordering::AcqRel);
+                w.fetch_and(!b, Ordering::SeqCst);
+                if let Some(g) = self.gens.get(page as usize) {
+                    g.fetch_add(1, Ordering::AcqRel);
+                }
                 return true;
             }
         }
