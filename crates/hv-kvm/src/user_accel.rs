@@ -30,14 +30,14 @@ use std::time::Instant;
 use hv::state::msr;
 use hv::{CpuState, DeviceIo, FpuState, GuestMemory, UserExit, VcpuKicker};
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs,
-    kvm_run, kvm_sregs, kvm_userspace_memory_region, kvm_xcrs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_userspace_memory_region, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::convert::Kvm as K;
+use crate::convert::{Kvm as K, XSAVE_HEADER};
 use crate::{BACKEND, backend_err, walk};
 
 /// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
@@ -62,6 +62,7 @@ const PRIVATE_SIZE: usize = PRIVATE_STRIDE as usize;
 const SYSCALL_ENTRY: u64 = 0x100;
 const COMPAT_SYSCALL_ENTRY: u64 = 0x101;
 const HLT: u8 = 0xf4;
+const XSAVE_AREA: usize = 4096;
 
 /// PML4 slots tried for the private mapping, in order: Linux's unused hole at
 /// 0xfffffc0000000000 first (slots 504-507), then any other empty kernel-half slot.
@@ -125,12 +126,22 @@ impl KvmUserAccelerator {
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| unavailable(format!("KVM_GET_SUPPORTED_CPUID failed: errno {}", e.errno())))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "KVM_GET_SUPPORTED_CPUID failed: errno {}",
+                    e.errno()
+                ))
+            })?;
         let tsc_khz = kvm
             .create_vm()
             .and_then(|vm| vm.create_vcpu(0))
             .and_then(|vcpu| vcpu.get_tsc_khz())
-            .map_err(|e| unavailable(format!("cannot read the TSC frequency: errno {}", e.errno())))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot read the TSC frequency: errno {}",
+                    e.errno()
+                ))
+            })?;
         Ok(KvmUserAccelerator {
             kvm,
             tsc_khz,
@@ -196,6 +207,53 @@ struct AccelVm {
     ram: Vec<RamSlot>,
     /// Pages written since each live runner last collected them.
     written: Mutex<Vec<Weak<Mutex<Vec<u64>>>>>,
+    /// Extended (AVX, AVX-512, ...) register state of user threads the guest kernel does not
+    /// manage, keyed by [`thread_key`]. See `KvmUserRunner::set_fpu`.
+    ext_state: Mutex<ExtStates>,
+}
+
+/// Saved XSAVE images of user threads, least recently used evicted beyond [`MAX_EXT_STATES`].
+#[derive(Default)]
+struct ExtStates {
+    /// Image and last use.
+    images: std::collections::HashMap<ThreadKey, (Box<[u8; XSAVE_AREA]>, u64)>,
+    clock: u64,
+}
+
+const MAX_EXT_STATES: usize = 512;
+
+type ThreadKey = (u64, u64);
+
+/// A user thread as seen from its state: address space (CR3 without PCID) and TLS base
+/// (FS base), which Linux gives every thread its own of.
+fn thread_key(state: &CpuState) -> ThreadKey {
+    (state.sregs.cr3 & ADDR_MASK, state.sregs.fs.base)
+}
+
+impl ExtStates {
+    fn get(&mut self, key: ThreadKey) -> Option<[u8; XSAVE_AREA]> {
+        self.clock += 1;
+        let now = self.clock;
+        self.images.get_mut(&key).map(|(img, used)| {
+            *used = now;
+            **img
+        })
+    }
+
+    fn put(&mut self, key: ThreadKey, image: [u8; XSAVE_AREA]) {
+        self.clock += 1;
+        if self.images.len() >= MAX_EXT_STATES
+            && !self.images.contains_key(&key)
+            && let Some(oldest) = self
+                .images
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+        {
+            self.images.remove(&oldest);
+        }
+        self.images.insert(key, (Box::new(image), self.clock));
+    }
 }
 
 impl AccelVm {
@@ -235,6 +293,7 @@ impl AccelVm {
             memory,
             ram,
             written: Mutex::new(Vec::new()),
+            ext_state: Mutex::new(ExtStates::default()),
         })
     }
 
@@ -491,10 +550,10 @@ impl Drop for RunningGuard<'_> {
         k.thread = None;
         k.deadline = None;
         k.fired = false;
-        if !k.pending {
-            if let Some(run) = k.run {
-                run.set_immediate_exit(0);
-            }
+        if !k.pending
+            && let Some(run) = k.run
+        {
+            run.set_immediate_exit(0);
         }
     }
 }
@@ -537,7 +596,8 @@ impl KvmUserRunner {
             .map_err(backend_err("KVM_CREATE_VCPU"))?;
         // The host's CPUID table: KVM then accepts every CR4/XCR0 value a guest kernel may have
         // set. User code executes `cpuid` natively on this host anyway (docs/kvm-platform.md).
-        fd.set_cpuid2(cpuid).map_err(backend_err("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(cpuid)
+            .map_err(backend_err("KVM_SET_CPUID2"))?;
         let run = RunPtr(fd.get_kvm_run() as *mut kvm_run);
         let mut pages = PrivatePages::new()?;
         let gpa = PRIVATE_GPA + PRIVATE_STRIDE * u64::from(vcpu_id);
@@ -610,10 +670,7 @@ impl KvmUserRunner {
         let mut pml4 = [0u8; 4096];
         mem.read_slice(&mut pml4, GuestAddress(state.sregs.cr3 & ADDR_MASK))
             .map_err(|_| {
-                hv::Error::InvalidState(format!(
-                    "CR3 {:#x} is not in guest RAM",
-                    state.sregs.cr3
-                ))
+                hv::Error::InvalidState(format!("CR3 {:#x} is not in guest RAM", state.sregs.cr3))
             })?;
         let entry = |i: usize| {
             let mut b = [0u8; 8];
@@ -676,7 +733,9 @@ impl KvmUserRunner {
         self.map_private(true)?;
 
         let mut sregs = *s;
-        sregs.cr3 = self.gpa + PML4_OFF as u64 | (s.cr3 & 0xfff);
+        // Make KVM load an XCR0 into the CPU for user code (see `set_xcr0`).
+        sregs.cr4 |= CR4_OSXSAVE;
+        sregs.cr3 = (self.gpa + PML4_OFF as u64) | (s.cr3 & 0xfff);
         sregs.idt = hv::DescriptorTable {
             base: trap_la - 0x1000,
             limit: s.idt.limit.min(4095),
@@ -687,20 +746,8 @@ impl KvmUserRunner {
         self.fd
             .set_sregs(&K::<kvm_sregs>::from(&sregs).0)
             .map_err(backend_err("KVM_SET_SREGS"))?;
-        if s.cr4 & CR4_OSXSAVE != 0 {
-            let mut xcrs = kvm_xcrs {
-                nr_xcrs: 1,
-                ..Default::default()
-            };
-            xcrs.xcrs[0].xcr = 0;
-            xcrs.xcrs[0].value = state.xcr0.max(1);
-            self.fd
-                .set_xcrs(&xcrs)
-                .map_err(backend_err("KVM_SET_XCRS"))?;
-        }
-        self.fd
-            .set_fpu(&K::<kvm_fpu>::from(&state.fpu).0)
-            .map_err(backend_err("KVM_SET_FPU"))?;
+        self.set_xcr0(state)?;
+        self.set_fpu(state)?;
         let mut entries: Vec<kvm_msr_entry> = LOADED_MSRS
             .iter()
             .filter_map(|&index| {
@@ -727,6 +774,100 @@ impl KvmUserRunner {
             cs: s.cs,
             ss: s.ss,
         })
+    }
+
+    /// XCR0 for user code. Under PVM the CPU keeps the host's XCR0 (AVX, AVX-512, ...) unless
+    /// the vCPU has CR4.OSXSAVE, and user code executes `xgetbv` and AVX natively; so OSXSAVE is
+    /// always set here and XCR0 is the guest's, or x87|SSE when the guest has not enabled XSAVE.
+    fn set_xcr0(&self, state: &CpuState) -> hv::Result<()> {
+        let xcr0 = if state.sregs.cr4 & CR4_OSXSAVE != 0 {
+            state.xcr0 | 3
+        } else {
+            3
+        };
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        self.fd.set_xcrs(&xcrs).map_err(backend_err("KVM_SET_XCRS"))
+    }
+
+    /// Loads the FPU state with KVM_SET_XSAVE (KVM_SET_FPU leaves XSTATE_BV alone, so the CPU
+    /// would load the init state instead).
+    ///
+    /// x87/SSE come from `state`, and so do the components the guest enabled in XCR0. Under PVM
+    /// user code also sees the host's XCR0 (AVX, AVX-512) whatever the guest enabled, and uses
+    /// those registers natively; the guest kernel does not save them on its context switches.
+    /// So the other components are kept here per user thread ([`thread_key`]) from one run to the
+    /// next, and a thread seen for the first time starts with them in their init state.
+    fn set_fpu(&self, state: &CpuState) -> hv::Result<()> {
+        let ext = &state.xsave_ext;
+        if XSAVE_HEADER + ext.len() > XSAVE_AREA {
+            return Err(hv::Error::InvalidState(format!(
+                "extended XSAVE state of {} bytes does not fit the {XSAVE_AREA}-byte area",
+                ext.len()
+            )));
+        }
+        let saved = self
+            .vm
+            .ext_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(thread_key(state));
+        let mut bytes = saved.unwrap_or([0u8; XSAVE_AREA]);
+        let saved_bv = u64_at(&bytes, XSAVE_HEADER);
+        bytes[..512].copy_from_slice(&state.fpu.to_fxsave());
+        let guest_mask = if state.sregs.cr4 & CR4_OSXSAVE != 0 {
+            state.xcr0 | 3
+        } else {
+            3
+        };
+        let mut bv = (saved_bv & !guest_mask) | 3;
+        if ext.len() >= 64 {
+            bv |= u64_at(ext, 0) & guest_mask;
+            // The guest's components overwrite the saved ones; the header is rebuilt below.
+            bytes[XSAVE_HEADER + 64..XSAVE_HEADER + ext.len()]
+                .copy_from_slice(&ext[64.min(ext.len())..]);
+        }
+        bytes[XSAVE_HEADER..XSAVE_HEADER + 64].fill(0); // standard format, XCOMP_BV 0
+        bytes[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&bv.to_le_bytes());
+        let mut x = kvm_xsave::default();
+        for (w, c) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        // SAFETY: `x` is a complete 4 KiB kvm_xsave; KVM reads no more than that without
+        // KVM_CAP_XSAVE2, which this module does not enable.
+        unsafe { self.fd.set_xsave(&x) }.map_err(backend_err("KVM_SET_XSAVE"))
+    }
+
+    /// x87/SSE and the guest's extended components back into `state`; the whole image is kept
+    /// for the thread (see `set_fpu`).
+    fn get_fpu(&self, state: &mut CpuState) -> hv::Result<()> {
+        let x = self.fd.get_xsave().map_err(backend_err("KVM_GET_XSAVE"))?;
+        let mut bytes = [0u8; XSAVE_AREA];
+        for (c, w) in bytes.chunks_exact_mut(4).zip(x.region.iter()) {
+            c.copy_from_slice(&w.to_le_bytes());
+        }
+        let mut legacy = [0u8; 512];
+        legacy.copy_from_slice(&bytes[..512]);
+        state.fpu = FpuState::from_fxsave(&legacy);
+        let n = state.xsave_ext.len();
+        if n > 0 {
+            let guest_mask = state.xcr0 | 3;
+            state
+                .xsave_ext
+                .copy_from_slice(&bytes[XSAVE_HEADER..XSAVE_HEADER + n]);
+            let bv = u64_at(&bytes, XSAVE_HEADER) & guest_mask & !3;
+            state.xsave_ext[..8].copy_from_slice(&bv.to_le_bytes());
+        }
+        self.vm
+            .ext_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(thread_key(state), bytes);
+        Ok(())
     }
 
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> hv::Result<()> {
@@ -845,12 +986,11 @@ impl KvmUserRunner {
     fn save(&self, state: &mut CpuState) -> hv::Result<()> {
         let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
-        let fpu = self.fd.get_fpu().map_err(backend_err("KVM_GET_FPU"))?;
         state.regs = K(regs).into();
         let sregs = hv::SpecialRegisters::from(K(sregs));
         state.sregs.fs.base = sregs.fs.base;
         state.sregs.gs.base = sregs.gs.base;
-        state.fpu = FpuState::from(K(fpu));
+        self.get_fpu(state)?;
         let tsc = self.read_tsc()?;
         state.set_msr(msr::IA32_TSC, tsc);
         Ok(())
@@ -865,7 +1005,11 @@ impl KvmUserRunner {
         index: u64,
     ) -> hv::Result<UserExit> {
         let kernel_rsp = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rsp;
-        let cr2 = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?.cr2;
+        let cr2 = self
+            .fd
+            .get_sregs()
+            .map_err(backend_err("KVM_GET_SREGS"))?
+            .cr2;
         self.save(state)?;
         state.sregs.cs = loaded.cs;
         state.sregs.ss = loaded.ss;
@@ -915,6 +1059,11 @@ impl KvmUserRunner {
         state.regs.rip = rip;
         state.regs.rflags = rflags;
         state.regs.rsp = rsp;
+        if vector == 6
+            && let Some(exit) = self.software_interrupt(state)
+        {
+            return Ok(exit);
+        }
         if vector == 14 {
             state.sregs.cr2 = cr2;
         }
@@ -926,6 +1075,61 @@ impl KvmUserRunner {
         };
         Ok(UserExit::Event { vector, error_code })
     }
+
+    /// PVM reports `int n` (CD nn) from user mode as #UD at the instruction. Completes what the
+    /// CPU would have done up to the gate: the gate's checks (#GP/#NP with the IDT error code)
+    /// or the event with RIP after the instruction. `None` when the #UD was a real one.
+    fn software_interrupt(&self, state: &mut CpuState) -> Option<UserExit> {
+        let mut insn = [0u8; 2];
+        read_linear(&state.sregs, &self.vm.memory, state.regs.rip, &mut insn)?;
+        if insn[0] != 0xcd {
+            return None;
+        }
+        let vector = insn[1];
+        let idt_error = Some((u32::from(vector) << 3) | 2);
+        let gp = UserExit::Event {
+            vector: 13,
+            error_code: idt_error,
+        };
+        let off = u64::from(vector) * 16;
+        if off + 15 > u64::from(state.sregs.idt.limit) {
+            return Some(gp);
+        }
+        let mut gate = [0u8; 16];
+        if read_linear(
+            &state.sregs,
+            &self.vm.memory,
+            state.sregs.idt.base.wrapping_add(off),
+            &mut gate,
+        )
+        .is_none()
+        {
+            return Some(gp);
+        }
+        let (kind, dpl, present) = (gate[5] & 0xf, (gate[5] >> 5) & 3, gate[5] & 0x80 != 0);
+        if (kind != 0xe && kind != 0xf) || dpl < 3 {
+            return Some(gp);
+        }
+        if !present {
+            return Some(UserExit::Event {
+                vector: 11,
+                error_code: idt_error,
+            });
+        }
+        state.regs.rip = state.regs.rip.wrapping_add(2);
+        Some(UserExit::Event {
+            vector,
+            error_code: None,
+        })
+    }
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut v = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        v.copy_from_slice(s);
+    }
+    u64::from_le_bytes(v)
 }
 
 /// Reads `buf.len()` bytes at linear address `la` through the page tables of `sregs`.
