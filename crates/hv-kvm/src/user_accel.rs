@@ -82,13 +82,14 @@ const EFER_LMA: u64 = 1 << 10;
 const ERROR_CODE_VECTORS: [u8; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
 
 /// MSRs loaded from the state before each run; the trap entry points replace LSTAR/CSTAR.
-const LOADED_MSRS: [u32; 6] = [
+/// IA32_TSC is not among them: under PVM user `rdtsc` reads the host TSC whatever KVM's guest
+/// TSC is set to (measured by `tsc_continues_from_the_state`).
+const LOADED_MSRS: [u32; 5] = [
     msr::IA32_STAR,
     msr::IA32_FMASK,
     msr::IA32_KERNEL_GS_BASE,
     msr::IA32_PAT,
     msr::IA32_TSC_AUX,
-    msr::IA32_TSC,
 ];
 
 fn unavailable(reason: String) -> hv::Error {
@@ -577,8 +578,14 @@ pub struct KvmUserRunner {
     timer: Option<std::thread::JoinHandle<()>>,
     pages: PrivatePages,
     slot: u32,
+    /// Guest-physical address of the private pages.
     gpa: u64,
     written: Arc<Mutex<Vec<u64>>>,
+    /// What KVM holds, to skip loading it again: XCR0, MSRs, and the FPU state of the thread
+    /// that ran last.
+    kvm_xcr0: Option<u64>,
+    kvm_msrs: Vec<kvm_msr_entry>,
+    kvm_fpu: Option<(ThreadKey, FpuState, Vec<u8>)>,
 }
 
 enum Step {
@@ -601,11 +608,6 @@ impl KvmUserRunner {
         let run = RunPtr(fd.get_kvm_run() as *mut kvm_run);
         let mut pages = PrivatePages::new()?;
         let gpa = PRIVATE_GPA + PRIVATE_STRIDE * u64::from(vcpu_id);
-        // The private page-table chain; the PML4 slot that points at it is chosen per run.
-        pages.put_u64(PDPT_OFF, (gpa + PD_OFF as u64) | PTE_P | PTE_RW | PTE_A);
-        pages.put_u64(PD_OFF, (gpa + PT_OFF as u64) | PTE_P | PTE_RW | PTE_A);
-        pages.put_u64(PT_OFF, (gpa + IDT_OFF as u64) | PTE_P | PTE_A);
-        pages.put_u64(PT_OFF + 8, (gpa + TRAP_OFF as u64) | PTE_P | PTE_A);
         pages.bytes()[TRAP_OFF..TRAP_OFF + 0x1000].fill(HLT);
         let ctl = Arc::new(Ctl {
             inner: Mutex::new(CtlInner {
@@ -643,13 +645,18 @@ impl KvmUserRunner {
             pages,
             gpa,
             written,
+            kvm_xcr0: None,
+            kvm_msrs: Vec::new(),
+            kvm_fpu: None,
         };
         runner.map_private(true)?;
         Ok(runner)
     }
 
-    /// Adds (or removes) the private slot. Removing a slot makes KVM zap all its shadow page
-    /// tables, which is how stale translations are dropped before each run.
+    /// Adds or removes the private slot. Removing a slot makes KVM zap all its shadow page
+    /// tables (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by default), which is how stale translations are
+    /// dropped before each run. (Moving the slot instead, one ioctl rather than two, measured
+    /// 10-20x slower per run here.)
     fn map_private(&self, present: bool) -> hv::Result<()> {
         let region = kvm_userspace_memory_region {
             slot: self.slot,
@@ -686,7 +693,8 @@ impl KvmUserRunner {
                     "no free kernel-half PML4 slot for the user-mode accelerator".into(),
                 )
             })?;
-        let chain = (self.gpa + PDPT_OFF as u64) | PTE_P | PTE_RW | PTE_A;
+        let gpa = self.gpa;
+        let chain = (gpa + PDPT_OFF as u64) | PTE_P | PTE_RW | PTE_A;
         pml4[slot * 8..slot * 8 + 8].copy_from_slice(&chain.to_le_bytes());
         let base = 0xffff_0000_0000_0000 | ((slot as u64) << 39);
         let trap_la = base + 0x1000;
@@ -703,6 +711,15 @@ impl KvmUserRunner {
             gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
             gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
         }
+        // The private chain: PDPT[0] -> PD[0] -> PT[0] = shadow IDT, PT[1] = trap page.
+        self.pages
+            .put_u64(PDPT_OFF, (gpa + PD_OFF as u64) | PTE_P | PTE_RW | PTE_A);
+        self.pages
+            .put_u64(PD_OFF, (gpa + PT_OFF as u64) | PTE_P | PTE_RW | PTE_A);
+        self.pages
+            .put_u64(PT_OFF, (gpa + IDT_OFF as u64) | PTE_P | PTE_A);
+        self.pages
+            .put_u64(PT_OFF + 8, (gpa + TRAP_OFF as u64) | PTE_P | PTE_A);
         let bytes = self.pages.bytes();
         bytes[PML4_OFF..PML4_OFF + 4096].copy_from_slice(&pml4);
         bytes[IDT_OFF..IDT_OFF + 4096].copy_from_slice(&idt);
@@ -768,7 +785,11 @@ impl KvmUserRunner {
                 ..Default::default()
             });
         }
-        self.set_msrs(&entries)?;
+        if entries != self.kvm_msrs {
+            self.kvm_msrs.clear();
+            self.set_msrs(&entries)?;
+            self.kvm_msrs = entries;
+        }
         Ok(Loaded {
             trap_la,
             cs: s.cs,
@@ -779,7 +800,7 @@ impl KvmUserRunner {
     /// XCR0 for user code. Under PVM the CPU keeps the host's XCR0 (AVX, AVX-512, ...) unless
     /// the vCPU has CR4.OSXSAVE, and user code executes `xgetbv` and AVX natively; so OSXSAVE is
     /// always set here and XCR0 is the guest's, or x87|SSE when the guest has not enabled XSAVE.
-    fn set_xcr0(&self, state: &CpuState) -> hv::Result<()> {
+    fn set_xcr0(&mut self, state: &CpuState) -> hv::Result<()> {
         let xcr0 = if state.sregs.cr4 & CR4_OSXSAVE != 0 {
             state.xcr0 | 3
         } else {
@@ -791,7 +812,15 @@ impl KvmUserRunner {
         };
         xcrs.xcrs[0].xcr = 0;
         xcrs.xcrs[0].value = xcr0;
-        self.fd.set_xcrs(&xcrs).map_err(backend_err("KVM_SET_XCRS"))
+        if self.kvm_xcr0 == Some(xcr0) {
+            return Ok(());
+        }
+        self.kvm_xcr0 = None;
+        self.fd
+            .set_xcrs(&xcrs)
+            .map_err(backend_err("KVM_SET_XCRS"))?;
+        self.kvm_xcr0 = Some(xcr0);
+        Ok(())
     }
 
     /// Loads the FPU state with KVM_SET_XSAVE (KVM_SET_FPU leaves XSTATE_BV alone, so the CPU
@@ -802,7 +831,16 @@ impl KvmUserRunner {
     /// those registers natively; the guest kernel does not save them on its context switches.
     /// So the other components are kept here per user thread ([`thread_key`]) from one run to the
     /// next, and a thread seen for the first time starts with them in their init state.
-    fn set_fpu(&self, state: &CpuState) -> hv::Result<()> {
+    fn set_fpu(&mut self, state: &CpuState) -> hv::Result<()> {
+        let key = thread_key(state);
+        if self
+            .kvm_fpu
+            .as_ref()
+            .is_some_and(|(k, f, e)| *k == key && *f == state.fpu && *e == state.xsave_ext)
+        {
+            return Ok(()); // KVM holds exactly this (the same thread ran last)
+        }
+        self.kvm_fpu = None;
         let ext = &state.xsave_ext;
         if XSAVE_HEADER + ext.len() > XSAVE_AREA {
             return Err(hv::Error::InvalidState(format!(
@@ -815,7 +853,7 @@ impl KvmUserRunner {
             .ext_state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(thread_key(state));
+            .get(key);
         let mut bytes = saved.unwrap_or([0u8; XSAVE_AREA]);
         let saved_bv = u64_at(&bytes, XSAVE_HEADER);
         bytes[..512].copy_from_slice(&state.fpu.to_fxsave());
@@ -844,7 +882,7 @@ impl KvmUserRunner {
 
     /// x87/SSE and the guest's extended components back into `state`; the whole image is kept
     /// for the thread (see `set_fpu`).
-    fn get_fpu(&self, state: &mut CpuState) -> hv::Result<()> {
+    fn get_fpu(&mut self, state: &mut CpuState) -> hv::Result<()> {
         let x = self.fd.get_xsave().map_err(backend_err("KVM_GET_XSAVE"))?;
         let mut bytes = [0u8; XSAVE_AREA];
         for (c, w) in bytes.chunks_exact_mut(4).zip(x.region.iter()) {
@@ -867,6 +905,7 @@ impl KvmUserRunner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .put(thread_key(state), bytes);
+        self.kvm_fpu = Some((thread_key(state), state.fpu, state.xsave_ext.clone()));
         Ok(())
     }
 
@@ -983,7 +1022,7 @@ impl KvmUserRunner {
     }
 
     /// Copies the vCPU's user-visible state back into `state`.
-    fn save(&self, state: &mut CpuState) -> hv::Result<()> {
+    fn save(&mut self, state: &mut CpuState) -> hv::Result<()> {
         let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
         state.regs = K(regs).into();
@@ -999,7 +1038,7 @@ impl KvmUserRunner {
     /// The vCPU sits on the trap page after leaving user mode through entry `index`: rebuild the
     /// user-mode state from what the CPU saved.
     fn finish_trap(
-        &self,
+        &mut self,
         state: &mut CpuState,
         loaded: &Loaded,
         index: u64,

@@ -569,3 +569,37 @@ fn avx_state_survives_between_runs() {
     assert_eq!(b, [0xff; 32]);
     assert_eq!(t.state.fpu.xmm[5], [0xff; 16]);
 }
+
+#[test]
+fn usefulness_probe_and_tsc_frequency() {
+    let Some(a) = accel() else { return };
+    println!(
+        "is_useful (kvm_pvm loaded): {}, tsc_khz {}",
+        KvmUserAccelerator::is_useful(),
+        a.tsc_khz()
+    );
+    assert!(a.tsc_khz() > 0);
+}
+
+/// Two runners over one memory: each lists the pages the other's user code wrote too.
+#[test]
+fn two_runners_share_memory_and_the_written_list() {
+    let Some(mut t) = setup(|a| {
+        a.mov(rbx, DATA + 0x5000)?;
+        a.mov(qword_ptr(rbx), rbx)?;
+        a.ud2()
+    }) else {
+        return;
+    };
+    let mut other = t._accel.create_runner(1, t.mem.clone()).unwrap();
+    let (_, written) = t.run(None);
+    assert!(written.contains(&((DATA + 0x5000) >> 12)));
+    let mut s = t.state.clone();
+    s.regs.rip = CODE + 13; // the ud2
+    let mut w = Vec::new();
+    let exit = other.run(&mut s, None, &t.io, &mut w).unwrap();
+    assert!(matches!(exit, UserExit::Event { vector: 6, .. }));
+    assert!(w.contains(&((DATA + 0x5000) >> 12)), "{w:#x?}");
+    let (accel2_mem, _) = guest();
+    assert!(t._accel.create_runner(2, accel2_mem).is_err());
+}
