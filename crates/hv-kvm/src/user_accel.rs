@@ -18,6 +18,11 @@
 //! * The trap page is filled with `hlt`. Without an in-kernel local APIC, `hlt` ends `KVM_RUN`
 //!   with `KVM_EXIT_HLT` and RIP after it, which names the vector. The frame the CPU pushed on the
 //!   kernel stack gives the user-mode RIP/CS/RFLAGS/RSP/SS and the error code.
+//! * PVM quirks (measured, `tests/user_accel.rs`): `syscall` from user mode jumps to LSTAR but
+//!   stays at CPL 3, so the fetch from the supervisor-only trap page raises #PF there (recognised
+//!   by its RIP); `int n` arrives as #UD at the instruction (completed here: gate checks, then the
+//!   event with RIP after it). User `rdtsc` reads the host TSC and user code sees the host's
+//!   XCR0 whatever KVM is given.
 //!
 //! Guest page tables change in guest RAM behind KVM's back (the caller's kernel writes them), so
 //! KVM's shadow page tables are dropped before every run (the private slot is removed and
@@ -998,8 +1003,6 @@ impl KvmUserRunner {
             Ok(KvmExit::InternalError) => {
                 let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
                 let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
-                let mut sregs = hv::SpecialRegisters::from(K(sregs));
-                sregs.cr3 = 0; // unused below: instruction bytes are fetched by the caller's tables
                 return Err(hv::Error::Unhandled(format!(
                     "KVM could not complete an instruction at rip {:#x} (CPL {})",
                     regs.rip, sregs.cs.dpl
