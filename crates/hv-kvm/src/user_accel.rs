@@ -227,6 +227,8 @@ struct ExtStates {
 }
 
 const MAX_EXT_STATES: usize = 512;
+/// Queued written pages of one runner beyond which duplicates are dropped.
+const MAX_QUEUED_PAGES: usize = 1 << 16;
 
 type ThreadKey = (u64, u64);
 
@@ -342,9 +344,13 @@ impl AccelVm {
         }
         lists.retain(|w| w.strong_count() > 0);
         for list in lists.iter().filter_map(Weak::upgrade) {
-            list.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(&pages);
+            let mut list = list.lock().unwrap_or_else(|p| p.into_inner());
+            list.extend_from_slice(&pages);
+            if list.len() > MAX_QUEUED_PAGES {
+                // A runner that has not run for a while: keep each page once.
+                list.sort_unstable();
+                list.dedup();
+            }
         }
         Ok(())
     }
