@@ -90,7 +90,7 @@ pub fn reg_size(r: Register) -> usize {
 }
 
 #[inline]
-fn szp(size: usize, r: u64) -> u64 {
+pub fn szp(size: usize, r: u64) -> u64 {
     let r = r & mask(size);
     let mut f = 0;
     if r == 0 {
@@ -99,7 +99,9 @@ fn szp(size: usize, r: u64) -> u64 {
     if r & sign(size) != 0 {
         f |= SF;
     }
-    if (r as u8).count_ones() & 1 == 0 {
+    // Parity of the low byte: 0x6996 is the odd-parity table of a nibble.
+    let b = (r ^ (r >> 4)) & 0xf;
+    if (0x6996u32 >> b) & 1 == 0 {
         f |= PF;
     }
     f
@@ -1210,7 +1212,6 @@ impl Exec<'_> {
 
     fn shift(&mut self, i: &Instruction) -> R<()> {
         let size = self.op_size(i, 0);
-        let bits = (size * 8) as u32;
         let cnt_mask = if size == 8 { 63 } else { 31 };
         let count = if i.op_count() > 1 {
             (self.rd(i, 1)? as u32) & cnt_mask
@@ -1222,114 +1223,8 @@ impl Exec<'_> {
         if count == 0 {
             return Ok(());
         }
-        let m = mask(size);
-        let sb = sign(size);
-        let mn = i.mnemonic();
-        let cf_in = u64::from(self.flag(CF));
-        let (r, flags, which) = match mn {
-            M::Shl | M::Sal => {
-                let r = if count >= bits { 0 } else { (a << count) & m };
-                let cf = if count > bits {
-                    false
-                } else {
-                    (a >> (bits - count)) & 1 != 0
-                };
-                let mut f = szp(size, r);
-                if cf {
-                    f |= CF;
-                }
-                if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
-                    f |= OF;
-                }
-                (r, f, ARITH_FLAGS)
-            }
-            M::Shr => {
-                let r = if count >= bits { 0 } else { a >> count };
-                let cf = count <= bits && (a >> (count - 1)) & 1 != 0;
-                let mut f = szp(size, r);
-                if cf {
-                    f |= CF;
-                }
-                if a & sb != 0 {
-                    f |= OF;
-                }
-                (r, f, ARITH_FLAGS)
-            }
-            M::Sar => {
-                let s = sx(a, size) as i64;
-                let c = count.min(63);
-                let r = ((s >> c) as u64) & m;
-                let cf = ((s >> (c - 1).min(63)) & 1) != 0;
-                let mut f = szp(size, r);
-                if cf {
-                    f |= CF;
-                }
-                (r, f, ARITH_FLAGS)
-            }
-            M::Rol => {
-                let c = count % bits;
-                let r = if c == 0 {
-                    a
-                } else {
-                    ((a << c) | (a >> (bits - c))) & m
-                };
-                let cf = r & 1 != 0;
-                let mut f = if cf { CF } else { 0 };
-                if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
-                    f |= OF;
-                }
-                (r, f, CF | OF)
-            }
-            M::Ror => {
-                let c = count % bits;
-                let r = if c == 0 {
-                    a
-                } else {
-                    ((a >> c) | (a << (bits - c))) & m
-                };
-                let cf = r & sb != 0;
-                let mut f = if cf { CF } else { 0 };
-                if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
-                    f |= OF;
-                }
-                (r, f, CF | OF)
-            }
-            M::Rcl => {
-                let c = count % (bits + 1);
-                let wide = (u128::from(cf_in) << bits) | u128::from(a);
-                let total = bits + 1;
-                let rot = if c == 0 {
-                    wide
-                } else {
-                    ((wide << c) | (wide >> (total - c))) & ((1u128 << total) - 1)
-                };
-                let r = (rot as u64) & m;
-                let cf = (rot >> bits) & 1 != 0;
-                let mut f = if cf { CF } else { 0 };
-                if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
-                    f |= OF;
-                }
-                (r, f, CF | OF)
-            }
-            _ => {
-                // RCR
-                let c = count % (bits + 1);
-                let wide = (u128::from(cf_in) << bits) | u128::from(a);
-                let total = bits + 1;
-                let rot = if c == 0 {
-                    wide
-                } else {
-                    ((wide >> c) | (wide << (total - c))) & ((1u128 << total) - 1)
-                };
-                let r = (rot as u64) & m;
-                let cf = (rot >> bits) & 1 != 0;
-                let mut f = if cf { CF } else { 0 };
-                if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
-                    f |= OF;
-                }
-                (r, f, CF | OF)
-            }
-        };
+        let cf_in = self.flag(CF);
+        let (r, flags, which) = shift_value(i.mnemonic(), size, a, count, cf_in);
         self.wr_loc(l, size, r)?;
         self.set_flags(which, flags);
         Ok(())
@@ -1446,6 +1341,120 @@ impl Exec<'_> {
             self.cpu.gpr[2] = (old >> 64) as u64;
         }
         Ok(())
+    }
+}
+
+/// Result, flags and the mask of flags changed of SHL/SAL/SHR/SAR/ROL/ROR/RCL/RCR of the
+/// `size`-byte value `a` by a masked, non-zero `count`.
+#[inline]
+pub fn shift_value(mn: M, size: usize, a: u64, count: u32, cf_in: bool) -> (u64, u64, u64) {
+    let bits = (size * 8) as u32;
+    let m = mask(size);
+    let sb = sign(size);
+    let cf_in = u64::from(cf_in);
+    match mn {
+        M::Shl | M::Sal => {
+            let r = if count >= bits { 0 } else { (a << count) & m };
+            let cf = if count > bits {
+                false
+            } else {
+                (a >> (bits - count)) & 1 != 0
+            };
+            let mut f = szp(size, r);
+            if cf {
+                f |= CF;
+            }
+            if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
+                f |= OF;
+            }
+            (r, f, ARITH_FLAGS)
+        }
+        M::Shr => {
+            let r = if count >= bits { 0 } else { a >> count };
+            let cf = count <= bits && (a >> (count - 1)) & 1 != 0;
+            let mut f = szp(size, r);
+            if cf {
+                f |= CF;
+            }
+            if a & sb != 0 {
+                f |= OF;
+            }
+            (r, f, ARITH_FLAGS)
+        }
+        M::Sar => {
+            let s = sx(a, size) as i64;
+            let c = count.min(63);
+            let r = ((s >> c) as u64) & m;
+            let cf = ((s >> (c - 1).min(63)) & 1) != 0;
+            let mut f = szp(size, r);
+            if cf {
+                f |= CF;
+            }
+            (r, f, ARITH_FLAGS)
+        }
+        M::Rol => {
+            let c = count % bits;
+            let r = if c == 0 {
+                a
+            } else {
+                ((a << c) | (a >> (bits - c))) & m
+            };
+            let cf = r & 1 != 0;
+            let mut f = if cf { CF } else { 0 };
+            if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
+                f |= OF;
+            }
+            (r, f, CF | OF)
+        }
+        M::Ror => {
+            let c = count % bits;
+            let r = if c == 0 {
+                a
+            } else {
+                ((a >> c) | (a << (bits - c))) & m
+            };
+            let cf = r & sb != 0;
+            let mut f = if cf { CF } else { 0 };
+            if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
+                f |= OF;
+            }
+            (r, f, CF | OF)
+        }
+        M::Rcl => {
+            let c = count % (bits + 1);
+            let wide = (u128::from(cf_in) << bits) | u128::from(a);
+            let total = bits + 1;
+            let rot = if c == 0 {
+                wide
+            } else {
+                ((wide << c) | (wide >> (total - c))) & ((1u128 << total) - 1)
+            };
+            let r = (rot as u64) & m;
+            let cf = (rot >> bits) & 1 != 0;
+            let mut f = if cf { CF } else { 0 };
+            if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
+                f |= OF;
+            }
+            (r, f, CF | OF)
+        }
+        _ => {
+            // RCR
+            let c = count % (bits + 1);
+            let wide = (u128::from(cf_in) << bits) | u128::from(a);
+            let total = bits + 1;
+            let rot = if c == 0 {
+                wide
+            } else {
+                ((wide >> c) | (wide << (total - c))) & ((1u128 << total) - 1)
+            };
+            let r = (rot as u64) & m;
+            let cf = (rot >> bits) & 1 != 0;
+            let mut f = if cf { CF } else { 0 };
+            if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
+                f |= OF;
+            }
+            (r, f, CF | OF)
+        }
     }
 }
 
