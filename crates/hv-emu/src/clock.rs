@@ -46,6 +46,11 @@ impl Clock {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The host instant of VM-clock time `ns`.
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.origin + std::time::Duration::from_nanos(ns)
+    }
+
     pub fn ns_to_tsc(&self, ns: u64) -> u64 {
         (u128::from(ns) * u128::from(self.tsc_khz) / 1_000_000) as u64
     }

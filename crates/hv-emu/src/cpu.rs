@@ -64,6 +64,9 @@ pub struct Msrs {
     pub system_time: u64,
     /// Guest TSC = scaled host clock + this offset (wrapping).
     pub tsc_offset: u64,
+    /// The guest TSC reads at least this (set when the offset moves backwards to follow a
+    /// user-mode runner's TSC, so the TSC the kernel sees never goes back).
+    pub tsc_floor: u64,
 }
 
 pub struct Cpu {
@@ -244,6 +247,15 @@ impl Cpu {
         }
     }
 
+    /// The guest TSC at VM-clock time `ns`.
+    #[inline]
+    pub fn tsc_at(&self, clock: &crate::clock::Clock, ns: u64) -> u64 {
+        clock
+            .ns_to_tsc(ns)
+            .wrapping_add(self.msr.tsc_offset)
+            .max(self.msr.tsc_floor)
+    }
+
     pub fn to_state(&self, msrs_in_model: &[u32], tsc: u64, now_ns: u64) -> CpuState {
         let mut s = CpuState::default();
         let g = &self.gpr;
@@ -419,6 +431,34 @@ impl Cpu {
         self.mp_state = s.mp_state;
         self.tlb.flush_all();
         self.irq_check = true;
+    }
+
+    /// Takes back what a user-mode runner can change: general registers, RIP, RFLAGS,
+    /// segments (FS/GS bases), x87/SSE state and CR2 (set for #PF).
+    pub fn apply_user_state(&mut self, s: &CpuState) {
+        let r = &s.regs;
+        self.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        self.rip = r.rip;
+        self.rflags = (r.rflags & (FLAGS_WRITABLE | RF)) | 2;
+        let sr = &s.sregs;
+        self.seg = [sr.es, sr.cs, sr.ss, sr.ds, sr.fs, sr.gs];
+        self.cpl = self.seg[CS].dpl & 3;
+        self.cr2 = sr.cr2;
+        let f = &s.fpu;
+        self.fcw = f.fcw;
+        self.fsw = f.fsw;
+        self.ftw = f.ftw;
+        self.fop = f.fop;
+        self.fip = f.fip;
+        self.fdp = f.fdp;
+        self.mxcsr = f.mxcsr;
+        self.st = f.st;
+        for (d, x) in self.xmm.iter_mut().zip(f.xmm.iter()) {
+            *d = u128::from_le_bytes(*x);
+        }
     }
 
     /// Stores MSRs that have no side effects beyond their value. Returns false for others.

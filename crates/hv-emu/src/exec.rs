@@ -1089,6 +1089,11 @@ impl Exec<'_> {
             M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 | M::Xsaveopt | M::Xsaveopt64 => ud(),
             M::Xsavec | M::Xsavec64 | M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
             M::Monitor | M::Mwait | M::Monitorx | M::Mwaitx => ud(),
+            // Features the portable model does not have (SMAP, PKU, CLWB, SERIALIZE, VMX/SVM):
+            // #UD, as on a CPU without them. A guest that saw SMAP on another host gets #UD
+            // here, like it would after migrating to such a CPU.
+            M::Clac | M::Stac | M::Rdpkru | M::Wrpkru | M::Clwb | M::Serialize => ud(),
+            M::Vmcall | M::Vmmcall | M::Vmlaunch | M::Vmresume | M::Vmxoff | M::Vmrun => ud(),
             M::Adcx | M::Adox | M::Andn | M::Bextr | M::Blsi | M::Blsmsk | M::Blsr => ud(),
             M::Movnti => {
                 let v = self.rd(i, 1)?;

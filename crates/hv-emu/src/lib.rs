@@ -47,11 +47,21 @@ use crate::vm::VmShared;
 
 /// The software-CPU hypervisor backend.
 #[derive(Default)]
-pub struct EmuHypervisor {}
+pub struct EmuHypervisor {
+    accel: Option<Arc<dyn hv::UserModeAccelerator>>,
+}
 
 impl EmuHypervisor {
     pub fn new() -> EmuHypervisor {
-        EmuHypervisor {}
+        EmuHypervisor { accel: None }
+    }
+
+    /// An emu backend whose vCPUs run guest user mode (CPL 3, 64-bit) through `accel` instead
+    /// of interpreting it. Each vCPU gets a runner from `accel`; the VM's TSC frequency is
+    /// `accel.tsc_khz()`. A VM created with a different `VmConfig::tsc_khz` (a restored or
+    /// migrated one) does not use the accelerator, since its user code would see another rate.
+    pub fn with_user_accelerator(accel: Arc<dyn hv::UserModeAccelerator>) -> EmuHypervisor {
+        EmuHypervisor { accel: Some(accel) }
     }
 }
 
@@ -130,13 +140,18 @@ impl hv::Hypervisor for EmuHypervisor {
                 config.vcpus
             )));
         }
-        let tsc_khz = config.tsc_khz.unwrap_or_else(default_tsc_khz);
+        let (tsc_khz, accel) = match (&self.accel, config.tsc_khz) {
+            (Some(a), None) => (a.tsc_khz(), Some(a.clone())),
+            (Some(a), Some(k)) if k == a.tsc_khz() => (k, Some(a.clone())),
+            (_, k) => (k.unwrap_or_else(default_tsc_khz), None),
+        };
         let max_addr = config.memory.last_addr().0;
         let shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
         Ok(Arc::new(EmuVm {
             memory: config.memory,
             shared: Arc::new(shared),
             created: std::sync::Mutex::new(vec![false; config.vcpus as usize]),
+            accel,
         }))
     }
 }
@@ -146,6 +161,7 @@ pub struct EmuVm {
     memory: Arc<GuestMemory>,
     shared: Arc<VmShared>,
     created: std::sync::Mutex<Vec<bool>>,
+    accel: Option<Arc<dyn hv::UserModeAccelerator>>,
 }
 
 impl hv::Vm for EmuVm {
@@ -162,12 +178,20 @@ impl hv::Vm for EmuVm {
             ))),
             Some(true) => Err(hv::Error::InvalidState(format!("vCPU {id} already exists"))),
             Some(c) => {
+                let runner = match &self.accel {
+                    Some(a) => {
+                        let r = a.create_runner(id, self.memory.clone())?;
+                        if let Some(v) = self.shared.vcpus.get(id as usize) {
+                            let _ = v.user_kicker.set(r.kicker());
+                        }
+                        Some(r)
+                    }
+                    None => None,
+                };
                 *c = true;
-                Ok(Box::new(EmuVcpu::new(
-                    id,
-                    self.memory.clone(),
-                    self.shared.clone(),
-                )))
+                let mut v = EmuVcpu::new(id, self.memory.clone(), self.shared.clone());
+                v.set_user_runner(runner);
+                Ok(Box::new(v))
             }
         }
     }

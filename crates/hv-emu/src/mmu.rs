@@ -48,6 +48,19 @@ impl Tlb {
         }
     }
 
+    /// Drops the translations to any of the guest page frames `frames`.
+    pub fn flush_frames(&mut self, frames: &[u64]) {
+        if frames.len() > 32 {
+            self.flush_all();
+            return;
+        }
+        for e in self.e.iter_mut() {
+            if e.vpn != u64::MAX && frames.contains(&(e.ppn >> 12)) {
+                e.vpn = u64::MAX;
+            }
+        }
+    }
+
     pub fn flush_page(&mut self, lin: u64) {
         let vpn = lin >> 12;
         let e = &mut self.e[(vpn as usize) & (TLB_SIZE - 1)];

@@ -630,7 +630,7 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn syscall(&mut self) -> R<()> {
+    pub fn syscall(&mut self) -> R<()> {
         if self.cpu.efer & EFER_SCE == 0 {
             return ud();
         }
@@ -801,10 +801,7 @@ impl Exec<'_> {
 
     pub fn guest_tsc(&self) -> u64 {
         let ns = self.vm.clock.host_ns();
-        self.vm
-            .clock
-            .ns_to_tsc(ns)
-            .wrapping_add(self.cpu.msr.tsc_offset)
+        self.cpu.tsc_at(&self.vm.clock, ns)
     }
 
     pub fn rdmsr(&mut self, idx: u32) -> R<u64> {
@@ -834,6 +831,7 @@ impl Exec<'_> {
             msr::IA32_TSC => {
                 let now = self.vm.clock.ns_to_tsc(self.vm.clock.host_ns());
                 self.cpu.msr.tsc_offset = v.wrapping_sub(now);
+                self.cpu.msr.tsc_floor = 0;
                 Ok(())
             }
             msr::IA32_TSC_DEADLINE => {
@@ -901,6 +899,30 @@ impl Exec<'_> {
                 }
             }
         }
+    }
+
+    /// Moves the guest TSC to `tsc` now (what a user-mode runner reports after running on
+    /// hardware), keeping what the kernel reads monotonic: when the TSC would go back, reads
+    /// stay at the current value until the new timeline passes it. Jitter below 10 us is
+    /// ignored. The TSC-deadline timer and the pvclock page follow the new offset.
+    pub fn follow_tsc(&mut self, tsc: u64) {
+        let clock = &self.vm.clock;
+        let now = clock.host_ns();
+        let offset = tsc.wrapping_sub(clock.ns_to_tsc(now));
+        let diff = offset.wrapping_sub(self.cpu.msr.tsc_offset) as i64;
+        if diff.unsigned_abs() < u64::from(clock.tsc_khz) / 100 {
+            return;
+        }
+        let cur = self.cpu.tsc_at(clock, now);
+        if diff < 0 {
+            self.cpu.msr.tsc_floor = cur;
+        }
+        self.cpu.msr.tsc_offset = offset;
+        let d = self.cpu.lapic.tsc_deadline;
+        if d != 0 {
+            self.set_tsc_deadline(d);
+        }
+        self.write_pvclock();
     }
 
     pub fn set_tsc_deadline(&mut self, v: u64) {

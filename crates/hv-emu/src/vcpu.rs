@@ -56,6 +56,10 @@ pub struct EmuVcpu {
     shared: Arc<VmShared>,
     clock_epoch: u64,
     blocks: BlockCache,
+    /// Runs user mode on hardware (see `EmuHypervisor::with_user_accelerator`).
+    user: Option<Box<dyn hv::UserModeRunner>>,
+    /// Written pages reported by `user`.
+    written: Vec<u64>,
     /// Instructions executed (for MIPS measurements).
     pub instructions: u64,
 }
@@ -77,8 +81,15 @@ impl EmuVcpu {
             shared,
             clock_epoch,
             blocks: BlockCache::new(),
+            user: None,
+            written: Vec::new(),
             instructions: 0,
         }
+    }
+
+    /// Gives this vCPU a user-mode runner (or takes it away).
+    pub fn set_user_runner(&mut self, runner: Option<Box<dyn hv::UserModeRunner>>) {
+        self.user = runner;
     }
 
     /// Runs `f` with an execution context over this vCPU.
@@ -123,7 +134,8 @@ impl EmuVcpu {
 
     fn run_inner(&mut self, io: &dyn DeviceIo) -> R<VcpuExit> {
         let me_idx = self.id as usize;
-        let ram = Ram::new(&self.memory);
+        let memory = self.memory.clone();
+        let ram = Ram::new(&memory);
         loop {
             let me = &self.shared.vcpus[me_idx];
             if me.kicked.swap(false, Ordering::AcqRel) {
@@ -170,9 +182,72 @@ impl EmuVcpu {
                 }
                 MpState::Runnable => {}
             }
-            let n = ex.run_batch(&mut self.blocks, BATCH)?;
+            let accel = self.user.is_some();
+            let (n, at_user) = ex.run_batch(&mut self.blocks, BATCH, accel)?;
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
+            if at_user {
+                self.run_user(io, &ram)?;
+            }
+        }
+    }
+
+    /// Hands the vCPU, at CPL 3 in 64-bit mode with nothing to deliver, to the user-mode
+    /// runner, then performs what made it return: the `syscall`, the event (through the IDT,
+    /// as if emu had raised it), or nothing (a kick, the timer deadline).
+    fn run_user(&mut self, io: &dyn DeviceIo, ram: &Ram<'_>) -> R<()> {
+        let Some(runner) = self.user.as_mut() else {
+            return Ok(());
+        };
+        let me = &self.shared.vcpus[self.id as usize];
+        let clock = &self.shared.clock;
+        let now = clock.host_ns();
+        let tsc = self.cpu.tsc_at(clock, now);
+        let mut st = self.cpu.to_state(&self.shared.model.msrs, tsc, now);
+        let deadline = self.cpu.lapic.deadline_ns.map(|d| clock.instant_at(d));
+        me.in_user.store(true, Ordering::SeqCst);
+        if me.pending.load(Ordering::SeqCst) || me.kicked.load(Ordering::SeqCst) {
+            me.in_user.store(false, Ordering::SeqCst);
+            return Ok(());
+        }
+        self.written.clear();
+        let r = runner.run(&mut st, deadline, io, &mut self.written);
+        me.in_user.store(false, Ordering::SeqCst);
+        // User code wrote these pages: drop decoded blocks and translations that use them.
+        for &pfn in &self.written {
+            self.shared.code.on_write(pfn);
+        }
+        if !self.written.is_empty() {
+            self.cpu.tlb.flush_frames(&self.written);
+        }
+        let exit = r.map_err(|e| Exc::Unhandled(format!("user-mode accelerator: {e}")))?;
+        self.cpu.apply_user_state(&st);
+        let mut ex = Exec {
+            cpu: &mut self.cpu,
+            mem: &self.memory,
+            ram,
+            io,
+            vm: &self.shared,
+            lapic_enabled: true,
+            cur_rip: st.regs.rip,
+        };
+        if let Some(t) = st.msr(msr::IA32_TSC) {
+            ex.follow_tsc(t);
+        }
+        match exit {
+            hv::UserExit::Syscall => match ex.syscall() {
+                Ok(()) => Ok(()),
+                Err(Exc::Fault(v, c)) => {
+                    // #UD (EFER.SCE clear): the frame points at the syscall instruction.
+                    ex.cpu.rip = st.regs.rip.wrapping_sub(2);
+                    ex.raise_event(v, c, Event::Exception)
+                }
+                Err(e) => Err(e),
+            },
+            hv::UserExit::Event { vector, error_code } => {
+                ex.raise_event(vector, error_code, Event::Exception)
+            }
+            hv::UserExit::Interrupted => Ok(()),
         }
     }
 }
@@ -256,7 +331,15 @@ impl Exec<'_> {
 
     /// Runs up to about `budget` instructions from the block cache, delivering interrupts at
     /// block boundaries and the exceptions instructions raise. Returns the number executed.
-    pub fn run_batch(&mut self, cache: &mut BlockCache, budget: u32) -> R<u32> {
+    ///
+    /// With `stop_at_user`, returns `(n, true)` as soon as the vCPU is at CPL 3 in 64-bit mode
+    /// with no interrupt deliverable, to hand it to the user-mode runner.
+    pub fn run_batch(
+        &mut self,
+        cache: &mut BlockCache,
+        budget: u32,
+        stop_at_user: bool,
+    ) -> R<(u32, bool)> {
         let mut n = 0u32;
         while n < budget {
             if self.cpu.irq_check {
@@ -264,6 +347,14 @@ impl Exec<'_> {
                 if self.cpu.mp_state != MpState::Runnable {
                     break;
                 }
+            }
+            if stop_at_user
+                && self.cpu.cpl == 3
+                && !self.cpu.irq_check
+                && self.cpu.mode64()
+                && self.cpu.mp_state == MpState::Runnable
+            {
+                return Ok((n, true));
             }
             let slot = match self.lookup_block(cache) {
                 Ok(Some(s)) => s,
@@ -303,7 +394,7 @@ impl Exec<'_> {
                 break;
             }
         }
-        Ok(n)
+        Ok((n, false))
     }
 
     /// Executes one instruction (uncached), delivering the exception it raises.
@@ -386,11 +477,7 @@ impl hv::Vcpu for EmuVcpu {
             self.merge_mailbox();
         }
         let now = self.shared.clock.host_ns();
-        let tsc = self
-            .shared
-            .clock
-            .ns_to_tsc(now)
-            .wrapping_add(self.cpu.msr.tsc_offset);
+        let tsc = self.cpu.tsc_at(&self.shared.clock, now);
         Ok(self.cpu.to_state(&self.shared.model.msrs, tsc, now))
     }
 
@@ -407,6 +494,7 @@ impl hv::Vcpu for EmuVcpu {
         self.cpu.lapic.load_state(&s.lapic, now);
         if let Some(t) = s.msr(msr::IA32_TSC) {
             self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.ns_to_tsc(now));
+            self.cpu.msr.tsc_floor = 0;
         }
         self.blocks.clear();
         self.with_exec(&NoIo, |ex| Self::load_rest(ex, s))

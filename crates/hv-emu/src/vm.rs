@@ -2,7 +2,7 @@
 //! clock, and the record of which guest pages hold decoded code.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use hv::CpuModel;
 
@@ -29,6 +29,11 @@ pub struct VcpuShared {
     pub pending: AtomicBool,
     pub kicked: AtomicBool,
     pub cond: Condvar,
+    /// The vCPU is (about to be) inside its user-mode runner: posting and kicking must also
+    /// kick the runner.
+    pub in_user: AtomicBool,
+    /// The kicker of this vCPU's user-mode runner, if it has one.
+    pub user_kicker: OnceLock<Arc<dyn hv::VcpuKicker>>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -46,20 +51,39 @@ impl VcpuShared {
             pending: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             cond: Condvar::new(),
+            in_user: AtomicBool::new(false),
+            user_kicker: OnceLock::new(),
         }
     }
 
     pub fn post(&self, f: impl FnOnce(&mut Mailbox)) {
-        let mut m = lock(&self.mailbox);
-        f(&mut m);
-        self.pending.store(true, Ordering::Release);
-        self.cond.notify_all();
+        {
+            let mut m = lock(&self.mailbox);
+            f(&mut m);
+            self.pending.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
+        self.kick_user();
     }
 
     pub fn kick(&self) {
-        let _m = lock(&self.mailbox);
-        self.kicked.store(true, Ordering::Release);
-        self.cond.notify_all();
+        {
+            let _m = lock(&self.mailbox);
+            self.kicked.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
+        self.kick_user();
+    }
+
+    /// Interrupts the user-mode runner if the vCPU is in it. The vCPU sets `in_user` before
+    /// checking `pending`/`kicked` and entering the runner (all sequentially consistent), so
+    /// either it sees the flag set here or this sees `in_user` and kicks.
+    fn kick_user(&self) {
+        if self.in_user.load(Ordering::SeqCst)
+            && let Some(k) = self.user_kicker.get()
+        {
+            k.kick();
+        }
     }
 }
 

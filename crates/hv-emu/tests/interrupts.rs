@@ -56,6 +56,18 @@ fn ud_and_gp(hv: &dyn Hypervisor) {
     assert_eq!(g.exception(), Some((13, 0)));
 }
 
+/// The portable model has no SMAP: `clac` (0f 01 ca) and `stac` (0f 01 cb) raise #UD.
+fn clac_stac_without_smap(hv: &dyn Hypervisor) {
+    for bytes in [[0x0f, 0x01, 0xca], [0x0f, 0x01, 0xcb]] {
+        let mut g = long_mode_guest(hv, &bytes);
+        assert_eq!(g.run(), VcpuExit::Halted);
+        assert_eq!(g.exception(), Some((6, 0)), "{bytes:02x?}");
+        // The frame's RIP is the faulting instruction.
+        let st = g.state();
+        assert_eq!(g.read_u64(st.regs.rsp), CODE);
+    }
+}
+
 fn msi_fixed_interrupt(hv: &dyn Hypervisor) {
     let code = asm(|a| {
         enable_apic(a)?;
@@ -160,6 +172,11 @@ fn emu_int3_frame() {
 #[test]
 fn emu_ud_and_gp() {
     ud_and_gp(&emu());
+}
+
+#[test]
+fn emu_clac_stac_without_smap() {
+    clac_stac_without_smap(&emu());
 }
 
 #[test]
