@@ -335,3 +335,45 @@ fn emu_reboot_exits_0() {
 fn emu_api_pause_resume_info_shutdown() {
     api_pause_resume_info_shutdown("emu");
 }
+
+/// SIGTERM ends a running VM in order: status 1 with one `error:` line, socket removed.
+/// Runs on emu (any build: the guest need not get far).
+#[test]
+fn sigterm_stops_in_order() {
+    let Some(kit) = kit() else { return };
+    let dir = scratch("sigterm");
+    let socket = dir.join("api.sock");
+    let mut args = boot_args(&kit.vmlinux, &kit, "none");
+    args.extend([
+        "--backend".into(),
+        "emu".into(),
+        "--serial".into(),
+        "null".into(),
+        "--api-socket".into(),
+        socket.display().to_string(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || socket.exists()),
+        "api socket never appeared"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_timeout(&mut child, Duration::from_secs(30));
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "stderr: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors, ["error: stopped by SIGTERM"], "stderr: {stderr}");
+    assert!(!socket.exists(), "api socket left behind");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -25,6 +25,8 @@ pub enum Stop {
     TripleFault { vcpu: u32 },
     /// A vCPU failed.
     VcpuFailed { vcpu: u32, error: hv::Error },
+    /// The VMM process got a termination signal.
+    Signal(i32),
     /// A VMM thread failed.
     Internal(String),
 }
@@ -204,6 +206,19 @@ impl Control {
         st.reason
             .take()
             .unwrap_or_else(|| Stop::Internal("stopped twice".into()))
+    }
+
+    /// Like [`Control::wait_stop`], but gives up after `timeout`.
+    pub fn wait_stop_timeout(&self, timeout: Duration) -> Option<Stop> {
+        if !self.wait_until(timeout, |st| st.stopping) {
+            return None;
+        }
+        Some(
+            self.lock()
+                .reason
+                .take()
+                .unwrap_or_else(|| Stop::Internal("stopped twice".into())),
+        )
     }
 
     /// Waits (at most `timeout`) for every vCPU thread to end; returns whether they did.

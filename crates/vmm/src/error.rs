@@ -77,6 +77,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The VMM was told to end by a signal; the guest did not shut down.
+    #[error("stopped by {0}")]
+    Signal(String),
     /// A bug or an unexpected host condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -110,9 +113,11 @@ impl Error {
                     EXIT_FAILURE
                 }
             }
-            Error::TripleFault | Error::Vcpu { .. } | Error::Io { .. } | Error::Internal(_) => {
-                EXIT_FAILURE
-            }
+            Error::TripleFault
+            | Error::Vcpu { .. }
+            | Error::Io { .. }
+            | Error::Signal(_)
+            | Error::Internal(_) => EXIT_FAILURE,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use vmm_sys_util::terminal::Terminal;
 
@@ -61,5 +62,41 @@ pub fn cleanup() {
     with_pending(|p| files = std::mem::take(&mut p.files));
     for f in files {
         let _ = std::fs::remove_file(f);
+    }
+}
+
+/// The last termination signal received (0: none).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: one atomic store; the main thread polls it.
+    SIGNAL.store(num, Ordering::Relaxed);
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the VM in an orderly way (vCPUs stopped, terminal restored,
+/// API socket removed) instead of killing the process where it stands.
+pub fn install_signal_handlers() -> std::io::Result<()> {
+    for num in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(num, on_signal)
+            .map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The termination signal received since the last call, if any.
+pub fn take_signal() -> Option<i32> {
+    match SIGNAL.swap(0, Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
+/// A signal's name for messages.
+pub fn signal_name(num: i32) -> String {
+    match num {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
     }
 }

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 
 /// How long a pause may take to park every vCPU.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the main thread looks for a termination signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// How long vCPU threads get to return once stopped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -356,7 +358,14 @@ impl Vmm {
     /// Runs the VM to its end.
     pub fn wait(mut self) -> Result<ExitReason> {
         let control = self.parts.control.clone();
-        let stop = control.wait_stop();
+        let stop = loop {
+            if let Some(stop) = control.wait_stop_timeout(SIGNAL_POLL) {
+                break stop;
+            }
+            if let Some(num) = crate::exit::take_signal() {
+                control.request_stop(Stop::Signal(num));
+            }
+        };
         if control.wait_exited(STOP_TIMEOUT) {
             for t in self.threads.drain(..) {
                 let _ = t.join();
@@ -379,6 +388,7 @@ impl Vmm {
                 id: vcpu,
                 source: error,
             }),
+            Stop::Signal(num) => Err(Error::Signal(crate::exit::signal_name(num))),
             Stop::Internal(msg) => Err(Error::Internal(msg)),
         }
     }
@@ -405,6 +415,10 @@ fn vcpu_thread(id: u32, vcpu: &Mutex<Box<dyn Vcpu>>, io: &Platform, control: &Co
 /// Runs what `anyvisor run` was asked to, to its end.
 pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
     use crate::config::RunRequest;
+    crate::exit::install_signal_handlers().map_err(|source| Error::Io {
+        op: "cannot install signal handlers",
+        source,
+    })?;
     match request {
         RunRequest::Boot(config) => Vmm::start(config)?.wait(),
         RunRequest::Restore { snapshot, runtime } => {
