@@ -65,6 +65,9 @@ case "$TEST" in
     memwork-bg)
         /bin/memwork &
         interactive ;;
+    blkbench)
+        /bin/blkbench /dev/vda
+        poweroff -f ;;
     faults)
         for k in ud pf de; do
             /bin/faults "$k" 2>/dev/null

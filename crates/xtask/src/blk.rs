@@ -1,0 +1,167 @@
+//! `bench blk`: in-guest virtio-blk throughput with `/bin/blkbench` (guest/src/blkbench.c).
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::boot::wait_outcome;
+use crate::serial::parse_kv_line;
+use crate::table::{self, Outcome, Table};
+use crate::vmproc::{VmProc, command_line};
+use crate::{Setup, anyvisor_args, cmdline, qemu_args};
+
+const DISK_MIB: u64 = 256;
+const MEM_MIB: u64 = 256;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlkResult {
+    pub seqread: f64,
+    pub seqwrite: f64,
+    pub randread_iops: f64,
+}
+
+/// Parses `BLKBENCH seqread=<MB/s> seqwrite=<MB/s> randread_iops=<n>` or
+/// `BLKBENCH error=<reason>`.
+pub fn parse_blkbench(line: &str) -> Result<BlkResult, String> {
+    let kv = parse_kv_line(line, "BLKBENCH").ok_or("no BLKBENCH line")?;
+    let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    if let Some(e) = get("error") {
+        return Err(format!("guest: {e}"));
+    }
+    let num = |k: &str| -> Result<f64, String> {
+        get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("BLKBENCH without {k}"))
+    };
+    Ok(BlkResult {
+        seqread: num("seqread")?,
+        seqwrite: num("seqwrite")?,
+        randread_iops: num("randread_iops")?,
+    })
+}
+
+/// Writes a raw disk of `mib` MiB filled with a non-zero pattern (so reads hit real data).
+fn make_disk(path: &Path, mib: u64) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        for (j, b) in block.iter_mut().enumerate() {
+            *b = (j as u64 ^ i).to_le_bytes()[0] | 1;
+        }
+        f.write_all(&block)?;
+    }
+    f.sync_all()
+}
+
+fn run_case(setup: &Setup, program: &Path, args: &[String]) -> Outcome<BlkResult> {
+    let mut p = match VmProc::spawn(program, args, MEM_MIB << 20) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
+    };
+    let w = p.wait_line(0, "BLKBENCH", setup.deadline());
+    let out = match wait_outcome(&p, &w, setup.timeout_secs) {
+        Outcome::Ok(i) => match parse_blkbench(&p.lines[i].text) {
+            Ok(r) => Outcome::Ok(r),
+            Err(e) => Outcome::Failed(e),
+        },
+        Outcome::Failed(m) => Outcome::Failed(m),
+        Outcome::Timeout(s) => Outcome::Timeout(s),
+    };
+    p.kill();
+    out
+}
+
+pub fn run(setup: &Setup) {
+    let append = cmdline("blkbench");
+    let mut cmds = Vec::new();
+    let mut rows = Vec::new();
+    let disk = setup.scratch("blk.raw");
+    let mut cases: Vec<(String, std::path::PathBuf, Vec<String>, bool)> = Vec::new();
+    for b in &setup.backends {
+        let mut args = anyvisor_args(setup, b, "bzImage", MEM_MIB, &append);
+        args.extend(["--disk".into(), format!("{},format=raw", disk.display())]);
+        cases.push((format!("anyvisor {b}"), setup.anyvisor.clone(), args, false));
+    }
+    if setup.qemu_enabled {
+        let mut args = qemu_args(setup, "tcg", "bzImage", MEM_MIB, &append);
+        args.extend([
+            "-device".into(),
+            "virtio-blk-device,drive=d0".into(),
+            "-drive".into(),
+            format!("id=d0,file={},format=raw,if=none", disk.display()),
+        ]);
+        cases.push(("QEMU 7.2 TCG".into(), setup.qemu.clone(), args, true));
+    }
+    for (label, program, args, peer) in cases {
+        cmds.push((label.clone(), command_line(&program, &args)));
+        eprintln!("[blk] {label}");
+        let r = match make_disk(&disk, DISK_MIB) {
+            Err(e) => Outcome::Failed(format!("cannot write {}: {e}", disk.display())),
+            Ok(()) => run_case(setup, &program, &args),
+        };
+        eprintln!("[blk]   {r:?}");
+        rows.push((label, r, peer));
+    }
+    let _ = std::fs::remove_file(&disk);
+    crate::print_header(
+        &format!("virtio-blk inside the guest ({DISK_MIB} MiB raw file)"),
+        setup,
+    );
+    let mut t = Table::new(&[
+        "VMM",
+        "seq read (MB/s)",
+        "seq write (MB/s)",
+        "4 KiB rand read (IOPS)",
+        "read vs QEMU",
+        "write vs QEMU",
+        "IOPS vs QEMU",
+        "result",
+    ]);
+    let peer = rows.iter().find(|r| r.2).and_then(|r| r.1.ok().cloned());
+    for (label, r, is_peer) in &rows {
+        let v = r.ok();
+        let p = if *is_peer { None } else { peer.as_ref() };
+        let f = |g: fn(&BlkResult) -> f64| v.map(g);
+        let pf = |g: fn(&BlkResult) -> f64| p.map(g);
+        t.row(vec![
+            label.clone(),
+            f(|r| r.seqread).map_or("-".into(), |x| format!("{x:.1}")),
+            f(|r| r.seqwrite).map_or("-".into(), |x| format!("{x:.1}")),
+            f(|r| r.randread_iops).map_or("-".into(), |x| format!("{x:.0}")),
+            table::ratio(f(|r| r.seqread), pf(|r| r.seqread)),
+            table::ratio(f(|r| r.seqwrite), pf(|r| r.seqwrite)),
+            table::ratio(f(|r| r.randread_iops), pf(|r| r.randread_iops)),
+            r.problem().unwrap_or_else(|| "ok".into()),
+        ]);
+    }
+    print!("{t}");
+    println!(
+        "\nMeasured inside the guest by /bin/blkbench on /dev/vda with O_DIRECT: sequential write \
+         then read of the first 32 MiB in 1 MiB requests (write ends with fsync), then 4 KiB \
+         reads at random aligned offsets over the whole disk for 3 s. MB = 10^6 bytes. Host side: \
+         raw file, default caching of each VMM. Above 1 is better here."
+    );
+    crate::print_commands(&cmds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkbench_lines() {
+        assert_eq!(
+            parse_blkbench("BLKBENCH seqread=120.5 seqwrite=80 randread_iops=4000"),
+            Ok(BlkResult {
+                seqread: 120.5,
+                seqwrite: 80.0,
+                randread_iops: 4000.0
+            })
+        );
+        assert_eq!(
+            parse_blkbench("BLKBENCH error=open:/dev/vda:No-such-device"),
+            Err("guest: open:/dev/vda:No-such-device".into())
+        );
+        assert!(parse_blkbench("BLKBENCH seqread=1 seqwrite=x randread_iops=3").is_err());
+        assert!(parse_blkbench("MEMWORK OK").is_err());
+    }
+}
