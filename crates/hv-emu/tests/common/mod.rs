@@ -96,6 +96,11 @@ pub fn long_mode_guest(hv: &dyn Hypervisor, code: &[u8]) -> Guest {
 }
 
 pub fn guest_with(hv: &dyn Hypervisor, code: &[u8], vcpus: u32) -> Guest {
+    guest_with_tsc(hv, code, vcpus, Some(2_000_000))
+}
+
+/// Like [`guest_with`], with the VM's TSC frequency (`None`: the backend's choice).
+pub fn guest_with_tsc(hv: &dyn Hypervisor, code: &[u8], vcpus: u32, tsc_khz: Option<u32>) -> Guest {
     let mem =
         Arc::new(hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory"));
     let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
@@ -147,7 +152,7 @@ pub fn guest_with(hv: &dyn Hypervisor, code: &[u8], vcpus: u32) -> Guest {
             memory: mem.clone(),
             cpu_model: hv::CpuModel::portable(),
             vcpus,
-            tsc_khz: Some(2_000_000),
+            tsc_khz,
         })
         .expect("create_vm");
     let mut vcpu = vm.create_vcpu(0).expect("create_vcpu");
