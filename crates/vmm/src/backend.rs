@@ -35,12 +35,43 @@ pub fn kvm_available() -> std::result::Result<(), String> {
 pub struct Backend {
     pub hypervisor: Arc<dyn Hypervisor>,
     pub cpu_model: CpuModel,
+    /// The backend the user asked for and snapshots record. On PVM hosts `kvm` is served by
+    /// emu with KVM running guest user mode (see [`open_kvm_hybrid`]), so this can differ from
+    /// `hypervisor.kind()`.
+    kind: BackendKind,
 }
 
 impl Backend {
     pub fn kind(&self) -> BackendKind {
-        self.hypervisor.kind()
+        self.kind
     }
+}
+
+/// Environment switch that forces plain KVM even on a PVM host (for measuring it).
+pub const PLAIN_KVM_ENV: &str = "ANYVISOR_PLAIN_KVM";
+
+/// On KVM's PVM flavour every guest kernel instruction goes through KVM's instruction emulator
+/// (a Linux boot does not reach init in 15 minutes), while user mode runs natively. There the
+/// `kvm` backend runs the guest kernel in emu and hands user-mode stretches to KVM.
+fn open_kvm_hybrid() -> Option<Result<Arc<dyn Hypervisor>>> {
+    if std::env::var_os(PLAIN_KVM_ENV).is_some() || !hv_kvm::KvmUserAccelerator::is_useful() {
+        return None;
+    }
+    Some(
+        kvm_available()
+            .map_err(|reason| {
+                Error::from(hv::Error::Unavailable {
+                    backend: "kvm",
+                    reason,
+                })
+            })
+            .and_then(|()| Ok(hv_kvm::KvmUserAccelerator::open()?))
+            .map(|accel| {
+                Arc::new(hv_emu::EmuHypervisor::with_user_accelerator(Arc::new(
+                    accel,
+                ))) as Arc<dyn Hypervisor>
+            }),
+    )
 }
 
 fn open_kvm(model: Option<&CpuModel>) -> Result<Arc<dyn Hypervisor>> {
@@ -68,6 +99,7 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
             Err(_) => BackendKind::Emu,
         },
     };
+    let mut kind = kind;
     let (hypervisor, cpu_model) = match (kind, model) {
         (BackendKind::Emu, CpuModelChoice::Host) => {
             return Err(Error::Unsupported(
@@ -77,7 +109,11 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
         (BackendKind::Emu, CpuModelChoice::Portable) => (open_emu()?, CpuModel::portable()),
         (BackendKind::Kvm, CpuModelChoice::Portable) => {
             let model = CpuModel::portable();
-            match open_kvm(Some(&model)) {
+            let opened = match open_kvm_hybrid() {
+                Some(hybrid) => hybrid,
+                None => open_kvm(Some(&model)),
+            };
+            match opened {
                 Ok(h) => (h, model),
                 // `auto` falls back to emu when KVM is there but refuses to open.
                 Err(e) if choice == BackendChoice::Auto => {
@@ -85,6 +121,7 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
                         "anyvisor: kvm not usable ({}), falling back to emu",
                         crate::error::report(&e)
                     );
+                    kind = BackendKind::Emu;
                     (open_emu()?, model)
                 }
                 Err(e) => return Err(e),
@@ -98,10 +135,11 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
     };
     hypervisor.check_cpu_model(&cpu_model)?;
     if choice == BackendChoice::Auto {
-        eprintln!("anyvisor: using backend {}", hypervisor.kind());
+        eprintln!("anyvisor: using backend {kind}");
     }
     Ok(Backend {
         hypervisor,
         cpu_model,
+        kind,
     })
 }
