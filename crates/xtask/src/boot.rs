@@ -33,7 +33,12 @@ pub fn wait_outcome(p: &VmProc, w: &Wait, timeout: u64) -> Outcome<usize> {
         Wait::Found(i) => Outcome::Ok(*i),
         Wait::Exited => Outcome::Failed(p.failure_reason()),
         Wait::Fatal(m) => Outcome::Failed(m.clone()),
-        Wait::Timeout => Outcome::Timeout(timeout),
+        Wait::Timeout => {
+            if let Some(l) = p.lines.last() {
+                eprintln!("[xtask]   timeout; last console line: {}", l.text);
+            }
+            Outcome::Timeout(timeout)
+        }
     }
 }
 

@@ -69,6 +69,9 @@ pub struct Common {
     /// Skip QEMU runs.
     #[arg(long)]
     no_qemu: bool,
+    /// Do not add `tsc_early_khz=<host kHz>` to QEMU TCG guests' command line.
+    #[arg(long)]
+    no_tsc_hint: bool,
     /// hv-emu's `boot` example binary for emu-mips [default: build it].
     #[arg(long, value_name = "PATH")]
     emu_example: Option<PathBuf>,
@@ -86,6 +89,8 @@ pub struct Setup {
     pub runs: u32,
     pub backends: Vec<String>,
     pub qemu_enabled: bool,
+    /// Host TSC kHz handed to QEMU TCG guests (`tsc_early_khz=`).
+    pub qemu_tsc_khz: Option<u64>,
     pub work: PathBuf,
     pub emu_example: Option<PathBuf>,
 }
@@ -150,7 +155,22 @@ pub fn anyvisor_args(
     ]
 }
 
-/// QEMU microvm arguments for a kernel boot.
+/// Host TSC rate in kHz from `/proc/cpuinfo` (`cpu MHz`).
+pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split_once(':')?
+        .1
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// QEMU microvm arguments for a kernel boot. Under TCG the guest gets `tsc_early_khz=` when
+/// known: without it the kernel calibrates its TSC against the PIT, which fails on a loaded
+/// host and then hangs the boot.
 pub fn qemu_args(
     setup: &Setup,
     accel: &str,
@@ -158,6 +178,10 @@ pub fn qemu_args(
     mem_mib: u64,
     append: &str,
 ) -> Vec<String> {
+    let append = match setup.qemu_tsc_khz {
+        Some(khz) if accel == "tcg" => format!("{append} tsc_early_khz={khz}"),
+        _ => append.to_string(),
+    };
     [
         "-M",
         "microvm,pit=on,pic=on,rtc=on",
@@ -172,7 +196,7 @@ pub fn qemu_args(
         "-initrd",
         &setup.initrd().display().to_string(),
         "-append",
-        append,
+        &append,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -246,6 +270,13 @@ fn setup(c: &Common, default_backends: &[&str]) -> Result<Setup, String> {
         runs: c.runs.max(1),
         backends,
         qemu_enabled: !c.no_qemu,
+        qemu_tsc_khz: if c.no_tsc_hint {
+            None
+        } else {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|t| host_tsc_khz(&t))
+        },
         work,
         emu_example: c.emu_example.clone(),
     })
@@ -308,5 +339,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_khz_from_cpuinfo() {
+        let t = "processor\t: 0\ncpu MHz\t\t: 2596.128\nflags\t: fpu\n";
+        assert_eq!(host_tsc_khz(t), Some(2_596_128));
+        assert_eq!(host_tsc_khz("processor\t: 0\n"), None);
+        assert_eq!(host_tsc_khz("cpu MHz\t: 0\n"), None);
     }
 }
