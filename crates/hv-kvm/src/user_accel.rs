@@ -198,6 +198,12 @@ impl hv::UserModeAccelerator for KvmUserAccelerator {
     fn tsc_khz(&self) -> u32 {
         self.tsc_khz
     }
+
+    fn host_tsc(&self) -> Option<u64> {
+        // SAFETY: `rdtsc` reads the time-stamp counter; it has no memory effects and this
+        // crate only builds for x86-64, where the instruction always exists.
+        Some(unsafe { core::arch::x86_64::_rdtsc() })
+    }
 }
 
 struct RamSlot {

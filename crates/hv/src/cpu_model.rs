@@ -186,7 +186,9 @@ impl CpuModel {
         cpuid.extend([
             leaf(0x8000_0005, 0, 0, 0, 0),
             leaf(0x8000_0006, 0, 0, 0, 0),
-            leaf(0x8000_0007, 0, 0, 0, INVARIANT_TSC),
+            // No invariant-TSC bit: Linux then keeps kvm-clock as its clocksource, which every
+            // backend can keep continuous across a move even when the raw TSC jumps.
+            leaf(0x8000_0007, 0, 0, 0, 0),
             // 40 physical, 48 linear address bits; ECX: number of cores - 1.
             leaf(0x8000_0008, 0x3028, 0, 0, 0),
         ]);

@@ -218,6 +218,13 @@ pub trait UserModeAccelerator: Send + Sync {
     fn create_runner(&self, vcpu_id: u32, memory: Arc<GuestMemory>) -> Result<Box<dyn UserModeRunner>>;
     /// The TSC frequency user code observes, in kHz (the caller's guest TSC must match it).
     fn tsc_khz(&self) -> u32;
+
+    /// The TSC user code reads right now, when it is the host's (user `rdtsc` is not offset by
+    /// the hardware backend): the caller must then use it as its guest TSC so that user-mode
+    /// time (vDSO over kvm-clock) agrees with the kernel's.
+    fn host_tsc(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub trait UserModeRunner: Send {
