@@ -78,6 +78,80 @@ case "$TEST" in
             report_fault "$k" "$?"
         done
         poweroff -f ;;
+    devices)
+        # All disk and rng checks in one boot (crates/cli/tests/devices.rs).
+        echo "ANYVISOR-DEVS $(ls /sys/bus/virtio/devices | wc -l)"
+        for b in /sys/block/vd*; do
+            [ -e "$b" ] || continue
+            d="${b##*/}"
+            echo "ANYVISOR-DISK-INFO $d $(cat "$b/size") $(cat "$b/ro")"
+            echo "ANYVISOR-DISK $d $(dd if="/dev/$d" bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)"
+        done
+        # 4 MiB of "1\n2\n3\n..." written to vdb, flushed, read back past the page cache.
+        if [ -b /dev/vdb ]; then
+            seq 1 1000000 | head -c 4194304 > /tmp/pattern
+            if dd if=/tmp/pattern of=/dev/vdb bs=1M conv=fsync 2>/dev/null && sync; then
+                echo 3 > /proc/sys/vm/drop_caches
+                echo "ANYVISOR-WROTE vdb $(dd if=/dev/vdb bs=1M count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
+            else
+                echo "ANYVISOR-WROTE vdb failed"
+            fi
+        fi
+        if [ -b /dev/vdc ]; then
+            if dd if=/tmp/pattern of=/dev/vdc bs=4k count=1 conv=fsync 2>/dev/null; then
+                echo "ANYVISOR-RO vdc ALLOWED"
+            else
+                echo "ANYVISOR-RO vdc refused"
+            fi
+        fi
+        if [ -c /dev/hwrng ]; then
+            echo "ANYVISOR-RNG-CURRENT $(cat /sys/class/misc/hw_random/rng_current)"
+            echo "ANYVISOR-RNG $(dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)"
+        else
+            echo "ANYVISOR-RNG none"
+        fi
+        poweroff -f ;;
+    net)
+        # Host side: 10.0.0.1 in a network namespace, HTTP on 8000 and a sink on 8001.
+        echo "ANYVISOR-MAC $(cat /sys/class/net/eth0/address 2>/dev/null)"
+        ip link set lo up
+        ip link set eth0 up
+        ip addr add 10.0.0.2/24 dev eth0
+        if ping -c 3 -W 5 10.0.0.1 >/dev/null 2>&1; then
+            echo "ANYVISOR-PING ok"
+        else
+            echo "ANYVISOR-PING fail"
+        fi
+        if wget -q -T 60 -O /tmp/net-in http://10.0.0.1:8000/blob; then
+            echo "ANYVISOR-NET-SHA $(sha256sum < /tmp/net-in | cut -d' ' -f1)"
+            if timeout 120 nc 10.0.0.1 8001 < /tmp/net-in > /dev/null; then
+                echo "ANYVISOR-NET-SENT ok"
+            else
+                echo "ANYVISOR-NET-SENT fail"
+            fi
+        else
+            echo "ANYVISOR-NET-SHA fail"
+        fi
+        poweroff -f ;;
+    vsock)
+        # Host -> guest: the host connects to port 5000 and gets its bytes echoed.
+        vsockcat listen 5000 echo &
+        LPID=$!
+        sleep 1
+        echo "ANYVISOR-VSOCK-LISTENING 5000"
+        if wait "$LPID"; then
+            echo "ANYVISOR-VSOCK-ECHO ok"
+        else
+            echo "ANYVISOR-VSOCK-ECHO fail"
+        fi
+        # Guest -> host: 1 MiB of "1\n2\n..." to the host's port 6000, which echoes it back.
+        seq 1 1000000 | head -c 1048576 > /tmp/vs-out
+        if vsockcat connect 2 6000 < /tmp/vs-out > /tmp/vs-back; then
+            echo "ANYVISOR-VSOCK-BACK $(sha256sum < /tmp/vs-back | cut -d' ' -f1)"
+        else
+            echo "ANYVISOR-VSOCK-BACK fail"
+        fi
+        poweroff -f ;;
     *)
         interactive ;;
 esac
