@@ -63,7 +63,8 @@ pub struct Common {
     /// Runs per configuration (the median is reported).
     #[arg(long, value_name = "N", default_value_t = 1)]
     runs: u32,
-    /// anyvisor backends, comma-separated [default: emu,kvm for boot, kvm otherwise].
+    /// anyvisor backends, comma-separated; `none` for QEMU only [default: emu,kvm for boot,
+    /// emu for emu-mips, kvm otherwise].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     backends: Vec<String>,
     /// Skip QEMU runs.
@@ -210,7 +211,8 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// `cargo build --release -p PKG [extra]`; returns whether it succeeded.
@@ -260,7 +262,11 @@ fn setup(c: &Common, default_backends: &[&str]) -> Result<Setup, String> {
     let backends = if c.backends.is_empty() {
         default_backends.iter().map(|s| s.to_string()).collect()
     } else {
-        c.backends.clone()
+        c.backends
+            .iter()
+            .filter(|b| *b != "none")
+            .cloned()
+            .collect()
     };
     Ok(Setup {
         anyvisor,

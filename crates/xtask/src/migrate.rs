@@ -58,14 +58,24 @@ fn wait_memwork(setup: &Setup, p: &mut VmProc) -> Outcome<()> {
 
 /// Checks the destination keeps running memwork: a new `MEMWORK OK`, no `CORRUPT`.
 fn verify_destination(d: &mut VmProc, from: usize) -> String {
-    let w = d.wait_line(from, "MEMWORK", Instant::now() + VERIFY);
+    let w = d.wait_any(
+        from,
+        &["MEMWORK", "Kernel panic", "BUG:", "Oops"],
+        Instant::now() + VERIFY,
+    );
     match w {
         crate::vmproc::Wait::Found(i) => {
             let text = d.lines[i].text.clone();
             if text.contains("MEMWORK OK") {
                 "MEMWORK OK on destination".into()
             } else {
-                format!("destination: {}", text.trim())
+                let text = text.trim();
+                // Drop the guest's printk time stamp.
+                let text = text
+                    .split_once("] ")
+                    .filter(|_| text.starts_with('['))
+                    .map_or(text, |(_, t)| t);
+                format!("destination guest: {text}")
             }
         }
         crate::vmproc::Wait::Timeout => {
@@ -116,8 +126,8 @@ fn anyvisor_case(
         Ok(p) => p,
         Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
     };
-    if let Some(p) = wait_memwork(setup, &mut src).problem() {
-        return Outcome::Failed(p);
+    if let Some(f) = wait_memwork(setup, &mut src).failure() {
+        return f;
     }
     let mut dst = match VmProc::spawn(&setup.anyvisor, &dargs, MEM_MIB << 20) {
         Ok(p) => p,
@@ -197,8 +207,8 @@ fn qemu_case(setup: &Setup, cmds: &mut Vec<(String, String)>) -> Outcome<Migrati
         Ok(p) => p,
         Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
     };
-    if let Some(p) = wait_memwork(setup, &mut src).problem() {
-        return Outcome::Failed(p);
+    if let Some(f) = wait_memwork(setup, &mut src).failure() {
+        return f;
     }
     let mut dst = match VmProc::spawn(&setup.qemu, &dargs, MEM_MIB << 20) {
         Ok(p) => p,

@@ -84,8 +84,8 @@ fn anyvisor_case(setup: &Setup, backend: &str, mem: u64, cmds: &mut Vec<(String,
             return row;
         }
     };
-    if let Some(problem) = boot_idle(setup, &mut p).problem() {
-        row.snapshot = Some(Outcome::Failed(problem));
+    if let Some(f) = boot_idle(setup, &mut p).failure() {
+        row.snapshot = Some(f);
         return row;
     }
     row.snapshot = Some(
@@ -165,7 +165,7 @@ fn qemu_case(setup: &Setup, mem: u64, cmds: &mut Vec<(String, String)>) -> Row {
     cmds.push((
         format!("QEMU TCG {mem} MiB: snapshot (QMP)"),
         format!(
-            "stop; migrate-set-parameters max-bandwidth=1T; migrate uri='{uri}'; query-migrate until completed"
+            "migrate-set-parameters max-bandwidth=1T; stop; migrate uri='{uri}'; query-migrate until completed"
         ),
     ));
     let mut p = match VmProc::spawn(&setup.qemu, &args, mem << 20) {
@@ -175,8 +175,8 @@ fn qemu_case(setup: &Setup, mem: u64, cmds: &mut Vec<(String, String)>) -> Row {
             return row;
         }
     };
-    if let Some(problem) = boot_idle(setup, &mut p).problem() {
-        row.snapshot = Some(Outcome::Failed(problem));
+    if let Some(f) = boot_idle(setup, &mut p).failure() {
+        row.snapshot = Some(f);
         return row;
     }
     let deadline = setup.deadline();

@@ -19,6 +19,15 @@ impl<T> Outcome<T> {
         }
     }
 
+    /// The same failure or timeout for another value type; `None` when there is a value.
+    pub fn failure<U>(&self) -> Option<Outcome<U>> {
+        match self {
+            Outcome::Ok(_) => None,
+            Outcome::Failed(why) => Some(Outcome::Failed(why.clone())),
+            Outcome::Timeout(s) => Some(Outcome::Timeout(*s)),
+        }
+    }
+
     /// The cell text for a failure or timeout, `None` when there is a value.
     pub fn problem(&self) -> Option<String> {
         match self {

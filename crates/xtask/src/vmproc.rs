@@ -216,9 +216,18 @@ impl VmProc {
 
     /// Waits for a console line at or after index `from` containing `marker`.
     pub fn wait_line(&mut self, from: usize, marker: &str, deadline: Instant) -> Wait {
+        self.wait_any(from, &[marker], deadline)
+    }
+
+    /// Waits for a console line at or after index `from` containing any of `markers`.
+    pub fn wait_any(&mut self, from: usize, markers: &[&str], deadline: Instant) -> Wait {
         let mut checked = from;
         loop {
-            if let Some(i) = crate::serial::find_marker(&self.lines, checked, marker) {
+            if let Some(i) = markers
+                .iter()
+                .filter_map(|m| crate::serial::find_marker(&self.lines, checked, m))
+                .min()
+            {
                 self.sample(true);
                 return Wait::Found(i);
             }
