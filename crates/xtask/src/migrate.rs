@@ -122,24 +122,24 @@ fn anyvisor_case(
         format!("anyvisor {backend}: migrate"),
         command_line(&setup.anyvisor, &margs),
     ));
-    let mut src = match VmProc::spawn(&setup.anyvisor, &args, MEM_MIB << 20) {
-        Ok(p) => p,
-        Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
-    };
-    if let Some(f) = wait_memwork(setup, &mut src).failure() {
-        return f;
-    }
     let mut dst = match VmProc::spawn(&setup.anyvisor, &dargs, MEM_MIB << 20) {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(format!("cannot start destination: {e}")),
     };
-    // Give the destination a moment to listen; fail early if it refuses --incoming.
+    // The destination first (it waits anyway): fails fast if it refuses --incoming.
     let listen_by = Instant::now() + Duration::from_secs(10);
     while !dest_sock.exists() && dst.exit.is_none() && Instant::now() < listen_by {
         dst.idle(Duration::from_millis(10));
     }
     if dst.exit.is_some() {
         return Outcome::Failed(format!("destination: {}", dst.failure_reason()));
+    }
+    let mut src = match VmProc::spawn(&setup.anyvisor, &args, MEM_MIB << 20) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
+    };
+    if let Some(f) = wait_memwork(setup, &mut src).failure() {
+        return f;
     }
     let res = run_command(&setup.anyvisor, &margs, setup.timeout());
     let (wall, st, out, err) = match res {
