@@ -59,6 +59,11 @@ pub trait InputSink: Send + Sync {
 /// (or `/dev/null`) just stops the reader.
 pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>) -> Result<()> {
     let tty = std::io::stdin().is_terminal();
+    if tty && !in_foreground() {
+        // A background job must not touch the terminal: changing its mode or reading from it
+        // would stop the whole VMM (SIGTTOU/SIGTTIN). The guest then gets no console input.
+        return Ok(());
+    }
     if tty {
         crate::exit::set_terminal_raw().map_err(|source| Error::Io {
             op: "cannot put the terminal in raw mode",
@@ -97,6 +102,25 @@ pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>) -> Result<()> {
             source,
         })?;
     Ok(())
+}
+
+/// Whether this process is in the foreground process group of its controlling terminal,
+/// from `/proc/self/stat` (`pgrp` and `tpgid`). Unknown counts as foreground.
+fn in_foreground() -> bool {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| foreground_from_stat(&stat))
+        .unwrap_or(true)
+}
+
+fn foreground_from_stat(stat: &str) -> Option<bool> {
+    // The command name (field 2) is in parentheses and may contain anything, so count fields
+    // from the last ')': state ppid pgrp session tty_nr tpgid ...
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let pgrp: i64 = fields.get(2)?.parse().ok()?;
+    let tpgid: i64 = fields.get(5)?.parse().ok()?;
+    Some(tpgid == pgrp)
 }
 
 /// Recognizes the Ctrl-A escapes in terminal input.
@@ -143,6 +167,16 @@ mod tests {
         assert_eq!(f.filter(b"x"), (vec![], true));
         let mut f = EscapeFilter::default();
         assert_eq!(f.filter(b"\x01c"), (b"\x01c".to_vec(), false));
+    }
+
+    #[test]
+    fn foreground_detection() {
+        let fg = "4242 (any visor) R 1 4242 4242 34816 4242 4194304 0";
+        assert_eq!(foreground_from_stat(fg), Some(true));
+        let bg = "4242 (a) b (c)) S 1 4242 4242 34816 5000 4194304 0";
+        assert_eq!(foreground_from_stat(bg), Some(false));
+        assert_eq!(foreground_from_stat("garbage"), None);
+        assert_eq!(foreground_from_stat("1 (x) S 1"), None);
     }
 
     #[test]
