@@ -1,0 +1,796 @@
+//! End-to-end: the virtio devices (`--disk`, `--net`, `--vsock`, `--rng`) seen and used by the
+//! real Linux guest (guest/build-kit.sh; cases `devices`, `net`, `vsock` in guest/src/init.sh),
+//! checked from the host side: disk contents by hash, the written disk read back with qemu-img,
+//! network bytes through a tap in a private network namespace, vsock bytes both ways.
+//!
+//! Needs: the built guest kit, `qemu-img`/`qemu-io` (disk test), root and `ip` (net test),
+//! /dev/kvm for the kvm runs. Each test prints `SKIP: ...` and returns when something is missing.
+//! Boots are expensive (15 s to minutes), so each backend boots at most three times here.
+//! Bad host input (no boot): exit 2 with exactly one `error:` line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
+
+/// Generous: a nested, loaded host boots the guest under emu in minutes.
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
+/// Boots share two host cores with everything else: one guest at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ------------------------------------------------------------------------------------ harness
+
+struct Kit {
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+fn kit() -> Option<Kit> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let kit = Kit {
+        vmlinux: out.join("vmlinux"),
+        initrd: out.join("initramfs.cpio.gz"),
+    };
+    if kit.vmlinux.is_file() && kit.initrd.is_file() {
+        Some(kit)
+    } else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        None
+    }
+}
+
+/// The backends to boot on: emu always, kvm where /dev/kvm opens. Unoptimized builds boot the
+/// emulated guest kernel far too slowly, so they need `--release` or `ANYVISOR_TEST_EMU=1`
+/// (kvm on a PVM host runs the guest kernel in emu too).
+fn backends() -> Vec<&'static str> {
+    let fast =
+        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
+    if !fast {
+        println!("SKIP: device boot tests need cargo test --release or ANYVISOR_TEST_EMU=1");
+        return Vec::new();
+    }
+    let mut v = vec!["emu"];
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        v.push("kvm");
+    } else {
+        println!("SKIP: no /dev/kvm");
+    }
+    v
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anyvisor-dev-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        println!("SKIP: {tool} not installed");
+    }
+    ok
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The bytes of `seq 1 1000000 | head -c len`, which the guest generates too.
+fn seq_pattern(len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 16);
+    let mut i = 1u64;
+    while v.len() < len {
+        v.extend_from_slice(format!("{i}\n").as_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+/// Deterministic bytes without structure (xorshift), so misplaced blocks change the hash.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn boot_args(kit: &Kit, backend: &str, test: &str) -> Vec<String> {
+    [
+        "run",
+        "--backend",
+        backend,
+        "--kernel",
+        kit.vmlinux.to_str().unwrap(),
+        "--initrd",
+        kit.initrd.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--cmdline",
+        &format!("{CMDLINE} anyvisor.test={test}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A running VM whose serial output arrives line by line.
+struct Guest {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// What a finished VM left behind.
+struct Finished {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    /// The rest of the first stdout line starting with `marker ` (serial lines end in `\r`).
+    fn marker(&self, marker: &str) -> Option<&str> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(marker)?.strip_prefix(' '))
+    }
+
+    /// Every `marker ...` line's rest.
+    fn markers(&self, marker: &str) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(marker)?.strip_prefix(' '))
+            .collect()
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "status {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// The VM booted the test guest, which powered off, and the VMM exited 0 without errors.
+    fn assert_clean_poweroff(&self) {
+        assert!(
+            self.stdout.contains("ANYVISOR-INIT-OK"),
+            "{}",
+            self.context()
+        );
+        assert_eq!(
+            self.status.and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            self.context()
+        );
+        assert!(!self.stderr.contains("error:"), "{}", self.context());
+    }
+}
+
+impl Guest {
+    fn start(program: &str, args: &[String]) -> Guest {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        Guest {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits at most `limit` for a serial line containing `marker`.
+    fn wait_for(&mut self, marker: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(marker);
+                    self.seen.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Waits at most `limit` for the VMM to exit (killing it after), then collects its output.
+    fn finish(mut self, limit: Duration) -> Finished {
+        let status = wait_timeout(&mut self.child, limit);
+        // The reader thread ends at EOF, which follows the exit.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        Finished {
+            status,
+            stdout: self.seen.join("\n"),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn anyvisor() -> &'static str {
+    env!("CARGO_BIN_EXE_anyvisor")
+}
+
+fn run_tool(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn harness_helpers_can_fail() {
+    let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+    assert!(wait_timeout(&mut child, Duration::from_millis(200)).is_none());
+
+    let mut g = Guest::start("sh", &["-c".into(), "echo one; echo two".into()]);
+    assert!(!g.wait_for("three", Duration::from_secs(5)));
+    let f = g.finish(Duration::from_secs(5));
+    assert_eq!(f.marker("one"), None);
+    assert_eq!(f.markers("two"), Vec::<&str>::new());
+    assert!(
+        std::panic::catch_unwind(|| f.assert_clean_poweroff()).is_err(),
+        "no ANYVISOR-INIT-OK must fail"
+    );
+
+    let g = Guest::start(
+        "sh",
+        &["-c".into(), "echo 'M a'; echo 'M b'; exit 3".into()],
+    );
+    let f = g.finish(Duration::from_secs(5));
+    assert_eq!(f.marker("M"), Some("a"));
+    assert_eq!(f.markers("M"), vec!["a", "b"]);
+    assert_eq!(f.status.and_then(|s| s.code()), Some(3));
+
+    assert_ne!(sha256(b"a"), sha256(b"b"));
+    assert_eq!(
+        sha256(b""),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(seq_pattern(12), b"1\n2\n3\n4\n5\n6\n");
+    assert_ne!(noise(64, 1), noise(64, 2));
+}
+
+// --------------------------------------------------------------------------- disks and rng
+
+/// One boot per backend: a 16 MiB qcow2 whose first 8 MiB are 0x5a (read by hash), a blank
+/// 8 MiB qcow2 the guest writes 4 MiB to, a read-only raw disk the guest must not change, and
+/// the rng. Afterwards the host reads the written disk back and `qemu-img check`s it.
+#[test]
+fn disks_and_rng_end_to_end() {
+    let Some(kit) = kit() else { return };
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    for backend in backends() {
+        disks_and_rng(&kit, backend);
+    }
+}
+
+fn disks_and_rng(kit: &Kit, backend: &str) {
+    let _one = serial_guard();
+    let dir = scratch(&format!("disks-{backend}"));
+    let d1 = dir.join("d1.qcow2");
+    let d2 = dir.join("d2.qcow2");
+    let d3 = dir.join("d3.raw");
+    let (s1, s2, s3) = (
+        d1.to_str().unwrap(),
+        d2.to_str().unwrap(),
+        d3.to_str().unwrap(),
+    );
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", s1, "16M"]);
+    run_tool("qemu-io", &["-c", "write -P 0x5a 0 8M", s1]);
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", s2, "8M"]);
+    let ro_bytes = noise(4 << 20, 0x5eed);
+    std::fs::write(&d3, &ro_bytes).unwrap();
+
+    let d1_raw = dir.join("d1.raw");
+    run_tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s1, d1_raw.to_str().unwrap()],
+    );
+    let d1_expected = sha256(&std::fs::read(&d1_raw).unwrap());
+
+    let mut args = boot_args(kit, backend, "devices");
+    args.extend(
+        [
+            "--disk",
+            s1,
+            "--disk",
+            &format!("{s2},format=qcow2"),
+            "--disk",
+            &format!("{s3},readonly=on"),
+            "--rng",
+        ]
+        .map(String::from),
+    );
+    let r = Guest::start(anyvisor(), &args).finish(BOOT_LIMIT);
+    println!(
+        "{backend}: {}",
+        r.stdout
+            .lines()
+            .filter(|l| l.contains("ANYVISOR-"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    r.assert_clean_poweroff();
+    let ctx = r.context();
+
+    assert_eq!(r.marker("ANYVISOR-DEVS"), Some("4"), "{ctx}");
+    assert_eq!(
+        r.markers("ANYVISOR-DISK-INFO"),
+        vec!["vda 32768 0", "vdb 16384 0", "vdc 8192 1"],
+        "{ctx}"
+    );
+    let disks = r.markers("ANYVISOR-DISK");
+    assert_eq!(
+        disks,
+        vec![
+            format!("vda {d1_expected}"),
+            format!("vdb {}", sha256(&vec![0u8; 8 << 20])),
+            format!("vdc {}", sha256(&ro_bytes)),
+        ],
+        "{ctx}"
+    );
+    let pattern = seq_pattern(4 << 20);
+    // The guest's own read-back after dropping its page cache.
+    assert_eq!(
+        r.marker("ANYVISOR-WROTE"),
+        Some(format!("vdb {}", sha256(&pattern)).as_str()),
+        "{ctx}"
+    );
+    assert_eq!(r.marker("ANYVISOR-RO"), Some("vdc refused"), "{ctx}");
+    assert_eq!(
+        r.marker("ANYVISOR-RNG-CURRENT"),
+        Some("virtio_rng.0"),
+        "{ctx}"
+    );
+    assert_eq!(r.marker("ANYVISOR-RNG"), Some("64"), "{ctx}");
+
+    // Host side: what the guest wrote is in the image, the rest stays zero, the image is clean.
+    let d2_raw = dir.join("d2.raw");
+    run_tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s2, d2_raw.to_str().unwrap()],
+    );
+    let written = std::fs::read(&d2_raw).unwrap();
+    assert_eq!(written.len(), 8 << 20);
+    assert!(written[..4 << 20] == pattern[..], "disk 2 data differs");
+    assert!(written[4 << 20..].iter().all(|&b| b == 0), "disk 2 tail");
+    run_tool("qemu-img", &["check", "-q", s2]);
+    run_tool("qemu-img", &["check", "-q", s1]);
+    assert!(
+        std::fs::read(&d3).unwrap() == ro_bytes,
+        "the read-only disk changed"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------------------------------ net
+
+/// Deletes the network namespace (and the tap in it) however the test ends.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str, tap: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        run_tool("ip", &["netns", "add", name]);
+        let ns = Netns(name.to_owned());
+        for cmd in [
+            vec!["link", "set", "lo", "up"],
+            vec!["tuntap", "add", "dev", tap, "mode", "tap"],
+            vec!["addr", "add", "10.0.0.1/24", "dev", tap],
+            vec!["link", "set", tap, "up"],
+        ] {
+            let mut args = vec!["netns", "exec", name, "ip"];
+            args.extend(cmd);
+            run_tool("ip", &args);
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Kills a helper process however the test ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const NET_SERVE_ENV: &str = "ANYVISOR_DEVTEST_NET_SERVE";
+
+/// Not a test: the host end of `net_end_to_end`, run by it inside the network namespace (this
+/// test binary started again with `ANYVISOR_DEVTEST_NET_SERVE=BLOB,RECEIVED`). Port 8000 sends
+/// BLOB and closes; port 8001 reads up to BLOB's length and stores it in RECEIVED.
+#[test]
+#[ignore = "helper process of net_end_to_end"]
+fn net_serve_helper() {
+    let Some(spec) = std::env::var_os(NET_SERVE_ENV) else {
+        return;
+    };
+    let spec = spec.into_string().unwrap();
+    let (blob, received) = spec.split_once(',').unwrap();
+    let blob = std::fs::read(blob).unwrap();
+    let send = std::net::TcpListener::bind("10.0.0.1:8000").unwrap();
+    let take = std::net::TcpListener::bind("10.0.0.1:8001").unwrap();
+    println!("NET-SERVE-READY");
+    std::io::stdout().flush().unwrap();
+    let (mut c, _) = send.accept().unwrap();
+    c.write_all(&blob).unwrap();
+    drop(c);
+    let (c, _) = take.accept().unwrap();
+    let mut got = Vec::new();
+    let _ = c.take(blob.len() as u64).read_to_end(&mut got);
+    std::fs::write(received, got).unwrap();
+    println!("NET-SERVE-DONE");
+}
+
+/// One boot per backend: the guest (10.0.0.2) pings the host end of its tap (10.0.0.1, in a
+/// private network namespace), fetches 2 MiB over TCP and sends it back.
+#[test]
+fn net_end_to_end() {
+    let Some(kit) = kit() else { return };
+    if !is_root() {
+        println!("SKIP: the net test needs root (network namespace and tap)");
+        return;
+    }
+    if !have("ip") {
+        return;
+    }
+    for backend in backends() {
+        net(&kit, backend);
+    }
+}
+
+fn net(kit: &Kit, backend: &str) {
+    let _one = serial_guard();
+    let dir = scratch(&format!("net-{backend}"));
+    let name = format!("avdev{}{backend}", std::process::id());
+    let tap = "avdevtap0";
+    let _ns = Netns::create(&name, tap);
+    let blob = noise(2 << 20, 0x0e7);
+    let blob_path = dir.join("blob");
+    let received = dir.join("received");
+    std::fs::write(&blob_path, &blob).unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &name])
+        .arg(&exe)
+        .args(["--exact", "net_serve_helper", "--ignored", "--nocapture"])
+        .env(
+            NET_SERVE_ENV,
+            format!("{},{}", blob_path.display(), received.display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    while out.read_line(&mut ready).unwrap_or(0) > 0 && !ready.contains("NET-SERVE-READY") {}
+    let _server = KillOnDrop(server);
+    assert!(ready.contains("NET-SERVE-READY"), "server: {ready}");
+
+    let mac = "52:54:00:12:34:56";
+    let mut args = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        name.clone(),
+        anyvisor().into(),
+    ];
+    args.extend(boot_args(kit, backend, "net"));
+    args.extend(["--net".into(), format!("tap={tap},mac={mac}")]);
+    let r = Guest::start("ip", &args).finish(BOOT_LIMIT);
+    println!(
+        "{backend}: {}",
+        r.stdout
+            .lines()
+            .filter(|l| l.contains("ANYVISOR-"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    r.assert_clean_poweroff();
+    let ctx = r.context();
+    assert_eq!(r.marker("ANYVISOR-MAC"), Some(mac), "{ctx}");
+    assert_eq!(r.marker("ANYVISOR-PING"), Some("ok"), "{ctx}");
+    assert_eq!(
+        r.marker("ANYVISOR-NET-SHA"),
+        Some(sha256(&blob).as_str()),
+        "{ctx}"
+    );
+    assert_eq!(r.marker("ANYVISOR-NET-SENT"), Some("ok"), "{ctx}");
+    let got = std::fs::read(&received).unwrap_or_default();
+    assert!(
+        got == blob,
+        "host received {} bytes, not the blob",
+        got.len()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---------------------------------------------------------------------------------- vsock
+
+/// One boot per backend: the host connects to the guest's port 5000 (`CONNECT 5000` on the
+/// uds) and gets 1 MiB echoed; then the guest connects to host port 6000 (`<uds>_6000`) and
+/// gets its 1 MiB echoed by the host.
+#[test]
+fn vsock_end_to_end() {
+    let Some(kit) = kit() else { return };
+    for backend in backends() {
+        vsock(&kit, backend);
+    }
+}
+
+fn vsock(kit: &Kit, backend: &str) {
+    let _one = serial_guard();
+    let dir = scratch(&format!("vsock-{backend}"));
+    let uds = dir.join("v.sock");
+    let listener = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
+    let guest_sent = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut c, _) = listener.accept()?;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got)?;
+        c.write_all(&got)?;
+        c.shutdown(Shutdown::Both)?;
+        Ok(got)
+    });
+
+    let mut args = boot_args(kit, backend, "vsock");
+    args.extend(["--vsock".into(), format!("3,uds={}", uds.display())]);
+    let mut g = Guest::start(anyvisor(), &args);
+    let listening = g.wait_for("ANYVISOR-VSOCK-LISTENING 5000", BOOT_LIMIT);
+    let mut echo_ok = None;
+    if listening {
+        let data = noise(1 << 20, 0x750c);
+        let mut s = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        s.write_all(b"CONNECT 5000\n").unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        assert!(
+            line.starts_with(b"OK "),
+            "CONNECT answer {:?}",
+            String::from_utf8_lossy(&line)
+        );
+        let mut w = s.try_clone().unwrap();
+        let to_send = data.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&to_send)?;
+            w.shutdown(Shutdown::Write)
+        });
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        writer.join().unwrap().unwrap();
+        echo_ok = Some(back == data);
+    }
+    let r = g.finish(BOOT_LIMIT);
+    println!(
+        "{backend}: {}",
+        r.stdout
+            .lines()
+            .filter(|l| l.contains("ANYVISOR-"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let ctx = r.context();
+    assert!(listening, "guest never listened\n{ctx}");
+    assert_eq!(echo_ok, Some(true), "host -> guest echo differs\n{ctx}");
+    r.assert_clean_poweroff();
+    assert_eq!(r.marker("ANYVISOR-VSOCK-ECHO"), Some("ok"), "{ctx}");
+    let pattern = seq_pattern(1 << 20);
+    assert_eq!(
+        r.marker("ANYVISOR-VSOCK-BACK"),
+        Some(sha256(&pattern).as_str()),
+        "{ctx}"
+    );
+    let got = guest_sent.join().unwrap().unwrap();
+    assert!(got == pattern, "host received {} bytes", got.len());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------------------ bad host input
+
+/// A file that looks like a bzImage to the pre-check, so device errors are reached.
+fn fake_bzimage(dir: &Path) -> PathBuf {
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let p = dir.join("fake-bzImage");
+    std::fs::write(&p, bz).unwrap();
+    p
+}
+
+/// Exit 2, exactly one stderr line, an `error:` line containing `needle`, nothing on stdout.
+fn assert_usage_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, stderr: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn bad_device_input_exits_2() {
+    let dir = scratch("bad");
+    let k = fake_bzimage(&dir);
+    // Magic and version 3, but a cluster size of 2^40.
+    let mut corrupt = vec![0u8; 512];
+    corrupt[..4].copy_from_slice(b"QFI\xfb");
+    corrupt[4..8].copy_from_slice(&3u32.to_be_bytes());
+    corrupt[20..24].copy_from_slice(&40u32.to_be_bytes());
+    corrupt[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    let corrupt_path = dir.join("corrupt.qcow2");
+    std::fs::write(&corrupt_path, &corrupt).unwrap();
+    // Only the magic: the header is cut short.
+    let short_path = dir.join("short.qcow2");
+    std::fs::write(&short_path, b"QFI\xfb").unwrap();
+    let missing = dir.join("missing.img");
+    let raw = dir.join("raw.img");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["--disk".into(), missing.display().to_string()],
+            format!("cannot open disk {}", missing.display()),
+        ),
+        (
+            vec!["--disk".into(), format!("{},format=vmdk", raw.display())],
+            "vmdk".into(),
+        ),
+        (
+            vec!["--disk".into(), corrupt_path.display().to_string()],
+            format!("cannot open disk {}", corrupt_path.display()),
+        ),
+        (
+            vec!["--disk".into(), short_path.display().to_string()],
+            format!("cannot open disk {}", short_path.display()),
+        ),
+        (
+            vec!["--disk".into(), format!("{},format=qcow2", raw.display())],
+            format!("cannot open disk {}", raw.display()),
+        ),
+        (
+            vec![
+                "--net".into(),
+                "tap=this-name-is-far-too-long-for-a-tap".into(),
+            ],
+            "tap".into(),
+        ),
+        // Passes the parser, but the kernel refuses the name ('/').
+        (
+            vec!["--net".into(), "tap=bad/name".into()],
+            "cannot open tap bad/name".into(),
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> = ["run", "--backend", "emu", "--serial", "null", "--kernel"]
+            .map(String::from)
+            .to_vec();
+        args.push(k.display().to_string());
+        args.extend(extra.iter().cloned());
+        let out = Command::new(anyvisor())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        println!("{extra:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        assert_usage_error(&out, &needle);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
