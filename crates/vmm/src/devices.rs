@@ -78,6 +78,18 @@ pub fn create(
     memory: &Arc<hv::GuestMemory>,
     platform: &Platform,
 ) -> Result<Vec<VirtioSlotDevice>> {
+    create_restoring(config, memory, platform, None)
+}
+
+/// Like [`create`], but with `saved` (one state per device, in slot order) each transport is
+/// rebuilt from its saved state (`MmioTransport::restore`) instead of starting reset. Used by
+/// snapshot restore and incoming migration.
+pub fn create_restoring(
+    config: &VmConfig,
+    memory: &Arc<hv::GuestMemory>,
+    platform: &Platform,
+    saved: Option<&[virtio::MmioState]>,
+) -> Result<Vec<VirtioSlotDevice>> {
     let mut wanted: Vec<(&'static str, Box<dyn VirtioDevice>, serde_json::Value)> = Vec::new();
     for d in &config.disks {
         let block = virtio::Block::new(virtio::BlockConfig {
@@ -125,6 +137,15 @@ pub fn create(
         wanted.push(("virtio-rng", Box::new(rng), serde_json::json!({})));
     }
 
+    if let Some(saved) = saved
+        && saved.len() != wanted.len()
+    {
+        return Err(Error::Setup(format!(
+            "saved state has {} virtio devices, the config {}",
+            saved.len(),
+            wanted.len()
+        )));
+    }
     let mut devices = Vec::with_capacity(wanted.len());
     for (index, (kind, device, detail)) in (0u32..).zip(wanted) {
         let slot = VirtioSlot::for_index(index).ok_or_else(|| {
@@ -134,9 +155,14 @@ pub fn create(
             ))
         })?;
         let irq = Arc::new(Irq(platform.irq_line(slot.irq)));
-        let transport = MmioTransport::new(device, memory.clone(), irq)
-            .map_err(|e| device_error(format!("cannot create {kind}"), e))?
-            .into_shared();
+        let saved_state = saved.and_then(|s| s.get(usize::try_from(index).ok()?));
+        let transport = match saved_state {
+            Some(state) => MmioTransport::restore(device, memory.clone(), irq, state)
+                .map_err(|e| device_error(format!("cannot restore {kind}"), e))?,
+            None => MmioTransport::new(device, memory.clone(), irq)
+                .map_err(|e| device_error(format!("cannot create {kind}"), e))?,
+        }
+        .into_shared();
         platform
             .register_mmio(
                 slot.base,

@@ -1,0 +1,362 @@
+//! Shared by the snapshot and migration end-to-end tests: the guest kit, a VM process that is
+//! killed when dropped, waiting for serial output with a time limit, and the `memwork`
+//! workload's report lines.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The guest runs the memory workload: `MEMWORK OK <n> <s>` every second.
+pub const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 anyvisor.test=memwork";
+/// A nested, loaded host may take minutes to boot the guest under emu.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(600);
+/// After a restore or migration the workload reports again within seconds.
+pub const RESUME_LIMIT: Duration = Duration::from_secs(120);
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_anyvisor");
+
+/// Boots share two host cores with everything else: one test at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        println!("SKIP: no /dev/kvm");
+    }
+    ok
+}
+
+/// The emu backend needs an optimized build (`cargo test --release`) or
+/// `ANYVISOR_TEST_EMU=1` to boot the guest in reasonable time.
+pub fn emu_fast_enough() -> bool {
+    let ok =
+        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
+    if !ok {
+        println!(
+            "SKIP: emu tests need an optimized build (cargo test --release) or ANYVISOR_TEST_EMU=1"
+        );
+    }
+    ok
+}
+
+pub struct Kit {
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn kit() -> Option<Kit> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let kit = Kit {
+        vmlinux: out.join("vmlinux"),
+        initrd: out.join("initramfs.cpio.gz"),
+    };
+    if kit.vmlinux.is_file() && kit.initrd.is_file() {
+        Some(kit)
+    } else {
+        println!("SKIP: guest kit not built");
+        None
+    }
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anyvisor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `run` arguments booting the memwork guest with 256M on `backend`.
+pub fn boot_args(kit: &Kit, backend: &str) -> Vec<String> {
+    [
+        "run",
+        "--kernel",
+        kit.vmlinux.to_str().unwrap(),
+        "--initrd",
+        kit.initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--memory",
+        "256M",
+        "--backend",
+        backend,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// An anyvisor VM process; killed when dropped.
+pub struct Vm {
+    child: Child,
+    pub serial: PathBuf,
+    pub socket: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    status: Option<ExitStatus>,
+}
+
+impl Vm {
+    /// Starts `anyvisor` with `args` plus `--serial SERIAL --api-socket SOCKET`.
+    pub fn spawn(args: &[String], serial: &Path, socket: &Path) -> Vm {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--serial", serial.to_str().unwrap()])
+            .args(["--api-socket", socket.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start anyvisor");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Vm {
+            child,
+            serial: serial.to_path_buf(),
+            socket: socket.to_path_buf(),
+            stderr,
+            status: None,
+        }
+    }
+
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// What went wrong, for assertion messages: stderr and the serial output's tail.
+    pub fn diagnostics(&self) -> String {
+        let serial = self.serial_text();
+        let tail: String = serial
+            .chars()
+            .skip(serial.chars().count().saturating_sub(3000))
+            .collect();
+        format!("stderr:\n{}\nserial (tail):\n{tail}", self.stderr())
+    }
+
+    /// Waits until the serial output satisfies `done`, at most `limit`. Fails early when the
+    /// process ends.
+    pub fn wait_serial(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if done(&self.serial_text()) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_status() {
+                return Err(format!(
+                    "the VM exited ({status}) before the expected output\n{}",
+                    self.diagnostics()
+                ));
+            }
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "no expected serial output within {limit:?}\n{}",
+                    self.diagnostics()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits for the process to end, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Runs a control command against this VM's API socket.
+    pub fn control(&self, cmd: &str, extra: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg(cmd)
+            .args(["--api-socket", self.socket.to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `(iterations, seconds)` of every `MEMWORK OK <iterations> <seconds>` line, in order.
+pub fn memwork_reports(serial: &str) -> Vec<(u64, u64)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().strip_prefix("MEMWORK OK ")?.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The iteration counters of every OK line.
+pub fn memwork_counts(serial: &str) -> Vec<u64> {
+    memwork_reports(serial).iter().map(|r| r.0).collect()
+}
+
+pub fn memwork_corrupt(serial: &str) -> bool {
+    serial.contains("MEMWORK CORRUPT")
+}
+
+/// A predicate for [`Vm::wait_serial`]: at least `n` OK lines (or a corruption report).
+pub fn at_least_ok(n: usize) -> impl Fn(&str) -> bool {
+    move |s| memwork_counts(s).len() >= n || memwork_corrupt(s)
+}
+
+/// The last OK report in `serial`.
+pub fn last_report(serial: &str) -> Option<(u64, u64)> {
+    memwork_reports(serial).last().copied()
+}
+
+/// Asserts the workload is healthy: no CORRUPT or CLOCK-JUMP line, iterations and seconds
+/// increasing, and (with `after`, the saved VM's last report) the first report continues from
+/// it: more iterations, guest time a little later (not restarted, no jump).
+pub fn assert_memwork_continues(serial: &str, after: Option<(u64, u64)>) {
+    assert!(!memwork_corrupt(serial), "memory corrupted:\n{serial}");
+    assert!(
+        !serial.contains("CLOCK-JUMP"),
+        "guest clock jumped:\n{serial}"
+    );
+    let reports = memwork_reports(serial);
+    assert!(!reports.is_empty(), "no MEMWORK line:\n{serial}");
+    assert!(
+        reports
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "reports not increasing: {reports:?}"
+    );
+    if let Some((n, secs)) = after {
+        let (n1, s1) = reports[0];
+        assert!(
+            n1 > n && s1 >= secs && s1 <= secs + 10,
+            "workload did not continue: saved VM was at {:?}, now {reports:?}",
+            (n, secs)
+        );
+    }
+}
+
+/// Exit code and the `error:` lines of a finished command.
+pub fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it holds or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The harness itself: the wait helper reports a time-out and an early exit, and a dropped VM
+/// process is killed.
+pub fn check_harness_can_fail() {
+    let dir = scratch("harness");
+    let serial = dir.join("serial");
+    std::fs::write(&serial, "MEMWORK OK 1 0\n").unwrap();
+    let mut vm = Vm {
+        child: Command::new("sleep").arg("30").spawn().unwrap(),
+        serial: serial.clone(),
+        socket: dir.join("none"),
+        stderr: Arc::new(Mutex::new(String::new())),
+        status: None,
+    };
+    let e = vm
+        .wait_serial(Duration::from_millis(300), at_least_ok(2))
+        .unwrap_err();
+    assert!(e.contains("no expected serial output"), "{e}");
+    vm.wait_serial(Duration::from_millis(300), at_least_ok(1))
+        .unwrap();
+    let pid = vm.child.id();
+    drop(vm);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "dropped VM process still runs"
+    );
+    let mut gone = Vm {
+        child: Command::new("true").spawn().unwrap(),
+        serial,
+        socket: dir.join("none"),
+        stderr: Arc::new(Mutex::new(String::new())),
+        status: None,
+    };
+    let e = gone
+        .wait_serial(Duration::from_secs(10), at_least_ok(5))
+        .unwrap_err();
+    assert!(e.contains("exited"), "{e}");
+    assert!(!eventually(Duration::from_millis(200), || false));
+    assert_eq!(
+        memwork_counts("x\nMEMWORK OK 7 1\n MEMWORK OK 8 2\r\n"),
+        [7, 8]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
