@@ -230,21 +230,21 @@ fn host_model_needs_kvm() {
 }
 
 #[test]
-fn later_features_fail_cleanly() {
+fn missing_snapshot_and_keyless_tcp_incoming() {
     assert_error(
-        &anyvisor(&["run", "--restore", "/tmp/x.snap"], &[]),
+        &anyvisor(&["run", "--restore", "/nonexistent/x.snap"], &[]),
         2,
-        "not supported yet",
+        "cannot read /nonexistent/x.snap",
     );
     assert_error(
-        &anyvisor(&["run", "--incoming", "unix:/tmp/m.sock"], &[]),
+        &anyvisor(&["run", "--incoming", "tcp:127.0.0.1:1"], &[]),
         2,
-        "not supported yet",
+        "requires --migration-key",
     );
     assert_error(
-        &anyvisor(&["snapshot-info", "/tmp/x.snap"], &[]),
+        &anyvisor(&["snapshot-info", "/nonexistent/x.snap"], &[]),
         2,
-        "not supported yet",
+        "cannot read /nonexistent/x.snap",
     );
 }
 
