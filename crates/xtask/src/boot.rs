@@ -99,15 +99,17 @@ fn summarize(results: &[RunResult]) -> Summary {
         .iter()
         .filter_map(|r| r.exit.ok().map(Duration::as_secs_f64))
         .collect();
-    let hwm: Vec<f64> = results
+    // Memory only from runs that booted and powered off: a failed run stops early.
+    let good: Vec<&RunResult> = results.iter().filter(|r| r.exit.ok().is_some()).collect();
+    let hwm: Vec<f64> = good
         .iter()
         .filter_map(|r| r.hwm_kb.map(|v| v as f64))
         .collect();
-    let guest: Vec<f64> = results
+    let guest: Vec<f64> = good
         .iter()
         .filter_map(|r| r.guest_kb.map(|v| v as f64))
         .collect();
-    let beyond: Vec<f64> = results
+    let beyond: Vec<f64> = good
         .iter()
         .filter_map(|r| Some(r.hwm_kb?.saturating_sub(r.guest_kb?) as f64))
         .collect();
@@ -274,6 +276,7 @@ mod tests {
         assert_eq!(s.init, Some(2.0));
         assert_eq!(s.exit, Some(3.0));
         assert_eq!(s.beyond_kb, Some(200_000.0));
+        assert_eq!(s.hwm_kb, Some(300_000.0));
         assert_eq!(s.problem.as_deref(), Some("timeout (60 s)"));
     }
 }
