@@ -248,10 +248,13 @@ impl Conn {
             return control(self, OP_CREDIT_UPDATE);
         }
         if std::mem::take(&mut self.send_shutdown) {
+            // EOF only says the host sends no more: it may have half-closed (`shutdown(Write)`)
+            // and still wait for the guest's answer. A host that closed for good makes the
+            // guest's next write fail, which resets the connection.
             let (h, d) = control(self, OP_SHUTDOWN)?;
             return Some((
                 Header {
-                    flags: SHUTDOWN_BOTH,
+                    flags: SHUTDOWN_SEND,
                     ..h
                 },
                 d,

@@ -276,8 +276,54 @@ fn host_eof_and_half_close() {
     assert_eq!(g.recv_op(OP_RW).1, b"bye");
     drop(host);
     let (h, _) = g.recv_op(OP_SHUTDOWN);
-    assert_eq!(h.flags, SHUTDOWN_BOTH);
+    assert_eq!(h.flags, SHUTDOWN_SEND);
     g.send(hdr(OP_RST, 6000, 7), &[]);
+    assert_eq!(g.dev.connection_count(), 0);
+}
+
+/// A host that half-closes (sends its request, then `shutdown(Write)`) still gets the guest's
+/// answer: its EOF becomes SHUTDOWN(SEND) only. Found by the end-to-end echo test, where the
+/// guest's echo failed with EPIPE after a SHUTDOWN(both).
+#[test]
+fn host_half_close_still_receives() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let svc = g.service(8);
+    let mut host = g.connect(&svc, 6001, 8);
+    host.write_all(b"ping").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(g.recv_op(OP_RW).1, b"ping");
+    let (h, _) = g.recv_op(OP_SHUTDOWN);
+    assert_eq!(h.flags, SHUTDOWN_SEND);
+    g.send(hdr(OP_RW, 6001, 8), b"pong");
+    assert_eq!(read_exact(&mut host, 4), b"pong");
+    // The guest closes too: RST, and the host reads EOF.
+    g.send(
+        Header {
+            flags: SHUTDOWN_BOTH,
+            ..hdr(OP_SHUTDOWN, 6001, 8)
+        },
+        &[],
+    );
+    g.recv_op(OP_RST);
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(g.dev.connection_count(), 0);
+}
+
+/// A host that closed for good: the guest's next write resets the connection.
+#[test]
+fn host_close_then_guest_write_is_reset() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let svc = g.service(9);
+    let host = g.connect(&svc, 6002, 9);
+    drop(host);
+    let (h, _) = g.recv_op(OP_SHUTDOWN);
+    assert_eq!(h.flags, SHUTDOWN_SEND);
+    g.send(hdr(OP_RW, 6002, 9), b"late");
+    g.recv_op(OP_RST);
     assert_eq!(g.dev.connection_count(), 0);
 }
 
