@@ -321,3 +321,48 @@ fn serial_file_unwritable() {
     assert_error(&out, 2, "cannot open /nonexistent/dir/log");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn panic_is_one_error_line() {
+    let out = anyvisor(
+        &["info", "--api-socket", "/x"],
+        &[("ANYVISOR_TEST_PANIC", "1")],
+    );
+    assert_error(&out, 1, "error: internal error: test panic second line at ");
+}
+
+/// Before the VM runs, a termination signal ends the process at once (here: while waiting for
+/// a migration that never comes).
+#[test]
+fn sigterm_before_the_vm_runs() {
+    use std::time::{Duration, Instant};
+    let dir = scratch("incoming");
+    let sock = dir.join("m.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(["run", "--incoming", &format!("unix:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let start = Instant::now();
+    let ended = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ended, "SIGTERM did not end a waiting --incoming");
+    let _ = std::fs::remove_dir_all(dir);
+}

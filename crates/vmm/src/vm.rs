@@ -313,6 +313,12 @@ impl Vmm {
     /// Starts the API, console input and vCPU threads of a VM whose parts are ready (booted,
     /// restored or received).
     pub fn launch(parts: Arc<VmParts>) -> Result<Vmm> {
+        // From here on a termination signal stops the VM in order ([`Vmm::wait`] polls for it);
+        // before, it ends the process as usual, since there is nothing to undo.
+        crate::exit::install_signal_handlers().map_err(|source| Error::Io {
+            op: "cannot install signal handlers",
+            source,
+        })?;
         let api = match &parts.config.api_socket {
             Some(path) => Some(ApiServer::start(path, parts.clone())?),
             None => None,
@@ -415,10 +421,6 @@ fn vcpu_thread(id: u32, vcpu: &Mutex<Box<dyn Vcpu>>, io: &Platform, control: &Co
 /// Runs what `anyvisor run` was asked to, to its end.
 pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
     use crate::config::RunRequest;
-    crate::exit::install_signal_handlers().map_err(|source| Error::Io {
-        op: "cannot install signal handlers",
-        source,
-    })?;
     match request {
         RunRequest::Boot(config) => Vmm::start(config)?.wait(),
         RunRequest::Restore { snapshot, runtime } => {
