@@ -38,6 +38,11 @@ pub fn instructions_decoded() -> u64 {
     decode::DECODES.load(Ordering::Relaxed)
 }
 
+/// Times emu vCPUs of this process handed user mode to a user-mode accelerator's runner.
+pub fn user_mode_runs() -> u64 {
+    vcpu::USER_RUNS.load(Ordering::Relaxed)
+}
+
 /// Instructions executed so far by all emu vCPUs in this process.
 pub fn instructions_retired() -> u64 {
     vcpu::INSTRUCTIONS.load(Ordering::Relaxed)

@@ -903,14 +903,17 @@ impl Exec<'_> {
 
     /// Moves the guest TSC to `tsc` now (what a user-mode runner reports after running on
     /// hardware), keeping what the kernel reads monotonic: when the TSC would go back, reads
-    /// stay at the current value until the new timeline passes it. Jitter below 10 us is
-    /// ignored. The TSC-deadline timer and the pvclock page follow the new offset.
+    /// stay at the current value until the new timeline passes it. Differences below 250 us
+    /// are ignored: reading the runner's TSC and the host clock some microseconds apart makes
+    /// them jitter by about +-25 us (more when the host preempts the thread), and following
+    /// that would step the kernel's clock on every return. The TSC-deadline timer and the
+    /// pvclock page follow the new offset.
     pub fn follow_tsc(&mut self, tsc: u64) {
         let clock = &self.vm.clock;
         let now = clock.host_ns();
         let offset = tsc.wrapping_sub(clock.ns_to_tsc(now));
         let diff = offset.wrapping_sub(self.cpu.msr.tsc_offset) as i64;
-        if diff.unsigned_abs() < u64::from(clock.tsc_khz) / 100 {
+        if diff.unsigned_abs() < u64::from(clock.tsc_khz) / 4 {
             return;
         }
         let cur = self.cpu.tsc_at(clock, now);

@@ -19,6 +19,9 @@ use crate::vm::{VmShared, lock};
 /// Instructions executed by all emu vCPUs of this process (for MIPS measurements).
 pub static INSTRUCTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Runs of user-mode accelerator runners by all emu vCPUs of this process.
+pub static USER_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Instructions between checks of timers, the mailbox and kicks.
 const BATCH: u32 = 2048;
 
@@ -211,6 +214,7 @@ impl EmuVcpu {
             return Ok(());
         }
         self.written.clear();
+        USER_RUNS.fetch_add(1, Ordering::Relaxed);
         let r = runner.run(&mut st, deadline, io, &mut self.written);
         me.in_user.store(false, Ordering::SeqCst);
         // User code wrote these pages: drop decoded blocks and translations that use them.
