@@ -272,6 +272,27 @@ mod tests {
     }
 
     #[test]
+    fn openapi_documents_every_route() {
+        let doc = include_str!("../../../../api/openapi.yaml");
+        for path in [
+            "/vm",
+            "/vm/pause",
+            "/vm/resume",
+            "/vm/shutdown",
+            "/vm/snapshot",
+            "/vm/migrate",
+        ] {
+            assert!(
+                doc.contains(&format!("\n  {path}:\n")),
+                "{path} not in api/openapi.yaml"
+            );
+            let f = Fake::default();
+            let method = if path == "/vm" { "GET" } else { "PUT" };
+            assert_ne!(route(&f, &req(method, path, "")).status, 404, "{path}");
+        }
+    }
+
+    #[test]
     fn server_and_client() {
         let dir = std::env::temp_dir().join(format!("anyvisor-api-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
