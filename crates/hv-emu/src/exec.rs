@@ -1226,13 +1226,22 @@ impl Exec<'_> {
         let l = self.loc(i, 0)?;
         let a = self.rd_loc(l, size)? & mask(size);
         if count == 0 {
-            return Ok(());
+            return self.write_back_count0(l, size, a);
         }
         let cf_in = self.flag(CF);
         let (r, flags, which) = shift_value(i.mnemonic(), size, a, count, cf_in);
         self.wr_loc(l, size, r)?;
         self.set_flags(which, flags);
         Ok(())
+    }
+
+    /// A shift or rotate whose masked count is 0 changes no flag and no memory, but a 32-bit
+    /// register destination is still written: its upper half is cleared (as the CPU does).
+    fn write_back_count0(&mut self, l: Loc, size: usize, a: u64) -> R<()> {
+        match l {
+            Loc::Reg(_) if size == 4 => self.wr_loc(l, size, a),
+            _ => Ok(()),
+        }
     }
 
     fn shld(&mut self, i: &Instruction) -> R<()> {
@@ -1243,7 +1252,7 @@ impl Exec<'_> {
         let a = self.rd_loc(l, size)? & mask(size);
         let b = self.rd(i, 1)? & mask(size);
         if count == 0 {
-            return Ok(());
+            return self.write_back_count0(l, size, a);
         }
         let m = mask(size);
         let (r, cf) = if i.mnemonic() == M::Shld {

@@ -246,11 +246,15 @@ fn shift_r<const MN: u8, const CL: bool, const S: usize>(
     } else {
         u32::from(i.immediate8()) & cnt_mask
     };
-    if count == 0 {
-        return Ok(());
-    }
     let d = i.op0_register();
     let a = rreg::<S>(ex, d);
+    if count == 0 {
+        // No flag changes, but a 32-bit destination is written (upper half cleared).
+        if S == 4 {
+            wreg::<S>(ex, d, a);
+        }
+        return Ok(());
+    }
     let mn = match MN {
         0 => M::Shl,
         1 => M::Shr,
