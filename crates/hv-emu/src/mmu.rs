@@ -13,15 +13,17 @@ use crate::cpu::{CR0_PG, CR0_WP, CR4_PAE, EFER_NXE};
 use crate::exec::{Exc, Exec};
 
 const TLB_SIZE: usize = 1024;
-const T_WRITE: u8 = 1; // writable at all levels and dirty already set
-const T_USER: u8 = 2;
-const T_NX: u8 = 4;
+// Flags in the low bits of `TlbEntry::pa`.
+const T_WRITE: u64 = 1; // writable at all levels and dirty already set
+const T_USER: u64 = 2;
+const T_NX: u64 = 4;
 
+/// 16 bytes, so the 1024 entries take 16 KiB of the host's L1.
 #[derive(Clone, Copy)]
 struct TlbEntry {
     vpn: u64,
-    ppn: u64,
-    flags: u8,
+    /// Physical page address | `T_*` flags.
+    pa: u64,
 }
 
 pub struct Tlb {
@@ -34,8 +36,7 @@ impl Tlb {
             e: vec![
                 TlbEntry {
                     vpn: u64::MAX,
-                    ppn: 0,
-                    flags: 0
+                    pa: 0,
                 };
                 TLB_SIZE
             ],
@@ -55,7 +56,7 @@ impl Tlb {
             return;
         }
         for e in self.e.iter_mut() {
-            if e.vpn != u64::MAX && frames.contains(&(e.ppn >> 12)) {
+            if e.vpn != u64::MAX && frames.contains(&(e.pa >> 12)) {
                 e.vpn = u64::MAX;
             }
         }
@@ -124,11 +125,22 @@ impl<'m> Ram<'m> {
     pub fn read(&self, pa: u64, size: usize) -> Option<u64> {
         let (s, off) = self.find(pa, size)?;
         if off & (size - 1) == 0 {
+            use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
+            let r = Ordering::Relaxed;
             match size {
-                1 => s.load::<u8>(off, Ordering::Relaxed).ok().map(u64::from),
-                2 => s.load::<u16>(off, Ordering::Relaxed).ok().map(u64::from),
-                4 => s.load::<u32>(off, Ordering::Relaxed).ok().map(u64::from),
-                _ => s.load::<u64>(off, Ordering::Relaxed).ok(),
+                1 => s
+                    .get_atomic_ref::<AtomicU8>(off)
+                    .ok()
+                    .map(|a| u64::from(a.load(r))),
+                2 => s
+                    .get_atomic_ref::<AtomicU16>(off)
+                    .ok()
+                    .map(|a| u64::from(a.load(r))),
+                4 => s
+                    .get_atomic_ref::<AtomicU32>(off)
+                    .ok()
+                    .map(|a| u64::from(a.load(r))),
+                _ => s.get_atomic_ref::<AtomicU64>(off).ok().map(|a| a.load(r)),
             }
         } else {
             let mut b = [0u8; 8];
@@ -145,13 +157,25 @@ impl<'m> Ram<'m> {
             return false;
         };
         if off & (size - 1) == 0 {
-            match size {
-                1 => s.store(v as u8, off, Ordering::Relaxed),
-                2 => s.store(v as u16, off, Ordering::Relaxed),
-                4 => s.store(v as u32, off, Ordering::Relaxed),
-                _ => s.store(v, off, Ordering::Relaxed),
+            use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
+            let r = Ordering::Relaxed;
+            let ok = match size {
+                1 => s
+                    .get_atomic_ref::<AtomicU8>(off)
+                    .map(|a| a.store(v as u8, r)),
+                2 => s
+                    .get_atomic_ref::<AtomicU16>(off)
+                    .map(|a| a.store(v as u16, r)),
+                4 => s
+                    .get_atomic_ref::<AtomicU32>(off)
+                    .map(|a| a.store(v as u32, r)),
+                _ => s.get_atomic_ref::<AtomicU64>(off).map(|a| a.store(v, r)),
             }
-            .is_ok()
+            .is_ok();
+            // Data first, then the dirty bit (as `VolatileSlice::store` does), so a harvest
+            // that clears the bit afterwards copies the new data.
+            s.bitmap().mark_dirty(off, size);
+            ok
         } else {
             s.write_slice(&v.to_le_bytes()[..size], off).is_ok()
         }
@@ -196,11 +220,11 @@ impl Exec<'_> {
         if e.vpn == vpn {
             let ok = match acc {
                 Acc::Read => true,
-                Acc::Write => e.flags & T_WRITE != 0,
-                Acc::Exec => e.flags & T_NX == 0,
-            } && (!user || e.flags & T_USER != 0);
+                Acc::Write => e.pa & T_WRITE != 0,
+                Acc::Exec => e.pa & T_NX == 0,
+            } && (!user || e.pa & T_USER != 0);
             if ok {
-                return Ok(e.ppn | (lin & 0xfff));
+                return Ok((e.pa & !0xfff) | (lin & 0xfff));
             }
         }
         self.walk(lin, acc, user)
@@ -293,8 +317,7 @@ impl Exec<'_> {
         let vpn = lin >> 12;
         self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = TlbEntry {
             vpn,
-            ppn: pa & !0xfff,
-            flags,
+            pa: (pa & !0xfff) | flags,
         };
         Ok(pa)
     }
