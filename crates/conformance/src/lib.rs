@@ -76,6 +76,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What `code_asm` emitters return.
+pub type AsmResult = std::result::Result<(), iced_x86::IcedError>;
+
 fn mem_err(e: impl std::fmt::Display) -> Error {
     Error::Memory(e.to_string())
 }
@@ -267,7 +270,16 @@ impl Outcome {
     /// Panics unless the run ended in an IDT stub for `vector` with `error_code`.
     #[track_caller]
     pub fn assert_exception(&self, vector: u8, error_code: u64) -> Exception {
-        assert_eq!(self.stop, Stop::Port(EXC_STOP), "no exception: {self:?}");
+        assert_eq!(
+            (self.stop, self.exception),
+            (
+                Stop::Port(EXC_STOP),
+                self.exception.filter(|_| self.stop == Stop::Port(EXC_STOP))
+            ),
+            "expected exception {vector}: stopped at rip {:#x}",
+            self.state.regs.rip
+        );
+        assert!(self.exception.is_some(), "stub stopped without a record");
         let e = self.exception.expect("stub stopped without a record");
         assert_eq!(
             (e.vector, e.error_code),
