@@ -31,16 +31,20 @@ pub type Handler = fn(&mut Exec<'_>, &Instruction) -> R<()>;
 pub struct Op {
     pub insn: Instruction,
     pub handler: Handler,
-    /// RIP after this instruction (masked to the code size).
-    pub next: u64,
+    /// RIP at which the block goes on with the next op: the next instruction, or the target
+    /// of a direct JMP/CALL the block was decoded through. Any other RIP after the handler
+    /// (a taken conditional branch, a fault, a REP restart) leaves the block.
+    pub follow: u64,
 }
 
 #[derive(Default)]
 pub struct Block {
-    rip: u64,
+    pub rip: u64,
     phys: u64,
     bitness: u32,
     generation: u32,
+    /// Mask of RIP for the block's code size.
+    pub ip_mask: u64,
     /// Empty: the slot holds no block.
     pub ops: Vec<Op>,
 }
@@ -81,11 +85,14 @@ fn slot(rip: u64) -> usize {
     ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SLOTS - 1)
 }
 
-/// Whether execution must leave the block after `i`: it may branch, or change the mode,
-/// paging, privilege, interrupt acceptance or anything else decoding and checks depend on.
+/// Whether execution must leave the block after `i`: it may branch somewhere decoding cannot
+/// follow, or change the mode, paging, privilege, interrupt acceptance or anything else
+/// decoding and checks depend on. Conditional branches do not end a block (a taken one leaves
+/// it at run time); direct JMP/CALL are handled by the caller.
 fn ends_block(i: &Instruction) -> bool {
-    if i.flow_control() != FlowControl::Next {
-        return true;
+    match i.flow_control() {
+        FlowControl::Next | FlowControl::ConditionalBranch => {}
+        _ => return true,
     }
     match i.mnemonic() {
         M::Mov => (0..i.op_count()).any(|n| {
@@ -178,6 +185,7 @@ impl Exec<'_> {
         b.phys = pa;
         b.bitness = bitness;
         b.generation = generation;
+        b.ip_mask = ip_mask;
         let mut dec = Decoder::with_ip(bitness, &buf[..avail], rip, DecoderOptions::NONE);
         let mut n = 0u64;
         while b.ops.len() < MAX_OPS && dec.can_decode() {
@@ -190,10 +198,31 @@ impl Exec<'_> {
                 break;
             }
             n += 1;
-            let end = ends_block(&insn);
+            let mut follow = insn.next_ip() & ip_mask;
+            let mut end = ends_block(&insn);
+            if bitness == 64
+                && matches!(
+                    insn.code(),
+                    iced_x86::Code::Jmp_rel8_64
+                        | iced_x86::Code::Jmp_rel32_64
+                        | iced_x86::Code::Call_rel32_64
+                )
+            {
+                // Decode on at a forward target within what was read (the same page).
+                let t = insn.near_branch64();
+                let off = t.wrapping_sub(rip);
+                end = !(t > insn.ip() && off < avail as u64);
+                if !end {
+                    follow = t;
+                    dec.set_ip(t);
+                    if dec.set_position(off as usize).is_err() {
+                        end = true;
+                    }
+                }
+            }
             b.ops.push(Op {
                 handler: crate::fast::handler(&insn),
-                next: insn.next_ip() & ip_mask,
+                follow,
                 insn,
             });
             if end {

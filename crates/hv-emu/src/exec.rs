@@ -15,10 +15,18 @@ use crate::vm::VmShared;
 pub enum Exc {
     /// A guest exception: vector and error code.
     Fault(u8, Option<u32>),
-    /// Something the emulator does not implement.
-    Unhandled(String),
+    /// Something the emulator does not implement. Boxed (a thin pointer) so that `Exc` and
+    /// `R<()>`, returned by every instruction, stay two words.
+    #[allow(clippy::box_collection)]
+    Unhandled(Box<String>),
     /// Triple fault.
     Shutdown,
+}
+
+impl Exc {
+    pub fn unhandled(msg: impl Into<String>) -> Exc {
+        Exc::Unhandled(Box::new(msg.into()))
+    }
 }
 
 pub type R<T> = Result<T, Exc>;
@@ -286,7 +294,7 @@ impl Exec<'_> {
         match i.op_kind(n) {
             OpKind::Register => Ok(Loc::Reg(i.op_register(n))),
             OpKind::Memory => Ok(Loc::Mem(self.mem_lin(i)?)),
-            _ => Err(Exc::Unhandled("operand is not a location".into())),
+            _ => Err(Exc::unhandled("operand is not a location")),
         }
     }
 
@@ -327,7 +335,7 @@ impl Exec<'_> {
             OpKind::Immediate8to32 => Ok(i.immediate8to32() as u32 as u64),
             OpKind::Immediate8to64 => Ok(i.immediate8to64() as u64),
             OpKind::Immediate32to64 => Ok(i.immediate32to64() as u64),
-            _ => Err(Exc::Unhandled("unsupported operand kind".into())),
+            _ => Err(Exc::unhandled("unsupported operand kind")),
         }
     }
 
@@ -438,7 +446,7 @@ impl Exec<'_> {
     }
 
     fn unhandled(&self, i: &Instruction) -> Exc {
-        Exc::Unhandled(format!("{:?}", i.mnemonic()))
+        Exc::unhandled(format!("{:?}", i.mnemonic()))
     }
 
     /// Executes one decoded instruction. RIP already points past it.
@@ -919,7 +927,7 @@ impl Exec<'_> {
                 let alloc = u64::from(i.immediate16());
                 let level = i.immediate8_2nd() & 31;
                 if level != 0 {
-                    return Err(Exc::Unhandled("enter with nesting level".into()));
+                    return Err(Exc::unhandled("enter with nesting level"));
                 }
                 let size = if self.cpu.mode64() {
                     8

@@ -121,7 +121,7 @@ impl<'m> Ram<'m> {
     }
 
     /// Reads `size` (1, 2, 4, 8) bytes of RAM at `pa`; `None` if not RAM.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, pa: u64, size: usize) -> Option<u64> {
         let (s, off) = self.find(pa, size)?;
         if off & (size - 1) == 0 {
@@ -151,7 +151,7 @@ impl<'m> Ram<'m> {
 
     /// Writes `size` (1, 2, 4, 8) bytes of RAM at `pa`, marking the dirty bitmap; false if not
     /// RAM.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, pa: u64, size: usize, v: u64) -> bool {
         let Some((s, off)) = self.find(pa, size) else {
             return false;
@@ -235,6 +235,8 @@ impl Exec<'_> {
         Exc::Fault(14, Some(code))
     }
 
+    #[cold]
+    #[inline(never)]
     fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> Result<u64, Exc> {
         let nxe = self.cpu.efer & EFER_NXE != 0;
         let mut code: u32 = 0;
@@ -262,7 +264,7 @@ impl Exec<'_> {
             let index = (lin >> (12 + 9 * (level - 1))) & 0x1ff;
             let ea = table + index * 8;
             let pte = self.phys_read_u64_ram(ea).ok_or_else(|| {
-                Exc::Unhandled(format!(
+                Exc::unhandled(format!(
                     "page table at {ea:#x} is outside RAM (walking {lin:#x})"
                 ))
             })?;
@@ -456,9 +458,25 @@ impl Exec<'_> {
         self.cpu.cpl == 3
     }
 
-    /// Reads `size` bytes (1..=8) at a linear address.
-    #[inline]
+    /// Reads `size` bytes (1..=8) at a linear address. The fast path (inside a page, TLB hit,
+    /// RAM) is inlined into the handlers; everything else goes through `read_lin_as`.
+    #[inline(always)]
     pub fn read_lin(&mut self, lin: u64, size: usize) -> Result<u64, Exc> {
+        if (lin & 0xfff) as usize + size <= 0x1000 && self.cpu.cr0 & CR0_PG != 0 {
+            let vpn = lin >> 12;
+            let e = self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)];
+            if e.vpn == vpn
+                && (self.cpu.cpl != 3 || e.pa & T_USER != 0)
+                && let Some(v) = self.ram.read((e.pa & !0xfff) | (lin & 0xfff), size)
+            {
+                return Ok(v);
+            }
+        }
+        self.read_lin_slow(lin, size)
+    }
+
+    #[inline(never)]
+    fn read_lin_slow(&mut self, lin: u64, size: usize) -> Result<u64, Exc> {
         let user = self.user_access();
         self.read_lin_as(lin, size, user)
     }
@@ -483,8 +501,25 @@ impl Exec<'_> {
         Ok(v)
     }
 
-    #[inline]
+    /// Writes `size` bytes (1..=8) at a linear address; fast path as in `read_lin`.
+    #[inline(always)]
     pub fn write_lin(&mut self, lin: u64, size: usize, v: u64) -> Result<(), Exc> {
+        if (lin & 0xfff) as usize + size <= 0x1000 && self.cpu.cr0 & CR0_PG != 0 {
+            let vpn = lin >> 12;
+            let e = self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)];
+            if e.vpn == vpn && e.pa & T_WRITE != 0 && (self.cpu.cpl != 3 || e.pa & T_USER != 0) {
+                let pa = (e.pa & !0xfff) | (lin & 0xfff);
+                if self.ram.write(pa, size, v) {
+                    self.note_write(pa);
+                    return Ok(());
+                }
+            }
+        }
+        self.write_lin_slow(lin, size, v)
+    }
+
+    #[inline(never)]
+    fn write_lin_slow(&mut self, lin: u64, size: usize, v: u64) -> Result<(), Exc> {
         let user = self.user_access();
         self.write_lin_as(lin, size, v, user)
     }

@@ -115,7 +115,7 @@ impl Exec<'_> {
                 match xidx(r) {
                     Some(x) => Ok(self.cpu.xmm[x]),
                     None if reg_size(r) <= 8 => Ok(u128::from(self.rd_reg(r))),
-                    None => Err(Exc::Unhandled("MMX register operand".into())),
+                    None => Err(Exc::unhandled("MMX register operand")),
                 }
             }
             OpKind::Memory => {
@@ -123,7 +123,7 @@ impl Exec<'_> {
                 match i.memory_size().size() {
                     16 => self.read_u128(a),
                     s @ (1 | 2 | 4 | 8) => Ok(u128::from(self.read_lin(a, s)?)),
-                    _ => Err(Exc::Unhandled("SSE memory operand size".into())),
+                    _ => Err(Exc::unhandled("SSE memory operand size")),
                 }
             }
             _ => Ok(u128::from(self.rd(i, n)?)),
@@ -144,7 +144,7 @@ impl Exec<'_> {
                         self.set_gpr_sized(idx, reg_size(r), v as u64);
                         Ok(())
                     }
-                    None => Err(Exc::Unhandled("MMX register operand".into())),
+                    None => Err(Exc::unhandled("MMX register operand")),
                 }
             }
             OpKind::Memory => {
@@ -152,10 +152,10 @@ impl Exec<'_> {
                 match i.memory_size().size() {
                     16 => self.write_u128(a, v),
                     s @ (1 | 2 | 4 | 8) => self.write_lin(a, s, v as u64),
-                    _ => Err(Exc::Unhandled("SSE memory operand size".into())),
+                    _ => Err(Exc::unhandled("SSE memory operand size")),
                 }
             }
-            _ => Err(Exc::Unhandled("SSE destination".into())),
+            _ => Err(Exc::unhandled("SSE destination")),
         }
     }
 
@@ -236,7 +236,7 @@ impl Exec<'_> {
     pub fn exec_fp(&mut self, i: &Instruction) -> R<()> {
         let mn = i.mnemonic();
         if self.is_mmx(i) && mn != M::Emms {
-            return Err(Exc::Unhandled(format!("MMX {mn:?}")));
+            return Err(Exc::unhandled(format!("MMX {mn:?}")));
         }
         match mn {
             // ---- x87 control ----
@@ -482,7 +482,7 @@ impl Exec<'_> {
                 };
                 Ok(())
             }
-            M::Movq2dq | M::Movdq2q => Err(Exc::Unhandled("MMX move".into())),
+            M::Movq2dq | M::Movdq2q => Err(Exc::unhandled("MMX move")),
             M::Pmovmskb | M::Movmskps | M::Movmskpd => {
                 let v = self.xrd(i, 1)?;
                 let r = match mn {
@@ -545,7 +545,7 @@ impl Exec<'_> {
     fn sse_binary(&mut self, i: &Instruction) -> R<()> {
         let mn = i.mnemonic();
         if i.op_kind(0) != OpKind::Register {
-            return Err(Exc::Unhandled(format!("{mn:?}")));
+            return Err(Exc::unhandled(format!("{mn:?}")));
         }
         let d_reg = i.op_register(0);
         let Some(d) = xidx(d_reg) else {
@@ -911,7 +911,7 @@ impl Exec<'_> {
             M::Psrlq => map64(a, 0, |x, _| if c > 63 { 0 } else { x >> c }),
             M::Psraw => map16(a, 0, |x, _| ((x as i16) >> c.min(15)) as u16),
             M::Psrad => map32(a, 0, |x, _| ((x as i32) >> c.min(31)) as u32),
-            _ => return Err(Exc::Unhandled(format!("{mn:?}"))),
+            _ => return Err(Exc::unhandled(format!("{mn:?}"))),
         })
     }
 
@@ -956,7 +956,7 @@ impl Exec<'_> {
                 }
                 u64::from(crc)
             }
-            _ => return Err(Exc::Unhandled(format!("{mn:?}"))),
+            _ => return Err(Exc::unhandled(format!("{mn:?}"))),
         };
         self.set_gpr_sized(idx, size.max(4), v);
         Ok(())
@@ -1083,7 +1083,7 @@ impl Exec<'_> {
                     }),
                 }
             }
-            _ => return Err(Exc::Unhandled(format!("{mn:?}"))),
+            _ => return Err(Exc::unhandled(format!("{mn:?}"))),
         };
         self.cpu.xmm[d] = r;
         Ok(())

@@ -141,7 +141,7 @@ impl Exec<'_> {
                     self.io.pio_write(port, &v.to_le_bytes()[..size]);
                     self.adv(6, asz, step);
                 }
-                _ => return Err(Exc::Unhandled(format!("{mn:?}"))),
+                _ => return Err(Exc::unhandled(format!("{mn:?}"))),
             }
             if !rep {
                 return Ok(());

@@ -551,7 +551,7 @@ impl Exec<'_> {
             return Ok(());
         }
         if self.cpu.rflags & NT != 0 && !self.cpu.long_mode() {
-            return Err(Exc::Unhandled("iret with NT (task switch)".into()));
+            return Err(Exc::unhandled("iret with NT (task switch)"));
         }
         let ip = self.peek(0, osz)?;
         let cs = self.peek(osz as u64, osz)? as u16;
@@ -635,7 +635,7 @@ impl Exec<'_> {
             return ud();
         }
         if !self.cpu.long_mode() {
-            return Err(Exc::Unhandled("legacy-mode syscall".into()));
+            return Err(Exc::unhandled("legacy-mode syscall"));
         }
         let star = self.cpu.msr.star;
         let sel = ((star >> 32) & 0xffff) as u16;
@@ -1229,7 +1229,7 @@ impl Exec<'_> {
         new_cpl: u8,
     ) -> R<()> {
         if typ != 0xe && typ != 0xf {
-            return Err(Exc::Unhandled(format!("protected-mode gate type {typ:#x}")));
+            return Err(Exc::unhandled(format!("protected-mode gate type {typ:#x}")));
         }
         let old_cs = u64::from(self.cpu.seg[CS].selector);
         let old_fl = self.cpu.rflags;

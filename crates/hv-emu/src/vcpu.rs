@@ -224,7 +224,7 @@ impl EmuVcpu {
         if !self.written.is_empty() {
             self.cpu.tlb.flush_frames(&self.written);
         }
-        let exit = r.map_err(|e| Exc::Unhandled(format!("user-mode accelerator: {e}")))?;
+        let exit = r.map_err(|e| Exc::unhandled(format!("user-mode accelerator: {e}")))?;
         self.cpu.apply_user_state(&st);
         let mut ex = Exec {
             cpu: &mut self.cpu,
@@ -380,19 +380,37 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.code_written = false;
-            for op in &cache.block(slot).ops {
-                let rip = self.cpu.rip;
-                self.cpu.shadow = 0;
-                self.cur_rip = rip;
-                self.cpu.rip = op.next;
-                n += 1;
-                if let Err(e) = (op.handler)(self, &op.insn) {
-                    self.fail(rip, op.insn.len(), e)?;
-                    break;
+            let block = cache.block(slot);
+            'block: loop {
+                for op in &block.ops {
+                    let rip = self.cpu.rip;
+                    self.cpu.shadow = 0;
+                    self.cur_rip = rip;
+                    self.cpu.rip = op.insn.next_ip() & block.ip_mask;
+                    n += 1;
+                    if let Err(e) = (op.handler)(self, &op.insn) {
+                        self.fail(rip, op.insn.len(), e)?;
+                        break 'block;
+                    }
+                    if self.cpu.rip != op.follow || self.cpu.irq_check || self.cpu.code_written {
+                        // A near branch back to the start of this block runs it again
+                        // without a lookup: nothing in the block can have changed the
+                        // translation, the mode or the code.
+                        if self.cpu.rip == block.rip
+                            && (op.insn.is_jcc_short_or_near()
+                                || op.insn.is_jmp_short_or_near()
+                                || op.insn.is_loop()
+                                || op.insn.is_loopcc())
+                            && !self.cpu.irq_check
+                            && !self.cpu.code_written
+                            && n < budget
+                        {
+                            continue 'block;
+                        }
+                        break 'block;
+                    }
                 }
-                if self.cpu.rip != op.next || self.cpu.irq_check || self.cpu.code_written {
-                    break;
-                }
+                break;
             }
             if self.cpu.mp_state != MpState::Runnable {
                 break;
@@ -424,7 +442,7 @@ impl Exec<'_> {
         self.cpu.rip = rip;
         match e {
             Exc::Fault(v, c) => self.raise_event(v, c, Event::Exception),
-            Exc::Unhandled(msg) => Err(Exc::Unhandled(format!(
+            Exc::Unhandled(msg) => Err(Exc::unhandled(format!(
                 "unsupported instruction {} at rip {rip:#x} ({msg})",
                 self.insn_hex(rip, len)
             ))),
@@ -447,7 +465,7 @@ impl Exec<'_> {
 
 fn to_hv(e: Exc) -> hv::Error {
     match e {
-        Exc::Unhandled(m) => hv::Error::Unhandled(m),
+        Exc::Unhandled(m) => hv::Error::Unhandled(*m),
         Exc::Fault(v, c) => hv::Error::Unhandled(format!("unhandled exception {v} ({c:?})")),
         Exc::Shutdown => hv::Error::Unhandled("triple fault".into()),
     }
