@@ -36,7 +36,7 @@ use hv::state::msr;
 use hv::{CpuState, DeviceIo, FpuState, GuestMemory, UserExit, VcpuKicker};
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_msr_entry, kvm_regs, kvm_run,
-    kvm_sregs, kvm_userspace_memory_region, kvm_xcrs, kvm_xsave,
+    kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::bitmap::Bitmap;
@@ -603,6 +603,9 @@ pub struct KvmUserRunner {
     kvm_xcr0: Option<u64>,
     kvm_msrs: Vec<kvm_msr_entry>,
     kvm_fpu: Option<(ThreadKey, FpuState, Vec<u8>)>,
+    /// The last run was interrupted (kick or deadline) inside KVM, which may have left an event
+    /// queued there; see `clear_events`.
+    events_stale: bool,
 }
 
 enum Step {
@@ -665,6 +668,7 @@ impl KvmUserRunner {
             kvm_xcr0: None,
             kvm_msrs: Vec::new(),
             kvm_fpu: None,
+            events_stale: false,
         };
         runner.map_private(true)?;
         Ok(runner)
@@ -782,6 +786,7 @@ impl KvmUserRunner {
             .map_err(backend_err("KVM_SET_SREGS"))?;
         self.set_xcr0(state)?;
         self.set_fpu(state)?;
+        self.clear_events()?;
         let mut entries: Vec<kvm_msr_entry> = LOADED_MSRS
             .iter()
             .filter_map(|&index| {
@@ -812,6 +817,25 @@ impl KvmUserRunner {
             cs: s.cs,
             ss: s.ss,
         })
+    }
+
+    /// Drops an event KVM still holds from an interrupted run. KVM_RUN returns EINTR between
+    /// queueing an exception and delivering it: under PVM `syscall` jumps to LSTAR at CPL 3 and
+    /// the fetch there queues #PF (error 0x15, present|user|fetch); a kick in that window ends
+    /// the run as a syscall (RIP on the entry point) with the #PF still queued, and the next run
+    /// would deliver it at the user's new RIP with the guest's CR2, so the guest kernel saw an
+    /// instruction-fetch protection fault on a data address and killed the program.
+    fn clear_events(&mut self) -> hv::Result<()> {
+        if !self.events_stale {
+            return Ok(());
+        }
+        // Flags 0: exception, interrupt and NMI injection are reset; NMI-pending, SIPI and SMM
+        // state are left alone (none is used here).
+        self.fd
+            .set_vcpu_events(&kvm_vcpu_events::default())
+            .map_err(backend_err("KVM_SET_VCPU_EVENTS"))?;
+        self.events_stale = false;
+        Ok(())
     }
 
     /// XCR0 for user code. Under PVM the CPU keeps the host's XCR0 (AVX, AVX-512, ...) unless
@@ -1235,6 +1259,7 @@ impl hv::UserModeRunner for KvmUserRunner {
                     if !self.take_interrupt(deadline) {
                         continue;
                     }
+                    self.events_stale = true;
                     let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
                     let index = regs.rip.wrapping_sub(loaded.trap_la);
                     if index <= COMPAT_SYSCALL_ENTRY {

@@ -603,3 +603,56 @@ fn two_runners_share_memory_and_the_written_list() {
     let (accel2_mem, _) = guest();
     assert!(t._accel.create_runner(2, accel2_mem).is_err());
 }
+
+/// A kick landing while KVM has queued the #PF of PVM's `syscall` (the fetch at LSTAR, see the
+/// module docs of `user_accel`) ends the run as a syscall; the queued #PF must not be delivered
+/// by the next run at the user's new RIP (the guest saw "segfault ... error 15" on a data
+/// address right after a `syscall`).
+#[test]
+fn kicks_during_syscalls_leave_no_stale_fault() {
+    let Some(mut t) = setup(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.syscall()?;
+        a.jmp(top)
+    }) else {
+        return;
+    };
+    let k = t.runner.kicker();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let th = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut delay = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                k.kick();
+                // Vary the moment of the kick across a run (about 1 ms here).
+                delay = (delay + 37) % 2000;
+                let until = Instant::now() + Duration::from_micros(delay);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(4);
+    let (mut syscalls, mut interrupted) = (0u32, 0u32);
+    let mut bad = None;
+    while Instant::now() < end {
+        let (exit, _) = t.run(None);
+        match exit {
+            UserExit::Syscall => syscalls += 1,
+            UserExit::Interrupted => interrupted += 1,
+            other => {
+                bad = Some((other, t.state.regs.rip, t.state.sregs.cr2));
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    th.join().unwrap();
+    println!("{syscalls} syscalls, {interrupted} interrupted runs");
+    assert_eq!(bad, None, "stale event after {syscalls} syscalls");
+    assert!(syscalls > 0);
+}
