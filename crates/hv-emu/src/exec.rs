@@ -220,7 +220,7 @@ impl Exec<'_> {
     }
 
     /// Linear address of `off` in segment `s` (an iced segment register).
-    #[inline]
+    #[inline(always)]
     pub fn seg_lin(&self, s: Register, off: u64) -> u64 {
         let idx = (s as usize).wrapping_sub(71);
         if self.cpu.mode64() {
@@ -236,8 +236,32 @@ impl Exec<'_> {
     }
 
     /// The offset (effective address) of the memory operand.
-    #[inline]
+    #[inline(always)]
     pub fn ea(&self, i: &Instruction) -> u64 {
+        // The common long-mode forms first: a 64-bit base (+ a 64-bit index), or RIP-relative.
+        let (b, x) = (i.memory_base() as usize, i.memory_index() as usize);
+        let r64 = Register::RAX as usize..=Register::R15 as usize;
+        if r64.contains(&b) {
+            let mut a = i
+                .memory_displacement64()
+                .wrapping_add(self.cpu.gpr[b - Register::RAX as usize]);
+            if r64.contains(&x) {
+                let v = self.cpu.gpr[x - Register::RAX as usize];
+                a = a.wrapping_add(v.wrapping_mul(u64::from(i.memory_index_scale())));
+            } else if x != Register::None as usize {
+                return self.ea_any(i);
+            }
+            return a;
+        }
+        if i.memory_base() == Register::RIP && x == Register::None as usize {
+            return i.memory_displacement64();
+        }
+        self.ea_any(i)
+    }
+
+    /// `ea` for every addressing form.
+    #[inline(never)]
+    fn ea_any(&self, i: &Instruction) -> u64 {
         let base = i.memory_base();
         let index = i.memory_index();
         let mut a = i.memory_displacement64();
@@ -267,7 +291,7 @@ impl Exec<'_> {
     }
 
     /// Linear address of the memory operand, with the 64-bit canonical check.
-    #[inline]
+    #[inline(always)]
     pub fn mem_lin(&self, i: &Instruction) -> R<u64> {
         let seg = i.memory_segment();
         let lin = self.seg_lin(seg, self.ea(i));
