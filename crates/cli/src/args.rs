@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// Shared secret file for tcp: migration.
     #[arg(long, value_name = "FILE")]
     pub migration_key: Option<PathBuf>,
+    /// Per-thread system call filters: on kills the VMM on a call outside its allowlist
+    /// (SIGSYS), log only logs it [default: on].
+    #[arg(long, value_parser = PossibleValuesParser::new(["off", "log", "on"]))]
+    pub seccomp: Option<String>,
 }
 
 impl RunArgs {
@@ -111,6 +115,7 @@ impl RunArgs {
             restore: self.restore.clone(),
             incoming: self.incoming.clone(),
             migration_key: self.migration_key.clone(),
+            seccomp: self.seccomp.clone(),
         }
     }
 }

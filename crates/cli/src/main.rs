@@ -4,6 +4,7 @@
 //! [`vmm::Error::exit_code`]: 0 success, 1 guest crash or internal error, 2 bad usage or input.
 
 mod args;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -79,7 +80,9 @@ fn first_line(text: &str) -> String {
 }
 
 /// A panic anywhere (including a vCPU thread) ends the process with one line and status 1,
-/// after restoring the terminal and removing the API socket.
+/// after restoring the terminal and removing the API socket. Only the main thread removes the
+/// socket: the seccomp filters of vCPU, device and migration threads refuse `unlink`, and a
+/// refused call would kill the process before the message is printed.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info.payload();
@@ -92,7 +95,11 @@ fn install_panic_hook() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        vmm::exit::cleanup();
+        if std::thread::current().name() == Some("main") {
+            vmm::exit::cleanup();
+        } else {
+            vmm::exit::restore_terminal();
+        }
         eprintln!(
             "error: internal error: {}{place}",
             msg.replace(['\n', '\r'], " ")
@@ -134,12 +141,15 @@ fn run(cli: Cli) -> vmm::Result<u8> {
                 "migration_key_file": key,
                 "max_downtime_ms": a.max_downtime_ms,
             });
+            let shown = progress::Shown::start(&a.api_socket);
             let out = vmm::api::client::call(
                 &a.api_socket,
                 "PUT",
                 "/vm/migrate",
                 Some(&body.to_string()),
-            )?;
+            );
+            drop(shown);
+            let out = out?;
             if let Some(line) = out {
                 println!("{line}");
             }

@@ -154,6 +154,8 @@ fn sockets(a: &mut Allow) -> Result<()> {
         a.when(libc::SYS_socket, rule(0, SeccompCmpOp::Eq, domain as u64)?); // unix and tcp only
     }
     a.any(libc::SYS_connect); // migration destination, waking the API accept loop
+    // set_nonblocking: TcpStream::connect_timeout (tcp migration), vsock host connections.
+    a.ioctls(&[libc::FIONBIO])?;
     Ok(())
 }
 
@@ -167,6 +169,19 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::VCPU_RUN)?; // KVM_RUN
             a.ioctls(ioctl::VCPU_STATE)?; // register access on exits, state after a pause
             a.ioctls(ioctl::INTERRUPTS)?; // devices raising guest interrupts
+            // The kvm backend's user-mode accelerator re-adds a memory slot on each run and reads
+            // its dirty log (seen under strace on every exit).
+            a.ioctls(ioctl::VM_STATE)?;
+            // virtio-net/vsock start their worker threads when the guest activates them, from
+            // the vCPU thread that takes the exit; the workers inherit this filter.
+            threads(&mut a)?; // spawning a device worker on activation
+            a.any(libc::SYS_epoll_create1); // the worker's event loop, created on activation
+            a.any(libc::SYS_eventfd2); // the worker's stop and wake-up events
+            a.any(libc::SYS_epoll_wait); // device worker event loops
+            a.any(libc::SYS_epoll_pwait); // device worker event loops
+            a.any(libc::SYS_epoll_ctl); // device workers adding and removing connections
+            sockets(&mut a)?; // vsock: host connections (guest→host connect), their I/O
+            a.any(libc::SYS_accept4); // vsock: host→guest connections on the listening socket
         }
         ThreadRole::Device => {
             disk_io(&mut a);
@@ -213,6 +228,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.any(libc::SYS_connect); // waking the API accept loop at shutdown
             a.any(libc::SYS_unlink); // removing the API socket file at exit
             a.any(libc::SYS_unlinkat); // removing the API socket file at exit
+            a.ioctls(ioctl::VM_STATE)?; // dropping the kvm VM removes its memory slots
         }
     }
     Ok(a.into_map())

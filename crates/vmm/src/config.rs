@@ -257,6 +257,10 @@ pub struct VmConfig {
     pub rng: bool,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
+    /// Per-thread seccomp filters; a setting of this process, not of the VM, so snapshots do
+    /// not record it.
+    #[serde(skip)]
+    pub seccomp: sandbox::SeccompMode,
 }
 
 /// A size in a config file: a number of MiB or a string like `"4G"`.
@@ -302,6 +306,7 @@ pub struct RunOptions {
     pub restore: Option<PathBuf>,
     pub incoming: Option<String>,
     pub migration_key: Option<PathBuf>,
+    pub seccomp: Option<String>,
 }
 
 impl RunOptions {
@@ -363,6 +368,7 @@ impl RunOptions {
             restore: flags.restore.or(self.restore),
             incoming: flags.incoming.or(self.incoming),
             migration_key: flags.migration_key.or(self.migration_key),
+            seccomp: flags.seccomp.or(self.seccomp),
         }
     }
 
@@ -376,10 +382,17 @@ impl RunOptions {
             Some(s) => SerialConfig::parse(s)?,
             None => SerialConfig::Stdio,
         };
+        let seccomp = match &self.seccomp {
+            Some(m) => m
+                .parse()
+                .map_err(|e: sandbox::Error| Error::Usage(e.to_string()))?,
+            None => sandbox::SeccompMode::default(),
+        };
         let runtime = RuntimeOptions {
             backend,
             serial,
             api_socket: self.api_socket.clone(),
+            seccomp,
         };
         if self.restore.is_some() && self.incoming.is_some() {
             return Err(Error::Usage(
@@ -485,6 +498,7 @@ impl RunOptions {
             rng: self.rng.unwrap_or(false),
             serial: runtime.serial,
             api_socket: runtime.api_socket,
+            seccomp: runtime.seccomp,
         }))
     }
 }
@@ -496,6 +510,7 @@ pub struct RuntimeOptions {
     pub backend: BackendChoice,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
+    pub seccomp: sandbox::SeccompMode,
 }
 
 /// What `anyvisor run` was asked to do.

@@ -57,7 +57,9 @@ pub trait InputSink: Send + Sync {
 /// Starts forwarding host stdin to the guest, for `--serial stdio`. A terminal is put in raw
 /// mode (restored by [`crate::exit::cleanup`]); on a terminal Ctrl-A x ends the VM. End of input
 /// (or `/dev/null`) just stops the reader.
-pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>) -> Result<()> {
+///
+/// The reader thread installs the [`sandbox::ThreadRole::Device`] filter before its first read.
+pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>, seccomp: sandbox::SeccompMode) -> Result<()> {
     let tty = std::io::stdin().is_terminal();
     if tty && !in_foreground() {
         // A background job must not touch the terminal: changing its mode or reading from it
@@ -73,6 +75,13 @@ pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>) -> Result<()> {
     std::thread::Builder::new()
         .name("serial-in".into())
         .spawn(move || {
+            if let Err(e) = sandbox::install(sandbox::ThreadRole::Device, seccomp) {
+                eprintln!(
+                    "anyvisor: console input disabled: {}",
+                    crate::error::report(&e)
+                );
+                return;
+            }
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 256];
             let mut escape = EscapeFilter::default();

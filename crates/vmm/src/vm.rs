@@ -14,12 +14,13 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hv::{BackendKind, CpuModel, GuestMemory, Vcpu, VcpuExit};
 use machine::{Platform, PlatformEvent, PlatformEvents};
+use sandbox::{SeccompMode, ThreadRole};
 
 use crate::api::{ApiError, ApiServer, MigrateRequest, SnapshotRequest, VmControl};
 use crate::config::{MIB, SerialConfig, VmConfig};
@@ -32,6 +33,10 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// How long vCPU threads get to return once stopped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `--seccomp` mode of this process, set by [`run`]: a restored or arriving VM's config
+/// comes from its sender, so the mode cannot travel in [`VmConfig`] there.
+static SECCOMP: OnceLock<SeccompMode> = OnceLock::new();
 
 /// How a VM ended without an error. Every reason exits 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +117,7 @@ impl VmControl for VmParts {
             "memory_mib": self.config.memory / MIB,
             "devices": self.devices(),
             "counters": counters,
+            "migration": crate::migration::progress(),
         })
     }
 
@@ -241,6 +247,7 @@ pub struct Vmm {
     parts: Arc<VmParts>,
     threads: Vec<JoinHandle<()>>,
     api: Option<ApiServer>,
+    seccomp: SeccompMode,
 }
 
 impl Vmm {
@@ -312,7 +319,14 @@ impl Vmm {
 
     /// Starts the API, console input and vCPU threads of a VM whose parts are ready (booted,
     /// restored or received).
+    ///
+    /// Each thread installs its seccomp filter ([`sandbox`]) before it handles guest or client
+    /// input; the main thread installs its own in [`Vmm::wait`].
     pub fn launch(parts: Arc<VmParts>) -> Result<Vmm> {
+        let seccomp = SECCOMP.get().copied().unwrap_or(parts.config.seccomp);
+        if seccomp != SeccompMode::Off {
+            prime_allocator();
+        }
         // From here on a termination signal stops the VM in order ([`Vmm::wait`] polls for it);
         // before, it ends the process as usual, since there is nothing to undo.
         crate::exit::install_signal_handlers().map_err(|source| Error::Io {
@@ -320,14 +334,17 @@ impl Vmm {
             source,
         })?;
         let api = match &parts.config.api_socket {
-            Some(path) => Some(ApiServer::start(path, parts.clone())?),
+            Some(path) => Some(ApiServer::start(path, parts.clone(), seccomp)?),
             None => None,
         };
         if parts.config.serial == SerialConfig::Stdio {
-            crate::serial::spawn_stdin_reader(Arc::new(SerialIn {
-                platform: parts.platform.clone(),
-                control: parts.control.clone(),
-            }))?;
+            crate::serial::spawn_stdin_reader(
+                Arc::new(SerialIn {
+                    platform: parts.platform.clone(),
+                    control: parts.control.clone(),
+                }),
+                seccomp,
+            )?;
         }
         let mut threads = Vec::with_capacity(parts.vcpus.len());
         for (id, vcpu) in (0u32..).zip(&parts.vcpus) {
@@ -336,7 +353,7 @@ impl Vmm {
             let control = parts.control.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_thread(id, &vcpu, &platform, &control));
+                .spawn(move || vcpu_thread(id, &vcpu, &platform, &control, seccomp));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
@@ -354,6 +371,7 @@ impl Vmm {
             parts,
             threads,
             api,
+            seccomp,
         })
     }
 
@@ -362,8 +380,14 @@ impl Vmm {
     }
 
     /// Runs the VM to its end.
+    ///
+    /// Call it on the main thread once nothing else is left to set up: it installs the
+    /// [`ThreadRole::Main`] filter first.
     pub fn wait(mut self) -> Result<ExitReason> {
         let control = self.parts.control.clone();
+        if let Err(e) = sandbox::install(ThreadRole::Main, self.seccomp) {
+            control.request_stop(Stop::Internal(crate::error::report(&e)));
+        }
         let stop = loop {
             if let Some(stop) = control.wait_stop_timeout(SIGNAL_POLL) {
                 break stop;
@@ -400,7 +424,36 @@ impl Vmm {
     }
 }
 
-fn vcpu_thread(id: u32, vcpu: &Mutex<Box<dyn Vcpu>>, io: &Platform, control: &Control) {
+/// Makes glibc read `/proc/sys/vm/overcommit_memory` now, while no filter is installed.
+///
+/// The first time a thread arena's heap shrinks, glibc's `free` opens that file (once per
+/// process, then it keeps the answer); on a filtered thread that `openat` would be killed. A
+/// new thread gets its own arena: filling it past the trim threshold (128 KiB) with blocks
+/// below the mmap threshold and freeing them shrinks its heap.
+fn prime_allocator() {
+    let primed = std::thread::Builder::new()
+        .name("prime-alloc".into())
+        .spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..8).map(|_| vec![1u8; 100 * 1024]).collect();
+            drop(std::hint::black_box(blocks));
+        });
+    if let Ok(t) = primed {
+        let _ = t.join();
+    }
+}
+
+fn vcpu_thread(
+    id: u32,
+    vcpu: &Mutex<Box<dyn Vcpu>>,
+    io: &Platform,
+    control: &Control,
+    seccomp: SeccompMode,
+) {
+    if let Err(e) = sandbox::install(ThreadRole::Vcpu, seccomp) {
+        control.request_stop(Stop::Internal(crate::error::report(&e)));
+        control.exited();
+        return;
+    }
     let body = std::panic::AssertUnwindSafe(|| {
         while control.before_run() {
             let exit = vcpu.lock().unwrap_or_else(PoisonError::into_inner).run(io);
@@ -421,6 +474,13 @@ fn vcpu_thread(id: u32, vcpu: &Mutex<Box<dyn Vcpu>>, io: &Platform, control: &Co
 /// Runs what `anyvisor run` was asked to, to its end.
 pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
     use crate::config::RunRequest;
+    let seccomp = match &request {
+        RunRequest::Boot(config) => config.seccomp,
+        RunRequest::Restore { runtime, .. } | RunRequest::Incoming { runtime, .. } => {
+            runtime.seccomp
+        }
+    };
+    let _ = SECCOMP.set(seccomp);
     match request {
         RunRequest::Boot(config) => Vmm::start(config)?.wait(),
         RunRequest::Restore { snapshot, runtime } => {

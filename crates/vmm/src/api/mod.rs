@@ -1,6 +1,8 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket (documented in
-//! `api/openapi.yaml`). [`ApiServer`] serves one request per connection on its own thread and
-//! hands each to a [`VmControl`]; [`client`] is what the control subcommands use.
+//! `api/openapi.yaml`). [`ApiServer`] accepts connections on its own thread and serves each
+//! (one request, one response) on a short-lived thread of its own, at most
+//! [`MAX_CONNECTIONS`] at once, so `GET /vm` answers while a `PUT /vm/migrate` runs; requests go
+//! to a [`VmControl`]. [`client`] is what the control subcommands use.
 
 pub mod client;
 pub mod http;
@@ -8,8 +10,8 @@ pub mod http;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,6 +22,13 @@ use http::{Request, Response};
 
 /// How long a client may take to send its request or read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are answered 503 at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// How long stopping the server waits for requests in progress (a `snapshot --stop` reply).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Makes the API thread make a system call outside its seccomp allowlist (`getcwd`) right
+/// after installing its filter: a test of what `--seccomp on` does to a violation.
+pub const TEST_FORBIDDEN_SYSCALL_ENV: &str = "ANYVISOR_TEST_FORBIDDEN_SYSCALL";
 
 /// An API failure: the HTTP status and a one-line message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,18 +123,100 @@ fn serve(control: &dyn VmControl, mut stream: UnixStream) {
     let _ = response.write_to(&mut stream);
 }
 
-/// The API socket: listening while this value lives; dropping it stops the server and removes
-/// the socket file.
+/// The number of connections being served, and a signal when it drops.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    /// Counts one more connection unless [`MAX_CONNECTIONS`] are served already.
+    fn enter(&self) -> bool {
+        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        if *n >= MAX_CONNECTIONS {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave(&self) {
+        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
+    /// Waits until no connection is served, at most `limit`.
+    fn drain(&self, limit: Duration) {
+        let n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self
+            .changed
+            .wait_timeout_while(n, limit, |n| *n > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// Leaves the in-flight count when the connection thread ends, even by a panic.
+struct Served(Arc<InFlight>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// The accept loop: one thread per connection.
+fn accept_loop(
+    listener: &UnixListener,
+    control: &Arc<dyn VmControl>,
+    stop: &AtomicBool,
+    in_flight: &Arc<InFlight>,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let Ok(mut stream) = conn else { continue };
+        if !in_flight.enter() {
+            let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+            let _ = Response::error(503, "too many api connections").write_to(&mut stream);
+            continue;
+        }
+        let served = Served(in_flight.clone());
+        let control = control.clone();
+        // Connection threads inherit the API thread's seccomp filter.
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                let _served = served;
+                serve(&*control, stream);
+            });
+        // On failure the closure (and its `Served`) was dropped: the count is back.
+        drop(spawned);
+    }
+}
+
+/// The API socket: listening while this value lives; dropping it stops the server (after the
+/// requests in progress were answered, at most [`DRAIN_TIMEOUT`]) and removes the socket file.
 pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl ApiServer {
     /// Listens on `path`. A stale socket file left by a dead VMM is replaced; a live one, or any
     /// other kind of file, is an error.
-    pub fn start(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer> {
+    ///
+    /// The API thread installs the [`sandbox::ThreadRole::Api`] filter (`seccomp`) before it
+    /// accepts its first connection; if that fails it serves nothing and stops the socket.
+    pub fn start(
+        path: &Path,
+        control: Arc<dyn VmControl>,
+        seccomp: sandbox::SeccompMode,
+    ) -> Result<ApiServer> {
         let listen_err = |source| Error::ApiListen {
             path: path.to_path_buf(),
             source,
@@ -149,17 +240,19 @@ impl ApiServer {
         crate::exit::remove_on_exit(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let in_flight = Arc::new(InFlight::default());
+        let in_flight2 = in_flight.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for conn in listener.incoming() {
-                    if stop2.load(Ordering::Acquire) {
-                        break;
-                    }
-                    if let Ok(stream) = conn {
-                        serve(&*control, stream);
-                    }
+                if let Err(e) = sandbox::install(sandbox::ThreadRole::Api, seccomp) {
+                    eprintln!("anyvisor: api disabled: {}", crate::error::report(&e));
+                    return;
                 }
+                if std::env::var_os(TEST_FORBIDDEN_SYSCALL_ENV).is_some() {
+                    let _ = std::env::current_dir();
+                }
+                accept_loop(&listener, &control, &stop2, &in_flight2);
             })
             .map_err(|source| Error::Io {
                 op: "cannot start the api thread",
@@ -169,6 +262,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            in_flight,
         })
     }
 
@@ -187,6 +281,7 @@ impl Drop for ApiServer {
         {
             let _ = t.join();
         }
+        self.in_flight.drain(DRAIN_TIMEOUT);
         let _ = std::fs::remove_file(&self.path);
         crate::exit::forget_file(&self.path);
     }
@@ -299,9 +394,10 @@ mod tests {
         let path = dir.join("api.sock");
         // A stale socket file is replaced.
         drop(UnixListener::bind(&path).unwrap());
-        let server = ApiServer::start(&path, Arc::new(Fake::default())).unwrap();
+        let server =
+            ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off).unwrap();
         // A second server on a live socket is refused.
-        let e = ApiServer::start(&path, Arc::new(Fake::default()))
+        let e = ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off)
             .err()
             .unwrap();
         assert!(matches!(e, Error::ApiListen { .. }));
@@ -329,7 +425,9 @@ mod tests {
         assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
         // Refuses to replace a regular file.
         std::fs::write(&path, b"x").unwrap();
-        assert!(ApiServer::start(&path, Arc::new(Fake::default())).is_err());
+        assert!(
+            ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off).is_err()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

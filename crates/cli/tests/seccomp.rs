@@ -1,0 +1,272 @@
+//! `--seccomp`: the test guest boots to its end with every thread filtered, on both backends,
+//! and a system call outside a thread's allowlist kills the VMM with SIGSYS unless the filters
+//! are off. Needs the guest kit (guest/build-kit.sh) and an optimized build for the boots (the
+//! same skips as tests/boot.rs).
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
+/// Generous: a nested, loaded host boots the guest in minutes.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+/// The signal `SECCOMP_RET_KILL_PROCESS` ends the process with.
+const SIGSYS: i32 = 31;
+
+/// Boots share two host cores with everything else: one guest at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        println!("SKIP: no /dev/kvm");
+    }
+    ok
+}
+
+/// See tests/boot.rs: unoptimized builds boot the guest far too slowly on this host.
+fn fast_enough(backend: &str) -> bool {
+    let fast =
+        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
+    let needs_emu = backend == "emu" || Path::new("/sys/module/kvm_pvm").exists();
+    if needs_emu && !fast {
+        println!(
+            "SKIP: {backend} boot tests need an optimized build here (cargo test --release) or ANYVISOR_TEST_EMU=1"
+        );
+        return false;
+    }
+    true
+}
+
+fn backend_ready(backend: &str) -> bool {
+    (backend != "kvm" || kvm_usable()) && fast_enough(backend)
+}
+
+struct Kit {
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+fn kit() -> Option<Kit> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let kit = Kit {
+        vmlinux: out.join("vmlinux"),
+        initrd: out.join("initramfs.cpio.gz"),
+    };
+    if kit.vmlinux.is_file() && kit.initrd.is_file() {
+        Some(kit)
+    } else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        None
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anyvisor-seccomp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn boot_args(kit: &Kit, backend: &str, seccomp: &str, test: &str) -> Vec<String> {
+    [
+        "run",
+        "--backend",
+        backend,
+        "--seccomp",
+        seccomp,
+        "--kernel",
+        kit.vmlinux.to_str().unwrap(),
+        "--initrd",
+        kit.initrd.to_str().unwrap(),
+        "--cmdline",
+        &format!("{CMDLINE} anyvisor.test={test}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Run {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start anyvisor")
+}
+
+/// Waits for `child` (at most `limit`), collecting stdout and stderr.
+fn finish(mut child: Child, limit: Duration) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = wait_timeout(&mut child, limit);
+    Run {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Boots with every filter on, uses the API (one request on a connection thread) and lets the
+/// guest power off: the VMM must exit 0.
+fn boots_filtered(backend: &str) {
+    let Some(kit) = kit() else { return };
+    if !backend_ready(backend) {
+        return;
+    }
+    let _one = serial_guard();
+    let dir = scratch(backend);
+    let socket = dir.join("api.sock");
+    let mut args = boot_args(&kit, backend, "on", "poweroff");
+    args.extend(["--api-socket".into(), socket.display().to_string()]);
+    let child = spawn(&args, &[]);
+    assert!(
+        eventually(Duration::from_secs(60), || socket.exists()),
+        "api socket never appeared"
+    );
+    let info = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+        .args(["info", "--api-socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backend"], backend);
+    assert!(info["migration"].is_null(), "{info}");
+    let r = finish(child, BOOT_LIMIT);
+    assert!(
+        r.stdout.contains("ANYVISOR-INIT-OK"),
+        "{backend}: no init banner\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        r.status.and_then(|s| s.code()),
+        Some(0),
+        "{backend}: {:?}\nstderr: {}",
+        r.status,
+        r.stderr
+    );
+    assert!(!socket.exists(), "the api socket was left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn emu_boots_with_seccomp_on() {
+    boots_filtered("emu");
+}
+
+#[test]
+fn kvm_boots_with_seccomp_on() {
+    boots_filtered("kvm");
+}
+
+/// `ANYVISOR_TEST_FORBIDDEN_SYSCALL` makes the API thread call `getcwd`, which its allowlist
+/// lacks, right after installing its filter. No guest boot is needed: the API thread starts
+/// before the vCPUs run much, and with the filters off the VM is stopped through the API.
+fn forbidden_syscall(seccomp: &str) -> (Option<ExitStatus>, String) {
+    let kit = kit().expect("checked by the caller");
+    let _one = serial_guard();
+    let dir = scratch(&format!("forbidden-{seccomp}"));
+    let socket = dir.join("api.sock");
+    let mut args = boot_args(&kit, "emu", seccomp, "poweroff");
+    args.extend(["--api-socket".into(), socket.display().to_string()]);
+    args.extend(["--serial".into(), "null".into()]);
+    let child = spawn(&args, &[("ANYVISOR_TEST_FORBIDDEN_SYSCALL", "1")]);
+    if seccomp == "off" {
+        assert!(
+            eventually(Duration::from_secs(60), || socket.exists()),
+            "api socket never appeared"
+        );
+        // Give the API thread time to make the call.
+        std::thread::sleep(Duration::from_millis(500));
+        let out = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
+            .args(["shutdown", "--api-socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let r = finish(child, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&dir);
+    (r.status, r.stderr)
+}
+
+#[test]
+fn forbidden_syscall_kills_with_sigsys() {
+    if kit().is_none() {
+        return;
+    }
+    let (status, stderr) = forbidden_syscall("on");
+    let status = status.expect("the VMM did not end");
+    assert_eq!(
+        status.signal(),
+        Some(SIGSYS),
+        "{status:?}\nstderr: {stderr}"
+    );
+    assert_eq!(status.code(), None);
+}
+
+#[test]
+fn forbidden_syscall_is_allowed_with_seccomp_off() {
+    if kit().is_none() {
+        return;
+    }
+    let (status, stderr) = forbidden_syscall("off");
+    let status = status.expect("the VMM did not end");
+    assert_eq!(status.code(), Some(0), "{status:?}\nstderr: {stderr}");
+}
