@@ -91,7 +91,7 @@ impl EmuVcpu {
     }
 
     /// Gives this vCPU a user-mode runner (or takes it away).
-    pub fn set_user_runner(&mut self, runner: Option<Box<dyn hv::UserModeRunner>>) {
+    pub(crate) fn set_user_runner(&mut self, runner: Option<Box<dyn hv::UserModeRunner>>) {
         self.user = runner;
     }
 
@@ -205,6 +205,11 @@ impl EmuVcpu {
         let me = &self.shared.vcpus[self.id as usize];
         let clock = &self.shared.clock;
         let now = clock.host_ns();
+        if self.cpu.lapic.poll_timer(now) {
+            // The timer fired since the batch started: deliver it before going to user mode.
+            self.cpu.irq_check = true;
+            return Ok(());
+        }
         let tsc = self.cpu.tsc_at(clock, now);
         let mut st = self.cpu.to_state(&self.shared.model.msrs, tsc, now);
         let deadline = self.cpu.lapic.deadline_ns.map(|d| clock.instant_at(d));
