@@ -81,6 +81,10 @@ struct RamRegion<'m> {
     start: u64,
     len: u64,
     slice: VolatileSlice<'m, RefSlice<'m, AtomicBitmap>>,
+    bitmap: &'m AtomicBitmap,
+    /// The bitmap has one bit per 4 KiB page (`GuestMemory::from_ranges` makes them so), so a
+    /// store marks its page with `set_bit` instead of the generic range division.
+    page_bits: bool,
 }
 
 /// The RAM regions of a `GuestMemory` as volatile slices, looked up by a linear scan (there are
@@ -95,26 +99,28 @@ impl<'m> Ram<'m> {
         let regions = mem
             .iter()
             .filter_map(|r| {
+                let mapping: &vm_memory::MmapRegion<AtomicBitmap> = r;
+                let bitmap = mapping.bitmap();
+                let page_bits = bitmap.byte_size() as u64 == r.len()
+                    && bitmap.len() as u64 == r.len().div_ceil(hv::PAGE_SIZE);
                 r.as_volatile_slice().ok().map(|slice| RamRegion {
                     start: r.start_addr().0,
                     len: r.len(),
                     slice,
+                    bitmap,
+                    page_bits,
                 })
             })
             .collect();
         Ram { regions }
     }
 
-    #[inline]
-    fn find(
-        &self,
-        pa: u64,
-        size: usize,
-    ) -> Option<(&VolatileSlice<'m, RefSlice<'m, AtomicBitmap>>, usize)> {
+    #[inline(always)]
+    fn find(&self, pa: u64, size: usize) -> Option<(&RamRegion<'m>, usize)> {
         for r in &self.regions {
             let off = pa.wrapping_sub(r.start);
             if off < r.len && r.len - off >= size as u64 {
-                return Some((&r.slice, off as usize));
+                return Some((r, off as usize));
             }
         }
         None
@@ -123,7 +129,8 @@ impl<'m> Ram<'m> {
     /// Reads `size` (1, 2, 4, 8) bytes of RAM at `pa`; `None` if not RAM.
     #[inline(always)]
     pub fn read(&self, pa: u64, size: usize) -> Option<u64> {
-        let (s, off) = self.find(pa, size)?;
+        let (region, off) = self.find(pa, size)?;
+        let s = &region.slice;
         if off & (size - 1) == 0 {
             use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
             let r = Ordering::Relaxed;
@@ -153,9 +160,10 @@ impl<'m> Ram<'m> {
     /// RAM.
     #[inline(always)]
     pub fn write(&self, pa: u64, size: usize, v: u64) -> bool {
-        let Some((s, off)) = self.find(pa, size) else {
+        let Some((region, off)) = self.find(pa, size) else {
             return false;
         };
+        let s = &region.slice;
         if off & (size - 1) == 0 {
             use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64};
             let r = Ordering::Relaxed;
@@ -173,8 +181,13 @@ impl<'m> Ram<'m> {
             }
             .is_ok();
             // Data first, then the dirty bit (as `VolatileSlice::store` does), so a harvest
-            // that clears the bit afterwards copies the new data.
-            s.bitmap().mark_dirty(off, size);
+            // that clears the bit afterwards copies the new data. An aligned access stays in
+            // one page.
+            if region.page_bits {
+                region.bitmap.set_bit(off >> 12);
+            } else {
+                s.bitmap().mark_dirty(off, size);
+            }
             ok
         } else {
             s.write_slice(&v.to_le_bytes()[..size], off).is_ok()
@@ -184,7 +197,7 @@ impl<'m> Ram<'m> {
     /// Copies RAM at `pa` into `buf`; false if the range is not entirely RAM.
     pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) -> bool {
         match self.find(pa, buf.len()) {
-            Some((s, off)) => s.read_slice(buf, off).is_ok(),
+            Some((r, off)) => r.slice.read_slice(buf, off).is_ok(),
             None => false,
         }
     }
@@ -624,5 +637,40 @@ impl Exec<'_> {
             self.write_lin(lin, size, new)?;
         }
         Ok(old)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    use super::Ram;
+
+    #[test]
+    fn ram_stores_mark_the_dirty_bitmap() {
+        let mem = hv::GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x100000), 0x10000),
+        ])
+        .unwrap();
+        let ram = Ram::new(&mem);
+        assert!(ram.regions.iter().all(|r| r.page_bits));
+        assert!(ram.write(0x3008, 8, 1));
+        assert!(ram.write(0x100000 + 0x5002, 2, 2));
+        assert!(ram.write(0x7ffd, 4, 3), "unaligned, across a page");
+        assert!(!ram.write(0x20000, 8, 4), "not RAM");
+        assert_eq!(ram.read(0x3008, 8), Some(1));
+        assert_eq!(ram.read(0x7ffd, 4), Some(3));
+        let dirty = |a: u64| {
+            let (r, off) = mem.to_region_addr(GuestAddress(a)).unwrap();
+            r.bitmap().dirty_at(off.0 as usize)
+        };
+        for a in [0x3000, 0x100000 + 0x5000, 0x7000, 0x8000] {
+            assert!(dirty(a), "{a:#x} not marked");
+        }
+        for a in [0x0, 0x4000, 0x9000, 0x100000] {
+            assert!(!dirty(a), "{a:#x} marked");
+        }
     }
 }
