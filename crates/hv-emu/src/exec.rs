@@ -49,8 +49,6 @@ pub struct Exec<'a> {
     pub vm: &'a VmShared,
     /// The local APIC page is served by the emulator (false when KVM owns the APIC).
     pub lapic_enabled: bool,
-    /// RIP of the instruction being executed.
-    pub cur_rip: u64,
 }
 
 /// A resolved operand location.

@@ -829,7 +829,6 @@ mod tests {
             io: &NoIo,
             vm,
             lapic_enabled: false,
-            cur_rip: i.ip(),
         };
         ex.cpu.rip = i.next_ip();
         if fast {
@@ -1052,7 +1051,6 @@ mod tests {
             io: &NoIo,
             vm: &vm,
             lapic_enabled: false,
-            cur_rip: 0x1000,
         };
         alu_rr::<5, 8>(&mut ex, &i).unwrap();
         run(&mut c2, &mem, &vm, &i, false).unwrap();

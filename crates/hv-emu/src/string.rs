@@ -59,7 +59,7 @@ impl Exec<'_> {
                 }
                 if done >= CHUNK {
                     // Resume this instruction after giving interrupts a chance.
-                    self.cpu.rip = self.cur_rip;
+                    self.cpu.rip = i.ip();
                     return Ok(());
                 }
                 if step == size as u64

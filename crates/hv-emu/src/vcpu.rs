@@ -105,7 +105,6 @@ impl EmuVcpu {
             io,
             vm: &self.shared,
             lapic_enabled: true,
-            cur_rip: 0,
         };
         f(&mut ex)
     }
@@ -151,7 +150,6 @@ impl EmuVcpu {
                 io,
                 vm: &self.shared,
                 lapic_enabled: true,
-                cur_rip: 0,
             };
             if me.pending.load(Ordering::Acquire) {
                 ex.merge_mailbox();
@@ -238,7 +236,6 @@ impl EmuVcpu {
             io,
             vm: &self.shared,
             lapic_enabled: true,
-            cur_rip: st.regs.rip,
         };
         if let Some(t) = st.msr(msr::IA32_TSC) {
             ex.follow_tsc(t);
@@ -376,7 +373,6 @@ impl Exec<'_> {
                     continue;
                 }
                 Err(Exc::Fault(v, c)) => {
-                    self.cur_rip = self.cpu.rip;
                     self.cpu.shadow = 0;
                     self.raise_event(v, c, Event::Exception)?;
                     n += 1;
@@ -385,16 +381,18 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.code_written = false;
+            // Only a block's last instruction can set an interrupt shadow (STI, MOV SS, POP SS
+            // end blocks), so clearing it here is clearing it before each instruction.
+            self.cpu.shadow = 0;
             let block = cache.block(slot);
             'block: loop {
                 for op in &block.ops {
-                    let rip = self.cpu.rip;
-                    self.cpu.shadow = 0;
-                    self.cur_rip = rip;
+                    // Handlers find their own address in `op.insn.ip()` (the RIP it was decoded
+                    // at); RIP already points past the instruction.
                     self.cpu.rip = op.insn.next_ip() & block.ip_mask;
                     n += 1;
                     if let Err(e) = (op.handler)(self, &op.insn) {
-                        self.fail(rip, op.insn.len(), e)?;
+                        self.fail(op.insn.ip(), op.insn.len(), e)?;
                         break 'block;
                     }
                     if self.cpu.rip != op.follow || self.cpu.irq_check || self.cpu.code_written {
@@ -428,7 +426,6 @@ impl Exec<'_> {
     pub fn step(&mut self) -> R<()> {
         self.cpu.shadow = 0;
         let rip = self.cpu.rip;
-        self.cur_rip = rip;
         let insn = match self.fetch() {
             Ok(i) => i,
             Err(Exc::Fault(v, c)) => return self.raise_event(v, c, Event::Exception),
@@ -574,7 +571,6 @@ pub fn emulate_one(
         io,
         vm: shared,
         lapic_enabled: false,
-        cur_rip: 0,
     };
     ex.step().map_err(to_hv)?;
     let reported = cpu.reported.take();
