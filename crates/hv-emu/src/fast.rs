@@ -177,6 +177,35 @@ fn incdec_r<const INC: bool, const S: usize>(ex: &mut Exec<'_>, i: &Instruction)
     Ok(())
 }
 
+/// INC (true) / DEC (false) of memory (without LOCK).
+fn incdec_m<const INC: bool, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
+    let addr = ex.mem_lin(i)?;
+    let a = ex.read_lin(addr, S)?;
+    let (r, f) = if INC {
+        alu(0, S, a, 1, false)
+    } else {
+        alu(5, S, a, 1, false)
+    };
+    ex.write_lin(addr, S, r)?;
+    let w = ARITH_FLAGS & !CF;
+    ex.cpu.rflags = (ex.cpu.rflags & !w) | (f & w);
+    Ok(())
+}
+
+/// NEG (true) / NOT (false) of a register.
+fn negnot_r<const NEG: bool, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
+    let d = i.op0_register();
+    let a = rreg::<S>(ex, d);
+    if NEG {
+        let (r, f) = alu(5, S, 0, a, false);
+        wreg::<S>(ex, d, r);
+        set_arith(ex, f);
+    } else {
+        wreg::<S>(ex, d, !a & mask(S));
+    }
+    Ok(())
+}
+
 // ---- moves ----
 
 fn mov_rr<const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
@@ -579,6 +608,21 @@ pub fn handler(i: &Instruction) -> Handler {
             4 => lea::<4>,
             _ => generic,
         },
+        M::Inc | M::Dec if k0 == OpKind::Memory => match (mn == M::Inc, i.memory_size().size()) {
+            (true, 8) => incdec_m::<true, 8>,
+            (true, 4) => incdec_m::<true, 4>,
+            (false, 8) => incdec_m::<false, 8>,
+            (false, 4) => incdec_m::<false, 4>,
+            _ => generic,
+        },
+        M::Neg | M::Not if is_gpr(0) => match (mn == M::Neg, reg_size_of(i.op0_register())) {
+            (true, 8) => negnot_r::<true, 8>,
+            (true, 4) => negnot_r::<true, 4>,
+            (false, 8) => negnot_r::<false, 8>,
+            (false, 4) => negnot_r::<false, 4>,
+            _ => generic,
+        },
+        M::Lfence | M::Mfence | M::Sfence => nop,
         M::Inc | M::Dec if is_gpr(0) => {
             let inc = mn == M::Inc;
             match (inc, reg_size_of(i.op0_register())) {
@@ -951,6 +995,14 @@ mod tests {
         t!(movsxd(rdx, dword_ptr(rbx)));
         t!(lea(rax, qword_ptr(rbx + rcx * 8 - 16)));
         t!(lea(ecx, dword_ptr(rsi + rdi)));
+        t!(inc(dword_ptr(rbx + 4)));
+        t!(dec(qword_ptr(rsi)));
+        t!(neg(rax));
+        t!(neg(ecx));
+        t!(not(rdx));
+        t!(not(r9d));
+        t!(lfence());
+        t!(mfence());
         t!(inc(rax));
         t!(dec(ecx));
         t!(inc(r10d));
