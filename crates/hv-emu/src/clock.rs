@@ -5,6 +5,7 @@
 //! offset (so a restored VM continues its clock). Both are linear in `host_ns`, so the pvclock
 //! page written once stays exact.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -13,6 +14,10 @@ pub struct Clock {
     pub tsc_khz: u32,
     /// kvm-clock ns = host ns + this (wrapping).
     kvmclock_offset: AtomicU64,
+    /// The host TSC, when guest user mode runs on hardware that reads it unoffset (see
+    /// `hv::UserModeAccelerator::host_tsc`): then it is the guest TSC, and TSC writes are not
+    /// honoured (user code would not see them).
+    host_tsc: Option<Arc<dyn hv::UserModeAccelerator>>,
 }
 
 /// The guest TSC frequency when the VM config does not give one: the host's, from
@@ -39,6 +44,29 @@ impl Clock {
             origin: Instant::now(),
             tsc_khz: tsc_khz.max(1),
             kvmclock_offset: AtomicU64::new(0),
+            host_tsc: None,
+        }
+    }
+
+    /// Takes the guest TSC from `accel.host_tsc()` (when it gives one).
+    pub fn use_host_tsc(&mut self, accel: Arc<dyn hv::UserModeAccelerator>) {
+        if accel.host_tsc().is_some() {
+            self.host_tsc = Some(accel);
+        }
+    }
+
+    /// The guest TSC is the host's: it cannot be offset.
+    pub fn fixed_tsc(&self) -> bool {
+        self.host_tsc.is_some()
+    }
+
+    /// The TSC before any per-vCPU offset, at VM-clock time `ns` (which must be now when the
+    /// TSC is the host's).
+    #[inline]
+    pub fn raw_tsc(&self, ns: u64) -> u64 {
+        match self.host_tsc.as_ref().and_then(|a| a.host_tsc()) {
+            Some(t) => t,
+            None => self.ns_to_tsc(ns),
         }
     }
 

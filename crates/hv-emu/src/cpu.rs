@@ -251,7 +251,7 @@ impl Cpu {
     #[inline]
     pub fn tsc_at(&self, clock: &crate::clock::Clock, ns: u64) -> u64 {
         clock
-            .ns_to_tsc(ns)
+            .raw_tsc(ns)
             .wrapping_add(self.msr.tsc_offset)
             .max(self.msr.tsc_floor)
     }

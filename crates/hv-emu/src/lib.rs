@@ -151,7 +151,10 @@ impl hv::Hypervisor for EmuHypervisor {
             (_, k) => (k.unwrap_or_else(default_tsc_khz), None),
         };
         let max_addr = config.memory.last_addr().0;
-        let shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
+        let mut shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
+        if let Some(a) = &accel {
+            shared.clock.use_host_tsc(a.clone());
+        }
         Ok(Arc::new(EmuVm {
             memory: config.memory,
             shared: Arc::new(shared),

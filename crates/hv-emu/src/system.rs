@@ -829,9 +829,13 @@ impl Exec<'_> {
         }
         match idx {
             msr::IA32_TSC => {
-                let now = self.vm.clock.ns_to_tsc(self.vm.clock.host_ns());
-                self.cpu.msr.tsc_offset = v.wrapping_sub(now);
-                self.cpu.msr.tsc_floor = 0;
+                // With the host's TSC as the guest's (user mode on hardware) the write is
+                // dropped, as the hardware would not apply it to user code either.
+                if !self.vm.clock.fixed_tsc() {
+                    let now = self.vm.clock.raw_tsc(self.vm.clock.host_ns());
+                    self.cpu.msr.tsc_offset = v.wrapping_sub(now);
+                    self.cpu.msr.tsc_floor = 0;
+                }
                 Ok(())
             }
             msr::IA32_TSC_DEADLINE => {
@@ -911,7 +915,7 @@ impl Exec<'_> {
     pub fn follow_tsc(&mut self, tsc: u64) {
         let clock = &self.vm.clock;
         let now = clock.host_ns();
-        let offset = tsc.wrapping_sub(clock.ns_to_tsc(now));
+        let offset = tsc.wrapping_sub(clock.raw_tsc(now));
         let diff = offset.wrapping_sub(self.cpu.msr.tsc_offset) as i64;
         if diff.unsigned_abs() < u64::from(clock.tsc_khz) / 4 {
             return;
@@ -936,21 +940,26 @@ impl Exec<'_> {
                 self.guest_tsc()
             );
         }
-        let l = &mut self.cpu.lapic;
-        if l.timer_mode() != 2 {
+        if self.cpu.lapic.timer_mode() != 2 {
             return;
         }
-        l.tsc_deadline = v;
-        l.deadline_ns = if v == 0 {
+        let deadline_ns = if v == 0 {
             None
         } else {
-            let host_tsc = v.wrapping_sub(self.cpu.msr.tsc_offset);
-            Some(if host_tsc > (1 << 63) {
-                0
+            let clock = &self.vm.clock;
+            let now = clock.host_ns();
+            let cur = self.cpu.tsc_at(clock, now);
+            // Ticks to go (none if the deadline has passed), as VM-clock ns from now.
+            let ahead = v.wrapping_sub(cur);
+            Some(if ahead == 0 || ahead > (1 << 63) {
+                now
             } else {
-                self.vm.clock.tsc_to_ns(host_tsc)
+                now.saturating_add(clock.tsc_to_ns(ahead))
             })
         };
+        let l = &mut self.cpu.lapic;
+        l.tsc_deadline = v;
+        l.deadline_ns = deadline_ns;
     }
 
     /// Writes this vCPU's `pvclock_vcpu_time_info` if kvm-clock is enabled.
@@ -961,10 +970,11 @@ impl Exec<'_> {
         }
         let gpa = v & !1;
         let host = self.vm.clock.host_ns();
+        // The TSC's own timeline (no monotonic floor), so guest time stays linear in it.
         let tsc = self
             .vm
             .clock
-            .ns_to_tsc(host)
+            .raw_tsc(host)
             .wrapping_add(self.cpu.msr.tsc_offset);
         let system_time = self.vm.clock.kvmclock_ns(host);
         let (mul, shift) = crate::clock::pvclock_scale(self.vm.clock.tsc_khz);

@@ -516,8 +516,10 @@ impl hv::Vcpu for EmuVcpu {
         let now = self.shared.clock.host_ns();
         self.cpu.load_state(s);
         self.cpu.lapic.load_state(&s.lapic, now);
-        if let Some(t) = s.msr(msr::IA32_TSC) {
-            self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.ns_to_tsc(now));
+        if let Some(t) = s.msr(msr::IA32_TSC)
+            && !self.shared.clock.fixed_tsc()
+        {
+            self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.raw_tsc(now));
             self.cpu.msr.tsc_floor = 0;
         }
         self.blocks.clear();

@@ -34,9 +34,12 @@ struct Script {
     patch_on_run: Option<u32>,
     /// Report the patched page in `written`.
     report_written: bool,
+    /// `host_tsc()` returns this plus the ticks since the accelerator was made.
+    host_tsc_base: Option<u64>,
 }
 
 struct Shared {
+    created: Instant,
     runs: AtomicU32,
     reported_tsc: AtomicU64,
     script: Script,
@@ -82,6 +85,12 @@ impl UserModeAccelerator for FakeAccel {
 
     fn tsc_khz(&self) -> u32 {
         TSC_KHZ
+    }
+
+    fn host_tsc(&self) -> Option<u64> {
+        let base = self.shared.script.host_tsc_base?;
+        let ns = self.shared.created.elapsed().as_nanos() as u64;
+        Some(base + ns * u64::from(TSC_KHZ) / 1_000_000)
     }
 }
 
@@ -148,6 +157,7 @@ impl UserModeRunner for FakeRunner {
 
 fn accel(script: Script) -> (hv_emu::EmuHypervisor, Arc<Shared>) {
     let shared = Arc::new(Shared {
+        created: Instant::now(),
         runs: AtomicU32::new(0),
         reported_tsc: AtomicU64::new(0),
         script,
@@ -255,6 +265,7 @@ fn syscalls_and_exceptions_leave_the_runner() {
     let (hv, shared) = accel(Script {
         patch_on_run: Some(2),
         report_written: true,
+        ..Script::default()
     });
     let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
     assert_eq!(
@@ -312,6 +323,7 @@ fn unreported_writes_leave_stale_code() {
     let (hv, shared) = accel(Script {
         patch_on_run: Some(2),
         report_written: false,
+        ..Script::default()
     });
     let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
     assert_eq!(g.run(), VcpuExit::Halted);
@@ -369,4 +381,37 @@ fn apic_timer_deadline_ends_the_run() {
     assert!(shared.runs.load(Ordering::SeqCst) >= 1);
     assert_eq!(g.read_u64(EXC), 0x141);
     assert_eq!(g.read_u64(EXC + 16), 0x2b, "interrupted in user mode");
+}
+
+#[test]
+fn host_tsc_is_the_guest_tsc() {
+    // An accelerator whose user code reads the host TSC: the kernel reads the same counter,
+    // and TSC writes are dropped (user code would not see them).
+    const BASE: u64 = 1 << 50;
+    let (hv, _shared) = accel(Script {
+        host_tsc_base: Some(BASE),
+        ..Script::default()
+    });
+    let code = asm(|a| {
+        a.mov(rdi, DATA)?;
+        a.rdtsc()?;
+        a.mov(dword_ptr(rdi), eax)?;
+        a.mov(dword_ptr(rdi + 4), edx)?;
+        a.mov(ecx, msr::IA32_TSC)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdtsc()?;
+        a.mov(dword_ptr(rdi + 8), eax)?;
+        a.mov(dword_ptr(rdi + 12), edx)?;
+        a.hlt()
+    });
+    let mut g = guest_with_tsc(&hv, &code, 1, None);
+    let mut st = g.state();
+    st.set_msr(msr::IA32_TSC, 5);
+    g.set_state(&st);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let (t1, t2) = (g.read_u64(DATA), g.read_u64(DATA + 8));
+    assert!(t1 >= BASE && t2 >= t1, "{t1:#x} {t2:#x}");
+    assert!(g.state().msr(msr::IA32_TSC).unwrap() >= t2);
 }
