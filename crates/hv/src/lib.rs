@@ -215,7 +215,11 @@ pub enum UserExit {
 /// instruction): the kernel runs in emu, user programs run natively.
 pub trait UserModeAccelerator: Send + Sync {
     /// A runner for vCPU `vcpu_id` over `memory` (the VM's guest RAM, shared with the caller).
-    fn create_runner(&self, vcpu_id: u32, memory: Arc<GuestMemory>) -> Result<Box<dyn UserModeRunner>>;
+    fn create_runner(
+        &self,
+        vcpu_id: u32,
+        memory: Arc<GuestMemory>,
+    ) -> Result<Box<dyn UserModeRunner>>;
     /// The TSC frequency user code observes, in kHz (the caller's guest TSC must match it).
     fn tsc_khz(&self) -> u32;
 

@@ -443,10 +443,12 @@ mod tests {
 
     #[test]
     fn fxsave_round_trip() {
-        let mut f = FpuState::default();
-        f.fsw = 0x3800;
-        f.ftw = 0x81;
-        f.fip = 0x1234_5678_9abc;
+        let mut f = FpuState {
+            fsw: 0x3800,
+            ftw: 0x81,
+            fip: 0x1234_5678_9abc,
+            ..Default::default()
+        };
         f.xmm[15] = [7; 16];
         f.st[3][9] = 0x40;
         assert_eq!(FpuState::from_fxsave(&f.to_fxsave()), f);
