@@ -29,7 +29,7 @@
 //! re-added, which makes KVM zap all shadow pages).
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use hv::state::msr;
@@ -43,6 +43,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::convert::{Kvm as K, XSAVE_HEADER};
+use crate::vcpu::{install_kick_handler, kick_signal};
 use crate::{BACKEND, backend_err, walk};
 
 /// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
@@ -523,40 +524,6 @@ fn timer_thread(ctl: Arc<Ctl>) {
             }
         }
     }
-}
-
-fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
-}
-
-extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the (empty) kick signal handler once per process; the same signal and the same
-/// do-nothing handler as `KvmVcpu`'s, so either installation serves both.
-fn install_kick_handler() -> hv::Result<()> {
-    static ONCE: Once = Once::new();
-    static mut RESULT: i32 = 0;
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid starting point; the handler is an
-        // async-signal-safe function that does nothing; RESULT is written only here, inside
-        // `call_once`.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_kick_signal as *const () as usize;
-            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut act.sa_mask);
-            RESULT = libc::sigaction(kick_signal(), &act, std::ptr::null_mut());
-        }
-    });
-    // SAFETY: RESULT is only written inside `call_once`, which has completed.
-    let r = unsafe { RESULT };
-    if r != 0 {
-        return Err(hv::Error::Backend {
-            op: "sigaction",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// Ends a run's kick/deadline bookkeeping however `run` returns.

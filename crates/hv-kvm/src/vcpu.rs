@@ -92,7 +92,7 @@ impl VcpuKicker for Kicker {
     }
 }
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
 
@@ -100,7 +100,7 @@ extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 
 /// Installs the (empty) kick signal handler once per process. SA_RESTART keeps the signal from
 /// failing the blocking calls devices make from the vCPU thread; KVM_RUN returns EINTR anyway.
-fn install_kick_handler() -> hv::Result<()> {
+pub(crate) fn install_kick_handler() -> hv::Result<()> {
     static ONCE: Once = Once::new();
     static mut RESULT: i32 = 0;
     ONCE.call_once(|| {
