@@ -378,3 +378,68 @@ fn sigterm_stops_in_order() {
     assert!(!socket.exists(), "api socket left behind");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Test `faults`: an invalid opcode, a page fault and a divide error in guest user space reach
+/// the guest kernel as the right exceptions and kill only that process (SIGILL 4, SIGSEGV 11,
+/// SIGFPE 8); the guest goes on and powers off. On emu the run also goes through `--backend
+/// auto` with KVM made unusable, which must pick emu and say so.
+fn guest_faults_kill_only_the_process(backend: &str) {
+    if !backend_ready(backend) {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let _one = serial_guard();
+    let mut args = boot_args(&kit.vmlinux, &kit, "faults");
+    let r = if backend == "emu" {
+        args.extend(["--backend", "auto"].map(String::from));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"));
+        child
+            .args(&args)
+            .env("ANYVISOR_KVM_DEVICE", "/nonexistent/kvm")
+            .stdin(Stdio::null());
+        let out = child.output().expect("cannot start anyvisor");
+        Run {
+            status: Some(out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    } else {
+        args.extend(["--backend", backend].map(String::from));
+        run(&args, BOOT_LIMIT)
+    };
+    if backend == "emu" {
+        assert!(
+            r.stderr.contains("using backend emu"),
+            "auto did not report emu: {}",
+            r.stderr
+        );
+    }
+    for expected in [
+        "ANYVISOR-FAULT ud 4",
+        "ANYVISOR-FAULT pf 11",
+        "ANYVISOR-FAULT de 8",
+    ] {
+        assert!(
+            r.stdout.contains(expected),
+            "missing {expected}\nstdout: {}\nstderr: {}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert_eq!(
+        r.status.and_then(|s| s.code()),
+        Some(0),
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn emu_guest_faults_kill_only_the_process() {
+    guest_faults_kill_only_the_process("emu");
+}
+
+#[test]
+fn kvm_guest_faults_kill_only_the_process() {
+    guest_faults_kill_only_the_process("kvm");
+}
