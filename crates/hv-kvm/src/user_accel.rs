@@ -28,7 +28,6 @@
 //! KVM's shadow page tables are dropped before every run (the private slot is removed and
 //! re-added, which makes KVM zap all shadow pages).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -43,7 +42,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::convert::{Kvm as K, XSAVE_HEADER};
-use crate::vcpu::{install_kick_handler, kick_signal};
+use crate::vcpu::{RunPtr, install_kick_handler, kick_signal};
 use crate::{BACKEND, backend_err, walk};
 
 /// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
@@ -417,34 +416,6 @@ impl Drop for PrivatePages {
 }
 
 // ---- kicks and deadlines --------------------------------------------------------------------
-
-/// The kvm_run page of the runner's vCPU, shared with its kicker and timer.
-#[derive(Clone, Copy)]
-struct RunPtr(*mut kvm_run);
-
-// SAFETY: the pointer is only dereferenced to reach `immediate_exit`, a byte KVM expects to be
-// written by any thread at any time; that happens only while the runner (and so the mapping) is
-// alive, which `Ctl::inner.run` guards.
-unsafe impl Send for RunPtr {}
-// SAFETY: as above; all access goes through an atomic byte store.
-unsafe impl Sync for RunPtr {}
-
-impl RunPtr {
-    fn set_immediate_exit(self, v: u8) {
-        // SAFETY: the mapping is alive (see `RunPtr`); `immediate_exit` is a plain byte in it,
-        // accessed only atomically by this module.
-        let byte = unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.0).immediate_exit)) };
-        byte.store(v, Ordering::SeqCst);
-    }
-
-    fn io_size(self) -> usize {
-        // SAFETY: called only while handling KVM_EXIT_IO, when `io` is the active union member;
-        // a raw read of a byte disjoint from the data area the exit's slice covers.
-        let size =
-            unsafe { std::ptr::addr_of!((*self.0).__bindgen_anon_1.io.size).read_volatile() };
-        usize::from(size).max(1)
-    }
-}
 
 struct CtlInner {
     /// `None` once the runner is gone.

@@ -18,19 +18,19 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LMA: u64 = 1 << 10;
 const XSAVE_AREA: usize = 4096;
 
-/// The kvm_run page of one vCPU, shared with its kicker.
+/// The kvm_run page of one vCPU (or user-mode runner), shared with its kicker.
 #[derive(Clone, Copy)]
-struct RunPtr(*mut kvm_run);
+pub(crate) struct RunPtr(pub(crate) *mut kvm_run);
 
 // SAFETY: the pointer is only dereferenced to reach `immediate_exit`, a byte KVM expects to be
-// written by any thread at any time; the kicker only does so while the owning `KvmVcpu` (and so
-// the mapping) is alive, which `Kick::inner` guards.
+// written by any thread at any time; kickers only do so while the owning vCPU (and so the
+// mapping) is alive, which `Kick::inner` (and the runner's `Ctl::inner.run`) guards.
 unsafe impl Send for RunPtr {}
 // SAFETY: as above; all access goes through an atomic byte store.
 unsafe impl Sync for RunPtr {}
 
 impl RunPtr {
-    fn set_immediate_exit(self, v: u8) {
+    pub(crate) fn set_immediate_exit(self, v: u8) {
         // SAFETY: the mapping is alive (see `RunPtr`); `immediate_exit` is a plain byte in it,
         // accessed only atomically by this crate.
         let byte = unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.0).immediate_exit)) };
@@ -38,7 +38,7 @@ impl RunPtr {
     }
 
     /// `(size, count)` of the current KVM_EXIT_IO.
-    fn io_size(self) -> usize {
+    pub(crate) fn io_size(self) -> usize {
         // SAFETY: called only while handling KVM_EXIT_IO, when `io` is the active union member;
         // a raw read of two bytes that are disjoint from the data area the exit's slice covers.
         let size =
