@@ -69,6 +69,11 @@ case "$TEST" in
     memwork-bg)
         /bin/memwork &
         interactive ;;
+    memwork-disk)
+        # memwork-bg plus the disk workload on the host-given raw disk /dev/vda.
+        /bin/memwork &
+        /bin/diskwork /dev/vda &
+        interactive ;;
     blkbench)
         /bin/blkbench /dev/vda
         poweroff -f ;;

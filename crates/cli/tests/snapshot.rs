@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 #[test]
 fn harness_can_fail() {
     check_harness_can_fail();
+    check_disk_helpers_can_fail();
 }
 
 /// The state a snapshot holds, with what legitimately differs between two snapshots of the

@@ -360,3 +360,193 @@ pub fn check_harness_can_fail() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- the disk workload (guest/src/diskwork.c, `anyvisor.test=memwork-disk`) ----
+
+/// The guest runs the memory workload and the disk workload on `/dev/vda`:
+/// `MEMWORK OK <n> <s>` and `DISKWORK <count> ok` every second.
+pub const DISK_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 anyvisor.test=memwork-disk";
+
+/// The disk workload's block size.
+pub const DISK_BLOCK: u64 = 4096;
+
+/// Creates a sparse raw disk image of `mib` MiB at `path` for the disk workload.
+pub fn disk_image(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+}
+
+/// `run` arguments booting the memory + disk workload guest with 256M on `backend`, `disk` as
+/// `/dev/vda`.
+pub fn disk_boot_args(kit: &Kit, backend: &str, disk: &Path) -> Vec<String> {
+    let mut args = boot_args(kit, backend);
+    let i = args.iter().position(|a| a == CMDLINE).unwrap();
+    args[i] = DISK_CMDLINE.to_string();
+    args.extend([
+        "--disk".to_string(),
+        format!("{},format=raw", disk.display()),
+    ]);
+    args
+}
+
+/// The counts of every `DISKWORK <count> ok` line, in order.
+pub fn diskwork_counts(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("DISKWORK ")?.strip_suffix(" ok")?;
+            rest.parse().ok()
+        })
+        .collect()
+}
+
+/// The count of the last `DISKWORK <count> ok` line.
+pub fn diskwork_last(serial: &str) -> Option<u64> {
+    diskwork_counts(serial).last().copied()
+}
+
+/// A `DISKWORK CORRUPT at <k>` line is there.
+pub fn diskwork_corrupt(serial: &str) -> bool {
+    serial.contains("DISKWORK CORRUPT")
+}
+
+/// The workload reported corruption or stopped on a failed system call.
+pub fn diskwork_failed(serial: &str) -> bool {
+    diskwork_corrupt(serial) || serial.contains("DISKWORK error=")
+}
+
+/// A predicate for [`Vm::wait_serial`]: at least `n` MEMWORK OK and `n` DISKWORK ok lines (or
+/// a failure report of either).
+pub fn at_least_both_ok(n: usize) -> impl Fn(&str) -> bool {
+    move |s| {
+        (memwork_counts(s).len() >= n && diskwork_counts(s).len() >= n)
+            || memwork_corrupt(s)
+            || diskwork_failed(s)
+    }
+}
+
+/// Checks the disk workload is healthy: no CORRUPT or error line, counts increasing, and
+/// (with `after`, the saved VM's last count) the first count past it: the blocks written
+/// before were read back intact and writing went on.
+pub fn check_diskwork_continues(serial: &str, after: Option<u64>) -> Result<(), String> {
+    let bad: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("DISKWORK CORRUPT") || l.contains("DISKWORK error="))
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!("disk workload failed: {bad:?}"));
+    }
+    let counts = diskwork_counts(serial);
+    if counts.is_empty() {
+        return Err("no DISKWORK line".into());
+    }
+    if !counts.windows(2).all(|w| w[0] < w[1]) {
+        return Err(format!("disk counts not increasing: {counts:?}"));
+    }
+    match after {
+        Some(n) if counts[0] <= n => Err(format!(
+            "disk workload did not continue: saved VM was at {n}, now {counts:?}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Panics unless [`check_diskwork_continues`] holds.
+pub fn assert_diskwork_continues(serial: &str, after: Option<u64>) {
+    if let Err(e) = check_diskwork_continues(serial, after) {
+        panic!("{e}\n{serial}");
+    }
+}
+
+/// Block `k` of the disk workload: word i (little-endian) is `0xD15C << 48 | k << 9 | i`.
+pub fn diskwork_block(k: u64) -> Vec<u8> {
+    (0..DISK_BLOCK / 8)
+        .flat_map(|i| (0xD15C_0000_0000_0000 | (k << 9) | i).to_le_bytes())
+        .collect()
+}
+
+/// Checks the raw image at `path` after the workload reported `count`: for every block k of
+/// the last `nblocks` below `count`, slot `k mod nblocks` holds block k, or a later block of
+/// the same slot (written after the report).
+pub fn check_disk_pattern(path: &Path, count: u64) -> Result<(), String> {
+    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let nblocks = data.len() as u64 / DISK_BLOCK;
+    if nblocks == 0 {
+        return Err(format!("{}: smaller than a block", path.display()));
+    }
+    for k in count.saturating_sub(nblocks)..count {
+        let slot = k % nblocks;
+        let start = usize::try_from(slot * DISK_BLOCK).unwrap();
+        let block = &data[start..start + DISK_BLOCK as usize];
+        let w0 = u64::from_le_bytes(block[..8].try_into().unwrap());
+        let found = (w0 >> 9) & ((1 << 39) - 1);
+        if block != diskwork_block(found).as_slice() || found % nblocks != slot || found < k {
+            return Err(format!(
+                "{}: block {k} (slot {slot}) does not hold its pattern (word 0 = {w0:#x})",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Panics unless the raw image at `path` holds the pattern of every block below `count`
+/// (see [`check_disk_pattern`]).
+pub fn assert_disk_pattern(path: &Path, count: u64) {
+    if let Err(e) = check_disk_pattern(path, count) {
+        panic!("{e}");
+    }
+}
+
+/// The disk helpers themselves: they parse the report lines and find a missing, damaged or
+/// stale block.
+pub fn check_disk_helpers_can_fail() {
+    let serial = "DISKWORK START dev=/dev/vda blocks=4\nMEMWORK OK 3 1\nDISKWORK 9 ok\r\n\
+                  DISKWORK 19 ok\n";
+    assert_eq!(diskwork_counts(serial), [9, 19]);
+    assert_eq!(diskwork_last(serial), Some(19));
+    assert!(!diskwork_failed(serial));
+    assert!(!at_least_both_ok(2)(serial));
+    assert!(at_least_both_ok(1)(serial));
+    assert_diskwork_continues(serial, Some(5));
+    let bad = format!("{serial}DISKWORK CORRUPT at 7\n");
+    assert!(diskwork_corrupt(&bad) && diskwork_failed(&bad) && at_least_both_ok(9)(&bad));
+    assert!(diskwork_failed("DISKWORK error=write:I/O-error\n"));
+    for (s, after) in [(bad.as_str(), None), (serial, Some(9)), ("", None)] {
+        assert!(
+            check_diskwork_continues(s, after).is_err(),
+            "accepted {s:?} after {after:?}"
+        );
+    }
+    assert!(check_diskwork_continues("DISKWORK 5 ok\nDISKWORK 5 ok\n", None).is_err());
+
+    let dir = scratch("disk-helpers");
+    let img = dir.join("disk.img");
+    disk_image(&img, 1); // 256 blocks
+    assert!(check_disk_pattern(&img, 1).is_err(), "an empty disk passed");
+    let mut data = vec![0u8; 1 << 20];
+    // 300 blocks written: slots 0..44 were overwritten by blocks 256..300.
+    for k in 0..300u64 {
+        let s = usize::try_from((k % 256) * DISK_BLOCK).unwrap();
+        data[s..s + 4096].copy_from_slice(&diskwork_block(k));
+    }
+    std::fs::write(&img, &data).unwrap();
+    check_disk_pattern(&img, 300).unwrap();
+    check_disk_pattern(&img, 100).unwrap();
+    assert!(
+        check_disk_pattern(&img, 301).is_err(),
+        "an unwritten block passed"
+    );
+    let mut flipped = data.clone();
+    flipped[100 * 4096 + 1000] ^= 1;
+    std::fs::write(&img, &flipped).unwrap();
+    assert!(check_disk_pattern(&img, 300).is_err(), "a bit flip passed");
+    let mut stale = data;
+    stale[4096..8192].copy_from_slice(&diskwork_block(1)); // block 257 lost
+    std::fs::write(&img, &stale).unwrap();
+    assert!(
+        check_disk_pattern(&img, 300).is_err(),
+        "a stale block passed"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
