@@ -52,9 +52,14 @@ pub const PLAIN_KVM_ENV: &str = "ANYVISOR_PLAIN_KVM";
 
 /// On KVM's PVM flavour every guest kernel instruction goes through KVM's instruction emulator
 /// (a Linux boot does not reach init in 15 minutes), while user mode runs natively. There the
-/// `kvm` backend runs the guest kernel in emu and hands user-mode stretches to KVM.
+/// `kvm` backend runs the guest kernel in emu and hands user-mode stretches to KVM, unless
+/// [`PLAIN_KVM_ENV`] is set.
+fn hybrid_kvm() -> bool {
+    std::env::var_os(PLAIN_KVM_ENV).is_none() && hv_kvm::KvmUserAccelerator::is_useful()
+}
+
 fn open_kvm_hybrid() -> Option<Result<Arc<dyn Hypervisor>>> {
-    if std::env::var_os(PLAIN_KVM_ENV).is_some() || !hv_kvm::KvmUserAccelerator::is_useful() {
+    if !hybrid_kvm() {
         return None;
     }
     Some(
@@ -128,6 +133,14 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
             }
         }
         (BackendKind::Kvm, CpuModelChoice::Host) => {
+            // The hybrid's kernel half is emu, which presents only the portable model; plain
+            // KVM on a PVM host would emulate every kernel instruction (docs/cpu-model.md).
+            if hybrid_kvm() {
+                return Err(Error::Unsupported(format!(
+                    "--cpu-model host needs plain KVM, which on this host (KVM PVM) runs guest \
+                     kernel code about 4000x slower; set {PLAIN_KVM_ENV}=1 to use it anyway"
+                )));
+            }
             // The host model is known only once KVM is open; the emulator must present it too.
             let model = open_kvm(None)?.host_cpu_model()?;
             (open_kvm(Some(&model))?, model)

@@ -22,7 +22,7 @@ use snapshot::{Header, SnapshotContents, SnapshotReader, SnapshotWriter};
 
 use crate::api::{ApiError, SnapshotRequest};
 use crate::backend::Backend;
-use crate::config::{RuntimeOptions, VmConfig};
+use crate::config::{CpuModelChoice, RuntimeOptions, VmConfig};
 use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::vm::{VmParts, Vmm};
@@ -234,21 +234,69 @@ pub(crate) fn config_of(header: &Header, runtime: &RuntimeOptions) -> Result<VmC
     Ok(config)
 }
 
-/// Opens the backend `runtime` asks for and checks it can present the saved CPU model.
+/// Names of host CPU models start with this (`host:<backend>:<digest>`).
+const HOST_MODEL_PREFIX: &str = "host:";
+
+/// Opens the backend `runtime` asks for and checks it can present the saved CPU model, before
+/// anything runs. A host model (`--cpu-model host`) restores only where the backend builds the
+/// very same model (same name, which carries the digest of the host's CPUID table), so never on
+/// emu and never on a different host.
 pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<Backend> {
     let config = config_of(header, runtime)?;
-    let backend = crate::backend::open(runtime.backend, config.cpu_model)?;
-    backend
-        .hypervisor
-        .check_cpu_model(&header.cpu_model)
-        .map_err(|e| {
-            Error::Unsupported(format!(
-                "cannot run this VM on backend {}: {}",
-                backend.kind(),
-                crate::error::report(&e)
-            ))
-        })?;
+    let saved = &header.cpu_model;
+    let host_model = saved.name.starts_with(HOST_MODEL_PREFIX);
+    if host_model != (config.cpu_model == CpuModelChoice::Host) {
+        return Err(Error::Setup(format!(
+            "the saved config's CPU model choice does not match the header's model {}",
+            saved.name
+        )));
+    }
+    let cannot = |reason: String| {
+        Error::Unsupported(format!(
+            "cannot run this VM (CPU model {}) here: {reason}",
+            saved.name
+        ))
+    };
+    let backend = crate::backend::open(runtime.backend, config.cpu_model).map_err(|e| match e {
+        Error::Unsupported(reason) => cannot(reason),
+        e => e,
+    })?;
+    if host_model && !same_host_cpu(&backend.cpu_model, saved) {
+        return Err(cannot(format!(
+            "this host's KVM offers CPU model {}; a host model restores only on an identical host",
+            backend.cpu_model.name
+        )));
+    }
+    backend.hypervisor.check_cpu_model(saved).map_err(|e| {
+        cannot(format!(
+            "backend {}: {}",
+            backend.kind(),
+            crate::error::report(&e)
+        ))
+    })?;
     Ok(backend)
+}
+
+/// Whether two host CPU models describe the same CPU: equal MSR lists and CPUID tables apart
+/// from the fields `KVM_GET_SUPPORTED_CPUID` fills from the host CPU the VMM happened to run on
+/// (initial APIC ID in CPUID.1:EBX\[31:24\], x2APIC ID in CPUID.0xB/0x1F:EDX). Their names carry
+/// a digest that includes those fields, so two models of one host may differ in name only.
+fn same_host_cpu(a: &hv::CpuModel, b: &hv::CpuModel) -> bool {
+    fn per_cpu_masked(e: &hv::CpuidEntry) -> hv::CpuidEntry {
+        let mut e = *e;
+        match e.function {
+            1 => e.ebx &= 0x00ff_ffff,
+            0xb | 0x1f => e.edx = 0,
+            _ => {}
+        }
+        e
+    }
+    a.msrs == b.msrs
+        && a.cpuid.len() == b.cpuid.len()
+        && a.cpuid
+            .iter()
+            .zip(&b.cpuid)
+            .all(|(x, y)| per_cpu_masked(x) == per_cpu_masked(y))
 }
 
 /// CR4 bits the emu CPU does not implement (UMIP, LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP,
@@ -393,6 +441,130 @@ mod tests {
             assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
             check_states(BackendKind::Kvm, &[s]).unwrap();
         }
+    }
+
+    fn header_with(model: hv::CpuModel, choice: &str) -> Header {
+        Header {
+            cpu_model: model,
+            memory_regions: vec![snapshot::MemoryRegion {
+                guest_addr: 0,
+                len: 1 << 20,
+            }],
+            vcpus: 1,
+            backend: BackendKind::Kvm,
+            tsc_khz: 1_000_000,
+            created_unix: 1,
+            config: serde_json::json!({
+                "kernel": "/k", "initrd": null, "cmdline": "", "cpus": 1, "memory": 1 << 20,
+                "backend": "kvm", "cpu_model": choice, "disks": [], "nets": [], "vsock": null,
+                "rng": false, "serial": "null", "api_socket": null
+            }),
+        }
+    }
+
+    fn runtime(backend: crate::config::BackendChoice) -> RuntimeOptions {
+        RuntimeOptions {
+            backend,
+            serial: crate::config::SerialConfig::Null,
+            api_socket: None,
+            seccomp: sandbox::SeccompMode::Off,
+        }
+    }
+
+    fn open_error(header: &Header, backend: crate::config::BackendChoice) -> Error {
+        match open_backend(header, &runtime(backend)) {
+            Ok(_) => panic!("opened a backend for {}", header.cpu_model.name),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn host_model_never_restores_on_emu() {
+        let mut host = hv::CpuModel::portable();
+        host.name = "host:kvm:0123456789abcdef".into();
+        let e = open_error(
+            &header_with(host, "host"),
+            crate::config::BackendChoice::Emu,
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot run this VM (CPU model host:kvm:0123456789abcdef) here: --cpu-model host \
+             needs the kvm backend"
+        );
+        assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+    }
+
+    #[test]
+    fn host_models_differing_in_apic_ids_are_the_same_cpu() {
+        let mut a = hv::CpuModel::portable();
+        a.name = "host:kvm:1".into();
+        a.cpuid.push(hv::CpuidEntry {
+            function: 0xb,
+            index: 0,
+            indexed: true,
+            eax: 1,
+            ebx: 1,
+            ecx: 0x100,
+            edx: 0,
+        });
+        let mut b = a.clone();
+        b.name = "host:kvm:2".into();
+        for e in &mut b.cpuid {
+            match e.function {
+                1 => e.ebx |= 1 << 24,
+                0xb => e.edx = 1,
+                _ => {}
+            }
+        }
+        assert!(same_host_cpu(&a, &b));
+        let mut other = b.clone();
+        if let Some(e) = other.cpuid.iter_mut().find(|e| e.function == 1) {
+            e.ecx ^= 1;
+        }
+        assert!(!same_host_cpu(&a, &other));
+        let mut fewer = b.clone();
+        fewer.msrs.pop();
+        assert!(!same_host_cpu(&a, &fewer));
+        fewer = b;
+        fewer.cpuid.pop();
+        assert!(!same_host_cpu(&a, &fewer));
+    }
+
+    #[test]
+    fn model_and_config_must_agree() {
+        let mut host = hv::CpuModel::portable();
+        host.name = "host:kvm:0123456789abcdef".into();
+        for header in [
+            header_with(host, "portable"),
+            header_with(hv::CpuModel::portable(), "host"),
+        ] {
+            let e = open_error(&header, crate::config::BackendChoice::Emu);
+            assert!(
+                e.to_string().starts_with("the saved config's CPU model"),
+                "{e}"
+            );
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        }
+    }
+
+    #[test]
+    fn emu_refuses_a_model_it_cannot_present() {
+        let mut model = hv::CpuModel::portable();
+        for e in &mut model.cpuid {
+            if e.function == 1 {
+                e.ecx |= hv::cpu_model::feature::AVX;
+            }
+        }
+        let e = open_error(
+            &header_with(model, "portable"),
+            crate::config::BackendChoice::Emu,
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot run this VM (CPU model portable-v1) here: backend emu: "),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
     }
 
     #[test]
