@@ -261,12 +261,7 @@ pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<
         Error::Unsupported(reason) => cannot(reason),
         e => e,
     })?;
-    if host_model && !same_host_cpu(&backend.cpu_model, saved) {
-        return Err(cannot(format!(
-            "this host's KVM offers CPU model {}; a host model restores only on an identical host",
-            backend.cpu_model.name
-        )));
-    }
+    // The feature check first: its reason names what is missing.
     backend.hypervisor.check_cpu_model(saved).map_err(|e| {
         cannot(format!(
             "backend {}: {}",
@@ -274,6 +269,12 @@ pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<
             crate::error::report(&e)
         ))
     })?;
+    if host_model && !same_host_cpu(&backend.cpu_model, saved) {
+        return Err(cannot(format!(
+            "this host's KVM offers CPU model {}; a host model restores only on an identical host",
+            backend.cpu_model.name
+        )));
+    }
     Ok(backend)
 }
 
