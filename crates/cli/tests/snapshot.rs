@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 fn harness_can_fail() {
     check_harness_can_fail();
     check_disk_helpers_can_fail();
+    check_kernel_trouble_can_fail();
 }
 
 /// The state a snapshot holds, with what legitimately differs between two snapshots of the
@@ -143,18 +144,50 @@ fn assert_refused(file: &Path, what: &str) {
     }
 }
 
-fn last_seen(vm: &Vm) -> Option<(u64, u64)> {
-    last_report(&vm.serial_text())
+/// Where a VM's workloads were: the last MEMWORK OK report and the last DISKWORK count.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    mem: Option<(u64, u64)>,
+    disk: Option<u64>,
 }
 
-/// Restores `file` on `backend`, waits for two more OK lines continuing from `after`, and
-/// returns the running VM.
+fn progress(vm: &Vm) -> Progress {
+    let s = vm.serial_text();
+    Progress {
+        mem: last_report(&s),
+        disk: diskwork_last(&s),
+    }
+}
+
+/// Both workloads are healthy and, with `after`, continue from it (no corruption, guest time
+/// continuous), and the guest kernel reports no lockup or stall.
+fn assert_continues(vm: &Vm, name: &str, after: Option<Progress>) {
+    let s = vm.serial_text();
+    assert_memwork_continues(&s, after.and_then(|p| p.mem));
+    assert_diskwork_continues(&s, after.and_then(|p| p.disk));
+    assert_kernel_healthy(name, &s);
+}
+
+/// Waits until both workloads reported `n` more times than `vm` shows now.
+fn wait_more(vm: &mut Vm, n: usize) {
+    let s = vm.serial_text();
+    let (m, d) = (memwork_counts(&s).len(), diskwork_counts(&s).len());
+    vm.wait_serial(RESUME_LIMIT, move |s| {
+        (memwork_counts(s).len() >= m + n && diskwork_counts(s).len() >= d + n)
+            || memwork_corrupt(s)
+            || diskwork_failed(s)
+    })
+    .unwrap();
+}
+
+/// Restores `file` on `backend`, waits for two reports of both workloads continuing from
+/// `after`, and returns the running VM.
 fn restore_and_check(
     dir: &Path,
     name: &str,
     file: &Path,
     backend: &str,
-    after: Option<(u64, u64)>,
+    after: Option<Progress>,
 ) -> Vm {
     let start = std::time::Instant::now();
     let mut vm = Vm::spawn(
@@ -162,14 +195,95 @@ fn restore_and_check(
         &dir.join(format!("{name}.serial")),
         &dir.join(format!("{name}.sock")),
     );
-    vm.wait_serial(RESUME_LIMIT, at_least_ok(2))
+    vm.wait_serial(RESUME_LIMIT, at_least_both_ok(2))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     println!(
-        "{name}: restored on {backend}, 2 OK lines after {:?}",
+        "{name}: restored on {backend}, 2 reports of both workloads after {:?}",
         start.elapsed()
     );
-    assert_memwork_continues(&vm.serial_text(), after);
+    assert_continues(&vm, name, after);
     vm
+}
+
+/// `snapshot --stop` of a running VM: the process ends with status 0; returns where it was.
+fn snapshot_and_stop(mut vm: Vm, file: &Path) -> Progress {
+    ok(&snapshot_cmd(&vm, file, true));
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        vm.diagnostics()
+    );
+    assert!(!vm.stderr().contains("error:"), "{}", vm.diagnostics());
+    progress(&vm)
+}
+
+fn snapshot_info(file: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["snapshot-info", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Kills `vm` and checks the disk holds every block the guest reported written.
+fn kill_and_check_disk(vm: Vm, disk: &Path) {
+    let count = diskwork_last(&vm.serial_text()).expect("no DISKWORK count");
+    drop(vm);
+    assert_disk_pattern(disk, count);
+    println!("disk holds the pattern of all {count} reported blocks");
+}
+
+/// A copy of snapshot `from` at `to` whose CPU model `edit` changed (checksums recomputed).
+fn with_cpu_model(from: &Path, to: &Path, edit: impl FnOnce(&mut hv::CpuModel)) {
+    let r = snapshot::SnapshotReader::open(from).unwrap();
+    let memory = r.map_memory().unwrap();
+    let mut contents = r.contents().clone();
+    edit(&mut contents.header.cpu_model);
+    snapshot::SnapshotWriter::write(to, &contents, &memory).unwrap();
+}
+
+fn leaf(model: &mut hv::CpuModel, function: u32) -> &mut hv::CpuidEntry {
+    model
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == function && e.index == 0)
+        .unwrap()
+}
+
+/// Runs `anyvisor ARGS --serial null` with `env` and expects it to be refused: it must end by
+/// itself (within a minute) with status 2 and exactly one line, an `error:` line containing
+/// `reason`.
+fn assert_refused_with(args: &[String], env: &[(&str, &str)], reason: &str) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--serial", "null"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ended = eventually(Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        ended,
+        "{args:?} ran instead of being refused ({reason}): {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(reason),
+        "{args:?}: expected '{reason}' in: {stderr}"
+    );
 }
 
 #[test]
@@ -181,17 +295,22 @@ fn snapshot_restore_end_to_end() {
     let _one = serial_guard();
     let dir = scratch("snapshot-e2e");
     let kvm = kvm_usable();
+    let disk = dir.join("disk.img");
+    disk_image(&disk, 16);
 
-    // Boot once under emu and let the workload report a few times.
+    // Boot once under emu with the memory and disk workloads and let them report a few times.
     let boot_start = std::time::Instant::now();
     let mut vm1 = Vm::spawn(
-        &boot_args(&kit, "emu"),
+        &disk_boot_args(&kit, "emu", &disk),
         &dir.join("vm1.serial"),
         &dir.join("vm1.sock"),
     );
-    vm1.wait_serial(BOOT_LIMIT, at_least_ok(3)).unwrap();
-    println!("vm1: 3 OK lines after {:?}", boot_start.elapsed());
-    assert_memwork_continues(&vm1.serial_text(), None);
+    vm1.wait_serial(BOOT_LIMIT, at_least_both_ok(3)).unwrap();
+    println!(
+        "vm1: 3 reports of both workloads after {:?}",
+        boot_start.elapsed()
+    );
+    assert_continues(&vm1, "vm1", None);
 
     // A failed snapshot (no such directory) leaves no file and the VM running.
     let missing = dir.join("no-such-dir").join("x.snap");
@@ -209,44 +328,34 @@ fn snapshot_restore_end_to_end() {
         "temporary file left behind"
     );
 
-    // A snapshot of the running VM: it keeps running.
+    // A snapshot of the running VM: it keeps running. What the workloads reported before it
+    // is a lower bound of what the snapshot holds.
     let running = dir.join("running.snap");
+    let before_running = progress(&vm1);
     let t = std::time::Instant::now();
     ok(&snapshot_cmd(&vm1, &running, false));
+    let running_taken = std::time::Instant::now();
     println!("snapshot of a running 256M VM took {:?}", t.elapsed());
-    let before = memwork_counts(&vm1.serial_text()).len();
-    vm1.wait_serial(RESUME_LIMIT, at_least_ok(before + 2))
-        .unwrap();
-    assert_memwork_continues(&vm1.serial_text(), None);
+    wait_more(&mut vm1, 2);
+    assert_continues(&vm1, "vm1", None);
 
     // snapshot-info describes it.
-    let info = Command::new(BIN)
-        .args(["snapshot-info", running.to_str().unwrap()])
-        .output()
-        .unwrap();
-    ok(&info);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let v = snapshot_info(&running);
     assert_eq!(v["backend"], "emu", "{v}");
     assert_eq!(v["vcpus"], 1, "{v}");
     assert_eq!(v["memory_bytes"], 256u64 << 20, "{v}");
     assert_eq!(v["cpu_model"], "portable-v1", "{v}");
 
-    // Pause, snapshot with --stop: the VM process ends with status 0.
+    // Pause, snapshot with --stop: the VM process ends with status 0, and the disk holds every
+    // block the guest reported.
     ok(&vm1.control("pause", &[]));
-    let paused_at = last_seen(&vm1);
     let paused = dir.join("paused.snap");
-    ok(&snapshot_cmd(&vm1, &paused, true));
-    let status = vm1.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        vm1.diagnostics()
-    );
-    assert!(!vm1.stderr().contains("error:"), "{}", vm1.diagnostics());
+    let paused_at = snapshot_and_stop(vm1, &paused);
+    assert_disk_pattern(&disk, paused_at.disk.unwrap());
 
     // Restore the paused snapshot on emu: it arrives paused; a snapshot of it equals the
-    // one it came from. Then it resumes and the workload continues.
+    // one it came from. Then it resumes and both workloads continue: the blocks written before
+    // the snapshot read back intact.
     let t = std::time::Instant::now();
     let mut vm2 = Vm::spawn(
         &restore_args(&paused, "emu"),
@@ -267,9 +376,9 @@ fn snapshot_restore_end_to_end() {
     ok(&snapshot_cmd(&vm2, &again, false));
     assert_same_vm(&paused, &again);
     ok(&vm2.control("resume", &[]));
-    vm2.wait_serial(RESUME_LIMIT, at_least_ok(2)).unwrap();
-    assert_memwork_continues(&vm2.serial_text(), paused_at);
-    drop(vm2);
+    vm2.wait_serial(RESUME_LIMIT, at_least_both_ok(2)).unwrap();
+    assert_continues(&vm2, "vm2", Some(paused_at));
+    kill_and_check_disk(vm2, &disk);
 
     // Damaged files are refused before anything runs.
     let bytes = std::fs::read(&paused).unwrap();
@@ -291,27 +400,148 @@ fn snapshot_restore_end_to_end() {
     drop((bytes, magic, f));
     assert_refused(&dir.join("missing.snap"), "missing");
 
-    // The running snapshot on the other backend and back: emu -> kvm -> emu.
-    if kvm {
-        let vm3 = restore_and_check(&dir, "vm3", &running, "kvm", None);
-        let from_kvm = dir.join("from-kvm.snap");
-        ok(&snapshot_cmd(&vm3, &from_kvm, true));
-        let at = last_seen(&vm3);
-        drop(vm3);
-        let v: serde_json::Value = serde_json::from_slice(
-            &Command::new(BIN)
-                .args(["snapshot-info", from_kvm.to_str().unwrap()])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
-        assert_eq!(v["backend"], "kvm", "{v}");
-        let vm4 = restore_and_check(&dir, "vm4", &from_kvm, "emu", at);
-        drop(vm4);
-    } else {
-        let vm3 = restore_and_check(&dir, "vm3", &running, "emu", None);
-        drop(vm3);
+    // A model no backend here can present (AVX) is refused before anything runs, on each.
+    let avx = dir.join("avx.snap");
+    with_cpu_model(&paused, &avx, |m| {
+        leaf(m, 1).ecx |= hv::cpu_model::feature::AVX;
+    });
+    let backends: &[&str] = if kvm { &["emu", "kvm"] } else { &["emu"] };
+    for backend in backends {
+        assert_refused_with(
+            &restore_args(&avx, backend),
+            &[],
+            "cannot run this VM (CPU model portable-v1) here: backend ",
+        );
     }
+    let _ = std::fs::remove_file(&avx);
+
+    // The running snapshot, taken a while ago: on kvm, then kvm -> kvm, then kvm -> emu; or on
+    // emu again without KVM. Guest time continues from the snapshot, not from the host's clock.
+    println!(
+        "restoring the running snapshot {:?} after it was taken",
+        running_taken.elapsed()
+    );
+    let last = if kvm {
+        let vm3 = restore_and_check(&dir, "vm3", &running, "kvm", Some(before_running));
+        let from_kvm = dir.join("from-kvm.snap");
+        let at = snapshot_and_stop(vm3, &from_kvm);
+        assert_eq!(snapshot_info(&from_kvm)["backend"], "kvm");
+        let vm4 = restore_and_check(&dir, "vm4", &from_kvm, "kvm", Some(at));
+        let from_kvm2 = dir.join("from-kvm2.snap");
+        let at = snapshot_and_stop(vm4, &from_kvm2);
+        restore_and_check(&dir, "vm5", &from_kvm2, "emu", Some(at))
+    } else {
+        println!("SKIP: no /dev/kvm: emu -> kvm, kvm -> kvm, kvm -> emu not tested");
+        restore_and_check(&dir, "vm3", &running, "emu", Some(before_running))
+    };
+    kill_and_check_disk(last, &disk);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A VM under `--cpu-model host` (plain KVM; no Linux boot needed): its snapshot restores on
+/// the same host's KVM and is refused, with one `error:` line naming the reason and before
+/// anything runs, on emu, on a PVM host without plain KVM, and where KVM lacks a feature of
+/// the model or offers another CPU.
+#[test]
+fn host_model_snapshot_restores_only_on_identical_kvm() {
+    let Some(kit) = kit() else { return };
+    if !kvm_usable() {
+        return;
+    }
+    let _one = serial_guard();
+    let dir = scratch("snapshot-host");
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let plain = [("ANYVISOR_PLAIN_KVM", "1")];
+    let mut args = boot_args(&kit, "kvm");
+    args.extend(["--cpu-model".into(), "host".into()]);
+    if pvm {
+        assert_refused_with(&args, &[], "--cpu-model host needs plain KVM");
+    }
+
+    let mut vm = Vm::spawn_with_env(&args, &plain, &dir.join("h.serial"), &dir.join("h.sock"));
+    assert!(
+        eventually(Duration::from_secs(60), || vm.socket.exists()),
+        "{}",
+        vm.diagnostics()
+    );
+    let snap = dir.join("host.snap");
+    ok(&snapshot_cmd(&vm, &snap, true));
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        vm.diagnostics()
+    );
+    let v = snapshot_info(&snap);
+    let model = v["cpu_model"].as_str().unwrap().to_string();
+    assert!(model.starts_with("host:kvm:"), "{v}");
+    assert_eq!(v["backend"], "kvm", "{v}");
+
+    let refused = |file: &Path, backend: &str, env: &[(&str, &str)], reason: &str| {
+        assert_refused_with(
+            &restore_args(file, backend),
+            env,
+            &format!("cannot run this VM (CPU model {reason}"),
+        );
+    };
+    refused(
+        &snap,
+        "emu",
+        &plain,
+        &format!("{model}) here: --cpu-model host needs the kvm backend"),
+    );
+    if pvm {
+        refused(
+            &snap,
+            "kvm",
+            &[],
+            &format!("{model}) here: --cpu-model host needs plain KVM"),
+        );
+    }
+    // KVM lacking a feature the model has: CPUID.1:EDX bit 10 is reserved, no CPU has it.
+    let lacking = dir.join("lacking.snap");
+    with_cpu_model(&snap, &lacking, |m| leaf(m, 1).edx |= 1 << 10);
+    refused(
+        &lacking,
+        "kvm",
+        &plain,
+        &format!(
+            "{model}) here: backend kvm: CPU model {model} needs CPUID.0x1.0:edx bit 10 which \
+             KVM on this host cannot provide"
+        ),
+    );
+    // Another host's CPU (another brand string).
+    let other = dir.join("other.snap");
+    with_cpu_model(&snap, &other, |m| {
+        leaf(m, 0x8000_0002).eax ^= 1;
+        m.name = "host:kvm:0000000000000000".into();
+    });
+    refused(
+        &other,
+        "kvm",
+        &plain,
+        "host:kvm:0000000000000000) here: this host's KVM offers CPU model host:kvm:",
+    );
+
+    // The same host's plain KVM: kvm -> kvm restores and runs the VM under its model.
+    let mut vm2 = Vm::spawn_with_env(
+        &restore_args(&snap, "kvm"),
+        &plain,
+        &dir.join("h2.serial"),
+        &dir.join("h2.sock"),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || vm2.socket.exists()),
+        "{}",
+        vm2.diagnostics()
+    );
+    let info = vm2.control("info", &[]);
+    ok(&info);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["cpu_model"], model.as_str(), "{v}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(vm2.is_running(), "{}", vm2.diagnostics());
+    drop(vm2);
     let _ = std::fs::remove_dir_all(dir);
 }

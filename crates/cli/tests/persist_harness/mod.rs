@@ -550,3 +550,79 @@ pub fn check_disk_helpers_can_fail() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- guest kernel health and VMs with a special environment ----
+
+/// Kernel reports that mean the guest's time or scheduling went wrong (soft/hard lockup, RCU
+/// stall, hung task, an oops' call trace). `quiet` still prints them (they are KERN_ERR or
+/// worse). Returns the offending lines.
+pub fn kernel_trouble(serial: &str) -> Vec<&str> {
+    const SIGNS: [&str; 6] = [
+        "soft lockup",
+        "hard LOCKUP",
+        "self-detected stall",
+        "detected stalls",
+        "blocked for more than",
+        "Call Trace",
+    ];
+    serial
+        .lines()
+        .filter(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .collect()
+}
+
+/// Panics when [`kernel_trouble`] finds anything in `serial`.
+pub fn assert_kernel_healthy(what: &str, serial: &str) {
+    let bad = kernel_trouble(serial);
+    assert!(bad.is_empty(), "{what}: guest kernel reports {bad:?}");
+}
+
+impl Vm {
+    /// Like [`Vm::spawn`], with extra environment variables for the VMM process.
+    pub fn spawn_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        serial: &Path,
+        socket: &Path,
+    ) -> Vm {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .args(["--serial", serial.to_str().unwrap()])
+            .args(["--api-socket", socket.to_str().unwrap()])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot start anyvisor");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Vm {
+            child,
+            serial: serial.to_path_buf(),
+            socket: socket.to_path_buf(),
+            stderr,
+            status: None,
+        }
+    }
+}
+
+/// The kernel-health helper finds what it must.
+pub fn check_kernel_trouble_can_fail() {
+    let fine = "MEMWORK OK 1 0\nclocksource: Switched to clocksource kvm-clock\n";
+    assert!(kernel_trouble(fine).is_empty());
+    let bad = "[  51.2] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [memwork:70]\n\
+               [  60.0] rcu: INFO: rcu_sched self-detected stall on CPU\n";
+    assert_eq!(kernel_trouble(bad).len(), 2);
+}
