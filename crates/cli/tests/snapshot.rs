@@ -416,7 +416,11 @@ fn snapshot_restore_end_to_end() {
     let _ = std::fs::remove_file(&avx);
 
     // The running snapshot, taken a while ago: on kvm, then kvm -> kvm, then kvm -> emu; or on
-    // emu again without KVM. Guest time continues from the snapshot, not from the host's clock.
+    // emu again without KVM. Guest time continues from the snapshot, not from the host's clock:
+    // with more than the soft-lockup threshold (20 s) and MEMWORK's allowance (10 s) between
+    // taking and restoring, a guest clock that followed the host would show.
+    let gap = Duration::from_secs(25);
+    std::thread::sleep(gap.saturating_sub(running_taken.elapsed()));
     println!(
         "restoring the running snapshot {:?} after it was taken",
         running_taken.elapsed()
