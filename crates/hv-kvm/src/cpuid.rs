@@ -172,6 +172,14 @@ pub fn host_model(supported: &[kvm_cpuid_entry2], msr_index: &[u32]) -> CpuModel
             0x4000_0001 => e.eax &= KVM_PV_KEPT,
             _ => {}
         }
+        // The APIC ID of the host CPU this thread happened to run on is per vCPU, not part of
+        // the model (`CpuModel::cpuid_for` fills it in); keeping it would name the same host
+        // differently from one run to the next.
+        match e.function {
+            1 => e.ebx &= 0x00ff_ffff,
+            0xb | 0x1f => e.edx = 0,
+            _ => {}
+        }
     }
     let pv = cpuid
         .iter()
@@ -274,6 +282,16 @@ mod tests {
         let mut other = table;
         other[0].ebx = 9;
         assert_ne!(host_model(&other, &list).name, m.name);
+        // The host CPU's APIC ID (leaf 1 EBX[31:24], leaf 0xB EDX) does not change the model.
+        let mut moved = table.to_vec();
+        moved[1].ebx = 7 << 24;
+        moved.push(sup(0xb, 0, 0, 0, 7));
+        let mut there = table.to_vec();
+        there.push(sup(0xb, 0, 0, 0, 3));
+        assert_eq!(
+            host_model(&moved, &list).name,
+            host_model(&there, &list).name
+        );
     }
 
     #[test]

@@ -250,6 +250,8 @@ impl CpuModel {
                         e.ebx = (e.ebx & 0x0000_ffff) | (count << 16) | ((vcpu_id & 0xff) << 24);
                     }
                     0x8000_0008 => e.ecx = (e.ecx & !0xff) | (count - 1),
+                    // x2APIC ID of this vCPU (host models carry these leaves).
+                    0xb | 0x1f => e.edx = vcpu_id,
                     _ => {}
                 }
                 e
