@@ -1,7 +1,8 @@
 //! Live-migration faults end to end, with real VMs and the memory workload in a 512 MiB guest.
 //! A proxy the test controls sits between `anyvisor migrate` and the destination and, at a
 //! chosen message, kills the destination (during the handshake, before, during and after the
-//! memory rounds), cuts the connection, or feeds the destination garbage, a replayed or a
+//! memory rounds, and once it has everything but before its confirmation reaches the source),
+//! cuts the connection, or feeds the destination garbage, a replayed or a
 //! truncated message; a destination under an address-space limit has too little memory; a
 //! destination cannot present the source's CPU model. After every attempt `migrate` exits
 //! non-zero with one `error:` line and the source VM keeps running, its workload counting on
@@ -135,18 +136,29 @@ fn migration_faults_leave_the_source_running() {
     };
 
     // The destination killed at each stage: the proxy kills it instead of forwarding the
-    // source's message.
-    for (what, at) in [
-        ("killed during the handshake", (PROOF, 0)),
-        ("killed before the memory rounds", (HELLO, 0)),
-        ("killed during the memory rounds", (MEMORY_PAGES, 8)),
+    // source's message, or (last) forwards the end of the final state, keeps the destination's
+    // answer from the source and kills it while it restores or has just resumed the VM.
+    for (what, at, fault) in [
+        ("killed during the handshake", (PROOF, 0), Fault::Kill),
+        ("killed before the memory rounds", (HELLO, 0), Fault::Kill),
+        (
+            "killed during the memory rounds",
+            (MEMORY_PAGES, 8),
+            Fault::Kill,
+        ),
         (
             "killed after the memory rounds (source paused)",
             (STATE_BLOB, 0),
+            Fault::Kill,
+        ),
+        (
+            "killed with the whole state, before its confirmation reached the source",
+            (COMPLETE, 0),
+            Fault::KillAfterForwarding,
         ),
     ] {
         let (dst, to) = destination(&dir, Some(&key));
-        let proxy = Proxy::start("tcp:127.0.0.1:0", &to, true, at, Fault::Kill, move || {
+        let proxy = Proxy::start("tcp:127.0.0.1:0", &to, true, at, fault, move || {
             drop(dst);
         });
         let out = migrate(&src, &proxy.to, Some(&key));

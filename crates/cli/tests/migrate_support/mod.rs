@@ -236,6 +236,10 @@ const MAC_LEN: usize = 32;
 pub enum Fault {
     /// Run the proxy's action (the test kills the destination), then close both connections.
     Kill,
+    /// Forward it but nothing the destination sends from then on, wait a little, run the
+    /// action, close both connections: the destination has the message (and may act on it),
+    /// the source never hears the answer.
+    KillAfterForwarding,
     /// Close both connections.
     Cut,
     /// Forward it with every payload byte inverted.
@@ -339,6 +343,8 @@ impl Proxy {
             };
         let hit = Arc::new(AtomicBool::new(false));
         let hit2 = hit.clone();
+        let hold = Arc::new(AtomicBool::new(false));
+        let hold2 = hold.clone();
         let upstream = upstream.to_string();
         std::thread::spawn(move || {
             let Ok(client) = accept() else { return };
@@ -351,7 +357,15 @@ impl Proxy {
                 return;
             };
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut back_from, &mut back_to);
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = back_from.read(&mut buf) {
+                    if n == 0
+                        || hold2.load(Ordering::Acquire)
+                        || back_to.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
                 back_from.close();
                 back_to.close();
             });
@@ -363,6 +377,7 @@ impl Proxy {
                 fault,
                 action: Some(Box::new(action)),
                 hit: hit2,
+                hold,
             };
             f.run();
             f.client.close();
@@ -385,6 +400,8 @@ struct Forwarder {
     fault: Fault,
     action: Option<Box<dyn FnOnce() + Send>>,
     hit: Arc<AtomicBool>,
+    /// Set: the destination's bytes are no longer forwarded.
+    hold: Arc<AtomicBool>,
 }
 
 impl Forwarder {
@@ -420,6 +437,15 @@ impl Forwarder {
             self.hit.store(true, Ordering::Release);
             match self.fault {
                 Fault::Kill => {
+                    if let Some(a) = self.action.take() {
+                        a();
+                    }
+                    return;
+                }
+                Fault::KillAfterForwarding => {
+                    self.hold.store(true, Ordering::Release);
+                    let _ = self.send(&head, &body);
+                    std::thread::sleep(Duration::from_millis(200));
                     if let Some(a) = self.action.take() {
                         a();
                     }
