@@ -103,8 +103,11 @@ fn leaf(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
 }
 
 fn str_regs(s: &[u8; 16]) -> [u32; 4] {
-    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-    [w(0), w(4), w(8), w(12)]
+    let mut regs = [0; 4];
+    for (r, c) in regs.iter_mut().zip(s.as_chunks::<4>().0) {
+        *r = u32::from_le_bytes(*c);
+    }
+    regs
 }
 
 impl CpuModel {
@@ -115,9 +118,7 @@ impl CpuModel {
     /// and the KVM paravirtual leaves with kvm-clock. No XSAVE/AVX, no x2APIC, no PCID.
     pub fn portable() -> CpuModel {
         use feature::*;
-        let vendor = b"AuthenticAMD";
-        let v =
-            |i: usize| u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]]);
+        let [auth, enti, camd] = [*b"Auth", *b"enti", *b"cAMD"].map(u32::from_le_bytes);
         let leaf1_ecx = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
         let leaf1_edx = FPU
             | DE
@@ -144,7 +145,7 @@ impl CpuModel {
         ];
         let mut cpuid = vec![
             // Max basic leaf 7, vendor "AuthenticAMD" (EBX, EDX, ECX order).
-            leaf(0, 7, v(0), v(8), v(4)),
+            leaf(0, 7, auth, camd, enti),
             // Family 15, model 107, stepping 1. EBX: CLFLUSH 64 bytes, 1 logical CPU, APIC ID 0.
             leaf(1, 0x0006_0fb1, 0x0001_0800, leaf1_ecx, leaf1_edx),
             leaf(6, ARAT, 0, 0, 0),
@@ -171,7 +172,7 @@ impl CpuModel {
                 0,
                 0,
             ),
-            leaf(0x8000_0000, 0x8000_0008, v(0), v(8), v(4)),
+            leaf(0x8000_0000, 0x8000_0008, auth, camd, enti),
             leaf(0x8000_0001, 0x0006_0fb1, 0, LAHF_LM, SYSCALL | NX | LM),
         ];
         for (i, regs) in brand.iter().enumerate() {
@@ -286,8 +287,10 @@ impl CpuModel {
                     msrs: Vec::new(),
                 };
                 one.cpuid = one.cpuid_for(vcpu_id, vcpu_count);
-                let e = one.cpuid[0];
-                [e.eax, e.ebx, e.ecx, e.edx]
+                match one.cpuid.first() {
+                    Some(e) => [e.eax, e.ebx, e.ecx, e.edx],
+                    None => [0; 4],
+                }
             }
             None => [0; 4],
         }

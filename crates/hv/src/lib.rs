@@ -12,6 +12,10 @@
 //!   through the [`DeviceIo`] callback handed to `run`, so a backend that emulates instructions
 //!   (emu, or KVM completing an instruction its own emulator refused) calls devices directly.
 
+// CPU state images (FXSAVE, XSAVE, LAPIC registers) come from snapshot files and migration
+// streams: besides the workspace lints, no index may panic here either.
+#![deny(clippy::indexing_slicing)]
+
 pub mod cpu_model;
 pub mod state;
 

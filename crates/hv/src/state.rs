@@ -203,6 +203,14 @@ impl Default for FpuState {
     }
 }
 
+/// `N` bytes of `b` at `at`, zeros where `b` is shorter.
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b.get(at..)
+        .and_then(<[u8]>::first_chunk)
+        .copied()
+        .unwrap_or([0; N])
+}
+
 impl FpuState {
     /// The 512-byte FXSAVE image (64-bit format).
     pub fn to_fxsave(&self) -> [u8; 512] {
@@ -215,30 +223,23 @@ impl FpuState {
         b[16..24].copy_from_slice(&self.fdp.to_le_bytes());
         b[24..28].copy_from_slice(&self.mxcsr.to_le_bytes());
         b[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR_MASK
-        for (i, st) in self.st.iter().enumerate() {
-            b[32 + i * 16..48 + i * 16].copy_from_slice(st);
-        }
-        for (i, x) in self.xmm.iter().enumerate() {
-            b[160 + i * 16..176 + i * 16].copy_from_slice(x);
+        // ST0-7 at 32..160, XMM0-15 at 160..416, 16 bytes each.
+        let (regs, _) = b[32..416].as_chunks_mut::<16>();
+        for (dst, src) in regs.iter_mut().zip(self.st.iter().chain(&self.xmm)) {
+            *dst = *src;
         }
         b
     }
 
     /// Parses a 512-byte FXSAVE image (64-bit format).
     pub fn from_fxsave(b: &[u8; 512]) -> Self {
-        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u64_at = |o: usize| {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(v)
-        };
+        let u16_at = |o: usize| u16::from_le_bytes(bytes_at(b, o));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes_at(b, o));
         let mut st = [[0u8; 16]; 8];
-        for (i, s) in st.iter_mut().enumerate() {
-            s.copy_from_slice(&b[32 + i * 16..48 + i * 16]);
-        }
         let mut xmm = [[0u8; 16]; 16];
-        for (i, x) in xmm.iter_mut().enumerate() {
-            x.copy_from_slice(&b[160 + i * 16..176 + i * 16]);
+        let (regs, _) = b[32..416].as_chunks::<16>();
+        for (dst, src) in st.iter_mut().chain(&mut xmm).zip(regs) {
+            *dst = *src;
         }
         FpuState {
             fcw: u16_at(0),
@@ -247,7 +248,7 @@ impl FpuState {
             fop: u16_at(6),
             fip: u64_at(8),
             fdp: u64_at(16),
-            mxcsr: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+            mxcsr: u32::from_le_bytes(bytes_at(b, 24)),
             st,
             xmm,
         }
@@ -345,8 +346,8 @@ impl LapicState {
 
     /// Reads the 32-bit register at `offset` (0 when out of range or the state is malformed).
     pub fn get(&self, offset: usize) -> u32 {
-        match self.regs.get(offset..offset + 4) {
-            Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        match self.regs.get(offset..).and_then(<[u8]>::first_chunk) {
+            Some(b) => u32::from_le_bytes(*b),
             None => 0,
         }
     }
@@ -404,7 +405,11 @@ impl CpuState {
     /// Sets an MSR, keeping the list sorted by index.
     pub fn set_msr(&mut self, index: u32, value: u64) {
         match self.msrs.binary_search_by_key(&index, |m| m.index) {
-            Ok(i) => self.msrs[i].value = value,
+            Ok(i) => {
+                if let Some(m) = self.msrs.get_mut(i) {
+                    m.value = value;
+                }
+            }
             Err(i) => self.msrs.insert(i, Msr { index, value }),
         }
     }
@@ -412,7 +417,7 @@ impl CpuState {
     /// Checks the invariants every backend relies on before loading the state.
     pub fn validate(&self) -> Result<(), String> {
         self.lapic.validate()?;
-        if self.msrs.windows(2).any(|w| w[0].index >= w[1].index) {
+        if !self.msrs.is_sorted_by(|a, b| a.index < b.index) {
             return Err("MSR list is not sorted or has duplicates".into());
         }
         if self.xcr0 & !0x3 != 0 && self.xsave_ext.is_empty() {
@@ -451,7 +456,11 @@ mod tests {
         };
         f.xmm[15] = [7; 16];
         f.st[3][9] = 0x40;
-        assert_eq!(FpuState::from_fxsave(&f.to_fxsave()), f);
+        let img = f.to_fxsave();
+        assert_eq!(img[32 + 3 * 16 + 9], 0x40);
+        assert_eq!(img[160 + 15 * 16..416], [7; 16]);
+        assert_eq!(img[416..], [0; 96]);
+        assert_eq!(FpuState::from_fxsave(&img), f);
     }
 
     #[test]
@@ -462,8 +471,12 @@ mod tests {
         s.set_msr(msr::IA32_LSTAR, 3);
         assert_eq!(s.msr(msr::IA32_LSTAR), Some(3));
         assert!(s.validate().is_ok());
+        let sorted = s.msrs.clone();
         s.msrs.push(Msr { index: 0, value: 0 });
         assert!(s.validate().is_err());
+        s.msrs = sorted;
+        s.msrs.push(s.msrs[s.msrs.len() - 1]);
+        assert!(s.validate().is_err(), "duplicate");
     }
 
     #[test]
