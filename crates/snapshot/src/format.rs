@@ -130,15 +130,14 @@ impl MemoryInfo {
     }
 
     pub fn decode(p: &[u8], header: &Header) -> std::result::Result<Self, String> {
-        if p.len() < MEMORY_FIXED_LEN as usize {
+        let Some((fixed, bitmap)) = p.split_first_chunk::<{ MEMORY_FIXED_LEN as usize }>() else {
             return Err(format!("{} bytes, shorter than 32", p.len()));
-        }
-        let image_offset = le64(&p[0..8]);
-        let image_len = le64(&p[8..16]);
-        let page_size = le32(&p[16..20]);
-        let image_crc = le32(&p[20..24]);
-        let present_pages = le64(&p[24..32]);
-        let bitmap = &p[32..];
+        };
+        let image_offset = le64(&fixed[0..8]);
+        let image_len = le64(&fixed[8..16]);
+        let page_size = le32(&fixed[16..20]);
+        let image_crc = le32(&fixed[20..24]);
+        let present_pages = le64(&fixed[24..32]);
         if u64::from(page_size) != PAGE_SIZE {
             return Err(format!("page size {page_size} (expected 4096)"));
         }
@@ -213,16 +212,14 @@ pub(crate) struct Parsed {
     pub memory: MemoryInfo,
 }
 
+/// The little-endian `u32` at the start of `b` (callers pass exactly 4 bytes; 0 if shorter).
 pub(crate) fn le32(b: &[u8]) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(v)
+    b.first_chunk().map_or(0, |c| u32::from_le_bytes(*c))
 }
 
+/// The little-endian `u64` at the start of `b` (callers pass exactly 8 bytes; 0 if shorter).
 pub(crate) fn le64(b: &[u8]) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(v)
+    b.first_chunk().map_or(0, |c| u64::from_le_bytes(*c))
 }
 
 pub(crate) fn align_up(v: u64) -> u64 {
@@ -558,8 +555,9 @@ pub(crate) fn verify_image<S: Source>(src: &S, mem: &MemoryInfo) -> Result<()> {
     let mut pos = 0u64;
     while pos < mem.image_len {
         let n = (mem.image_len - pos).min(CHUNK as u64) as usize;
-        src.read_at(mem.image_offset + pos, &mut buf[..n])?;
-        for (i, page) in buf[..n].chunks(PAGE_SIZE as usize).enumerate() {
+        buf.truncate(n); // n only shrinks, on the last round
+        src.read_at(mem.image_offset + pos, &mut buf)?;
+        for (i, page) in buf.chunks(PAGE_SIZE as usize).enumerate() {
             let p = pos / PAGE_SIZE + i as u64;
             if mem.page_present(p) {
                 crc = crc32c::crc32c_append(crc, page);

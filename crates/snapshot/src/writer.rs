@@ -244,23 +244,27 @@ fn write_image(
         let mut pos = 0u64;
         while pos < r.len {
             let n = (r.len - pos).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
+            buf.resize(n, 0);
             let addr = r.guest_addr + pos;
             memory
-                .read_slice(chunk, GuestAddress(addr))
+                .read_slice(&mut buf, GuestAddress(addr))
                 .map_err(|source| Error::ReadGuestMemory { addr, source })?;
             let first_page = (image_pos + pos) / PAGE_SIZE;
             let mut run_start: Option<usize> = None;
-            let pages = n / page;
-            for i in 0..=pages {
-                let present = i < pages && !format::is_zero(&chunk[i * page..(i + 1) * page]);
-                if present {
+            // Each page, then a `None` that ends the last run.
+            let pages = buf.chunks_exact(page).map(Some).chain([None]);
+            for (i, data) in pages.enumerate() {
+                if data.is_some_and(|d| !format::is_zero(d)) {
                     let p = first_page + i as u64;
-                    mem.bitmap[(p / 8) as usize] |= 1 << (p % 8);
+                    let bits = mem.bitmap.get_mut((p / 8) as usize).ok_or_else(|| {
+                        Error::InvalidContents(format!("page {p} is beyond the bitmap"))
+                    })?;
+                    *bits |= 1 << (p % 8);
                     mem.present_pages += 1;
                     run_start.get_or_insert(i);
                 } else if let Some(s) = run_start.take() {
-                    let run = &chunk[s * page..i * page];
+                    // s < i <= the page count: always in range.
+                    let run = buf.get(s * page..i * page).unwrap_or_default();
                     mem.image_crc = crc32c::crc32c_append(mem.image_crc, run);
                     let at = mem.image_offset + image_pos + pos + (s * page) as u64;
                     faults.step("write", tmp)?;
