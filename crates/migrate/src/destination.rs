@@ -143,9 +143,9 @@ where
             (Phase::Memory, Kind::RoundEnd) => {
                 let round = f
                     .payload
-                    .get(0..4)
+                    .first_chunk::<4>()
                     .filter(|_| f.payload.len() == 12)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .map(|b| u32::from_le_bytes(*b))
                     .ok_or_else(|| Error::Protocol("bad RoundEnd".into()))?;
                 if round != next_round {
                     return Err(Error::Protocol(format!(

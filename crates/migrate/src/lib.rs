@@ -13,6 +13,10 @@
 //!   [`Arrived`] VM; the VMM restores the state, resumes the guest and then calls
 //!   [`Confirmation::resumed`].
 
+// The migration stream is untrusted: besides the workspace lints, no index may panic here
+// either.
+#![deny(clippy::indexing_slicing)]
+
 mod destination;
 mod pages;
 mod source;

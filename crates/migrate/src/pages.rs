@@ -93,8 +93,10 @@ pub(crate) fn encode_batch(
     let (Some(&base), Some(&last)) = (pfns.first(), pfns.last()) else {
         return Ok(None);
     };
-    let count =
-        usize::try_from(last - base + 1).map_err(|_| Error::Vm("page batch too large".into()))?;
+    let count = last
+        .checked_sub(base)
+        .and_then(|n| usize::try_from(n + 1).ok())
+        .ok_or_else(|| Error::Vm("page batch too large or unsorted".into()))?;
     out.clear();
     out.extend_from_slice(&base.to_le_bytes());
     out.extend_from_slice(&(count as u32).to_le_bytes());
@@ -117,7 +119,11 @@ pub(crate) fn encode_batch(
             out.extend_from_slice(&page);
             FLAG_DATA
         };
-        out[BATCH_HEADER + (pfn - base) as usize] = flag;
+        let slot = pfn
+            .checked_sub(base)
+            .and_then(|i| out.get_mut(BATCH_HEADER + i as usize))
+            .ok_or_else(|| Error::Vm(format!("page {pfn:#x} is outside its batch")))?;
+        *slot = flag;
     }
     if stats.data_pages == 0 && stats.zero_pages == 0 {
         return Ok(None);
@@ -129,18 +135,17 @@ pub(crate) fn encode_batch(
 /// into `mem`. Returns the number of pages written.
 pub(crate) fn apply_batch(mem: &GuestMemory, p: &[u8]) -> Result<u64> {
     let bad = |what: &str| Error::Protocol(format!("bad MemoryPages: {what}"));
-    if p.len() < BATCH_HEADER {
-        return Err(bad("truncated header"));
-    }
-    let mut b8 = [0u8; 8];
-    b8.copy_from_slice(&p[0..8]);
-    let base = u64::from_le_bytes(b8);
-    let count = u32::from_le_bytes([p[8], p[9], p[10], p[11]]) as usize;
+    let (header, rest) = p
+        .split_first_chunk::<BATCH_HEADER>()
+        .ok_or_else(|| bad("truncated header"))?;
+    let (base, count) = header.split_at(8);
+    let base = u64::from_le_bytes(base.try_into().map_err(|_| bad("header"))?);
+    let count = u32::from_le_bytes(count.try_into().map_err(|_| bad("header"))?) as usize;
     if count == 0 || count as u64 > MAX_BATCH_PAGES {
         return Err(bad("page count out of range"));
     }
-    let flags = p
-        .get(BATCH_HEADER..BATCH_HEADER + count)
+    let (flags, pages) = rest
+        .split_at_checked(count)
         .ok_or_else(|| bad("truncated flags"))?;
     let mut data_pages = 0usize;
     for &f in flags {
@@ -166,7 +171,7 @@ pub(crate) fn apply_batch(mem: &GuestMemory, p: &[u8]) -> Result<u64> {
             }
         }
     }
-    let mut data = p[BATCH_HEADER + count..].chunks_exact(PAGE);
+    let mut data = pages.chunks_exact(PAGE);
     let mut written = 0;
     for (i, &f) in flags.iter().enumerate() {
         let src: &[u8] = match f {

@@ -269,9 +269,10 @@ struct PeerHello {
 }
 
 fn parse_hello(p: &[u8]) -> Result<PeerHello> {
-    if p.len() != HELLO_LEN || p[0..8] != MAGIC {
-        return Err(Error::Protocol("not an anyvisor migration stream".into()));
-    }
+    let p = match <&[u8; HELLO_LEN]>::try_from(p) {
+        Ok(p) if p[0..8] == MAGIC => p,
+        _ => return Err(Error::Protocol("not an anyvisor migration stream".into())),
+    };
     let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
     let flags = u32::from_le_bytes([p[12], p[13], p[14], p[15]]);
     let mut nonce = [0u8; NONCE_LEN];
