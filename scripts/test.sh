@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will SKIP)"; fi
+# Lints first: among them the workspace's deny of unwrap/expect/panic outside tests (Cargo.toml).
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --release --no-fail-fast -- --test-threads=2

@@ -19,6 +19,8 @@ const TEST_PANIC_ENV: &str = "ANYVISOR_TEST_PANIC";
 fn main() -> ExitCode {
     install_panic_hook();
     if std::env::var_os(TEST_PANIC_ENV).is_some() {
+        // The deliberate panic of the test hook above; no input reaches it.
+        #[allow(clippy::panic)]
         let _ = std::thread::spawn(|| panic!("test panic\nsecond line")).join();
     }
     let cli = match Cli::try_parse() {

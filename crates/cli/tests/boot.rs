@@ -2,6 +2,9 @@
 //! Needs /dev/kvm for the KVM tests and the built kit; each test says SKIP and returns when
 //! what it needs is missing.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

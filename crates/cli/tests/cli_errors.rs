@@ -1,6 +1,9 @@
 //! Bad usage and bad input: exit status 2 and exactly one `error:` line on stderr, nothing on
 //! stdout. Needs neither KVM nor the guest kit.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 

@@ -8,6 +8,9 @@
 //! Boots are expensive (15 s to minutes), so each backend boots at most three times here.
 //! Bad host input (no boot): exit 2 with exactly one `error:` line.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixListener;

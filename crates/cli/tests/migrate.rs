@@ -9,6 +9,9 @@
 //!
 //! Faults: `migrate_faults.rs`.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod migrate_support;
 mod persist_harness;
 

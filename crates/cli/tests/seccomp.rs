@@ -3,6 +3,9 @@
 //! are off. Needs the guest kit (guest/build-kit.sh) and an optimized build for the boots (the
 //! same skips as tests/boot.rs).
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,9 @@
 //!
 //! One Linux boot (emu) serves every check; restores are cheap.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod persist_harness;
 
 use std::path::Path;

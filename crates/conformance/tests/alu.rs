@@ -1,4 +1,7 @@
 //! Integer ALU instructions and the status flags they leave.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::Hypervisor;
 use iced_x86::IcedError;

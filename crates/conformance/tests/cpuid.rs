@@ -1,4 +1,7 @@
 //! CPUID as the guest sees it equals the CPU model's table (`CpuModel::cpuid_value`).
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::{BackendKind, CpuModel, Hypervisor};
 use iced_x86::code_asm::*;

@@ -1,4 +1,7 @@
 //! KVM-vs-emu differential runs, and proof that the comparison detects a difference.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::diff::{self, Privilege, compare};
 
 fn env_u64(name: &str, default: u64) -> u64 {

@@ -1,4 +1,7 @@
 //! The harness itself: programs stop, exceptions are recorded, and wrong expectations fail.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::Hypervisor;
 use iced_x86::code_asm::*;

@@ -1,5 +1,8 @@
 //! Interrupt and exception delivery: MSI through `Vm::signal_msi` to the IDT, the `sti` shadow,
 //! `int3` → #BP, `ud2` → #UD.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::time::Duration;
 
 use conformance::*;

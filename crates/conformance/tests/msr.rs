@@ -1,4 +1,7 @@
 //! MSRs: STAR/LSTAR/FS_BASE written by the guest read back, take effect, and appear in the state.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::Hypervisor;
 use hv::msr::{IA32_FS_BASE, IA32_LSTAR, IA32_STAR};

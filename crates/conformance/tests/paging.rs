@@ -1,4 +1,7 @@
 //! 4-level paging faults: not present, write to read-only, NX fetch (#PF with CR2 and error code).
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::Hypervisor;
 use iced_x86::code_asm::*;

@@ -1,5 +1,8 @@
 //! SSE basics (movdqu, pxor, paddd, pshufd) and `lock cmpxchg16b`. On KVM at CPL 0 these go
 //! through emu's instruction emulator behind KVM (KVM's own emulator refuses most of them).
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::Hypervisor;
 use iced_x86::code_asm::*;

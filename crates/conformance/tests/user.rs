@@ -1,4 +1,7 @@
 //! CPL 3 code: the same programs in user mode (where KVM runs them on the host CPU).
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::*;
 use hv::{BackendKind, Hypervisor};
 use iced_x86::code_asm::*;

@@ -1,4 +1,7 @@
 //! Integer arithmetic, flags, multiply/divide (with #DE), bit operations and atomics.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

@@ -1,4 +1,7 @@
 //! `hv::InstructionEmulator` (used by the KVM backend): one instruction on a neutral state.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

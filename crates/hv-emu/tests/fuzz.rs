@@ -1,5 +1,8 @@
 //! Random instruction bytes (seeded) must never panic the emulator: every run ends in an exit
 //! or an `Unhandled` error.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use std::sync::Arc;

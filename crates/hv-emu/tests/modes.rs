@@ -1,5 +1,8 @@
 //! Mode switches: real mode -> protected mode -> long mode, as a boot loader or the Linux AP
 //! trampoline does it; and state save/restore equality.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

@@ -1,4 +1,7 @@
 //! 4-level paging: #PF error codes and CR2, write protection, NX, accessed/dirty bits.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! Self-modifying code: a write into code that has been (or is being) decoded must take effect
 //! at the next execution of the written instruction, whichever path wrote it (plain store,
 //! store into the running block, REP MOVS).
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

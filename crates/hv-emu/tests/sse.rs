@@ -1,4 +1,7 @@
 //! SSE integer operations libc string functions use, FXSAVE/FXRSTOR, and PCMPISTRI.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

@@ -1,4 +1,7 @@
 //! String instructions with REP prefixes, both directions.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::*;

@@ -4,6 +4,9 @@
 //! deadline). Checks: syscall semantics, exception delivery from user mode, written pages drop
 //! stale decoded blocks, the guest TSC follows the runner's, and MSIs / the APIC timer interrupt
 //! a vCPU that is inside the runner.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -1,6 +1,9 @@
 //! End-to-end tests of the KVM backend with tiny 64-bit guest programs. Each needs /dev/kvm and
 //! prints `SKIP: no /dev/kvm` without it.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

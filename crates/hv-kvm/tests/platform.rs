@@ -1,6 +1,9 @@
 //! Measurements of what this host's KVM really does, kept as tests that print their finding
 //! (recorded in docs/kvm-platform.md). Run with `--nocapture` to see the tables.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

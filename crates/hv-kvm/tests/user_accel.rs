@@ -4,6 +4,9 @@
 //! IDT of DPL-0 interrupt gates (DPL 3 for vectors 3 and 0x80). No kernel code exists: every exit
 //! from user mode must be caught by the accelerator.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

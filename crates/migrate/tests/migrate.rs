@@ -1,5 +1,8 @@
 //! End-to-end tests of the migration engine over real sockets, with fake VMs (no hypervisor).
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::io::{self, Read, Write};

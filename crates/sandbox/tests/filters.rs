@@ -2,6 +2,9 @@
 //! environment variable set) and checks what the child may and may not do: an allowed call
 //! works, a forbidden one kills the child with SIGSYS. Needs Linux with seccomp; no root.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;

@@ -1,6 +1,9 @@
 //! Damaged and hostile files: every failure is an `Err` with a specific message, never a panic.
 //! No root, no KVM.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! Write → read round trips, sparseness, lazy private mapping, atomic replacement.
 //! Needs: a filesystem with holes (ext4, xfs, tmpfs, btrfs). No root, no KVM.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::os::unix::fs::MetadataExt;
