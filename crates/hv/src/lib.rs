@@ -17,6 +17,7 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod cpu_model;
+pub mod ratelimit;
 pub mod state;
 
 use std::sync::Arc;
