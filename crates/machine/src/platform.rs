@@ -265,7 +265,10 @@ impl hv::DeviceIo for Platform {
             }
             None => {
                 self.counters.pio_reads.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!("unclaimed port read {port:#x}/{}", data.len());
+                hv::rate_limited!(tracing::trace!(
+                    "unclaimed port read {port:#x}/{}",
+                    data.len()
+                ));
             }
         }
     }
@@ -303,7 +306,10 @@ impl hv::DeviceIo for Platform {
             }
             _ => {
                 self.counters.pio_writes.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!("unclaimed port write {port:#x}/{}", data.len());
+                hv::rate_limited!(tracing::trace!(
+                    "unclaimed port write {port:#x}/{}",
+                    data.len()
+                ));
             }
         }
     }
@@ -314,7 +320,10 @@ impl hv::DeviceIo for Platform {
             None => {
                 data.fill(0xff);
                 self.counters.mmio_reads.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!("unclaimed MMIO read {addr:#x}/{}", data.len());
+                hv::rate_limited!(tracing::trace!(
+                    "unclaimed MMIO read {addr:#x}/{}",
+                    data.len()
+                ));
             }
         }
     }
@@ -324,7 +333,10 @@ impl hv::DeviceIo for Platform {
             Some((base, h)) => h.write(addr - base, data),
             None => {
                 self.counters.mmio_writes.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!("unclaimed MMIO write {addr:#x}/{}", data.len());
+                hv::rate_limited!(tracing::trace!(
+                    "unclaimed MMIO write {addr:#x}/{}",
+                    data.len()
+                ));
             }
         }
     }

@@ -222,11 +222,11 @@ impl MmioTransport {
         let value = if data.len() == 4 && offset.is_multiple_of(4) {
             self.read_reg(offset)
         } else {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: unaligned register read"
-            );
+            ));
             0
         };
         let bytes = value.to_le_bytes();
@@ -242,11 +242,11 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: register write not 32-bit"
-            );
+            ));
             return;
         };
         if !offset.is_multiple_of(4) {
@@ -291,10 +291,10 @@ impl MmioTransport {
     }
 
     fn needs_reset(&mut self, err: &DeviceError) {
-        tracing::warn!(
+        hv::rate_limited!(tracing::warn!(
             device = self.device.device_type(),
             "virtio device needs reset: {err}"
-        );
+        ));
         self.status |= NEEDS_RESET;
         self.signal(VIRTIO_MMIO_INT_CONFIG);
     }
@@ -308,10 +308,10 @@ impl MmioTransport {
     /// The selected queue, if its registers may be written now.
     fn writable_queue(&mut self) -> Option<&mut Queue> {
         if self.status & (FEATURES_OK | DRIVER_OK | FAILED | NEEDS_RESET) != FEATURES_OK {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 status = self.status,
                 "virtio-mmio: queue register write refused"
-            );
+            ));
             return None;
         }
         let i = usize::try_from(self.queue_sel).ok()?;
@@ -364,7 +364,10 @@ impl MmioTransport {
                 if let Some(q) = self.writable_queue() {
                     let ok = u16::try_from(v).is_ok_and(|size| q.try_set_size(size).is_ok());
                     if !ok {
-                        tracing::debug!(size = v, "virtio-mmio: invalid queue size ignored");
+                        hv::rate_limited!(tracing::debug!(
+                            size = v,
+                            "virtio-mmio: invalid queue size ignored"
+                        ));
                     }
                 }
             }
@@ -383,10 +386,10 @@ impl MmioTransport {
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             reg::SHM_SEL => self.shm_sel = v,
-            _ => tracing::debug!(
+            _ => hv::rate_limited!(tracing::debug!(
                 offset,
                 "virtio-mmio: write to read-only or unknown register"
-            ),
+            )),
         }
     }
 
@@ -405,11 +408,11 @@ impl MmioTransport {
         }
         let cur = self.status & !NEEDS_RESET;
         if v & cur != cur {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 cur,
                 v,
                 "virtio-mmio: status bits can only be cleared by reset"
-            );
+            ));
             return;
         }
         let mut new = v & !cur;
@@ -431,10 +434,10 @@ impl MmioTransport {
                         .for_each(|q| apply_features(q, acked));
                     self.status |= FEATURES_OK;
                 } else {
-                    tracing::debug!(
+                    hv::rate_limited!(tracing::debug!(
                         acked = self.acked_features,
                         "virtio-mmio: FEATURES_OK refused"
-                    );
+                    ));
                 }
             }
             (c, DRIVER_OK) if c == ACK | DRIVER | FEATURES_OK => {
@@ -443,7 +446,11 @@ impl MmioTransport {
                     self.needs_reset(&e);
                 }
             }
-            _ => tracing::debug!(cur, v, "virtio-mmio: illegal status transition ignored"),
+            _ => hv::rate_limited!(tracing::debug!(
+                cur,
+                v,
+                "virtio-mmio: illegal status transition ignored"
+            )),
         }
     }
 

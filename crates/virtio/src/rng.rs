@@ -69,7 +69,7 @@ impl Rng {
             }
             buf.resize(n as usize, 0);
             if let Err(e) = self.source.read_exact(&mut buf) {
-                tracing::warn!("virtio-rng: entropy source failed: {e}");
+                hv::rate_limited!(tracing::warn!("virtio-rng: entropy source failed: {e}"));
                 self.counters.errors += 1;
                 break;
             }

@@ -186,7 +186,7 @@ impl DiskImage for RawFile {
         }
         // Advisory: a file system without hole punching keeps the data, which is allowed.
         if let Err(e) = fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
-            tracing::debug!("raw discard not done: {e}");
+            hv::rate_limited!(tracing::debug!("raw discard not done: {e}"));
         }
         Ok(())
     }

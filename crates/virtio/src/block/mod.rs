@@ -201,7 +201,7 @@ impl Block {
             VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
                 Err(e) => {
-                    tracing::warn!("virtio-blk flush failed: {e}");
+                    hv::rate_limited!(tracing::warn!("virtio-blk flush failed: {e}"));
                     (IOERR, 0)
                 }
             },
@@ -245,7 +245,7 @@ impl Block {
             let n = (len - done).min(chunk.len() as u64) as usize;
             self.disk
                 .read_at(start + done, &mut chunk[..n])
-                .map_err(|e| tracing::warn!("virtio-blk read failed: {e}"))?;
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
             copy_to_guest(mem, bufs, done, &chunk[..n])?;
             done += n as u64;
             self.counters.bytes_read += n as u64;
@@ -270,7 +270,7 @@ impl Block {
             copy_from_guest(mem, readable, HEADER_LEN as u64 + done, &mut chunk[..n])?;
             self.disk
                 .write_at(start + done, &chunk[..n])
-                .map_err(|e| tracing::warn!("virtio-blk write failed: {e}"))?;
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
             done += n as u64;
             self.counters.bytes_written += n as u64;
         }
@@ -321,7 +321,9 @@ impl Block {
                 self.disk.write_zeroes(start, bytes)
             };
             if let Err(e) = r {
-                tracing::warn!("virtio-blk discard/write-zeroes failed: {e}");
+                hv::rate_limited!(tracing::warn!(
+                    "virtio-blk discard/write-zeroes failed: {e}"
+                ));
                 return IOERR;
             }
         }
@@ -413,7 +415,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // No writable field is offered (writeback needs VIRTIO_BLK_F_CONFIG_WCE).
-        tracing::debug!(offset, "virtio-blk: config write dropped");
+        hv::rate_limited!(tracing::debug!(offset, "virtio-blk: config write dropped"));
     }
 
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError> {

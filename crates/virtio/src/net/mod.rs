@@ -223,7 +223,7 @@ impl Net {
         match self.tap.send(frame) {
             Ok(_) => self.counters.bytes_written += frame.len() as u64,
             Err(e) => {
-                tracing::debug!("virtio-net: tap refused a frame: {e}");
+                hv::rate_limited!(tracing::debug!("virtio-net: tap refused a frame: {e}"));
                 self.counters.errors += 1;
             }
         }
@@ -380,7 +380,7 @@ fn rx_loop(tap: &dyn TapIo, shared: &RxShared, epoll: &Epoll, stop: &EventFd, ge
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!("virtio-net: tap read failed: {e}");
+                    hv::rate_limited!(tracing::debug!("virtio-net: tap read failed: {e}"));
                     // A persistent error (interface gone) must not spin.
                     thread::sleep(std::time::Duration::from_millis(10));
                     break;

@@ -201,10 +201,10 @@ impl Vsock {
             return Ok(0);
         };
         let Some(data) = bytes.get(HEADER_LEN..HEADER_LEN + h.len as usize) else {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 len = h.len,
                 "virtio-vsock: packet shorter than its header says"
-            );
+            ));
             self.counters.errors += 1;
             return Ok(0);
         };

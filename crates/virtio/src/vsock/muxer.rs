@@ -435,11 +435,11 @@ impl Muxer {
     /// Handles one packet the guest sent on the transmit queue.
     pub fn guest_packet(&mut self, h: &Header, data: &[u8], counters: &mut Counters) {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
-            tracing::debug!(
+            hv::rate_limited!(tracing::debug!(
                 src = h.src_cid,
                 dst = h.dst_cid,
                 "virtio-vsock: packet with wrong CIDs dropped"
-            );
+            ));
             counters.errors += 1;
             return;
         }
@@ -482,7 +482,7 @@ impl Muxer {
             }
             (OP_RW, State::Established) => {
                 if c.tx_buf.len() + data.len() > CONN_BUF as usize {
-                    tracing::debug!("virtio-vsock: guest exceeded its credit");
+                    hv::rate_limited!(tracing::debug!("virtio-vsock: guest exceeded its credit"));
                     self.reset_conn(key, counters);
                     return;
                 }
@@ -508,10 +508,10 @@ impl Muxer {
             (OP_CREDIT_UPDATE, State::Established) => {}
             (OP_CREDIT_REQUEST, State::Established) => c.send_credit_update = true,
             _ => {
-                tracing::debug!(
+                hv::rate_limited!(tracing::debug!(
                     op = h.op,
                     "virtio-vsock: unexpected packet resets connection"
-                );
+                ));
                 self.reset_conn(key, counters);
                 return;
             }
@@ -529,7 +529,9 @@ impl Muxer {
         let stream = match UnixStream::connect(&path) {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!("virtio-vsock: connect to {path:?} failed: {e}");
+                hv::rate_limited!(tracing::debug!(
+                    "virtio-vsock: connect to {path:?} failed: {e}"
+                ));
                 self.push_control(h.reset_reply(), counters);
                 return;
             }
@@ -586,7 +588,9 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.connection_count() >= MAX_CONNECTIONS {
-                        tracing::debug!("virtio-vsock: connection limit, host client dropped");
+                        hv::rate_limited!(tracing::debug!(
+                            "virtio-vsock: connection limit, host client dropped"
+                        ));
                         continue;
                     }
                     let token = self.token();
@@ -609,7 +613,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::debug!("virtio-vsock: accept failed: {e}");
+                        hv::rate_limited!(tracing::debug!("virtio-vsock: accept failed: {e}"));
                     }
                     return;
                 }
@@ -637,7 +641,9 @@ impl Muxer {
             return;
         };
         let Some(peer) = port else {
-            tracing::debug!("virtio-vsock: bad CONNECT line from host client");
+            hv::rate_limited!(tracing::debug!(
+                "virtio-vsock: bad CONNECT line from host client"
+            ));
             self.tokens.remove(&token);
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
