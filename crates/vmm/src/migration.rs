@@ -335,10 +335,10 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
         let arrived = match arrived {
             Ok(a) => a,
             Err(e) => {
-                eprintln!(
+                hv::rate_limited!(eprintln!(
                     "anyvisor: incoming migration failed: {}; waiting for another",
                     crate::error::report(&e)
-                );
+                ));
                 continue;
             }
         };
@@ -364,7 +364,9 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
             }
             Err(e) => {
                 let reason = crate::error::report(&e);
-                eprintln!("anyvisor: cannot start the arrived VM: {reason}; waiting for another");
+                hv::rate_limited!(eprintln!(
+                    "anyvisor: cannot start the arrived VM: {reason}; waiting for another"
+                ));
                 confirmation.abort(&reason);
             }
         }
