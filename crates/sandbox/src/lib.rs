@@ -22,7 +22,12 @@
 //! * [`ThreadRole::Api`]: first thing in the API thread, before its accept loop. A `tcp:`
 //!   migration started from here must get a numeric address: resolving a host name may load
 //!   NSS modules (executable mappings), which the filter refuses.
-//! * [`ThreadRole::Migration`]: in a migration thread, after the key file was read.
+//! * [`ThreadRole::Migration`]: first thing in the outgoing migration thread (`migrate-out`,
+//!   spawned by the API connection that asked for it, so the Api filter applies too), after the
+//!   address was parsed and the key file read.
+//! * [`ThreadRole::IncomingMigration`]: first thing in the incoming migration thread
+//!   (`migrate-in`, spawned by the main thread for each attempt), after the listening socket was
+//!   bound and the key file read. The main thread builds the VM it asks for.
 //! * [`ThreadRole::Main`]: on the main thread after the last thread was spawned, before it
 //!   waits for the VM's end.
 
@@ -46,18 +51,25 @@ pub enum ThreadRole {
     /// Serves the control socket: pause, resume, info, snapshots (writes files), and spawns a
     /// migration thread.
     Api,
-    /// Sends or receives a live migration over an already connected socket.
+    /// Sends a live migration: the stream, the dirty log, pausing, throttling and resuming the
+    /// VM, its final state.
     Migration,
+    /// Receives a live migration: accepts one connection on the bound listener, authenticates
+    /// it and writes the pages into guest memory. Everything else (the backend, the guest
+    /// memory, starting the VM) the main thread does on its request: no KVM, no files, no
+    /// threads here.
+    IncomingMigration,
     /// The main thread once the VM runs: waits for the end, stops the vCPUs, cleans up, exits.
     Main,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 5] = [
+    pub const ALL: [ThreadRole; 6] = [
         ThreadRole::Vcpu,
         ThreadRole::Device,
         ThreadRole::Api,
         ThreadRole::Migration,
+        ThreadRole::IncomingMigration,
         ThreadRole::Main,
     ];
 
@@ -67,6 +79,7 @@ impl ThreadRole {
             ThreadRole::Device => "device",
             ThreadRole::Api => "api",
             ThreadRole::Migration => "migration",
+            ThreadRole::IncomingMigration => "incoming-migration",
             ThreadRole::Main => "main",
         }
     }

@@ -136,6 +136,24 @@ fn threads(a: &mut Allow) -> Result<()> {
     Ok(())
 }
 
+/// A spawned thread installing its own, narrower filter (seccompiler sets no_new_privs, then
+/// adds the filter): filters only ever add up, so this cannot widen what the thread may do.
+fn own_filter(a: &mut Allow) -> Result<()> {
+    a.when(
+        libc::SYS_prctl,
+        rule(0, SeccompCmpOp::Eq, libc::PR_SET_NO_NEW_PRIVS as u64)?,
+    ); // required before adding a filter (already set: inherited)
+    a.when(
+        libc::SYS_seccomp,
+        rule(
+            0,
+            SeccompCmpOp::Eq,
+            u64::from(libc::SECCOMP_SET_MODE_FILTER),
+        )?,
+    ); // adding a filter, never removing one (the kernel has no way to)
+    Ok(())
+}
+
 /// Talking over a socket that already exists, and connecting new ones.
 fn sockets(a: &mut Allow) -> Result<()> {
     a.any(libc::SYS_recvfrom); // socket reads
@@ -193,8 +211,9 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::INTERRUPTS)?; // raising the device's guest interrupt
         }
         ThreadRole::Api => {
-            threads(&mut a)?; // the migration thread
-            sockets(&mut a)?; // the migration thread connects from here
+            threads(&mut a)?; // the outgoing migration thread
+            own_filter(&mut a)?; // which installs the Migration filter on top of this one
+            sockets(&mut a)?; // (the migration thread's connect and stream are this filter's too)
             disk_io(&mut a); // writing snapshot files, flushing disks
             a.any(libc::SYS_accept4); // control-socket connections
             a.any(libc::SYS_openat); // creating snapshot files and their directory handle
@@ -212,13 +231,24 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::INTERRUPTS)?; // a resumed device may raise an interrupt
         }
         ThreadRole::Migration => {
-            sockets(&mut a)?; // the migration stream
-            a.any(libc::SYS_accept4); // an incoming migration's connection
+            sockets(&mut a)?; // connecting to the destination, the migration stream
+            threads(&mut a)?; // the throttle thread (pauses the VM for a share of each 100 ms)
             a.any(libc::SYS_fsync); // flushing disks before the hand-off
             a.any(libc::SYS_fdatasync); // flushing disks before the hand-off
             a.ioctls(ioctl::VCPU_STATE)?; // vCPU state of the paused VM
             a.ioctls(ioctl::VM_STATE)?; // dirty log (and its slot flags), clock
             a.ioctls(ioctl::INTERRUPTS)?; // a resumed device may raise an interrupt
+        }
+        ThreadRole::IncomingMigration => {
+            a.any(libc::SYS_accept4); // the source's connection on the bound listener
+            a.any(libc::SYS_setsockopt); // TCP_NODELAY, read and write timeouts
+            a.any(libc::SYS_recvfrom); // the stream (reads)
+            a.any(libc::SYS_sendto); // the handshake, acknowledgements, the confirmation
+            a.any(libc::SYS_recvmsg); // the stream (reads)
+            a.any(libc::SYS_sendmsg); // the stream (writes)
+            a.any(libc::SYS_shutdown); // ending the connection
+            a.any(libc::SYS_poll); // waiting with a timeout
+            a.any(libc::SYS_ppoll); // waiting with a timeout
         }
         ThreadRole::Main => {
             a.when(

@@ -252,6 +252,139 @@ fn migration_role_kills_on_open() {
 }
 
 #[test]
+fn migration_role_allows_the_throttle_thread() {
+    assert_survived(in_child(
+        "migration_role_allows_the_throttle_thread",
+        || {
+            install(ThreadRole::Migration, SeccompMode::On).unwrap();
+            std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(|| std::thread::sleep(Duration::from_millis(1)))
+                .unwrap()
+                .join()
+                .unwrap();
+        },
+    ));
+}
+
+#[test]
+fn an_api_connection_thread_may_start_a_migration_thread_under_both_filters() {
+    let status = in_child(
+        "an_api_connection_thread_may_start_a_migration_thread_under_both_filters",
+        || {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            install(ThreadRole::Api, SeccompMode::On).unwrap();
+            std::thread::scope(|s| {
+                std::thread::Builder::new()
+                    .name("migrate-out".into())
+                    .spawn_scoped(s, || {
+                        install(ThreadRole::Migration, SeccompMode::On).unwrap();
+                        a.write_all(&[5u8; 4096]).unwrap();
+                        // The throttle thread.
+                        std::thread::spawn(|| {}).join().unwrap();
+                    })
+                    .unwrap()
+                    .join()
+                    .unwrap();
+            });
+            let mut buf = [0u8; 4096];
+            b.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, [5u8; 4096]);
+        },
+    );
+    assert_survived(status);
+}
+
+#[test]
+fn a_migration_thread_started_by_the_api_thread_cannot_open_files() {
+    assert_killed_by_sigsys(in_child(
+        "a_migration_thread_started_by_the_api_thread_cannot_open_files",
+        || {
+            install(ThreadRole::Api, SeccompMode::On).unwrap();
+            std::thread::spawn(|| {
+                install(ThreadRole::Migration, SeccompMode::On).unwrap();
+                let _ = File::open("/dev/null"); // the API filter would allow it
+            })
+            .join()
+            .unwrap();
+        },
+    ));
+}
+
+#[test]
+fn incoming_migration_role_allows_accepting_and_stream_io() {
+    let sock = scratch("incoming.sock");
+    let status = in_child(
+        "incoming_migration_role_allows_accepting_and_stream_io",
+        || {
+            // Bound by the main thread before the migration thread starts; the source connects.
+            let listener = UnixListener::bind(scratch("incoming.sock")).unwrap();
+            let mut source = UnixStream::connect(scratch("incoming.sock")).unwrap();
+            install(ThreadRole::IncomingMigration, SeccompMode::On).unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            source.write_all(&[9u8; 16384]).unwrap();
+            let mut buf = vec![0u8; 16384];
+            s.read_exact(&mut buf).unwrap();
+            assert!(buf.iter().all(|&x| x == 9));
+            s.write_all(b"resumed").unwrap();
+            let mut ack = [0u8; 7];
+            source.read_exact(&mut ack).unwrap();
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+            eprintln!("anyvisor: incoming migration failed: a message");
+        },
+    );
+    let _ = std::fs::remove_file(&sock);
+    assert_survived(status);
+}
+
+#[test]
+fn incoming_migration_role_kills_on_open() {
+    assert_killed_by_sigsys(in_child("incoming_migration_role_kills_on_open", || {
+        install(ThreadRole::IncomingMigration, SeccompMode::On).unwrap();
+        let _ = File::open("/dev/null");
+    }));
+}
+
+#[test]
+fn incoming_migration_role_kills_on_thread_spawn() {
+    assert_killed_by_sigsys(in_child(
+        "incoming_migration_role_kills_on_thread_spawn",
+        || {
+            install(ThreadRole::IncomingMigration, SeccompMode::On).unwrap();
+            let _ = std::thread::spawn(|| {}).join();
+        },
+    ));
+}
+
+#[test]
+fn incoming_migration_role_kills_on_connect() {
+    assert_killed_by_sigsys(in_child("incoming_migration_role_kills_on_connect", || {
+        install(ThreadRole::IncomingMigration, SeccompMode::On).unwrap();
+        let _ = UnixStream::connect("/nonexistent.sock"); // socket()
+    }));
+}
+
+#[test]
+fn incoming_migration_role_kills_on_any_kvm_ioctl() {
+    let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+        println!("SKIP: no /dev/kvm");
+        return;
+    };
+    drop(kvm);
+    assert_killed_by_sigsys(in_child(
+        "incoming_migration_role_kills_on_any_kvm_ioctl",
+        || {
+            let kvm = kvm_ioctls::Kvm::new().unwrap();
+            let vm = kvm.create_vm().unwrap();
+            install(ThreadRole::IncomingMigration, SeccompMode::On).unwrap();
+            let _ = vm.get_dirty_log(0, 4096);
+        },
+    ));
+}
+
+#[test]
 fn main_role_allows_shutdown_work() {
     let sock = scratch("main.sock");
     let status = in_child("main_role_allows_shutdown_work", || {
