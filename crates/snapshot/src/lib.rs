@@ -71,6 +71,12 @@ impl Header {
             .iter()
             .fold(0u64, |acc, r| acc.saturating_add(r.len))
     }
+
+    /// The checks a snapshot file's header gets (vCPU count, memory regions and size within the
+    /// format's limits), for a header that arrived some other way (a migration's description).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        format::validate_header(self, &[])
+    }
 }
 
 /// Everything a snapshot holds besides guest RAM.
