@@ -27,7 +27,7 @@ use crate::api::{ApiError, MigrateRequest};
 use crate::backend::Backend;
 use crate::config::RuntimeOptions;
 use crate::control::Control;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, report};
 use crate::snapshot::{RunState, SavedVm};
 use crate::vm::{VmParts, Vmm};
 
@@ -248,7 +248,24 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
         was_paused: vm.is_paused(),
         throttle: Mutex::new(None),
     };
-    let result = migrate::send(&addr, key.as_ref(), &source, opts);
+    // The stream runs on a thread of its own under the Migration filter (stacked on this
+    // thread's Api filter): everything it needs is at hand (address parsed, key read).
+    let seccomp = vm.config.seccomp;
+    let result = std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("migrate-out".into())
+            .spawn_scoped(scope, || {
+                sandbox::install(sandbox::ThreadRole::Migration, seccomp)
+                    .map_err(|e| format!("cannot sandbox the migration thread: {}", report(&e)))?;
+                let result = migrate::send(&addr, key.as_ref(), &source, opts);
+                source.stop_throttle();
+                result.map_err(|e| report(&e))
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        thread
+            .join()
+            .map_err(|_| "the migration thread panicked".to_string())?
+    });
     source.stop_throttle();
     set_progress(None);
     match result {
@@ -260,10 +277,7 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
                 "bytes": outcome.bytes,
             }))
         }
-        Err(e) => Err(ApiError::new(
-            500,
-            format!("migration failed: {}", crate::error::report(&e)),
-        )),
+        Err(e) => Err(ApiError::new(500, format!("migration failed: {e}"))),
     }
 }
 
@@ -280,10 +294,20 @@ impl migrate::DestinationVm for Incoming {
     }
 }
 
-/// Checks a source's description against this host and builds zero-filled guest memory for it.
-fn prepare(description: &serde_json::Value, runtime: &RuntimeOptions) -> Result<Incoming> {
-    let header = Header::deserialize(description)
-        .map_err(|e| Error::Setup(format!("malformed VM description: {e}")))?;
+/// The source's description, checked against the limits of a snapshot file's header before
+/// anything is built for it.
+fn parse_description(description: &serde_json::Value) -> std::result::Result<Header, String> {
+    let header =
+        Header::deserialize(description).map_err(|e| format!("malformed VM description: {e}"))?;
+    header
+        .validate()
+        .map_err(|e| format!("invalid VM description: {e}"))?;
+    Ok(header)
+}
+
+/// Builds, for a source's description (parsed on the migration thread), zero-filled guest
+/// memory and the backend, after checking the description against this host.
+fn prepare(header: Header, runtime: &RuntimeOptions) -> Result<Incoming> {
     let config = crate::snapshot::config_of(&header, runtime)?;
     for disk in &config.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::ReadFile {
@@ -329,48 +353,133 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
         .unwrap_or_else(|_| from.to_string());
     eprintln!("anyvisor: waiting for a migration on {shown}");
     loop {
-        let arrived = migrate::receive(&listener, key.as_ref(), |d| {
-            prepare(d, runtime).map_err(|e| crate::error::report(&e))
-        });
-        let arrived = match arrived {
-            Ok(a) => a,
-            Err(e) => {
+        match receive_one(&listener, key.as_ref(), runtime)? {
+            Attempt::Arrived(vmm) => return Ok(vmm),
+            Attempt::Failed(reason) => {
                 hv::rate_limited!(eprintln!(
-                    "anyvisor: incoming migration failed: {}; waiting for another",
-                    crate::error::report(&e)
+                    "anyvisor: incoming migration failed: {reason}; waiting for another"
                 ));
-                continue;
-            }
-        };
-        let migrate::Arrived {
-            vm: incoming,
-            state,
-            confirmation,
-            ..
-        } = arrived;
-        let started = start_arrived(incoming, &state, runtime);
-        match started {
-            Ok(vmm) => {
-                if let Err(e) = confirmation.resumed() {
-                    // The source may resume its copy: never run the VM twice.
-                    vmm.parts()
-                        .control
-                        .request_stop(crate::control::Stop::Internal(format!(
-                            "cannot confirm the migration: {}",
-                            crate::error::report(&e)
-                        )));
-                }
-                return Ok(vmm);
-            }
-            Err(e) => {
-                let reason = crate::error::report(&e);
-                hv::rate_limited!(eprintln!(
-                    "anyvisor: cannot start the arrived VM: {reason}; waiting for another"
-                ));
-                confirmation.abort(&reason);
             }
         }
     }
+}
+
+/// What the incoming migration thread asks the main thread to do.
+enum Request {
+    /// Check this description and build guest memory and the backend for it.
+    Prepare(Header),
+    /// The VM arrived: start it (the answer says whether it runs).
+    Start(Incoming, Vec<u8>),
+}
+
+enum Attempt {
+    Arrived(Vmm),
+    Failed(String),
+}
+
+/// How the incoming migration thread ended.
+enum ThreadEnd {
+    /// The source was told the VM runs here.
+    Confirmed,
+    /// The VM runs here but the source may not have heard it.
+    Unconfirmed(String),
+    /// Nothing runs here.
+    Failed(String),
+}
+
+/// One incoming migration. The untrusted stream is handled by a thread of its own under the
+/// [`sandbox::ThreadRole::IncomingMigration`] filter (no files, no KVM, no threads); this
+/// thread does what needs more on its request: build the VM for the description (after
+/// the migration thread parsed it) and start the VM that arrived. Only a failure to start
+/// the thread or sandbox it is an error; any other failure is an [`Attempt::Failed`].
+fn receive_one(
+    listener: &Listener,
+    key: Option<&Key>,
+    runtime: &RuntimeOptions,
+) -> Result<Attempt> {
+    let (to_main, requests) = std::sync::mpsc::channel::<Request>();
+    let (prepared_tx, prepared) =
+        std::sync::mpsc::channel::<std::result::Result<Incoming, String>>();
+    let (verdict_tx, verdict) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+    let seccomp = runtime.seccomp;
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("migrate-in".into())
+            .spawn_scoped(scope, move || -> std::result::Result<ThreadEnd, Error> {
+                sandbox::install(sandbox::ThreadRole::IncomingMigration, seccomp).map_err(|e| {
+                    Error::Setup(format!(
+                        "cannot sandbox the migration thread: {}",
+                        report(&e)
+                    ))
+                })?;
+                let gone = || "the main thread is gone".to_string();
+                let arrived = migrate::receive(listener, key, |description| {
+                    let header = parse_description(description)?;
+                    to_main.send(Request::Prepare(header)).map_err(|_| gone())?;
+                    prepared.recv().map_err(|_| gone())?
+                });
+                let migrate::Arrived {
+                    vm,
+                    state,
+                    confirmation,
+                    ..
+                } = match arrived {
+                    Ok(a) => a,
+                    Err(e) => return Ok(ThreadEnd::Failed(report(&e))),
+                };
+                if to_main.send(Request::Start(vm, state)).is_err() {
+                    return Ok(ThreadEnd::Failed(gone()));
+                }
+                Ok(match verdict.recv() {
+                    Ok(Ok(())) => match confirmation.resumed() {
+                        Ok(()) => ThreadEnd::Confirmed,
+                        Err(e) => ThreadEnd::Unconfirmed(report(&e)),
+                    },
+                    Ok(Err(reason)) => {
+                        confirmation.abort(&reason);
+                        ThreadEnd::Failed(reason)
+                    }
+                    Err(_) => ThreadEnd::Failed(gone()),
+                })
+            })
+            .map_err(|e| Error::Setup(format!("cannot start the migration thread: {e}")))?;
+        // Serve the thread's requests until it ends (its sender is dropped then).
+        let mut started = None;
+        for request in requests {
+            match request {
+                Request::Prepare(header) => {
+                    let _ = prepared_tx.send(prepare(header, runtime).map_err(|e| report(&e)));
+                }
+                Request::Start(incoming, state) => match start_arrived(incoming, &state, runtime) {
+                    Ok(vmm) => {
+                        started = Some(vmm);
+                        let _ = verdict_tx.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let reason = format!("cannot start the arrived VM: {}", report(&e));
+                        let _ = verdict_tx.send(Err(reason));
+                    }
+                },
+            }
+        }
+        let end = thread
+            .join()
+            .unwrap_or_else(|_| Ok(ThreadEnd::Failed("the migration thread panicked".into())))?;
+        Ok(match (end, started) {
+            (ThreadEnd::Confirmed, Some(vmm)) => Attempt::Arrived(vmm),
+            (ThreadEnd::Unconfirmed(e) | ThreadEnd::Failed(e), Some(vmm)) => {
+                // The source may resume its copy: never run the VM twice.
+                vmm.parts()
+                    .control
+                    .request_stop(crate::control::Stop::Internal(format!(
+                        "cannot confirm the migration: {e}"
+                    )));
+                Attempt::Arrived(vmm)
+            }
+            (ThreadEnd::Failed(reason), None) => Attempt::Failed(reason),
+            (_, None) => Attempt::Failed("the migration thread ended without a VM".into()),
+        })
+    })
 }
 
 fn start_arrived(incoming: Incoming, state: &[u8], runtime: &RuntimeOptions) -> Result<Vmm> {
@@ -392,4 +501,54 @@ fn start_arrived(incoming: Incoming, state: &[u8], runtime: &RuntimeOptions) -> 
     let vmm = Vmm::launch(parts)?;
     crate::snapshot::settle(&vmm);
     Ok(vmm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn description(vcpus: u32, regions: &[(u64, u64)]) -> serde_json::Value {
+        let header = Header {
+            cpu_model: hv::CpuModel::portable(),
+            memory_regions: regions
+                .iter()
+                .map(|&(guest_addr, len)| snapshot::MemoryRegion { guest_addr, len })
+                .collect(),
+            vcpus,
+            backend: hv::BackendKind::Emu,
+            tsc_khz: 1_000_000,
+            created_unix: 0,
+            config: serde_json::Value::Null,
+        };
+        serde_json::to_value(header).unwrap()
+    }
+
+    #[test]
+    fn a_description_beyond_the_limits_is_refused_before_anything_is_built() {
+        assert!(parse_description(&description(2, &[(0, 256 << 20)])).is_ok());
+        let cases = [
+            ("no vcpus", description(0, &[(0, 1 << 20)])),
+            ("a million vcpus", description(1_000_000, &[(0, 1 << 20)])),
+            ("no memory", description(1, &[])),
+            ("2 TiB", description(1, &[(0, 2 << 40)])),
+            ("8 EiB", description(1, &[(0, 1 << 62), (1 << 62, 1 << 62)])),
+            (
+                "a region that wraps",
+                description(1, &[(u64::MAX - 4095, 8192)]),
+            ),
+            ("overlapping", description(1, &[(0, 8192), (4096, 4096)])),
+            (
+                "65 regions",
+                description(1, &(0..65).map(|i| (i << 20, 4096)).collect::<Vec<_>>()),
+            ),
+            ("not a header", serde_json::json!({"vcpus": 1})),
+        ];
+        for (what, d) in cases {
+            let e = parse_description(&d).expect_err(what);
+            assert!(
+                e.starts_with("invalid VM description") || e.starts_with("malformed"),
+                "{what}: {e}"
+            );
+        }
+    }
 }
