@@ -37,7 +37,7 @@ pub const MAX_PKT_DATA: usize = 64 * 1024;
 /// We send a credit update once this many bytes were forwarded since the last one we sent.
 const CREDIT_UPDATE_THRESHOLD: u32 = 64 * 1024;
 /// Standalone control packets (RSTs to unknown connections) waiting for receive buffers.
-const MAX_CONTROL: usize = 1024;
+pub(crate) const MAX_CONTROL: usize = 1024;
 /// Local ports handed out for host-initiated connections start here.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line accepted.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 
-use super::muxer::{CONN_BUF, HOST_CID, MAX_PKT_DATA, parse_connect};
+use super::muxer::{
+    CONN_BUF, HOST_CID, MAX_CONNECTIONS, MAX_CONTROL, MAX_PKT_DATA, Muxer, parse_connect,
+};
 use super::packet::*;
 use super::*;
 use crate::net::testq::{QDriver, notify, probe};
@@ -714,4 +716,63 @@ fn transport_kick_delivers_request() {
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).unwrap();
     assert!(!uds.exists());
+}
+
+/// A muxer without a device around it: the queue test driver (virtio-queue's mock split queue)
+/// cannot publish more than half a queue of chains, far fewer than the caps below.
+fn bare_muxer(dir: &TempDir) -> (Muxer, PathBuf) {
+    let uds = dir.path("v.sock");
+    let listener = Arc::new(UnixListener::bind(&uds).unwrap());
+    let epoll = Arc::new(vmm_sys_util::epoll::Epoll::new().unwrap());
+    (Muxer::new(CID, &uds, listener, epoll).unwrap(), uds)
+}
+
+#[test]
+fn pending_replies_are_capped_when_the_guest_reads_nothing() {
+    let dir = TempDir::new("vsock-cap");
+    let (mut mux, _) = bare_muxer(&dir);
+    let mut c = Counters::default();
+    // Each data packet for no connection earns an RST; the guest takes none of them.
+    let extra = 100;
+    for i in 0..(MAX_CONTROL + extra) as u32 {
+        mux.guest_packet(&hdr(OP_RW, 1000 + i, 2), b"x", &mut c);
+    }
+    assert_eq!(
+        c.errors, extra as u64,
+        "replies beyond the cap are dropped and counted"
+    );
+    let mut rsts = 0;
+    while let Some((h, _)) = mux.next_rx_packet(4096, &mut c) {
+        assert_eq!(h.op, OP_RST);
+        rsts += 1;
+    }
+    assert_eq!(rsts, MAX_CONTROL);
+}
+
+#[test]
+fn connections_are_capped() {
+    let dir = TempDir::new("vsock-conns");
+    let (mut mux, uds) = bare_muxer(&dir);
+    let mut svc_path = uds.into_os_string();
+    svc_path.push("_3");
+    let svc = UnixListener::bind(&svc_path).unwrap();
+    let mut c = Counters::default();
+    let mut hosts = Vec::new();
+    for i in 0..MAX_CONNECTIONS as u32 {
+        mux.guest_packet(&hdr(OP_REQUEST, 10_000 + i, 3), &[], &mut c);
+        let (h, _) = mux.next_rx_packet(4096, &mut c).unwrap();
+        assert_eq!((h.op, h.dst_port), (OP_RESPONSE, 10_000 + i));
+        hosts.push(svc.accept().unwrap().0);
+    }
+    assert_eq!(mux.connection_count(), MAX_CONNECTIONS);
+    // One more is refused with an RST, and nothing reaches the host.
+    mux.guest_packet(&hdr(OP_REQUEST, 9, 3), &[], &mut c);
+    let (h, _) = mux.next_rx_packet(4096, &mut c).unwrap();
+    assert_eq!((h.op, h.dst_port), (OP_RST, 9));
+    assert_eq!(mux.connection_count(), MAX_CONNECTIONS);
+    svc.set_nonblocking(true).unwrap();
+    assert!(
+        svc.accept().is_err(),
+        "a connection beyond the cap reached the host"
+    );
 }
