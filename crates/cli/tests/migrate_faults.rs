@@ -9,6 +9,9 @@
 //! without corruption; at the end the same source migrates successfully to a destination that
 //! saw four broken attempts. One Linux boot serves every step.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod migrate_support;
 mod persist_harness;
 
