@@ -250,7 +250,7 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
     };
     // The stream runs on a thread of its own under the Migration filter (stacked on this
     // thread's Api filter): everything it needs is at hand (address parsed, key read).
-    let seccomp = vm.config.seccomp;
+    let seccomp = crate::vm::seccomp_mode(vm);
     let result = std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("migrate-out".into())

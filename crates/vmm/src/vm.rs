@@ -38,6 +38,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// comes from its sender, so the mode cannot travel in [`VmConfig`] there.
 static SECCOMP: OnceLock<SeccompMode> = OnceLock::new();
 
+/// This process's `--seccomp` mode, for threads started later (an outgoing migration).
+pub(crate) fn seccomp_mode(parts: &VmParts) -> SeccompMode {
+    SECCOMP.get().copied().unwrap_or(parts.config.seccomp)
+}
+
 /// How a VM ended without an error. Every reason exits 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
