@@ -912,8 +912,18 @@ impl Exec<'_> {
     /// them jitter by about +-25 us (more when the host preempts the thread), and following
     /// that would step the kernel's clock on every return. The TSC-deadline timer and the
     /// pvclock page follow the new offset.
+    ///
+    /// Not when the TSC is the host's (`Clock::fixed_tsc`): user mode then reads the host TSC
+    /// itself, so the guest TSC is exactly the host's with offset 0, and "following" the
+    /// runner's report would only turn the jitter of two reads taken microseconds (or, when
+    /// the thread is preempted, milliseconds) apart into a changed offset, which user-mode
+    /// `clock_gettime` (the host TSC through a pvclock page written with the new offset) sees
+    /// as time going backwards.
     pub fn follow_tsc(&mut self, tsc: u64) {
         let clock = &self.vm.clock;
+        if clock.fixed_tsc() {
+            return;
+        }
         let now = clock.host_ns();
         let offset = tsc.wrapping_sub(clock.raw_tsc(now));
         let diff = offset.wrapping_sub(self.cpu.msr.tsc_offset) as i64;

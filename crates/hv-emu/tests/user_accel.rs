@@ -418,3 +418,24 @@ fn host_tsc_is_the_guest_tsc() {
     assert!(t1 >= BASE && t2 >= t1, "{t1:#x} {t2:#x}");
     assert!(g.state().msr(msr::IA32_TSC).unwrap() >= t2);
 }
+
+#[test]
+fn a_runner_report_does_not_move_a_host_tsc() {
+    // With the host's TSC as the guest's, the runner's own TSC report (here 2 s ahead, as a
+    // late or preempted read would make it differ) must not become an offset: user code keeps
+    // reading the host TSC, so the kernel must too, or user-mode time jumps.
+    const BASE: u64 = 1 << 50;
+    let (hv, shared) = accel(Script {
+        host_tsc_base: Some(BASE),
+        ..Script::default()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let host_now =
+        BASE + shared.created.elapsed().as_nanos() as u64 * u64::from(TSC_KHZ) / 1_000_000;
+    let kernel_tsc = g.read_u64(DATA + 0x40);
+    assert!(
+        kernel_tsc >= BASE && kernel_tsc <= host_now,
+        "kernel TSC {kernel_tsc:#x} outside [{BASE:#x}, {host_now:#x}]: the report moved it"
+    );
+}
