@@ -53,13 +53,15 @@ pub struct VmProc {
 }
 
 impl VmProc {
-    /// Starts `program args` with stdin from /dev/null and console (stdout) and stderr captured.
+    /// Starts `program args` with console (stdout) and stderr captured. Stdin is a pipe held open
+    /// and never written: an idle guest's shell on the serial console would take end-of-file as
+    /// `exit`, and the kit's init then powers off.
     /// `guest_bytes` is the guest RAM size used to find its mapping.
     pub fn spawn(program: &Path, args: &[String], guest_bytes: u64) -> std::io::Result<VmProc> {
         let start = Instant::now();
         let mut child = Command::new(program)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
