@@ -6,7 +6,7 @@
 //!
 //! ```
 //! # let e = "bad descriptor";
-//! hv::rate_limited!(eprintln!("anyvisor: virtio-blk read failed: {e}"));
+//! hv::rate_limited!(eprintln!("virtio-blk read failed: {e}"));
 //! ```
 //!
 //! [`rate_limited!`]: crate::rate_limited
@@ -88,7 +88,7 @@ macro_rules! rate_limited {
         if let Some(suppressed) = $limit.admit_at($now) {
             if suppressed > 0 {
                 $($log)::+!(
-                    "anyvisor: {} similar messages suppressed ({}:{})",
+                    "{} similar messages suppressed ({}:{})",
                     suppressed,
                     file!(),
                     line!()
@@ -185,8 +185,7 @@ mod tests {
         assert_eq!(lines[BURST as usize - 1], "c 9");
         let count = &lines[BURST as usize];
         assert!(
-            count.starts_with("anyvisor: 5 similar messages suppressed (")
-                && count.contains("ratelimit.rs:"),
+            count.starts_with("5 similar messages suppressed (") && count.contains("ratelimit.rs:"),
             "{count}"
         );
         assert_eq!(lines[BURST as usize + 1], "c late");

@@ -31,6 +31,14 @@ use crate::error::{Error, Result, report};
 use crate::snapshot::{RunState, SavedVm};
 use crate::vm::{VmParts, Vmm};
 
+/// One `anyvisor: ...` line on stderr (so that `hv::rate_limited!`'s count line gets the
+/// prefix too).
+macro_rules! note {
+    ($($arg:tt)*) => {
+        eprintln!("anyvisor: {}", format_args!($($arg)*))
+    };
+}
+
 /// How long pausing for the final round may take.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// One throttle cycle: the VM runs `100 - percent` % of it and is paused for the rest.
@@ -356,8 +364,8 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
         match receive_one(&listener, key.as_ref(), runtime)? {
             Attempt::Arrived(vmm) => return Ok(vmm),
             Attempt::Failed(reason) => {
-                hv::rate_limited!(eprintln!(
-                    "anyvisor: incoming migration failed: {reason}; waiting for another"
+                hv::rate_limited!(note!(
+                    "incoming migration failed: {reason}; waiting for another"
                 ));
             }
         }
