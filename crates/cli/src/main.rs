@@ -4,6 +4,7 @@
 //! [`vmm::Error::exit_code`]: 0 success, 1 guest crash or internal error, 2 bad usage or input.
 
 mod args;
+mod log;
 mod progress;
 
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ const TEST_PANIC_ENV: &str = "ANYVISOR_TEST_PANIC";
 
 fn main() -> ExitCode {
     install_panic_hook();
+    log::install_from_env();
     if std::env::var_os(TEST_PANIC_ENV).is_some() {
         // The deliberate panic of the test hook above; no input reaches it.
         #[allow(clippy::panic)]
