@@ -1,14 +1,21 @@
-//! A KVM virtual machine: memory slots, split irqchip, MSI delivery, dirty log, clock.
+//! A KVM virtual machine: memory slots, split irqchip, MSI delivery, dirty log, clock, and the
+//! fast paths: ioeventfds, MSI routes and irqfds.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use hv::EventFd;
 use hv::state::msr;
 use hv::{BackendKind, CpuModel, GuestMemory, InstructionEmulator, VmConfig, VmState};
 use kvm_bindings::{
-    KVM_CAP_SPLIT_IRQCHIP, KVM_MEM_LOG_DIRTY_PAGES, kvm_clock_data, kvm_enable_cap, kvm_msi,
-    kvm_userspace_memory_region,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KvmIrqRouting,
+    kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
+    kvm_irq_routing_msi, kvm_msi, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use kvm_ioctls::{
+    IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, NoDatamatch,
+    VmFd,
+};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::vcpu::KvmVcpu;
@@ -57,6 +64,9 @@ pub struct KvmVm {
     shared: Arc<VmShared>,
     slots: Vec<Slot>,
     dirty_tracking: Mutex<bool>,
+    /// The MSI routes set so far, by GSI. `KVM_SET_GSI_ROUTING` replaces the whole table, so
+    /// every change sends all of them.
+    routes: Mutex<BTreeMap<u32, (u64, u32)>>,
 }
 
 fn within_tolerance(a: u32, b: u32) -> bool {
@@ -126,6 +136,7 @@ impl KvmVm {
             }),
             slots,
             dirty_tracking: Mutex::new(false),
+            routes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -146,6 +157,58 @@ fn probe_tsc_khz(kvm: &Kvm, khz: u32, host_khz: u32) -> hv::Result<()> {
             "guest TSC runs at {khz} kHz but this host runs at {host_khz} kHz and KVM cannot scale it"
         ))
     })
+}
+
+fn msi_route(gsi: u32, addr: u64, data: u32) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            msi: kvm_irq_routing_msi {
+                address_lo: addr as u32,
+                address_hi: (addr >> 32) as u32,
+                data,
+                ..Default::default()
+            },
+        },
+        ..Default::default()
+    }
+}
+
+/// `KVM_IOEVENTFD` (un)registration; `datamatch`'s width is the access length KVM matches.
+fn ioevent(
+    fd: &VmFd,
+    assign: bool,
+    addr: u64,
+    len: u32,
+    datamatch: Option<u64>,
+    efd: &EventFd,
+) -> hv::Result<()> {
+    let op = if assign {
+        "KVM_IOEVENTFD"
+    } else {
+        "KVM_IOEVENTFD(DEASSIGN)"
+    };
+    let addr = IoEventAddress::Mmio(addr);
+    let bad_len = || hv::Error::InvalidState(format!("ioevent length {len} is not 1, 2, 4 or 8"));
+    macro_rules! call {
+        ($value:expr) => {
+            if assign {
+                fd.register_ioevent(efd, &addr, $value)
+            } else {
+                fd.unregister_ioevent(efd, &addr, $value)
+            }
+        };
+    }
+    let result = match (datamatch, len) {
+        (None, 1 | 2 | 4 | 8) => call!(NoDatamatch),
+        (Some(v), 1) => call!(u8::try_from(v).map_err(|_| bad_len())?),
+        (Some(v), 2) => call!(u16::try_from(v).map_err(|_| bad_len())?),
+        (Some(v), 4) => call!(u32::try_from(v).map_err(|_| bad_len())?),
+        (Some(v), 8) => call!(v),
+        _ => return Err(bad_len()),
+    };
+    result.map_err(backend_err(op))
 }
 
 fn set_slot(fd: &VmFd, slot: &Slot, flags: u32) -> hv::Result<()> {
@@ -306,6 +369,70 @@ impl hv::Vm for KvmVm {
             clock_ns: clock.clock,
             tsc_khz: self.shared.tsc_khz,
         })
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: u64,
+        len: u32,
+        datamatch: Option<u64>,
+        fd: &EventFd,
+    ) -> hv::Result<()> {
+        ioevent(&self.shared.fd, true, addr, len, datamatch, fd)
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: u64,
+        len: u32,
+        datamatch: Option<u64>,
+        fd: &EventFd,
+    ) -> hv::Result<()> {
+        ioevent(&self.shared.fd, false, addr, len, datamatch, fd)
+    }
+
+    fn set_msi_route(&self, gsi: u32, addr: u64, data: u32) -> hv::Result<()> {
+        let mut routes = self
+            .routes
+            .lock()
+            .map_err(|_| hv::Error::InvalidState("route table lock poisoned".into()))?;
+        if u64::from(gsi) >= SPLIT_IRQCHIP_ROUTES {
+            return Err(hv::Error::InvalidState(format!(
+                "GSI {gsi} is beyond the {SPLIT_IRQCHIP_ROUTES} IOAPIC routes"
+            )));
+        }
+        if routes.get(&gsi) == Some(&(addr, data)) {
+            return Ok(());
+        }
+        let mut table = routes.clone();
+        table.insert(gsi, (addr, data));
+        let entries: Vec<kvm_irq_routing_entry> = table
+            .iter()
+            .map(|(&gsi, &(addr, data))| msi_route(gsi, addr, data))
+            .collect();
+        let routing = KvmIrqRouting::from_entries(&entries).map_err(|_| {
+            hv::Error::InvalidState(format!("{} interrupt routes are too many", entries.len()))
+        })?;
+        self.shared
+            .fd
+            .set_gsi_routing(&routing)
+            .map_err(backend_err("KVM_SET_GSI_ROUTING"))?;
+        *routes = table;
+        Ok(())
+    }
+
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> hv::Result<()> {
+        self.shared
+            .fd
+            .register_irqfd(fd, gsi)
+            .map_err(backend_err("KVM_IRQFD"))
+    }
+
+    fn unregister_irqfd(&self, gsi: u32, fd: &EventFd) -> hv::Result<()> {
+        self.shared
+            .fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(backend_err("KVM_IRQFD(DEASSIGN)"))
     }
 
     fn set_state(&self, state: &VmState) -> hv::Result<()> {

@@ -24,6 +24,9 @@ use std::sync::Arc;
 
 pub use cpu_model::{CpuModel, CpuidEntry};
 pub use state::*;
+/// The event counter the optional fast paths ([`Vm::register_ioevent`], [`Vm::register_irqfd`])
+/// are built on: rust-vmm's, so devices and backends share one type.
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// Guest RAM as every backend and device sees it. Writes through this type (devices, the software
 /// CPU) are recorded in its dirty bitmap; writes by hardware-virtualized vCPUs are reported by the
@@ -58,6 +61,10 @@ pub enum Error {
     /// instruction bytes and RIP.
     #[error("{0}")]
     Unhandled(String),
+    /// The backend does not offer this optional facility (ioeventfd, irqfd); the caller falls
+    /// back to the path every backend has.
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -136,6 +143,54 @@ pub trait Vm: Send + Sync {
     /// VM-wide state the backend owns (paravirtual clock reference).
     fn state(&self) -> Result<VmState>;
     fn set_state(&self, state: &VmState) -> Result<()>;
+
+    // Optional fast paths. A backend without them returns [`Error::Unsupported`] and the VMM
+    // keeps the paths every backend has: MMIO writes reach [`DeviceIo`], interrupts go through
+    // [`Vm::signal_msi`].
+
+    /// From now on a guest write of `len` bytes (1, 2, 4 or 8) to guest-physical MMIO address
+    /// `addr` only signals `fd` (the vCPU does not leave the backend and [`DeviceIo`] does not
+    /// see the access). With `datamatch`, only writes of exactly that value do; other writes
+    /// reach [`DeviceIo`] as usual.
+    fn register_ioevent(
+        &self,
+        _addr: u64,
+        _len: u32,
+        _datamatch: Option<u64>,
+        _fd: &EventFd,
+    ) -> Result<()> {
+        Err(Error::Unsupported("ioeventfd"))
+    }
+
+    /// Undoes [`Vm::register_ioevent`] with the same arguments.
+    fn unregister_ioevent(
+        &self,
+        _addr: u64,
+        _len: u32,
+        _datamatch: Option<u64>,
+        _fd: &EventFd,
+    ) -> Result<()> {
+        Err(Error::Unsupported("ioeventfd"))
+    }
+
+    /// Makes interrupt source `gsi` send the MSI `addr`/`data` (as [`Vm::signal_msi`] would),
+    /// replacing its previous route. Routes exist for irqfds; `gsi` is below 24 (one per IOAPIC
+    /// pin).
+    fn set_msi_route(&self, _gsi: u32, _addr: u64, _data: u32) -> Result<()> {
+        Err(Error::Unsupported("interrupt routing"))
+    }
+
+    /// From now on each write to `fd` sends the MSI routed to `gsi` ([`Vm::set_msi_route`])
+    /// without the VMM's involvement. A count already in `fd` when it is registered is delivered
+    /// at once.
+    fn register_irqfd(&self, _gsi: u32, _fd: &EventFd) -> Result<()> {
+        Err(Error::Unsupported("irqfd"))
+    }
+
+    /// Undoes [`Vm::register_irqfd`]: writes to `fd` only accumulate in its counter again.
+    fn unregister_irqfd(&self, _gsi: u32, _fd: &EventFd) -> Result<()> {
+        Err(Error::Unsupported("irqfd"))
+    }
 }
 
 /// Why [`Vcpu::run`] returned.
