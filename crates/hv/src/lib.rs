@@ -26,7 +26,7 @@ pub use cpu_model::{CpuModel, CpuidEntry};
 pub use state::*;
 /// The event counter the optional fast paths ([`Vm::register_ioevent`], [`Vm::register_irqfd`])
 /// are built on: rust-vmm's, so devices and backends share one type.
-pub use vmm_sys_util::eventfd::EventFd;
+pub use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest RAM as every backend and device sees it. Writes through this type (devices, the software
 /// CPU) are recorded in its dirty bitmap; writes by hardware-virtualized vCPUs are reported by the

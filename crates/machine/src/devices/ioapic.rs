@@ -9,10 +9,20 @@
 //! masked pin is remembered and delivered when the pin is unmasked. Level-triggered entries are
 //! treated as edge-triggered: the trigger-mode bit is stored but every `trigger()` is one edge, the
 //! MSI is always edge, and Remote IRR stays 0 (no device on this platform holds a line asserted).
+//!
+//! Fast path (backends with irqfds, i.e. plain KVM): a pin whose line asked for it
+//! ([`IrqLine::enable_irqfd`]) gets an eventfd registered as the irqfd of GSI = pin, with an
+//! MSI route kept equal to the pin's redirection entry on every entry write, as QEMU's split
+//! irqchip does. The irqfd is registered only while the pin is unmasked and edge-triggered; an
+//! edge then writes the eventfd and the backend injects the MSI by itself. A masked or
+//! level-triggered pin deregisters it, and edges take the path above (pending edge while
+//! masked), so both paths deliver the same interrupts. Every decision is taken under the register
+//! lock, so an edge never races a mask change.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use hv::EventFd;
 use serde::{Deserialize, Serialize};
 
 use super::MmioHandler;
@@ -26,6 +36,7 @@ const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;
 
 const RTE_MASKED: u64 = 1 << 16;
+const RTE_LEVEL: u64 = 1 << 15;
 /// Bits the guest can write in the low dword: vector, delivery mode, destination mode,
 /// polarity, trigger mode, mask. Delivery status (12) and Remote IRR (14) are read-only 0.
 const RTE_LOW_WRITABLE: u64 = 0xff | (7 << 8) | (1 << 11) | (1 << 13) | (1 << 15) | RTE_MASKED;
@@ -112,6 +123,7 @@ impl IoapicState {
 /// Interrupt delivery counters.
 #[derive(Default)]
 pub struct IoapicCounters {
+    /// MSIs sent, through `signal_msi` or a pin's irqfd.
     pub msi_sent: AtomicU64,
     pub msi_failed: AtomicU64,
     /// MSIs that could not be sent because no VM was attached yet.
@@ -120,8 +132,17 @@ pub struct IoapicCounters {
     pub bad_pin: AtomicU64,
 }
 
+/// The irqfd of one pin.
+struct PinIrqfd {
+    fd: EventFd,
+    /// Registered with the VM: the pin is unmasked and edge-triggered and its route is current.
+    assigned: bool,
+}
+
 pub struct Ioapic {
     regs: Mutex<IoapicState>,
+    /// One slot per pin; locked only with `regs` held (order: `regs`, then `irqfds`).
+    irqfds: Mutex<Vec<Option<PinIrqfd>>>,
     vm: RwLock<Option<Arc<dyn hv::Vm>>>,
     pub counters: IoapicCounters,
 }
@@ -136,6 +157,7 @@ impl Ioapic {
     pub fn new() -> Ioapic {
         Ioapic {
             regs: Mutex::new(IoapicState::default()),
+            irqfds: Mutex::new((0..NUM_PINS).map(|_| None).collect()),
             vm: RwLock::new(None),
             counters: IoapicCounters::default(),
         }
@@ -145,10 +167,78 @@ impl Ioapic {
         *self.vm.write().unwrap_or_else(|e| e.into_inner()) = Some(vm);
     }
 
-    fn regs(&self) -> std::sync::MutexGuard<'_, IoapicState> {
+    fn regs(&self) -> MutexGuard<'_, IoapicState> {
         // A panic while holding the lock cannot leave the registers inconsistent (every update
         // is a single assignment), so a poisoned lock is still usable.
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn irqfds(&self) -> MutexGuard<'_, Vec<Option<PinIrqfd>>> {
+        self.irqfds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vm(&self) -> Option<Arc<dyn hv::Vm>> {
+        self.vm.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Gives `pin` an irqfd if the attached VM supports MSI routes and irqfds. Returns whether
+    /// it did; without, the pin keeps the `signal_msi` path. Idempotent.
+    pub fn enable_irqfd(&self, pin: u32) -> bool {
+        let Some(vm) = self.vm() else { return false };
+        let regs = self.regs();
+        let Some(&rte) = regs.redirection.get(pin as usize) else {
+            return false;
+        };
+        let mut irqfds = self.irqfds();
+        let Some(slot) = irqfds.get_mut(pin as usize) else {
+            return false;
+        };
+        if slot.is_some() {
+            return true;
+        }
+        // Setting the route is also the probe for support.
+        let (addr, data) = msi_for_entry(rte);
+        match vm.set_msi_route(pin, addr, data) {
+            Ok(()) => {}
+            Err(hv::Error::Unsupported(_)) => return false,
+            Err(e) => {
+                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {e}");
+                return false;
+            }
+        }
+        let fd = match EventFd::new(hv::EFD_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {e}");
+                return false;
+            }
+        };
+        let mut irqfd = PinIrqfd {
+            fd,
+            assigned: false,
+        };
+        sync_irqfd(vm.as_ref(), pin, rte, &mut irqfd);
+        *slot = Some(irqfd);
+        true
+    }
+
+    /// Whether `pin` currently delivers through its irqfd.
+    pub fn irqfd_active(&self, pin: u32) -> bool {
+        let _regs = self.regs();
+        self.irqfds()
+            .get(pin as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|i| i.assigned)
+    }
+
+    /// Brings `pin`'s irqfd (if any) in line with `rte`. Called with the register lock held.
+    fn sync_pin(&self, pin: usize, rte: u64) {
+        let mut irqfds = self.irqfds();
+        let Some(Some(irqfd)) = irqfds.get_mut(pin) else {
+            return;
+        };
+        let Some(vm) = self.vm() else { return };
+        sync_irqfd(vm.as_ref(), pin as u32, rte, irqfd);
     }
 
     /// One edge on `pin`.
@@ -163,6 +253,17 @@ impl Ioapic {
                 regs.pending_edges |= 1 << pin;
                 return;
             }
+            if let Some(Some(irqfd)) = self.irqfds().get(pin as usize)
+                && irqfd.assigned
+            {
+                match irqfd.fd.write(1) {
+                    Ok(()) => {
+                        self.counters.msi_sent.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => tracing::warn!("IOAPIC: irqfd of pin {pin} failed: {e}"),
+                }
+            }
             msi_for_entry(rte)
         };
         self.send(msi);
@@ -171,8 +272,7 @@ impl Ioapic {
     /// Sends an MSI outside the register lock, so a backend that takes its own locks in
     /// `signal_msi` never nests them inside ours.
     fn send(&self, (addr, data): (u64, u32)) {
-        let vm = self.vm.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(vm) = vm else {
+        let Some(vm) = self.vm() else {
             self.counters.msi_no_vm.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -236,8 +336,53 @@ impl Ioapic {
     /// Replaces the registers; `state` must have passed [`IoapicState::validate`].
     pub fn restore(&self, state: &IoapicState) -> Result<(), String> {
         state.validate()?;
-        *self.regs() = state.clone();
+        let mut regs = self.regs();
+        *regs = state.clone();
+        for (pin, &rte) in regs.redirection.iter().enumerate() {
+            self.sync_pin(pin, rte);
+        }
         Ok(())
+    }
+}
+
+/// The pin whose redirection entry register `ioregsel` selects.
+fn rte_pin(ioregsel: u32) -> Option<usize> {
+    match ioregsel {
+        i @ 0x10..=0x3f => Some(((i - 0x10) / 2) as usize),
+        _ => None,
+    }
+}
+
+/// Registers `irqfd` while `rte` is unmasked and edge-triggered (after making GSI `pin` route to
+/// its MSI), deregisters it otherwise. A failure leaves it deregistered: edges then take the
+/// `signal_msi` path.
+fn sync_irqfd(vm: &dyn hv::Vm, pin: u32, rte: u64, irqfd: &mut PinIrqfd) {
+    let wanted = rte & (RTE_MASKED | RTE_LEVEL) == 0;
+    if wanted {
+        let (addr, data) = msi_for_entry(rte);
+        let routed = vm.set_msi_route(pin, addr, data);
+        let registered = routed.and_then(|()| {
+            if irqfd.assigned {
+                Ok(())
+            } else {
+                vm.register_irqfd(pin, &irqfd.fd)
+            }
+        });
+        match registered {
+            Ok(()) => irqfd.assigned = true,
+            Err(e) => {
+                tracing::warn!("IOAPIC: irqfd of pin {pin} not usable: {e}");
+                if irqfd.assigned {
+                    let _ = vm.unregister_irqfd(pin, &irqfd.fd);
+                    irqfd.assigned = false;
+                }
+            }
+        }
+    } else if irqfd.assigned {
+        if let Err(e) = vm.unregister_irqfd(pin, &irqfd.fd) {
+            tracing::warn!("IOAPIC: cannot deregister the irqfd of pin {pin}: {e}");
+        }
+        irqfd.assigned = false;
     }
 }
 
@@ -272,7 +417,13 @@ impl MmioHandler for Ioapic {
                     regs.ioregsel = value & 0xff;
                     None
                 }
-                IOWIN => Self::write_register(&mut regs, value),
+                IOWIN => {
+                    let msi = Self::write_register(&mut regs, value);
+                    if let Some(pin) = rte_pin(regs.ioregsel) {
+                        self.sync_pin(pin, regs.redirection[pin]);
+                    }
+                    msi
+                }
                 _ => None,
             }
         };
@@ -302,6 +453,12 @@ impl IrqLine {
     pub fn trigger(&self) {
         self.ioapic.trigger(self.pin);
     }
+
+    /// Lets the pin deliver through an irqfd when the backend has them (see the module docs).
+    /// Returns whether it will.
+    pub fn enable_irqfd(&self) -> bool {
+        self.ioapic.enable_irqfd(self.pin)
+    }
 }
 
 impl std::fmt::Debug for IrqLine {
@@ -314,10 +471,13 @@ impl std::fmt::Debug for IrqLine {
 pub(crate) mod tests {
     use super::*;
 
-    /// A VM that records MSIs.
+    /// A VM that records MSIs, and with `irqfd` set, MSI routes and registered irqfds.
     #[derive(Default)]
     pub(crate) struct FakeVm {
         pub msis: Mutex<Vec<(u64, u32)>>,
+        pub irqfd: bool,
+        pub routes: Mutex<std::collections::BTreeMap<u32, (u64, u32)>>,
+        pub irqfds: Mutex<std::collections::BTreeSet<u32>>,
     }
 
     impl FakeVm {
@@ -350,6 +510,21 @@ pub(crate) mod tests {
             Ok(hv::VmState::default())
         }
         fn set_state(&self, _state: &hv::VmState) -> hv::Result<()> {
+            Ok(())
+        }
+        fn set_msi_route(&self, gsi: u32, addr: u64, data: u32) -> hv::Result<()> {
+            if !self.irqfd {
+                return Err(hv::Error::Unsupported("interrupt routing"));
+            }
+            self.routes.lock().unwrap().insert(gsi, (addr, data));
+            Ok(())
+        }
+        fn register_irqfd(&self, gsi: u32, _fd: &EventFd) -> hv::Result<()> {
+            assert!(self.irqfds.lock().unwrap().insert(gsi), "registered twice");
+            Ok(())
+        }
+        fn unregister_irqfd(&self, gsi: u32, _fd: &EventFd) -> hv::Result<()> {
+            assert!(self.irqfds.lock().unwrap().remove(&gsi), "not registered");
             Ok(())
         }
     }
@@ -423,6 +598,82 @@ pub(crate) mod tests {
         IrqLine::new(io.clone(), 24).trigger();
         assert_eq!(io.counters.bad_pin.load(Ordering::Relaxed), 1);
         assert_eq!(io.counters.msi_sent.load(Ordering::Relaxed), 4);
+    }
+
+    /// Count written to pin `pin`'s irqfd since the last call.
+    fn irqfd_count(io: &Ioapic, pin: usize) -> u64 {
+        let irqfds = io.irqfds();
+        irqfds[pin].as_ref().unwrap().fd.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn irqfd_follows_the_redirection_entry() {
+        let io = Arc::new(Ioapic::new());
+        let vm = Arc::new(FakeVm {
+            irqfd: true,
+            ..FakeVm::default()
+        });
+        io.attach_vm(vm.clone());
+        let line = IrqLine::new(io.clone(), 4);
+        assert!(line.enable_irqfd());
+        assert!(line.enable_irqfd(), "idempotent");
+        // Masked: not registered, edges are remembered by the IOAPIC as before.
+        assert!(!io.irqfd_active(4));
+        line.trigger();
+        assert_eq!(io.state().pending_edges, 1 << 4);
+        // Unmasking routes GSI 4 to the entry's MSI and registers the irqfd; the pending edge
+        // goes out through signal_msi.
+        write_reg(&io, 0x11 + 8, 2 << 24);
+        write_reg(&io, 0x10 + 8, 0x24);
+        assert!(io.irqfd_active(4));
+        assert_eq!(vm.routes.lock().unwrap()[&4], (0xfee0_2000, 0x24));
+        assert_eq!(vm.take(), vec![(0xfee0_2000, 0x24)]);
+        // Edges now write the irqfd, not signal_msi.
+        line.trigger();
+        line.trigger();
+        assert!(vm.take().is_empty());
+        assert_eq!(irqfd_count(&io, 4), 2);
+        // A new vector or destination updates the route.
+        write_reg(&io, 0x10 + 8, 0x25);
+        write_reg(&io, 0x11 + 8, 3 << 24);
+        assert_eq!(vm.routes.lock().unwrap()[&4], (0xfee0_3000, 0x25));
+        assert!(io.irqfd_active(4));
+        // Level-triggered: deregistered, signal_msi as before.
+        write_reg(&io, 0x10 + 8, 0x25 | (1 << 15));
+        assert!(!io.irqfd_active(4));
+        assert!(vm.irqfds.lock().unwrap().is_empty());
+        line.trigger();
+        assert_eq!(vm.take(), vec![(0xfee0_3000, 0x25)]);
+        // Masked: deregistered, the edge is pending, nothing is written to the fd.
+        write_reg(&io, 0x10 + 8, 0x25 | (1 << 16));
+        line.trigger();
+        assert!(vm.take().is_empty());
+        assert_eq!(irqfd_count(&io, 4), 0);
+        assert_eq!(io.state().pending_edges, 1 << 4);
+        // Restoring a state with the pin unmasked registers it again.
+        let mut st = io.state();
+        st.redirection[4] = 0x26;
+        st.pending_edges = 0;
+        io.restore(&st).unwrap();
+        assert!(io.irqfd_active(4));
+        assert_eq!(vm.routes.lock().unwrap()[&4], (0xfee0_0000, 0x26));
+        // Other pins are untouched.
+        IrqLine::new(io.clone(), 5).trigger();
+        assert!(!io.irqfd_active(5));
+    }
+
+    #[test]
+    fn no_irqfd_without_backend_support() {
+        let (io, vm) = setup();
+        let line = IrqLine::new(io.clone(), 4);
+        assert!(!line.enable_irqfd());
+        write_reg(&io, 0x10 + 8, 0x24);
+        line.trigger();
+        assert_eq!(vm.take(), vec![(0xfee0_0000, 0x24)]);
+        assert!(
+            !IrqLine::new(Arc::new(Ioapic::new()), 4).enable_irqfd(),
+            "no VM"
+        );
     }
 
     #[test]
