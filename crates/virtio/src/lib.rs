@@ -5,6 +5,8 @@
 //!   space, and how to process one of its queues.
 //! * [`MmioTransport`] presents one device as a virtio-mmio (version 2, modern only) register
 //!   window. The platform maps it on its MMIO bus and hands it an [`Interrupt`] line.
+//! * [`Worker`] is the device's thread: it processes notified queues (see `docs/virtio.md`,
+//!   "Threads and the fast path").
 //! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`), [`Rng`], [`Net`] (tap) and
 //!   [`Vsock`] (Unix-socket host side, see `docs/virtio-net-vsock.md`).
 //!
@@ -27,6 +29,7 @@ pub mod rng;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod vsock;
+pub mod worker;
 
 pub use block::{Block, BlockConfig, BlockState, Format};
 pub use mmio::{MmioState, MmioTransport};
@@ -35,6 +38,7 @@ pub use rng::{Rng, RngState};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 pub use vsock::{Vsock, VsockConfig, VsockState};
+pub use worker::Worker;
 
 /// Guest memory as devices see it.
 pub use hv::GuestMemory;
@@ -91,7 +95,8 @@ pub enum DeviceState {
 
 /// Asks the transport to process queue `index` outside a driver notification, as if the driver
 /// had notified it: how a device's own threads (net receive, vsock host side) hand work to the
-/// queues the transport owns. Installed by [`MmioTransport::into_shared`]; calling it takes the
+/// queues the transport owns. While the transport is paused the kick is only recorded and the
+/// queue is processed on resume, so these threads never touch guest memory in a paused VM. Installed by [`MmioTransport::into_shared`]; calling it takes the
 /// transport's lock, so a device must never call it while holding a lock the transport's
 /// callers (its `process_queue`) also take, nor from inside `process_queue`.
 pub type QueueKick = Arc<dyn Fn(usize) + Send + Sync>;
@@ -99,8 +104,9 @@ pub type QueueKick = Arc<dyn Fn(usize) + Send + Sync>;
 /// A virtio device model, driven by a transport.
 ///
 /// The transport owns the queues and calls [`VirtioDevice::process_queue`] when the driver
-/// notifies one; the call does all available work and returns. A worker thread woken by an
-/// ioeventfd can drive the same function later.
+/// notifies one; the call does all available work and returns. In a VM it is called on the
+/// device's [`Worker`] thread (woken by an eventfd) or a device thread's [`QueueKick`], always
+/// under the transport's lock and never while the transport is paused.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 4 = entropy).
     fn device_type(&self) -> u32;

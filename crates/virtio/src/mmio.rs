@@ -28,6 +28,14 @@
 //! features are a subset of the offered ones and include VERSION_1. Queue registers are writable
 //! only between FEATURES_OK and DRIVER_OK. A device failure sets DEVICE_NEEDS_RESET and raises a
 //! config-change interrupt; the device then does nothing until the driver resets it.
+//!
+//! Notifications: a transport starts out processing a notified queue inside the QueueNotify
+//! write (unit tests, fuzzing). [`MmioTransport::queue_events`] switches it to one eventfd per
+//! queue: a QueueNotify write then only signals the queue's eventfd (or, on plain KVM, the vCPU
+//! signals it itself through an ioeventfd and the write never reaches the transport), and a
+//! [`crate::Worker`] thread processes the queue. While the transport is paused
+//! ([`MmioTransport::pause`]) nothing touches guest memory or device state: notifications and
+//! kicks are recorded and processed on [`MmioTransport::resume`].
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -40,6 +48,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::{
     Counters, DeviceError, DeviceState, GuestMemory, Interrupt, QueueKick, QueueSaved,
@@ -54,6 +63,9 @@ pub const VERSION: u32 = 2;
 pub const VENDOR_ID: u32 = 0x5659_4e41;
 /// Size of the register window including a config space of up to 0x100 bytes.
 pub const WINDOW_SIZE: u64 = 0x200;
+/// Offset of the QueueNotify register (a 32-bit write of the queue index), where a backend's
+/// ioeventfd goes.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
 const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -142,6 +154,13 @@ pub struct MmioTransport {
     shm_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// One eventfd per queue once a worker processes the queues; `None`: notifications are
+    /// processed inline.
+    queue_events: Option<Vec<Arc<EventFd>>>,
+    /// The VM is paused: process nothing.
+    paused: bool,
+    /// Queues notified or kicked while paused, processed on resume.
+    pending: Vec<bool>,
 }
 
 impl MmioTransport {
@@ -156,6 +175,7 @@ impl MmioTransport {
             .enumerate()
             .map(|(index, &size)| Queue::new(size).map_err(|_| Error::QueueMaxSize { index, size }))
             .collect::<Result<Vec<_>, _>>()?;
+        let queues_len = queues.len();
         Ok(MmioTransport {
             device,
             mem,
@@ -169,6 +189,9 @@ impl MmioTransport {
             shm_sel: 0,
             interrupt_status: 0,
             config_generation: 0,
+            queue_events: None,
+            paused: false,
+            pending: vec![false; queues_len],
         })
     }
 
@@ -255,14 +278,73 @@ impl MmioTransport {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 
-    /// The driver notified queue `index`: process it now, in the calling thread.
+    /// From now on a QueueNotify write only signals the queue's eventfd (returned here, one
+    /// per queue, created on the first call), for a [`crate::Worker`] to process the queue.
+    pub fn queue_events(&mut self) -> std::io::Result<Vec<Arc<EventFd>>> {
+        if let Some(events) = &self.queue_events {
+            return Ok(events.clone());
+        }
+        let events = (0..self.queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.queue_events = Some(events.clone());
+        Ok(events)
+    }
+
+    /// A QueueNotify write.
+    fn queue_notify(&mut self, index: u32) {
+        let Some(events) = &self.queue_events else {
+            self.notify(index);
+            return;
+        };
+        let Some(event) = usize::try_from(index).ok().and_then(|i| events.get(i)) else {
+            tracing::debug!(index, "virtio-mmio: notify of a queue that does not exist");
+            return;
+        };
+        if let Err(e) = event.write(1) {
+            tracing::warn!("virtio-mmio: queue eventfd: {e}");
+        }
+    }
+
+    /// Stops all processing until [`Self::resume`]: when this returns (the caller holds the
+    /// transport's lock), no request is in progress and none will start, so device state and
+    /// guest memory stay as they are. Idempotent.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Processes what was notified while paused, and lets notifications through again.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        for i in 0..self.pending.len() {
+            if std::mem::take(&mut self.pending[i]) {
+                self.process(i);
+            }
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Queue `index` has work (driver notification, a device thread's kick): process it now in
+    /// the calling thread, or once resumed if the transport is paused.
     pub fn notify(&mut self, index: u32) {
+        if let Ok(i) = usize::try_from(index) {
+            self.process(i);
+        }
+    }
+
+    fn process(&mut self, i: usize) {
+        if self.paused {
+            if let Some(p) = self.pending.get_mut(i) {
+                *p = true;
+            }
+            return;
+        }
         if self.status & (DRIVER_OK | NEEDS_RESET | FAILED) != DRIVER_OK {
             return;
         }
-        let Ok(i) = usize::try_from(index) else {
-            return;
-        };
         let Some(queue) = self.queues.get_mut(i) else {
             return;
         };
@@ -382,7 +464,7 @@ impl MmioTransport {
             reg::QUEUE_AVAIL_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
             reg::QUEUE_USED_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
             reg::QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
-            reg::QUEUE_NOTIFY => self.notify(v),
+            reg::QUEUE_NOTIFY => self.queue_notify(v),
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
             reg::SHM_SEL => self.shm_sel = v,
@@ -477,6 +559,7 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.shm_sel = 0;
         self.interrupt_status = 0;
+        self.pending.fill(false);
     }
 
     pub fn save(&self) -> MmioState {
@@ -499,6 +582,10 @@ impl MmioTransport {
     /// configuration). Every invariant the register interface maintains is checked again; an
     /// active device is re-activated. A pending interrupt is not raised again: the interrupt
     /// controller's own saved state holds it.
+    ///
+    /// The transport comes back paused, with every queue marked notified: a notification may
+    /// have been in flight (in an eventfd) when the state was saved, so [`Self::resume`]
+    /// processes each ready queue once.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
         mem: Arc<GuestMemory>,
@@ -572,6 +659,9 @@ impl MmioTransport {
             shm_sel: state.shm_sel,
             interrupt_status: state.interrupt_status,
             config_generation: state.config_generation,
+            queue_events: None,
+            paused: true,
+            pending: vec![true; state.queues.len()],
         };
         t.device.restore(&state.device).map_err(Error::Device)?;
         if t.status & (DRIVER_OK | NEEDS_RESET | FAILED) == DRIVER_OK {

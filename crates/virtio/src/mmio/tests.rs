@@ -358,6 +358,125 @@ fn config_space_reads_any_width() {
     assert_eq!(rd(&t, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
 }
 
+// ---- notifications through eventfds, pause ----
+
+#[test]
+fn queue_events_defer_notifications() {
+    let mem = memory();
+    let (mut t, irq) = rng_transport(&mem);
+    let mut d = Driver::new(&mem, 16);
+    linux_probe(&mut t, &d);
+    let events = t.queue_events().unwrap();
+    assert_eq!(events.len(), 1);
+    assert!(Arc::ptr_eq(&events[0], &t.queue_events().unwrap()[0]));
+    d.add(&[w(DATA, 8)]);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    wr(&mut t, reg::QUEUE_NOTIFY, 1); // no such queue: dropped
+    assert_eq!(d.used_idx(), 0, "nothing processed inside the write");
+    assert_eq!(events[0].read().unwrap(), 2);
+    t.notify(0);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(irq.count(), 1);
+}
+
+#[test]
+fn pause_records_notifications_until_resume() {
+    let mem = memory();
+    let (mut t, irq) = rng_transport(&mem);
+    let mut d = Driver::new(&mem, 16);
+    linux_probe(&mut t, &d);
+    t.pause();
+    t.pause();
+    d.add(&[w(DATA, 8)]);
+    let before = mem_snapshot(&d);
+    wr(&mut t, reg::QUEUE_NOTIFY, 0);
+    t.notify(0);
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(
+        mem_snapshot(&d),
+        before,
+        "guest memory untouched while paused"
+    );
+    assert_eq!(irq.count(), 0);
+    t.resume();
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(irq.count(), 1);
+    // Nothing left pending: a second resume does nothing.
+    t.resume();
+    assert_eq!(d.used_idx(), 1);
+    // A reset forgets what was pending.
+    t.pause();
+    d.add(&[w(DATA, 8)]);
+    t.notify(0);
+    wr(&mut t, reg::STATUS, 0);
+    t.resume();
+    assert_eq!(d.used_idx(), 1);
+}
+
+fn mem_snapshot(d: &Driver) -> Vec<u8> {
+    d.read(DATA, 8)
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn worker_processes_notified_queues_and_obeys_pause() {
+    let mem = memory();
+    let (mut t, irq) = rng_transport(&mem);
+    let mut d = Driver::new(&mem, 16);
+    linux_probe(&mut t, &d);
+    let shared = t.into_shared();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = crate::Worker::spawn(&shared, "test-worker".into(), move || {
+        tx.send(()).map_err(|e| e.to_string())
+    })
+    .unwrap();
+    rx.recv().unwrap();
+    let lock = || shared.lock().unwrap();
+    for n in 1..=3u16 {
+        d.add(&[w(DATA, 8)]);
+        lock().write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
+        wait_for("the worker", || d.used_idx() == n);
+    }
+    // Taking the lock waits for the worker to finish the request it is in.
+    assert_eq!(rd(&lock(), reg::INTERRUPT_STATUS), 1);
+    assert_eq!(irq.count(), 1);
+    // Paused: notified, not processed.
+    lock().pause();
+    d.add(&[w(DATA, 8)]);
+    lock().write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(d.used_idx(), 3);
+    lock().resume();
+    assert_eq!(d.used_idx(), 4);
+    // Dropping the worker stops it: notifications then stay in the eventfd.
+    drop(worker);
+    d.add(&[w(DATA, 8)]);
+    lock().write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(d.used_idx(), 4);
+}
+
+#[test]
+fn worker_setup_failure_ends_the_thread() {
+    let mem = memory();
+    let (t, _) = rng_transport(&mem);
+    let shared = t.into_shared();
+    let worker =
+        crate::Worker::spawn(&shared, "test-worker".into(), || Err("no filter".into())).unwrap();
+    drop(worker); // joins a thread that already returned
+}
+
 // ---- saved state ----
 
 fn active_transport(mem: &GuestMemory) -> (MmioTransport, Driver<'_>) {
@@ -387,8 +506,12 @@ fn save_restore_save_is_identity_and_keeps_working() {
     let s1b: MmioState = serde_json::from_str(&json).unwrap();
     let mut t2 = restore(&mem, &s1b).unwrap();
     assert_eq!(t2.save(), s1);
+    // Restored paused: a notification is only recorded until resume.
+    assert!(t2.is_paused());
     d.add(&[w(DATA, 8)]);
     wr(&mut t2, reg::QUEUE_NOTIFY, 0);
+    assert_eq!(d.used_idx(), 1);
+    t2.resume();
     assert_eq!(d.used_idx(), 2);
 
     // A fresh (reset) transport round-trips too.
