@@ -1,11 +1,18 @@
 //! The VM's virtio devices: each one behind a virtio-mmio transport in one platform slot
 //! (`machine::boot::VirtioSlot`), in a fixed order: disks, network devices, vsock, rng. The
 //! order decides the slots, so the same config always gives the same guest-visible machine.
+//!
+//! Each device has a worker thread ([`virtio::Worker`], started by [`start_workers`]) that
+//! processes its queues when notified. On plain KVM the QueueNotify register is an ioeventfd
+//! per queue and the device's IOAPIC pin an irqfd, so neither a notification nor an interrupt
+//! passes through a vCPU exit; elsewhere (emu, the PVM hybrid) the MMIO dispatch signals the
+//! same eventfds and interrupts go through `signal_msi`. The device code is the same.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use machine::boot::VirtioSlot;
 use machine::{IrqLine, MmioHandler, Platform};
+use sandbox::{SeccompMode, ThreadRole};
 use virtio::{MmioTransport, VirtioDevice};
 
 use crate::config::VmConfig;
@@ -19,20 +26,29 @@ pub struct VirtioSlotDevice {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// What the user configured, for `GET /vm`.
     pub detail: serde_json::Value,
+    /// The interrupt pin delivers through an irqfd when unmasked (plain KVM).
+    pub irqfd: bool,
+    /// Queue notifications reach the worker through KVM ioeventfds (plain KVM).
+    ioeventfd: Mutex<bool>,
+    worker: Mutex<Option<virtio::Worker>>,
 }
 
 impl VirtioSlotDevice {
-    pub fn info(&self) -> serde_json::Value {
-        let counters = self
-            .transport
+    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .counters();
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        let counters = self.transport().counters();
         let mut v = serde_json::json!({
             "type": self.kind,
             "mmio_base": format!("{:#x}", self.slot.base),
             "irq": self.slot.irq,
             "counters": serde_json::to_value(counters).unwrap_or(serde_json::Value::Null),
+            "irqfd": self.irqfd,
+            "ioeventfd": *self.ioeventfd.lock().unwrap_or_else(PoisonError::into_inner),
         });
         if let (Some(obj), Some(detail)) = (v.as_object_mut(), self.detail.as_object()) {
             obj.extend(detail.clone());
@@ -154,7 +170,9 @@ pub fn create_restoring(
                 machine::layout::MAX_VIRTIO_SLOTS
             ))
         })?;
-        let irq = Arc::new(Irq(platform.irq_line(slot.irq)));
+        let line = platform.irq_line(slot.irq);
+        let irqfd = line.enable_irqfd();
+        let irq = Arc::new(Irq(line));
         let saved_state = saved.and_then(|s| s.get(usize::try_from(index).ok()?));
         let transport = match saved_state {
             Some(state) => MmioTransport::restore(device, memory.clone(), irq, state)
@@ -175,7 +193,69 @@ pub fn create_restoring(
             slot,
             transport,
             detail,
+            irqfd,
+            ioeventfd: Mutex::new(false),
+            worker: Mutex::new(None),
         });
     }
     Ok(devices)
+}
+
+/// Starts each device's worker thread (under the [`ThreadRole::Device`] filter) and registers
+/// its queue eventfds as ioeventfds of QueueNotify where `vm` supports them. Without, the MMIO
+/// dispatch signals the same eventfds. Call once, before any vCPU runs.
+pub fn start_workers(
+    devices: &[VirtioSlotDevice],
+    vm: &dyn hv::Vm,
+    seccomp: SeccompMode,
+) -> Result<()> {
+    for (index, d) in devices.iter().enumerate() {
+        let mut worker = d.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        if worker.is_some() {
+            continue;
+        }
+        let spawned = virtio::Worker::spawn(&d.transport, format!("virtio{index}"), move || {
+            sandbox::install(ThreadRole::Device, seccomp).map_err(|e| crate::error::report(&e))
+        })
+        .map_err(|source| Error::Io {
+            op: "cannot start a virtio worker",
+            source,
+        })?;
+        *worker = Some(spawned);
+        let events = d.transport().queue_events().map_err(|source| Error::Io {
+            op: "cannot create virtio queue events",
+            source,
+        })?;
+        let notify = d.slot.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
+        let mut all = true;
+        for (queue, event) in (0u64..).zip(&events) {
+            match vm.register_ioevent(notify, 4, Some(queue), event) {
+                Ok(()) => {}
+                Err(hv::Error::Unsupported(_)) => all = false,
+                Err(e) => {
+                    // The write then exits to the MMIO dispatch, which signals the same fd.
+                    eprintln!("anyvisor: {}: no ioeventfd for queue {queue}: {e}", d.kind);
+                    all = false;
+                }
+            }
+        }
+        *d.ioeventfd.lock().unwrap_or_else(PoisonError::into_inner) = all && !events.is_empty();
+    }
+    Ok(())
+}
+
+/// Stops all queue processing (device workers and device threads' kicks): once this returns,
+/// no device touches guest memory or its own state until [`resume`].
+pub fn pause(devices: &[VirtioSlotDevice]) {
+    for d in devices {
+        d.transport().pause();
+    }
+}
+
+/// Lets the devices work again, first processing what was notified while paused (and, after a
+/// restore, every ready queue once).
+pub fn resume(devices: &[VirtioSlotDevice]) {
+    for d in devices {
+        d.transport().resume();
+    }
 }

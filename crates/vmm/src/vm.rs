@@ -88,12 +88,17 @@ impl VmParts {
         self.control.is_paused()
     }
 
-    /// Parks every vCPU on an instruction boundary.
+    /// Parks every vCPU on an instruction boundary, then stops the devices' queue processing:
+    /// afterwards neither vCPUs nor devices change guest memory or device state, so both can
+    /// be saved (and the dirty log read for the last time).
     pub fn pause(&self) -> std::result::Result<(), ApiError> {
-        self.control.pause(PAUSE_TIMEOUT).map_err(pause_error)
+        self.control.pause(PAUSE_TIMEOUT).map_err(pause_error)?;
+        crate::devices::pause(&self.virtio);
+        Ok(())
     }
 
     pub fn resume(&self) -> std::result::Result<(), ApiError> {
+        crate::devices::resume(&self.virtio);
         self.control.resume().map_err(pause_error)
     }
 
@@ -350,6 +355,12 @@ impl Vmm {
                 }),
                 seccomp,
             )?;
+        }
+        crate::devices::start_workers(&parts.virtio, parts.vm.as_ref(), seccomp)?;
+        // A restored or arriving VM's devices start paused; a VM restored paused keeps them so
+        // until the API resumes it.
+        if !parts.is_paused() {
+            crate::devices::resume(&parts.virtio);
         }
         let mut threads = Vec::with_capacity(parts.vcpus.len());
         for (id, vcpu) in (0u32..).zip(&parts.vcpus) {
