@@ -6,9 +6,9 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irq_level, kvm_lapic_state,
-    kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irq_level, kvm_irq_routing,
+    kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 
 const IOC_NONE: u64 = 0;
@@ -68,6 +68,8 @@ pub const KVM_IRQ_LINE: u64 = iow(0x61, size_of::<kvm_irq_level>());
 pub const KVM_SET_CLOCK: u64 = iow(0x7b, size_of::<kvm_clock_data>());
 pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
 pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, size_of::<kvm_msi>());
+pub const KVM_SET_GSI_ROUTING: u64 = iow(0x6a, size_of::<kvm_irq_routing>());
+pub const KVM_IRQFD: u64 = iow(0x76, size_of::<kvm_irqfd>());
 
 // Terminal ioctls (`asm-generic/ioctls.h`): the console's raw mode is set and restored with them.
 pub const TCGETS: u64 = 0x5401;
@@ -108,6 +110,10 @@ pub const VCPU_STATE: &[u64] = &[
 
 /// Interrupt delivery into the guest (split irqchip: the IOAPIC is in userspace and sends MSIs).
 pub const INTERRUPTS: &[u64] = &[KVM_SIGNAL_MSI, KVM_IRQ_LINE];
+
+/// Keeping the IOAPIC pins' MSI routes and irqfds in line with the redirection entries the
+/// guest writes (plain KVM): done by the vCPU thread that takes the IOAPIC write.
+pub const IRQ_ROUTING: &[u64] = &[KVM_SET_GSI_ROUTING, KVM_IRQFD];
 
 /// Whole-VM state a snapshot or migration reads and writes: the dirty log (and the memory slot
 /// flags that switch it on and off) and the kvmclock.
@@ -156,6 +162,8 @@ mod tests {
             (KVM_KVMCLOCK_CTRL, 0x0000_aead),
             (KVM_SIGNAL_MSI, 0x4020_aea5),
             (KVM_IRQ_LINE, 0x4008_ae61),
+            (KVM_SET_GSI_ROUTING, 0x4008_ae6a),
+            (KVM_IRQFD, 0x4020_ae76),
             (KVM_GET_DIRTY_LOG, 0x4010_ae42),
             (KVM_SET_USER_MEMORY_REGION, 0x4020_ae46),
             (KVM_GET_CLOCK, 0x8030_ae7c),

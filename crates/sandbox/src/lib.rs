@@ -43,10 +43,10 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 /// What a thread does, which decides the system calls it may make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadRole {
-    /// Runs one vCPU and the device emulation of its exits (MMIO/PIO, virtio queues, disk I/O).
+    /// Runs one vCPU and the device emulation of its exits (MMIO/PIO, virtio registers).
     Vcpu,
-    /// A device's own worker (console input, future I/O threads): reads host input and raises
-    /// guest interrupts.
+    /// A device's own worker (console input, virtio queue workers): reads host input, processes
+    /// virtio queues (disk I/O, tap writes, vsock host connections) and raises guest interrupts.
     Device,
     /// Serves the control socket: pause, resume, info, snapshots (writes files), and spawns a
     /// migration thread.

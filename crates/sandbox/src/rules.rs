@@ -187,6 +187,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::VCPU_RUN)?; // KVM_RUN
             a.ioctls(ioctl::VCPU_STATE)?; // register access on exits, state after a pause
             a.ioctls(ioctl::INTERRUPTS)?; // devices raising guest interrupts
+            a.ioctls(ioctl::IRQ_ROUTING)?; // IOAPIC entry writes move a pin's irqfd route
             // The kvm backend's user-mode accelerator re-adds a memory slot on each run and reads
             // its dirty log (seen under strace on every exit).
             a.ioctls(ioctl::VM_STATE)?;
@@ -203,6 +204,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         }
         ThreadRole::Device => {
             disk_io(&mut a);
+            sockets(&mut a)?; // a virtio worker's vsock requests: host connections and their I/O
             a.any(libc::SYS_poll); // waiting on input
             a.any(libc::SYS_ppoll); // waiting on input
             a.any(libc::SYS_epoll_wait); // device event loops
