@@ -113,11 +113,10 @@ fn run(data: &[u8]) -> Option<()> {
                     state,
                     "restore then save changed the state"
                 );
-                // Queue addresses and indices came from the state: walk them.
+                // Queue addresses and indices came from the state: walk them (a restored
+                // transport is paused with every queue pending; resume processes them).
                 let mut t = restored;
-                for q in 0..4 {
-                    t.notify(q);
-                }
+                t.resume();
                 return Some(());
             }
         }
