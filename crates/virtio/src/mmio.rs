@@ -35,7 +35,7 @@
 //! signals it itself through an ioeventfd and the write never reaches the transport), and a
 //! [`crate::Worker`] thread processes the queue. While the transport is paused
 //! ([`MmioTransport::pause`]) nothing touches guest memory or device state: notifications and
-//! kicks are recorded and processed on [`MmioTransport::resume`].
+//! kicks are recorded and handed to the worker on [`MmioTransport::resume`].
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -313,12 +313,22 @@ impl MmioTransport {
         self.paused = true;
     }
 
-    /// Processes what was notified while paused, and lets notifications through again.
+    /// Lets notifications through again and hands what was notified while paused to the worker
+    /// (through the queue's eventfd; without a worker it is processed here). The caller's
+    /// thread (API, migration) thus never does device I/O.
     pub fn resume(&mut self) {
         self.paused = false;
         for i in 0..self.pending.len() {
-            if std::mem::take(&mut self.pending[i]) {
-                self.process(i);
+            if !std::mem::take(&mut self.pending[i]) {
+                continue;
+            }
+            match self.queue_events.as_ref().and_then(|e| e.get(i)) {
+                Some(event) => {
+                    if let Err(e) = event.write(1) {
+                        tracing::warn!("virtio-mmio: queue eventfd: {e}");
+                    }
+                }
+                None => self.process(i),
             }
         }
     }

@@ -252,8 +252,8 @@ pub fn pause(devices: &[VirtioSlotDevice]) {
     }
 }
 
-/// Lets the devices work again, first processing what was notified while paused (and, after a
-/// restore, every ready queue once).
+/// Lets the devices work again: their workers first process what was notified while paused
+/// (and, after a restore, every ready queue once).
 pub fn resume(devices: &[VirtioSlotDevice]) {
     for d in devices {
         d.transport().resume();
@@ -421,7 +421,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(r.used_idx(), 1, "processed while paused");
         resume(&r.devices);
-        assert_eq!(r.used_idx(), 2);
+        r.wait_used(2);
     }
 
     /// Plain KVM: QueueNotify is an ioeventfd per queue and the pin an irqfd; the device path

@@ -458,7 +458,7 @@ fn worker_processes_notified_queues_and_obeys_pause() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(d.used_idx(), 3);
     lock().resume();
-    assert_eq!(d.used_idx(), 4);
+    wait_for("the worker after resume", || d.used_idx() == 4);
     // Dropping the worker stops it: notifications then stay in the eventfd.
     drop(worker);
     d.add(&[w(DATA, 8)]);
