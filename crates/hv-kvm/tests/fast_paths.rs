@@ -2,6 +2,9 @@
 //! the VMM, an irqfd delivers its routed MSI to a halted guest. Each needs /dev/kvm and prints
 //! `SKIP: no /dev/kvm` without it.
 
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

@@ -298,11 +298,14 @@ impl MmioTransport {
             return;
         };
         let Some(event) = usize::try_from(index).ok().and_then(|i| events.get(i)) else {
-            tracing::debug!(index, "virtio-mmio: notify of a queue that does not exist");
+            hv::rate_limited!(tracing::debug!(
+                index,
+                "virtio-mmio: notify of a queue that does not exist"
+            ));
             return;
         };
         if let Err(e) = event.write(1) {
-            tracing::warn!("virtio-mmio: queue eventfd: {e}");
+            hv::rate_limited!(tracing::warn!("virtio-mmio: queue eventfd: {e}"));
         }
     }
 
@@ -325,7 +328,7 @@ impl MmioTransport {
             match self.queue_events.as_ref().and_then(|e| e.get(i)) {
                 Some(event) => {
                     if let Err(e) = event.write(1) {
-                        tracing::warn!("virtio-mmio: queue eventfd: {e}");
+                        hv::rate_limited!(tracing::warn!("virtio-mmio: queue eventfd: {e}"));
                     }
                 }
                 None => self.process(i),

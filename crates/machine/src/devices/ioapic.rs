@@ -261,7 +261,9 @@ impl Ioapic {
                         self.counters.msi_sent.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                    Err(e) => tracing::warn!("IOAPIC: irqfd of pin {pin} failed: {e}"),
+                    Err(e) => {
+                        hv::rate_limited!(tracing::warn!("IOAPIC: irqfd of pin {pin} failed: {e}"))
+                    }
                 }
             }
             msi_for_entry(rte)
@@ -371,7 +373,7 @@ fn sync_irqfd(vm: &dyn hv::Vm, pin: u32, rte: u64, irqfd: &mut PinIrqfd) {
         match registered {
             Ok(()) => irqfd.assigned = true,
             Err(e) => {
-                tracing::warn!("IOAPIC: irqfd of pin {pin} not usable: {e}");
+                hv::rate_limited!(tracing::warn!("IOAPIC: irqfd of pin {pin} not usable: {e}"));
                 if irqfd.assigned {
                     let _ = vm.unregister_irqfd(pin, &irqfd.fd);
                     irqfd.assigned = false;
@@ -380,7 +382,9 @@ fn sync_irqfd(vm: &dyn hv::Vm, pin: u32, rte: u64, irqfd: &mut PinIrqfd) {
         }
     } else if irqfd.assigned {
         if let Err(e) = vm.unregister_irqfd(pin, &irqfd.fd) {
-            tracing::warn!("IOAPIC: cannot deregister the irqfd of pin {pin}: {e}");
+            hv::rate_limited!(tracing::warn!(
+                "IOAPIC: cannot deregister the irqfd of pin {pin}: {e}"
+            ));
         }
         irqfd.assigned = false;
     }
