@@ -102,6 +102,19 @@ struct RxInner {
     dropped: u64,
 }
 
+impl RxInner {
+    /// Queues a frame read from the tap; drops (and counts) it when too large or too many wait.
+    /// Returns whether it was queued.
+    fn offer(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > MAX_FRAME || self.frames.len() >= MAX_PENDING {
+            self.dropped += 1;
+            return false;
+        }
+        self.frames.push_back(frame.to_vec());
+        true
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -147,6 +160,12 @@ impl Net {
     /// Frames received from the tap and not yet given to the guest.
     pub fn pending_frames(&self) -> usize {
         lock(&self.shared.inner).frames.len()
+    }
+
+    /// Queues `frame` as if the receive thread had read it from the tap (the fuzz target has no
+    /// thread: see `crate::fuzz::net_queues`).
+    pub(crate) fn offer_frame(&self, frame: &[u8]) {
+        lock(&self.shared.inner).offer(frame);
     }
 
     fn config_bytes(&self) -> [u8; 8] {
@@ -370,10 +389,9 @@ fn rx_loop(tap: &dyn TapIo, shared: &RxShared, epoll: &Epoll, stop: &EventFd, ge
                     if inner.generation != generation {
                         return;
                     }
-                    if len > MAX_FRAME || inner.frames.len() >= MAX_PENDING {
-                        inner.dropped += 1;
-                    } else {
-                        inner.frames.push_back(buf[..len].to_vec());
+                    // A backend claiming more than the buffer holds: as good as too large.
+                    let frame = buf.get(..len).unwrap_or(&buf);
+                    if inner.offer(frame) {
                         queued += 1;
                     }
                 }

@@ -133,7 +133,22 @@ impl Vsock {
             .map_or(0, |s| lock(&s.mux).connection_count())
     }
 
-    fn start(&mut self) -> Result<(), DeviceError> {
+    /// Fuzzing: activates the device without its host event thread; [`Vsock::poll_host`] then
+    /// does that thread's work, deterministically (see `crate::fuzz::vsock_queues`).
+    pub(crate) fn activate_unthreaded(&mut self) -> Result<(), DeviceError> {
+        self.start(false)
+    }
+
+    /// Fuzzing: handles the host socket events that are ready now, as the event thread would
+    /// (without delivering its queue kicks).
+    pub(crate) fn poll_host(&self) {
+        if let Some(shared) = &self.active {
+            let mut events = [EpollEvent::default(); 16];
+            let _ = muxer::handle_events(shared, &mut events, 0);
+        }
+    }
+
+    fn start(&mut self, event_thread: bool) -> Result<(), DeviceError> {
         if self.active.is_some() {
             return Ok(());
         }
@@ -164,11 +179,13 @@ impl Vsock {
         });
         // Wake the thread once so it delivers kicks owed from before it started.
         let _ = shared.wake.write(1);
-        let thread_shared = shared.clone();
-        thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || muxer::event_loop(&thread_shared))
-            .map_err(DeviceError::Backend)?;
+        if event_thread {
+            let thread_shared = shared.clone();
+            thread::Builder::new()
+                .name("virtio-vsock".into())
+                .spawn(move || muxer::event_loop(&thread_shared))
+                .map_err(DeviceError::Backend)?;
+        }
         self.active = Some(shared);
         Ok(())
     }
@@ -324,7 +341,7 @@ impl VirtioDevice for Vsock {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, _acked_features: u64) -> Result<(), DeviceError> {
-        self.start()
+        self.start(true)
     }
 
     fn process_queue(

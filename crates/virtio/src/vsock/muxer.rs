@@ -712,39 +712,50 @@ pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
     port.parse().ok()
 }
 
+/// Waits up to `timeout_ms` (-1: without end) for host socket events and handles them. Returns
+/// the `KICK_*` bits of the queues to get processed, or `None` once the muxer is stopped (or
+/// epoll failed): the caller ends.
+pub(crate) fn handle_events(
+    shared: &MuxShared,
+    events: &mut [EpollEvent],
+    timeout_ms: i32,
+) -> Option<u8> {
+    let n = match shared.epoll.wait(timeout_ms, events) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Some(0),
+        Err(e) => {
+            tracing::warn!("virtio-vsock: event thread stops: {e}");
+            return None;
+        }
+    };
+    let mut mux = lock(&shared.mux);
+    if mux.stopped {
+        return None;
+    }
+    for ev in events.iter().take(n) {
+        if ev.data() == TOKEN_WAKE {
+            let _ = shared.wake.read();
+        } else {
+            mux.event(ev.data(), ev.event_set());
+        }
+    }
+    if mux.has_rx_work() {
+        mux.want_kick |= KICK_RX;
+    }
+    let kick_set = lock(&shared.kick).is_some();
+    Some(if kick_set {
+        std::mem::take(&mut mux.want_kick)
+    } else {
+        0
+    })
+}
+
 /// The host event thread of one activation: runs until the muxer is stopped.
 pub(crate) fn event_loop(shared: &MuxShared) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let n = match shared.epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::warn!("virtio-vsock: event thread stops: {e}");
-                return;
-            }
-        };
-        let bits = {
-            let mut mux = lock(&shared.mux);
-            if mux.stopped {
-                return;
-            }
-            for ev in &events[..n] {
-                if ev.data() == TOKEN_WAKE {
-                    let _ = shared.wake.read();
-                } else {
-                    mux.event(ev.data(), ev.event_set());
-                }
-            }
-            if mux.has_rx_work() {
-                mux.want_kick |= KICK_RX;
-            }
-            let kick_set = lock(&shared.kick).is_some();
-            if kick_set {
-                std::mem::take(&mut mux.want_kick)
-            } else {
-                0
-            }
+        let Some(bits) = handle_events(shared, &mut events, -1) else {
+            return;
         };
         if bits == 0 {
             continue;
