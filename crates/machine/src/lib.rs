@@ -12,6 +12,8 @@
 pub mod acpi;
 pub mod boot;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod layout;
 pub mod memory;
 pub mod platform;
