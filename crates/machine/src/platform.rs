@@ -175,9 +175,8 @@ impl Platform {
         }
     }
 
-    /// Replaces every device's state. Nothing changes unless all of `s` is valid. The IOAPIC
-    /// is restored first, so an interrupt the serial port re-raises goes through the restored
-    /// redirection table.
+    /// Replaces every device's state. Nothing changes unless all of `s` is valid. No interrupt
+    /// is raised: an edge that was pending is in the IOAPIC's state or in a vCPU's local APIC.
     pub fn restore(&self, s: &PlatformState) -> Result<(), Error> {
         s.validate()?;
         self.ioapic

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -28,14 +29,20 @@ const LSR_THRE_TEMT: u8 = 0x60;
 /// Modem status vm-superio always reports outside loopback: DCD, DSR, CTS.
 const MSR_FIXED: u8 = 0xb0;
 
-/// The serial port's interrupt: an edge on its IOAPIC pin.
-pub struct SerialIrq(pub IrqLine);
+/// The serial port's interrupt: an edge on its IOAPIC pin, unless muted (while a saved UART is
+/// rebuilt, see [`SerialDevice::restore`]).
+pub struct SerialIrq {
+    line: IrqLine,
+    muted: Arc<AtomicBool>,
+}
 
 impl Trigger for SerialIrq {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.trigger();
+        if !self.muted.load(Ordering::Relaxed) {
+            self.line.trigger();
+        }
         Ok(())
     }
 }
@@ -138,6 +145,8 @@ pub struct SerialDevice {
     uart: Uart,
     pending: VecDeque<u8>,
     irq: IrqLine,
+    /// Shared with the UART's [`SerialIrq`].
+    irq_muted: Arc<AtomicBool>,
     out: SerialOut,
     /// Output bytes the host writer refused.
     pub tx_errors: u64,
@@ -147,13 +156,22 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: IrqLine, out: SerialOut) -> SerialDevice {
+        let irq_muted = Arc::new(AtomicBool::new(false));
         SerialDevice {
-            uart: Serial::new(SerialIrq(irq.clone()), out.clone()),
+            uart: Serial::new(Self::uart_irq(&irq, &irq_muted), out.clone()),
             pending: VecDeque::new(),
             irq,
+            irq_muted,
             out,
             tx_errors: 0,
             input_dropped: 0,
+        }
+    }
+
+    fn uart_irq(irq: &IrqLine, muted: &Arc<AtomicBool>) -> SerialIrq {
+        SerialIrq {
+            line: irq.clone(),
+            muted: muted.clone(),
         }
     }
 
@@ -231,8 +249,18 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.rx_fifo.clone(),
         };
-        self.uart = Serial::from_state(&u, SerialIrq(self.irq.clone()), NoEvents, self.out.clone())
-            .map_err(|e| format!("serial state rejected: {e}"))?;
+        // vm-superio's `from_state` raises the interrupt again when one is pending. The saved
+        // IOAPIC (pending edges) and vCPUs (local APIC) already hold that edge: a second one
+        // would be an interrupt the guest never had, so it is not sent.
+        self.irq_muted.store(true, Ordering::Relaxed);
+        let uart = Serial::from_state(
+            &u,
+            Self::uart_irq(&self.irq, &self.irq_muted),
+            NoEvents,
+            self.out.clone(),
+        );
+        self.irq_muted.store(false, Ordering::Relaxed);
+        self.uart = uart.map_err(|e| format!("serial state rejected: {e}"))?;
         self.pending = s.pending_input.iter().copied().collect();
         Ok(())
     }
