@@ -12,6 +12,8 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod migration;
 pub mod serial;
 pub mod snapshot;
