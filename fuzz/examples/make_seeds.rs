@@ -362,7 +362,73 @@ fn mmio_seeds() -> Res<()> {
     Ok(())
 }
 
+/// `anyvisor run` as the e2e tests (crates/cli/tests) and the CLI spec run it.
+fn cli_seeds() -> Res<()> {
+    use vmm::fuzz::args_input;
+    let kit = [
+        ("backend", "emu"),
+        ("kernel", "guest/out/vmlinux"),
+        ("initrd", "guest/out/initramfs.cpio.gz"),
+        ("memory", "256M"),
+        (
+            "cmdline",
+            "console=ttyS0 quiet reboot=k panic=-1 anyvisor.test=devices",
+        ),
+    ];
+    let mut devices = kit.to_vec();
+    devices.extend([
+        ("disk", "/tmp/anyvisor-devices/vda.img"),
+        ("disk", "/tmp/anyvisor-devices/vdb.qcow2,format=qcow2"),
+        (
+            "disk",
+            "/tmp/anyvisor-devices/vdc.img,readonly=on,format=raw",
+        ),
+        ("rng", ""),
+        ("serial", "null"),
+    ]);
+    let mut net = kit.to_vec();
+    net.extend([("net", "tap=anyv0,mac=52:54:00:12:34:56"), ("cpus", "2")]);
+    let mut vsock = kit.to_vec();
+    vsock.extend([
+        ("vsock", "3,uds=/tmp/anyvisor-vsock/v.sock"),
+        ("api-socket", "/tmp/anyvisor-vsock/api.sock"),
+        ("seccomp", "log"),
+    ]);
+    let seeds: [(&str, Vec<u8>); 6] = [
+        ("devices", args_input("", &devices)),
+        ("net", args_input("", &net)),
+        ("vsock", args_input("", &vsock)),
+        (
+            "config-file-and-flag",
+            args_input(
+                r#"{"kernel":"/nonexistent/k","cpus":0,"memory":"4G","disk":["a.img"]}"#,
+                &[("cpus", "1")],
+            ),
+        ),
+        (
+            "restore",
+            args_input("", &[("restore", "/tmp/vm.snap"), ("serial", "null")]),
+        ),
+        (
+            "incoming",
+            args_input(
+                "",
+                &[
+                    ("incoming", "tcp:127.0.0.1:4444"),
+                    ("migration-key", "/tmp/key"),
+                    ("backend", "kvm"),
+                ],
+            ),
+        ),
+    ];
+    for (name, input) in seeds {
+        put("cli_args", name, &input)?;
+    }
+    Ok(())
+}
+
 fn main() -> Res<()> {
+    cli_seeds()?;
     snapshot_seeds()?;
     migrate_seeds()?;
     api_seeds()?;
