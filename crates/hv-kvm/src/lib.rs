@@ -1,7 +1,8 @@
 //! The KVM backend of the `hv` contract.
 //!
 //! [`KvmHypervisor::open`] opens `/dev/kvm`; the VMs it creates use a split irqchip (local APICs
-//! in the kernel, the IOAPIC in crate `machine`, interrupts as `KVM_SIGNAL_MSI`), one memory slot
+//! in the kernel, the IOAPIC in crate `machine`, interrupts as `KVM_SIGNAL_MSI` or through irqfds
+//! on MSI routes; guest MMIO writes may signal ioeventfds: `docs/kvm-platform.md`), one memory slot
 //! per region of [`hv::GuestMemory`], and per-vCPU CPUID from the VM's [`hv::CpuModel`]. State
 //! converts to and from the neutral `hv` types in [`convert`]. Platform findings of this host
 //! (which CPUID leaves KVM controls, what its instruction emulator refuses) are in

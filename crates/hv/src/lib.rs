@@ -8,6 +8,9 @@
 //! * [`Hypervisor`] opens a backend and creates a [`Vm`] over a [`GuestMemory`].
 //! * A [`Vm`] creates [`Vcpu`]s and delivers interrupts as x86 MSI messages ([`Vm::signal_msi`]).
 //!   The platform's IOAPIC lives outside the backend (crate `machine`), so it is the same everywhere.
+//!   Backends may also offer ioeventfds and irqfds on MSI routes ([`Vm::register_ioevent`],
+//!   [`Vm::register_irqfd`]); callers fall back to the paths above when they answer
+//!   [`Error::Unsupported`].
 //! * [`Vcpu::run`] executes guest code until something needs the VMM. Port and MMIO accesses go
 //!   through the [`DeviceIo`] callback handed to `run`, so a backend that emulates instructions
 //!   (emu, or KVM completing an instruction its own emulator refused) calls devices directly.
