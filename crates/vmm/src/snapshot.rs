@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hv::{BackendKind, CpuState};
 use serde::{Deserialize, Serialize};
@@ -194,6 +194,7 @@ fn file_error(path: &Path, e: snapshot::Error) -> Error {
 
 /// `anyvisor run --restore FILE`.
 pub fn restore(path: &Path, runtime: &RuntimeOptions) -> Result<Vmm> {
+    let start = Instant::now();
     let reader = SnapshotReader::open(path).map_err(|e| file_error(path, e))?;
     let backend = open_backend(reader.header(), runtime)?;
     check_states(backend.hypervisor.kind(), &reader.contents().vcpus)?;
@@ -201,7 +202,17 @@ pub fn restore(path: &Path, runtime: &RuntimeOptions) -> Result<Vmm> {
     let parts = rebuild(reader.into_contents().into(), memory, backend, runtime)?;
     let vmm = Vmm::launch(parts)?;
     settle(&vmm);
+    let _ = RESTORE_TIME.set(start.elapsed());
     Ok(vmm)
+}
+
+/// How long this process's `--restore` took, from opening the file to the vCPU threads
+/// started (the part a VMM controls; process start-up comes before it), for `GET /vm`.
+static RESTORE_TIME: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// [`RESTORE_TIME`] in milliseconds, if this process restored a snapshot.
+pub(crate) fn restore_ms() -> Option<f64> {
+    RESTORE_TIME.get().map(|d| d.as_secs_f64() * 1000.0)
 }
 
 /// `anyvisor snapshot-info FILE`: what a snapshot file holds, as JSON.

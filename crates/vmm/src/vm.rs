@@ -128,6 +128,7 @@ impl VmControl for VmParts {
             "devices": self.devices(),
             "counters": counters,
             "migration": crate::migration::progress(),
+            "restore_ms": crate::snapshot::restore_ms(),
         })
     }
 
