@@ -11,23 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Access, CODE, DONE_PORT, Guest, MMIO, kvm};
+use common::{Access, CODE, Guest, MMIO, asm, done, kvm};
 use hv::{CpuModel, EventFd, VcpuExit};
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
-
-fn asm(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(ip).unwrap()
-}
-
-fn done(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.out(DONE_PORT as u32, al)?;
-    let mut spin = a.create_label();
-    a.set_label(&mut spin)?;
-    a.jmp(spin)
-}
 
 fn nonblocking() -> EventFd {
     EventFd::new(libc::EFD_NONBLOCK).unwrap()

@@ -9,24 +9,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Access, CODE, DATA, DONE_PORT, Guest, IN_VALUE, MMIO, kvm};
+use common::{Access, CODE, DATA, Guest, IN_VALUE, MMIO, asm, done, kvm};
 use hv::{CpuModel, CpuState, Hypervisor, VcpuExit, VmConfig};
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
-
-fn asm(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(ip).unwrap()
-}
-
-/// `out DONE_PORT, al` then spin: the test's DeviceIo kicks the vCPU on the write.
-fn done(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.out(DONE_PORT as u32, al)?;
-    let mut spin = a.create_label();
-    a.set_label(&mut spin)?;
-    a.jmp(spin)
-}
 
 #[test]
 fn port_io_including_rep_ins_outs() {

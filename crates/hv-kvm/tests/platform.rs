@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{CODE, DATA, DONE_PORT, Guest, MMIO, kvm};
+use common::{CODE, DATA, Guest, MMIO, asm, done, kvm};
 use hv::{CpuModel, CpuState, DeviceIo, GuestMemory, InstructionEmulator, VcpuExit};
 use hv_kvm::KvmHypervisor;
 use iced_x86::code_asm::*;
@@ -16,23 +16,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 const LEAVES: [u32; 5] = [0, 1, 7, 0x8000_0001, 0x4000_0000];
 
-fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(CODE).unwrap()
-}
-
-fn done(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.out(DONE_PORT as u32, al)?;
-    let mut spin = a.create_label();
-    a.set_label(&mut spin)?;
-    a.jmp(spin)
-}
-
 /// Runs `cpuid` for [`LEAVES`] (sub-leaf 0) at the given CPL and returns what the guest saw.
 fn guest_cpuid(h: &KvmHypervisor, model: &CpuModel, user: bool) -> Vec<[u32; 4]> {
     let mut g = Guest::new(h, model.clone());
-    let code = asm(|a| {
+    let code = asm(CODE, |a| {
         for (i, leaf) in LEAVES.iter().enumerate() {
             a.mov(eax, *leaf)?;
             a.xor(ecx, ecx)?;
@@ -152,7 +139,7 @@ fn kvm_emulator_coverage() {
     let mut failed = Vec::new();
     for (name, prog) in cases {
         let mut g = Guest::new(&h, CpuModel::portable());
-        g.load(&asm(|a| {
+        g.load(&asm(CODE, |a| {
             a.mov(edx, 0)?;
             a.mov(eax, 0)?;
             prog(a)?;
@@ -218,7 +205,7 @@ fn refused_instructions_go_to_the_instruction_emulator() {
     if kvm().is_none() {
         return;
     }
-    let program = asm(|a| {
+    let program = asm(CODE, |a| {
         a.fld1()?;
         a.mov(qword_ptr(MMIO), rbx)?;
         done(a)
@@ -251,7 +238,7 @@ fn refused_instructions_go_to_the_instruction_emulator() {
 #[test]
 fn cpl0_is_emulated_cpl3_is_native() {
     let Some(h) = kvm() else { return };
-    let spin = asm(|a| {
+    let spin = asm(CODE, |a| {
         let mut top = a.create_label();
         a.set_label(&mut top)?;
         a.inc(rax)?;
@@ -293,7 +280,7 @@ fn cr4_bits_beyond_the_model_are_accepted() {
     let Some(h) = kvm() else { return };
     for bit in [18u32, 20] {
         let mut g = Guest::new(&h, CpuModel::portable());
-        g.load(&asm(|a| {
+        g.load(&asm(CODE, |a| {
             a.mov(rax, cr4)?;
             a.bts(rax, bit)?;
             a.mov(cr4, rax)?;

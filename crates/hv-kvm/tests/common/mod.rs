@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use hv::{CpuModel, CpuState, DeviceIo, GuestMemory, Hypervisor, Vcpu, VcpuKicker, Vm, VmConfig};
 use hv_kvm::KvmHypervisor;
+use iced_x86::code_asm::{CodeAssembler, IcedError, al};
 use vm_memory::{Bytes, GuestAddress};
 
 pub const RAM_SIZE: u64 = 2 << 20;
@@ -22,6 +23,21 @@ pub const MMIO: u64 = 0x1000_0000;
 pub const DONE_PORT: u16 = 0xf4;
 /// What an unclaimed port read returns in tests that check reads.
 pub const IN_VALUE: u8 = 0x5a;
+
+/// Assembles 64-bit code placed at `ip`.
+pub fn asm(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(ip).unwrap()
+}
+
+/// `out DONE_PORT, al` then spin: the test's DeviceIo kicks the vCPU on the write.
+pub fn done(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.out(DONE_PORT as u32, al)?;
+    let mut spin = a.create_label();
+    a.set_label(&mut spin)?;
+    a.jmp(spin)
+}
 
 /// The backend, or `None` (after printing the SKIP line) when /dev/kvm cannot be opened.
 pub fn kvm() -> Option<KvmHypervisor> {
