@@ -165,8 +165,9 @@ fn migration_between_two_hosts_with_a_disk() {
         None => (vec![], vec![], format!("tcp:127.0.0.1:{}", free_port())),
     };
     let boot = Instant::now();
-    let mut src = VmUnder::spawn(
+    let mut src = Vm::spawn_under(
         &src_prefix,
+        &[],
         &with_memory(disk_boot_args(&kit, "emu", &disk)),
         &dir.join("src.serial"),
         &dir.join("src.sock"),
@@ -178,8 +179,9 @@ fn migration_between_two_hosts_with_a_disk() {
     );
 
     let backend = if kvm_usable() { "kvm" } else { "emu" };
-    let mut dst = VmUnder::spawn(
+    let mut dst = Vm::spawn_under(
         &dst_prefix,
+        &[],
         &incoming_args(&to, Some(&key), backend),
         &dir.join("dst.serial"),
         &dir.join("dst.sock"),

@@ -225,8 +225,9 @@ fn migration_faults_leave_the_source_running() {
     // it refuses before the source pauses.
     let small = dir.join("small.mig");
     let small_to = format!("unix:{}", small.display());
-    let mut tight = VmUnder::spawn(
+    let mut tight = Vm::spawn_under(
         &["prlimit", "--as=402653184", "--"].map(String::from),
+        &[],
         &incoming_args(&small_to, None, "emu"),
         &dir.join("small.serial"),
         &dir.join("small.sock"),
@@ -284,8 +285,9 @@ fn incompatible_cpu_model_is_refused() {
     let mut args = with_memory(boot_args(&kit, "kvm"));
     args.extend(["--cpu-model".into(), "host".into()]);
     // On a KVM PVM host the host model needs plain KVM, which the VMM uses only when asked.
-    let mut src = VmUnder::spawn(
+    let mut src = Vm::spawn_under(
         &["env", "ANYVISOR_PLAIN_KVM=1"].map(String::from),
+        &[],
         &args,
         &dir.join("src.serial"),
         &dir.join("src.sock"),

@@ -1,6 +1,4 @@
 //! Tools of the live-migration end-to-end tests (`migrate.rs`, `migrate_faults.rs`):
-//! * [`VmUnder`]: an anyvisor process started under a prefix command (`ip netns exec NS`,
-//!   `prlimit --as=N`), killed when dropped;
 //! * [`Proxy`]: sits between `anyvisor migrate` and the destination, parses the source's
 //!   frames (docs/migration-protocol.md §2) and, at a chosen message, kills the destination,
 //!   cuts the connection, or feeds the destination garbage, a replayed or a truncated message;
@@ -13,208 +11,13 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::persist_harness::{BIN, Vm};
-
-/// What the tests need of a VM process, whether started directly ([`Vm`]) or under a prefix
-/// command ([`VmUnder`]).
-pub trait VmProcess {
-    fn serial_text(&self) -> String;
-    fn stderr(&self) -> String;
-    fn diagnostics(&self) -> String;
-    fn wait_serial(&mut self, limit: Duration, done: impl Fn(&str) -> bool) -> Result<(), String>;
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus>;
-    fn is_running(&mut self) -> bool;
-    fn control(&self, cmd: &str, extra: &[&str]) -> Output;
-}
-
-macro_rules! vm_process {
-    ($t:ty) => {
-        impl VmProcess for $t {
-            fn serial_text(&self) -> String {
-                <$t>::serial_text(self)
-            }
-            fn stderr(&self) -> String {
-                <$t>::stderr(self)
-            }
-            fn diagnostics(&self) -> String {
-                <$t>::diagnostics(self)
-            }
-            fn wait_serial(
-                &mut self,
-                limit: Duration,
-                done: impl Fn(&str) -> bool,
-            ) -> Result<(), String> {
-                <$t>::wait_serial(self, limit, done)
-            }
-            fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-                <$t>::wait_exit(self, limit)
-            }
-            fn is_running(&mut self) -> bool {
-                <$t>::is_running(self)
-            }
-            fn control(&self, cmd: &str, extra: &[&str]) -> Output {
-                <$t>::control(self, cmd, extra)
-            }
-        }
-    };
-}
-
-vm_process!(Vm);
-vm_process!(VmUnder);
-
-// ---- a VM process under a prefix command ----
-
-/// An anyvisor process started as `PREFIX... anyvisor ARGS --serial S --api-socket A`; the
-/// prefix commands used here (`ip netns exec`, `prlimit`) exec the binary, so killing the
-/// child kills anyvisor. Killed when dropped.
-pub struct VmUnder {
-    child: Child,
-    pub serial: PathBuf,
-    pub socket: PathBuf,
-    stderr: Arc<Mutex<String>>,
-    status: Option<ExitStatus>,
-}
-
-impl VmUnder {
-    pub fn spawn(prefix: &[String], args: &[String], serial: &Path, socket: &Path) -> VmUnder {
-        let (program, pre) = prefix
-            .split_first()
-            .map_or((BIN, &[][..]), |(p, rest)| (p.as_str(), rest));
-        let mut cmd = Command::new(program);
-        cmd.args(pre);
-        if !prefix.is_empty() {
-            cmd.arg(BIN);
-        }
-        let mut child = cmd
-            .args(args)
-            .args(["--serial", serial.to_str().unwrap()])
-            .args(["--api-socket", socket.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start anyvisor");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        VmUnder {
-            child,
-            serial: serial.to_path_buf(),
-            socket: socket.to_path_buf(),
-            stderr,
-            status: None,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn serial_text(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    pub fn diagnostics(&self) -> String {
-        let serial = self.serial_text();
-        let tail: String = serial
-            .chars()
-            .skip(serial.chars().count().saturating_sub(3000))
-            .collect();
-        format!("stderr:\n{}\nserial (tail):\n{tail}", self.stderr())
-    }
-
-    fn try_status(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.try_status().is_none()
-    }
-
-    /// Waits until the serial output satisfies `done`, at most `limit`; fails early when the
-    /// process ends.
-    pub fn wait_serial(
-        &mut self,
-        limit: Duration,
-        done: impl Fn(&str) -> bool,
-    ) -> Result<(), String> {
-        let start = Instant::now();
-        loop {
-            if done(&self.serial_text()) {
-                return Ok(());
-            }
-            if let Some(status) = self.try_status() {
-                return Err(format!(
-                    "the VM exited ({status}) before the expected output\n{}",
-                    self.diagnostics()
-                ));
-            }
-            if start.elapsed() > limit {
-                return Err(format!(
-                    "no expected serial output within {limit:?}\n{}",
-                    self.diagnostics()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(s) = self.try_status() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    }
-
-    /// Runs a control command against this VM's API socket (from the test's namespace: the
-    /// socket is a file).
-    pub fn control(&self, cmd: &str, extra: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg(cmd)
-            .args(["--api-socket", self.socket.to_str().unwrap()])
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for VmUnder {
-    fn drop(&mut self) {
-        if self.try_status().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use crate::persist_harness::Vm;
 
 // ---- a proxy that breaks the migration stream ----
 
@@ -642,7 +445,7 @@ pub fn incoming_args(from: &str, key: Option<&Path>, backend: &str) -> Vec<Strin
 }
 
 /// Waits until a destination listens.
-pub fn wait_listening(dst: &mut impl VmProcess) {
+pub fn wait_listening(dst: &mut Vm) {
     let start = Instant::now();
     while !dst.stderr().contains("waiting for a migration") {
         assert!(
@@ -655,7 +458,7 @@ pub fn wait_listening(dst: &mut impl VmProcess) {
 }
 
 /// `anyvisor migrate --to TO [--migration-key KEY]` against `src`.
-pub fn migrate(src: &impl VmProcess, to: &str, key: Option<&Path>) -> Output {
+pub fn migrate(src: &Vm, to: &str, key: Option<&Path>) -> Output {
     let mut extra = vec!["--to", to];
     if let Some(k) = key {
         extra.extend(["--migration-key", k.to_str().unwrap()]);
@@ -664,7 +467,7 @@ pub fn migrate(src: &impl VmProcess, to: &str, key: Option<&Path>) -> Output {
 }
 
 /// `anyvisor info` of a VM, as JSON.
-pub fn info(vm: &impl VmProcess) -> serde_json::Value {
+pub fn info(vm: &Vm) -> serde_json::Value {
     let out = vm.control("info", &[]);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
@@ -679,8 +482,8 @@ pub fn info(vm: &impl VmProcess) -> serde_json::Value {
 /// the destination runs the VM on `backend` with [`MEMORY`] and its workload continues from
 /// where the source was, without corruption. Returns the statistics line.
 pub fn assert_migrated(
-    src: &mut impl VmProcess,
-    dst: &mut impl VmProcess,
+    src: &mut Vm,
+    dst: &mut Vm,
     out: &Output,
     what: &str,
     backend: &str,
@@ -726,7 +529,7 @@ pub fn assert_migrated(
 /// A failed migration: `migrate` exits non-zero with exactly one `error:` line, and the
 /// source VM keeps running, its workload counting on without corruption (two more reports).
 /// Returns the error line.
-pub fn assert_source_survived(src: &mut impl VmProcess, out: &Output, what: &str) -> String {
+pub fn assert_source_survived(src: &mut Vm, out: &Output, what: &str) -> String {
     use crate::persist_harness::*;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(

@@ -108,10 +108,42 @@ pub struct Vm {
 impl Vm {
     /// Starts `anyvisor` with `args` plus `--serial SERIAL --api-socket SOCKET`.
     pub fn spawn(args: &[String], serial: &Path, socket: &Path) -> Vm {
-        let mut child = Command::new(BIN)
+        Vm::spawn_under(&[], &[], args, serial, socket)
+    }
+
+    /// Like [`Vm::spawn`], with extra environment variables for the VMM process.
+    pub fn spawn_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        serial: &Path,
+        socket: &Path,
+    ) -> Vm {
+        Vm::spawn_under(&[], env, args, serial, socket)
+    }
+
+    /// Starts `PREFIX... anyvisor ARGS --serial SERIAL --api-socket SOCKET` with `env` added.
+    /// The prefix commands the tests use (`ip netns exec NS`, `prlimit --as=N`) exec the
+    /// binary, so killing the child kills anyvisor.
+    pub fn spawn_under(
+        prefix: &[String],
+        env: &[(&str, &str)],
+        args: &[String],
+        serial: &Path,
+        socket: &Path,
+    ) -> Vm {
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(args)
             .args(["--serial", serial.to_str().unwrap()])
             .args(["--api-socket", socket.to_str().unwrap()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -138,6 +170,11 @@ impl Vm {
             stderr,
             status: None,
         }
+    }
+
+    /// The process id of the child (the prefix command's, which exec'd anyvisor).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn serial_text(&self) -> String {
@@ -575,47 +612,6 @@ pub fn kernel_trouble(serial: &str) -> Vec<&str> {
 pub fn assert_kernel_healthy(what: &str, serial: &str) {
     let bad = kernel_trouble(serial);
     assert!(bad.is_empty(), "{what}: guest kernel reports {bad:?}");
-}
-
-impl Vm {
-    /// Like [`Vm::spawn`], with extra environment variables for the VMM process.
-    pub fn spawn_with_env(
-        args: &[String],
-        env: &[(&str, &str)],
-        serial: &Path,
-        socket: &Path,
-    ) -> Vm {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .args(["--serial", serial.to_str().unwrap()])
-            .args(["--api-socket", socket.to_str().unwrap()])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start anyvisor");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Vm {
-            child,
-            serial: serial.to_path_buf(),
-            socket: socket.to_path_buf(),
-            stderr,
-            status: None,
-        }
-    }
 }
 
 /// The kernel-health helper finds what it must.
