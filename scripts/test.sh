@@ -9,5 +9,11 @@ if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; els
 # lint failure fails the run, after the tests have run.
 lints=0
 cargo clippy --workspace --all-targets --quiet -- -D warnings || lints=$?
-cargo test --workspace --release --no-fail-fast -- --test-threads=2
+tests=0
+cargo test --workspace --release --no-fail-fast -- --test-threads=2 || tests=$?
+# Every fuzz target replays its seeds and regression inputs, then mutates them for 10 s.
+fuzz=0
+./scripts/fuzz-smoke.sh 10 || fuzz=$?
+if [ "$tests" -ne 0 ]; then echo "test: cargo test failed (see above)"; exit "$tests"; fi
+if [ "$fuzz" -ne 0 ]; then echo "test: fuzz-smoke failed (see above)"; exit "$fuzz"; fi
 if [ "$lints" -ne 0 ]; then echo "test: cargo clippy failed (see above)"; exit "$lints"; fi
