@@ -519,6 +519,8 @@ impl Muxer {
         self.enqueue(key);
     }
 
+    /// A guest's connection request to host port P connects to `<uds>_P`; refused (the guest
+    /// gets a reset) when nothing listens there or its listen backlog is full.
     fn connect_to_host(&mut self, key: Key, h: &Header, counters: &mut Counters) {
         if self.connection_count() >= MAX_CONNECTIONS {
             self.push_control(h.reset_reply(), counters);
@@ -526,7 +528,7 @@ impl Muxer {
         }
         let mut path = OsString::from(self.uds_path.as_os_str());
         path.push(format!("_{}", key.local));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
                 hv::rate_limited!(tracing::debug!(
@@ -537,9 +539,7 @@ impl Muxer {
             }
         };
         let token = self.token();
-        if stream.set_nonblocking(true).is_err()
-            || register(&self.epoll, stream.as_raw_fd(), token, stream_events()).is_err()
-        {
+        if register(&self.epoll, stream.as_raw_fd(), token, stream_events()).is_err() {
             self.push_control(h.reset_reply(), counters);
             return;
         }
@@ -769,4 +769,15 @@ pub(crate) fn event_loop(shared: &MuxShared) {
             }
         }
     }
+}
+
+/// Connects to the Unix socket at `path` without blocking: a host service whose listen backlog
+/// is full makes a blocking connect wait until the service accepts, and the device's worker
+/// holds the transport lock meanwhile (so the guest's vCPUs would stall on the device's
+/// registers). A non-blocking Unix connect completes at once or fails with `EAGAIN`.
+fn connect_nonblocking(path: &std::ffi::OsStr) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(socket.into())
 }

@@ -340,6 +340,35 @@ fn guest_connect_to_missing_service_is_reset() {
 }
 
 #[test]
+fn guest_connect_to_a_full_backlog_is_reset_not_blocked() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let mut p = g.uds.clone().into_os_string();
+    p.push("_7000");
+    // A service that listens with the smallest backlog and never accepts: once one client
+    // waits in it, a blocking connect would wait for an accept that never comes.
+    let svc = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    svc.bind(&SockAddr::unix(&p).unwrap()).unwrap();
+    svc.listen(0).unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let c = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+        if c.connect(&SockAddr::unix(&p).unwrap()).is_err() {
+            break;
+        }
+        waiting.push(c);
+    }
+    assert!(waiting.len() < 4, "the backlog never filled");
+    let start = Instant::now();
+    g.send(hdr(OP_REQUEST, 5000, 7000), &[]);
+    let (h, _) = g.recv_op(OP_RST);
+    assert_eq!((h.src_port, h.dst_port), (7000, 5000));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(g.dev.connection_count(), 0);
+}
+
+#[test]
 fn host_initiated_stream() {
     let mem = memory();
     let mut g = Guest::new(&mem);
