@@ -88,10 +88,12 @@ fn verify_destination(d: &mut VmProc, from: usize) -> String {
 fn anyvisor_case(
     setup: &Setup,
     backend: &str,
+    dest_backend: &str,
     cmds: &mut Vec<(String, String)>,
 ) -> Outcome<Migration> {
-    let api = setup.scratch(&format!("mig-{backend}.sock"));
-    let dest_sock = setup.scratch(&format!("mig-{backend}.incoming"));
+    let pair = format!("{backend}-{dest_backend}");
+    let api = setup.scratch(&format!("mig-{pair}.sock"));
+    let dest_sock = setup.scratch(&format!("mig-{pair}.incoming"));
     let mut args = anyvisor_args(setup, backend, "bzImage", MEM_MIB, &cmdline("memwork"));
     args.extend(["--api-socket".into(), api.display().to_string()]);
     let dargs: Vec<String> = vec![
@@ -99,7 +101,7 @@ fn anyvisor_case(
         "--incoming".into(),
         format!("unix:{}", dest_sock.display()),
         "--backend".into(),
-        backend.into(),
+        dest_backend.into(),
         "--serial".into(),
         "stdio".into(),
     ];
@@ -111,15 +113,15 @@ fn anyvisor_case(
         format!("unix:{}", dest_sock.display()),
     ];
     cmds.push((
-        format!("anyvisor {backend}: source"),
+        format!("anyvisor {backend} -> {dest_backend}: source"),
         command_line(&setup.anyvisor, &args),
     ));
     cmds.push((
-        format!("anyvisor {backend}: destination"),
+        format!("anyvisor {backend} -> {dest_backend}: destination"),
         command_line(&setup.anyvisor, &dargs),
     ));
     cmds.push((
-        format!("anyvisor {backend}: migrate"),
+        format!("anyvisor {backend} -> {dest_backend}: migrate"),
         command_line(&setup.anyvisor, &margs),
     ));
     let mut dst = match VmProc::spawn(&setup.anyvisor, &dargs, MEM_MIB << 20) {
@@ -255,11 +257,23 @@ fn qemu_case(setup: &Setup, cmds: &mut Vec<(String, String)>) -> Outcome<Migrati
 pub fn run(setup: &Setup) {
     let mut cmds = Vec::new();
     let mut rows = Vec::new();
-    for b in &setup.backends {
-        eprintln!("[migrate] anyvisor {b}");
-        let r = anyvisor_case(setup, b, &mut cmds);
+    // Every pair of the chosen backends, same-backend pairs first, then the cross-backend ones.
+    let pairs = setup
+        .backends
+        .iter()
+        .map(|b| (b, b))
+        .chain(setup.backends.iter().flat_map(|a| {
+            setup
+                .backends
+                .iter()
+                .filter(move |b| *b != a)
+                .map(move |b| (a, b))
+        }));
+    for (a, b) in pairs {
+        eprintln!("[migrate] anyvisor {a} -> {b}");
+        let r = anyvisor_case(setup, a, b, &mut cmds);
         eprintln!("[migrate]   {r:?}");
-        rows.push((format!("anyvisor {b} -> {b} (unix socket)"), r, false));
+        rows.push((format!("anyvisor {a} -> {b} (unix socket)"), r, false));
     }
     if setup.qemu_enabled {
         eprintln!("[migrate] QEMU TCG");
