@@ -42,7 +42,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::convert::{Kvm as K, XSAVE_HEADER};
-use crate::vcpu::{RunPtr, install_kick_handler, kick_signal};
+use crate::vcpu::{RunPtr, install_kick_handler, kick_signal, serve_io};
 use crate::{BACKEND, backend_err, walk};
 
 /// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
@@ -937,28 +937,10 @@ impl KvmUserRunner {
 
     fn step(&mut self, io: &dyn DeviceIo, loaded: &Loaded) -> hv::Result<Step> {
         let run_ptr = self.run;
-        Ok(match self.fd.run() {
-            Ok(KvmExit::IoOut(port, data)) => {
-                for chunk in data.chunks(run_ptr.io_size()) {
-                    io.pio_write(port, chunk);
-                }
-                Step::Continue
-            }
-            Ok(KvmExit::IoIn(port, data)) => {
-                for chunk in data.chunks_mut(run_ptr.io_size()) {
-                    io.pio_read(port, chunk);
-                }
-                Step::Continue
-            }
-            Ok(KvmExit::MmioRead(addr, data)) => {
-                io.mmio_read(addr, data);
-                Step::Continue
-            }
-            Ok(KvmExit::MmioWrite(addr, data)) => {
-                io.mmio_write(addr, data);
-                Step::Continue
-            }
-            Ok(KvmExit::Hlt) => {
+        let exit = self.fd.run().map(|exit| serve_io(exit, io, run_ptr));
+        Ok(match exit {
+            Ok(None) => Step::Continue,
+            Ok(Some(KvmExit::Hlt)) => {
                 let rip = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rip;
                 let index = rip.wrapping_sub(loaded.trap_la).wrapping_sub(1);
                 if index > COMPAT_SYSCALL_ENTRY {
@@ -968,13 +950,13 @@ impl KvmUserRunner {
                 }
                 Step::Trap { index }
             }
-            Ok(KvmExit::Shutdown) => {
+            Ok(Some(KvmExit::Shutdown)) => {
                 return Err(hv::Error::Unhandled(
                     "triple fault while leaving user mode".into(),
                 ));
             }
-            Ok(KvmExit::Intr) => Step::Interrupted,
-            Ok(KvmExit::InternalError) => {
+            Ok(Some(KvmExit::Intr)) => Step::Interrupted,
+            Ok(Some(KvmExit::InternalError)) => {
                 let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
                 let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
                 return Err(hv::Error::Unhandled(format!(
@@ -982,12 +964,12 @@ impl KvmUserRunner {
                     regs.rip, sregs.cs.dpl
                 )));
             }
-            Ok(KvmExit::FailEntry(reason, _)) => {
+            Ok(Some(KvmExit::FailEntry(reason, _))) => {
                 return Err(hv::Error::Unhandled(format!(
                     "KVM could not enter the guest (hardware reason {reason:#x})"
                 )));
             }
-            Ok(other) => {
+            Ok(Some(other)) => {
                 return Err(hv::Error::Unhandled(format!(
                     "unexpected KVM exit {other:?} in user mode"
                 )));

@@ -53,6 +53,32 @@ impl RunPtr {
     }
 }
 
+/// Serves a port or MMIO exit on `io` and returns `None`; any other exit comes back as it is.
+/// Shared by the vCPU run loop and the user-mode runner (`user_accel`).
+pub(crate) fn serve_io<'a>(
+    exit: KvmExit<'a>,
+    io: &dyn DeviceIo,
+    run: RunPtr,
+) -> Option<KvmExit<'a>> {
+    match exit {
+        // `rep outs`/`rep ins` deliver `count` elements of `size` bytes in one exit.
+        KvmExit::IoOut(port, data) => {
+            for chunk in data.chunks(run.io_size()) {
+                io.pio_write(port, chunk);
+            }
+        }
+        KvmExit::IoIn(port, data) => {
+            for chunk in data.chunks_mut(run.io_size()) {
+                io.pio_read(port, chunk);
+            }
+        }
+        KvmExit::MmioRead(addr, data) => io.mmio_read(addr, data),
+        KvmExit::MmioWrite(addr, data) => io.mmio_write(addr, data),
+        other => return Some(other),
+    }
+    None
+}
+
 struct KickInner {
     /// `None` once the vCPU is gone.
     run: Option<RunPtr>,
@@ -552,40 +578,20 @@ impl hv::Vcpu for KvmVcpu {
         let _running = RunningGuard(&kick);
         let run_ptr = self.run;
         loop {
-            let next = match self.fd.run() {
-                Ok(KvmExit::IoOut(port, data)) => {
-                    // `rep outs` delivers `count` elements of `size` bytes in one exit.
-                    for chunk in data.chunks(run_ptr.io_size()) {
-                        io.pio_write(port, chunk);
-                    }
-                    Next::Continue
-                }
-                Ok(KvmExit::IoIn(port, data)) => {
-                    for chunk in data.chunks_mut(run_ptr.io_size()) {
-                        io.pio_read(port, chunk);
-                    }
-                    Next::Continue
-                }
-                Ok(KvmExit::MmioRead(addr, data)) => {
-                    io.mmio_read(addr, data);
-                    Next::Continue
-                }
-                Ok(KvmExit::MmioWrite(addr, data)) => {
-                    io.mmio_write(addr, data);
-                    Next::Continue
-                }
+            let next = match self.fd.run().map(|exit| serve_io(exit, io, run_ptr)) {
+                Ok(None) => Next::Continue,
                 // All platform interrupts are edge-triggered: nothing to do on EOI.
-                Ok(KvmExit::IoapicEoi(_)) => Next::Continue,
-                Ok(KvmExit::Hlt) => Next::Return(VcpuExit::Halted),
-                Ok(KvmExit::Shutdown) => Next::Return(VcpuExit::Shutdown),
-                Ok(KvmExit::Intr) => Next::Interrupted,
-                Ok(KvmExit::InternalError) => Next::CompleteInstruction,
-                Ok(KvmExit::FailEntry(reason, _)) => {
+                Ok(Some(KvmExit::IoapicEoi(_))) => Next::Continue,
+                Ok(Some(KvmExit::Hlt)) => Next::Return(VcpuExit::Halted),
+                Ok(Some(KvmExit::Shutdown)) => Next::Return(VcpuExit::Shutdown),
+                Ok(Some(KvmExit::Intr)) => Next::Interrupted,
+                Ok(Some(KvmExit::InternalError)) => Next::CompleteInstruction,
+                Ok(Some(KvmExit::FailEntry(reason, _))) => {
                     return Err(hv::Error::Unhandled(format!(
                         "KVM could not enter the guest (hardware reason {reason:#x})"
                     )));
                 }
-                Ok(other) => {
+                Ok(Some(other)) => {
                     return Err(hv::Error::Unhandled(format!(
                         "unexpected KVM exit {other:?}"
                     )));
