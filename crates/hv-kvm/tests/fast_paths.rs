@@ -80,16 +80,7 @@ fn ioevent_takes_matching_writes_without_an_exit() {
 /// Writes the guest program: enable the local APIC, tell the test (port 0x80), then `sti; hlt`
 /// in a loop. The handler for `vector` writes the vector to MMIO + 0x30 and ends the run.
 fn halted_guest(g: &mut Guest, vector: u8) {
-    // Map 3..4 GiB (2 MiB pages) so the APIC page at 0xfee0_0000 is reachable.
-    g.mem
-        .write_obj(0x4000u64 | 3, GuestAddress(0x2000 + 3 * 8))
-        .unwrap();
-    for i in 0..512u64 {
-        let pa = 0xc000_0000 + (i << 21);
-        g.mem
-            .write_obj(pa | 0x83 | 0x10, GuestAddress(0x4000 + i * 8))
-            .unwrap();
-    }
+    g.map_apic_window();
     let handler = CODE + 0x800;
     g.mem
         .write_slice(

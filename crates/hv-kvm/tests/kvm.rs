@@ -334,16 +334,7 @@ fn cpu_model_checks() {
 fn msi_reaches_the_guest_handler() {
     let Some(h) = kvm() else { return };
     let mut g = Guest::new(&h, CpuModel::portable());
-    // Map 3..4 GiB (2 MiB pages) so the APIC page at 0xfee0_0000 is reachable.
-    g.mem
-        .write_obj(0x4000u64 | 3, GuestAddress(0x2000 + 3 * 8))
-        .unwrap();
-    for i in 0..512u64 {
-        let pa = 0xc000_0000 + (i << 21);
-        g.mem
-            .write_obj(pa | 0x83 | 0x10, GuestAddress(0x4000 + i * 8))
-            .unwrap();
-    }
+    g.map_apic_window();
     let handler = CODE + 0x800;
     g.mem
         .write_slice(

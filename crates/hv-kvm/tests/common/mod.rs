@@ -154,6 +154,20 @@ pub fn idt_gate(handler: u64) -> [u8; 16] {
 }
 
 impl Guest {
+    /// Maps 3..4 GiB with 2 MiB pages (uncached) so the local APIC page at 0xfee0_0000 is
+    /// reachable.
+    pub fn map_apic_window(&self) {
+        self.mem
+            .write_obj(0x4000u64 | 3, GuestAddress(0x2000 + 3 * 8))
+            .unwrap();
+        for i in 0..512u64 {
+            let pa = 0xc000_0000 + (i << 21);
+            self.mem
+                .write_obj(pa | 0x83 | 0x10, GuestAddress(0x4000 + i * 8))
+                .unwrap();
+        }
+    }
+
     pub fn new(h: &KvmHypervisor, model: CpuModel) -> Guest {
         let mem =
             Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)]).unwrap());
