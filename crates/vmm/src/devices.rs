@@ -116,7 +116,8 @@ pub fn create_restoring(
                 crate::config::DiskFormat::Qcow2 => virtio::Format::Qcow2,
             }),
         })
-        .map_err(|e| device_error(format!("cannot open disk {}", d.path.display()), e))?;
+        // The error names the disk and what failed with it.
+        .map_err(|e| Error::Setup(crate::error::report(&e)))?;
         wanted.push((
             "virtio-blk",
             Box::new(block),

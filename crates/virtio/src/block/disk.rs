@@ -29,19 +29,19 @@ impl Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}")]
+    #[error("cannot open disk {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read {path}")]
+    #[error("cannot read disk {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path}")]
+    #[error("cannot open disk {path}")]
     Qcow2 {
         path: PathBuf,
         #[source]

@@ -47,7 +47,8 @@ const DISCARD_SEG_LEN: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open disk image")]
+    /// The disk's own error names the path and what failed.
+    #[error(transparent)]
     Disk(#[from] disk::Error),
 }
 
