@@ -5,55 +5,19 @@
 // A test crate: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod persist_harness;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use persist_harness::{Kit, backend_ready, eventually, kit, serial_guard, wait_timeout};
 
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 
-/// Boots share two host cores with everything else: one guest at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Generous: a nested, loaded host boots the guest in minutes.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        println!("SKIP: no /dev/kvm");
-    }
-    ok
-}
-
-struct Kit {
-    bzimage: PathBuf,
-    vmlinux: PathBuf,
-    initrd: PathBuf,
-}
-
-fn kit() -> Option<Kit> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    let kit = Kit {
-        bzimage: out.join("bzImage"),
-        vmlinux: out.join("vmlinux"),
-        initrd: out.join("initramfs.cpio.gz"),
-    };
-    if kit.bzimage.is_file() && kit.vmlinux.is_file() && kit.initrd.is_file() {
-        Some(kit)
-    } else {
-        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
-        None
-    }
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("anyvisor-boot-{}-{name}", std::process::id()));
@@ -72,22 +36,6 @@ fn boot_args(kernel: &Path, kit: &Kit, test: &str) -> Vec<String> {
         "--cmdline".into(),
         format!("{CMDLINE} anyvisor.test={test}"),
     ]
-}
-
-/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 struct Run {
@@ -133,45 +81,11 @@ fn control(cmd: &str, socket: &Path) -> std::process::Output {
         .unwrap()
 }
 
-/// Polls `f` until it returns true or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 #[test]
 fn harness_helpers_can_fail() {
     let mut child = Command::new("sleep").arg("10").spawn().unwrap();
     assert!(wait_timeout(&mut child, Duration::from_millis(200)).is_none());
     assert!(!eventually(Duration::from_millis(200), || false));
-}
-
-/// The emu backend is a software CPU, and on hosts whose KVM emulates guest kernel code (the
-/// PVM flavour, see docs/kvm-platform.md) the kvm backend runs the guest kernel in emu too. An
-/// unoptimized build boots the guest far too slowly for a test there, so those tests run in
-/// optimized builds (`cargo test --release`) or when `ANYVISOR_TEST_EMU=1` says the build is
-/// fast enough.
-fn fast_enough(backend: &str) -> bool {
-    let fast =
-        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
-    let needs_emu = backend == "emu" || Path::new("/sys/module/kvm_pvm").exists();
-    if needs_emu && !fast {
-        println!(
-            "SKIP: {backend} boot tests need an optimized build here (cargo test --release) or ANYVISOR_TEST_EMU=1"
-        );
-        return false;
-    }
-    true
-}
-
-fn backend_ready(backend: &str) -> bool {
-    (backend != "kvm" || kvm_usable()) && fast_enough(backend)
 }
 
 /// `--cpus 2 --memory 4G`, test `cpus`: the guest sees both CPUs and the memory, then powers

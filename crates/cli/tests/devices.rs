@@ -11,6 +11,8 @@
 // A test crate: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod persist_harness;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixListener;
@@ -19,38 +21,14 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use persist_harness::{Kit, kit, serial_guard, wait_timeout};
+
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 
 /// Generous: a nested, loaded host boots the guest under emu in minutes.
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
-/// Boots share two host cores with everything else: one guest at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 // ------------------------------------------------------------------------------------ harness
-
-struct Kit {
-    vmlinux: PathBuf,
-    initrd: PathBuf,
-}
-
-fn kit() -> Option<Kit> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    let kit = Kit {
-        vmlinux: out.join("vmlinux"),
-        initrd: out.join("initramfs.cpio.gz"),
-    };
-    if kit.vmlinux.is_file() && kit.initrd.is_file() {
-        Some(kit)
-    } else {
-        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
-        None
-    }
-}
 
 /// The backends to boot on: emu always, kvm where /dev/kvm opens. Unoptimized builds boot the
 /// emulated guest kernel far too slowly, so they need `--release` or `ANYVISOR_TEST_EMU=1`
@@ -286,22 +264,6 @@ impl Guest {
             stdout: self.seen.join("\n"),
             stderr: self.stderr.join().unwrap_or_default(),
         }
-    }
-}
-
-/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

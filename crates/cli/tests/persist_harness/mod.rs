@@ -1,6 +1,6 @@
-//! Shared by the snapshot and migration end-to-end tests: the guest kit, a VM process that is
-//! killed when dropped, waiting for serial output with a time limit, and the `memwork`
-//! workload's report lines.
+//! Shared by the end-to-end tests (boot, seccomp, devices, snapshot, migration): the guest kit,
+//! one boot at a time, backend availability, a VM process that is killed when dropped, waiting
+//! for a process or serial output with a time limit, and the `memwork` workload's report lines.
 
 #![allow(dead_code)]
 
@@ -52,6 +52,7 @@ pub fn emu_fast_enough() -> bool {
 }
 
 pub struct Kit {
+    pub bzimage: PathBuf,
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
 }
@@ -59,14 +60,54 @@ pub struct Kit {
 pub fn kit() -> Option<Kit> {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
     let kit = Kit {
+        bzimage: out.join("bzImage"),
         vmlinux: out.join("vmlinux"),
         initrd: out.join("initramfs.cpio.gz"),
     };
-    if kit.vmlinux.is_file() && kit.initrd.is_file() {
+    if kit.bzimage.is_file() && kit.vmlinux.is_file() && kit.initrd.is_file() {
         Some(kit)
     } else {
-        println!("SKIP: guest kit not built");
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
         None
+    }
+}
+
+/// The emu backend is a software CPU, and on hosts whose KVM emulates guest kernel code (the
+/// PVM flavour, see docs/kvm-platform.md) the kvm backend runs the guest kernel in emu too. An
+/// unoptimized build boots the guest far too slowly for a test there, so those tests run in
+/// optimized builds (`cargo test --release`) or when `ANYVISOR_TEST_EMU=1` says the build is
+/// fast enough.
+pub fn fast_enough(backend: &str) -> bool {
+    let fast =
+        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
+    let needs_emu = backend == "emu" || Path::new("/sys/module/kvm_pvm").exists();
+    if needs_emu && !fast {
+        println!(
+            "SKIP: {backend} boot tests need an optimized build here (cargo test --release) or ANYVISOR_TEST_EMU=1"
+        );
+        return false;
+    }
+    true
+}
+
+/// Whether guests can boot on `backend` here (prints the SKIP line when not).
+pub fn backend_ready(backend: &str) -> bool {
+    (backend != "kvm" || kvm_usable()) && fast_enough(backend)
+}
+
+/// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
