@@ -9,10 +9,12 @@ mod persist_harness;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use persist_harness::{Kit, backend_ready, eventually, kit, serial_guard, wait_timeout};
+use persist_harness::{
+    Kit, Run, backend_ready, eventually, finish, kit, serial_guard, spawn_captured, wait_timeout,
+};
 
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 
@@ -38,39 +40,9 @@ fn boot_args(kernel: &Path, kit: &Kit, test: &str) -> Vec<String> {
     ]
 }
 
-struct Run {
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs the binary to its end (at most `limit`), collecting stdout and stderr.
 fn run(args: &[String], limit: Duration) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_anyvisor"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start anyvisor");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let status = wait_timeout(&mut child, limit);
-    Run {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
+    finish(spawn_captured(args, &[]), limit)
 }
 
 fn control(cmd: &str, socket: &Path) -> std::process::Output {

@@ -8,13 +8,12 @@
 
 mod persist_harness;
 
-use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use persist_harness::{Kit, backend_ready, eventually, kit, serial_guard, wait_timeout};
+use persist_harness::{Kit, backend_ready, eventually, finish, kit, serial_guard, spawn_captured};
 
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 /// Generous: a nested, loaded host boots the guest in minutes.
@@ -47,45 +46,6 @@ fn boot_args(kit: &Kit, backend: &str, seccomp: &str, test: &str) -> Vec<String>
     .to_vec()
 }
 
-struct Run {
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_anyvisor"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start anyvisor")
-}
-
-/// Waits for `child` (at most `limit`), collecting stdout and stderr.
-fn finish(mut child: Child, limit: Duration) -> Run {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let status = wait_timeout(&mut child, limit);
-    Run {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
-}
-
 /// Boots with every filter on, uses the API (one request on a connection thread) and lets the
 /// guest power off: the VMM must exit 0.
 fn boots_filtered(backend: &str) {
@@ -98,7 +58,7 @@ fn boots_filtered(backend: &str) {
     let socket = dir.join("api.sock");
     let mut args = boot_args(&kit, backend, "on", "poweroff");
     args.extend(["--api-socket".into(), socket.display().to_string()]);
-    let child = spawn(&args, &[]);
+    let child = spawn_captured(&args, &[]);
     assert!(
         eventually(Duration::from_secs(60), || socket.exists()),
         "api socket never appeared"
@@ -150,7 +110,7 @@ fn forbidden_syscall(seccomp: &str) -> (Option<ExitStatus>, String) {
     let mut args = boot_args(&kit, "emu", seccomp, "poweroff");
     args.extend(["--api-socket".into(), socket.display().to_string()]);
     args.extend(["--serial".into(), "null".into()]);
-    let child = spawn(&args, &[("ANYVISOR_TEST_FORBIDDEN_SYSCALL", "1")]);
+    let child = spawn_captured(&args, &[("ANYVISOR_TEST_FORBIDDEN_SYSCALL", "1")]);
     if seccomp == "off" {
         assert!(
             eventually(Duration::from_secs(60), || socket.exists()),

@@ -95,6 +95,48 @@ pub fn backend_ready(backend: &str) -> bool {
     (backend != "kvm" || kvm_usable()) && fast_enough(backend)
 }
 
+/// How a VMM process run to its end went: exit status (`None`: killed at the time limit) and
+/// what it printed.
+pub struct Run {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Starts `anyvisor ARGS` with `envs` added and stdout and stderr piped (for [`finish`]).
+pub fn spawn_captured(args: &[String], envs: &[(&str, &str)]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start anyvisor")
+}
+
+/// Waits for `child` (at most `limit`), collecting its stdout and stderr.
+pub fn finish(mut child: Child, limit: Duration) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = wait_timeout(&mut child, limit);
+    Run {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
 /// Waits for `child` at most `limit`; kills it and returns `None` on time-out.
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
