@@ -467,6 +467,13 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// Whether the VM's CPU model shows `f`; an instruction of a family the model does not show
+    /// raises #UD (`if !self.has(F) { return ud(); }`).
+    #[inline]
+    pub fn has(&self, f: hv::cpu_model::Feature) -> bool {
+        self.vm.features.contains(f)
+    }
+
     fn unhandled(&self, i: &Instruction) -> Exc {
         Exc::unhandled(format!("{:?}", i.mnemonic()))
     }
@@ -1031,6 +1038,9 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Popcnt => {
+                if !self.has(hv::cpu_model::Feature::Popcnt) {
+                    return ud();
+                }
                 let size = self.op_size(i, 0);
                 let v = self.rd(i, 1)? & mask(size);
                 self.wr(i, 0, u64::from(v.count_ones()))?;

@@ -147,6 +147,8 @@ impl CodeTracker {
 
 pub struct VmShared {
     pub model: CpuModel,
+    /// The model's ISA features, computed once: instruction families are gated on it.
+    pub features: hv::cpu_model::FeatureSet,
     pub vcpu_count: u32,
     pub vcpus: Vec<VcpuShared>,
     pub clock: Clock,
@@ -167,6 +169,7 @@ pub const DM_SIPI: u32 = 6;
 impl VmShared {
     pub fn new(model: CpuModel, vcpu_count: u32, tsc_khz: u32, max_addr: u64) -> VmShared {
         VmShared {
+            features: model.features(),
             model,
             vcpu_count,
             vcpus: (0..vcpu_count).map(VcpuShared::new).collect(),
