@@ -472,6 +472,96 @@ impl CpuModel {
         }
     }
 
+    pub const PORTABLE_V3_NAME: &'static str = "portable-v3";
+
+    /// The x86-64-v3 portable model: [`CpuModel::portable`] plus AVX, AVX2, FMA, F16C, BMI1,
+    /// BMI2, LZCNT (ABM), MOVBE, XSAVE (x87|SSE|AVX; XSAVEOPT, XSAVEC, XGETBV1), AES-NI,
+    /// PCLMULQDQ, SHA-NI, RDRAND, RDSEED, ADX, RDTSCP, RDPID, CLFLUSHOPT, CLWB, FSGSBASE and
+    /// ERMS. Leaf 1 ECX.OSXSAVE and leaf 0xD's EBX follow the vCPU's CR4 and XCR0 (the backend
+    /// fills them in at `cpuid` time, as hardware does).
+    pub fn portable_v3() -> CpuModel {
+        use Feature::*;
+        let mut m = CpuModel::portable();
+        m.name = Self::PORTABLE_V3_NAME.to_string();
+        for f in [
+            Pclmulqdq, Fma, Movbe, Aes, Xsave, Avx, F16c, Rdrand, Fsgsbase, Bmi1, Avx2, Bmi2, Erms,
+            Rdseed, Adx, Clflushopt, Clwb, Sha, Rdpid, Xsaveopt, Xsavec, Xgetbv1, Abm, Rdtscp,
+        ] {
+            m.set_feature(f);
+        }
+        // Max basic leaf 0xd (XSAVE enumeration).
+        if let Some(e) = m.cpuid.iter_mut().find(|e| e.function == 0) {
+            e.eax = 0xd;
+        }
+        let brand = [
+            str_regs(b"anyvisor portabl"),
+            str_regs(b"e x86-64-v3 CPU\0"),
+        ];
+        for (k, regs) in brand.iter().enumerate() {
+            if let Some(e) = m
+                .cpuid
+                .iter_mut()
+                .find(|e| e.function == 0x8000_0002 + k as u32)
+            {
+                [e.eax, e.ebx, e.ecx, e.edx] = *regs;
+            }
+        }
+        // XSAVE: x87|SSE|AVX; sizes for all of them (EBX is rewritten for the current XCR0).
+        let xsave_leaves = [
+            CpuidEntry {
+                function: 0xd,
+                index: 0,
+                indexed: true,
+                eax: 0x7,
+                ebx: 0x340,
+                ecx: 0x340,
+                edx: 0,
+            },
+            CpuidEntry {
+                function: 0xd,
+                index: 1,
+                indexed: true,
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            },
+            CpuidEntry {
+                function: 0xd,
+                index: 2,
+                indexed: true,
+                eax: 0x100,
+                ebx: 0x240,
+                ecx: 0,
+                edx: 0,
+            },
+        ];
+        m.cpuid.extend(xsave_leaves);
+        for f in [Xsaveopt, Xsavec, Xgetbv1] {
+            m.set_feature(f);
+        }
+        m.cpuid.sort_by_key(|e| (e.function, e.index));
+        m
+    }
+
+    /// Sets the CPUID bit of `feature` (the leaf must exist).
+    fn set_feature(&mut self, feature: Feature) {
+        let b = feature.bit();
+        if let Some(e) = self
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == b.function && (!e.indexed || e.index == b.index))
+        {
+            let r = match b.reg {
+                0 => &mut e.eax,
+                1 => &mut e.ebx,
+                2 => &mut e.ecx,
+                _ => &mut e.edx,
+            };
+            *r |= 1 << b.bit;
+        }
+    }
+
     /// MSRs saved and restored for every vCPU of the portable model.
     pub fn portable_msrs() -> Vec<u32> {
         let mut m = vec![
@@ -614,6 +704,24 @@ impl CpuModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v3_shows_exactly_v2_plus_the_v3_list() {
+        use Feature::*;
+        let v2 = CpuModel::portable().features();
+        let v3 = CpuModel::portable_v3().features();
+        assert!(v2.missing_from(v3).is_empty(), "v3 must contain v2");
+        for f in [
+            Avx, Avx2, Fma, F16c, Bmi1, Bmi2, Abm, Movbe, Xsave, Aes, Sha, Adx, Rdtscp,
+        ] {
+            assert!(v3.contains(f), "{f:?}");
+            assert!(!v2.contains(f), "{f:?}");
+        }
+        assert!(!v3.contains(Avx512f));
+        let m = CpuModel::portable_v3();
+        assert_eq!(m.cpuid_value(0, 1, 0, 0)[0], 0xd);
+        assert_eq!(m.cpuid_value(0, 1, 0xd, 0)[0], 7);
+    }
 
     #[test]
     fn portable_has_kvm_signature_and_vendor() {
