@@ -6,7 +6,7 @@
 //! page written once stays exact.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 pub struct Clock {
@@ -18,7 +18,14 @@ pub struct Clock {
     /// `hv::UserModeAccelerator::host_tsc`): then it is the guest TSC, and TSC writes are not
     /// honoured (user code would not see them).
     host_tsc: Option<Arc<dyn hv::UserModeAccelerator>>,
+    /// Set when a restored state's TSC is not the host's: the guest keeps its own TSC (offset
+    /// from the host clock) and its user mode no longer runs on the accelerator.
+    left_host_tsc: AtomicBool,
 }
+
+/// How far (in ms of TSC ticks) a restored TSC may be from the host's and still be taken as
+/// the host's: the pause of a move on one host, not a different timeline.
+const HOST_TSC_TOLERANCE_MS: u64 = 100;
 
 /// The guest TSC frequency when the VM config does not give one: the host's, from
 /// `/proc/cpuinfo`, else 2 GHz.
@@ -45,6 +52,7 @@ impl Clock {
             tsc_khz: tsc_khz.max(1),
             kvmclock_offset: AtomicU64::new(0),
             host_tsc: None,
+            left_host_tsc: AtomicBool::new(false),
         }
     }
 
@@ -57,15 +65,37 @@ impl Clock {
 
     /// The guest TSC is the host's: it cannot be offset.
     pub fn fixed_tsc(&self) -> bool {
-        self.host_tsc.is_some()
+        self.host_tsc.is_some() && !self.left_host_tsc.load(Ordering::Acquire)
+    }
+
+    /// Whether `tsc` (a restored guest TSC) is the host's TSC now, within a move's pause.
+    pub fn is_host_tsc(&self, tsc: u64) -> bool {
+        match self.host_tsc.as_ref().and_then(|a| a.host_tsc()) {
+            Some(now) => {
+                now.abs_diff(tsc) <= u64::from(self.tsc_khz).saturating_mul(HOST_TSC_TOLERANCE_MS)
+            }
+            None => false,
+        }
+    }
+
+    /// From now on the guest TSC is the host clock scaled plus per-vCPU offsets, as without an
+    /// accelerator, and user mode is no longer handed to the accelerator.
+    pub fn leave_host_tsc(&self) {
+        self.left_host_tsc.store(true, Ordering::Release);
+    }
+
+    /// Whether user mode may run on the accelerator: not once the guest TSC left the host's,
+    /// since accelerated user code reads the host TSC unoffset.
+    pub fn accel_allowed(&self) -> bool {
+        !(self.host_tsc.is_some() && self.left_host_tsc.load(Ordering::Acquire))
     }
 
     /// The TSC before any per-vCPU offset, at VM-clock time `ns` (which must be now when the
     /// TSC is the host's).
     #[inline]
     pub fn raw_tsc(&self, ns: u64) -> u64 {
-        match self.host_tsc.as_ref().and_then(|a| a.host_tsc()) {
-            Some(t) => t,
+        match self.host_tsc.as_ref().filter(|_| self.fixed_tsc()) {
+            Some(a) => a.host_tsc().unwrap_or_else(|| self.ns_to_tsc(ns)),
             None => self.ns_to_tsc(ns),
         }
     }

@@ -27,6 +27,7 @@ mod vm;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use hv::cpu_model::FeatureSet;
 use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmState};
 use vm_memory::GuestMemoryBackend as _;
 
@@ -70,12 +71,33 @@ impl EmuHypervisor {
     }
 }
 
-/// Features of leaf 1 / 0x80000001 the emulator implements; a model asking for more is refused.
+/// The ISA features emu implements: exactly the x86-64-v3 portable model's list (the one list
+/// in `hv::cpu_model::Feature`; `portable-v2` is a subset).
+pub fn implemented() -> FeatureSet {
+    CpuModel::portable_v3().features()
+}
+
+/// Whether emu can present `model` exactly: every ISA feature it shows is implemented, and its
+/// other CPUID bits (platform features of leaves 1, 7 and 0x80000001) are ones emu provides.
 fn supported(model: &CpuModel) -> Result<(), String> {
     use hv::cpu_model::feature::*;
+    let missing = FeatureSet(model.features().0 & !implemented().0);
+    if !missing.is_empty() {
+        return Err(format!("emu does not implement CPU features: {missing}"));
+    }
+    // Bits of (leaf, register) that implemented features occupy.
+    let feature_bits = |function: u32, reg: u8| -> u32 {
+        implemented()
+            .iter()
+            .map(|f| f.bit())
+            .filter(|b| b.function == function && b.index == 0 && b.reg == reg)
+            .fold(0, |acc, b| acc | (1 << b.bit))
+    };
     let (ecx, edx) = model.leaf1_features();
-    let ecx_ok = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
-    let edx_ok = FPU
+    let ecx_ok = feature_bits(1, 2) | CX16 | TSC_DEADLINE | HYPERVISOR | OSXSAVE;
+    // Platform bits besides the ISA: DE, PSE, TSC, MSR, PAE, CX8, APIC, SEP, MTRR, PGE, MCA,
+    // CMOV, PAT, CLFSH, HTT and MCE.
+    let edx_ok = feature_bits(1, 3)
         | DE
         | PSE
         | TSC
@@ -88,10 +110,6 @@ fn supported(model: &CpuModel) -> Result<(), String> {
         | CMOV
         | PAT
         | CLFSH
-        | MMX
-        | FXSR
-        | SSE
-        | SSE2
         | HTT
         | (1 << 7)
         | (1 << 14)
@@ -109,13 +127,15 @@ fn supported(model: &CpuModel) -> Result<(), String> {
         ));
     }
     if let Some(e) = model.lookup(7, 0)
-        && (e.ebx != 0 || e.ecx != 0 || e.edx != 0)
+        && (e.ebx & !feature_bits(7, 1) != 0
+            || e.ecx & !feature_bits(7, 2) != 0
+            || e.edx & !feature_bits(7, 3) != 0)
     {
         return Err("emu does not implement CPUID.7 features".into());
     }
     if let Some(e) = model.lookup(0x8000_0001, 0) {
-        let ok_ecx = LAHF_LM;
-        let ok_edx = SYSCALL | NX | LM | (1 << 11);
+        let ok_ecx = LAHF_LM | feature_bits(0x8000_0001, 2);
+        let ok_edx = SYSCALL | NX | LM | (1 << 11) | feature_bits(0x8000_0001, 3);
         if e.ecx & !ok_ecx != 0 || e.edx & !(ok_edx | (edx_ok & 0x0183_f3ff)) != 0 {
             return Err("emu does not implement CPUID.80000001 features".into());
         }
@@ -130,6 +150,17 @@ impl hv::Hypervisor for EmuHypervisor {
 
     fn check_cpu_model(&self, model: &CpuModel) -> hv::Result<()> {
         supported(model).map_err(hv::Error::Incompatible)
+    }
+
+    fn check_user_extra(&self, extra: FeatureSet) -> hv::Result<()> {
+        let missing = FeatureSet(extra.0 & !implemented().0);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(hv::Error::Incompatible(format!(
+                "guest user code has seen CPU features emu does not implement: {missing}"
+            )))
+        }
     }
 
     fn host_cpu_model(&self) -> hv::Result<CpuModel> {
@@ -154,6 +185,7 @@ impl hv::Hypervisor for EmuHypervisor {
         let mut shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
         if let Some(a) = &accel {
             shared.clock.use_host_tsc(a.clone());
+            shared.user_extra = std::sync::Mutex::new(a.user_visible_extra(&config.cpu_model));
         }
         Ok(Arc::new(EmuVm {
             memory: config.memory,
@@ -232,6 +264,7 @@ impl hv::Vm for EmuVm {
         Ok(VmState {
             clock_ns: c.kvmclock_ns(c.host_ns()),
             tsc_khz: c.tsc_khz,
+            user_extra: *vm::lock(&self.shared.user_extra),
         })
     }
 
@@ -242,6 +275,10 @@ impl hv::Vm for EmuVm {
                 state.tsc_khz, self.shared.clock.tsc_khz
             )));
         }
+        // What the guest's user code has seen stays part of the VM, wherever it moves.
+        let mut extra = vm::lock(&self.shared.user_extra);
+        extra.0 |= state.user_extra.0;
+        drop(extra);
         self.shared.clock.set_kvmclock_ns(state.clock_ns);
         self.shared.clock_epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())

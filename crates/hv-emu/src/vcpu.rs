@@ -183,7 +183,7 @@ impl EmuVcpu {
                 }
                 MpState::Runnable => {}
             }
-            let accel = self.user.is_some();
+            let accel = self.user.is_some() && ex.vm.clock.accel_allowed();
             let (n, at_user) = ex.run_batch(&mut self.blocks, BATCH, accel)?;
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
@@ -250,6 +250,14 @@ impl EmuVcpu {
                 }
                 Err(e) => Err(e),
             },
+            // CPUID faulting (`UserModeAccelerator::user_visible_extra` is empty): user-mode
+            // `cpuid` comes back as #GP(0) at the instruction; answer it from the model here.
+            hv::UserExit::Event {
+                vector: 13,
+                error_code: Some(0),
+            } if matches!(ex.fetch(), Ok(i) if i.mnemonic() == iced_x86::Mnemonic::Cpuid) => {
+                ex.step()
+            }
             hv::UserExit::Event { vector, error_code } => {
                 ex.raise_event(vector, error_code, Event::Exception)
             }
@@ -516,6 +524,19 @@ impl hv::Vcpu for EmuVcpu {
         let now = self.shared.clock.host_ns();
         self.cpu.load_state(s);
         self.cpu.lapic.load_state(&s.lapic, now);
+        if let Some(t) = s.msr(msr::IA32_TSC)
+            && self.shared.clock.fixed_tsc()
+            && !self.shared.clock.is_host_tsc(t)
+        {
+            // A VM that moved here from another backend or host keeps its own TSC; user mode on
+            // the accelerator would read the host's (it cannot be offset), so this VM's user
+            // code runs in emu from now on (docs/cpu-model.md, "Time across moves").
+            self.shared.clock.leave_host_tsc();
+            hv::rate_limited!(tracing::info!(
+                "vCPU {}: restored TSC differs from this host's; user mode runs in emu for this VM",
+                self.id
+            ));
+        }
         if let Some(t) = s.msr(msr::IA32_TSC)
             && !self.shared.clock.fixed_tsc()
         {

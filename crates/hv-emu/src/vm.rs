@@ -157,6 +157,8 @@ pub struct VmShared {
     pub atomic_lock: Mutex<()>,
     /// Bumped when the VM clock is restored; vCPUs then rewrite their pvclock pages.
     pub clock_epoch: AtomicU64,
+    /// `hv::VmState::user_extra`: features beyond the model the guest's user code has seen.
+    pub user_extra: Mutex<hv::cpu_model::FeatureSet>,
 }
 
 /// Delivery modes of the MSI data / ICR.
@@ -177,6 +179,7 @@ impl VmShared {
             code: CodeTracker::new(max_addr),
             atomic_lock: Mutex::new(()),
             clock_epoch: AtomicU64::new(0),
+            user_extra: Mutex::new(hv::cpu_model::FeatureSet::default()),
         }
     }
 

@@ -39,6 +39,9 @@ struct Script {
     report_written: bool,
     /// `host_tsc()` returns this plus the ticks since the accelerator was made.
     host_tsc_base: Option<u64>,
+    /// User-mode `cpuid` raises #GP(0) at the instruction, as KVM's runner does with CPUID
+    /// faulting on.
+    cpuid_faults: bool,
 }
 
 struct Shared {
@@ -133,6 +136,12 @@ impl UserModeRunner for FakeRunner {
             if op == [0x0f, 0x05] {
                 state.regs.rip += 2;
                 break UserExit::Syscall;
+            }
+            if op == [0x0f, 0xa2] && self.shared.script.cpuid_faults {
+                break UserExit::Event {
+                    vector: 13,
+                    error_code: Some(0),
+                };
             }
             self.emu.emulate_one(state, &self.memory, io)?;
             if let Some(e) = state.events.exception.take() {
@@ -410,9 +419,6 @@ fn host_tsc_is_the_guest_tsc() {
         a.hlt()
     });
     let mut g = guest_with_tsc(&hv, &code, 1, None);
-    let mut st = g.state();
-    st.set_msr(msr::IA32_TSC, 5);
-    g.set_state(&st);
     assert_eq!(g.run(), VcpuExit::Halted);
     let (t1, t2) = (g.read_u64(DATA), g.read_u64(DATA + 8));
     assert!(t1 >= BASE && t2 >= t1, "{t1:#x} {t2:#x}");
@@ -438,4 +444,79 @@ fn a_runner_report_does_not_move_a_host_tsc() {
         kernel_tsc >= BASE && kernel_tsc <= host_now,
         "kernel TSC {kernel_tsc:#x} outside [{BASE:#x}, {host_now:#x}]: the report moved it"
     );
+}
+
+#[test]
+fn a_restored_foreign_tsc_leaves_the_accelerator() {
+    // A VM moved here from another backend or host: its TSC is not the host's, and user code
+    // on the accelerator would read the host's unoffset counter. The VM keeps its own TSC and
+    // runs user mode in emu (no runner call), so the guest sees no jump.
+    const BASE: u64 = 1 << 50;
+    let (hv, shared) = accel(Script {
+        host_tsc_base: Some(BASE),
+        ..Script::default()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
+    let mut st = g.state();
+    st.set_msr(msr::IA32_TSC, 5_000_000);
+    g.set_state(&st);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(
+        shared.runs.load(Ordering::SeqCst),
+        0,
+        "user mode went to the runner"
+    );
+    let kernel_tsc = g.read_u64(DATA + 0x40);
+    assert!(
+        (5_000_000..BASE).contains(&kernel_tsc),
+        "kernel TSC {kernel_tsc:#x} did not continue from the restored 5000000"
+    );
+    assert_eq!(g.exception(), Some((6, 0)));
+}
+
+#[test]
+fn a_restored_host_tsc_keeps_the_accelerator() {
+    // The same move on this host within a pause (the TSC the state holds is the host's): the
+    // runner is used as before.
+    const BASE: u64 = 1 << 50;
+    let (hv, shared) = accel(Script {
+        host_tsc_base: Some(BASE),
+        ..Script::default()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
+    let mut st = g.state();
+    st.set_msr(msr::IA32_TSC, BASE);
+    g.set_state(&st);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(shared.runs.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn faulted_user_cpuid_is_answered_from_the_model() {
+    // With CPUID faulting the runner returns #GP(0) at a user `cpuid`; emu executes it with the
+    // VM's model and user code continues. Without that, the guest kernel would get #GP (13).
+    let (hv, shared) = accel(Script {
+        cpuid_faults: true,
+        ..Script::default()
+    });
+    let user = asm_at(64, USER, |a| {
+        a.mov(eax, 1)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(rdi, DATA + 0x80)?;
+        a.mov(dword_ptr(rdi), ecx)?;
+        a.mov(dword_ptr(rdi + 4), ebx)?;
+        a.ud2()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &user);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let log = shared.log.lock().unwrap().clone();
+    assert_eq!(g.exception(), Some((6, 0)), "{log:?}");
+    let model = hv::CpuModel::portable().cpuid_value(0, 1, 1, 0);
+    assert_eq!(
+        g.read_u64(DATA + 0x80) as u32,
+        model[2],
+        "leaf 1 ECX from the model"
+    );
+    assert!(shared.runs.load(Ordering::SeqCst) >= 2, "{log:?}");
 }

@@ -249,6 +249,22 @@ pub fn check_model(model: &CpuModel, supported: &[kvm_cpuid_entry2]) -> hv::Resu
     Ok(())
 }
 
+/// The ISA features this host's CPU shows to user code (`cpuid` executed natively), which is
+/// what guest user mode sees under KVM's PVM flavour when CPUID faulting is unavailable.
+pub fn host_user_features() -> hv::cpu_model::FeatureSet {
+    hv::cpu_model::Feature::ALL
+        .into_iter()
+        .filter(|f| {
+            let b = f.bit();
+            let max = host_cpuid(b.function & 0x8000_0000, 0)[0];
+            b.function <= max
+                && host_cpuid(b.function, b.index)
+                    .get(usize::from(b.reg))
+                    .is_some_and(|r| r & (1 << b.bit) != 0)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,6 +157,18 @@ impl Hypervisor for KvmHypervisor {
         Ok(())
     }
 
+    fn check_user_extra(&self, extra: hv::cpu_model::FeatureSet) -> hv::Result<()> {
+        // Guest user code runs on this host's CPU: it runs what the host has.
+        let missing = hv::cpu_model::FeatureSet(extra.0 & !cpuid::host_user_features().0);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(hv::Error::Incompatible(format!(
+                "guest user code has seen CPU features this host lacks: {missing}"
+            )))
+        }
+    }
+
     fn host_cpu_model(&self) -> hv::Result<CpuModel> {
         Ok(cpuid::host_model(
             &self.host.supported_cpuid,

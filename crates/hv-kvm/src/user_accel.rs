@@ -109,7 +109,29 @@ pub struct KvmUserAccelerator {
     kvm: Kvm,
     tsc_khz: u32,
     cpuid: CpuId,
+    /// User-mode `cpuid` raises #GP (CPUID faulting through the vCPU's
+    /// MSR_MISC_FEATURES_ENABLES), so the caller answers it from the VM's CPU model.
+    cpuid_faulting: bool,
     vm: Mutex<Option<Arc<AccelVm>>>,
+}
+
+/// MSR_MISC_FEATURES_ENABLES; bit 0 makes `cpuid` at CPL > 0 raise #GP(0).
+const MSR_MISC_FEATURES_ENABLES: u32 = 0x140;
+
+/// Turns on CPUID faulting for `fd`'s user mode. KVM offers it to every guest (it advertises
+/// it in MSR_PLATFORM_INFO), and under PVM it is the only control that keeps user code from
+/// reading the host's CPUID (measured: `tests/user_accel.rs`,
+/// `user_cpuid_faults_and_host_xcr0_shows`). False when KVM refuses the MSR.
+fn enable_cpuid_faulting(fd: &VcpuFd) -> bool {
+    let entry = kvm_msr_entry {
+        index: MSR_MISC_FEATURES_ENABLES,
+        data: 1,
+        ..Default::default()
+    };
+    Msrs::from_entries(&[entry])
+        .ok()
+        .and_then(|m| fd.set_msrs(&m).ok())
+        == Some(1)
 }
 
 impl KvmUserAccelerator {
@@ -138,20 +160,22 @@ impl KvmUserAccelerator {
                     e.errno()
                 ))
             })?;
-        let tsc_khz = kvm
+        let probe = kvm
             .create_vm()
             .and_then(|vm| vm.create_vcpu(0))
-            .and_then(|vcpu| vcpu.get_tsc_khz())
-            .map_err(|e| {
-                unavailable(format!(
-                    "cannot read the TSC frequency: errno {}",
-                    e.errno()
-                ))
-            })?;
+            .map_err(|e| unavailable(format!("cannot create a probe vCPU: errno {}", e.errno())))?;
+        let tsc_khz = probe.get_tsc_khz().map_err(|e| {
+            unavailable(format!(
+                "cannot read the TSC frequency: errno {}",
+                e.errno()
+            ))
+        })?;
+        let cpuid_faulting = enable_cpuid_faulting(&probe);
         Ok(KvmUserAccelerator {
             kvm,
             tsc_khz,
             cpuid,
+            cpuid_faulting,
             vm: Mutex::new(None),
         })
     }
@@ -192,7 +216,23 @@ impl hv::UserModeAccelerator for KvmUserAccelerator {
             )));
         }
         let vm = self.vm_for(&memory)?;
-        Ok(Box::new(KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?))
+        let runner = KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?;
+        if self.cpuid_faulting && !enable_cpuid_faulting(&runner.fd) {
+            return Err(hv::Error::InvalidState(
+                "KVM refused CPUID faulting on a user-mode runner after accepting it on the \
+                 probe vCPU"
+                    .into(),
+            ));
+        }
+        Ok(Box::new(runner))
+    }
+
+    fn user_visible_extra(&self, model: &hv::CpuModel) -> hv::cpu_model::FeatureSet {
+        if self.cpuid_faulting {
+            return hv::cpu_model::FeatureSet::default();
+        }
+        let host = crate::cpuid::host_user_features();
+        hv::cpu_model::FeatureSet(host.0 & !model.features().0)
     }
 
     fn tsc_khz(&self) -> u32 {

@@ -67,6 +67,9 @@ pub struct KvmVm {
     /// The MSI routes set so far, by GSI. `KVM_SET_GSI_ROUTING` replaces the whole table, so
     /// every change sends all of them.
     routes: Mutex<BTreeMap<u32, (u64, u32)>>,
+    /// `VmState::user_extra`. Under KVM's PVM flavour guest user code executes `cpuid` on the
+    /// host CPU, so it sees the host's features beyond the model (docs/cpu-model.md).
+    user_extra: Mutex<hv::cpu_model::FeatureSet>,
 }
 
 fn within_tolerance(a: u32, b: u32) -> bool {
@@ -121,7 +124,15 @@ impl KvmVm {
             slots.push(slot);
         }
 
+        let user_extra = if crate::KvmUserAccelerator::is_useful() {
+            hv::cpu_model::FeatureSet(
+                crate::cpuid::host_user_features().0 & !config.cpu_model.features().0,
+            )
+        } else {
+            hv::cpu_model::FeatureSet::default()
+        };
         Ok(KvmVm {
+            user_extra: Mutex::new(user_extra),
             shared: Arc::new(VmShared {
                 fd,
                 memory: config.memory,
@@ -368,6 +379,7 @@ impl hv::Vm for KvmVm {
         Ok(VmState {
             clock_ns: clock.clock,
             tsc_khz: self.shared.tsc_khz,
+            user_extra: *self.user_extra.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 
@@ -442,6 +454,7 @@ impl hv::Vm for KvmVm {
                 state.tsc_khz, self.shared.tsc_khz
             )));
         }
+        self.user_extra.lock().unwrap_or_else(|p| p.into_inner()).0 |= state.user_extra.0;
         let clock = kvm_clock_data {
             clock: state.clock_ns,
             ..Default::default()

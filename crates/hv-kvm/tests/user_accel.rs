@@ -659,3 +659,41 @@ fn kicks_during_syscalls_leave_no_stale_fault() {
     assert_eq!(bad, None, "stale event after {syscalls} syscalls");
     assert!(syscalls > 0);
 }
+
+/// User-mode `cpuid` raises #GP(0) at the instruction (CPUID faulting, which the accelerator
+/// turns on), so the caller answers it from the VM's model; the host's XCR0 still shows through
+/// `xgetbv` (measured here, documented in docs/cpu-model.md).
+#[test]
+fn user_cpuid_faults_and_host_xcr0_shows() {
+    let Some(mut t) = setup(|a| {
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        a.mov(r9, rax)?;
+        a.mov(eax, 7u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.ud2()
+    }) else {
+        return;
+    };
+    let accel = KvmUserAccelerator::open().unwrap();
+    assert!(
+        hv::UserModeAccelerator::user_visible_extra(&accel, &hv::CpuModel::portable_v3())
+            .is_empty(),
+        "CPUID faulting is unavailable: user code would see the host's features"
+    );
+    let (exit, _) = t.run(None);
+    assert_eq!(
+        exit,
+        UserExit::Event {
+            vector: 13,
+            error_code: Some(0)
+        }
+    );
+    assert_eq!(
+        t.state.regs.rip,
+        CODE + 2 + 3 + 3 + 5 + 2,
+        "#GP at the cpuid"
+    );
+    println!("XCR0 seen by user code: {:#x}", t.state.regs.r9);
+}

@@ -94,6 +94,7 @@ pub mod feature {
 /// features a VM's user code may use against what a destination runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[repr(u8)]
+#[serde(rename_all = "lowercase")]
 pub enum Feature {
     Fpu,
     Mmx,
@@ -323,11 +324,40 @@ impl Feature {
     }
 }
 
-/// A set of [`Feature`]s as a bit mask (bit n = the feature with discriminant n).
+/// A set of [`Feature`]s as a bit mask (bit n = the feature with discriminant n). Serialized as
+/// a list of feature names, so a saved set does not depend on the enum's order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "Vec<Feature>", from = "Vec<Feature>")]
 pub struct FeatureSet(pub u128);
 
+impl From<FeatureSet> for Vec<Feature> {
+    fn from(s: FeatureSet) -> Self {
+        s.iter().collect()
+    }
+}
+
+impl From<Vec<Feature>> for FeatureSet {
+    fn from(v: Vec<Feature>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+impl std::fmt::Display for FeatureSet {
+    /// Lower-case feature names separated by spaces (`avx512f sha`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .iter()
+            .map(|x| format!("{x:?}").to_ascii_lowercase())
+            .collect();
+        f.write_str(&names.join(" "))
+    }
+}
+
 impl FeatureSet {
+    pub const fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
     pub const fn contains(self, f: Feature) -> bool {
         self.0 & (1u128 << (f as u8)) != 0
     }

@@ -117,6 +117,20 @@ pub trait Hypervisor: Send + Sync {
     /// The model for `--cpu-model host`: everything this host can offer a guest under this backend.
     fn host_cpu_model(&self) -> Result<CpuModel>;
 
+    /// Fails with [`Error::Incompatible`] naming the missing features when guest user code that
+    /// has seen `extra` beyond its CPU model (`VmState::user_extra`) cannot run here.
+    fn check_user_extra(&self, extra: cpu_model::FeatureSet) -> Result<()> {
+        if extra.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Incompatible(format!(
+                "guest user code has seen CPU features beyond its model that backend {} does not \
+                 run: {extra}",
+                self.kind()
+            )))
+        }
+    }
+
     fn create_vm(&self, config: VmConfig) -> Result<Arc<dyn Vm>>;
 }
 
@@ -291,6 +305,14 @@ pub trait UserModeAccelerator: Send + Sync {
     /// time (vDSO over kvm-clock) agrees with the kernel's.
     fn host_tsc(&self) -> Option<u64> {
         None
+    }
+
+    /// ISA features guest user code run by this accelerator can see (through `cpuid`) beyond
+    /// `model`. Empty when user-mode `cpuid` is answered from the model (the runner returns
+    /// #GP(0) at the `cpuid` instruction, which the caller executes itself); otherwise the
+    /// host's extra features, which a VM then carries for life (`VmState::user_extra`).
+    fn user_visible_extra(&self, _model: &CpuModel) -> cpu_model::FeatureSet {
+        cpu_model::FeatureSet::default()
     }
 }
 

@@ -440,6 +440,14 @@ pub struct VmState {
     pub clock_ns: u64,
     /// Guest TSC frequency in kHz.
     pub tsc_khz: u32,
+    /// ISA features beyond the CPU model that guest user code may have seen in its life
+    /// (through `cpuid` on a host where user mode reads the host's CPUID: see
+    /// `UserModeAccelerator::user_visible_extra`). A destination must run all of them.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::cpu_model::FeatureSet::is_empty"
+    )]
+    pub user_extra: crate::cpu_model::FeatureSet,
 }
 
 #[cfg(test)]

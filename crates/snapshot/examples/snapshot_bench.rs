@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tsc_khz: 2_000_000,
                 created_unix: snapshot::now_unix(),
                 config: serde_json::json!({}),
+                user_extra: Default::default(),
             },
             vcpus: vec![hv::CpuState::default(); 4],
             vm: hv::VmState::default(),

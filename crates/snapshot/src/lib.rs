@@ -62,6 +62,10 @@ pub struct Header {
     pub created_unix: u64,
     /// The VM configuration as the VMM describes it (kernel cmdline, disks, ...). Opaque here.
     pub config: serde_json::Value,
+    /// ISA features beyond `cpu_model` the guest's user code has seen (`hv::VmState::user_extra`):
+    /// a restoring backend must run them too. Absent when empty.
+    #[serde(default, skip_serializing_if = "hv::cpu_model::FeatureSet::is_empty")]
+    pub user_extra: hv::cpu_model::FeatureSet,
 }
 
 impl Header {

@@ -304,6 +304,7 @@ mod tests {
                 tsc_khz: 1_000_000,
                 created_unix: 0,
                 config: serde_json::Value::Null,
+                user_extra: Default::default(),
             },
             vcpus: vec![hv::CpuState::default()],
             vm: hv::VmState::default(),

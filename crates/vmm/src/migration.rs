@@ -527,6 +527,7 @@ mod tests {
             tsc_khz: 1_000_000,
             created_unix: 0,
             config: serde_json::Value::Null,
+            user_extra: Default::default(),
         };
         serde_json::to_value(header).unwrap()
     }

@@ -102,6 +102,11 @@ pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, String> {
         tsc_khz: vm.vm.tsc_khz(),
         created_unix: snapshot::now_unix(),
         config: to_json("the config", &vm.config)?,
+        user_extra: vm
+            .vm
+            .state()
+            .map_err(|e| format!("cannot read the vm state: {e}"))?
+            .user_extra,
     })
 }
 
@@ -280,6 +285,17 @@ pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<
             crate::error::report(&e)
         ))
     })?;
+    // What the guest's user code may use beyond the model (docs/cpu-model.md, "User mode").
+    backend
+        .hypervisor
+        .check_user_extra(header.user_extra)
+        .map_err(|e| {
+            cannot(format!(
+                "backend {}: {}",
+                backend.kind(),
+                crate::error::report(&e)
+            ))
+        })?;
     if host_model && !same_host_cpu(&backend.cpu_model, saved) {
         return Err(cannot(format!(
             "this host's KVM offers CPU model {}; a host model restores only on an identical host",
@@ -471,6 +487,7 @@ mod tests {
                 "backend": "kvm", "cpu_model": choice, "disks": [], "nets": [], "vsock": null,
                 "rng": false, "serial": "null", "api_socket": null
             }),
+            user_extra: Default::default(),
         }
     }
 
@@ -563,20 +580,40 @@ mod tests {
     fn emu_refuses_a_model_it_cannot_present() {
         let mut model = hv::CpuModel::portable();
         for e in &mut model.cpuid {
-            if e.function == 1 {
-                e.ecx |= hv::cpu_model::feature::AVX;
+            if e.function == 7 {
+                e.ebx |= 1 << 16; // AVX-512F
             }
         }
         let e = open_error(
             &header_with(model, "portable"),
             crate::config::BackendChoice::Emu,
         );
-        assert!(
-            e.to_string()
-                .starts_with("cannot run this VM (CPU model portable-v1) here: backend emu: "),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "cannot run this VM (CPU model portable-v1) here: backend emu: emu does not \
+             implement CPU features: avx512f"
         );
         assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+    }
+
+    #[test]
+    fn emu_refuses_a_vm_whose_user_code_saw_more_than_it_runs() {
+        let mut header = header_with(hv::CpuModel::portable(), "portable");
+        header.user_extra = [
+            hv::cpu_model::Feature::Avx512f,
+            hv::cpu_model::Feature::Avx512bw,
+        ]
+        .into_iter()
+        .collect();
+        let e = open_error(&header, crate::config::BackendChoice::Emu);
+        assert_eq!(
+            e.to_string(),
+            "cannot run this VM (CPU model portable-v1) here: backend emu: guest user code has \
+             seen CPU features emu does not implement: avx512f avx512bw"
+        );
+        assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        header.user_extra = [hv::cpu_model::Feature::Avx2].into_iter().collect();
+        open_backend(&header, &runtime(crate::config::BackendChoice::Emu)).unwrap();
     }
 
     #[test]
@@ -593,6 +630,7 @@ mod tests {
                 tsc_khz: 1_000_000,
                 created_unix: 1,
                 config: serde_json::json!({"cpus": 1}),
+                user_extra: Default::default(),
             },
             vcpus: vec![CpuState::default()],
             vm: hv::VmState::default(),

@@ -85,11 +85,15 @@ pub fn contents_for(memory: &hv::GuestMemory, vcpus: u32) -> SnapshotContents {
             tsc_khz: 2_500_000,
             created_unix: 1_700_000_000,
             config: serde_json::json!({"cmdline": "console=ttyS0", "disks": ["/tmp/a.img"]}),
+            user_extra: Default::default(),
         },
         vcpus: vcpu_states,
         vm: hv::VmState {
             clock_ns: 123_456_789,
             tsc_khz: 2_500_000,
+            user_extra: [hv::cpu_model::Feature::Avx512f, hv::cpu_model::Feature::Sha]
+                .into_iter()
+                .collect(),
         },
         devices: vec![
             ("platform".into(), serde_json::json!({"ioapic": [1, 2, 3]})),
