@@ -56,8 +56,12 @@ pub struct RunArgs {
     /// Hypervisor backend [default: auto].
     #[arg(long, value_parser = PossibleValuesParser::new(["kvm", "emu", "auto"]))]
     pub backend: Option<String>,
-    /// CPU the guest sees [default: portable].
-    #[arg(long, value_parser = PossibleValuesParser::new(["portable", "host"]))]
+    /// CPU the guest sees: portable (= portable-v3, x86-64-v3), portable-v2 (x86-64-v2, for hosts
+    /// without v3), host (KVM only) [default: portable].
+    #[arg(
+        long,
+        value_parser = PossibleValuesParser::new(["portable", "portable-v3", "portable-v2", "host"])
+    )]
     pub cpu_model: Option<String>,
     /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2]; repeat for more.
     #[arg(long, value_name = "SPEC")]

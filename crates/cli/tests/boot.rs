@@ -170,7 +170,7 @@ fn api_pause_resume_info_shutdown(backend: &str) {
     let v = info(&socket);
     assert_eq!(v["state"], "running");
     assert_eq!(v["backend"], backend);
-    assert_eq!(v["cpu_model"], "portable-v1");
+    assert_eq!(v["cpu_model"], "portable-v3");
     assert_eq!(v["cpus"], 2);
     assert_eq!(v["memory_mib"], 256);
     assert_eq!(v["devices"][0]["type"], "serial", "{v}");

@@ -347,7 +347,7 @@ fn snapshot_restore_end_to_end() {
     assert_eq!(v["backend"], "emu", "{v}");
     assert_eq!(v["vcpus"], 1, "{v}");
     assert_eq!(v["memory_bytes"], 256u64 << 20, "{v}");
-    assert_eq!(v["cpu_model"], "portable-v1", "{v}");
+    assert_eq!(v["cpu_model"], "portable-v3", "{v}");
 
     // Pause, snapshot with --stop: the VM process ends with status 0, and the disk holds every
     // block the guest reported.
@@ -403,17 +403,17 @@ fn snapshot_restore_end_to_end() {
     drop((bytes, magic, f));
     assert_refused(&dir.join("missing.snap"), "missing");
 
-    // A model no backend here can present (AVX) is refused before anything runs, on each.
+    // A model no backend here can present (AVX-512F) is refused before anything runs, on each.
     let avx = dir.join("avx.snap");
     with_cpu_model(&paused, &avx, |m| {
-        leaf(m, 1).ecx |= hv::cpu_model::feature::AVX;
+        leaf(m, 7).ebx |= 1 << 16;
     });
     let backends: &[&str] = if kvm { &["emu", "kvm"] } else { &["emu"] };
     for backend in backends {
         assert_refused_with(
             &restore_args(&avx, backend),
             &[],
-            "cannot run this VM (CPU model portable-v1) here: backend ",
+            "cannot run this VM (CPU model portable-v3) here: backend ",
         );
     }
     let _ = std::fs::remove_file(&avx);

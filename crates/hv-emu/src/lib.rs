@@ -149,7 +149,16 @@ impl hv::Hypervisor for EmuHypervisor {
     }
 
     fn check_cpu_model(&self, model: &CpuModel) -> hv::Result<()> {
-        supported(model).map_err(hv::Error::Incompatible)
+        supported(model).map_err(hv::Error::Incompatible)?;
+        if let Some(a) = &self.accel {
+            let missing = FeatureSet(model.features().0 & !a.native_features().0);
+            if !missing.is_empty() {
+                return Err(hv::Error::Incompatible(format!(
+                    "this host's CPU, which runs guest user mode, lacks: {missing}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn check_user_extra(&self, extra: FeatureSet) -> hv::Result<()> {

@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some(
-                "CPU model portable-v1 needs CPUID.0x40000001.0:eax bit 24 which KVM on this host cannot provide"
+                "CPU model portable-v2 needs CPUID.0x40000001.0:eax bit 24 which KVM on this host cannot provide"
             )
         );
         let table = [sup(0x4000_0001, (1 << 3) | (1 << 24), 0, 0, 0)];

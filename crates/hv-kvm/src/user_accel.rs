@@ -227,6 +227,10 @@ impl hv::UserModeAccelerator for KvmUserAccelerator {
         Ok(Box::new(runner))
     }
 
+    fn native_features(&self) -> hv::cpu_model::FeatureSet {
+        crate::cpuid::host_user_features()
+    }
+
     fn user_visible_extra(&self, model: &hv::CpuModel) -> hv::cpu_model::FeatureSet {
         if self.cpuid_faulting {
             return hv::cpu_model::FeatureSet::default();

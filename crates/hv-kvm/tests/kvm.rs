@@ -324,7 +324,7 @@ fn cpu_model_checks() {
     let err = h.check_cpu_model(&m).unwrap_err().to_string();
     assert_eq!(
         err,
-        "CPU model portable-v1 needs CPUID.0x7.0:ebx bit 16 which KVM on this host cannot provide"
+        "CPU model portable-v2 needs CPUID.0x7.0:ebx bit 16 which KVM on this host cannot provide"
     );
 }
 

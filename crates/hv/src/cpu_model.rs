@@ -25,7 +25,8 @@ pub struct CpuidEntry {
 /// A CPU model: its name, CPUID table and the MSRs a guest of this model may use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuModel {
-    /// `portable-v1`, or `host:<backend>:<digest>` for host models.
+    /// `portable-v3`, `portable-v2` (`portable-v1` in snapshots of earlier versions: the same
+    /// x86-64-v2 CPU), or `host:<backend>:<digest>` for host models.
     pub name: String,
     /// Leaves as the bootstrap processor sees them in a one-vCPU VM; see [`CpuModel::cpuid_for`].
     pub cpuid: Vec<CpuidEntry>,
@@ -413,7 +414,7 @@ fn str_regs(s: &[u8; 16]) -> [u32; 4] {
 }
 
 impl CpuModel {
-    pub const PORTABLE_NAME: &'static str = "portable-v1";
+    pub const PORTABLE_NAME: &'static str = "portable-v2";
 
     /// The portable model: an x86-64-v2 CPU ("AuthenticAMD", family 15 model 107 like QEMU's
     /// `qemu64`, plus SSE3-SSE4.2, POPCNT, CX16), TSC-deadline local APIC, always-running APIC timer,
@@ -619,8 +620,12 @@ impl CpuModel {
         m
     }
 
+    /// One of the portable models (the same CPU on every backend and host).
     pub fn is_portable(&self) -> bool {
-        self.name == Self::PORTABLE_NAME
+        matches!(
+            self.name.as_str(),
+            Self::PORTABLE_NAME | Self::PORTABLE_V3_NAME | "portable-v1"
+        )
     }
 
     /// Looks a leaf up the way the CPU does for `cpuid` with EAX=`function`, ECX=`index`.

@@ -314,6 +314,12 @@ pub trait UserModeAccelerator: Send + Sync {
     fn user_visible_extra(&self, _model: &CpuModel) -> cpu_model::FeatureSet {
         cpu_model::FeatureSet::default()
     }
+
+    /// ISA features the hardware running user mode executes; a VM whose model shows more than
+    /// this cannot use the accelerator (its user code would fault on the model's instructions).
+    fn native_features(&self) -> cpu_model::FeatureSet {
+        cpu_model::FeatureSet(u128::MAX)
+    }
 }
 
 pub trait UserModeRunner: Send {

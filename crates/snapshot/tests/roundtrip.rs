@@ -47,7 +47,7 @@ fn info_reports_the_essentials() {
     let (path, _, _) = write_small(&dir);
     let info = SnapshotReader::open(&path).unwrap().info();
     assert_eq!(info["format_version"], "1.0");
-    assert_eq!(info["cpu_model"], "portable-v1");
+    assert_eq!(info["cpu_model"], "portable-v2");
     assert_eq!(info["memory_bytes"], (1u64 << 20) + (64 << 10));
     assert_eq!(info["vcpus"], 2);
     assert_eq!(info["backend"], "kvm");

@@ -111,9 +111,10 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
                 "--cpu-model host needs the kvm backend".into(),
             ));
         }
-        (BackendKind::Emu, CpuModelChoice::Portable) => (open_emu()?, CpuModel::portable()),
-        (BackendKind::Kvm, CpuModelChoice::Portable) => {
-            let model = CpuModel::portable();
+        (BackendKind::Emu, CpuModelChoice::Portable) => (open_emu()?, CpuModel::portable_v3()),
+        (BackendKind::Emu, CpuModelChoice::PortableV2) => (open_emu()?, CpuModel::portable()),
+        (BackendKind::Kvm, CpuModelChoice::Portable | CpuModelChoice::PortableV2) => {
+            let model = model.portable_model().unwrap_or_else(CpuModel::portable_v3);
             let opened = match open_kvm_hybrid() {
                 Some(hybrid) => hybrid,
                 None => open_kvm(Some(&model)),

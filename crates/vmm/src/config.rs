@@ -70,21 +70,36 @@ impl std::str::FromStr for BackendChoice {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuModelChoice {
-    /// The same CPU on every backend and host.
+    /// The same x86-64-v3 CPU on every backend and host (`portable-v3`).
     #[default]
     Portable,
+    /// The x86-64-v2 portable CPU, for hosts that lack v3 (`portable-v2`).
+    #[serde(rename = "portable-v2")]
+    PortableV2,
     /// Everything the host offers (KVM only).
     Host,
+}
+
+impl CpuModelChoice {
+    /// The model of a portable choice; `None` for `host`, which only an opened KVM knows.
+    pub fn portable_model(self) -> Option<hv::CpuModel> {
+        match self {
+            Self::Portable => Some(hv::CpuModel::portable_v3()),
+            Self::PortableV2 => Some(hv::CpuModel::portable()),
+            Self::Host => None,
+        }
+    }
 }
 
 impl std::str::FromStr for CpuModelChoice {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "portable" => Ok(Self::Portable),
+            "portable" | "portable-v3" => Ok(Self::Portable),
+            "portable-v2" => Ok(Self::PortableV2),
             "host" => Ok(Self::Host),
             _ => Err(Error::Usage(format!(
-                "invalid cpu model '{s}' (expected portable or host)"
+                "invalid cpu model '{s}' (expected portable, portable-v3, portable-v2 or host)"
             ))),
         }
     }
