@@ -1,10 +1,6 @@
 #!/bin/sh
 # anyvisor test guest /init (busybox sh).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-# Keep glibc's string functions inside the portable CPU model (x86-64-v2). Under KVM's PVM
-# flavour user-mode `cpuid`/`xgetbv` report the host (AVX2, AVX-512), so glibc would otherwise
-# pick AVX/EVEX variants that a move to the emu backend cannot run (docs/kvm-platform.md).
-export GLIBC_TUNABLES=glibc.cpu.hwcaps=-XSAVE,-XSAVEC,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-BMI1,-BMI2,-LZCNT,-MOVBE
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
