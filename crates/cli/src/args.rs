@@ -87,6 +87,9 @@ pub struct RunArgs {
     /// Resume a VM from a snapshot file instead of booting.
     #[arg(long, value_name = "SNAPSHOT")]
     pub restore: Option<PathBuf>,
+    /// With --restore: read the whole RAM image and check its checksums before the VM runs.
+    #[arg(long)]
+    pub verify: bool,
     /// Wait for one live migration (tcp:HOST:PORT or unix:PATH), then run the VM.
     #[arg(long, value_name = "ADDR")]
     pub incoming: Option<String>,
@@ -117,6 +120,7 @@ impl RunArgs {
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone(),
             restore: self.restore.clone(),
+            verify: self.verify.then_some(true),
             incoming: self.incoming.clone(),
             migration_key: self.migration_key.clone(),
             seccomp: self.seccomp.clone(),
@@ -164,6 +168,9 @@ pub struct MigrateArgs {
 pub struct SnapshotInfoArgs {
     /// Snapshot file.
     pub file: PathBuf,
+    /// Also read the whole RAM image and check it against its checksums (per 2 MiB chunk).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             Ok(0)
         }
         Command::SnapshotInfo(a) => {
-            let info = vmm::snapshot::info(&a.file)?;
+            let info = vmm::snapshot::info(&a.file, a.verify)?;
             println!("{info}");
             Ok(0)
         }

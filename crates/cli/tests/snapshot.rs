@@ -222,6 +222,56 @@ fn snapshot_and_stop(mut vm: Vm, file: &Path) -> Progress {
     progress(&vm)
 }
 
+/// `--verify` reads the RAM image: a flipped bit in a stored guest page passes a plain open
+/// (pages load lazily) but `snapshot-info --verify` and `run --restore --verify` refuse it with
+/// status 2 and one line naming the 2 MiB chunk.
+fn check_memory_verification(good: &Path, bad: &Path) {
+    let v = snapshot_info_args(good, &["--verify"]);
+    assert_eq!(v["memory_verified"], true, "{v}");
+    assert_eq!(v["memory_checksums"], "per 2 MiB chunk", "{v}");
+    let mut bytes = std::fs::read(good).unwrap();
+    let image = (v["file_bytes"].as_u64().unwrap() - v["memory_bytes"].as_u64().unwrap()) as usize;
+    let page = (image..bytes.len())
+        .step_by(4096)
+        .find(|&p| bytes[p..p + 4096].iter().any(|&b| b != 0))
+        .expect("a stored guest page");
+    bytes[page + 100] ^= 0x01;
+    std::fs::write(bad, &bytes).unwrap();
+    snapshot_info(bad);
+    let chunk = (page - image) / (2 << 20);
+    let info_args: Vec<String> = ["snapshot-info", "--verify", bad.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    let mut run_args = restore_args(bad, "emu");
+    run_args.extend(["--verify", "--serial", "null"].map(String::from));
+    for args in [info_args, run_args] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("memory image chunk {chunk} ")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(bad);
+}
+
+fn snapshot_info_args(file: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .arg("snapshot-info")
+        .args(extra)
+        .arg(file)
+        .output()
+        .unwrap();
+    ok(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn snapshot_info(file: &Path) -> serde_json::Value {
     let out = Command::new(BIN)
         .args(["snapshot-info", file.to_str().unwrap()])
@@ -402,6 +452,7 @@ fn snapshot_restore_end_to_end() {
     assert_refused(&bad, "wrong magic");
     drop((bytes, magic, f));
     assert_refused(&dir.join("missing.snap"), "missing");
+    check_memory_verification(&paused, &bad);
 
     // A model no backend here can present (AVX-512F) is refused before anything runs, on each.
     let avx = dir.join("avx.snap");

@@ -13,7 +13,7 @@ pub const MAGIC: [u8; 8] = *b"ANYVSNAP";
 /// Readers refuse any other major version.
 pub const VERSION_MAJOR: u32 = 1;
 /// Minor versions only add skippable sections and optional header fields.
-pub const VERSION_MINOR: u32 = 0;
+pub const VERSION_MINOR: u32 = 1;
 
 pub(crate) const PREAMBLE_LEN: u64 = 24;
 pub(crate) const SECTION_HEADER_LEN: u64 = 20;
@@ -48,6 +48,8 @@ pub(crate) mod tag {
     pub const VCPU: u32 = 3;
     pub const DEVICE: u32 = 4;
     pub const MEMORY: u32 = 5;
+    /// Per-chunk checksums of the RAM image (version 1.1; optional, so 1.0 readers skip it).
+    pub const CHUNK_SUMS: u32 = 6;
     pub const END: u32 = 0xff;
 }
 
@@ -92,6 +94,52 @@ pub(crate) struct MemoryInfo {
     /// Bit `i` (byte `i / 8`, bit `i % 8`) set: image page `i` is stored; clear: it is a hole
     /// that reads as zero.
     pub bitmap: Vec<u8>,
+    /// The `memory-chunks` section: crc32c of the stored pages of each [`SUM_CHUNK`]-byte chunk
+    /// of the image, in order. `None` in files written before version 1.1.
+    pub chunk_sums: Option<Vec<u32>>,
+}
+
+/// Bytes of RAM image one `memory-chunks` checksum covers.
+pub(crate) const SUM_CHUNK: u64 = 2 << 20;
+
+/// Number of checksum chunks of an image of `image_len` bytes.
+pub(crate) fn sum_chunks(image_len: u64) -> u64 {
+    image_len.div_ceil(SUM_CHUNK)
+}
+
+/// The `memory-chunks` payload: chunk size (u32), chunk count (u32), one crc32c (u32) each.
+pub(crate) fn encode_chunk_sums(sums: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 4 * sums.len());
+    out.extend_from_slice(&(SUM_CHUNK as u32).to_le_bytes());
+    out.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+    for c in sums {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    out
+}
+
+/// Parses a `memory-chunks` payload for an image of `image_len` bytes.
+pub(crate) fn decode_chunk_sums(p: &[u8], image_len: u64) -> std::result::Result<Vec<u32>, String> {
+    let Some((fixed, rest)) = p.split_first_chunk::<8>() else {
+        return Err(format!("{} bytes, shorter than 8", p.len()));
+    };
+    let (size, count) = (le32(&fixed[0..4]), le32(&fixed[4..8]));
+    if u64::from(size) != SUM_CHUNK {
+        return Err(format!("chunk size {size} (expected {SUM_CHUNK})"));
+    }
+    let want = sum_chunks(image_len);
+    if u64::from(count) != want {
+        return Err(format!(
+            "{count} chunks, the image of {image_len} bytes has {want}"
+        ));
+    }
+    if rest.len() as u64 != 4 * want {
+        return Err(format!(
+            "{} bytes of checksums for {want} chunks",
+            rest.len()
+        ));
+    }
+    Ok(rest.chunks_exact(4).map(le32).collect())
 }
 
 impl std::fmt::Debug for MemoryInfo {
@@ -173,6 +221,7 @@ impl MemoryInfo {
             image_crc,
             present_pages,
             bitmap: bitmap.to_vec(),
+            chunk_sums: None,
         })
     }
 }
@@ -239,9 +288,18 @@ pub(crate) fn encode_preamble() -> [u8; 24] {
 
 /// Appends one section (header and payload) to `out`.
 pub(crate) fn push_section(out: &mut Vec<u8>, tag: u32, payload: &[u8]) {
+    push_section_with(out, tag, FLAG_REQUIRED, payload);
+}
+
+/// Appends a section a reader that does not know `tag` skips (flags 0).
+pub(crate) fn push_optional_section(out: &mut Vec<u8>, tag: u32, payload: &[u8]) {
+    push_section_with(out, tag, 0, payload);
+}
+
+fn push_section_with(out: &mut Vec<u8>, tag: u32, flags: u32, payload: &[u8]) {
     let mut h = [0u8; 20];
     h[0..4].copy_from_slice(&tag.to_le_bytes());
-    h[4..8].copy_from_slice(&FLAG_REQUIRED.to_le_bytes());
+    h[4..8].copy_from_slice(&flags.to_le_bytes());
     h[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..16]), payload);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -326,6 +384,7 @@ fn section_name(tag: u32, vcpus: usize, devices: usize, offset: u64) -> String {
         tag::VCPU => format!("vcpu {vcpus}"),
         tag::DEVICE => format!("device {devices}"),
         tag::MEMORY => "memory".into(),
+        tag::CHUNK_SUMS => "memory-chunks".into(),
         tag::END => "end".into(),
         _ => format!("tag {tag:#x} at offset {offset}"),
     }
@@ -368,6 +427,7 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
     let mut vcpus: Vec<hv::CpuState> = Vec::new();
     let mut devices: Vec<(String, serde_json::Value)> = Vec::new();
     let mut memory: Option<MemoryInfo> = None;
+    let mut chunk_sums: Option<Vec<u8>> = None;
     loop {
         count += 1;
         if count > limits::MAX_SECTIONS {
@@ -487,6 +547,12 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
                     MemoryInfo::decode(&payload, &h.header).map_err(Error::InvalidMemorySection)?,
                 );
             }
+            tag::CHUNK_SUMS => {
+                if chunk_sums.is_some() {
+                    return Err(Error::DuplicateSection(name));
+                }
+                chunk_sums = Some(payload);
+            }
             tag::END => break,
             _ => {} // An optional section from a later minor version: skipped.
         }
@@ -512,7 +578,11 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
             "section for device '{missing}'"
         )));
     }
-    let memory = memory.ok_or_else(|| Error::MissingSection("memory section".into()))?;
+    let mut memory = memory.ok_or_else(|| Error::MissingSection("memory section".into()))?;
+    if let Some(p) = chunk_sums {
+        memory.chunk_sums =
+            Some(decode_chunk_sums(&p, memory.image_len).map_err(Error::InvalidChunkSums)?);
+    }
 
     let image_offset = align_up(off);
     if memory.image_offset != image_offset {
@@ -547,12 +617,20 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
     })
 }
 
-/// Reads the whole RAM image: stored pages must match the checksum, holes must read as zero.
-pub(crate) fn verify_image<S: Source>(src: &S, mem: &MemoryInfo) -> Result<()> {
+/// Reads the whole RAM image: stored pages must match the checksums (each chunk's, when the
+/// file has them, and the whole image's), holes must read as zero. `regions` (the header's)
+/// name the guest address of a bad chunk.
+pub(crate) fn verify_image<S: Source>(
+    src: &S,
+    mem: &MemoryInfo,
+    regions: &[crate::MemoryRegion],
+) -> Result<()> {
     let mut crc = 0u32;
+    let mut chunk_crc = 0u32;
     let chunk = usize::try_from(mem.image_len).map_or(CHUNK, |l| l.min(CHUNK));
     let mut buf = vec![0u8; chunk];
     let mut pos = 0u64;
+    let pages_per_sum = SUM_CHUNK / PAGE_SIZE;
     while pos < mem.image_len {
         let n = (mem.image_len - pos).min(CHUNK as u64) as usize;
         buf.truncate(n); // n only shrinks, on the last round
@@ -561,8 +639,23 @@ pub(crate) fn verify_image<S: Source>(src: &S, mem: &MemoryInfo) -> Result<()> {
             let p = pos / PAGE_SIZE + i as u64;
             if mem.page_present(p) {
                 crc = crc32c::crc32c_append(crc, page);
+                chunk_crc = crc32c::crc32c_append(chunk_crc, page);
             } else if !is_zero(page) {
                 return Err(Error::AbsentPageNotZero(p));
+            }
+            let last_of_chunk =
+                (p + 1).is_multiple_of(pages_per_sum) || (p + 1) * PAGE_SIZE >= mem.image_len;
+            if last_of_chunk {
+                let index = p / pages_per_sum;
+                if let Some(sums) = &mem.chunk_sums
+                    && sums.get(index as usize) != Some(&chunk_crc)
+                {
+                    return Err(Error::ChunkChecksum {
+                        chunk: index,
+                        guest_addr: guest_addr_of(regions, index * SUM_CHUNK),
+                    });
+                }
+                chunk_crc = 0;
             }
         }
         pos += n as u64;
@@ -571,4 +664,16 @@ pub(crate) fn verify_image<S: Source>(src: &S, mem: &MemoryInfo) -> Result<()> {
         return Err(Error::MemoryChecksum);
     }
     Ok(())
+}
+
+/// The guest-physical address at RAM-image offset `offset` (regions are stored back to back).
+pub(crate) fn guest_addr_of(regions: &[crate::MemoryRegion], offset: u64) -> u64 {
+    let mut start = 0u64;
+    for r in regions {
+        if offset < start + r.len {
+            return r.guest_addr + (offset - start);
+        }
+        start += r.len;
+    }
+    offset
 }

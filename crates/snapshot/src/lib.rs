@@ -118,7 +118,11 @@ pub fn now_unix() -> u64 {
 /// of the `snapshot_reader` fuzz target; it must return an error, never panic, on any input.
 pub fn fuzz_open(bytes: &[u8]) -> Result<SnapshotContents> {
     let parsed = format::parse(&bytes)?;
-    format::verify_image(&bytes, &parsed.memory)?;
+    format::verify_image(
+        &bytes,
+        &parsed.memory,
+        &parsed.contents.header.memory_regions,
+    )?;
     Ok(parsed.contents)
 }
 
@@ -192,6 +196,12 @@ pub enum Error {
     TrailingData(u64),
     #[error("memory image checksum mismatch")]
     MemoryChecksum,
+    #[error(
+        "memory image chunk {chunk} (guest memory from {guest_addr:#x}, 2 MiB) checksum mismatch"
+    )]
+    ChunkChecksum { chunk: u64, guest_addr: u64 },
+    #[error("invalid memory-chunks section: {0}")]
+    InvalidChunkSums(String),
     #[error("memory image page {0} is marked absent but is not zero")]
     AbsentPageNotZero(u64),
     #[error("cannot map memory region at {guest_addr:#x}")]

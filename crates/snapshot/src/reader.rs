@@ -156,7 +156,13 @@ impl SnapshotReader {
                 len: self.file_len,
             },
             &self.memory,
+            &self.contents.header.memory_regions,
         )
+    }
+
+    /// Whether the file carries per-chunk checksums of its RAM image (format 1.1 and later).
+    pub fn has_chunk_sums(&self) -> bool {
+        self.memory.chunk_sums.is_some()
     }
 
     /// A summary for `anyvisor snapshot-info`.
@@ -174,6 +180,7 @@ impl SnapshotReader {
             "created_unix": h.created_unix,
             "file_bytes": self.file_len,
             "stored_pages": self.memory.present_pages,
+            "memory_checksums": if self.memory.chunk_sums.is_some() { "per 2 MiB chunk" } else { "whole image" },
             "config": h.config,
         })
     }

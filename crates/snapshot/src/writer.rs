@@ -154,6 +154,9 @@ pub(crate) fn write_with_faults(
         + SECTION_HEADER_LEN
         + format::MEMORY_FIXED_LEN
         + bitmap_len
+        + SECTION_HEADER_LEN
+        + 8
+        + 4 * format::sum_chunks(image_len)
         + SECTION_HEADER_LEN;
     if metadata_len > limits::MAX_METADATA {
         return Err(Error::MetadataTooLarge);
@@ -198,10 +201,13 @@ pub(crate) fn write_with_faults(
         image_crc: 0,
         present_pages: 0,
         bitmap: vec![0; bitmap_len as usize],
+        chunk_sums: Some(vec![0; format::sum_chunks(image_len) as usize]),
     };
     write_image(&file, &tmp, memory, contents, &mut mem, faults)?;
 
     format::push_section(&mut meta, tag::MEMORY, &mem.encode());
+    let sums = mem.chunk_sums.as_deref().unwrap_or_default();
+    format::push_optional_section(&mut meta, tag::CHUNK_SUMS, &format::encode_chunk_sums(sums));
     format::push_section(&mut meta, tag::END, &[]);
     debug_assert_eq!(meta.len() as u64, metadata_len);
     faults.step("write", &tmp)?;
@@ -261,6 +267,12 @@ fn write_image(
                     })?;
                     *bits |= 1 << (p % 8);
                     mem.present_pages += 1;
+                    if let (Some(sums), Some(d)) = (mem.chunk_sums.as_mut(), data) {
+                        let c = (p * PAGE_SIZE / format::SUM_CHUNK) as usize;
+                        if let Some(sum) = sums.get_mut(c) {
+                            *sum = crc32c::crc32c_append(*sum, d);
+                        }
+                    }
                     run_start.get_or_insert(i);
                 } else if let Some(s) = run_start.take() {
                     // s < i <= the page count: always in range.

@@ -157,10 +157,36 @@ fn a_bit_flip_anywhere_is_caught() {
         let r = open_bytes(&b).unwrap();
         let e = r.verify_memory().unwrap_err();
         assert!(
-            matches!(e, Error::MemoryChecksum | Error::AbsentPageNotZero(_)),
+            matches!(e, Error::ChunkChecksum { .. } | Error::AbsentPageNotZero(_)),
             "{i}: {e}"
         );
     }
+}
+
+#[test]
+fn a_bad_chunk_is_named_by_its_guest_address() {
+    let (bytes, _) = sample();
+    let meta = metadata_end(&bytes);
+    let image_offset = meta.div_ceil(4096) * 4096;
+    // Find a stored page (non-zero) in the second 2 MiB chunk, if the sample has one; else the
+    // first stored page.
+    let page = (0..(bytes.len() - image_offset) / 4096)
+        .find(|p| {
+            let at = image_offset + p * 4096;
+            bytes[at..at + 4096].iter().any(|&x| x != 0)
+        })
+        .expect("the sample stores a page");
+    let mut b = bytes.clone();
+    b[image_offset + page * 4096 + 7] ^= 0x80;
+    let e = open_bytes(&b).unwrap().verify_memory().unwrap_err();
+    let chunk = (page * 4096) as u64 / (2 << 20);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "memory image chunk {chunk} (guest memory from {:#x}, 2 MiB) checksum mismatch",
+            chunk * (2 << 20)
+        )
+    );
 }
 
 #[test]
@@ -381,4 +407,30 @@ fn random_mutations_never_panic() {
 #[test]
 fn checksum_is_crc32c() {
     assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+}
+
+#[test]
+fn a_version_1_0_file_without_chunk_sums_still_verifies() {
+    let (bytes, contents) = sample();
+    let (_, mut s, mut image) = split(&bytes);
+    assert!(
+        s.iter().any(|s| s.tag == 6),
+        "the writer emits memory-chunks"
+    );
+    s.retain(|s| s.tag != 6);
+    let old = join((1, 0), &s, &image);
+    let r = open_bytes(&old).unwrap();
+    assert_eq!(r.contents(), &contents);
+    assert!(!r.has_chunk_sums());
+    r.verify_memory().unwrap();
+    // Without chunk sums a damaged stored page is caught by the whole-image checksum.
+    let page = (0..image.len() / 4096)
+        .find(|p| image[p * 4096..(p + 1) * 4096].iter().any(|&x| x != 0))
+        .unwrap();
+    image[page * 4096] ^= 1;
+    let e = open_bytes(&join((1, 0), &s, &image))
+        .unwrap()
+        .verify_memory()
+        .unwrap_err();
+    assert!(matches!(e, Error::MemoryChecksum), "{e}");
 }

@@ -28,7 +28,11 @@ fn round_trip_states_and_memory() {
     let (path, contents, mem) = write_small(&dir);
     let r = SnapshotReader::open(&path).unwrap();
     assert_eq!(r.contents(), &contents);
-    assert_eq!(r.version(), (1, 0));
+    assert_eq!(r.version(), (1, 1));
+    assert!(
+        r.has_chunk_sums(),
+        "1.1 files carry per-chunk memory checksums"
+    );
     // Pages with data: 0, 5, 0xfe, 0xff in region 0; the last page of region 1.
     assert_eq!(r.stored_pages(), 5);
     let mapped = r.map_memory().unwrap();
@@ -46,7 +50,8 @@ fn info_reports_the_essentials() {
     let dir = Scratch::new("info");
     let (path, _, _) = write_small(&dir);
     let info = SnapshotReader::open(&path).unwrap().info();
-    assert_eq!(info["format_version"], "1.0");
+    assert_eq!(info["format_version"], "1.1");
+    assert_eq!(info["memory_checksums"], "per 2 MiB chunk");
     assert_eq!(info["cpu_model"], "portable-v2");
     assert_eq!(info["memory_bytes"], (1u64 << 20) + (64 << 10));
     assert_eq!(info["vcpus"], 2);

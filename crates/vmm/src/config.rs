@@ -319,6 +319,8 @@ pub struct RunOptions {
     pub serial: Option<String>,
     pub api_socket: Option<PathBuf>,
     pub restore: Option<PathBuf>,
+    /// With `restore`: check the whole RAM image against its checksums before the VM runs.
+    pub verify: Option<bool>,
     pub incoming: Option<String>,
     pub migration_key: Option<PathBuf>,
     pub seccomp: Option<String>,
@@ -381,6 +383,7 @@ impl RunOptions {
             serial: flags.serial.or(self.serial),
             api_socket: flags.api_socket.or(self.api_socket),
             restore: flags.restore.or(self.restore),
+            verify: flags.verify.or(self.verify),
             incoming: flags.incoming.or(self.incoming),
             migration_key: flags.migration_key.or(self.migration_key),
             seccomp: flags.seccomp.or(self.seccomp),
@@ -409,6 +412,10 @@ impl RunOptions {
             api_socket: self.api_socket.clone(),
             seccomp,
         };
+        let verify = self.verify.unwrap_or(false);
+        if verify && self.restore.is_none() {
+            return Err(Error::Usage("--verify is only used with --restore".into()));
+        }
         if self.restore.is_some() && self.incoming.is_some() {
             return Err(Error::Usage(
                 "--restore and --incoming cannot be used together".into(),
@@ -443,7 +450,11 @@ impl RunOptions {
                         "--migration-key is only used with --incoming".into(),
                     ));
                 }
-                return Ok(RunRequest::Restore { snapshot, runtime });
+                return Ok(RunRequest::Restore {
+                    snapshot,
+                    runtime,
+                    verify,
+                });
             }
             let from = self.incoming.unwrap_or_default();
             return Ok(RunRequest::Incoming {
@@ -535,6 +546,8 @@ pub enum RunRequest {
     Restore {
         snapshot: PathBuf,
         runtime: RuntimeOptions,
+        /// Check the snapshot's RAM image against its checksums before running.
+        verify: bool,
     },
     Incoming {
         from: String,
@@ -716,7 +729,22 @@ mod tests {
         }
         .into_request()
         .unwrap();
-        assert!(matches!(r, RunRequest::Restore { .. }));
+        assert!(matches!(r, RunRequest::Restore { verify: false, .. }));
+        let r = RunOptions {
+            restore: Some("/snap".into()),
+            verify: Some(true),
+            ..Default::default()
+        }
+        .into_request()
+        .unwrap();
+        assert!(matches!(r, RunRequest::Restore { verify: true, .. }));
+        let e = RunOptions {
+            verify: Some(true),
+            ..kernel_only()
+        }
+        .into_request()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--verify is only used with --restore");
         let r = RunOptions {
             incoming: Some("unix:/tmp/m".into()),
             migration_key: Some("/key".into()),

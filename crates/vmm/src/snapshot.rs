@@ -198,9 +198,12 @@ fn file_error(path: &Path, e: snapshot::Error) -> Error {
 }
 
 /// `anyvisor run --restore FILE`.
-pub fn restore(path: &Path, runtime: &RuntimeOptions) -> Result<Vmm> {
+pub fn restore(path: &Path, runtime: &RuntimeOptions, verify: bool) -> Result<Vmm> {
     let start = Instant::now();
     let reader = SnapshotReader::open(path).map_err(|e| file_error(path, e))?;
+    if verify {
+        reader.verify_memory().map_err(|e| file_error(path, e))?;
+    }
     let backend = open_backend(reader.header(), runtime)?;
     check_states(backend.hypervisor.kind(), &reader.contents().vcpus)?;
     let memory = reader.map_memory().map_err(|e| file_error(path, e))?;
@@ -221,10 +224,16 @@ pub(crate) fn restore_ms() -> Option<f64> {
 }
 
 /// `anyvisor snapshot-info FILE`: what a snapshot file holds, as JSON.
-pub fn info(path: &Path) -> Result<serde_json::Value> {
-    SnapshotReader::open(path)
-        .map(|r| r.info())
-        .map_err(|e| file_error(path, e))
+/// `anyvisor snapshot-info [--verify]`: what the file holds; with `verify`, after reading the
+/// whole RAM image against its checksums (`"memory_verified": true`).
+pub fn info(path: &Path, verify: bool) -> Result<serde_json::Value> {
+    let r = SnapshotReader::open(path).map_err(|e| file_error(path, e))?;
+    let mut info = r.info();
+    if verify {
+        r.verify_memory().map_err(|e| file_error(path, e))?;
+        info["memory_verified"] = serde_json::Value::Bool(true);
+    }
+    Ok(info)
 }
 
 /// The config recorded in `header`, with this process's serial, API socket and backend choice.

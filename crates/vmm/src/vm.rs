@@ -500,9 +500,11 @@ pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
     let _ = SECCOMP.set(seccomp);
     match request {
         RunRequest::Boot(config) => Vmm::start(config)?.wait(),
-        RunRequest::Restore { snapshot, runtime } => {
-            crate::snapshot::restore(&snapshot, &runtime)?.wait()
-        }
+        RunRequest::Restore {
+            snapshot,
+            runtime,
+            verify,
+        } => crate::snapshot::restore(&snapshot, &runtime, verify)?.wait(),
         RunRequest::Incoming {
             from,
             migration_key,
