@@ -13,6 +13,7 @@
 
 mod clock;
 mod cpu;
+mod crypto;
 mod decode;
 mod exec;
 mod fast;
