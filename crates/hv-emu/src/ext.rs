@@ -89,7 +89,8 @@ impl Exec<'_> {
             }
             _ => return None,
         };
-        if !self.has(feature) {
+        // VEX encodings do not exist in real-address and virtual-8086 mode.
+        if !self.has(feature) || !self.cpu.protected() || self.cpu.rflags & VM != 0 {
             return Some(ud());
         }
         Some(self.bmi(i, mn))
