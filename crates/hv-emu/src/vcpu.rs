@@ -468,7 +468,7 @@ impl Exec<'_> {
                     return Err(Exc::unhandled(msg));
                 }
                 UNSUPPORTED.fetch_add(1, Ordering::Relaxed);
-                hv::rate_limited!(eprintln!("emu: vCPU {}: {msg}: #UD", self.cpu.id));
+                hv::rate_limited!(tracing::warn!("emu: vCPU {}: {msg}: #UD", self.cpu.id));
                 self.raise_event(6, None, Event::Exception)
             }
             e => Err(e),

@@ -932,8 +932,39 @@ fn tsx_is_ud_and_hle_prefixes_are_ignored() {
     assert_eq!(r.rdx, 9);
 }
 
+/// Collects the messages of `tracing` events (on the thread it is the default of).
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Lines {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        self.0.lock().unwrap().push(m.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// An instruction emu does not implement (here `enter` with a nesting level) in user mode
-/// raises #UD through the guest IDT; the handler skips it and the program goes on.
+/// raises #UD through the guest IDT; the handler skips it and the program goes on. Each is
+/// logged (bytes, RIP, mnemonic) and counted.
 #[test]
 fn unimplemented_instruction_in_user_mode_is_ud_and_the_vm_keeps_running() {
     const HANDLER: u64 = 0x30000;
@@ -982,7 +1013,18 @@ fn unimplemented_instruction_in_user_mode_is_ud_and_the_vm_keeps_running() {
     st.regs.rsp = 0x70000;
     g.set_state(&st);
     let before = hv_emu::unsupported_instructions();
-    assert_eq!(g.run(), VcpuExit::Halted);
+    let lines = Lines::default();
+    let exit = tracing::subscriber::with_default(lines.clone(), || g.run());
+    assert_eq!(exit, VcpuExit::Halted);
+    let lines = lines.0.lock().unwrap().clone();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some(
+            "emu: vCPU 0: unsupported instruction c8100001 at rip 0x10000 (Enter: enter with nesting level): #UD"
+        ),
+        "{lines:?}"
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(g.exception(), Some((13, 0)), "the final hlt at CPL 3");
     let r = g.regs();
     assert_eq!((r.r12, r.r13), (0x1234, 0x5678));
