@@ -13,8 +13,10 @@
 
 mod clock;
 mod cpu;
+mod crypto;
 mod decode;
 mod exec;
+mod ext;
 mod fast;
 mod lapic;
 mod mmu;
@@ -42,6 +44,12 @@ pub fn instructions_decoded() -> u64 {
 /// Times emu vCPUs of this process handed user mode to a user-mode accelerator's runner.
 pub fn user_mode_runs() -> u64 {
     vcpu::USER_RUNS.load(Ordering::Relaxed)
+}
+
+/// Instructions emu does not implement that guests of this process executed: each raised #UD
+/// in its guest (and was logged, rate-limited) instead of ending the VM.
+pub fn unsupported_instructions() -> u64 {
+    vcpu::UNSUPPORTED.load(Ordering::Relaxed)
 }
 
 /// Instructions executed so far by all emu vCPUs in this process.

@@ -57,7 +57,24 @@ fn native_isa(function: u32, reg: usize) -> u32 {
                 | RDRAND
         }
         (1, 3) => FPU | CX8 | CMOV | MMX | FXSR | SSE | SSE2 | CLFSH,
+        // Leaf 7 ISA bits of the portable-v3 model: FSGSBASE, BMI1, AVX2, BMI2, ERMS, RDSEED,
+        // ADX, CLFLUSHOPT, CLWB, SHA (EBX); RDPID (ECX). What KVM's own emulator cannot run
+        // at CPL 0 it hands to emu's instruction emulator, which implements them.
+        (7, 1) => {
+            (1 << 0)
+                | (1 << 3)
+                | (1 << 5)
+                | (1 << 8)
+                | (1 << 9)
+                | (1 << 18)
+                | (1 << 19)
+                | (1 << 23)
+                | (1 << 24)
+                | (1 << 29)
+        }
+        (7, 2) => 1 << 22,
         (0x8000_0001, 2) => LAHF_LM | (1 << 5) | (1 << 6) | (1 << 8), // ABM, SSE4A, PREFETCHW
+        (0x8000_0001, 3) => 1 << 27,                                  // RDTSCP
         _ => 0,
     }
 }
