@@ -21,6 +21,12 @@ pub struct Clock {
     /// Set when a restored state's TSC is not the host's: the guest keeps its own TSC (offset
     /// from the host clock) and its user mode no longer runs on the accelerator.
     left_host_tsc: AtomicBool,
+    /// The host instant (ns + 1; 0 = none) every state read and write uses while no vCPU runs,
+    /// so that the TSC of each vCPU and kvm-clock in a saved VM describe one instant and a
+    /// restored VM starts them at one instant. Without it a snapshot taken on a loaded host
+    /// could hold a TSC and a kvm-clock reading tens of milliseconds apart, which the guest's
+    /// clocksource watchdog reports as TSC skew after the restore.
+    state_instant: AtomicU64,
 }
 
 /// How far (in ms of TSC ticks) a restored TSC may be from the host's and still be taken as
@@ -53,6 +59,7 @@ impl Clock {
             kvmclock_offset: AtomicU64::new(0),
             host_tsc: None,
             left_host_tsc: AtomicBool::new(false),
+            state_instant: AtomicU64::new(0),
         }
     }
 
@@ -100,6 +107,37 @@ impl Clock {
         }
     }
 
+    /// The host instant that state reads and writes use between runs (see `state_instant`):
+    /// fixed by the first one after a vCPU ran.
+    pub fn state_ns(&self) -> u64 {
+        let now = self.host_ns().saturating_add(1);
+        match self
+            .state_instant
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => now - 1,
+            Err(fixed) => fixed - 1,
+        }
+    }
+
+    /// A vCPU is about to run: the next state access takes a new instant.
+    pub fn release_state_instant(&self) {
+        if self.state_instant.load(Ordering::Relaxed) != 0 {
+            self.state_instant.store(0, Ordering::Release);
+        }
+    }
+
+    /// The TSC before any per-vCPU offset at state instant `ns`: with the host's TSC as the
+    /// guest's, the host TSC now minus the ticks since `ns`.
+    pub fn raw_tsc_at_state(&self, ns: u64) -> u64 {
+        if self.fixed_tsc() {
+            let since = self.host_ns().saturating_sub(ns);
+            self.raw_tsc(ns).wrapping_sub(self.ns_to_tsc(since))
+        } else {
+            self.ns_to_tsc(ns)
+        }
+    }
+
     pub fn host_ns(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -121,8 +159,9 @@ impl Clock {
         host_ns.wrapping_add(self.kvmclock_offset.load(Ordering::Relaxed))
     }
 
+    /// Sets kvm-clock to `clock_ns` at the state instant (see [`Clock::state_ns`]).
     pub fn set_kvmclock_ns(&self, clock_ns: u64) {
-        let now = self.host_ns();
+        let now = self.state_ns();
         self.kvmclock_offset
             .store(clock_ns.wrapping_sub(now), Ordering::Relaxed);
     }

@@ -279,7 +279,7 @@ impl hv::Vm for EmuVm {
     fn state(&self) -> hv::Result<VmState> {
         let c = &self.shared.clock;
         Ok(VmState {
-            clock_ns: c.kvmclock_ns(c.host_ns()),
+            clock_ns: c.kvmclock_ns(c.state_ns()),
             tsc_khz: c.tsc_khz,
             user_extra: *vm::lock(&self.shared.user_extra),
         })

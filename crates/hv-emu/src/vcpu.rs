@@ -510,6 +510,7 @@ impl hv::Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, io: &dyn DeviceIo) -> hv::Result<VcpuExit> {
+        self.shared.clock.release_state_instant();
         match self.run_inner(io) {
             Ok(x) => Ok(x),
             Err(Exc::Shutdown) => Ok(VcpuExit::Shutdown),
@@ -531,8 +532,12 @@ impl hv::Vcpu for EmuVcpu {
         {
             self.merge_mailbox();
         }
-        let now = self.shared.clock.host_ns();
-        let tsc = self.cpu.tsc_at(&self.shared.clock, now);
+        let clock = &self.shared.clock;
+        let now = clock.state_ns();
+        let tsc = clock
+            .raw_tsc_at_state(now)
+            .wrapping_add(self.cpu.msr.tsc_offset)
+            .max(self.cpu.msr.tsc_floor);
         Ok(self.cpu.to_state(&self.shared.model.msrs, tsc, now))
     }
 
@@ -544,7 +549,7 @@ impl hv::Vcpu for EmuVcpu {
                 s.xcr0
             )));
         }
-        let now = self.shared.clock.host_ns();
+        let now = self.shared.clock.state_ns();
         self.cpu.load_state(s);
         self.cpu.lapic.load_state(&s.lapic, now);
         if let Some(t) = s.msr(msr::IA32_TSC)
@@ -563,7 +568,7 @@ impl hv::Vcpu for EmuVcpu {
         if let Some(t) = s.msr(msr::IA32_TSC)
             && !self.shared.clock.fixed_tsc()
         {
-            self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.raw_tsc(now));
+            self.cpu.msr.tsc_offset = t.wrapping_sub(self.shared.clock.raw_tsc_at_state(now));
             self.cpu.msr.tsc_floor = 0;
         }
         self.blocks.clear();

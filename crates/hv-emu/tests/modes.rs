@@ -133,3 +133,34 @@ fn emu_real_to_long() {
 fn emu_save_restore_save_is_equal() {
     save_restore_save_is_equal(&emu());
 }
+
+/// The TSC in a vCPU's saved state and kvm-clock in the VM's describe one instant even when the
+/// VMM reads them tens of milliseconds apart (a loaded host), so a restored guest sees no skew
+/// between them; the next run takes a new instant.
+#[test]
+fn saved_tsc_and_kvmclock_describe_one_instant() {
+    let hv = hv_emu::EmuHypervisor::new();
+    let code = asm(|a| a.hlt());
+    let mut g = guest_with(&hv, &code, 1);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let khz = u128::from(g.vm.tsc_khz());
+    let skew = |g: &mut Guest| {
+        let cpu = g.state();
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let vm = g.vm.state().unwrap();
+        let tsc = cpu.msr(hv::msr::IA32_TSC).unwrap();
+        let tsc_ns = (u128::from(tsc) * 1_000_000 / khz) as i128;
+        (tsc_ns - i128::from(vm.clock_ns)).unsigned_abs()
+    };
+    let first = skew(&mut g);
+    assert!(first < 1_000_000, "TSC and kvm-clock {first} ns apart");
+    // A second read after a run: a new instant, still one for both.
+    g.write_code(CODE, &asm(|a| a.hlt()));
+    let mut st = g.state();
+    st.regs.rip = CODE;
+    g.set_state(&st);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let second = skew(&mut g);
+    assert!(second < 1_000_000, "TSC and kvm-clock {second} ns apart");
+}
