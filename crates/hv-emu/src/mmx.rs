@@ -3,7 +3,8 @@
 //! MMi is the low 64 bits (significand) of x87 physical register Ri. `cpu.st` holds the x87
 //! stack in FXSAVE order (slot k = ST(k) = R[(TOP + k) & 7]). An MMX instruction makes TOP 0
 //! (so slot k = Rk = MMk) and tags every register valid; a write sets bits 79:64 (sign and
-//! exponent) to ones. EMMS tags every register empty. The checks come first, in the hardware's
+//! exponent) to ones. EMMS also sets TOP to 0 (what this host's CPU does), then tags every
+//! register empty. The checks come first, in the hardware's
 //! order: CR0.EM → #UD, CR0.TS → #NM, a pending unmasked x87 exception → #MF.
 //!
 //! The arithmetic is [`crate::sse::lane_op`] on the 64-bit values; where the 64-bit form is not
@@ -26,14 +27,20 @@ fn mmidx(r: Register) -> Option<usize> {
 }
 
 impl Exec<'_> {
-    /// MMi (after the transition: TOP = 0).
+    /// The image slot of physical register Rk (slot j holds ST(j) = R[(TOP + j) & 7]).
+    fn mm_slot(&self, k: usize) -> usize {
+        (k + 8 - usize::from((self.cpu.fsw >> 11) & 7)) & 7
+    }
+
+    /// MMk: the significand of physical register Rk.
     fn mm(&self, k: usize) -> u64 {
-        let s = &self.cpu.st[k & 7];
+        let s = &self.cpu.st[self.mm_slot(k)];
         u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
     }
 
     fn set_mm(&mut self, k: usize, v: u64) {
-        let s = &mut self.cpu.st[k & 7];
+        let slot = self.mm_slot(k);
+        let s = &mut self.cpu.st[slot];
         s[..8].copy_from_slice(&v.to_le_bytes());
         s[8] = 0xff;
         s[9] = 0xff;
@@ -83,6 +90,8 @@ impl Exec<'_> {
             return Err(Exc::Fault(16, None));
         }
         if mn == M::Emms {
+            // As the CPU does: TOP = 0 (like every MMX instruction), then every tag empty.
+            self.mmx_transition();
             self.cpu.ftw = 0;
             return Ok(());
         }
@@ -153,17 +162,17 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Cvtpi2ps | M::Cvtpi2pd => {
+                // The transition happens even when the conversion then raises #XM.
                 let v = self.mrd(i, 1)?;
                 let d = xidx(i.op_register(0)).unwrap_or(0);
-                self.cvtpi(d, mn, v)?;
                 self.mmx_transition();
-                Ok(())
+                self.cvtpi(d, mn, v)
             }
             M::Cvtps2pi | M::Cvttps2pi | M::Cvtpd2pi | M::Cvttpd2pi => {
                 let k = mmidx(i.op_register(0)).unwrap_or(0);
                 let v = self.xrd(i, 1)?;
-                let r = self.cvt2pi(mn, v)?;
                 self.mmx_transition();
+                let r = self.cvt2pi(mn, v)?;
                 self.set_mm(k, r);
                 Ok(())
             }

@@ -113,8 +113,8 @@ pub(crate) fn f32b(v: u32) -> f32 {
 /// source, `imm` the immediate (0 if none).
 ///
 /// Conventions:
-/// * Shifts by a count (`psllw`..`psrad`): the count is `b` (a count with any bit set above
-///   bit 63 shifts everything out); for the immediate forms pass the immediate as `b`.
+/// * Shifts by a count (`psllw`..`psrad`): the count is the low 64 bits of `b` (the CPU
+///   ignores bits 127:64); for the immediate forms pass the immediate as `b`.
 ///   `psrldq`/`pslldq` shift by `imm` bytes.
 /// * `cmpps`/`cmpss`/`cmppd`/`cmpsd` take the predicate as `imm & 0x1f` (the VEX encoding);
 ///   legacy SSE passes `imm & 7`.
@@ -156,8 +156,9 @@ pub(crate) fn blendv(mn: M, a: u128, b: u128, mask: u128) -> Option<u128> {
     Some(out)
 }
 
+/// Shift counts are the low 64 bits of the count operand.
 fn shift_count(b: u128) -> u64 {
-    if b >> 64 != 0 { u64::MAX } else { b as u64 }
+    b as u64
 }
 
 /// Integer, logic and shuffle lane operations (no MXCSR).
@@ -783,8 +784,12 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
         }),
         M::Rcpss => ss(a, u64::from(approx(false, b0 as u32))),
         M::Rsqrtss => ss(a, u64::from(approx(true, b0 as u32))),
-        M::Cvtdq2ps => ps(0, b, |_, y| env.cvt_from_int::<S32>(i64::from(y as u32 as i32))),
-        M::Cvtps2dq | M::Cvttps2dq => ps(0, b, |_, y| env.cvt_to_int::<S32>(mn == M::Cvttps2dq, 32, y)),
+        M::Cvtdq2ps => ps(0, b, |_, y| {
+            env.cvt_from_int::<S32>(i64::from(y as u32 as i32))
+        }),
+        M::Cvtps2dq | M::Cvttps2dq => ps(0, b, |_, y| {
+            env.cvt_to_int::<S32>(mn == M::Cvttps2dq, 32, y)
+        }),
         M::Cvtdq2pd => {
             let x = u32s(b);
             let r0 = env.cvt_from_int::<S64>(i64::from(x[0] as i32));
@@ -830,6 +835,8 @@ fn check_align(i: &Instruction, a: u64) -> R<()> {
             | M::Movupd
             | M::Lddqu
             | M::Pcmpestri
+            | M::Pcmpestri64
+            | M::Pcmpestrm64
             | M::Pcmpestrm
             | M::Pcmpistri
             | M::Pcmpistrm
@@ -1351,8 +1358,9 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Maskmovdqu => {
-                let data = self.xrd(i, 1 + u32::from(i.op_count() > 2))?;
-                let mask = self.xrd(i, 2 + u32::from(i.op_count() > 2))?;
+                let n = i.op_count();
+                let data = self.xrd(i, n - 2)?;
+                let mask = self.xrd(i, n - 1)?;
                 self.masked_store(i, &u8s(data), &u8s(mask))
             }
             M::Ptest => {
@@ -1510,7 +1518,12 @@ impl Exec<'_> {
         };
         if matches!(
             mn,
-            M::Pcmpistri | M::Pcmpestri | M::Pcmpistrm | M::Pcmpestrm
+            M::Pcmpistri
+                | M::Pcmpestri
+                | M::Pcmpistrm
+                | M::Pcmpestrm
+                | M::Pcmpestri64
+                | M::Pcmpestrm64
         ) {
             let a = self.cpu.xmm[d];
             let b = self.xrd(i, 1)?;
@@ -1598,10 +1611,18 @@ impl Exec<'_> {
                 }
             }
         };
-        let explicit = matches!(mn, M::Pcmpestri | M::Pcmpestrm);
+        let explicit = matches!(
+            mn,
+            M::Pcmpestri | M::Pcmpestrm | M::Pcmpestri64 | M::Pcmpestrm64
+        );
+        let wide = matches!(mn, M::Pcmpestri64 | M::Pcmpestrm64);
         let len = |v: u128, reg: usize| -> usize {
             if explicit {
-                let l = self.cpu.gpr[reg] as i64;
+                let l = if wide {
+                    self.cpu.gpr[reg] as i64
+                } else {
+                    i64::from(self.cpu.gpr[reg] as i32)
+                };
                 (l.unsigned_abs() as usize).min(n)
             } else {
                 (0..n).find(|&k| elem(v, k) == 0).unwrap_or(n)
@@ -1660,7 +1681,7 @@ impl Exec<'_> {
             f |= OF;
         }
         self.set_flags(ARITH_FLAGS, f);
-        if matches!(mn, M::Pcmpistri | M::Pcmpestri) {
+        if matches!(mn, M::Pcmpistri | M::Pcmpestri | M::Pcmpestri64) {
             let idx = if res == 0 {
                 n as u32
             } else if imm & 0x40 != 0 {

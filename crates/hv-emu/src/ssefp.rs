@@ -102,6 +102,7 @@ pub(crate) trait Fmt {
     /// The x86 default NaN ("real indefinite"): negative, quiet, zero payload.
     const DEFAULT_NAN: u64 = Self::SIGN | Self::EXP | Self::QBIT;
     const MIN_NORMAL: u64 = 1 << Self::MANT;
+    const LARGEST: u64 = (Self::EXP - Self::MIN_NORMAL) | Self::FRAC;
     const MASK: u64 = if Self::BITS == 64 {
         u64::MAX
     } else {
@@ -207,7 +208,7 @@ impl Env {
 
     /// The rounded result `r` of an operation with status `st`; `wide` recomputes it with the
     /// same precision and unbounded exponent (for tininess after rounding).
-    fn result<T: Fmt>(&mut self, r: StatusAnd<T::F>, wide: impl FnOnce() -> T::W) -> u64 {
+    fn result<T: Fmt>(&mut self, r: StatusAnd<T::F>, wide: impl Fn() -> T::W) -> u64 {
         let st = r.status;
         let mut v = T::bits(r.value);
         if st.intersects(Status::INVALID_OP) {
@@ -217,11 +218,21 @@ impl Env {
         if st.intersects(Status::DIV_BY_ZERO) {
             self.flags |= ZE;
         }
-        if st.intersects(Status::OVERFLOW) {
+        let inexact = st.intersects(Status::INEXACT);
+        // APFloat reports no overflow when a directed mode rounds to the largest finite value;
+        // IEEE (and x86) do when the exponent-unbounded result is beyond it.
+        let overflow = st.intersects(Status::OVERFLOW)
+            || (inexact && v & !T::SIGN == T::LARGEST && {
+                let w = wide();
+                let max: T::W = T::F::largest().convert(&mut false).value;
+                w.abs() > max
+            });
+        if overflow {
             self.flags |= OE | PE;
         }
-        let inexact = st.intersects(Status::INEXACT);
-        let tiny = if st.intersects(Status::UNDERFLOW) || T::is_denormal(v) {
+        let tiny = if overflow {
+            false
+        } else if st.intersects(Status::UNDERFLOW) || T::is_denormal(v) {
             true
         } else if inexact && v & !T::SIGN == T::MIN_NORMAL {
             let w = wide();
@@ -251,14 +262,22 @@ impl Env {
         if let Some(n) = self.nan2::<T>(a, b) {
             return n;
         }
-        let (a, b) = (self.input::<T>(a), self.input::<T>(b));
+        // DE is not reported when the operation is invalid or divides by zero.
+        let den = self.mxcsr & DAZ == 0 && (T::is_denormal(a) || T::is_denormal(b));
+        let (a, b) = (self.input_quiet::<T>(a), self.input_quiet::<T>(b));
+        let saved = std::mem::take(&mut self.flags);
         let rnd = self.round();
         let (x, y) = (T::f(a), T::f(b));
         let r = apply(op, x, y, rnd);
-        self.result::<T>(r, || {
+        let v = self.result::<T>(r, || {
             let (wx, wy): (T::W, T::W) = (x.convert(&mut false).value, y.convert(&mut false).value);
             apply(op, wx, wy, rnd).value
-        })
+        });
+        if den && self.flags & (IE | ZE) == 0 {
+            self.flags |= DE;
+        }
+        self.flags |= saved;
+        v
     }
 
     /// MIN/MAX: the second source when either is NaN (IE) or both are zero.
@@ -341,13 +360,14 @@ impl Env {
             }
             return T::quiet(b) & T::MASK;
         }
+        if b & T::SIGN != 0 && !T::is_zero(self.input_quiet::<T>(b)) {
+            // Invalid; a negative denormal reports no DE.
+            self.flags |= IE;
+            return T::DEFAULT_NAN;
+        }
         let b = self.input::<T>(b);
         if T::is_zero(b) {
             return b;
-        }
-        if b & T::SIGN != 0 {
-            self.flags |= IE;
-            return T::DEFAULT_NAN;
         }
         if T::is_inf(b) {
             return b;
