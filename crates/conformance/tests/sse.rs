@@ -123,7 +123,10 @@ fn sse_differential() {
         report.known.len()
     );
     if let Some(d) = report.known.first() {
-        println!("NOTE: known PVM difference (not emu):\n{d}\n");
+        println!(
+            "NOTE: known PVM difference (not emu), block {}: {}",
+            d.block, d.what
+        );
     }
     for d in &report.divergences {
         println!("{d}\n");

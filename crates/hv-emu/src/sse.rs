@@ -748,13 +748,20 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
                     t[k] = env.arith::<S32>(Op::Mul, u64::from(x[k]), u64::from(y[k]));
                 }
             }
-            let s01 = env.arith::<S32>(Op::Add, t[0], t[1]);
-            let s23 = env.arith::<S32>(Op::Add, t[2], t[3]);
-            let s = env.arith::<S32>(Op::Add, s01, s23) as u32;
+            // The CPU sums per destination element, in an order that decides which NaN
+            // propagates: v[k] = t[k^1] + t[k], then w[k] = v[k] + v[k^2].
+            let mut v = [0u64; 4];
+            for k in 0..4 {
+                v[k] = env.arith::<S32>(Op::Add, t[k ^ 1], t[k]);
+            }
+            let mut w = [0u32; 4];
+            for k in 0..4 {
+                w[k] = env.arith::<S32>(Op::Add, v[k], v[k ^ 2]) as u32;
+            }
             let mut o = [0u32; 4];
             for k in 0..4 {
                 if imm & (1 << k) != 0 {
-                    o[k] = s;
+                    o[k] = w[k];
                 }
             }
             from_u32s(o)
@@ -767,11 +774,15 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
                     t[k] = env.arith::<S64>(Op::Mul, x[k], y[k]);
                 }
             }
-            let s = env.arith::<S64>(Op::Add, t[0], t[1]);
+            // Element k is t[k] + t[k^1] (the order decides which NaN propagates).
+            let w = [
+                env.arith::<S64>(Op::Add, t[0], t[1]),
+                env.arith::<S64>(Op::Add, t[1], t[0]),
+            ];
             let mut o = [0u64; 2];
             for k in 0..2 {
                 if imm & (1 << k) != 0 {
-                    o[k] = s;
+                    o[k] = w[k];
                 }
             }
             from_u64s(o)

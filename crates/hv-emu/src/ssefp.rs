@@ -24,6 +24,7 @@ pub(crate) const OE: u32 = 8;
 pub(crate) const UE: u32 = 16;
 pub(crate) const PE: u32 = 32;
 const DAZ: u32 = 1 << 6;
+const OM: u32 = 1 << 10;
 const UM: u32 = 1 << 11;
 const FTZ: u32 = 1 << 15;
 
@@ -207,8 +208,9 @@ impl Env {
     }
 
     /// The rounded result `r` of an operation with status `st`; `wide` recomputes it with the
-    /// same precision and unbounded exponent (for tininess after rounding).
-    fn result<T: Fmt>(&mut self, r: StatusAnd<T::F>, wide: impl Fn() -> T::W) -> u64 {
+    /// same precision and unbounded exponent (for tininess after rounding, overflow in the
+    /// directed modes, and PE of a trapping overflow/underflow).
+    fn result<T: Fmt>(&mut self, r: StatusAnd<T::F>, wide: impl Fn() -> StatusAnd<T::W>) -> u64 {
         let st = r.status;
         let mut v = T::bits(r.value);
         if st.intersects(Status::INVALID_OP) {
@@ -223,19 +225,19 @@ impl Env {
         // IEEE (and x86) do when the exponent-unbounded result is beyond it.
         let overflow = st.intersects(Status::OVERFLOW)
             || (inexact && v & !T::SIGN == T::LARGEST && {
-                let w = wide();
+                let w = wide().value;
                 let max: T::W = T::F::largest().convert(&mut false).value;
                 w.abs() > max
             });
         if overflow {
-            self.flags |= OE | PE;
+            self.flags |= OE;
         }
         let tiny = if overflow {
             false
         } else if st.intersects(Status::UNDERFLOW) || T::is_denormal(v) {
             true
         } else if inexact && v & !T::SIGN == T::MIN_NORMAL {
-            let w = wide();
+            let w = wide().value;
             let min: T::W = T::F::smallest_normalized().convert(&mut false).value;
             w.abs() < min
         } else {
@@ -251,6 +253,13 @@ impl Env {
                 self.flags |= UE;
             }
         }
+        // When it traps, PE tells whether the exponent-unbounded result is inexact.
+        let trapped = (overflow && self.mxcsr & OM == 0) || (tiny && self.mxcsr & UM == 0);
+        let inexact = if trapped {
+            wide().status.intersects(Status::INEXACT)
+        } else {
+            inexact
+        };
         if inexact {
             self.flags |= PE;
         }
@@ -271,7 +280,7 @@ impl Env {
         let r = apply(op, x, y, rnd);
         let v = self.result::<T>(r, || {
             let (wx, wy): (T::W, T::W) = (x.convert(&mut false).value, y.convert(&mut false).value);
-            apply(op, wx, wy, rnd).value
+            apply(op, wx, wy, rnd)
         });
         if den && self.flags & (IE | ZE) == 0 {
             self.flags |= DE;
@@ -284,7 +293,7 @@ impl Env {
     pub(crate) fn minmax<T: Fmt>(&mut self, max: bool, a: u64, b: u64) -> u64 {
         if T::is_nan(a) || T::is_nan(b) {
             self.flags |= IE;
-            return b & T::MASK;
+            return self.input_quiet::<T>(b);
         }
         let (a, b) = (self.input::<T>(a), self.input::<T>(b));
         if T::is_zero(a) && T::is_zero(b) {
@@ -487,6 +496,6 @@ impl Env {
         let rnd = self.round();
         let x = S64::f(b);
         let r: StatusAnd<Single> = x.convert_r(rnd, &mut false);
-        self.result::<S32>(r, || x.convert_r(rnd, &mut false).value)
+        self.result::<S32>(r, || x.convert_r(rnd, &mut false))
     }
 }
