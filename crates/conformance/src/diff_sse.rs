@@ -454,7 +454,7 @@ impl Runner {
         }
         st.regs.rip = CODE;
         st.regs.rflags = block.rflags;
-        st.fpu = block.fpu.clone();
+        st.fpu = block.fpu;
         if !block.osxmmexcpt {
             st.sregs.cr4 &= !(1 << 10);
         }
@@ -479,7 +479,7 @@ impl Runner {
             stop: o.stop,
             exception,
             regs,
-            fpu: o.state.fpu.clone(),
+            fpu: o.state.fpu,
             scratch: self.guest.read(SCRATCH, 4096)?,
             end,
         })
@@ -599,7 +599,7 @@ pub fn misaligned_16(i: &Instruction) -> bool {
     (0..i.op_count()).any(|n| i.op_kind(n) == iced_x86::OpKind::Memory)
         && i.memory_size().size() == 16
         && i.memory_base() == Register::R15
-        && i.memory_displacement64() % 16 != 0
+        && !i.memory_displacement64().is_multiple_of(16)
 }
 
 /// Runs `count` blocks from `seed` on both backends; at most `max_report` divergences.

@@ -749,10 +749,18 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
                 }
             }
             // The CPU sums per destination element, in an order that decides which NaN
-            // propagates: v[k] = t[k^1] + t[k], then w[k] = v[k] + v[k^2].
+            // propagates: v[k] = t[k^1] + t[k], then w[k] = v[k] + v[k^2]. Intermediate
+            // results are operands like any (DAZ, DE); an unmasked exception in a step ends
+            // the instruction there (#XM with that step's flags).
+            if env.trapping() {
+                return Some(0);
+            }
             let mut v = [0u64; 4];
             for k in 0..4 {
                 v[k] = env.arith::<S32>(Op::Add, t[k ^ 1], t[k]);
+            }
+            if env.trapping() {
+                return Some(0);
             }
             let mut w = [0u32; 4];
             for k in 0..4 {
@@ -774,7 +782,11 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
                     t[k] = env.arith::<S64>(Op::Mul, x[k], y[k]);
                 }
             }
-            // Element k is t[k] + t[k^1] (the order decides which NaN propagates).
+            // Element k is t[k] + t[k^1] (the order decides which NaN propagates); the sum
+            // is not done when the products raised an unmasked exception.
+            if env.trapping() {
+                return Some(0);
+            }
             let w = [
                 env.arith::<S64>(Op::Add, t[0], t[1]),
                 env.arith::<S64>(Op::Add, t[1], t[0]),

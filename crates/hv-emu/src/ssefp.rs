@@ -25,6 +25,7 @@ pub(crate) const UE: u32 = 16;
 pub(crate) const PE: u32 = 32;
 const DAZ: u32 = 1 << 6;
 const OM: u32 = 1 << 10;
+const PM: u32 = 1 << 12;
 const UM: u32 = 1 << 11;
 const FTZ: u32 = 1 << 15;
 
@@ -266,8 +267,17 @@ impl Env {
         v
     }
 
+    /// Whether an unmasked exception has been raised (a multi-step instruction such as DPPS
+    /// stops at the end of the step that raised it).
+    pub(crate) fn trapping(&self) -> bool {
+        self.flags & !(self.mxcsr >> 7) & 0x3f != 0
+    }
+
     /// `a op b` (ADD/SUB/MUL/DIV).
     pub(crate) fn arith<T: Fmt>(&mut self, op: Op, a: u64, b: u64) -> u64 {
+        if let Some(r) = fast_arith::<T>(self.mxcsr, op, a, b) {
+            return r;
+        }
         if let Some(n) = self.nan2::<T>(a, b) {
             return n;
         }
@@ -492,10 +502,68 @@ impl Env {
             let q = S64::quiet(b);
             return ((q >> 32) & S32::SIGN) | S32::EXP | ((q & S64::FRAC) >> 29);
         }
+        if S64::is_denormal(b) && self.mxcsr & (DAZ | UM) == 0 {
+            // A double denormal always gives a tiny single; with UM unmasked the CPU traps
+            // with DE and UE, and PE only when PE is unmasked too (measured on the host).
+            self.flags |= DE | UE;
+            if self.mxcsr & PM == 0 {
+                self.flags |= PE;
+            }
+            return (b & S64::SIGN) >> 32;
+        }
         let b = self.input::<S64>(b);
         let rnd = self.round();
         let x = S64::f(b);
         let r: StatusAnd<Single> = x.convert_r(rnd, &mut false);
         self.result::<S32>(r, || x.convert_r(rnd, &mut false))
     }
+}
+
+/// The host's arithmetic where it provably gives the same bits and flags: MXCSR at its default
+/// control (all masked, round to nearest, no DAZ/FTZ) with PE already set (sticky, so
+/// inexactness needs no report), both operands normal or zero, and a result that is zero or
+/// normal, finite and above the smallest normal (so no IE, DE, ZE, OE or UE can have
+/// occurred: those need a NaN, an infinity, a denormal operand, a zero divisor with an
+/// infinite result, or a result at the edge of or outside the normal range). IEEE round-to-nearest results are unique, so the bits are the same.
+fn fast_arith<T: Fmt>(mxcsr: u32, op: Op, a: u64, b: u64) -> Option<u64> {
+    if mxcsr & 0xffe0 != 0x1fa0 {
+        return None;
+    }
+    let plain = |x: u64| {
+        let e = x & T::EXP;
+        (e != 0 && e != T::EXP) || T::is_zero(x)
+    };
+    if !plain(a) || !plain(b) {
+        return None;
+    }
+    let r = if T::BITS == 32 {
+        let (x, y) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
+        let r = match op {
+            Op::Add => x + y,
+            Op::Sub => x - y,
+            Op::Mul => x * y,
+            Op::Div => x / y,
+        };
+        u64::from(r.to_bits())
+    } else {
+        let (x, y) = (f64::from_bits(a), f64::from_bits(b));
+        let r = match op {
+            Op::Add => x + y,
+            Op::Sub => x - y,
+            Op::Mul => x * y,
+            Op::Div => x / y,
+        };
+        r.to_bits()
+    };
+    // A zero result must be exact: only x - x style cancellations (not an underflow to 0,
+    // which is inexact and tiny) and products/quotients with a zero operand.
+    let zero_ok = T::is_zero(r)
+        && match op {
+            Op::Add | Op::Sub => true,
+            Op::Mul => T::is_zero(a) || T::is_zero(b),
+            Op::Div => T::is_zero(a) && !T::is_zero(b),
+        };
+    // The smallest normal may be a tiny result rounded up (UE after rounding): not here.
+    let edge = r & !T::SIGN & T::MASK == T::MIN_NORMAL;
+    (plain(r) && !edge && (!T::is_zero(r) || zero_ok)).then_some(r)
 }
