@@ -25,7 +25,6 @@ pub(crate) const UE: u32 = 16;
 pub(crate) const PE: u32 = 32;
 const DAZ: u32 = 1 << 6;
 const OM: u32 = 1 << 10;
-const PM: u32 = 1 << 12;
 const UM: u32 = 1 << 11;
 const FTZ: u32 = 1 << 15;
 
@@ -77,12 +76,13 @@ pub(crate) fn rc_round(rc: u32) -> Round {
     }
 }
 
-/// Single precision with the exponent range of double: the same rounding, no subnormals in
-/// reach, so "tiny after rounding" can be read off its result.
+/// Single precision with a 15-bit exponent: the same rounding, no subnormals in reach (not even
+/// for double denormal inputs of CVTSD2SS), so "tiny after rounding" and the exactness of the
+/// exponent-unbounded result can be read off its result.
 pub(crate) struct WideSingleS;
 impl Semantics for WideSingleS {
-    const BITS: usize = 35;
-    const EXP_BITS: usize = 11;
+    const BITS: usize = 39;
+    const EXP_BITS: usize = 15;
 }
 /// Double precision with a 15-bit exponent.
 pub(crate) struct WideDoubleS;
@@ -501,15 +501,6 @@ impl Env {
             }
             let q = S64::quiet(b);
             return ((q >> 32) & S32::SIGN) | S32::EXP | ((q & S64::FRAC) >> 29);
-        }
-        if S64::is_denormal(b) && self.mxcsr & (DAZ | UM) == 0 {
-            // A double denormal always gives a tiny single; with UM unmasked the CPU traps
-            // with DE and UE, and PE only when PE is unmasked too (measured on the host).
-            self.flags |= DE | UE;
-            if self.mxcsr & PM == 0 {
-                self.flags |= PE;
-            }
-            return (b & S64::SIGN) >> 32;
         }
         let b = self.input::<S64>(b);
         let rnd = self.round();

@@ -84,7 +84,9 @@ fn unsupported_instruction_is_an_error_with_bytes() {
     let err = emu.emulate_one(&mut st, &g.mem, &g.io).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!("unsupported instruction c8000001 at rip {CODE:#x}")),
+        msg.starts_with(&format!(
+            "unsupported instruction c8000001 at rip {CODE:#x}"
+        )),
         "{msg}"
     );
     let _ = g.mem.read_obj::<u8>(GuestAddress(CODE));
