@@ -335,3 +335,27 @@ fn sse_differential() {
     }
     assert_eq!(report.divergences.len(), 0);
 }
+
+/// The SSE comparison can fail: one changed XMM bit, MXCSR flag or x87 tag is reported.
+#[test]
+fn sse_differential_detects_a_difference() {
+    use conformance::diff_sse::{Runner, codes, compare, generate};
+    let codes = codes();
+    let block = generate(&codes, 1, 0, 4).unwrap();
+    let mut r = Runner::new(&emu()).unwrap();
+    let a = r.run(&block).unwrap();
+    let b = r.run(&block).unwrap();
+    assert_eq!(compare(&a, &b), None, "deterministic");
+    let mut c = b.clone();
+    c.fpu.xmm[5][3] ^= 0x10;
+    assert!(compare(&a, &c).is_some());
+    let mut c = b.clone();
+    c.fpu.mxcsr ^= 0x20;
+    assert!(compare(&a, &c).is_some());
+    let mut c = b.clone();
+    c.fpu.ftw ^= 1;
+    assert!(compare(&a, &c).is_some());
+    let mut c = b;
+    c.fpu.st[3][9] ^= 1;
+    assert!(compare(&a, &c).is_some());
+}
