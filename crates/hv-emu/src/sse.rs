@@ -1165,6 +1165,7 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Ldmxcsr => {
+                self.sse_enabled()?;
                 let v = self.rd(i, 0)? as u32;
                 if v & !0xffff != 0 {
                     return gp0();
@@ -1173,6 +1174,7 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Stmxcsr => {
+                self.sse_enabled()?;
                 let v = u64::from(self.cpu.mxcsr);
                 self.wr(i, 0, v)
             }

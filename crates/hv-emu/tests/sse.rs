@@ -780,6 +780,14 @@ fn emu_gating_and_control_bits() {
     assert_eq!(e, Some((6, 0)), "CR0.EM");
     let (_, e, _) = run_fp(|a| a.addps(xmm0, xmm1), |st| st.sregs.cr4 &= !(1 << 9));
     assert_eq!(e, Some((6, 0)), "CR4.OSFXSR");
+    let (_, e, _) = run_fp(
+        |a| {
+            a.mov(rdi, DATA)?;
+            a.stmxcsr(dword_ptr(rdi))
+        },
+        |st| st.sregs.cr0 |= 1 << 3,
+    );
+    assert_eq!(e, Some((7, 0)), "STMXCSR and CR0.TS");
 }
 
 /// RCPPS/RSQRTPS: within the architectural 1.5 * 2^-12 relative error, special values exact.
