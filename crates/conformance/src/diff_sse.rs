@@ -345,7 +345,7 @@ pub fn generate(codes: &[Code], seed: u64, n: u64, max_len: usize) -> Result<Blo
     // A pending unmasked x87 exception (ES, with B mirroring it as the CPU stores it).
     fpu.fsw = ((rng.below(8) as u16) << 11) | if rng.below(16) == 0 { 0x8081 } else { 0 };
     fpu.fcw = if fpu.fsw & 0x80 != 0 { 0x37e } else { 0x37f };
-    let masks = if rng.below(4) == 0 {
+    let masks = if rng.below(2) == 0 {
         (rng.below(64) as u32) << 7
     } else {
         0x1f80
