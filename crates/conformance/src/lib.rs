@@ -21,6 +21,7 @@
 
 pub mod diff;
 pub mod diff_ext;
+pub mod diff_sse;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};

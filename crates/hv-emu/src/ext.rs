@@ -22,10 +22,6 @@ use crate::mmu::Acc;
 
 /// CR4.FSGSBASE.
 pub const CR4_FSGSBASE: u64 = 1 << 16;
-/// CR4.OSFXSR.
-const CR4_OSFXSR: u64 = 1 << 9;
-/// CR0.EM.
-const CR0_EM: u64 = 1 << 2;
 /// CR4.TSD.
 const CR4_TSD: u64 = 1 << 2;
 
@@ -373,13 +369,6 @@ impl Exec<'_> {
     }
 
     /// SSE-form checks: CR0.EM or a clear CR4.OSFXSR make SSE instructions #UD.
-    fn sse_enabled(&self) -> R<()> {
-        if self.cpu.cr0 & CR0_EM != 0 || self.cpu.cr4 & CR4_OSFXSR == 0 {
-            return ud();
-        }
-        Ok(())
-    }
-
     /// The XMM register of operand 0.
     fn xmm_dst(&self, i: &Instruction) -> R<usize> {
         match i.op_kind(0) {

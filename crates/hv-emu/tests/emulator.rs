@@ -77,14 +77,16 @@ fn page_fault_reports_cr2() {
 
 #[test]
 fn unsupported_instruction_is_an_error_with_bytes() {
-    // MMX paddb mm0, mm1 (0f fc c1) is not implemented.
-    let mut g = long_mode_guest(&emu(), &[0x0f, 0xfc, 0xc1]);
+    // ENTER with a nesting level (c8 00 00 01) is not implemented.
+    let mut g = long_mode_guest(&emu(), &[0xc8, 0x00, 0x00, 0x01]);
     let mut st = state_at_code(&mut g);
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
     let err = emu.emulate_one(&mut st, &g.mem, &g.io).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!("unsupported instruction 0ffcc1 at rip {CODE:#x}")),
+        msg.starts_with(&format!(
+            "unsupported instruction c8000001 at rip {CODE:#x}"
+        )),
         "{msg}"
     );
     let _ = g.mem.read_obj::<u8>(GuestAddress(CODE));
