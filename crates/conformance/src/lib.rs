@@ -20,6 +20,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod diff;
+pub mod diff_avx;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -397,6 +398,11 @@ impl Guest {
     /// A VM with `mib` MiB of RAM on `hv` (portable CPU model, one vCPU), page tables, GDT, TSS
     /// and IDT in place and the vCPU in 64-bit mode at [`CODE`] (CPL 0, IF=0).
     pub fn new(hv: &dyn Hypervisor, mib: usize) -> Result<Guest> {
+        Guest::with_model(hv, mib, CpuModel::portable())
+    }
+
+    /// [`Guest::new`] with another CPU model.
+    pub fn with_model(hv: &dyn Hypervisor, mib: usize, cpu_model: CpuModel) -> Result<Guest> {
         let mem = Arc::new(
             hv::GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)]).map_err(mem_err)?,
         );
@@ -436,7 +442,7 @@ impl Guest {
         }
         let vm = hv.create_vm(hv::VmConfig {
             memory: mem.clone(),
-            cpu_model: CpuModel::portable(),
+            cpu_model,
             vcpus: 1,
             tsc_khz: None,
         })?;

@@ -481,8 +481,14 @@ impl Exec<'_> {
     /// Executes one decoded instruction. RIP already points past it.
     pub fn exec(&mut self, i: &Instruction) -> R<()> {
         if i.encoding() != iced_x86::EncodingKind::Legacy {
-            // VEX/EVEX/XOP/3DNow!: nothing of it is in any model we present.
-            return ud();
+            // VEX: AVX, AVX2, FMA, F16C (avx.rs); EVEX/XOP/3DNow!: in no model we present.
+            if i.encoding() != iced_x86::EncodingKind::VEX {
+                return ud();
+            }
+            if !crate::avx::gpr_vex(i.mnemonic()) {
+                return self.exec_vex(i);
+            }
+            // BMI1/BMI2 (VEX on general registers): the integer match below.
         }
         let mn = i.mnemonic();
         match mn {
@@ -1125,9 +1131,12 @@ impl Exec<'_> {
                 Ok(())
             }
             M::Movbe => ud(),
-            M::Rdrand | M::Rdseed | M::Rdtscp | M::Rdpid | M::Xgetbv | M::Xsetbv => ud(),
-            M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 | M::Xsaveopt | M::Xsaveopt64 => ud(),
-            M::Xsavec | M::Xsavec64 | M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
+            M::Rdrand | M::Rdseed | M::Rdtscp | M::Rdpid => ud(),
+            M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => {
+                self.exec_xsave(i)
+            }
+            M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64 => self.exec_xsave(i),
+            M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
             M::Monitor | M::Mwait | M::Monitorx | M::Mwaitx => ud(),
             // Features the portable model does not have (SMAP, PKU, CLWB, SERIALIZE, VMX/SVM):
             // #UD, as on a CPU without them. A guest that saw SMAP on another host gets #UD

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod clock;
+mod avx;
 mod cpu;
 mod decode;
 mod exec;
@@ -22,6 +23,7 @@ mod sse;
 mod string;
 mod system;
 mod vcpu;
+mod vfp;
 mod vm;
 
 use std::sync::Arc;
@@ -73,6 +75,11 @@ impl EmuHypervisor {
 /// Features of leaf 1 / 0x80000001 the emulator implements; a model asking for more is refused.
 fn supported(model: &CpuModel) -> Result<(), String> {
     use hv::cpu_model::feature::*;
+    // The x86-64-v3 portable model, whose families (AVX/AVX2/FMA/F16C/XSAVE in avx.rs, the
+    // scalar and crypto ones elsewhere) emu gates on the model's features.
+    if *model == CpuModel::portable_v3() {
+        return Ok(());
+    }
     let (ecx, edx) = model.leaf1_features();
     let ecx_ok = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
     let edx_ok = FPU

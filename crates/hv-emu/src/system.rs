@@ -82,6 +82,7 @@ impl Exec<'_> {
                     .vm
                     .model
                     .cpuid_value(self.cpu.id, self.vm.vcpu_count, f, idx);
+                let v = self.cpuid_dynamic(f, idx, v);
                 for (r, val) in [0usize, 3, 1, 2].iter().zip(v.iter()) {
                     self.cpu.gpr[*r] = u64::from(*val);
                 }
@@ -756,7 +757,12 @@ impl Exec<'_> {
     fn set_cr4(&mut self, v: u64) -> R<()> {
         // Bits of features the model does not have (VME..PCE allowed, OSFXSR, OSXMMEXCPT).
         const ALLOWED: u64 = 0x7ff | (1 << 9) | (1 << 10);
-        if v & !ALLOWED != 0 {
+        let osxsave = if self.has(hv::cpu_model::Feature::Xsave) {
+            crate::avx::CR4_OSXSAVE
+        } else {
+            0
+        };
+        if v & !(ALLOWED | osxsave) != 0 {
             return gp0();
         }
         if self.cpu.long_mode() && v & CR4_PAE == 0 {
