@@ -624,12 +624,20 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
                     0.0
                 };
             }
-            let s01 = env.add(t[0], t[1]);
-            let s23 = env.add(t[2], t[3]);
-            let s = env.add(s01, s23);
-            from_f32s(std::array::from_fn(|k| {
-                if imm & (1 << k) != 0 { s } else { 0.0 }
-            }))
+            // Only which NaN a sum returns depends on the order of its operands. The order
+            // here reproduces the host CPU (measured with tests/avx.rs's differential run): a
+            // butterfly, v[j] = t[j^1] + t[j], then element j = v[j] + v[j^2].
+            let mut v = [0f32; 4];
+            for j in 0..4 {
+                v[j] = env.add(t[j ^ 1], t[j]);
+            }
+            // The sums are computed (and raise their flags) whether written or not.
+            let mut o = [0f32; 4];
+            for j in 0..4 {
+                let sum = env.add(v[j], v[j ^ 2]);
+                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
+            }
+            from_f32s(o)
         }
         M::Dppd => {
             let (x, y) = (f64s(a), f64s(b));
@@ -641,10 +649,13 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
                     0.0
                 };
             }
-            let s = env.add(t[0], t[1]);
-            from_f64s(std::array::from_fn(|k| {
-                if imm & (1 << k) != 0 { s } else { 0.0 }
-            }))
+            // Element j adds its own product first (measured, as for DPPS).
+            let mut o = [0f64; 2];
+            for j in 0..2 {
+                let sum = env.add(t[j], t[j ^ 1]);
+                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
+            }
+            from_f64s(o)
         }
         M::Roundps | M::Roundpd | M::Roundss | M::Roundsd => {
             let m = if imm & 4 != 0 { rc } else { u32::from(imm & 3) };

@@ -70,6 +70,9 @@ pub trait Fl:
     fn sqrt_(self) -> Self;
     fn is_nan_(self) -> bool;
     fn is_inf(self) -> bool;
+    fn is_finite_(self) -> bool {
+        !self.is_inf() && !self.is_nan_()
+    }
     fn next_up_(self) -> Self;
     fn next_down_(self) -> Self;
     fn to_f64(self) -> f64;
@@ -183,6 +186,12 @@ impl Fl for f64 {
     }
 }
 
+/// 2^32 in the format.
+fn scale<F: Fl>() -> F {
+    let bias = (1u64 << (F::BITS - 2 - F::MANT)) - 1;
+    F::from_bits64((bias + 32) << F::MANT)
+}
+
 /// Sign of a value as -1, 0, 1 (for error terms; NaN never reaches here).
 fn sgn<F: Fl>(v: F) -> i32 {
     if v.is_zero() {
@@ -236,6 +245,20 @@ impl Env {
     /// current mode, and applies overflow, underflow and inexact rules. `ovf`: `r` is infinite
     /// although the exact result is finite.
     fn finish<F: Fl>(&mut self, r: F, e: i32, ovf: bool) -> F {
+        self.finish_u(r, e, ovf, &|| None)
+    }
+
+    /// Rounds in the current mode (see [`Env::finish`]); `unb` recomputes the operation scaled
+    /// by 2^32 (the result and its error's sign), which decides tininess for a result that
+    /// rounded to ±MIN_POSITIVE: x86 detects tininess after rounding to an unbounded
+    /// exponent.
+    fn finish_u<F: Fl>(
+        &mut self,
+        r: F,
+        e: i32,
+        ovf: bool,
+        unb: &dyn Fn() -> Option<(F, i32)>,
+    ) -> F {
         if ovf {
             self.flags |= OE | PE;
             let neg = r.neg_();
@@ -253,6 +276,7 @@ impl Env {
                 F::MAX
             };
         }
+        let rne = r;
         let mut r = r;
         if e != 0 {
             self.flags |= PE;
@@ -272,21 +296,48 @@ impl Env {
                 self.flags |= OE;
             }
             if r.is_zero() {
-                // A zero from a non-zero exact value has the exact value's sign.
-                r = F::signed_zero(e < 0);
+                // A zero from a non-zero exact value has the exact value's sign (that of the
+                // nearest result when it is not zero itself).
+                r = F::signed_zero(if rne.is_zero() { e < 0 } else { rne.neg_() });
             }
         }
-        let tiny = (r.is_zero() && e != 0) || r.is_denormal();
+        let mut tiny = (r.is_zero() && e != 0) || r.is_denormal();
+        if !tiny && e != 0 && r.bits() & !F::sign_bit() == 1 << F::MANT {
+            if let Some((su, eu)) = unb() {
+                let ru = self.directed(su, eu);
+                let threshold = 33u64 << F::MANT;
+                tiny = ru.bits() & !F::sign_bit() < threshold;
+            }
+        }
         if tiny {
-            if self.ftz() {
+            // Masked underflow is reported for inexact tiny results; unmasked, for every tiny
+            // result (which then faults without writing).
+            let um = self.mxcsr & (UE << 7) == 0;
+            if self.ftz() && !um {
                 self.flags |= UE | PE;
                 return F::signed_zero(r.neg_());
             }
-            if e != 0 {
+            if e != 0 || um {
                 self.flags |= UE;
             }
         }
         r
+    }
+
+    /// `r` (round-to-nearest, exact value on the side `e`) moved to the current mode.
+    fn directed<F: Fl>(&self, r: F, e: i32) -> F {
+        match self.rc {
+            1 if e < 0 => r.next_down_(),
+            2 if e > 0 => r.next_up_(),
+            3 if (e < 0 && !r.neg_() && !r.is_zero()) || (e > 0 && r.neg_() && !r.is_zero()) => {
+                if r.neg_() {
+                    r.next_up_()
+                } else {
+                    r.next_down_()
+                }
+            }
+            _ => r,
+        }
     }
 
     pub fn add<F: Fl>(&mut self, a: F, b: F) -> F {
@@ -363,7 +414,17 @@ impl Env {
         } else {
             sgn(err)
         };
-        self.finish(p, e, false)
+        self.finish_u(p, e, false, &|| {
+            let k = scale::<F>();
+            let (x, y) = if a.bits() & !F::sign_bit() <= b.bits() & !F::sign_bit() {
+                (a * k, b)
+            } else {
+                (a, b * k)
+            };
+            let p = x * y;
+            let err = x.fma(y, -p);
+            (!p.is_inf()).then(|| (p, if err.is_zero() { exact_mul_sign(x, y, p) } else { sgn(err) }))
+        })
     }
 
     pub fn div<F: Fl>(&mut self, a: F, b: F) -> F {
@@ -413,7 +474,11 @@ impl Env {
                 s
             }
         };
-        self.finish(q, e, false)
+        self.finish_u(q, e, false, &|| {
+            let x = a * scale::<F>();
+            let q = x / b;
+            (!q.is_inf()).then(|| (q, exact_div_sign(x, b, q)))
+        })
     }
 
     pub fn sqrt<F: Fl>(&mut self, a: F) -> F {
@@ -457,10 +522,8 @@ impl Env {
     fn fma_<F: Fl>(&mut self, a: F, b: F, c: F, order: [F; 3]) -> F {
         let (a, b, c) = (self.input(a), self.input(b), self.input(c));
         if a.is_nan_() || b.is_nan_() || c.is_nan_() {
+            // inf * 0 with a quiet NaN addend is not invalid (as on Intel CPUs).
             if a.is_snan() || b.is_snan() || c.is_snan() {
-                self.flags |= IE;
-            }
-            if (a.is_inf() && b.is_zero()) || (a.is_zero() && b.is_inf()) {
                 self.flags |= IE;
             }
             for v in order {
@@ -488,7 +551,18 @@ impl Env {
         }
         // The exact error's sign (a*b + c - r), from an exact fixed-point sum.
         let e = exact_fma_sign(a, b, c, r);
-        let mut out = self.finish(r, e, false);
+        let unb = || {
+            let k = scale::<F>();
+            let (x, y) = if a.bits() & !F::sign_bit() <= b.bits() & !F::sign_bit() {
+                (a * k, b)
+            } else {
+                (a, b * k)
+            };
+            let z = c * k;
+            let r = x.fma(y, z);
+            (r.is_finite_()).then(|| (r, exact_fma_sign(x, y, z, r)))
+        };
+        let mut out = self.finish_u(r, e, false, &unb);
         if r.is_zero() && e == 0 {
             // Exact zero: sign per IEEE (x + -x = +0 except when rounding down).
             let pneg = a.neg_() != b.neg_();
@@ -607,15 +681,21 @@ impl Env {
         if r.is_infinite() {
             return self.finish(r, 0, true);
         }
-        let diff = v - f64::from(r);
-        let e = if diff > 0.0 {
-            1
-        } else if diff < 0.0 {
-            -1
-        } else {
-            0
+        let sgn64 = |d: f64| {
+            if d > 0.0 {
+                1
+            } else if d < 0.0 {
+                -1
+            } else {
+                0
+            }
         };
-        self.finish(r, e, false)
+        let e = sgn64(v - f64::from(r));
+        self.finish_u(r, e, false, &|| {
+            let x = v * 2f64.powi(32);
+            let r = x as f32;
+            r.is_finite().then(|| (r, sgn64(x - f64::from(r))))
+        })
     }
 
     /// Single to double (cvtss2sd/cvtps2pd): exact.
@@ -651,6 +731,15 @@ impl Env {
             a
         });
         out
+    }
+
+    /// The denormal-operand check alone (DE unless an operand is a NaN).
+    pub fn touch<F: Fl>(&mut self, a: F, b: F) {
+        self.elem(&[a, b], |e| {
+            e.input(a);
+            e.input(b);
+            a
+        });
     }
 
     /// MIN/MAX: the second operand when either is NaN or both are zero (IE for any NaN).
