@@ -704,7 +704,16 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(hv: &dyn Hypervisor, privilege: Privilege) -> Result<Runner> {
-        let mut guest = Guest::new(hv, 2)?;
+        Runner::with_model(hv, privilege, hv::CpuModel::portable())
+    }
+
+    /// [`Runner::new`] with another CPU model.
+    pub fn with_model(
+        hv: &dyn Hypervisor,
+        privilege: Privilege,
+        model: hv::CpuModel,
+    ) -> Result<Runner> {
+        let mut guest = Guest::with_model(hv, 2, model)?;
         guest.timeout = std::time::Duration::from_secs(30);
         let mut base = guest.vcpu.state()?;
         match privilege {

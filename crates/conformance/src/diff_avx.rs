@@ -2,8 +2,8 @@
 //! CPL 3 on KVM (the host CPU executes them: the hardware is the oracle) and on emu with the
 //! `portable-v3` model, from the same initial YMM registers, MXCSR, GPRs and scratch page.
 //!
-//! Every VEX instruction form iced-x86 knows whose CPUID features are among AVX, AVX2, FMA and
-//! F16C and whose operands are vector/general registers, `[r15 + disp]` memory and imm8 is a
+//! Every VEX instruction form iced-x86 knows whose CPUID features are among AVX, AVX2, FMA,
+//! F16C, AES and PCLMULQDQ and whose operands are vector/general registers, `[r15 + disp]` memory and imm8 is a
 //! candidate, except: VLDMXCSR/VSTMXCSR (the harness uses them), VMASKMOVDQU (implicit RDI
 //! address), the gathers (VSIB addresses; covered by hv-emu's tests), and VRCPPS/VRSQRTPS and
 //! their scalar forms (approximations whose exact bits are implementation-specific: emu's differ
@@ -117,6 +117,8 @@ pub fn candidates() -> Vec<Code> {
                             | CpuidFeature::AVX2
                             | CpuidFeature::FMA
                             | CpuidFeature::F16C
+                            | CpuidFeature::AES
+                            | CpuidFeature::PCLMULQDQ
                     )
                 })
         })

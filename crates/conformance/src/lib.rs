@@ -21,6 +21,7 @@
 
 pub mod diff;
 pub mod diff_avx;
+pub mod diff_ext;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};

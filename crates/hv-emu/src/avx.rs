@@ -46,27 +46,6 @@ pub fn xcr0_supported(model: &CpuModel) -> u64 {
         })
 }
 
-/// VEX-encoded instructions on general registers (BMI1/BMI2): not vector instructions, they
-/// run in the integer path.
-pub fn gpr_vex(mn: M) -> bool {
-    matches!(
-        mn,
-        M::Andn
-            | M::Bextr
-            | M::Blsi
-            | M::Blsmsk
-            | M::Blsr
-            | M::Bzhi
-            | M::Mulx
-            | M::Pdep
-            | M::Pext
-            | M::Rorx
-            | M::Sarx
-            | M::Shlx
-            | M::Shrx
-    )
-}
-
 /// A 256-bit value: lanes 0 (bits 127:0) and 1 (bits 255:128).
 type Y = [u128; 2];
 
@@ -1668,6 +1647,28 @@ impl Exec<'_> {
                     self.cpu.ymm_hi[0] = 0;
                 }
                 Ok(())
+            }
+            M::Vaesenc | M::Vaesenclast | M::Vaesdec | M::Vaesdeclast | M::Vpclmulqdq => {
+                // VEX.128 only (the 256-bit forms are VAES/VPCLMULQDQ: #UD in vex_check).
+                let a = self.vrd(i, 1)?[0];
+                let b = self.vrd(i, 2)?[0];
+                let r = match mn {
+                    M::Vaesenc => crate::crypto::aesenc(a, b),
+                    M::Vaesenclast => crate::crypto::aesenclast(a, b),
+                    M::Vaesdec => crate::crypto::aesdec(a, b),
+                    M::Vaesdeclast => crate::crypto::aesdeclast(a, b),
+                    _ => crate::crypto::pclmulqdq(a, b, i.immediate8()),
+                };
+                self.vwr0(i, [r, 0], false)
+            }
+            M::Vaesimc | M::Vaeskeygenassist => {
+                let a = self.vrd(i, 1)?[0];
+                let r = if mn == M::Vaesimc {
+                    crate::crypto::aesimc(a)
+                } else {
+                    crate::crypto::aeskeygenassist(a, i.immediate8())
+                };
+                self.vwr0(i, [r, 0], false)
             }
             _ if Self::is_fma(mn) => self.fma(i, wide),
             _ => self.vex_lanes(i, wide),

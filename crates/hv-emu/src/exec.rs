@@ -481,14 +481,15 @@ impl Exec<'_> {
     /// Executes one decoded instruction. RIP already points past it.
     pub fn exec(&mut self, i: &Instruction) -> R<()> {
         if i.encoding() != iced_x86::EncodingKind::Legacy {
-            // VEX: AVX, AVX2, FMA, F16C (avx.rs); EVEX/XOP/3DNow!: in no model we present.
+            // VEX: BMI1/BMI2 on general registers (ext.rs); AVX, AVX2, FMA, F16C (avx.rs).
+            // EVEX/XOP/3DNow!: in no model we present.
             if i.encoding() != iced_x86::EncodingKind::VEX {
                 return ud();
             }
-            if !crate::avx::gpr_vex(i.mnemonic()) {
-                return self.exec_vex(i);
+            if let Some(r) = self.exec_vex_gpr(i) {
+                return r;
             }
-            // BMI1/BMI2 (VEX on general registers): the integer match below.
+            return self.exec_vex(i);
         }
         let mn = i.mnemonic();
         match mn {
@@ -1026,15 +1027,14 @@ impl Exec<'_> {
             M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => self.shift(i),
             M::Shld | M::Shrd => self.shld(i),
             M::Bt | M::Bts | M::Btr | M::Btc => self.bt(i),
-            M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
-                // The model has neither BMI1 nor ABM: F3-prefixed forms run as BSF/BSR.
+            M::Bsf | M::Bsr => {
                 let size = self.op_size(i, 0);
                 let v = self.rd(i, 1)? & mask(size);
                 if v == 0 {
                     self.cpu.rflags |= ZF;
                 } else {
                     self.cpu.rflags &= !ZF;
-                    let r = if matches!(mn, M::Bsf | M::Tzcnt) {
+                    let r = if mn == M::Bsf {
                         v.trailing_zeros()
                     } else {
                         63 - v.leading_zeros()
@@ -1118,9 +1118,7 @@ impl Exec<'_> {
             | M::Prefetcht0
             | M::Prefetcht1
             | M::Prefetcht2
-            | M::Prefetchw
-            | M::Clflush
-            | M::Clflushopt => Ok(()),
+            | M::Prefetchw => Ok(()),
             M::Ud0 | M::Ud1 | M::Ud2 => ud(),
             M::Xlatb => {
                 let off = self.cpu.gpr[3].wrapping_add(self.cpu.gpr[0] & 0xff);
@@ -1130,20 +1128,17 @@ impl Exec<'_> {
                 self.set_gpr_sized(0, 1, v);
                 Ok(())
             }
-            M::Movbe => ud(),
-            M::Rdrand | M::Rdseed | M::Rdtscp | M::Rdpid => ud(),
             M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => {
                 self.exec_xsave(i)
             }
             M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64 => self.exec_xsave(i),
             M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
             M::Monitor | M::Mwait | M::Monitorx | M::Mwaitx => ud(),
-            // Features the portable model does not have (SMAP, PKU, CLWB, SERIALIZE, VMX/SVM):
+            // Features the portable model does not have (SMAP, PKU, SERIALIZE, VMX/SVM):
             // #UD, as on a CPU without them. A guest that saw SMAP on another host gets #UD
             // here, like it would after migrating to such a CPU.
-            M::Clac | M::Stac | M::Rdpkru | M::Wrpkru | M::Clwb | M::Serialize => ud(),
+            M::Clac | M::Stac | M::Rdpkru | M::Wrpkru | M::Serialize => ud(),
             M::Vmcall | M::Vmmcall | M::Vmlaunch | M::Vmresume | M::Vmxoff | M::Vmrun => ud(),
-            M::Adcx | M::Adox | M::Andn | M::Bextr | M::Blsi | M::Blsmsk | M::Blsr => ud(),
             M::Movnti => {
                 let v = self.rd(i, 1)?;
                 self.wr(i, 0, v)
@@ -1174,7 +1169,11 @@ impl Exec<'_> {
             | M::Outsd => self.string(i),
             // String MOVSD/CMPSD (not the SSE scalar-double forms of the same mnemonic).
             M::Movsd | M::Cmpsd if is_string_op(i) => self.string(i),
-            _ => self.exec_system(i),
+            // Scalar and crypto extensions (ext.rs), then system instructions.
+            _ => match self.exec_ext(i) {
+                Some(r) => r,
+                None => self.exec_system(i),
+            },
         }
     }
 

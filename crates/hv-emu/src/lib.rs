@@ -14,8 +14,10 @@
 mod clock;
 mod avx;
 mod cpu;
+mod crypto;
 mod decode;
 mod exec;
+mod ext;
 mod fast;
 mod lapic;
 mod mmu;
@@ -29,6 +31,7 @@ mod vm;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use hv::cpu_model::Feature;
 use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmState};
 use vm_memory::GuestMemoryBackend as _;
 
@@ -43,6 +46,12 @@ pub fn instructions_decoded() -> u64 {
 /// Times emu vCPUs of this process handed user mode to a user-mode accelerator's runner.
 pub fn user_mode_runs() -> u64 {
     vcpu::USER_RUNS.load(Ordering::Relaxed)
+}
+
+/// Instructions emu does not implement that guests of this process executed: each raised #UD
+/// in its guest (and was logged, rate-limited) instead of ending the VM.
+pub fn unsupported_instructions() -> u64 {
+    vcpu::UNSUPPORTED.load(Ordering::Relaxed)
 }
 
 /// Instructions executed so far by all emu vCPUs in this process.
@@ -72,16 +81,47 @@ impl EmuHypervisor {
     }
 }
 
-/// Features of leaf 1 / 0x80000001 the emulator implements; a model asking for more is refused.
+/// The ISA features emu implements (each family gated on the model with `Exec::has`).
+const IMPLEMENTED: &[Feature] = {
+    use Feature::*;
+    &[
+        Fpu, Mmx, Fxsr, Sse, Sse2, Sse3, Ssse3, Sse41, Sse42, Popcnt, Cx16, Erms,
+        // ext.rs
+        Bmi1, Bmi2, Abm, Movbe, Adx, Rdrand, Rdseed, Rdtscp, Rdpid, Clflushopt, Clwb, Fsgsbase, Aes,
+        Pclmulqdq, Sha,
+        // avx.rs
+        Xsave, Xsaveopt, Xsavec, Xgetbv1, Avx, Avx2, Fma, F16c,
+    ]
+};
+
+/// The CPUID bits of register `reg` of leaf `function`.`index` that show implemented features.
+fn implemented_bits(function: u32, index: u32, reg: u8) -> u32 {
+    IMPLEMENTED
+        .iter()
+        .map(|f| f.bit())
+        .filter(|b| b.function == function && b.index == index && b.reg == reg)
+        .fold(0, |m, b| m | 1 << b.bit)
+}
+
+/// Features of leaf 1 / 7 / 0x80000001 the emulator implements; a model asking for more is
+/// refused.
 fn supported(model: &CpuModel) -> Result<(), String> {
     use hv::cpu_model::feature::*;
-    // The x86-64-v3 portable model, whose families (AVX/AVX2/FMA/F16C/XSAVE in avx.rs, the
-    // scalar and crypto ones elsewhere) emu gates on the model's features.
-    if *model == CpuModel::portable_v3() {
-        return Ok(());
+    let implemented: hv::cpu_model::FeatureSet = IMPLEMENTED.iter().copied().collect();
+    let missing = model.features().missing_from(implemented);
+    if !missing.is_empty() {
+        return Err(format!("emu does not implement {missing:?}"));
     }
     let (ecx, edx) = model.leaf1_features();
-    let ecx_ok = SSE3 | SSSE3 | CX16 | SSE4_1 | SSE4_2 | POPCNT | TSC_DEADLINE | HYPERVISOR;
+    let ecx_ok = SSE3
+        | SSSE3
+        | CX16
+        | SSE4_1
+        | SSE4_2
+        | POPCNT
+        | TSC_DEADLINE
+        | HYPERVISOR
+        | implemented_bits(1, 0, 2);
     let edx_ok = FPU
         | DE
         | PSE
@@ -116,13 +156,15 @@ fn supported(model: &CpuModel) -> Result<(), String> {
         ));
     }
     if let Some(e) = model.lookup(7, 0)
-        && (e.ebx != 0 || e.ecx != 0 || e.edx != 0)
+        && (e.ebx & !implemented_bits(7, 0, 1) != 0
+            || e.ecx & !implemented_bits(7, 0, 2) != 0
+            || e.edx & !implemented_bits(7, 0, 3) != 0)
     {
         return Err("emu does not implement CPUID.7 features".into());
     }
     if let Some(e) = model.lookup(0x8000_0001, 0) {
-        let ok_ecx = LAHF_LM;
-        let ok_edx = SYSCALL | NX | LM | (1 << 11);
+        let ok_ecx = LAHF_LM | implemented_bits(0x8000_0001, 0, 2);
+        let ok_edx = SYSCALL | NX | LM | (1 << 11) | implemented_bits(0x8000_0001, 0, 3);
         if e.ecx & !ok_ecx != 0 || e.edx & !(ok_edx | (edx_ok & 0x0183_f3ff)) != 0 {
             return Err("emu does not implement CPUID.80000001 features".into());
         }

@@ -204,7 +204,6 @@ impl Exec<'_> {
                 std::mem::swap(&mut self.cpu.seg[GS].base, &mut self.cpu.msr.kernel_gs_base);
                 Ok(())
             }
-            M::Rdfsbase | M::Rdgsbase | M::Wrfsbase | M::Wrgsbase => ud(),
             M::Syscall => self.syscall(),
             M::Sysret | M::Sysretq => self.sysret(i),
             M::Sysenter | M::Sysexit | M::Sysexitq => ud(),
@@ -757,12 +756,14 @@ impl Exec<'_> {
     fn set_cr4(&mut self, v: u64) -> R<()> {
         // Bits of features the model does not have (VME..PCE allowed, OSFXSR, OSXMMEXCPT).
         const ALLOWED: u64 = 0x7ff | (1 << 9) | (1 << 10);
-        let osxsave = if self.has(hv::cpu_model::Feature::Xsave) {
-            crate::avx::CR4_OSXSAVE
-        } else {
-            0
-        };
-        if v & !(ALLOWED | osxsave) != 0 {
+        let mut allowed = ALLOWED;
+        if self.has(hv::cpu_model::Feature::Fsgsbase) {
+            allowed |= crate::ext::CR4_FSGSBASE;
+        }
+        if self.has(hv::cpu_model::Feature::Xsave) {
+            allowed |= crate::avx::CR4_OSXSAVE;
+        }
+        if v & !allowed != 0 {
             return gp0();
         }
         if self.cpu.long_mode() && v & CR4_PAE == 0 {
@@ -805,12 +806,21 @@ impl Exec<'_> {
 
     // ---- MSRs and time ----
 
+    /// IA32_TSC_AUX exists when the model has RDTSCP or RDPID (which read it).
+    fn has_tsc_aux(&self) -> bool {
+        use hv::cpu_model::Feature;
+        self.has(Feature::Rdtscp) || self.has(Feature::Rdpid)
+    }
+
     pub fn guest_tsc(&self) -> u64 {
         let ns = self.vm.clock.host_ns();
         self.cpu.tsc_at(&self.vm.clock, ns)
     }
 
     pub fn rdmsr(&mut self, idx: u32) -> R<u64> {
+        if idx == msr::IA32_TSC_AUX && !self.has_tsc_aux() {
+            return gp0();
+        }
         if let Some(v) = self.cpu.msr_value(idx) {
             return Ok(v);
         }
@@ -883,6 +893,14 @@ impl Exec<'_> {
                     return gp0();
                 }
                 self.cpu.msr.pat = v;
+                Ok(())
+            }
+            msr::IA32_TSC_AUX => {
+                // Only with RDTSCP or RDPID; bits 63:32 are reserved.
+                if !self.has_tsc_aux() || v >> 32 != 0 {
+                    return gp0();
+                }
+                self.cpu.msr.tsc_aux = v;
                 Ok(())
             }
             msr::KVM_SYSTEM_TIME_NEW => {

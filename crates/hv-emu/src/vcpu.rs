@@ -19,6 +19,10 @@ use crate::vm::{VmShared, lock};
 /// Instructions executed by all emu vCPUs of this process (for MIPS measurements).
 pub static INSTRUCTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Instructions emu does not implement that guests of this process executed (each raised #UD
+/// in the guest).
+pub static UNSUPPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Runs of user-mode accelerator runners by all emu vCPUs of this process.
 pub static USER_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -392,7 +396,7 @@ impl Exec<'_> {
                     self.cpu.rip = op.insn.next_ip() & block.ip_mask;
                     n += 1;
                     if let Err(e) = (op.handler)(self, &op.insn) {
-                        self.fail(op.insn.ip(), op.insn.len(), e)?;
+                        self.fail(&op.insn, e)?;
                         break 'block;
                     }
                     if self.cpu.rip != op.follow || self.cpu.irq_check || self.cpu.code_written {
@@ -425,7 +429,6 @@ impl Exec<'_> {
     /// Executes one instruction (uncached), delivering the exception it raises.
     pub fn step(&mut self) -> R<()> {
         self.cpu.shadow = 0;
-        let rip = self.cpu.rip;
         let insn = match self.fetch() {
             Ok(i) => i,
             Err(Exc::Fault(v, c)) => return self.raise_event(v, c, Event::Exception),
@@ -434,20 +437,40 @@ impl Exec<'_> {
         self.cpu.rip = insn.next_ip() & self.ip_mask();
         match self.exec(&insn) {
             Ok(()) => Ok(()),
-            Err(e) => self.fail(rip, insn.len(), e),
+            Err(e) => self.fail(&insn, e),
         }
     }
 
-    /// An instruction at `rip` failed: restore RIP and deliver the fault, or report what
-    /// emu cannot do.
-    fn fail(&mut self, rip: u64, len: usize, e: Exc) -> R<()> {
+    /// Instruction `insn` failed: restore RIP and deliver the fault.
+    ///
+    /// An instruction emu does not implement (`Exc::Unhandled`) never ends the VM: it raises
+    /// #UD in the guest, as on a CPU without it (a user process gets SIGILL), with one
+    /// rate-limited log line and a count in [`UNSUPPORTED`]. Only `emulate_one`
+    /// (`deliver_exceptions` off) returns it as an error, so the KVM backend, whose CPU may
+    /// well have the instruction, does not inject a #UD the hardware would not raise.
+    fn fail(&mut self, insn: &iced_x86::Instruction, e: Exc) -> R<()> {
+        let rip = insn.ip();
         self.cpu.rip = rip;
         match e {
             Exc::Fault(v, c) => self.raise_event(v, c, Event::Exception),
-            Exc::Unhandled(msg) => Err(Exc::unhandled(format!(
-                "unsupported instruction {} at rip {rip:#x} ({msg})",
-                self.insn_hex(rip, len)
-            ))),
+            Exc::Unhandled(detail) => {
+                let mnemonic = format!("{:?}", insn.mnemonic());
+                let what = if *detail == mnemonic {
+                    mnemonic
+                } else {
+                    format!("{mnemonic}: {detail}")
+                };
+                let msg = format!(
+                    "unsupported instruction {} at rip {rip:#x} ({what})",
+                    self.insn_hex(rip, insn.len())
+                );
+                if !self.cpu.deliver_exceptions {
+                    return Err(Exc::unhandled(msg));
+                }
+                UNSUPPORTED.fetch_add(1, Ordering::Relaxed);
+                hv::rate_limited!(tracing::warn!("emu: vCPU {}: {msg}: #UD", self.cpu.id));
+                self.raise_event(6, None, Event::Exception)
+            }
             e => Err(e),
         }
     }

@@ -733,15 +733,6 @@ impl Env {
         out
     }
 
-    /// The denormal-operand check alone (DE unless an operand is a NaN).
-    pub fn touch<F: Fl>(&mut self, a: F, b: F) {
-        self.elem(&[a, b], |e| {
-            e.input(a);
-            e.input(b);
-            a
-        });
-    }
-
     /// MIN/MAX: the second operand when either is NaN or both are zero (IE for any NaN).
     pub fn minmax<F: Fl>(&mut self, a: F, b: F, max: bool) -> F {
         let (a, b) = self.cmp_inputs(a, b, true);

@@ -541,6 +541,9 @@ impl CpuModel {
             m.set_feature(f);
         }
         m.cpuid.sort_by_key(|e| (e.function, e.index));
+        // RDTSCP and RDPID read IA32_TSC_AUX: part of the vCPU state.
+        m.msrs.push(msr::IA32_TSC_AUX);
+        m.msrs.sort_unstable();
         m
     }
 

@@ -249,6 +249,11 @@ pub trait InstructionEmulator: Send + Sync {
     /// Executes exactly one instruction at `state.regs.rip` (fetched through the guest's page
     /// tables), updating `state` and memory, or delivering the exception the instruction raises
     /// as a pending event in `state.events`.
+    ///
+    /// An instruction the emulator's CPU model does not show raises #UD that way, like any
+    /// fault. One the emulator does not implement is `Err(Error::Unhandled)` naming its bytes,
+    /// RIP and mnemonic, with `state` unchanged: the caller's CPU may have it, so no #UD is made
+    /// up (the emu backend itself, running a whole guest, raises #UD in the guest instead).
     fn emulate_one(
         &self,
         state: &mut CpuState,

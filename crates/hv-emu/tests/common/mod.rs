@@ -101,6 +101,17 @@ pub fn guest_with(hv: &dyn Hypervisor, code: &[u8], vcpus: u32) -> Guest {
 
 /// Like [`guest_with`], with the VM's TSC frequency (`None`: the backend's choice).
 pub fn guest_with_tsc(hv: &dyn Hypervisor, code: &[u8], vcpus: u32, tsc_khz: Option<u32>) -> Guest {
+    guest_with_model(hv, code, vcpus, tsc_khz, hv::CpuModel::portable())
+}
+
+/// Like [`guest_with_tsc`], with the VM's CPU model.
+pub fn guest_with_model(
+    hv: &dyn Hypervisor,
+    code: &[u8],
+    vcpus: u32,
+    tsc_khz: Option<u32>,
+    cpu_model: hv::CpuModel,
+) -> Guest {
     let mem =
         Arc::new(hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory"));
     let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
@@ -150,7 +161,7 @@ pub fn guest_with_tsc(hv: &dyn Hypervisor, code: &[u8], vcpus: u32, tsc_khz: Opt
     let vm = hv
         .create_vm(VmConfig {
             memory: mem.clone(),
-            cpu_model: hv::CpuModel::portable(),
+            cpu_model,
             vcpus,
             tsc_khz,
         })
