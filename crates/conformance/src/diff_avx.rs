@@ -238,9 +238,7 @@ fn f64_value(rng: &mut Rng) -> u64 {
         0 => SPECIAL[rng.below(12) as usize],
         1 => (((rng.next_u64() as i64 % 2_000_000) - 1_000_000) as f64 / 16.0).to_bits(),
         2 => {
-            0x3fe0_0000_0000_0000
-                | (rng.next_u64() & 0x001f_ffff_ffff_ffff)
-                | (rng.below(2) << 63)
+            0x3fe0_0000_0000_0000 | (rng.next_u64() & 0x001f_ffff_ffff_ffff) | (rng.below(2) << 63)
         }
         _ => rng.next_u64(),
     }

@@ -42,7 +42,11 @@ fn avx_guest(hv: &dyn Hypervisor, code: &[u8]) -> Guest {
 fn run_to_end(g: &mut Guest, len: usize) -> Outcome {
     let o = g.go();
     let e = o.exception.expect("the program ends with ud2");
-    assert_eq!((e.vector, e.rip), (6, CODE + len as u64 - 2), "stopped early: {e:?}");
+    assert_eq!(
+        (e.vector, e.rip),
+        (6, CODE + len as u64 - 2),
+        "stopped early: {e:?}"
+    );
     o
 }
 
@@ -110,16 +114,28 @@ fn fma_and_f16c_results(hv: &dyn Hypervisor) {
     put_u32s(
         &g,
         DATA + 0x20,
-        &[x.to_bits(), 65520f32.to_bits(), (-2.5f32).to_bits(), 1e-9f32.to_bits()],
+        &[
+            x.to_bits(),
+            65520f32.to_bits(),
+            (-2.5f32).to_bits(),
+            1e-9f32.to_bits(),
+        ],
     );
     put_u32s(&g, DATA + 0x30, &[0x1f80 | (2 << 13)]);
     run_to_end(&mut g, code.len());
-    assert_eq!(f64::from_bits(g.read_u64(DATA + 0x40).unwrap()), -(2f64.powi(-60)));
+    assert_eq!(
+        f64::from_bits(g.read_u64(DATA + 0x40).unwrap()),
+        -(2f64.powi(-60))
+    );
     let r = u32s(&g, DATA + 0x50, 4);
     assert_eq!(r[0], (1.0f32 + 2f32.powi(-10)).to_bits());
     assert_eq!(r[1], f32::INFINITY.to_bits());
     assert_eq!(r[2], (-2.5f32).to_bits());
-    assert_eq!(r[3], 2f32.powi(-24).to_bits(), "tiny rounds up to the least subnormal half");
+    assert_eq!(
+        r[3],
+        2f32.powi(-24).to_bits(),
+        "tiny rounds up to the least subnormal half"
+    );
     // PE, OE and UE were raised (masked).
     assert_eq!(u32s(&g, DATA + 0x60, 1)[0] & 0x3f, 0x38);
 }
@@ -146,7 +162,11 @@ fn gather_fault_keeps_progress(hv: &dyn Hypervisor) {
     assert_eq!(xmm(0) as u32, 100);
     assert_eq!((xmm(0) >> 64) as u32, 102, "loaded before the fault");
     assert_eq!(xmm(2) as u64, 0, "mask elements 0, 1 cleared");
-    assert_eq!((xmm(2) >> 96) as u32, u32::MAX, "the faulting element's mask stays set");
+    assert_eq!(
+        (xmm(2) >> 96) as u32,
+        u32::MAX,
+        "the faulting element's mask stays set"
+    );
 }
 
 /// XSAVE's XSTATE_BV[2] follows whether an upper half is in use; YMM_Hi128 is at 576; XSAVEC
@@ -210,7 +230,11 @@ fn avx_differential() {
     for d in &report.divergences {
         println!("{d}\n");
     }
-    assert!(report.divergences.is_empty(), "{} divergences", report.divergences.len());
+    assert!(
+        report.divergences.is_empty(),
+        "{} divergences",
+        report.divergences.len()
+    );
 }
 
 /// The generator covers the families: AVX, AVX2, FMA and F16C forms are all candidates.

@@ -39,11 +39,9 @@ pub fn xcr0_supported(model: &CpuModel) -> u64 {
     if !model.has(Feature::Xsave) {
         return XCR0_X87 | XCR0_SSE;
     }
-    model
-        .lookup(0xd, 0)
-        .map_or(XCR0_X87 | XCR0_SSE, |e| {
-            u64::from(e.eax) | (u64::from(e.edx) << 32)
-        })
+    model.lookup(0xd, 0).map_or(XCR0_X87 | XCR0_SSE, |e| {
+        u64::from(e.eax) | (u64::from(e.edx) << 32)
+    })
 }
 
 /// A 256-bit value: lanes 0 (bits 127:0) and 1 (bits 255:128).
@@ -236,8 +234,8 @@ fn int_lane(mn: M, a: u128, b: u128, imm: u8) -> Option<u128> {
         M::Pmaddwd => {
             let (x, y) = (w16(a), w16(b));
             from32(std::array::from_fn(|k| {
-                (i16_(x[2 * k]) * i16_(y[2 * k])).wrapping_add(i16_(x[2 * k + 1]) * i16_(y[2 * k + 1]))
-                    as u32
+                (i16_(x[2 * k]) * i16_(y[2 * k]))
+                    .wrapping_add(i16_(x[2 * k + 1]) * i16_(y[2 * k + 1])) as u32
             }))
         }
         M::Pmaddubsw => {
@@ -277,9 +275,21 @@ fn int_lane(mn: M, a: u128, b: u128, imm: u8) -> Option<u128> {
         M::Pcmpeqd => map32(a, b, |x, y| if x == y { u32::MAX } else { 0 }),
         M::Pcmpeqq => map64(a, b, |x, y| if x == y { u64::MAX } else { 0 }),
         M::Pcmpgtb => map8(a, b, |x, y| if (x as i8) > (y as i8) { 0xff } else { 0 }),
-        M::Pcmpgtw => map16(a, b, |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 }),
-        M::Pcmpgtd => map32(a, b, |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 }),
-        M::Pcmpgtq => map64(a, b, |x, y| if (x as i64) > (y as i64) { u64::MAX } else { 0 }),
+        M::Pcmpgtw => map16(
+            a,
+            b,
+            |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 },
+        ),
+        M::Pcmpgtd => map32(
+            a,
+            b,
+            |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 },
+        ),
+        M::Pcmpgtq => map64(
+            a,
+            b,
+            |x, y| if (x as i64) > (y as i64) { u64::MAX } else { 0 },
+        ),
         M::Pand | M::Andps | M::Andpd => a & b,
         M::Pandn | M::Andnps | M::Andnpd => !a & b,
         M::Por | M::Orps | M::Orpd => a | b,
@@ -330,7 +340,9 @@ fn int_lane(mn: M, a: u128, b: u128, imm: u8) -> Option<u128> {
         }
         M::Pshufd | M::Vpermilps => {
             let x = d32(b);
-            from32(std::array::from_fn(|k| x[usize::from((imm >> (2 * k)) & 3)]))
+            from32(std::array::from_fn(|k| {
+                x[usize::from((imm >> (2 * k)) & 3)]
+            }))
         }
         M::Pshufhw => {
             let x = w16(b);
@@ -381,15 +393,21 @@ fn int_lane(mn: M, a: u128, b: u128, imm: u8) -> Option<u128> {
         }
         M::Pblendw => {
             let (x, y) = (w16(a), w16(b));
-            from16(std::array::from_fn(|k| if imm & (1 << k) != 0 { y[k] } else { x[k] }))
+            from16(std::array::from_fn(|k| {
+                if imm & (1 << k) != 0 { y[k] } else { x[k] }
+            }))
         }
         M::Blendps | M::Vpblendd => {
             let (x, y) = (d32(a), d32(b));
-            from32(std::array::from_fn(|k| if imm & (1 << k) != 0 { y[k] } else { x[k] }))
+            from32(std::array::from_fn(|k| {
+                if imm & (1 << k) != 0 { y[k] } else { x[k] }
+            }))
         }
         M::Blendpd => {
             let (x, y) = (q64(a), q64(b));
-            from64(std::array::from_fn(|k| if imm & (1 << k) != 0 { y[k] } else { x[k] }))
+            from64(std::array::from_fn(|k| {
+                if imm & (1 << k) != 0 { y[k] } else { x[k] }
+            }))
         }
         M::Phaddw | M::Phsubw | M::Phaddsw | M::Phsubsw => {
             let (x, y) = (w16(a), w16(b));
@@ -674,9 +692,9 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
             }
             from64(o)
         }
-        M::Cvtdq2ps => from_f32s(d32(b).map(|v| env.from_int::<f32>(i64::from(v as i32)))),
-        M::Cvtps2dq => from32(f32s(b).map(|v| env.to_int(v, 32, rc) as u32)),
-        M::Cvttps2dq => from32(f32s(b).map(|v| env.to_int(v, 32, 3) as u32)),
+        M::Cvtdq2ps => from_f32s(d32(b).map(|v| env.int_to_float::<f32>(i64::from(v as i32)))),
+        M::Cvtps2dq => from32(f32s(b).map(|v| env.float_to_int(v, 32, rc) as u32)),
+        M::Cvttps2dq => from32(f32s(b).map(|v| env.float_to_int(v, 32, 3) as u32)),
         M::Cvtdq2pd => {
             let x = d32(b);
             from_f64s([f64::from(x[0] as i32), f64::from(x[1] as i32)])
@@ -693,7 +711,8 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
         M::Cvtpd2dq | M::Cvttpd2dq => {
             let m = if mn == M::Cvtpd2dq { rc } else { 3 };
             let x = f64s(b);
-            u128::from(env.to_int(x[0], 32, m)) | (u128::from(env.to_int(x[1], 32, m)) << 32)
+            u128::from(env.float_to_int(x[0], 32, m))
+                | (u128::from(env.float_to_int(x[1], 32, m)) << 32)
         }
         M::Cvtss2sd => {
             let r = env.widen(f32::from_bits(b as u32));
@@ -854,7 +873,8 @@ impl Exec<'_> {
                 if a & 63 != 0 {
                     return gp0();
                 }
-                let rfbm = ((self.cpu.gpr[0] & 0xffff_ffff) | (self.cpu.gpr[2] << 32)) & self.cpu.xcr0;
+                let rfbm =
+                    ((self.cpu.gpr[0] & 0xffff_ffff) | (self.cpu.gpr[2] << 32)) & self.cpu.xcr0;
                 match mn {
                     M::Xrstor | M::Xrstor64 => self.xrstor(a, rfbm),
                     M::Xsavec | M::Xsavec64 => self.xsave(a, rfbm, 2),
@@ -1205,7 +1225,12 @@ impl Exec<'_> {
                 self.cpu.xmm = [0; 16];
                 Ok(())
             }
-            M::Vmovdqa | M::Vmovaps | M::Vmovapd | M::Vmovntdq | M::Vmovntps | M::Vmovntpd
+            M::Vmovdqa
+            | M::Vmovaps
+            | M::Vmovapd
+            | M::Vmovntdq
+            | M::Vmovntps
+            | M::Vmovntpd
             | M::Vmovntdqa => {
                 self.aligned(i)?;
                 let v = self.vrd(i, 1)?;
@@ -1362,8 +1387,14 @@ impl Exec<'_> {
                 self.set_flags(ARITH_FLAGS, f);
                 Ok(())
             }
-            M::Vbroadcastss | M::Vbroadcastsd | M::Vpbroadcastb | M::Vpbroadcastw
-            | M::Vpbroadcastd | M::Vpbroadcastq | M::Vbroadcastf128 | M::Vbroadcasti128 => {
+            M::Vbroadcastss
+            | M::Vbroadcastsd
+            | M::Vpbroadcastb
+            | M::Vpbroadcastw
+            | M::Vpbroadcastd
+            | M::Vpbroadcastq
+            | M::Vbroadcastf128
+            | M::Vbroadcasti128 => {
                 let s = self.vrd(i, 1)?[0];
                 let bits = match mn {
                     M::Vpbroadcastb => 8,
@@ -1372,7 +1403,11 @@ impl Exec<'_> {
                     M::Vbroadcastsd | M::Vpbroadcastq => 64,
                     _ => 128,
                 };
-                let e = if bits == 128 { s } else { s & ((1u128 << bits) - 1) };
+                let e = if bits == 128 {
+                    s
+                } else {
+                    s & ((1u128 << bits) - 1)
+                };
                 let mut lane = 0u128;
                 for k in 0..128 / bits {
                     lane |= e << (k * bits);
@@ -1423,7 +1458,12 @@ impl Exec<'_> {
             M::Vpermq | M::Vpermpd => {
                 let src = self.vrd(i, 1)?;
                 let imm = i.immediate8();
-                let s = [q64(src[0])[0], q64(src[0])[1], q64(src[1])[0], q64(src[1])[1]];
+                let s = [
+                    q64(src[0])[0],
+                    q64(src[0])[1],
+                    q64(src[1])[0],
+                    q64(src[1])[1],
+                ];
                 let o: [u64; 4] = std::array::from_fn(|k| s[usize::from((imm >> (2 * k)) & 3)]);
                 self.vwr0(i, [from64([o[0], o[1]]), from64([o[2], o[3]])], true)
             }
@@ -1478,9 +1518,18 @@ impl Exec<'_> {
                 }
                 self.vwr0(i, r, wide)
             }
-            M::Vpmovsxbw | M::Vpmovsxbd | M::Vpmovsxbq | M::Vpmovsxwd | M::Vpmovsxwq
-            | M::Vpmovsxdq | M::Vpmovzxbw | M::Vpmovzxbd | M::Vpmovzxbq | M::Vpmovzxwd
-            | M::Vpmovzxwq | M::Vpmovzxdq => {
+            M::Vpmovsxbw
+            | M::Vpmovsxbd
+            | M::Vpmovsxbq
+            | M::Vpmovsxwd
+            | M::Vpmovsxwq
+            | M::Vpmovsxdq
+            | M::Vpmovzxbw
+            | M::Vpmovzxbd
+            | M::Vpmovzxbq
+            | M::Vpmovzxwd
+            | M::Vpmovzxwq
+            | M::Vpmovzxdq => {
                 let s = self.vrd(i, 1)?[0];
                 let name = format!("{mn:?}");
                 let signed = name.starts_with("Vpmovsx");
@@ -1506,8 +1555,14 @@ impl Exec<'_> {
                 }
                 self.vwr0(i, r, wide)
             }
-            M::Vgatherdps | M::Vgatherqps | M::Vgatherdpd | M::Vgatherqpd | M::Vpgatherdd
-            | M::Vpgatherqd | M::Vpgatherdq | M::Vpgatherqq => self.gather(i),
+            M::Vgatherdps
+            | M::Vgatherqps
+            | M::Vgatherdpd
+            | M::Vgatherqpd
+            | M::Vpgatherdd
+            | M::Vpgatherqd
+            | M::Vpgatherdq
+            | M::Vpgatherqq => self.gather(i),
             M::Vcvtph2ps => {
                 let s = self.vrd(i, 1)?[0];
                 let mut env = Env::new(self.cpu.mxcsr);
@@ -1524,7 +1579,11 @@ impl Exec<'_> {
                 let s = self.vrd(i, 1)?;
                 let imm = i.immediate8();
                 let mut env = Env::new(self.cpu.mxcsr);
-                let rc = if imm & 4 != 0 { env.rc } else { u32::from(imm & 3) };
+                let rc = if imm & 4 != 0 {
+                    env.rc
+                } else {
+                    u32::from(imm & 3)
+                };
                 let n = if wide { 8 } else { 4 };
                 let mut r = 0u128;
                 for k in 0..n {
@@ -1561,9 +1620,9 @@ impl Exec<'_> {
                 let b = crate::exec::sx(self.vrd(i, 2)?[0] as u64, size) as i64;
                 let mut env = Env::new(self.cpu.mxcsr);
                 let r = if mn == M::Vcvtsi2ss {
-                    (a & !0xffff_ffff) | u128::from(env.from_int::<f32>(b).to_bits())
+                    (a & !0xffff_ffff) | u128::from(env.int_to_float::<f32>(b).to_bits())
                 } else {
-                    (a & !u128::from(u64::MAX)) | u128::from(env.from_int::<f64>(b).to_bits())
+                    (a & !u128::from(u64::MAX)) | u128::from(env.int_to_float::<f64>(b).to_bits())
                 };
                 self.fp_done(&env)?;
                 self.vwr0(i, [r, 0], false)
@@ -1578,9 +1637,9 @@ impl Exec<'_> {
                     env.rc
                 };
                 let v = if matches!(mn, M::Vcvtss2si | M::Vcvttss2si) {
-                    env.to_int(f32::from_bits(s as u32), bits, rc)
+                    env.float_to_int(f32::from_bits(s as u32), bits, rc)
                 } else {
-                    env.to_int(f64::from_bits(s as u64), bits, rc)
+                    env.float_to_int(f64::from_bits(s as u64), bits, rc)
                 };
                 self.fp_done(&env)?;
                 self.vwr0(i, [u128::from(v), 0], false)

@@ -497,7 +497,9 @@ impl Cpu {
     pub fn load_xsave_ext(&mut self, ext: &[u8]) {
         self.ymm_hi = [0; 16];
         let base = crate::avx::YMM_OFFSET - 512;
-        if ext.first().is_some_and(|b| u64::from(*b) & crate::avx::XCR0_AVX != 0)
+        if ext
+            .first()
+            .is_some_and(|b| u64::from(*b) & crate::avx::XCR0_AVX != 0)
             && self.xcr0 & crate::avx::XCR0_AVX != 0
         {
             for (k, v) in self.ymm_hi.iter_mut().enumerate() {

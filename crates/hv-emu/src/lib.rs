@@ -11,8 +11,8 @@
 //!   a neutral `CpuState`.
 #![forbid(unsafe_code)]
 
-mod clock;
 mod avx;
+mod clock;
 mod cpu;
 mod crypto;
 mod decode;
@@ -88,8 +88,7 @@ const IMPLEMENTED: &[Feature] = {
         Fpu, Mmx, Fxsr, Sse, Sse2, Sse3, Ssse3, Sse41, Sse42, Popcnt, Cx16, Erms,
         // ext.rs
         Bmi1, Bmi2, Abm, Movbe, Adx, Rdrand, Rdseed, Rdtscp, Rdpid, Clflushopt, Clwb, Fsgsbase, Aes,
-        Pclmulqdq, Sha,
-        // avx.rs
+        Pclmulqdq, Sha, // avx.rs
         Xsave, Xsaveopt, Xsavec, Xgetbv1, Avx, Avx2, Fma, F16c,
     ]
 };

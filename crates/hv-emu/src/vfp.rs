@@ -283,7 +283,9 @@ impl Env {
             r = match self.rc {
                 1 if e < 0 => r.next_down_(),
                 2 if e > 0 => r.next_up_(),
-                3 if (e < 0 && !r.neg_() && !r.is_zero()) || (e > 0 && r.neg_() && !r.is_zero()) => {
+                3 if (e < 0 && !r.neg_() && !r.is_zero())
+                    || (e > 0 && r.neg_() && !r.is_zero()) =>
+                {
                     if r.neg_() {
                         r.next_up_()
                     } else {
@@ -302,12 +304,14 @@ impl Env {
             }
         }
         let mut tiny = (r.is_zero() && e != 0) || r.is_denormal();
-        if !tiny && e != 0 && r.bits() & !F::sign_bit() == 1 << F::MANT {
-            if let Some((su, eu)) = unb() {
-                let ru = self.directed(su, eu);
-                let threshold = 33u64 << F::MANT;
-                tiny = ru.bits() & !F::sign_bit() < threshold;
-            }
+        if !tiny
+            && e != 0
+            && r.bits() & !F::sign_bit() == 1 << F::MANT
+            && let Some((su, eu)) = unb()
+        {
+            let ru = self.directed(su, eu);
+            let threshold = 33u64 << F::MANT;
+            tiny = ru.bits() & !F::sign_bit() < threshold;
         }
         if tiny {
             // Masked underflow is reported for inexact tiny results; unmasked, for every tiny
@@ -423,7 +427,16 @@ impl Env {
             };
             let p = x * y;
             let err = x.fma(y, -p);
-            (!p.is_inf()).then(|| (p, if err.is_zero() { exact_mul_sign(x, y, p) } else { sgn(err) }))
+            (!p.is_inf()).then(|| {
+                (
+                    p,
+                    if err.is_zero() {
+                        exact_mul_sign(x, y, p)
+                    } else {
+                        sgn(err)
+                    },
+                )
+            })
         })
     }
 
@@ -608,7 +621,7 @@ impl Env {
 
     /// Float to signed integer of `bits` (32 or 64) in mode `rc`; out of range or NaN gives
     /// the integer indefinite with IE.
-    pub fn to_int<F: Fl>(&mut self, v: F, bits: u32, rc: u32) -> u64 {
+    pub fn float_to_int<F: Fl>(&mut self, v: F, bits: u32, rc: u32) -> u64 {
         let indefinite = 1u64 << (bits - 1);
         if v.is_nan_() {
             self.flags |= IE;
@@ -630,12 +643,16 @@ impl Env {
         if r != x {
             self.flags |= PE;
         }
-        let m = if bits == 64 { u64::MAX } else { u64::from(u32::MAX) };
+        let m = if bits == 64 {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
         (r as i64 as u64) & m
     }
 
     /// Signed integer to float (correctly rounded on the host, then moved to `rc`).
-    pub fn from_int<F: Fl>(&mut self, v: i64) -> F {
+    pub fn int_to_float<F: Fl>(&mut self, v: i64) -> F {
         let r = if F::BITS == 32 {
             F::from_bits64(u64::from((v as f32).to_bits()))
         } else {
@@ -747,17 +764,14 @@ impl Env {
 /// sign(a*b - p) for the rounded product p, exactly.
 fn exact_mul_sign<F: Fl>(a: F, b: F, p: F) -> i32 {
     let sp = a.neg_() != b.neg_();
-    exact_sign(&[
-        signed_prod(a, b, sp),
-        signed_term(p, !p.neg_()),
-    ])
+    exact_sign(&[signed_prod(a, b, sp), signed_term(p, !p.neg_())])
 }
 
 /// sign(a/b - q) for the rounded quotient q, exactly: the sign of (a - q*b) / b.
 fn exact_div_sign<F: Fl>(a: F, b: F, q: F) -> i32 {
     let rem = exact_sign(&[
         signed_term(a, a.neg_()),
-        signed_prod(q, b, !(q.neg_() != b.neg_())),
+        signed_prod(q, b, q.neg_() == b.neg_()),
     ]);
     if b.neg_() { -rem } else { rem }
 }
@@ -804,7 +818,10 @@ fn exact_sign(terms: &[(bool, u128, i32)]) -> i32 {
         let (w, b) = (sh / 64, sh % 64);
         let lo = m << b;
         let mid = if b == 0 { 0 } else { m >> (128 - b) };
-        for (k, part) in [lo as u64, (lo >> 64) as u64, mid as u64].into_iter().enumerate() {
+        for (k, part) in [lo as u64, (lo >> 64) as u64, mid as u64]
+            .into_iter()
+            .enumerate()
+        {
             if let Some(x) = t.get_mut(w + k) {
                 *x = part;
             }
@@ -960,7 +977,9 @@ mod tests {
     fn operand(s: &mut u64) -> f32 {
         let r = rng(s);
         match r % 4 {
-            0 => f32::from_bits(0x3f00_0000 | (rng(s) as u32 & 0x00ff_ffff) | ((r as u32 >> 8) & 0x8000_0000)),
+            0 => f32::from_bits(
+                0x3f00_0000 | (rng(s) as u32 & 0x00ff_ffff) | ((r as u32 >> 8) & 0x8000_0000),
+            ),
             1 => ((rng(s) as i64 % 2000) - 1000) as f32 / 8.0,
             2 => f32::from_bits(rng(s) as u32 & 0x8fff_ffff),
             _ => f32::from_bits(rng(s) as u32),
@@ -985,8 +1004,14 @@ mod tests {
         let cands = [rne.next_down(), rne, rne.next_up()];
         match rc {
             0 => rne,
-            1 => cands.into_iter().filter(|x| above(*x, s, e) <= 0).fold(f32::NEG_INFINITY, f32::max),
-            2 => cands.into_iter().filter(|x| above(*x, s, e) >= 0).fold(f32::INFINITY, f32::min),
+            1 => cands
+                .into_iter()
+                .filter(|x| above(*x, s, e) <= 0)
+                .fold(f32::NEG_INFINITY, f32::max),
+            2 => cands
+                .into_iter()
+                .filter(|x| above(*x, s, e) >= 0)
+                .fold(f32::INFINITY, f32::min),
             _ => {
                 let neg = s + e < 0.0;
                 if neg {
@@ -1025,7 +1050,11 @@ mod tests {
                     "fma({a:e}, {b:e}, {c:e}) rc {rc}: {r:e} vs {want:e}"
                 );
                 let inexact = above(rne, s, e) != 0;
-                assert_eq!(env.flags & PE != 0, inexact, "PE of fma({a:e}, {b:e}, {c:e})");
+                assert_eq!(
+                    env.flags & PE != 0,
+                    inexact,
+                    "PE of fma({a:e}, {b:e}, {c:e})"
+                );
                 checked += 1;
             }
         }
@@ -1048,9 +1077,12 @@ mod tests {
                 };
                 let (sa, ea) = two_sum(f64::from(a), f64::from(b));
                 let (ss, es) = two_sum(f64::from(a), -f64::from(b));
-                let ops: [(f64, f64, f32, fn(&mut Env, f32, f32) -> f32); 3] = [
+                type Op = fn(&mut Env, f32, f32) -> f32;
+                let ops: [(f64, f64, f32, Op); 3] = [
                     (sa, ea, a + b, |e, x, y| e.add(x, y)),
-                    (f64::from(a) * f64::from(b), 0.0, a * b, |e, x, y| e.mul(x, y)),
+                    (f64::from(a) * f64::from(b), 0.0, a * b, |e, x, y| {
+                        e.mul(x, y)
+                    }),
                     (ss, es, a - b, |e, x, y| e.sub(x, y)),
                 ];
                 for (exact, err, rne, f) in ops {
@@ -1059,7 +1091,11 @@ mod tests {
                     }
                     let mut env = Env::new(0x1f80 | (rc << 13));
                     let r = f(&mut env, a, b);
-                    assert_eq!(r.to_bits(), round_ref(rne, exact, err, rc).to_bits(), "{a:e} {b:e} rc {rc}");
+                    assert_eq!(
+                        r.to_bits(),
+                        round_ref(rne, exact, err, rc).to_bits(),
+                        "{a:e} {b:e} rc {rc}"
+                    );
                 }
                 // Division: the f64 quotient is not exact; its residual tells the direction.
                 let q = a / b;
@@ -1068,7 +1104,11 @@ mod tests {
                     let r = env.div(a, b);
                     let qd = f64::from(a) / f64::from(b);
                     let res = (-qd).mul_add(f64::from(b), f64::from(a)) / f64::from(b);
-                    assert_eq!(r.to_bits(), round_ref(q, qd, res, rc).to_bits(), "{a:e}/{b:e} rc {rc}");
+                    assert_eq!(
+                        r.to_bits(),
+                        round_ref(q, qd, res, rc).to_bits(),
+                        "{a:e}/{b:e} rc {rc}"
+                    );
                 }
             }
         }

@@ -123,17 +123,41 @@ fn avx2_permutes_broadcasts_blends_and_variable_shifts() {
     put_u32s(&g, DATA, &[10, 11, 12, 13, 14, 15, 16, 17]);
     put_u32s(&g, DATA + 0x20, &[7, 6, 5, 4, 3, 2, 1, 40]);
     run_clean(&mut g);
-    assert_eq!(u32s(&g, DATA + 0x40, 8), vec![16, 17, 14, 15, 12, 13, 10, 11]);
-    assert_eq!(u32s(&g, DATA + 0x60, 8), vec![17, 16, 15, 14, 13, 12, 11, 10]);
+    assert_eq!(
+        u32s(&g, DATA + 0x40, 8),
+        vec![16, 17, 14, 15, 12, 13, 10, 11]
+    );
+    assert_eq!(
+        u32s(&g, DATA + 0x60, 8),
+        vec![17, 16, 15, 14, 13, 12, 11, 10]
+    );
     assert_eq!(u32s(&g, DATA + 0x80, 8), vec![11; 8]);
-    assert_eq!(u32s(&g, DATA + 0xa0, 8), vec![14, 15, 16, 17, 11, 11, 11, 11]);
-    assert_eq!(u32s(&g, DATA + 0xc0, 8), vec![10, 11, 12, 13, 11, 11, 11, 11]);
+    assert_eq!(
+        u32s(&g, DATA + 0xa0, 8),
+        vec![14, 15, 16, 17, 11, 11, 11, 11]
+    );
+    assert_eq!(
+        u32s(&g, DATA + 0xc0, 8),
+        vec![10, 11, 12, 13, 11, 11, 11, 11]
+    );
     assert_eq!(
         u32s(&g, DATA + 0xe0, 8),
-        vec![10 << 7, 11 << 6, 12 << 5, 13 << 4, 14 << 3, 15 << 2, 16 << 1, 0],
+        vec![
+            10 << 7,
+            11 << 6,
+            12 << 5,
+            13 << 4,
+            14 << 3,
+            15 << 2,
+            16 << 1,
+            0
+        ],
         "count 40 > 31 gives 0"
     );
-    assert_eq!(u32s(&g, DATA + 0x100, 8), vec![14, 15, 16, 17, 11, 11, 11, 11]);
+    assert_eq!(
+        u32s(&g, DATA + 0x100, 8),
+        vec![14, 15, 16, 17, 11, 11, 11, 11]
+    );
     let lo = u32s(&g, DATA + 0x120, 8);
     assert_eq!(lo[0], 0x0a0a);
     assert_eq!(lo[4], 0x0e0e, "the upper lane interleaves its own low half");
@@ -163,7 +187,11 @@ fn gather_fault_leaves_progress_and_mask_then_completes() {
     let xmm = |k: usize| u128::from_le_bytes(s.fpu.xmm[k]);
     let d = xmm(0);
     assert_eq!(d as u32, 100);
-    assert_eq!((d >> 64) as u32, 102, "elements before the fault are loaded");
+    assert_eq!(
+        (d >> 64) as u32,
+        102,
+        "elements before the fault are loaded"
+    );
     let m = xmm(2);
     assert_eq!(m as u64, 0, "mask elements 0 and 1 cleared");
     assert_eq!((m >> 64) as u32, 0, "mask element 2 cleared");
@@ -247,9 +275,16 @@ fn f16c_conversions_with_rounding_immediate() {
     put_u32s(
         &g,
         DATA,
-        &[1f32.to_bits(), x.to_bits(), 65520f32.to_bits(), (-2.5f32).to_bits()],
+        &[
+            1f32.to_bits(),
+            x.to_bits(),
+            65520f32.to_bits(),
+            (-2.5f32).to_bits(),
+        ],
     );
-    let halves: [u16; 8] = [0x3c00, 0xc000, 0x7c00, 0x0001, 0x7bff, 0x8000, 0x3555, 0xfe00];
+    let halves: [u16; 8] = [
+        0x3c00, 0xc000, 0x7c00, 0x0001, 0x7bff, 0x8000, 0x3555, 0xfe00,
+    ];
     let hb: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
     write_bytes(&g, DATA + 0x40, &hb);
     run_clean(&mut g);
@@ -296,11 +331,19 @@ fn vex_aes_and_pclmul_match_the_legacy_forms() {
         a.hlt()
     });
     let mut g = v3_guest(&code);
-    let b: Vec<u8> = (0..32u8).map(|k| k.wrapping_mul(37).wrapping_add(5)).collect();
+    let b: Vec<u8> = (0..32u8)
+        .map(|k| k.wrapping_mul(37).wrapping_add(5))
+        .collect();
     write_bytes(&g, DATA, &b);
     run_clean(&mut g);
-    assert_eq!(read_bytes(&g, DATA + 0x20, 16), read_bytes(&g, DATA + 0x30, 16));
-    assert_eq!(read_bytes(&g, DATA + 0x40, 16), read_bytes(&g, DATA + 0x50, 16));
+    assert_eq!(
+        read_bytes(&g, DATA + 0x20, 16),
+        read_bytes(&g, DATA + 0x30, 16)
+    );
+    assert_eq!(
+        read_bytes(&g, DATA + 0x40, 16),
+        read_bytes(&g, DATA + 0x50, 16)
+    );
     assert_ne!(read_bytes(&g, DATA + 0x20, 16), read_bytes(&g, DATA, 16));
 }
 
@@ -335,7 +378,11 @@ fn xsave_formats_and_xrstor() {
     assert_eq!(g.read_u64(0x30000 + 520), 0, "standard XCOMP_BV");
     // YMM7's upper half at 576 + 7*16.
     assert_eq!(u32s(&g, 0x30000 + 576 + 7 * 16, 4), vec![5, 6, 7, 8]);
-    assert_eq!(g.read_u64(0x31000 + 520), (1 << 63) | 7, "compacted XCOMP_BV");
+    assert_eq!(
+        g.read_u64(0x31000 + 520),
+        (1 << 63) | 7,
+        "compacted XCOMP_BV"
+    );
     assert_eq!(g.read_u64(0x31000 + 512) & 4, 4);
     assert_eq!(u32s(&g, 0x31000 + 576 + 7 * 16, 4), vec![5, 6, 7, 8]);
     assert_eq!(u32s(&g, DATA + 0x40, 8), vec![1, 2, 3, 4, 5, 6, 7, 8]);
@@ -361,12 +408,20 @@ fn xsaveopt_skips_initial_components() {
     g.write_u64(0x30000 + 512, 7);
     run_clean(&mut g);
     assert_eq!(g.read_u64(0x30000 + 512) & 4, 0, "AVX not in use");
-    assert_eq!(read_bytes(&g, 0x30000 + 576, 4), vec![0xaa; 4], "not written");
+    assert_eq!(
+        read_bytes(&g, 0x30000 + 576, 4),
+        vec![0xaa; 4],
+        "not written"
+    );
 }
 
 /// Runs `body` after enabling AVX (unless `enable` is false) and returns the recorded
 /// exception vector and error code.
-fn fault_of(model: CpuModel, enable: bool, body: impl Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Option<(u8, u64)> {
+fn fault_of(
+    model: CpuModel,
+    enable: bool,
+    body: impl Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+) -> Option<(u8, u64)> {
     let code = asm(|a| {
         if enable {
             enable_avx(a)?;
@@ -383,7 +438,10 @@ fn fault_of(model: CpuModel, enable: bool, body: impl Fn(&mut CodeAssembler) -> 
 fn ud_gp_nm_conditions() {
     let v3 = CpuModel::portable_v3;
     // VEX without CR4.OSXSAVE: #UD.
-    assert_eq!(fault_of(v3(), false, |a| a.vaddps(ymm0, ymm1, ymm2)), Some((6, 0)));
+    assert_eq!(
+        fault_of(v3(), false, |a| a.vaddps(ymm0, ymm1, ymm2)),
+        Some((6, 0))
+    );
     // XGETBV without CR4.OSXSAVE: #UD.
     assert_eq!(fault_of(v3(), false, |a| a.xgetbv()), Some((6, 0)));
     // The v2 model: CR4.OSXSAVE is reserved (#GP), VEX is #UD.
@@ -392,7 +450,10 @@ fn ud_gp_nm_conditions() {
         a.or(rax, 1 << 18)?;
         a.mov(cr4, rax)
     };
-    assert_eq!(fault_of(CpuModel::portable(), false, set_osxsave), Some((13, 0)));
+    assert_eq!(
+        fault_of(CpuModel::portable(), false, set_osxsave),
+        Some((13, 0))
+    );
     assert_eq!(
         fault_of(CpuModel::portable(), false, |a| a.vpaddd(xmm0, xmm1, xmm2)),
         Some((6, 0))
@@ -447,7 +508,10 @@ fn ud_gp_nm_conditions() {
         Some((7, 0))
     );
     // XSAVE to an area not 64-byte aligned: #GP. XRSTOR with a reserved header bit: #GP.
-    assert_eq!(fault_of(v3(), true, |a| a.xsave64(ptr(0x30010))), Some((13, 0)));
+    assert_eq!(
+        fault_of(v3(), true, |a| a.xsave64(ptr(0x30010))),
+        Some((13, 0))
+    );
     let code = asm(|a| {
         enable_avx(a)?;
         a.mov(eax, 7)?;
@@ -461,13 +525,22 @@ fn ud_gp_nm_conditions() {
     assert_eq!(g.exception(), Some((13, 0)));
     // VMOVAPS on a misaligned address: #GP; VMOVUPS: fine.
     assert_eq!(
-        fault_of(v3(), true, |a| a.vmovaps(ymm0, ymmword_ptr(DATA as i32 + 16))),
+        fault_of(v3(), true, |a| a
+            .vmovaps(ymm0, ymmword_ptr(DATA as i32 + 16))),
         Some((13, 0))
     );
-    assert_eq!(fault_of(v3(), true, |a| a.vmovups(ymm0, ymmword_ptr(DATA as i32 + 16))), None);
+    assert_eq!(
+        fault_of(v3(), true, |a| a
+            .vmovups(ymm0, ymmword_ptr(DATA as i32 + 16))),
+        None
+    );
     // Gather with the mask register equal to the destination: #UD.
     assert_eq!(
-        fault_of(v3(), true, |a| a.vgatherdps_3(ymm0, dword_ptr(rsi + ymm1 * 4), ymm0)),
+        fault_of(v3(), true, |a| a.vgatherdps_3(
+            ymm0,
+            dword_ptr(rsi + ymm1 * 4),
+            ymm0
+        )),
         Some((6, 0))
     );
 }
