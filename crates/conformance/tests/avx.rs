@@ -258,3 +258,17 @@ fn avx_candidates_cover_the_families() {
     }
     println!("{} instruction forms", codes.len());
 }
+
+/// The comparison sees a one-bit difference in a YMM register dumped by the epilogue.
+#[test]
+fn avx_comparison_detects_a_ymm_difference() {
+    let codes = diff_avx::candidates();
+    let b = diff_avx::generate(&codes, 1, 0, 4).unwrap();
+    let mut r = diff_avx::Runner::new(&conformance::emu()).unwrap();
+    let a = r.run(&b).unwrap();
+    let mut c = a.clone();
+    c.scratch[0xc00 + 5] ^= 1; // YMM0, byte 5
+    assert!(conformance::diff::compare(&b, &a, &a).is_none());
+    let (what, _, _) = conformance::diff::compare(&b, &a, &c).expect("difference found");
+    assert!(what.contains("0xc00"), "{what}");
+}
