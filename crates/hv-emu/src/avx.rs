@@ -1679,9 +1679,7 @@ impl Exec<'_> {
             | M::Vpcmpestri64
             | M::Vpcmpestrm64 => {
                 // The same operation as the legacy form (sse.rs), whose only register output
-                // other than ECX/flags is XMM0: run it, then zero YMM0's upper half. The legacy
-                // code reads the explicit lengths from all of RAX/RDX (the REX.W/VEX.W1
-                // forms); the W0 forms use EAX/EDX, so they run on sign-extended copies.
+                // other than ECX/flags is XMM0: run it, then zero YMM0's upper half.
                 let code = match mn {
                     M::Vpcmpistri => iced_x86::Code::Pcmpistri_xmm_xmmm128_imm8,
                     M::Vpcmpestri | M::Vpcmpestri64 => iced_x86::Code::Pcmpestri_xmm_xmmm128_imm8,
@@ -1690,14 +1688,26 @@ impl Exec<'_> {
                 };
                 let mut j = *i;
                 j.set_code(code);
+                // The explicit lengths (EAX/EDX, or RAX/RDX for VEX.W1) are reduced to their
+                // effective value |len| clamped to 16 before the legacy code reads them, so it
+                // sees the same small non-negative numbers whichever register width it reads.
                 let (rax, rdx) = (self.cpu.gpr[0], self.cpu.gpr[2]);
-                let narrow = matches!(mn, M::Vpcmpestri | M::Vpcmpestrm);
-                if narrow {
-                    self.cpu.gpr[0] = rax as i32 as i64 as u64;
-                    self.cpu.gpr[2] = rdx as i32 as i64 as u64;
+                let wide64 = matches!(mn, M::Vpcmpestri64 | M::Vpcmpestrm64);
+                let eff = |v: u64| -> u64 {
+                    let l = if wide64 {
+                        v as i64
+                    } else {
+                        i64::from(v as i32)
+                    };
+                    l.unsigned_abs().min(16)
+                };
+                let explicit = !matches!(mn, M::Vpcmpistri | M::Vpcmpistrm);
+                if explicit {
+                    self.cpu.gpr[0] = eff(rax);
+                    self.cpu.gpr[2] = eff(rdx);
                 }
                 let r = self.exec_fp(&j);
-                if narrow {
+                if explicit {
                     self.cpu.gpr[0] = rax;
                     self.cpu.gpr[2] = rdx;
                 }
