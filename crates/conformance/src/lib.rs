@@ -20,6 +20,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod diff;
+pub mod diff_avx;
 pub mod diff_ext;
 pub mod diff_sse;
 

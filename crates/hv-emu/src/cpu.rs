@@ -97,6 +97,9 @@ pub struct Cpu {
     pub mxcsr: u32,
     pub st: [[u8; 16]; 8],
     pub xmm: [u128; 16],
+    /// Bits 255:128 of YMM0-15 (`xmm` holds bits 127:0). Legacy SSE leaves them alone, VEX.128
+    /// writes zero them.
+    pub ymm_hi: [u128; 16],
     pub xcr0: u64,
     pub msr: Msrs,
     pub cpl: u8,
@@ -148,6 +151,7 @@ impl Cpu {
             mxcsr: 0x1f80,
             st: [[0; 16]; 8],
             xmm: [0; 16],
+            ymm_hi: [0; 16],
             xcr0: 1,
             msr: Msrs::default(),
             cpl: 0,
@@ -211,6 +215,7 @@ impl Cpu {
         self.ftw = 0;
         self.mxcsr = 0x1f80;
         self.xmm = [0; 16];
+        self.ymm_hi = [0; 16];
         self.st = [[0; 16]; 8];
         self.cpl = 0;
         self.shadow = 0;
@@ -322,6 +327,7 @@ impl Cpu {
             xmm,
         };
         s.xcr0 = self.xcr0;
+        s.xsave_ext = self.xsave_ext();
         for &index in msrs_in_model {
             let value = match index {
                 msr::IA32_TSC => tsc,
@@ -404,6 +410,7 @@ impl Cpu {
             *d = u128::from_le_bytes(*x);
         }
         self.xcr0 = s.xcr0;
+        self.load_xsave_ext(&s.xsave_ext);
         self.cpl = if self.protected() {
             if self.rflags & VM != 0 {
                 3
@@ -458,6 +465,50 @@ impl Cpu {
         self.st = f.st;
         for (d, x) in self.xmm.iter_mut().zip(f.xmm.iter()) {
             *d = u128::from_le_bytes(*x);
+        }
+        self.load_xsave_ext(&s.xsave_ext);
+    }
+
+    /// `CpuState::xsave_ext` for the components beyond x87/SSE that XCR0 enables, laid out as
+    /// hv-kvm lays it out: bytes 512.. of a standard-format XSAVE image (the 64-byte header with
+    /// XSTATE_BV, XCOMP_BV = 0, then YMM_Hi128 at image offset 576). XSTATE_BV's x87/SSE bits are
+    /// left clear (that state is in `fpu`); the AVX bit is set when an upper half is non-zero.
+    pub fn xsave_ext(&self) -> Vec<u8> {
+        if self.xcr0 & crate::avx::XCR0_AVX == 0 {
+            return Vec::new();
+        }
+        let mut ext = vec![0u8; crate::avx::YMM_OFFSET + 256 - 512];
+        let base = crate::avx::YMM_OFFSET - 512;
+        for (k, v) in self.ymm_hi.iter().enumerate() {
+            if let Some(d) = ext.get_mut(base + k * 16..base + k * 16 + 16) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        if self.ymm_hi.iter().any(|v| *v != 0)
+            && let Some(b) = ext.first_mut()
+        {
+            *b = crate::avx::XCR0_AVX as u8;
+        }
+        ext
+    }
+
+    /// Takes the YMM upper halves from a `CpuState::xsave_ext` (see [`Cpu::xsave_ext`]); a
+    /// component whose XSTATE_BV bit is clear, or that is absent, is in its initial state (0).
+    pub fn load_xsave_ext(&mut self, ext: &[u8]) {
+        self.ymm_hi = [0; 16];
+        let base = crate::avx::YMM_OFFSET - 512;
+        if ext
+            .first()
+            .is_some_and(|b| u64::from(*b) & crate::avx::XCR0_AVX != 0)
+            && self.xcr0 & crate::avx::XCR0_AVX != 0
+        {
+            for (k, v) in self.ymm_hi.iter_mut().enumerate() {
+                if let Some(b) = ext.get(base + k * 16..base + k * 16 + 16) {
+                    let mut w = [0u8; 16];
+                    w.copy_from_slice(b);
+                    *v = u128::from_le_bytes(w);
+                }
+            }
         }
     }
 

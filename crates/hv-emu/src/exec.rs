@@ -481,14 +481,15 @@ impl Exec<'_> {
     /// Executes one decoded instruction. RIP already points past it.
     pub fn exec(&mut self, i: &Instruction) -> R<()> {
         if i.encoding() != iced_x86::EncodingKind::Legacy {
-            // BMI1/BMI2: VEX-encoded general-register instructions (ext.rs).
-            if i.encoding() == iced_x86::EncodingKind::VEX
-                && let Some(r) = self.exec_vex_gpr(i)
-            {
+            // VEX: BMI1/BMI2 on general registers (ext.rs); AVX, AVX2, FMA, F16C (avx.rs).
+            // EVEX/XOP/3DNow!: in no model we present.
+            if i.encoding() != iced_x86::EncodingKind::VEX {
+                return ud();
+            }
+            if let Some(r) = self.exec_vex_gpr(i) {
                 return r;
             }
-            // VEX/EVEX/XOP/3DNow!: nothing of it is in any model we present.
-            return ud();
+            return self.exec_vex(i);
         }
         let mn = i.mnemonic();
         match mn {
@@ -1127,9 +1128,11 @@ impl Exec<'_> {
                 self.set_gpr_sized(0, 1, v);
                 Ok(())
             }
-            M::Xgetbv | M::Xsetbv => ud(),
-            M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 | M::Xsaveopt | M::Xsaveopt64 => ud(),
-            M::Xsavec | M::Xsavec64 | M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
+            M::Xgetbv | M::Xsetbv | M::Xsave | M::Xsave64 | M::Xrstor | M::Xrstor64 => {
+                self.exec_xsave(i)
+            }
+            M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64 => self.exec_xsave(i),
+            M::Xsaves | M::Xsaves64 | M::Xrstors | M::Xrstors64 => ud(),
             M::Monitor | M::Mwait | M::Monitorx | M::Mwaitx => ud(),
             // Features the portable model does not have (SMAP, PKU, SERIALIZE, VMX/SVM):
             // #UD, as on a CPU without them. A guest that saw SMAP on another host gets #UD

@@ -11,6 +11,7 @@
 //!   a neutral `CpuState`.
 #![forbid(unsafe_code)]
 
+mod avx;
 mod clock;
 mod cpu;
 mod crypto;
@@ -26,6 +27,7 @@ mod ssefp;
 mod string;
 mod system;
 mod vcpu;
+mod vfp;
 mod vm;
 
 use std::sync::Arc;

@@ -82,6 +82,7 @@ impl Exec<'_> {
                     .vm
                     .model
                     .cpuid_value(self.cpu.id, self.vm.vcpu_count, f, idx);
+                let v = self.cpuid_dynamic(f, idx, v);
                 for (r, val) in [0usize, 3, 1, 2].iter().zip(v.iter()) {
                     self.cpu.gpr[*r] = u64::from(*val);
                 }
@@ -758,6 +759,9 @@ impl Exec<'_> {
         let mut allowed = ALLOWED;
         if self.has(hv::cpu_model::Feature::Fsgsbase) {
             allowed |= crate::ext::CR4_FSGSBASE;
+        }
+        if self.has(hv::cpu_model::Feature::Xsave) {
+            allowed |= crate::avx::CR4_OSXSAVE;
         }
         if v & !allowed != 0 {
             return gp0();

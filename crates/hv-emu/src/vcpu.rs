@@ -543,7 +543,7 @@ impl hv::Vcpu for EmuVcpu {
 
     fn set_state(&mut self, s: &CpuState) -> hv::Result<()> {
         s.validate().map_err(hv::Error::InvalidState)?;
-        if s.xcr0 & !3 != 0 {
+        if s.xcr0 & !crate::avx::xcr0_supported(&self.shared.model) != 0 {
             return Err(hv::Error::InvalidState(format!(
                 "XCR0 {:#x} enables state this CPU model does not have",
                 s.xcr0
@@ -633,6 +633,10 @@ pub fn emulate_one(
     state.sregs.apic_base = apic_base;
     state.debug = new.debug;
     state.fpu = new.fpu;
+    state.xcr0 = new.xcr0;
+    if !new.xsave_ext.is_empty() || state.xcr0 & !3 == 0 {
+        state.xsave_ext = new.xsave_ext;
+    }
     for m in state.msrs.iter_mut() {
         if m.index != msr::IA32_TSC
             && m.index != msr::IA32_TSC_DEADLINE

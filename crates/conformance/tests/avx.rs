@@ -1,0 +1,274 @@
+//! AVX, AVX2, FMA, F16C and XSAVE at CPL 3 on emu (`portable-v3`) and KVM (the host CPU runs
+//! the code: the hardware is the oracle), and the AVX differential run.
+//!
+//! On KVM the guest keeps the portable model (this host's KVM cannot present XSAVE), but its
+//! user-mode code runs under the host's CR4.OSXSAVE and XCR0, so VEX and XSAVE execute natively.
+
+// A test crate: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use conformance::{CODE, DATA, Guest, Outcome, SMALL, conformance, diff_avx};
+use hv::{CpuModel, Hypervisor};
+use iced_x86::code_asm::*;
+
+conformance!(
+    upper_halves_and_vzeroupper,
+    fma_and_f16c_results,
+    gather_fault_keeps_progress,
+    xsave_header_tracks_avx_in_use,
+);
+
+/// A guest for `hv` with AVX usable at CPL 3 (on emu: `portable-v3`, CR4.OSXSAVE, XCR0 = 7),
+/// running `code` from [`CODE`] at CPL 3. The program ends with `ud2`.
+fn avx_guest(hv: &dyn Hypervisor, code: &[u8]) -> Guest {
+    let emu = hv.kind() == hv::BackendKind::Emu;
+    let model = if emu {
+        CpuModel::portable_v3()
+    } else {
+        CpuModel::portable()
+    };
+    let mut g = Guest::with_model(hv, conformance::DEFAULT_MIB, model).unwrap();
+    g.load_user(code).unwrap();
+    if emu {
+        let mut st = g.vcpu.state().unwrap();
+        st.sregs.cr4 |= 1 << 18;
+        st.xcr0 = 7;
+        st.xsave_ext = vec![0; 64 + 256];
+        g.vcpu.set_state(&st).unwrap();
+    }
+    g
+}
+
+/// Runs to the final `ud2` (at `CODE + len - 2`); panics on any other stop.
+fn run_to_end(g: &mut Guest, len: usize) -> Outcome {
+    let o = g.go();
+    let e = o.exception.expect("the program ends with ud2");
+    assert_eq!(
+        (e.vector, e.rip),
+        (6, CODE + len as u64 - 2),
+        "stopped early: {e:?}"
+    );
+    o
+}
+
+fn u32s(g: &Guest, addr: u64, n: usize) -> Vec<u32> {
+    g.read(addr, 4 * n)
+        .unwrap()
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn put_u32s(g: &Guest, addr: u64, v: &[u32]) {
+    let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    g.write(addr, &b).unwrap();
+}
+
+fn upper_halves_and_vzeroupper(hv: &dyn Hypervisor) {
+    let code = conformance::asm(|a| {
+        a.mov(rdi, DATA)?;
+        a.vmovdqu(ymm1, ymmword_ptr(rdi))?;
+        a.vmovdqu(ymm3, ymmword_ptr(rdi))?;
+        a.vmovdqu(ymm5, ymmword_ptr(rdi))?;
+        a.movaps(xmm1, xmm2)?;
+        a.vpaddd(xmm3, xmm3, xmm3)?;
+        a.vpermq(ymm6, ymm5, 0x1b)?;
+        a.vmovdqu(ymmword_ptr(rdi + 0x40), ymm1)?;
+        a.vmovdqu(ymmword_ptr(rdi + 0x60), ymm3)?;
+        a.vmovdqu(ymmword_ptr(rdi + 0xa0), ymm6)?;
+        a.vzeroupper()?;
+        a.vmovdqu(ymmword_ptr(rdi + 0x80), ymm5)?;
+        a.ud2()
+    });
+    let mut g = avx_guest(hv, &code);
+    put_u32s(&g, DATA, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    put_u32s(&g, DATA + 0x40, &[0xee; 24]);
+    run_to_end(&mut g, code.len());
+    assert_eq!(u32s(&g, DATA + 0x40, 8), vec![0, 0, 0, 0, 5, 6, 7, 8]);
+    assert_eq!(u32s(&g, DATA + 0x60, 8), vec![2, 4, 6, 8, 0, 0, 0, 0]);
+    assert_eq!(u32s(&g, DATA + 0x80, 8), vec![1, 2, 3, 4, 0, 0, 0, 0]);
+    assert_eq!(u32s(&g, DATA + 0xa0, 8), vec![7, 8, 5, 6, 3, 4, 1, 2]);
+}
+
+fn fma_and_f16c_results(hv: &dyn Hypervisor) {
+    let code = conformance::asm(|a| {
+        a.mov(rdi, DATA)?;
+        a.vmovsd(xmm0, qword_ptr(rdi))?;
+        a.vmovsd(xmm1, qword_ptr(rdi + 8))?;
+        a.vmovsd(xmm2, qword_ptr(rdi + 16))?;
+        a.vfmadd231sd(xmm2, xmm0, xmm1)?;
+        a.vmovsd(qword_ptr(rdi + 0x40), xmm2)?;
+        a.vldmxcsr(dword_ptr(rdi + 0x30))?;
+        a.vmovups(xmm3, xmmword_ptr(rdi + 0x20))?;
+        a.vcvtps2ph(qword_ptr(rdi + 0x48), xmm3, 4)?; // MXCSR rounding (up)
+        a.vcvtph2ps(xmm4, qword_ptr(rdi + 0x48))?;
+        a.vmovups(xmmword_ptr(rdi + 0x50), xmm4)?;
+        a.vstmxcsr(dword_ptr(rdi + 0x60))?;
+        a.ud2()
+    });
+    let mut g = avx_guest(hv, &code);
+    let e = 2f64.powi(-30);
+    for (k, v) in [1.0 + e, 1.0 - e, -1.0].iter().enumerate() {
+        g.write_u64(DATA + 8 * k as u64, v.to_bits()).unwrap();
+    }
+    let x = 1.0 + 2f32.powi(-11);
+    put_u32s(
+        &g,
+        DATA + 0x20,
+        &[
+            x.to_bits(),
+            65520f32.to_bits(),
+            (-2.5f32).to_bits(),
+            1e-9f32.to_bits(),
+        ],
+    );
+    put_u32s(&g, DATA + 0x30, &[0x1f80 | (2 << 13)]);
+    run_to_end(&mut g, code.len());
+    assert_eq!(
+        f64::from_bits(g.read_u64(DATA + 0x40).unwrap()),
+        -(2f64.powi(-60))
+    );
+    let r = u32s(&g, DATA + 0x50, 4);
+    assert_eq!(r[0], (1.0f32 + 2f32.powi(-10)).to_bits());
+    assert_eq!(r[1], f32::INFINITY.to_bits());
+    assert_eq!(r[2], (-2.5f32).to_bits());
+    assert_eq!(
+        r[3],
+        2f32.powi(-24).to_bits(),
+        "tiny rounds up to the least subnormal half"
+    );
+    // PE, OE and UE were raised (masked).
+    assert_eq!(u32s(&g, DATA + 0x60, 1)[0] & 0x3f, 0x38);
+}
+
+fn gather_fault_keeps_progress(hv: &dyn Hypervisor) {
+    let code = conformance::asm(|a| {
+        a.mov(rsi, SMALL)?;
+        a.mov(rdi, DATA)?;
+        a.vmovdqu(ymm1, ymmword_ptr(rdi))?;
+        a.vpcmpeqd(ymm2, ymm2, ymm2)?;
+        a.vpxor(ymm0, ymm0, ymm0)?;
+        a.vpgatherdd_3(ymm0, dword_ptr(rsi + ymm1 * 4), ymm2)?;
+        a.ud2()
+    });
+    let mut g = avx_guest(hv, &code);
+    g.map_small().unwrap();
+    put_u32s(&g, DATA, &[0, 1, 2, 1024, 4, 5, 6, 7]);
+    put_u32s(&g, SMALL, &[100, 101, 102, 103, 104, 105, 106, 107]);
+    g.write_u64(Guest::pte(SMALL + 0x1000), 0).unwrap();
+    let o = g.go();
+    let e = o.exception.expect("#PF");
+    assert_eq!((e.vector, e.cr2), (14, SMALL + 0x1000));
+    let xmm = |k: usize| u128::from_le_bytes(o.state.fpu.xmm[k]);
+    assert_eq!(xmm(0) as u32, 100);
+    assert_eq!((xmm(0) >> 64) as u32, 102, "loaded before the fault");
+    assert_eq!(xmm(2) as u64, 0, "mask elements 0, 1 cleared");
+    assert_eq!(
+        (xmm(2) >> 96) as u32,
+        u32::MAX,
+        "the faulting element's mask stays set"
+    );
+}
+
+/// XSAVE's XSTATE_BV[2] follows whether an upper half is in use; YMM_Hi128 is at 576; XSAVEC
+/// writes XCOMP_BV = RFBM | bit 63 and the compacted AVX area at 576 too.
+fn xsave_header_tracks_avx_in_use(hv: &dyn Hypervisor) {
+    const A1: i32 = 0x21000;
+    const A2: i32 = 0x22000;
+    const A3: i32 = 0x23000;
+    let code = conformance::asm(|a| {
+        a.vmovdqu(ymm7, ymmword_ptr(DATA as i32))?;
+        a.mov(eax, 4)?;
+        a.xor(edx, edx)?;
+        a.xsave64(ptr(A1))?;
+        a.xsavec64(ptr(A2))?;
+        a.vzeroupper()?;
+        a.xsave64(ptr(A3))?;
+        a.ud2()
+    });
+    let mut g = avx_guest(hv, &code);
+    put_u32s(&g, DATA, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    run_to_end(&mut g, code.len());
+    let q = |a: u64| g.read_u64(a).unwrap();
+    assert_eq!(q(0x21000 + 512), 4);
+    assert_eq!(u32s(&g, 0x21000 + 576 + 7 * 16, 4), vec![5, 6, 7, 8]);
+    assert_eq!(q(0x22000 + 512), 4);
+    assert_eq!(q(0x22000 + 520), (1 << 63) | 4);
+    assert_eq!(u32s(&g, 0x22000 + 576 + 7 * 16, 4), vec![5, 6, 7, 8]);
+    assert_eq!(q(0x23000 + 512), 0, "vzeroupper: AVX state initial");
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16),
+                None => v.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+        }
+        Err(_) => default,
+    }
+}
+
+/// `ANYVISOR_AVX_DIFF_BLOCKS` blocks (default 300) from `ANYVISOR_AVX_DIFF_SEED`.
+#[test]
+fn avx_differential() {
+    let seed = env_u64("ANYVISOR_AVX_DIFF_SEED", 0xa7c5);
+    let count = env_u64("ANYVISOR_AVX_DIFF_BLOCKS", 300);
+    let Some(report) = diff_avx::differential(seed, count) else {
+        return;
+    };
+    let report = report.expect("differential run");
+    println!(
+        "AVX differential: seed {seed:#x}: {} blocks ({} ran to their end), {} instructions, {} divergences",
+        report.blocks,
+        report.completed,
+        report.instructions,
+        report.divergences.len()
+    );
+    for d in &report.divergences {
+        println!("{d}\n");
+    }
+    assert!(
+        report.divergences.is_empty(),
+        "{} divergences",
+        report.divergences.len()
+    );
+}
+
+/// The generator covers the families: AVX, AVX2, FMA and F16C forms are all candidates.
+#[test]
+fn avx_candidates_cover_the_families() {
+    use iced_x86::Mnemonic as M;
+    let codes = diff_avx::candidates();
+    for m in [
+        M::Vaddps,
+        M::Vpaddb,
+        M::Vfmadd231ps,
+        M::Vcvtps2ph,
+        M::Vpermq,
+        M::Vpsllvd,
+        M::Vbroadcastss,
+        M::Vperm2f128,
+        M::Vmaskmovps,
+        M::Vpblendvb,
+    ] {
+        assert!(codes.iter().any(|c| c.mnemonic() == m), "{m:?}");
+    }
+    println!("{} instruction forms", codes.len());
+}
+
+/// The comparison sees a one-bit difference in a YMM register dumped by the epilogue.
+#[test]
+fn avx_comparison_detects_a_ymm_difference() {
+    let codes = diff_avx::candidates();
+    let b = diff_avx::generate(&codes, 1, 0, 4).unwrap();
+    let mut r = diff_avx::Runner::new(&conformance::emu()).unwrap();
+    let a = r.run(&b).unwrap();
+    let mut c = a.clone();
+    c.scratch[0xc00 + 5] ^= 1; // YMM0, byte 5
+    assert!(conformance::diff::compare(&b, &a, &a).is_none());
+    let (what, _, _) = conformance::diff::compare(&b, &a, &c).expect("difference found");
+    assert!(what.contains("0xc00"), "{what}");
+}
