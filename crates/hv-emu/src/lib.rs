@@ -23,6 +23,7 @@ mod string;
 mod system;
 mod vcpu;
 mod vm;
+mod x87;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
