@@ -1106,6 +1106,13 @@ impl Exec<'_> {
         // An invalid operation or a division by zero takes precedence over the denormal
         // operand exception.
         let fl = if fl & (IE | ZE) != 0 { fl & !DE } else { fl };
+        // A blocked operation (unmasked IE/DE/ZE) produced no result: no OE/UE/PE, and C1
+        // only for a stack fault.
+        let fl = if fl & (IE | DE | ZE) & !self.cpu.fcw != 0 {
+            fl & (IE | DE | ZE | SF | if fl & SF != 0 { C1 } else { 0 })
+        } else {
+            fl
+        };
         self.cpu.fsw = (self.cpu.fsw & !C1) | (fl & (0x7f | C1));
         self.summary();
     }
@@ -1171,10 +1178,34 @@ impl Exec<'_> {
 
     /// FDP as on CPUs with CPUID.7.EBX[6] (FDP_EXCPTN_ONLY, this host's class): updated only
     /// by an instruction with a memory operand that raised an unmasked exception.
+    /// FOP likewise (the last instruction with an unmasked exception): the low 3 bits of the
+    /// D8..DF opcode byte and the ModRM byte, read back from the code.
     fn note_dp(&mut self, i: &Instruction, fsw_before: u16) {
         let new = self.cpu.fsw & !fsw_before & !self.cpu.fcw & 0x3f;
-        if new != 0 && (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
+        if new == 0 {
+            return;
+        }
+        if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
             self.cpu.fdp = self.ea(i);
+        }
+        let at = self.seg_lin(Register::CS, i.ip());
+        let mut k = 0u64;
+        while k < 14 {
+            let Ok(b) = self.read_lin(at.wrapping_add(k), 1) else {
+                return;
+            };
+            let prefix = matches!(
+                b,
+                0x66 | 0x67 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 | 0xf0 | 0x9b
+            ) || (self.cpu.mode64() && (0x40..0x50).contains(&b));
+            if !prefix {
+                let Ok(modrm) = self.read_lin(at.wrapping_add(k + 1), 1) else {
+                    return;
+                };
+                self.cpu.fop = (((b & 7) << 8) | modrm) as u16;
+                return;
+            }
+            k += 1;
         }
     }
 
@@ -1316,7 +1347,8 @@ impl Exec<'_> {
                 if !self.empty(7) {
                     // Stack overflow: the source's own exceptions are not reported.
                     fl = 0;
-                } else if self.blocks(fl) {
+                } else if self.blocks(fl & !DE) {
+                    // An unmasked DE still loads (only an SNaN's IE blocks the load).
                     self.finish(fl);
                     return Ok(());
                 }
