@@ -467,7 +467,7 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
         let mut cw = 0x037fu16 & !0xf00;
         cw |= (rng.below(4) as u16) << 10;
         cw |= (rng.below(4) as u16) << 8;
-        if rng.below(12) == 0 {
+        if rng.below(6) == 0 {
             cw &= !(1u16 << rng.below(6));
         }
         let o = (CWS + 2 * k) as usize;

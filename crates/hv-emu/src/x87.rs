@@ -777,7 +777,7 @@ fn fcmp(a: F80, b: F80, quiet: bool, fl: &mut u16) -> Option<std::cmp::Ordering>
 }
 
 /// FPREM (`ieee` false) / FPREM1: (result, quotient low bits, incomplete).
-fn fprem(a: F80, b: F80, ieee: bool, fl: &mut u16) -> (F80, u64, bool) {
+fn fprem(a: F80, b: F80, ieee: bool, fcw: u16, fl: &mut u16) -> (F80, u64, bool) {
     if let Some(r) = check2(a, b, fl) {
         return (r, 0, false);
     }
@@ -792,9 +792,10 @@ fn fprem(a: F80, b: F80, ieee: bool, fl: &mut u16) -> (F80, u64, bool) {
     let (s, xa, ma) = a.unpack();
     let (_, xb, mb) = b.unpack();
     let d = xa - xb;
+    // The remainder is exact; only a tiny result with UE unmasked signals (re-biased).
     let env = Env {
         rc: RN,
-        fcw: 0x3f,
+        fcw,
         reg: true,
     };
     if d >= 64 {
@@ -1109,7 +1110,7 @@ impl Exec<'_> {
         // A blocked operation (unmasked IE/DE/ZE) produced no result: no OE/UE/PE, and C1
         // only for a stack fault.
         let fl = if fl & (IE | DE | ZE) & !self.cpu.fcw != 0 {
-            fl & (IE | DE | ZE | SF | if fl & SF != 0 { C1 } else { 0 })
+            (fl & (IE | DE | ZE | SF)) | if fl & SF != 0 { fl & C1 } else { 0 }
         } else {
             fl
         };
@@ -1337,8 +1338,12 @@ impl Exec<'_> {
                     self.reg_src(i.op_register(0), &mut fl)
                 };
                 if fl & SF != 0 {
-                    // Source underflow: the indefinite is pushed, C1 stays 0 even when the
-                    // push overflows too.
+                    // Source underflow: the indefinite is pushed (IE masked), C1 stays 0 even
+                    // when the push overflows too.
+                    if !self.im_masked() {
+                        self.finish(fl);
+                        return Ok(());
+                    }
                     let mut f2 = 0;
                     self.fpush(v, &mut f2);
                     self.finish(fl | (f2 & !C1));
@@ -1730,10 +1735,6 @@ impl Exec<'_> {
                 Some(Ordering::Greater) => 0,
             };
             self.set_flags(ARITH_FLAGS, f);
-            // FCOMI and friends write C1 only on a stack underflow (cleared).
-            if fl & SF == 0 {
-                fl |= self.cpu.fsw & C1;
-            }
         } else {
             let c = match ord {
                 None => C3 | C2 | C0,
@@ -1748,7 +1749,12 @@ impl Exec<'_> {
                 self.fpop();
             }
         }
+        let c1 = self.cpu.fsw & C1;
         self.finish(fl);
+        if fl & SF == 0 && matches!(mn, M::Fcomi | M::Fcomip | M::Fucomi | M::Fucomip) {
+            // FCOMI and friends write C1 only on a stack underflow (cleared).
+            self.cpu.fsw |= c1;
+        }
         Ok(())
     }
 
@@ -1849,7 +1855,7 @@ impl Exec<'_> {
                 self.finish(fl);
             }
             M::Fprem | M::Fprem1 => {
-                let (r, q, partial) = fprem(a, b, mn == M::Fprem1, &mut fl);
+                let (r, q, partial) = fprem(a, b, mn == M::Fprem1, self.cpu.fcw, &mut fl);
                 if self.blocks(fl) {
                     self.finish(fl);
                     return Ok(());
