@@ -286,7 +286,10 @@ fn round(s: bool, sig: u128, x: i32, f: Fmt, env: Env, fl: &mut u16) -> Option<R
         // Tininess after rounding with an unbounded exponent.
         let (q, _, _) = round_bits(sig, drop, s, env.rc);
         let tiny = !(be == 0 && q >> f.prec != 0);
-        if tiny && um {
+        // Unmasked underflow re-biases by 2^24576 when that brings the value into range
+        // (FSCALE can go beyond; it then gets the masked response, like the hardware).
+        let wrap = tiny && um && be + 24576 >= 1;
+        if wrap {
             if !env.reg {
                 *fl |= UE;
                 return None;
@@ -316,7 +319,7 @@ fn round(s: bool, sig: u128, x: i32, f: Fmt, env: Env, fl: &mut u16) -> Option<R
         be += 1;
     }
     if be > f.emax {
-        if om {
+        if om && (!env.reg || be - 24576 <= f.emax) {
             *fl |= OE;
             if !env.reg {
                 return None;
