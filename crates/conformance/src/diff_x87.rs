@@ -12,7 +12,7 @@
 //! FUCOM, FICOM, FCOMI, FUCOMI and their popping forms), FCMOVcc, stores (all formats, FBSTP,
 //! FISTTP), stack operations (FXCH, FFREE, FINCSTP, FDECSTP), FLDCW with random rounding and
 //! precision control and, rarely, unmasked exceptions (a pending one raises #MF, which ends
-//! the block on both backends), FNCLEX, FNSTENV/FLDENV.
+//! the block on both backends), FNCLEX, FNINIT, FNSTENV/FLDENV, FNSAVE/FRSTOR.
 //!
 //! Transcendentals (FSIN, FCOS, FSINCOS, FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1) run on inputs
 //! loaded from a separate table, and their results are stored at once into [`TRANS`] and popped,
@@ -39,6 +39,8 @@ const TIN: u64 = 0xb00;
 pub const TRANS: u64 = 0xc00;
 /// FNSTENV images.
 const ENVS: u64 = 0xd00;
+/// FNSAVE image (108 bytes).
+const SAVE: u64 = 0x700;
 /// FNSTSW trace, one word per item.
 const TRACE: u64 = 0xe00;
 /// Relative tolerance of transcendental results: 2^-TRANS_BITS.
@@ -136,10 +138,18 @@ const ARITH_REG: &[[Code; 3]] = &[
     // (st0, st(i)), (st(i), st0), (st(i), st0 popping)
     [Code::Fadd_st0_sti, Code::Fadd_sti_st0, Code::Faddp_sti_st0],
     [Code::Fsub_st0_sti, Code::Fsub_sti_st0, Code::Fsubp_sti_st0],
-    [Code::Fsubr_st0_sti, Code::Fsubr_sti_st0, Code::Fsubrp_sti_st0],
+    [
+        Code::Fsubr_st0_sti,
+        Code::Fsubr_sti_st0,
+        Code::Fsubrp_sti_st0,
+    ],
     [Code::Fmul_st0_sti, Code::Fmul_sti_st0, Code::Fmulp_sti_st0],
     [Code::Fdiv_st0_sti, Code::Fdiv_sti_st0, Code::Fdivp_sti_st0],
-    [Code::Fdivr_st0_sti, Code::Fdivr_sti_st0, Code::Fdivrp_sti_st0],
+    [
+        Code::Fdivr_st0_sti,
+        Code::Fdivr_sti_st0,
+        Code::Fdivrp_sti_st0,
+    ],
 ];
 
 const ARITH_MEM: &[[Code; 4]] = &[
@@ -354,8 +364,15 @@ fn generate_item(
             Code::Fldcw_m2byte,
             m(CWS + 2 * rng.below(16)),
         )?),
-        34 => match rng.below(3) {
+        34 => match rng.below(6) {
             0 => out.push(i(Code::Fnclex)),
+            1 => out.push(i(Code::Fninit)),
+            2 | 3 => {
+                // FNSAVE (which re-initialises), something on the fresh state, FRSTOR.
+                out.push(Instruction::with1(Code::Fnsave_m108byte, m(SAVE))?);
+                out.push(i(rng.pick(CONSTS)));
+                out.push(Instruction::with1(Code::Frstor_m108byte, m(SAVE))?);
+            }
             _ => {
                 let slot = ENVS + 32 * rng.below(4);
                 out.push(Instruction::with1(Code::Fnstenv_m28byte, m(slot))?);
@@ -408,7 +425,10 @@ fn generate_item(
             return Ok(());
         }
     }
-    out.push(Instruction::with1(Code::Fnstsw_m2byte, m(TRACE + 2 * (k & 127)))?);
+    out.push(Instruction::with1(
+        Code::Fnstsw_m2byte,
+        m(TRACE + 2 * (k & 127)),
+    )?);
     Ok(())
 }
 
@@ -476,8 +496,8 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
     for k in 0..8 {
         let mut v = rng.below(1_000_000_000_000_000_000);
         let mut b = [0u8; 10];
-        for j in 0..9 {
-            b[j] = ((v % 10) | ((v / 10 % 10) << 4)) as u8;
+        for byte in b.iter_mut().take(9) {
+            *byte = ((v % 10) | ((v / 10 % 10) << 4)) as u8;
             v /= 100;
         }
         if rng.below(2) == 0 {
@@ -511,7 +531,11 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
 /// and moderate (fine for FYL2X), or in [-8, 8) (FSIN/FCOS/FPTAN/FPATAN).
 fn trans_input(rng: &mut Rng, k: u64) -> (u16, u64) {
     let mm = rng.next_u64() | (1 << 63);
-    let s = if k % 3 == 0 { 0 } else { (rng.below(2) as u16) << 15 };
+    let s = if k.is_multiple_of(3) {
+        0
+    } else {
+        (rng.below(2) as u16) << 15
+    };
     let e = match k % 4 {
         0 => 16383 - 4 - rng.below(20) as u16,
         1 => 16383 + rng.below(3) as u16,
@@ -554,7 +578,10 @@ impl Block {
         for (k, i) in self.instructions.iter().enumerate() {
             let mut text = String::new();
             IntelFormatter::new().format(i, &mut text);
-            s.push_str(&format!("    {:#x}: {text}\n", CODE + self.offsets[k] as u64));
+            s.push_str(&format!(
+                "    {:#x}: {text}\n",
+                CODE + self.offsets[k] as u64
+            ));
         }
         s
     }
@@ -699,9 +726,24 @@ pub fn compare(a: &Outcome, b: &Outcome, loose: bool) -> Option<(String, String,
     for off in 0..4096usize {
         let t = off as u64;
         if (TRANS..TRANS + 0x100).contains(&t) {
-            if t % 16 == 0 && !trans_close(&a.scratch[off..off + 10], &b.scratch[off..off + 10]) {
+            if t.is_multiple_of(16)
+                && !trans_close(&a.scratch[off..off + 10], &b.scratch[off..off + 10])
+            {
                 return d(
                     &format!("transcendental result at scratch[{off:#x}]"),
+                    format!("{:02x?}", &a.scratch[off..off + 10]),
+                    format!("{:02x?}", &b.scratch[off..off + 10]),
+                );
+            }
+            continue;
+        }
+        // The registers in the FNSAVE image: the empty ones may hold popped transcendental
+        // results (the live ones are compared exactly after FRSTOR).
+        if (SAVE + 28..SAVE + 108).contains(&t) {
+            let slot = (t - SAVE - 28) % 10;
+            if slot == 0 && !trans_close(&a.scratch[off..off + 10], &b.scratch[off..off + 10]) {
+                return d(
+                    &format!("FNSAVE register at scratch[{off:#x}]"),
                     format!("{:02x?}", &a.scratch[off..off + 10]),
                     format!("{:02x?}", &b.scratch[off..off + 10]),
                 );

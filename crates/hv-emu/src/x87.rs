@@ -511,14 +511,7 @@ fn fmul(a: F80, b: F80, env: Env, prec: u32, fl: &mut u16) -> F80 {
     if ma == 0 || mb == 0 {
         return F80::zero(s);
     }
-    round80(
-        s,
-        u128::from(ma) * u128::from(mb),
-        xa + xb,
-        prec,
-        env,
-        fl,
-    )
+    round80(s, u128::from(ma) * u128::from(mb), xa + xb, prec, env, fl)
 }
 
 fn fdiv(a: F80, b: F80, env: Env, prec: u32, fl: &mut u16) -> F80 {
@@ -689,7 +682,10 @@ fn from_ieee(bits: u64, f: Fmt, fl: &mut u16) -> F80 {
         }
         let m = (1u64 << 63) | (frac << (64 - f.prec));
         // An SNaN stays signaling: FLD quiets it (IE), arithmetic propagates it.
-        return F80 { se: sgn | 0x7fff, m };
+        return F80 {
+            se: sgn | 0x7fff,
+            m,
+        };
     }
     if e == 0 {
         if frac == 0 {
@@ -898,7 +894,7 @@ fn f64_of(a: F80) -> f64 {
 /// sin/cos of an extended finite value with |x| < 2^63: reduction by pi/2 in double-double.
 fn sincos(a: F80) -> (f64, f64) {
     let (xh, xl) = to_dd(a);
-    const P1: f64 = 1.570_796_326_794_896_558;
+    const P1: f64 = std::f64::consts::FRAC_PI_2;
     const P2: f64 = 6.123_233_995_736_766e-17;
     const P3: f64 = -1.497_384_904_859_169_8e-33;
     let k = ((xh + xl) * std::f64::consts::FRAC_2_PI).round();
@@ -1274,12 +1270,7 @@ impl Exec<'_> {
             // FNOP changes nothing (C1 included), but it is a non-control instruction (FIP).
             M::Wait | M::Fnop | M::Fneni | M::Fndisi | M::Fnsetpm => Ok(()),
             M::Fninit => {
-                self.cpu.fcw = 0x37f;
-                self.cpu.fsw = 0;
-                self.cpu.ftw = 0;
-                self.cpu.fop = 0;
-                self.cpu.fip = 0;
-                self.cpu.fdp = 0;
+                self.reinit();
                 Ok(())
             }
             M::Fnclex => {
@@ -1654,7 +1645,10 @@ impl Exec<'_> {
             Src::Val(v) => v,
         };
         let a = self.get(dst);
-        let pop = matches!(mn, M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp);
+        let pop = matches!(
+            mn,
+            M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
+        );
         let r = if under {
             fl = IE | SF;
             F80::INDEFINITE
@@ -1703,8 +1697,7 @@ impl Exec<'_> {
                 let mut lfl = 0;
                 let v = self.load_mem(i, &mut lfl)?;
                 let a = self.get(0);
-                if !self.empty(0) && !a.is_nan() && !v.is_nan() && a.class() != Class::Unsupported
-                {
+                if !self.empty(0) && !a.is_nan() && !v.is_nan() && a.class() != Class::Unsupported {
                     fl |= lfl;
                 }
                 (v, false)
@@ -2111,12 +2104,7 @@ impl Exec<'_> {
                         let v = self.get(k);
                         self.write80(a.wrapping_add(env_len + 10 * k as u64), v)?;
                     }
-                    self.cpu.fcw = 0x37f;
-                    self.cpu.fsw = 0;
-                    self.cpu.ftw = 0;
-                    self.cpu.fop = 0;
-                    self.cpu.fip = 0;
-                    self.cpu.fdp = 0;
+                    self.reinit();
                 } else {
                     self.cpu.fcw |= 0x3f;
                     self.summary();
@@ -2166,6 +2154,10 @@ impl Exec<'_> {
                         *r = self.read80(a.wrapping_add(env_len + 10 * k as u64))?;
                     }
                 }
+                // The registers stay where they are physically: re-align the ST-relative
+                // array with the new TOP (FRSTOR then loads them in ST order).
+                let shift = usize::from(((fsw >> 11) & 7).wrapping_sub(self.top()) & 7);
+                self.cpu.st.rotate_left(shift);
                 self.cpu.fcw = fcw | 0x40;
                 self.cpu.fsw = fsw;
                 self.cpu.fip = fip;
@@ -2189,6 +2181,19 @@ impl Exec<'_> {
         }
     }
 
+    /// FNINIT: TOP becomes 0 (the register contents stay in their physical registers, so the
+    /// ST-relative array turns with it), all tags empty, default control word.
+    fn reinit(&mut self) {
+        let top = usize::from(self.top());
+        self.cpu.st.rotate_right(top);
+        self.cpu.fcw = 0x37f;
+        self.cpu.fsw = 0;
+        self.cpu.ftw = 0;
+        self.cpu.fop = 0;
+        self.cpu.fip = 0;
+        self.cpu.fdp = 0;
+    }
+
     /// The full 16-bit tag word.
     fn full_tag(&self) -> u16 {
         let top = usize::from(self.top());
@@ -2208,7 +2213,10 @@ impl Exec<'_> {
 /// A pseudo-denormal (exponent 0, integer bit set) as the normal value it stands for.
 fn canon(v: F80) -> F80 {
     if v.exp() == 0 && v.m >> 63 != 0 {
-        F80 { se: v.se + 1, m: v.m }
+        F80 {
+            se: v.se + 1,
+            m: v.m,
+        }
     } else {
         v
     }
@@ -2269,7 +2277,17 @@ fn fpatan(y: F80, x: F80, pi: F80, fl: &mut u16) -> F80 {
             let v = if x.sign() {
                 // 3pi/4
                 let mut f = 0;
-                fadd(pi, q.neg(), Env { rc: RN, fcw: 0x3f, reg: true }, 64, &mut f)
+                fadd(
+                    pi,
+                    q.neg(),
+                    Env {
+                        rc: RN,
+                        fcw: 0x3f,
+                        reg: true,
+                    },
+                    64,
+                    &mut f,
+                )
             } else {
                 q
             };
@@ -2363,7 +2381,17 @@ fn fyl2x(y: F80, x: F80, fl: &mut u16) -> F80 {
         // Beyond double range: exact exponent arithmetic in extended.
         let mut f = 0;
         let lv = from_f64(l);
-        return fmul(y, lv, Env { rc: RN, fcw: 0x3f, reg: true }, 64, &mut f) ;
+        return fmul(
+            y,
+            lv,
+            Env {
+                rc: RN,
+                fcw: 0x3f,
+                reg: true,
+            },
+            64,
+            &mut f,
+        );
     }
     from_f64_inexact(r, fl)
 }

@@ -160,7 +160,11 @@ fn denormals(hv: &dyn Hypervisor) {
     });
     let sw = |o: u64| u16::from_le_bytes(read(&g, DATA + o, 2).try_into().unwrap());
     assert_eq!(sw(40) & 0x3f, DE, "denormal double load");
-    assert_eq!(f80(&read(&g, DATA + 48, 10)), (0, 1 << 62), "exact denormal");
+    assert_eq!(
+        f80(&read(&g, DATA + 48, 10)),
+        (0, 1 << 62),
+        "exact denormal"
+    );
     assert_eq!(sw(60) & 0x3f, 0, "exact tiny result: no UE, no PE");
     // The smallest double denormal, 2^-1074, loaded exactly (normalized in extended).
     assert_eq!(st(&s, 1), (16383 - 1074, 1 << 63));
@@ -211,7 +215,33 @@ fn infinities_and_nans(hv: &dyn Hypervisor) {
     assert_eq!(sw(38) & 0x3f, 0);
     assert_eq!(st(&s, 2), (0xffff, 0xc000_0000_0000_0000), "indefinite");
     assert_eq!(st(&s, 1), (0x7fff, 0xe000_0000_0000_0800), "quieted SNaN");
-    assert_eq!(st(&s, 0), (0x7fff, 0xe000_0000_0000_0800), "larger significand");
+    assert_eq!(
+        st(&s, 0),
+        (0x7fff, 0xe000_0000_0000_0800),
+        "larger significand"
+    );
+}
+
+/// Overflow: masked, to infinity (nearest, C1) or the largest finite value (chop); unmasked,
+/// the result re-biased by 2^-24576 and #MF pending.
+fn overflow(hv: &dyn Hypervisor) {
+    let mut data = u64::MAX.to_le_bytes().to_vec();
+    data.extend_from_slice(&0x7ffeu16.to_le_bytes());
+    data.resize(16, 0);
+    data.extend(words(&[cw(0, 3), cw(3, 3), 0x37f & !OE]));
+    for (k, want, flags) in [
+        (0, (0x7fff, 1u64 << 63), OE | PE | C1),
+        (1, (0x7ffe, u64::MAX), OE | PE),
+        (2, (0x1fff, u64::MAX), OE | ES),
+    ] {
+        let (s, _, _) = run(hv, &data, |a| {
+            a.fldcw(word_ptr(rsi + 16 + 2 * k))?;
+            a.fld(tword_ptr(rsi))?;
+            a.fadd_2(st0, st0)
+        });
+        assert_eq!(st(&s, 0), want, "overflow case {k}");
+        assert_eq!(s.fpu.fsw & (0xff | C1), flags, "overflow flags {k}");
+    }
 }
 
 /// Stack underflow (IE|SF, C1=0, the indefinite) and overflow (IE|SF|C1).
@@ -452,7 +482,11 @@ fn prem_sqrt_scale_extract(hv: &dyn Hypervisor) {
     assert_eq!(u16_at(22) as i16, -1);
     assert_eq!(st(&s, 0), (0x3fff, 1 << 63), "significand");
     assert_eq!(st(&s, 1), (0x4000, 0xc000_0000_0000_0000), "exponent 3");
-    assert_eq!(st(&s, 3), (0x3fff, 0xb504_f333_f9de_6484), "sqrt 2 rounded to nearest");
+    assert_eq!(
+        st(&s, 3),
+        (0x3fff, 0xb504_f333_f9de_6484),
+        "sqrt 2 rounded to nearest"
+    );
 }
 
 /// Transcendentals agree with the exact values within 2^-52 relative.
@@ -478,7 +512,11 @@ fn transcendentals(hv: &dyn Hypervisor) {
     let close = |a: f64, b: f64| (a - b).abs() <= b.abs() * 2f64.powi(-52);
     assert!(close(v(3), 0.5), "sin(pi/6) = {}", v(3));
     assert!(close(v(2), 1.0), "log2 2 = {}", v(2));
-    assert!(close(v(1), std::f64::consts::FRAC_PI_4), "atan 1 = {}", v(1));
+    assert!(
+        close(v(1), std::f64::consts::FRAC_PI_4),
+        "atan 1 = {}",
+        v(1)
+    );
     assert!(close(v(0), 1.0), "2^1 - 1 = {}", v(0));
 }
 
@@ -509,6 +547,10 @@ fn emu_denormals() {
 #[test]
 fn emu_infinities_and_nans() {
     infinities_and_nans(&emu());
+}
+#[test]
+fn emu_overflow() {
+    overflow(&emu());
 }
 #[test]
 fn emu_stack_faults() {
