@@ -23,9 +23,18 @@
 //! by 2^∓24576 to a register (a memory destination is left unchanged). The #MF for an unmasked
 //! pending exception is raised by the next waiting x87 instruction (CR0.NE=1 behaviour; with
 //! CR0.NE=0 no exception is raised, as there is no FERR# line). CR0.EM or CR0.TS raise #NM
-//! (WAIT only with CR0.MP and CR0.TS). FOP is not tracked (modern Intel CPUs store it only for
-//! instructions that take an unmasked exception); FIP is the last non-control instruction's
-//! address, FDP its memory operand's (FCS/FDS are stored as 0, as on CPUs that deprecate them).
+//! (WAIT only with CR0.MP and CR0.TS). FIP is the last non-control instruction's address; FOP
+//! and FDP are written only by an instruction that takes an unmasked exception (as on this
+//! host's Intel CPUs: FOP compatibility off, FDP_EXCPTN_ONLY); FCS/FDS are stored as 0, as on
+//! CPUs that deprecate them.
+//!
+//! Registers are kept in ST order (`cpu.st[k]` is ST(k), the FXSAVE layout) with the abridged
+//! tag word per physical register; anything that moves TOP turns the array with it.
+//!
+//! The corner cases the SDM leaves open were taken from the hardware through the differential
+//! tester (`conformance::diff::x87`): which instructions leave C1 alone (FCOMI, FCMOVcc, FNOP),
+//! C2 after FPREM faults, FXTRACT/FPTAN/FSINCOS and FLD on stack faults, DE losing to IE/ZE, an
+//! unmasked DE still loading FLD, FSCALE beyond the re-bias range getting the masked response.
 
 use iced_x86::{Instruction, MemorySize, Mnemonic as M, OpKind, Register};
 
@@ -327,12 +336,15 @@ fn round(s: bool, sig: u128, x: i32, f: Fmt, env: Env, fl: &mut u16) -> Option<R
             be -= 24576;
         } else {
             *fl |= OE | PE;
-            let to_inf = match env.rc {
-                RN => true,
-                RD => s,
-                RU => !s,
-                _ => false,
-            };
+            // Masked: infinity or the largest finite value per RC. Unmasked but beyond the
+            // re-bias range (FSCALE): infinity whatever RC (as the hardware).
+            let to_inf = om
+                || match env.rc {
+                    RN => true,
+                    RD => s,
+                    RU => !s,
+                    _ => false,
+                };
             if to_inf {
                 *fl |= C1;
             }
