@@ -1865,6 +1865,8 @@ impl Exec<'_> {
             M::Fprem | M::Fprem1 => {
                 let (r, q, partial) = fprem(a, b, mn == M::Fprem1, self.cpu.fcw, &mut fl);
                 if self.blocks(fl) {
+                    // No result; C2 (incomplete) is cleared.
+                    self.cpu.fsw &= !C2;
                     self.finish(fl);
                     return Ok(());
                 }
