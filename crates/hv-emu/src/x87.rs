@@ -305,6 +305,14 @@ fn round(s: bool, sig: u128, x: i32, f: Fmt, env: Env, fl: &mut u16) -> Option<R
             }
             *fl |= UE;
             be += 24576;
+        } else if tiny && um && env.reg {
+            // Unmasked, beyond the re-bias range (FSCALE): a zero, C1 clear (as the hardware).
+            *fl |= UE | PE;
+            return Some(Rounded {
+                be: 0,
+                q: 0,
+                inf: false,
+            });
         } else if tiny {
             let d = shr_jam(sig, (1 - be) as u32);
             let (q, inexact, inc) = round_bits(d, drop, s, env.rc);
