@@ -229,3 +229,47 @@ fn x87_differential() {
         env_u64("ANYVISOR_X87_BLOCKS", 500),
     );
 }
+
+/// The comparison sees a one-bit difference in a register, the status word or memory, and
+/// tolerates a transcendental result only within its tolerance.
+#[test]
+fn x87_compare_detects_differences() {
+    let base = x87::Outcome {
+        exception: None,
+        rflags: 0x202,
+        rax: 0,
+        fpu: hv::FpuState {
+            ftw: 0xff,
+            ..Default::default()
+        },
+        scratch: vec![0; 4096],
+    };
+    assert!(x87::compare(&base, &base, false).is_none());
+    let mut b = base.clone();
+    b.fpu.st[3][0] ^= 1;
+    assert!(x87::compare(&base, &b, false).is_some(), "register bit");
+    let mut b = base.clone();
+    b.fpu.fsw ^= 0x200;
+    assert!(x87::compare(&base, &b, false).is_some(), "C1");
+    assert!(
+        x87::compare(&base, &b, true).is_none(),
+        "C1 after a transcendental and #MF"
+    );
+    let mut b = base.clone();
+    b.scratch[0x812] ^= 0x10;
+    assert!(x87::compare(&base, &b, false).is_some(), "memory");
+    // A transcendental result 1.0 vs 1.0 + 2^-60 (tolerated) and 1.0 + 2^-40 (not).
+    let one = |m: u64| {
+        let mut v = m.to_le_bytes().to_vec();
+        v.extend_from_slice(&0x3fffu16.to_le_bytes());
+        v
+    };
+    let mut a = base.clone();
+    a.scratch[x87::TRANS as usize..x87::TRANS as usize + 10].copy_from_slice(&one(1 << 63));
+    let mut b = a.clone();
+    b.scratch[x87::TRANS as usize..x87::TRANS as usize + 10].copy_from_slice(&one((1 << 63) | 8));
+    assert!(x87::compare(&a, &b, false).is_none(), "within tolerance");
+    b.scratch[x87::TRANS as usize..x87::TRANS as usize + 10]
+        .copy_from_slice(&one((1 << 63) | (1 << 23)));
+    assert!(x87::compare(&a, &b, false).is_some(), "beyond tolerance");
+}
