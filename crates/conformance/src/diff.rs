@@ -16,6 +16,9 @@
 //!
 //! A diverging block is cut down to its first diverging instruction by re-running prefixes.
 
+#[path = "diff_x87.rs"]
+pub mod x87;
+
 use std::fmt;
 
 use hv::{CpuState, Hypervisor};

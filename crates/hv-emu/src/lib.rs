@@ -29,6 +29,7 @@ mod system;
 mod vcpu;
 mod vfp;
 mod vm;
+mod x87;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,5 +1,5 @@
 //! SSE..SSE4.2 (integer and the scalar/packed FP the kernel and libc use), FXSAVE/FXRSTOR,
-//! MXCSR, and the few x87 control instructions Linux executes.
+//! MXCSR (x87 is `x87.rs`).
 
 // Lane-wise loops index several arrays at once.
 #![allow(clippy::needless_range_loop)]
@@ -97,13 +97,6 @@ pub(crate) fn sat_i16(v: i32) -> u16 {
 }
 pub(crate) fn sat_u16(v: i32) -> u16 {
     v.clamp(0, 65535) as u16
-}
-
-pub(crate) fn f64b(v: u64) -> f64 {
-    f64::from_bits(v)
-}
-pub(crate) fn f32b(v: u32) -> f32 {
-    f32::from_bits(v)
 }
 
 // ---- Lane-wise operations (shared with the VEX forms) ----
@@ -936,56 +929,6 @@ impl Exec<'_> {
         })
     }
 
-    fn ftop(&self) -> u16 {
-        (self.cpu.fsw >> 11) & 7
-    }
-
-    /// ST(k) as an f64 (the x87 stack is kept at double precision).
-    fn fst(&self, k: usize) -> f64 {
-        f80_to_f64(&self.cpu.st[k & 7])
-    }
-
-    fn fpush(&mut self, v: f64) {
-        let top = self.ftop().wrapping_sub(1) & 7;
-        self.cpu.st.copy_within(0..7, 1);
-        let b = f64_to_f80(v);
-        self.cpu.st[0] = [0; 16];
-        self.cpu.st[0][..10].copy_from_slice(&b);
-        self.cpu.fsw = (self.cpu.fsw & !(7 << 11)) | (top << 11);
-        self.cpu.ftw |= 1 << top;
-    }
-
-    fn fpop(&mut self) {
-        let top = self.ftop();
-        self.cpu.ftw &= !(1 << top);
-        let old = self.cpu.st[0];
-        self.cpu.st.copy_within(1..8, 0);
-        self.cpu.st[7] = old;
-        self.cpu.fsw = (self.cpu.fsw & !(7 << 11)) | (((top + 1) & 7) << 11);
-    }
-
-    fn fpu_operand(&mut self, i: &Instruction) -> R<f64> {
-        let n = i.op_count() - 1;
-        if i.op_kind(n) == OpKind::Memory {
-            let a = self.mem_lin(i)?;
-            Ok(match i.memory_size().size() {
-                4 => f64::from(f32b(self.read_lin(a, 4)? as u32)),
-                8 => f64b(self.read_lin(a, 8)?),
-                _ => {
-                    let lo = self.read_lin(a, 8)?.to_le_bytes();
-                    let hi = self.read_lin(a + 8, 2)?.to_le_bytes();
-                    let mut b = [0u8; 16];
-                    b[..8].copy_from_slice(&lo);
-                    b[8..10].copy_from_slice(&hi[..2]);
-                    f80_to_f64(&b)
-                }
-            })
-        } else {
-            let k = (i.op_register(n) as usize).wrapping_sub(217) & 7;
-            Ok(self.fst(k))
-        }
-    }
-
     fn fpu_state(&self) -> hv::FpuState {
         let mut xmm = [[0u8; 16]; 16];
         for (d, x) in xmm.iter_mut().zip(self.cpu.xmm.iter()) {
@@ -1006,119 +949,13 @@ impl Exec<'_> {
 
     pub fn exec_fp(&mut self, i: &Instruction) -> R<()> {
         let mn = i.mnemonic();
+        if crate::x87::is_x87(mn) {
+            return self.exec_x87(i);
+        }
         if mn == M::Emms || self.is_mmx(i) {
             return self.exec_mmx(i);
         }
         match mn {
-            // ---- x87 control ----
-            M::Fninit => {
-                self.cpu.fcw = 0x37f;
-                self.cpu.fsw = 0;
-                self.cpu.ftw = 0;
-                self.cpu.fop = 0;
-                self.cpu.fip = 0;
-                self.cpu.fdp = 0;
-                Ok(())
-            }
-            M::Fnstsw => {
-                let v = u64::from(self.cpu.fsw);
-                self.wr(i, 0, v)
-            }
-            M::Fnstcw => {
-                let v = u64::from(self.cpu.fcw);
-                self.wr(i, 0, v)
-            }
-            M::Fldcw => {
-                self.cpu.fcw = self.rd(i, 0)? as u16;
-                Ok(())
-            }
-            M::Fnclex => {
-                self.cpu.fsw &= 0x7f00;
-                Ok(())
-            }
-            M::Wait => Ok(()),
-            M::Fild => {
-                let size = i.memory_size().size();
-                let v = crate::exec::sx(self.rd(i, 1.min(i.op_count() - 1))?, size) as i64;
-                self.fpush(v as f64);
-                Ok(())
-            }
-            M::Fld => {
-                let v = self.fpu_operand(i)?;
-                self.fpush(v);
-                Ok(())
-            }
-            M::Fld1 => {
-                self.fpush(1.0);
-                Ok(())
-            }
-            M::Fldz => {
-                self.fpush(0.0);
-                Ok(())
-            }
-            M::Fst | M::Fstp => {
-                let v = self.fst(0);
-                if i.op_kind(0) == OpKind::Memory {
-                    let a = self.mem_lin(i)?;
-                    match i.memory_size().size() {
-                        4 => self.write_lin(a, 4, u64::from((v as f32).to_bits()))?,
-                        8 => self.write_lin(a, 8, v.to_bits())?,
-                        _ => {
-                            let b = f64_to_f80(v);
-                            self.probe_write(a, 10)?;
-                            self.write_lin(
-                                a,
-                                8,
-                                u64::from_le_bytes([
-                                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                                ]),
-                            )?;
-                            self.write_lin(a + 8, 2, u64::from(u16::from_le_bytes([b[8], b[9]])))?;
-                        }
-                    }
-                } else {
-                    let k = (i.op_register(0) as usize).wrapping_sub(217) & 7;
-                    self.cpu.st[k] = self.cpu.st[0];
-                }
-                if mn == M::Fstp {
-                    self.fpop();
-                }
-                Ok(())
-            }
-            M::Fist | M::Fistp | M::Fisttp => {
-                let v = self.fst(0);
-                let r = if mn == M::Fisttp {
-                    v.trunc()
-                } else {
-                    round_mxcsr(v, u32::from((self.cpu.fcw >> 10) & 3) << 13)
-                };
-                let size = i.memory_size().size();
-                let out = match size {
-                    2 => {
-                        if r.is_nan() || !(-32768.0..32768.0).contains(&r) {
-                            0x8000
-                        } else {
-                            r as i16 as u16 as u64
-                        }
-                    }
-                    4 => cvt_int(r, 4),
-                    _ => cvt_int(r, 8),
-                };
-                self.wr(i, 0, out)?;
-                if mn != M::Fist {
-                    self.fpop();
-                }
-                Ok(())
-            }
-            M::Fxch => {
-                let k = if i.op_count() > 1 {
-                    (i.op_register(1) as usize).wrapping_sub(217) & 7
-                } else {
-                    1
-                };
-                self.cpu.st.swap(0, k);
-                Ok(())
-            }
             M::Fxsave | M::Fxsave64 => {
                 let a = self.mem_lin(i)?;
                 if a & 15 != 0 {
@@ -1734,81 +1571,5 @@ impl Exec<'_> {
             self.cpu.xmm[0] = m;
         }
         Ok(())
-    }
-}
-
-/// Converts a double to the x87 80-bit extended format.
-fn f64_to_f80(v: f64) -> [u8; 10] {
-    let bits = v.to_bits();
-    let sign = (bits >> 63) as u16;
-    let exp = ((bits >> 52) & 0x7ff) as i32;
-    let frac = bits & ((1 << 52) - 1);
-    let (e80, m80): (u16, u64) = if exp == 0 && frac == 0 {
-        (0, 0)
-    } else if exp == 0x7ff {
-        (0x7fff, (1 << 63) | (frac << 11))
-    } else if exp == 0 {
-        // Denormal double: normalize.
-        let shift = frac.leading_zeros() - 11;
-        let m = frac << (shift + 11);
-        ((15361 - shift as i32) as u16, m)
-    } else {
-        ((exp - 1023 + 16383) as u16, (1 << 63) | (frac << 11))
-    };
-    let mut b = [0u8; 10];
-    b[..8].copy_from_slice(&m80.to_le_bytes());
-    b[8..10].copy_from_slice(&(e80 | (sign << 15)).to_le_bytes());
-    b
-}
-
-fn f80_to_f64(b: &[u8; 16]) -> f64 {
-    let mut m = [0u8; 8];
-    m.copy_from_slice(&b[..8]);
-    let m = u64::from_le_bytes(m);
-    let se = u16::from_le_bytes([b[8], b[9]]);
-    let sign = if se & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let e = i32::from(se & 0x7fff);
-    if e == 0 && m == 0 {
-        return 0.0 * sign;
-    }
-    if e == 0x7fff {
-        return if m << 1 == 0 {
-            sign * f64::INFINITY
-        } else {
-            f64::NAN
-        };
-    }
-    sign * (m as f64) * 2f64.powi(e - 16383 - 63)
-}
-
-fn round_mxcsr(f: f64, mxcsr: u32) -> f64 {
-    match (mxcsr >> 13) & 3 {
-        0 => {
-            let r = f.round();
-            // Round half to even.
-            if (f - f.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-                r - f.signum()
-            } else {
-                r
-            }
-        }
-        1 => f.floor(),
-        2 => f.ceil(),
-        _ => f.trunc(),
-    }
-}
-
-/// Float to integer conversion with the x86 "integer indefinite" result on overflow/NaN.
-fn cvt_int(f: f64, size: usize) -> u64 {
-    if size == 8 {
-        if f.is_nan() || !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
-            1u64 << 63
-        } else {
-            f as i64 as u64
-        }
-    } else if f.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&f) {
-        0x8000_0000
-    } else {
-        f as i32 as u32 as u64
     }
 }
