@@ -130,9 +130,16 @@ done
 log "kernel $KVER"
 
 # ---------------------------------------------------------------- the image's own files
-UUID="$(cat /proc/sys/kernel/random/uuid)"
-DISK_GUID="$(cat /proc/sys/kernel/random/uuid)"
-PART_UUID="$(cat /proc/sys/kernel/random/uuid)"
+# UUIDs derived from the inputs: a rebuild of the same inputs keeps root=UUID= (and the command
+# lines of anything that boots the image) unchanged.
+uuid_of() {
+    local h
+    h="$(echo "$1 $INPUTS_HASH" | sha256sum)"
+    echo "${h:0:8}-${h:8:4}-4${h:13:3}-8${h:17:3}-${h:20:12}"
+}
+UUID="$(uuid_of filesystem)"
+DISK_GUID="$(uuid_of disk)"
+PART_UUID="$(uuid_of partition)"
 
 install -d "$ROOTFS/$SHARE_DIR"
 install -m 0755 "$SRC/anyvisor-distro-init" "$SRC/anyvisor-distro" "$ROOTFS/usr/local/bin/"
