@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what anyvisor's build, tests and benchmarks need on a fresh Debian 12 machine,
-# then builds the test guest kit (guest/out/). Safe to re-run.
+# then builds the test guest kit and the Debian distro disk image (guest/out/). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +21,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 ./guest/build-kit.sh
+# The Debian 12 disk image of the distro tests (crates/cli/tests/distro.rs); cached, ~3-4 min
+# the first time.
+./guest/build-distro.sh
