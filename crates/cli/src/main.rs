@@ -135,8 +135,15 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             let body = serde_json::json!({
                 "output": absolute(&a.output)?,
                 "stop": a.stop,
+                "overwrite": a.force,
             });
-            control(&a.api_socket, "/vm/snapshot", Some(body))
+            vmm::api::client::call_interruptible(
+                &a.api_socket,
+                "PUT",
+                "/vm/snapshot",
+                Some(&body.to_string()),
+            )?;
+            Ok(0)
         }
         Command::Migrate(a) => {
             let key = a.migration_key.as_deref().map(absolute).transpose()?;
