@@ -159,6 +159,59 @@ fn bad_sizes_and_counts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Strict where the CLI spec is strict: only the K, M, G suffixes; a unicast MAC; no control
+/// character in the kernel command line.
+#[test]
+fn strict_values() {
+    let dir = scratch("strict");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    for size in ["256MB", "1GiB", "512KiB"] {
+        assert_error(
+            &anyvisor(&["run", "--kernel", k, "--memory", size], &[]),
+            2,
+            size,
+        );
+    }
+    for mac in ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"] {
+        assert_error(
+            &anyvisor(
+                &["run", "--kernel", k, "--net", &format!("tap=t0,mac={mac}")],
+                &[],
+            ),
+            2,
+            "multicast or broadcast",
+        );
+    }
+    for cmdline in ["console=ttyS0\ninit=/bin/sh", "quiet\x07"] {
+        assert_error(
+            &anyvisor(&["run", "--kernel", k, "--cmdline", cmdline], &[]),
+            2,
+            "control characters",
+        );
+    }
+    // A config file's invalid value is refused even though a flag overrides it.
+    let config = dir.join("bad.json");
+    std::fs::write(&config, r#"{"memory":"256MB"}"#).unwrap();
+    assert_error(
+        &anyvisor(
+            &[
+                "run",
+                "--kernel",
+                k,
+                "--config",
+                config.to_str().unwrap(),
+                "--memory",
+                "256M",
+            ],
+            &[],
+        ),
+        2,
+        "256MB",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn config_file() {
     let dir = scratch("config");
@@ -174,9 +227,16 @@ fn config_file() {
         2,
         "cannot read /nonexistent/vm.json",
     );
-    // The file's kernel with a flag overriding its bad cpu count gets past validation to the
-    // next check (the missing kernel file named in the file).
+    // A flag overriding the file's bad cpu count does not hide it (issue 15: a config file's
+    // invalid value is an error even when overridden).
     std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":0}"#).unwrap();
+    assert_error(
+        &anyvisor(&["run", "--config", c, "--cpus", "1"], &[]),
+        2,
+        "--cpus 0",
+    );
+    // The file's kernel with valid values gets to the next check (the missing kernel file).
+    std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":2}"#).unwrap();
     assert_error(
         &anyvisor(&["run", "--config", c, "--cpus", "1"], &[]),
         2,
