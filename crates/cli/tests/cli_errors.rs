@@ -159,6 +159,45 @@ fn bad_sizes_and_counts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A migration key file others can read gets one warning line (and the run goes on to its next
+/// check); an owner-only one gets none.
+#[test]
+fn readable_migration_key_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("keymode");
+    let key = dir.join("key");
+    std::fs::write(&key, "abcdefghijklmnopqrstuvwxyz012345\n").unwrap();
+    let sock = format!("unix:{}", dir.join("no-such-dir").join("s").display());
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = anyvisor(
+            &[
+                "run",
+                "--incoming",
+                &sock,
+                "--migration-key",
+                key.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains("cannot listen"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1 + usize::from(warned), "{stderr}");
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .collect();
+        assert_eq!(warnings.len(), usize::from(warned), "{mode:o}: {stderr}");
+        if warned {
+            assert!(warnings[0].contains("readable by others"), "{stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Strict where the CLI spec is strict: only the K, M, G suffixes; a unicast MAC; no control
 /// character in the kernel command line.
 #[test]
