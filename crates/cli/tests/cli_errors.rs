@@ -468,3 +468,26 @@ fn sigterm_before_the_vm_runs() {
     assert!(ended, "SIGTERM did not end a waiting --incoming");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A kernel that is not whole is bad input: a truncated copy of the kit's bzImage is refused
+/// with one line and status 2 before anything runs.
+#[test]
+fn truncated_bzimage() {
+    let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/bzImage");
+    let Ok(whole) = std::fs::read(&kit) else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        return;
+    };
+    let dir = scratch("truncated-kernel");
+    let k = dir.join("bzImage");
+    std::fs::write(&k, &whole[..whole.len() - 4096]).unwrap();
+    assert_error(
+        &anyvisor(
+            &["run", "--kernel", k.to_str().unwrap(), "--backend", "emu"],
+            &[],
+        ),
+        2,
+        "truncated",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
