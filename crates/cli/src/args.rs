@@ -140,12 +140,16 @@ pub struct SnapshotArgs {
     /// The VM's API socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: PathBuf,
-    /// Snapshot file to write (atomically).
+    /// Snapshot file to write (atomically); a relative path is relative to this command's
+    /// working directory.
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
     /// End the VM after the snapshot is written.
     #[arg(long)]
     pub stop: bool,
+    /// Replace an existing regular file at --output (once the new snapshot is complete).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -135,11 +135,21 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             let body = serde_json::json!({
                 "output": absolute(&a.output)?,
                 "stop": a.stop,
+                "overwrite": a.force,
             });
-            control(&a.api_socket, "/vm/snapshot", Some(body))
+            vmm::api::client::call_interruptible(
+                &a.api_socket,
+                "PUT",
+                "/vm/snapshot",
+                Some(&body.to_string()),
+            )?;
+            Ok(0)
         }
         Command::Migrate(a) => {
             let key = a.migration_key.as_deref().map(absolute).transpose()?;
+            if let Some(w) = key.as_deref().and_then(migrate_key_warning) {
+                eprintln!("warning: {w}");
+            }
             let body = serde_json::json!({
                 "to": a.to,
                 "migration_key_file": key,
@@ -165,6 +175,12 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The group/other-readable warning for a migration key file (the VMM reads it, but its
+/// stderr is not this command's).
+fn migrate_key_warning(path: &std::path::Path) -> Option<String> {
+    vmm::migration::key_exposure_warning(path)
 }
 
 /// A control command with no output.

@@ -159,6 +159,98 @@ fn bad_sizes_and_counts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A migration key file others can read gets one warning line (and the run goes on to its next
+/// check); an owner-only one gets none.
+#[test]
+fn readable_migration_key_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("keymode");
+    let key = dir.join("key");
+    std::fs::write(&key, "abcdefghijklmnopqrstuvwxyz012345\n").unwrap();
+    let sock = format!("unix:{}", dir.join("no-such-dir").join("s").display());
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = anyvisor(
+            &[
+                "run",
+                "--incoming",
+                &sock,
+                "--migration-key",
+                key.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains("cannot listen"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1 + usize::from(warned), "{stderr}");
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .collect();
+        assert_eq!(warnings.len(), usize::from(warned), "{mode:o}: {stderr}");
+        if warned {
+            assert!(warnings[0].contains("readable by others"), "{stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Strict where the CLI spec is strict: only the K, M, G suffixes; a unicast MAC; no control
+/// character in the kernel command line.
+#[test]
+fn strict_values() {
+    let dir = scratch("strict");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    for size in ["256MB", "1GiB", "512KiB"] {
+        assert_error(
+            &anyvisor(&["run", "--kernel", k, "--memory", size], &[]),
+            2,
+            size,
+        );
+    }
+    for mac in ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"] {
+        assert_error(
+            &anyvisor(
+                &["run", "--kernel", k, "--net", &format!("tap=t0,mac={mac}")],
+                &[],
+            ),
+            2,
+            "multicast or broadcast",
+        );
+    }
+    for cmdline in ["console=ttyS0\ninit=/bin/sh", "quiet\x07"] {
+        assert_error(
+            &anyvisor(&["run", "--kernel", k, "--cmdline", cmdline], &[]),
+            2,
+            "control characters",
+        );
+    }
+    // A config file's invalid value is refused even though a flag overrides it.
+    let config = dir.join("bad.json");
+    std::fs::write(&config, r#"{"memory":"256MB"}"#).unwrap();
+    assert_error(
+        &anyvisor(
+            &[
+                "run",
+                "--kernel",
+                k,
+                "--config",
+                config.to_str().unwrap(),
+                "--memory",
+                "256M",
+            ],
+            &[],
+        ),
+        2,
+        "256MB",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn config_file() {
     let dir = scratch("config");
@@ -174,9 +266,16 @@ fn config_file() {
         2,
         "cannot read /nonexistent/vm.json",
     );
-    // The file's kernel with a flag overriding its bad cpu count gets past validation to the
-    // next check (the missing kernel file named in the file).
+    // A flag overriding the file's bad cpu count does not hide it (issue 15: a config file's
+    // invalid value is an error even when overridden).
     std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":0}"#).unwrap();
+    assert_error(
+        &anyvisor(&["run", "--config", c, "--cpus", "1"], &[]),
+        2,
+        "--cpus 0",
+    );
+    // The file's kernel with valid values gets to the next check (the missing kernel file).
+    std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":2}"#).unwrap();
     assert_error(
         &anyvisor(&["run", "--config", c, "--cpus", "1"], &[]),
         2,
@@ -367,5 +466,28 @@ fn sigterm_before_the_vm_runs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(ended, "SIGTERM did not end a waiting --incoming");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A kernel that is not whole is bad input: a truncated copy of the kit's bzImage is refused
+/// with one line and status 2 before anything runs.
+#[test]
+fn truncated_bzimage() {
+    let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/bzImage");
+    let Ok(whole) = std::fs::read(&kit) else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        return;
+    };
+    let dir = scratch("truncated-kernel");
+    let k = dir.join("bzImage");
+    std::fs::write(&k, &whole[..whole.len() - 4096]).unwrap();
+    assert_error(
+        &anyvisor(
+            &["run", "--kernel", k.to_str().unwrap(), "--backend", "emu"],
+            &[],
+        ),
+        2,
+        "truncated",
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -104,6 +104,50 @@ pub enum KernelFormat {
     Elf,
 }
 
+/// Checks a bzImage's setup header against the file before anything is loaded: the boot
+/// protocol version (2.06 or later, as the 64-bit entry needs), the protected-mode code
+/// (`syssize` 16-byte units) within the file after the setup sectors, and the compressed
+/// payload (`payload_offset`, `payload_length`, protocol 2.08+) within that code. A truncated or
+/// patched kernel is refused here rather than failing as guest code.
+fn check_bzimage_header(head: &[u8], setup_sects: u64, file_len: u64) -> Result<(), String> {
+    let u16_at = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let version = u16_at(0x206).ok_or("truncated setup header")?;
+    if version < 0x0206 {
+        return Err(format!(
+            "boot protocol {}.{:02} is older than 2.06",
+            version >> 8,
+            version & 0xff
+        ));
+    }
+    let setup_end = (setup_sects + 1) * 512;
+    if setup_end > file_len {
+        return Err(format!(
+            "{setup_sects} setup sectors but the file is {file_len} bytes"
+        ));
+    }
+    let code = file_len - setup_end;
+    let syssize = u64::from(u32_at(0x1f4).ok_or("truncated setup header")?) * 16;
+    if syssize == 0 || syssize > code {
+        return Err(format!(
+            "the header's kernel size ({syssize} bytes) does not match the {code} bytes after the setup code (truncated?)"
+        ));
+    }
+    if version >= 0x0208 {
+        let offset = u64::from(u32_at(0x248).ok_or("truncated setup header")?);
+        let length = u64::from(u32_at(0x24c).ok_or("truncated setup header")?);
+        if length == 0 || offset.saturating_add(length) > syssize {
+            return Err(format!(
+                "payload at {offset} of {length} bytes lies outside the {syssize}-byte kernel"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// bzImage: "HdrS" at 0x202. ELF: "\x7fELF" at 0.
 pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     if head.get(0x202..0x206) == Some(b"HdrS") {
@@ -386,6 +430,10 @@ fn load_kernel(mem: &hv::GuestMemory, path: &Path, low_end: u64) -> Result<Loade
                 Some(&n) => u64::from(n),
             };
             let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+            check_bzimage_header(&head, setup_sects, file_len).map_err(|reason| Error::Load {
+                path: path.to_path_buf(),
+                reason,
+            })?;
             if HIGH_MEMORY_START + payload > low_end {
                 return Err(too_big());
             }
@@ -556,6 +604,9 @@ mod tests {
         b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
         b[0x202..0x206].copy_from_slice(b"HdrS");
         b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x1f4..0x1f8].copy_from_slice(&(0x10000u32 / 16).to_le_bytes()); // syssize
+        b[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes()); // payload_offset
+        b[0x24c..0x250].copy_from_slice(&0x100u32.to_le_bytes()); // payload_length
         b[0x211] = 1; // loadflags: LOADED_HIGH
         b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
         b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
@@ -807,6 +858,32 @@ mod tests {
         let p = params_of(&mem);
         assert!({ p.hdr.version } >= 0x020c);
         assert_ne!({ p.hdr.loadflags } & 1, 0);
+    }
+
+    /// A truncated or patched bzImage is refused before anything runs.
+    #[test]
+    fn inconsistent_bzimage_is_refused() {
+        let Some(k) = kit("bzImage") else { return };
+        let whole = std::fs::read(&k).unwrap();
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", whole[..whole.len() / 2].to_vec()),
+            ("truncated by a page", whole[..whole.len() - 4096].to_vec()),
+        ];
+        let mut old = whole.clone();
+        old[0x206..0x208].copy_from_slice(&0x0204u16.to_le_bytes());
+        cases.push(("old protocol", old));
+        let mut payload = whole.clone();
+        payload[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        cases.push(("payload length", payload));
+        let mut sys = whole.clone();
+        sys[0x1f4..0x1f8].copy_from_slice(&0u32.to_le_bytes());
+        cases.push(("syssize 0", sys));
+        for (what, bytes) in cases {
+            let p = tmpfile(&format!("bad-bz-{}", what.replace(' ', "-")), &bytes);
+            let mem = create_guest_memory(256 * MIB).unwrap();
+            let e = load_linux(&mem, &cfg(&p, None, 1, &[])).unwrap_err();
+            assert!(matches!(e, Error::Load { .. }), "{what}: {e}");
+        }
     }
 
     #[test]

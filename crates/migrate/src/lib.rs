@@ -145,6 +145,26 @@ impl Key {
         })
     }
 
+    /// A warning when the key file at `path` can be read by its group or by others (a shared
+    /// secret others can read is no secret); `None` when only its owner can, or it cannot be
+    /// inspected (reading it reports that).
+    pub fn exposure_warning(path: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o044 != 0).then(|| {
+            format!(
+                "migration key file {} is readable by {} (mode {:o}); chmod 600 it",
+                path.display(),
+                if mode & 0o004 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                },
+                mode & 0o777
+            )
+        })
+    }
+
     /// A key from raw bytes (used as is, no trimming); at least [`MIN_KEY_BYTES`] long.
     pub fn from_bytes(bytes: &[u8]) -> Result<Key> {
         if bytes.len() < MIN_KEY_BYTES {
@@ -408,6 +428,18 @@ mod tests {
         assert_eq!(k.bytes(), b"0123456789abcdef");
         assert_eq!(format!("{k:?}"), "Key(..)");
         assert!(Key::from_file(&dir.join("missing")).is_err());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let set = |m| std::fs::set_permissions(&good, std::fs::Permissions::from_mode(m));
+            set(0o600).unwrap();
+            assert_eq!(Key::exposure_warning(&good), None);
+            set(0o640).unwrap();
+            assert!(Key::exposure_warning(&good).unwrap().contains("its group"));
+            set(0o644).unwrap();
+            let w = Key::exposure_warning(&good).unwrap();
+            assert!(w.contains("others") && w.contains("644"), "{w}");
+            assert_eq!(Key::exposure_warning(&dir.join("missing")), None);
+        }
         assert!(Key::from_file(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -228,6 +228,9 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.any(libc::SYS_renameat2); // snapshot writer: atomic replace
             a.any(libc::SYS_unlink); // snapshot writer: removing a failed temporary file
             a.any(libc::SYS_unlinkat); // snapshot writer: removing a failed temporary file
+            a.any(libc::SYS_link); // snapshot writer: committing without replacing a file
+            a.any(libc::SYS_linkat); // snapshot writer: committing without replacing a file
+            a.any(libc::SYS_getdents64); // snapshot writer: finding dead writers' temporaries
             a.ioctls(ioctl::VCPU_STATE)?; // vCPU state of a paused VM
             a.ioctls(ioctl::VM_STATE)?; // dirty log and clock for snapshots
             a.ioctls(ioctl::INTERRUPTS)?; // a resumed device may raise an interrupt

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use format::{MAGIC, VERSION_MAJOR, VERSION_MINOR, limits};
 pub use reader::SnapshotReader;
-pub use writer::{SnapshotWriter, WriteSummary};
+pub use writer::{SnapshotWriter, WriteOptions, WriteSummary};
 
 /// One range of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +188,12 @@ pub enum Error {
     InvalidVcpu { index: usize, reason: String },
     #[error("non-zero padding before the memory image")]
     NonZeroPadding,
+    #[error("refusing to write a snapshot to {path}: it is {kind}, not a regular file")]
+    OutputNotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} exists; replacing it needs overwrite (anyvisor snapshot --force)")]
+    OutputExists { path: PathBuf },
+    #[error("the snapshot was abandoned before it replaced anything: {0}")]
+    Cancelled(String),
     #[error(
         "memory image is smaller than the header's memory size: file is {file_len} bytes, needs {needed}"
     )]

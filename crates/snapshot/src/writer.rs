@@ -29,19 +29,132 @@ pub struct WriteSummary {
     pub stored_pages: u64,
 }
 
+/// How [`SnapshotWriter::write_with`] treats what is at the output path, and when it gives up.
+#[derive(Clone, Copy, Default)]
+pub struct WriteOptions<'a> {
+    /// Replace a regular file already at the path. Without it an existing file is an error
+    /// ([`Error::OutputExists`]), decided atomically at the end (a hard link that does not
+    /// replace). Either way the path changes only once the new file is complete and synced.
+    pub overwrite: bool,
+    /// Asked between chunks of guest RAM and right before the new file takes the path:
+    /// `Some(reason)` abandons the write ([`Error::Cancelled`]), removing the temporary file and
+    /// leaving the path as it was. The VMM asks whether the API client is still connected.
+    pub cancelled: Option<&'a dyn Fn() -> Option<String>>,
+}
+
 impl SnapshotWriter {
-    /// Writes `contents` and `memory` to `path`: first to `.<name>.tmp-<pid>` in the same
-    /// directory, then fsync, rename over `path`, fsync the directory. On any error the temporary
-    /// file is removed and nothing is left under `path` (a file that was there before has been
-    /// replaced only if the rename happened, in which case it is removed too).
-    ///
-    /// The VM must be paused: `memory` is read while the file is written.
+    /// [`SnapshotWriter::write_with`] replacing an existing regular file.
     pub fn write(
         path: impl AsRef<Path>,
         contents: &SnapshotContents,
         memory: &hv::GuestMemory,
     ) -> Result<WriteSummary> {
-        write_with_faults(path.as_ref(), contents, memory, &mut Faults::default())
+        let options = WriteOptions {
+            overwrite: true,
+            cancelled: None,
+        };
+        Self::write_with(path, contents, memory, &options)
+    }
+
+    /// Writes `contents` and `memory` to `path`: first to `.<name>.tmp-<pid>` in the same
+    /// directory, then fsync, move it to `path` (rename, or a hard link when `options` does not
+    /// allow replacing a file), fsync the directory. On any error the temporary file is removed
+    /// and nothing is left under `path`; a file that was there before stays as it was unless the
+    /// move happened (then only the directory sync can still fail, and the new file is removed).
+    ///
+    /// A `path` naming anything but a regular file or nothing (a directory, device node, FIFO,
+    /// socket or symbolic link) is refused before anything is written
+    /// ([`Error::OutputNotRegular`]). Temporary files of writers that died (`.<name>.tmp-<pid>`
+    /// whose process no longer exists) are removed first.
+    ///
+    /// The VM must be paused: `memory` is read while the file is written.
+    pub fn write_with(
+        path: impl AsRef<Path>,
+        contents: &SnapshotContents,
+        memory: &hv::GuestMemory,
+        options: &WriteOptions<'_>,
+    ) -> Result<WriteSummary> {
+        write_with_faults(
+            path.as_ref(),
+            contents,
+            memory,
+            options,
+            &mut Faults::default(),
+        )
+    }
+}
+
+/// Refuses an output path that names something a snapshot must not replace.
+fn check_target(path: &Path, overwrite: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("inspect", path)(e)),
+    };
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_symlink() {
+        Some("a symbolic link")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a special file")
+    };
+    if let Some(kind) = kind {
+        return Err(Error::OutputNotRegular {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    if !overwrite {
+        return Err(Error::OutputExists {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Removes `.<name>.tmp-<pid>` files in `dir` whose writer process is gone (a VMM that was
+/// killed mid-write). Only where `/proc` shows processes; failures are ignored.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if regular && pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn cancelled(options: &WriteOptions<'_>) -> Result<()> {
+    match options.cancelled.and_then(|f| f()) {
+        Some(reason) => Err(Error::Cancelled(reason)),
+        None => Ok(()),
     }
 }
 
@@ -145,6 +258,7 @@ pub(crate) fn write_with_faults(
     path: &Path,
     contents: &SnapshotContents,
     memory: &hv::GuestMemory,
+    options: &WriteOptions<'_>,
     faults: &mut Faults,
 ) -> Result<WriteSummary> {
     let mut meta = encode_states(contents, memory)?;
@@ -174,11 +288,10 @@ pub(crate) fn write_with_faults(
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    check_target(path, options.overwrite)?;
+    let name = name.to_string_lossy();
+    remove_stale_temporaries(dir, &name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut cleanup = Cleanup {
         path: tmp.clone(),
         armed: true,
@@ -203,7 +316,7 @@ pub(crate) fn write_with_faults(
         bitmap: vec![0; bitmap_len as usize],
         chunk_sums: Some(vec![0; format::sum_chunks(image_len) as usize]),
     };
-    write_image(&file, &tmp, memory, contents, &mut mem, faults)?;
+    write_image(&file, &tmp, memory, contents, &mut mem, options, faults)?;
 
     format::push_section(&mut meta, tag::MEMORY, &mem.encode());
     let sums = mem.chunk_sums.as_deref().unwrap_or_default();
@@ -216,8 +329,25 @@ pub(crate) fn write_with_faults(
     file.sync_all().map_err(io_err("sync", &tmp))?;
     drop(file);
 
+    cancelled(options)?;
+    // Checked again: the path may have changed while the file was written.
+    check_target(path, options.overwrite)?;
     faults.step("rename", &tmp)?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", &tmp))?;
+    if options.overwrite {
+        std::fs::rename(&tmp, path).map_err(io_err("rename", &tmp))?;
+    } else {
+        // A link never replaces: a file created meanwhile makes it fail with EEXIST.
+        std::fs::hard_link(&tmp, path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::OutputExists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err("link", &tmp)(e)
+            }
+        })?;
+        let _ = std::fs::remove_file(&tmp);
+    }
     cleanup.path = path.to_path_buf();
     faults.step("sync directory", dir)?;
     File::open(dir)
@@ -241,6 +371,7 @@ fn write_image(
     memory: &hv::GuestMemory,
     contents: &SnapshotContents,
     mem: &mut MemoryInfo,
+    options: &WriteOptions<'_>,
     faults: &mut Faults,
 ) -> Result<()> {
     let page = PAGE_SIZE as usize;
@@ -249,6 +380,7 @@ fn write_image(
     for r in &contents.header.memory_regions {
         let mut pos = 0u64;
         while pos < r.len {
+            cancelled(options)?;
             let n = (r.len - pos).min(CHUNK as u64) as usize;
             buf.resize(n, 0);
             let addr = r.guest_addr + pos;
@@ -347,7 +479,13 @@ mod tests {
                 fail_at: Some(n),
                 steps: 0,
             };
-            let r = write_with_faults(&path, &contents, &mem, &mut faults);
+            let r = write_with_faults(
+                &path,
+                &contents,
+                &mem,
+                &WriteOptions::default(),
+                &mut faults,
+            );
             if n >= faults.steps {
                 let summary = r.unwrap();
                 assert_eq!(summary.stored_pages, 8);
@@ -363,6 +501,155 @@ mod tests {
         let r = crate::SnapshotReader::open(&path).unwrap();
         assert_eq!(r.contents(), &contents);
         r.verify_memory().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("snapshot-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn no_overwrite() -> WriteOptions<'static> {
+        WriteOptions::default()
+    }
+
+    /// Device nodes, FIFOs, sockets, directories and symbolic links are never replaced, not
+    /// even with overwrite; nothing is left in their directory.
+    #[test]
+    fn special_outputs_are_refused_and_left_alone() {
+        use std::os::unix::fs::FileTypeExt;
+        let (contents, mem) = sample();
+        let dir = scratch("special");
+        let fifo = dir.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let sock = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(dir.join("target"), &link).unwrap();
+        for overwrite in [false, true] {
+            let options = WriteOptions {
+                overwrite,
+                cancelled: None,
+            };
+            for (p, kind) in [
+                (Path::new("/dev/null"), "a character device"),
+                (fifo.as_path(), "a FIFO"),
+                (sock.as_path(), "a socket"),
+                (sub.as_path(), "a directory"),
+                (link.as_path(), "a symbolic link"),
+            ] {
+                let e = SnapshotWriter::write_with(p, &contents, &mem, &options).unwrap_err();
+                assert!(
+                    matches!(&e, Error::OutputNotRegular { kind: k, .. } if *k == kind),
+                    "{}: {e}",
+                    p.display()
+                );
+                assert!(!e.to_string().contains('\n'));
+            }
+        }
+        assert!(
+            std::fs::metadata("/dev/null")
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(
+            std::fs::symlink_metadata(&sock)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(entries(&sub).is_empty());
+        let mut names = entries(&dir);
+        names.sort();
+        assert_eq!(names, ["fifo", "link", "sock", "sub"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An existing file is replaced only with overwrite, and only by a complete file.
+    #[test]
+    fn an_existing_file_is_replaced_only_when_asked() {
+        let (contents, mem) = sample();
+        let dir = scratch("exists");
+        let path = dir.join("vm.snap");
+        std::fs::write(&path, b"old").unwrap();
+        let e = SnapshotWriter::write_with(&path, &contents, &mem, &no_overwrite()).unwrap_err();
+        assert!(matches!(e, Error::OutputExists { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(entries(&dir).len(), 1);
+        let options = WriteOptions {
+            overwrite: true,
+            cancelled: None,
+        };
+        SnapshotWriter::write_with(&path, &contents, &mem, &options).unwrap();
+        crate::SnapshotReader::open(&path)
+            .unwrap()
+            .verify_memory()
+            .unwrap();
+        assert_eq!(entries(&dir).len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A write abandoned at any point (between chunks, or just before the rename) leaves the
+    /// old file as it was and no temporary file.
+    #[test]
+    fn a_cancelled_write_leaves_the_old_file() {
+        let (contents, mem) = sample();
+        let dir = scratch("cancel");
+        let path = dir.join("vm.snap");
+        // 4 MiB in 2 MiB chunks: asked twice between chunks, once before the rename.
+        for at in 0..3 {
+            std::fs::write(&path, b"old").unwrap();
+            let asked = std::cell::Cell::new(0);
+            let cancel = || {
+                asked.set(asked.get() + 1);
+                (asked.get() > at).then(|| "the client hung up".to_string())
+            };
+            let options = WriteOptions {
+                overwrite: true,
+                cancelled: Some(&cancel),
+            };
+            let e = SnapshotWriter::write_with(&path, &contents, &mem, &options).unwrap_err();
+            assert!(matches!(e, Error::Cancelled(_)), "{e}");
+            assert_eq!(std::fs::read(&path).unwrap(), b"old", "cancelled at {at}");
+            assert_eq!(entries(&dir).len(), 1, "{:?}", entries(&dir));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Temporary files of a writer that died are removed by the next write of the same name;
+    /// those of a live process are not.
+    #[test]
+    fn dead_writers_temporaries_are_removed() {
+        let (contents, mem) = sample();
+        let dir = scratch("stale");
+        // Above the kernel's largest pid_max: no such process.
+        let dead = dir.join(".vm.snap.tmp-4194399");
+        let live = dir.join(".vm.snap.tmp-1");
+        let other = dir.join(".other.snap.tmp-4194399");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        SnapshotWriter::write_with(dir.join("vm.snap"), &contents, &mem, &no_overwrite()).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

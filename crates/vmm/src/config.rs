@@ -20,7 +20,8 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 /// Parses a size: a number with an optional `K`, `M` or `G` suffix (powers of 1024, case
-/// insensitive, an optional trailing `B` or `iB` is accepted); a bare number is MiB.
+/// insensitive); a bare number is MiB. Only the suffixes the CLI spec names are accepted: `KB`,
+/// `MiB` and the like are refused rather than guessed at.
 pub fn parse_size(text: &str) -> Result<u64> {
     let bad = |why: &str| Error::Usage(format!("invalid size '{text}': {why}"));
     let t = text.trim();
@@ -31,9 +32,9 @@ pub fn parse_size(text: &str) -> Result<u64> {
         return Err(bad("expected a number with an optional K, M or G suffix"));
     }
     let shift = match unit_part {
-        "" | "m" | "mb" | "mib" => 20,
-        "k" | "kb" | "kib" => 10,
-        "g" | "gb" | "gib" => 30,
+        "" | "m" => 20,
+        "k" => 10,
+        "g" => 30,
         _ => return Err(bad("unknown suffix (use K, M or G)")),
     };
     let n: u64 = digits.parse().map_err(|_| bad("number too large"))?;
@@ -203,7 +204,14 @@ impl NetConfig {
                 }
                 Some(("tap", _)) => return Err(bad("tap name must be 1 to 15 bytes".into())),
                 Some(("mac", m)) => {
-                    mac = Some(parse_mac(m).ok_or_else(|| bad(format!("bad mac '{m}'")))?)
+                    let addr = parse_mac(m).ok_or_else(|| bad(format!("bad mac '{m}'")))?;
+                    // The I/G bit: a group (multicast or broadcast) address is no NIC's own.
+                    if addr[0] & 1 != 0 {
+                        return Err(bad(format!(
+                            "mac '{m}' is a multicast or broadcast address, not a unicast one"
+                        )));
+                    }
+                    mac = Some(addr)
                 }
                 _ => return Err(bad(format!("unknown option '{opt}'"))),
             }
@@ -347,10 +355,34 @@ impl RunOptions {
                 reason: "config file larger than 1 MiB".into(),
             });
         }
-        Self::from_json(&text).map_err(|reason| Error::BadFile {
+        let options = Self::from_json(&text).map_err(|reason| Error::BadFile {
             path: path.to_path_buf(),
             reason,
-        })
+        })?;
+        options.check_values().map_err(|e| Error::BadFile {
+            path: path.to_path_buf(),
+            reason: crate::error::report(&e),
+        })?;
+        Ok(options)
+    }
+
+    /// Checks every value present on its own, as a boot request would (the mode-selecting
+    /// settings aside): a config file's invalid value is an error even where a flag overrides
+    /// it, not something a later edit of the command line uncovers.
+    pub fn check_values(&self) -> Result<()> {
+        let probe = RunOptions {
+            kernel: Some(
+                self.kernel
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/kernel")),
+            ),
+            restore: None,
+            verify: None,
+            incoming: None,
+            migration_key: None,
+            ..self.clone()
+        };
+        probe.into_request().map(|_| ())
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
@@ -502,6 +534,12 @@ impl RunOptions {
         if cmdline.contains('\0') {
             return Err(Error::Usage("--cmdline must not contain NUL".into()));
         }
+        if let Some(c) = cmdline.chars().find(|c| c.is_control()) {
+            return Err(Error::Usage(format!(
+                "--cmdline must not contain control characters (found {:?})",
+                c
+            )));
+        }
         Ok(RunRequest::Boot(VmConfig {
             kernel,
             initrd: self.initrd,
@@ -567,9 +605,14 @@ mod tests {
         assert_eq!(parse_size("4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("4g").unwrap(), 4 << 30);
         assert_eq!(parse_size("512K").unwrap(), 512 << 10);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("0").unwrap(), 0);
         for bad in [
+            "1GiB",
+            "1GB",
+            "256MB",
+            "256mib",
+            "512KB",
+            "512kib",
             "",
             "G",
             "-1",
@@ -650,6 +693,22 @@ mod tests {
                 ..kernel_only()
             },
             RunOptions {
+                net: vec!["tap=t0,mac=ff:ff:ff:ff:ff:ff".into()],
+                ..kernel_only()
+            },
+            RunOptions {
+                cmdline: Some("console=ttyS0\ninit=/bin/sh".into()),
+                ..kernel_only()
+            },
+            RunOptions {
+                cmdline: Some("console=ttyS0\x1b[2J".into()),
+                ..kernel_only()
+            },
+            RunOptions {
+                memory: Some(SizeValue::Text("256MB".into())),
+                ..kernel_only()
+            },
+            RunOptions {
                 vsock: Some("2,uds=/v".into()),
                 ..kernel_only()
             },
@@ -662,6 +721,23 @@ mod tests {
             let e = c.clone().into_request().unwrap_err();
             assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{c:?}");
         }
+    }
+
+    #[test]
+    fn config_values_are_checked_even_when_overridden() {
+        for bad in [
+            r#"{"memory":"256MB"}"#,
+            r#"{"cpus":0}"#,
+            r#"{"net":["tap=t0,mac=ff:ff:ff:ff:ff:ff"]}"#,
+            r#"{"cmdline":"a\u0007b"}"#,
+            r#"{"backend":"xen"}"#,
+        ] {
+            let file = RunOptions::from_json(bad).unwrap();
+            let e = file.check_values().unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{bad}: {e}");
+        }
+        let good = RunOptions::from_json(r#"{"memory":"1G","cpus":2,"restore":"/s"}"#).unwrap();
+        good.check_values().unwrap();
     }
 
     #[test]
@@ -712,6 +788,17 @@ mod tests {
         assert!(NetConfig::parse("mac=52:54:00:12:34:56").is_err());
         assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34").is_err());
         assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34:56:78").is_err());
+        for group in [
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "33:33:00:00:00:01",
+        ] {
+            let e = NetConfig::parse(&format!("tap=t,mac={group}")).unwrap_err();
+            assert!(e.to_string().contains("multicast or broadcast"), "{e}");
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+        }
+        // Locally administered unicast is fine.
+        assert!(NetConfig::parse("tap=t,mac=02:00:00:00:00:01").is_ok());
         let v = VsockConfig::parse("3,uds=/tmp/v").unwrap();
         assert_eq!(v.cid, 3);
         assert!(VsockConfig::parse("3").is_err());

@@ -342,12 +342,20 @@ fn usage(e: migrate::Error) -> Error {
     Error::Usage(crate::error::report(&e))
 }
 
+/// See [`Key::exposure_warning`] (for the CLI, which does not depend on `migrate`).
+pub fn key_exposure_warning(path: &Path) -> Option<String> {
+    Key::exposure_warning(path)
+}
+
 /// `anyvisor run --incoming ADDR`: waits for one migration and returns the arrived VM.
 ///
 /// A migration that fails before the VM runs here (wrong key, refused, stream broken) is
 /// reported on stderr and the next one is awaited.
 pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Result<Vmm> {
     let addr: Address = from.parse().map_err(usage)?;
+    if let Some(w) = key.and_then(Key::exposure_warning) {
+        eprintln!("warning: {w}");
+    }
     let key = key.map(Key::from_file).transpose().map_err(usage)?;
     if matches!(addr, Address::Tcp(_)) && key.is_none() {
         return Err(Error::Usage(

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use hv::{BackendKind, CpuState};
 use serde::{Deserialize, Serialize};
-use snapshot::{Header, SnapshotContents, SnapshotReader, SnapshotWriter};
+use snapshot::{Header, SnapshotContents, SnapshotReader, SnapshotWriter, WriteOptions};
 
 use crate::api::{ApiError, SnapshotRequest};
 use crate::backend::Backend;
@@ -149,19 +149,39 @@ pub(crate) fn capture(vm: &VmParts, run: RunState) -> std::result::Result<SavedV
 }
 
 /// `PUT /vm/snapshot`.
-pub fn take(vm: &VmParts, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
+///
+/// An output naming a directory, device node, FIFO, socket or symbolic link, or an existing
+/// file without `overwrite`, is a 400; `cancelled` (the client hung up) abandons the snapshot
+/// before the file is in place, and the VM goes on as if it had not been asked.
+pub fn take(
+    vm: &VmParts,
+    req: SnapshotRequest,
+    cancelled: crate::api::Cancelled<'_>,
+) -> std::result::Result<(), ApiError> {
     let _busy = exclusive()?;
     let was_paused = vm.is_paused();
     vm.pause()?;
     let written = capture(vm, RunState { paused: was_paused })
         .map_err(|e| ApiError::new(500, e))
         .and_then(|saved| {
-            SnapshotWriter::write(&req.output, &saved.into(), &vm.memory).map_err(|e| {
-                ApiError::new(
-                    500,
-                    format!("snapshot failed: {}", crate::error::report(&e)),
-                )
-            })
+            let options = WriteOptions {
+                overwrite: req.overwrite,
+                cancelled: Some(cancelled),
+            };
+            SnapshotWriter::write_with(&req.output, &saved.into(), &vm.memory, &options).map_err(
+                |e| {
+                    let status = match e {
+                        snapshot::Error::OutputNotRegular { .. }
+                        | snapshot::Error::OutputExists { .. } => 400,
+                        snapshot::Error::Cancelled(_) => 409,
+                        _ => 500,
+                    };
+                    ApiError::new(
+                        status,
+                        format!("snapshot failed: {}", crate::error::report(&e)),
+                    )
+                },
+            )
         });
     match written {
         Ok(_) if req.stop => {

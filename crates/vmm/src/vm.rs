@@ -148,7 +148,15 @@ impl VmControl for VmParts {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
-        crate::snapshot::take(self, req)
+        crate::snapshot::take(self, req, &|| None)
+    }
+
+    fn snapshot_cancellable(
+        &self,
+        req: SnapshotRequest,
+        cancelled: crate::api::Cancelled<'_>,
+    ) -> std::result::Result<(), ApiError> {
+        crate::snapshot::take(self, req, cancelled)
     }
 
     fn migrate(&self, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {

@@ -74,6 +74,8 @@ fn anyvisor_case(setup: &Setup, backend: &str, mem: u64, cmds: &mut Vec<(String,
         "--output".into(),
         file.display().to_string(),
         "--stop".into(),
+        // A file of an earlier run may be there: replacing it is intended.
+        "--force".into(),
     ];
     cmds.push((
         format!("anyvisor {backend} {mem} MiB: snapshot"),

@@ -10,9 +10,88 @@ use crate::error::{Error, Result};
 /// Largest response accepted.
 const MAX_RESPONSE: usize = 16 << 20;
 
+/// How often [`call_interruptible`] looks for a signal while it waits.
+const SIGNAL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// [`call`] for a request that changes things outside the VM (a snapshot file): SIGINT, SIGTERM
+/// or SIGHUP while it waits do not kill the client in the middle. It shuts down its sending
+/// side, which tells the server its client is gone (a snapshot not yet in place is abandoned,
+/// the old file left as it was), reads what the server did, and reports that with the signal:
+/// `stopped by SIGINT: <server's error>` or `stopped by SIGINT after the request had completed`.
+pub fn call_interruptible(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<Option<String>> {
+    use std::io::Read;
+    crate::exit::install_signal_handlers().map_err(|source| Error::Io {
+        op: "cannot install signal handlers",
+        source,
+    })?;
+    let mut stream = send(socket, method, path, body)?;
+    let _ = stream.set_read_timeout(Some(SIGNAL_POLL));
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut signal = None;
+    loop {
+        if signal.is_none()
+            && let Some(num) = crate::exit::take_signal()
+        {
+            signal = Some(crate::exit::signal_name(num));
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                if raw.len() > MAX_RESPONSE + 64 * 1024 {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                raw.clear();
+                if signal.is_none() {
+                    return Err(Error::Io {
+                        op: "cannot read the api response",
+                        source: e,
+                    });
+                }
+                break;
+            }
+        }
+    }
+    let answer = parse(&mut &raw[..]);
+    match (signal, answer) {
+        (None, answer) => answer,
+        (Some(sig), Ok(_)) => Err(Error::Signal(format!(
+            "{sig} after the request had completed"
+        ))),
+        (Some(sig), Err(Error::ApiRequest { message, .. })) => {
+            Err(Error::Signal(format!("{sig}: {message}")))
+        }
+        (Some(sig), Err(_)) => Err(Error::Signal(format!(
+            "{sig} before the VMM answered; what it did is unknown"
+        ))),
+    }
+}
+
 /// Sends one request and returns the response body (`None` when empty). A non-2xx status is
 /// [`Error::ApiRequest`] carrying the server's `error` message.
 pub fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<Option<String>> {
+    let mut stream = send(socket, method, path, body)?;
+    parse(&mut stream)
+}
+
+/// Connects and sends the request.
+fn send(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<UnixStream> {
     let mut stream = UnixStream::connect(socket).map_err(|source| Error::ApiConnect {
         path: socket.to_path_buf(),
         source,
@@ -28,8 +107,13 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Resu
             op: "cannot send the api request",
             source,
         })?;
+    Ok(stream)
+}
+
+/// Reads the response: the body of a 2xx, else [`Error::ApiRequest`].
+fn parse(stream: &mut impl std::io::Read) -> Result<Option<String>> {
     let (status, body) =
-        http::read_response(&mut stream, MAX_RESPONSE).map_err(|e| Error::ApiRequest {
+        http::read_response(stream, MAX_RESPONSE).map_err(|e| Error::ApiRequest {
             status: 500,
             message: format!("bad api response: {e}"),
         })?;

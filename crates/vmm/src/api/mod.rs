@@ -50,10 +50,18 @@ impl ApiError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
+    /// An absolute path: the VMM's working directory is not the client's.
     pub output: PathBuf,
     #[serde(default)]
     pub stop: bool,
+    /// Replace a regular file already at `output` (only once the new one is complete).
+    #[serde(default)]
+    pub overwrite: bool,
 }
+
+/// Asked while a long request runs: `Some(reason)` when it should be abandoned (its client
+/// hung up).
+pub type Cancelled<'a> = &'a dyn Fn() -> Option<String>;
 
 /// `PUT /vm/migrate` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +82,16 @@ pub trait VmControl: Send + Sync {
     fn resume(&self) -> std::result::Result<(), ApiError>;
     fn shutdown(&self) -> std::result::Result<(), ApiError>;
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError>;
+    /// [`VmControl::snapshot`] abandoned (the old file left as it was) when `cancelled` says so
+    /// before the new file is in place. The server passes a check of its client's connection.
+    fn snapshot_cancellable(
+        &self,
+        req: SnapshotRequest,
+        cancelled: Cancelled<'_>,
+    ) -> std::result::Result<(), ApiError> {
+        let _ = cancelled;
+        self.snapshot(req)
+    }
     /// Returns the final statistics object.
     fn migrate(&self, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError>;
 }
@@ -85,6 +103,15 @@ fn body_json<T: serde::de::DeserializeOwned>(req: &Request) -> std::result::Resu
 
 /// Answers one parsed request.
 pub fn route(control: &dyn VmControl, req: &Request) -> Response {
+    route_cancellable(control, req, &|| None)
+}
+
+/// [`route`], with a snapshot abandoned when `cancelled` says so.
+pub fn route_cancellable(
+    control: &dyn VmControl,
+    req: &Request,
+    cancelled: Cancelled<'_>,
+) -> Response {
     let done = |r: std::result::Result<(), ApiError>| match r {
         Ok(()) => Response::no_content(),
         Err(e) => Response::error(e.status, &e.message),
@@ -95,7 +122,15 @@ pub fn route(control: &dyn VmControl, req: &Request) -> Response {
         ("/vm/pause", "PUT") => done(control.pause()),
         ("/vm/resume", "PUT") => done(control.resume()),
         ("/vm/shutdown", "PUT") => done(control.shutdown()),
-        ("/vm/snapshot", "PUT") => done(body_json(req).and_then(|r| control.snapshot(r))),
+        ("/vm/snapshot", "PUT") => done(body_json::<SnapshotRequest>(req).and_then(|r| {
+            if r.output.is_relative() {
+                return Err(ApiError::new(
+                    400,
+                    format!("output {} is not an absolute path", r.output.display()),
+                ));
+            }
+            control.snapshot_cancellable(r, cancelled)
+        })),
         ("/vm/migrate", "PUT") => match body_json(req).and_then(|r| control.migrate(r)) {
             Ok(v) => Response::json(200, &v),
             Err(e) => Response::error(e.status, &e.message),
@@ -114,13 +149,45 @@ fn serve(control: &dyn VmControl, mut stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let response = match http::read_request(&mut stream) {
-        Ok(req) => route(control, &req),
+        Ok(req) => {
+            let gone = || client_gone(&stream).then(|| "the api client hung up".to_string());
+            route_cancellable(control, &req, &gone)
+        }
         Err(e) => match e.status() {
             Some(status) => Response::error(status, &e.to_string()),
             None => return,
         },
     };
     let _ = response.write_to(&mut stream);
+}
+
+/// Whether the client of `stream` closed its connection (or its sending side: a client that
+/// stops waiting shuts down its writes and reads what became of its request). The request was
+/// read whole, so anything else it sends is ignored.
+fn client_gone(stream: &UnixStream) -> bool {
+    use std::io::Read;
+    // A read that waits at most a microsecond: end of stream means the client is gone. (Without
+    // `poll`, which would need `unsafe`, or `set_nonblocking`, an ioctl the API's seccomp
+    // filter does not allow.)
+    if stream
+        .set_read_timeout(Some(Duration::from_micros(1)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let gone = match (&*stream).read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+        ),
+    };
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    gone
 }
 
 /// The number of connections being served, and a signal when it drops.
@@ -356,6 +423,10 @@ mod tests {
             .status,
             204
         );
+        // The VMM's working directory is not the client's: relative outputs are refused.
+        let r = route(&f, &req("PUT", "/vm/snapshot", r#"{"output":"x.snap"}"#));
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap().contains("not an absolute path"));
         assert_eq!(
             route(&f, &req("PUT", "/vm/migrate", r#"{"to":"unix:/m"}"#)).status,
             501
