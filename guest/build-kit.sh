@@ -9,6 +9,9 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="$HERE/out"
 CACHE="$OUT/cache"
 SRC="$HERE/src"
+# apt_get: apt-get that waits (bounded) for another apt/dpkg to release its lock.
+# shellcheck source=../scripts/apt-wait.sh
+. "$HERE/../scripts/apt-wait.sh"
 mkdir -p "$OUT" "$CACHE/debs"
 
 log() { echo "[build-kit] $*" >&2; }
@@ -24,8 +27,8 @@ command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
-    apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    apt_get update -qq || true
+    DEBIAN_FRONTEND=noninteractive apt_get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
 # fetch_deb PKG -> prints path of cached .deb
@@ -34,8 +37,8 @@ fetch_deb() {
     f="$(ls -1 "$CACHE/debs/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)"
     if [[ -z "$f" ]]; then
         log "downloading $pkg"
-        (cd "$CACHE/debs" && apt-get download -q "$pkg" >/dev/null 2>&1) \
-            || { apt-get update -qq >/dev/null 2>&1 || true; (cd "$CACHE/debs" && apt-get download -q "$pkg" >/dev/null); } \
+        (cd "$CACHE/debs" && apt_get download -q "$pkg" >/dev/null 2>&1) \
+            || { apt_get update -qq >/dev/null 2>&1 || true; (cd "$CACHE/debs" && apt_get download -q "$pkg" >/dev/null); } \
             || die "apt-get download $pkg failed"
         f="$(ls -1 "$CACHE/debs/${pkg}_"*.deb | sort -V | tail -n1)"
     fi
@@ -58,7 +61,7 @@ if [[ -z "$KPKG" ]]; then
     KPKG="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' \
             | awk '{print $1}' | sort -V | tail -n1)"
     if [[ -z "$KPKG" ]]; then
-        apt-get update -qq >/dev/null 2>&1 || true
+        apt_get update -qq >/dev/null 2>&1 || true
         KPKG="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' \
                 | awk '{print $1}' | sort -V | tail -n1)"
     fi
