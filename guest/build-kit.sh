@@ -6,7 +6,8 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="$HERE/out"
+# ANYVISOR_KIT_OUT builds elsewhere (e.g. to try a changed init.sh without touching guest/out).
+OUT="${ANYVISOR_KIT_OUT:-$HERE/out}"
 CACHE="$OUT/cache"
 SRC="$HERE/src"
 # apt_get: apt-get that waits (bounded) for another apt/dpkg to release its lock.
@@ -151,9 +152,12 @@ declare -A WANT_CFG=(
     [vmw_vsock_virtio_transport]=CONFIG_VIRTIO_VSOCKETS
     [virtio_rng]=CONFIG_HW_RANDOM_VIRTIO
     [virtio_pci]=CONFIG_VIRTIO_PCI
+    [evdev]=CONFIG_INPUT_EVDEV
+    [button]=CONFIG_ACPI_BUTTON
 )
+# evdev and button: the ACPI power button as an input event for busybox acpid (init.sh).
 WANT_ORDER=(virtio_mmio virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common
-            vmw_vsock_virtio_transport virtio_rng virtio_pci)
+            vmw_vsock_virtio_transport virtio_rng virtio_pci evdev button)
 
 # The .deb ships no modules.dep (depmod runs at install time) and kmod may be
 # absent, so read "depends=" from each module's .modinfo section with objcopy.

@@ -26,8 +26,8 @@ pub enum Command {
     Pause(ApiArgs),
     /// Resume a paused VM.
     Resume(ApiArgs),
-    /// Ask the guest to power off, then stop the VM.
-    Shutdown(ApiArgs),
+    /// Ask the guest to power off (ACPI power button), wait for it, then stop the VM.
+    Shutdown(ShutdownArgs),
     /// Write a snapshot of a running VM.
     Snapshot(SnapshotArgs),
     /// Move a running VM to another anyvisor.
@@ -128,6 +128,20 @@ pub struct ApiArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Seconds the guest has to power off after the power button; then the VM is stopped and
+    /// `run` exits 1 [default: 30].
+    #[arg(long, value_name = "SECONDS", conflicts_with = "force")]
+    pub timeout: Option<u64>,
+    /// Stop the VM at once, without asking the guest (`run` exits 0).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// The VM's API socket.
     #[arg(long, value_name = "PATH")]
@@ -210,6 +224,16 @@ mod tests {
         assert!(parse(&["info"]).is_err());
         assert!(parse(&["snapshot", "--api-socket", "s"]).is_err());
         assert!(parse(&["snapshot-info", "f"]).is_ok());
+        let Command::Shutdown(a) = parse(&["shutdown", "--api-socket", "s", "--timeout", "5"])
+            .unwrap()
+            .command
+        else {
+            panic!("not shutdown")
+        };
+        assert_eq!((a.timeout, a.force), (Some(5), false));
+        assert!(parse(&["shutdown", "--api-socket", "s", "--force"]).is_ok());
+        assert!(parse(&["shutdown", "--api-socket", "s", "--force", "--timeout", "1"]).is_err());
+        assert!(parse(&["shutdown", "--api-socket", "s", "--timeout", "-1"]).is_err());
         assert!(parse(&["migrate", "--api-socket", "s", "--to", "unix:/x"]).is_ok());
     }
 }

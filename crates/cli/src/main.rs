@@ -8,6 +8,7 @@ mod log;
 mod progress;
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
@@ -130,7 +131,19 @@ fn run(cli: Cli) -> vmm::Result<u8> {
         }
         Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
         Command::Resume(a) => control(&a.api_socket, "/vm/resume", None),
-        Command::Shutdown(a) => control(&a.api_socket, "/vm/shutdown", None),
+        Command::Shutdown(a) => {
+            let body = serde_json::json!({ "timeout": a.timeout, "force": a.force });
+            control(&a.api_socket, "/vm/shutdown", Some(body))?;
+            // The VMM removes its socket as it exits: wait for that, a little longer than it
+            // waits for the guest.
+            let secs = if a.force {
+                0
+            } else {
+                a.timeout.unwrap_or(vmm::api::SHUTDOWN_TIMEOUT_DEFAULT)
+            };
+            wait_gone(&a.api_socket, Duration::from_secs(secs.saturating_add(15)))?;
+            Ok(0)
+        }
         Command::Snapshot(a) => {
             let body = serde_json::json!({
                 "output": absolute(&a.output)?,
@@ -176,6 +189,24 @@ fn control(
     let body = body.map(|b| b.to_string());
     vmm::api::client::call(socket, "PUT", path, body.as_deref())?;
     Ok(0)
+}
+
+/// Waits until nothing answers on `socket` any more (the VMM has exited), at most `limit`.
+fn wait_gone(socket: &std::path::Path, limit: Duration) -> vmm::Result<()> {
+    let start = Instant::now();
+    // The socket file goes when the VMM exits; a VMM killed outright leaves it, but then
+    // nothing accepts on it.
+    while socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if start.elapsed() > limit {
+            return Err(vmm::Error::Internal(format!(
+                "the vm at {} was still running {} s after the shutdown request",
+                socket.display(),
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// Paths sent to the VMM are made absolute: its working directory is not ours.

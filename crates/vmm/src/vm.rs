@@ -22,9 +22,11 @@ use hv::{BackendKind, CpuModel, GuestMemory, Vcpu, VcpuExit};
 use machine::{Platform, PlatformEvent, PlatformEvents};
 use sandbox::{SeccompMode, ThreadRole};
 
-use crate::api::{ApiError, ApiServer, MigrateRequest, SnapshotRequest, VmControl};
+use crate::api::{
+    ApiError, ApiServer, MigrateRequest, ShutdownRequest, SnapshotRequest, VmControl,
+};
 use crate::config::{MIB, SerialConfig, VmConfig};
-use crate::control::{Control, PauseError, Stop};
+use crate::control::{Control, PauseError, ShutdownBy, Stop};
 use crate::error::{Error, Result};
 
 /// How long a pause may take to park every vCPU.
@@ -33,6 +35,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// How long vCPU threads get to return once stopped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest has to power off after SIGTERM pressed its power button.
+pub const SIGTERM_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `--seccomp` mode of this process, set by [`run`]: a restored or arriving VM's config
 /// comes from its sender, so the mode cannot travel in [`VmConfig`] there.
@@ -112,6 +116,10 @@ fn pause_error(e: PauseError) -> ApiError {
     match e {
         PauseError::Stopping => ApiError::new(409, "the vm is stopping"),
         PauseError::Timeout => ApiError::new(500, "vcpus did not stop in time"),
+        PauseError::Paused => ApiError::new(
+            409,
+            "the vm is paused and cannot react to the power button: resume it first, or force",
+        ),
     }
 }
 
@@ -140,11 +148,19 @@ impl VmControl for VmParts {
         VmParts::resume(self)
     }
 
-    fn shutdown(&self) -> std::result::Result<(), ApiError> {
-        // The platform has no power button to press yet, so this stops the VM at once
-        // (not graceful for the guest); the process exits 0.
-        self.control.request_stop(Stop::Shutdown);
-        Ok(())
+    fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError> {
+        if req.force {
+            // Pulling the plug; the process exits 0.
+            self.control.request_stop(Stop::Shutdown);
+            return Ok(());
+        }
+        // The ACPI power button; the main thread stops the VM if the guest has not powered
+        // off by the deadline ([`Vmm::wait`]).
+        let timeout =
+            Duration::from_secs(req.timeout.unwrap_or(crate::api::SHUTDOWN_TIMEOUT_DEFAULT));
+        self.control
+            .press_power_button(timeout, ShutdownBy::Api)
+            .map_err(pause_error)
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
@@ -175,7 +191,8 @@ impl VmParts {
 /// A platform whose serial port goes where `serial` says and whose power events stop the VM
 /// through `control`. Booting, restoring and receiving a VM all build theirs here.
 pub fn new_platform(serial: &SerialConfig, control: &Arc<Control>) -> Result<Platform> {
-    let out = crate::serial::output(serial)?;
+    let out = crate::serial::PanicWatch::new(crate::serial::output(serial)?, control.clone());
+    let out = Box::new(out);
     Ok(Platform::new(out, Arc::new(Events(control.clone()))))
 }
 
@@ -410,7 +427,19 @@ impl Vmm {
                 break stop;
             }
             if let Some(num) = crate::exit::take_signal() {
-                control.request_stop(Stop::Signal(num));
+                // The first SIGTERM asks the guest to power off (the power button); anything
+                // else, or a SIGTERM while that runs or while the VM is paused, stops it now.
+                let orderly = num == libc::SIGTERM
+                    && !control.shutdown_pending()
+                    && control
+                        .press_power_button(SIGTERM_SHUTDOWN_TIMEOUT, ShutdownBy::Signal(num))
+                        .is_ok();
+                if !orderly {
+                    control.request_stop(Stop::Signal(num));
+                }
+            }
+            if let Some(stop) = control.shutdown_overdue() {
+                control.request_stop(stop);
             }
         };
         if control.wait_exited(STOP_TIMEOUT) {
@@ -420,6 +449,13 @@ impl Vmm {
         }
         // A vCPU thread that did not return is left behind; the process ends anyway.
         drop(self.api.take());
+        // A guest whose kernel panicked resets (`panic=-1`), halts or triple-faults next: that
+        // ending is the panic.
+        if let (Stop::Reset | Stop::AllHalted | Stop::TripleFault { .. }, Some(what)) =
+            (&stop, control.panicked())
+        {
+            return Err(Error::GuestPanic(what));
+        }
         match stop {
             Stop::PowerOff => Ok(ExitReason::PowerOff),
             Stop::Reset => Ok(ExitReason::Reset),
@@ -437,6 +473,13 @@ impl Vmm {
             }),
             Stop::Signal(num) => Err(Error::Signal(crate::exit::signal_name(num))),
             Stop::Internal(msg) => Err(Error::Internal(msg)),
+            Stop::ShutdownTimeout { secs, by } => Err(Error::ShutdownTimeout {
+                secs,
+                by: match by {
+                    ShutdownBy::Api => "the shutdown request".into(),
+                    ShutdownBy::Signal(num) => crate::exit::signal_name(num),
+                },
+            }),
         }
     }
 }
@@ -473,6 +516,9 @@ fn vcpu_thread(
     }
     let body = std::panic::AssertUnwindSafe(|| {
         while control.before_run() {
+            if id == 0 && control.take_button_press() {
+                io.press_power_button();
+            }
             let exit = vcpu.lock().unwrap_or_else(PoisonError::into_inner).run(io);
             match exit {
                 Ok(VcpuExit::Interrupted) => {}

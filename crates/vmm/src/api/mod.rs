@@ -55,6 +55,22 @@ pub struct SnapshotRequest {
     pub stop: bool,
 }
 
+/// `PUT /vm/shutdown` default `timeout`, in seconds.
+pub const SHUTDOWN_TIMEOUT_DEFAULT: u64 = 30;
+
+/// `PUT /vm/shutdown` body (optional: an empty body is all defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Seconds the guest has to power off after the power button before the VM is stopped
+    /// [default: [`SHUTDOWN_TIMEOUT_DEFAULT`]].
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Stop the VM at once, without asking the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// `PUT /vm/migrate` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,7 +88,9 @@ pub trait VmControl: Send + Sync {
     fn info(&self) -> serde_json::Value;
     fn pause(&self) -> std::result::Result<(), ApiError>;
     fn resume(&self) -> std::result::Result<(), ApiError>;
-    fn shutdown(&self) -> std::result::Result<(), ApiError>;
+    /// Presses the power button (the VM stops when the guest powers off, or after the
+    /// timeout), or with `force` stops the VM at once.
+    fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError>;
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError>;
     /// Returns the final statistics object.
     fn migrate(&self, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError>;
@@ -94,7 +112,14 @@ pub fn route(control: &dyn VmControl, req: &Request) -> Response {
         ("/vm", "GET") => Response::json(200, &control.info()),
         ("/vm/pause", "PUT") => done(control.pause()),
         ("/vm/resume", "PUT") => done(control.resume()),
-        ("/vm/shutdown", "PUT") => done(control.shutdown()),
+        ("/vm/shutdown", "PUT") => {
+            let req = if req.body.iter().all(u8::is_ascii_whitespace) {
+                Ok(ShutdownRequest::default())
+            } else {
+                body_json(req)
+            };
+            done(req.and_then(|r| control.shutdown(r)))
+        }
         ("/vm/snapshot", "PUT") => done(body_json(req).and_then(|r| control.snapshot(r))),
         ("/vm/migrate", "PUT") => match body_json(req).and_then(|r| control.migrate(r)) {
             Ok(v) => Response::json(200, &v),
@@ -309,7 +334,11 @@ mod tests {
         fn resume(&self) -> std::result::Result<(), ApiError> {
             Err(ApiError::new(409, "not paused"))
         }
-        fn shutdown(&self) -> std::result::Result<(), ApiError> {
+        fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("shutdown {:?} {}", req.timeout, req.force));
             Ok(())
         }
         fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
@@ -360,9 +389,32 @@ mod tests {
             route(&f, &req("PUT", "/vm/migrate", r#"{"to":"unix:/m"}"#)).status,
             501
         );
+        assert_eq!(route(&f, &req("PUT", "/vm/shutdown", "")).status, 204);
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":5}"#)).status,
+            204
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"force":true}"#)).status,
+            204
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":-1}"#)).status,
+            400
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"grace":1}"#)).status,
+            400
+        );
         assert_eq!(
             f.calls.lock().unwrap().as_slice(),
-            ["pause", "snapshot /x true"]
+            [
+                "pause",
+                "snapshot /x true",
+                "shutdown None false",
+                "shutdown Some(5) false",
+                "shutdown None true"
+            ]
         );
     }
 
