@@ -14,6 +14,10 @@ cargo test --workspace --release --no-fail-fast -- --test-threads=2 || tests=$?
 # Every fuzz target replays its seeds and regression inputs, then mutates them for 10 s.
 fuzz=0
 ./scripts/fuzz-smoke.sh 10 || fuzz=$?
+# The production binary (`cargo build --release -p cli`) carries none of the tests' hooks.
+hooks=0
+./scripts/check-release-hooks.sh || hooks=$?
 if [ "$tests" -ne 0 ]; then echo "test: cargo test failed (see above)"; exit "$tests"; fi
 if [ "$fuzz" -ne 0 ]; then echo "test: fuzz-smoke failed (see above)"; exit "$fuzz"; fi
+if [ "$hooks" -ne 0 ]; then echo "test: check-release-hooks failed (see above)"; exit "$hooks"; fi
 if [ "$lints" -ne 0 ]; then echo "test: cargo clippy failed (see above)"; exit "$lints"; fi

@@ -14,18 +14,11 @@ use clap::Parser;
 
 use args::{Cli, Command};
 
-/// Makes the binary panic on a worker thread, so tests can check that a panic ends as one
-/// `error: internal error: ...` line and status 1.
-const TEST_PANIC_ENV: &str = "ANYVISOR_TEST_PANIC";
-
 fn main() -> ExitCode {
     install_panic_hook();
     log::install_from_env();
-    if std::env::var_os(TEST_PANIC_ENV).is_some() {
-        // The deliberate panic of the test hook above; no input reaches it.
-        #[allow(clippy::panic)]
-        let _ = std::thread::spawn(|| panic!("test panic\nsecond line")).join();
-    }
+    // Test builds only (the `test-hooks` feature); a no-op otherwise.
+    vmm::test_hooks::at_start();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(&e),

@@ -8,16 +8,11 @@ use hv::{BackendKind, CpuModel, Hypervisor};
 use crate::config::{BackendChoice, CpuModelChoice};
 use crate::error::{Error, Result};
 
-/// Overrides the KVM device node probed before opening KVM (tests use it to simulate a host
-/// without usable KVM).
-pub const KVM_DEVICE_ENV: &str = "ANYVISOR_KVM_DEVICE";
 const KVM_DEVICE: &str = "/dev/kvm";
 
+/// `/dev/kvm`, or in test builds the node a test substitutes ([`crate::test_hooks`]).
 fn kvm_device() -> PathBuf {
-    std::env::var_os(KVM_DEVICE_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(KVM_DEVICE))
+    crate::test_hooks::kvm_device().unwrap_or_else(|| PathBuf::from(KVM_DEVICE))
 }
 
 /// Whether the KVM device can be opened read-write; the reason when it cannot.

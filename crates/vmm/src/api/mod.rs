@@ -26,9 +26,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 8;
 /// How long stopping the server waits for requests in progress (a `snapshot --stop` reply).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Makes the API thread make a system call outside its seccomp allowlist (`getcwd`) right
-/// after installing its filter: a test of what `--seccomp on` does to a violation.
-pub const TEST_FORBIDDEN_SYSCALL_ENV: &str = "ANYVISOR_TEST_FORBIDDEN_SYSCALL";
 
 /// An API failure: the HTTP status and a one-line message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,9 +271,7 @@ impl ApiServer {
                     eprintln!("anyvisor: api disabled: {}", crate::error::report(&e));
                     return;
                 }
-                if std::env::var_os(TEST_FORBIDDEN_SYSCALL_ENV).is_some() {
-                    let _ = std::env::current_dir();
-                }
+                crate::test_hooks::after_api_filter();
                 accept_loop(&listener, &control, &stop2, &in_flight2);
             })
             .map_err(|source| Error::Io {
