@@ -57,8 +57,12 @@ pub struct Kit {
     pub initrd: PathBuf,
 }
 
+/// The guest kit in `guest/out`, or where `ANYVISOR_GUEST_KIT` points (a kit built with
+/// `ANYVISOR_KIT_OUT=DIR guest/build-kit.sh`).
 pub fn kit() -> Option<Kit> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let out = std::env::var_os("ANYVISOR_GUEST_KIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
     let kit = Kit {
         bzimage: out.join("bzImage"),
         vmlinux: out.join("vmlinux"),
