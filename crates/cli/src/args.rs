@@ -215,9 +215,13 @@ mod tests {
         const END: &str = "<!-- END GENERATED -->";
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/cli.md");
         let doc = std::fs::read_to_string(&path).unwrap();
-        let begin = doc.find(BEGIN).expect("no BEGIN GENERATED marker in docs/cli.md");
+        let begin = doc
+            .find(BEGIN)
+            .expect("no BEGIN GENERATED marker in docs/cli.md");
         let body = begin + doc[begin..].find("-->\n").unwrap() + 4;
-        let end = doc.find(END).expect("no END GENERATED marker in docs/cli.md");
+        let end = doc
+            .find(END)
+            .expect("no END GENERATED marker in docs/cli.md");
         let current = &doc[body..end];
         let wanted = reference_markdown();
         if current != wanted {

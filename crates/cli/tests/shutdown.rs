@@ -66,7 +66,12 @@ fn shutdown_is_orderly(backend: &str) {
     // `shutdown` waited for the VMM to go: its socket is gone already.
     assert!(!vm.socket.exists(), "shutdown returned before the vm ended");
     let status = vm.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", vm.diagnostics());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        vm.diagnostics()
+    );
     let serial = vm.serial_text();
     assert!(
         serial.contains("ANYVISOR-POWER-BUTTON pressed")
@@ -79,11 +84,19 @@ fn shutdown_is_orderly(backend: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn emu_shutdown_is_orderly() {
     shutdown_is_orderly("emu");
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_kvm),
+    ignore = "needs a usable /dev/kvm and the guest kit (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
 fn kvm_shutdown_is_orderly() {
     shutdown_is_orderly("kvm");
 }
@@ -91,6 +104,10 @@ fn kvm_shutdown_is_orderly() {
 /// A guest that ignores the button is stopped after `--timeout`: `run` exits 1 with one
 /// `error:` line saying so; `shutdown` itself succeeds (its request was carried out).
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn emu_shutdown_stops_a_guest_that_ignores_the_button() {
     let _one = serial_guard();
     let Some((mut vm, dir)) = boot_idle("emu", "ignore-power-button", "shutdown-ignored") else {
@@ -99,15 +116,25 @@ fn emu_shutdown_stops_a_guest_that_ignores_the_button() {
     let start = std::time::Instant::now();
     let out = vm.control("shutdown", &["--timeout", "3"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", vm.diagnostics());
-    assert!(start.elapsed() >= Duration::from_secs(3), "stopped before the timeout");
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "stopped before the timeout"
+    );
     let status = vm.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", vm.diagnostics());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        vm.diagnostics()
+    );
     assert!(vm.serial_text().contains("ANYVISOR-POWER-BUTTON ignored"));
     let stderr = vm.stderr();
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(
         errors,
-        ["error: the guest did not power off within 3 s of the ACPI power button (the shutdown request); stopped it"],
+        [
+            "error: the guest did not power off within 3 s of the ACPI power button (the shutdown request); stopped it"
+        ],
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -115,6 +142,10 @@ fn emu_shutdown_stops_a_guest_that_ignores_the_button() {
 
 /// `shutdown --force` stops at once (the guest is not asked) and `run` exits 0.
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn emu_shutdown_force_stops_at_once() {
     let _one = serial_guard();
     let Some((mut vm, dir)) = boot_idle("emu", "ignore-power-button", "shutdown-force") else {
@@ -123,13 +154,22 @@ fn emu_shutdown_force_stops_at_once() {
     let out = vm.control("shutdown", &["--force"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", vm.diagnostics());
     let status = vm.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", vm.diagnostics());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        vm.diagnostics()
+    );
     assert!(!vm.serial_text().contains("ANYVISOR-POWER-BUTTON"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 /// SIGTERM to `run` presses the button as well: orderly power-off, exit 0.
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn emu_sigterm_is_an_orderly_shutdown() {
     let _one = serial_guard();
     let Some((mut vm, dir)) = boot_idle("emu", "idle", "shutdown-sigterm") else {
@@ -141,7 +181,12 @@ fn emu_sigterm_is_an_orderly_shutdown() {
         .unwrap();
     assert!(killed.success());
     let status = vm.wait_exit(Duration::from_secs(60));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", vm.diagnostics());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        vm.diagnostics()
+    );
     assert!(
         vm.serial_text().contains("ANYVISOR-POWEROFF orderly"),
         "{}",
@@ -165,7 +210,12 @@ fn panic_exits_1(backend: &str) {
         &dir.join("api.sock"),
     );
     let status = vm.wait_exit(BOOT_LIMIT);
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", vm.diagnostics());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        vm.diagnostics()
+    );
     let stderr = vm.stderr();
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(
@@ -178,11 +228,19 @@ fn panic_exits_1(backend: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn emu_guest_panic_exits_1() {
     panic_exits_1("emu");
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_kvm),
+    ignore = "needs a usable /dev/kvm and the guest kit (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
 fn kvm_guest_panic_exits_1() {
     panic_exits_1("kvm");
 }

@@ -484,13 +484,44 @@ impl Vmm {
     }
 }
 
+/// More than glibc's 8 arenas before it computes its arena limit (64-bit `arena_test`).
+const PRIME_ARENA_THREADS: usize = 12;
+
 /// Makes glibc read `/proc/sys/vm/overcommit_memory` now, while no filter is installed.
 ///
 /// The first time a thread arena's heap shrinks, glibc's `free` opens that file (once per
 /// process, then it keeps the answer); on a filtered thread that `openat` would be killed. A
 /// new thread gets its own arena: filling it past the trim threshold (128 KiB) with blocks
 /// below the mmap threshold and freeing them shrinks its heap.
+///
+/// The same goes for the arena limit: when a thread needs a new arena and more than 8 exist,
+/// glibc reads `/sys/devices/system/cpu/online` (once per process) to size the limit; a
+/// device thread started by a filtered vCPU (virtio-net's receive thread) would be killed for
+/// that `openat`. [`PRIME_ARENA_THREADS`] threads that allocate at the same time make glibc
+/// create that many arenas now, and settle the limit.
 fn prime_allocator() {
+    let all_in = Arc::new(std::sync::Barrier::new(PRIME_ARENA_THREADS));
+    let threads: Vec<_> = (0..PRIME_ARENA_THREADS)
+        .filter_map(|_| {
+            let all_in = all_in.clone();
+            std::thread::Builder::new()
+                .name("prime-arena".into())
+                .spawn(move || {
+                    // The first allocation picks (creates) this thread's arena; everyone waits
+                    // until every thread has one, so none can reuse another's.
+                    let block = std::hint::black_box(vec![1u8; 64]);
+                    all_in.wait();
+                    drop(block);
+                })
+                .ok()
+        })
+        .collect();
+    if threads.len() == PRIME_ARENA_THREADS {
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+    // (If a thread could not start, the others wait forever at the barrier: leave them.)
     let primed = std::thread::Builder::new()
         .name("prime-alloc".into())
         .spawn(|| {
