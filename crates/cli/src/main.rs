@@ -119,7 +119,7 @@ fn run(cli: Cli) -> vmm::Result<u8> {
         }
         Command::Info(a) => {
             let body = vmm::api::client::call(&a.api_socket, "GET", "/vm", None)?;
-            println!("{}", body.unwrap_or_default());
+            print_line(&body.unwrap_or_default());
             Ok(0)
         }
         Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
@@ -161,16 +161,24 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             drop(shown);
             let out = out?;
             if let Some(line) = out {
-                println!("{line}");
+                print_line(&line);
             }
             Ok(0)
         }
         Command::SnapshotInfo(a) => {
             let info = vmm::snapshot::info(&a.file)?;
-            println!("{info}");
+            print_line(&info.to_string());
             Ok(0)
         }
     }
+}
+
+/// Prints one line of output. A reader that went away (`anyvisor info ... | head -c 100`) is
+/// not an error of ours: unlike `println!`, this does not panic on a closed pipe.
+fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// A control command with no output.
