@@ -53,7 +53,13 @@ chmod 0755 /etc/acpi/PWRF/00000080
 n=0
 while [ ! -e /dev/input/event0 ] && [ "$n" -lt 20 ]; do sleep 0.1; n=$((n + 1)); done
 if [ -e /dev/input/event0 ]; then
-    acpid -c /etc/acpi -l /dev/null
+    # In the foreground of a background job, so that its pid is known: INIT-OK only once it
+    # holds the input device (a press before that would be lost).
+    acpid -f -c /etc/acpi -l /dev/null &
+    n=0
+    while ! ls -l "/proc/$!/fd" 2>/dev/null | grep -q /dev/input/event && [ "$n" -lt 50 ]; do
+        sleep 0.1; n=$((n + 1))
+    done
 else
     echo "ANYVISOR-POWER-BUTTON absent"
 fi
