@@ -225,6 +225,12 @@ pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the API thread has returned.
+    done: std::sync::mpsc::Receiver<()>,
+    /// Device and inode of the socket file this server made: another VMM may have put its own
+    /// socket at the same path since (after someone removed ours), and that one is not ours to
+    /// wake or remove.
+    file_id: Option<(u64, u64)>,
     in_flight: Arc<InFlight>,
 }
 
@@ -259,6 +265,8 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(listen_err)?;
         }
         let listener = UnixListener::bind(path).map_err(listen_err)?;
+        let file_id = socket_file_id(path);
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         crate::exit::remove_on_exit(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -267,6 +275,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                let _done = done_tx;
                 if let Err(e) = sandbox::install(sandbox::ThreadRole::Api, seccomp) {
                     eprintln!("anyvisor: api disabled: {}", crate::error::report(&e));
                     return;
@@ -282,6 +291,8 @@ impl ApiServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            done,
+            file_id,
             in_flight,
         })
     }
@@ -291,18 +302,35 @@ impl ApiServer {
     }
 }
 
+/// Device and inode of the file at `path`.
+fn socket_file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag. If the connect fails the thread is left
-        // blocked in accept, which the process exit ends.
-        if UnixStream::connect(&self.path).is_ok()
-            && let Some(t) = self.thread.take()
-        {
-            let _ = t.join();
+        // Wake the accept loop so it sees the flag, if the socket file is still ours. The join
+        // waits only if the thread did return (a connect that reached someone else's socket
+        // wakes nobody here); otherwise the thread is left blocked in accept, which the process
+        // exit ends.
+        let ours = self.file_id.is_some() && socket_file_id(&self.path) == self.file_id;
+        if ours && UnixStream::connect(&self.path).is_ok() {
+            let returned = !matches!(
+                self.done.recv_timeout(Duration::from_secs(1)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if let Some(t) = self.thread.take().filter(|_| returned) {
+                let _ = t.join();
+            }
         }
         self.in_flight.drain(DRAIN_TIMEOUT);
-        let _ = std::fs::remove_file(&self.path);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
         crate::exit::forget_file(&self.path);
     }
 }
@@ -432,6 +460,26 @@ mod tests {
             let method = if path == "/vm" { "GET" } else { "PUT" };
             assert_ne!(route(&f, &req(method, path, "")).status, 404, "{path}");
         }
+    }
+
+    /// Someone removed our socket file and another VMM listens at the path now: stopping our
+    /// server must neither hang (joining a thread nobody woke) nor remove the other's socket.
+    #[test]
+    fn stopping_leaves_a_replaced_socket_alone() {
+        let dir =
+            std::env::temp_dir().join(format!("anyvisor-api-replaced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let server =
+            ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        let start = std::time::Instant::now();
+        drop(server);
+        assert!(start.elapsed() < Duration::from_secs(5), "stopping hung");
+        assert!(path.exists(), "removed the other server's socket");
+        drop(other);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
