@@ -6,9 +6,13 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="$HERE/out"
+# ANYVISOR_KIT_OUT builds elsewhere (e.g. to try a changed init.sh without touching guest/out).
+OUT="${ANYVISOR_KIT_OUT:-$HERE/out}"
 CACHE="$OUT/cache"
 SRC="$HERE/src"
+# apt_get: apt-get that waits (bounded) for another apt/dpkg to release its lock.
+# shellcheck source=../scripts/apt-wait.sh
+. "$HERE/../scripts/apt-wait.sh"
 mkdir -p "$OUT" "$CACHE/debs"
 
 log() { echo "[build-kit] $*" >&2; }
@@ -24,8 +28,8 @@ command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
-    apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    apt_get update -qq || true
+    DEBIAN_FRONTEND=noninteractive apt_get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
 # fetch_deb PKG -> prints path of cached .deb
@@ -34,8 +38,8 @@ fetch_deb() {
     f="$(ls -1 "$CACHE/debs/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)"
     if [[ -z "$f" ]]; then
         log "downloading $pkg"
-        (cd "$CACHE/debs" && apt-get download -q "$pkg" >/dev/null 2>&1) \
-            || { apt-get update -qq >/dev/null 2>&1 || true; (cd "$CACHE/debs" && apt-get download -q "$pkg" >/dev/null); } \
+        (cd "$CACHE/debs" && apt_get download -q "$pkg" >/dev/null 2>&1) \
+            || { apt_get update -qq >/dev/null 2>&1 || true; (cd "$CACHE/debs" && apt_get download -q "$pkg" >/dev/null); } \
             || die "apt-get download $pkg failed"
         f="$(ls -1 "$CACHE/debs/${pkg}_"*.deb | sort -V | tail -n1)"
     fi
@@ -58,7 +62,7 @@ if [[ -z "$KPKG" ]]; then
     KPKG="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' \
             | awk '{print $1}' | sort -V | tail -n1)"
     if [[ -z "$KPKG" ]]; then
-        apt-get update -qq >/dev/null 2>&1 || true
+        apt_get update -qq >/dev/null 2>&1 || true
         KPKG="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' \
                 | awk '{print $1}' | sort -V | tail -n1)"
     fi
@@ -148,9 +152,12 @@ declare -A WANT_CFG=(
     [vmw_vsock_virtio_transport]=CONFIG_VIRTIO_VSOCKETS
     [virtio_rng]=CONFIG_HW_RANDOM_VIRTIO
     [virtio_pci]=CONFIG_VIRTIO_PCI
+    [evdev]=CONFIG_INPUT_EVDEV
+    [button]=CONFIG_ACPI_BUTTON
 )
+# evdev and button: the ACPI power button as an input event for busybox acpid (init.sh).
 WANT_ORDER=(virtio_mmio virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common
-            vmw_vsock_virtio_transport virtio_rng virtio_pci)
+            vmw_vsock_virtio_transport virtio_rng virtio_pci evdev button)
 
 # The .deb ships no modules.dep (depmod runs at install time) and kmod may be
 # absent, so read "depends=" from each module's .modinfo section with objcopy.

@@ -3,6 +3,8 @@
 # then builds the test guest kit and the Debian distro disk image (guest/out/). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/apt-wait.sh
+. scripts/apt-wait.sh
 
 need=()
 command -v lz4 >/dev/null || need+=(lz4)
@@ -17,8 +19,8 @@ command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq "${need[@]}" >/dev/null
+  apt_get update -qq >/dev/null
+  apt_get install -y -qq "${need[@]}" >/dev/null
 fi
 ./guest/build-kit.sh
 # The Debian 12 disk image of the distro tests (crates/cli/tests/distro.rs); cached, ~3-4 min

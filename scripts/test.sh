@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: sets up what it needs (packages, guest kit), then runs every test of the
-# workspace. KVM tests print `SKIP: no /dev/kvm` where KVM is unusable; emu tests always run.
+# workspace. Tests this host cannot run (no usable /dev/kvm, not root, no qemu-img) are reported
+# as ignored with the reason (crates/cli/build.rs); emu tests always run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will SKIP)"; fi
+if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will be ignored)"; fi
 # Lints, among them the workspace's deny of unwrap/expect/panic outside tests (Cargo.toml); a
 # lint failure fails the run, after the tests have run.
 lints=0
@@ -14,6 +15,10 @@ cargo test --workspace --release --no-fail-fast -- --test-threads=2 || tests=$?
 # Every fuzz target replays its seeds and regression inputs, then mutates them for 10 s.
 fuzz=0
 ./scripts/fuzz-smoke.sh 10 || fuzz=$?
+# The production binary (`cargo build --release -p cli`) carries none of the tests' hooks.
+hooks=0
+./scripts/check-release-hooks.sh || hooks=$?
 if [ "$tests" -ne 0 ]; then echo "test: cargo test failed (see above)"; exit "$tests"; fi
 if [ "$fuzz" -ne 0 ]; then echo "test: fuzz-smoke failed (see above)"; exit "$fuzz"; fi
+if [ "$hooks" -ne 0 ]; then echo "test: check-release-hooks failed (see above)"; exit "$hooks"; fi
 if [ "$lints" -ne 0 ]; then echo "test: cargo clippy failed (see above)"; exit "$lints"; fi

@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use libfuzzer_sys::fuzz_target;
 use vmm::api::http::read_request;
-use vmm::api::{ApiError, MigrateRequest, SnapshotRequest, VmControl, route};
+use vmm::api::{ApiError, MigrateRequest, ShutdownRequest, SnapshotRequest, VmControl, route};
 
 struct Vm;
 
@@ -20,7 +20,7 @@ impl VmControl for Vm {
     fn resume(&self) -> Result<(), ApiError> {
         Err(ApiError::new(409, "not paused"))
     }
-    fn shutdown(&self) -> Result<(), ApiError> {
+    fn shutdown(&self, _: ShutdownRequest) -> Result<(), ApiError> {
         Ok(())
     }
     fn snapshot(&self, _: SnapshotRequest) -> Result<(), ApiError> {

@@ -27,6 +27,39 @@ if [ -f /etc/modules.order ]; then
 fi
 
 hostname anyvisor-guest 2>/dev/null
+
+# The ACPI power button (docs/platform.md): the `button` module turns the host's press
+# (`anyvisor shutdown`, SIGTERM) into a KEY_POWER input event, for which busybox acpid runs
+# /etc/acpi/PWRF/00000080: an orderly power-off, or with /run/anyvisor-ignore-power-button
+# (test `ignore-power-button`) nothing.
+mkdir -p /etc/acpi/PWRF
+cat > /etc/acpi/PWRF/00000080 <<'EOF'
+#!/bin/sh
+if [ -e /run/anyvisor-ignore-power-button ]; then
+    echo "ANYVISOR-POWER-BUTTON ignored" > /dev/console
+    exit 0
+fi
+echo "ANYVISOR-POWER-BUTTON pressed" > /dev/console
+kill -TERM -1 2>/dev/null
+sync
+echo "ANYVISOR-POWEROFF orderly" > /dev/console
+poweroff -f
+EOF
+chmod 0755 /etc/acpi/PWRF/00000080
+n=0
+while [ ! -e /dev/input/event0 ] && [ "$n" -lt 20 ]; do sleep 0.1; n=$((n + 1)); done
+if [ -e /dev/input/event0 ]; then
+    # In the foreground of a background job, so that its pid is known: INIT-OK only once it
+    # holds the input device (a press before that would be lost).
+    acpid -f -c /etc/acpi -l /dev/null &
+    n=0
+    while ! ls -l "/proc/$!/fd" 2>/dev/null | grep -q /dev/input/event && [ "$n" -lt 50 ]; do
+        sleep 0.1; n=$((n + 1))
+    done
+else
+    echo "ANYVISOR-POWER-BUTTON absent"
+fi
+
 echo "ANYVISOR-INIT-OK"
 
 TEST=""
@@ -53,6 +86,17 @@ report_fault() {
 case "$TEST" in
     poweroff)
         poweroff -f ;;
+    idle)
+        # Runs until the host's power button (or a forced stop) ends it.
+        echo "ANYVISOR-IDLE"
+        while :; do sleep 3600; done ;;
+    ignore-power-button)
+        touch /run/anyvisor-ignore-power-button
+        echo "ANYVISOR-IDLE"
+        while :; do sleep 3600; done ;;
+    panic)
+        # A kernel panic on purpose (sysrq 'c'); with panic=-1 the guest then resets.
+        echo c > /proc/sysrq-trigger ;;
     reboot)
         reboot -f ;;
     cpus)

@@ -26,8 +26,8 @@ pub enum Command {
     Pause(ApiArgs),
     /// Resume a paused VM.
     Resume(ApiArgs),
-    /// Ask the guest to power off, then stop the VM.
-    Shutdown(ApiArgs),
+    /// Ask the guest to power off (ACPI power button), wait for it, then stop the VM.
+    Shutdown(ShutdownArgs),
     /// Write a snapshot of a running VM.
     Snapshot(SnapshotArgs),
     /// Move a running VM to another anyvisor.
@@ -136,6 +136,20 @@ pub struct ApiArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Seconds the guest has to power off after the power button; then the VM is stopped and
+    /// `run` exits 1 [default: 30].
+    #[arg(long, value_name = "SECONDS", conflicts_with = "force")]
+    pub timeout: Option<u64>,
+    /// Stop the VM at once, without asking the guest (`run` exits 0).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// The VM's API socket.
     #[arg(long, value_name = "PATH")]
@@ -177,9 +191,66 @@ pub struct SnapshotInfoArgs {
     pub verify: bool,
 }
 
+/// The flag reference in `docs/cli.md`: `anyvisor --help` and every subcommand's `--help`, as
+/// clap renders them from the definitions above (between the `BEGIN GENERATED` and
+/// `END GENERATED` markers). The test `cli_reference_is_current` fails when the file is stale;
+/// `ANYVISOR_UPDATE_DOCS=1 cargo test -p cli --release --bin anyvisor cli_reference` rewrites it.
+#[cfg(test)]
+pub fn reference_markdown() -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().term_width(100);
+    cmd.build();
+    let mut out = String::new();
+    let mut section = |title: &str, help: String| {
+        out.push_str(&format!("### `{title}`\n\n```text\n"));
+        for line in help.trim_end().lines() {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out.push_str("```\n\n");
+    };
+    section("anyvisor --help", cmd.render_long_help().to_string());
+    for sub in cmd.get_subcommands_mut() {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let name = format!("anyvisor {} --help", sub.get_name());
+        section(&name, sub.render_long_help().to_string());
+    }
+    out.trim_end().to_string() + "\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_reference_is_current() {
+        const BEGIN: &str = "<!-- BEGIN GENERATED";
+        const END: &str = "<!-- END GENERATED -->";
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/cli.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let begin = doc
+            .find(BEGIN)
+            .expect("no BEGIN GENERATED marker in docs/cli.md");
+        let body = begin + doc[begin..].find("-->\n").unwrap() + 4;
+        let end = doc
+            .find(END)
+            .expect("no END GENERATED marker in docs/cli.md");
+        let current = &doc[body..end];
+        let wanted = reference_markdown();
+        if current != wanted {
+            if std::env::var_os("ANYVISOR_UPDATE_DOCS").is_some() {
+                let new = format!("{}{wanted}{}", &doc[..body], &doc[end..]);
+                std::fs::write(&path, new).unwrap();
+                return;
+            }
+            panic!(
+                "docs/cli.md is stale: run ANYVISOR_UPDATE_DOCS=1 cargo test -p cli --release \
+                 --bin anyvisor cli_reference"
+            );
+        }
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("anyvisor").chain(args.iter().copied()))
@@ -225,6 +296,16 @@ mod tests {
         assert!(parse(&["info"]).is_err());
         assert!(parse(&["snapshot", "--api-socket", "s"]).is_err());
         assert!(parse(&["snapshot-info", "f"]).is_ok());
+        let Command::Shutdown(a) = parse(&["shutdown", "--api-socket", "s", "--timeout", "5"])
+            .unwrap()
+            .command
+        else {
+            panic!("not shutdown")
+        };
+        assert_eq!((a.timeout, a.force), (Some(5), false));
+        assert!(parse(&["shutdown", "--api-socket", "s", "--force"]).is_ok());
+        assert!(parse(&["shutdown", "--api-socket", "s", "--force", "--timeout", "1"]).is_err());
+        assert!(parse(&["shutdown", "--api-socket", "s", "--timeout", "-1"]).is_err());
         assert!(parse(&["migrate", "--api-socket", "s", "--to", "unix:/x"]).is_ok());
     }
 }

@@ -8,23 +8,17 @@ mod log;
 mod progress;
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
 use args::{Cli, Command};
 
-/// Makes the binary panic on a worker thread, so tests can check that a panic ends as one
-/// `error: internal error: ...` line and status 1.
-const TEST_PANIC_ENV: &str = "ANYVISOR_TEST_PANIC";
-
 fn main() -> ExitCode {
     install_panic_hook();
     log::install_from_env();
-    if std::env::var_os(TEST_PANIC_ENV).is_some() {
-        // The deliberate panic of the test hook above; no input reaches it.
-        #[allow(clippy::panic)]
-        let _ = std::thread::spawn(|| panic!("test panic\nsecond line")).join();
-    }
+    // Test builds only (the `test-hooks` feature); a no-op otherwise.
+    vmm::test_hooks::at_start();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(&e),
@@ -125,12 +119,24 @@ fn run(cli: Cli) -> vmm::Result<u8> {
         }
         Command::Info(a) => {
             let body = vmm::api::client::call(&a.api_socket, "GET", "/vm", None)?;
-            println!("{}", body.unwrap_or_default());
+            print_line(&body.unwrap_or_default());
             Ok(0)
         }
         Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
         Command::Resume(a) => control(&a.api_socket, "/vm/resume", None),
-        Command::Shutdown(a) => control(&a.api_socket, "/vm/shutdown", None),
+        Command::Shutdown(a) => {
+            let body = serde_json::json!({ "timeout": a.timeout, "force": a.force });
+            control(&a.api_socket, "/vm/shutdown", Some(body))?;
+            // The VMM removes its socket as it exits: wait for that, a little longer than it
+            // waits for the guest.
+            let secs = if a.force {
+                0
+            } else {
+                a.timeout.unwrap_or(vmm::api::SHUTDOWN_TIMEOUT_DEFAULT)
+            };
+            wait_gone(&a.api_socket, Duration::from_secs(secs.saturating_add(15)))?;
+            Ok(0)
+        }
         Command::Snapshot(a) => {
             let body = serde_json::json!({
                 "output": absolute(&a.output)?,
@@ -165,13 +171,13 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             drop(shown);
             let out = out?;
             if let Some(line) = out {
-                println!("{line}");
+                print_line(&line);
             }
             Ok(0)
         }
         Command::SnapshotInfo(a) => {
             let info = vmm::snapshot::info(&a.file, a.verify)?;
-            println!("{info}");
+            print_line(&info.to_string());
             Ok(0)
         }
     }
@@ -183,6 +189,14 @@ fn migrate_key_warning(path: &std::path::Path) -> Option<String> {
     vmm::migration::key_exposure_warning(path)
 }
 
+/// Prints one line of output. A reader that went away (`anyvisor info ... | head -c 100`) is
+/// not an error of ours: unlike `println!`, this does not panic on a closed pipe.
+fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
 /// A control command with no output.
 fn control(
     socket: &std::path::Path,
@@ -192,6 +206,24 @@ fn control(
     let body = body.map(|b| b.to_string());
     vmm::api::client::call(socket, "PUT", path, body.as_deref())?;
     Ok(0)
+}
+
+/// Waits until nothing answers on `socket` any more (the VMM has exited), at most `limit`.
+fn wait_gone(socket: &std::path::Path, limit: Duration) -> vmm::Result<()> {
+    let start = Instant::now();
+    // The socket file goes when the VMM exits; a VMM killed outright leaves it, but then
+    // nothing accepts on it.
+    while socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if start.elapsed() > limit {
+            return Err(vmm::Error::Internal(format!(
+                "the vm at {} was still running {} s after the shutdown request",
+                socket.display(),
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// Paths sent to the VMM are made absolute: its working directory is not ours.

@@ -4,7 +4,8 @@
 //! network bytes through a tap in a private network namespace, vsock bytes both ways.
 //!
 //! Needs: the built guest kit, `qemu-img`/`qemu-io` (disk test), root and `ip` (net test),
-//! /dev/kvm for the kvm runs. Each test prints `SKIP: ...` and returns when something is missing.
+//! /dev/kvm for the kvm runs. A test whose needs this host lacks is ignored, with the reason
+//! (cfgs from crates/cli/build.rs).
 //! Boots are expensive (15 s to minutes), so each backend boots at most three times here.
 //! Bad host input (no boot): exit 2 with exactly one `error:` line.
 
@@ -30,28 +31,12 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 // ------------------------------------------------------------------------------------ harness
 
-/// The backends to boot on: emu always, kvm where /dev/kvm opens. Unoptimized builds boot the
-/// emulated guest kernel far too slowly, so they need `--release` or `ANYVISOR_TEST_EMU=1`
-/// (kvm on a PVM host runs the guest kernel in emu too).
-fn backends() -> Vec<&'static str> {
-    let fast =
-        !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
-    if !fast {
-        println!("SKIP: device boot tests need cargo test --release or ANYVISOR_TEST_EMU=1");
-        return Vec::new();
-    }
-    let mut v = vec!["emu"];
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        v.push("kvm");
-    } else {
-        println!("SKIP: no /dev/kvm");
-    }
-    v
+/// The kit and the backend, checked: each test is ignored (cfgs from crates/cli/build.rs) where
+/// this host cannot boot it, so a failed check here fails the test.
+fn ready(backend: &str) -> Kit {
+    let kit = kit().expect("guest kit");
+    assert!(persist_harness::backend_ready(backend));
+    kit
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -69,7 +54,7 @@ fn have(tool: &str) -> bool {
         .status()
         .is_ok();
     if !ok {
-        println!("SKIP: {tool} not installed");
+        persist_harness::host_changed(&format!("{tool} not installed"));
     }
     ok
 }
@@ -329,14 +314,23 @@ fn harness_helpers_can_fail() {
 /// 8 MiB qcow2 the guest writes 4 MiB to, a read-only raw disk the guest must not change, and
 /// the rng. Afterwards the host reads the written disk back and `qemu-img check`s it.
 #[test]
-fn disks_and_rng_end_to_end() {
-    let Some(kit) = kit() else { return };
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    for backend in backends() {
-        disks_and_rng(&kit, backend);
-    }
+#[cfg_attr(
+    not(all(boot_emu, qemu_img)),
+    ignore = "needs the guest kit, qemu-img/qemu-io and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
+fn emu_disks_and_rng_end_to_end() {
+    assert!(have("qemu-img") && have("qemu-io"));
+    disks_and_rng(&ready("emu"), "emu");
+}
+
+#[test]
+#[cfg_attr(
+    not(all(boot_kvm, qemu_img)),
+    ignore = "needs a usable /dev/kvm, the guest kit and qemu-img/qemu-io (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
+fn kvm_disks_and_rng_end_to_end() {
+    assert!(have("qemu-img") && have("qemu-io"));
+    disks_and_rng(&ready("kvm"), "kvm");
 }
 
 fn disks_and_rng(kit: &Kit, backend: &str) {
@@ -512,18 +506,23 @@ fn net_serve_helper() {
 /// One boot per backend: the guest (10.0.0.2) pings the host end of its tap (10.0.0.1, in a
 /// private network namespace), fetches 2 MiB over TCP and sends it back.
 #[test]
-fn net_end_to_end() {
-    let Some(kit) = kit() else { return };
-    if !is_root() {
-        println!("SKIP: the net test needs root (network namespace and tap)");
-        return;
-    }
-    if !have("ip") {
-        return;
-    }
-    for backend in backends() {
-        net(&kit, backend);
-    }
+#[cfg_attr(
+    not(all(boot_emu, root, ip_tool)),
+    ignore = "needs root and ip (a network namespace and a tap), the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
+fn emu_net_end_to_end() {
+    assert!(is_root() && have("ip"), "needs root and ip");
+    net(&ready("emu"), "emu");
+}
+
+#[test]
+#[cfg_attr(
+    not(all(boot_kvm, root, ip_tool)),
+    ignore = "needs root and ip (a network namespace and a tap), a usable /dev/kvm and the guest kit; crates/cli/build.rs"
+)]
+fn kvm_net_end_to_end() {
+    assert!(is_root() && have("ip"), "needs root and ip");
+    net(&ready("kvm"), "kvm");
 }
 
 fn net(kit: &Kit, backend: &str) {
@@ -600,11 +599,21 @@ fn net(kit: &Kit, backend: &str) {
 /// uds) and gets 1 MiB echoed; then the guest connects to host port 6000 (`<uds>_6000`) and
 /// gets its 1 MiB echoed by the host.
 #[test]
-fn vsock_end_to_end() {
-    let Some(kit) = kit() else { return };
-    for backend in backends() {
-        vsock(&kit, backend);
-    }
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
+fn emu_vsock_end_to_end() {
+    vsock(&ready("emu"), "emu");
+}
+
+#[test]
+#[cfg_attr(
+    not(boot_kvm),
+    ignore = "needs a usable /dev/kvm and the guest kit (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
+fn kvm_vsock_end_to_end() {
+    vsock(&ready("kvm"), "kvm");
 }
 
 fn vsock(kit: &Kit, backend: &str) {

@@ -81,6 +81,10 @@ fn boot_source(args: Vec<String>, dir: &Path) -> Vm {
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn live_migration_end_to_end() {
     if !emu_fast_enough() {
         return;
@@ -149,6 +153,10 @@ fn live_migration_end_to_end() {
 /// after the migration are all on the disk. Without root or `ip`, the same runs in this
 /// namespace over loopback.
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn migration_between_two_hosts_with_a_disk() {
     if !emu_fast_enough() {
         return;

@@ -105,6 +105,10 @@ fn claim_avx(description: &mut serde_json::Value) {
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn migration_faults_leave_the_source_running() {
     if !emu_fast_enough() {
         return;
@@ -275,6 +279,10 @@ fn migration_faults_leave_the_source_running() {
 /// destination refuses before the source pauses and the source keeps running. The guest
 /// need not boot for this (plain KVM runs guest kernel code very slowly on a KVM PVM host).
 #[test]
+#[cfg_attr(
+    not(boot_kvm),
+    ignore = "needs a usable /dev/kvm and the guest kit (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
 fn incompatible_cpu_model_is_refused() {
     if !kvm_usable() {
         return;

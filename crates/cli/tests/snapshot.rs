@@ -340,6 +340,10 @@ fn assert_refused_with(args: &[String], env: &[(&str, &str)], reason: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(boot_emu),
+    ignore = "needs the guest kit and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
 fn snapshot_restore_end_to_end() {
     if !emu_fast_enough() {
         return;
@@ -489,7 +493,7 @@ fn snapshot_restore_end_to_end() {
         let at = snapshot_and_stop(vm4, &from_kvm2);
         restore_and_check(&dir, "vm5", &from_kvm2, "emu", Some(at))
     } else {
-        println!("SKIP: no /dev/kvm: emu -> kvm, kvm -> kvm, kvm -> emu not tested");
+        println!("NOTE: no /dev/kvm: emu -> kvm, kvm -> kvm, kvm -> emu not tested");
         restore_and_check(&dir, "vm3", &running, "emu", Some(before_running))
     };
     kill_and_check_disk(last, &disk);
@@ -501,6 +505,10 @@ fn snapshot_restore_end_to_end() {
 /// anything runs, on emu, on a PVM host without plain KVM, and where KVM lacks a feature of
 /// the model or offers another CPU.
 #[test]
+#[cfg_attr(
+    not(boot_kvm),
+    ignore = "needs a usable /dev/kvm and the guest kit (on KVM-PVM hosts also cargo test --release); crates/cli/build.rs"
+)]
 fn host_model_snapshot_restores_only_on_identical_kvm() {
     let Some(kit) = kit() else { return };
     if !kvm_usable() {

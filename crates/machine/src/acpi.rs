@@ -3,8 +3,14 @@
 //!
 //! The platform is HW-reduced ACPI: no PM timer, no SCI, no legacy PIC or PIT. Power-off goes
 //! through the FADT sleep control register (an I/O port), reset through the FADT reset register.
-//! The DSDT declares `\_S5_`, the serial port (PNP0501) and one `LNRO0005` (virtio-mmio) device
-//! per virtio slot, each with its MMIO window and IOAPIC interrupt.
+//! The DSDT declares `\_S5_`, the serial port (PNP0501), one `LNRO0005` (virtio-mmio) device
+//! per virtio slot, each with its MMIO window and IOAPIC interrupt, and the power button.
+//!
+//! Power button: a HW-reduced platform has no fixed-feature button (FADT `PWR_BUTTON` is set:
+//! "no fixed power button"), so the button is a control-method device `\_SB_.PWRB` (PNP0C0C,
+//! Linux's `button` driver) signalled through a Generic Event Device `\_SB_.GED_` (ACPI0013,
+//! Linux's built-in `evged`): an edge on IOAPIC pin [`layout::POWER_BUTTON_IRQ`] makes the guest
+//! run `_EVT`, which does `Notify (\_SB_.PWRB, 0x80)`, the "button pressed" notification.
 
 use acpi_tables::Aml;
 use acpi_tables::aml;
@@ -104,7 +110,21 @@ pub fn dsdt_aml(virtio: &[VirtioSlot]) -> Vec<u8> {
         }
     }
     let raw = Raw(vbytes);
-    aml::Scope::new("\\_SB_".into(), vec![&com1, &raw]).to_aml_bytes(&mut out);
+
+    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let pwrb_uid = aml::Name::new("_UID".into(), &0u8);
+    let pwrb = aml::Device::new("PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &0u8);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, layout::POWER_BUTTON_IRQ);
+    let ged_crs_t = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_crs = aml::Name::new("_CRS".into(), &ged_crs_t);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb_path, &0x80u8);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+
+    aml::Scope::new("\\_SB_".into(), vec![&com1, &raw, &pwrb, &ged]).to_aml_bytes(&mut out);
     out
 }
 
@@ -317,6 +337,13 @@ pub(crate) mod tests {
             );
             assert_eq!(find(dsdt, b"COM1"), 1);
             assert_eq!(find(dsdt, b"LNRO0005"), 3);
+            // The power button and the GED that notifies it on IOAPIC pin 21 (edge, high).
+            assert_eq!(find(dsdt, b"PWRB"), 2, "the device and the Notify target");
+            assert_eq!(find(dsdt, b"ACPI0013"), 1);
+            assert_eq!(find(dsdt, b"_EVT"), 1);
+            let mut ged_irq = vec![0x89, 6, 0, 0x03, 1];
+            ged_irq.extend_from_slice(&layout::POWER_BUTTON_IRQ.to_le_bytes());
+            assert_eq!(find(dsdt, &ged_irq), 1);
             for s in &slots {
                 // Memory32Fixed descriptor: base and length.
                 let mut d = vec![0x86, 9, 0, 1];

@@ -159,18 +159,54 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     }
 }
 
-/// The command line handed to the kernel: the user's, unchanged, then one
-/// `virtio_mmio.device=4K@0x<base>:<irq>` per slot. At most `CMDLINE_MAX - 1` bytes.
+/// Whether the kernel part of a command line (before a `--`, after which everything goes to
+/// init) already says something about PCI (`pci=...`).
+fn mentions_pci(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .take_while(|t| *t != "--")
+        .any(|t| t.starts_with("pci="))
+}
+
+/// The command line handed to the kernel: the user's, unchanged, then `pci=off` unless the
+/// user's already has a `pci=` option (the platform has no PCI: Linux then skips probing the
+/// PCI configuration ports), then one `virtio_mmio.device=4K@0x<base>:<irq>` per slot. At most
+/// `CMDLINE_MAX - 1` bytes.
 pub fn build_cmdline(user: &str, virtio: &[VirtioSlot]) -> Result<String, Error> {
     if user.contains('\0') {
         return Err(Error::CmdlineNul);
     }
-    let mut s = user.to_string();
-    for v in virtio {
+    // Kernel options go before a `--` token: what follows it is init's.
+    let split = user
+        .match_indices("--")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let before = user
+                .get(..i)
+                .is_none_or(|b| b.is_empty() || b.ends_with(char::is_whitespace));
+            let after = user
+                .get(i + 2..)
+                .is_none_or(|a| a.is_empty() || a.starts_with(char::is_whitespace));
+            before && after
+        })
+        .unwrap_or(user.len());
+    let (kernel_part, init_part) = user.split_at(split);
+    let mut s = kernel_part.to_string();
+    let pci_off = (!mentions_pci(user)).then(|| "pci=off".to_string());
+    let devices = virtio
+        .iter()
+        .map(|v| format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq));
+    for option in pci_off.into_iter().chain(devices) {
         if !s.is_empty() && !s.ends_with(char::is_whitespace) {
             s.push(' ');
         }
-        s.push_str(&format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq));
+        s.push_str(&option);
+    }
+    if !init_part.is_empty() {
+        if !s.ends_with(char::is_whitespace) {
+            s.push(' ');
+        }
+        s.push_str(init_part);
     }
     if s.len() + 1 > CMDLINE_MAX {
         return Err(Error::CmdlineTooLong {
@@ -744,7 +780,7 @@ mod tests {
         check_common_memory(
             &mem,
             4,
-            "console=ttyS0 quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
+            "console=ttyS0 quiet pci=off virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
         );
         let p = params_of(&mem);
         let (addr, size) = ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size });
@@ -817,18 +853,39 @@ mod tests {
         let slots: Vec<VirtioSlot> = (0..16).map(|i| VirtioSlot::for_index(i).unwrap()).collect();
         let s = build_cmdline("a", &slots).unwrap();
         assert_eq!(s.matches("virtio_mmio.device=4K@0xd000f000:20").count(), 1);
+        assert!(s.starts_with("a pci=off virtio_mmio.device="), "{s}");
         assert_eq!(
             build_cmdline("", &slots[..1]).unwrap(),
-            "virtio_mmio.device=4K@0xd0000000:5"
+            "pci=off virtio_mmio.device=4K@0xd0000000:5"
         );
-        assert_eq!(build_cmdline(&"y".repeat(2047), &[]).unwrap().len(), 2047);
-        assert!(build_cmdline(&"y".repeat(2048), &[]).is_err());
+        let pci = "pci=nomsi ";
+        assert_eq!(
+            build_cmdline(&"y".repeat(2047 - 8), &[]).unwrap().len(),
+            2047
+        );
+        assert!(build_cmdline(&"y".repeat(2047 - 7), &[]).is_err());
+        assert_eq!(
+            build_cmdline(&format!("{pci}{}", "y".repeat(2047 - pci.len())), &[])
+                .unwrap()
+                .len(),
+            2047
+        );
         assert!(build_cmdline("a\0b", &[]).is_err());
         assert_eq!(
             build_cmdline("x  ", &slots[..1]).unwrap(),
-            "x  virtio_mmio.device=4K@0xd0000000:5"
+            "x  pci=off virtio_mmio.device=4K@0xd0000000:5"
         );
-        assert_eq!(build_cmdline(" keep ", &[]).unwrap(), " keep ");
+        assert_eq!(build_cmdline(" keep ", &[]).unwrap(), " keep pci=off");
+        // The user's own pci= option wins; one after `--` is init's, not the kernel's.
+        assert_eq!(build_cmdline("pci=noacpi q", &[]).unwrap(), "pci=noacpi q");
+        assert_eq!(
+            build_cmdline("q -- pci=x", &[]).unwrap(),
+            "q pci=off -- pci=x"
+        );
+        assert_eq!(
+            build_cmdline("q --x -- a", &slots[..1]).unwrap(),
+            "q --x pci=off virtio_mmio.device=4K@0xd0000000:5 -- a"
+        );
         assert!(VirtioSlot::for_index(16).is_none());
     }
 

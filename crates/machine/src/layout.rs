@@ -30,6 +30,9 @@ pub const LAPIC_BASE: u64 = 0xFEE0_0000;
 
 /// IOAPIC pin (and ISA IRQ) of the serial port.
 pub const SERIAL_IRQ: u32 = 4;
+/// IOAPIC pin of the ACPI Generic Event Device (`\_SB_.GED_`): an edge on it makes the guest
+/// run the GED's `_EVT`, which notifies the power button `\_SB_.PWRB` (edge-triggered).
+pub const POWER_BUTTON_IRQ: u32 = 21;
 /// First port of the 16550 serial port (COM1); it decodes 8 ports.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// i8042 data and command/status ports.
@@ -148,6 +151,8 @@ mod tests {
         assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START && last <= IOAPIC_BASE);
         const { assert!(VIRTIO_IRQ_BASE > SERIAL_IRQ) };
         const { assert!(VIRTIO_IRQ_BASE + MAX_VIRTIO_SLOTS <= 24) };
+        const { assert!(POWER_BUTTON_IRQ >= VIRTIO_IRQ_BASE + MAX_VIRTIO_SLOTS) };
+        const { assert!(POWER_BUTTON_IRQ < 24) };
     }
 
     #[test]

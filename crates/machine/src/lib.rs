@@ -12,6 +12,9 @@
 pub mod acpi;
 pub mod boot;
 pub mod devices;
+/// Fuzz entry points: only in fuzzing builds (`--features fuzzing`, as `fuzz/Cargo.toml` sets)
+/// and this crate's own tests; production builds do not carry them.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod layout;

@@ -162,6 +162,13 @@ impl Platform {
         IrqLine::new(self.ioapic.clone(), pin)
     }
 
+    /// Presses the ACPI power button: one edge on [`layout::POWER_BUTTON_IRQ`], the Generic
+    /// Event Device's interrupt (`docs/platform.md` §5). A guest that handles the button powers
+    /// off (or does whatever its policy says); nothing else happens on the host side.
+    pub fn press_power_button(&self) {
+        self.ioapic.trigger(layout::POWER_BUTTON_IRQ);
+    }
+
     /// Host input for the guest's ttyS0; raises IRQ 4 when the guest enabled it.
     pub fn serial_input(&self, bytes: &[u8]) {
         lock(&self.serial).input(bytes);

@@ -264,6 +264,9 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.any(libc::SYS_unlink); // removing the API socket file at exit
             a.any(libc::SYS_unlinkat); // removing the API socket file at exit
             a.ioctls(ioctl::VM_STATE)?; // dropping the kvm VM removes its memory slots
+            // Dropping a vsock device at exit (or after a restore replaced its state)
+            // deregisters its sockets from its event thread's epoll set.
+            a.any(libc::SYS_epoll_ctl);
         }
     }
     Ok(a.into_map())

@@ -21,6 +21,9 @@ use std::sync::Arc;
 
 pub mod block;
 pub(crate) mod chain;
+/// Fuzz entry points: only in fuzzing builds (`--features fuzzing`, as `fuzz/Cargo.toml` sets)
+/// and this crate's own tests; production builds do not carry them.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod mmio;

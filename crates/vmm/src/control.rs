@@ -29,6 +29,26 @@ pub enum Stop {
     Signal(i32),
     /// A VMM thread failed.
     Internal(String),
+    /// The power button was pressed (by `PUT /vm/shutdown` or SIGTERM) and the guest did not
+    /// power off within `secs` seconds.
+    ShutdownTimeout { secs: u64, by: ShutdownBy },
+}
+
+/// Who pressed the power button.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownBy {
+    /// `PUT /vm/shutdown` (`anyvisor shutdown`).
+    Api,
+    /// A termination signal to the VMM process.
+    Signal(i32),
+}
+
+/// An orderly shutdown in progress: the button is pressed, the VM is stopped at `deadline`.
+#[derive(Clone, Copy, Debug)]
+struct PendingShutdown {
+    deadline: Instant,
+    secs: u64,
+    by: ShutdownBy,
 }
 
 #[derive(Default)]
@@ -42,6 +62,11 @@ struct State {
     halted: u32,
     /// vCPU threads that returned.
     exited: u32,
+    /// A power-button press not yet delivered (vCPU 0's thread raises it).
+    button: bool,
+    shutdown: Option<PendingShutdown>,
+    /// What the guest said when its kernel panicked (seen on its console).
+    panicked: Option<String>,
 }
 
 pub struct Control {
@@ -51,11 +76,13 @@ pub struct Control {
     kickers: OnceLock<Vec<Arc<dyn VcpuKicker>>>,
 }
 
-/// What a pause or resume request found.
+/// What a pause, resume or shutdown request found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PauseError {
     Stopping,
     Timeout,
+    /// An orderly shutdown needs the guest to run.
+    Paused,
 }
 
 impl Control {
@@ -122,6 +149,73 @@ impl Control {
 
     pub fn is_paused(&self) -> bool {
         self.lock().pause
+    }
+
+    /// Starts an orderly shutdown: presses the power button (vCPU 0's thread delivers it, see
+    /// [`Control::take_button_press`]) and stops the VM with [`Stop::ShutdownTimeout`] if the
+    /// guest has not powered off after `timeout` ([`Control::shutdown_overdue`]). A second
+    /// request presses the button again and keeps the earlier deadline. A paused VM is refused:
+    /// its guest could not react.
+    pub fn press_power_button(&self, timeout: Duration, by: ShutdownBy) -> Result<(), PauseError> {
+        {
+            let mut st = self.lock();
+            if st.stopping {
+                return Err(PauseError::Stopping);
+            }
+            if st.pause {
+                return Err(PauseError::Paused);
+            }
+            st.button = true;
+            let pending = PendingShutdown {
+                deadline: Instant::now() + timeout,
+                secs: timeout.as_secs(),
+                by,
+            };
+            if st.shutdown.is_none_or(|p| pending.deadline < p.deadline) {
+                st.shutdown = Some(pending);
+            }
+        }
+        self.changed.notify_all();
+        // vCPU 0 may sit in a halted guest: the kick brings its thread round to deliver it.
+        if let Some(k) = self.kickers.get().and_then(|k| k.first()) {
+            k.kick();
+        }
+        Ok(())
+    }
+
+    /// Whether the power button was pressed since the last call (vCPU 0's thread raises the
+    /// interrupt: it may make the interrupt calls the API thread's filter refuses).
+    pub fn take_button_press(&self) -> bool {
+        std::mem::take(&mut self.lock().button)
+    }
+
+    /// Whether an orderly shutdown is in progress.
+    pub fn shutdown_pending(&self) -> bool {
+        self.lock().shutdown.is_some()
+    }
+
+    /// The stop reason once a pending orderly shutdown has run out of time.
+    pub fn shutdown_overdue(&self) -> Option<Stop> {
+        let st = self.lock();
+        let p = st.shutdown?;
+        (Instant::now() >= p.deadline).then_some(Stop::ShutdownTimeout {
+            secs: p.secs,
+            by: p.by,
+        })
+    }
+
+    /// Records that the guest kernel panicked (`what`: its panic message). The VM runs on: the
+    /// guest resets or halts next, and that ending is then reported as the panic.
+    pub fn note_panic(&self, what: String) {
+        let mut st = self.lock();
+        if st.panicked.is_none() {
+            st.panicked = Some(what);
+        }
+    }
+
+    /// The guest kernel's panic message, if it panicked.
+    pub fn panicked(&self) -> Option<String> {
+        self.lock().panicked.clone()
     }
 
     /// A vCPU thread calls this before each run: it parks while the VM is paused, and returns
@@ -310,6 +404,47 @@ mod tests {
             th.join().unwrap();
         }
         assert_eq!(ctl.pause(t), Err(PauseError::Stopping));
+    }
+
+    #[test]
+    fn power_button_and_deadline() {
+        let (ctl, threads) = start(2);
+        assert!(!ctl.take_button_press());
+        assert!(ctl.shutdown_overdue().is_none());
+        ctl.press_power_button(Duration::from_secs(60), ShutdownBy::Api)
+            .unwrap();
+        assert!(ctl.take_button_press());
+        assert!(!ctl.take_button_press(), "one press, one delivery");
+        assert!(ctl.shutdown_pending());
+        assert!(ctl.shutdown_overdue().is_none());
+        // A second request with a shorter time wins; it is overdue at once.
+        ctl.press_power_button(Duration::ZERO, ShutdownBy::Signal(15))
+            .unwrap();
+        assert!(matches!(
+            ctl.shutdown_overdue(),
+            Some(Stop::ShutdownTimeout {
+                secs: 0,
+                by: ShutdownBy::Signal(15)
+            })
+        ));
+        // A paused guest cannot react: refused.
+        ctl.pause(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            ctl.press_power_button(Duration::ZERO, ShutdownBy::Api),
+            Err(PauseError::Paused)
+        );
+        ctl.resume().unwrap();
+        ctl.note_panic("first".into());
+        ctl.note_panic("second".into());
+        assert_eq!(ctl.panicked().as_deref(), Some("first"));
+        ctl.request_stop(Stop::PowerOff);
+        assert_eq!(
+            ctl.press_power_button(Duration::ZERO, ShutdownBy::Api),
+            Err(PauseError::Stopping)
+        );
+        for th in threads {
+            th.join().unwrap();
+        }
     }
 
     #[test]

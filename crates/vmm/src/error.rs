@@ -83,6 +83,15 @@ pub enum Error {
     /// A bug or an unexpected host condition.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The guest kernel panicked (its console said `Kernel panic - not syncing: WHAT`), then
+    /// reset or halted.
+    #[error("the guest kernel panicked: {0}")]
+    GuestPanic(String),
+    /// The power button was pressed and the guest did not power off in time.
+    #[error(
+        "the guest did not power off within {secs} s of the ACPI power button ({by}); stopped it"
+    )]
+    ShutdownTimeout { secs: u64, by: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -117,7 +126,9 @@ impl Error {
             | Error::Vcpu { .. }
             | Error::Io { .. }
             | Error::Signal(_)
-            | Error::Internal(_) => EXIT_FAILURE,
+            | Error::Internal(_)
+            | Error::GuestPanic(_)
+            | Error::ShutdownTimeout { .. } => EXIT_FAILURE,
         }
     }
 }

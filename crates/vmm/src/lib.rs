@@ -12,11 +12,15 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;
+/// Fuzz entry points: only in fuzzing builds (`--features fuzzing`, as `fuzz/Cargo.toml` sets)
+/// and this crate's own tests; production builds do not carry them.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod migration;
 pub mod serial;
 pub mod snapshot;
+pub mod test_hooks;
 pub mod vm;
 
 pub use config::{RunOptions, RunRequest, VmConfig};

@@ -26,6 +26,70 @@ impl<W: Write> Write for Unbuffered<W> {
     }
 }
 
+/// What Linux prints first when its kernel panics (`panic()` in kernel/panic.c).
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+/// Longest console line kept for the panic check; a longer line is checked on its first part.
+const LINE_MAX: usize = 512;
+
+/// Passes guest serial output through and watches it for the kernel's panic line, which it
+/// records with [`crate::control::Control::note_panic`]: a guest that panics and then resets
+/// (`panic=-1`) or halts must not look like one that rebooted or powered off on purpose.
+///
+/// The console is the one panic signal every backend and every Linux guest gives without a
+/// driver (a pvpanic device needs its module loaded in the guest); it needs the kernel console on
+/// ttyS0 (`console=ttyS0`, the default command line). Only the guest kernel or root can write
+/// the console, and either can end the VM anyway, so a forged line fools nobody that matters.
+pub struct PanicWatch {
+    inner: Box<dyn Write + Send>,
+    control: Arc<crate::control::Control>,
+    line: Vec<u8>,
+}
+
+impl PanicWatch {
+    pub fn new(inner: Box<dyn Write + Send>, control: Arc<crate::control::Control>) -> Self {
+        PanicWatch {
+            inner,
+            control,
+            line: Vec::with_capacity(128),
+        }
+    }
+
+    fn end_line(&mut self) {
+        if let Some(at) = self
+            .line
+            .windows(PANIC_MARK.len())
+            .position(|w| w == PANIC_MARK)
+        {
+            let rest = self.line.get(at + PANIC_MARK.len()..).unwrap_or_default();
+            let what = String::from_utf8_lossy(rest);
+            let what = what.trim_start_matches(':').trim();
+            let what = if what.is_empty() {
+                "no reason given"
+            } else {
+                what
+            };
+            self.control.note_panic(what.to_string());
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for PanicWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            match b {
+                b'\n' | b'\r' => self.end_line(),
+                _ if self.line.len() < LINE_MAX => self.line.push(b),
+                _ => {}
+            }
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The sink for guest serial output.
 pub fn output(config: &SerialConfig) -> Result<Box<dyn Write + Send>> {
     Ok(match config {
@@ -201,5 +265,30 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
+    }
+
+    #[test]
+    fn panic_line_is_noticed_across_writes() {
+        let ctl = Arc::new(crate::control::Control::new(1));
+        let mut w = PanicWatch::new(Box::new(std::io::sink()), ctl.clone());
+        w.write_all(b"[    1.0] Kernel panic - not sync").unwrap();
+        assert!(ctl.panicked().is_none(), "only whole lines count");
+        w.write_all(b"ing: VFS: Unable to mount root fs\r\n[ 1.1] more\n")
+            .unwrap();
+        assert_eq!(
+            ctl.panicked().as_deref(),
+            Some("VFS: Unable to mount root fs")
+        );
+        let ctl = Arc::new(crate::control::Control::new(1));
+        let mut w = PanicWatch::new(Box::new(std::io::sink()), ctl.clone());
+        w.write_all(b"the kernel did not panic\n").unwrap();
+        w.write_all(&[b'x'; 2 * LINE_MAX]).unwrap();
+        w.write_all(b"Kernel panic - not syncing: late\n").unwrap();
+        assert!(
+            ctl.panicked().is_none(),
+            "past the kept part of a long line"
+        );
+        w.write_all(b"Kernel panic - not syncing\n").unwrap();
+        assert_eq!(ctl.panicked().as_deref(), Some("no reason given"));
     }
 }

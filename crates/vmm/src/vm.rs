@@ -22,9 +22,11 @@ use hv::{BackendKind, CpuModel, GuestMemory, Vcpu, VcpuExit};
 use machine::{Platform, PlatformEvent, PlatformEvents};
 use sandbox::{SeccompMode, ThreadRole};
 
-use crate::api::{ApiError, ApiServer, MigrateRequest, SnapshotRequest, VmControl};
+use crate::api::{
+    ApiError, ApiServer, MigrateRequest, ShutdownRequest, SnapshotRequest, VmControl,
+};
 use crate::config::{MIB, SerialConfig, VmConfig};
-use crate::control::{Control, PauseError, Stop};
+use crate::control::{Control, PauseError, ShutdownBy, Stop};
 use crate::error::{Error, Result};
 
 /// How long a pause may take to park every vCPU.
@@ -33,6 +35,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// How long vCPU threads get to return once stopped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest has to power off after SIGTERM pressed its power button.
+pub const SIGTERM_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `--seccomp` mode of this process, set by [`run`]: a restored or arriving VM's config
 /// comes from its sender, so the mode cannot travel in [`VmConfig`] there.
@@ -112,6 +116,10 @@ fn pause_error(e: PauseError) -> ApiError {
     match e {
         PauseError::Stopping => ApiError::new(409, "the vm is stopping"),
         PauseError::Timeout => ApiError::new(500, "vcpus did not stop in time"),
+        PauseError::Paused => ApiError::new(
+            409,
+            "the vm is paused and cannot react to the power button: resume it first, or force",
+        ),
     }
 }
 
@@ -140,11 +148,19 @@ impl VmControl for VmParts {
         VmParts::resume(self)
     }
 
-    fn shutdown(&self) -> std::result::Result<(), ApiError> {
-        // The platform has no power button to press yet, so this stops the VM at once
-        // (not graceful for the guest); the process exits 0.
-        self.control.request_stop(Stop::Shutdown);
-        Ok(())
+    fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError> {
+        if req.force {
+            // Pulling the plug; the process exits 0.
+            self.control.request_stop(Stop::Shutdown);
+            return Ok(());
+        }
+        // The ACPI power button; the main thread stops the VM if the guest has not powered
+        // off by the deadline ([`Vmm::wait`]).
+        let timeout =
+            Duration::from_secs(req.timeout.unwrap_or(crate::api::SHUTDOWN_TIMEOUT_DEFAULT));
+        self.control
+            .press_power_button(timeout, ShutdownBy::Api)
+            .map_err(pause_error)
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
@@ -183,7 +199,8 @@ impl VmParts {
 /// A platform whose serial port goes where `serial` says and whose power events stop the VM
 /// through `control`. Booting, restoring and receiving a VM all build theirs here.
 pub fn new_platform(serial: &SerialConfig, control: &Arc<Control>) -> Result<Platform> {
-    let out = crate::serial::output(serial)?;
+    let out = crate::serial::PanicWatch::new(crate::serial::output(serial)?, control.clone());
+    let out = Box::new(out);
     Ok(Platform::new(out, Arc::new(Events(control.clone()))))
 }
 
@@ -418,7 +435,19 @@ impl Vmm {
                 break stop;
             }
             if let Some(num) = crate::exit::take_signal() {
-                control.request_stop(Stop::Signal(num));
+                // The first SIGTERM asks the guest to power off (the power button); anything
+                // else, or a SIGTERM while that runs or while the VM is paused, stops it now.
+                let orderly = num == libc::SIGTERM
+                    && !control.shutdown_pending()
+                    && control
+                        .press_power_button(SIGTERM_SHUTDOWN_TIMEOUT, ShutdownBy::Signal(num))
+                        .is_ok();
+                if !orderly {
+                    control.request_stop(Stop::Signal(num));
+                }
+            }
+            if let Some(stop) = control.shutdown_overdue() {
+                control.request_stop(stop);
             }
         };
         if control.wait_exited(STOP_TIMEOUT) {
@@ -428,6 +457,13 @@ impl Vmm {
         }
         // A vCPU thread that did not return is left behind; the process ends anyway.
         drop(self.api.take());
+        // A guest whose kernel panicked resets (`panic=-1`), halts or triple-faults next: that
+        // ending is the panic.
+        if let (Stop::Reset | Stop::AllHalted | Stop::TripleFault { .. }, Some(what)) =
+            (&stop, control.panicked())
+        {
+            return Err(Error::GuestPanic(what));
+        }
         match stop {
             Stop::PowerOff => Ok(ExitReason::PowerOff),
             Stop::Reset => Ok(ExitReason::Reset),
@@ -445,9 +481,19 @@ impl Vmm {
             }),
             Stop::Signal(num) => Err(Error::Signal(crate::exit::signal_name(num))),
             Stop::Internal(msg) => Err(Error::Internal(msg)),
+            Stop::ShutdownTimeout { secs, by } => Err(Error::ShutdownTimeout {
+                secs,
+                by: match by {
+                    ShutdownBy::Api => "the shutdown request".into(),
+                    ShutdownBy::Signal(num) => crate::exit::signal_name(num),
+                },
+            }),
         }
     }
 }
+
+/// More than glibc's 8 arenas before it computes its arena limit (64-bit `arena_test`).
+const PRIME_ARENA_THREADS: usize = 12;
 
 /// Makes glibc read `/proc/sys/vm/overcommit_memory` now, while no filter is installed.
 ///
@@ -455,7 +501,35 @@ impl Vmm {
 /// process, then it keeps the answer); on a filtered thread that `openat` would be killed. A
 /// new thread gets its own arena: filling it past the trim threshold (128 KiB) with blocks
 /// below the mmap threshold and freeing them shrinks its heap.
+///
+/// The same goes for the arena limit: when a thread needs a new arena and more than 8 exist,
+/// glibc reads `/sys/devices/system/cpu/online` (once per process) to size the limit; a
+/// device thread started by a filtered vCPU (virtio-net's receive thread) would be killed for
+/// that `openat`. [`PRIME_ARENA_THREADS`] threads that allocate at the same time make glibc
+/// create that many arenas now, and settle the limit.
 fn prime_allocator() {
+    let all_in = Arc::new(std::sync::Barrier::new(PRIME_ARENA_THREADS));
+    let threads: Vec<_> = (0..PRIME_ARENA_THREADS)
+        .filter_map(|_| {
+            let all_in = all_in.clone();
+            std::thread::Builder::new()
+                .name("prime-arena".into())
+                .spawn(move || {
+                    // The first allocation picks (creates) this thread's arena; everyone waits
+                    // until every thread has one, so none can reuse another's.
+                    let block = std::hint::black_box(vec![1u8; 64]);
+                    all_in.wait();
+                    drop(block);
+                })
+                .ok()
+        })
+        .collect();
+    if threads.len() == PRIME_ARENA_THREADS {
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+    // (If a thread could not start, the others wait forever at the barrier: leave them.)
     let primed = std::thread::Builder::new()
         .name("prime-alloc".into())
         .spawn(|| {
@@ -481,6 +555,9 @@ fn vcpu_thread(
     }
     let body = std::panic::AssertUnwindSafe(|| {
         while control.before_run() {
+            if id == 0 && control.take_button_press() {
+                io.press_power_button();
+            }
             let exit = vcpu.lock().unwrap_or_else(PoisonError::into_inner).run(io);
             match exit {
                 Ok(VcpuExit::Interrupted) => {}

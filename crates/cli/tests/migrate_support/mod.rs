@@ -343,15 +343,15 @@ pub fn netns_list() -> String {
 }
 
 impl Namespaces {
-    /// Creates the pair, or prints a `SKIP:` line and returns None when this process is not
+    /// Creates the pair, or prints a `NOTE:` line and returns None when this process is not
     /// root or has no `ip` command.
     pub fn create() -> Option<Namespaces> {
         if !is_root() {
-            println!("SKIP: two network namespaces need root");
+            println!("NOTE: two network namespaces need root: one host only");
             return None;
         }
         if Command::new("ip").arg("-V").output().is_err() {
-            println!("SKIP: no ip command (iproute2) for network namespaces");
+            println!("NOTE: no ip command (iproute2) for network namespaces: one host only");
             return None;
         }
         let pid = std::process::id();

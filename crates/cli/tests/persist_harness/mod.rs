@@ -26,6 +26,9 @@ pub fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether `/dev/kvm` opens now. Tests that need KVM are ignored by `cfg(boot_kvm)` where the
+/// build found none (crates/cli/build.rs); tests that only add KVM runs to an emu test ask here
+/// and say which parts they leave out.
 pub fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -33,9 +36,16 @@ pub fn kvm_usable() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        println!("SKIP: no /dev/kvm");
+        println!("NOTE: no /dev/kvm: the kvm parts of this test do not run");
     }
     ok
+}
+
+/// A test found the host lacking what the build-time probe (crates/cli/build.rs) saw: fail,
+/// never pass without having run.
+#[track_caller]
+pub fn host_changed(what: &str) -> ! {
+    panic!("{what}, although crates/cli/build.rs found it at build time: rebuild the tests")
 }
 
 /// The emu backend needs an optimized build (`cargo test --release`) or
@@ -44,8 +54,8 @@ pub fn emu_fast_enough() -> bool {
     let ok =
         !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
     if !ok {
-        println!(
-            "SKIP: emu tests need an optimized build (cargo test --release) or ANYVISOR_TEST_EMU=1"
+        host_changed(
+            "emu tests need an optimized build (cargo test --release) or ANYVISOR_TEST_EMU=1",
         );
     }
     ok
@@ -57,8 +67,13 @@ pub struct Kit {
     pub initrd: PathBuf,
 }
 
+/// The guest kit in `guest/out`, or where `ANYVISOR_GUEST_KIT` points (a kit built with
+/// `ANYVISOR_KIT_OUT=DIR guest/build-kit.sh`). Tests that need it are ignored by
+/// `cfg(guest_kit)` where it is not built, so a missing kit fails the test (never `None`).
 pub fn kit() -> Option<Kit> {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    let out = std::env::var_os("ANYVISOR_GUEST_KIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
     let kit = Kit {
         bzimage: out.join("bzImage"),
         vmlinux: out.join("vmlinux"),
@@ -67,8 +82,7 @@ pub fn kit() -> Option<Kit> {
     if kit.bzimage.is_file() && kit.vmlinux.is_file() && kit.initrd.is_file() {
         Some(kit)
     } else {
-        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
-        None
+        host_changed("guest kit not built (run guest/build-kit.sh)")
     }
 }
 
@@ -82,17 +96,20 @@ pub fn fast_enough(backend: &str) -> bool {
         !cfg!(debug_assertions) || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
     let needs_emu = backend == "emu" || Path::new("/sys/module/kvm_pvm").exists();
     if needs_emu && !fast {
-        println!(
-            "SKIP: {backend} boot tests need an optimized build here (cargo test --release) or ANYVISOR_TEST_EMU=1"
-        );
-        return false;
+        host_changed(&format!(
+            "{backend} boot tests need an optimized build here (cargo test --release) or ANYVISOR_TEST_EMU=1"
+        ));
     }
     true
 }
 
-/// Whether guests can boot on `backend` here (prints the SKIP line when not).
+/// Whether guests can boot on `backend` here. Tests are ignored by `cfg(boot_emu)` /
+/// `cfg(boot_kvm)` where they cannot (crates/cli/build.rs), so a `false` here fails the test.
 pub fn backend_ready(backend: &str) -> bool {
-    (backend != "kvm" || kvm_usable()) && fast_enough(backend)
+    if backend == "kvm" && !kvm_usable() {
+        host_changed("no usable /dev/kvm");
+    }
+    fast_enough(backend)
 }
 
 /// How a VMM process run to its end went: exit status (`None`: killed at the time limit) and

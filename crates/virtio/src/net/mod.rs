@@ -164,6 +164,7 @@ impl Net {
 
     /// Queues `frame` as if the receive thread had read it from the tap (the fuzz target has no
     /// thread: see `crate::fuzz::net_queues`).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn offer_frame(&self, frame: &[u8]) {
         lock(&self.shared.inner).offer(frame);
     }

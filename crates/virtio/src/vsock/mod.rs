@@ -135,12 +135,14 @@ impl Vsock {
 
     /// Fuzzing: activates the device without its host event thread; [`Vsock::poll_host`] then
     /// does that thread's work, deterministically (see `crate::fuzz::vsock_queues`).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn activate_unthreaded(&mut self) -> Result<(), DeviceError> {
         self.start(false)
     }
 
     /// Fuzzing: handles the host socket events that are ready now, as the event thread would
     /// (without delivering its queue kicks).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn poll_host(&self) {
         if let Some(shared) = &self.active {
             let mut events = [EpollEvent::default(); 16];

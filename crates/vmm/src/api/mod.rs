@@ -26,9 +26,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 8;
 /// How long stopping the server waits for requests in progress (a `snapshot --stop` reply).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Makes the API thread make a system call outside its seccomp allowlist (`getcwd`) right
-/// after installing its filter: a test of what `--seccomp on` does to a violation.
-pub const TEST_FORBIDDEN_SYSCALL_ENV: &str = "ANYVISOR_TEST_FORBIDDEN_SYSCALL";
 
 /// An API failure: the HTTP status and a one-line message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +60,22 @@ pub struct SnapshotRequest {
 /// hung up).
 pub type Cancelled<'a> = &'a dyn Fn() -> Option<String>;
 
+/// `PUT /vm/shutdown` default `timeout`, in seconds.
+pub const SHUTDOWN_TIMEOUT_DEFAULT: u64 = 30;
+
+/// `PUT /vm/shutdown` body (optional: an empty body is all defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Seconds the guest has to power off after the power button before the VM is stopped
+    /// [default: [`SHUTDOWN_TIMEOUT_DEFAULT`]].
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Stop the VM at once, without asking the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// `PUT /vm/migrate` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,7 +93,9 @@ pub trait VmControl: Send + Sync {
     fn info(&self) -> serde_json::Value;
     fn pause(&self) -> std::result::Result<(), ApiError>;
     fn resume(&self) -> std::result::Result<(), ApiError>;
-    fn shutdown(&self) -> std::result::Result<(), ApiError>;
+    /// Presses the power button (the VM stops when the guest powers off, or after the
+    /// timeout), or with `force` stops the VM at once.
+    fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError>;
     fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError>;
     /// [`VmControl::snapshot`] abandoned (the old file left as it was) when `cancelled` says so
     /// before the new file is in place. The server passes a check of its client's connection.
@@ -121,7 +136,14 @@ pub fn route_cancellable(
         ("/vm", "GET") => Response::json(200, &control.info()),
         ("/vm/pause", "PUT") => done(control.pause()),
         ("/vm/resume", "PUT") => done(control.resume()),
-        ("/vm/shutdown", "PUT") => done(control.shutdown()),
+        ("/vm/shutdown", "PUT") => {
+            let req = if req.body.iter().all(u8::is_ascii_whitespace) {
+                Ok(ShutdownRequest::default())
+            } else {
+                body_json(req)
+            };
+            done(req.and_then(|r| control.shutdown(r)))
+        }
         ("/vm/snapshot", "PUT") => done(body_json::<SnapshotRequest>(req).and_then(|r| {
             if r.output.is_relative() {
                 return Err(ApiError::new(
@@ -270,6 +292,12 @@ pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the API thread has returned.
+    done: std::sync::mpsc::Receiver<()>,
+    /// Device and inode of the socket file this server made: another VMM may have put its own
+    /// socket at the same path since (after someone removed ours), and that one is not ours to
+    /// wake or remove.
+    file_id: Option<(u64, u64)>,
     in_flight: Arc<InFlight>,
 }
 
@@ -304,6 +332,8 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(listen_err)?;
         }
         let listener = UnixListener::bind(path).map_err(listen_err)?;
+        let file_id = socket_file_id(path);
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         crate::exit::remove_on_exit(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -312,13 +342,12 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                let _done = done_tx;
                 if let Err(e) = sandbox::install(sandbox::ThreadRole::Api, seccomp) {
                     eprintln!("anyvisor: api disabled: {}", crate::error::report(&e));
                     return;
                 }
-                if std::env::var_os(TEST_FORBIDDEN_SYSCALL_ENV).is_some() {
-                    let _ = std::env::current_dir();
-                }
+                crate::test_hooks::after_api_filter();
                 accept_loop(&listener, &control, &stop2, &in_flight2);
             })
             .map_err(|source| Error::Io {
@@ -329,6 +358,8 @@ impl ApiServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            done,
+            file_id,
             in_flight,
         })
     }
@@ -338,18 +369,35 @@ impl ApiServer {
     }
 }
 
+/// Device and inode of the file at `path`.
+fn socket_file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag. If the connect fails the thread is left
-        // blocked in accept, which the process exit ends.
-        if UnixStream::connect(&self.path).is_ok()
-            && let Some(t) = self.thread.take()
-        {
-            let _ = t.join();
+        // Wake the accept loop so it sees the flag, if the socket file is still ours. The join
+        // waits only if the thread did return (a connect that reached someone else's socket
+        // wakes nobody here); otherwise the thread is left blocked in accept, which the process
+        // exit ends.
+        let ours = self.file_id.is_some() && socket_file_id(&self.path) == self.file_id;
+        if ours && UnixStream::connect(&self.path).is_ok() {
+            let returned = !matches!(
+                self.done.recv_timeout(Duration::from_secs(1)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if let Some(t) = self.thread.take().filter(|_| returned) {
+                let _ = t.join();
+            }
         }
         self.in_flight.drain(DRAIN_TIMEOUT);
-        let _ = std::fs::remove_file(&self.path);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
         crate::exit::forget_file(&self.path);
     }
 }
@@ -376,7 +424,11 @@ mod tests {
         fn resume(&self) -> std::result::Result<(), ApiError> {
             Err(ApiError::new(409, "not paused"))
         }
-        fn shutdown(&self) -> std::result::Result<(), ApiError> {
+        fn shutdown(&self, req: ShutdownRequest) -> std::result::Result<(), ApiError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("shutdown {:?} {}", req.timeout, req.force));
             Ok(())
         }
         fn snapshot(&self, req: SnapshotRequest) -> std::result::Result<(), ApiError> {
@@ -431,9 +483,32 @@ mod tests {
             route(&f, &req("PUT", "/vm/migrate", r#"{"to":"unix:/m"}"#)).status,
             501
         );
+        assert_eq!(route(&f, &req("PUT", "/vm/shutdown", "")).status, 204);
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":5}"#)).status,
+            204
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"force":true}"#)).status,
+            204
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":-1}"#)).status,
+            400
+        );
+        assert_eq!(
+            route(&f, &req("PUT", "/vm/shutdown", r#"{"grace":1}"#)).status,
+            400
+        );
         assert_eq!(
             f.calls.lock().unwrap().as_slice(),
-            ["pause", "snapshot /x true"]
+            [
+                "pause",
+                "snapshot /x true",
+                "shutdown None false",
+                "shutdown Some(5) false",
+                "shutdown None true"
+            ]
         );
     }
 
@@ -456,6 +531,26 @@ mod tests {
             let method = if path == "/vm" { "GET" } else { "PUT" };
             assert_ne!(route(&f, &req(method, path, "")).status, 404, "{path}");
         }
+    }
+
+    /// Someone removed our socket file and another VMM listens at the path now: stopping our
+    /// server must neither hang (joining a thread nobody woke) nor remove the other's socket.
+    #[test]
+    fn stopping_leaves_a_replaced_socket_alone() {
+        let dir =
+            std::env::temp_dir().join(format!("anyvisor-api-replaced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let server =
+            ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        let start = std::time::Instant::now();
+        drop(server);
+        assert!(start.elapsed() < Duration::from_secs(5), "stopping hung");
+        assert!(path.exists(), "removed the other server's socket");
+        drop(other);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
