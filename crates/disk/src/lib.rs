@@ -237,7 +237,8 @@ pub(crate) fn open_depth(
         }
         Format::Vhd => vhd::open(file, readonly).map_err(image),
         Format::Vdi => Ok(Box::new(vdi::Vdi::open(file, readonly).map_err(image)?)),
-        Format::Vmdk | Format::Vhdx => Err(image(ImageError::Unsupported {
+        Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(file, path, readonly).map_err(image)?)),
+        Format::Vhdx => Err(image(ImageError::Unsupported {
             format: "disk",
             what: format!("{format} images"),
         })),
