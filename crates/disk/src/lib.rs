@@ -172,10 +172,31 @@ pub trait DiskFile: Send {
         }
         Ok(())
     }
+    /// Where the first bytes of `[offset, offset + len)` are, so that a caller can move them
+    /// between the file and its own memory without an intermediate copy (virtio-blk reads and
+    /// writes guest memory this way). `write`: the caller wants to write the range. The answer
+    /// covers at least one byte and at most `len`; the caller asks again for the rest. The
+    /// default sends everything through [`DiskFile::read_at`] / [`DiskFile::write_at`].
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Mapping<'_>> {
+        let _ = (offset, write);
+        Ok(Mapping::Other { len })
+    }
     /// The image's format.
     fn format(&self) -> Format;
     /// Whether the image was opened read-only.
     fn readonly(&self) -> bool;
+}
+
+/// An answer of [`DiskFile::map`].
+#[derive(Debug)]
+pub enum Mapping<'a> {
+    /// `len` bytes at `offset` in `file`: read (or, when asked for writing, written) there
+    /// directly. The file position is not used by the image: callers may seek it.
+    File { file: &'a File, offset: u64, len: u64 },
+    /// `len` bytes that read as zeros (only answered for reads).
+    Zero { len: u64 },
+    /// `len` bytes that must go through `read_at` / `write_at`.
+    Other { len: u64 },
 }
 
 /// Largest buffer a backend allocates for one step of a large operation.

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::util::{Lru, be32, be64, corrupt, read_exact_or_eof};
-use crate::{DiskFile, Format, QCOW2_MAGIC};
+use crate::{DiskFile, Format, Mapping, QCOW2_MAGIC};
 
 /// Largest L1 table accepted (as qemu): 32 MiB.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -101,7 +101,7 @@ pub enum Error {
 
 /// Where a guest cluster's data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mapping {
+enum Cluster {
     /// Not allocated here: backing file, or zeros.
     Unallocated,
     /// Zero flag (v3); `host` is a preallocated cluster (0 if none), refcount one if `copied`.
@@ -423,12 +423,12 @@ impl Qcow2 {
         (l1 as usize, l2 as usize)
     }
 
-    fn lookup(&mut self, guest: u64) -> io::Result<Mapping> {
+    fn lookup(&mut self, guest: u64) -> io::Result<Cluster> {
         let (l1i, l2i) = self.indexes(guest);
         let l1e = *self.l1.get(l1i).ok_or_else(|| corrupt("L1 index"))?;
         let l2off = l1e & OFFSET_MASK;
         if l2off == 0 {
-            return Ok(Mapping::Unallocated);
+            return Ok(Cluster::Unallocated);
         }
         let cs = self.cluster_size;
         let version = self.version;
@@ -448,12 +448,12 @@ impl Qcow2 {
             return Err(corrupt("unaligned data cluster"));
         }
         if version >= 3 && e & ZERO != 0 {
-            return Ok(Mapping::Zero { host, copied });
+            return Ok(Cluster::Zero { host, copied });
         }
         if host == 0 {
-            return Ok(Mapping::Unallocated);
+            return Ok(Cluster::Unallocated);
         }
-        Ok(Mapping::Data { host, copied })
+        Ok(Cluster::Data { host, copied })
     }
 
     fn read_backing(&mut self, guest: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -700,21 +700,21 @@ impl Qcow2 {
         let start = guest & !(cs - 1);
         let in_off = (guest - start) as usize;
         let mapping = self.lookup(guest)?;
-        if let Mapping::Data { host, copied: true } = mapping {
+        if let Cluster::Data { host, copied: true } = mapping {
             return self.file.write_all_at(data, host + in_off as u64);
         }
         // Build the whole cluster: old content (backing, zeros, or a shared cluster) + data.
         let mut buf = vec![0u8; cs as usize];
         if data.len() as u64 != cs {
             match mapping {
-                Mapping::Unallocated => self.read_backing(start, &mut buf)?,
-                Mapping::Data { host, .. } => read_exact_or_eof(&self.file, &mut buf, host)?,
-                Mapping::Zero { .. } => {}
+                Cluster::Unallocated => self.read_backing(start, &mut buf)?,
+                Cluster::Data { host, .. } => read_exact_or_eof(&self.file, &mut buf, host)?,
+                Cluster::Zero { .. } => {}
             }
         }
         buf[in_off..in_off + data.len()].copy_from_slice(data);
         let host = match mapping {
-            Mapping::Zero { host, copied: true } if host != 0 => host,
+            Cluster::Zero { host, copied: true } if host != 0 => host,
             _ => {
                 // Make sure the L2 table exists before taking the data cluster, so the table
                 // sits before its data in the file (not required, but tidy).
@@ -729,12 +729,12 @@ impl Qcow2 {
     /// Makes a whole cluster read as zeros (v3 only).
     fn zero_cluster(&mut self, guest: u64) -> io::Result<()> {
         let entry = match self.lookup(guest)? {
-            Mapping::Zero { .. } => return Ok(()),
-            Mapping::Unallocated if self.backing.is_none() => return Ok(()),
-            Mapping::Unallocated => ZERO,
+            Cluster::Zero { .. } => return Ok(()),
+            Cluster::Unallocated if self.backing.is_none() => return Ok(()),
+            Cluster::Unallocated => ZERO,
             // Keep the allocation: a later write reuses it in place.
-            Mapping::Data { host, copied: true } => host | COPIED | ZERO,
-            Mapping::Data { .. } => ZERO,
+            Cluster::Data { host, copied: true } => host | COPIED | ZERO,
+            Cluster::Data { .. } => ZERO,
         };
         self.set_l2_entry(guest, entry)
     }
@@ -782,6 +782,40 @@ impl DiskFile for Qcow2 {
         Format::Qcow2
     }
 
+    /// Data clusters (for writing: only those with refcount one) map to the file; zero clusters
+    /// and unallocated ones without a backing file read as zeros; the rest goes through
+    /// `read_at` / `write_at`. One cluster at a time.
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Mapping<'_>> {
+        if write {
+            self.writable()?;
+        }
+        self.check_range(offset, len)?;
+        let cs = self.cluster_size;
+        let n = len.min(cs - (offset & (cs - 1)));
+        if n == 0 {
+            return Ok(Mapping::Other { len });
+        }
+        let in_off = offset & (cs - 1);
+        Ok(match (self.lookup(offset)?, write) {
+            (Cluster::Data { host, copied }, _) if copied || !write => {
+                // A cluster cut short by the end of the file reads zeros past it: not direct.
+                let at = host + in_off;
+                if at + n <= self.file.metadata()?.len() {
+                    Mapping::File {
+                        file: &self.file,
+                        offset: at,
+                        len: n,
+                    }
+                } else {
+                    Mapping::Other { len: n }
+                }
+            }
+            (Cluster::Zero { .. }, false) => Mapping::Zero { len: n },
+            (Cluster::Unallocated, false) if self.backing.is_none() => Mapping::Zero { len: n },
+            _ => Mapping::Other { len: n },
+        })
+    }
+
     fn readonly(&self) -> bool {
         self.readonly
     }
@@ -792,9 +826,9 @@ impl DiskFile for Qcow2 {
         for (pos, n) in self.pieces(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n as usize];
             match self.lookup(pos)? {
-                Mapping::Unallocated => self.read_backing(pos, out)?,
-                Mapping::Zero { .. } => out.fill(0),
-                Mapping::Data { host, .. } => {
+                Cluster::Unallocated => self.read_backing(pos, out)?,
+                Cluster::Zero { .. } => out.fill(0),
+                Cluster::Data { host, .. } => {
                     let in_off = pos & (self.cluster_size - 1);
                     read_exact_or_eof(&self.file, out, host + in_off)?
                 }

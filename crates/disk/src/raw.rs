@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 
 use crate::util::check_range;
-use crate::{CHUNK, DiskFile, Format, read_only};
+use crate::{CHUNK, DiskFile, Format, Mapping, read_only};
 
 /// A raw image: disk byte N is file byte `base + N` (`base` is 0 but for windows into other
 /// formats' files: VHD fixed, VMDK flat extents).
@@ -96,6 +96,18 @@ impl DiskFile for RawFile {
 
     fn format(&self) -> Format {
         self.format
+    }
+
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Mapping<'_>> {
+        if write && self.readonly {
+            return Err(read_only());
+        }
+        let at = self.at(offset, len)?;
+        Ok(Mapping::File {
+            file: &self.file,
+            offset: at,
+            len,
+        })
     }
 
     fn readonly(&self) -> bool {

@@ -128,6 +128,35 @@ pub fn check_reads(path: &Path, format: crate::Format, expect: &[u8]) {
     }
     let mut b = [0u8; 1];
     assert!(img.read_at(expect.len() as u64, &mut b).is_err(), "read past the end");
+    check_map(img.as_mut(), expect);
+}
+
+/// Walks the disk with `DiskFile::map` (in pieces of up to 1 MiB starting at odd offsets):
+/// file ranges hold the expected bytes, zero ranges are zeros.
+pub fn check_map(img: &mut dyn crate::DiskFile, expect: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let mut pos = 0u64;
+    let mut want = 1000u64;
+    while pos < expect.len() as u64 {
+        let len = want.min(expect.len() as u64 - pos);
+        let m = img.map(pos, len, false).unwrap();
+        let n = match m {
+            crate::Mapping::File { file, offset, len: n } => {
+                let mut b = vec![0u8; n as usize];
+                file.read_exact_at(&mut b, offset).unwrap();
+                assert!(b[..] == expect[pos as usize..(pos + n) as usize], "mapped file bytes at {pos}");
+                n
+            }
+            crate::Mapping::Zero { len: n } => {
+                assert!(expect[pos as usize..(pos + n) as usize].iter().all(|&x| x == 0), "zero map at {pos}");
+                n
+            }
+            crate::Mapping::Other { len: n } => n,
+        };
+        assert!(n > 0 && n <= len, "map answered {n} of {len}");
+        pos += n;
+        want = want * 3 % (1 << 20) + 511;
+    }
 }
 
 /// Writes into `img` (a writable image of `expect.len()` bytes) aligned and unaligned pieces,

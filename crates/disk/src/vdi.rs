@@ -19,7 +19,7 @@ use crate::util::{
     ImageError, check_range, corrupt, field, in_file, le32, le64, pieces, read_exact_or_eof,
     read_vec,
 };
-use crate::{DiskFile, Format, read_only};
+use crate::{DiskFile, Format, Mapping, read_only};
 
 const NAME: &str = "VDI";
 /// Little-endian 0xbeda107f at offset 64.
@@ -265,6 +265,27 @@ impl DiskFile for Vdi {
 
     fn format(&self) -> Format {
         Format::Vdi
+    }
+
+    /// Allocated blocks map to the file (read and write in place), free ones read as zeros.
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Mapping<'_>> {
+        if write && self.readonly {
+            return Err(read_only());
+        }
+        check_range(offset, len, self.size)?;
+        let in_block = offset % self.block_size;
+        let n = len.min(self.block_size - in_block);
+        let idx = (offset / self.block_size) as usize;
+        Ok(match self.map.get(idx).copied() {
+            None => return Err(corrupt("VDI block index")),
+            Some(FREE | ZERO) if !write => Mapping::Zero { len: n },
+            Some(FREE | ZERO) => Mapping::Other { len: n },
+            Some(e) => Mapping::File {
+                file: &self.file,
+                offset: self.data_at(e) + in_block,
+                len: n,
+            },
+        })
     }
 
     fn readonly(&self) -> bool {

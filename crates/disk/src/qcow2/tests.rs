@@ -93,6 +93,8 @@ fn qemu_images_read_like_qemu_says() {
             read_all(img.as_mut()) == expected,
             "{cluster}: content differs"
         );
+        // The direct-I/O mapping agrees with the content.
+        crate::testutil::check_map(img.as_mut(), &expected);
         // Unaligned small reads too.
         let mut b = vec![0u8; 1000];
         img.read_at(3000 * 1024 - 500, &mut b).unwrap();
