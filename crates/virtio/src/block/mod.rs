@@ -7,6 +7,7 @@
 //! or one the queue cannot even walk (loops, bad indirect tables, bad indexes), puts the device
 //! in `DEVICE_NEEDS_RESET`.
 
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -243,16 +244,18 @@ impl Block {
         let len = total_len(bufs);
         let start = self.data_range(sector, len)?;
         check_guest(mem, bufs, Permissions::Write)?;
-        let mut chunk = vec![0u8; len.min(disk::CHUNK as u64) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.disk
-                .read_at(start + done, &mut chunk[..n])
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
-            copy_to_guest(mem, bufs, done, &chunk[..n])?;
-            done += n as u64;
-            self.counters.bytes_read += n as u64;
+        let mut pos = start;
+        let mut bounce = Vec::new();
+        for s in bufs {
+            let mut addr = s.addr;
+            let mut left = u64::from(s.len);
+            while left > 0 {
+                let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                pos += n;
+                left -= n;
+                addr = addr.checked_add(n).ok_or(())?;
+                self.counters.bytes_read += n;
+            }
         }
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
@@ -267,16 +270,25 @@ impl Block {
             .ok_or(())?;
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
-        let mut chunk = vec![0u8; len.min(disk::CHUNK as u64) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            copy_from_guest(mem, readable, HEADER_LEN as u64 + done, &mut chunk[..n])?;
-            self.disk
-                .write_at(start + done, &chunk[..n])
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
-            done += n as u64;
-            self.counters.bytes_written += n as u64;
+        let mut pos = start;
+        let mut skip = HEADER_LEN as u64;
+        let mut bounce = Vec::new();
+        for s in readable {
+            let slen = u64::from(s.len);
+            if skip >= slen {
+                skip -= slen;
+                continue;
+            }
+            let mut addr = s.addr.checked_add(skip).ok_or(())?;
+            let mut left = slen - skip;
+            skip = 0;
+            while left > 0 {
+                let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                pos += n;
+                left -= n;
+                addr = addr.checked_add(n).ok_or(())?;
+                self.counters.bytes_written += n;
+            }
         }
         Ok(())
     }
@@ -334,6 +346,84 @@ impl Block {
         VIRTIO_BLK_S_OK as u8
     }
 }
+
+/// Moves the first bytes of disk range `[pos, pos + left)` into guest memory at `addr`; returns
+/// how many. Ranges the image maps to its file go straight from the file into guest memory
+/// (`read(2)` into the mapped guest pages, no copy in between); zero ranges are filled; the rest
+/// goes through `read_at` and `bounce` (at most [`disk::CHUNK`] bytes, allocated on first use).
+fn read_piece(
+    disk: &mut dyn DiskFile,
+    mem: &GuestMemory,
+    pos: u64,
+    addr: GuestAddress,
+    left: u64,
+    bounce: &mut Vec<u8>,
+) -> Result<u64, ()> {
+    let warn = |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}"));
+    match disk.map(pos, left, false).map_err(warn)? {
+        disk::Mapping::File { file, offset, len } => {
+            let n = len.min(left);
+            let mut f = file;
+            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
+            mem.read_exact_volatile_from(addr, &mut f, n as usize)
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
+            Ok(n)
+        }
+        disk::Mapping::Zero { len } => {
+            let n = len.min(left).min(ZEROS.len() as u64);
+            mem.write_slice(ZEROS.get(..n as usize).ok_or(())?, addr)
+                .map_err(|_| ())?;
+            Ok(n)
+        }
+        disk::Mapping::Other { len } => {
+            let n = len.min(left).min(disk::CHUNK as u64);
+            if bounce.len() < n as usize {
+                bounce.resize(n as usize, 0);
+            }
+            let buf = bounce.get_mut(..n as usize).ok_or(())?;
+            disk.read_at(pos, buf).map_err(warn)?;
+            mem.write_slice(buf, addr).map_err(|_| ())?;
+            Ok(n)
+        }
+    }
+}
+
+/// Moves guest memory at `addr` into the first bytes of disk range `[pos, pos + left)`, like
+/// [`read_piece`] the other way (`write(2)` from the guest pages where the image maps the range
+/// to its file).
+fn write_piece(
+    disk: &mut dyn DiskFile,
+    mem: &GuestMemory,
+    pos: u64,
+    addr: GuestAddress,
+    left: u64,
+    bounce: &mut Vec<u8>,
+) -> Result<u64, ()> {
+    let warn = |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}"));
+    match disk.map(pos, left, true).map_err(warn)? {
+        disk::Mapping::File { file, offset, len } => {
+            let n = len.min(left);
+            let mut f = file;
+            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
+            mem.write_all_volatile_to(addr, &mut f, n as usize)
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
+            Ok(n)
+        }
+        disk::Mapping::Zero { len } | disk::Mapping::Other { len } => {
+            let n = len.min(left).min(disk::CHUNK as u64);
+            if bounce.len() < n as usize {
+                bounce.resize(n as usize, 0);
+            }
+            let buf = bounce.get_mut(..n as usize).ok_or(())?;
+            mem.read_slice(buf, addr).map_err(|_| ())?;
+            disk.write_at(pos, buf).map_err(warn)?;
+            Ok(n)
+        }
+    }
+}
+
+/// Zeros written into guest memory for ranges that read as zeros.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// GET_ID answer: the image's file name, cut to 20 bytes (no terminator when it fills them).
 fn serial_for(path: &Path) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {

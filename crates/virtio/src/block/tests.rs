@@ -664,6 +664,19 @@ fn block_device_over_qcow2() {
     d.add(&[r(0x8_0000, 16), r(DATA, 1024), w(0x9_0000, 1)]);
     d.process(&mut dev).unwrap();
     assert_eq!(d.read(0x9_0000, 1)[0], 0);
+    // Read back sectors 1..9 into a dirty buffer: zeros (a zero mapping), the data (a file
+    // mapping of the new cluster), zeros again.
+    h[0] = 0; // IN
+    h[8] = 1;
+    d.fill(0x8_0000, &h);
+    d.fill(DATA, &[0x77; 4096]);
+    d.add(&[r(0x8_0000, 16), w(DATA, 4096), w(0x9_0000, 1)]);
+    d.process(&mut dev).unwrap();
+    assert_eq!(d.read(0x9_0000, 1)[0], 0);
+    let got = d.read(DATA, 4096);
+    assert!(got[..1024].iter().all(|&b| b == 0));
+    assert!(got[1024..2048].iter().all(|&b| b == 0xee));
+    assert!(got[2048..].iter().all(|&b| b == 0));
     drop(dev);
     tool("qemu-img", &["check", path_str(&p)]);
     let out = dir.path("converted.raw");
