@@ -733,7 +733,10 @@ fn bad_device_input_exits_2() {
         ),
         (
             vec!["--disk".into(), format!("{},format=vmdk", raw.display())],
-            format!("cannot open disk {}: not a VMDK image (bad magic)", raw.display()),
+            format!(
+                "cannot open disk {}: not a VMDK image (bad magic)",
+                raw.display()
+            ),
         ),
         (
             vec!["--disk".into(), corrupt_path.display().to_string()],

@@ -192,7 +192,11 @@ pub trait DiskFile: Send {
 pub enum Mapping<'a> {
     /// `len` bytes at `offset` in `file`: read (or, when asked for writing, written) there
     /// directly. The file position is not used by the image: callers may seek it.
-    File { file: &'a File, offset: u64, len: u64 },
+    File {
+        file: &'a File,
+        offset: u64,
+        len: u64,
+    },
     /// `len` bytes that read as zeros (only answered for reads).
     Zero { len: u64 },
     /// `len` bytes that must go through `read_at` / `write_at`.
@@ -248,17 +252,18 @@ pub(crate) fn open_depth(
             Ok(Box::new(raw))
         }
         Format::Qcow2 => {
-            let q = qcow2::Qcow2::open(file, path, readonly, depth).map_err(|source| {
-                Error::Qcow2 {
+            let q =
+                qcow2::Qcow2::open(file, path, readonly, depth).map_err(|source| Error::Qcow2 {
                     path: path.to_owned(),
                     source,
-                }
-            })?;
+                })?;
             Ok(Box::new(q))
         }
         Format::Vhd => vhd::open(file, readonly).map_err(image),
         Format::Vdi => Ok(Box::new(vdi::Vdi::open(file, readonly).map_err(image)?)),
-        Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(file, path, readonly).map_err(image)?)),
+        Format::Vmdk => Ok(Box::new(
+            vmdk::Vmdk::open(file, path, readonly).map_err(image)?,
+        )),
         Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(file, readonly).map_err(image)?)),
     }
 }
@@ -342,7 +347,10 @@ mod tests {
         // A file shorter than every magic is raw.
         let p = dir.path("tiny");
         std::fs::write(&p, b"QF").unwrap();
-        assert_eq!(detect_format(&mut File::open(&p).unwrap()).unwrap(), Format::Raw);
+        assert_eq!(
+            detect_format(&mut File::open(&p).unwrap()).unwrap(),
+            Format::Raw
+        );
     }
 
     #[test]

@@ -122,12 +122,18 @@ pub fn check_reads(path: &Path, format: crate::Format, expect: &[u8]) {
         let len = n.min(expect.len() - pos);
         let mut b = vec![0xa5u8; len];
         img.read_at(pos as u64, &mut b).unwrap();
-        assert!(b[..] == expect[pos..pos + len], "read of {len} at {pos} differs");
+        assert!(
+            b[..] == expect[pos..pos + len],
+            "read of {len} at {pos} differs"
+        );
         pos += len;
         n = n * 7 % 70_001 + 333;
     }
     let mut b = [0u8; 1];
-    assert!(img.read_at(expect.len() as u64, &mut b).is_err(), "read past the end");
+    assert!(
+        img.read_at(expect.len() as u64, &mut b).is_err(),
+        "read past the end"
+    );
     check_map(img.as_mut(), expect);
 }
 
@@ -141,14 +147,26 @@ pub fn check_map(img: &mut dyn crate::DiskFile, expect: &[u8]) {
         let len = want.min(expect.len() as u64 - pos);
         let m = img.map(pos, len, false).unwrap();
         let n = match m {
-            crate::Mapping::File { file, offset, len: n } => {
+            crate::Mapping::File {
+                file,
+                offset,
+                len: n,
+            } => {
                 let mut b = vec![0u8; n as usize];
                 file.read_exact_at(&mut b, offset).unwrap();
-                assert!(b[..] == expect[pos as usize..(pos + n) as usize], "mapped file bytes at {pos}");
+                assert!(
+                    b[..] == expect[pos as usize..(pos + n) as usize],
+                    "mapped file bytes at {pos}"
+                );
                 n
             }
             crate::Mapping::Zero { len: n } => {
-                assert!(expect[pos as usize..(pos + n) as usize].iter().all(|&x| x == 0), "zero map at {pos}");
+                assert!(
+                    expect[pos as usize..(pos + n) as usize]
+                        .iter()
+                        .all(|&x| x == 0),
+                    "zero map at {pos}"
+                );
                 n
             }
             crate::Mapping::Other { len: n } => n,
@@ -191,7 +209,15 @@ pub fn qemu_agrees(dir: &TempDir, img: &Path, fmt: &str, expect: &[u8], has_chec
     std::fs::write(&raw, expect).unwrap();
     run(
         "qemu-img",
-        &["compare", "-f", fmt, "-F", "raw", path_str(img), path_str(&raw)],
+        &[
+            "compare",
+            "-f",
+            fmt,
+            "-F",
+            "raw",
+            path_str(img),
+            path_str(&raw),
+        ],
     );
     if has_check {
         run("qemu-img", &["check", "-f", fmt, path_str(img)]);
@@ -227,7 +253,15 @@ pub fn qemu_view(dir: &TempDir, img: &Path, fmt: &str) -> Vec<u8> {
     let out = dir.path("qemu-view.raw");
     run(
         "qemu-img",
-        &["convert", "-f", fmt, "-O", "raw", path_str(img), path_str(&out)],
+        &[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            path_str(img),
+            path_str(&out),
+        ],
     );
     std::fs::read(&out).unwrap()
 }

@@ -188,7 +188,11 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
     /// Inserts (replacing) `k`, evicting the least recently used entry when full.
     pub(crate) fn insert(&mut self, k: K, v: V) -> &mut V {
         if !self.map.contains_key(&k) && self.map.len() >= self.cap {
-            let oldest = self.map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k);
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| *k);
             if let Some(o) = oldest {
                 self.map.remove(&o);
             }

@@ -65,7 +65,12 @@ impl Vdi {
         }
         let header_size = u64::from(le32(&h, 72));
         if !(384..=4096).contains(&header_size) || !in_file(72, header_size, file_len) {
-            return Err(field(NAME, "header size", header_size, "outside 384..4096 or the file"));
+            return Err(field(
+                NAME,
+                "header size",
+                header_size,
+                "outside 384..4096 or the file",
+            ));
         }
         let image_type = le32(&h, 76);
         match image_type {
@@ -76,7 +81,14 @@ impl Vdi {
                     what: "undo and differencing images".into(),
                 });
             }
-            t => return Err(field(NAME, "image type", t.into(), "not normal (1) or fixed (2)")),
+            t => {
+                return Err(field(
+                    NAME,
+                    "image type",
+                    t.into(),
+                    "not normal (1) or fixed (2)",
+                ));
+            }
         }
         let offset_blocks = u64::from(le32(&h, 340));
         let offset_data = u64::from(le32(&h, 344));
@@ -90,7 +102,12 @@ impl Vdi {
             return Err(field(NAME, "sector size", sector_size.into(), "not 512"));
         }
         if size > MAX_SIZE || !size.is_multiple_of(512) {
-            return Err(field(NAME, "disk size", size, "above 64 TiB or not whole sectors"));
+            return Err(field(
+                NAME,
+                "disk size",
+                size,
+                "above 64 TiB or not whole sectors",
+            ));
         }
         if !block_size.is_power_of_two() || !(512..=256 << 20).contains(&block_size) {
             return Err(field(
@@ -110,7 +127,12 @@ impl Vdi {
             return Err(field(NAME, "block count", blocks, "above 2^24"));
         }
         if blocks * block_size < size {
-            return Err(field(NAME, "block count", blocks, "too few for the disk size"));
+            return Err(field(
+                NAME,
+                "block count",
+                blocks,
+                "too few for the disk size",
+            ));
         }
         if u64::from(allocated) > blocks {
             return Err(field(
@@ -152,7 +174,12 @@ impl Vdi {
             match used.get_mut(e as usize) {
                 Some(u) if !*u => *u = true,
                 Some(_) => {
-                    return Err(field(NAME, "block map entry", i as u64, "shares its data block"));
+                    return Err(field(
+                        NAME,
+                        "block map entry",
+                        i as u64,
+                        "shares its data block",
+                    ));
                 }
                 None => {
                     return Err(field(

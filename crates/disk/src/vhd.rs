@@ -204,7 +204,12 @@ impl Dynamic {
         }
         let h = read_vec(&file, hoff, DYN_HEADER_LEN)?;
         if h.get(0..8) != Some(DYN_COOKIE.as_slice()) {
-            return Err(field(NAME, "dynamic header cookie", be64(&h, 0), "not cxsparse"));
+            return Err(field(
+                NAME,
+                "dynamic header cookie",
+                be64(&h, 0),
+                "not cxsparse",
+            ));
         }
         let stored = be32(&h, 36);
         let computed = checksum(&h, 36);
@@ -240,7 +245,12 @@ impl Dynamic {
             return Err(field(NAME, "max table entries", needed, "above 2^24"));
         }
         if !in_file(bat_offset, needed * 4, file_len) {
-            return Err(field(NAME, "table offset", bat_offset, "BAT outside the file"));
+            return Err(field(
+                NAME,
+                "table offset",
+                bat_offset,
+                "BAT outside the file",
+            ));
         }
         let bat: Vec<u32> = read_vec(&file, bat_offset, needed * 4)?
             .chunks_exact(4)

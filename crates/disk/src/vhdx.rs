@@ -196,7 +196,12 @@ impl Vhdx {
                 continue;
             };
             if !off.is_multiple_of(MIB) || off < MIB || len == 0 || !len.is_multiple_of(MIB) {
-                return Err(field(NAME, "region offset", off, "not a non-zero MiB multiple past 1 MiB"));
+                return Err(field(
+                    NAME,
+                    "region offset",
+                    off,
+                    "not a non-zero MiB multiple past 1 MiB",
+                ));
             }
             if !in_file(off, len, file_len) {
                 return Err(field(NAME, "region offset", off, "region outside the file"));
@@ -205,8 +210,8 @@ impl Vhdx {
         }
         let (bat_off, bat_len) =
             bat_region.ok_or_else(|| field(NAME, "region table", count, "no BAT region"))?;
-        let (meta_off, meta_len) = meta_region
-            .ok_or_else(|| field(NAME, "region table", count, "no metadata region"))?;
+        let (meta_off, meta_len) =
+            meta_region.ok_or_else(|| field(NAME, "region table", count, "no metadata region"))?;
 
         // Metadata.
         let mt = read_vec(&file, meta_off, (64 * KIB).min(meta_len))?;
@@ -229,7 +234,12 @@ impl Vhdx {
             let flags = le32(e, 24);
             let item = |want: u64| -> Result<Vec<u8>, ImageError> {
                 if len < want || off < 64 * KIB || !in_file(off, len, meta_len) {
-                    return Err(field(NAME, "metadata item offset", off, "outside the metadata region"));
+                    return Err(field(
+                        NAME,
+                        "metadata item offset",
+                        off,
+                        "outside the metadata region",
+                    ));
                 }
                 Ok(read_vec(&file, meta_off + off, want)?)
             };
@@ -262,19 +272,39 @@ impl Vhdx {
         let size = size.ok_or_else(|| missing("no virtual disk size"))?;
         let logical = logical.ok_or_else(|| missing("no logical sector size"))?;
         if !block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_size) {
-            return Err(field(NAME, "block size", block_size, "not a power of two from 1 to 256 MiB"));
+            return Err(field(
+                NAME,
+                "block size",
+                block_size,
+                "not a power of two from 1 to 256 MiB",
+            ));
         }
         if logical != 512 && logical != 4096 {
-            return Err(field(NAME, "logical sector size", logical, "not 512 or 4096"));
+            return Err(field(
+                NAME,
+                "logical sector size",
+                logical,
+                "not 512 or 4096",
+            ));
         }
         if size == 0 || size > MAX_SIZE || !size.is_multiple_of(logical) {
-            return Err(field(NAME, "virtual disk size", size, "zero, above 64 TiB or not whole sectors"));
+            return Err(field(
+                NAME,
+                "virtual disk size",
+                size,
+                "zero, above 64 TiB or not whole sectors",
+            ));
         }
         let chunk_ratio = ((1u64 << 23) * logical) / block_size;
         let blocks = size.div_ceil(block_size);
         let entries = blocks + (blocks - 1) / chunk_ratio;
         if entries * 8 > bat_len.min(MAX_BAT_BYTES) {
-            return Err(field(NAME, "BAT region length", bat_len, "too small for the disk size"));
+            return Err(field(
+                NAME,
+                "BAT region length",
+                bat_len,
+                "too small for the disk size",
+            ));
         }
         let bat: Vec<u64> = read_vec(&file, bat_off, entries * 8)?
             .chunks_exact(8)
@@ -311,7 +341,12 @@ impl Vhdx {
                 }
                 Ok(Some(off))
             }
-            _ => Err(field(NAME, "BAT entry", e, "state not valid for a disk without parent")),
+            _ => Err(field(
+                NAME,
+                "BAT entry",
+                e,
+                "state not valid for a disk without parent",
+            )),
         }
     }
 }
@@ -329,7 +364,10 @@ impl DiskFile for Vhdx {
                 .get_mut(done..done + n as usize)
                 .ok_or_else(|| corrupt("VHDX read"))?;
             // Every block was checked at open.
-            match self.block(pos / self.block_size).map_err(|e| corrupt(e.to_string()))? {
+            match self
+                .block(pos / self.block_size)
+                .map_err(|e| corrupt(e.to_string()))?
+            {
                 None => out.fill(0),
                 Some(at) => read_exact_or_eof(&self.file, out, at + pos % self.block_size)?,
             }

@@ -90,7 +90,12 @@ impl Sparse {
             }
             h = read_vec(&file, file_len - 2 * SECTOR, SECTOR)?;
             if h.get(0..4) != Some(SPARSE_MAGIC) {
-                return Err(field(NAME, "grain directory offset", GD_AT_END, "no footer at the end"));
+                return Err(field(
+                    NAME,
+                    "grain directory offset",
+                    GD_AT_END,
+                    "no footer at the end",
+                ));
             }
         }
         let flags = le32(&h, 8);
@@ -104,24 +109,44 @@ impl Sparse {
         let compress_algo = le16(&h, 77);
         let compressed = flags & FLAG_COMPRESSED != 0;
         if compressed && compress_algo != 1 {
-            return Err(field(NAME, "compression algorithm", compress_algo.into(), "not deflate (1)"));
+            return Err(field(
+                NAME,
+                "compression algorithm",
+                compress_algo.into(),
+                "not deflate (1)",
+            ));
         }
         if capacity.checked_mul(SECTOR).is_none_or(|b| b > MAX_SIZE) {
             return Err(field(NAME, "capacity", capacity, "above 64 TiB"));
         }
         if !grain.is_power_of_two() || !(8..=65536).contains(&grain) {
-            return Err(field(NAME, "grain size", grain, "not a power of two from 8 to 65536 sectors"));
+            return Err(field(
+                NAME,
+                "grain size",
+                grain,
+                "not a power of two from 8 to 65536 sectors",
+            ));
         }
         if gtes != 512 {
             return Err(field(NAME, "grain table entries", gtes, "not 512"));
         }
         let gd_entries = capacity.div_ceil(grain * gtes);
         if gd_entries > MAX_GD_ENTRIES {
-            return Err(field(NAME, "capacity", capacity, "grain directory too large"));
+            return Err(field(
+                NAME,
+                "capacity",
+                capacity,
+                "grain directory too large",
+            ));
         }
-        let gd_byte = gd_offset.checked_mul(SECTOR).unwrap_or(u64::MAX);
+        let gd_byte = gd_offset.saturating_mul(SECTOR);
         if !in_file(gd_byte, gd_entries * 4, file_len) {
-            return Err(field(NAME, "grain directory offset", gd_offset, "outside the file"));
+            return Err(field(
+                NAME,
+                "grain directory offset",
+                gd_offset,
+                "outside the file",
+            ));
         }
         let gd: Vec<u32> = read_vec(&file, gd_byte, gd_entries * 4)?
             .chunks_exact(4)
@@ -129,16 +154,31 @@ impl Sparse {
             .collect();
         for &e in &gd {
             if e != 0 && !in_file(u64::from(e) * SECTOR, gtes * 4, file_len) {
-                return Err(field(NAME, "grain directory entry", e.into(), "table outside the file"));
+                return Err(field(
+                    NAME,
+                    "grain directory entry",
+                    e.into(),
+                    "table outside the file",
+                ));
             }
         }
         // The embedded descriptor: its createType names the image, and a parent is refused.
-        let mut create_type = if compressed { "streamOptimized" } else { "monolithicSparse" }.to_string();
+        let mut create_type = if compressed {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        }
+        .to_string();
         if desc_offset != 0 && desc_size != 0 {
-            let start = desc_offset.checked_mul(SECTOR).unwrap_or(u64::MAX);
+            let start = desc_offset.saturating_mul(SECTOR);
             let len = desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
             if !in_file(start, len, file_len) {
-                return Err(field(NAME, "descriptor offset", desc_offset, "outside the file"));
+                return Err(field(
+                    NAME,
+                    "descriptor offset",
+                    desc_offset,
+                    "outside the file",
+                ));
             }
             let text = read_vec(&file, start, len)?;
             let d = Descriptor::parse(&text)?;
@@ -189,7 +229,10 @@ impl Sparse {
     /// Inflates the compressed grain at sector `sector`.
     fn inflate(&mut self, g: u64, sector: u32) -> io::Result<&mut Vec<u8>> {
         if self.grains.get_mut(&g).is_some() {
-            return self.grains.get_mut(&g).ok_or_else(|| corrupt("VMDK grain cache"));
+            return self
+                .grains
+                .get_mut(&g)
+                .ok_or_else(|| corrupt("VMDK grain cache"));
         }
         let at = u64::from(sector) * SECTOR;
         let limit = 2 * self.grain + 4096;
@@ -282,9 +325,10 @@ impl Descriptor {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let is_extent = ["RW", "RDONLY", "NOACCESS"]
-                .iter()
-                .any(|a| line.strip_prefix(a).is_some_and(|r| r.starts_with(char::is_whitespace)));
+            let is_extent = ["RW", "RDONLY", "NOACCESS"].iter().any(|a| {
+                line.strip_prefix(a)
+                    .is_some_and(|r| r.starts_with(char::is_whitespace))
+            });
             if let Some((k, v)) = line.split_once('=').filter(|_| !is_extent) {
                 let v = v.trim().trim_matches('"');
                 match k.trim() {
@@ -302,7 +346,8 @@ impl Descriptor {
             if d.extents.len() >= MAX_EXTENTS {
                 return Err(bad(format!("more than {MAX_EXTENTS} extents")));
             }
-            d.extents.push(ExtentLine::parse(line).ok_or_else(|| bad(format!("bad line '{line}'")))?);
+            d.extents
+                .push(ExtentLine::parse(line).ok_or_else(|| bad(format!("bad line '{line}'")))?);
         }
         Ok(d)
     }
@@ -321,7 +366,11 @@ impl ExtentLine {
         let (name, offset) = if let Some(r) = rest.strip_prefix('"') {
             let (name, after) = r.split_once('"')?;
             let after = after.trim();
-            let offset = if after.is_empty() { 0 } else { after.parse().ok()? };
+            let offset = if after.is_empty() {
+                0
+            } else {
+                after.parse().ok()?
+            };
             (name.to_string(), offset)
         } else if rest.is_empty() {
             (String::new(), 0)
@@ -360,7 +409,9 @@ fn open_extent_file(dir: &Path, name: &str, readonly: bool) -> Result<File, Imag
     };
     let rel = Path::new(name);
     if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(bad("only names relative to the descriptor, without '..', are allowed"));
+        return Err(bad(
+            "only names relative to the descriptor, without '..', are allowed",
+        ));
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -415,7 +466,7 @@ impl Vmdk {
         let mut extents = Vec::with_capacity(d.extents.len());
         let mut size = 0u64;
         for e in &d.extents {
-            let bytes = e.sectors.checked_mul(SECTOR).unwrap_or(u64::MAX);
+            let bytes = e.sectors.saturating_mul(SECTOR);
             if size.checked_add(bytes).is_none_or(|s| s > MAX_SIZE) {
                 return Err(field(NAME, "extent size", e.sectors, "disk above 64 TiB"));
             }
@@ -430,7 +481,7 @@ impl Vmdk {
             let extent = match e.kind.as_str() {
                 "FLAT" | "VMFS" => {
                     let file = open_extent_file(dir, &e.name, readonly)?;
-                    let base = e.offset.checked_mul(SECTOR).unwrap_or(u64::MAX);
+                    let base = e.offset.saturating_mul(SECTOR);
                     if !in_file(base, bytes, file.metadata()?.len()) {
                         return Err(bad("extends past the end of its file"));
                     }
@@ -438,7 +489,9 @@ impl Vmdk {
                 }
                 "ZERO" => {
                     if !readonly {
-                        return Err(ImageError::ReadOnly(format!("VMDK {create_type} (ZERO extent)")));
+                        return Err(ImageError::ReadOnly(format!(
+                            "VMDK {create_type} (ZERO extent)"
+                        )));
                     }
                     Extent::Zero
                 }
@@ -494,7 +547,10 @@ impl Vmdk {
             if n == 0 {
                 return Err(corrupt("VMDK empty extent"));
             }
-            let (_, _, e) = self.extents.get_mut(i).ok_or_else(|| corrupt("VMDK extent"))?;
+            let (_, _, e) = self
+                .extents
+                .get_mut(i)
+                .ok_or_else(|| corrupt("VMDK extent"))?;
             f(e, inner, done..done + n)?;
             done += n;
         }

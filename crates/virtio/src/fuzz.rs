@@ -796,7 +796,6 @@ pub fn vsock_queues(data: &[u8]) -> crate::Counters {
 mod tests {
     use super::*;
 
-
     #[test]
     fn blk_queue_survives_patterns() {
         let mut data = vec![0u8; 0x1_0000];

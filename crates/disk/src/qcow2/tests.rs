@@ -7,7 +7,11 @@ use std::fs::OpenOptions;
 use super::*;
 use crate::testutil::{TempDir, need_qemu_img, path_str, pattern, run};
 
-fn open(path: &Path, readonly: bool, format: Option<Format>) -> Result<Box<dyn DiskFile>, crate::Error> {
+fn open(
+    path: &Path,
+    readonly: bool,
+    format: Option<Format>,
+) -> Result<Box<dyn DiskFile>, crate::Error> {
     crate::open(path, crate::OpenOptions { readonly, format })
 }
 

@@ -48,7 +48,10 @@ fn qemu_images_read_like_qemu() {
         let view = qemu_view(&dir, &p, "vpc");
         // CHS sizing rounds up: the source, then zeros.
         assert!(view.len() >= data.len());
-        assert!(view[..data.len()] == data[..], "{name}: qemu's view differs from the source");
+        assert!(
+            view[..data.len()] == data[..],
+            "{name}: qemu's view differs from the source"
+        );
         check_reads(&p, Format::Vhd, &view);
     }
 }
@@ -136,7 +139,11 @@ fn damaged_images_fail_with_the_field_named() {
     set_footer(&p, 16, &(len * 2).to_be_bytes(), true);
     assert_eq!(
         open_error(&p, true),
-        format!("{}VHD data offset is {:#x}: dynamic header outside the file", prefix(&p), len * 2)
+        format!(
+            "{}VHD data offset is {:#x}: dynamic header outside the file",
+            prefix(&p),
+            len * 2
+        )
     );
 
     let p = fresh();
@@ -164,7 +171,11 @@ fn damaged_images_fail_with_the_field_named() {
     set_dyn_header(&p, 16, &(len - 4).to_be_bytes());
     assert_eq!(
         open_error(&p, true),
-        format!("{}VHD table offset is {:#x}: BAT outside the file", prefix(&p), len - 4)
+        format!(
+            "{}VHD table offset is {:#x}: BAT outside the file",
+            prefix(&p),
+            len - 4
+        )
     );
 
     // A BAT entry pointing past the end of the file, and one into the metadata.
@@ -180,7 +191,11 @@ fn damaged_images_fail_with_the_field_named() {
     );
     let p = fresh();
     patch(&p, 1536, &1u32.to_be_bytes());
-    assert!(open_error(&p, true).ends_with("VHD BAT entry is 0x200: block overlaps the metadata or lies outside the file"));
+    assert!(
+        open_error(&p, true).ends_with(
+            "VHD BAT entry is 0x200: block overlaps the metadata or lies outside the file"
+        )
+    );
 
     let p = fresh();
     set_dyn_header(&p, 0, b"cxsparsX");

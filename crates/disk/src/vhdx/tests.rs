@@ -144,10 +144,19 @@ fn damaged_images_fail_with_the_field_named() {
     let len = orig.len() as u64;
     // Entry 0 is the BAT in qemu's images.
     set_regions(&p, 16 + 16, &(len.next_multiple_of(1 << 20)).to_le_bytes());
-    assert_eq!(err(), format!("VHDX region offset is {:#x}: region outside the file", len.next_multiple_of(1 << 20)));
+    assert_eq!(
+        err(),
+        format!(
+            "VHDX region offset is {:#x}: region outside the file",
+            len.next_multiple_of(1 << 20)
+        )
+    );
     fresh();
     set_regions(&p, 16 + 16, &12345u64.to_le_bytes());
-    assert_eq!(err(), "VHDX region offset is 0x3039: not a non-zero MiB multiple past 1 MiB");
+    assert_eq!(
+        err(),
+        "VHDX region offset is 0x3039: not a non-zero MiB multiple past 1 MiB"
+    );
     fresh();
     set_regions(&p, 16, &[0xee; 16]);
     assert_eq!(err(), "VHDX region table is 0x2: no BAT region");
@@ -161,13 +170,22 @@ fn damaged_images_fail_with_the_field_named() {
     assert!(err().starts_with("VHDX metadata table is"), "{}", err());
     fresh();
     patch(&p, params as u64, &3000u32.to_le_bytes());
-    assert_eq!(err(), "VHDX block size is 0xbb8: not a power of two from 1 to 256 MiB");
+    assert_eq!(
+        err(),
+        "VHDX block size is 0xbb8: not a power of two from 1 to 256 MiB"
+    );
     fresh();
     patch(&p, params as u64 + 4, &2u32.to_le_bytes());
-    assert_eq!(err(), "VHDX: differencing disks (a parent image) not supported");
+    assert_eq!(
+        err(),
+        "VHDX: differencing disks (a parent image) not supported"
+    );
     fresh();
     patch(&p, vsize as u64, &(1u64 << 50).to_le_bytes());
-    assert_eq!(err(), "VHDX virtual disk size is 0x4000000000000: zero, above 64 TiB or not whole sectors");
+    assert_eq!(
+        err(),
+        "VHDX virtual disk size is 0x4000000000000: zero, above 64 TiB or not whole sectors"
+    );
     fresh();
     patch(&p, lss as u64, &1000u32.to_le_bytes());
     assert_eq!(err(), "VHDX logical sector size is 0x3e8: not 512 or 4096");
@@ -175,10 +193,16 @@ fn damaged_images_fail_with_the_field_named() {
     fresh();
     let e = (((len >> 20) + 4) << 20) | 6;
     patch(&p, bat as u64, &e.to_le_bytes());
-    assert_eq!(err(), format!("VHDX BAT entry is {e:#x}: block outside the file"));
+    assert_eq!(
+        err(),
+        format!("VHDX BAT entry is {e:#x}: block outside the file")
+    );
     fresh();
     patch(&p, bat as u64, &((2u64 << 20) | 7).to_le_bytes());
-    assert_eq!(err(), "VHDX BAT entry is 0x200007: state not valid for a disk without parent");
+    assert_eq!(
+        err(),
+        "VHDX BAT entry is 0x200007: state not valid for a disk without parent"
+    );
     fresh();
     patch(&p, 0, b"vhdxfilX");
     assert_eq!(err(), "not a VHDX image (bad magic)");

@@ -45,7 +45,11 @@ fn sparse_and_stream_refuse_writable_opens() {
     need_qemu_img();
     let dir = TempDir::new("vmdko");
     let (raw, _) = raw_source(&dir, MIB);
-    for sub in ["streamOptimized", "monolithicSparse", "twoGbMaxExtentSparse"] {
+    for sub in [
+        "streamOptimized",
+        "monolithicSparse",
+        "twoGbMaxExtentSparse",
+    ] {
         let p = dir.path(&format!("{sub}.vmdk"));
         convert(&raw, "vmdk", &format!("subformat={sub}"), &p);
         assert_eq!(
@@ -83,12 +87,30 @@ fn hostile_descriptors_are_refused() {
             "RW 8 FLAT \"../data.bin\" 0",
             "VMDK descriptor: extent \"../data.bin\": only names relative to the descriptor, without '..', are allowed",
         ),
-        ("RW 8 FLAT \"sub\" 0", "VMDK descriptor: extent \"sub\": not a regular file"),
-        ("RW 8 FLAT \"data.bin\" 1", "VMDK descriptor: extent \"data.bin\": extends past the end of its file"),
-        ("RW 8 FLAT \"missing.bin\" 0", "extent missing.bin: I/O error: No such file or directory (os error 2)"),
-        ("NOACCESS 8 FLAT \"data.bin\" 0", "VMDK descriptor: extent \"data.bin\": access is not RW or RDONLY"),
-        ("RW 8 VMFSRDM \"data.bin\" 0", "VMDK descriptor: extent \"data.bin\": type VMFSRDM not supported"),
-        ("RW x FLAT \"data.bin\" 0", "VMDK descriptor: bad line 'RW x FLAT \"data.bin\" 0'"),
+        (
+            "RW 8 FLAT \"sub\" 0",
+            "VMDK descriptor: extent \"sub\": not a regular file",
+        ),
+        (
+            "RW 8 FLAT \"data.bin\" 1",
+            "VMDK descriptor: extent \"data.bin\": extends past the end of its file",
+        ),
+        (
+            "RW 8 FLAT \"missing.bin\" 0",
+            "extent missing.bin: I/O error: No such file or directory (os error 2)",
+        ),
+        (
+            "NOACCESS 8 FLAT \"data.bin\" 0",
+            "VMDK descriptor: extent \"data.bin\": access is not RW or RDONLY",
+        ),
+        (
+            "RW 8 VMFSRDM \"data.bin\" 0",
+            "VMDK descriptor: extent \"data.bin\": type VMFSRDM not supported",
+        ),
+        (
+            "RW x FLAT \"data.bin\" 0",
+            "VMDK descriptor: bad line 'RW x FLAT \"data.bin\" 0'",
+        ),
         ("", "VMDK descriptor: no extents"),
         (
             "RW 8 SPARSE \"data.bin\"",
@@ -104,12 +126,24 @@ fn hostile_descriptors_are_refused() {
     let e = open_error(&p, true);
     assert!(e.contains("Too many levels of symbolic links"), "{e}");
     // A parent is refused.
-    std::fs::write(&p, descriptor("RW 8 FLAT \"data.bin\" 0").replace("parentCID=ffffffff", "parentCID=1234abcd")).unwrap();
-    assert_eq!(open_error(&p, true), format!("{prefix}VMDK: images with a parent (parentCID) not supported"));
+    std::fs::write(
+        &p,
+        descriptor("RW 8 FLAT \"data.bin\" 0").replace("parentCID=ffffffff", "parentCID=1234abcd"),
+    )
+    .unwrap();
+    assert_eq!(
+        open_error(&p, true),
+        format!("{prefix}VMDK: images with a parent (parentCID) not supported")
+    );
     // Too many extents.
-    let many: Vec<String> = (0..=MAX_EXTENTS).map(|_| "RW 1 FLAT \"data.bin\" 0".to_string()).collect();
+    let many: Vec<String> = (0..=MAX_EXTENTS)
+        .map(|_| "RW 1 FLAT \"data.bin\" 0".to_string())
+        .collect();
     std::fs::write(&p, descriptor(&many.join("\n"))).unwrap();
-    assert_eq!(open_error(&p, true), format!("{prefix}VMDK descriptor: more than 1024 extents"));
+    assert_eq!(
+        open_error(&p, true),
+        format!("{prefix}VMDK descriptor: more than 1024 extents")
+    );
     // A good one: the flat extent at an offset, then a zero extent.
     std::fs::write(&p, descriptor("RW 4 FLAT \"data.bin\" 2\nRDONLY 2 ZERO")).unwrap();
     let mut img = crate::open(&p, crate::OpenOptions::readonly(true)).unwrap();
@@ -130,16 +164,61 @@ fn damaged_sparse_headers_fail_with_the_field_named() {
     convert(&raw, "vmdk", "", &base);
     let len = std::fs::metadata(&base).unwrap().len();
     let cases: Vec<(u64, Vec<u8>, String)> = vec![
-        (4, 7u32.to_le_bytes().to_vec(), "VMDK version is 0x7: not 1, 2 or 3".into()),
-        (12, (1u64 << 40).to_le_bytes().to_vec(), "VMDK capacity is 0x10000000000: above 64 TiB".into()),
-        (20, 3u64.to_le_bytes().to_vec(), "VMDK grain size is 0x3: not a power of two from 8 to 65536 sectors".into()),
-        (44, 100u32.to_le_bytes().to_vec(), "VMDK grain table entries is 0x64: not 512".into()),
-        (56, (len / 512).to_le_bytes().to_vec(), format!("VMDK grain directory offset is {:#x}: outside the file", len / 512)),
-        (56, u64::MAX.to_le_bytes().to_vec(), "VMDK grain directory offset is 0xffffffffffffffff: no footer at the end".into()),
-        (8, (3u32 | FLAG_COMPRESSED).to_le_bytes().to_vec(), "VMDK compression algorithm is 0x0: not deflate (1)".into()),
-        (28, (len / 512).to_le_bytes().to_vec(), format!("VMDK descriptor offset is {:#x}: outside the file", len / 512)),
+        (
+            4,
+            7u32.to_le_bytes().to_vec(),
+            "VMDK version is 0x7: not 1, 2 or 3".into(),
+        ),
+        (
+            12,
+            (1u64 << 40).to_le_bytes().to_vec(),
+            "VMDK capacity is 0x10000000000: above 64 TiB".into(),
+        ),
+        (
+            20,
+            3u64.to_le_bytes().to_vec(),
+            "VMDK grain size is 0x3: not a power of two from 8 to 65536 sectors".into(),
+        ),
+        (
+            44,
+            100u32.to_le_bytes().to_vec(),
+            "VMDK grain table entries is 0x64: not 512".into(),
+        ),
+        (
+            56,
+            (len / 512).to_le_bytes().to_vec(),
+            format!(
+                "VMDK grain directory offset is {:#x}: outside the file",
+                len / 512
+            ),
+        ),
+        (
+            56,
+            u64::MAX.to_le_bytes().to_vec(),
+            "VMDK grain directory offset is 0xffffffffffffffff: no footer at the end".into(),
+        ),
+        (
+            8,
+            (3u32 | FLAG_COMPRESSED).to_le_bytes().to_vec(),
+            "VMDK compression algorithm is 0x0: not deflate (1)".into(),
+        ),
+        (
+            28,
+            (len / 512).to_le_bytes().to_vec(),
+            format!(
+                "VMDK descriptor offset is {:#x}: outside the file",
+                len / 512
+            ),
+        ),
         // The grain directory's first entry (at sector 0x1a) pointing past the end.
-        (0x1a * 512, ((len / 512) as u32).to_le_bytes().to_vec(), format!("VMDK grain directory entry is {:#x}: table outside the file", len / 512)),
+        (
+            0x1a * 512,
+            ((len / 512) as u32).to_le_bytes().to_vec(),
+            format!(
+                "VMDK grain directory entry is {:#x}: table outside the file",
+                len / 512
+            ),
+        ),
         (0, b"KDMX".to_vec(), "not a VMDK image (bad magic)".into()),
     ];
     for (at, bytes, want) in cases {
@@ -180,15 +259,27 @@ fn stream_grain_marker_is_checked() {
     patch(&p, g0, &99u64.to_le_bytes());
     let mut img = crate::open(&p, crate::OpenOptions::readonly(true)).unwrap();
     let mut buf = [0u8; 512];
-    assert_eq!(img.read_at(0, &mut buf).unwrap_err().to_string(), "VMDK grain marker says LBA 99");
+    assert_eq!(
+        img.read_at(0, &mut buf).unwrap_err().to_string(),
+        "VMDK grain marker says LBA 99"
+    );
     patch(&p, g0, &0u64.to_le_bytes());
     patch(&p, g0 + 8, &u32::MAX.to_le_bytes());
     let mut img = crate::open(&p, crate::OpenOptions::readonly(true)).unwrap();
-    assert_eq!(img.read_at(0, &mut buf).unwrap_err().to_string(), "VMDK compressed grain size 4294967295");
+    assert_eq!(
+        img.read_at(0, &mut buf).unwrap_err().to_string(),
+        "VMDK compressed grain size 4294967295"
+    );
 }
 
 #[test]
 fn mutated_images_never_panic() {
     crate::fuzz::tests::mutate_image("vmdk", "", "256k", Format::Vmdk, 0x1a * 512 + 64);
-    crate::fuzz::tests::mutate_image("vmdk", "subformat=streamOptimized", "256k", Format::Vmdk, 0x1a * 512 + 64);
+    crate::fuzz::tests::mutate_image(
+        "vmdk",
+        "subformat=streamOptimized",
+        "256k",
+        Format::Vmdk,
+        0x1a * 512 + 64,
+    );
 }

@@ -21,12 +21,12 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
-pub use disk::{DiskFile, Format};
 use crate::chain::{self, Seg};
 use crate::{
     COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, VirtioDevice,
     read_config_bytes,
 };
+pub use disk::{DiskFile, Format};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -246,17 +246,27 @@ impl Block {
         check_guest(mem, bufs, Permissions::Write)?;
         let mut pos = start;
         let mut bounce = Vec::new();
-        for s in bufs {
-            let mut addr = s.addr;
-            let mut left = u64::from(s.len);
-            while left > 0 {
-                let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
-                pos += n;
-                left -= n;
-                addr = addr.checked_add(n).ok_or(())?;
-                self.counters.bytes_read += n;
+        let mut run = Run::default();
+        for (addr, l) in guest_pieces(bufs, 0)? {
+            if l >= DIRECT_MIN {
+                run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                let (mut addr, mut left) = (addr, l);
+                while left > 0 {
+                    let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    left -= n;
+                    addr = addr.checked_add(n).ok_or(())?;
+                    pos += n;
+                }
+            } else {
+                if run.len + l > disk::CHUNK as u64 {
+                    run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                }
+                run.push(pos, addr, l);
+                pos += l;
             }
         }
+        run.read(self.disk.as_mut(), mem, &mut bounce)?;
+        self.counters.bytes_read += len;
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
     }
@@ -271,25 +281,28 @@ impl Block {
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
         let mut pos = start;
-        let mut skip = HEADER_LEN as u64;
         let mut bounce = Vec::new();
-        for s in readable {
-            let slen = u64::from(s.len);
-            if skip >= slen {
-                skip -= slen;
-                continue;
-            }
-            let mut addr = s.addr.checked_add(skip).ok_or(())?;
-            let mut left = slen - skip;
-            skip = 0;
-            while left > 0 {
-                let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
-                pos += n;
-                left -= n;
-                addr = addr.checked_add(n).ok_or(())?;
-                self.counters.bytes_written += n;
+        let mut run = Run::default();
+        for (addr, l) in guest_pieces(readable, HEADER_LEN as u64)? {
+            if l >= DIRECT_MIN {
+                run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                let (mut addr, mut left) = (addr, l);
+                while left > 0 {
+                    let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    left -= n;
+                    addr = addr.checked_add(n).ok_or(())?;
+                    pos += n;
+                }
+            } else {
+                if run.len + l > disk::CHUNK as u64 {
+                    run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                }
+                run.push(pos, addr, l);
+                pos += l;
             }
         }
+        run.write(self.disk.as_mut(), mem, &mut bounce)?;
+        self.counters.bytes_written += len;
         Ok(())
     }
 
@@ -399,7 +412,8 @@ fn write_piece(
     left: u64,
     bounce: &mut Vec<u8>,
 ) -> Result<u64, ()> {
-    let warn = |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}"));
+    let warn =
+        |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}"));
     match disk.map(pos, left, true).map_err(warn)? {
         disk::Mapping::File { file, offset, len } => {
             let n = len.min(left);
@@ -419,6 +433,99 @@ fn write_piece(
             disk.write_at(pos, buf).map_err(warn)?;
             Ok(n)
         }
+    }
+}
+
+/// Guest buffers at least this long move directly between the image file and guest memory.
+/// Shorter ones (Linux often sends a 1 MiB request as 256 buffers of one page) are gathered
+/// into one bounce buffer, so that the request costs one host read or write rather than a seek
+/// and a read or write per page.
+const DIRECT_MIN: u64 = 64 * 1024;
+
+/// The guest buffers of `segs` after the first `skip` bytes, as (address, length).
+fn guest_pieces(segs: &[Seg], mut skip: u64) -> Result<Vec<(GuestAddress, u64)>, ()> {
+    let mut v = Vec::with_capacity(segs.len());
+    for s in segs {
+        let slen = u64::from(s.len);
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        v.push((s.addr.checked_add(skip).ok_or(())?, slen - skip));
+        skip = 0;
+    }
+    Ok(v)
+}
+
+/// Short guest buffers for consecutive disk bytes from `start`, moved with one disk access.
+#[derive(Default)]
+struct Run {
+    start: u64,
+    len: u64,
+    bufs: Vec<(GuestAddress, u64)>,
+}
+
+impl Run {
+    fn push(&mut self, pos: u64, addr: GuestAddress, len: u64) {
+        if self.bufs.is_empty() {
+            self.start = pos;
+        }
+        self.bufs.push((addr, len));
+        self.len += len;
+    }
+
+    /// Reads the run from the disk into its guest buffers, and empties it.
+    fn read(
+        &mut self,
+        disk: &mut dyn DiskFile,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        if self.bufs.is_empty() {
+            return Ok(());
+        }
+        let n = usize::try_from(self.len).map_err(|_| ())?;
+        if bounce.len() < n {
+            bounce.resize(n, 0);
+        }
+        let buf = bounce.get_mut(..n).ok_or(())?;
+        disk.read_at(self.start, buf)
+            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
+        let mut at = 0usize;
+        for &(addr, l) in &self.bufs {
+            let piece = buf.get(at..at + l as usize).ok_or(())?;
+            mem.write_slice(piece, addr).map_err(|_| ())?;
+            at += l as usize;
+        }
+        *self = Run::default();
+        Ok(())
+    }
+
+    /// Writes the run's guest buffers to the disk, and empties it.
+    fn write(
+        &mut self,
+        disk: &mut dyn DiskFile,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        if self.bufs.is_empty() {
+            return Ok(());
+        }
+        let n = usize::try_from(self.len).map_err(|_| ())?;
+        if bounce.len() < n {
+            bounce.resize(n, 0);
+        }
+        let buf = bounce.get_mut(..n).ok_or(())?;
+        let mut at = 0usize;
+        for &(addr, l) in &self.bufs {
+            let piece = buf.get_mut(at..at + l as usize).ok_or(())?;
+            mem.read_slice(piece, addr).map_err(|_| ())?;
+            at += l as usize;
+        }
+        disk.write_at(self.start, buf)
+            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
+        *self = Run::default();
+        Ok(())
     }
 }
 

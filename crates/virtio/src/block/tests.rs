@@ -646,7 +646,10 @@ fn block_device_over_qcow2() {
     use crate::testutil::{have_qemu_img, path_str, run as tool};
     let dir = TempDir::new("q2blk");
     let p = dir.path("d.qcow2");
-    tool("qemu-img", &["create", "-q", "-f", "qcow2", path_str(&p), "1M"]);
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path_str(&p), "1M"],
+    );
     let mut dev = Block::new(BlockConfig {
         path: p.clone(),
         readonly: false,
@@ -680,9 +683,11 @@ fn block_device_over_qcow2() {
     drop(dev);
     tool("qemu-img", &["check", path_str(&p)]);
     let out = dir.path("converted.raw");
-    tool("qemu-img", &["convert", "-O", "raw", path_str(&p), path_str(&out)]);
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", path_str(&p), path_str(&out)],
+    );
     let raw = std::fs::read(&out).unwrap();
     assert!(raw[1536..2560].iter().all(|&b| b == 0xee));
     assert!(raw[..1536].iter().all(|&b| b == 0));
 }
-
