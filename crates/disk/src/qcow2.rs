@@ -127,6 +127,9 @@ pub struct Qcow2 {
     reftable: Vec<u64>,
     /// First host offset after every cluster in use: new clusters go here.
     end: u64,
+    /// File length at open. Clusters we allocate later are always written whole; a cluster
+    /// that was there before may be cut short by the end of the file (it reads zeros past it).
+    open_len: u64,
     backing: Option<Box<dyn DiskFile>>,
     /// Recently used L2 tables by host offset (at most [`CACHE_BYTES`] of them), kept in step
     /// with every L2 entry written.
@@ -339,6 +342,7 @@ impl Qcow2 {
             reftable_offset: h.reftable_offset,
             reftable,
             end,
+            open_len: file_len,
             backing,
             l2_cache: Lru::new(cache_entries(cluster_size, L2_CACHE_BYTES)),
             refblock_cache: Lru::new(cache_entries(cluster_size, REFBLOCK_CACHE_BYTES)),
@@ -799,8 +803,9 @@ impl DiskFile for Qcow2 {
         Ok(match (self.lookup(offset)?, write) {
             (Cluster::Data { host, copied }, _) if copied || !write => {
                 // A cluster cut short by the end of the file reads zeros past it: not direct.
+                // (No fstat here: the device thread's seccomp filter does not allow it.)
                 let at = host + in_off;
-                if at + n <= self.file.metadata()?.len() {
+                if host >= self.open_len || at + n <= self.open_len {
                     Mapping::File {
                         file: &self.file,
                         offset: at,
