@@ -63,7 +63,7 @@ pub struct RunArgs {
         value_parser = PossibleValuesParser::new(["portable", "portable-v3", "portable-v2", "host"])
     )]
     pub cpu_model: Option<String>,
-    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2]; repeat for more.
+    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi]; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// virtio-net device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]; repeat for more.

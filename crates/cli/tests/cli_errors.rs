@@ -398,11 +398,11 @@ fn missing_disk_image() {
             "--kernel",
             k.to_str().unwrap(),
             "--disk",
-            "/d.img,format=vmdk",
+            "/d.img,format=qed",
         ],
         &[],
     );
-    assert_error(&out, 2, "vmdk");
+    assert_error(&out, 2, "unknown format 'qed'");
     let _ = std::fs::remove_dir_all(dir);
 }
 

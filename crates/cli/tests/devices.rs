@@ -737,8 +737,15 @@ fn bad_device_input_exits_2() {
             format!("cannot open disk {}", missing.display()),
         ),
         (
+            vec!["--disk".into(), format!("{},format=qed", raw.display())],
+            "unknown format 'qed'".into(),
+        ),
+        (
             vec!["--disk".into(), format!("{},format=vmdk", raw.display())],
-            "vmdk".into(),
+            format!(
+                "cannot open disk {}: not a VMDK image (bad magic)",
+                raw.display()
+            ),
         ),
         (
             vec!["--disk".into(), corrupt_path.display().to_string()],

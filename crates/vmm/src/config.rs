@@ -136,9 +136,13 @@ impl SerialConfig {
 pub enum DiskFormat {
     Raw,
     Qcow2,
+    Vmdk,
+    Vhd,
+    Vhdx,
+    Vdi,
 }
 
-/// One `--disk PATH[,readonly=on][,format=raw|qcow2]`.
+/// One `--disk PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi]` (`vpc` names VHD too).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -168,6 +172,10 @@ impl DiskConfig {
                 }
                 Some(("format", "raw")) => disk.format = Some(DiskFormat::Raw),
                 Some(("format", "qcow2")) => disk.format = Some(DiskFormat::Qcow2),
+                Some(("format", "vmdk")) => disk.format = Some(DiskFormat::Vmdk),
+                Some(("format", "vhd" | "vpc")) => disk.format = Some(DiskFormat::Vhd),
+                Some(("format", "vhdx")) => disk.format = Some(DiskFormat::Vhdx),
+                Some(("format", "vdi")) => disk.format = Some(DiskFormat::Vdi),
                 Some(("format", v)) => return Err(bad(format!("unknown format '{v}'"))),
                 _ => return Err(bad(format!("unknown option '{opt}'"))),
             }
@@ -804,7 +812,17 @@ mod tests {
         assert!(VsockConfig::parse("3").is_err());
         assert!(VsockConfig::parse("x,uds=/v").is_err());
         assert!(DiskConfig::parse(",readonly=on").is_err());
-        assert!(DiskConfig::parse("/d,format=vmdk").is_err());
+        assert!(DiskConfig::parse("/d,format=vmdk2").is_err());
+        for (name, f) in [
+            ("vmdk", DiskFormat::Vmdk),
+            ("vhd", DiskFormat::Vhd),
+            ("vpc", DiskFormat::Vhd),
+            ("vhdx", DiskFormat::Vhdx),
+            ("vdi", DiskFormat::Vdi),
+        ] {
+            let d = DiskConfig::parse(&format!("/d,readonly=on,format={name}")).unwrap();
+            assert_eq!(d.format, Some(f));
+        }
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub fn create_restoring(
             format: d.format.map(|f| match f {
                 crate::config::DiskFormat::Raw => virtio::Format::Raw,
                 crate::config::DiskFormat::Qcow2 => virtio::Format::Qcow2,
+                crate::config::DiskFormat::Vmdk => virtio::Format::Vmdk,
+                crate::config::DiskFormat::Vhd => virtio::Format::Vhd,
+                crate::config::DiskFormat::Vhdx => virtio::Format::Vhdx,
+                crate::config::DiskFormat::Vdi => virtio::Format::Vdi,
             }),
         })
         // The error names the disk and what failed with it.

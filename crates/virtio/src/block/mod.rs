@@ -1,4 +1,4 @@
-//! virtio-blk (virtio 1.x section 5.2) over a raw or qcow2 image.
+//! virtio-blk (virtio 1.x section 5.2) over a disk image of any format the `disk` crate opens.
 //!
 //! One request queue. Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES; anything else
 //! completes with `VIRTIO_BLK_S_UNSUPP`. A request the device can parse but not perform (out of
@@ -7,9 +7,7 @@
 //! or one the queue cannot even walk (loops, bad indirect tables, bad indexes), puts the device
 //! in `DEVICE_NEEDS_RESET`.
 
-pub mod disk;
-pub mod qcow2;
-
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,12 +21,12 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
-pub use self::disk::{DiskImage, Format};
 use crate::chain::{self, Seg};
 use crate::{
     COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, VirtioDevice,
     read_config_bytes,
 };
+pub use disk::{DiskFile, Format};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -57,7 +55,7 @@ pub enum Error {
 pub struct BlockConfig {
     pub path: PathBuf,
     pub readonly: bool,
-    /// `None`: qcow2 if the file starts with the qcow2 magic, raw otherwise.
+    /// `None`: detected from the content (`disk::detect_format`).
     pub format: Option<Format>,
 }
 
@@ -73,7 +71,7 @@ pub struct BlockState {
 
 /// A virtio-blk device.
 pub struct Block {
-    disk: Box<dyn DiskImage>,
+    disk: Box<dyn DiskFile>,
     readonly: bool,
     features: u64,
     acked_features: u64,
@@ -85,12 +83,18 @@ pub struct Block {
 
 impl Block {
     pub fn new(config: BlockConfig) -> Result<Block, Error> {
-        let disk = disk::open(&config.path, config.readonly, config.format)?;
+        let disk = disk::open(
+            &config.path,
+            disk::OpenOptions {
+                readonly: config.readonly,
+                format: config.format,
+            },
+        )?;
         Ok(Block::with_disk(disk, config.readonly, &config.path))
     }
 
     /// A device over an already open image; `path` only names the serial number.
-    pub fn with_disk(disk: Box<dyn DiskImage>, readonly: bool, path: &Path) -> Block {
+    pub fn with_disk(disk: Box<dyn DiskFile>, readonly: bool, path: &Path) -> Block {
         let mut features = COMMON_FEATURES
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
@@ -240,17 +244,29 @@ impl Block {
         let len = total_len(bufs);
         let start = self.data_range(sector, len)?;
         check_guest(mem, bufs, Permissions::Write)?;
-        let mut chunk = vec![0u8; len.min(disk::CHUNK as u64) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.disk
-                .read_at(start + done, &mut chunk[..n])
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
-            copy_to_guest(mem, bufs, done, &chunk[..n])?;
-            done += n as u64;
-            self.counters.bytes_read += n as u64;
+        let mut pos = start;
+        let mut bounce = Vec::new();
+        let mut run = Run::default();
+        for (addr, l) in guest_pieces(bufs, 0)? {
+            if l >= DIRECT_MIN {
+                run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                let (mut addr, mut left) = (addr, l);
+                while left > 0 {
+                    let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    left -= n;
+                    addr = addr.checked_add(n).ok_or(())?;
+                    pos += n;
+                }
+            } else {
+                if run.len + l > disk::CHUNK as u64 {
+                    run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                }
+                run.push(pos, addr, l);
+                pos += l;
+            }
         }
+        run.read(self.disk.as_mut(), mem, &mut bounce)?;
+        self.counters.bytes_read += len;
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
     }
@@ -264,17 +280,29 @@ impl Block {
             .ok_or(())?;
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
-        let mut chunk = vec![0u8; len.min(disk::CHUNK as u64) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            copy_from_guest(mem, readable, HEADER_LEN as u64 + done, &mut chunk[..n])?;
-            self.disk
-                .write_at(start + done, &chunk[..n])
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
-            done += n as u64;
-            self.counters.bytes_written += n as u64;
+        let mut pos = start;
+        let mut bounce = Vec::new();
+        let mut run = Run::default();
+        for (addr, l) in guest_pieces(readable, HEADER_LEN as u64)? {
+            if l >= DIRECT_MIN {
+                run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                let (mut addr, mut left) = (addr, l);
+                while left > 0 {
+                    let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    left -= n;
+                    addr = addr.checked_add(n).ok_or(())?;
+                    pos += n;
+                }
+            } else {
+                if run.len + l > disk::CHUNK as u64 {
+                    run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                }
+                run.push(pos, addr, l);
+                pos += l;
+            }
         }
+        run.write(self.disk.as_mut(), mem, &mut bounce)?;
+        self.counters.bytes_written += len;
         Ok(())
     }
 
@@ -331,6 +359,178 @@ impl Block {
         VIRTIO_BLK_S_OK as u8
     }
 }
+
+/// Moves the first bytes of disk range `[pos, pos + left)` into guest memory at `addr`; returns
+/// how many. Ranges the image maps to its file go straight from the file into guest memory
+/// (`read(2)` into the mapped guest pages, no copy in between); zero ranges are filled; the rest
+/// goes through `read_at` and `bounce` (at most [`disk::CHUNK`] bytes, allocated on first use).
+fn read_piece(
+    disk: &mut dyn DiskFile,
+    mem: &GuestMemory,
+    pos: u64,
+    addr: GuestAddress,
+    left: u64,
+    bounce: &mut Vec<u8>,
+) -> Result<u64, ()> {
+    let warn = |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}"));
+    match disk.map(pos, left, false).map_err(warn)? {
+        disk::Mapping::File { file, offset, len } => {
+            let n = len.min(left);
+            let mut f = file;
+            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
+            mem.read_exact_volatile_from(addr, &mut f, n as usize)
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
+            Ok(n)
+        }
+        disk::Mapping::Zero { len } => {
+            let n = len.min(left).min(ZEROS.len() as u64);
+            mem.write_slice(ZEROS.get(..n as usize).ok_or(())?, addr)
+                .map_err(|_| ())?;
+            Ok(n)
+        }
+        disk::Mapping::Other { len } => {
+            let n = len.min(left).min(disk::CHUNK as u64);
+            if bounce.len() < n as usize {
+                bounce.resize(n as usize, 0);
+            }
+            let buf = bounce.get_mut(..n as usize).ok_or(())?;
+            disk.read_at(pos, buf).map_err(warn)?;
+            mem.write_slice(buf, addr).map_err(|_| ())?;
+            Ok(n)
+        }
+    }
+}
+
+/// Moves guest memory at `addr` into the first bytes of disk range `[pos, pos + left)`, like
+/// [`read_piece`] the other way (`write(2)` from the guest pages where the image maps the range
+/// to its file).
+fn write_piece(
+    disk: &mut dyn DiskFile,
+    mem: &GuestMemory,
+    pos: u64,
+    addr: GuestAddress,
+    left: u64,
+    bounce: &mut Vec<u8>,
+) -> Result<u64, ()> {
+    let warn =
+        |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}"));
+    match disk.map(pos, left, true).map_err(warn)? {
+        disk::Mapping::File { file, offset, len } => {
+            let n = len.min(left);
+            let mut f = file;
+            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
+            mem.write_all_volatile_to(addr, &mut f, n as usize)
+                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
+            Ok(n)
+        }
+        disk::Mapping::Zero { len } | disk::Mapping::Other { len } => {
+            let n = len.min(left).min(disk::CHUNK as u64);
+            if bounce.len() < n as usize {
+                bounce.resize(n as usize, 0);
+            }
+            let buf = bounce.get_mut(..n as usize).ok_or(())?;
+            mem.read_slice(buf, addr).map_err(|_| ())?;
+            disk.write_at(pos, buf).map_err(warn)?;
+            Ok(n)
+        }
+    }
+}
+
+/// Guest buffers at least this long move directly between the image file and guest memory.
+/// Shorter ones (Linux often sends a 1 MiB request as 256 buffers of one page) are gathered
+/// into one bounce buffer, so that the request costs one host read or write rather than a seek
+/// and a read or write per page.
+const DIRECT_MIN: u64 = 64 * 1024;
+
+/// The guest buffers of `segs` after the first `skip` bytes, as (address, length).
+fn guest_pieces(segs: &[Seg], mut skip: u64) -> Result<Vec<(GuestAddress, u64)>, ()> {
+    let mut v = Vec::with_capacity(segs.len());
+    for s in segs {
+        let slen = u64::from(s.len);
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        v.push((s.addr.checked_add(skip).ok_or(())?, slen - skip));
+        skip = 0;
+    }
+    Ok(v)
+}
+
+/// Short guest buffers for consecutive disk bytes from `start`, moved with one disk access.
+#[derive(Default)]
+struct Run {
+    start: u64,
+    len: u64,
+    bufs: Vec<(GuestAddress, u64)>,
+}
+
+impl Run {
+    fn push(&mut self, pos: u64, addr: GuestAddress, len: u64) {
+        if self.bufs.is_empty() {
+            self.start = pos;
+        }
+        self.bufs.push((addr, len));
+        self.len += len;
+    }
+
+    /// Reads the run from the disk into its guest buffers, and empties it.
+    fn read(
+        &mut self,
+        disk: &mut dyn DiskFile,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        if self.bufs.is_empty() {
+            return Ok(());
+        }
+        let n = usize::try_from(self.len).map_err(|_| ())?;
+        if bounce.len() < n {
+            bounce.resize(n, 0);
+        }
+        let buf = bounce.get_mut(..n).ok_or(())?;
+        disk.read_at(self.start, buf)
+            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
+        let mut at = 0usize;
+        for &(addr, l) in &self.bufs {
+            let piece = buf.get(at..at + l as usize).ok_or(())?;
+            mem.write_slice(piece, addr).map_err(|_| ())?;
+            at += l as usize;
+        }
+        *self = Run::default();
+        Ok(())
+    }
+
+    /// Writes the run's guest buffers to the disk, and empties it.
+    fn write(
+        &mut self,
+        disk: &mut dyn DiskFile,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        if self.bufs.is_empty() {
+            return Ok(());
+        }
+        let n = usize::try_from(self.len).map_err(|_| ())?;
+        if bounce.len() < n {
+            bounce.resize(n, 0);
+        }
+        let buf = bounce.get_mut(..n).ok_or(())?;
+        let mut at = 0usize;
+        for &(addr, l) in &self.bufs {
+            let piece = buf.get_mut(at..at + l as usize).ok_or(())?;
+            mem.read_slice(piece, addr).map_err(|_| ())?;
+            at += l as usize;
+        }
+        disk.write_at(self.start, buf)
+            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
+        *self = Run::default();
+        Ok(())
+    }
+}
+
+/// Zeros written into guest memory for ranges that read as zeros.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// GET_ID answer: the image's file name, cut to 20 bytes (no terminator when it fills them).
 fn serial_for(path: &Path) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
