@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::block::disk::{self, Format};
+use crate::block::Format;
 use crate::{Block, GuestMemory, VirtioDevice};
 
 /// A file removed on drop.
@@ -33,28 +33,6 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Opens `data` as a qcow2 image read-only and writable, and reads and writes a little of it.
-pub fn qcow2_open(data: &[u8]) {
-    let Some(file) = TempFile::with(data) else {
-        return;
-    };
-    for readonly in [true, false] {
-        let Ok(mut img) = disk::open(&file.0, readonly, Some(Format::Qcow2)) else {
-            continue;
-        };
-        let size = img.size();
-        let mut buf = vec![0u8; 4096];
-        for off in [0, size / 2, size.saturating_sub(4096)] {
-            let n = size.saturating_sub(off).min(4096) as usize;
-            let _ = img.read_at(off, &mut buf[..n]);
-            if !readonly {
-                let _ = img.write_at(off, &buf[..n.min(700)]);
-                let _ = img.write_zeroes(off, n as u64);
-            }
-        }
     }
 }
 
@@ -817,47 +795,7 @@ pub fn vsock_queues(data: &[u8]) -> crate::Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{TempDir, have_qemu_img, path_str, run};
 
-    /// Deterministic mutations of a real image: every header byte, and bytes of the L1, L2 and
-    /// refcount structures, set to 0x00, 0xff and flipped.
-    #[test]
-    fn qcow2_open_survives_mutations() {
-        if !have_qemu_img("qcow2_open_survives_mutations") {
-            return;
-        }
-        let dir = TempDir::new("fuzzq");
-        let p = dir.path("f.qcow2");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=512",
-                path_str(&p),
-                "256k",
-            ],
-        );
-        run(
-            "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x5a 0 8k", path_str(&p)],
-        );
-        let orig = std::fs::read(&p).unwrap();
-        let mut count = 0;
-        let positions: Vec<usize> = (0..112).chain((512..orig.len()).step_by(7)).collect();
-        for &i in &positions {
-            for f in [|_: u8| 0u8, |_: u8| 0xffu8, |b: u8| b ^ 0x80] {
-                let mut m = orig.clone();
-                m[i] = f(m[i]);
-                qcow2_open(&m);
-                count += 1;
-            }
-        }
-        assert!(count > 300);
-    }
 
     #[test]
     fn blk_queue_survives_patterns() {

@@ -1,4 +1,4 @@
-//! virtio-blk (virtio 1.x section 5.2) over a raw or qcow2 image.
+//! virtio-blk (virtio 1.x section 5.2) over a disk image of any format the `disk` crate opens.
 //!
 //! One request queue. Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES; anything else
 //! completes with `VIRTIO_BLK_S_UNSUPP`. A request the device can parse but not perform (out of
@@ -6,9 +6,6 @@
 //! read-only disk) completes with `VIRTIO_BLK_S_IOERR`. A chain without a writable status byte,
 //! or one the queue cannot even walk (loops, bad indirect tables, bad indexes), puts the device
 //! in `DEVICE_NEEDS_RESET`.
-
-pub mod disk;
-pub mod qcow2;
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +20,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
-pub use self::disk::{DiskImage, Format};
+pub use disk::{DiskFile, Format};
 use crate::chain::{self, Seg};
 use crate::{
     COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, VirtioDevice,
@@ -57,7 +54,7 @@ pub enum Error {
 pub struct BlockConfig {
     pub path: PathBuf,
     pub readonly: bool,
-    /// `None`: qcow2 if the file starts with the qcow2 magic, raw otherwise.
+    /// `None`: detected from the content (`disk::detect_format`).
     pub format: Option<Format>,
 }
 
@@ -73,7 +70,7 @@ pub struct BlockState {
 
 /// A virtio-blk device.
 pub struct Block {
-    disk: Box<dyn DiskImage>,
+    disk: Box<dyn DiskFile>,
     readonly: bool,
     features: u64,
     acked_features: u64,
@@ -85,12 +82,18 @@ pub struct Block {
 
 impl Block {
     pub fn new(config: BlockConfig) -> Result<Block, Error> {
-        let disk = disk::open(&config.path, config.readonly, config.format)?;
+        let disk = disk::open(
+            &config.path,
+            disk::OpenOptions {
+                readonly: config.readonly,
+                format: config.format,
+            },
+        )?;
         Ok(Block::with_disk(disk, config.readonly, &config.path))
     }
 
     /// A device over an already open image; `path` only names the serial number.
-    pub fn with_disk(disk: Box<dyn DiskImage>, readonly: bool, path: &Path) -> Block {
+    pub fn with_disk(disk: Box<dyn DiskFile>, readonly: bool, path: &Path) -> Block {
         let mut features = COMMON_FEATURES
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)

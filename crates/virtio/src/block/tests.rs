@@ -636,3 +636,40 @@ fn format_raw_on_a_qcow2_file_gives_raw_access() {
     });
     assert!(e.is_err());
 }
+
+/// The device over a qcow2 image (the format itself is tested in the `disk` crate).
+#[test]
+fn block_device_over_qcow2() {
+    if !have_qemu_img("block_device_over_qcow2") {
+        return;
+    }
+    use crate::testutil::{have_qemu_img, path_str, run as tool};
+    let dir = TempDir::new("q2blk");
+    let p = dir.path("d.qcow2");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", path_str(&p), "1M"]);
+    let mut dev = Block::new(BlockConfig {
+        path: p.clone(),
+        readonly: false,
+        format: None,
+    })
+    .unwrap();
+    assert_eq!(dev.capacity_sectors(), 2048);
+    let mem = memory();
+    let mut d = Driver::new(&mem, 16);
+    let mut h = [0u8; 16];
+    h[0] = 1; // OUT
+    h[8] = 3; // sector 3
+    d.fill(0x8_0000, &h);
+    d.fill(DATA, &[0xee; 1024]);
+    d.add(&[r(0x8_0000, 16), r(DATA, 1024), w(0x9_0000, 1)]);
+    d.process(&mut dev).unwrap();
+    assert_eq!(d.read(0x9_0000, 1)[0], 0);
+    drop(dev);
+    tool("qemu-img", &["check", path_str(&p)]);
+    let out = dir.path("converted.raw");
+    tool("qemu-img", &["convert", "-O", "raw", path_str(&p), path_str(&out)]);
+    let raw = std::fs::read(&out).unwrap();
+    assert!(raw[1536..2560].iter().all(|&b| b == 0xee));
+    assert!(raw[..1536].iter().all(|&b| b == 0));
+}
+

@@ -19,7 +19,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::disk::{self, DiskImage, Format, QCOW2_MAGIC};
+use crate::util::{Lru, be32, be64, corrupt, read_exact_or_eof};
+use crate::{DiskFile, Format, QCOW2_MAGIC};
 
 /// Largest L1 table accepted (as qemu): 32 MiB.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -27,6 +28,14 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Largest virtual size accepted: 2^56 - 1 bytes, the reach of an L2 entry's offset field.
 const MAX_VIRTUAL_SIZE: u64 = (1 << 56) - 1;
+/// Memory for cached L2 tables and refcount blocks, per image (at least two of each).
+const L2_CACHE_BYTES: u64 = 4 << 20;
+const REFBLOCK_CACHE_BYTES: u64 = 1 << 20;
+
+fn cache_entries(cluster_size: u64, budget: u64) -> usize {
+    usize::try_from(budget / cluster_size).map_or(2, |n| n.max(2))
+}
+
 /// Backing chains deeper than this are refused (also stops loops).
 const MAX_BACKING_DEPTH: u32 = 16;
 /// Longest backing file name (as qemu).
@@ -84,26 +93,10 @@ pub enum Error {
     Backing {
         path: PathBuf,
         #[source]
-        source: Box<disk::Error>,
+        source: Box<crate::Error>,
     },
     #[error("backing chain deeper than {MAX_BACKING_DEPTH}")]
     BackingDepth,
-}
-
-fn corrupt(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 /// Where a guest cluster's data is.
@@ -134,9 +127,12 @@ pub struct Qcow2 {
     reftable: Vec<u64>,
     /// First host offset after every cluster in use: new clusters go here.
     end: u64,
-    backing: Option<Box<dyn DiskImage>>,
-    /// The last L2 table used: (host offset, entries).
-    l2_cache: Option<(u64, Vec<u64>)>,
+    backing: Option<Box<dyn DiskFile>>,
+    /// Recently used L2 tables by host offset (at most [`CACHE_BYTES`] of them), kept in step
+    /// with every L2 entry written.
+    l2_cache: Lru<u64, Vec<u64>>,
+    /// Recently used refcount blocks by host offset, kept in step with every refcount written.
+    refblock_cache: Lru<u64, Vec<u8>>,
 }
 
 struct Header {
@@ -202,22 +198,6 @@ impl Header {
 
 fn align_up(v: u64, align: u64) -> Option<u64> {
     v.checked_add(align - 1).map(|x| x & !(align - 1))
-}
-
-fn read_exact_or_eof(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
@@ -334,7 +314,7 @@ impl Qcow2 {
                 path.parent().unwrap_or(Path::new(".")).join(bpath)
             };
             let img =
-                disk::open_depth(&bpath, true, format, depth + 1).map_err(|e| Error::Backing {
+                crate::open_depth(&bpath, true, format, depth + 1).map_err(|e| Error::Backing {
                     path: bpath.clone(),
                     source: Box::new(e),
                 })?;
@@ -360,7 +340,8 @@ impl Qcow2 {
             reftable,
             end,
             backing,
-            l2_cache: None,
+            l2_cache: Lru::new(cache_entries(cluster_size, L2_CACHE_BYTES)),
+            refblock_cache: Lru::new(cache_entries(cluster_size, REFBLOCK_CACHE_BYTES)),
         };
         q.scan(file_len)?;
         if !readonly && h.version == 3 && h.autoclear != 0 {
@@ -412,15 +393,26 @@ impl Qcow2 {
     }
 
     fn l2_table(&mut self, off: u64) -> io::Result<&mut Vec<u64>> {
-        let hit = matches!(&self.l2_cache, Some((o, _)) if *o == off);
-        if !hit {
+        if self.l2_cache.get_mut(&off).is_none() {
             let t = read_table(&self.file, off, self.l2_entries)?;
-            self.l2_cache = Some((off, t));
+            return Ok(self.l2_cache.insert(off, t));
         }
-        match &mut self.l2_cache {
-            Some((_, t)) => Ok(t),
-            None => Err(corrupt("L2 cache")),
+        self.l2_cache
+            .get_mut(&off)
+            .ok_or_else(|| corrupt("L2 cache"))
+    }
+
+    /// The refcount block at `off`, from the cache or the file.
+    fn refblock(&mut self, off: u64) -> io::Result<&mut Vec<u8>> {
+        if self.refblock_cache.get_mut(&off).is_none() {
+            let len = usize::try_from(self.cluster_size).map_err(|_| corrupt("cluster size"))?;
+            let mut b = vec![0u8; len];
+            read_exact_or_eof(&self.file, &mut b, off)?;
+            return Ok(self.refblock_cache.insert(off, b));
         }
+        self.refblock_cache
+            .get_mut(&off)
+            .ok_or_else(|| corrupt("refcount block cache"))
     }
 
     fn indexes(&self, guest: u64) -> (usize, usize) {
@@ -561,12 +553,18 @@ impl Qcow2 {
         let (rti, byte, shift) = self.refcount_pos(idx);
         let block = self.ensure_refblock(rti)?;
         let (bytes, mask) = self.refcount_width();
+        let at = usize::try_from(byte).map_err(|_| corrupt("refcount offset"))?;
+        let cached = self.refblock(block)?;
+        let slot = cached
+            .get_mut(at..at + bytes)
+            .ok_or_else(|| corrupt("refcount offset"))?;
         let mut b = [0u8; 8];
-        let at = block + byte;
-        self.file.read_exact_at(&mut b[8 - bytes..], at)?;
+        b[8 - bytes..].copy_from_slice(slot);
         let old = u64::from_be_bytes(b);
         let new = (old & !(mask << shift)) | ((value & mask) << shift);
-        self.file.write_all_at(&new.to_be_bytes()[8 - bytes..], at)
+        let new = &new.to_be_bytes()[8 - bytes..];
+        slot.copy_from_slice(new);
+        self.file.write_all_at(new, block + byte)
     }
 
     /// The refcount block for reftable entry `rti`, created (and the table grown) if missing.
@@ -592,6 +590,7 @@ impl Qcow2 {
             data[at..at + bytes].copy_from_slice(&v.to_be_bytes()[8 - bytes..]);
         }
         self.file.write_all_at(&data, block)?;
+        self.refblock_cache.insert(block, data);
         self.reftable[i] = block;
         self.file
             .write_all_at(&block.to_be_bytes(), self.reftable_offset + rti * 8)?;
@@ -774,9 +773,17 @@ fn read_backing_format(
     Ok(None)
 }
 
-impl DiskImage for Qcow2 {
+impl DiskFile for Qcow2 {
     fn size(&self) -> u64 {
         self.virtual_size
+    }
+
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn readonly(&self) -> bool {
+        self.readonly
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -1,11 +1,15 @@
 //! qcow2 against qemu-img: images qemu makes read as `qemu-img convert -O raw` says, images we
-//! write pass `qemu-img check` and convert to our bytes. Skipped (with a message) without qemu-img.
+//! write pass `qemu-img check` and convert to our bytes. They fail without qemu-img
+//! (`scripts/setup.sh` installs qemu-utils).
 
 use std::fs::OpenOptions;
 
 use super::*;
-use crate::block::disk::open;
-use crate::testutil::{TempDir, have_qemu_img, path_str, pattern, run};
+use crate::testutil::{TempDir, need_qemu_img, path_str, pattern, run};
+
+fn open(path: &Path, readonly: bool, format: Option<Format>) -> Result<Box<dyn DiskFile>, crate::Error> {
+    crate::open(path, crate::OpenOptions { readonly, format })
+}
 
 fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
@@ -44,13 +48,13 @@ fn check_clean(path: &Path) {
     );
 }
 
-fn read_all(img: &mut dyn DiskImage) -> Vec<u8> {
+fn read_all(img: &mut dyn DiskFile) -> Vec<u8> {
     let mut v = vec![0u8; img.size() as usize];
     img.read_at(0, &mut v).unwrap();
     v
 }
 
-fn open_rw(path: &Path) -> Box<dyn DiskImage> {
+fn open_rw(path: &Path) -> Box<dyn DiskFile> {
     open(path, false, Some(Format::Qcow2)).unwrap()
 }
 
@@ -65,9 +69,7 @@ fn open_q(path: &Path, readonly: bool) -> Result<Qcow2, Error> {
 
 #[test]
 fn qemu_images_read_like_qemu_says() {
-    if !have_qemu_img("qemu_images_read_like_qemu_says") {
-        return;
-    }
+    need_qemu_img();
     for (cluster, opts) in [
         ("512", "cluster_size=512"),
         ("4k", "cluster_size=4096"),
@@ -132,9 +134,7 @@ fn write_and_verify(opts: &str, size: u64, writes: &[(u64, usize, u8)]) {
 
 #[test]
 fn writes_pass_qemu_img_check() {
-    if !have_qemu_img("writes_pass_qemu_img_check") {
-        return;
-    }
+    need_qemu_img();
     let writes = [
         (0, 4096, 1),
         (100, 50, 2),                   // partial, inside an allocated cluster
@@ -159,9 +159,7 @@ fn writes_pass_qemu_img_check() {
 
 #[test]
 fn overwrite_qemu_written_data() {
-    if !have_qemu_img("overwrite_qemu_written_data") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2over");
     let p = dir.path("o.qcow2");
     create(&p, "2M", "cluster_size=4096");
@@ -184,9 +182,7 @@ fn overwrite_qemu_written_data() {
 
 #[test]
 fn refcount_table_grows() {
-    if !have_qemu_img("refcount_table_grows") {
-        return;
-    }
+    need_qemu_img();
     // 512-byte clusters: a refcount block covers 128 KiB and one table cluster 8 MiB of file,
     // so 12 MiB of data needs a larger table (and many new refcount blocks).
     let dir = TempDir::new("q2grow");
@@ -209,9 +205,7 @@ fn refcount_table_grows() {
 
 #[test]
 fn refcounts_of_new_clusters_are_one() {
-    if !have_qemu_img("refcounts_of_new_clusters_are_one") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2rc");
     let p = dir.path("r.qcow2");
     create(&p, "1M", "cluster_size=4096");
@@ -227,9 +221,7 @@ fn refcounts_of_new_clusters_are_one() {
 
 #[test]
 fn backing_file_reads_and_copy_on_write() {
-    if !have_qemu_img("backing_file_reads_and_copy_on_write") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2back");
     let base = dir.path("base.raw");
     let base_data = pattern(3 << 20, 42);
@@ -293,9 +285,7 @@ fn backing_file_reads_and_copy_on_write() {
 
 #[test]
 fn write_zeroes_and_discard() {
-    if !have_qemu_img("write_zeroes_and_discard") {
-        return;
-    }
+    need_qemu_img();
     for opts in ["cluster_size=4096", "compat=0.10,cluster_size=4096"] {
         let dir = TempDir::new("q2zero");
         let p = dir.path("z.qcow2");
@@ -324,47 +314,11 @@ fn write_zeroes_and_discard() {
     }
 }
 
-#[test]
-fn block_device_over_qcow2() {
-    if !have_qemu_img("block_device_over_qcow2") {
-        return;
-    }
-    use crate::testutil::{DATA, Driver, memory, r, w};
-    use crate::{Block, BlockConfig};
-    let dir = TempDir::new("q2blk");
-    let p = dir.path("d.qcow2");
-    create(&p, "1M", "");
-    let mut dev = Block::new(BlockConfig {
-        path: p.clone(),
-        readonly: false,
-        format: None,
-    })
-    .unwrap();
-    assert_eq!(dev.capacity_sectors(), 2048);
-    let mem = memory();
-    let mut d = Driver::new(&mem, 16);
-    let mut h = [0u8; 16];
-    h[0] = 1; // OUT
-    h[8] = 3; // sector 3
-    d.fill(0x8_0000, &h);
-    d.fill(DATA, &[0xee; 1024]);
-    d.add(&[r(0x8_0000, 16), r(DATA, 1024), w(0x9_0000, 1)]);
-    d.process(&mut dev).unwrap();
-    assert_eq!(d.read(0x9_0000, 1)[0], 0);
-    drop(dev);
-    check_clean(&p);
-    let raw = qemu_raw(&dir, &p);
-    assert!(raw[1536..2560].iter().all(|&b| b == 0xee));
-    assert!(raw[..1536].iter().all(|&b| b == 0));
-}
-
 // ---- refused images ----
 
 #[test]
 fn compressed_images_are_refused() {
-    if !have_qemu_img("compressed_images_are_refused") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2comp");
     let raw = dir.path("src.raw");
     std::fs::write(&raw, vec![0x61u8; 1 << 20]).unwrap();
@@ -375,9 +329,7 @@ fn compressed_images_are_refused() {
 
 #[test]
 fn encrypted_images_are_refused() {
-    if !have_qemu_img("encrypted_images_are_refused") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2enc");
     let p = dir.path("e.qcow2");
     create(&p, "1M", "");
@@ -387,9 +339,7 @@ fn encrypted_images_are_refused() {
 
 #[test]
 fn snapshots_allow_read_only_opening_only() {
-    if !have_qemu_img("snapshots_allow_read_only_opening_only") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2snap");
     let p = dir.path("s.qcow2");
     create(&p, "1M", "");
@@ -403,9 +353,7 @@ fn snapshots_allow_read_only_opening_only() {
 
 #[test]
 fn dirty_images_open_read_only_only() {
-    if !have_qemu_img("dirty_images_open_read_only_only") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2dirty");
     let p = dir.path("d.qcow2");
     create(&p, "1M", "");
@@ -416,9 +364,7 @@ fn dirty_images_open_read_only_only() {
 
 #[test]
 fn autoclear_bits_are_cleared_when_writing() {
-    if !have_qemu_img("autoclear_bits_are_cleared_when_writing") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2auto");
     let p = dir.path("a.qcow2");
     create(&p, "1M", "");
@@ -430,9 +376,7 @@ fn autoclear_bits_are_cleared_when_writing() {
 
 #[test]
 fn backing_loop_is_refused() {
-    if !have_qemu_img("backing_loop_is_refused") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2loop");
     let a = dir.path("a.qcow2");
     let b = dir.path("b.qcow2");
@@ -465,9 +409,7 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
 
 #[test]
 fn corrupt_headers_are_clear_errors() {
-    if !have_qemu_img("corrupt_headers_are_clear_errors") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2corrupt");
     let good = dir.path("good.qcow2");
     create(&good, "1M", "");
@@ -579,9 +521,7 @@ fn corrupt_headers_are_clear_errors() {
 
 #[test]
 fn access_beyond_virtual_size_fails() {
-    if !have_qemu_img("access_beyond_virtual_size_fails") {
-        return;
-    }
+    need_qemu_img();
     let dir = TempDir::new("q2range");
     let p = dir.path("r.qcow2");
     create(&p, "1M", "");
@@ -594,9 +534,7 @@ fn access_beyond_virtual_size_fails() {
 
 #[test]
 fn check_helper_detects_a_leaked_cluster() {
-    if !have_qemu_img("check_helper_detects_a_leaked_cluster") {
-        return;
-    }
+    need_qemu_img();
     // Proves `check_clean` can fail: a cluster with a refcount but no reference is a leak.
     let dir = TempDir::new("q2leak");
     let p = dir.path("l.qcow2");

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    virtio::fuzz::qcow2_open(data);
+    disk::fuzz::open_image(data, Some(disk::Format::Qcow2));
 });

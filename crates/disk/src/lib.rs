@@ -1,0 +1,231 @@
+//! Disk images: one [`DiskFile`] trait and one module per image format (the shape of crosvm's
+//! `disk/` and Cloud Hypervisor's `block/`). Support table and limits in `docs/disk-formats.md`.
+//!
+//! [`open`] detects the format by content ([`detect_format`], never by file name) unless the
+//! caller names it, and opens the image read-only or writable. Formats this crate cannot write
+//! safely open read-only only: a writable open of them fails with
+//! [`ImageError::ReadOnly`] ("... images are read-only; attach with readonly=on or convert with
+//! anyvisor import").
+//!
+//! Every image file is hostile input: each header field, offset and table length is checked
+//! against the file size and fixed caps before anything is allocated or read, tables are read
+//! once and bounded, and nothing follows chains without a bound. Errors at open are typed and
+//! name the field; errors during I/O are `io::Error`s of kind `InvalidData` for corrupt
+//! metadata found late. The crate depends on nothing else of the workspace.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod fuzz;
+pub mod qcow2;
+pub mod raw;
+#[cfg(test)]
+mod testutil;
+mod util;
+
+pub use raw::RawFile;
+pub use util::ImageError;
+
+/// Image formats. `None` where a format is asked for means "detect by content".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// Every format, in detection order after raw.
+    pub const ALL: &'static [Format] = &[Format::Raw, Format::Qcow2];
+
+    /// The name used in `--disk ...,format=NAME` (also what serde writes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// The format called `name` (also qemu's name for it, `vpc` for VHD).
+    pub fn from_name(name: &str) -> Option<Format> {
+        Format::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == name)
+
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open read-only (guest writes fail); required for formats this crate cannot write.
+    pub readonly: bool,
+    /// `None`: detect by content ([`detect_format`]).
+    pub format: Option<Format>,
+}
+
+impl OpenOptions {
+    pub fn readonly(readonly: bool) -> OpenOptions {
+        OpenOptions {
+            readonly,
+            format: None,
+        }
+    }
+
+    pub fn format(mut self, format: Option<Format>) -> OpenOptions {
+        self.format = format;
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open disk {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read disk {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open disk {path}")]
+    Qcow2 {
+        path: PathBuf,
+        #[source]
+        source: qcow2::Error,
+    },
+    #[error("cannot open disk {path}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: ImageError,
+    },
+}
+
+/// A virtual disk of [`DiskFile::size`] bytes. Callers keep every access inside the disk
+/// (implementations check and fail with `InvalidInput` otherwise).
+pub trait DiskFile: Send {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from virtual offset `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `buf` at virtual offset `offset`; fails with `PermissionDenied` when read-only.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> io::Result<()>;
+    /// The range's content becomes unspecified; the backend may free its storage.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        if self.readonly() {
+            return Err(read_only());
+        }
+        Ok(())
+    }
+    /// The range reads as zeros afterwards.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK))];
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(zeros.len(), |r| r.min(zeros.len()));
+            let at = offset
+                .checked_add(done)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+            self.write_at(at, zeros.get(..n).unwrap_or_default())?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+    /// The image's format.
+    fn format(&self) -> Format;
+    /// Whether the image was opened read-only.
+    fn readonly(&self) -> bool;
+}
+
+/// Largest buffer a backend allocates for one step of a large operation.
+pub const CHUNK: usize = 1 << 20;
+
+/// "QFI\xfb": the first four bytes of a qcow2 image.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+pub(crate) fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "read-only image")
+}
+
+/// Opens `path` as `opts.format`, or as what its content says when that is `None`.
+pub fn open(path: &Path, opts: OpenOptions) -> Result<Box<dyn DiskFile>, Error> {
+    open_depth(path, opts.readonly, opts.format, 0)
+}
+
+pub(crate) fn open_depth(
+    path: &Path,
+    readonly: bool,
+    format: Option<Format>,
+    depth: u32,
+) -> Result<Box<dyn DiskFile>, Error> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let format = match format {
+        Some(f) => f,
+        None => detect_format(&mut file).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?,
+    };
+    match format {
+        Format::Raw => {
+            let raw = RawFile::new(file, readonly).map_err(|source| Error::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(Box::new(raw))
+        }
+        Format::Qcow2 => {
+            let q = qcow2::Qcow2::open(file, path, readonly, depth).map_err(|source| {
+                Error::Qcow2 {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+            Ok(Box::new(q))
+        }
+    }
+}
+
+/// The format `file`'s content says, by magic numbers; raw when none matches (including files
+/// shorter than any magic). Reads the first 512 bytes and, for VHD, the last 512.
+pub fn detect_format(file: &mut File) -> io::Result<Format> {
+    let mut head = [0u8; 512];
+    file.seek(SeekFrom::Start(0))?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let head = head.get(..n).unwrap_or_default();
+    if head.starts_with(&QCOW2_MAGIC) {
+        return Ok(Format::Qcow2);
+    }
+    Ok(Format::Raw)
+}
