@@ -190,13 +190,19 @@ options root=UUID=bbbb ro
         let e = choose(entries(&[]), None).unwrap();
         assert_eq!(e.linux.as_deref(), Some("/vmlinuz-6.6.8-200.fc39.x86_64"));
         assert_eq!(e.initrds, ["/initramfs-6.6.8-200.fc39.x86_64.img"]);
-        assert_eq!(e.options, "root=UUID=bbbb ro rootflags=subvol=root rhgb quiet");
+        assert_eq!(
+            e.options,
+            "root=UUID=bbbb ro rootflags=subvol=root rhgb quiet"
+        );
         assert!(e.display().starts_with("Fedora Linux (6.6.8"));
     }
 
     #[test]
     fn saved_entry_and_kernelopts() {
-        let vars = vec![("kernelopts".to_string(), "root=UUID=cccc ro quiet".to_string())];
+        let vars = vec![(
+            "kernelopts".to_string(),
+            "root=UUID=cccc ro quiet".to_string(),
+        )];
         let e = choose(entries(&vars), Some("abc-6.5.6-300.fc39.x86_64")).unwrap();
         assert_eq!(e.options, "root=UUID=cccc ro quiet");
         // An unknown saved entry: the spec's order.

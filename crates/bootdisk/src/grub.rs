@@ -475,7 +475,11 @@ impl Interp<'_> {
         {
             return FileRef {
                 device: Some(dev.to_string()),
-                path: if path.is_empty() { "/".into() } else { path.into() },
+                path: if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.into()
+                },
             };
         }
         let root = self
@@ -862,9 +866,9 @@ fn choose(menu: &[MenuItem], default: &str, env: &HashMap<String, String>) -> Op
         Err(_) => menu.iter().find(|m| m.matches(head))?,
     };
     match item {
-        MenuItem::Entry { title, body, .. } => {
-            rest.is_none().then(|| (title.clone(), body.clone(), env.clone()))
-        }
+        MenuItem::Entry { title, body, .. } => rest
+            .is_none()
+            .then(|| (title.clone(), body.clone(), env.clone())),
         MenuItem::Submenu {
             title,
             items,
@@ -1083,7 +1087,10 @@ fi
         let e = default_entry(DEBIAN, "hd0,gpt2", "/boot/grub", &host()).unwrap();
         assert_eq!(e.title, "Debian GNU/Linux");
         assert_eq!(e.kernel, f("hd0,gpt2", "/boot/vmlinuz-6.1.0-13-amd64"));
-        assert_eq!(e.initrds, vec![f("hd0,gpt2", "/boot/initrd.img-6.1.0-13-amd64")]);
+        assert_eq!(
+            e.initrds,
+            vec![f("hd0,gpt2", "/boot/initrd.img-6.1.0-13-amd64")]
+        );
         assert_eq!(e.args, "root=UUID=bbbb ro quiet");
     }
 
@@ -1091,10 +1098,7 @@ fi
     fn debian_saved_default_in_a_submenu() {
         // GRUB_DEFAULT=saved: grub.cfg says default="${saved_entry}" and grubenv names an
         // entry of the submenu by its id path.
-        let cfg = DEBIAN.replace(
-            "   set default=\"0\"",
-            "   set default=\"${saved_entry}\"",
-        );
+        let cfg = DEBIAN.replace("   set default=\"0\"", "   set default=\"${saved_entry}\"");
         let mut h = host();
         h.files.insert(
             ("hd0,gpt2".into(), "/boot/grub/grubenv".into()),
@@ -1185,7 +1189,10 @@ menuentry "Second \"one\"" --id second {
         assert_eq!(e.args, "root=LABEL=ROOT a b x=quiet splash quiet splash");
         assert_eq!(
             e.initrds,
-            vec![f("hd0,gpt1", "/microcode.img"), f("hd0,gpt1", "/boot/initrd.img")]
+            vec![
+                f("hd0,gpt1", "/microcode.img"),
+                f("hd0,gpt1", "/boot/initrd.img")
+            ]
         );
     }
 

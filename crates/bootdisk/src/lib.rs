@@ -45,6 +45,33 @@ pub trait Image: Send + Sync {
     fn size(&self) -> u64;
 }
 
+/// A [`disk::DiskFile`] (any format the `disk` crate reads) as an [`Image`].
+struct DiskImage(std::sync::Mutex<Box<dyn disk::DiskFile>>, u64);
+
+impl Image for DiskImage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut d = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.read_at(offset, buf)
+    }
+    fn size(&self) -> u64 {
+        self.1
+    }
+}
+
+/// Opens the image at `path` read-only (nothing of it is ever written), in `format` or the
+/// format its content says.
+pub fn open_image(
+    path: &std::path::Path,
+    format: Option<disk::Format>,
+) -> Result<Arc<dyn Image>, disk::Error> {
+    let d = disk::open(path, disk::OpenOptions::readonly(true).format(format))?;
+    let size = d.size();
+    Ok(Arc::new(DiskImage(std::sync::Mutex::new(d), size)))
+}
+
 /// Largest kernel accepted.
 pub const MAX_KERNEL: u64 = 256 << 20;
 /// Largest initrd accepted (all initrds of an entry together).
@@ -144,10 +171,7 @@ impl Volume {
     /// larger than `limit` or the filesystem is damaged.
     fn read(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, Error> {
         let bad = |e: Ext4Error| {
-            Error::Filesystem(format!(
-                "cannot read {path} on {}: {e}",
-                self.where_()
-            ))
+            Error::Filesystem(format!("cannot read {path} on {}: {e}", self.where_()))
         };
         let meta = match self.fs.metadata(path) {
             Ok(m) => m,
@@ -295,7 +319,10 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
             kind: part::PartKind::Whole,
         }]
     } else {
-        parts.into_iter().filter(|p| !p.is_unlikely_boot()).collect()
+        parts
+            .into_iter()
+            .filter(|p| !p.is_unlikely_boot())
+            .collect()
     };
     candidates.sort_by_key(Partition::boot_rank);
     let mut volumes = Vec::new();
@@ -336,7 +363,11 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
         } else {
             Error::NoFilesystem(format!(
                 "the {} partition table has no partition with a known filesystem",
-                if table == TableKind::Gpt { "GPT" } else { "MBR" }
+                if table == TableKind::Gpt {
+                    "GPT"
+                } else {
+                    "MBR"
+                }
             ))
         });
     }
@@ -413,7 +444,11 @@ fn find_entry(disk: &Disk) -> Result<Found<'_>, Error> {
                 Ok(e) => {
                     return Ok(Found {
                         vol,
-                        chosen: format!("grub.cfg entry '{}' ({path} on {})", e.title, vol.where_()),
+                        chosen: format!(
+                            "grub.cfg entry '{}' ({path} on {})",
+                            e.title,
+                            vol.where_()
+                        ),
                         kernel: (e.kernel.device, e.kernel.path),
                         initrds: e.initrds.into_iter().map(|f| (f.device, f.path)).collect(),
                         args: e.args,
@@ -452,7 +487,11 @@ fn find_entry(disk: &Disk) -> Result<Found<'_>, Error> {
             let count = entries.len();
             match bls::choose(entries, saved.as_deref()) {
                 Some(e) => {
-                    let base = if dir.starts_with("/boot") { "/boot" } else { "" };
+                    let base = if dir.starts_with("/boot") {
+                        "/boot"
+                    } else {
+                        ""
+                    };
                     let rel = |p: &str| {
                         let p = p.trim_start_matches('/');
                         (None, format!("{base}/{p}"))
@@ -505,7 +544,11 @@ fn find_entry(disk: &Disk) -> Result<Found<'_>, Error> {
                         vol,
                         chosen: format!(
                             "{} label '{}' ({path} on {})",
-                            if path.ends_with(".conf") { "extlinux" } else { "syslinux" },
+                            if path.ends_with(".conf") {
+                                "extlinux"
+                            } else {
+                                "syslinux"
+                            },
                             l.title.as_deref().unwrap_or(&l.name),
                             vol.where_()
                         ),
@@ -514,7 +557,10 @@ fn find_entry(disk: &Disk) -> Result<Found<'_>, Error> {
                         args: l.append.unwrap_or_default(),
                     });
                 }
-                None => notes.push(format!("{path} on {}: no label with a kernel", vol.where_())),
+                None => notes.push(format!(
+                    "{path} on {}: no label with a kernel",
+                    vol.where_()
+                )),
             }
         }
     }
@@ -578,7 +624,10 @@ pub(crate) mod tests {
 
     #[test]
     fn console_is_added_only_when_missing() {
-        assert_eq!(with_console("root=/dev/vda ro"), "root=/dev/vda ro console=ttyS0");
+        assert_eq!(
+            with_console("root=/dev/vda ro"),
+            "root=/dev/vda ro console=ttyS0"
+        );
         assert_eq!(with_console(""), "console=ttyS0");
         assert_eq!(with_console("console=tty1 quiet"), "console=tty1 quiet");
     }

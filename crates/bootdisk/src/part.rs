@@ -174,7 +174,9 @@ fn read_gpt(img: &dyn Image, sector: u64) -> Result<Vec<Partition>, Error> {
         .ok_or_else(|| Error::BadTable("GPT entry array lies outside the disk".into()))?;
     let array = read_vec(img, start, bytes)?;
     if crc32fast::hash(&array) != header.entries_crc {
-        return Err(Error::BadTable("GPT partition entry array CRC mismatch".into()));
+        return Err(Error::BadTable(
+            "GPT partition entry array CRC mismatch".into(),
+        ));
     }
     let mut parts = Vec::new();
     for (i, e) in array.chunks(header.entry_size as usize).enumerate() {
@@ -195,7 +197,12 @@ fn read_gpt(img: &dyn Image, sector: u64) -> Result<Vec<Partition>, Error> {
             .get(56..128)
             .unwrap_or(&[])
             .chunks(2)
-            .map(|c| u16::from_le_bytes([c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0)]))
+            .map(|c| {
+                u16::from_le_bytes([
+                    c.first().copied().unwrap_or(0),
+                    c.get(1).copied().unwrap_or(0),
+                ])
+            })
             .take_while(|&c| c != 0)
             .collect();
         parts.push(Partition {
@@ -238,7 +245,9 @@ fn gpt_header(img: &dyn Image, sector: u64, lba: u64) -> Result<GptHeader, Strin
     let entries = le32(&h, 80).ok_or_else(bad)?;
     let entry_size = le32(&h, 84).ok_or_else(bad)?;
     if entries > MAX_GPT_ENTRIES {
-        return Err(format!("{entries} partition entries (at most {MAX_GPT_ENTRIES} read)"));
+        return Err(format!(
+            "{entries} partition entries (at most {MAX_GPT_ENTRIES} read)"
+        ));
     }
     if entry_size < 128 || entry_size % 8 != 0 || entry_size > 4096 {
         return Err(format!("partition entry size {entry_size}"));
@@ -304,9 +313,11 @@ fn read_mbr(img: &dyn Image, mbr: &[u8]) -> Result<Option<Vec<Partition>>, Error
                     "extended boot record at sector {ebr} has no 55 AA signature"
                 )));
             }
-            let (Some(&ptype), Some(rel), Some(count)) =
-                (sec.get(0x1be + 4), le32(&sec, 0x1be + 8), le32(&sec, 0x1be + 12))
-            else {
+            let (Some(&ptype), Some(rel), Some(count)) = (
+                sec.get(0x1be + 4),
+                le32(&sec, 0x1be + 8),
+                le32(&sec, 0x1be + 12),
+            ) else {
                 break;
             };
             if ptype != 0 && count != 0 {
@@ -367,7 +378,10 @@ mod tests {
             put(e, 16, &[i as u8 + 1; 16]);
             put(e, 32, &first.to_le_bytes());
             put(e, 40, &last.to_le_bytes());
-            let name: Vec<u8> = "part".encode_utf16().flat_map(|c| c.to_le_bytes()).collect();
+            let name: Vec<u8> = "part"
+                .encode_utf16()
+                .flat_map(|c| c.to_le_bytes())
+                .collect();
             put(e, 56, &name);
         }
         put(&mut d, 1024, &array);

@@ -120,7 +120,14 @@ fn run(cli: Cli) -> vmm::Result<u8> {
                 Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
                 None => flags,
             };
-            let reason = vmm::run(options.into_request()?)?;
+            // `--disk` without `--kernel`: the kernel the disk holds (docs/boot-from-disk.md).
+            let (options, extracted) = vmm::diskboot::prepare(options)?;
+            if let Some(x) = &extracted {
+                tracing::info!("booting {} (kernel {})", x.chosen, x.kernel_path);
+            }
+            let reason = vmm::run(options.into_request()?);
+            drop(extracted);
+            let reason = reason?;
             Ok(reason.exit_code())
         }
         Command::Info(a) => {

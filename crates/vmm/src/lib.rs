@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod diskboot;
 pub mod error;
 pub mod exit;
 #[doc(hidden)]
