@@ -4,6 +4,7 @@
 //! [`vmm::Error::exit_code`]: 0 success, 1 guest crash or internal error, 2 bad usage or input.
 
 mod args;
+mod import_bar;
 mod log;
 mod progress;
 
@@ -166,12 +167,33 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             }
             Ok(0)
         }
+        Command::Import(a) => import(&a),
         Command::SnapshotInfo(a) => {
             let info = vmm::snapshot::info(&a.file)?;
             println!("{info}");
             Ok(0)
         }
     }
+}
+
+/// `anyvisor import`: converts the source, prints one line per mapped or dropped device and
+/// per file written.
+fn import(a: &args::ImportArgs) -> vmm::Result<u8> {
+    let opts = ::import::Options {
+        source: a.source.clone(),
+        output: a.output.clone(),
+        force: a.force,
+        tap_prefix: a.tap_prefix.clone().unwrap_or_else(|| "avtap".into()),
+    };
+    let mut bar = import_bar::ImportBar::default();
+    let report = ::import::import(&opts, &mut bar).map_err(|e| match e {
+        ::import::Error::Write { path, source } => vmm::Error::OpenOutput { path, source },
+        other => vmm::Error::Usage(vmm::error::report(&other)),
+    })?;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(0)
 }
 
 /// A control command with no output.
