@@ -25,6 +25,10 @@ pub mod raw;
 #[cfg(test)]
 mod testutil;
 mod util;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 pub use raw::RawFile;
 pub use util::ImageError;
@@ -35,17 +39,36 @@ pub use util::ImageError;
 pub enum Format {
     Raw,
     Qcow2,
+    /// VMware: monolithicSparse, streamOptimized, and descriptors with flat/sparse extents.
+    Vmdk,
+    /// Virtual PC / Hyper-V VHD, fixed and dynamic (qemu calls it "vpc").
+    Vhd,
+    /// Hyper-V VHDX, fixed and dynamic.
+    Vhdx,
+    /// VirtualBox VDI, dynamic and static.
+    Vdi,
 }
 
 impl Format {
     /// Every format, in detection order after raw.
-    pub const ALL: &'static [Format] = &[Format::Raw, Format::Qcow2];
+    pub const ALL: &'static [Format] = &[
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vhd,
+        Format::Vhdx,
+        Format::Vdi,
+    ];
 
     /// The name used in `--disk ...,format=NAME` (also what serde writes).
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
         }
     }
 
@@ -191,6 +214,10 @@ pub(crate) fn open_depth(
             source,
         })?,
     };
+    let image = |source: ImageError| Error::Image {
+        path: path.to_owned(),
+        source,
+    };
     match format {
         Format::Raw => {
             let raw = RawFile::new(file, readonly).map_err(|source| Error::Read {
@@ -208,11 +235,19 @@ pub(crate) fn open_depth(
             })?;
             Ok(Box::new(q))
         }
+        Format::Vhd => vhd::open(file, readonly).map_err(image),
+        Format::Vdi => Ok(Box::new(vdi::Vdi::open(file, readonly).map_err(image)?)),
+        Format::Vmdk | Format::Vhdx => Err(image(ImageError::Unsupported {
+            format: "disk",
+            what: format!("{format} images"),
+        })),
     }
 }
 
-/// The format `file`'s content says, by magic numbers; raw when none matches (including files
-/// shorter than any magic). Reads the first 512 bytes and, for VHD, the last 512.
+/// The format `file`'s content says, by magic numbers, never by file name; raw when none
+/// matches (including files shorter than any magic). Reads the first 512 bytes and the last 512
+/// (a fixed VHD has only its footer there). A raw image a guest can write may come to look like
+/// another format: attach those with an explicit `format=raw`.
 pub fn detect_format(file: &mut File) -> io::Result<Format> {
     let mut head = [0u8; 512];
     file.seek(SeekFrom::Start(0))?;
@@ -226,6 +261,27 @@ pub fn detect_format(file: &mut File) -> io::Result<Format> {
     let head = head.get(..n).unwrap_or_default();
     if head.starts_with(&QCOW2_MAGIC) {
         return Ok(Format::Qcow2);
+    }
+    if head.starts_with(vmdk::SPARSE_MAGIC) || head.starts_with(vmdk::DESCRIPTOR_MAGIC) {
+        return Ok(Format::Vmdk);
+    }
+    if head.starts_with(vhdx::FILE_MAGIC) {
+        return Ok(Format::Vhdx);
+    }
+    if head.get(64..68) == Some(vdi::SIGNATURE.as_slice()) {
+        return Ok(Format::Vdi);
+    }
+    if head.starts_with(vhd::COOKIE) {
+        return Ok(Format::Vhd);
+    }
+    let len = file.seek(SeekFrom::End(0))?;
+    if len >= 1024 {
+        let mut tail = [0u8; 512];
+        file.seek(SeekFrom::Start(len - 512))?;
+        file.read_exact(&mut tail)?;
+        if vhd::is_footer(&tail) {
+            return Ok(Format::Vhd);
+        }
     }
     Ok(Format::Raw)
 }

@@ -69,3 +69,136 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
+
+/// A raw image of `size` bytes: a pattern, with whole zero MiBs (every third) so converted
+/// images have unallocated blocks, and a short zero run inside data.
+pub fn raw_source(dir: &TempDir, size: usize) -> (PathBuf, Vec<u8>) {
+    let mut data = pattern(size, 7);
+    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        if i % 3 == 1 {
+            chunk.fill(0);
+        }
+    }
+    if let Some(s) = data.get_mut(5000..9096) {
+        s.fill(0);
+    }
+    let p = dir.path("source.raw");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+/// `qemu-img convert -f raw -O fmt [-o opts] raw out`.
+pub fn convert(raw: &Path, fmt: &str, opts: &str, out: &Path) {
+    let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path_str(raw), path_str(out)]);
+    run("qemu-img", &args);
+}
+
+/// `qemu-img create -f fmt [-o opts] out size`.
+pub fn create(fmt: &str, opts: &str, out: &Path, size: &str) {
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path_str(out), size]);
+    run("qemu-img", &args);
+}
+
+/// Opens `path` (format detected) and checks it presents exactly `expect`: read whole, and in
+/// odd-sized pieces that straddle every block boundary.
+pub fn check_reads(path: &Path, format: crate::Format, expect: &[u8]) {
+    let mut img = crate::open(path, crate::OpenOptions::readonly(true)).unwrap();
+    assert_eq!(img.format(), format, "{}", path.display());
+    assert_eq!(img.size(), expect.len() as u64, "virtual size");
+    let mut all = vec![0u8; expect.len()];
+    img.read_at(0, &mut all).unwrap();
+    assert!(all == expect, "whole-disk read differs from the source");
+    let mut pos = 0usize;
+    let mut n = 1000usize;
+    while pos < expect.len() {
+        let len = n.min(expect.len() - pos);
+        let mut b = vec![0xa5u8; len];
+        img.read_at(pos as u64, &mut b).unwrap();
+        assert!(b[..] == expect[pos..pos + len], "read of {len} at {pos} differs");
+        pos += len;
+        n = n * 7 % 70_001 + 333;
+    }
+    let mut b = [0u8; 1];
+    assert!(img.read_at(expect.len() as u64, &mut b).is_err(), "read past the end");
+}
+
+/// Writes into `img` (a writable image of `expect.len()` bytes) aligned and unaligned pieces,
+/// into allocated and unallocated areas, mirroring them into `expect`.
+pub fn write_pattern(img: &mut dyn crate::DiskFile, expect: &mut [u8]) {
+    let size = expect.len();
+    let writes = [
+        (0usize, 4096usize, 1u8),
+        ((1 << 20) + 512, 8192, 2),
+        ((1 << 20) + 3, 1000, 3),
+        (size - 4096, 4096, 4),
+        (size / 2 - 77, 300_000, 5),
+        ((2 << 20) - 512, 1024, 6),
+    ];
+    for (off, len, seed) in writes {
+        let data = pattern(len, seed);
+        img.write_at(off as u64, &data).unwrap();
+        expect[off..off + len].copy_from_slice(&data);
+    }
+    img.write_zeroes(100_000, 5000).unwrap();
+    expect[100_000..105_000].fill(0);
+    img.flush().unwrap();
+    let mut all = vec![0u8; size];
+    img.read_at(0, &mut all).unwrap();
+    assert!(all == expect, "our own reads after writing differ");
+}
+
+/// qemu agrees: `qemu-img compare` with the expected raw content, and `qemu-img check` clean
+/// where the format has a checker.
+pub fn qemu_agrees(dir: &TempDir, img: &Path, fmt: &str, expect: &[u8], has_check: bool) {
+    let raw = dir.path("expect.raw");
+    std::fs::write(&raw, expect).unwrap();
+    run(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", "raw", path_str(img), path_str(&raw)],
+    );
+    if has_check {
+        run("qemu-img", &["check", "-f", fmt, path_str(img)]);
+    }
+}
+
+/// Writes `bytes` at `at` in the file `path`.
+pub fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Opens `path` and returns the error report (every source joined by ": ").
+pub fn open_error(path: &Path, readonly: bool) -> String {
+    match crate::open(path, crate::OpenOptions::readonly(readonly)) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        }
+    }
+}
+
+/// The disk as qemu sees it (`qemu-img convert -f fmt -O raw`).
+pub fn qemu_view(dir: &TempDir, img: &Path, fmt: &str) -> Vec<u8> {
+    let out = dir.path("qemu-view.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", fmt, "-O", "raw", path_str(img), path_str(&out)],
+    );
+    std::fs::read(&out).unwrap()
+}
