@@ -166,10 +166,12 @@ pub fn detect(path: &Path) -> Result<SourceKind> {
             let end = if rest.starts_with("<?") { "?>" } else { "-->" };
             rest = r.split_once(end).map(|(_, a)| a.trim_start()).unwrap_or("");
         }
+        // A DOCTYPE names the root element too (and is refused when parsed).
+        let rest = rest.strip_prefix("<!DOCTYPE").unwrap_or(rest).trim_start();
         let name: String = rest
             .trim_start_matches('<')
             .chars()
-            .take_while(|c| !c.is_whitespace() && *c != '>' && *c != '/')
+            .take_while(|c| !c.is_whitespace() && !matches!(c, '>' | '/' | '['))
             .collect();
         let local = name.rsplit(':').next().unwrap_or("");
         return match local {
