@@ -398,7 +398,7 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
             )));
         }
         // Each cpio archive starts 4-byte aligned.
-        while all.len() % 4 != 0 {
+        while !all.len().is_multiple_of(4) {
             all.push(0);
         }
         all.extend_from_slice(&data);

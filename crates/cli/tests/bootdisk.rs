@@ -10,11 +10,11 @@
 mod disk_image;
 mod persist_harness;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use persist_harness::{Kit, backend_ready, finish, kit, serial_guard, spawn_captured};
+use persist_harness::{backend_ready, finish, kit, serial_guard, spawn_captured};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 use disk_image::*;
