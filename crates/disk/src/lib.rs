@@ -78,7 +78,7 @@ impl Format {
             .iter()
             .copied()
             .find(|f| f.name() == name)
-
+            .or((name == "vpc").then_some(Format::Vhd))
     }
 }
 
@@ -237,10 +237,8 @@ pub(crate) fn open_depth(
         }
         Format::Vhd => vhd::open(file, readonly).map_err(image),
         Format::Vdi => Ok(Box::new(vdi::Vdi::open(file, readonly).map_err(image)?)),
-        Format::Vmdk | Format::Vhdx => Err(image(ImageError::Unsupported {
-            format: "disk",
-            what: format!("{format} images"),
-        })),
+        Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(file, path, readonly).map_err(image)?)),
+        Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(file, readonly).map_err(image)?)),
     }
 }
 
@@ -284,4 +282,56 @@ pub fn detect_format(file: &mut File) -> io::Result<Format> {
         }
     }
     Ok(Format::Raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn formats_are_detected_by_content_not_name() {
+        need_qemu_img();
+        let dir = TempDir::new("detect");
+        let cases = [
+            ("qcow2", "", Format::Qcow2),
+            ("vmdk", "", Format::Vmdk),
+            ("vmdk", "subformat=streamOptimized", Format::Vmdk),
+            ("vmdk", "subformat=monolithicFlat", Format::Vmdk),
+            ("vpc", "force_size=on", Format::Vhd),
+            ("vpc", "subformat=fixed,force_size=on", Format::Vhd),
+            ("vhdx", "", Format::Vhdx),
+            ("vdi", "", Format::Vdi),
+            ("raw", "", Format::Raw),
+        ];
+        for (i, (fmt, opts, want)) in cases.into_iter().enumerate() {
+            // A misleading name: the content decides.
+            let p = dir.path(&format!("image{i}.qcow2"));
+            create(fmt, opts, &p, "2M");
+            let mut f = File::open(&p).unwrap();
+            assert_eq!(detect_format(&mut f).unwrap(), want, "{fmt} {opts}");
+            let img = open(&p, OpenOptions::readonly(true)).unwrap();
+            assert_eq!(img.format(), want);
+            assert_eq!(img.size(), 2 << 20, "{fmt} {opts}");
+        }
+        // The explicit format wins: a qcow2 opened as raw is its file.
+        let p = dir.path("image0.qcow2");
+        let img = open(&p, OpenOptions::readonly(true).format(Some(Format::Raw))).unwrap();
+        assert_eq!(img.size(), std::fs::metadata(&p).unwrap().len());
+        // A file shorter than every magic is raw.
+        let p = dir.path("tiny");
+        std::fs::write(&p, b"QF").unwrap();
+        assert_eq!(detect_format(&mut File::open(&p).unwrap()).unwrap(), Format::Raw);
+    }
+
+    #[test]
+    fn format_names() {
+        for f in Format::ALL {
+            assert_eq!(Format::from_name(f.name()), Some(*f));
+            let json = serde_json::to_string(f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.name()));
+        }
+        assert_eq!(Format::from_name("vpc"), Some(Format::Vhd));
+        assert_eq!(Format::from_name("VHD"), None);
+    }
 }

@@ -33,7 +33,7 @@ pub enum ImageError {
     #[error("{format}: {what} not supported")]
     Unsupported { format: &'static str, what: String },
     #[error("{0} images are read-only; attach with readonly=on or convert with anyvisor import")]
-    ReadOnly(&'static str),
+    ReadOnly(String),
     #[error("{format} descriptor: {why}")]
     Descriptor { format: &'static str, why: String },
     #[error("extent {name}")]
