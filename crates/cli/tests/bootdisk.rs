@@ -208,3 +208,58 @@ fn disk_boot_vmlinuz_links_emu() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The Debian image the distro step builds (guest/out/debian.img: GPT, ext4 root, Debian's
+/// grub.cfg, initramfs-tools) boots from its own grub.cfg: the initramfs finds the root
+/// filesystem by UUID on the virtio disk and starts `init=/usr/bin/true` from it; that init
+/// exits at once, the kernel panics (`panic=-1` reboots) and the VMM exits 0.
+#[test]
+fn disk_boot_debian_img_kvm() {
+    if !backend_ready("kvm") {
+        return;
+    }
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/debian.img");
+    if !img.is_file() {
+        println!("SKIP: guest/out/debian.img not built (guest/build-distro.sh)");
+        return;
+    }
+    let _one = serial_guard();
+    let args: Vec<String> = [
+        "run",
+        "--disk",
+        &format!("{},readonly=on", img.display()),
+        "--backend",
+        "kvm",
+        "--memory",
+        "1G",
+        "--cmdline",
+        "+ panic=-1 reboot=k init=/usr/bin/true",
+    ]
+    .map(String::from)
+    .to_vec();
+    let r = finish(
+        spawn_captured(&args, &[("ANYVISOR_LOG", "info")]),
+        Duration::from_secs(1200),
+    );
+    let ctx = format!("stdout tail: {}\nstderr: {}", tail(&r.stdout), r.stderr);
+    assert!(
+        r.stderr
+            .contains("booting grub.cfg entry 'Debian GNU/Linux'"),
+        "{ctx}"
+    );
+    assert!(
+        r.stdout.contains("Begin: Mounting root file system"),
+        "{ctx}"
+    );
+    assert!(
+        r.stdout
+            .contains("Attempted to kill init! exitcode=0x00000000"),
+        "{ctx}"
+    );
+    assert_eq!(r.status.map(|s| s.code()), Some(Some(0)), "{ctx}");
+}
+
+fn tail(s: &str) -> &str {
+    let n = s.len().saturating_sub(3000);
+    s.get(n..).unwrap_or(s)
+}

@@ -541,3 +541,84 @@ fn import_refuses_hostile_packages() {
     assert_eq!(text(&o2.stderr).lines().count(), 1, "{}", text(&o2.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A VMware Workstation .vmx with a monolithicSparse VMDK (qemu-img's default VMDK), a CD-ROM,
+/// USB and sound: the disk converts exactly, the config has the .vmx's CPUs, memory and NIC.
+#[test]
+fn import_vmx_monolithic_sparse() {
+    if !tools_present() {
+        return;
+    }
+    let dir = scratch("import-vmx");
+    let raw = dir.join("src.raw");
+    // 8 MiB with data in two places and a hole between.
+    sh(&format!(
+        "truncate -s 8M {r} && printf 'first' | dd of={r} conv=notrunc status=none && printf 'last' | dd of={r} bs=1 seek=8000000 conv=notrunc status=none",
+        r = raw.display()
+    ));
+    sh(&format!(
+        "qemu-img convert -O vmdk {} '{}'",
+        raw.display(),
+        dir.join("Web Server.vmdk").display()
+    ));
+    let vmx = r#".encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "19"
+displayName = "Web Server"
+guestOS = "ubuntu-64"
+numvcpus = "3"
+memsize = "768"
+scsi0.virtualDev = "pvscsi"
+scsi0.present = "TRUE"
+scsi0:0.fileName = "Web Server.vmdk"
+scsi0:0.present = "TRUE"
+ide1:0.deviceType = "cdrom-raw"
+ide1:0.fileName = "auto detect"
+ide1:0.present = "TRUE"
+usb.present = "TRUE"
+sound.present = "TRUE"
+sound.virtualDev = "es1371"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "e1000e"
+ethernet0.addressType = "generated"
+ethernet0.generatedAddress = "00:0c:29:11:22:33"
+"#;
+    std::fs::write(dir.join("Web Server.vmx"), vmx).unwrap();
+    let out = dir.join("out");
+    let o = anyvisor(&[
+        "import",
+        dir.join("Web Server.vmx").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = text(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        text(&o.stderr)
+    );
+    for want in [
+        "mapped: SCSI controller scsi0 (pvscsi) -> virtio-blk",
+        "mapped: network adapter ethernet0 (e1000e) -> virtio-net",
+        "dropped: CD-ROM drive at ide1:0 (cdrom-raw)",
+        "dropped: USB controller (usb)",
+        "dropped: sound card (es1371)",
+    ] {
+        assert!(stdout.lines().any(|l| l == want), "{want} not in\n{stdout}");
+    }
+    let qcow = out.join("Web_Server-disk0.qcow2");
+    sh(&format!("qemu-img check {}", qcow.display()));
+    sh(&format!(
+        "qemu-img compare {} {}",
+        raw.display(),
+        qcow.display()
+    ));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("Web_Server.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["cpus"], 3);
+    assert_eq!(cfg["memory"], "768M");
+    assert_eq!(cfg["net"][0], "tap=avtap0,mac=00:0c:29:11:22:33");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
