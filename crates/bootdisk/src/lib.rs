@@ -327,6 +327,7 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
     candidates.sort_by_key(Partition::boot_rank);
     let mut volumes = Vec::new();
     let mut others = Vec::new();
+    let mut damaged = Vec::new();
     for p in candidates {
         match fs::probe(img.as_ref(), p.start, p.size)? {
             fs::FsKind::Ext => {
@@ -335,9 +336,14 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
                     start: p.start,
                     size: p.size,
                 };
-                let fs = Ext4::load(Box::new(reader)).map_err(|e| {
-                    Error::Filesystem(format!("the ext filesystem on {}: {e}", p.describe()))
-                })?;
+                let fs = match Ext4::load(Box::new(reader)) {
+                    Ok(fs) => fs,
+                    Err(e) => {
+                        // Another partition may still boot; named if none does.
+                        damaged.push(format!("the ext filesystem on {}: {e}", p.describe()));
+                        continue;
+                    }
+                };
                 let uuid = fs.uuid().to_string();
                 let label = fs.label().to_str().unwrap_or("").to_string();
                 volumes.push(Volume {
@@ -356,7 +362,9 @@ pub fn find_boot(img: Arc<dyn Image>) -> Result<BootFiles, Error> {
         }
     }
     if volumes.is_empty() {
-        return Err(if !others.is_empty() {
+        return Err(if !damaged.is_empty() {
+            Error::Filesystem(damaged.join("; "))
+        } else if !others.is_empty() {
             Error::UnsupportedFs(others.join(", "))
         } else if table == TableKind::None {
             Error::NoFilesystem("no partition table and no filesystem on the whole disk".into())
@@ -639,6 +647,20 @@ pub(crate) mod tests {
         assert_eq!(device_number("hd0,3"), Some(3));
         assert_eq!(device_number("hd0"), Some(0));
         assert_eq!(device_number("hd1,gpt1"), None);
+    }
+
+    #[test]
+    fn damaged_ext_is_named() {
+        let mut d = vec![0u8; 1 << 20];
+        d[1024 + 56] = 0x53;
+        d[1024 + 57] = 0xef;
+        let e = find_boot(Arc::new(MemImage(d))).unwrap_err();
+        assert!(matches!(e, Error::Filesystem(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the ext filesystem on the whole disk"),
+            "{e}"
+        );
     }
 
     #[test]
