@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use crate::config::{DiskConfig, DiskFormat, RunOptions};
+use crate::config::{DiskConfig, RunOptions};
 use crate::error::{Error, Result};
 
 /// The entry booted, for `GET /vm` (`boot_entry`).
@@ -46,10 +46,20 @@ pub fn prepare(mut options: RunOptions) -> Result<(RunOptions, Option<Extracted>
         return Ok((options, None));
     };
     let disk = DiskConfig::parse(first)?;
-    let format = disk.format.map(|f| match f {
-        DiskFormat::Raw => disk::Format::Raw,
-        DiskFormat::Qcow2 => disk::Format::Qcow2,
-    });
+    // By name (the serde name of `DiskFormat` is the `disk` crate's format name), so every
+    // format `--disk format=` accepts maps without a list to keep in step.
+    let format = disk
+        .format
+        .map(|f| {
+            let name = serde_json::to_value(f)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            disk::Format::from_name(&name).ok_or_else(|| {
+                Error::Usage(format!("--disk format={name} cannot be read to boot from"))
+            })
+        })
+        .transpose()?;
     let image = bootdisk::open_image(&disk.path, format).map_err(|e| Error::BadFile {
         path: disk.path.clone(),
         reason: crate::error::report(&e),
@@ -159,6 +169,20 @@ mod tests {
             "{text}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_disk_format_maps() {
+        for f in [
+            crate::config::DiskFormat::Raw,
+            crate::config::DiskFormat::Qcow2,
+        ] {
+            let name = serde_json::to_value(f).unwrap();
+            assert!(
+                disk::Format::from_name(name.as_str().unwrap()).is_some(),
+                "{f:?}"
+            );
+        }
     }
 
     #[test]
