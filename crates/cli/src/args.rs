@@ -34,6 +34,25 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Print what a snapshot file holds as JSON.
     SnapshotInfo(SnapshotInfoArgs),
+    /// Convert a VM of another hypervisor (OVA, OVF, .vmx, .vbox or a disk image) into qcow2
+    /// disks and a config for `run --config`.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// OVA, OVF, VMware .vmx, VirtualBox .vbox, or a disk image.
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// Directory for the qcow2 disks and NAME.json (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Overwrite files an earlier import wrote there.
+    #[arg(long)]
+    pub force: bool,
+    /// The config gives NIC N the tap device PREFIXN [default: avtap].
+    #[arg(long, value_name = "PREFIX")]
+    pub tap_prefix: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +325,8 @@ mod tests {
         assert!(parse(&["shutdown", "--api-socket", "s", "--force"]).is_ok());
         assert!(parse(&["shutdown", "--api-socket", "s", "--force", "--timeout", "1"]).is_err());
         assert!(parse(&["shutdown", "--api-socket", "s", "--timeout", "-1"]).is_err());
+        assert!(parse(&["import", "vm.ova", "--output", "d", "--force"]).is_ok());
+        assert!(parse(&["import", "vm.ova"]).is_err());
         assert!(parse(&["migrate", "--api-socket", "s", "--to", "unix:/x"]).is_ok());
     }
 }

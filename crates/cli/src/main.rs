@@ -4,6 +4,7 @@
 //! [`vmm::Error::exit_code`]: 0 success, 1 guest crash or internal error, 2 bad usage or input.
 
 mod args;
+mod import_bar;
 mod log;
 mod progress;
 
@@ -114,7 +115,14 @@ fn run(cli: Cli) -> vmm::Result<u8> {
                 Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
                 None => flags,
             };
-            let reason = vmm::run(options.into_request()?)?;
+            // `--disk` without `--kernel`: the kernel the disk holds (docs/boot-from-disk.md).
+            let (options, extracted) = vmm::diskboot::prepare(options)?;
+            if let Some(x) = &extracted {
+                tracing::info!("booting {} (kernel {})", x.chosen, x.kernel_path);
+            }
+            let reason = vmm::run(options.into_request()?);
+            drop(extracted);
+            let reason = reason?;
             Ok(reason.exit_code())
         }
         Command::Info(a) => {
@@ -175,6 +183,7 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             }
             Ok(0)
         }
+        Command::Import(a) => import(&a),
         Command::SnapshotInfo(a) => {
             let info = vmm::snapshot::info(&a.file, a.verify)?;
             print_line(&info.to_string());
@@ -195,6 +204,26 @@ fn print_line(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// `anyvisor import`: converts the source, prints one line per mapped or dropped device and
+/// per file written.
+fn import(a: &args::ImportArgs) -> vmm::Result<u8> {
+    let opts = ::import::Options {
+        source: a.source.clone(),
+        output: a.output.clone(),
+        force: a.force,
+        tap_prefix: a.tap_prefix.clone().unwrap_or_else(|| "avtap".into()),
+    };
+    let mut bar = import_bar::ImportBar::default();
+    let report = ::import::import(&opts, &mut bar).map_err(|e| match e {
+        ::import::Error::Write { path, source } => vmm::Error::OpenOutput { path, source },
+        other => vmm::Error::Usage(vmm::error::report(&other)),
+    })?;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(0)
 }
 
 /// A control command with no output.

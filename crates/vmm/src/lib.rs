@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod diskboot;
 pub mod error;
 pub mod exit;
 /// Fuzz entry points: only in fuzzing builds (`--features fuzzing`, as `fuzz/Cargo.toml` sets)

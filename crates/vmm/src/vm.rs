@@ -137,6 +137,7 @@ impl VmControl for VmParts {
             "counters": counters,
             "migration": crate::migration::progress(),
             "restore_ms": crate::snapshot::restore_ms(),
+            "boot_entry": crate::diskboot::chosen(),
         })
     }
 
