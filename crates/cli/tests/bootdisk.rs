@@ -212,7 +212,7 @@ fn disk_boot_vmlinuz_links_emu() {
 /// The Debian image the distro step builds (guest/out/debian.img: GPT, ext4 root, Debian's
 /// grub.cfg, initramfs-tools) boots from its own grub.cfg: the initramfs finds the root
 /// filesystem by UUID on the virtio disk and starts `init=/usr/bin/true` from it; that init
-/// exits at once, the kernel panics (`panic=-1` reboots) and the VMM exits 0.
+/// exits at once, the kernel panics (`panic=-1` reboots) and the VMM reports the panic (exit 1).
 #[test]
 fn disk_boot_debian_img_kvm() {
     if !backend_ready("kvm") {
@@ -256,7 +256,13 @@ fn disk_boot_debian_img_kvm() {
             .contains("Attempted to kill init! exitcode=0x00000000"),
         "{ctx}"
     );
-    assert_eq!(r.status.map(|s| s.code()), Some(Some(0)), "{ctx}");
+    // A guest whose kernel panicked ends `run` with exit 1 and one line saying so.
+    assert_eq!(r.status.map(|s| s.code()), Some(Some(1)), "{ctx}");
+    assert!(
+        r.stderr
+            .contains("error: the guest kernel panicked: Attempted to kill init!"),
+        "{ctx}"
+    );
 }
 
 fn tail(s: &str) -> &str {

@@ -270,7 +270,8 @@ pub fn check_model(model: &CpuModel, supported: &[kvm_cpuid_entry2]) -> hv::Resu
 /// what guest user mode sees under KVM's PVM flavour when CPUID faulting is unavailable.
 pub fn host_user_features() -> hv::cpu_model::FeatureSet {
     hv::cpu_model::Feature::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|f| {
             let b = f.bit();
             let max = host_cpuid(b.function & 0x8000_0000, 0)[0];

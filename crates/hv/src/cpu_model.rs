@@ -88,80 +88,42 @@ pub mod feature {
     pub const KVM_CLOCKSOURCE_STABLE: u32 = 1 << 24;
 }
 
-/// An instruction-set feature a model may show, with the CPUID bit that shows it.
-///
-/// This is the one list of ISA features: models are built from it (`CpuModel::portable*`), emu
-/// gates every instruction family on [`CpuModel::has`], and snapshot/migration compare the
-/// features a VM's user code may use against what a destination runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[repr(u8)]
-#[serde(rename_all = "lowercase")]
-pub enum Feature {
-    Fpu,
-    Mmx,
-    Fxsr,
-    Sse,
-    Sse2,
-    Sse3,
-    Ssse3,
-    Sse41,
-    Sse42,
-    Popcnt,
-    Cx16,
-    Pclmulqdq,
-    Aes,
-    Xsave,
-    Avx,
-    F16c,
-    Fma,
-    Movbe,
-    Rdrand,
-    Bmi1,
-    Bmi2,
-    Avx2,
-    Abm,
-    Adx,
-    Rdseed,
-    Sha,
-    Fsgsbase,
-    Clflushopt,
-    Clwb,
-    Rdtscp,
-    Rdpid,
-    Xsaveopt,
-    Xsavec,
-    Xgetbv1,
-    Xsaves,
-    Sse4a,
-    Avx512f,
-    Avx512dq,
-    Avx512cd,
-    Avx512bw,
-    Avx512vl,
-    Avx512ifma,
-    Avx512vbmi,
-    Avx512vbmi2,
-    Avx512vnni,
-    Avx512bitalg,
-    Avx512vpopcntdq,
-    Avx512bf16,
-    Avx512fp16,
-    AvxVnni,
-    Gfni,
-    Vaes,
-    Vpclmulqdq,
-    Rtm,
-    Hle,
-    Erms,
-    Fsrm,
-    Smep,
-    Smap,
-    Umip,
-    Invpcid,
-    Serialize,
-    Movdiri,
-    Movdir64b,
-    Cldemote,
+/// Declares [`Feature`] with the CPUID bit of each variant: one list for the enum, its
+/// [`Feature::ALL`] and [`Feature::bit`].
+macro_rules! features {
+    ($($name:ident => ($function:expr, $index:expr, $reg:expr, $bit:expr)),* $(,)?) => {
+        /// An instruction-set feature a model may show, with the CPUID bit that shows it.
+        ///
+        /// This is the one list of ISA features: models are built from it
+        /// (`CpuModel::portable*`), emu gates every instruction family on [`CpuModel::has`], and
+        /// snapshot/migration compare the features a VM's user code may use against what a
+        /// destination runs.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[repr(u8)]
+        #[serde(rename_all = "lowercase")]
+        pub enum Feature {
+            $($name),*
+        }
+
+        impl Feature {
+            /// Every feature, in declaration order.
+            pub const ALL: &'static [Feature] = &[$(Feature::$name),*];
+
+            /// The CPUID bit (leaf, sub-leaf, register 0..=3 = EAX..EDX, bit) that shows this
+            /// feature.
+            pub const fn bit(self) -> FeatureBit {
+                let (function, index, reg, bit) = match self {
+                    $(Feature::$name => ($function, $index, $reg, $bit)),*
+                };
+                FeatureBit {
+                    function,
+                    index,
+                    reg,
+                    bit,
+                }
+            }
+        }
+    };
 }
 
 /// Where CPUID shows a feature: leaf, sub-leaf, register (0 EAX, 1 EBX, 2 ECX, 3 EDX) and bit.
@@ -173,156 +135,72 @@ pub struct FeatureBit {
     pub bit: u8,
 }
 
-impl Feature {
-    /// Every feature, in declaration order.
-    pub const ALL: [Feature; 65] = {
-        use Feature::*;
-        [
-            Fpu,
-            Mmx,
-            Fxsr,
-            Sse,
-            Sse2,
-            Sse3,
-            Ssse3,
-            Sse41,
-            Sse42,
-            Popcnt,
-            Cx16,
-            Pclmulqdq,
-            Aes,
-            Xsave,
-            Avx,
-            F16c,
-            Fma,
-            Movbe,
-            Rdrand,
-            Bmi1,
-            Bmi2,
-            Avx2,
-            Abm,
-            Adx,
-            Rdseed,
-            Sha,
-            Fsgsbase,
-            Clflushopt,
-            Clwb,
-            Rdtscp,
-            Rdpid,
-            Xsaveopt,
-            Xsavec,
-            Xgetbv1,
-            Xsaves,
-            Sse4a,
-            Avx512f,
-            Avx512dq,
-            Avx512cd,
-            Avx512bw,
-            Avx512vl,
-            Avx512ifma,
-            Avx512vbmi,
-            Avx512vbmi2,
-            Avx512vnni,
-            Avx512bitalg,
-            Avx512vpopcntdq,
-            Avx512bf16,
-            Avx512fp16,
-            AvxVnni,
-            Gfni,
-            Vaes,
-            Vpclmulqdq,
-            Rtm,
-            Hle,
-            Erms,
-            Fsrm,
-            Smep,
-            Smap,
-            Umip,
-            Invpcid,
-            Serialize,
-            Movdiri,
-            Movdir64b,
-            Cldemote,
-        ]
-    };
-
-    /// The CPUID bit that shows this feature.
-    pub const fn bit(self) -> FeatureBit {
-        use Feature::*;
-        let (function, index, reg, bit) = match self {
-            Fpu => (1, 0, 3, 0),
-            Mmx => (1, 0, 3, 23),
-            Fxsr => (1, 0, 3, 24),
-            Sse => (1, 0, 3, 25),
-            Sse2 => (1, 0, 3, 26),
-            Sse3 => (1, 0, 2, 0),
-            Pclmulqdq => (1, 0, 2, 1),
-            Ssse3 => (1, 0, 2, 9),
-            Fma => (1, 0, 2, 12),
-            Cx16 => (1, 0, 2, 13),
-            Sse41 => (1, 0, 2, 19),
-            Sse42 => (1, 0, 2, 20),
-            Movbe => (1, 0, 2, 22),
-            Popcnt => (1, 0, 2, 23),
-            Aes => (1, 0, 2, 25),
-            Xsave => (1, 0, 2, 26),
-            Avx => (1, 0, 2, 28),
-            F16c => (1, 0, 2, 29),
-            Rdrand => (1, 0, 2, 30),
-            Fsgsbase => (7, 0, 1, 0),
-            Bmi1 => (7, 0, 1, 3),
-            Hle => (7, 0, 1, 4),
-            Avx2 => (7, 0, 1, 5),
-            Smep => (7, 0, 1, 7),
-            Bmi2 => (7, 0, 1, 8),
-            Erms => (7, 0, 1, 9),
-            Invpcid => (7, 0, 1, 10),
-            Rtm => (7, 0, 1, 11),
-            Avx512f => (7, 0, 1, 16),
-            Avx512dq => (7, 0, 1, 17),
-            Rdseed => (7, 0, 1, 18),
-            Adx => (7, 0, 1, 19),
-            Smap => (7, 0, 1, 20),
-            Avx512ifma => (7, 0, 1, 21),
-            Clflushopt => (7, 0, 1, 23),
-            Clwb => (7, 0, 1, 24),
-            Avx512cd => (7, 0, 1, 28),
-            Sha => (7, 0, 1, 29),
-            Avx512bw => (7, 0, 1, 30),
-            Avx512vl => (7, 0, 1, 31),
-            Avx512vbmi => (7, 0, 2, 1),
-            Umip => (7, 0, 2, 2),
-            Avx512vbmi2 => (7, 0, 2, 6),
-            Gfni => (7, 0, 2, 8),
-            Vaes => (7, 0, 2, 9),
-            Vpclmulqdq => (7, 0, 2, 10),
-            Avx512vnni => (7, 0, 2, 11),
-            Avx512bitalg => (7, 0, 2, 12),
-            Avx512vpopcntdq => (7, 0, 2, 14),
-            Rdpid => (7, 0, 2, 22),
-            Cldemote => (7, 0, 2, 25),
-            Movdiri => (7, 0, 2, 27),
-            Movdir64b => (7, 0, 2, 28),
-            Fsrm => (7, 0, 3, 4),
-            Serialize => (7, 0, 3, 14),
-            Avx512fp16 => (7, 0, 3, 23),
-            AvxVnni => (7, 1, 0, 4),
-            Avx512bf16 => (7, 1, 0, 5),
-            Xsaveopt => (0xd, 1, 0, 0),
-            Xsavec => (0xd, 1, 0, 1),
-            Xgetbv1 => (0xd, 1, 0, 2),
-            Xsaves => (0xd, 1, 0, 3),
-            Abm => (0x8000_0001, 0, 2, 5),
-            Sse4a => (0x8000_0001, 0, 2, 6),
-            Rdtscp => (0x8000_0001, 0, 3, 27),
-        };
-        FeatureBit {
-            function,
-            index,
-            reg,
-            bit,
-        }
-    }
+features! {
+    Fpu => (1, 0, 3, 0),
+    Mmx => (1, 0, 3, 23),
+    Fxsr => (1, 0, 3, 24),
+    Sse => (1, 0, 3, 25),
+    Sse2 => (1, 0, 3, 26),
+    Sse3 => (1, 0, 2, 0),
+    Ssse3 => (1, 0, 2, 9),
+    Sse41 => (1, 0, 2, 19),
+    Sse42 => (1, 0, 2, 20),
+    Popcnt => (1, 0, 2, 23),
+    Cx16 => (1, 0, 2, 13),
+    Pclmulqdq => (1, 0, 2, 1),
+    Aes => (1, 0, 2, 25),
+    Xsave => (1, 0, 2, 26),
+    Avx => (1, 0, 2, 28),
+    F16c => (1, 0, 2, 29),
+    Fma => (1, 0, 2, 12),
+    Movbe => (1, 0, 2, 22),
+    Rdrand => (1, 0, 2, 30),
+    Bmi1 => (7, 0, 1, 3),
+    Bmi2 => (7, 0, 1, 8),
+    Avx2 => (7, 0, 1, 5),
+    Abm => (0x8000_0001, 0, 2, 5),
+    Adx => (7, 0, 1, 19),
+    Rdseed => (7, 0, 1, 18),
+    Sha => (7, 0, 1, 29),
+    Fsgsbase => (7, 0, 1, 0),
+    Clflushopt => (7, 0, 1, 23),
+    Clwb => (7, 0, 1, 24),
+    Rdtscp => (0x8000_0001, 0, 3, 27),
+    Rdpid => (7, 0, 2, 22),
+    Xsaveopt => (0xd, 1, 0, 0),
+    Xsavec => (0xd, 1, 0, 1),
+    Xgetbv1 => (0xd, 1, 0, 2),
+    Xsaves => (0xd, 1, 0, 3),
+    Sse4a => (0x8000_0001, 0, 2, 6),
+    Avx512f => (7, 0, 1, 16),
+    Avx512dq => (7, 0, 1, 17),
+    Avx512cd => (7, 0, 1, 28),
+    Avx512bw => (7, 0, 1, 30),
+    Avx512vl => (7, 0, 1, 31),
+    Avx512ifma => (7, 0, 1, 21),
+    Avx512vbmi => (7, 0, 2, 1),
+    Avx512vbmi2 => (7, 0, 2, 6),
+    Avx512vnni => (7, 0, 2, 11),
+    Avx512bitalg => (7, 0, 2, 12),
+    Avx512vpopcntdq => (7, 0, 2, 14),
+    Avx512bf16 => (7, 1, 0, 5),
+    Avx512fp16 => (7, 0, 3, 23),
+    AvxVnni => (7, 1, 0, 4),
+    Gfni => (7, 0, 2, 8),
+    Vaes => (7, 0, 2, 9),
+    Vpclmulqdq => (7, 0, 2, 10),
+    Rtm => (7, 0, 1, 11),
+    Hle => (7, 0, 1, 4),
+    Erms => (7, 0, 1, 9),
+    Fsrm => (7, 0, 3, 4),
+    Smep => (7, 0, 1, 7),
+    Smap => (7, 0, 1, 20),
+    Umip => (7, 0, 2, 2),
+    Invpcid => (7, 0, 1, 10),
+    Serialize => (7, 0, 3, 14),
+    Movdiri => (7, 0, 2, 27),
+    Movdir64b => (7, 0, 2, 28),
+    Cldemote => (7, 0, 2, 25),
 }
 
 /// A set of [`Feature`]s as a bit mask (bit n = the feature with discriminant n). Serialized as
@@ -370,13 +248,17 @@ impl FeatureSet {
     /// The features of `self` that `other` lacks.
     pub fn missing_from(self, other: FeatureSet) -> Vec<Feature> {
         Feature::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|f| self.contains(*f) && !other.contains(*f))
             .collect()
     }
 
     pub fn iter(self) -> impl Iterator<Item = Feature> {
-        Feature::ALL.into_iter().filter(move |f| self.contains(*f))
+        Feature::ALL
+            .iter()
+            .copied()
+            .filter(move |f| self.contains(*f))
     }
 }
 
@@ -712,7 +594,11 @@ impl CpuModel {
 
     /// Every ISA feature the model shows.
     pub fn features(&self) -> FeatureSet {
-        Feature::ALL.into_iter().filter(|f| self.has(*f)).collect()
+        Feature::ALL
+            .iter()
+            .copied()
+            .filter(|f| self.has(*f))
+            .collect()
     }
 
     /// Feature registers of leaf 1 (ECX, EDX).

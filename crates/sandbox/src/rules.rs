@@ -263,6 +263,8 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.any(libc::SYS_connect); // waking the API accept loop at shutdown
             a.any(libc::SYS_unlink); // removing the API socket file at exit
             a.any(libc::SYS_unlinkat); // removing the API socket file at exit
+            a.any(libc::SYS_statx); // ... only if it is still ours (device and inode)
+            a.any(libc::SYS_newfstatat); // ... (the same, where std uses fstatat)
             a.ioctls(ioctl::VM_STATE)?; // dropping the kvm VM removes its memory slots
             // Dropping a vsock device at exit (or after a restore replaced its state)
             // deregisters its sockets from its event thread's epoll set.
