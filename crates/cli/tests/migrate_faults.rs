@@ -91,15 +91,14 @@ fn harness_can_fail() {
     );
 }
 
-/// Makes the description's CPU model a "portable-v2" with AVX (as a newer anyvisor might
-/// define it): one the emu backend cannot present.
-fn claim_avx(description: &mut serde_json::Value) {
+/// Makes the description's CPU model claim AVX-512F (as a newer anyvisor's model might): one
+/// the emu backend cannot present.
+fn claim_avx512(description: &mut serde_json::Value) {
     let model = &mut description["cpu_model"];
-    model["name"] = "portable-v2".into();
     for leaf in model["cpuid"].as_array_mut().unwrap() {
-        if leaf["function"] == 1 {
-            let ecx = leaf["ecx"].as_u64().unwrap() | (1 << 28);
-            leaf["ecx"] = ecx.into();
+        if leaf["function"] == 7 && leaf["index"] == 0 {
+            let ebx = leaf["ebx"].as_u64().unwrap() | (1 << 16); // AVX-512F
+            leaf["ebx"] = ebx.into();
         }
     }
 }
@@ -247,7 +246,7 @@ fn migration_faults_leave_the_source_running() {
     assert!(tight.is_running(), "{}", tight.diagnostics());
     drop(tight);
 
-    // A CPU model the destination cannot present (the proxy makes the description claim AVX;
+    // A CPU model the destination cannot present (the proxy makes the description claim AVX-512;
     // a real `--cpu-model host` source is `incompatible_cpu_model_is_refused`).
     let (cpu_dst, cpu_to) = destination(&dir, None);
     let proxy = Proxy::start(
@@ -255,14 +254,14 @@ fn migration_faults_leave_the_source_running() {
         &cpu_to,
         false,
         (HELLO, 0),
-        Fault::Rewrite(claim_avx),
+        Fault::Rewrite(claim_avx512),
         || {},
     );
     let out = migrate(&src, &proxy.to, None);
     assert!(proxy.hit());
     let e = assert_source_survived(&mut src, &out, "incompatible CPU model");
     assert!(
-        e.contains("refused: cannot run this VM (CPU model portable-v2)"),
+        e.contains("refused: cannot run this VM (CPU model portable-v3)"),
         "{e}"
     );
     println!("incompatible CPU model: {e}");

@@ -27,6 +27,8 @@ pub struct Clock {
     /// could hold a TSC and a kvm-clock reading tens of milliseconds apart, which the guest's
     /// clocksource watchdog reports as TSC skew after the restore.
     state_instant: AtomicU64,
+    /// vCPUs inside `Vcpu::run`. While any runs, state reads are live (no instant is fixed).
+    running: AtomicU64,
 }
 
 /// How far (in ms of TSC ticks) a restored TSC may be from the host's and still be taken as
@@ -60,6 +62,7 @@ impl Clock {
             host_tsc: None,
             left_host_tsc: AtomicBool::new(false),
             state_instant: AtomicU64::new(0),
+            running: AtomicU64::new(0),
         }
     }
 
@@ -107,24 +110,34 @@ impl Clock {
         }
     }
 
-    /// The host instant that state reads and writes use between runs (see `state_instant`):
-    /// fixed by the first one after a vCPU ran.
+    /// The host instant that state reads and writes use while no vCPU runs (see
+    /// `state_instant`): fixed by the first one after a vCPU ran. While a vCPU runs (a state
+    /// read of a running VM, e.g. a migration's description), it is simply now.
     pub fn state_ns(&self) -> u64 {
-        let now = self.host_ns().saturating_add(1);
-        match self
-            .state_instant
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => now - 1,
+        let now = self.host_ns();
+        if self.running.load(Ordering::Acquire) != 0 {
+            return now;
+        }
+        match self.state_instant.compare_exchange(
+            0,
+            now.saturating_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => now,
             Err(fixed) => fixed - 1,
         }
     }
 
-    /// A vCPU is about to run: the next state access takes a new instant.
-    pub fn release_state_instant(&self) {
-        if self.state_instant.load(Ordering::Relaxed) != 0 {
-            self.state_instant.store(0, Ordering::Release);
-        }
+    /// A vCPU enters `run`: the next state access after every vCPU left takes a new instant.
+    pub fn enter_run(&self) {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        self.state_instant.store(0, Ordering::Release);
+    }
+
+    /// A vCPU left `run`.
+    pub fn leave_run(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The TSC before any per-vCPU offset at state instant `ns`: with the host's TSC as the

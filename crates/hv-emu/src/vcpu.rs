@@ -510,12 +510,14 @@ impl hv::Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, io: &dyn DeviceIo) -> hv::Result<VcpuExit> {
-        self.shared.clock.release_state_instant();
-        match self.run_inner(io) {
+        self.shared.clock.enter_run();
+        let r = match self.run_inner(io) {
             Ok(x) => Ok(x),
             Err(Exc::Shutdown) => Ok(VcpuExit::Shutdown),
             Err(e) => Err(to_hv(e)),
-        }
+        };
+        self.shared.clock.leave_run();
+        r
     }
 
     fn kicker(&self) -> Arc<dyn hv::VcpuKicker> {
