@@ -4,6 +4,10 @@
 # as ignored with the reason (crates/cli/build.rs); emu tests always run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
+# How long the whole suite took, printed last whatever the outcome (the suite should stay
+# under 30 minutes on a 2-core machine).
+trap 'echo "test: the suite took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"' EXIT
 ./scripts/setup.sh
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will be ignored)"; fi
 # Lints, among them the workspace's deny of unwrap/expect/panic outside tests (Cargo.toml); a
