@@ -83,66 +83,13 @@ fn is_gpr(r: Register) -> bool {
     (Register::AL as usize..=Register::R15 as usize).contains(&(r as usize))
 }
 
-// ---- element helpers ----
+// ---- element helpers (the legacy SSE code's, one definition) ----
 
-fn b8(v: u128) -> [u8; 16] {
-    v.to_le_bytes()
-}
-fn from8(b: [u8; 16]) -> u128 {
-    u128::from_le_bytes(b)
-}
-fn w16(v: u128) -> [u16; 8] {
-    std::array::from_fn(|k| (v >> (16 * k)) as u16)
-}
-fn from16(a: [u16; 8]) -> u128 {
-    a.iter()
-        .enumerate()
-        .fold(0, |acc, (k, x)| acc | (u128::from(*x) << (16 * k)))
-}
-fn d32(v: u128) -> [u32; 4] {
-    std::array::from_fn(|k| (v >> (32 * k)) as u32)
-}
-fn from32(a: [u32; 4]) -> u128 {
-    a.iter()
-        .enumerate()
-        .fold(0, |acc, (k, x)| acc | (u128::from(*x) << (32 * k)))
-}
-fn q64(v: u128) -> [u64; 2] {
-    [v as u64, (v >> 64) as u64]
-}
-fn from64(a: [u64; 2]) -> u128 {
-    u128::from(a[0]) | (u128::from(a[1]) << 64)
-}
-
-fn map8(a: u128, b: u128, f: impl Fn(u8, u8) -> u8) -> u128 {
-    let (x, y) = (b8(a), b8(b));
-    from8(std::array::from_fn(|k| f(x[k], y[k])))
-}
-fn map16(a: u128, b: u128, f: impl Fn(u16, u16) -> u16) -> u128 {
-    let (x, y) = (w16(a), w16(b));
-    from16(std::array::from_fn(|k| f(x[k], y[k])))
-}
-fn map32(a: u128, b: u128, f: impl Fn(u32, u32) -> u32) -> u128 {
-    let (x, y) = (d32(a), d32(b));
-    from32(std::array::from_fn(|k| f(x[k], y[k])))
-}
-fn map64(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
-    let (x, y) = (q64(a), q64(b));
-    from64([f(x[0], y[0]), f(x[1], y[1])])
-}
-
-fn sat_i8(v: i32) -> u8 {
-    v.clamp(-128, 127) as i8 as u8
-}
-fn sat_u8(v: i32) -> u8 {
-    v.clamp(0, 255) as u8
-}
-fn sat_i16(v: i32) -> u16 {
-    v.clamp(-32768, 32767) as i16 as u16
-}
-fn sat_u16(v: i32) -> u16 {
-    v.clamp(0, 65535) as u16
-}
+use crate::sse::{
+    from_u8s as from8, from_u16s as from16, from_u32s as from32, from_u64s as from64, map8, map16,
+    map32, map64, sat_i8, sat_i16, sat_u8, sat_u16, u8s as b8, u16s as w16, u32s as d32,
+    u64s as q64,
+};
 
 /// Interleaves the low (or high) halves of `a` and `b` by elements of `size` bytes.
 fn unpack(a: u128, b: u128, size: usize, high: bool) -> u128 {
