@@ -11,9 +11,10 @@ trap 'echo "test: the suite took $(( (SECONDS - started) / 60 )) min $(( (SECOND
 ./scripts/setup.sh
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo "test: /dev/kvm is usable"; else echo "test: /dev/kvm is NOT usable (KVM tests will be ignored)"; fi
 # Lints, among them the workspace's deny of unwrap/expect/panic outside tests (Cargo.toml); a
-# lint failure fails the run, after the tests have run.
+# lint failure fails the run, after the tests have run. Release profile, as the tests: the build
+# scripts and proc-macros are built once for both.
 lints=0
-cargo clippy --workspace --all-targets --quiet -- -D warnings || lints=$?
+cargo clippy --workspace --all-targets --release --quiet -- -D warnings || lints=$?
 tests=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 || tests=$?
 # Every fuzz target replays its seeds and regression inputs, then mutates them for 10 s.
