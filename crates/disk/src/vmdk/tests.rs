@@ -81,15 +81,15 @@ fn hostile_descriptors_are_refused() {
     let cases = [
         (
             "RW 8 FLAT \"/etc/passwd\" 0",
-            "VMDK descriptor: extent \"/etc/passwd\": only names relative to the descriptor, without '..', are allowed",
+            "VMDK descriptor: extent \"/etc/passwd\": names a file outside the descriptor's directory, which is followed only with backing=on",
         ),
         (
             "RW 8 FLAT \"../data.bin\" 0",
-            "VMDK descriptor: extent \"../data.bin\": only names relative to the descriptor, without '..', are allowed",
+            "VMDK descriptor: extent \"../data.bin\": names a file outside the descriptor's directory, which is followed only with backing=on",
         ),
         (
             "RW 8 FLAT \"sub\" 0",
-            "VMDK descriptor: extent \"sub\": not a regular file",
+            "extent sub: I/O error: is a directory, not a regular file",
         ),
         (
             "RW 8 FLAT \"data.bin\" 1",
@@ -121,10 +121,53 @@ fn hostile_descriptors_are_refused() {
         std::fs::write(&p, descriptor(extent)).unwrap();
         assert_eq!(open_error(&p, true), format!("{prefix}{want}"), "{extent}");
     }
-    // A symlinked extent (the last component) is refused: O_NOFOLLOW.
+    // Symbolic links on the way are refused: the last component and any directory.
+    std::os::unix::fs::symlink("/etc", dir.path("etc")).unwrap();
     std::fs::write(&p, descriptor("RW 8 FLAT \"link.bin\" 0")).unwrap();
     let e = open_error(&p, true);
-    assert!(e.contains("Too many levels of symbolic links"), "{e}");
+    assert!(
+        e.ends_with("is a symbolic link, which is followed only with backing=on"),
+        "{e}"
+    );
+    std::fs::write(&p, descriptor("RW 1 FLAT \"etc/passwd\" 0")).unwrap();
+    let e = open_error(&p, true);
+    assert!(
+        e.ends_with("leads through a symbolic link, which is followed only with backing=on"),
+        "{e}"
+    );
+    // With backing=on the descriptor may name any path, but still only regular files, opened
+    // without blocking.
+    let on = crate::OpenOptions::readonly(true).backing(true);
+    std::fs::write(&p, descriptor("RW 1 FLAT \"etc/passwd\" 0")).unwrap();
+    let img = crate::open(&p, on).unwrap();
+    assert_eq!(img.chain()[0].path, dir.path("etc/passwd"));
+    std::fs::write(&p, descriptor("RW 8 FLAT \"link.bin\" 0")).unwrap();
+    assert_eq!(crate::open(&p, on).unwrap().size(), 4096);
+    let fifo = dir.path("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (name, want) in [
+        ("/dev/zero", "character device"),
+        ("fifo", "FIFO"),
+        ("sub", "directory"),
+    ] {
+        for (readonly, opts) in [
+            (true, on),
+            (false, crate::OpenOptions::readonly(false).backing(true)),
+        ] {
+            std::fs::write(&p, descriptor(&format!("RW 8 FLAT \"{name}\" 0"))).unwrap();
+            let e = crate::open(&p, opts)
+                .err()
+                .map(|e| format!("{:?}", e))
+                .unwrap_or_default();
+            assert!(e.contains(want), "{name} readonly={readonly}: {e}");
+        }
+    }
     // A parent is refused.
     std::fs::write(
         &p,
@@ -210,27 +253,41 @@ fn damaged_sparse_headers_fail_with_the_field_named() {
                 len / 512
             ),
         ),
-        // The grain directory's first entry (at sector 0x1a) pointing past the end.
-        (
-            0x1a * 512,
-            ((len / 512) as u32).to_le_bytes().to_vec(),
-            format!(
-                "VMDK grain directory entry is {:#x}: table outside the file",
-                len / 512
-            ),
-        ),
         (0, b"KDMX".to_vec(), "not a VMDK image (bad magic)".into()),
     ];
     for (at, bytes, want) in cases {
         let p = dir.path("c.vmdk");
         std::fs::copy(&base, &p).unwrap();
         patch(&p, at, &bytes);
-        let got = match Vmdk::open(std::fs::File::open(&p).unwrap(), &p, true) {
+        let got = match Vmdk::open(
+            std::fs::File::open(&p).unwrap(),
+            &p,
+            true,
+            &Walk::new(false),
+        ) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("opened with {bytes:x?} at {at:#x}"),
         };
         assert_eq!(got, want, "patch at {at:#x}");
     }
+    // The grain directory is read when used (its size is the header's to choose): an entry
+    // pointing past the end fails the read of that table's grains, not the open.
+    let p = dir.path("c.vmdk");
+    std::fs::copy(&base, &p).unwrap();
+    patch(&p, 0x1a * 512, &((len / 512) as u32).to_le_bytes());
+    let mut img = Vmdk::open(
+        std::fs::File::open(&p).unwrap(),
+        &p,
+        true,
+        &Walk::new(false),
+    )
+    .unwrap();
+    let mut b = [0u8; 512];
+    let e = img.read_at(0, &mut b).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "VMDK grain directory entry 0: table outside the file"
+    );
     // A grain table entry pointing into the metadata fails the read, not the open.
     let p = dir.path("c.vmdk");
     std::fs::copy(&base, &p).unwrap();
@@ -239,7 +296,13 @@ fn damaged_sparse_headers_fail_with_the_field_named() {
         u64::from(le32(&b, 0x1a * 512)) * 512
     };
     patch(&p, gt0, &2u32.to_le_bytes());
-    let mut img = Vmdk::open(std::fs::File::open(&p).unwrap(), &p, true).unwrap();
+    let mut img = Vmdk::open(
+        std::fs::File::open(&p).unwrap(),
+        &p,
+        true,
+        &Walk::new(false),
+    )
+    .unwrap();
     let mut b = [0u8; 512];
     let e = img.read_at(0, &mut b).unwrap_err();
     assert_eq!(e.to_string(), "VMDK grain 0 outside the file");
