@@ -193,6 +193,31 @@ impl DiskConfig {
     }
 }
 
+impl DiskConfig {
+    /// Opens the image as configured, following what it names only with `backing=on`
+    /// (`disk::policy`); also returns the other files it reads, for `info`.
+    pub fn open(&self) -> Result<(Box<dyn disk::DiskFile>, Vec<disk::Link>)> {
+        let format = self.format.map(|f| match f {
+            DiskFormat::Raw => disk::Format::Raw,
+            DiskFormat::Qcow2 => disk::Format::Qcow2,
+            DiskFormat::Vmdk => disk::Format::Vmdk,
+            DiskFormat::Vhd => disk::Format::Vhd,
+            DiskFormat::Vhdx => disk::Format::Vhdx,
+            DiskFormat::Vdi => disk::Format::Vdi,
+        });
+        let opts = disk::OpenOptions {
+            readonly: self.readonly,
+            format,
+            backing: self.backing,
+        };
+        // The error names the disk and what failed with it.
+        let image =
+            disk::open(&self.path, opts).map_err(|e| Error::Setup(crate::error::report(&e)))?;
+        let chain = image.chain();
+        Ok((image, chain))
+    }
+}
+
 fn parse_on_off(v: &str) -> Option<bool> {
     match v {
         "on" | "true" | "yes" => Some(true),

@@ -108,25 +108,8 @@ pub fn create_restoring(
 ) -> Result<Vec<VirtioSlotDevice>> {
     let mut wanted: Vec<(&'static str, Box<dyn VirtioDevice>, serde_json::Value)> = Vec::new();
     for d in &config.disks {
-        // Opened here with the user's backing choice (`disk::policy`); the chain is shown.
-        let image = disk::open(
-            &d.path,
-            disk::OpenOptions {
-                readonly: d.readonly,
-                backing: d.backing,
-                format: d.format.map(|f| match f {
-                    crate::config::DiskFormat::Raw => virtio::Format::Raw,
-                    crate::config::DiskFormat::Qcow2 => virtio::Format::Qcow2,
-                    crate::config::DiskFormat::Vmdk => virtio::Format::Vmdk,
-                    crate::config::DiskFormat::Vhd => virtio::Format::Vhd,
-                    crate::config::DiskFormat::Vhdx => virtio::Format::Vhdx,
-                    crate::config::DiskFormat::Vdi => virtio::Format::Vdi,
-                }),
-            },
-        )
-        // The error names the disk and what failed with it.
-        .map_err(|e| Error::Setup(crate::error::report(&e)))?;
-        let chain = image.chain();
+        // Opened with the user's backing choice (`disk::policy`); `info` shows the chain.
+        let (image, chain) = d.open()?;
         let block = virtio::Block::with_disk(image, d.readonly, &d.path);
         wanted.push((
             "virtio-blk",
