@@ -193,4 +193,47 @@ mod tests {
         let fl = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL).unwrap());
         assert!(!fl.contains(OFlag::O_NONBLOCK), "left non-blocking");
     }
+
+    /// A block device is a disk only where the user named it, and then only as raw. The node
+    /// is made here (root: the tests run as root on the development host and in CI) for loop
+    /// device 7:0, which need not be attached (its size is then 0).
+    #[test]
+    fn block_devices_only_as_the_named_raw_disk() {
+        use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+        let dir = TempDir::new("policyblk");
+        let blk = dir.path("blk");
+        mknod(
+            &blk,
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(0o600),
+            makedev(7, 0),
+        )
+        .expect("mknod of a block device node (needs root)");
+        let (_, block) = open_file(&blk, false, Role::Top).unwrap();
+        assert!(block);
+        let e = open_file(&blk, false, Role::Named).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is a block device, not a regular file"),
+            "{e}"
+        );
+        let img = crate::open(&blk, crate::OpenOptions::readonly(true)).unwrap();
+        assert_eq!(img.format(), Format::Raw);
+        for f in [Format::Qcow2, Format::Vmdk] {
+            let opts = crate::OpenOptions::readonly(true).format(Some(f));
+            let e = crate::open(&blk, opts)
+                .err()
+                .expect("block device as non-raw");
+            assert!(
+                matches!(
+                    e,
+                    crate::Error::Policy {
+                        source: PolicyError::BlockNotRaw,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+    }
 }
