@@ -1022,3 +1022,54 @@ fn emu_backing_chain_end_to_end() {
     drop(vm);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `anyvisor import` opens its sources by the same rules: a qcow2 with a backing file is refused
+/// unless `--backing`, and with it the imported disk holds the whole chain's bytes.
+#[test]
+#[cfg_attr(
+    not(qemu_img),
+    ignore = "needs qemu-img (scripts/setup.sh installs qemu-utils); crates/cli/build.rs"
+)]
+fn import_follows_backing_only_when_asked() {
+    assert!(have("qemu-img") && have("qemu-io"));
+    let dir = scratch("import-backing");
+    std::fs::write(dir.join("base.raw"), noise(4 << 20, 0x1a2b)).unwrap();
+    let top = dir.join("top.qcow2");
+    qcow2_over(&top, "base.raw", "raw");
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1M 8k",
+            top.to_str().unwrap(),
+        ],
+    );
+    let out = dir.join("out");
+    let import = |extra: &[&str]| {
+        Command::new(anyvisor())
+            .args(["import", top.to_str().unwrap(), "--output"])
+            .arg(&out)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_usage_error(
+        &import(&[]),
+        &format!(
+            "cannot open disk {}: names backing file 'base.raw', which is followed only with \
+             backing=on",
+            top.display()
+        ),
+    );
+    let o = import(&["--backing"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let imported = out.join("top-disk0.qcow2");
+    run_tool(
+        "qemu-img",
+        &["compare", top.to_str().unwrap(), imported.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
