@@ -868,7 +868,7 @@ fn hostile_images_are_refused_promptly() {
             disk(&shadow),
             format!(
                 "cannot open disk {shadow}: names backing file '/etc/shadow', which is followed \
-                 only with backing=on"
+                 only with backing=on (import: --backing)"
             ),
         ),
         (
@@ -1060,7 +1060,7 @@ fn import_follows_backing_only_when_asked() {
         &import(&[]),
         &format!(
             "cannot open disk {}: names backing file 'base.raw', which is followed only with \
-             backing=on",
+             backing=on (import: --backing)",
             top.display()
         ),
     );

@@ -26,7 +26,7 @@ pub enum PolicyError {
     NotAFile(&'static str),
     #[error("is a block device: only a raw disk may be one (format=raw)")]
     BlockNotRaw,
-    #[error("names backing file '{0}', which is followed only with backing=on")]
+    #[error("names backing file '{0}', which is followed only with backing=on (import: --backing)")]
     BackingOff(String),
     #[error("backing chain longer than {MAX_CHAIN} images")]
     TooDeep,

@@ -427,7 +427,7 @@ fn open_extent_file(
     if !walk.backing() {
         if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(bad(
-                "names a file outside the descriptor's directory, which is followed only with backing=on",
+                "names a file outside the descriptor's directory, which is followed only with backing=on (import: --backing)",
             ));
         }
         // No symbolic link on the way (the last component: O_NOFOLLOW below).
@@ -437,13 +437,13 @@ fn open_extent_file(
             at.push(c);
             if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
                 return Err(bad(
-                    "leads through a symbolic link, which is followed only with backing=on",
+                    "leads through a symbolic link, which is followed only with backing=on (import: --backing)",
                 ));
             }
         }
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(bad(
-                "is a symbolic link, which is followed only with backing=on",
+                "is a symbolic link, which is followed only with backing=on (import: --backing)",
             ));
         }
     }

@@ -617,7 +617,7 @@ fn backing_files_are_followed_only_when_allowed() {
                 error_chain(&e),
                 format!(
                     "cannot open disk {}: names backing file '{name}', which is followed only \
-                     with backing=on",
+                     with backing=on (import: --backing)",
                     top.display()
                 )
             );

@@ -81,11 +81,11 @@ fn hostile_descriptors_are_refused() {
     let cases = [
         (
             "RW 8 FLAT \"/etc/passwd\" 0",
-            "VMDK descriptor: extent \"/etc/passwd\": names a file outside the descriptor's directory, which is followed only with backing=on",
+            "VMDK descriptor: extent \"/etc/passwd\": names a file outside the descriptor's directory, which is followed only with backing=on (import: --backing)",
         ),
         (
             "RW 8 FLAT \"../data.bin\" 0",
-            "VMDK descriptor: extent \"../data.bin\": names a file outside the descriptor's directory, which is followed only with backing=on",
+            "VMDK descriptor: extent \"../data.bin\": names a file outside the descriptor's directory, which is followed only with backing=on (import: --backing)",
         ),
         (
             "RW 8 FLAT \"sub\" 0",
@@ -126,13 +126,15 @@ fn hostile_descriptors_are_refused() {
     std::fs::write(&p, descriptor("RW 8 FLAT \"link.bin\" 0")).unwrap();
     let e = open_error(&p, true);
     assert!(
-        e.ends_with("is a symbolic link, which is followed only with backing=on"),
+        e.ends_with(
+            "is a symbolic link, which is followed only with backing=on (import: --backing)"
+        ),
         "{e}"
     );
     std::fs::write(&p, descriptor("RW 1 FLAT \"etc/passwd\" 0")).unwrap();
     let e = open_error(&p, true);
     assert!(
-        e.ends_with("leads through a symbolic link, which is followed only with backing=on"),
+        e.ends_with("leads through a symbolic link, which is followed only with backing=on (import: --backing)"),
         "{e}"
     );
     // With backing=on the descriptor may name any path, but still only regular files, opened
