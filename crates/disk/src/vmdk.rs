@@ -211,6 +211,8 @@ impl Sparse {
                 .read_exact_at(&mut b, self.gd_offset + gdi as u64 * 4)?;
             let table = u32::from_le_bytes(b);
             if table == 0 {
+                // No table: every grain reads as zeros (cached as an empty table).
+                self.tables.insert(gdi, Vec::new());
                 return Ok(0);
             }
             if !in_file(u64::from(table) * SECTOR, self.gtes * 4, self.file_len) {
@@ -224,10 +226,14 @@ impl Sparse {
                 .collect();
             self.tables.insert(gdi, t);
         }
-        self.tables
-            .get_mut(&gdi)
-            .and_then(|t| t.get(gte).copied())
-            .ok_or_else(|| corrupt("VMDK grain table"))
+        match self.tables.get_mut(&gdi) {
+            Some(t) if t.is_empty() => Ok(0),
+            Some(t) => t
+                .get(gte)
+                .copied()
+                .ok_or_else(|| corrupt("VMDK grain table")),
+            None => Err(corrupt("VMDK grain table")),
+        }
     }
 
     /// Inflates the compressed grain at sector `sector`.
