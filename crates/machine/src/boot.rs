@@ -154,10 +154,11 @@ const MAX_ELF_PHDRS: u64 = 64;
 /// Checks an ELF vmlinux against the file before anything is loaded: a 64-bit little-endian
 /// x86-64 executable whose program header table, every `PT_LOAD` and `PT_NOTE` segment (file
 /// range, no size overflow, `p_filesz <= p_memsz`, loaded at or above 1 MiB), section header
-/// table and sections with file content lie inside the file, with at least one loaded segment and the entry point inside one.
-/// A truncated vmlinux (its section headers are last) or a patched header is refused here,
-/// rather than loaded partly or left to fail as guest code. `read_at(buf, offset)` fills `buf`
-/// from the file.
+/// table and sections with file content lie inside the file, with at least one loaded segment
+/// and the entry point inside one. A truncated vmlinux (the section headers and sections come
+/// after the segments) or a patched header is refused here, rather than loaded partly or left
+/// to fail as guest code. The tables read are bounded (64 program headers, 65535 section
+/// headers: 4 MiB). `read_at(buf, offset)` fills `buf` from the file.
 fn check_elf(
     head: &[u8],
     file_len: u64,
