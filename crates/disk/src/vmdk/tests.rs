@@ -348,3 +348,40 @@ fn mutated_images_never_panic() {
         0x1a * 512 + 64,
     );
 }
+
+/// A sparse extent's header may claim 64 TiB, whose grain directory (64 MiB) a sparse file
+/// holds for free, and a descriptor may name such an extent hundreds of times: opening reads
+/// no grain directory, so it stays fast and small (reading each would be 16 GiB here).
+#[test]
+fn huge_grain_directories_are_not_read_at_open() {
+    need_qemu_img();
+    let dir = TempDir::new("vmdkgd");
+    let (raw, _) = raw_source(&dir, MIB);
+    let big = dir.path("big.vmdk");
+    convert(&raw, "vmdk", "", &big);
+    // 2^37 sectors (64 TiB) in grains of 16 sectors: 2^24 directory entries.
+    patch(&big, 12, &(1u64 << 37).to_le_bytes());
+    patch(&big, 20, &16u64.to_le_bytes());
+    let gd_sector = 1u64 << 20; // 512 MiB into the file
+    patch(&big, 56, &gd_sector.to_le_bytes());
+    let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+    f.set_len(gd_sector * 512 + (64 << 20)).unwrap();
+    drop(f);
+    let p = dir.path("d.vmdk");
+    let lines: Vec<String> = (0..256)
+        .map(|_| "RDONLY 536870912 SPARSE \"big.vmdk\"".to_string())
+        .collect();
+    std::fs::write(&p, descriptor(&lines.join("\n"))).unwrap();
+    let start = std::time::Instant::now();
+    let mut img = crate::open(&p, crate::OpenOptions::readonly(true)).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "open took {took:?}"
+    );
+    assert_eq!(img.size(), 256 << 38);
+    // Reads go through the (zero) directory entries on demand.
+    let mut b = vec![1u8; 4096];
+    img.read_at(100 << 38, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
