@@ -62,12 +62,19 @@ impl Image for DiskImage {
 }
 
 /// Opens the image at `path` read-only (nothing of it is ever written), in `format` or the
-/// format its content says.
+/// format its content says, following its backing files only when `backing` (the disk's
+/// `backing=on`).
 pub fn open_image(
     path: &std::path::Path,
     format: Option<disk::Format>,
+    backing: bool,
 ) -> Result<Arc<dyn Image>, disk::Error> {
-    let d = disk::open(path, disk::OpenOptions::readonly(true).format(format))?;
+    let d = disk::open(
+        path,
+        disk::OpenOptions::readonly(true)
+            .format(format)
+            .backing(backing),
+    )?;
     let size = d.size();
     Ok(Arc::new(DiskImage(std::sync::Mutex::new(d), size)))
 }

@@ -53,6 +53,10 @@ pub struct ImportArgs {
     /// The config gives NIC N the tap device PREFIXN [default: avtap].
     #[arg(long, value_name = "PREFIX")]
     pub tap_prefix: Option<String>,
+    /// Read through the disks' backing files (qcow2) and VMDK extents outside the descriptor's
+    /// directory, as `--disk ...,backing=on` does.
+    #[arg(long)]
+    pub backing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -82,7 +86,8 @@ pub struct RunArgs {
         value_parser = PossibleValuesParser::new(["portable", "portable-v3", "portable-v2", "host"])
     )]
     pub cpu_model: Option<String>,
-    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi]; repeat for more.
+    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi][,backing=on];
+    /// backing=on follows the image's backing files; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// virtio-net device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]; repeat for more.

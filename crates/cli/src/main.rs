@@ -214,6 +214,7 @@ fn import(a: &args::ImportArgs) -> vmm::Result<u8> {
         output: a.output.clone(),
         force: a.force,
         tap_prefix: a.tap_prefix.clone().unwrap_or_else(|| "avtap".into()),
+        backing: a.backing,
     };
     let mut bar = import_bar::ImportBar::default();
     let report = ::import::import(&opts, &mut bar).map_err(|e| match e {

@@ -491,3 +491,40 @@ fn truncated_bzimage() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A vmlinux that is not whole is bad input too: cut at half, cut inside its section headers,
+/// and with a program header pointing past the end of the file, each is refused with one line
+/// and status 2 before anything runs.
+#[test]
+fn truncated_vmlinux() {
+    let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/vmlinux");
+    let Ok(whole) = std::fs::read(&kit) else {
+        println!("SKIP: guest kit not built (run guest/build-kit.sh)");
+        return;
+    };
+    let dir = scratch("truncated-vmlinux");
+    let k = dir.join("vmlinux");
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let shoff = u64_at(&whole, 40) as usize;
+    let phoff = u64_at(&whole, 32) as usize;
+    // The first program header's p_offset, far past the end.
+    let mut outside = whole.clone();
+    outside[phoff + 8..phoff + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (whole[..whole.len() / 2].to_vec(), "truncated?"),
+        (whole[..shoff + 100].to_vec(), "section headers"),
+        (outside, "program header 0"),
+    ];
+    for (bytes, needle) in cases {
+        std::fs::write(&k, &bytes).unwrap();
+        assert_error(
+            &anyvisor(
+                &["run", "--kernel", k.to_str().unwrap(), "--backend", "emu"],
+                &[],
+            ),
+            2,
+            needle,
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

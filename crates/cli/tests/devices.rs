@@ -788,3 +788,288 @@ fn bad_device_input_exits_2() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ------------------------------------------------------------------------- what images open
+
+/// A qcow2 image whose header names `backing` (qemu-img does not open it: `-u`).
+fn qcow2_over(path: &Path, backing: &str, backing_format: &str) {
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            backing_format,
+            path.to_str().unwrap(),
+            "4M",
+        ],
+    );
+}
+
+/// Runs `anyvisor run` on a fake kernel with `extra`, killed after 60 s: a FIFO where a file
+/// should be must not hang the VMM.
+fn run_bounded(kernel: &Path, extra: &[String]) -> Output {
+    let mut args: Vec<String> = ["run", "--backend", "emu", "--serial", "null", "--kernel"]
+        .map(String::from)
+        .to_vec();
+    args.push(kernel.display().to_string());
+    args.extend(extra.iter().cloned());
+    let mut child = Command::new(anyvisor())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{extra:?}: still running after {:?}", start.elapsed());
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Opening an image stays inside what the user named (issue 15): a qcow2 backing file is
+/// followed only with `backing=on`, and never to a FIFO, a device or a directory; a FIFO or a
+/// character device as a disk or an initrd is refused at once, not waited on.
+#[test]
+#[cfg_attr(
+    not(qemu_img),
+    ignore = "needs qemu-img (scripts/setup.sh installs qemu-utils); crates/cli/build.rs"
+)]
+fn hostile_images_are_refused_promptly() {
+    assert!(have("qemu-img"));
+    let dir = scratch("hostile-images");
+    let k = fake_bzimage(&dir);
+    let fifo = dir.join("fifo");
+    run_tool("mkfifo", &[fifo.to_str().unwrap()]);
+    let fifo_s = fifo.display().to_string();
+    std::fs::write(dir.join("base.raw"), vec![0u8; 4 << 20]).unwrap();
+    let img = |name: &str, backing: &str| {
+        let p = dir.join(name);
+        qcow2_over(&p, backing, "raw");
+        p.display().to_string()
+    };
+    let shadow = img("shadow.qcow2", "/etc/shadow");
+    let chained = img("chained.qcow2", "base.raw");
+    let to_fifo = img("fifo.qcow2", &fifo_s);
+    let to_zero = img("zero.qcow2", "/dev/zero");
+    let to_dir = img("dir.qcow2", "/etc");
+    let disk = |s: &str| vec!["--disk".to_string(), s.to_string()];
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            disk(&shadow),
+            format!(
+                "cannot open disk {shadow}: names backing file '/etc/shadow', which is followed \
+                 only with backing=on (import: --backing)"
+            ),
+        ),
+        (
+            disk(&format!("{shadow},readonly=on,backing=off")),
+            "names backing file '/etc/shadow'".into(),
+        ),
+        (disk(&chained), "names backing file 'base.raw'".into()),
+        (
+            disk(&format!("{to_fifo},backing=on")),
+            format!(
+                "backing file {fifo_s}: cannot open disk {fifo_s}: is a FIFO, not a regular file"
+            ),
+        ),
+        (
+            disk(&format!("{to_zero},backing=on,readonly=on")),
+            "cannot open disk /dev/zero: is a character device, not a regular file".into(),
+        ),
+        (
+            disk(&format!("{to_dir},backing=on")),
+            "cannot open disk /etc: is a directory, not a regular file".into(),
+        ),
+        (
+            disk(&fifo_s),
+            format!("cannot open disk {fifo_s}: is a FIFO, not a regular file"),
+        ),
+        (
+            disk(&format!("{fifo_s},readonly=on")),
+            format!("cannot open disk {fifo_s}: is a FIFO, not a regular file"),
+        ),
+        (
+            disk("/dev/zero"),
+            "cannot open disk /dev/zero: is a character device, not a regular file".into(),
+        ),
+        (
+            vec!["--initrd".into(), fifo_s.clone()],
+            format!("cannot read {fifo_s}: is a FIFO, not a regular file"),
+        ),
+        (
+            vec!["--initrd".into(), "/dev/zero".into()],
+            "cannot read /dev/zero: is a character device, not a regular file".into(),
+        ),
+    ];
+    for (extra, needle) in cases {
+        let out = run_bounded(&k, &extra);
+        println!("{extra:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        assert_usage_error(&out, &needle);
+    }
+    // A FIFO as the kernel, too.
+    let out = run_bounded(&fifo, &[]);
+    assert_usage_error(&out, &format!("cannot read {fifo_s}: is a FIFO"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A legitimate chain with `backing=on`: the guest reads the backing files' bytes through the
+/// top image, and `info` lists the chain.
+#[test]
+#[cfg_attr(
+    not(all(boot_emu, qemu_img)),
+    ignore = "needs the guest kit, qemu-img/qemu-io and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+)]
+fn emu_backing_chain_end_to_end() {
+    assert!(have("qemu-img") && have("qemu-io"));
+    let kit = ready("emu");
+    let _one = serial_guard();
+    let dir = scratch("chain");
+    let base = dir.join("base.raw");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    std::fs::write(&base, noise(4 << 20, 0xba5e)).unwrap();
+    qcow2_over(&mid, "base.raw", "raw");
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x77 1M 64k",
+            mid.to_str().unwrap(),
+        ],
+    );
+    qcow2_over(&top, "mid.qcow2", "qcow2");
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 2M 4k",
+            top.to_str().unwrap(),
+        ],
+    );
+    let flat = dir.join("flat.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            top.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ],
+    );
+    let expected = sha256(&std::fs::read(&flat).unwrap());
+    // Neither layer alone has those bytes.
+    assert_ne!(expected, sha256(&std::fs::read(&base).unwrap()));
+
+    let mut args = boot_args(&kit, "emu", "devices");
+    args.extend(["--disk".into(), format!("{},backing=on", top.display())]);
+    let serial = dir.join("serial.log");
+    let socket = dir.join("api.sock");
+    let mut vm = persist_harness::Vm::spawn(&args, &serial, &socket);
+    let mut info = None;
+    let got = persist_harness::eventually(Duration::from_secs(120), || {
+        let out = vm.control("info", &[]);
+        if out.status.success() {
+            info = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
+        }
+        info.is_some()
+    });
+    assert!(got, "no info: {}", vm.diagnostics());
+    let info = info.unwrap();
+    let blk: Vec<&serde_json::Value> = info["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["type"] == "virtio-blk")
+        .collect();
+    assert_eq!(blk.len(), 1, "{info}");
+    assert_eq!(blk[0]["backing"], true, "{info}");
+    assert_eq!(
+        blk[0]["chain"],
+        serde_json::json!([
+            {"path": mid, "format": "qcow2", "role": "backing"},
+            {"path": base, "format": "raw", "role": "backing"},
+        ]),
+        "{info}"
+    );
+    vm.wait_serial(BOOT_LIMIT, |s| s.contains("ANYVISOR-DISK vda"))
+        .unwrap();
+    assert!(
+        vm.wait_exit(Duration::from_secs(120)).is_some(),
+        "{}",
+        vm.diagnostics()
+    );
+    let serial_text = vm.serial_text();
+    let line = serial_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ANYVISOR-DISK vda "))
+        .unwrap_or_default();
+    assert_eq!(line, expected, "{}", vm.diagnostics());
+    drop(vm);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `anyvisor import` opens its sources by the same rules: a qcow2 with a backing file is refused
+/// unless `--backing`, and with it the imported disk holds the whole chain's bytes.
+#[test]
+#[cfg_attr(
+    not(qemu_img),
+    ignore = "needs qemu-img (scripts/setup.sh installs qemu-utils); crates/cli/build.rs"
+)]
+fn import_follows_backing_only_when_asked() {
+    assert!(have("qemu-img") && have("qemu-io"));
+    let dir = scratch("import-backing");
+    std::fs::write(dir.join("base.raw"), noise(4 << 20, 0x1a2b)).unwrap();
+    let top = dir.join("top.qcow2");
+    qcow2_over(&top, "base.raw", "raw");
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1M 8k",
+            top.to_str().unwrap(),
+        ],
+    );
+    let out = dir.join("out");
+    let import = |extra: &[&str]| {
+        Command::new(anyvisor())
+            .args(["import", top.to_str().unwrap(), "--output"])
+            .arg(&out)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_usage_error(
+        &import(&[]),
+        &format!(
+            "cannot open disk {}: names backing file 'base.raw', which is followed only with \
+             backing=on (import: --backing)",
+            top.display()
+        ),
+    );
+    let o = import(&["--backing"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let imported = out.join("top-disk0.qcow2");
+    run_tool(
+        "qemu-img",
+        &["compare", top.to_str().unwrap(), imported.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

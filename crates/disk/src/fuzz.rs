@@ -64,7 +64,14 @@ pub fn open_image(data: &[u8], format: Option<Format>) {
         return;
     };
     for readonly in [true, false] {
-        if let Ok(mut img) = crate::open(&t.image(), OpenOptions { readonly, format }) {
+        if let Ok(mut img) = crate::open(
+            &t.image(),
+            OpenOptions {
+                readonly,
+                format,
+                backing: false,
+            },
+        ) {
             exercise(img.as_mut(), !readonly);
         }
     }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod fuzz;
+pub mod policy;
 pub mod qcow2;
 pub mod raw;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+pub use policy::{Link, MAX_CHAIN, PolicyError, Role, Walk, open_regular};
 pub use raw::RawFile;
 pub use util::ImageError;
 
@@ -95,6 +97,10 @@ pub struct OpenOptions {
     pub readonly: bool,
     /// `None`: detect by content ([`detect_format`]).
     pub format: Option<Format>,
+    /// Follow the files an image names outside itself: qcow2 backing files, VMDK extents
+    /// outside the descriptor's directory (`--disk ...,backing=on`). Off: such an image is
+    /// refused, naming the file.
+    pub backing: bool,
 }
 
 impl OpenOptions {
@@ -102,7 +108,13 @@ impl OpenOptions {
         OpenOptions {
             readonly,
             format: None,
+            backing: false,
         }
+    }
+
+    pub fn backing(mut self, backing: bool) -> OpenOptions {
+        self.backing = backing;
+        self
     }
 
     pub fn format(mut self, format: Option<Format>) -> OpenOptions {
@@ -136,6 +148,12 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: ImageError,
+    },
+    #[error("cannot open disk {path}")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: PolicyError,
     },
 }
 
@@ -185,6 +203,11 @@ pub trait DiskFile: Send {
     fn format(&self) -> Format;
     /// Whether the image was opened read-only.
     fn readonly(&self) -> bool;
+    /// The other files the image reads, in chain order (a qcow2 image's backing files, a VMDK
+    /// descriptor's extents); empty for an image of one file.
+    fn chain(&self) -> Vec<Link> {
+        Vec::new()
+    }
 }
 
 /// An answer of [`DiskFile::map`].
@@ -213,26 +236,35 @@ pub(crate) fn read_only() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "read-only image")
 }
 
-/// Opens `path` as `opts.format`, or as what its content says when that is `None`.
+/// Opens `path` as `opts.format`, or as what its content says when that is `None`, following
+/// the files it names only as [`OpenOptions::backing`] allows ([`policy`]).
 pub fn open(path: &Path, opts: OpenOptions) -> Result<Box<dyn DiskFile>, Error> {
-    open_depth(path, opts.readonly, opts.format, 0)
+    let mut walk = Walk::new(opts.backing);
+    open_in(path, opts.readonly, opts.format, &mut walk, Role::Top)
 }
 
-pub(crate) fn open_depth(
+/// Opens one image of a chain: the named one ([`Role::Top`]) or a backing file.
+pub(crate) fn open_in(
     path: &Path,
     readonly: bool,
     format: Option<Format>,
-    depth: u32,
+    walk: &mut Walk,
+    role: Role,
 ) -> Result<Box<dyn DiskFile>, Error> {
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .open(path)
-        .map_err(|source| Error::Open {
+    let (mut file, block) =
+        policy::open_file(path, !readonly, role).map_err(|source| Error::Open {
             path: path.to_owned(),
             source,
         })?;
+    let policy = |source: PolicyError| Error::Policy {
+        path: path.to_owned(),
+        source,
+    };
+    walk.enter(&file, path).map_err(policy)?;
     let format = match format {
+        // A block device is a raw disk: its content (which a guest writes) never decides.
+        None | Some(Format::Raw) if block => Format::Raw,
+        Some(_) if block => return Err(policy(PolicyError::BlockNotRaw)),
         Some(f) => f,
         None => detect_format(&mut file).map_err(|source| Error::Read {
             path: path.to_owned(),
@@ -253,7 +285,7 @@ pub(crate) fn open_depth(
         }
         Format::Qcow2 => {
             let q =
-                qcow2::Qcow2::open(file, path, readonly, depth).map_err(|source| Error::Qcow2 {
+                qcow2::Qcow2::open(file, path, readonly, walk).map_err(|source| Error::Qcow2 {
                     path: path.to_owned(),
                     source,
                 })?;
@@ -262,7 +294,7 @@ pub(crate) fn open_depth(
         Format::Vhd => vhd::open(file, readonly).map_err(image),
         Format::Vdi => Ok(Box::new(vdi::Vdi::open(file, readonly).map_err(image)?)),
         Format::Vmdk => Ok(Box::new(
-            vmdk::Vmdk::open(file, path, readonly).map_err(image)?,
+            vmdk::Vmdk::open(file, path, readonly, walk).map_err(image)?,
         )),
         Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(file, readonly).map_err(image)?)),
     }

@@ -1,7 +1,8 @@
 //! qcow2 images, versions 2 and 3 (format summary in `docs/qcow2.md`).
 //!
 //! Supported: any cluster size from 512 B to 2 MiB, refcount widths 1..64 bits, zero-flag
-//! clusters, backing files (raw or qcow2, opened read-only, relative to the image's directory),
+//! clusters, backing files (only with `backing=on`: any format, opened read-only, relative to the
+//! image's directory, regular files only, no loops; see [`crate::policy`]),
 //! reads and writes (new clusters and L2 tables are appended; refcounts are kept exact, growing
 //! the refcount table when needed; partially written clusters are copied from the backing file).
 //!
@@ -12,6 +13,12 @@
 //! Write ordering keeps the image consistent between requests: a new cluster's refcount is
 //! written before the cluster is referenced, so an interrupted write can leak a cluster but never
 //! leaves a referenced cluster without a refcount. The dirty bit is never set.
+//!
+//! Opening is bounded by fixed caps, not by what the header claims: the L1 and refcount tables
+//! are read whole (at most 32 MiB and 8 MiB), but L2 tables, whose number a sparse file can
+//! inflate for free, are checked when first used (each time one is read into the cache); at
+//! open only the first [`OPEN_SCAN_BYTES`] of them are, so that an image of compressed clusters
+//! is refused with a clear message at once.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -19,6 +26,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::policy::{Link, PolicyError, Role, Walk};
 use crate::util::{Lru, be32, be64, corrupt, read_exact_or_eof};
 use crate::{DiskFile, Format, Mapping, QCOW2_MAGIC};
 
@@ -36,8 +44,8 @@ fn cache_entries(cluster_size: u64, budget: u64) -> usize {
     usize::try_from(budget / cluster_size).map_or(2, |n| n.max(2))
 }
 
-/// Backing chains deeper than this are refused (also stops loops).
-const MAX_BACKING_DEPTH: u32 = 16;
+/// L2 table bytes checked at open; the rest are checked when first read.
+const OPEN_SCAN_BYTES: u64 = 8 << 20;
 /// Longest backing file name (as qemu).
 const MAX_BACKING_NAME: u32 = 1023;
 
@@ -95,8 +103,8 @@ pub enum Error {
         #[source]
         source: Box<crate::Error>,
     },
-    #[error("backing chain deeper than {MAX_BACKING_DEPTH}")]
-    BackingDepth,
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 /// Where a guest cluster's data is.
@@ -131,6 +139,8 @@ pub struct Qcow2 {
     /// that was there before may be cut short by the end of the file (it reads zeros past it).
     open_len: u64,
     backing: Option<Box<dyn DiskFile>>,
+    /// Where the backing file is and what it is (for [`DiskFile::chain`]).
+    backing_link: Option<Link>,
     /// Recently used L2 tables by host offset (at most [`CACHE_BYTES`] of them), kept in step
     /// with every L2 entry written.
     l2_cache: Lru<u64, Vec<u64>>,
@@ -211,12 +221,9 @@ fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
 }
 
 impl Qcow2 {
-    /// Opens an image from `file` (its path resolves a relative backing file name).
-    /// `depth` counts the images above this one in a backing chain.
-    pub fn open(file: File, path: &Path, readonly: bool, depth: u32) -> Result<Qcow2, Error> {
-        if depth > MAX_BACKING_DEPTH {
-            return Err(Error::BackingDepth);
-        }
+    /// Opens an image from `file` (its path resolves a relative backing file name); a backing
+    /// file is opened only if `walk` allows it.
+    pub fn open(file: File, path: &Path, readonly: bool, walk: &mut Walk) -> Result<Qcow2, Error> {
         let file_len = file.metadata()?.len();
         let mut hdr = vec![0u8; V3_HEADER_LEN];
         read_exact_or_eof(&file, &mut hdr, 0)?;
@@ -309,6 +316,9 @@ impl Qcow2 {
             file.read_exact_at(&mut name, h.backing_offset)?;
             let name = String::from_utf8(name)
                 .map_err(|_| Error::Header("backing file name is not UTF-8".into()))?;
+            if !walk.backing() {
+                return Err(PolicyError::BackingOff(name).into());
+            }
             let format = read_backing_format(&file, &h, cluster_size)?;
             let bpath = Path::new(&name);
             let bpath = if bpath.is_absolute() {
@@ -316,15 +326,22 @@ impl Qcow2 {
             } else {
                 path.parent().unwrap_or(Path::new(".")).join(bpath)
             };
-            let img =
-                crate::open_depth(&bpath, true, format, depth + 1).map_err(|e| Error::Backing {
+            let img = crate::open_in(&bpath, true, format, walk, Role::Named).map_err(|e| {
+                Error::Backing {
                     path: bpath.clone(),
                     source: Box::new(e),
-                })?;
-            Some(img)
+                }
+            })?;
+            let link = Link {
+                path: bpath,
+                format: img.format(),
+                role: "backing",
+            };
+            Some((img, link))
         } else {
             None
         };
+        let (backing, backing_link) = backing.unzip();
 
         let end =
             align_up(file_len, cluster_size).ok_or_else(|| Error::Header("file size".into()))?;
@@ -344,10 +361,11 @@ impl Qcow2 {
             end,
             open_len: file_len,
             backing,
+            backing_link,
             l2_cache: Lru::new(cache_entries(cluster_size, L2_CACHE_BYTES)),
             refblock_cache: Lru::new(cache_entries(cluster_size, REFBLOCK_CACHE_BYTES)),
         };
-        q.scan(file_len)?;
+        q.scan(file_len, OPEN_SCAN_BYTES)?;
         if !readonly && h.version == 3 && h.autoclear != 0 {
             // We maintain none of the autoclear extensions (e.g. bitmaps): they become invalid.
             q.file.write_all_at(&0u64.to_be_bytes(), HDR_AUTOCLEAR)?;
@@ -355,12 +373,13 @@ impl Qcow2 {
         Ok(q)
     }
 
-    /// Checks every L1 and L2 entry once: offsets aligned and inside the file, no reserved
-    /// bits, no compressed clusters. Each distinct L2 table is read once, so the work is bounded
-    /// by the file size.
-    fn scan(&mut self, file_len: u64) -> Result<(), Error> {
+    /// Checks every L1 entry (offsets aligned and inside the file, no reserved bits; the table
+    /// is at most 32 MiB) and the L2 tables they point to up to `budget` bytes of them, each
+    /// distinct one once ([`check_l2`]). The tables past the budget are checked when first read.
+    fn scan(&mut self, file_len: u64, budget: u64) -> Result<(), Error> {
         let cs = self.cluster_size;
         let mut seen = HashSet::new();
+        let mut scanned = 0u64;
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             if e & L1_RESERVED != 0 {
@@ -373,21 +392,12 @@ impl Qcow2 {
             if off.checked_add(cs).is_none_or(|x| x > file_len) {
                 return Err(Error::Corrupt(format!("L2 table {i} outside the file")));
             }
-            if !seen.insert(off) {
+            if scanned >= budget || !seen.insert(off) {
                 continue;
             }
+            scanned += cs;
             let table = read_table(&self.file, off, self.l2_entries)?;
-            for &l2e in &table {
-                if l2e & COMPRESSED != 0 {
-                    return Err(Error::Compressed);
-                }
-                if l2e & L2_RESERVED != 0 {
-                    return Err(Error::Corrupt("L2 entry has reserved bits".into()));
-                }
-                if self.version == 2 && l2e & ZERO != 0 {
-                    return Err(Error::Corrupt("zero flag in a version 2 image".into()));
-                }
-            }
+            check_l2(&table, self.version)?;
         }
         Ok(())
     }
@@ -399,6 +409,7 @@ impl Qcow2 {
     fn l2_table(&mut self, off: u64) -> io::Result<&mut Vec<u64>> {
         if self.l2_cache.get_mut(&off).is_none() {
             let t = read_table(&self.file, off, self.l2_entries)?;
+            check_l2(&t, self.version).map_err(|e| corrupt(e.to_string()))?;
             return Ok(self.l2_cache.insert(off, t));
         }
         self.l2_cache
@@ -744,6 +755,23 @@ impl Qcow2 {
     }
 }
 
+/// What must hold for every entry of an L2 table before any is used: no compressed cluster, no
+/// reserved bit, no zero flag in a version 2 image.
+fn check_l2(table: &[u64], version: u32) -> Result<(), Error> {
+    for &l2e in table {
+        if l2e & COMPRESSED != 0 {
+            return Err(Error::Compressed);
+        }
+        if l2e & L2_RESERVED != 0 {
+            return Err(Error::Corrupt("L2 entry has reserved bits".into()));
+        }
+        if version == 2 && l2e & ZERO != 0 {
+            return Err(Error::Corrupt("zero flag in a version 2 image".into()));
+        }
+    }
+    Ok(())
+}
+
 /// The format named by the backing format header extension, if present and known.
 fn read_backing_format(
     file: &File,
@@ -823,6 +851,15 @@ impl DiskFile for Qcow2 {
 
     fn readonly(&self) -> bool {
         self.readonly
+    }
+
+    fn chain(&self) -> Vec<Link> {
+        let (Some(link), Some(b)) = (&self.backing_link, &self.backing) else {
+            return Vec::new();
+        };
+        let mut v = vec![link.clone()];
+        v.extend(b.chain());
+        v
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -12,14 +12,19 @@
 //! entry after every `chunk ratio` payload entries.
 //!
 //! GUIDs are compared as the bytes they are stored as (the first three fields little-endian).
+//!
+//! The BAT (up to 256 MiB for the largest disks) is not read at open: its pages of 512 entries
+//! are read when first used and kept in a small LRU cache, and each entry is checked whenever it
+//! is used; at open only the entries of the first [`OPEN_CHECK_BLOCKS`] blocks are checked, so a
+//! damaged start is refused at once while a sparse file's claimed size costs nothing.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::util::{
-    ImageError, check_range, corrupt, field, in_file, le16, le32, le64, pieces, read_exact_or_eof,
-    read_vec,
+    ImageError, Lru, check_range, corrupt, field, in_file, le16, le32, le64, pieces,
+    read_exact_or_eof, read_vec,
 };
 use crate::{DiskFile, Format};
 
@@ -37,6 +42,11 @@ const MAX_ENTRIES: u64 = 2047;
 const MAX_SIZE: u64 = 64 << 40;
 /// Largest BAT accepted: 256 MiB of entries... capped further by the file size.
 const MAX_BAT_BYTES: u64 = 256 * MIB;
+/// BAT entries per cached page (4 KiB), and cached pages (2 MiB).
+const BAT_PAGE: u64 = 512;
+const BAT_PAGES: usize = 512;
+/// Blocks whose BAT entries are checked at open; the others when used.
+const OPEN_CHECK_BLOCKS: u64 = 1 << 16;
 
 const BAT_GUID: [u8; 16] = [
     0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08,
@@ -103,7 +113,11 @@ pub struct Vhdx {
     size: u64,
     block_size: u64,
     chunk_ratio: u64,
-    bat: Vec<u64>,
+    /// File offset and entry count of the BAT.
+    bat_off: u64,
+    bat_entries: u64,
+    /// BAT pages by index.
+    bat: Lru<u64, Vec<u64>>,
 }
 
 impl Vhdx {
@@ -306,30 +320,50 @@ impl Vhdx {
                 "too small for the disk size",
             ));
         }
-        let bat: Vec<u64> = read_vec(&file, bat_off, entries * 8)?
-            .chunks_exact(8)
-            .map(|c| le64(c, 0))
-            .collect();
-        let v = Vhdx {
+        if !in_file(bat_off, entries * 8, file_len) {
+            return Err(field(
+                NAME,
+                "BAT region offset",
+                bat_off,
+                "outside the file",
+            ));
+        }
+        let mut v = Vhdx {
             file,
             file_len,
             size,
             block_size,
             chunk_ratio,
-            bat,
+            bat_off,
+            bat_entries: entries,
+            bat: Lru::new(BAT_PAGES),
         };
-        for b in 0..blocks {
+        for b in 0..blocks.min(OPEN_CHECK_BLOCKS) {
             v.block(b)?;
         }
         Ok(v)
     }
 
     /// Where payload block `b` is: `None` reads as zeros.
-    fn block(&self, b: u64) -> Result<Option<u64>, ImageError> {
+    fn block(&mut self, b: u64) -> Result<Option<u64>, ImageError> {
         let i = b + b / self.chunk_ratio;
-        let e = *self
+        if i >= self.bat_entries {
+            return Err(field(NAME, "BAT index", i, "outside the BAT"));
+        }
+        let page = i / BAT_PAGE;
+        if self.bat.get_mut(&page).is_none() {
+            let first = page * BAT_PAGE;
+            let n = BAT_PAGE.min(self.bat_entries - first);
+            let t = read_vec(&self.file, self.bat_off + first * 8, n * 8)?
+                .chunks_exact(8)
+                .map(|c| le64(c, 0))
+                .collect();
+            self.bat.insert(page, t);
+        }
+        let e = self
             .bat
-            .get(usize::try_from(i).unwrap_or(usize::MAX))
+            .get_mut(&page)
+            .and_then(|t| t.get((i % BAT_PAGE) as usize).copied())
             .ok_or_else(|| field(NAME, "BAT index", i, "outside the BAT"))?;
         match e & 7 {
             PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => Ok(None),
@@ -363,7 +397,7 @@ impl DiskFile for Vhdx {
             let out = buf
                 .get_mut(done..done + n as usize)
                 .ok_or_else(|| corrupt("VHDX read"))?;
-            // Every block was checked at open.
+            // The entry is checked each time it is used.
             match self
                 .block(pos / self.block_size)
                 .map_err(|e| corrupt(e.to_string()))?

@@ -7,22 +7,28 @@
 //! "VMDK <createType> images are read-only; ...". Images with a parent (`parentCID` other
 //! than ffffffff) are refused.
 //!
-//! Extent files named by a descriptor resolve relative to the descriptor's directory: absolute
-//! names and `..` components are refused, the last component must not be a symlink
-//! (`O_NOFOLLOW`) and the file must be a regular file. A sparse extent must start with the
-//! sparse magic: a descriptor never leads to another descriptor, so there is no chain to follow.
+//! Extent files named by a descriptor resolve relative to the descriptor's directory. By
+//! default an extent must stay inside that directory: absolute names, `..` components and
+//! symbolic links on the way (any component, the last one opened `O_NOFOLLOW`) are refused with
+//! a line saying to allow them with `backing=on`, which lets the descriptor name any path.
+//! Either way every extent is a regular file opened without blocking ([`crate::policy`]). A
+//! sparse extent must start with the sparse magic: a descriptor never leads to another
+//! descriptor, so there is no chain to follow.
 //!
 //! A sparse extent (little-endian header "KDMV") maps grains of `grainSize` sectors through a
 //! grain directory of grain tables of 512 entries; entry 0 reads as zeros, entry 1 too when the
-//! zeroed-grain flag is set. Stream-optimized grains start with a marker (LBA, compressed size)
+//! zeroed-grain flag is set. The grain directory is not read at open (its size follows the
+//! header's capacity, up to 64 MiB per extent): each entry is read and checked when its grain
+//! table is first needed. Stream-optimized grains start with a marker (LBA, compressed size)
 //! followed by a zlib stream, inflated with `flate2`. Grain tables and the last few inflated
 //! grains are kept in small LRU caches.
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Component, Path};
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
 
+use crate::policy::{Link, Role, Walk, open_file_flags};
 use crate::util::{
     ImageError, Lru, check_range, corrupt, field, in_file, le16, le32, le64, pieces, read_vec,
 };
@@ -56,7 +62,9 @@ struct Sparse {
     capacity: u64,
     grain: u64,
     gtes: u64,
-    gd: Vec<u32>,
+    /// File offset of the grain directory and its entry count.
+    gd_offset: u64,
+    gd_entries: u64,
     compressed: bool,
     markers: bool,
     zero_grain: bool,
@@ -148,20 +156,6 @@ impl Sparse {
                 "outside the file",
             ));
         }
-        let gd: Vec<u32> = read_vec(&file, gd_byte, gd_entries * 4)?
-            .chunks_exact(4)
-            .map(|c| le32(c, 0))
-            .collect();
-        for &e in &gd {
-            if e != 0 && !in_file(u64::from(e) * SECTOR, gtes * 4, file_len) {
-                return Err(field(
-                    NAME,
-                    "grain directory entry",
-                    e.into(),
-                    "table outside the file",
-                ));
-            }
-        }
         // The embedded descriptor: its createType names the image, and a parent is refused.
         let mut create_type = if compressed {
             "streamOptimized"
@@ -192,7 +186,8 @@ impl Sparse {
             capacity: capacity * SECTOR,
             grain: grain * SECTOR,
             gtes,
-            gd,
+            gd_offset: gd_byte,
+            gd_entries,
             compressed,
             markers: flags & FLAG_MARKERS != 0,
             zero_grain: flags & FLAG_ZERO_GRAIN != 0,
@@ -207,23 +202,38 @@ impl Sparse {
     fn entry(&mut self, g: u64) -> io::Result<u32> {
         let gdi = usize::try_from(g / self.gtes).map_err(|_| corrupt("VMDK grain index"))?;
         let gte = (g % self.gtes) as usize;
-        let Some(&table) = self.gd.get(gdi) else {
-            return Err(corrupt("VMDK grain directory index"));
-        };
-        if table == 0 {
-            return Ok(0);
-        }
         if self.tables.get_mut(&gdi).is_none() {
+            if gdi as u64 >= self.gd_entries {
+                return Err(corrupt("VMDK grain directory index"));
+            }
+            let mut b = [0u8; 4];
+            self.file
+                .read_exact_at(&mut b, self.gd_offset + gdi as u64 * 4)?;
+            let table = u32::from_le_bytes(b);
+            if table == 0 {
+                // No table: every grain reads as zeros (cached as an empty table).
+                self.tables.insert(gdi, Vec::new());
+                return Ok(0);
+            }
+            if !in_file(u64::from(table) * SECTOR, self.gtes * 4, self.file_len) {
+                return Err(corrupt(format!(
+                    "VMDK grain directory entry {gdi}: table outside the file"
+                )));
+            }
             let t: Vec<u32> = read_vec(&self.file, u64::from(table) * SECTOR, self.gtes * 4)?
                 .chunks_exact(4)
                 .map(|c| le32(c, 0))
                 .collect();
             self.tables.insert(gdi, t);
         }
-        self.tables
-            .get_mut(&gdi)
-            .and_then(|t| t.get(gte).copied())
-            .ok_or_else(|| corrupt("VMDK grain table"))
+        match self.tables.get_mut(&gdi) {
+            Some(t) if t.is_empty() => Ok(0),
+            Some(t) => t
+                .get(gte)
+                .copied()
+                .ok_or_else(|| corrupt("VMDK grain table")),
+            None => Err(corrupt("VMDK grain table")),
+        }
     }
 
     /// Inflates the compressed grain at sector `sector`.
@@ -397,40 +407,66 @@ enum Extent {
 pub struct Vmdk {
     /// (first disk byte, length, extent), in order.
     extents: Vec<(u64, u64, Extent)>,
+    /// The files the extents are in (none for a sparse image of one file).
+    links: Vec<Link>,
     size: u64,
     readonly: bool,
 }
 
-/// Opens the file of extent `name` next to the descriptor at `dir`.
-fn open_extent_file(dir: &Path, name: &str, readonly: bool) -> Result<File, ImageError> {
+/// Opens the file of extent `name` next to the descriptor at `dir`, as `walk` allows: without
+/// `backing=on` only a name inside `dir` reached without a symbolic link.
+fn open_extent_file(
+    dir: &Path,
+    name: &str,
+    readonly: bool,
+    walk: &Walk,
+) -> Result<(File, PathBuf), ImageError> {
     let bad = |why: &str| ImageError::Descriptor {
         format: NAME,
         why: format!("extent \"{name}\": {why}"),
     };
-    let rel = Path::new(name);
-    if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(bad(
-            "only names relative to the descriptor, without '..', are allowed",
-        ));
+    if name.is_empty() {
+        return Err(bad("no file name"));
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(dir.join(rel))
-        .map_err(|e| ImageError::Extent {
+    let rel = Path::new(name);
+    let path = dir.join(rel);
+    if !walk.backing() {
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(bad(
+                "names a file outside the descriptor's directory, which is followed only with backing=on (import: --backing)",
+            ));
+        }
+        // No symbolic link on the way (the last component: O_NOFOLLOW below).
+        let mut at = dir.to_path_buf();
+        let parts: Vec<_> = rel.components().collect();
+        for c in parts.iter().take(parts.len().saturating_sub(1)) {
+            at.push(c);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(bad(
+                    "leads through a symbolic link, which is followed only with backing=on (import: --backing)",
+                ));
+            }
+        }
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(bad(
+                "is a symbolic link, which is followed only with backing=on (import: --backing)",
+            ));
+        }
+    }
+    let nofollow = if walk.backing() { 0 } else { libc::O_NOFOLLOW };
+    let (file, _) = open_file_flags(&path, !readonly, Role::Named, nofollow).map_err(|e| {
+        ImageError::Extent {
             name: name.to_string(),
             source: Box::new(ImageError::Io(e)),
-        })?;
-    if !file.metadata()?.is_file() {
-        return Err(bad("not a regular file"));
-    }
-    Ok(file)
+        }
+    })?;
+    Ok((file, path))
 }
 
 impl Vmdk {
-    /// Opens `file` (at `path`): a sparse extent or a descriptor.
-    pub fn open(file: File, path: &Path, readonly: bool) -> Result<Vmdk, ImageError> {
+    /// Opens `file` (at `path`): a sparse extent or a descriptor whose extents are opened as
+    /// `walk` allows.
+    pub fn open(file: File, path: &Path, readonly: bool, walk: &Walk) -> Result<Vmdk, ImageError> {
         let mut head = [0u8; 4];
         let n = file.read_at(&mut head, 0)?;
         if n == 4 && head.as_slice() == SPARSE_MAGIC {
@@ -441,6 +477,7 @@ impl Vmdk {
             let size = s.capacity;
             return Ok(Vmdk {
                 extents: vec![(0, size, Extent::Sparse(Box::new(s)))],
+                links: Vec::new(),
                 size,
                 readonly,
             });
@@ -464,6 +501,14 @@ impl Vmdk {
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut extents = Vec::with_capacity(d.extents.len());
+        let mut links = Vec::new();
+        let mut link = |path: PathBuf, format: Format| {
+            links.push(Link {
+                path,
+                format,
+                role: "extent",
+            })
+        };
         let mut size = 0u64;
         for e in &d.extents {
             let bytes = e.sectors.saturating_mul(SECTOR);
@@ -480,7 +525,8 @@ impl Vmdk {
             }
             let extent = match e.kind.as_str() {
                 "FLAT" | "VMFS" => {
-                    let file = open_extent_file(dir, &e.name, readonly)?;
+                    let (file, p) = open_extent_file(dir, &e.name, readonly, walk)?;
+                    link(p, Format::Raw);
                     let base = e.offset.saturating_mul(SECTOR);
                     if !in_file(base, bytes, file.metadata()?.len()) {
                         return Err(bad("extends past the end of its file"));
@@ -499,7 +545,8 @@ impl Vmdk {
                     if !readonly {
                         return Err(ImageError::ReadOnly(format!("VMDK {create_type}")));
                     }
-                    let file = open_extent_file(dir, &e.name, true)?;
+                    let (file, p) = open_extent_file(dir, &e.name, true, walk)?;
+                    link(p, Format::Vmdk);
                     let s = Sparse::open(file).map_err(|err| ImageError::Extent {
                         name: e.name.clone(),
                         source: Box::new(err),
@@ -516,6 +563,7 @@ impl Vmdk {
         }
         Ok(Vmdk {
             extents,
+            links,
             size,
             readonly,
         })
@@ -609,6 +657,10 @@ impl DiskFile for Vmdk {
 
     fn readonly(&self) -> bool {
         self.readonly
+    }
+
+    fn chain(&self) -> Vec<Link> {
+        self.links.clone()
     }
 }
 

@@ -121,6 +121,9 @@ pub struct Options {
     pub force: bool,
     /// NIC N gets `tap=<prefix>N` in the config.
     pub tap_prefix: String,
+    /// Read through the source disks' backing files (qcow2) and extents outside their
+    /// descriptor's directory (VMDK); off: such a disk is refused (`disk::policy`).
+    pub backing: bool,
 }
 
 /// Progress of the disk conversions.
@@ -387,7 +390,7 @@ pub fn import(opts: &Options, progress: &mut dyn Progress) -> Result<Report> {
     // Open every disk before writing anything, so a bad one fails early.
     let mut sources = Vec::new();
     for d in &spec.disks {
-        sources.push(open_disk(&opts.source, d)?);
+        sources.push(open_disk(&opts.source, d, opts.backing)?);
     }
     std::fs::create_dir_all(out).map_err(|source| Error::Write {
         path: out.clone(),
@@ -500,8 +503,9 @@ impl qcow2w::Source for Extracted {
     }
 }
 
-fn open_path(path: &Path, slot: &str) -> Result<Opened> {
-    let d = disk::open(path, disk::OpenOptions::readonly(true)).map_err(|e| {
+fn open_path(path: &Path, slot: &str, backing: bool) -> Result<Opened> {
+    let opts = disk::OpenOptions::readonly(true).backing(backing);
+    let d = disk::open(path, opts).map_err(|e| {
         let mut msg = e.to_string();
         let mut cause = std::error::Error::source(&e);
         while let Some(c) = cause {
@@ -521,9 +525,9 @@ fn open_path(path: &Path, slot: &str) -> Result<Opened> {
     Ok(Opened(d))
 }
 
-fn open_disk(source: &Path, d: &DiskSrc) -> Result<Box<dyn qcow2w::Source>> {
+fn open_disk(source: &Path, d: &DiskSrc, backing: bool) -> Result<Box<dyn qcow2w::Source>> {
     match &d.loc {
-        DiskLoc::File(p) => Ok(Box::new(open_path(p, &d.slot)?)),
+        DiskLoc::File(p) => Ok(Box::new(open_path(p, &d.slot, backing)?)),
         DiskLoc::Member { name, offset, size } => {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -533,7 +537,8 @@ fn open_disk(source: &Path, d: &DiskSrc) -> Result<Box<dyn qcow2w::Source>> {
                 safe_name(name)
             ));
             ova::copy_member(source, *offset, *size, &tmp)?;
-            match open_path(&tmp, &d.slot) {
+            // A disk inside an archive names no other file of the host.
+            match open_path(&tmp, &d.slot, false) {
                 Ok(inner) => Ok(Box::new(Extracted { inner, path: tmp })),
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);

@@ -148,6 +148,130 @@ fn check_bzimage_header(head: &[u8], setup_sects: u64, file_len: u64) -> Result<
     Ok(())
 }
 
+/// Most program headers accepted (a vmlinux has about five).
+const MAX_ELF_PHDRS: u64 = 64;
+
+/// Checks an ELF vmlinux against the file before anything is loaded: a 64-bit little-endian
+/// x86-64 executable whose program header table, every `PT_LOAD` and `PT_NOTE` segment (file
+/// range, no size overflow, `p_filesz <= p_memsz`, loaded at or above 1 MiB), section header
+/// table and sections with file content lie inside the file, with at least one loaded segment
+/// and the entry point inside one. A truncated vmlinux (the section headers and sections come
+/// after the segments) or a patched header is refused here, rather than loaded partly or left
+/// to fail as guest code. The tables read are bounded (64 program headers, 65535 section
+/// headers: 4 MiB). `read_at(buf, offset)` fills `buf` from the file.
+fn check_elf(
+    head: &[u8],
+    file_len: u64,
+    read_at: impl Fn(&mut [u8], u64) -> std::io::Result<()>,
+) -> Result<(), String> {
+    let u16_at = |b: &[u8], o: usize| {
+        b.get(o..o + 2)
+            .map_or(0, |x| u16::from_le_bytes([x[0], x[1]]))
+    };
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .and_then(|x| x.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .and_then(|x| x.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    if head.len() < 64 || file_len < 64 {
+        return Err(format!(
+            "the ELF header needs 64 bytes, the file has {file_len} (truncated?)"
+        ));
+    }
+    if head.get(4) != Some(&2) || head.get(5) != Some(&1) || u16_at(head, 18) != 62 {
+        return Err("not a 64-bit little-endian x86-64 ELF file".into());
+    }
+    if u16_at(head, 16) != 2 {
+        return Err(format!(
+            "ELF type {} is not an executable (2)",
+            u16_at(head, 16)
+        ));
+    }
+    let entry = u64_at(head, 24);
+    let phoff = u64_at(head, 32);
+    let shoff = u64_at(head, 40);
+    let phentsize = u64::from(u16_at(head, 54));
+    let phnum = u64::from(u16_at(head, 56));
+    let shentsize = u64::from(u16_at(head, 58));
+    let shnum = u64::from(u16_at(head, 60));
+    let inside = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= file_len);
+    if phentsize != 56 || phnum == 0 || phnum > MAX_ELF_PHDRS {
+        return Err(format!(
+            "{phnum} program headers of {phentsize} bytes (want 1 to {MAX_ELF_PHDRS} of 56)"
+        ));
+    }
+    if !inside(phoff, phnum * 56) {
+        return Err(format!(
+            "the program headers at {phoff:#x} lie outside the {file_len}-byte file (truncated?)"
+        ));
+    }
+    if shnum != 0 && (shentsize != 64 || !inside(shoff, shnum * 64)) {
+        return Err(format!(
+            "the section headers at {shoff:#x} lie outside the {file_len}-byte file (truncated?)"
+        ));
+    }
+    let mut table = vec![0u8; (phnum * 56) as usize];
+    read_at(&mut table, phoff).map_err(|e| format!("cannot read the program headers: {e}"))?;
+    let mut loads = 0;
+    let mut entry_found = false;
+    for (i, ph) in table.chunks_exact(56).enumerate() {
+        const PT_LOAD: u32 = 1;
+        const PT_NOTE: u32 = 4;
+        let kind = u32_at(ph, 0);
+        let offset = u64_at(ph, 8);
+        let paddr = u64_at(ph, 24);
+        let filesz = u64_at(ph, 32);
+        let memsz = u64_at(ph, 40);
+        if kind != PT_LOAD && kind != PT_NOTE {
+            continue;
+        }
+        if !inside(offset, filesz) {
+            return Err(format!(
+                "program header {i}: {filesz} bytes at {offset:#x} lie outside the {file_len}-byte file (truncated?)"
+            ));
+        }
+        if kind != PT_LOAD || filesz == 0 {
+            continue;
+        }
+        if filesz > memsz || paddr.checked_add(memsz).is_none() || paddr < HIGH_MEMORY_START {
+            return Err(format!(
+                "program header {i}: {filesz} file bytes, {memsz} in memory at {paddr:#x} are inconsistent"
+            ));
+        }
+        loads += 1;
+        entry_found |= (paddr..paddr + filesz).contains(&entry);
+    }
+    if loads == 0 {
+        return Err("no loadable segment".into());
+    }
+    // The sections (symbols, strings, ...) come after the loaded segments: a file cut short
+    // loses them first.
+    let mut sections = vec![0u8; (shnum * 64) as usize];
+    read_at(&mut sections, shoff).map_err(|e| format!("cannot read the section headers: {e}"))?;
+    for (i, sh) in sections.chunks_exact(64).enumerate() {
+        const SHT_NULL: u32 = 0;
+        const SHT_NOBITS: u32 = 8;
+        let kind = u32_at(sh, 4);
+        let (offset, size) = (u64_at(sh, 24), u64_at(sh, 32));
+        if kind != SHT_NULL && kind != SHT_NOBITS && !inside(offset, size) {
+            return Err(format!(
+                "section {i}: {size} bytes at {offset:#x} lie outside the {file_len}-byte file (truncated?)"
+            ));
+        }
+    }
+    if !entry_found {
+        return Err(format!(
+            "the entry point {entry:#x} is outside every loaded segment"
+        ));
+    }
+    Ok(())
+}
+
 /// bzImage: "HdrS" at 0x202. ELF: "\x7fELF" at 0.
 pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     if head.get(0x202..0x206) == Some(b"HdrS") {
@@ -493,6 +617,13 @@ fn load_kernel(mem: &hv::GuestMemory, path: &Path, low_end: u64) -> Result<Loade
             })
         }
         Some(KernelFormat::Elf) => {
+            check_elf(&head, file_len, |buf, at| {
+                std::os::unix::fs::FileExt::read_exact_at(&f, buf, at)
+            })
+            .map_err(|reason| Error::Load {
+                path: path.to_path_buf(),
+                reason,
+            })?;
             let r = loader::Elf::load(mem, None, &mut f, high).map_err(load_err)?;
             if r.kernel_end > low_end {
                 return Err(too_big());
@@ -941,6 +1072,132 @@ mod tests {
             let e = load_linux(&mem, &cfg(&p, None, 1, &[])).unwrap_err();
             assert!(matches!(e, Error::Load { .. }), "{what}: {e}");
         }
+    }
+
+    /// A minimal ELF64 x86-64 executable: one PT_LOAD of 0x100 bytes at file offset 0x1000,
+    /// loaded at 16 MiB, entry at its start; no section headers.
+    fn tiny_elf() -> Vec<u8> {
+        let mut b = vec![0u8; 0x1100];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 64;
+        b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        b[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+        b[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        b[ph + 32..ph + 40].copy_from_slice(&0x100u64.to_le_bytes());
+        b[ph + 40..ph + 48].copy_from_slice(&0x200u64.to_le_bytes());
+        b[0x1000] = 0xf4;
+        b
+    }
+
+    fn elf_check(b: &[u8]) -> Result<(), String> {
+        check_elf(b, b.len() as u64, |buf, at| {
+            let src = b
+                .get(at as usize..at as usize + buf.len())
+                .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn inconsistent_elf_is_refused() {
+        elf_check(&tiny_elf()).unwrap();
+        let patched = |at: usize, bytes: &[u8]| {
+            let mut b = tiny_elf();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            b
+        };
+        let ph = 64;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                tiny_elf()[..0x1080].to_vec(),
+                "program header 0: 256 bytes at 0x1000 lie outside",
+            ),
+            (tiny_elf()[..40].to_vec(), "the ELF header needs 64 bytes"),
+            (
+                patched(32, &0x2000u64.to_le_bytes()),
+                "the program headers at 0x2000 lie outside",
+            ),
+            (patched(32, &u64::MAX.to_le_bytes()), "lie outside"),
+            (patched(56, &0u16.to_le_bytes()), "0 program headers"),
+            (patched(56, &1000u16.to_le_bytes()), "1000 program headers"),
+            (patched(54, &32u16.to_le_bytes()), "of 32 bytes"),
+            (patched(ph + 8, &u64::MAX.to_le_bytes()), "lie outside"),
+            (patched(ph + 40, &0x80u64.to_le_bytes()), "are inconsistent"),
+            (
+                patched(ph + 24, &0x1000u64.to_le_bytes()),
+                "are inconsistent",
+            ),
+            (
+                patched(ph + 24, &(u64::MAX - 0x100).to_le_bytes()),
+                "are inconsistent",
+            ),
+            (patched(ph, &6u32.to_le_bytes()), "no loadable segment"),
+            (
+                patched(24, &0x200_0000u64.to_le_bytes()),
+                "entry point 0x2000000 is outside",
+            ),
+            (
+                patched(40, &0x1080u64.to_le_bytes()),
+                "section headers at 0x1080",
+            ),
+            (
+                tiny_elf(),
+                "section 1: 512 bytes at 0x1f00 lie outside the 4544-byte file",
+            ),
+            (patched(4, &[1]), "not a 64-bit"),
+            (patched(18, &3u16.to_le_bytes()), "not a 64-bit"),
+            (patched(16, &3u16.to_le_bytes()), "not an executable"),
+        ];
+        for (i, (b, want)) in cases.iter().enumerate() {
+            // Section header count for the section-header case.
+            let mut b = b.clone();
+            if want.starts_with("section") {
+                b[60..62].copy_from_slice(&3u16.to_le_bytes());
+                b[58..60].copy_from_slice(&64u16.to_le_bytes());
+            }
+            if want.starts_with("section 1") {
+                // Three section headers at 0x1100 (the file grows to hold them): the second
+                // (PROGBITS) says it has 0x200 bytes at 0x1f00.
+                b.resize(0x1100 + 3 * 64, 0);
+                b[40..48].copy_from_slice(&0x1100u64.to_le_bytes());
+                let sh = 0x1100 + 64;
+                b[sh + 4..sh + 8].copy_from_slice(&1u32.to_le_bytes());
+                b[sh + 24..sh + 32].copy_from_slice(&0x1f00u64.to_le_bytes());
+                b[sh + 32..sh + 40].copy_from_slice(&0x200u64.to_le_bytes());
+            }
+            let e = elf_check(&b).unwrap_err();
+            assert!(e.contains(want), "case {i}: {e}");
+        }
+    }
+
+    #[test]
+    fn truncated_vmlinux_is_refused() {
+        let Some(k) = kit("vmlinux") else { return };
+        let whole = std::fs::read(&k).unwrap();
+        let dir = std::env::temp_dir().join(format!("anyvisor-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = create_guest_memory(256 * MIB).unwrap();
+        // Cut into the section headers, and at half of the file. (Debian's vmlinux ends with
+        // relocations no header describes: a cut into those is not seen.)
+        let shoff = u64::from_le_bytes(whole[40..48].try_into().unwrap()) as usize;
+        for cut in [shoff + 100, whole.len() / 2] {
+            let p = dir.join("vmlinux");
+            std::fs::write(&p, &whole[..cut]).unwrap();
+            let e = load_linux(&mem, &cfg(&p, None, 1, &[])).unwrap_err();
+            assert!(e.to_string().contains("truncated?"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -142,13 +142,18 @@ pub enum DiskFormat {
     Vdi,
 }
 
-/// One `--disk PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi]` (`vpc` names VHD too).
+/// One `--disk PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi][,backing=on]` (`vpc`
+/// names VHD too).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     /// `None`: detected from the content.
     pub format: Option<DiskFormat>,
+    /// Follow the files the image names (qcow2 backing files, VMDK extents outside the
+    /// descriptor's directory); off: such an image is refused (`docs/disk-formats.md`).
+    #[serde(default)]
+    pub backing: bool,
 }
 
 impl DiskConfig {
@@ -163,12 +168,16 @@ impl DiskConfig {
             path: PathBuf::from(path),
             readonly: false,
             format: None,
+            backing: false,
         };
         for opt in parts {
             match opt.split_once('=') {
                 Some(("readonly", v)) => {
                     disk.readonly =
                         parse_on_off(v).ok_or_else(|| bad(format!("bad value '{v}'")))?
+                }
+                Some(("backing", v)) => {
+                    disk.backing = parse_on_off(v).ok_or_else(|| bad(format!("bad value '{v}'")))?
                 }
                 Some(("format", "raw")) => disk.format = Some(DiskFormat::Raw),
                 Some(("format", "qcow2")) => disk.format = Some(DiskFormat::Qcow2),
@@ -181,6 +190,31 @@ impl DiskConfig {
             }
         }
         Ok(disk)
+    }
+}
+
+impl DiskConfig {
+    /// Opens the image as configured, following what it names only with `backing=on`
+    /// (`disk::policy`); also returns the other files it reads, for `info`.
+    pub fn open(&self) -> Result<(Box<dyn disk::DiskFile>, Vec<disk::Link>)> {
+        let format = self.format.map(|f| match f {
+            DiskFormat::Raw => disk::Format::Raw,
+            DiskFormat::Qcow2 => disk::Format::Qcow2,
+            DiskFormat::Vmdk => disk::Format::Vmdk,
+            DiskFormat::Vhd => disk::Format::Vhd,
+            DiskFormat::Vhdx => disk::Format::Vhdx,
+            DiskFormat::Vdi => disk::Format::Vdi,
+        });
+        let opts = disk::OpenOptions {
+            readonly: self.readonly,
+            format,
+            backing: self.backing,
+        };
+        // The error names the disk and what failed with it.
+        let image =
+            disk::open(&self.path, opts).map_err(|e| Error::Setup(crate::error::report(&e)))?;
+        let chain = image.chain();
+        Ok((image, chain))
     }
 }
 
@@ -812,6 +846,10 @@ mod tests {
         assert!(VsockConfig::parse("3").is_err());
         assert!(VsockConfig::parse("x,uds=/v").is_err());
         assert!(DiskConfig::parse(",readonly=on").is_err());
+        assert!(!DiskConfig::parse("/d").unwrap().backing);
+        assert!(DiskConfig::parse("/d,backing=on").unwrap().backing);
+        assert!(!DiskConfig::parse("/d,backing=off").unwrap().backing);
+        assert!(DiskConfig::parse("/d,backing=maybe").is_err());
         assert!(DiskConfig::parse("/d,format=vmdk2").is_err());
         for (name, f) in [
             ("vmdk", DiskFormat::Vmdk),

@@ -108,24 +108,14 @@ pub fn create_restoring(
 ) -> Result<Vec<VirtioSlotDevice>> {
     let mut wanted: Vec<(&'static str, Box<dyn VirtioDevice>, serde_json::Value)> = Vec::new();
     for d in &config.disks {
-        let block = virtio::Block::new(virtio::BlockConfig {
-            path: d.path.clone(),
-            readonly: d.readonly,
-            format: d.format.map(|f| match f {
-                crate::config::DiskFormat::Raw => virtio::Format::Raw,
-                crate::config::DiskFormat::Qcow2 => virtio::Format::Qcow2,
-                crate::config::DiskFormat::Vmdk => virtio::Format::Vmdk,
-                crate::config::DiskFormat::Vhd => virtio::Format::Vhd,
-                crate::config::DiskFormat::Vhdx => virtio::Format::Vhdx,
-                crate::config::DiskFormat::Vdi => virtio::Format::Vdi,
-            }),
-        })
-        // The error names the disk and what failed with it.
-        .map_err(|e| Error::Setup(crate::error::report(&e)))?;
+        // Opened with the user's backing choice (`disk::policy`); `info` shows the chain.
+        let (image, chain) = d.open()?;
+        let block = virtio::Block::with_disk(image, d.readonly, &d.path);
         wanted.push((
             "virtio-blk",
             Box::new(block),
-            serde_json::json!({"path": d.path, "readonly": d.readonly}),
+            serde_json::json!({"path": d.path, "readonly": d.readonly, "backing": d.backing,
+                "chain": chain}),
         ));
     }
     for n in &config.nets {

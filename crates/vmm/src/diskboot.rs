@@ -60,10 +60,11 @@ pub fn prepare(mut options: RunOptions) -> Result<(RunOptions, Option<Extracted>
             })
         })
         .transpose()?;
-    let image = bootdisk::open_image(&disk.path, format).map_err(|e| Error::BadFile {
-        path: disk.path.clone(),
-        reason: crate::error::report(&e),
-    })?;
+    let image =
+        bootdisk::open_image(&disk.path, format, disk.backing).map_err(|e| Error::BadFile {
+            path: disk.path.clone(),
+            reason: crate::error::report(&e),
+        })?;
     let boot = bootdisk::find_boot(image).map_err(|e| Error::BadFile {
         path: disk.path.clone(),
         reason: format!("cannot boot from this disk: {e}"),

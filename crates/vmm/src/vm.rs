@@ -239,13 +239,8 @@ fn check_kernel(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    if file.metadata().map_err(read_err)?.is_dir() {
-        return Err(Error::BadFile {
-            path: path.to_path_buf(),
-            reason: "is a directory, not a Linux kernel".into(),
-        });
-    }
+    // Never blocks on a FIFO; anything but a regular file is refused, saying what it is.
+    let file = disk::open_regular(path).map_err(read_err)?;
     let mut head = Vec::with_capacity(1024);
     file.take(1024).read_to_end(&mut head).map_err(read_err)?;
     let elf = head.starts_with(b"\x7fELF");
@@ -265,13 +260,7 @@ fn check_readable(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    if file.metadata().map_err(read_err)?.is_dir() {
-        return Err(read_err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "is a directory",
-        )));
-    }
+    disk::open_regular(path).map_err(read_err)?;
     Ok(())
 }
 
@@ -624,10 +613,16 @@ mod tests {
             check_kernel(&dir.join("missing")).unwrap_err(),
             Error::ReadFile { .. }
         ));
+        // Not a regular file: refused saying what it is, without blocking on a FIFO.
         assert!(matches!(
             check_kernel(&dir).unwrap_err(),
-            Error::BadFile { .. }
+            Error::ReadFile { .. }
         ));
+        let e = crate::error::report(&check_readable(Path::new("/dev/zero")).unwrap_err());
+        assert!(
+            e.contains("is a character device, not a regular file"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

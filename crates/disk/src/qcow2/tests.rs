@@ -12,7 +12,14 @@ fn open(
     readonly: bool,
     format: Option<Format>,
 ) -> Result<Box<dyn DiskFile>, crate::Error> {
-    crate::open(path, crate::OpenOptions { readonly, format })
+    crate::open(
+        path,
+        crate::OpenOptions {
+            readonly,
+            format,
+            backing: true,
+        },
+    )
 }
 
 fn qemu_img(args: &[&str]) -> String {
@@ -68,7 +75,7 @@ fn open_q(path: &Path, readonly: bool) -> Result<Qcow2, Error> {
         .write(!readonly)
         .open(path)
         .unwrap();
-    Qcow2::open(f, path, readonly, 0)
+    Qcow2::open(f, path, readonly, &mut Walk::new(true))
 }
 
 #[test]
@@ -402,7 +409,7 @@ fn backing_loop_is_refused() {
     qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", path_str(&b)]);
     let e = open_q(&a, true).err().expect("loop accepted");
     let msg = format!("{e:?}");
-    assert!(msg.contains("BackingDepth"), "{msg}");
+    assert!(msg.contains("Loop"), "{msg}");
     // A missing backing file is a clear error too.
     std::fs::remove_file(&b).unwrap();
     assert!(matches!(open_q(&a, true), Err(Error::Backing { .. })));
@@ -554,4 +561,152 @@ fn check_helper_detects_a_leaked_cluster() {
     }
     let caught = std::panic::catch_unwind(|| check_clean(&p));
     assert!(caught.is_err(), "qemu-img check missed a leak");
+}
+
+// ---- what opening may touch ----
+
+/// A qcow2 image whose header names `backing` (not opened by qemu-img: `-u`).
+fn with_backing(path: &Path, backing: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        backing,
+        "-F",
+        "raw",
+        path_str(path),
+        "1M",
+    ]);
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[test]
+fn backing_files_are_followed_only_when_allowed() {
+    need_qemu_img();
+    let dir = TempDir::new("q2policy");
+    let fifo = dir.path("fifo");
+    run("mkfifo", &[path_str(&fifo)]);
+    let top = dir.path("top.qcow2");
+    let off = |readonly| crate::OpenOptions::readonly(readonly);
+    for name in [
+        "/etc/shadow",
+        "/etc/passwd",
+        path_str(&fifo),
+        "/dev/zero",
+        "base.raw",
+    ] {
+        with_backing(&top, name);
+        for readonly in [true, false] {
+            let e = crate::open(&top, off(readonly))
+                .err()
+                .expect("backing followed");
+            assert_eq!(
+                error_chain(&e),
+                format!(
+                    "cannot open disk {}: names backing file '{name}', which is followed only \
+                     with backing=on (import: --backing)",
+                    top.display()
+                )
+            );
+        }
+    }
+    // Allowed, but never to a file that is not a regular file (and never blocking).
+    let start = std::time::Instant::now();
+    for (name, what) in [
+        (path_str(&fifo), "is a FIFO, not a regular file"),
+        ("/dev/zero", "is a character device, not a regular file"),
+        ("/dev", "is a directory, not a regular file"),
+    ] {
+        with_backing(&top, name);
+        let e = crate::open(&top, off(true).backing(true))
+            .err()
+            .expect("opened");
+        let msg = error_chain(&e);
+        assert!(msg.ends_with(what), "{msg}");
+        assert!(msg.contains(&format!("backing file {name}")), "{msg}");
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    // A legitimate chain with backing=on: read through, and listed.
+    let base = dir.path("base.raw");
+    std::fs::write(&base, pattern(1 << 20, 9)).unwrap();
+    with_backing(&top, "base.raw");
+    let mut img = crate::open(&top, off(true).backing(true)).unwrap();
+    assert!(read_all(img.as_mut()) == pattern(1 << 20, 9));
+    assert_eq!(
+        img.chain(),
+        vec![crate::Link {
+            path: dir.path("base.raw"),
+            format: Format::Raw,
+            role: "backing",
+        }]
+    );
+    // An image without a backing file opens either way, with an empty chain.
+    create(&base, "1M", "");
+    assert!(crate::open(&base, off(false)).unwrap().chain().is_empty());
+}
+
+#[test]
+fn l2_tables_are_checked_when_first_used() {
+    need_qemu_img();
+    let dir = TempDir::new("q2lazy");
+    let p = dir.path("l.qcow2");
+    create(&p, "1M", "cluster_size=4096");
+    qemu_io(&p, "qcow2", "write -P 0x11 0 4k");
+    let mut q = open_q(&p, true).unwrap();
+    // The first L2 table, after the image was opened: a compressed entry is refused at use.
+    let l2 = q.l1[0] & OFFSET_MASK;
+    let e0 = {
+        let mut b = [0u8; 8];
+        q.file.read_exact_at(&mut b, l2).unwrap();
+        u64::from_be_bytes(b)
+    };
+    patch(&p, l2, &(e0 | COMPRESSED).to_be_bytes());
+    let mut b = [0u8; 512];
+    let e = q.read_at(0, &mut b).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("compressed"), "{e}");
+}
+
+/// A header may name millions of L2 tables in a sparse file (which costs nothing to make):
+/// opening reads a bounded number of them, not all.
+#[test]
+fn opening_does_not_scan_every_l2_table() {
+    need_qemu_img();
+    let dir = TempDir::new("q2sparse");
+    let p = dir.path("s.qcow2");
+    // 512-byte clusters: 64 entries per L2 table, so 128 GiB needs 4 Mi L1 entries (32 MiB).
+    create(&p, "128G", "cluster_size=512");
+    let mut q = open_q(&p, true).unwrap();
+    let n = q.l1.len() as u64;
+    assert_eq!(n, 4 << 20);
+    let len = std::fs::metadata(&p).unwrap().len().next_multiple_of(512);
+    let l1: Vec<u8> = (0..n).flat_map(|i| (len + i * 512).to_be_bytes()).collect();
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&l1, q.l1_offset).unwrap();
+    f.set_len(len + n * 512).unwrap();
+    drop(f);
+    let start = std::time::Instant::now();
+    q = open_q(&p, true).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "open took {took:?}"
+    );
+    // The tables read as zeros when used.
+    let mut b = vec![1u8; 4096];
+    q.read_at(100 << 30, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
 }

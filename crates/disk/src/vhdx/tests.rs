@@ -214,3 +214,47 @@ fn mutated_images_never_panic() {
     // metadata and BAT are covered by the damaged-image cases and the fuzz target).
     crate::fuzz::tests::mutate_image("vhdx", "block_size=1M", "4M", Format::Vhdx, 320 * 1024);
 }
+
+/// The BAT is read and checked when used, past the first blocks: a damaged entry far into it
+/// fails the read of that block, not the open (whose work does not grow with the disk size).
+#[test]
+fn bat_entries_are_checked_when_used() {
+    need_qemu_img();
+    let dir = TempDir::new("vhdxlazy");
+    let p = dir.path("l.vhdx");
+    // 1 MiB blocks: 131072 blocks, more than are checked at open; chunk ratio 4096.
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            path_str(&p),
+            "128G",
+        ],
+    );
+    let img = std::fs::read(&p).unwrap();
+    let (_, bat) = regions(&img);
+    let len = img.len() as u64;
+    let b = 100_000u64;
+    let i = b + b / 4096;
+    let e = (((len >> 20) + 4) << 20) | 6;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&e.to_le_bytes(), bat as u64 + i * 8)
+        .unwrap();
+    drop(f);
+    let mut v = crate::open(&p, crate::OpenOptions::readonly(true)).unwrap();
+    let mut buf = vec![1u8; 4096];
+    v.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    let err = v.read_at(b << 20, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert_eq!(
+        err.to_string(),
+        format!("VHDX BAT entry is {e:#x}: block outside the file")
+    );
+    v.read_at((b + 1) << 20, &mut buf).unwrap();
+}

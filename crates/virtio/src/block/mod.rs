@@ -85,10 +85,7 @@ impl Block {
     pub fn new(config: BlockConfig) -> Result<Block, Error> {
         let disk = disk::open(
             &config.path,
-            disk::OpenOptions {
-                readonly: config.readonly,
-                format: config.format,
-            },
+            disk::OpenOptions::readonly(config.readonly).format(config.format),
         )?;
         Ok(Block::with_disk(disk, config.readonly, &config.path))
     }
