@@ -1272,9 +1272,15 @@ impl Exec<'_> {
         if Self::control(mn) {
             return self.exec_x87_control(i);
         }
+        // FIP names the last non-control instruction that completed: one that faults (a #PF
+        // on its memory operand, say) leaves it as it was, as the CPU does.
+        let fip = self.cpu.fip;
         self.note_ip(i);
         let before = self.cpu.fsw;
-        self.exec_x87_op(i)?;
+        if let Err(e) = self.exec_x87_op(i) {
+            self.cpu.fip = fip;
+            return Err(e);
+        }
         self.note_dp(i, before);
         Ok(())
     }
