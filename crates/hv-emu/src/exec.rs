@@ -1506,7 +1506,9 @@ pub fn shift_value(mn: M, size: usize, a: u64, count: u32, cf_in: bool) -> (u64,
             if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
                 f |= OF;
             }
-            (r, f, CF | OF)
+            // A count that is a multiple of 9 (17) on an 8-bit (16-bit) operand rotates
+            // nothing: the CPU leaves OF as it was (and CF, which is CF in).
+            (r, f, if c == 0 { CF } else { CF | OF })
         }
         _ => {
             // RCR
@@ -1524,7 +1526,8 @@ pub fn shift_value(mn: M, size: usize, a: u64, count: u32, cf_in: bool) -> (u64,
             if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
                 f |= OF;
             }
-            (r, f, CF | OF)
+            // As RCL: no rotation, OF as it was.
+            (r, f, if c == 0 { CF } else { CF | OF })
         }
     }
 }
