@@ -138,21 +138,34 @@ fn x87_m80_store_is_not_atomic(hv: &dyn Hypervisor) {
     assert_eq!((o.state.fpu.fsw >> 11) & 7, 7, "1.0 still on the stack");
 }
 
-/// An MMX store whose destination faults has set TOP to 0 but left the tags alone.
+/// An MMX store whose destination faults: MOVQ has set TOP to 0 but left the tags alone;
+/// MASKMOVQ has done the whole transition (TOP 0, every tag valid).
 fn mmx_store_fault_sets_top_only(hv: &dyn Hypervisor) {
-    let code = conformance::asm(|a| {
-        a.mov(r15, DATA)?;
-        a.movq(qword_ptr(r15 + 0x1ffb), mm1)?;
-        a.ud2()
-    });
-    let mut g = guest(hv, &code);
-    let mut st = g.vcpu.state().unwrap();
-    st.fpu.fsw = 4 << 11;
-    st.fpu.ftw = 0x82;
-    g.vcpu.set_state(&st).unwrap();
-    let o = g.go();
-    let e = o.exception.unwrap();
-    assert_eq!((e.vector, e.error_code, e.cr2), (14, 6, GUARD));
-    assert_eq!((o.state.fpu.fsw >> 11) & 7, 0, "TOP");
-    assert_eq!(o.state.fpu.ftw, 0x82, "tags");
+    for masked in [false, true] {
+        let code = conformance::asm(|a| {
+            a.mov(r15, DATA)?;
+            if masked {
+                a.lea(rdi, ptr(r15 + 0x1ffb))?;
+                a.maskmovq(mm1, mm2)?;
+            } else {
+                a.movq(qword_ptr(r15 + 0x1ffb), mm1)?;
+            }
+            a.ud2()
+        });
+        let mut g = guest(hv, &code);
+        let mut st = g.vcpu.state().unwrap();
+        st.fpu.fsw = 4 << 11;
+        st.fpu.ftw = 0x82;
+        g.vcpu.set_state(&st).unwrap();
+        let o = g.go();
+        let e = o.exception.unwrap();
+        assert_eq!(
+            (e.vector, e.error_code, e.cr2),
+            (14, 6, GUARD),
+            "masked={masked}"
+        );
+        assert_eq!((o.state.fpu.fsw >> 11) & 7, 0, "TOP, masked={masked}");
+        let tags = if masked { 0xff } else { 0x82 };
+        assert_eq!(o.state.fpu.ftw, tags, "tags, masked={masked}");
+    }
 }
