@@ -8,7 +8,14 @@
 //! tracked through the block: no instruction reading an undefined flag is generated (a `cmp`
 //! defining all six is inserted first), and the flags still undefined at the end are masked.
 //! Divisions are preceded by instructions that make the divisor non-zero and the quotient fit;
-//! `bsf`/`bsr` by a `bts` that makes their source non-zero.
+//! `bsf`/`bsr` by a `bts` that makes their source non-zero or, one time in four, an `xor` that
+//! makes it zero (ZF set, destination as the CPU leaves it).
+//!
+//! The scratch area is two pages ([`SCRATCH`] and [`crate::DATA2`], mapped with 4 KiB pages by
+//! [`crate::Guest::map_low_4k`]) followed by an unmapped page ([`crate::GUARD`]). Memory operands
+//! are mostly inside the first page at any alignment, sometimes across the boundary between the
+//! two pages, and sometimes across the end of the second into the unmapped page: that access
+//! must raise the same #PF (error code and CR2) on both sides with nothing written.
 //!
 //! By default blocks run at CPL 3, where KVM executes them on the host CPU: the hardware is the
 //! oracle. [`Privilege::Kernel`] runs them at CPL 0 instead, which on a PVM host compares KVM's
@@ -30,6 +37,8 @@ use crate::{CF, CODE, DATA, DF, Guest, OF, PF, Result, STACK, STATUS, Stop, ZF};
 
 /// The page memory instructions address (through R15).
 pub const SCRATCH: u64 = DATA;
+/// Bytes of scratch memory compared: [`SCRATCH`] and the page after it.
+pub const SCRATCH_LEN: usize = 8192;
 
 /// SplitMix64: tiny, deterministic, good enough to pick instructions.
 #[derive(Clone, Debug)]
@@ -386,6 +395,9 @@ pub struct Block {
     pub bytes: Vec<u8>,
     /// RFLAGS bits undefined after the whole block.
     pub undefined: u64,
+    /// RFLAGS bits undefined before instruction k (`undefined_at[k]`; the last entry is
+    /// `undefined`): what is compared when instruction k faults. Empty: `undefined` throughout.
+    pub undefined_at: Vec<u64>,
     pub regs: [u64; 16],
     pub rflags: u64,
     pub scratch: Vec<u8>,
@@ -394,6 +406,7 @@ pub struct Block {
 struct Builder {
     out: Vec<Instruction>,
     undefined: u64,
+    undefined_at: Vec<u64>,
 }
 
 impl Builder {
@@ -405,6 +418,7 @@ impl Builder {
             if let Ok(cmp) = Instruction::with2(Cmp_rm64_r64, a, b) {
                 self.out.push(cmp);
                 self.undefined = 0;
+                self.undefined_at.push(0);
             }
         }
         let undefined = arch_flags(i.rflags_undefined()) | shift_beyond_size(&i);
@@ -417,12 +431,24 @@ impl Builder {
             self.undefined = (self.undefined & !modified) | undefined;
         }
         self.out.push(i);
+        self.undefined_at.push(self.undefined);
     }
 }
 
+/// A scratch displacement for a `size`-byte operand: anywhere in the first page (any
+/// alignment), one time in 16 across into the second page, one time in 64 across the end of
+/// the second page into the unmapped one (a #PF).
+pub fn edge_disp(rng: &mut Rng, size: u64) -> i64 {
+    let across = |rng: &mut Rng, end: u64| end - 1 - rng.below(size.max(2) - 1);
+    (match rng.below(64) {
+        0 if size > 1 => across(rng, 8192),
+        1..=4 if size > 1 => across(rng, 4096),
+        _ => rng.below(4096 - size + 1),
+    }) as i64
+}
+
 fn mem(rng: &mut Rng, size: usize) -> MemoryOperand {
-    let disp = rng.below(4096 - size as u64 + 1) as i64;
-    MemoryOperand::with_base_displ(Register::R15, disp)
+    MemoryOperand::with_base_displ(Register::R15, edge_disp(rng, size as u64))
 }
 
 fn imm(rng: &mut Rng, size: usize) -> i32 {
@@ -479,10 +505,17 @@ fn generate_item(rng: &mut Rng, b: &mut Builder) -> std::result::Result<(), iced
             }
         }
         12 => {
-            // bsf/bsr of a source made non-zero first.
-            let n = rng.below((wsize * 8) as u64) as u32;
-            let bts = [Bts_rm16_imm8, Bts_rm32_imm8, Bts_rm64_imm8][wide];
-            b.push(rng, Instruction::with2(bts, reg(wsize, src), n)?);
+            // bsf/bsr of a source made non-zero first, or zero (one time in four).
+            if rng.below(4) == 0 {
+                b.push(
+                    rng,
+                    Instruction::with2(Xor_rm32_r32, reg(4, src), reg(4, src))?,
+                );
+            } else {
+                let n = rng.below((wsize * 8) as u64) as u32;
+                let bts = [Bts_rm16_imm8, Bts_rm32_imm8, Bts_rm64_imm8][wide];
+                b.push(rng, Instruction::with2(bts, reg(wsize, src), n)?);
+            }
             let op = if rng.below(2) == 0 {
                 [Bsf_r16_rm16, Bsf_r32_rm32, Bsf_r64_rm64]
             } else {
@@ -594,6 +627,7 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
     let mut b = Builder {
         out: Vec::new(),
         undefined: 0,
+        undefined_at: vec![0],
     };
     let items = 1 + rng.below(max_len.max(1) as u64);
     for _ in 0..items {
@@ -606,7 +640,7 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
     regs[4] = STACK;
     regs[15] = SCRATCH;
     let rflags = (rng.next_u64() & STATUS) | 0x3002;
-    let mut scratch = vec![0u8; 4096];
+    let mut scratch = vec![0u8; SCRATCH_LEN];
     for c in scratch.chunks_mut(8) {
         c.copy_from_slice(&rng.value().to_le_bytes());
     }
@@ -616,6 +650,7 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
         offsets,
         bytes,
         undefined: b.undefined,
+        undefined_at: b.undefined_at,
         regs,
         rflags,
         scratch,
@@ -641,6 +676,7 @@ impl Block {
         let mut b = Builder {
             out: Vec::new(),
             undefined: 0,
+            undefined_at: vec![0],
         };
         for i in &self.instructions[..k] {
             // Replays: the generator already inserted any flag-defining `cmp`.
@@ -654,6 +690,11 @@ impl Block {
             offsets,
             bytes,
             undefined: b.undefined,
+            undefined_at: if self.undefined_at.is_empty() {
+                Vec::new()
+            } else {
+                b.undefined_at
+            },
             ..self.clone()
         })
     }
@@ -695,6 +736,9 @@ pub struct Result1 {
     pub stop: Stop,
     pub regs: hv::Registers,
     pub exception: Option<(u8, u64)>,
+    /// CR2 of a #PF (0 otherwise).
+    pub cr2: u64,
+    /// [`SCRATCH_LEN`] bytes from [`SCRATCH`].
     pub scratch: Vec<u8>,
 }
 
@@ -718,6 +762,7 @@ impl Runner {
     ) -> Result<Runner> {
         let mut guest = Guest::with_model(hv, 2, model)?;
         guest.timeout = std::time::Duration::from_secs(30);
+        guest.map_low_4k(&[crate::GUARD])?;
         let mut base = guest.vcpu.state()?;
         match privilege {
             Privilege::User => crate::user_mode(&mut base),
@@ -732,7 +777,7 @@ impl Runner {
 
     pub fn run(&mut self, block: &Block) -> Result<Result1> {
         self.guest.write(CODE, &block.program())?;
-        self.guest.write(SCRATCH, &block.scratch)?;
+        write_scratch(&self.guest, &block.scratch)?;
         let mut st = self.base.clone();
         for (k, v) in block.regs.iter().enumerate() {
             st.regs.set_gpr(k, *v);
@@ -747,21 +792,34 @@ impl Runner {
         let mut regs = o.state.regs;
         let mut exception = o.exception.map(|e| (e.vector, e.error_code));
         let end = CODE + block.bytes.len() as u64;
-        if let Some(e) = o.exception.filter(|e| e.vector == 6 && e.rip == end) {
-            // The final `ud2`: the state is the one the stub saw (RAX, the frame).
+        if let Some(e) = o.exception {
+            // The state the stub saw (RAX, the frame), not the stub's own.
             regs.rax = e.rax;
             regs.rsp = e.rsp;
             regs.rip = e.rip;
             regs.rflags = e.rflags;
-            exception = None;
+            if e.vector == 6 && e.rip == end {
+                // The final `ud2`.
+                exception = None;
+            }
         }
+        let cr2 = o.exception.filter(|e| e.vector == 14).map_or(0, |e| e.cr2);
         Ok(Result1 {
             stop: o.stop,
             regs,
             exception,
-            scratch: self.guest.read(SCRATCH, 4096)?,
+            cr2,
+            scratch: self.guest.read(SCRATCH, SCRATCH_LEN)?,
         })
     }
+}
+
+/// Loads `scratch` at [`SCRATCH`], zero-filled to [`SCRATCH_LEN`] bytes (a tester whose data
+/// fills one page still starts every block from the same second page).
+pub fn write_scratch(guest: &Guest, scratch: &[u8]) -> Result<()> {
+    let mut all = scratch.to_vec();
+    all.resize(SCRATCH_LEN, 0);
+    guest.write(SCRATCH, &all)
 }
 
 const GPR_NAMES: [&str; 16] = [
@@ -775,11 +833,19 @@ pub fn compare(
     reference: &Result1,
     candidate: &Result1,
 ) -> Option<(String, u64, u64)> {
-    if reference.stop != candidate.stop || reference.exception != candidate.exception {
+    if reference.stop != candidate.stop
+        || reference.exception != candidate.exception
+        || reference.cr2 != candidate.cr2
+    {
         return Some((
             format!(
-                "end of run: {:?} {:?} vs {:?} {:?}",
-                reference.stop, reference.exception, candidate.stop, candidate.exception
+                "end of run: {:?} {:?} cr2 {:#x} vs {:?} {:?} cr2 {:#x}",
+                reference.stop,
+                reference.exception,
+                reference.cr2,
+                candidate.stop,
+                candidate.exception,
+                candidate.cr2
             ),
             reference.regs.rip,
             candidate.regs.rip,
@@ -794,7 +860,18 @@ pub fn compare(
     if reference.regs.rip != candidate.regs.rip {
         return Some(("rip".into(), reference.regs.rip, candidate.regs.rip));
     }
-    let mask = (STATUS | DF) & !block.undefined;
+    // A block that faulted at instruction k left the flags as they were before it.
+    let undefined = match reference.exception {
+        Some(_) => block
+            .offsets
+            .iter()
+            .position(|&o| CODE + o as u64 == reference.regs.rip)
+            .and_then(|k| block.undefined_at.get(k))
+            .copied()
+            .unwrap_or(block.undefined),
+        None => block.undefined,
+    };
+    let mask = (STATUS | DF) & !undefined;
     if reference.regs.rflags & mask != candidate.regs.rflags & mask {
         return Some((
             format!("rflags (compared bits {mask:#x})"),
@@ -802,7 +879,15 @@ pub fn compare(
             candidate.regs.rflags & mask,
         ));
     }
-    for off in (0..4096).step_by(8) {
+    let len = reference.scratch.len().min(candidate.scratch.len());
+    if reference.scratch.len() != candidate.scratch.len() {
+        return Some((
+            "scratch length".into(),
+            reference.scratch.len() as u64,
+            candidate.scratch.len() as u64,
+        ));
+    }
+    for off in (0..len).step_by(8) {
         let a = u64::from_le_bytes(reference.scratch[off..off + 8].try_into().unwrap_or([0; 8]));
         let b = u64::from_le_bytes(candidate.scratch[off..off + 8].try_into().unwrap_or([0; 8]));
         if a != b {
@@ -856,17 +941,38 @@ pub struct Report {
     /// At CPL 0: divergences that are known differences of KVM's instruction emulator
     /// ([`known_kvm_emulator_difference`]); they do not count towards the report limit.
     pub known: Vec<Divergence>,
+    /// Blocks the reference ended with a #PF on the unmapped page after the scratch area (an
+    /// operand crossing into it, generated on purpose).
+    pub page_faults: u64,
+}
+
+impl Report {
+    /// Counts how the reference ended a block: to its end, or by a #PF on [`crate::GUARD`].
+    pub fn count_end(&mut self, reference: &Result1, end: u64) {
+        if reference.exception.is_none() && reference.regs.rip == end {
+            self.completed += 1;
+        }
+        if matches!(reference.exception, Some((14, _)))
+            && (crate::GUARD..crate::GUARD + 4096).contains(&reference.cr2)
+        {
+            self.page_faults += 1;
+        }
+    }
 }
 
 /// At CPL 0 on a PVM host the reference is KVM's instruction emulator, not the CPU. It differs
 /// from the host CPU (AMD Zen 4, checked at CPL 3) where emu agrees with the CPU:
 /// * `cmpxchg r32, r32` whose comparison fails: KVM zero-extends the 32-bit destination into
 ///   its 64-bit register; the CPU (and emu) leave the register unchanged.
+/// * a store crossing the end of the scratch area into the unmapped page: KVM writes the part
+///   before the page boundary, then injects the #PF; the CPU (and emu) write nothing.
 pub fn known_kvm_emulator_difference(d: &Divergence) -> bool {
-    d.prefix
-        .instructions
-        .last()
-        .is_some_and(|i| i.code() == Cmpxchg_rm32_r32 && i.op0_kind() == iced_x86::OpKind::Register)
+    d.prefix.instructions.last().is_some_and(|i| {
+        (i.code() == Cmpxchg_rm32_r32 && i.op0_kind() == iced_x86::OpKind::Register)
+            || (d.what.starts_with("scratch[")
+                && i.op0_kind() == iced_x86::OpKind::Memory
+                && i.memory_displacement64() + i.memory_size().size() as u64 > SCRATCH_LEN as u64)
+    })
 }
 
 /// Runs `count` blocks from `seed` on both backends and compares them; at most `max_report`
@@ -892,9 +998,7 @@ pub fn run(
         let b = c
             .run(&block)
             .map_err(|e| context(e, "candidate", n, &block))?;
-        if a.exception.is_none() && a.regs.rip == CODE + block.bytes.len() as u64 {
-            report.completed += 1;
-        }
+        report.count_end(&a, CODE + block.bytes.len() as u64);
         if compare(&block, &a, &b).is_none() {
             continue;
         }

@@ -15,6 +15,12 @@
 //! (zeros, infinities, quiet and signaling NaNs, denormals, extremes, small integers) as well as
 //! random bits; MXCSR gets a random rounding mode, sometimes DAZ/FTZ, sometimes an unmasked
 //! exception.
+//!
+//! Memory operands are mostly aligned to their size, often not (VEX forms take any alignment;
+//! the forms that demand it, VMOVAPS/VMOVAPD/VMOVDQA/VMOVNT*, always get it), sometimes across
+//! the end of the scratch page into a second one, and sometimes across the end of that one into
+//! an unmapped page: the #PF (error code, CR2) must match and nothing may be written (masked
+//! loads and stores whose mask leaves out the unmapped part must not fault at all).
 
 use hv::{CpuModel, CpuState, Hypervisor};
 use iced_x86::{
@@ -33,8 +39,33 @@ const MXCSR_IN: u64 = 0xa00;
 /// Where the epilogue stores YMM0-15, then MXCSR.
 const YMM_OUT: u64 = 0xc00;
 const MXCSR_OUT: u64 = 0xe00;
-/// Memory operands stay below this offset.
+/// Memory operands stay below this offset (or cross the end of a page, from 0xe04 on, which
+/// nothing else uses).
 const DATA_END: u64 = 0x800;
+
+/// Whether `m` demands an operand aligned to its size.
+fn needs_alignment(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Vmovaps | Vmovapd | Vmovdqa | Vmovntps | Vmovntpd | Vmovntdq | Vmovntdqa
+    )
+}
+
+/// A displacement for `code`'s memory operand of `size` bytes.
+fn mem_disp(rng: &mut Rng, code: Code, size: u64) -> u64 {
+    let size = size.max(1);
+    if needs_alignment(code.mnemonic()) {
+        return size * rng.below(DATA_END / size);
+    }
+    let across = |rng: &mut Rng, end: u64| end - 1 - rng.below(size.max(2) - 1);
+    match rng.below(32) {
+        0 if size > 1 => across(rng, 8192),
+        1..=3 if size > 1 => across(rng, 4096),
+        4..=11 => rng.below(DATA_END - size + 1),
+        _ => size * rng.below(DATA_END / size),
+    }
+}
 
 const GPRS: [Register; 14] = [
     Register::RAX,
@@ -157,7 +188,7 @@ fn instance(rng: &mut Rng, code: Code) -> Instruction {
             i.set_memory_base(Register::R15);
             i.set_memory_index(Register::None);
             i.set_memory_index_scale(1);
-            let disp = 32 * rng.below(DATA_END / 32);
+            let disp = mem_disp(rng, code, code.op_code().memory_size().size() as u64);
             i.set_memory_displacement64(disp);
             i.set_memory_displ_size(if disp < 0x80 { 1 } else { 8 });
             continue;
@@ -281,7 +312,7 @@ pub fn generate(codes: &[Code], seed: u64, n: u64, max_len: usize) -> Result<Blo
     regs[4] = STACK;
     regs[15] = SCRATCH;
     let rflags = (rng.next_u64() & crate::STATUS) | 0x3002;
-    let mut scratch = vec![0u8; 4096];
+    let mut scratch = vec![0u8; crate::diff::SCRATCH_LEN];
     for c in scratch.chunks_mut(8) {
         c.copy_from_slice(&vec_qword(&mut rng).to_le_bytes());
     }
@@ -305,6 +336,7 @@ pub fn generate(codes: &[Code], seed: u64, n: u64, max_len: usize) -> Result<Blo
         offsets: Vec::new(),
         bytes: Vec::new(),
         undefined: 0,
+        undefined_at: Vec::new(),
         regs,
         rflags,
         scratch,
@@ -363,6 +395,7 @@ impl Runner {
         };
         let mut guest = Guest::with_model(hv, 2, model)?;
         guest.timeout = std::time::Duration::from_secs(30);
+        guest.map_low_4k(&[crate::GUARD])?;
         let mut base = guest.vcpu.state()?;
         crate::user_mode(&mut base);
         if emu {
@@ -376,7 +409,7 @@ impl Runner {
     pub fn run(&mut self, block: &Block) -> Result<Result1> {
         let (code, end) = program(block)?;
         self.guest.write(CODE, &code)?;
-        self.guest.write(SCRATCH, &block.scratch)?;
+        crate::diff::write_scratch(&self.guest, &block.scratch)?;
         let mut st = self.base.clone();
         for (k, v) in block.regs.iter().enumerate() {
             st.regs.set_gpr(k, *v);
@@ -387,18 +420,22 @@ impl Runner {
         let o = self.guest.run()?;
         let mut regs = o.state.regs;
         let mut exception = o.exception.map(|e| (e.vector, e.error_code));
-        if let Some(e) = o.exception.filter(|e| e.vector == 6 && e.rip == end) {
+        if let Some(e) = o.exception {
+            // The state the stub saw (RAX, the frame), not the stub's own.
             regs.rax = e.rax;
             regs.rsp = e.rsp;
             regs.rip = e.rip;
             regs.rflags = e.rflags;
-            exception = None;
+            if e.vector == 6 && e.rip == end {
+                exception = None;
+            }
         }
         Ok(Result1 {
             stop: o.stop,
             regs,
             exception,
-            scratch: self.guest.read(SCRATCH, 4096)?,
+            cr2: o.exception.filter(|e| e.vector == 14).map_or(0, |e| e.cr2),
+            scratch: self.guest.read(SCRATCH, crate::diff::SCRATCH_LEN)?,
         })
     }
 }
@@ -422,9 +459,8 @@ pub fn run(
         report.instructions += block.instructions.len() as u64;
         let a = r.run(&block)?;
         let b = c.run(&block)?;
-        if a.exception.is_none() {
-            report.completed += 1;
-        }
+        let end = CODE + program(&block)?.0.len() as u64 - 2;
+        report.count_end(&a, end);
         if compare(&block, &a, &b).is_none() {
             continue;
         }

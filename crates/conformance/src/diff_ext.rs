@@ -13,8 +13,11 @@
 //!
 //! A block starts by loading XMM0-15 from the top of the scratch page (random contents) and ends
 //! by storing them back there, so the scratch comparison covers the vector registers. Memory
-//! operands stay below that area and the flag snapshots ([`FLAGS_AREA`]); 128-bit ones are 16-byte aligned (misaligned
-//! legacy-SSE operands raise #GP, which the plain runs of `tests/ext.rs` cover).
+//! operands stay below that area and the flag snapshots ([`FLAGS_AREA`]); 128-bit ones are
+//! 16-byte aligned (misaligned legacy-SSE operands raise #GP, which the plain runs of
+//! `tests/ext.rs` cover). General-register operands are at any alignment and sometimes cross
+//! into the second scratch page or into the unmapped page after it (a #PF that must match), as
+//! in [`crate::diff`].
 
 use hv::{CpuModel, Hypervisor};
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
@@ -122,12 +125,19 @@ fn value(rng: &mut Rng) -> u64 {
     }
 }
 
-/// A memory operand on the scratch page for `size` bytes (16-byte aligned for 16).
+/// A memory operand on the scratch page for `size` bytes (16-byte aligned for 16). Smaller
+/// ones: any alignment below [`FLAGS_AREA`], one time in 16 across the end of the first page
+/// (into the second), one time in 64 across the end of the second into the unmapped page.
 fn mem(rng: &mut Rng, size: u64) -> MemoryOperand {
     let disp = if size == 16 {
         rng.below(FLAGS_AREA / 16) * 16
     } else {
-        rng.below(FLAGS_AREA - size + 1)
+        let across = |rng: &mut Rng, end: u64| end - 1 - rng.below(size - 1);
+        match rng.below(64) {
+            0 => across(rng, 8192),
+            1..=4 => across(rng, 4096),
+            _ => rng.below(FLAGS_AREA - size + 1),
+        }
     };
     MemoryOperand::with_base_displ(Register::R15, disp as i64)
 }
@@ -356,7 +366,7 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<ExtBlock> {
     regs[4] = STACK;
     regs[15] = SCRATCH;
     let rflags = (rng.next_u64() & STATUS) | 0x3002;
-    let mut scratch = vec![0u8; 4096];
+    let mut scratch = vec![0u8; crate::diff::SCRATCH_LEN];
     for c in scratch.chunks_mut(8) {
         c.copy_from_slice(&value(&mut rng).to_le_bytes());
     }
@@ -397,6 +407,7 @@ impl ExtBlock {
             bytes: enc.take_buffer(),
             // Compared bit for bit, undefined flags included.
             undefined: 0,
+            undefined_at: Vec::new(),
             regs: self.regs,
             rflags: self.rflags,
             scratch: self.scratch.clone(),
@@ -423,9 +434,7 @@ pub fn run(
         report.instructions += ext.items;
         let a = r.run(&block)?;
         let b = c.run(&block)?;
-        if a.exception.is_none() && a.regs.rip == CODE + block.bytes.len() as u64 {
-            report.completed += 1;
-        }
+        report.count_end(&a, CODE + block.bytes.len() as u64);
         if compare(&block, &a, &b).is_none() {
             continue;
         }

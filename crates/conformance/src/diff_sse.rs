@@ -1,7 +1,9 @@
 //! Differential testing of the MMX and SSE..SSE4.2 families: random blocks of every legacy
 //! encoding iced-x86 lists for those families (operands picked from the encoding's operand
 //! kinds: MMX/XMM registers, general registers, memory on the scratch page through R15 —
-//! aligned, unaligned, or crossing into the next page —, random immediates) run from random
+//! aligned, unaligned, crossing into the second scratch page, or crossing the end of that one
+//! into an unmapped page (a #PF whose error code and CR2 must match, with nothing written) —,
+//! random immediates) run from random
 //! XMM, MMX/x87 and MXCSR states (special FP values: zeros, denormals, the smallest normal,
 //! infinities, quiet and signaling NaNs, integers near the conversion limits; random rounding
 //! mode, DAZ, FTZ, exception masks and flags; a pending x87 exception) on KVM at CPL 3 (the
@@ -109,12 +111,14 @@ enum Opnd {
 }
 
 /// A scratch displacement: mostly 16-byte aligned, sometimes not, sometimes crossing the
-/// end of the page.
+/// end of the first page (into the second), rarely the end of the second (into the unmapped
+/// page).
 fn disp(rng: &mut Rng) -> i64 {
-    match rng.below(32) {
-        0 => 4096 - 1 - rng.below(15) as i64,
-        1 => 4096 - 8,
-        2 | 3 => rng.below(4080) as i64,
+    match rng.below(64) {
+        0 | 1 => 4096 - 1 - rng.below(15) as i64,
+        2 | 3 => 4096 - 8,
+        4 => 8192 - 1 - rng.below(15) as i64,
+        5..=8 => rng.below(4080) as i64,
         _ => (rng.below(255) * 16) as i64,
     }
 }
@@ -363,7 +367,7 @@ pub fn generate(codes: &[Code], seed: u64, n: u64, max_len: usize) -> Result<Blo
     // runs with the host's CR4, so the CPU raises #XM regardless (emu's #UD path is covered
     // by hv-emu's tests).
     let osxmmexcpt = true;
-    let mut scratch = vec![0u8; 4096];
+    let mut scratch = vec![0u8; crate::diff::SCRATCH_LEN];
     for c in scratch.chunks_mut(16) {
         c.copy_from_slice(&xmm_value(&mut rng).to_le_bytes());
     }
@@ -422,6 +426,8 @@ impl Block {
 pub struct Result1 {
     pub stop: Stop,
     pub exception: Option<(u8, u64)>,
+    /// CR2 of a #PF (0 otherwise).
+    pub cr2: u64,
     pub regs: hv::Registers,
     pub fpu: hv::FpuState,
     pub scratch: Vec<u8>,
@@ -438,6 +444,7 @@ impl Runner {
     pub fn new(hv: &dyn Hypervisor) -> Result<Runner> {
         let mut guest = Guest::new(hv, 2)?;
         guest.timeout = std::time::Duration::from_secs(30);
+        guest.map_low_4k(&[crate::GUARD])?;
         let mut base = guest.vcpu.state()?;
         crate::user_mode(&mut base);
         Ok(Runner { guest, base })
@@ -446,8 +453,7 @@ impl Runner {
     pub fn run(&mut self, block: &Block) -> Result<Result1> {
         let code = block.bytes()?;
         self.guest.write(CODE, &code)?;
-        self.guest.write(SCRATCH, &block.scratch)?;
-        self.guest.write(SCRATCH + 4096, &[0u8; 16])?;
+        crate::diff::write_scratch(&self.guest, &block.scratch)?;
         let mut st = self.base.clone();
         for (k, v) in block.regs.iter().enumerate() {
             st.regs.set_gpr(k, *v);
@@ -478,9 +484,10 @@ impl Runner {
         Ok(Result1 {
             stop: o.stop,
             exception,
+            cr2: o.exception.filter(|e| e.vector == 14).map_or(0, |e| e.cr2),
             regs,
             fpu: o.state.fpu,
-            scratch: self.guest.read(SCRATCH, 4096)?,
+            scratch: self.guest.read(SCRATCH, crate::diff::SCRATCH_LEN)?,
             end,
         })
     }
@@ -488,10 +495,10 @@ impl Runner {
 
 /// The first difference, as text.
 pub fn compare(a: &Result1, b: &Result1) -> Option<String> {
-    if a.stop != b.stop || a.exception != b.exception {
+    if a.stop != b.stop || a.exception != b.exception || a.cr2 != b.cr2 {
         return Some(format!(
-            "end: {:?} {:?} at {:#x} vs {:?} {:?} at {:#x}",
-            a.stop, a.exception, a.regs.rip, b.stop, b.exception, b.regs.rip
+            "end: {:?} {:?} at {:#x} cr2 {:#x} vs {:?} {:?} at {:#x} cr2 {:#x}",
+            a.stop, a.exception, a.regs.rip, a.cr2, b.stop, b.exception, b.regs.rip, b.cr2
         ));
     }
     for k in 0..16 {
@@ -542,7 +549,7 @@ pub fn compare(a: &Result1, b: &Result1) -> Option<String> {
         }
     }
     if a.scratch != b.scratch {
-        let off = (0..4096)
+        let off = (0..a.scratch.len().min(b.scratch.len()))
             .find(|&k| a.scratch[k] != b.scratch[k])
             .unwrap_or(0);
         return Some(format!(
@@ -591,6 +598,8 @@ pub struct Report {
     /// (emu too), but at CPL 3 on this PVM host the #GP goes to the hypervisor, whose
     /// instruction emulator cannot run SSE and injects #UD instead. Counted, not failures.
     pub known: Vec<Divergence>,
+    /// Blocks the reference ended with a #PF on the unmapped page after the scratch area.
+    pub page_faults: u64,
 }
 
 /// Whether `i` has a 16-byte memory operand that is not 16-byte aligned (the scratch page
@@ -640,6 +649,11 @@ pub fn run(
         };
         if a.exception.is_none() && a.regs.rip == a.end {
             report.completed += 1;
+        }
+        if matches!(a.exception, Some((14, _)))
+            && (crate::GUARD..crate::GUARD + 4096).contains(&a.cr2)
+        {
+            report.page_faults += 1;
         }
         if compare(&a, &b).is_none() {
             continue;

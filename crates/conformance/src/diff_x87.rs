@@ -14,6 +14,11 @@
 //! precision control and, rarely, unmasked exceptions (a pending one raises #MF, which ends
 //! the block on both backends), FNCLEX, FNINIT, FNSTENV/FLDENV, FNSAVE/FRSTOR.
 //!
+//! Memory operands of loads, arithmetic and stores are at any alignment in the data area, one
+//! time in 16 across the end of the scratch page into the second scratch page (both mapped with
+//! 4 KiB pages and compared), and one time in 64 across the end of the second page into an
+//! unmapped one: the #PF (error code, CR2) must match and nothing may be written.
+//!
 //! Transcendentals (FSIN, FCOS, FSINCOS, FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1) run on inputs
 //! loaded from a separate table, and their results are stored at once into [`TRANS`] and popped,
 //! so they never feed the bit-exact comparison; [`TRANS`] is compared with a relative tolerance
@@ -277,6 +282,16 @@ const CONSTS: &[Code] = &[
     Code::Fldln2,
 ];
 
+/// A displacement for a `size`-byte operand (see the module documentation).
+fn disp(rng: &mut Rng, size: u64) -> u64 {
+    let across = |rng: &mut Rng, end: u64| end - 1 - rng.below(size - 1);
+    match rng.below(64) {
+        0 => across(rng, 8192),
+        1..=4 => across(rng, 4096),
+        _ => AREA + rng.below(256 - size + 1),
+    }
+}
+
 fn size_of(c: Code) -> u64 {
     let s = format!("{c:?}");
     if s.ends_with("m16int") {
@@ -300,7 +315,7 @@ fn generate_item(
     match rng.below(40) {
         0..=4 => {
             let c = rng.pick(LOADS);
-            let off = AREA + rng.below(256 - size_of(c)) / 2 * 2;
+            let off = disp(rng, size_of(c));
             out.push(Instruction::with1(c, m(SCRATCH_OFF + off))?);
         }
         5 => out.push(Instruction::with1(Code::Fld_sti, st(rng.below(8)))?),
@@ -322,7 +337,7 @@ fn generate_item(
         15..=18 => {
             let f = rng.pick(ARITH_MEM);
             let c = f[rng.below(4) as usize];
-            let off = AREA + rng.below(256 - size_of(c)) / 2 * 2;
+            let off = disp(rng, size_of(c));
             out.push(Instruction::with1(c, m(off))?);
         }
         19..=22 => out.push(i(rng.pick(UNARY))),
@@ -338,16 +353,13 @@ fn generate_item(
         )?),
         26..=29 => {
             let c = rng.pick(STORES);
-            let off = AREA + rng.below(256 - size_of(c)) / 2 * 2;
+            let off = disp(rng, size_of(c));
             out.push(Instruction::with1(c, m(off))?);
         }
         30 => match rng.below(3) {
             0 => out.push(Instruction::with1(Code::Fst_sti, st(rng.below(8)))?),
             1 => out.push(Instruction::with1(Code::Fstp_sti, st(rng.below(8)))?),
-            _ => out.push(Instruction::with1(
-                Code::Fbstp_m80bcd,
-                m(AREA + rng.below(240) / 2 * 2),
-            )?),
+            _ => out.push(Instruction::with1(Code::Fbstp_m80bcd, m(disp(rng, 10)))?),
         },
         31 => match rng.below(5) {
             0 => out.push(Instruction::with1(Code::Ffree_sti, st(rng.below(8)))?),
@@ -461,10 +473,14 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
     for r in fpu.st.iter_mut() {
         r[..10].copy_from_slice(&f80_bytes(f80(&mut rng)));
     }
-    let mut scratch = vec![0u8; 4096];
-    // Data area: mixed formats.
-    let mut off = AREA as usize;
-    while off + 16 <= (AREA + 256) as usize {
+    let mut scratch = vec![0u8; crate::diff::SCRATCH_LEN];
+    // Data areas (the one loads and stores address, the end of the first page and the second
+    // page that operands cross into): mixed formats.
+    let areas = (AREA as usize..(AREA + 256) as usize)
+        .step_by(16)
+        .chain((0xf00..0x1100).step_by(16))
+        .chain((0x1f00..0x2000).step_by(16));
+    for off in areas {
         match rng.below(5) {
             0 => scratch[off..off + 10].copy_from_slice(&f80_bytes(f80(&mut rng))),
             1 => scratch[off..off + 8].copy_from_slice(&ieee(&mut rng, true).to_le_bytes()),
@@ -480,7 +496,6 @@ pub fn generate(seed: u64, n: u64, max_len: usize) -> Result<Block> {
                 scratch[off..off + 8].copy_from_slice(&v.to_le_bytes());
             }
         }
-        off += 16;
     }
     // Control words: rounding and precision random, usually all exceptions masked.
     for k in 0..16 {
@@ -591,6 +606,8 @@ impl Block {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub exception: Option<(u8, u64)>,
+    /// CR2 of a #PF (0 otherwise).
+    pub cr2: u64,
     pub rflags: u64,
     pub rax: u64,
     pub fpu: hv::FpuState,
@@ -606,6 +623,7 @@ impl Runner {
     pub fn new(hv: &dyn Hypervisor) -> Result<Runner> {
         let mut guest = Guest::new(hv, 2)?;
         guest.timeout = std::time::Duration::from_secs(30);
+        guest.map_low_4k(&[crate::GUARD])?;
         let mut base = guest.vcpu.state()?;
         crate::user_mode(&mut base);
         Ok(Runner { guest, base })
@@ -615,7 +633,7 @@ impl Runner {
         let mut p = block.bytes.clone();
         p.extend_from_slice(&[0x0f, 0x0b]);
         self.guest.write(CODE, &p)?;
-        self.guest.write(SCRATCH, &block.scratch)?;
+        crate::diff::write_scratch(&self.guest, &block.scratch)?;
         let mut st = self.base.clone();
         st.regs.r15 = SCRATCH;
         st.regs.rsp = STACK;
@@ -638,10 +656,11 @@ impl Runner {
         };
         Ok(Outcome {
             exception,
+            cr2: o.exception.filter(|e| e.vector == 14).map_or(0, |e| e.cr2),
             rflags,
             rax,
             fpu: o.state.fpu,
-            scratch: self.guest.read(SCRATCH, 4096)?,
+            scratch: self.guest.read(SCRATCH, crate::diff::SCRATCH_LEN)?,
         })
     }
 }
@@ -678,11 +697,11 @@ fn trans_close(a: &[u8], b: &[u8]) -> bool {
 /// the tolerance) and C1 (its rounding direction) is not compared.
 pub fn compare(a: &Outcome, b: &Outcome, loose: bool) -> Option<(String, String, String)> {
     let d = |w: &str, x: String, y: String| Some((w.to_string(), x, y));
-    if a.exception != b.exception {
+    if a.exception != b.exception || a.cr2 != b.cr2 {
         return d(
-            "end (exception, rip)",
-            format!("{:?}", a.exception),
-            format!("{:?}", b.exception),
+            "end (exception, rip; cr2)",
+            format!("{:?}; {:#x}", a.exception, a.cr2),
+            format!("{:?}; {:#x}", b.exception, b.cr2),
         );
     }
     let (fa, fb) = (&a.fpu, &b.fpu);
@@ -723,7 +742,14 @@ pub fn compare(a: &Outcome, b: &Outcome, loose: bool) -> Option<(String, String,
             format!("{:#x}", b.rflags & mask),
         );
     }
-    for off in 0..4096usize {
+    if a.scratch.len() != b.scratch.len() {
+        return d(
+            "scratch length",
+            a.scratch.len().to_string(),
+            b.scratch.len().to_string(),
+        );
+    }
+    for off in 0..a.scratch.len() {
         let t = off as u64;
         if (TRANS..TRANS + 0x100).contains(&t) {
             if t.is_multiple_of(16)
@@ -752,10 +778,11 @@ pub fn compare(a: &Outcome, b: &Outcome, loose: bool) -> Option<(String, String,
         }
         if a.scratch[off] != b.scratch[off] {
             let s = off & !7;
+            let e = (s + 16).min(a.scratch.len());
             return d(
                 &format!("scratch[{off:#x}]"),
-                format!("{:02x?}", &a.scratch[s..s + 16.min(4096 - s)]),
-                format!("{:02x?}", &b.scratch[s..s + 16.min(4096 - s)]),
+                format!("{:02x?}", &a.scratch[s..e]),
+                format!("{:02x?}", &b.scratch[s..e]),
             );
         }
     }
@@ -812,6 +839,8 @@ impl std::fmt::Display for Divergence {
 pub struct Report {
     pub blocks: u64,
     pub completed: u64,
+    /// Blocks the reference ended with a #PF on the unmapped page after the scratch area.
+    pub page_faults: u64,
     pub instructions: u64,
     pub divergences: Vec<Divergence>,
 }
@@ -835,6 +864,11 @@ pub fn run(
         let b = c.run(&block)?;
         if a.exception.is_none() {
             report.completed += 1;
+        }
+        if matches!(a.exception, Some((14, _)))
+            && (crate::GUARD..crate::GUARD + 4096).contains(&a.cr2)
+        {
+            report.page_faults += 1;
         }
         if compare(&a, &b, loose(&block, &a)).is_none() {
             continue;

@@ -46,6 +46,14 @@ pub const DATA: u64 = 0x20000;
 pub const STACK: u64 = 0x80000;
 /// A 2 MiB region mapped with 4 KiB pages by [`Guest::map_small`].
 pub const SMALL: u64 = 0x40_0000;
+/// The page table [`Guest::map_low_4k`] maps the first 2 MiB with.
+pub const LOW_PT: u64 = 0x8000;
+/// The page after [`DATA`]: the differential testers' second scratch page, so that memory
+/// operands can cross a 4 KiB page boundary.
+pub const DATA2: u64 = DATA + 0x1000;
+/// The page after [`DATA2`], left unmapped by the differential testers
+/// ([`Guest::map_low_4k`]): an operand crossing into it must fault with nothing written.
+pub const GUARD: u64 = DATA + 0x2000;
 /// Identity-mapped, not RAM: MMIO.
 pub const MMIO: u64 = 0x1000_0000;
 /// A write here ends the run.
@@ -604,6 +612,18 @@ impl Guest {
         self.write_u64(0x3000 + (SMALL >> 21) * 8, PT | 7)
     }
 
+    /// Maps the first 2 MiB with 4 KiB pages (identity, writable, user) through [`LOW_PT`],
+    /// leaving the pages at `absent` not present. Call it before the first run: no TLB is
+    /// flushed.
+    pub fn map_low_4k(&self, absent: &[u64]) -> Result<()> {
+        for k in 0..512u64 {
+            let a = k << 12;
+            let pte = if absent.contains(&a) { 0 } else { a | 7 };
+            self.write_u64(LOW_PT + k * 8, pte)?;
+        }
+        self.write_u64(0x3000, LOW_PT | 7)
+    }
+
     /// The address of the PTE mapping `addr` (inside [`SMALL`]).
     pub fn pte(addr: u64) -> u64 {
         PT + ((addr - SMALL) >> 12) * 8
@@ -672,4 +692,32 @@ pub fn user_mode(st: &mut CpuState) {
     sr.fs = data;
     sr.gs = data;
     st.regs.rflags = 0x3002;
+}
+
+/// `name` from the environment as a number (decimal or `0x` hex), or `None` when unset. A value
+/// that is not a number fails the test that asked.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => v.replace('_', "").parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
+}
+
+/// How many blocks a differential test runs: `family_var` when set (e.g.
+/// `ANYVISOR_X87_BLOCKS`), else `ANYVISOR_DIFF_BLOCKS` (every family at once, for long runs),
+/// else `default` (the short CI run).
+pub fn diff_blocks(family_var: &str, default: u64) -> u64 {
+    env_u64(family_var)
+        .or_else(|| env_u64("ANYVISOR_DIFF_BLOCKS"))
+        .unwrap_or(default)
+}
+
+/// The seed of a differential test: `family_var`, else `ANYVISOR_DIFF_SEED`, else `default`.
+pub fn diff_seed(family_var: &str, default: u64) -> u64 {
+    env_u64(family_var)
+        .or_else(|| env_u64("ANYVISOR_DIFF_SEED"))
+        .unwrap_or(default)
 }

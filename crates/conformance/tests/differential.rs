@@ -4,29 +4,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use conformance::diff::{self, Privilege, compare};
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => {
-            let v = v.trim();
-            let parsed = match v.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => v.parse(),
-            };
-            parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number"))
-        }
-        Err(_) => default,
-    }
-}
-
 fn check(privilege: Privilege, seed: u64, count: u64) {
     let Some(report) = diff::differential_at(privilege, seed, count) else {
         return;
     };
     let report = report.expect("differential run");
     println!(
-        "differential ({privilege:?}): seed {seed:#x}: {} blocks ({} ran to their end), {} instructions, {} divergences, {} known KVM emulator differences",
+        "differential ({privilege:?}): seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences, {} known KVM emulator differences",
         report.blocks,
         report.completed,
+        report.page_faults,
         report.instructions,
         report.divergences.len(),
         report.known.len()
@@ -47,10 +34,15 @@ fn check(privilege: Privilege, seed: u64, count: u64) {
     assert_eq!(real, 0, "{real} divergences");
 }
 
-/// CPL 3: KVM runs the blocks on the host CPU.
+/// CPL 3: KVM runs the blocks on the host CPU. `ANYVISOR_INT_DIFF_BLOCKS` or
+/// `ANYVISOR_DIFF_BLOCKS` (default 200), `ANYVISOR_INT_DIFF_SEED` or `ANYVISOR_DIFF_SEED`.
 #[test]
 fn differential_short() {
-    check(Privilege::User, env_u64("ANYVISOR_DIFF_SEED", 0x5eed), 200);
+    check(
+        Privilege::User,
+        conformance::diff_seed("ANYVISOR_INT_DIFF_SEED", 0x5eed),
+        conformance::diff_blocks("ANYVISOR_INT_DIFF_BLOCKS", 200),
+    );
 }
 
 /// CPL 0: on a PVM host, KVM's instruction emulator (and emu behind it) against emu.
@@ -58,8 +50,8 @@ fn differential_short() {
 fn differential_kernel_short() {
     check(
         Privilege::Kernel,
-        env_u64("ANYVISOR_DIFF_SEED", 0x5eed),
-        100,
+        conformance::diff_seed("ANYVISOR_INT_DIFF_SEED", 0x5eed),
+        conformance::diff_blocks("ANYVISOR_KERNEL_DIFF_BLOCKS", 100),
     );
 }
 
@@ -72,8 +64,8 @@ fn differential_long() {
     };
     check(
         privilege,
-        env_u64("ANYVISOR_DIFF_SEED", 0x5eed_1234),
-        env_u64("ANYVISOR_DIFF_COUNT", 20_000),
+        conformance::diff_seed("ANYVISOR_INT_DIFF_SEED", 0x5eed_1234),
+        conformance::diff_blocks("ANYVISOR_DIFF_COUNT", 20_000),
     );
 }
 

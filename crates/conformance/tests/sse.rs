@@ -299,27 +299,22 @@ conformance!(
     nan_rules_and_xm
 );
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
 /// Random MMX/SSE blocks from random FP states: KVM (the host CPU) against emu, bit for bit.
-/// `ANYVISOR_SSE_DIFF_BLOCKS` (default 400) and `ANYVISOR_SSE_DIFF_SEED` choose the run.
+/// `ANYVISOR_SSE_DIFF_BLOCKS` or `ANYVISOR_DIFF_BLOCKS` (default 400) and
+/// `ANYVISOR_SSE_DIFF_SEED` or `ANYVISOR_DIFF_SEED` choose the run.
 #[test]
 fn sse_differential() {
-    let count = env_u64("ANYVISOR_SSE_DIFF_BLOCKS", 400);
-    let seed = env_u64("ANYVISOR_SSE_DIFF_SEED", 0x55e_5eed);
+    let count = conformance::diff_blocks("ANYVISOR_SSE_DIFF_BLOCKS", 400);
+    let seed = conformance::diff_seed("ANYVISOR_SSE_DIFF_SEED", 0x55e_5eed);
     let Some(report) = conformance::diff_sse::differential(seed, count, 10) else {
         return;
     };
     let report = report.expect("differential run");
     println!(
-        "sse differential: seed {seed:#x}: {} blocks ({} ran to their end), {} instructions, {} divergences, {} known (misaligned #GP seen as #UD through PVM)",
+        "sse differential: seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences, {} known (misaligned #GP seen as #UD through PVM)",
         report.blocks,
         report.completed,
+        report.page_faults,
         report.instructions,
         report.divergences.len(),
         report.known.len()

@@ -192,26 +192,16 @@ fn x87_mf_hw() {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
-        })
-        .unwrap_or(default)
-}
-
 fn differential(seed: u64, count: u64) {
     let Some(report) = x87::differential(seed, count, 5) else {
         return;
     };
     let report = report.expect("x87 differential run");
     println!(
-        "x87 differential: seed {seed:#x}: {} blocks ({} ran to their end), {} instructions, {} divergences",
+        "x87 differential: seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences",
         report.blocks,
         report.completed,
+        report.page_faults,
         report.instructions,
         report.divergences.len()
     );
@@ -221,12 +211,13 @@ fn differential(seed: u64, count: u64) {
     assert_eq!(report.divergences.len(), 0, "x87 divergences");
 }
 
-/// Random x87 blocks, bit for bit against the hardware (`ANYVISOR_X87_BLOCKS` for more).
+/// Random x87 blocks, bit for bit against the hardware (`ANYVISOR_X87_BLOCKS` or
+/// `ANYVISOR_DIFF_BLOCKS` for more, `ANYVISOR_X87_SEED` or `ANYVISOR_DIFF_SEED`).
 #[test]
 fn x87_differential() {
     differential(
-        env_u64("ANYVISOR_X87_SEED", 0x87),
-        env_u64("ANYVISOR_X87_BLOCKS", 500),
+        conformance::diff_seed("ANYVISOR_X87_SEED", 0x87),
+        conformance::diff_blocks("ANYVISOR_X87_BLOCKS", 500),
     );
 }
 
@@ -236,15 +227,26 @@ fn x87_differential() {
 fn x87_compare_detects_differences() {
     let base = x87::Outcome {
         exception: None,
+        cr2: 0,
         rflags: 0x202,
         rax: 0,
         fpu: hv::FpuState {
             ftw: 0xff,
             ..Default::default()
         },
-        scratch: vec![0; 4096],
+        scratch: vec![0; 8192],
     };
     assert!(x87::compare(&base, &base, false).is_none());
+    // A different CR2 of the same #PF, a byte of the second scratch page.
+    let mut pf = base.clone();
+    pf.exception = Some((14, 0x10000));
+    pf.cr2 = 0x22000;
+    let mut b = pf.clone();
+    b.cr2 = 0x22001;
+    assert!(x87::compare(&pf, &b, false).is_some());
+    let mut b = base.clone();
+    b.scratch[0x1ff0] ^= 4;
+    assert!(x87::compare(&base, &b, false).is_some());
     let mut b = base.clone();
     b.fpu.st[3][0] ^= 1;
     assert!(x87::compare(&base, &b, false).is_some(), "register bit");

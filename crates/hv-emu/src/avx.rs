@@ -1770,9 +1770,28 @@ impl Exec<'_> {
             let a = self.mem_lin(i)?;
             let m = self.vrd(i, 1)?;
             let v = self.vrd(i, 2)?;
-            for k in 0..n {
-                if el(&m, k) >> (bits - 1) != 0 {
-                    self.probe_write(a.wrapping_add((k * esz) as u64), esz)?;
+            let on: Vec<usize> = (0..n).filter(|&k| el(&m, k) >> (bits - 1) != 0).collect();
+            // The selected elements' first and last byte.
+            let (lo, hi) = match (on.first(), on.last()) {
+                (Some(&f), Some(&l)) => (
+                    a.wrapping_add((f * esz) as u64),
+                    a.wrapping_add((l * esz + esz - 1) as u64),
+                ),
+                _ => (a, a),
+            };
+            for &k in &on {
+                if let Err(e) = self.probe_write(a.wrapping_add((k * esz) as u64), esz) {
+                    // When the selected elements span two pages and the second one faults, the
+                    // CPU (measured on this Intel host: tests/avx.rs in crates/conformance)
+                    // reports the last byte of the highest selected element in CR2, not the
+                    // first faulting byte.
+                    if matches!(e, Exc::Fault(14, _))
+                        && lo >> 12 != hi >> 12
+                        && self.cpu.cr2 >> 12 == hi >> 12
+                    {
+                        self.cpu.cr2 = hi;
+                    }
+                    return Err(e);
                 }
             }
             for k in 0..n {

@@ -328,6 +328,15 @@ impl Exec<'_> {
         }
     }
 
+    /// [`Exec::rd_loc`] of a read-modify-write destination (see `read_lin_rmw`).
+    #[inline]
+    pub fn rd_loc_rmw(&mut self, l: Loc, size: usize) -> R<u64> {
+        match l {
+            Loc::Reg(r) => Ok(self.rd_reg(r)),
+            Loc::Mem(a) => self.read_lin_rmw(a, size),
+        }
+    }
+
     #[inline]
     pub fn wr_loc(&mut self, l: Loc, size: usize, v: u64) -> R<()> {
         match l {
@@ -569,12 +578,12 @@ impl Exec<'_> {
                 let l = self.loc(i, 0)?;
                 let a = if let (Loc::Mem(a), true) = (l, i.has_lock_prefix() && op != 7) {
                     self.locked_rmw(a, size, |x| Some(alu(op, size, x, b, cf).0))?
+                } else if op == 7 {
+                    self.rd_loc(l, size)?
                 } else {
-                    let a = self.rd_loc(l, size)?;
-                    if op != 7 {
-                        let r = alu(op, size, a, b, cf).0;
-                        self.wr_loc(l, size, r)?;
-                    }
+                    let a = self.rd_loc_rmw(l, size)?;
+                    let r = alu(op, size, a, b, cf).0;
+                    self.wr_loc(l, size, r)?;
                     a
                 };
                 let f = alu(op, size, a, b, cf).1;
@@ -603,7 +612,7 @@ impl Exec<'_> {
                 let a = if let (Loc::Mem(a), true) = (l, i.has_lock_prefix()) {
                     self.locked_rmw(a, size, |x| Some(f(x) & mask(size)))?
                 } else {
-                    let a = self.rd_loc(l, size)?;
+                    let a = self.rd_loc_rmw(l, size)?;
                     self.wr_loc(l, size, f(a) & mask(size))?;
                     a
                 };
@@ -653,7 +662,7 @@ impl Exec<'_> {
                     if i.has_lock_prefix() {
                         self.locked_rmw(a, size, |x| Some(x.wrapping_add(b) & mask(size)))?
                     } else {
-                        let a0 = self.read_lin(a, size)?;
+                        let a0 = self.read_lin_rmw(a, size)?;
                         self.write_lin(a, size, a0.wrapping_add(b) & mask(size))?;
                         a0
                     }
@@ -1272,7 +1281,7 @@ impl Exec<'_> {
             1
         };
         let l = self.loc(i, 0)?;
-        let a = self.rd_loc(l, size)? & mask(size);
+        let a = self.rd_loc_rmw(l, size)? & mask(size);
         if count == 0 {
             return self.write_back_count0(l, size, a);
         }
@@ -1297,7 +1306,7 @@ impl Exec<'_> {
         let bits = (size * 8) as u32;
         let count = (self.rd(i, 2)? as u32) & if size == 8 { 63 } else { 31 };
         let l = self.loc(i, 0)?;
-        let a = self.rd_loc(l, size)? & mask(size);
+        let a = self.rd_loc_rmw(l, size)? & mask(size);
         let b = self.rd(i, 1)? & mask(size);
         if count == 0 {
             return self.write_back_count0(l, size, a);
@@ -1368,7 +1377,7 @@ impl Exec<'_> {
                 } else if i.has_lock_prefix() {
                     self.locked_rmw(addr, size, |x| Some(apply(x, bit)))?
                 } else {
-                    let v = self.read_lin(addr, size)?;
+                    let v = self.read_lin_rmw(addr, size)?;
                     self.write_lin(addr, size, apply(v, bit) & mask(size))?;
                     v
                 };
@@ -1497,7 +1506,9 @@ pub fn shift_value(mn: M, size: usize, a: u64, count: u32, cf_in: bool) -> (u64,
             if ((r & sb != 0) as u64 ^ cf as u64) != 0 {
                 f |= OF;
             }
-            (r, f, CF | OF)
+            // A count that is a multiple of 9 (17) on an 8-bit (16-bit) operand rotates
+            // nothing: the CPU leaves OF as it was (and CF, which is CF in).
+            (r, f, if c == 0 { CF } else { CF | OF })
         }
         _ => {
             // RCR
@@ -1515,7 +1526,8 @@ pub fn shift_value(mn: M, size: usize, a: u64, count: u32, cf_in: bool) -> (u64,
             if ((r & sb != 0) as u64 ^ ((r & (sb >> 1)) != 0) as u64) != 0 {
                 f |= OF;
             }
-            (r, f, CF | OF)
+            // As RCL: no rotation, OF as it was.
+            (r, f, if c == 0 { CF } else { CF | OF })
         }
     }
 }

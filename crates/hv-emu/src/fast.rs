@@ -111,7 +111,12 @@ fn alu_rr<const OP: u8, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R
 fn alu_mr<const OP: u8, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
     let b = rreg::<S>(ex, i.op1_register());
     let addr = ex.mem_lin(i)?;
-    let a = ex.read_lin(addr, S)?;
+    // A destination written back is checked as a write first (its fault is a write's).
+    let a = if OP != 7 && OP != 8 {
+        ex.read_lin_rmw(addr, S)?
+    } else {
+        ex.read_lin(addr, S)?
+    };
     let cf = ex.cpu.rflags & CF != 0;
     let op = if OP == 8 { 4 } else { OP };
     let (r, f) = alu(op, S, a, b, cf);
@@ -151,7 +156,12 @@ fn alu_ri<const OP: u8, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R
 fn alu_mi<const OP: u8, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
     let b = i.immediate(1) & mask(S);
     let addr = ex.mem_lin(i)?;
-    let a = ex.read_lin(addr, S)?;
+    // A destination written back is checked as a write first (its fault is a write's).
+    let a = if OP != 7 && OP != 8 {
+        ex.read_lin_rmw(addr, S)?
+    } else {
+        ex.read_lin(addr, S)?
+    };
     let cf = ex.cpu.rflags & CF != 0;
     let op = if OP == 8 { 4 } else { OP };
     let (r, f) = alu(op, S, a, b, cf);
@@ -180,7 +190,7 @@ fn incdec_r<const INC: bool, const S: usize>(ex: &mut Exec<'_>, i: &Instruction)
 /// INC (true) / DEC (false) of memory (without LOCK).
 fn incdec_m<const INC: bool, const S: usize>(ex: &mut Exec<'_>, i: &Instruction) -> R<()> {
     let addr = ex.mem_lin(i)?;
-    let a = ex.read_lin(addr, S)?;
+    let a = ex.read_lin_rmw(addr, S)?;
     let (r, f) = if INC {
         alu(0, S, a, 1, false)
     } else {

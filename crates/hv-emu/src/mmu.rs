@@ -556,6 +556,28 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// Reads `size` bytes (1..=8) that the instruction then writes back (the destination of a
+    /// read-modify-write such as `add [m], r` or `btr [m], 3`): the access is checked as a write
+    /// first, so a fault has the write's error code (W=1) as on the CPU, which reports a
+    /// read-modify-write operand's fault as a write even when the page is not present. Fast path
+    /// as in `write_lin`.
+    #[inline(always)]
+    pub fn read_lin_rmw(&mut self, lin: u64, size: usize) -> Result<u64, Exc> {
+        if (lin & 0xfff) as usize + size <= 0x1000 && self.cpu.cr0 & CR0_PG != 0 {
+            let vpn = lin >> 12;
+            let e = self.cpu.tlb.e[(vpn as usize) & (TLB_SIZE - 1)];
+            if e.vpn == vpn
+                && e.pa & T_WRITE != 0
+                && (self.cpu.cpl != 3 || e.pa & T_USER != 0)
+                && let Some(v) = self.ram.read((e.pa & !0xfff) | (lin & 0xfff), size)
+            {
+                return Ok(v);
+            }
+        }
+        self.probe_write(lin, size)?;
+        self.read_lin(lin, size)
+    }
+
     /// Checks that `size` bytes at `lin` are writable without writing (for instructions that
     /// must fault before changing anything).
     pub fn probe_write(&mut self, lin: u64, size: usize) -> Result<(), Exc> {
@@ -563,7 +585,8 @@ impl Exec<'_> {
         self.translate(lin, Acc::Write, user)?;
         let last = lin.wrapping_add(size as u64 - 1);
         if last >> 12 != lin >> 12 {
-            self.translate(last, Acc::Write, user)?;
+            // The second page from its first byte: a fault there has that address in CR2.
+            self.translate(last & !0xfff, Acc::Write, user)?;
         }
         Ok(())
     }

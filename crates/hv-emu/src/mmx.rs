@@ -52,10 +52,16 @@ impl Exec<'_> {
     /// The x87 → MMX transition: TOP = 0 (the stack image rotated so slot k is Rk), all tags
     /// valid.
     fn mmx_transition(&mut self) {
+        self.mmx_top0();
+        self.cpu.ftw = 0xff;
+    }
+
+    /// The first half of the transition: TOP = 0. An MMX store whose destination faults has
+    /// done this much on the CPU (tags unchanged; measured on this Intel host).
+    fn mmx_top0(&mut self) {
         let top = usize::from((self.cpu.fsw >> 11) & 7);
         self.cpu.st.rotate_right(top);
         self.cpu.fsw &= !(7 << 11);
-        self.cpu.ftw = 0xff;
     }
 
     /// Operand `n` as 64 bits: an MMX register, an XMM register (low half), a GPR, or memory
@@ -115,6 +121,7 @@ impl Exec<'_> {
                     _ => {
                         let a = self.mem_lin(i)?;
                         let size = i.memory_size().size();
+                        self.mmx_top0();
                         self.write_lin(a, size, v)?;
                         self.mmx_transition();
                     }
@@ -157,9 +164,10 @@ impl Exec<'_> {
             M::Maskmovq => {
                 let data = self.mrd(i, 1)?.to_le_bytes();
                 let mask = self.mrd(i, 2)?.to_le_bytes();
-                self.masked_store(i, &data, &mask)?;
+                // Unlike MOVQ's store, the whole transition comes before the store's fault
+                // (measured on this Intel host).
                 self.mmx_transition();
-                Ok(())
+                self.masked_store(i, &data, &mask)
             }
             M::Cvtpi2ps | M::Cvtpi2pd => {
                 // The transition happens even when the conversion then raises #XM.

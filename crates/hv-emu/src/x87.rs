@@ -1155,8 +1155,10 @@ impl Exec<'_> {
         Ok(F80 { se, m })
     }
 
+    /// Stores an 80-bit value as the CPU does: the significand's 8 bytes, then the sign and
+    /// exponent. Not atomic: when only the last 2 bytes reach into a faulting page, the 8 are
+    /// already written (as on this Intel host; the x87 differential tester checks it).
     fn write80(&mut self, a: u64, v: F80) -> R<()> {
-        self.probe_write(a, 10)?;
         self.write_lin(a, 8, v.m)?;
         self.write_lin(a.wrapping_add(8), 2, u64::from(v.se))
     }
@@ -1272,9 +1274,15 @@ impl Exec<'_> {
         if Self::control(mn) {
             return self.exec_x87_control(i);
         }
+        // FIP names the last non-control instruction that completed: one that faults (a #PF
+        // on its memory operand, say) leaves it as it was, as the CPU does.
+        let fip = self.cpu.fip;
         self.note_ip(i);
         let before = self.cpu.fsw;
-        self.exec_x87_op(i)?;
+        if let Err(e) = self.exec_x87_op(i) {
+            self.cpu.fip = fip;
+            return Err(e);
+        }
         self.note_dp(i, before);
         Ok(())
     }
@@ -1604,7 +1612,7 @@ impl Exec<'_> {
                 self.finish(fl);
                 return Ok(());
             }
-            self.probe_write(a, 10)?;
+            // Low 8 bytes, then the last 2, not atomic (as `write80`).
             if bad {
                 // BCD indefinite: FFFF C000 0000 0000 0000.
                 self.write_lin(a, 8, 0xc000_0000_0000_0000)?;

@@ -489,7 +489,7 @@ const PRIME_ARENA_THREADS: usize = 12;
 ///
 /// The first time a thread arena's heap shrinks, glibc's `free` opens that file (once per
 /// process, then it keeps the answer); on a filtered thread that `openat` would be killed. A
-/// new thread gets its own arena: filling it past the trim threshold (128 KiB) with blocks
+/// new thread gets its own arena: filling it past the trim threshold (128 KiB or more) with blocks
 /// below the mmap threshold and freeing them shrinks its heap.
 ///
 /// The same goes for the arena limit: when a thread needs a new arena and more than 8 exist,
@@ -520,10 +520,16 @@ fn prime_allocator() {
         }
     }
     // (If a thread could not start, the others wait forever at the barrier: leave them.)
+    // The heap must shrink by more than glibc's trim threshold, which is not fixed: freeing a
+    // large mapped block (an incoming migration's 4 MiB frames, say) raises it to twice that
+    // block's size, up to 64 MiB. So: blocks below any mmap threshold (at least 128 KiB),
+    // adding up to nearly a whole thread heap (64 MiB), allocated without being touched (no
+    // resident memory beyond their headers). Without this, an arrived VM that left for another
+    // host was killed at its exit, freeing its disk's buffers.
     let primed = std::thread::Builder::new()
         .name("prime-alloc".into())
         .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..8).map(|_| vec![1u8; 100 * 1024]).collect();
+            let blocks: Vec<Vec<u8>> = (0..600).map(|_| Vec::with_capacity(100 * 1024)).collect();
             drop(std::hint::black_box(blocks));
         });
     if let Ok(t) = primed {

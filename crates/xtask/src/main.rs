@@ -4,6 +4,7 @@
 mod blk;
 mod boot;
 mod control;
+mod cpu;
 mod migrate;
 mod mips;
 mod procmem;
@@ -44,6 +45,8 @@ enum Bench {
     Migrate(Common),
     /// virtio-blk sequential MB/s and 4 KiB random-read IOPS inside the guest.
     Blk(Common),
+    /// An AVX2/SHA user-mode workload in the Debian guest: emu, kvm (hybrid), QEMU TCG -cpu max.
+    Cpu(Common),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -338,6 +341,7 @@ fn main() -> ExitCode {
         Bench::Snapshot(c) => setup(c, &["kvm"]).map(|s| snapshot::run(&s)),
         Bench::Migrate(c) => setup(c, &["kvm"]).map(|s| migrate::run(&s)),
         Bench::Blk(c) => setup(c, &["kvm"]).map(|s| blk::run(&s)),
+        Bench::Cpu(c) => setup(c, &["emu", "kvm"]).map(|s| cpu::run(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

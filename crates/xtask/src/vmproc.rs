@@ -127,6 +127,18 @@ impl VmProc {
         self.child.id()
     }
 
+    /// Writes `text` to the process's stdin: the guest's serial console input.
+    pub fn send(&mut self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdin is not a pipe"))?;
+        stdin.write_all(text.as_bytes())?;
+        stdin.flush()
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
