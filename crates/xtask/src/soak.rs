@@ -44,10 +44,16 @@ const GONE_WITHIN: Duration = Duration::from_secs(3);
 /// New reports of each workload awaited after a step (the first may come from a pass that
 /// began before it).
 const FRESH: u64 = 2;
+/// Rounds that end with a snapshot and a restore on the other backend: every fourth, so that
+/// live migrations go kvm -> emu and emu -> kvm equally often, and restores too.
+const SNAPSHOT_EVERY: u32 = 4;
+/// Rounds done even when `--duration` has passed: a move each way, a pause/resume, a
+/// snapshot/restore.
+const MIN_ROUNDS: u32 = 4;
 /// How long the guest is kept paused.
-const PAUSED_FOR: Duration = Duration::from_millis(1500);
+const PAUSED_FOR: Duration = Duration::from_millis(2000);
 /// Console lines that arrive this long after `pause` returned were written while paused.
-const PAUSE_GRACE: Duration = Duration::from_millis(500);
+const PAUSE_GRACE: Duration = Duration::from_millis(1000);
 /// The workload block size and pattern of guest/src/diskwork.c.
 const DISK_BLOCK: u64 = 4096;
 const DISK_MAGIC: u64 = 0xD15C_0000_0000_0000;
@@ -59,7 +65,7 @@ pub struct SoakArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Start no new round after this many seconds (counted from the start, boot included);
-    /// at least two rounds (one move each way) are always done.
+    /// the first four rounds (moves both ways, pause/resume, snapshot/restore) are always done.
     #[arg(long, value_name = "SECS")]
     duration: Option<u64>,
     /// Guest RAM in MiB (the memory workload uses 64 MiB of it).
@@ -839,7 +845,7 @@ impl Soak<'_> {
         let rounds = self.args.rounds;
         for round in 1..=rounds {
             if let Some(limit) = self.args.duration
-                && round > 2
+                && round > MIN_ROUNDS
                 && started.elapsed() >= Duration::from_secs(limit)
             {
                 self.report.stopped_early = Some(format!(
@@ -870,7 +876,7 @@ impl Soak<'_> {
                 }
                 did.push("pause/resume".into());
             }
-            if round % 3 == 0 {
+            if round % SNAPSHOT_EVERY == 0 {
                 let before = vm.backend.clone();
                 vm = match self.snapshot_restore(vm) {
                     Ok(v) => v,
@@ -1140,7 +1146,7 @@ fn print_report(r: &Report, a: &SoakArgs, setup: &Setup, logs: &Path) -> bool {
     }
     println!(
         "\nEach round live-migrates the VM to the other backend over a Unix socket; even rounds \
-         then pause it for {:.1} s (no guest output allowed) and resume it; every third round \
+         then pause it for {:.1} s (no guest output allowed) and resume it; every fourth round \
          snapshots it to a file (`--stop`) and restores it on the other backend. After every \
          step both workloads must report {FRESH} fresh verifications (memwork checks all 64 MiB \
          of its pages, diskwork re-reads its last blocks; the disk count must grow across each \
