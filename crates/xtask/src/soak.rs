@@ -534,9 +534,10 @@ impl Soak<'_> {
 
     fn note_command(&mut self, label: &str, args: &[String]) {
         if !self.report.commands.iter().any(|(l, _)| l == label) {
-            self.report
-                .commands
-                .push((label.to_string(), command_line(&self.setup.anyvisor, args)));
+            // Paths relative to the repository, as in the rest of docs/benchmarks.md.
+            let root = format!("{}/", crate::workspace_root().display());
+            let cl = command_line(&self.setup.anyvisor, args).replace(&root, "");
+            self.report.commands.push((label.to_string(), cl));
         }
     }
 
