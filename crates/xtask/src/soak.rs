@@ -1103,6 +1103,15 @@ fn print_report(r: &Report, a: &SoakArgs, setup: &Setup, logs: &Path) -> bool {
         "live migration: downtime (reported)",
         &col(|m| m.downtime_ms),
     );
+    for (a, b) in [("kvm", "emu"), ("emu", "kvm")] {
+        let v: Vec<f64> = r
+            .migrations
+            .iter()
+            .filter(|m| m.from == a && m.to == b)
+            .map(|m| m.downtime_ms)
+            .collect();
+        pct_row(&mut p, &format!("  of which {a} -> {b}"), &v);
+    }
     pct_row(
         &mut p,
         "live migration: total (reported)",
