@@ -31,7 +31,7 @@ enum Top {
     /// Benchmarks against QEMU; each prints a Markdown table.
     #[command(subcommand)]
     Bench(Bench),
-    /// One VM with memory and disk workloads moved kvm <-> emu many times; see soak.rs.
+    /// One VM with memory and disk workloads moved kvm <-> emu many times (docs/benchmarks.md, "Soak").
     Soak(soak::SoakArgs),
 }
 
