@@ -23,7 +23,16 @@ fuzz=0
 # The production binary (`cargo build --release -p cli`) carries none of the tests' hooks.
 hooks=0
 ./scripts/check-release-hooks.sh || hooks=$?
+# A 2-minute smoke of the soak (docs/benchmarks.md, "Soak"): one VM with its memory and disk
+# workloads moved kvm <-> emu while the API is polled; corruption or any failure fails the run.
+soak=0
+if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+    cargo xtask soak --duration 100 || soak=$?
+else
+    echo "test: soak smoke SKIPPED: /dev/kvm is not usable (the soak moves a VM between kvm and emu)"
+fi
 if [ "$tests" -ne 0 ]; then echo "test: cargo test failed (see above)"; exit "$tests"; fi
 if [ "$fuzz" -ne 0 ]; then echo "test: fuzz-smoke failed (see above)"; exit "$fuzz"; fi
 if [ "$hooks" -ne 0 ]; then echo "test: check-release-hooks failed (see above)"; exit "$hooks"; fi
+if [ "$soak" -ne 0 ]; then echo "test: soak smoke failed (see above)"; exit "$soak"; fi
 if [ "$lints" -ne 0 ]; then echo "test: cargo clippy failed (see above)"; exit "$lints"; fi

@@ -10,6 +10,7 @@ mod mips;
 mod procmem;
 mod serial;
 mod snapshot;
+mod soak;
 mod table;
 mod vmproc;
 
@@ -31,6 +32,8 @@ enum Top {
     /// Benchmarks against QEMU; each prints a Markdown table.
     #[command(subcommand)]
     Bench(Bench),
+    /// One VM with memory and disk workloads moved kvm <-> emu many times (docs/benchmarks.md, "Soak").
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,7 +337,10 @@ pub fn print_commands(cmds: &[(String, String)]) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Top::Bench(bench) = cli.command;
+    let bench = match cli.command {
+        Top::Bench(b) => b,
+        Top::Soak(a) => return soak::main(&a),
+    };
     let result = match &bench {
         Bench::Boot(c) => setup(c, &["emu", "kvm"]).map(|s| boot::run(&s)),
         Bench::EmuMips(c) => setup(c, &["emu"]).map(|s| mips::run(&s)),
