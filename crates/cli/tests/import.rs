@@ -574,10 +574,7 @@ fn import_refuses_hostile_packages() {
 /// A VMware Workstation .vmx with a monolithicSparse VMDK (qemu-img's default VMDK), a CD-ROM,
 /// USB and sound: the disk converts exactly, the config has the .vmx's CPUs, memory and NIC.
 #[test]
-#[cfg_attr(
-    not(qemu_img),
-    ignore = "needs qemu-img; crates/cli/build.rs"
-)]
+#[cfg_attr(not(qemu_img), ignore = "needs qemu-img; crates/cli/build.rs")]
 fn import_vmx_monolithic_sparse() {
     let dir = scratch("import-vmx");
     let raw = dir.join("src.raw");
