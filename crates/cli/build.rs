@@ -13,6 +13,8 @@
 //! | `root` | the build runs as root (network namespaces, tap devices) |
 //! | `ip_tool` | `ip` (iproute2) runs |
 //! | `qemu_img` | `qemu-img` and `qemu-io` run |
+//! | `disk_tools` | `mkfs.ext4` (e2fsprogs) and `sfdisk` (util-linux) run: the boot-from-disk tests build GPT/ext4 images with them |
+//! | `debian_img` | the Debian 12 disk image is built (`guest/out/debian.img`, `guest/build-distro.sh`) |
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -44,6 +46,8 @@ fn main() {
         "root",
         "ip_tool",
         "qemu_img",
+        "disk_tools",
+        "debian_img",
     ] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
     }
@@ -66,6 +70,8 @@ fn main() {
         println!("cargo::rerun-if-changed={}", f.display());
     }
     let kit = kit_files.iter().all(|f| f.is_file());
+    let debian = manifest.join("../../guest/out/debian.img");
+    println!("cargo::rerun-if-changed={}", debian.display());
     let optimized = std::env::var("PROFILE").is_ok_and(|p| p != "debug");
     let emu_fast = optimized || std::env::var_os("ANYVISOR_TEST_EMU").is_some_and(|v| v == "1");
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
@@ -85,4 +91,13 @@ fn main() {
         "qemu_img",
         runs("qemu-img", "--version") && runs("qemu-io", "--version"),
     );
+    // Both live in /sbin on Debian, which a non-root PATH may lack.
+    let sbin = |tool: &str| {
+        runs(tool, "-V")
+            || ["/usr/sbin", "/sbin"]
+                .iter()
+                .any(|d| runs(&format!("{d}/{tool}"), "-V"))
+    };
+    set("disk_tools", sbin("mkfs.ext4") && sbin("sfdisk"));
+    set("debian_img", debian.is_file());
 }

@@ -2,8 +2,9 @@
 //! made by qemu-img), a VirtualBox .vbox with a VDI disk, and hostile packages; the converted
 //! qcow2 is checked with `qemu-img check` / `qemu-img compare`, and the written config is
 //! booted with `anyvisor run --config` (boot from the disk, docs/boot-from-disk.md). Needs the
-//! guest kit, e2fsprogs, sfdisk and qemu-img (SKIP when missing); the boot needs root for its
-//! tap devices (SKIP otherwise).
+//! guest kit, e2fsprogs, sfdisk and qemu-img; the boots need an optimized build, and the OVA's
+//! boot root for its tap devices. A test that cannot run here is ignored by the `cfg`s of
+//! crates/cli/build.rs, with the reason.
 
 // A test crate: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -156,18 +157,14 @@ fn vmware_ovf(disk_file: &str, disk_size: u64, mem: &str) -> String {
 
 /// A bootable GPT image of the kit whose grub entry runs the `cpus` test (prints the CPU count
 /// and memory, then powers off).
-fn kit_disk(dir: &Path) -> Option<PathBuf> {
-    let kit = kit()?;
+fn kit_disk(dir: &Path) -> PathBuf {
+    require_tools();
+    let kit = kit().unwrap();
     let cfg = debian_grub_cfg(&format!(
         "root=UUID={ROOT_UUID} ro reboot=k panic=-1 anyvisor.test=cpus"
     ));
     let tree = kit_tree(dir, &kit, Some(&cfg));
-    Some(gpt_image(dir, &tree, 48))
-}
-
-fn is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    text(&out.stdout).trim() == "0"
+    gpt_image(dir, &tree, 48)
 }
 
 /// Boots `config` on emu; expects the kit's `cpus` report of `cpus` CPUs.
@@ -201,13 +198,10 @@ fn boot_config(config: &Path, cpus: u32) -> String {
     r.stdout
 }
 
-#[test]
-fn import_ova_streamoptimized_vmdk_and_boot() {
-    if !tools_present() {
-        return;
-    }
-    let dir = scratch("import-ova");
-    let Some(img) = kit_disk(&dir) else { return };
+/// Packs the kit disk as VMware does (OVF + streamOptimized VMDK in a ustar OVA) in `dir`,
+/// imports it and checks the report, the converted disk and the config; returns the config.
+fn import_ova(dir: &Path) -> PathBuf {
+    let img = kit_disk(dir);
     let vmdk = dir.join("kit-vm-disk1.vmdk");
     sh(&format!(
         "qemu-img convert -O vmdk -o subformat=streamOptimized {} {}",
@@ -293,14 +287,31 @@ fn import_ova_streamoptimized_vmdk_and_boot() {
         "--force",
     ]);
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
-    // Boot what was imported: the disk's grub entry, the OVF's 2 CPUs and 384 MiB, two NICs.
-    if !backend_ready("emu") {
-        return;
-    }
-    if !is_root() {
-        println!("SKIP: booting the imported VM needs root for its tap devices");
-        return;
-    }
+    config
+}
+
+#[test]
+#[cfg_attr(
+    not(all(guest_kit, disk_tools, qemu_img)),
+    ignore = "needs the guest kit, e2fsprogs, sfdisk and qemu-img; crates/cli/build.rs"
+)]
+fn import_ova_streamoptimized_vmdk() {
+    let dir = scratch("import-ova");
+    import_ova(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Boots what was imported: the disk's grub entry, the OVF's 2 CPUs and 384 MiB, two NICs
+/// (tap devices, hence root).
+#[test]
+#[cfg_attr(
+    not(all(boot_emu, root, disk_tools, qemu_img)),
+    ignore = "needs root (tap devices), the guest kit, cargo test --release (or ANYVISOR_TEST_EMU=1), e2fsprogs, sfdisk and qemu-img; crates/cli/build.rs"
+)]
+fn import_ova_streamoptimized_vmdk_boots() {
+    assert!(backend_ready("emu"));
+    let dir = scratch("import-ova-boot");
+    let config = import_ova(&dir);
     let serial = boot_config(&config, 2);
     let mem_kib: u64 = serial
         .lines()
@@ -352,13 +363,10 @@ fn vbox_xml(disk: &str) -> String {
     )
 }
 
-#[test]
-fn import_vbox_vdi_and_boot() {
-    if !tools_present() {
-        return;
-    }
-    let dir = scratch("import-vbox");
-    let Some(img) = kit_disk(&dir) else { return };
+/// Writes a VirtualBox machine with the kit disk as VDI in `dir`, imports it and checks the
+/// report and the converted disk; returns the config.
+fn import_vbox(dir: &Path) -> PathBuf {
+    let img = kit_disk(dir);
     let vdi = dir.join("kit.vdi");
     sh(&format!(
         "qemu-img convert -O vdi {} {}",
@@ -394,9 +402,30 @@ fn import_vbox_vdi_and_boot() {
         img.display(),
         qcow.display()
     ));
-    if backend_ready("emu") {
-        boot_config(&out.join("kit_vbox.json"), 1);
-    }
+    out.join("kit_vbox.json")
+}
+
+#[test]
+#[cfg_attr(
+    not(all(guest_kit, disk_tools, qemu_img)),
+    ignore = "needs the guest kit, e2fsprogs, sfdisk and qemu-img; crates/cli/build.rs"
+)]
+fn import_vbox_vdi() {
+    let dir = scratch("import-vbox");
+    import_vbox(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg_attr(
+    not(all(boot_emu, disk_tools, qemu_img)),
+    ignore = "needs the guest kit, cargo test --release (or ANYVISOR_TEST_EMU=1), e2fsprogs, sfdisk and qemu-img; crates/cli/build.rs"
+)]
+fn import_vbox_vdi_boots() {
+    assert!(backend_ready("emu"));
+    let dir = scratch("import-vbox-boot");
+    let config = import_vbox(&dir);
+    boot_config(&config, 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -545,10 +574,8 @@ fn import_refuses_hostile_packages() {
 /// A VMware Workstation .vmx with a monolithicSparse VMDK (qemu-img's default VMDK), a CD-ROM,
 /// USB and sound: the disk converts exactly, the config has the .vmx's CPUs, memory and NIC.
 #[test]
+#[cfg_attr(not(qemu_img), ignore = "needs qemu-img; crates/cli/build.rs")]
 fn import_vmx_monolithic_sparse() {
-    if !tools_present() {
-        return;
-    }
     let dir = scratch("import-vmx");
     let raw = dir.join("src.raw");
     // 8 MiB with data in two places and a hole between.

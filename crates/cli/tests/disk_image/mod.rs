@@ -19,7 +19,10 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-pub fn tools_present() -> bool {
+/// Checks that e2fsprogs, sfdisk and qemu-img are here. Tests that need them are ignored by
+/// `cfg(disk_tools)` / `cfg(qemu_img)` where the build did not find them (crates/cli/build.rs),
+/// so a tool missing now fails the test.
+pub fn require_tools() {
     for tool in ["mkfs.ext4", "sfdisk", "qemu-img"] {
         let ok = Command::new("sh")
             .args([
@@ -30,11 +33,19 @@ pub fn tools_present() -> bool {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            println!("SKIP: {tool} not installed");
-            return false;
+            crate::persist_harness::host_changed(&format!("{tool} is not installed"));
         }
     }
-    true
+}
+
+/// Removes its directory when dropped, also when the test failed (the Debian conversions are
+/// gigabytes).
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 pub fn sh(cmd: &str) {
