@@ -308,7 +308,8 @@ fn distro_args(d: &Distro, disk: &Path, backend: &str, mode: &str) -> Vec<String
         "--backend".into(),
         backend.into(),
         "--disk".into(),
-        format!("{},format=qcow2", disk.display()),
+        // An overlay: its backing file is the shared image.
+        format!("{},format=qcow2,backing=on", disk.display()),
     ]
 }
 

@@ -649,3 +649,42 @@ ethernet0.generatedAddress = "00:0c:29:11:22:33"
     assert_eq!(cfg["net"][0], "tap=avtap0,mac=00:0c:29:11:22:33");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A VMDK descriptor inside an OVA is extracted alone into a private directory: its relative
+/// extent names find no file of the host's temporary directory (where the member was copied
+/// before, next to anything else there).
+#[test]
+fn ova_descriptor_cannot_name_host_files() {
+    let dir = scratch("import-ova-extent");
+    let out = dir.join("out");
+    let name = format!("anyvisor-secret-{}", std::process::id());
+    let secret = std::env::temp_dir().join(&name);
+    std::fs::write(&secret, vec![0x5eu8; 4096]).unwrap();
+    let descriptor = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\nRW 8 FLAT \"{name}\" 0\n"
+    );
+    let ova = dir.join("flat.ova");
+    raw_tar(
+        &ova,
+        &[
+            (
+                "flat.ovf",
+                vmware_ovf("flat.vmdk", descriptor.len() as u64, "256").as_bytes(),
+            ),
+            ("flat.vmdk", descriptor.as_bytes()),
+        ],
+    );
+    refused(
+        &[
+            "import",
+            ova.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &out,
+        &format!("extent {name}: I/O error: No such file or directory"),
+    );
+    let _ = std::fs::remove_file(&secret);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -481,16 +481,17 @@ impl qcow2w::Source for Opened {
     }
 }
 
-/// An OVA member copied out to a temporary file that is removed when dropped (the `disk`
-/// crate opens files, not byte ranges of a tar).
+/// An OVA member copied out to a temporary file, alone in a private directory (so that a VMDK
+/// descriptor's relative extent names find nothing of the host), removed when dropped (the
+/// `disk` crate opens files, not byte ranges of a tar).
 struct Extracted {
     inner: Opened,
-    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl Drop for Extracted {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -531,17 +532,23 @@ fn open_disk(source: &Path, d: &DiskSrc, backing: bool) -> Result<Box<dyn qcow2w
         DiskLoc::Member { name, offset, size } => {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let tmp = std::env::temp_dir().join(format!(
-                "anyvisor-import-{}-{n}-{}",
-                std::process::id(),
-                safe_name(name)
-            ));
-            ova::copy_member(source, *offset, *size, &tmp)?;
-            // A disk inside an archive names no other file of the host.
-            match open_path(&tmp, &d.slot, false) {
-                Ok(inner) => Ok(Box::new(Extracted { inner, path: tmp })),
+            let dir =
+                std::env::temp_dir().join(format!("anyvisor-import-{}-{n}", std::process::id()));
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .create(&dir)
+                .map_err(|source| Error::Write {
+                    path: dir.clone(),
+                    source,
+                })?;
+            let tmp = dir.join(safe_name(name));
+            // A disk inside an archive names no other file of the host: alone in its
+            // directory, and no backing file.
+            let opened = ova::copy_member(source, *offset, *size, &tmp)
+                .and_then(|()| open_path(&tmp, &d.slot, false));
+            match opened {
+                Ok(inner) => Ok(Box::new(Extracted { inner, dir })),
                 Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
+                    let _ = std::fs::remove_dir_all(&dir);
                     Err(e)
                 }
             }
