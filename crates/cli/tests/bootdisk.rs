@@ -6,7 +6,7 @@
 //! * The Debian tests use `guest/out/debian.img` (GPT/ext4, the Debian cloud kernel with its
 //!   initramfs-tools initrd, Debian's grub.cfg; `guest/build-distro.sh`) converted by
 //!   `qemu-img convert` into every format `crates/disk` reads, in a directory the test makes and
-//!   removes. A Debian boot costs ~25 s of CPU on emu (~1 min on this loaded 2-core host), so
+//!   removes. A Debian boot costs ~25 s of CPU on emu (1.5-2 min on a loaded 2-core host), so
 //!   each format boots once, on emu, to the Debian init (initramfs-tools mounts the root found
 //!   by UUID; `init=/bin/sh` prints the kernel and root device, then powers off by SysRq):
 //!   [`debian_boots_from_qcow2_emu`], [`debian_boots_from_vmdk_sparse_emu`],
@@ -243,7 +243,7 @@ fn disk_boot_vmlinuz_links_emu() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A Debian boot to its init, generous for a loaded host (~1 min of wall time per boot here).
+/// A Debian boot to its init, generous for a loaded host (1.5-2 min of wall time per boot there).
 const DEBIAN_LIMIT: Duration = Duration::from_secs(900);
 /// The kvm boot also copies [`HEAD_MIB`] + [`TAIL_MIB`] MiB of nine disks.
 const DEBIAN_COPY_LIMIT: Duration = Duration::from_secs(1500);
@@ -449,7 +449,7 @@ fn debian_boot_emu(name: &str) {
 #[test]
 #[cfg_attr(
     not(all(boot_emu, qemu_img, debian_img)),
-    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_emu needs (the guest kit, cargo test --release or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
 )]
 fn debian_boots_from_qcow2_emu() {
     debian_boot_emu("qcow2");
@@ -458,7 +458,7 @@ fn debian_boots_from_qcow2_emu() {
 #[test]
 #[cfg_attr(
     not(all(boot_emu, qemu_img, debian_img)),
-    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_emu needs (the guest kit, cargo test --release or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
 )]
 fn debian_boots_from_vmdk_sparse_emu() {
     debian_boot_emu("vmdk-monolithicSparse");
@@ -467,7 +467,7 @@ fn debian_boots_from_vmdk_sparse_emu() {
 #[test]
 #[cfg_attr(
     not(all(boot_emu, qemu_img, debian_img)),
-    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_emu needs (the guest kit, cargo test --release or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
 )]
 fn debian_boots_from_vhdx_emu() {
     debian_boot_emu("vhdx-dynamic");
@@ -476,7 +476,7 @@ fn debian_boots_from_vhdx_emu() {
 #[test]
 #[cfg_attr(
     not(all(boot_emu, qemu_img, debian_img)),
-    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_emu needs (the guest kit, cargo test --release or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
 )]
 fn debian_boots_from_vpc_emu() {
     debian_boot_emu("vpc-dynamic");
@@ -485,7 +485,7 @@ fn debian_boots_from_vpc_emu() {
 #[test]
 #[cfg_attr(
     not(all(boot_emu, qemu_img, debian_img)),
-    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img and cargo test --release (or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
+    ignore = "needs guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_emu needs (the guest kit, cargo test --release or ANYVISOR_TEST_EMU=1); crates/cli/build.rs"
 )]
 fn debian_boots_from_vdi_emu() {
     debian_boot_emu("vdi-dynamic");
@@ -552,7 +552,7 @@ fn same_bytes(
 #[test]
 #[cfg_attr(
     not(all(boot_kvm, qemu_img, debian_img)),
-    ignore = "needs a usable /dev/kvm, guest/out/debian.img (guest/build-distro.sh), qemu-img, and on KVM-PVM hosts cargo test --release; crates/cli/build.rs"
+    ignore = "needs a usable /dev/kvm, guest/out/debian.img (guest/build-distro.sh), qemu-img, and what boot_kvm needs (the guest kit; on KVM-PVM hosts cargo test --release); crates/cli/build.rs"
 )]
 fn debian_boots_from_vmdk_stream_kvm_and_reads_every_format_like_qemu() {
     assert!(backend_ready("kvm"));
