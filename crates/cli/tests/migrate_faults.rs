@@ -287,8 +287,7 @@ fn migration_faults_leave_the_source_running() {
                 hello.extend([1, 0, 0, 0, 1, 0, 0, 0]);
                 hello.extend([7u8; 32]);
                 for b in hello {
-                    if !go.load(std::sync::atomic::Ordering::SeqCst) || s.write_all(&[b]).is_err()
-                    {
+                    if !go.load(std::sync::atomic::Ordering::SeqCst) || s.write_all(&[b]).is_err() {
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(500));

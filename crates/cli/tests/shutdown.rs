@@ -293,7 +293,10 @@ fn a_waiting_receiver_ends_with_its_error_line_on_a_signal() {
             "SIG{signal}: {}",
             run.stderr
         );
-        assert!(!sock.exists(), "SIG{signal}: the socket file was left behind");
+        assert!(
+            !sock.exists(),
+            "SIG{signal}: the socket file was left behind"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -349,7 +349,7 @@ fn a_slow_handshake_is_cut_at_the_deadline() {
         ..migrate::Limits::default()
     });
     let Address::Tcp(hp) = l.local_address().unwrap() else {
-        unreachable!()
+        panic!("a tcp listener")
     };
     let h = spawn_receiver(l, Some(key(5)));
     let mut s = std::net::TcpStream::connect(&hp).unwrap();

@@ -37,9 +37,7 @@ pub enum Class {
 impl Class {
     pub fn of(req: &Request) -> Class {
         match (req.method.as_str(), req.path.trim_end_matches('/')) {
-            ("GET", "/vm") | ("PUT", "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
-                Class::Control
-            }
+            ("GET", "/vm") | ("PUT", "/vm/pause" | "/vm/resume" | "/vm/shutdown") => Class::Control,
             _ => Class::Work,
         }
     }
@@ -81,7 +79,7 @@ impl Reading {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -210,9 +208,9 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let cut = r.enter(101, Arc::new(a)).unwrap();
         assert!(Arc::ptr_eq(&cut, &ours[0]), "not the oldest");
-        assert_eq!(r.len(), MAX_READING);
+        assert_eq!(r.count(), MAX_READING);
         r.cut_all();
-        assert_eq!(r.len(), 0);
+        assert_eq!(r.count(), 0);
         // Cut connections read end-of-stream.
         let mut buf = [0u8; 1];
         assert_eq!((&*ours[1]).read(&mut buf).unwrap(), 0);

@@ -12,8 +12,8 @@ pub mod limits;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -580,7 +580,9 @@ mod tests {
             let r = client::call(&path, "GET", "/vm", None);
             (r, start.elapsed())
         };
-        let idle: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        let idle: Vec<UnixStream> = (0..100)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
         let (r, took) = info();
         assert_eq!(r.unwrap().as_deref(), Some(r#"{"state":"running"}"#));
         assert!(took < Duration::from_secs(2), "info took {took:?}");
@@ -616,7 +618,10 @@ mod tests {
         // The flood fills the work places ...
         let start = Instant::now();
         while slow.0.load(Ordering::SeqCst) < limits::MAX_WORK {
-            assert!(start.elapsed() < Duration::from_secs(10), "the flood never arrived");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the flood never arrived"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         // ... and control requests are served all the same.
@@ -626,7 +631,10 @@ mod tests {
             assert!(took < Duration::from_secs(2), "info took {took:?}");
         }
         assert_eq!(client::call(&path, "PUT", "/vm/pause", None).unwrap(), None);
-        assert_eq!(client::call(&path, "PUT", "/vm/resume", None).unwrap(), None);
+        assert_eq!(
+            client::call(&path, "PUT", "/vm/resume", None).unwrap(),
+            None
+        );
         let results: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
         assert!(results.iter().any(|r| r.is_ok()));
         assert!(
