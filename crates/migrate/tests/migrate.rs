@@ -400,6 +400,35 @@ fn a_waiting_receiver_can_be_stopped() {
     assert!(matches!(h.thread.join().unwrap(), Err(Error::Stopped)));
 }
 
+/// A receiver stopped while the VM arrives (the VMM got a termination signal) stops between
+/// messages and tells the source, which resumes its VM.
+#[test]
+fn a_receiver_stopped_mid_migration_tells_the_source() {
+    let mut l = Listener::bind(&temp_sock("stop-mid"), None).unwrap();
+    l.set_timeout(T);
+    let bound = l.local_address().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = thread::spawn(move || {
+        let waiting = migrate::Waiting {
+            stop: &|| stop2.load(Ordering::SeqCst),
+            rejected: &|_| {},
+        };
+        migrate::receive_with(&l, None, &waiting, |d| {
+            // The signal comes as the VM is being built.
+            stop2.store(true, Ordering::SeqCst);
+            prepare(d)
+        })
+        .map(|_| ())
+    });
+    let src = FakeSource::new(&regions(), busy());
+    let r = migrate::send(&bound, None, &src, opts());
+    assert!(matches!(h.join().unwrap(), Err(Error::Stopped)));
+    let e = r.unwrap_err().to_string();
+    assert_eq!(e, "peer failed: the receiver was stopped");
+    src.assert_running_again();
+}
+
 #[test]
 fn tcp_without_key_is_refused_on_both_ends() {
     let addr: Address = "tcp:127.0.0.1:0".parse().unwrap();

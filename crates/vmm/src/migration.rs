@@ -510,20 +510,16 @@ fn receive_one(
         let end = thread
             .join()
             .unwrap_or_else(|_| Ok(ThreadEnd::Failed("the migration thread panicked".into())))?;
-        if let Some(num) = signal.or_else(crate::exit::take_signal) {
-            return match started {
-                // It runs here now: the signal ends it as it would any running VM.
-                Some(vmm) => {
-                    vmm.parts()
-                        .control
-                        .request_stop(crate::control::Stop::Signal(num));
-                    Ok(Attempt::Arrived(vmm))
-                }
-                None => Err(Error::Signal(crate::exit::signal_name(num))),
-            };
-        }
+        let signal = signal.or_else(crate::exit::take_signal);
         Ok(match (end, started) {
-            (ThreadEnd::Confirmed, Some(vmm)) => Attempt::Arrived(vmm),
+            (ThreadEnd::Confirmed, Some(vmm)) => {
+                // It runs here now: a signal is the running VM's, handled as for any
+                // ([`Vmm::wait`]: SIGTERM presses the power button, the others stop it).
+                if let Some(num) = signal {
+                    crate::exit::requeue_signal(num);
+                }
+                Attempt::Arrived(vmm)
+            }
             (ThreadEnd::Unconfirmed(e) | ThreadEnd::Failed(e), Some(vmm)) => {
                 // The source may resume its copy: never run the VM twice.
                 vmm.parts()
@@ -533,8 +529,12 @@ fn receive_one(
                     )));
                 Attempt::Arrived(vmm)
             }
-            (ThreadEnd::Failed(reason), None) => Attempt::Failed(reason),
-            (_, None) => Attempt::Failed("the migration thread ended without a VM".into()),
+            // Nothing runs here: a signal ends the wait.
+            (end, None) => match (signal, end) {
+                (Some(num), _) => return Err(Error::Signal(crate::exit::signal_name(num))),
+                (None, ThreadEnd::Failed(reason)) => Attempt::Failed(reason),
+                (None, _) => Attempt::Failed("the migration thread ended without a VM".into()),
+            },
         })
     })
 }
