@@ -302,12 +302,12 @@ fn migration_faults_leave_the_source_running() {
         t.join().unwrap();
     }
     drop(idle);
+    let line = assert_migrated(&mut src, &mut dst, &out, "after the faults", "emu");
     assert!(
         dst.stderr().contains("migration listener: tcp:127.0.0.1:"),
         "the strangers were not turned away\n{}",
         dst.diagnostics()
     );
-    let line = assert_migrated(&mut src, &mut dst, &out, "after the faults", "emu");
     println!("after the faults, emu -> emu over tcp: {line}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -551,6 +551,84 @@ mod tests {
         assert_eq!(victim(&[], &ip(1), &none), None);
     }
 
+    /// Feeds `input` to a pending handshake in pieces of `piece` bytes, as a peer would send it.
+    fn drive(input: &[u8], piece: usize, key: Option<&Key>) -> Progress {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        ours.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+        let mut p = Pending::new(Conn::Unix(ours), Peer::Local, "peer".into());
+        let mut sink = [0u8; 4096];
+        for chunk in input.chunks(piece.max(1)) {
+            if theirs.write_all(chunk).is_err() {
+                break;
+            }
+            match p.on_readable(key) {
+                Progress::Waiting => {}
+                done => return done,
+            }
+            // Keep the answers from filling the socket buffer.
+            while theirs.read(&mut sink).is_ok_and(|n| n > 0) {}
+        }
+        drop(theirs);
+        p.on_readable(key)
+    }
+
+    fn client_hello(flags: u32) -> Vec<u8> {
+        let mut f = vec![1u8, 0, 0, 0, 48, 0, 0, 0];
+        f.extend(wire::MAGIC);
+        f.extend(wire::PROTOCOL_VERSION.to_le_bytes());
+        f.extend(flags.to_le_bytes());
+        f.extend([9u8; 32]);
+        f
+    }
+
+    #[test]
+    fn a_keyless_handshake_completes_in_any_pieces_and_garbage_never_panics() {
+        for piece in [1, 3, 7, 56] {
+            assert!(matches!(
+                drive(&client_hello(0), piece, None),
+                Progress::Done
+            ));
+        }
+        // A key on one side only, a stranger's bytes, a huge announced length.
+        let failed = |p: Progress, what: &str| match p {
+            Progress::Failed(m) => assert!(m.contains(what), "{m}"),
+            _ => panic!("expected a failure with {what:?}"),
+        };
+        failed(drive(&client_hello(1), 5, None), "requires a migration key");
+        failed(drive(b"GET / HTTP/1.1\r\n\r\n", 4, None), "not an anyvisor");
+        failed(
+            drive(&[1, 0, 0, 0, 255, 255, 255, 255], 8, None),
+            "not an anyvisor",
+        );
+        // Mutations of a ClientHello followed by a Proof-sized frame, with and without a key.
+        let key = Key::from_bytes(&[3u8; 32]).unwrap();
+        let mut valid = client_hello(1);
+        valid.extend([3u8, 0, 0, 0, 32, 0, 0, 0]);
+        valid.extend([0u8; 64]);
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as usize
+        };
+        for round in 0..3000 {
+            let mut v = valid.clone();
+            for _ in 0..1 + round % 4 {
+                let r = next();
+                let i = r % v.len();
+                v[i] = (r >> 8) as u8;
+            }
+            v.truncate(next() % (v.len() + 1));
+            let k = (round % 2 == 0).then_some(&key);
+            // Without a key some mutations are still a valid ClientHello; with one, nobody
+            // without the key completes the handshake.
+            let r = drive(&v, 1 + next() % 13, k);
+            assert!(k.is_none() || !matches!(r, Progress::Done), "round {round}");
+        }
+    }
+
     #[test]
     fn frames_are_handed_over_only_when_whole() {
         let mut f = vec![1u8, 0, 0, 0, 48, 0, 0, 0];
