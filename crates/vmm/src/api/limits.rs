@@ -90,17 +90,28 @@ impl Reading {
 /// Requests being served, per class, and a signal when one ends.
 #[derive(Default)]
 pub struct Serving {
-    counts: Mutex<(usize, usize)>,
+    state: Mutex<Places>,
     changed: Condvar,
 }
 
+#[derive(Default)]
+struct Places {
+    control: usize,
+    work: usize,
+    /// The server stops: no request starts any more.
+    closed: bool,
+}
+
 impl Serving {
-    /// Takes a place of `class` unless all are taken.
+    /// Takes a place of `class` unless all are taken (or the server stops).
     pub fn enter(&self, class: Class) -> bool {
-        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut p = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if p.closed {
+            return false;
+        }
         let (n, max) = match class {
-            Class::Control => (&mut c.0, MAX_CONTROL),
-            Class::Work => (&mut c.1, MAX_WORK),
+            Class::Control => (&mut p.control, MAX_CONTROL),
+            Class::Work => (&mut p.work, MAX_WORK),
         };
         if *n >= max {
             return false;
@@ -110,22 +121,42 @@ impl Serving {
     }
 
     pub fn leave(&self, class: Class) {
-        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut p = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let n = match class {
-            Class::Control => &mut c.0,
-            Class::Work => &mut c.1,
+            Class::Control => &mut p.control,
+            Class::Work => &mut p.work,
         };
         *n = n.saturating_sub(1);
         self.changed.notify_all();
     }
 
-    /// Waits until no request is served, at most `limit`.
-    pub fn drain(&self, limit: Duration) {
-        let c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Lets no request start any more, and waits until none is served, at most `limit`.
+    pub fn close_and_drain(&self, limit: Duration) {
+        let mut p = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        p.closed = true;
         let _ = self
             .changed
-            .wait_timeout_while(c, limit, |c| c.0 + c.1 > 0)
+            .wait_timeout_while(p, limit, |p| p.control + p.work > 0)
             .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// A place taken in [`Serving`], given back when dropped.
+pub struct Place<'a> {
+    serving: &'a Serving,
+    class: Class,
+}
+
+impl<'a> Place<'a> {
+    /// A place of `class`, unless all are taken (or the server stops).
+    pub fn take(serving: &'a Serving, class: Class) -> Option<Place<'a>> {
+        serving.enter(class).then(|| Place { serving, class })
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.serving.leave(self.class);
     }
 }
 
@@ -188,6 +219,17 @@ mod tests {
         assert!(!s.enter(Class::Control), "control is bounded");
         s.leave(Class::Work);
         assert!(s.enter(Class::Work));
+        // Stopping: what runs is waited for, nothing new starts.
+        for _ in 0..MAX_WORK {
+            s.leave(Class::Work);
+        }
+        for _ in 0..MAX_CONTROL {
+            s.leave(Class::Control);
+        }
+        let start = Instant::now();
+        s.close_and_drain(Duration::from_secs(10));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(!s.enter(Class::Control));
     }
 
     #[test]

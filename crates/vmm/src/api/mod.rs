@@ -181,16 +181,20 @@ fn serve(
     let read = http::read_request(&mut limits::Deadline { stream, until });
     reading.leave(id);
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    // Held until the answer is written (even if serving panics): a stopping server waits for
+    // it, so a request that was carried out (a migration's hand-off) is answered.
+    let mut place = None;
     let response = match read {
         Ok(req) => {
-            let class = Class::of(&req);
-            if serving.enter(class) {
+            place = limits::Place::take(serving, Class::of(&req));
+            if place.is_some() {
                 let gone = || client_gone(stream).then(|| "the api client hung up".to_string());
-                let r = route_cancellable(control, &req, &gone);
-                serving.leave(class);
-                r
+                route_cancellable(control, &req, &gone)
             } else {
-                Response::error(503, "too many api requests in progress")
+                Response::error(
+                    503,
+                    "too many api requests in progress, or the VMM is stopping",
+                )
             }
         }
         Err(http::HttpError::Io(_)) if Instant::now() >= until => Response::error(
@@ -206,6 +210,7 @@ fn serve(
         },
     };
     let _ = response.write_to(&mut &*stream);
+    drop(place);
 }
 
 /// Whether the client of `stream` closed its connection (or its sending side: a client that
@@ -378,7 +383,7 @@ impl Drop for ApiServer {
         }
         // Requests not read yet are not answered; those being served are, for a while.
         self.reading.cut_all();
-        self.serving.drain(DRAIN_TIMEOUT);
+        self.serving.close_and_drain(DRAIN_TIMEOUT);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -538,7 +543,8 @@ mod tests {
     }
 
     /// Snapshots take a while (as real ones do): a flood of them fills the work places.
-    struct Slow(std::sync::atomic::AtomicUsize);
+    #[derive(Default)]
+    struct Slow(std::sync::atomic::AtomicUsize, AtomicBool);
 
     impl VmControl for Slow {
         fn info(&self) -> serde_json::Value {
@@ -559,8 +565,48 @@ mod tests {
             Ok(())
         }
         fn migrate(&self, _: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
-            Err(ApiError::new(501, "no"))
+            self.1.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(500));
+            // More than a socket buffer holds: writing it waits for the client to read.
+            Err(ApiError::new(501, "no".repeat(1 << 19)))
         }
+    }
+
+    /// A migration's hand-off stops the server while the migrate request is being served: the
+    /// server is gone only once the answer was written (else the process exits first and the
+    /// client reads "connection closed before a response").
+    #[test]
+    fn a_stopping_server_answers_what_it_carried_out() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("anyvisor-api-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let slow = Arc::new(Slow::default());
+        let server = ApiServer::start(&path, slow.clone(), sandbox::SeccompMode::Off).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"PUT /vm/migrate HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"to\":\"unix:/x\"}")
+            .unwrap();
+        let start = Instant::now();
+        while !slow.1.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
+        let stopping = std::thread::spawn(move || {
+            drop(server);
+            let _ = stopped_tx.send(());
+        });
+        // The answer cannot be written whole until the client reads: the server must wait.
+        assert!(
+            stopped.recv_timeout(Duration::from_secs(2)).is_err(),
+            "the server stopped before its answer was written"
+        );
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        stopping.join().unwrap();
+        assert!(answer.len() > 1 << 20, "{}", answer.len());
+        assert!(answer.starts_with(b"HTTP/1.1 501 "));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A hundred idle clients, a few that drip their request a byte at a time, clients that
@@ -573,7 +619,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("anyvisor-api-flood-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
-        let slow = Arc::new(Slow(Default::default()));
+        let slow = Arc::new(Slow::default());
         let server = ApiServer::start(&path, slow.clone(), sandbox::SeccompMode::Off).unwrap();
         let info = || {
             let start = Instant::now();
