@@ -7,7 +7,8 @@
 //! destination cannot present the source's CPU model. After every attempt `migrate` exits
 //! non-zero with one `error:` line and the source VM keeps running, its workload counting on
 //! without corruption; at the end the same source migrates successfully to a destination that
-//! saw four broken attempts. One Linux boot serves every step.
+//! saw four broken attempts and has a hundred idle and a few slow connections on its listener.
+//! One Linux boot serves every step.
 
 // A test crate: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -267,9 +268,46 @@ fn migration_faults_leave_the_source_running() {
     println!("incompatible CPU model: {e}");
     drop(cpu_dst);
 
-    // After all that, the source migrates to the destination that saw the broken streams.
+    // After all that, the source migrates to the destination that saw the broken streams, while
+    // a hundred idle connections and a few that drip a ClientHello a byte at a time sit on its
+    // listener (they used to hold it one after another, each for the 30-second read timeout, so
+    // the source timed out in its handshake).
+    let addr = to.strip_prefix("tcp:").unwrap().to_string();
+    let idle: Vec<_> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let dripping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let drips: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            let go = dripping.clone();
+            std::thread::spawn(move || {
+                let mut hello = vec![1u8, 0, 0, 0, 48, 0, 0, 0];
+                hello.extend(b"AVMIGRAT");
+                hello.extend([1, 0, 0, 0, 1, 0, 0, 0]);
+                hello.extend([7u8; 32]);
+                for b in hello {
+                    if !go.load(std::sync::atomic::Ordering::SeqCst) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
     let out = migrate(&src, &to, Some(&key));
+    dripping.store(false, std::sync::atomic::Ordering::SeqCst);
+    for t in drips {
+        t.join().unwrap();
+    }
+    drop(idle);
     let line = assert_migrated(&mut src, &mut dst, &out, "after the faults", "emu");
+    assert!(
+        dst.stderr().contains("migration listener: tcp:127.0.0.1:"),
+        "the strangers were not turned away\n{}",
+        dst.diagnostics()
+    );
     println!("after the faults, emu -> emu over tcp: {line}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -181,3 +181,102 @@ fn snapshot_outputs_are_never_destroyed() {
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The API socket cannot be starved (issue 15): with a hundred idle clients connected, clients
+/// dripping a request a byte at a time, clients announcing bodies they never send and a flood
+/// of snapshot requests, `anyvisor info`, `pause` and `resume` still answer, each within a
+/// generous bound. (Before, eight idle clients made every other request a 503 for 5 s.)
+#[test]
+fn api_answers_control_requests_under_idle_clients_and_a_flood() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let backend = "emu";
+    if !fast_enough(backend) {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let _one = serial_guard();
+    let dir = scratch("api-flood");
+    let mut vm = Vm::spawn(
+        &boot_args(&kit, backend),
+        &dir.join("vm.serial"),
+        &dir.join("vm.sock"),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || vm.socket.exists()
+            && vm.control("info", &[]).status.success()),
+        "{}",
+        vm.diagnostics()
+    );
+    let answered = |cmd: &str, what: &str| {
+        let start = Instant::now();
+        let out = vm.control(cmd, &[]);
+        let took = start.elapsed();
+        assert!(out.status.success(), "{cmd} {what}: {out:?}");
+        assert!(took < Duration::from_secs(3), "{cmd} {what} took {took:?}");
+    };
+
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&vm.socket).unwrap())
+        .collect();
+    answered("info", "under 100 idle clients");
+
+    let socket = vm.socket.clone();
+    let drips: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            std::thread::spawn(move || {
+                for b in b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n" {
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        })
+        .collect();
+    let bodies: Vec<UnixStream> = (0..20)
+        .map(|_| {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.write_all(b"PUT /vm/snapshot HTTP/1.1\r\nContent-Length: 60000\r\n\r\n{")
+                .unwrap();
+            s
+        })
+        .collect();
+    let flood: Vec<_> = (0..30)
+        .map(|i| {
+            let socket = socket.clone();
+            let out = dir.join(format!("flood{i}.snap"));
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                let body = format!(r#"{{"output":"{}"}}"#, out.display());
+                let _ = write!(
+                    s,
+                    "PUT /vm/snapshot HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut answer = String::new();
+                let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+                answer
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        answered("info", "under a flood");
+    }
+    answered("pause", "under a flood");
+    answered("resume", "under a flood");
+    let answers: Vec<String> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        answers.iter().any(|a| a.starts_with("HTTP/1.1 204")),
+        "no snapshot of the flood was taken: {answers:?}"
+    );
+    drop((idle, bodies));
+    for t in drips {
+        t.join().unwrap();
+    }
+    answered("info", "after the flood");
+    assert!(vm.is_running(), "{}", vm.diagnostics());
+    drop(vm);
+    let _ = std::fs::remove_dir_all(dir);
+}

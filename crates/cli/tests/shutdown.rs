@@ -244,3 +244,59 @@ fn emu_guest_panic_exits_1() {
 fn kvm_guest_panic_exits_1() {
     panic_exits_1("kvm");
 }
+
+/// A receiver still waiting for its migration (`run --incoming`), with idle strangers connected,
+/// ends on SIGTERM, SIGINT and SIGHUP as every other mode does: status 1, exactly one
+/// `error: stopped by SIG...` line, its socket file removed. (It used to die of the signal,
+/// silently.) No guest is needed.
+#[test]
+fn a_waiting_receiver_ends_with_its_error_line_on_a_signal() {
+    for signal in ["TERM", "INT", "HUP"] {
+        let dir = scratch(&format!("incoming-{signal}"));
+        let sock = dir.join("m.sock");
+        let child = persist_harness::spawn_captured(
+            &[
+                "run".into(),
+                "--incoming".into(),
+                format!("unix:{}", sock.display()),
+            ],
+            &[],
+        );
+        assert!(
+            persist_harness::eventually(Duration::from_secs(10), || sock.exists()),
+            "the receiver does not listen"
+        );
+        let _idle: Vec<_> = (0..5)
+            .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let run = persist_harness::finish(child, Duration::from_secs(20));
+        let errors: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect();
+        assert_eq!(
+            errors,
+            [format!("error: stopped by SIG{signal}")],
+            "SIG{signal}: {}",
+            run.stderr
+        );
+        assert_eq!(
+            run.status.and_then(|s| s.code()),
+            Some(1),
+            "SIG{signal}: {}",
+            run.stderr
+        );
+        assert!(
+            !sock.exists(),
+            "SIG{signal}: the socket file was left behind"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

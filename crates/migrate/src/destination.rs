@@ -82,7 +82,41 @@ where
     F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
 {
     let mut ch = Channel::new(Box::new(stream), Role::Destination);
-    match run(&mut ch, key, prepare) {
+    let result =
+        wire::handshake_destination(&mut ch, key).and_then(|()| run(&mut ch, &|| false, prepare));
+    finish(ch, result)
+}
+
+/// Receives a VM over a channel whose handshake is done ([`crate::gate`]); `stop` is asked
+/// before every message.
+pub(crate) fn receive_admitted<D, F>(
+    mut ch: Channel,
+    stop: &dyn Fn() -> bool,
+    prepare: F,
+) -> Result<Arrived<D>>
+where
+    D: DestinationVm,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+{
+    let result = run(&mut ch, stop, prepare);
+    finish(ch, result)
+}
+
+/// Whether the source should be told about `e` with an Error message: not when it is gone or
+/// already knows (its own failure, a refusal or version mismatch it was sent), and not when the
+/// failure is authentication before a shared session key exists.
+pub(crate) fn tell_peer(e: &Error, ch: &Channel) -> bool {
+    !matches!(
+        e,
+        Error::PeerGone | Error::Peer(_) | Error::Refused(_) | Error::Version { .. }
+    ) && (ch.is_authenticated() || !matches!(e, Error::Auth(_)))
+}
+
+fn finish<D>(
+    mut ch: Channel,
+    result: Result<(D, Vec<u8>, serde_json::Value)>,
+) -> Result<Arrived<D>> {
+    match result {
         Ok((vm, state, description)) => Ok(Arrived {
             vm,
             state,
@@ -90,13 +124,7 @@ where
             confirmation: Confirmation { ch: Some(ch) },
         }),
         Err(e) => {
-            // A source that failed authentication cannot verify our messages; a gone peer
-            // cannot read them; a refusal was already sent.
-            if !matches!(
-                e,
-                Error::PeerGone | Error::Peer(_) | Error::Refused(_) | Error::Version { .. }
-            ) && (ch.is_authenticated() || !matches!(e, Error::Auth(_)))
-            {
+            if tell_peer(&e, &ch) {
                 ch.send_error(&e.to_string());
             }
             Err(e)
@@ -104,17 +132,16 @@ where
     }
 }
 
+/// Everything after the handshake.
 fn run<D, F>(
     ch: &mut Channel,
-    key: Option<&Key>,
+    stop: &dyn Fn() -> bool,
     prepare: F,
 ) -> Result<(D, Vec<u8>, serde_json::Value)>
 where
     D: DestinationVm,
     F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
 {
-    wire::handshake_destination(ch, key)?;
-
     let f = ch.recv()?;
     if f.kind != Kind::Hello {
         return Err(wire::unexpected(&f, Phase::Hello.during()));
@@ -135,6 +162,9 @@ where
     let mut next_round: u32 = 0;
     let mut state: Vec<u8> = Vec::new();
     loop {
+        if stop() {
+            return Err(Error::Stopped);
+        }
         let f: Frame = ch.recv()?;
         match (phase, f.kind) {
             (Phase::Memory, Kind::MemoryPages) => {

@@ -9,15 +9,17 @@
 //!   while the guest keeps running, pauses it when the rest fits in the allowed downtime, sends
 //!   the final state and returns only once the destination confirmed it resumed the VM. Any
 //!   failure before that resumes the source VM and returns `Err`.
-//! * Destination: [`Listener::bind`] then [`receive`] (or [`receive_on`]) returns an
-//!   [`Arrived`] VM; the VMM restores the state, resumes the guest and then calls
-//!   [`Confirmation::resumed`].
+//! * Destination: [`Listener::bind`] then [`receive`] / [`receive_with`] (or [`receive_on`])
+//!   returns an [`Arrived`] VM; the VMM restores the state, resumes the guest and then calls
+//!   [`Confirmation::resumed`]. Until a peer has completed the handshake, the listener's gate
+//!   ([`Limits`]) keeps idle, slow or numerous strangers from delaying a genuine source.
 
 // The migration stream is untrusted: besides the workspace lints, no index may panic here
 // either.
 #![deny(clippy::indexing_slicing)]
 
 mod destination;
+mod gate;
 mod pages;
 mod source;
 mod wire;
@@ -30,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use destination::{Arrived, Confirmation, receive_on};
+pub use gate::{Limits, Waiting};
 pub use source::{Outcome, Progress, ProgressFn, SendOptions, send_on};
 pub use wire::PROTOCOL_VERSION;
 
@@ -75,6 +78,9 @@ pub enum Error {
     Protocol(String),
     #[error("VM: {0}")]
     Vm(String),
+    /// The receiver was told to stop waiting ([`Waiting::stop`]).
+    #[error("the receiver was stopped")]
+    Stopped,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -287,16 +293,27 @@ fn set_unix_timeouts(s: &UnixStream, timeout: Duration) -> Result<()> {
 pub struct Listener {
     inner: ListenerKind,
     timeout: Duration,
+    limits: Limits,
 }
 
-enum ListenerKind {
+pub(crate) enum ListenerKind {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+}
+
+impl std::os::fd::AsFd for ListenerKind {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ListenerKind::Tcp(l) => l.as_fd(),
+            ListenerKind::Unix(l, _) => l.as_fd(),
+        }
+    }
 }
 
 impl Listener {
     /// Binds `addr`. A `tcp:` listener without a key is refused ([`Error::KeyRequired`]).
     /// A stale unix socket file at the path is replaced; any other existing file is an error.
+    /// The socket is non-blocking: the gate waits for connections with `poll`.
     pub fn bind(addr: &Address, key: Option<&Key>) -> Result<Listener> {
         let inner = match addr {
             Address::Tcp(hp) => {
@@ -319,9 +336,15 @@ impl Listener {
                 ListenerKind::Unix(l, path.clone())
             }
         };
+        match &inner {
+            ListenerKind::Tcp(l) => l.set_nonblocking(true),
+            ListenerKind::Unix(l, _) => l.set_nonblocking(true),
+        }
+        .map_err(|e| Error::Bind(addr.to_string(), e))?;
         Ok(Listener {
             inner,
             timeout: DEFAULT_TIMEOUT,
+            limits: Limits::default(),
         })
     }
 
@@ -340,6 +363,12 @@ impl Listener {
         self.timeout = timeout;
     }
 
+    /// How many handshakes run at once, from one address, and for how long
+    /// (default [`Limits::default`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     fn requires_key(&self) -> bool {
         matches!(self.inner, ListenerKind::Tcp(_))
     }
@@ -353,12 +382,31 @@ impl Drop for Listener {
     }
 }
 
-/// Accepts one connection on `listener` and receives a VM over it. See [`receive_on`].
+/// Waits on `listener` for a source and receives a VM from it. See [`receive_with`]; this one
+/// waits until a source completes the handshake and reports nothing about the others.
+pub fn receive<D, F>(listener: &Listener, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
+where
+    D: DestinationVm,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+{
+    receive_with(listener, key, &Waiting::forever(), prepare)
+}
+
+/// Waits on `listener` until a peer completes the handshake (proves `key`, speaks this
+/// protocol version), then receives a VM from it over that connection (see [`receive_on`]).
+/// Connections that do not get there within the listener's [`Limits`] are closed and
+/// reported to `waiting.rejected`; they never end the wait. Only an error of the listener
+/// itself, or [`Waiting::stop`], ends it before a source got through.
 ///
 /// `prepare` builds the destination VM from the source's description, or returns the reason
 /// it cannot (incompatible CPU model, not enough memory, disk missing, ...), which the source
 /// reports as `refused: <reason>` before it pauses anything.
-pub fn receive<D, F>(listener: &Listener, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
+pub fn receive_with<D, F>(
+    listener: &Listener,
+    key: Option<&Key>,
+    waiting: &Waiting<'_>,
+    prepare: F,
+) -> Result<Arrived<D>>
 where
     D: DestinationVm,
     F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
@@ -366,18 +414,14 @@ where
     if listener.requires_key() && key.is_none() {
         return Err(Error::KeyRequired);
     }
-    match &listener.inner {
-        ListenerKind::Tcp(l) => {
-            let (s, _) = l.accept().map_err(Error::Io)?;
-            set_tcp_options(&s, listener.timeout)?;
-            receive_on(s, key, prepare)
-        }
-        ListenerKind::Unix(l, _) => {
-            let (s, _) = l.accept().map_err(Error::Io)?;
-            set_unix_timeouts(&s, listener.timeout)?;
-            receive_on(s, key, prepare)
-        }
-    }
+    let ch = gate::admit(
+        &listener.inner,
+        &listener.limits,
+        listener.timeout,
+        key,
+        waiting,
+    )?;
+    destination::receive_admitted(ch, waiting.stop, prepare)
 }
 
 #[cfg(test)]

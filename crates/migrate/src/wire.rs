@@ -115,6 +115,12 @@ impl Channel {
         }
     }
 
+    /// Carries on over `stream` (MAC state and counters unchanged): the handshake ran over a
+    /// buffer, the rest of the session runs over the socket.
+    pub(crate) fn set_stream(&mut self, stream: Box<dyn Stream>) {
+        self.stream = stream;
+    }
+
     pub(crate) fn is_authenticated(&self) -> bool {
         self.mac.is_some()
     }
@@ -366,8 +372,24 @@ pub(crate) fn handshake_source(ch: &mut Channel, key: Option<&Key>) -> Result<()
     verify_proof(ch, &session, DESTINATION_PROOF, &t)
 }
 
+/// What the destination still has to check after the hellos: the source's proof under the
+/// session key and the transcript.
+pub(crate) struct AwaitProof {
+    session: [u8; MAC_LEN],
+    transcript: [u8; 32],
+}
+
 /// The destination's half of the handshake (§3).
 pub(crate) fn handshake_destination(ch: &mut Channel, key: Option<&Key>) -> Result<()> {
+    match destination_hello(ch, key)? {
+        Some(p) => destination_proof(ch, &p),
+        None => Ok(()),
+    }
+}
+
+/// The first step of [`handshake_destination`]: reads exactly one frame (the ClientHello) and
+/// answers it. `None`: no key, the handshake is complete.
+pub(crate) fn destination_hello(ch: &mut Channel, key: Option<&Key>) -> Result<Option<AwaitProof>> {
     let not_ours = || Error::Protocol("not an anyvisor migration stream".into());
     let f = ch.recv().map_err(|e| match e {
         Error::Protocol(_) => not_ours(),
@@ -390,12 +412,43 @@ pub(crate) fn handshake_destination(ch: &mut Channel, key: Option<&Key>) -> Resu
     }
     ch.send(Kind::ServerHello, &ours)?;
     check_peer(key.is_some(), &peer)?;
-    let Some(key) = key else { return Ok(()) };
+    let Some(key) = key else { return Ok(None) };
     let session = session_key(key, &peer.nonce, &nonce_d)?;
-    let t = transcript(&f.payload, &ours);
+    let transcript = transcript(&f.payload, &ours);
     ch.authenticate(&session)?;
-    verify_proof(ch, &session, SOURCE_PROOF, &t)?;
-    ch.send(Kind::Proof, &hmac(&session, &[DESTINATION_PROOF, &t])?)
+    Ok(Some(AwaitProof {
+        session,
+        transcript,
+    }))
+}
+
+/// The second step of [`handshake_destination`]: reads exactly one frame (the source's Proof),
+/// verifies it and sends ours.
+pub(crate) fn destination_proof(ch: &mut Channel, p: &AwaitProof) -> Result<()> {
+    verify_proof(ch, &p.session, SOURCE_PROOF, &p.transcript)?;
+    ch.send(
+        Kind::Proof,
+        &hmac(&p.session, &[DESTINATION_PROOF, &p.transcript])?,
+    )
+}
+
+/// The length of the frame at the start of `buf` (header, payload and, on an authenticated
+/// channel, MAC) once all of it is there; `Err` when its payload is longer than `max_payload`.
+/// The header's other fields are checked by [`Channel::recv`].
+pub(crate) fn complete_frame_len(
+    buf: &[u8],
+    authenticated: bool,
+    max_payload: usize,
+) -> std::result::Result<Option<usize>, usize> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > max_payload {
+        return Err(len);
+    }
+    let total = HEADER_LEN + len + if authenticated { MAC_LEN } else { 0 };
+    Ok((buf.len() >= total).then_some(total))
 }
 
 #[cfg(test)]

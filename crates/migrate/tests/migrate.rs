@@ -43,13 +43,55 @@ fn temp_sock(name: &str) -> Address {
 
 type DestResult = migrate::Result<(FakeDest, Vec<u8>)>;
 
+/// A receiver running on its own thread: [`Receiver::finish`] stops it if it still waits.
+struct Receiver {
+    thread: thread::JoinHandle<DestResult>,
+    stop: Arc<AtomicBool>,
+    rejected: Arc<Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    /// The receiver's result once it returned, or, when the attempt was turned away before it
+    /// became the migration, `Err` with the reason the listener gave (the receiver, which keeps
+    /// waiting for a source, is then stopped).
+    fn finish(self) -> std::result::Result<DestResult, String> {
+        let start = std::time::Instant::now();
+        while !self.thread.is_finished() && self.rejected.lock().unwrap().is_empty() {
+            assert!(
+                start.elapsed() < 2 * T,
+                "the receiver neither ended nor rejected"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let r = self.thread.join().unwrap();
+        match r {
+            Err(Error::Stopped) => Err(self.rejected.lock().unwrap().join("; ")),
+            r => Ok(r),
+        }
+    }
+}
+
 /// Runs a receiver on `listener` in a thread; on arrival it "restores" and confirms.
-fn spawn_receiver(listener: Listener, key: Option<Key>) -> thread::JoinHandle<DestResult> {
-    thread::spawn(move || {
-        let a: Arrived<FakeDest> = migrate::receive(&listener, key.as_ref(), prepare)?;
+fn spawn_receiver(listener: Listener, key: Option<Key>) -> Receiver {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rejected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (stop2, rejected2) = (stop.clone(), rejected.clone());
+    let thread = thread::spawn(move || {
+        let waiting = migrate::Waiting {
+            stop: &|| stop2.load(Ordering::SeqCst),
+            rejected: &|r| rejected2.lock().unwrap().push(r.to_string()),
+        };
+        let a: Arrived<FakeDest> =
+            migrate::receive_with(&listener, key.as_ref(), &waiting, prepare)?;
         a.confirmation.resumed()?;
         Ok((a.vm, a.state))
-    })
+    });
+    Receiver {
+        thread,
+        stop,
+        rejected,
+    }
 }
 
 fn migrate_over(
@@ -59,12 +101,31 @@ fn migrate_over(
     src: &FakeSource,
     o: SendOptions,
 ) -> (migrate::Result<Outcome>, DestResult) {
+    let (r, d) = migrate_or_reject(addr, src_key, dst_key, src, o);
+    match d {
+        Ok(d) => (r, d),
+        Err(why) => panic!("rejected: {why}"),
+    }
+}
+
+/// [`migrate_over`], for attempts the listener may turn away before they become the migration
+/// (`Err` with its reason; it then waits on for another source).
+fn migrate_or_reject(
+    addr: &Address,
+    src_key: Option<Key>,
+    dst_key: Option<Key>,
+    src: &FakeSource,
+    o: SendOptions,
+) -> (
+    migrate::Result<Outcome>,
+    std::result::Result<DestResult, String>,
+) {
     let mut l = Listener::bind(addr, dst_key.as_ref()).unwrap();
     l.set_timeout(T);
     let bound = l.local_address().unwrap();
     let h = spawn_receiver(l, dst_key);
     let r = migrate::send(&bound, src_key.as_ref(), src, o);
-    (r, h.join().unwrap())
+    (r, h.finish())
 }
 
 fn check_success(src: &mut FakeSource, r: migrate::Result<Outcome>, d: DestResult) -> Outcome {
@@ -170,12 +231,17 @@ fn max_rounds_forces_the_final_round() {
 fn wrong_key_fails_both_sides_and_source_keeps_running() {
     let src = FakeSource::new(&regions(), busy());
     let addr: Address = "tcp:127.0.0.1:0".parse().unwrap();
-    let (r, d) = migrate_over(&addr, Some(key(1)), Some(key(9)), &src, opts());
-    let (se, de) = (r.unwrap_err(), d.err().unwrap());
+    let (r, d) = migrate_or_reject(&addr, Some(key(1)), Some(key(9)), &src, opts());
+    let (se, Err(de)) = (r.unwrap_err(), d) else {
+        panic!("the receiver ended")
+    };
     assert!(matches!(se, Error::Auth(_)), "{se}");
-    assert!(matches!(de, Error::Auth(_)), "{de}");
     assert_eq!(se.to_string(), "authentication failed: wrong key");
-    assert_eq!(de.to_string(), "authentication failed: wrong key");
+    // The listener turns the peer away and waits on.
+    assert!(
+        de.starts_with("tcp:127.0.0.1:") && de.ends_with(": authentication failed: wrong key"),
+        "{de}"
+    );
     assert_eq!(src.pauses.load(Ordering::SeqCst), 0);
     src.assert_running_again();
 }
@@ -184,11 +250,183 @@ fn wrong_key_fails_both_sides_and_source_keeps_running() {
 fn key_on_one_side_only_fails_both_sides() {
     for (sk, dk) in [(Some(key(1)), None), (None, Some(key(1)))] {
         let src = FakeSource::new(&[(0, MIB as u64)], None);
-        let (r, d) = migrate_over(&temp_sock("onekey"), sk, dk, &src, opts());
+        let (r, d) = migrate_or_reject(&temp_sock("onekey"), sk, dk, &src, opts());
         assert!(matches!(r, Err(Error::Auth(_))), "{r:?}");
-        assert!(matches!(d, Err(Error::Auth(_))));
+        let Err(d) = d else {
+            panic!("the receiver ended")
+        };
+        assert!(d.contains(": authentication failed: the peer"), "{d}");
         src.assert_running_again();
     }
+}
+
+/// Strangers who connect and say nothing, drip a ClientHello a byte at a time, or open a
+/// hundred connections, do not keep a genuine source out: it gets through well before any of
+/// theirs reaches the handshake deadline (before the gate, the receiver served the first
+/// connection alone and a hundred idle ones held it for minutes).
+fn strangers_do_not_delay_a_genuine_source(addr: &Address, k: Option<Key>) {
+    let mut l = Listener::bind(addr, k.as_ref()).unwrap();
+    l.set_timeout(T);
+    let bound = l.local_address().unwrap();
+    let connect = || -> Box<dyn Write + Send> {
+        match &bound {
+            Address::Tcp(hp) => Box::new(std::net::TcpStream::connect(hp).unwrap()),
+            Address::Unix(p) => Box::new(UnixStream::connect(p).unwrap()),
+        }
+    };
+    let start = std::time::Instant::now();
+    let h = spawn_receiver(l, k.clone());
+    let idle: Vec<_> = (0..100).map(|_| connect()).collect();
+    let stop_drips = Arc::new(AtomicBool::new(false));
+    let drips: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = connect();
+            let stop = stop_drips.clone();
+            thread::spawn(move || {
+                for b in client_hello(1, 1) {
+                    if stop.load(Ordering::SeqCst) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let mut src = FakeSource::new(&[(0, 4 * MIB as u64)], None);
+    let r = migrate::send(&bound, k.as_ref(), &src, opts());
+    let took = start.elapsed();
+    let rejected = h.rejected.clone();
+    let Ok(d) = h.finish() else {
+        panic!("the genuine source was rejected")
+    };
+    stop_drips.store(true, Ordering::SeqCst);
+    for t in drips {
+        t.join().unwrap();
+    }
+    drop(idle);
+    r.unwrap();
+    let (dst, _) = d.unwrap();
+    src.stop_dirtier();
+    assert_same_memory(&src.mem, &dst.mem);
+    let limits = migrate::Limits::default();
+    assert!(
+        took < limits.deadline - Duration::from_secs(1),
+        "the source waited {took:?}"
+    );
+    let rejected = rejected.lock().unwrap();
+    assert!(
+        rejected.len() >= 100 - limits.max_handshakes,
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r.contains(": closed for a newer connection")),
+        "{rejected:?}"
+    );
+}
+
+#[test]
+fn strangers_on_tcp_do_not_delay_a_genuine_source() {
+    let addr: Address = "tcp:127.0.0.1:0".parse().unwrap();
+    strangers_do_not_delay_a_genuine_source(&addr, Some(key(3)));
+}
+
+#[test]
+fn strangers_on_a_unix_socket_do_not_delay_a_genuine_source() {
+    strangers_do_not_delay_a_genuine_source(&temp_sock("strangers"), None);
+}
+
+/// A peer dripping its ClientHello slower than the handshake deadline is cut at the deadline,
+/// the listener says so, and it waits on.
+#[test]
+fn a_slow_handshake_is_cut_at_the_deadline() {
+    let addr: Address = "tcp:127.0.0.1:0".parse().unwrap();
+    let mut l = Listener::bind(&addr, Some(&key(5))).unwrap();
+    l.set_limits(migrate::Limits {
+        deadline: Duration::from_secs(1),
+        ..migrate::Limits::default()
+    });
+    let Address::Tcp(hp) = l.local_address().unwrap() else {
+        panic!("a tcp listener")
+    };
+    let h = spawn_receiver(l, Some(key(5)));
+    let mut s = std::net::TcpStream::connect(&hp).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut cut = false;
+    for b in client_hello(1, 1) {
+        if s.write_all(&[b]).is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => panic!("answered a partial ClientHello"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        cut,
+        "a 5-second ClientHello got through a 1-second deadline"
+    );
+    assert!(took < Duration::from_secs(4), "cut only after {took:?}");
+    assert!(!h.thread.is_finished(), "the receiver must wait on");
+    let Err(why) = h.finish() else {
+        panic!("the receiver ended")
+    };
+    assert!(why.contains("no handshake within 1 s"), "{why}");
+}
+
+/// [`migrate::Waiting::stop`] ends a receiver that is still waiting.
+#[test]
+fn a_waiting_receiver_can_be_stopped() {
+    let l = Listener::bind(&temp_sock("stop"), None).unwrap();
+    let h = spawn_receiver(l, None);
+    thread::sleep(Duration::from_millis(200));
+    assert!(!h.thread.is_finished());
+    h.stop.store(true, Ordering::SeqCst);
+    assert!(matches!(h.thread.join().unwrap(), Err(Error::Stopped)));
+}
+
+/// A receiver stopped while the VM arrives (the VMM got a termination signal) stops between
+/// messages and tells the source, which resumes its VM.
+#[test]
+fn a_receiver_stopped_mid_migration_tells_the_source() {
+    let mut l = Listener::bind(&temp_sock("stop-mid"), None).unwrap();
+    l.set_timeout(T);
+    let bound = l.local_address().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = thread::spawn(move || {
+        let waiting = migrate::Waiting {
+            stop: &|| stop2.load(Ordering::SeqCst),
+            rejected: &|_| {},
+        };
+        migrate::receive_with(&l, None, &waiting, |d| {
+            // The signal comes as the VM is being built.
+            stop2.store(true, Ordering::SeqCst);
+            prepare(d)
+        })
+        .map(|_| ())
+    });
+    let src = FakeSource::new(&regions(), busy());
+    let r = migrate::send(&bound, None, &src, opts());
+    assert!(matches!(h.join().unwrap(), Err(Error::Stopped)));
+    let e = r.unwrap_err().to_string();
+    assert_eq!(e, "peer failed: the receiver was stopped");
+    src.assert_running_again();
 }
 
 #[test]

@@ -91,6 +91,12 @@ pub fn take_signal() -> Option<i32> {
     }
 }
 
+/// Puts back a signal taken by [`take_signal`] for the next taker (a receiver that took it
+/// while its VM was being started leaves it to the running VM's main loop).
+pub fn requeue_signal(num: i32) {
+    let _ = SIGNAL.compare_exchange(0, num, Ordering::Relaxed, Ordering::Relaxed);
+}
+
 /// A signal's name for messages.
 pub fn signal_name(num: i32) -> String {
     match num {

@@ -41,6 +41,8 @@ macro_rules! note {
 
 /// How long pausing for the final round may take.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting receiver looks for a termination signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// One throttle cycle: the VM runs `100 - percent` % of it and is paused for the rest.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(100);
 
@@ -367,6 +369,12 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
         .local_address()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| from.to_string());
+    // A termination signal ends the wait with its `error:` line (the receiver thread is told
+    // to stop; [`receive_one`] polls for the signal).
+    crate::exit::install_signal_handlers().map_err(|source| Error::Io {
+        op: "cannot install signal handlers",
+        source,
+    })?;
     eprintln!("anyvisor: waiting for a migration on {shown}");
     loop {
         match receive_one(&listener, key.as_ref(), runtime)? {
@@ -418,6 +426,8 @@ fn receive_one(
         std::sync::mpsc::channel::<std::result::Result<Incoming, String>>();
     let (verdict_tx, verdict) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
     let seccomp = runtime.seccomp;
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("migrate-in".into())
@@ -429,7 +439,13 @@ fn receive_one(
                     ))
                 })?;
                 let gone = || "the main thread is gone".to_string();
-                let arrived = migrate::receive(listener, key, |description| {
+                let waiting = migrate::Waiting {
+                    stop: &|| stop.load(Ordering::Acquire),
+                    rejected: &|why| {
+                        hv::rate_limited!(note!("migration listener: {why}"));
+                    },
+                };
+                let arrived = migrate::receive_with(listener, key, &waiting, |description| {
                     let header = parse_description(description)?;
                     to_main.send(Request::Prepare(header)).map_err(|_| gone())?;
                     prepared.recv().map_err(|_| gone())?
@@ -459,9 +475,22 @@ fn receive_one(
                 })
             })
             .map_err(|e| Error::Setup(format!("cannot start the migration thread: {e}")))?;
-        // Serve the thread's requests until it ends (its sender is dropped then).
+        // Serve the thread's requests until it ends (its sender is dropped then), and pass a
+        // termination signal on to it.
         let mut started = None;
-        for request in requests {
+        let mut signal = None;
+        loop {
+            let request = match requests.recv_timeout(SIGNAL_POLL) {
+                Ok(r) => r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(num) = crate::exit::take_signal() {
+                        signal.get_or_insert(num);
+                        stop.store(true, Ordering::Release);
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             match request {
                 Request::Prepare(header) => {
                     let _ = prepared_tx.send(prepare(header, runtime).map_err(|e| report(&e)));
@@ -481,8 +510,16 @@ fn receive_one(
         let end = thread
             .join()
             .unwrap_or_else(|_| Ok(ThreadEnd::Failed("the migration thread panicked".into())))?;
+        let signal = signal.or_else(crate::exit::take_signal);
         Ok(match (end, started) {
-            (ThreadEnd::Confirmed, Some(vmm)) => Attempt::Arrived(vmm),
+            (ThreadEnd::Confirmed, Some(vmm)) => {
+                // It runs here now: a signal is the running VM's, handled as for any
+                // ([`Vmm::wait`]: SIGTERM presses the power button, the others stop it).
+                if let Some(num) = signal {
+                    crate::exit::requeue_signal(num);
+                }
+                Attempt::Arrived(vmm)
+            }
             (ThreadEnd::Unconfirmed(e) | ThreadEnd::Failed(e), Some(vmm)) => {
                 // The source may resume its copy: never run the VM twice.
                 vmm.parts()
@@ -492,8 +529,12 @@ fn receive_one(
                     )));
                 Attempt::Arrived(vmm)
             }
-            (ThreadEnd::Failed(reason), None) => Attempt::Failed(reason),
-            (_, None) => Attempt::Failed("the migration thread ended without a VM".into()),
+            // Nothing runs here: a signal ends the wait.
+            (end, None) => match (signal, end) {
+                (Some(num), _) => return Err(Error::Signal(crate::exit::signal_name(num))),
+                (None, ThreadEnd::Failed(reason)) => Attempt::Failed(reason),
+                (None, _) => Attempt::Failed("the migration thread ended without a VM".into()),
+            },
         })
     })
 }

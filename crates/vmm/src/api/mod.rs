@@ -1,29 +1,30 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket (documented in
 //! `api/openapi.yaml`). [`ApiServer`] accepts connections on its own thread and serves each
-//! (one request, one response) on a short-lived thread of its own, at most
-//! [`MAX_CONNECTIONS`] at once, so `GET /vm` answers while a `PUT /vm/migrate` runs; requests go
-//! to a [`VmControl`]. [`client`] is what the control subcommands use.
+//! (one request, one response) on a short-lived thread of its own, so `GET /vm` answers while a
+//! `PUT /vm/migrate` runs; requests go to a [`VmControl`]. How many connections are read and
+//! served at once, for how long, and the places kept for control requests are [`limits`].
+//! [`client`] is what the control subcommands use.
 
 pub mod client;
 pub mod http;
+pub mod limits;
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use http::{Request, Response};
+use limits::{Class, Reading, Serving};
 
-/// How long a client may take to send its request or read the answer.
+/// How long a client may take to read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are answered 503 at once.
-pub const MAX_CONNECTIONS: usize = 8;
 /// How long stopping the server waits for requests in progress (a `snapshot --stop` reply).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -165,22 +166,51 @@ pub fn route_cancellable(
     }
 }
 
-/// Serves one connection: one request, one response.
-fn serve(control: &dyn VmControl, mut stream: UnixStream) {
-    // A client that stalls must not block the API for everyone else for long.
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+/// Serves one connection: one request, one response. The request is read by
+/// [`limits::REQUEST_DEADLINE`] (`reading` counts the connection until then), then served in a
+/// place of its [`Class`] or answered 503.
+fn serve(
+    control: &dyn VmControl,
+    stream: &UnixStream,
+    id: u64,
+    reading: &Reading,
+    serving: &Serving,
+) {
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let response = match http::read_request(&mut stream) {
+    let until = Instant::now() + limits::REQUEST_DEADLINE;
+    let read = http::read_request(&mut limits::Deadline { stream, until });
+    reading.leave(id);
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    // Held until the answer is written (even if serving panics): a stopping server waits for
+    // it, so a request that was carried out (a migration's hand-off) is answered.
+    let mut place = None;
+    let response = match read {
         Ok(req) => {
-            let gone = || client_gone(&stream).then(|| "the api client hung up".to_string());
-            route_cancellable(control, &req, &gone)
+            place = limits::Place::take(serving, Class::of(&req));
+            if place.is_some() {
+                let gone = || client_gone(stream).then(|| "the api client hung up".to_string());
+                route_cancellable(control, &req, &gone)
+            } else {
+                Response::error(
+                    503,
+                    "too many api requests in progress, or the VMM is stopping",
+                )
+            }
         }
+        Err(http::HttpError::Io(_)) if Instant::now() >= until => Response::error(
+            408,
+            &format!(
+                "the request did not arrive within {} s",
+                limits::REQUEST_DEADLINE.as_secs()
+            ),
+        ),
         Err(e) => match e.status() {
             Some(status) => Response::error(status, &e.to_string()),
             None => return,
         },
     };
-    let _ = response.write_to(&mut stream);
+    let _ = response.write_to(&mut &*stream);
+    drop(place);
 }
 
 /// Whether the client of `stream` closed its connection (or its sending side: a client that
@@ -188,9 +218,7 @@ fn serve(control: &dyn VmControl, mut stream: UnixStream) {
 /// read whole, so anything else it sends is ignored.
 fn client_gone(stream: &UnixStream) -> bool {
     use std::io::Read;
-    // A read that waits at most a microsecond: end of stream means the client is gone. (Without
-    // `poll`, which would need `unsafe`, or `set_nonblocking`, an ioctl the API's seccomp
-    // filter does not allow.)
+    // A read that waits at most a microsecond: end of stream means the client is gone.
     if stream
         .set_read_timeout(Some(Duration::from_micros(1)))
         .is_err()
@@ -212,77 +240,33 @@ fn client_gone(stream: &UnixStream) -> bool {
     gone
 }
 
-/// The number of connections being served, and a signal when it drops.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    changed: Condvar,
-}
-
-impl InFlight {
-    /// Counts one more connection unless [`MAX_CONNECTIONS`] are served already.
-    fn enter(&self) -> bool {
-        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        if *n >= MAX_CONNECTIONS {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn leave(&self) {
-        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        *n = n.saturating_sub(1);
-        self.changed.notify_all();
-    }
-
-    /// Waits until no connection is served, at most `limit`.
-    fn drain(&self, limit: Duration) {
-        let n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = self
-            .changed
-            .wait_timeout_while(n, limit, |n| *n > 0)
-            .unwrap_or_else(PoisonError::into_inner);
-    }
-}
-
-/// Leaves the in-flight count when the connection thread ends, even by a panic.
-struct Served(Arc<InFlight>);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
-}
-
-/// The accept loop: one thread per connection.
+/// The accept loop: one thread per connection. A new connection is never refused: when
+/// [`limits::MAX_READING`] are being read, the oldest of them is cut.
 fn accept_loop(
     listener: &UnixListener,
     control: &Arc<dyn VmControl>,
     stop: &AtomicBool,
-    in_flight: &Arc<InFlight>,
+    reading: &Arc<Reading>,
+    serving: &Arc<Serving>,
 ) {
-    for conn in listener.incoming() {
+    for (id, conn) in (0u64..).zip(listener.incoming()) {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(mut stream) = conn else { continue };
-        if !in_flight.enter() {
-            let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-            let _ = Response::error(503, "too many api connections").write_to(&mut stream);
-            continue;
+        let Ok(stream) = conn else { continue };
+        let stream = Arc::new(stream);
+        if let Some(cut) = reading.enter(id, stream.clone()) {
+            let _ = cut.shutdown(std::net::Shutdown::Both);
         }
-        let served = Served(in_flight.clone());
         let control = control.clone();
+        let (reading2, serving2) = (reading.clone(), serving.clone());
         // Connection threads inherit the API thread's seccomp filter.
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
-            .spawn(move || {
-                let _served = served;
-                serve(&*control, stream);
-            });
-        // On failure the closure (and its `Served`) was dropped: the count is back.
-        drop(spawned);
+            .spawn(move || serve(&*control, &stream, id, &reading2, &serving2));
+        if spawned.is_err() {
+            reading.leave(id);
+        }
     }
 }
 
@@ -298,7 +282,8 @@ pub struct ApiServer {
     /// socket at the same path since (after someone removed ours), and that one is not ours to
     /// wake or remove.
     file_id: Option<(u64, u64)>,
-    in_flight: Arc<InFlight>,
+    reading: Arc<Reading>,
+    serving: Arc<Serving>,
 }
 
 impl ApiServer {
@@ -337,8 +322,9 @@ impl ApiServer {
         crate::exit::remove_on_exit(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let in_flight = Arc::new(InFlight::default());
-        let in_flight2 = in_flight.clone();
+        let reading = Arc::new(Reading::default());
+        let serving = Arc::new(Serving::default());
+        let (reading2, serving2) = (reading.clone(), serving.clone());
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -348,7 +334,7 @@ impl ApiServer {
                     return;
                 }
                 crate::test_hooks::after_api_filter();
-                accept_loop(&listener, &control, &stop2, &in_flight2);
+                accept_loop(&listener, &control, &stop2, &reading2, &serving2);
             })
             .map_err(|source| Error::Io {
                 op: "cannot start the api thread",
@@ -360,7 +346,8 @@ impl ApiServer {
             thread: Some(thread),
             done,
             file_id,
-            in_flight,
+            reading,
+            serving,
         })
     }
 
@@ -394,7 +381,9 @@ impl Drop for ApiServer {
                 let _ = t.join();
             }
         }
-        self.in_flight.drain(DRAIN_TIMEOUT);
+        // Requests not read yet are not answered; those being served are, for a while.
+        self.reading.cut_all();
+        self.serving.close_and_drain(DRAIN_TIMEOUT);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -550,6 +539,162 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5), "stopping hung");
         assert!(path.exists(), "removed the other server's socket");
         drop(other);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Snapshots take a while (as real ones do): a flood of them fills the work places.
+    #[derive(Default)]
+    struct Slow(std::sync::atomic::AtomicUsize, AtomicBool);
+
+    impl VmControl for Slow {
+        fn info(&self) -> serde_json::Value {
+            serde_json::json!({"state": "running"})
+        }
+        fn pause(&self) -> std::result::Result<(), ApiError> {
+            Ok(())
+        }
+        fn resume(&self) -> std::result::Result<(), ApiError> {
+            Ok(())
+        }
+        fn shutdown(&self, _: ShutdownRequest) -> std::result::Result<(), ApiError> {
+            Ok(())
+        }
+        fn snapshot(&self, _: SnapshotRequest) -> std::result::Result<(), ApiError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(())
+        }
+        fn migrate(&self, _: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
+            self.1.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(500));
+            // More than a socket buffer holds: writing it waits for the client to read.
+            Err(ApiError::new(501, "no".repeat(1 << 19)))
+        }
+    }
+
+    /// A migration's hand-off stops the server while the migrate request is being served: the
+    /// server is gone only once the answer was written (else the process exits first and the
+    /// client reads "connection closed before a response").
+    #[test]
+    fn a_stopping_server_answers_what_it_carried_out() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("anyvisor-api-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let slow = Arc::new(Slow::default());
+        let server = ApiServer::start(&path, slow.clone(), sandbox::SeccompMode::Off).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"PUT /vm/migrate HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"to\":\"unix:/x\"}")
+            .unwrap();
+        let start = Instant::now();
+        while !slow.1.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
+        let stopping = std::thread::spawn(move || {
+            drop(server);
+            let _ = stopped_tx.send(());
+        });
+        // The answer cannot be written whole until the client reads: the server must wait.
+        assert!(
+            stopped.recv_timeout(Duration::from_secs(2)).is_err(),
+            "the server stopped before its answer was written"
+        );
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        stopping.join().unwrap();
+        assert!(answer.len() > 1 << 20, "{}", answer.len());
+        assert!(answer.starts_with(b"HTTP/1.1 501 "));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A hundred idle clients, a few that drip their request a byte at a time, clients that
+    /// announce a large body and never send it, and a flood of snapshot requests: `info`,
+    /// `pause` and `resume` are still answered, and promptly. (Before the limits, eight idle
+    /// clients made every other request a 503 for five seconds.)
+    #[test]
+    fn control_requests_are_answered_under_idle_clients_and_a_flood() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("anyvisor-api-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let slow = Arc::new(Slow::default());
+        let server = ApiServer::start(&path, slow.clone(), sandbox::SeccompMode::Off).unwrap();
+        let info = || {
+            let start = Instant::now();
+            let r = client::call(&path, "GET", "/vm", None);
+            (r, start.elapsed())
+        };
+        let idle: Vec<UnixStream> = (0..100)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let (r, took) = info();
+        assert_eq!(r.unwrap().as_deref(), Some(r#"{"state":"running"}"#));
+        assert!(took < Duration::from_secs(2), "info took {took:?}");
+        let drips: Vec<_> = (0..3)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                std::thread::spawn(move || {
+                    for b in b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n" {
+                        if s.write_all(&[*b]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                })
+            })
+            .collect();
+        let bodies: Vec<UnixStream> = (0..20)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"PUT /vm/snapshot HTTP/1.1\r\nContent-Length: 60000\r\n\r\n{")
+                    .unwrap();
+                s
+            })
+            .collect();
+        let flood: Vec<_> = (0..30)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    client::call(&path, "PUT", "/vm/snapshot", Some(r#"{"output":"/x"}"#))
+                })
+            })
+            .collect();
+        // The flood fills the work places ...
+        let start = Instant::now();
+        while slow.0.load(Ordering::SeqCst) < limits::MAX_WORK {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the flood never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // ... and control requests are served all the same.
+        for _ in 0..5 {
+            let (r, took) = info();
+            assert!(r.is_ok(), "{r:?}");
+            assert!(took < Duration::from_secs(2), "info took {took:?}");
+        }
+        assert_eq!(client::call(&path, "PUT", "/vm/pause", None).unwrap(), None);
+        assert_eq!(
+            client::call(&path, "PUT", "/vm/resume", None).unwrap(),
+            None
+        );
+        let results: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(results.iter().any(|r| r.is_ok()));
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(Error::ApiRequest { status: 503, .. }))),
+            "the work places are unbounded"
+        );
+        assert_eq!(slow.0.load(Ordering::SeqCst), limits::MAX_WORK);
+        drop((idle, bodies));
+        for t in drips {
+            t.join().unwrap();
+        }
+        drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
