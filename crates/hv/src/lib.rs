@@ -18,6 +18,13 @@
 // CPU state images (FXSAVE, XSAVE, LAPIC registers) come from snapshot files and migration
 // streams: besides the workspace lints, no index may panic here either.
 #![deny(clippy::indexing_slicing)]
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod cpu_model;
 pub mod ratelimit;
