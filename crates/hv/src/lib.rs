@@ -49,10 +49,13 @@ pub const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend cannot be used on this host (no device node, missing capability, ...).
+    /// The reason names what failed; an OS error behind it is the source.
     #[error("{backend} is not usable: {reason}")]
     Unavailable {
         backend: &'static str,
         reason: String,
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// A call into the backend failed. The message names the call only; the OS error is the
     /// [`source`](std::error::Error::source) (print the chain with [`Chain`]).

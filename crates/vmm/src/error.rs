@@ -166,6 +166,7 @@ mod tests {
             Error::Hypervisor(hv::Error::Unavailable {
                 backend: "kvm",
                 reason: "no".into(),
+                source: None,
             }),
             Error::Hypervisor(hv::Error::Incompatible("x".into())),
             Error::ApiConnect {
@@ -212,8 +213,9 @@ mod tests {
         let e = Error::Hypervisor(hv::Error::Unavailable {
             backend: "kvm",
             reason: "cannot open /dev/kvm".into(),
+            source: Some(io(std::io::ErrorKind::PermissionDenied)),
         });
-        assert_eq!(report(&e), "kvm is not usable: cannot open /dev/kvm");
+        assert_eq!(report(&e), "kvm is not usable: cannot open /dev/kvm: boom");
         // hv::Error::Backend names the call; the OS error comes once, from the chain.
         let e = Error::Vcpu {
             id: 0,
