@@ -90,7 +90,7 @@ const MAX_BLS_ENTRIES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read the disk image: {0}")]
+    #[error("cannot read the disk image")]
     Io(#[from] io::Error),
     #[error("bad partition table: {0}")]
     BadTable(String),

@@ -84,7 +84,7 @@ pub enum Error {
     Hv(#[from] hv::Error),
     #[error("guest memory: {0}")]
     Memory(String),
-    #[error("assembling: {0}")]
+    #[error("assembling")]
     Asm(#[from] iced_x86::IcedError),
 }
 
@@ -112,7 +112,7 @@ pub fn kvm() -> Option<hv_kvm::KvmHypervisor> {
             println!("SKIP: no /dev/kvm ({reason})");
             None
         }
-        Err(e) => panic!("opening KVM: {e}"),
+        Err(e) => panic!("opening KVM: {}", hv::Chain(&e)),
     }
 }
 
@@ -548,7 +548,7 @@ impl Guest {
     pub fn go(&mut self) -> Outcome {
         match self.run() {
             Ok(o) => o,
-            Err(e) => panic!("run failed: {e}: {:?}", std::error::Error::source(&e)),
+            Err(e) => panic!("run failed: {}", hv::Chain(&e)),
         }
     }
 

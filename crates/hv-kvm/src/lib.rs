@@ -71,6 +71,17 @@ fn unavailable(reason: String) -> hv::Error {
     hv::Error::Unavailable {
         backend: BACKEND,
         reason,
+        source: None,
+    }
+}
+
+/// [`hv::Error::Unavailable`] for a KVM call that failed: `what` names it, the errno is the
+/// source.
+pub(crate) fn unavailable_os(what: &str, e: &kvm_ioctls::Error) -> hv::Error {
+    hv::Error::Unavailable {
+        backend: BACKEND,
+        reason: what.to_string(),
+        source: Some(std::io::Error::from_raw_os_error(e.errno())),
     }
 }
 
@@ -78,12 +89,7 @@ impl KvmHypervisor {
     /// Opens `/dev/kvm` and checks the capabilities the platform needs. `emulator` completes
     /// instructions KVM's own emulator refuses (see [`hv::InstructionEmulator`]).
     pub fn open(emulator: Option<Arc<dyn InstructionEmulator>>) -> hv::Result<KvmHypervisor> {
-        let kvm = Kvm::new().map_err(|e| {
-            unavailable(format!(
-                "cannot open /dev/kvm: {}",
-                std::io::Error::from_raw_os_error(e.errno())
-            ))
-        })?;
+        let kvm = Kvm::new().map_err(|e| unavailable_os("cannot open /dev/kvm", &e))?;
         if kvm.get_api_version() != 12 {
             return Err(unavailable(format!(
                 "KVM API version {} (expected 12)",
@@ -97,22 +103,12 @@ impl KvmHypervisor {
         }
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| {
-                unavailable(format!(
-                    "KVM_GET_SUPPORTED_CPUID failed: errno {}",
-                    e.errno()
-                ))
-            })?
+            .map_err(|e| unavailable_os("KVM_GET_SUPPORTED_CPUID failed", &e))?
             .as_slice()
             .to_vec();
         let msr_index = kvm
             .get_msr_index_list()
-            .map_err(|e| {
-                unavailable(format!(
-                    "KVM_GET_MSR_INDEX_LIST failed: errno {}",
-                    e.errno()
-                ))
-            })?
+            .map_err(|e| unavailable_os("KVM_GET_MSR_INDEX_LIST failed", &e))?
             .as_slice()
             .to_vec();
         // KVM_GET_TSC_KHZ is a vCPU ioctl: ask a scratch VM once.
@@ -120,12 +116,7 @@ impl KvmHypervisor {
             .create_vm()
             .and_then(|vm| vm.create_vcpu(0))
             .and_then(|vcpu| vcpu.get_tsc_khz())
-            .map_err(|e| {
-                unavailable(format!(
-                    "cannot read the TSC frequency: errno {}",
-                    e.errno()
-                ))
-            })?;
+            .map_err(|e| unavailable_os("cannot read the TSC frequency", &e))?;
         let host = HostInfo {
             supported_cpuid,
             msr_index,

@@ -101,6 +101,7 @@ fn unavailable(reason: String) -> hv::Error {
     hv::Error::Unavailable {
         backend: BACKEND,
         reason,
+        source: None,
     }
 }
 
@@ -137,12 +138,7 @@ fn enable_cpuid_faulting(fd: &VcpuFd) -> bool {
 impl KvmUserAccelerator {
     /// Opens `/dev/kvm`. Fails with [`hv::Error::Unavailable`] when KVM cannot be used.
     pub fn open() -> hv::Result<KvmUserAccelerator> {
-        let kvm = Kvm::new().map_err(|e| {
-            unavailable(format!(
-                "cannot open /dev/kvm: {}",
-                std::io::Error::from_raw_os_error(e.errno())
-            ))
-        })?;
+        let kvm = Kvm::new().map_err(|e| crate::unavailable_os("cannot open /dev/kvm", &e))?;
         for (cap, name) in [
             (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
             (kvm_ioctls::Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
@@ -154,22 +150,14 @@ impl KvmUserAccelerator {
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| {
-                unavailable(format!(
-                    "KVM_GET_SUPPORTED_CPUID failed: errno {}",
-                    e.errno()
-                ))
-            })?;
+            .map_err(|e| crate::unavailable_os("KVM_GET_SUPPORTED_CPUID failed", &e))?;
         let probe = kvm
             .create_vm()
             .and_then(|vm| vm.create_vcpu(0))
-            .map_err(|e| unavailable(format!("cannot create a probe vCPU: errno {}", e.errno())))?;
-        let tsc_khz = probe.get_tsc_khz().map_err(|e| {
-            unavailable(format!(
-                "cannot read the TSC frequency: errno {}",
-                e.errno()
-            ))
-        })?;
+            .map_err(|e| crate::unavailable_os("cannot create a probe vCPU", &e))?;
+        let tsc_khz = probe
+            .get_tsc_khz()
+            .map_err(|e| crate::unavailable_os("cannot read the TSC frequency", &e))?;
         let cpuid_faulting = enable_cpuid_faulting(&probe);
         Ok(KvmUserAccelerator {
             kvm,

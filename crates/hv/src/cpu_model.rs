@@ -360,14 +360,8 @@ impl CpuModel {
             leaf(0x8000_0000, 0x8000_0008, auth, camd, enti),
             leaf(0x8000_0001, 0x0006_0fb1, 0, LAHF_LM, SYSCALL | NX | LM),
         ];
-        for (i, regs) in brand.iter().enumerate() {
-            cpuid.push(leaf(
-                0x8000_0002 + i as u32,
-                regs[0],
-                regs[1],
-                regs[2],
-                regs[3],
-            ));
+        for (function, regs) in (0x8000_0002u32..).zip(brand.iter()) {
+            cpuid.push(leaf(function, regs[0], regs[1], regs[2], regs[3]));
         }
         cpuid.extend([
             leaf(0x8000_0005, 0, 0, 0, 0),
@@ -410,12 +404,8 @@ impl CpuModel {
             str_regs(b"anyvisor portabl"),
             str_regs(b"e x86-64-v3 CPU\0"),
         ];
-        for (k, regs) in brand.iter().enumerate() {
-            if let Some(e) = m
-                .cpuid
-                .iter_mut()
-                .find(|e| e.function == 0x8000_0002 + k as u32)
-            {
+        for (function, regs) in (0x8000_0002u32..).zip(brand.iter()) {
+            if let Some(e) = m.cpuid.iter_mut().find(|e| e.function == function) {
                 [e.eax, e.ebx, e.ecx, e.edx] = *regs;
             }
         }

@@ -18,6 +18,13 @@
 // CPU state images (FXSAVE, XSAVE, LAPIC registers) come from snapshot files and migration
 // streams: besides the workspace lints, no index may panic here either.
 #![deny(clippy::indexing_slicing)]
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod cpu_model;
 pub mod ratelimit;
@@ -42,13 +49,17 @@ pub const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend cannot be used on this host (no device node, missing capability, ...).
+    /// The reason names what failed; an OS error behind it is the source.
     #[error("{backend} is not usable: {reason}")]
     Unavailable {
         backend: &'static str,
         reason: String,
+        #[source]
+        source: Option<std::io::Error>,
     },
-    /// A call into the backend failed.
-    #[error("{op} failed: {source}")]
+    /// A call into the backend failed. The message names the call only; the OS error is the
+    /// [`source`](std::error::Error::source) (print the chain with [`Chain`]).
+    #[error("{op} failed")]
     Backend {
         op: &'static str,
         #[source]
@@ -71,6 +82,42 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Displays an error and its chain of causes on one line, `outer: cause: root cause`.
+///
+/// Every error in the workspace names only its own operation and leaves its cause to
+/// [`source`](std::error::Error::source), so flattening an error into a message or a log line
+/// goes through this instead of `{e}`, which would drop the causes.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+/// An error from another crate whose message already contains its cause (`vm-memory`,
+/// `seccompiler` write `"...: {0}"` and also return the cause as `source`): shown as its
+/// message alone and reporting no source, so a [`Chain`] names that cause once.
+#[derive(Debug)]
+pub struct Flat<E>(pub E);
+
+impl<E: std::fmt::Display> std::fmt::Display for Flat<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for Flat<E> {}
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !text.is_empty() {
+                write!(f, ": {text}")?;
+            }
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
 
 /// Which backend runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -341,4 +388,31 @@ pub trait UserModeRunner: Send {
     ) -> Result<UserExit>;
     /// Interrupts a `run` in progress (or makes the next one return at once).
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_its_cause_once() {
+        let e = Error::Backend {
+            op: "KVM_RUN",
+            source: std::io::Error::from_raw_os_error(4),
+        };
+        assert_eq!(e.to_string(), "KVM_RUN failed");
+        let chain = Chain(&e).to_string();
+        assert!(chain.starts_with("KVM_RUN failed: "), "{chain}");
+        assert_eq!(chain.matches("os error 4").count(), 1, "{chain}");
+    }
+
+    #[test]
+    fn flat_cuts_a_cause_its_message_already_names() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Prints(#[source] std::io::Error);
+        let inner = || Prints(std::io::Error::other("root"));
+        assert_eq!(Chain(&inner()).to_string(), "outer: root: root");
+        assert_eq!(Chain(&Flat(inner())).to_string(), "outer: root");
+    }
 }

@@ -43,14 +43,14 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     /// A source file cannot be read (exit 2).
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
     /// An output file cannot be written (exit 1).
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
         #[source]

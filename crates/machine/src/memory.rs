@@ -11,7 +11,7 @@ pub enum Error {
     )]
     BadSize(u64),
     #[error("cannot allocate guest memory")]
-    Allocate(#[source] vm_memory::mmap::FromRangesError),
+    Allocate(#[source] hv::Flat<vm_memory::mmap::FromRangesError>),
 }
 
 /// Checks a guest RAM size: a non-zero multiple of 4 KiB, at least 1 MiB, at most 1 TiB.
@@ -31,7 +31,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<hv::GuestMemory, Error> {
         let len = usize::try_from(len).map_err(|_| Error::BadSize(mem_bytes))?;
         ranges.push((GuestAddress(addr), len));
     }
-    hv::GuestMemory::from_ranges(&ranges).map_err(Error::Allocate)
+    hv::GuestMemory::from_ranges(&ranges).map_err(|e| Error::Allocate(hv::Flat(e)))
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub enum Error {
     MmioInvalid { base: u64, len: u64 },
     #[error("invalid platform state: {0}")]
     InvalidState(String),
+    #[error("invalid platform state")]
+    SerialState(#[source] crate::devices::serial::RestoreError),
 }
 
 /// ACPI S5 sleep type, as in the DSDT's `_S5_` package.
@@ -194,7 +196,7 @@ impl Platform {
             .map_err(Error::InvalidState)?;
         lock(&self.serial)
             .restore(&s.serial)
-            .map_err(Error::InvalidState)?;
+            .map_err(Error::SerialState)?;
         Ok(())
     }
 

@@ -147,15 +147,32 @@ pub enum Error {
     Install {
         role: ThreadRole,
         #[source]
-        source: seccompiler::Error,
+        source: InstallError,
     },
 }
+
+/// A `seccompiler` install failure. Its message already contains its cause (`seccompiler::Error`
+/// writes `"...: {cause}"` and also returns the cause as `source`), so this shows the message
+/// alone and reports no source: an error chain then names the cause once.
+#[derive(Debug)]
+pub struct InstallError(pub seccompiler::Error);
+
+impl std::fmt::Display for InstallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for InstallError {}
 
 /// Restricts the calling thread (and threads it creates later) to `role`'s system calls.
 /// [`SeccompMode::Off`] installs nothing. Installing twice only narrows: both filters apply.
 pub fn install(role: ThreadRole, mode: SeccompMode) -> Result<(), Error> {
     for program in programs(role, mode)? {
-        seccompiler::apply_filter(&program).map_err(|source| Error::Install { role, source })?;
+        seccompiler::apply_filter(&program).map_err(|e| Error::Install {
+            role,
+            source: InstallError(e),
+        })?;
     }
     Ok(())
 }

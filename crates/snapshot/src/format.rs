@@ -22,6 +22,21 @@ pub(crate) const PAGE_SIZE: u64 = hv::PAGE_SIZE;
 pub(crate) const MEMORY_FIXED_LEN: u64 = 32;
 /// Unit in which the RAM image is read and written.
 pub(crate) const CHUNK: usize = 1 << 20;
+/// [`PAGE_SIZE`] as the format's u32 field.
+const PAGE_SIZE_U32: u32 = 4096;
+const _: () = assert!(PAGE_SIZE_U32 as u64 == PAGE_SIZE);
+
+// anyvisor runs on x86-64 only; there usize is 64 bits, so a u64 size or offset always fits.
+const _: () = assert!(usize::BITS == u64::BITS);
+
+/// `v` as a `usize`: lossless, as usize is 64 bits (asserted above).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "usize is 64 bits on every target anyvisor builds for (asserted above)"
+)]
+pub(crate) const fn to_usize(v: u64) -> usize {
+    v as usize
+}
 
 /// What a reader accepts; a writer refuses to produce anything beyond these.
 pub mod limits {
@@ -100,7 +115,9 @@ pub(crate) struct MemoryInfo {
 }
 
 /// Bytes of RAM image one `memory-chunks` checksum covers.
-pub(crate) const SUM_CHUNK: u64 = 2 << 20;
+pub(crate) const SUM_CHUNK: u64 = SUM_CHUNK_U32 as u64;
+/// [`SUM_CHUNK`] as the format's u32 field.
+const SUM_CHUNK_U32: u32 = 2 << 20;
 
 /// Number of checksum chunks of an image of `image_len` bytes.
 pub(crate) fn sum_chunks(image_len: u64) -> u64 {
@@ -108,14 +125,16 @@ pub(crate) fn sum_chunks(image_len: u64) -> u64 {
 }
 
 /// The `memory-chunks` payload: chunk size (u32), chunk count (u32), one crc32c (u32) each.
-pub(crate) fn encode_chunk_sums(sums: &[u32]) -> Vec<u8> {
+/// `None` when there are more sums than the u32 count holds (a RAM size no limit allows).
+pub(crate) fn encode_chunk_sums(sums: &[u32]) -> Option<Vec<u8>> {
+    let count = u32::try_from(sums.len()).ok()?;
     let mut out = Vec::with_capacity(8 + 4 * sums.len());
-    out.extend_from_slice(&(SUM_CHUNK as u32).to_le_bytes());
-    out.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+    out.extend_from_slice(&SUM_CHUNK_U32.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
     for c in sums {
         out.extend_from_slice(&c.to_le_bytes());
     }
-    out
+    Some(out)
 }
 
 /// Parses a `memory-chunks` payload for an image of `image_len` bytes.
@@ -170,7 +189,7 @@ impl MemoryInfo {
         let mut out = Vec::with_capacity(self.bitmap.len() + 32);
         out.extend_from_slice(&self.image_offset.to_le_bytes());
         out.extend_from_slice(&self.image_len.to_le_bytes());
-        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         out.extend_from_slice(&self.image_crc.to_le_bytes());
         out.extend_from_slice(&self.present_pages.to_le_bytes());
         out.extend_from_slice(&self.bitmap);
@@ -178,7 +197,7 @@ impl MemoryInfo {
     }
 
     pub fn decode(p: &[u8], header: &Header) -> std::result::Result<Self, String> {
-        let Some((fixed, bitmap)) = p.split_first_chunk::<{ MEMORY_FIXED_LEN as usize }>() else {
+        let Some((fixed, bitmap)) = p.split_first_chunk::<{ to_usize(MEMORY_FIXED_LEN) }>() else {
             return Err(format!("{} bytes, shorter than 32", p.len()));
         };
         let image_offset = le64(&fixed[0..8]);
@@ -403,7 +422,7 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
     if file_len < PREAMBLE_LEN {
         return Err(Error::TooShort { len: file_len });
     }
-    let mut pre = [0u8; PREAMBLE_LEN as usize];
+    let mut pre = [0u8; to_usize(PREAMBLE_LEN)];
     src.read_at(0, &mut pre)?;
     if pre[0..8] != MAGIC {
         return Err(Error::BadMagic);
@@ -439,7 +458,7 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
                 needs: SECTION_HEADER_LEN,
             });
         }
-        let mut sh = [0u8; SECTION_HEADER_LEN as usize];
+        let mut sh = [0u8; to_usize(SECTION_HEADER_LEN)];
         src.read_at(off, &mut sh)?;
         let (tag, flags, len, crc) = (
             le32(&sh[0..4]),
@@ -481,7 +500,7 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
             return Err(Error::MetadataTooLarge);
         }
         // `len` is capped above, so this allocation is bounded.
-        let mut payload = vec![0u8; len as usize];
+        let mut payload = vec![0u8; to_usize(len)];
         src.read_at(off + SECTION_HEADER_LEN, &mut payload)?;
         if crc32c::crc32c_append(crc32c::crc32c(&sh[..16]), &payload) != crc {
             return Err(Error::ChecksumMismatch { section: name });
@@ -599,7 +618,7 @@ pub(crate) fn parse<S: Source>(src: &S) -> Result<Parsed> {
     if file_len > needed {
         return Err(Error::TrailingData(file_len - needed));
     }
-    let mut padding = vec![0u8; (image_offset - off) as usize];
+    let mut padding = vec![0u8; to_usize(image_offset - off)];
     src.read_at(off, &mut padding)?;
     if !is_zero(&padding) {
         return Err(Error::NonZeroPadding);
@@ -632,10 +651,10 @@ pub(crate) fn verify_image<S: Source>(
     let mut pos = 0u64;
     let pages_per_sum = SUM_CHUNK / PAGE_SIZE;
     while pos < mem.image_len {
-        let n = (mem.image_len - pos).min(CHUNK as u64) as usize;
+        let n = to_usize((mem.image_len - pos).min(CHUNK as u64));
         buf.truncate(n); // n only shrinks, on the last round
         src.read_at(mem.image_offset + pos, &mut buf)?;
-        for (i, page) in buf.chunks(PAGE_SIZE as usize).enumerate() {
+        for (i, page) in buf.chunks(to_usize(PAGE_SIZE)).enumerate() {
             let p = pos / PAGE_SIZE + i as u64;
             if mem.page_present(p) {
                 crc = crc32c::crc32c_append(crc, page);
@@ -648,7 +667,7 @@ pub(crate) fn verify_image<S: Source>(
             if last_of_chunk {
                 let index = p / pages_per_sum;
                 if let Some(sums) = &mem.chunk_sums
-                    && sums.get(index as usize) != Some(&chunk_crc)
+                    && sums.get(to_usize(index)) != Some(&chunk_crc)
                 {
                     return Err(Error::ChunkChecksum {
                         chunk: index,

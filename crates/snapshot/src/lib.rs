@@ -23,6 +23,13 @@
 
 // Snapshot files are untrusted: besides the workspace lints, no index may panic here either.
 #![deny(clippy::indexing_slicing)]
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, `format::to_usize`,
+// or an `#[allow]` with the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 mod format;
 mod reader;
@@ -226,6 +233,12 @@ pub enum Error {
     },
     #[error("cannot snapshot: {0}")]
     InvalidContents(String),
+    #[error("cannot snapshot: cannot encode {section}")]
+    Encode {
+        section: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

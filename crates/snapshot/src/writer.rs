@@ -201,8 +201,10 @@ impl Drop for Cleanup {
 }
 
 fn encode<T: serde::Serialize>(value: &T, section: &str) -> Result<Vec<u8>> {
-    let bytes = serde_json::to_vec(value)
-        .map_err(|e| Error::InvalidContents(format!("cannot encode {section}: {e}")))?;
+    let bytes = serde_json::to_vec(value).map_err(|source| Error::Encode {
+        section: section.to_string(),
+        source,
+    })?;
     if bytes.len() as u64 > limits::MAX_STATE_SECTION {
         return Err(Error::SectionTooLarge {
             section: section.to_string(),
@@ -313,14 +315,20 @@ pub(crate) fn write_with_faults(
         image_len,
         image_crc: 0,
         present_pages: 0,
-        bitmap: vec![0; bitmap_len as usize],
-        chunk_sums: Some(vec![0; format::sum_chunks(image_len) as usize]),
+        bitmap: vec![0; format::to_usize(bitmap_len)],
+        chunk_sums: Some(vec![0; format::to_usize(format::sum_chunks(image_len))]),
     };
     write_image(&file, &tmp, memory, contents, &mut mem, options, faults)?;
 
     format::push_section(&mut meta, tag::MEMORY, &mem.encode());
     let sums = mem.chunk_sums.as_deref().unwrap_or_default();
-    format::push_optional_section(&mut meta, tag::CHUNK_SUMS, &format::encode_chunk_sums(sums));
+    format::push_optional_section(
+        &mut meta,
+        tag::CHUNK_SUMS,
+        &format::encode_chunk_sums(sums).ok_or_else(|| {
+            Error::InvalidContents("more memory checksums than the format counts".into())
+        })?,
+    );
     format::push_section(&mut meta, tag::END, &[]);
     debug_assert_eq!(meta.len() as u64, metadata_len);
     faults.step("write", &tmp)?;
@@ -374,14 +382,14 @@ fn write_image(
     options: &WriteOptions<'_>,
     faults: &mut Faults,
 ) -> Result<()> {
-    let page = PAGE_SIZE as usize;
+    let page = format::to_usize(PAGE_SIZE);
     let mut buf = vec![0u8; CHUNK];
     let mut image_pos = 0u64;
     for r in &contents.header.memory_regions {
         let mut pos = 0u64;
         while pos < r.len {
             cancelled(options)?;
-            let n = (r.len - pos).min(CHUNK as u64) as usize;
+            let n = format::to_usize((r.len - pos).min(CHUNK as u64));
             buf.resize(n, 0);
             let addr = r.guest_addr + pos;
             memory
@@ -432,8 +440,8 @@ mod tests {
     fn sample() -> (SnapshotContents, hv::GuestMemory) {
         let mem: hv::GuestMemory =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        for i in 0..8u64 {
-            mem.write_slice(&[i as u8 + 1; 64], GuestAddress(i * 0x8_1000))
+        for i in 0..8u8 {
+            mem.write_slice(&[i + 1; 64], GuestAddress(u64::from(i) * 0x8_1000))
                 .unwrap();
         }
         let contents = SnapshotContents {

@@ -16,14 +16,18 @@ fn kvm_device() -> PathBuf {
 }
 
 /// Whether the KVM device can be opened read-write; the reason when it cannot.
-pub fn kvm_available() -> std::result::Result<(), String> {
+pub fn kvm_available() -> hv::Result<()> {
     let path = kvm_device();
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
         .map(drop)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+        .map_err(|e| hv::Error::Unavailable {
+            backend: "kvm",
+            reason: format!("cannot open {}", path.display()),
+            source: Some(e),
+        })
 }
 
 /// An opened backend and the CPU model its guest sees.
@@ -59,12 +63,7 @@ fn open_kvm_hybrid() -> Option<Result<Arc<dyn Hypervisor>>> {
     }
     Some(
         kvm_available()
-            .map_err(|reason| {
-                Error::from(hv::Error::Unavailable {
-                    backend: "kvm",
-                    reason,
-                })
-            })
+            .map_err(Error::from)
             .and_then(|()| Ok(hv_kvm::KvmUserAccelerator::open()?))
             .map(|accel| {
                 Arc::new(hv_emu::EmuHypervisor::with_user_accelerator(Arc::new(
@@ -75,10 +74,7 @@ fn open_kvm_hybrid() -> Option<Result<Arc<dyn Hypervisor>>> {
 }
 
 fn open_kvm(model: Option<&CpuModel>) -> Result<Arc<dyn Hypervisor>> {
-    kvm_available().map_err(|reason| hv::Error::Unavailable {
-        backend: "kvm",
-        reason,
-    })?;
+    kvm_available()?;
     // KVM completes the instructions its own emulator refuses with emu's instruction emulator.
     let emulator = model
         .map(|m| Arc::new(hv_emu::Emulator::new(m.clone())) as Arc<dyn hv::InstructionEmulator>);

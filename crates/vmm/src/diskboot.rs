@@ -67,7 +67,7 @@ pub fn prepare(mut options: RunOptions) -> Result<(RunOptions, Option<Extracted>
         })?;
     let boot = bootdisk::find_boot(image).map_err(|e| Error::BadFile {
         path: disk.path.clone(),
-        reason: format!("cannot boot from this disk: {e}"),
+        reason: format!("cannot boot from this disk: {}", crate::error::report(&e)),
     })?;
     let mut files = Vec::new();
     let kernel = unlinked_copy(&boot.kernel, "kernel")?;

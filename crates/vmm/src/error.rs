@@ -135,20 +135,11 @@ impl Error {
 
 /// The error and its chain of causes as one line, each cause once:
 /// `cannot read /x: No such file or directory (os error 2)`.
+///
+/// No error in the workspace prints its own source, so each cause is simply appended.
 pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        // Some errors (from other crates) already print their source; never say it twice.
-        if !text.is_empty() && !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
     // One line, whatever the messages contain.
-    line.replace(['\n', '\r'], " ")
+    hv::Chain(err).to_string().replace(['\n', '\r'], " ")
 }
 
 #[cfg(test)]
@@ -175,6 +166,7 @@ mod tests {
             Error::Hypervisor(hv::Error::Unavailable {
                 backend: "kvm",
                 reason: "no".into(),
+                source: None,
             }),
             Error::Hypervisor(hv::Error::Incompatible("x".into())),
             Error::ApiConnect {
@@ -221,9 +213,10 @@ mod tests {
         let e = Error::Hypervisor(hv::Error::Unavailable {
             backend: "kvm",
             reason: "cannot open /dev/kvm".into(),
+            source: Some(io(std::io::ErrorKind::PermissionDenied)),
         });
-        assert_eq!(report(&e), "kvm is not usable: cannot open /dev/kvm");
-        // hv::Error::Backend prints its source itself; the chain must not repeat it.
+        assert_eq!(report(&e), "kvm is not usable: cannot open /dev/kvm: boom");
+        // hv::Error::Backend names the call; the OS error comes once, from the chain.
         let e = Error::Vcpu {
             id: 0,
             source: hv::Error::Backend {

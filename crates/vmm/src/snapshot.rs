@@ -105,7 +105,7 @@ pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, String> {
         user_extra: vm
             .vm
             .state()
-            .map_err(|e| format!("cannot read the vm state: {e}"))?
+            .map_err(|e| format!("cannot read the vm state: {}", crate::error::report(&e)))?
             .user_extra,
     })
 }
@@ -118,13 +118,18 @@ pub(crate) fn capture(vm: &VmParts, run: RunState) -> std::result::Result<SavedV
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .state()
-            .map_err(|e| format!("cannot read the state of vcpu {id}: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot read the state of vcpu {id}: {}",
+                    crate::error::report(&e)
+                )
+            })?;
         vcpus.push(state);
     }
     let vm_state = vm
         .vm
         .state()
-        .map_err(|e| format!("cannot read the vm state: {e}"))?;
+        .map_err(|e| format!("cannot read the vm state: {}", crate::error::report(&e)))?;
     let mut devices = vec![
         (RUN_STATE.to_string(), to_json("the run state", &run)?),
         (

@@ -202,14 +202,14 @@ impl Ioapic {
             Ok(()) => {}
             Err(hv::Error::Unsupported(_)) => return false,
             Err(e) => {
-                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {e}");
+                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {}", hv::Chain(&e));
                 return false;
             }
         }
         let fd = match EventFd::new(hv::EFD_NONBLOCK) {
             Ok(fd) => fd,
             Err(e) => {
-                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {e}");
+                tracing::warn!("IOAPIC: no irqfd for pin {pin}: {}", hv::Chain(&e));
                 return false;
             }
         };
@@ -262,7 +262,10 @@ impl Ioapic {
                         return;
                     }
                     Err(e) => {
-                        hv::rate_limited!(tracing::warn!("IOAPIC: irqfd of pin {pin} failed: {e}"))
+                        hv::rate_limited!(tracing::warn!(
+                            "IOAPIC: irqfd of pin {pin} failed: {}",
+                            hv::Chain(&e)
+                        ))
                     }
                 }
             }
@@ -285,7 +288,7 @@ impl Ioapic {
             Err(e) => {
                 let n = self.counters.msi_failed.fetch_add(1, Ordering::Relaxed);
                 if n < 10 {
-                    tracing::warn!("IOAPIC: MSI {addr:#x}/{data:#x} failed: {e}");
+                    tracing::warn!("IOAPIC: MSI {addr:#x}/{data:#x} failed: {}", hv::Chain(&e));
                 }
             }
         }
@@ -373,7 +376,10 @@ fn sync_irqfd(vm: &dyn hv::Vm, pin: u32, rte: u64, irqfd: &mut PinIrqfd) {
         match registered {
             Ok(()) => irqfd.assigned = true,
             Err(e) => {
-                hv::rate_limited!(tracing::warn!("IOAPIC: irqfd of pin {pin} not usable: {e}"));
+                hv::rate_limited!(tracing::warn!(
+                    "IOAPIC: irqfd of pin {pin} not usable: {}",
+                    hv::Chain(&e)
+                ));
                 if irqfd.assigned {
                     let _ = vm.unregister_irqfd(pin, &irqfd.fd);
                     irqfd.assigned = false;
@@ -383,7 +389,8 @@ fn sync_irqfd(vm: &dyn hv::Vm, pin: u32, rte: u64, irqfd: &mut PinIrqfd) {
     } else if irqfd.assigned {
         if let Err(e) = vm.unregister_irqfd(pin, &irqfd.fd) {
             hv::rate_limited!(tracing::warn!(
-                "IOAPIC: cannot deregister the irqfd of pin {pin}: {e}"
+                "IOAPIC: cannot deregister the irqfd of pin {pin}: {}",
+                hv::Chain(&e)
             ));
         }
         irqfd.assigned = false;

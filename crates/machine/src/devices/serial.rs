@@ -36,6 +36,17 @@ pub struct SerialIrq {
     muted: Arc<AtomicBool>,
 }
 
+/// Why a saved serial state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A field is out of range (the reason names it).
+    #[error("{0}")]
+    Invalid(String),
+    /// vm-superio refused the state.
+    #[error("serial state rejected")]
+    Rejected(#[source] vm_superio::serial::Error<std::convert::Infallible>),
+}
+
 impl Trigger for SerialIrq {
     type E = std::convert::Infallible;
 
@@ -235,8 +246,8 @@ impl SerialDevice {
         }
     }
 
-    pub fn restore(&mut self, s: &SerialState) -> Result<(), String> {
-        s.validate()?;
+    pub fn restore(&mut self, s: &SerialState) -> Result<(), RestoreError> {
+        s.validate().map_err(RestoreError::Invalid)?;
         let u = UartState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -260,7 +271,7 @@ impl SerialDevice {
             self.out.clone(),
         );
         self.irq_muted.store(false, Ordering::Relaxed);
-        self.uart = uart.map_err(|e| format!("serial state rejected: {e}"))?;
+        self.uart = uart.map_err(RestoreError::Rejected)?;
         self.pending = s.pending_input.iter().copied().collect();
         Ok(())
     }
