@@ -205,6 +205,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         ThreadRole::Device => {
             disk_io(&mut a);
             sockets(&mut a)?; // a virtio worker's vsock requests: host connections and their I/O
+            a.any(libc::SYS_accept4); // a vsock worker: host clients on the listening socket
             a.any(libc::SYS_poll); // waiting on input
             a.any(libc::SYS_ppoll); // waiting on input
             a.any(libc::SYS_epoll_wait); // device event loops

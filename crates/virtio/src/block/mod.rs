@@ -614,11 +614,6 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // No writable field is offered (writeback needs VIRTIO_BLK_F_CONFIG_WCE).
-        hv::rate_limited!(tracing::debug!(offset, "virtio-blk: config write dropped"));
-    }
-
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError> {
         self.acked_features = acked_features;
         Ok(())
