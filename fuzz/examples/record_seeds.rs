@@ -30,7 +30,7 @@ use hv::{DeviceIo, GuestMemory, Hypervisor, VcpuExit};
 use machine::fuzz::IoWriter;
 use machine::{IrqLine, MmioHandler, Platform, PlatformEvent, PlatformEvents};
 use virtio::fuzz::{OpWriter, Q_SIZE, SegSpec};
-use virtio::{DeviceError, DeviceState, MmioTransport, QueueKick, VirtioDevice};
+use virtio::{DeviceError, DeviceState, MmioTransport, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -212,15 +212,15 @@ impl virtio::Interrupt for Irq {
     }
 }
 
-/// The platform bus calls into the transport under its lock.
-struct Window(Arc<Mutex<MmioTransport>>);
+/// The platform bus calls into the transport's registers.
+struct Window(MmioTransport);
 
 impl MmioHandler for Window {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        lock(&self.0).read(offset, data);
+        self.0.read(offset, data);
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        lock(&self.0).write(offset, data);
+        self.0.write(offset, data);
     }
 }
 
@@ -275,7 +275,7 @@ struct RecDevice {
     inner: Box<dyn VirtioDevice>,
     mem: Arc<GuestMemory>,
     log: DevLog,
-    /// vsock: the host events the event thread handled come first (`POLL`).
+    /// vsock: the host events the worker handled come first (`POLL`).
     poll_first: bool,
 }
 
@@ -291,9 +291,6 @@ impl VirtioDevice for RecDevice {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         self.inner.read_config(offset, data)
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.inner.write_config(offset, data)
     }
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError> {
         self.inner.activate(acked_features)
@@ -346,8 +343,14 @@ impl VirtioDevice for RecDevice {
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
         self.inner.restore(state)
     }
-    fn set_queue_kick(&mut self, kick: QueueKick) {
-        self.inner.set_queue_kick(kick)
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.host_fd()
+    }
+    fn host_event(&mut self) {
+        self.inner.host_event()
+    }
+    fn take_kicks(&mut self) -> u64 {
+        self.inner.take_kicks()
     }
 }
 
@@ -431,7 +434,9 @@ struct Vm {
     stop: Arc<AtomicBool>,
     events: Arc<Events>,
     slots: Vec<machine::VirtioSlot>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    transports: Vec<MmioTransport>,
+    /// One per transport: does the device's work, as in the VMM.
+    workers: Vec<virtio::Worker>,
 }
 
 impl Vm {
@@ -461,6 +466,7 @@ impl Vm {
             events,
             slots: Vec::new(),
             transports: Vec::new(),
+            workers: Vec::new(),
         })
     }
 
@@ -476,7 +482,12 @@ impl Vm {
             line: self.platform.irq_line(slot.irq),
             log: self.plog.clone(),
         });
-        let t = MmioTransport::new(Box::new(rec), self.memory.clone(), irq)?.into_shared();
+        let t = MmioTransport::new(Box::new(rec), self.memory.clone(), irq)?;
+        self.workers.push(virtio::Worker::spawn(
+            &t,
+            format!("virtio{}", self.slots.len()),
+            || Ok(()),
+        )?);
         self.platform.register_mmio(
             slot.base,
             machine::layout::VIRTIO_MMIO_SIZE,
@@ -546,10 +557,11 @@ impl Vm {
             }
         });
         println!("boot finished in {:.0?}", start.elapsed());
-        // Stop the device threads.
+        // Reset the devices, then stop their workers.
         for t in &self.transports {
-            lock(t).write(0x70, &0u32.to_le_bytes());
+            t.write(0x70, &0u32.to_le_bytes());
         }
+        drop(self.workers);
         let w = std::mem::take(&mut lock(&self.plog).w);
         Ok(w)
     }

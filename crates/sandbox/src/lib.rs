@@ -18,7 +18,9 @@
 //! Where the VMM installs each role (everything a thread opens must be opened before):
 //! * [`ThreadRole::Vcpu`]: first thing in each vCPU thread, before its run loop (the vCPU fd,
 //!   its `kvm_run` mapping, the kick signal handler and the disk images already exist).
-//! * [`ThreadRole::Device`]: first thing in the console-input thread (raw mode already set).
+//! * [`ThreadRole::Device`]: first thing in the console-input thread (raw mode already set) and
+//!   in each virtio device's worker (its disk image, tap, vsock listener and epoll set opened
+//!   with the device, before).
 //! * [`ThreadRole::Api`]: first thing in the API thread, before its accept loop. A `tcp:`
 //!   migration started from here must get a numeric address: resolving a host name may load
 //!   NSS modules (executable mappings), which the filter refuses.
@@ -43,10 +45,12 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 /// What a thread does, which decides the system calls it may make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadRole {
-    /// Runs one vCPU and the device emulation of its exits (MMIO/PIO, virtio registers).
+    /// Runs one vCPU and the device emulation of its exits (MMIO/PIO, virtio registers). Device
+    /// work (disk and socket I/O, activation) is the workers': a vCPU only signals them.
     Vcpu,
-    /// A device's own worker (console input, virtio queue workers): reads host input, processes
-    /// virtio queues (disk I/O, tap writes, vsock host connections) and raises guest interrupts.
+    /// A device's own worker (console input, virtio device workers): reads host input, processes
+    /// virtio queues (disk I/O, tap reads and writes, vsock host connections: accepting,
+    /// connecting, stream I/O) and raises guest interrupts.
     Device,
     /// Serves the control socket: pause, resume, info, snapshots (writes files), and spawns a
     /// migration thread.

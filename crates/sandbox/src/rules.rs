@@ -68,11 +68,10 @@ fn without_bits(arg: u8, mask: u64) -> Result<SeccompRule> {
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
 
-/// What every thread does: memory allocation, locks, sleeping, thread exit, I/O on descriptors
-/// it already has, kicks.
+/// What every thread does: memory allocation, locks, sleeping, thread exit, writing to
+/// descriptors it already has, kicks. Reading is not here: vCPU threads read nothing.
 fn base(a: &mut Allow) -> Result<()> {
-    a.any(libc::SYS_read); // pipes, files, sockets and stdin opened before the filter
-    a.any(libc::SYS_write); // serial output to stdout or a file, messages on stderr
+    a.any(libc::SYS_write); // messages on stderr, serial output, signalling eventfds
     a.any(libc::SYS_close); // dropping descriptors (fds of a finished request, a closed disk)
     a.any(libc::SYS_futex); // Mutex, Condvar, thread park/unpark and join
     a.any(libc::SYS_clock_gettime); // Instant/SystemTime when the vDSO falls back to the kernel
@@ -103,8 +102,7 @@ fn base(a: &mut Allow) -> Result<()> {
     Ok(())
 }
 
-/// Guest disk I/O (virtio-blk requests are handled on the thread that takes the exit) and
-/// flushing files written earlier.
+/// Guest disk I/O (virtio-blk requests, on the device's worker) and writing and flushing files.
 fn disk_io(a: &mut Allow) {
     a.any(libc::SYS_pread64); // disk image reads
     a.any(libc::SYS_pwrite64); // disk image writes
@@ -183,7 +181,8 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     base(&mut a)?;
     match role {
         ThreadRole::Vcpu => {
-            disk_io(&mut a);
+            // No read, no files, no sockets, no threads, no epoll: device work is the workers'
+            // (a register write only records state and signals an eventfd, with `write`).
             a.ioctls(ioctl::VCPU_RUN)?; // KVM_RUN
             a.ioctls(ioctl::VCPU_STATE)?; // register access on exits, state after a pause
             a.ioctls(ioctl::INTERRUPTS)?; // devices raising guest interrupts
@@ -191,20 +190,12 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             // The kvm backend's user-mode accelerator re-adds a memory slot on each run and reads
             // its dirty log (seen under strace on every exit).
             a.ioctls(ioctl::VM_STATE)?;
-            // virtio-net/vsock start their worker threads when the guest activates them, from
-            // the vCPU thread that takes the exit; the workers inherit this filter.
-            threads(&mut a)?; // spawning a device worker on activation
-            a.any(libc::SYS_epoll_create1); // the worker's event loop, created on activation
-            a.any(libc::SYS_eventfd2); // the worker's stop and wake-up events
-            a.any(libc::SYS_epoll_wait); // device worker event loops
-            a.any(libc::SYS_epoll_pwait); // device worker event loops
-            a.any(libc::SYS_epoll_ctl); // device workers adding and removing connections
-            sockets(&mut a)?; // vsock: host connections (guest→host connect), their I/O
-            a.any(libc::SYS_accept4); // vsock: host→guest connections on the listening socket
         }
         ThreadRole::Device => {
+            a.any(libc::SYS_read); // console input, the tap, /dev/urandom, eventfd counts
             disk_io(&mut a);
             sockets(&mut a)?; // a virtio worker's vsock requests: host connections and their I/O
+            a.any(libc::SYS_accept4); // a vsock worker: host clients on the listening socket
             a.any(libc::SYS_poll); // waiting on input
             a.any(libc::SYS_ppoll); // waiting on input
             a.any(libc::SYS_epoll_wait); // device event loops
@@ -213,6 +204,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::INTERRUPTS)?; // raising the device's guest interrupt
         }
         ThreadRole::Api => {
+            a.any(libc::SYS_read); // requests, files
             threads(&mut a)?; // the outgoing migration thread
             own_filter(&mut a)?; // which installs the Migration filter on top of this one
             sockets(&mut a)?; // (the migration thread's connect and stream are this filter's too)
@@ -236,6 +228,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::INTERRUPTS)?; // a resumed device may raise an interrupt
         }
         ThreadRole::Migration => {
+            a.any(libc::SYS_read); // the stream's acknowledgements
             sockets(&mut a)?; // connecting to the destination, the migration stream
             threads(&mut a)?; // the throttle thread (pauses the VM for a share of each 100 ms)
             a.any(libc::SYS_fsync); // flushing disks before the hand-off
@@ -245,6 +238,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.ioctls(ioctl::INTERRUPTS)?; // a resumed device may raise an interrupt
         }
         ThreadRole::IncomingMigration => {
+            a.any(libc::SYS_read); // the stream
             a.any(libc::SYS_accept4); // the source's connection on the bound listener
             a.any(libc::SYS_setsockopt); // TCP_NODELAY, read and write timeouts
             a.any(libc::SYS_recvfrom); // the stream (reads)
@@ -256,6 +250,7 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
             a.any(libc::SYS_ppoll); // waiting with a timeout
         }
         ThreadRole::Main => {
+            a.any(libc::SYS_read); // the signal pipe, files read at exit
             a.when(
                 libc::SYS_socket,
                 rule(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,

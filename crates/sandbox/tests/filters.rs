@@ -87,27 +87,11 @@ fn harness_child_panics() {
 
 #[test]
 fn vcpu_role_allows_its_work() {
-    let path = scratch("vcpu-disk");
-    let status = in_child("vcpu_role_allows_its_work", || {
-        let mut disk = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(scratch("vcpu-disk"))
-            .unwrap();
-        let (mut rx, mut tx) = std::io::pipe().unwrap();
+    assert_survived(in_child("vcpu_role_allows_its_work", || {
+        // An eventfd stand-in: a register write signals the worker with write(2).
+        let (_rx, mut tx) = std::io::pipe().unwrap();
         install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
-
-        disk.write_all_at(b"sector", 4096).unwrap(); // pwrite64
-        let mut buf = [0u8; 6];
-        disk.read_exact_at(&mut buf, 4096).unwrap(); // pread64
-        assert_eq!(&buf, b"sector");
-        disk.seek(SeekFrom::Start(0)).unwrap(); // lseek
-        disk.sync_all().unwrap(); // fsync
-        disk.sync_data().unwrap(); // fdatasync
         tx.write_all(b"x").unwrap();
-        rx.read_exact(&mut buf[..1]).unwrap();
         println!("serial output"); // write to stdout
         let big = vec![1u8; 64 << 20]; // mmap
         assert_eq!(big[big.len() - 1], 1);
@@ -119,9 +103,111 @@ fn vcpu_role_allows_its_work() {
         seed.insert(1, 1);
         // TCGETS is on the allowlist (returns ENOTTY on a pipe, no kill).
         let _ = std::io::stdin().is_terminal();
-        drop(disk); // close
+        drop(tx); // close
+    }));
+}
+
+/// Device work is the workers': a vCPU thread reads nothing, not even a descriptor it has.
+#[test]
+fn vcpu_role_kills_on_read() {
+    assert_killed_by_sigsys(in_child("vcpu_role_kills_on_read", || {
+        let (mut rx, mut tx) = std::io::pipe().unwrap();
+        tx.write_all(b"x").unwrap();
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let mut b = [0u8; 1];
+        let _ = rx.read(&mut b);
+    }));
+}
+
+#[test]
+fn vcpu_role_kills_on_disk_io() {
+    let path = scratch("vcpu-disk");
+    let status = in_child("vcpu_role_kills_on_disk_io", || {
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(scratch("vcpu-disk"))
+            .unwrap();
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let _ = disk.write_all_at(b"sector", 4096); // pwrite64
     });
     let _ = std::fs::remove_file(&path);
+    assert_killed_by_sigsys(status);
+}
+
+#[test]
+fn vcpu_role_kills_on_socket() {
+    assert_killed_by_sigsys(in_child("vcpu_role_kills_on_socket", || {
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let _ = UnixStream::pair(); // socketpair
+    }));
+}
+
+#[test]
+fn vcpu_role_kills_on_accept() {
+    let path = scratch("vcpu-accept.sock");
+    let _ = std::fs::remove_file(&path);
+    let status = in_child("vcpu_role_kills_on_accept", || {
+        let l = UnixListener::bind(scratch("vcpu-accept.sock")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        let _ = l.accept(); // accept4
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_killed_by_sigsys(status);
+}
+
+#[test]
+fn vcpu_role_kills_on_thread_creation() {
+    assert_killed_by_sigsys(in_child("vcpu_role_kills_on_thread_creation", || {
+        install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
+        // clone with CLONE_THREAD (after clone3's ENOSYS): device workers exist before.
+        let _ = std::thread::Builder::new().spawn(|| {});
+    }));
+}
+
+/// What a virtio worker does: disk I/O, vsock host sockets (accepting, connecting), reading
+/// the tap or an eventfd, waiting in epoll.
+#[test]
+fn device_role_allows_worker_io() {
+    let path = scratch("device-disk");
+    let sock = scratch("device-accept.sock");
+    let _ = std::fs::remove_file(&sock);
+    let status = in_child("device_role_allows_worker_io", || {
+        let mut disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(scratch("device-disk"))
+            .unwrap();
+        let l = UnixListener::bind(scratch("device-accept.sock")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let (mut rx, mut tx) = std::io::pipe().unwrap();
+        install(ThreadRole::Device, SeccompMode::On).unwrap();
+        disk.write_all_at(b"sector", 4096).unwrap(); // pwrite64
+        let mut buf = [0u8; 6];
+        disk.read_exact_at(&mut buf, 4096).unwrap(); // pread64
+        assert_eq!(&buf, b"sector");
+        disk.seek(SeekFrom::Start(0)).unwrap(); // lseek
+        disk.sync_all().unwrap(); // fsync
+        disk.sync_data().unwrap(); // fdatasync
+        assert!(l.accept().is_err()); // accept4: nobody waits
+        let mut c = UnixStream::connect(scratch("device-accept.sock")).unwrap(); // socket, connect
+        c.set_nonblocking(true).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap(); // ioctl(FIONBIO)
+        c.write_all(b"CONNECT 1\n").unwrap();
+        let mut line = [0u8; 10];
+        s.read_exact(&mut line).unwrap();
+        tx.write_all(b"x").unwrap();
+        rx.read_exact(&mut buf[..1]).unwrap(); // read
+        drop(disk);
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&sock);
     assert_survived(status);
 }
 
@@ -137,8 +223,7 @@ fn vcpu_role_kills_on_open() {
 fn vcpu_role_kills_on_thread_spawn() {
     assert_killed_by_sigsys(in_child("vcpu_role_kills_on_thread_spawn", || {
         install(ThreadRole::Vcpu, SeccompMode::On).unwrap();
-        // vCPU threads may start device worker threads (clone with CLONE_THREAD), never a
-        // process: spawning one is a clone without CLONE_THREAD.
+        // Nor a process (a clone without CLONE_THREAD).
         let _ = std::process::Command::new("/bin/true").status();
     }));
 }

@@ -118,8 +118,8 @@ pub mod op {
     pub const HOST_READ: u8 = 9;
     /// vsock: `stream: u8, how: u8`: shutdown (how % 3: read, write, both) or close (how % 4 = 3).
     pub const HOST_SHUTDOWN: u8 = 10;
-    /// vsock: the device handles its pending host socket events (the event thread's work), and
-    /// host listeners accept.
+    /// vsock: the device handles its pending host socket events (the worker's work when the
+    /// device's host descriptor is readable), and host listeners accept.
     pub const POLL: u8 = 11;
     pub const VSOCK_OPS: u8 = 12;
     /// rng knows only the common operations.
@@ -513,14 +513,14 @@ impl crate::net::TapIo for FuzzTap {
         Ok(frame.len())
     }
     fn poll_fd(&self) -> std::os::fd::RawFd {
-        // Never polled: the fuzzer does not activate the device (no receive thread).
+        // Never polled: the fuzzer never calls `host_event` (the tap is never read).
         -1
     }
 }
 
 /// virtio-net's receive and transmit queues driven by the guest operations in `data` (see
-/// [`op`]), with frames arriving from a fake tap. No receive thread: `NET_RX_FRAME` queues a
-/// frame as that thread would. Returns the device's counters.
+/// [`op`]), with frames arriving from a fake tap. The tap is never read: `NET_RX_FRAME` queues a
+/// frame as a tap read would. Returns the device's counters.
 pub fn net_queues(data: &[u8]) -> crate::Counters {
     let mut inp = Input(data);
     let fl = inp.u8();
@@ -635,7 +635,7 @@ impl Host {
 /// virtio-vsock's receive, transmit and event queues driven by the guest operations in `data`,
 /// and the host side by its host operations (see [`op`]): host clients connect to the device's
 /// socket and send `CONNECT <port>` lines, guest connections reach host services listening on
-/// [`FUZZ_HOST_PORTS`]. No event thread: `POLL` does its work. Returns the device's counters.
+/// [`FUZZ_HOST_PORTS`]. No worker: `POLL` does its host-side work. Returns the device's counters.
 pub fn vsock_queues(data: &[u8]) -> crate::Counters {
     use crate::vsock::packet::{HEADER_LEN, Header, TYPE_STREAM};
 
@@ -672,7 +672,7 @@ pub fn vsock_queues(data: &[u8]) -> crate::Counters {
         let state = dev.save();
         assert!(dev.restore(&state).is_ok(), "vsock refused its own state");
     }
-    if dev.activate_unthreaded().is_err() {
+    if dev.activate(0).is_err() {
         return dev.counters();
     }
     let mut buf = vec![0u8; 0x1_0000];
@@ -684,7 +684,7 @@ pub fn vsock_queues(data: &[u8]) -> crate::Counters {
                 continue;
             }
             Done::Reset => {
-                let _ = dev.activate_unthreaded();
+                let _ = dev.activate(0);
                 continue;
             }
             Done::Other => {}
@@ -779,7 +779,9 @@ pub fn vsock_queues(data: &[u8]) -> crate::Counters {
                 }
             }
             op::POLL => {
-                dev.poll_host();
+                dev.host_event();
+                // The kicks would have the worker process queues: the fuzzer notifies them.
+                dev.take_kicks();
                 host.accept();
             }
             _ => {}

@@ -5,8 +5,9 @@
 //!   space, and how to process one of its queues.
 //! * [`MmioTransport`] presents one device as a virtio-mmio (version 2, modern only) register
 //!   window. The platform maps it on its MMIO bus and hands it an [`Interrupt`] line.
-//! * [`Worker`] is the device's thread: it processes notified queues (see `docs/virtio.md`,
-//!   "Threads and the fast path").
+//! * [`Worker`] is the device's thread: it activates and resets the device, processes notified
+//!   queues and serves the device's host descriptors (tap, vsock sockets); see `docs/virtio.md`,
+//!   "Threads and the fast path".
 //! * Devices: [`Block`] (raw and qcow2 images, see `docs/qcow2.md`), [`Rng`], [`Net`] (tap) and
 //!   [`Vsock`] (Unix-socket host side, see `docs/virtio-net-vsock.md`).
 //!
@@ -16,8 +17,6 @@
 //!
 //! Saved state ([`MmioState`], [`DeviceState`], [`QueueSaved`]) is plain serde data; the only way
 //! back to a live device is [`MmioTransport::restore`], which re-runs every runtime check.
-
-use std::sync::Arc;
 
 pub mod block;
 pub(crate) mod chain;
@@ -96,20 +95,13 @@ pub enum DeviceState {
     Vsock(VsockState),
 }
 
-/// Asks the transport to process queue `index` outside a driver notification, as if the driver
-/// had notified it: how a device's own threads (net receive, vsock host side) hand work to the
-/// queues the transport owns. While the transport is paused the kick is only recorded and the
-/// queue is processed on resume, so these threads never touch guest memory in a paused VM. Installed by [`MmioTransport::into_shared`]; calling it takes the
-/// transport's lock, so a device must never call it while holding a lock the transport's
-/// callers (its `process_queue`) also take, nor from inside `process_queue`.
-pub type QueueKick = Arc<dyn Fn(usize) + Send + Sync>;
-
 /// A virtio device model, driven by a transport.
 ///
 /// The transport owns the queues and calls [`VirtioDevice::process_queue`] when the driver
-/// notifies one; the call does all available work and returns. In a VM it is called on the
-/// device's [`Worker`] thread (woken by an eventfd) or a device thread's [`QueueKick`], always
-/// under the transport's lock and never while the transport is paused.
+/// notifies one; the call does all available work and returns. In a VM every method that does
+/// work (activation, reset, queue processing, host events) runs on the device's [`Worker`]
+/// thread, under the transport's device-side lock and never while the transport is paused;
+/// the vCPUs only read the identity, features and config space captured at creation.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 4 = entropy).
     fn device_type(&self) -> u32;
@@ -119,8 +111,6 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads device config space; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device config space; writes to read-only fields are dropped.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK having acked `acked_features` (a subset of [`Self::features`]).
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError>;
     /// Processes every available chain of queue `index`. Returns whether the driver must be
@@ -137,9 +127,22 @@ pub trait VirtioDevice: Send {
     fn save(&self) -> DeviceState;
     /// Checks `state` against this device (built from the same configuration) and adopts it.
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError>;
-    /// Receives the handle through which the device's own threads get a queue processed (see
-    /// [`QueueKick`]). Devices that only work when notified ignore it.
-    fn set_queue_kick(&mut self, _kick: QueueKick) {}
+    /// A descriptor that polls readable when the device has host-side work (a frame on its
+    /// tap, a vsock host socket event). The worker polls it, while the device is active and
+    /// not paused, together with the queue eventfds, and then calls [`Self::host_event`].
+    /// It must stay the same descriptor for the device's life.
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Does the host-side work [`Self::host_fd`] signalled, without blocking; queues that now
+    /// have work are asked for through [`Self::take_kicks`].
+    fn host_event(&mut self) {}
+    /// Queues the device wants processed without a driver notification (bit i = queue i): host
+    /// data arrived, a transmit produced replies, a restored device owes an event. Taking them
+    /// clears them.
+    fn take_kicks(&mut self) -> u64 {
+        0
+    }
 }
 
 /// Serializable mirror of virtio-queue's [`QueueState`]. Untrusted: it becomes a [`Queue`] only

@@ -101,8 +101,6 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
     fn activate(&mut self, _acked_features: u64) -> Result<(), DeviceError> {
         Ok(())
     }

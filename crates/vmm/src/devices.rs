@@ -2,11 +2,14 @@
 //! (`machine::boot::VirtioSlot`), in a fixed order: disks, network devices, vsock, rng. The
 //! order decides the slots, so the same config always gives the same guest-visible machine.
 //!
-//! Each device has a worker thread ([`virtio::Worker`], started by [`start_workers`]) that
-//! processes its queues when notified. On plain KVM the QueueNotify register is an ioeventfd
-//! per queue and the device's IOAPIC pin an irqfd, so neither a notification nor an interrupt
-//! passes through a vCPU exit; elsewhere (emu, the PVM hybrid) the MMIO dispatch signals the
-//! same eventfds and interrupts go through `signal_msi`. The device code is the same.
+//! Each device has a worker thread ([`virtio::Worker`], started by [`start_workers`] when the
+//! VM is built, before any vCPU runs) that does all of the device's work: activation and reset,
+//! its queues when notified, and its host descriptors (the tap, the vsock sockets). A vCPU only
+//! reads and writes the transport's registers (a short lock never held across I/O) and signals
+//! eventfds. On plain KVM the QueueNotify register is an ioeventfd per queue and the device's
+//! IOAPIC pin an irqfd, so neither a notification nor an interrupt passes through a vCPU exit;
+//! elsewhere (emu, the PVM hybrid) the MMIO dispatch signals the same eventfds and interrupts
+//! go through `signal_msi`. The device code is the same.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,7 +26,7 @@ pub struct VirtioSlotDevice {
     /// `virtio-blk`, `virtio-net`, `virtio-vsock` or `virtio-rng`.
     pub kind: &'static str,
     pub slot: VirtioSlot,
-    pub transport: Arc<Mutex<MmioTransport>>,
+    pub transport: MmioTransport,
     /// What the user configured, for `GET /vm`.
     pub detail: serde_json::Value,
     /// The interrupt pin delivers through an irqfd when unmasked (plain KVM).
@@ -34,14 +37,8 @@ pub struct VirtioSlotDevice {
 }
 
 impl VirtioSlotDevice {
-    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
-        self.transport
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     pub fn info(&self) -> serde_json::Value {
-        let counters = self.transport().counters();
+        let counters = self.transport.counters();
         let mut v = serde_json::json!({
             "type": self.kind,
             "mmio_base": format!("{:#x}", self.slot.base),
@@ -57,21 +54,28 @@ impl VirtioSlotDevice {
     }
 }
 
-/// The platform bus calls into the transport under its lock.
-struct Window(Arc<Mutex<MmioTransport>>);
+impl Drop for VirtioSlotDevice {
+    /// The worker first: the device must not be dropped (its files closed, the vsock socket
+    /// file removed) on the worker's thread, whose filter forbids part of that.
+    fn drop(&mut self) {
+        drop(
+            self.worker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+/// The platform bus calls into the transport's registers (never waiting for device I/O).
+struct Window(MmioTransport);
 
 impl MmioHandler for Window {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(offset, data);
+        self.0.read(offset, data);
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(offset, data);
+        self.0.write(offset, data);
     }
 }
 
@@ -174,8 +178,7 @@ pub fn create_restoring(
                 .map_err(|e| device_error(format!("cannot restore {kind}"), e))?,
             None => MmioTransport::new(device, memory.clone(), irq)
                 .map_err(|e| device_error(format!("cannot create {kind}"), e))?,
-        }
-        .into_shared();
+        };
         platform
             .register_mmio(
                 slot.base,
@@ -198,7 +201,8 @@ pub fn create_restoring(
 
 /// Starts each device's worker thread (under the [`ThreadRole::Device`] filter) and registers
 /// its queue eventfds as ioeventfds of QueueNotify where `vm` supports them. Without, the MMIO
-/// dispatch signals the same eventfds. Call once, before any vCPU runs.
+/// dispatch signals the same eventfds. Call once, before any vCPU runs and before any other
+/// thread installs its filter (the vCPUs' forbids creating threads).
 pub fn start_workers(
     devices: &[VirtioSlotDevice],
     vm: &dyn hv::Vm,
@@ -217,7 +221,7 @@ pub fn start_workers(
             source,
         })?;
         *worker = Some(spawned);
-        let events = d.transport().queue_events().map_err(|source| Error::Io {
+        let events = d.transport.queue_events().map_err(|source| Error::Io {
             op: "cannot create virtio queue events",
             source,
         })?;
@@ -243,7 +247,7 @@ pub fn start_workers(
 /// no device touches guest memory or its own state until [`resume`].
 pub fn pause(devices: &[VirtioSlotDevice]) {
     for d in devices {
-        d.transport().pause();
+        d.transport.pause();
     }
 }
 
@@ -251,7 +255,7 @@ pub fn pause(devices: &[VirtioSlotDevice]) {
 /// (and, after a restore, every ready queue once).
 pub fn resume(devices: &[VirtioSlotDevice]) {
     for d in devices {
-        d.transport().resume();
+        d.transport.resume();
     }
 }
 
@@ -388,6 +392,16 @@ mod tests {
         fn msi_sent(&self) -> u64 {
             self.platform.counter_values().msi_sent
         }
+
+        /// The worker interrupts after it put the buffer in the used ring.
+        fn wait_msi(&self, n: u64) {
+            let t = Instant::now();
+            while self.msi_sent() < n {
+                assert!(t.elapsed() < Duration::from_secs(5), "no interrupt");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            assert_eq!(self.msi_sent(), n);
+        }
     }
 
     /// A QueueNotify through the platform's MMIO dispatch (the path of emu and the PVM hybrid)
@@ -402,14 +416,13 @@ mod tests {
         r.add_buffer(0);
         r.reg(0x50, 0);
         r.wait_used(1);
-        // Taking the lock waits for the worker to finish the request.
-        drop(r.devices[0].transport());
-        assert_eq!(r.msi_sent(), 1);
+        r.wait_msi(1);
+        // Pausing waits for the worker to finish what it is doing (publishing the counters).
+        pause(&r.devices);
         let info = r.devices[0].info();
         assert_eq!(info["ioeventfd"], false);
         assert_eq!(info["counters"]["requests"], 1);
 
-        pause(&r.devices);
         r.reg(0x64, 1); // InterruptACK
         r.add_buffer(1);
         r.reg(0x50, 0);
@@ -435,7 +448,6 @@ mod tests {
         // The MMIO dispatch still works for the write KVM would have taken itself.
         r.reg(0x50, 0);
         r.wait_used(1);
-        drop(r.devices[0].transport());
-        assert_eq!(r.msi_sent(), 1);
+        r.wait_msi(1);
     }
 }

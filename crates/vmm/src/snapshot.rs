@@ -138,11 +138,7 @@ pub(crate) fn capture(vm: &VmParts, run: RunState) -> std::result::Result<SavedV
         ),
     ];
     for (slot, d) in vm.virtio.iter().enumerate() {
-        let saved = d
-            .transport
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .save();
+        let saved = d.transport.save();
         devices.push((format!("virtio-{slot}"), to_json(d.kind, &saved)?));
     }
     Ok(SavedVm {

@@ -494,8 +494,8 @@ const PRIME_ARENA_THREADS: usize = 12;
 ///
 /// The same goes for the arena limit: when a thread needs a new arena and more than 8 exist,
 /// glibc reads `/sys/devices/system/cpu/online` (once per process) to size the limit; a
-/// device thread started by a filtered vCPU (virtio-net's receive thread) would be killed for
-/// that `openat`. [`PRIME_ARENA_THREADS`] threads that allocate at the same time make glibc
+/// filtered thread that first allocates (a virtio worker, an API connection) would be killed
+/// for that `openat`. [`PRIME_ARENA_THREADS`] threads that allocate at the same time make glibc
 /// create that many arenas now, and settle the limit.
 fn prime_allocator() {
     let all_in = Arc::new(std::sync::Barrier::new(PRIME_ARENA_THREADS));

@@ -70,6 +70,28 @@ fn run_case(setup: &Setup, program: &Path, args: &[String]) -> Outcome<BlkResult
     out
 }
 
+/// The median of each figure over the runs that succeeded; the first problem if none did.
+fn summarize(runs: Vec<Outcome<BlkResult>>) -> Outcome<BlkResult> {
+    let ok: Vec<&BlkResult> = runs.iter().filter_map(|r| r.ok()).collect();
+    let med =
+        |g: fn(&BlkResult) -> f64| table::median(&ok.iter().map(|r| g(r)).collect::<Vec<_>>());
+    match (
+        med(|r| r.seqread),
+        med(|r| r.seqwrite),
+        med(|r| r.randread_iops),
+    ) {
+        (Some(seqread), Some(seqwrite), Some(randread_iops)) => Outcome::Ok(BlkResult {
+            seqread,
+            seqwrite,
+            randread_iops,
+        }),
+        _ => runs
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Outcome::Failed("no run".into())),
+    }
+}
+
 pub fn run(setup: &Setup) {
     let append = cmdline("blkbench");
     let mut cmds = Vec::new();
@@ -91,15 +113,25 @@ pub fn run(setup: &Setup) {
         ]);
         cases.push(("QEMU 7.2 TCG".into(), setup.qemu.clone(), args, true));
     }
-    for (label, program, args, peer) in cases {
-        cmds.push((label.clone(), command_line(&program, &args)));
-        eprintln!("[blk] {label}");
-        let r = match make_disk(&disk, DISK_MIB) {
-            Err(e) => Outcome::Failed(format!("cannot write {}: {e}", disk.display())),
-            Ok(()) => run_case(setup, &program, &args),
-        };
-        eprintln!("[blk]   {r:?}");
-        rows.push((label, r, peer));
+    // Rounds over all cases rather than all runs of one case in a row, so that a change in
+    // the host's load hits every VMM alike.
+    let mut results: Vec<Vec<Outcome<BlkResult>>> = cases.iter().map(|_| Vec::new()).collect();
+    for round in 0..setup.runs {
+        for ((label, program, args, _), out) in cases.iter().zip(results.iter_mut()) {
+            if round == 0 {
+                cmds.push((label.clone(), command_line(program, args)));
+            }
+            eprintln!("[blk] {label} (run {}/{})", round + 1, setup.runs);
+            let r = match make_disk(&disk, DISK_MIB) {
+                Err(e) => Outcome::Failed(format!("cannot write {}: {e}", disk.display())),
+                Ok(()) => run_case(setup, program, args),
+            };
+            eprintln!("[blk]   {r:?}");
+            out.push(r);
+        }
+    }
+    for ((label, _, _, peer), runs) in cases.into_iter().zip(results) {
+        rows.push((label, summarize(runs), peer));
     }
     let _ = std::fs::remove_file(&disk);
     crate::print_header(
@@ -138,7 +170,8 @@ pub fn run(setup: &Setup) {
         "\nMeasured inside the guest by /bin/blkbench on /dev/vda with O_DIRECT: sequential write \
          then read of the first 32 MiB in 1 MiB requests (write ends with fsync), then 4 KiB \
          reads at random aligned offsets over the whole disk for 3 s. MB = 10^6 bytes. Host side: \
-         raw file, default caching of each VMM. Above 1 is better here."
+         raw file, default caching of each VMM. With --runs N, each figure is the median of the \
+         runs that succeeded (the VMMs take turns). Above 1 is better here."
     );
     crate::print_commands(&cmds);
 }
@@ -146,6 +179,34 @@ pub fn run(setup: &Setup) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_takes_medians_of_successful_runs() {
+        let r = |a: f64, b: f64, c: f64| {
+            Outcome::Ok(BlkResult {
+                seqread: a,
+                seqwrite: b,
+                randread_iops: c,
+            })
+        };
+        let s = summarize(vec![
+            r(1.0, 30.0, 5.0),
+            Outcome::Failed("x".into()),
+            r(3.0, 10.0, 4.0),
+            r(2.0, 20.0, 6.0),
+        ]);
+        assert_eq!(
+            s.ok(),
+            Some(&BlkResult {
+                seqread: 2.0,
+                seqwrite: 20.0,
+                randread_iops: 5.0
+            })
+        );
+        let bad = summarize(vec![Outcome::Timeout(3), Outcome::Failed("y".into())]);
+        assert!(bad.ok().is_none());
+        assert!(summarize(Vec::new()).ok().is_none());
+    }
 
     #[test]
     fn blkbench_lines() {

@@ -78,6 +78,9 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     counters: Counters,
+    /// Kept across requests (at most [`disk::CHUNK`] bytes): a fresh 1 MiB buffer per request
+    /// cost an mmap, a munmap and 256 page faults each time.
+    bounce: Vec<u8>,
     queue_sizes: [u16; 1],
 }
 
@@ -119,6 +122,7 @@ impl Block {
             config,
             serial: serial_for(path),
             counters: Counters::default(),
+            bounce: Vec::new(),
             queue_sizes: [QUEUE_SIZE],
         }
     }
@@ -238,31 +242,43 @@ impl Block {
     }
 
     fn read(&mut self, sector: u64, bufs: &[Seg], mem: &GuestMemory) -> Result<u32, ()> {
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let r = self.read_with(sector, bufs, mem, &mut bounce);
+        self.bounce = bounce;
+        r
+    }
+
+    fn read_with(
+        &mut self,
+        sector: u64,
+        bufs: &[Seg],
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<u32, ()> {
         let len = total_len(bufs);
         let start = self.data_range(sector, len)?;
         check_guest(mem, bufs, Permissions::Write)?;
         let mut pos = start;
-        let mut bounce = Vec::new();
         let mut run = Run::default();
         for (addr, l) in guest_pieces(bufs, 0)? {
             if l >= DIRECT_MIN {
-                run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                run.read(self.disk.as_mut(), mem, bounce)?;
                 let (mut addr, mut left) = (addr, l);
                 while left > 0 {
-                    let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, bounce)?;
                     left -= n;
                     addr = addr.checked_add(n).ok_or(())?;
                     pos += n;
                 }
             } else {
                 if run.len + l > disk::CHUNK as u64 {
-                    run.read(self.disk.as_mut(), mem, &mut bounce)?;
+                    run.read(self.disk.as_mut(), mem, bounce)?;
                 }
                 run.push(pos, addr, l);
                 pos += l;
             }
         }
-        run.read(self.disk.as_mut(), mem, &mut bounce)?;
+        run.read(self.disk.as_mut(), mem, bounce)?;
         self.counters.bytes_read += len;
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
@@ -272,33 +288,45 @@ impl Block {
         if self.readonly {
             return Err(());
         }
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let r = self.write_with(sector, readable, mem, &mut bounce);
+        self.bounce = bounce;
+        r
+    }
+
+    fn write_with(
+        &mut self,
+        sector: u64,
+        readable: &[Seg],
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
         let len = total_len(readable)
             .checked_sub(HEADER_LEN as u64)
             .ok_or(())?;
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
         let mut pos = start;
-        let mut bounce = Vec::new();
         let mut run = Run::default();
         for (addr, l) in guest_pieces(readable, HEADER_LEN as u64)? {
             if l >= DIRECT_MIN {
-                run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                run.write(self.disk.as_mut(), mem, bounce)?;
                 let (mut addr, mut left) = (addr, l);
                 while left > 0 {
-                    let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, &mut bounce)?;
+                    let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, bounce)?;
                     left -= n;
                     addr = addr.checked_add(n).ok_or(())?;
                     pos += n;
                 }
             } else {
                 if run.len + l > disk::CHUNK as u64 {
-                    run.write(self.disk.as_mut(), mem, &mut bounce)?;
+                    run.write(self.disk.as_mut(), mem, bounce)?;
                 }
                 run.push(pos, addr, l);
                 pos += l;
             }
         }
-        run.write(self.disk.as_mut(), mem, &mut bounce)?;
+        run.write(self.disk.as_mut(), mem, bounce)?;
         self.counters.bytes_written += len;
         Ok(())
     }
@@ -609,11 +637,6 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // No writable field is offered (writeback needs VIRTIO_BLK_F_CONFIG_WCE).
-        hv::rate_limited!(tracing::debug!(offset, "virtio-blk: config write dropped"));
     }
 
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError> {

@@ -249,7 +249,7 @@ fn invalid_queue_sizes_are_ignored() {
 #[test]
 fn odd_width_and_unaligned_register_accesses_are_dropped() {
     let mem = memory();
-    let (mut t, _) = rng_transport(&mem);
+    let (t, _) = rng_transport(&mem);
     t.write(reg::STATUS, &[1]);
     t.write(reg::STATUS + 1, &1u32.to_le_bytes());
     t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
@@ -348,7 +348,7 @@ fn hostile_avail_index_needs_reset() {
 #[test]
 fn config_space_reads_any_width() {
     let mem = memory();
-    let (mut t, _) = rng_transport(&mem);
+    let (t, _) = rng_transport(&mem);
     let mut b = [0xffu8; 3];
     t.read(0x100, &mut b);
     assert_eq!(b, [0; 3]);
@@ -435,21 +435,20 @@ fn worker_processes_notified_queues_and_obeys_pause() {
     let (mut t, irq) = rng_transport(&mem);
     let mut d = Driver::new(&mem, 16);
     linux_probe(&mut t, &d);
-    let shared = t.into_shared();
     let (tx, rx) = std::sync::mpsc::channel();
-    let worker = crate::Worker::spawn(&shared, "test-worker".into(), move || {
+    let worker = crate::Worker::spawn(&t, "test-worker".into(), move || {
         tx.send(()).map_err(|e| e.to_string())
     })
     .unwrap();
     rx.recv().unwrap();
-    let lock = || shared.lock().unwrap();
+    let lock = || &t;
     for n in 1..=3u16 {
         d.add(&[w(DATA, 8)]);
         lock().write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
         wait_for("the worker", || d.used_idx() == n);
     }
-    // Taking the lock waits for the worker to finish the request it is in.
-    assert_eq!(rd(&lock(), reg::INTERRUPT_STATUS), 1);
+    wait_for("the interrupt", || irq.count() == 1);
+    assert_eq!(rd(lock(), reg::INTERRUPT_STATUS), 1);
     assert_eq!(irq.count(), 1);
     // Paused: notified, not processed.
     lock().pause();
@@ -471,9 +470,8 @@ fn worker_processes_notified_queues_and_obeys_pause() {
 fn worker_setup_failure_ends_the_thread() {
     let mem = memory();
     let (t, _) = rng_transport(&mem);
-    let shared = t.into_shared();
     let worker =
-        crate::Worker::spawn(&shared, "test-worker".into(), || Err("no filter".into())).unwrap();
+        crate::Worker::spawn(&t, "test-worker".into(), || Err("no filter".into())).unwrap();
     drop(worker); // joins a thread that already returned
 }
 

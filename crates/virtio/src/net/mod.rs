@@ -6,12 +6,13 @@
 //! guest side and none on the tap side (`IFF_NO_PI`, no `IFF_VNET_HDR`): transmit strips it,
 //! receive prepends a zeroed one with `num_buffers = 1`.
 //!
-//! Transmit runs in the notifying (vCPU) thread. Receive: a host thread, started at activation
-//! and stopped at reset, polls the tap and queues each frame (at most [`MAX_PENDING`] frames;
-//! beyond that frames are dropped and counted as errors), then asks the transport, through the
-//! [`QueueKick`] it was given, to process the receive queue; processing also happens when the
-//! driver adds receive buffers. A frame larger than the receive buffer it meets is dropped and
-//! the buffer returned empty.
+//! Everything runs on the device's worker thread. Transmit: when the driver notifies the transmit
+//! queue. Receive: the tap is the device's host descriptor ([`VirtioDevice::host_fd`]), which
+//! the worker polls while the device is active; when it is readable the device reads the waiting
+//! frames (at most [`RX_BATCH`] per wake-up) into its backlog (at most [`MAX_PENDING`] frames;
+//! beyond that frames are dropped and counted as errors) and asks for the receive queue to be
+//! processed; processing also happens when the driver adds receive buffers. A frame larger than
+//! the receive buffer it meets is dropped and the buffer returned empty.
 //!
 //! Counters: `requests` = chains used (both queues), `bytes_written` = frame bytes sent to the
 //! tap, `bytes_read` = frame bytes delivered to the guest, `errors` = frames dropped (tap
@@ -24,22 +25,19 @@ pub(crate) mod testq;
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread;
+use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use self::tap::{TapIo, open_tap};
 use crate::chain::{self, Seg};
 use crate::{
-    COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, QueueKick, VirtioDevice,
+    COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, VirtioDevice,
     read_config_bytes,
 };
 
@@ -54,10 +52,8 @@ pub const MAX_FRAME: usize = 65550;
 pub const MAX_PENDING: usize = 256;
 /// Longest chain accepted.
 const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
-/// Frames read from the tap before the receive queue is kicked.
-const RX_BATCH: usize = 64;
-const TOKEN_STOP: u64 = 0;
-const TOKEN_TAP: u64 = 1;
+/// Frames read from the tap per wake-up of the worker (the tap stays readable for the rest).
+pub const RX_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -87,22 +83,14 @@ pub struct NetState {
     pub counters: Counters,
 }
 
-/// What the receive thread and the queue processing share.
+/// Frames read from the tap, waiting for guest buffers.
 #[derive(Default)]
-struct RxShared {
-    inner: Mutex<RxInner>,
-    kick: Mutex<Option<QueueKick>>,
-}
-
-#[derive(Default)]
-struct RxInner {
+struct RxBacklog {
     frames: VecDeque<Vec<u8>>,
-    /// Bumped at each reset: a receive thread of an older generation queues nothing more.
-    generation: u64,
     dropped: u64,
 }
 
-impl RxInner {
+impl RxBacklog {
     /// Queues a frame read from the tap; drops (and counts) it when too large or too many wait.
     /// Returns whether it was queued.
     fn offer(&mut self, frame: &[u8]) -> bool {
@@ -115,18 +103,18 @@ impl RxInner {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 pub struct Net {
     mac: Option<[u8; 6]>,
     tap: Arc<dyn TapIo>,
     features: u64,
     counters: Counters,
-    shared: Arc<RxShared>,
-    /// Stop signal of the running receive thread.
-    worker: Option<EventFd>,
+    rx: RxBacklog,
+    /// Activated and not reset since: the tap is read.
+    active: bool,
+    /// The receive queue has frames to take.
+    want_rx: bool,
+    /// Reused for each frame read from the tap.
+    buf: Vec<u8>,
     queue_sizes: [u16; 2],
 }
 
@@ -151,22 +139,24 @@ impl Net {
             tap,
             features,
             counters: Counters::default(),
-            shared: Arc::new(RxShared::default()),
-            worker: None,
+            rx: RxBacklog::default(),
+            active: false,
+            want_rx: false,
+            buf: Vec::new(),
             queue_sizes: [QUEUE_SIZE; 2],
         }
     }
 
     /// Frames received from the tap and not yet given to the guest.
     pub fn pending_frames(&self) -> usize {
-        lock(&self.shared.inner).frames.len()
+        self.rx.frames.len()
     }
 
-    /// Queues `frame` as if the receive thread had read it from the tap (the fuzz target has no
-    /// thread: see `crate::fuzz::net_queues`).
+    /// Queues `frame` as if it had been read from the tap (the fuzz target has no tap: see
+    /// `crate::fuzz::net_queues`).
     #[cfg(any(test, feature = "fuzzing"))]
-    pub(crate) fn offer_frame(&self, frame: &[u8]) {
-        lock(&self.shared.inner).offer(frame);
+    pub(crate) fn offer_frame(&mut self, frame: &[u8]) {
+        self.rx.offer(frame);
     }
 
     fn config_bytes(&self) -> [u8; 8] {
@@ -178,48 +168,35 @@ impl Net {
         c
     }
 
-    fn start_worker(&mut self) -> Result<(), DeviceError> {
-        if self.worker.is_some() {
-            return Ok(());
+    /// Reads up to [`RX_BATCH`] waiting frames from the tap into the backlog.
+    fn read_tap(&mut self) {
+        if self.buf.len() < MAX_FRAME + 1 {
+            self.buf.resize(MAX_FRAME + 1, 0);
         }
-        let epoll = Epoll::new().map_err(DeviceError::Backend)?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Backend)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
-            )
-            .map_err(DeviceError::Backend)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.tap.poll_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_TAP),
-            )
-            .map_err(DeviceError::Backend)?;
-        let generation = lock(&self.shared.inner).generation;
-        let tap = self.tap.clone();
-        let shared = self.shared.clone();
-        let thread_stop = stop.try_clone().map_err(DeviceError::Backend)?;
-        thread::Builder::new()
-            .name("virtio-net-rx".into())
-            .spawn(move || rx_loop(tap.as_ref(), &shared, &epoll, &thread_stop, generation))
-            .map_err(DeviceError::Backend)?;
-        self.worker = Some(stop);
-        Ok(())
-    }
-
-    /// Tells the receive thread to end. It is not joined: it may be waiting for the transport
-    /// lock our caller holds; its generation no longer matches, so it queues nothing more.
-    fn stop_worker(&mut self) {
-        {
-            let mut inner = lock(&self.shared.inner);
-            inner.generation = inner.generation.wrapping_add(1);
-            inner.frames.clear();
+        let mut queued = 0;
+        for _ in 0..RX_BATCH {
+            match self.tap.recv(&mut self.buf) {
+                Ok(0) => {
+                    hv::rate_limited!(tracing::warn!("virtio-net: tap closed"));
+                    break;
+                }
+                Ok(len) => {
+                    // A backend claiming more than the buffer holds: as good as too large.
+                    let frame = self.buf.get(..len).unwrap_or(&self.buf);
+                    if self.rx.offer(frame) {
+                        queued += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    hv::rate_limited!(tracing::debug!("virtio-net: tap read failed: {e}"));
+                    break;
+                }
+            }
         }
-        if let Some(stop) = self.worker.take() {
-            let _ = stop.write(1);
+        if queued > 0 {
+            self.want_rx = true;
         }
     }
 
@@ -251,8 +228,7 @@ impl Net {
     }
 
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
-        let shared = self.shared.clone();
-        let mut inner = lock(&shared.inner);
+        let inner = &mut self.rx;
         let mut used_any = false;
         loop {
             queue
@@ -293,12 +269,6 @@ impl Net {
             return Ok(false);
         }
         queue.needs_notification(mem).map_err(DeviceError::Queue)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -362,59 +332,6 @@ pub(crate) fn write_segments(mem: &GuestMemory, segs: &[Seg], parts: &[&[u8]]) -
     u32::try_from(need).ok()
 }
 
-fn rx_loop(tap: &dyn TapIo, shared: &RxShared, epoll: &Epoll, stop: &EventFd, generation: u64) {
-    let mut events = [EpollEvent::default(); 2];
-    let mut buf = vec![0u8; MAX_FRAME + 1];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::warn!("virtio-net: receive thread stops: {e}");
-                return;
-            }
-        };
-        if events[..n].iter().any(|e| e.data() == TOKEN_STOP) {
-            let _ = stop.read();
-            return;
-        }
-        let mut queued = 0;
-        while queued < RX_BATCH {
-            match tap.recv(&mut buf) {
-                Ok(0) => {
-                    tracing::warn!("virtio-net: tap closed, receive thread stops");
-                    return;
-                }
-                Ok(len) => {
-                    let mut inner = lock(&shared.inner);
-                    if inner.generation != generation {
-                        return;
-                    }
-                    // A backend claiming more than the buffer holds: as good as too large.
-                    let frame = buf.get(..len).unwrap_or(&buf);
-                    if inner.offer(frame) {
-                        queued += 1;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    hv::rate_limited!(tracing::debug!("virtio-net: tap read failed: {e}"));
-                    // A persistent error (interface gone) must not spin.
-                    thread::sleep(std::time::Duration::from_millis(10));
-                    break;
-                }
-            }
-        }
-        if queued > 0 {
-            let kick = lock(&shared.kick).clone();
-            if let Some(kick) = kick {
-                kick(RX_QUEUE);
-            }
-        }
-    }
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -432,10 +349,9 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
     fn activate(&mut self, _acked_features: u64) -> Result<(), DeviceError> {
-        self.start_worker()
+        self.active = true;
+        Ok(())
     }
 
     fn process_queue(
@@ -452,12 +368,14 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.active = false;
+        self.want_rx = false;
+        self.rx.frames.clear();
     }
 
     fn counters(&self) -> Counters {
         let mut c = self.counters;
-        c.errors += lock(&self.shared.inner).dropped;
+        c.errors += self.rx.dropped;
         c
     }
 
@@ -477,12 +395,26 @@ impl VirtioDevice for Net {
             return Err(DeviceError::State("network configuration differs".into()));
         }
         self.counters = s.counters;
-        lock(&self.shared.inner).dropped = 0;
+        self.rx.dropped = 0;
         Ok(())
     }
 
-    fn set_queue_kick(&mut self, kick: QueueKick) {
-        *lock(&self.shared.kick) = Some(kick);
+    fn host_fd(&self) -> Option<RawFd> {
+        Some(self.tap.poll_fd())
+    }
+
+    fn host_event(&mut self) {
+        if self.active {
+            self.read_tap();
+        }
+    }
+
+    fn take_kicks(&mut self) -> u64 {
+        if std::mem::take(&mut self.want_rx) {
+            1 << RX_QUEUE
+        } else {
+            0
+        }
     }
 }
 

@@ -1,9 +1,8 @@
 //! virtio-net on virtio-queue's mock queues with a datagram socket pair as the tap: transmit,
-//! receive through the receive thread and the transport's kick, bounds, hostile descriptors,
+//! receive from the tap (host events) and through a worker, bounds, hostile descriptors,
 //! saved state; and, as root, a real tap interface.
 
 use std::os::unix::net::UnixDatagram;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -25,13 +24,18 @@ fn device() -> (Net, UnixDatagram) {
     (Net::with_backend(Some(MAC), Arc::new(dev_end)), host)
 }
 
-fn kick_channel(dev: &mut Net) -> mpsc::Receiver<usize> {
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    dev.set_queue_kick(Arc::new(move |i| {
-        let _ = lock(&tx).send(i);
-    }));
-    rx
+/// Does what the worker does when the tap is readable, until the device asks for a queue.
+fn wait_kick(dev: &mut Net) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        dev.host_event();
+        let k = dev.take_kicks();
+        if k != 0 {
+            return k;
+        }
+        assert!(Instant::now() < deadline, "no frame read from the tap");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
@@ -150,28 +154,33 @@ fn tap_refusal_is_counted() {
     assert_eq!(dev.counters().errors, 1);
 }
 
-/// Waits until the receive thread has queued `n` frames.
-fn wait_pending(dev: &Net, n: usize) {
+/// Reads the tap (as the worker does) until `n` frames are queued.
+fn wait_pending(dev: &mut Net, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while dev.pending_frames() < n {
-        assert!(Instant::now() < deadline, "receive thread queued no frame");
+    loop {
+        dev.host_event();
+        if dev.pending_frames() >= n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no frame read from the tap");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
 #[test]
-fn receive_through_thread_and_kick() {
+fn receive_from_tap_asks_for_the_receive_queue() {
     let mem = memory();
     let (mut dev, host) = device();
-    let kicks = kick_channel(&mut dev);
     let mut rxq = QDriver::new(&mem, RXQ, 16);
-    dev.activate(dev.features()).unwrap();
+    assert_eq!(dev.host_fd(), Some(dev.tap.poll_fd()));
     let f = frame(1514, 9);
     host.send(&f).unwrap();
-    assert_eq!(
-        kicks.recv_timeout(Duration::from_secs(5)).unwrap(),
-        RX_QUEUE
-    );
+    // Not active: the tap is not read, the frame waits there.
+    dev.host_event();
+    assert_eq!(dev.pending_frames(), 0);
+    dev.activate(dev.features()).unwrap();
+    assert_eq!(wait_kick(&mut dev), 1 << RX_QUEUE);
+    assert_eq!(dev.take_kicks(), 0);
     // No buffer yet: the frame waits.
     assert!(!rxq.process(&mut dev, RX_QUEUE).unwrap());
     assert_eq!(dev.pending_frames(), 1);
@@ -195,7 +204,7 @@ fn receive_frame_too_large_for_buffer_is_dropped() {
     let mut rxq = QDriver::new(&mem, RXQ, 16);
     host.send(&frame(600, 1)).unwrap();
     host.send(&frame(60, 2)).unwrap();
-    wait_pending(&dev, 2);
+    wait_pending(&mut dev, 2);
     rxq.add(&[w(DATA, 512)]);
     rxq.add(&[r(DATA + 0x1000, 512)]); // device-readable: unusable for receive
     rxq.add(&[w(DATA + 0x2000, 512)]);
@@ -217,14 +226,18 @@ fn receive_backlog_is_bounded() {
     let (mut dev, host) = device();
     dev.activate(dev.features()).unwrap();
     let f = frame(64, 5);
-    for _ in 0..MAX_PENDING + 10 {
-        // A full socket buffer only delays the test.
-        while host.send(&f).is_err() {
-            std::thread::sleep(Duration::from_millis(1));
+    for i in 0..MAX_PENDING + 10 {
+        host.send(&f).unwrap();
+        if i % 16 == 0 {
+            dev.host_event();
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while dev.counters().errors < 10 {
+    loop {
+        dev.host_event();
+        if dev.counters().errors >= 10 {
+            break;
+        }
         assert!(Instant::now() < deadline, "{:?}", dev.counters());
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -237,15 +250,15 @@ fn reset_stops_receive() {
     let (mut dev, host) = device();
     dev.activate(dev.features()).unwrap();
     host.send(&frame(64, 1)).unwrap();
-    wait_pending(&dev, 1);
+    wait_pending(&mut dev, 1);
     dev.reset();
     assert_eq!(dev.pending_frames(), 0);
     host.send(&frame(64, 1)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(dev.pending_frames(), 0);
-    // Activation starts a new thread, which takes what waited on the tap.
+    // Activated again, the device reads what waited on the tap.
     dev.activate(dev.features()).unwrap();
-    wait_pending(&dev, 1);
+    wait_pending(&mut dev, 1);
 }
 
 #[test]
@@ -254,7 +267,7 @@ fn receive_loop_needs_reset() {
     let (mut dev, host) = device();
     dev.activate(dev.features()).unwrap();
     host.send(&frame(64, 1)).unwrap();
-    wait_pending(&dev, 1);
+    wait_pending(&mut dev, 1);
     let mut rxq = QDriver::new(&mem, RXQ, 16);
     let flags = (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16;
     rxq.write_desc(0, DATA, 16, flags, 0);
@@ -263,24 +276,24 @@ fn receive_loop_needs_reset() {
     assert_eq!(dev.counters().invalid_descriptors, 1);
 }
 
-/// The whole path: frames from the host reach the guest through the transport's kick, with an
-/// interrupt, and guest frames reach the host on notify.
+/// The whole path: the worker activates the device, frames from the host reach the guest
+/// through the worker with an interrupt, and guest frames reach the host on notify.
 #[test]
-fn transport_kick_delivers_with_interrupt() {
+fn worker_delivers_with_interrupt() {
     let mem = memory();
     let (dev, host) = device();
     let i = irq();
-    let t = MmioTransport::new(Box::new(dev), Arc::new(mem.clone()), i.clone()).unwrap();
-    let t = t.into_shared();
+    let mut t = MmioTransport::new(Box::new(dev), Arc::new(mem.clone()), i.clone()).unwrap();
+    let worker = crate::Worker::spawn(&t, "net-test".into(), || Ok(())).unwrap();
     let mut rxq = QDriver::new(&mem, RXQ, 16);
     let mut txq = QDriver::new(&mem, TXQ, 16);
-    probe(&mut lock(&t), &[&rxq, &txq]);
+    probe(&mut t, &[&rxq, &txq]);
     rxq.add(&[w(DATA, 2048)]);
-    notify(&mut lock(&t), 0);
+    notify(&mut t, 0);
     let f = frame(1000, 4);
     host.send(&f).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while rxq.used_idx() == 0 {
+    while rxq.used_idx() == 0 || i.count() == 0 {
         assert!(Instant::now() < deadline, "frame not delivered");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -289,11 +302,28 @@ fn transport_kick_delivers_with_interrupt() {
 
     txq.fill(DATA + 0x10000 + HEADER_LEN as u64, &f);
     txq.add(&[r(DATA + 0x10000, (HEADER_LEN + f.len()) as u32)]);
-    notify(&mut lock(&t), 1);
+    notify(&mut t, 1);
     let mut buf = [0u8; 2048];
     let n = host.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], &f[..]);
-    // Dropping the transport ends the receive thread; a late frame goes nowhere.
+    // Paused: a frame stays on the tap; resumed, it is delivered.
+    t.pause();
+    rxq.add(&[w(DATA, 2048)]);
+    host.send(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rxq.used_idx(), 1);
+    t.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rxq.used_idx() == 1 {
+        assert!(
+            Instant::now() < deadline,
+            "frame not delivered after resume"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Reset by the driver: the worker stops reading the tap.
+    t.write(0x70, &0u32.to_le_bytes());
+    drop(worker);
     drop(t);
     let _ = host.send(&f);
 }
@@ -372,6 +402,7 @@ fn real_tap_as_root() {
         rxq.add(&[w(DATA, 4096)]);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            dev.host_event();
             rxq.process(&mut dev, RX_QUEUE).unwrap();
             if rxq.used_idx() > 0 {
                 break;

@@ -25,25 +25,23 @@ pub mod muxer;
 pub mod packet;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::epoll::Epoll;
 
-use self::muxer::{KICK_EVENT, KICK_RX, MuxShared, Muxer, TOKEN_WAKE, lock};
+use self::muxer::Muxer;
 use self::packet::{HEADER_LEN, Header};
 use crate::chain::{self, Seg};
 use crate::net::{read_segments, write_segments};
 use crate::{
-    COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, QueueKick, VirtioDevice,
+    COMMON_FEATURES, Counters, DeviceError, DeviceState, GuestMemory, VirtioDevice,
     read_config_bytes,
 };
 
@@ -59,6 +57,8 @@ const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
 pub enum Error {
     #[error("guest CID {0} is reserved or out of range (3..=4294967294)")]
     Cid(u64),
+    #[error("cannot create the vsock device's epoll set")]
+    Epoll(#[source] io::Error),
     #[error("cannot listen on vsock socket {}", .path.display())]
     Listen {
         path: PathBuf,
@@ -86,11 +86,16 @@ pub struct VsockState {
 pub struct Vsock {
     config: VsockConfig,
     listener: Arc<UnixListener>,
+    /// The listener and every host connection of the active muxer: the worker's host
+    /// descriptor. Created with the device, so the worker (whose seccomp role cannot create
+    /// one) only adds and removes descriptors.
+    epoll: Arc<Epoll>,
     counters: Counters,
-    kick: Arc<Mutex<Option<QueueKick>>>,
-    active: Option<Arc<MuxShared>>,
+    active: Option<Muxer>,
     /// A transport-reset event is owed to the guest (after restore).
     reset_event_pending: bool,
+    /// Queues to process without a notification (bit i = queue i).
+    kicks: u64,
     queue_sizes: [u16; 3],
 }
 
@@ -109,15 +114,17 @@ impl Vsock {
         {
             std::fs::remove_file(&config.uds_path).map_err(listen_err)?;
         }
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
         let listener = UnixListener::bind(&config.uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         Ok(Vsock {
             config,
             listener: Arc::new(listener),
+            epoll: Arc::new(epoll),
             counters: Counters::default(),
-            kick: Arc::new(Mutex::new(None)),
             active: None,
             reset_event_pending: false,
+            kicks: 0,
             queue_sizes: [QUEUE_SIZE; 3],
         })
     }
@@ -128,77 +135,33 @@ impl Vsock {
 
     /// Open connections, host clients still handshaking included.
     pub fn connection_count(&self) -> usize {
-        self.active
-            .as_ref()
-            .map_or(0, |s| lock(&s.mux).connection_count())
+        self.active.as_ref().map_or(0, Muxer::connection_count)
     }
 
-    /// Fuzzing: activates the device without its host event thread; [`Vsock::poll_host`] then
-    /// does that thread's work, deterministically (see `crate::fuzz::vsock_queues`).
-    #[cfg(any(test, feature = "fuzzing"))]
-    pub(crate) fn activate_unthreaded(&mut self) -> Result<(), DeviceError> {
-        self.start(false)
-    }
-
-    /// Fuzzing: handles the host socket events that are ready now, as the event thread would
-    /// (without delivering its queue kicks).
-    #[cfg(any(test, feature = "fuzzing"))]
-    pub(crate) fn poll_host(&self) {
-        if let Some(shared) = &self.active {
-            let mut events = [EpollEvent::default(); 16];
-            let _ = muxer::handle_events(shared, &mut events, 0);
-        }
-    }
-
-    fn start(&mut self, event_thread: bool) -> Result<(), DeviceError> {
+    fn start(&mut self) -> Result<(), DeviceError> {
         if self.active.is_some() {
             return Ok(());
         }
-        let epoll = Arc::new(Epoll::new().map_err(DeviceError::Backend)?);
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Backend)?;
-        epoll
-            .ctl(
-                vmm_sys_util::epoll::ControlOperation::Add,
-                wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_WAKE),
-            )
-            .map_err(DeviceError::Backend)?;
-        let mut mux = Muxer::new(
+        let mux = Muxer::new(
             self.config.guest_cid,
             &self.config.uds_path,
             self.listener.clone(),
-            epoll.clone(),
+            self.epoll.clone(),
         )
         .map_err(DeviceError::Backend)?;
         if self.reset_event_pending {
-            mux.want_kick |= KICK_EVENT;
+            self.kicks |= 1 << EVENT_QUEUE;
         }
-        let shared = Arc::new(MuxShared {
-            mux: Mutex::new(mux),
-            epoll,
-            wake,
-            kick: self.kick.clone(),
-        });
-        // Wake the thread once so it delivers kicks owed from before it started.
-        let _ = shared.wake.write(1);
-        if event_thread {
-            let thread_shared = shared.clone();
-            thread::Builder::new()
-                .name("virtio-vsock".into())
-                .spawn(move || muxer::event_loop(&thread_shared))
-                .map_err(DeviceError::Backend)?;
-        }
-        self.active = Some(shared);
+        self.active = Some(mux);
         Ok(())
     }
 
-    /// Closes every connection and ends the event thread (not joined: it may be waiting for the
-    /// transport lock our caller holds; it sees `stopped` and ends).
+    /// Closes every connection and stops listening.
     fn stop(&mut self) {
-        if let Some(shared) = self.active.take() {
-            lock(&shared.mux).shut_down();
-            let _ = shared.wake.write(1);
+        if let Some(mut mux) = self.active.take() {
+            mux.shut_down();
         }
+        self.kicks = 0;
     }
 
     fn transmit(
@@ -340,10 +303,8 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
     fn activate(&mut self, _acked_features: u64) -> Result<(), DeviceError> {
-        self.start(true)
+        self.start()
     }
 
     fn process_queue(
@@ -355,21 +316,22 @@ impl VirtioDevice for Vsock {
         if index == EVENT_QUEUE {
             return self.event(queue, mem);
         }
-        let Some(shared) = self.active.clone() else {
+        let Some(mut mux) = self.active.take() else {
             return Ok(false);
         };
-        let mut mux = lock(&shared.mux);
-        match index {
+        let r = match index {
             RX_QUEUE => self.receive(queue, mem, &mut mux),
             TX_QUEUE => {
                 let r = chain::drain(queue, mem, |c| self.transmit(c, mem, &mut mux));
                 if mux.has_rx_work() {
-                    shared.request_kick(&mut mux, KICK_RX);
+                    self.kicks |= 1 << RX_QUEUE;
                 }
                 r
             }
             _ => Ok(false),
-        }
+        };
+        self.active = Some(mux);
+        r
     }
 
     fn reset(&mut self) {
@@ -400,11 +362,21 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn set_queue_kick(&mut self, kick: QueueKick) {
-        *lock(&self.kick) = Some(kick);
-        if let Some(shared) = &self.active {
-            let _ = shared.wake.write(1);
+    fn host_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn host_event(&mut self) {
+        if let Some(mux) = &mut self.active {
+            mux.poll();
+            if mux.has_rx_work() {
+                self.kicks |= 1 << RX_QUEUE;
+            }
         }
+    }
+
+    fn take_kicks(&mut self) -> u64 {
+        std::mem::take(&mut self.kicks)
     }
 }
 

@@ -1,10 +1,10 @@
 //! Host side of virtio-vsock: stream connections between guest ports and Unix sockets.
 //!
-//! One `Muxer` lives per activation of the device. The vCPU (or kick) thread hands it the
-//! guest's packets (`Muxer::guest_packet`) and asks it for packets to put in receive buffers
-//! (`Muxer::next_rx_packet`); a host event thread (`event_loop`) accepts host clients on the
-//! listening socket, reads their `CONNECT <port>\n` line, notes which sockets became readable or
-//! writable, and asks for the receive queue to be processed.
+//! One `Muxer` lives per activation of the device, on the device's worker thread. Queue
+//! processing hands it the guest's packets (`Muxer::guest_packet`) and asks it for packets to
+//! put in receive buffers (`Muxer::next_rx_packet`); when the device's epoll set (the worker's
+//! host descriptor) is readable, `Muxer::poll` accepts host clients on the listening socket,
+//! reads their `CONNECT <port>\n` line and notes which sockets became readable or writable.
 //!
 //! Credit: each packet to the guest advertises our per-connection buffer ([`CONN_BUF`]) and how
 //! many of the guest's bytes we have written to the host socket (`fwd_cnt`); we read from a host
@@ -18,13 +18,12 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::*;
-use crate::{Counters, QueueKick};
+use crate::Counters;
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
@@ -43,16 +42,10 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 
-pub(crate) const TOKEN_WAKE: u64 = 0;
 const TOKEN_LISTENER: u64 = 1;
 const FIRST_TOKEN: u64 = 16;
-
-pub(crate) const KICK_RX: u8 = 1 << 0;
-pub(crate) const KICK_EVENT: u8 = 1 << 2;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+/// Host socket events handled per poll.
+const POLL_EVENTS: usize = 64;
 
 /// A connection's identity: our (host) port and the guest's port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -280,8 +273,6 @@ pub(crate) struct Muxer {
     uds_path: PathBuf,
     listener: Arc<UnixListener>,
     epoll: Arc<Epoll>,
-    /// Set at reset: the event thread of this muxer ends.
-    pub stopped: bool,
     conns: HashMap<Key, Conn>,
     handshakes: HashMap<u64, Handshake>,
     tokens: HashMap<u64, Token>,
@@ -289,24 +280,6 @@ pub(crate) struct Muxer {
     next_host_port: u32,
     control: VecDeque<Header>,
     ready: VecDeque<Key>,
-    /// Queues (`KICK_*` bits) the event thread should get processed.
-    pub want_kick: u8,
-}
-
-/// What the device, its queue processing and the event thread share for one activation.
-pub(crate) struct MuxShared {
-    pub mux: Mutex<Muxer>,
-    pub epoll: Arc<Epoll>,
-    pub wake: EventFd,
-    pub kick: Arc<Mutex<Option<QueueKick>>>,
-}
-
-impl MuxShared {
-    /// Has the event thread ask for the queues in `bits` to be processed.
-    pub fn request_kick(&self, mux: &mut Muxer, bits: u8) {
-        mux.want_kick |= bits;
-        let _ = self.wake.write(1);
-    }
 }
 
 fn register(epoll: &Epoll, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
@@ -340,7 +313,6 @@ impl Muxer {
             uds_path: uds_path.to_path_buf(),
             listener,
             epoll,
-            stopped: false,
             conns: HashMap::new(),
             handshakes: HashMap::new(),
             tokens: HashMap::new(),
@@ -348,7 +320,6 @@ impl Muxer {
             next_host_port: FIRST_HOST_PORT,
             control: VecDeque::new(),
             ready: VecDeque::new(),
-            want_kick: 0,
         })
     }
 
@@ -356,9 +327,8 @@ impl Muxer {
         self.conns.len() + self.handshakes.len()
     }
 
-    /// Closes every connection and host client (they see EOF) and stops the event thread.
+    /// Closes every connection and host client (they see EOF) and stops listening.
     pub fn shut_down(&mut self) {
-        self.stopped = true;
         for (_, c) in self.conns.drain() {
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -674,7 +644,24 @@ impl Muxer {
         }
     }
 
-    /// Handles one epoll event of the event thread.
+    /// Handles the host socket events that are ready now (never blocks).
+    pub fn poll(&mut self) {
+        let mut events = [EpollEvent::default(); POLL_EVENTS];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    hv::rate_limited!(tracing::warn!("virtio-vsock: epoll: {e}"));
+                }
+                return;
+            }
+        };
+        for ev in events.iter().take(n) {
+            self.event(ev.data(), ev.event_set());
+        }
+    }
+
+    /// Handles one host socket event.
     pub fn event(&mut self, token: u64, events: EventSet) {
         if token == TOKEN_LISTENER {
             self.accept_all();
@@ -712,69 +699,10 @@ pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
     port.parse().ok()
 }
 
-/// Waits up to `timeout_ms` (-1: without end) for host socket events and handles them. Returns
-/// the `KICK_*` bits of the queues to get processed, or `None` once the muxer is stopped (or
-/// epoll failed): the caller ends.
-pub(crate) fn handle_events(
-    shared: &MuxShared,
-    events: &mut [EpollEvent],
-    timeout_ms: i32,
-) -> Option<u8> {
-    let n = match shared.epoll.wait(timeout_ms, events) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Some(0),
-        Err(e) => {
-            tracing::warn!("virtio-vsock: event thread stops: {e}");
-            return None;
-        }
-    };
-    let mut mux = lock(&shared.mux);
-    if mux.stopped {
-        return None;
-    }
-    for ev in events.iter().take(n) {
-        if ev.data() == TOKEN_WAKE {
-            let _ = shared.wake.read();
-        } else {
-            mux.event(ev.data(), ev.event_set());
-        }
-    }
-    if mux.has_rx_work() {
-        mux.want_kick |= KICK_RX;
-    }
-    let kick_set = lock(&shared.kick).is_some();
-    Some(if kick_set {
-        std::mem::take(&mut mux.want_kick)
-    } else {
-        0
-    })
-}
-
-/// The host event thread of one activation: runs until the muxer is stopped.
-pub(crate) fn event_loop(shared: &MuxShared) {
-    let mut events = vec![EpollEvent::default(); 64];
-    loop {
-        let Some(bits) = handle_events(shared, &mut events, -1) else {
-            return;
-        };
-        if bits == 0 {
-            continue;
-        }
-        let kick = lock(&shared.kick).clone();
-        if let Some(kick) = kick {
-            for (bit, queue) in [(KICK_RX, super::RX_QUEUE), (KICK_EVENT, super::EVENT_QUEUE)] {
-                if bits & bit != 0 {
-                    kick(queue);
-                }
-            }
-        }
-    }
-}
-
 /// Connects to the Unix socket at `path` without blocking: a host service whose listen backlog
 /// is full makes a blocking connect wait until the service accepts, and the device's worker
-/// holds the transport lock meanwhile (so the guest's vCPUs would stall on the device's
-/// registers). A non-blocking Unix connect completes at once or fails with `EAGAIN`.
+/// would serve nothing else meanwhile. A non-blocking Unix connect completes at once or fails
+/// with `EAGAIN`.
 fn connect_nonblocking(path: &std::ffi::OsStr) -> std::io::Result<UnixStream> {
     use socket2::{Domain, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;

@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
@@ -76,11 +75,21 @@ fn connect_line() {
     }
 }
 
+/// Waits up to `ms` for `fd` to poll readable.
+fn wait_readable(fd: Option<std::os::fd::RawFd>, ms: i32) {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let Some(fd) = fd else { return };
+    let ep = Epoll::new().unwrap();
+    ep.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+        .unwrap();
+    let mut ev = [EpollEvent::default(); 1];
+    let _ = ep.wait(ms, &mut ev);
+}
+
 struct Guest<'a> {
     dev: Vsock,
     rx: QDriver<'a>,
     tx: QDriver<'a>,
-    kicks: mpsc::Receiver<usize>,
     rx_seen: u16,
     rx_posted: u16,
     tx_slot: u64,
@@ -113,17 +122,11 @@ impl<'a> Guest<'a> {
             uds_path: uds.clone(),
         })
         .unwrap();
-        let (ktx, kicks) = mpsc::channel();
-        let ktx = Mutex::new(ktx);
-        dev.set_queue_kick(Arc::new(move |i| {
-            let _ = lock(&ktx).send(i);
-        }));
         dev.activate(dev.features()).unwrap();
         Guest {
             dev,
             rx: QDriver::new(mem, RXQ, 64),
             tx: QDriver::new(mem, TXQ, 64),
-            kicks,
             rx_seen: 0,
             rx_posted: 0,
             tx_slot: 0,
@@ -178,7 +181,7 @@ impl<'a> Guest<'a> {
         Some((h, data))
     }
 
-    /// Waits (the event thread works in the background) for the next packet.
+    /// Does the worker's host-side work until the next packet arrives.
     fn recv(&mut self) -> (Header, Vec<u8>) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -186,7 +189,9 @@ impl<'a> Guest<'a> {
                 return p;
             }
             assert!(Instant::now() < deadline, "no packet for the guest");
-            let _ = self.kicks.recv_timeout(Duration::from_millis(20));
+            wait_readable(self.dev.host_fd(), 20);
+            self.dev.host_event();
+            self.dev.take_kicks();
         }
     }
 
@@ -424,24 +429,37 @@ fn bad_connect_line_closes_client() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     client.write_all(b"HELLO THERE\n").unwrap();
-    assert_closed(&mut client);
+    assert_closed(&mut g.dev, &mut client);
     // A line that never ends is cut at 32 bytes.
     let mut client = UnixStream::connect(&g.uds).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     client.write_all(&[b'7'; 100]).unwrap();
-    assert_closed(&mut client);
+    assert_closed(&mut g.dev, &mut client);
     assert!(g.try_recv().is_none());
 }
 
-/// The peer closed: EOF, or a reset when it closed with our bytes unread.
-fn assert_closed(s: &mut UnixStream) {
+/// The peer closed: EOF, or a reset when it closed with our bytes unread. The device does its
+/// host-side work meanwhile, as its worker would.
+fn assert_closed(dev: &mut Vsock, s: &mut UnixStream) {
     let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("socket not closed: {other:?}"),
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        dev.host_event();
+        dev.take_kicks();
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("socket not closed: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "socket not closed");
     }
 }
 
@@ -616,7 +634,8 @@ fn reset_closes_connections() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while g.dev.connection_count() == 0 {
         assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
+        wait_readable(g.dev.host_fd(), 5);
+        g.dev.host_event();
     }
 }
 
@@ -680,18 +699,11 @@ fn state_round_trip_and_reset_event() {
             .restore(&DeviceState::Rng(RngState::default()))
             .is_err()
     );
-    // Restored and activated: the event thread asks for the event queue, which gets one
+    // Restored and activated: the device asks for the event queue, which gets one
     // TRANSPORT_RESET event.
-    let (ktx, kicks) = mpsc::channel();
-    let ktx = Mutex::new(ktx);
+    assert_eq!(other.take_kicks(), 0);
     other.activate(other.features()).unwrap();
-    other.set_queue_kick(Arc::new(move |i| {
-        let _ = lock(&ktx).send(i);
-    }));
-    assert_eq!(
-        kicks.recv_timeout(Duration::from_secs(5)).unwrap(),
-        EVENT_QUEUE
-    );
+    assert_eq!(other.take_kicks(), 1 << EVENT_QUEUE);
     let mut ev = QDriver::new(&mem, EVQ, 16);
     ev.fill(EV_DATA, &[0xff; 4]);
     ev.add(&[w(EV_DATA, 4)]);
@@ -705,10 +717,11 @@ fn state_round_trip_and_reset_event() {
     assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), s);
 }
 
-/// The whole path through the transport: a host client connects, the event thread kicks the
-/// receive queue, the REQUEST lands in the guest's buffer with an interrupt.
+/// The whole path through the transport and its worker: a host client connects, the worker
+/// accepts it and processes the receive queue, the REQUEST lands in the guest's buffer with an
+/// interrupt.
 #[test]
-fn transport_kick_delivers_request() {
+fn worker_delivers_request() {
     let mem = memory();
     let dir = TempDir::new("vsock-mmio");
     let uds = dir.path("v.sock");
@@ -718,25 +731,25 @@ fn transport_kick_delivers_request() {
     })
     .unwrap();
     let i = irq();
-    let t = MmioTransport::new(Box::new(dev), Arc::new(mem.clone()), i.clone())
-        .unwrap()
-        .into_shared();
+    let mut t = MmioTransport::new(Box::new(dev), Arc::new(mem.clone()), i.clone()).unwrap();
+    let worker = crate::Worker::spawn(&t, "vsock-test".into(), || Ok(())).unwrap();
     let mut rx = QDriver::new(&mem, RXQ, 16);
     let tx = QDriver::new(&mem, TXQ, 16);
     let ev = QDriver::new(&mem, EVQ, 16);
-    probe(&mut lock(&t), &[&rx, &tx, &ev]);
+    probe(&mut t, &[&rx, &tx, &ev]);
     rx.add(&[w(DATA, 44), w(DATA + 0x100, 4096)]);
-    notify(&mut lock(&t), 0);
+    notify(&mut t, 0);
     let mut client = UnixStream::connect(&uds).unwrap();
     client.write_all(b"CONNECT 77\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while rx.used_idx() == 0 {
+    while rx.used_idx() == 0 || i.count() == 0 {
         assert!(Instant::now() < deadline, "REQUEST not delivered");
         std::thread::sleep(Duration::from_millis(2));
     }
     let h = Header::parse(&rx.read(DATA, 44)).unwrap();
     assert_eq!((h.op, h.dst_port, h.dst_cid), (OP_REQUEST, 77, CID));
     assert_eq!(i.count(), 1);
+    drop(worker);
     drop(t);
     // The device is gone: the client sees its socket closed.
     client
