@@ -231,7 +231,8 @@ impl EmuVcpu {
         if !self.written.is_empty() {
             self.cpu.tlb.flush_frames(&self.written);
         }
-        let exit = r.map_err(|e| Exc::unhandled(format!("user-mode accelerator: {e}")))?;
+        let exit =
+            r.map_err(|e| Exc::unhandled(format!("user-mode accelerator: {}", hv::Chain(&e))))?;
         self.cpu.apply_user_state(&st);
         let mut ex = Exec {
             cpu: &mut self.cpu,
