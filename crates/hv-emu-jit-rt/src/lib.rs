@@ -62,7 +62,10 @@ impl CodeCache {
     pub fn new(size: usize) -> io::Result<CodeCache> {
         let size = size.max(4096).div_ceil(4096) * 4096;
         if size > u32::MAX as usize {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "cache too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cache too large",
+            ));
         }
         // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
         let fd = unsafe { libc::memfd_create(c"anyvisor-jit".as_ptr(), libc::MFD_CLOEXEC) };
