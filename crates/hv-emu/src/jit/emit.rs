@@ -1,9 +1,8 @@
 //! Guest instructions to host machine code (x86-64 on x86-64).
 //!
-//! The emitter is iced-x86's `CodeAssembler` (already a dependency for decoding; its
-//! `BlockEncoder` fixes up the branches inside a block). A hand-written emitter would be
-//! faster per instruction, but the measured cost (docs/emu.md, "Translator") is small next to
-//! how rarely a block is translated, so the crate's encoder is used.
+//! The glue code comes from the small hand emitter in `asm.rs` (iced-x86's `CodeAssembler`
+//! was measured too slow, see there); each guest instruction is re-encoded with iced-x86's
+//! `Encoder`.
 //!
 //! Most guest instructions are run *as themselves*: the decoded instruction is copied, its
 //! guest registers replaced by host scratch registers that were loaded from the guest register
@@ -24,7 +23,9 @@
 //! `rax, rcx, rdx, rdi, r8..r11` (guest `rcx` always into host `rcx`, so `cl` shift counts
 //! work).
 
-use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
 use iced_x86::{
     Code, Encoder, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
 };
@@ -133,20 +134,6 @@ fn host_sized(h: usize, size: usize) -> Option<Register> {
         1 => Some(row[3]),
         _ => None,
     }
-}
-
-fn asm64(r: Register) -> Option<AsmRegister64> {
-    Some(match r {
-        Register::RAX => rax,
-        Register::RCX => rcx,
-        Register::RDX => rdx,
-        Register::RDI => rdi,
-        Register::R8 => r8,
-        Register::R9 => r9,
-        Register::R10 => r10,
-        Register::R11 => r11,
-        _ => return None,
-    })
 }
 
 fn is_moffs(c: Code) -> bool {
@@ -328,7 +315,7 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
 
 /// Where an exit stub goes back to the run loop.
 struct Stub {
-    label: CodeLabel,
+    label: Label,
     /// Guest instructions completed before the exit.
     done: u32,
     ip: u64,
@@ -336,9 +323,9 @@ struct Stub {
     miss: i32,
 }
 
-/// Per-translation scratch: the assembler, exit stubs, encoder for checks.
+/// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
 pub struct Emitter {
-    a: CodeAssembler,
+    a: Asm,
     stubs: Vec<Stub>,
     info: InstructionInfoFactory,
     enc: Encoder,
@@ -362,10 +349,112 @@ impl std::fmt::Display for EmitError {
 
 type E<T> = Result<T, EmitError>;
 
+/// A guest register's slot in the register file (`rbx`).
+fn greg(g: usize) -> Mem {
+    at(RBX, 8 * g as i32)
+}
+
+fn ctx(off: i32) -> Mem {
+    at(R15, off)
+}
+
+fn host_num(h: usize) -> u8 {
+    [RAX, RCX, RDX, RDI, R8, R8 + 1, R8 + 2, R8 + 3]
+        .get(h)
+        .copied()
+        .unwrap_or(RAX)
+}
+
+/// The x86 condition number of a condition code.
+fn cc_num(cc: iced_x86::ConditionCode) -> Option<u8> {
+    use iced_x86::ConditionCode as C;
+    Some(match cc {
+        C::o => 0,
+        C::no => 1,
+        C::b => 2,
+        C::ae => 3,
+        C::e => 4,
+        C::ne => 5,
+        C::be => 6,
+        C::a => 7,
+        C::s => 8,
+        C::ns => 9,
+        C::p => 10,
+        C::np => 11,
+        C::l => 12,
+        C::ge => 13,
+        C::le => 14,
+        C::g => 15,
+        C::None => return None,
+    })
+}
+
+/// A guest instruction rewritten onto host registers and `[rsi]`.
+struct Rewrite {
+    out: Instruction,
+    /// Host register index (into `HOST`) per guest register, `usize::MAX` if unused.
+    host_of: [usize; 16],
+    written: [bool; 16],
+    /// Some(written) when the instruction accesses memory.
+    mem: Option<bool>,
+}
+
+fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite> {
+    let access = info.info(i);
+    let is_write = |a: OpAccess| {
+        matches!(
+            a,
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        )
+    };
+    let mut r = Rewrite {
+        out: *i,
+        host_of: [usize::MAX; 16],
+        written: [false; 16],
+        mem: None,
+    };
+    let pool = [0usize, 2, 3, 4, 5, 6, 7];
+    let mut next = 0usize;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let reg = i.op_register(n);
+                let g = gpr_num(reg)?;
+                let slot = r.host_of.get_mut(g)?;
+                if *slot == usize::MAX {
+                    *slot = if g == 1 {
+                        1
+                    } else {
+                        let h = *pool.get(next)?;
+                        next += 1;
+                        h
+                    };
+                }
+                let h = host_sized(*slot, reg.size())?;
+                if is_write(access.op_access(n)) {
+                    *r.written.get_mut(g)? = true;
+                }
+                r.out.set_op_register(n, h);
+            }
+            OpKind::Memory => {
+                r.mem = Some(is_write(access.op_access(n)));
+                r.out.set_memory_base(Register::RSI);
+                r.out.set_memory_index(Register::None);
+                r.out.set_memory_index_scale(1);
+                r.out.set_memory_displacement64(0);
+                r.out.set_memory_displ_size(0);
+                r.out.set_segment_prefix(Register::None);
+            }
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
 impl Emitter {
     pub fn new() -> Result<Emitter, IcedError> {
         Ok(Emitter {
-            a: CodeAssembler::new(64)?,
+            a: Asm::default(),
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
@@ -378,31 +467,28 @@ impl Emitter {
     pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)]) -> E<Vec<u8>> {
         self.a.reset();
         self.stubs.clear();
-        let mut epi = self.a.create_label();
-        let mut head = self.a.create_label();
-        let a = &mut self.a;
-        // Prologue.
-        a.push(rbx)?;
-        a.push(rbp)?;
-        a.push(r12)?;
-        a.push(r13)?;
-        a.push(r14)?;
-        a.push(r15)?;
-        a.mov(rbx, rdi)?;
-        a.mov(r15, rsi)?;
-        a.lea(r14, qword_ptr(r15 + C_TLB))?;
-        a.mov(r13d, 12)?;
-        a.xor(r12d, r12d)?;
-        // Guest arithmetic flags into the host flags: OF through a signed overflow, then the
-        // other five from AH.
-        a.mov(rax, qword_ptr(r15 + C_FLAGS))?;
-        a.mov(ecx, eax)?;
-        a.shr(ecx, 11)?;
-        a.and(ecx, 1)?;
-        a.add(cl, 0x7f)?;
-        a.mov(ah, al)?;
-        a.sahf()?;
-        a.set_label(&mut head)?;
+        let epi = self.a.label();
+        let head = self.a.label();
+        // Prologue: save callee-saved registers, rbx = registers, r15 = context.
+        self.a
+            .bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
+        self.a.mov(RBX, RDI);
+        self.a.mov(R15, RSI);
+        self.a.lea(R14, ctx(C_TLB));
+        // mov r13d, 12; xor r12d, r12d
+        self.a.bytes(&[0x41, 0xbd, 12, 0, 0, 0, 0x45, 0x31, 0xe4]);
+        // Guest arithmetic flags into the host flags: OF through a signed overflow
+        // (0x7f + OF), then the other five from AH.
+        self.a.load(RAX, ctx(C_FLAGS));
+        self.a.bytes(&[
+            0x89, 0xc1, // mov ecx, eax
+            0xc1, 0xe9, 0x0b, // shr ecx, 11
+            0x83, 0xe1, 0x01, // and ecx, 1
+            0x80, 0xc1, 0x7f, // add cl, 0x7f
+            0x88, 0xc4, // mov ah, al
+            0x9e, // sahf
+        ]);
+        self.a.bind(head);
         let mut ended = false;
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
@@ -414,76 +500,78 @@ impl Emitter {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
                         _ => Src::Imm(i.immediate(0)),
                     };
-                    self.push(k, i.ip(), v)?;
+                    self.push(k, i.ip(), v);
                 }
                 Kind::Pop => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
-                    self.pop_to(k, i.ip(), 0)?;
-                    self.a.lea(rbp, qword_ptr(rbp + 8))?;
-                    self.a.mov(qword_ptr(rbx + 32), rbp)?;
-                    self.a.mov(qword_ptr(rbx + 8 * g as i32), rax)?;
+                    self.pop_to(k, i.ip());
+                    self.a.lea(RBP, at(RBP, 8));
+                    self.a.store(greg(4), RBP);
+                    self.a.store(greg(g), RAX);
                 }
                 Kind::CallRel => {
-                    self.push(k, i.ip(), Src::Imm(i.next_ip()))?;
-                    self.exit_static(i.near_branch64(), k + 1, epi)?;
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.exit_static(i.near_branch64(), k + 1, epi);
                     ended = true;
                 }
                 Kind::CallReg => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
-                    self.a.mov(r8, qword_ptr(rbx + 8 * g as i32))?;
-                    self.check_canonical(r8, k, i.ip())?;
-                    self.push(k, i.ip(), Src::Imm(i.next_ip()))?;
-                    self.a.mov(rax, r8)?;
-                    self.exit_dynamic(k + 1, epi)?;
+                    self.a.load(R8, greg(g));
+                    self.check_canonical(R8, k, i.ip());
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.a.mov(RAX, R8);
+                    self.exit_dynamic(k + 1, epi);
                     ended = true;
                 }
                 Kind::Ret => {
-                    self.pop_to(k, i.ip(), 0)?;
-                    self.check_canonical(rax, k, i.ip())?;
+                    self.pop_to(k, i.ip());
+                    self.check_canonical(RAX, k, i.ip());
                     let extra = if i.code() == Code::Retnq_imm16 {
                         i32::from(i.immediate16())
                     } else {
                         0
                     };
-                    self.a.lea(rbp, qword_ptr(rbp + 8 + extra))?;
-                    self.a.mov(qword_ptr(rbx + 32), rbp)?;
-                    self.exit_dynamic(k + 1, epi)?;
+                    self.a.lea(RBP, at(RBP, 8 + extra));
+                    self.a.store(greg(4), RBP);
+                    self.exit_dynamic(k + 1, epi);
                     ended = true;
                 }
                 Kind::JmpRel => {
                     let t = i.near_branch64();
                     if t == rip {
-                        self.back_edge(rip, k + 1, head, epi)?;
+                        self.back_edge(rip, k + 1, head, epi);
                     } else {
-                        self.exit_static(t, k + 1, epi)?;
+                        self.exit_static(t, k + 1, epi);
                     }
                     ended = true;
                 }
                 Kind::JmpReg => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
-                    self.a.mov(rax, qword_ptr(rbx + 8 * g as i32))?;
-                    self.check_canonical(rax, k, i.ip())?;
-                    self.exit_dynamic(k + 1, epi)?;
+                    self.a.load(RAX, greg(g));
+                    self.check_canonical(RAX, k, i.ip());
+                    self.exit_dynamic(k + 1, epi);
                     ended = true;
                 }
                 Kind::JmpMem => {
-                    self.address(i)?;
-                    self.tlb(k, i.ip(), 8, false)?;
-                    self.a.mov(rax, qword_ptr(rsi))?;
-                    self.check_canonical(rax, k, i.ip())?;
-                    self.exit_dynamic(k + 1, epi)?;
+                    self.address(i);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RAX, at(RSI, 0));
+                    self.check_canonical(RAX, k, i.ip());
+                    self.exit_dynamic(k + 1, epi);
                     ended = true;
                 }
                 Kind::Jcc => {
-                    let mut taken = self.a.create_label();
-                    self.jcc(i.condition_code(), taken)?;
-                    self.exit_static(i.next_ip(), k + 1, epi)?;
-                    self.a.set_label(&mut taken)?;
+                    let taken = self.a.label();
+                    let cc = cc_num(i.condition_code())
+                        .ok_or_else(|| EmitError("jcc without a condition".into()))?;
+                    self.a.jcc(cc, taken);
+                    self.exit_static(i.next_ip(), k + 1, epi);
+                    self.a.bind(taken);
                     let t = i.near_branch64();
                     if t == rip {
-                        self.back_edge(rip, k + 1, head, epi)?;
+                        self.back_edge(rip, k + 1, head, epi);
                     } else {
-                        self.exit_static(t, k + 1, epi)?;
+                        self.exit_static(t, k + 1, epi);
                     }
                     ended = true;
                 }
@@ -494,64 +582,39 @@ impl Emitter {
         }
         if !ended {
             let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
-            self.exit_static(next, insns.len() as u32, epi)?;
+            self.exit_static(next, insns.len() as u32, epi);
         }
         // Exit stubs: state is exactly as before instruction `done`.
         let stubs = std::mem::take(&mut self.stubs);
-        for mut s in stubs {
+        for s in &stubs {
             let a = &mut self.a;
-            a.set_label(&mut s.label)?;
-            a.mov(qword_ptr(r15 + C_MISS_LIN), rsi)?;
-            a.mov(qword_ptr(r15 + C_MISS_KIND), s.miss)?;
-            a.mov(rax, s.ip)?;
-            a.mov(qword_ptr(r15 + C_RIP), rax)?;
-            a.lea(r12, qword_ptr(r12 + s.done as i32))?;
-            a.mov(qword_ptr(r15 + C_EXIT), 1)?;
-            a.jmp(epi)?;
+            a.bind(s.label);
+            a.store(ctx(C_MISS_LIN), RSI);
+            a.store_imm(ctx(C_MISS_KIND), s.miss);
+            a.mov_imm(RAX, s.ip);
+            a.store(ctx(C_RIP), RAX);
+            a.lea(R12, at(R12, s.done as i32));
+            a.store_imm(ctx(C_EXIT), 1);
+            a.jmp(epi);
         }
+        self.stubs = stubs;
         let a = &mut self.a;
-        a.set_label(&mut epi)?;
-        a.mov(qword_ptr(r15 + C_COUNT), r12)?;
-        a.pushfq()?;
-        a.pop(rax)?;
-        a.mov(qword_ptr(r15 + C_FLAGS), rax)?;
-        a.pop(r15)?;
-        a.pop(r14)?;
-        a.pop(r13)?;
-        a.pop(r12)?;
-        a.pop(rbp)?;
-        a.pop(rbx)?;
-        a.ret()?;
-        Ok(self.a.assemble(0)?)
+        a.bind(epi);
+        a.store(ctx(C_COUNT), R12);
+        a.bytes(&[0x9c, 0x58]); // pushfq; pop rax
+        a.store(ctx(C_FLAGS), RAX);
+        // pop r15, r14, r13, r12, rbp, rbx; ret
+        a.bytes(&[
+            0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b, 0xc3,
+        ]);
+        if !a.finish() {
+            return Err(EmitError("unbound label".into()));
+        }
+        Ok(a.buf.clone())
     }
 
-    fn jcc(&mut self, cc: iced_x86::ConditionCode, l: CodeLabel) -> E<()> {
-        use iced_x86::ConditionCode as C;
-        let a = &mut self.a;
-        match cc {
-            C::o => a.jo(l)?,
-            C::no => a.jno(l)?,
-            C::b => a.jb(l)?,
-            C::ae => a.jae(l)?,
-            C::e => a.je(l)?,
-            C::ne => a.jne(l)?,
-            C::be => a.jbe(l)?,
-            C::a => a.ja(l)?,
-            C::s => a.js(l)?,
-            C::ns => a.jns(l)?,
-            C::p => a.jp(l)?,
-            C::np => a.jnp(l)?,
-            C::l => a.jl(l)?,
-            C::ge => a.jge(l)?,
-            C::le => a.jle(l)?,
-            C::g => a.jg(l)?,
-            C::None => return Err(EmitError("jcc without a condition".into())),
-        }
-        Ok(())
-    }
-
-    fn stub(&mut self, done: u32, ip: u64, miss: i32) -> CodeLabel {
-        let label = self.a.create_label();
+    fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
+        let label = self.a.label();
         self.stubs.push(Stub {
             label,
             done,
@@ -562,261 +625,255 @@ impl Emitter {
     }
 
     /// Leaves with guest RIP = `target` after `done` instructions.
-    fn exit_static(&mut self, target: u64, done: u32, epi: CodeLabel) -> E<()> {
+    fn exit_static(&mut self, target: u64, done: u32, epi: Label) {
         let a = &mut self.a;
-        a.mov(rax, target)?;
-        a.mov(qword_ptr(r15 + C_RIP), rax)?;
-        a.lea(r12, qword_ptr(r12 + done as i32))?;
-        a.mov(qword_ptr(r15 + C_EXIT), 0)?;
-        Ok(a.jmp(epi)?)
+        a.mov_imm(RAX, target);
+        a.store(ctx(C_RIP), RAX);
+        a.lea(R12, at(R12, done as i32));
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
     }
 
     /// Leaves with guest RIP = rax after `done` instructions.
-    fn exit_dynamic(&mut self, done: u32, epi: CodeLabel) -> E<()> {
+    fn exit_dynamic(&mut self, done: u32, epi: Label) {
         let a = &mut self.a;
-        a.mov(qword_ptr(r15 + C_RIP), rax)?;
-        a.lea(r12, qword_ptr(r12 + done as i32))?;
-        a.mov(qword_ptr(r15 + C_EXIT), 0)?;
-        Ok(a.jmp(epi)?)
+        a.store(ctx(C_RIP), RAX);
+        a.lea(R12, at(R12, done as i32));
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
     }
 
     /// A branch back to the block's head: loop while the instruction budget lasts.
-    fn back_edge(&mut self, rip: u64, done: u32, head: CodeLabel, epi: CodeLabel) -> E<()> {
-        let mut out = self.a.create_label();
+    fn back_edge(&mut self, rip: u64, done: u32, head: Label, epi: Label) {
+        let out = self.a.label();
         let a = &mut self.a;
-        a.lea(r12, qword_ptr(r12 + done as i32))?;
+        a.lea(R12, at(R12, done as i32));
         // rcx = count - budget; its sign bit says whether budget is left.
-        a.mov(rcx, qword_ptr(r15 + C_NBUDGET))?;
-        a.lea(rcx, qword_ptr(rcx + r12))?;
-        a.mov(edx, 63)?;
-        a.shrx(rcx, rcx, rdx)?;
-        a.jrcxz(out)?;
-        a.jmp(head)?;
-        a.set_label(&mut out)?;
-        a.mov(rax, rip)?;
-        a.mov(qword_ptr(r15 + C_RIP), rax)?;
-        a.mov(qword_ptr(r15 + C_EXIT), 0)?;
-        Ok(a.jmp(epi)?)
+        a.load(RCX, ctx(C_NBUDGET));
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((R12, 1)),
+                disp: 0,
+            },
+        );
+        a.mov_imm(RDX, 63);
+        a.shrx(RCX, RCX, RDX);
+        // rcx = 1: budget left, loop; 0: leave.
+        a.bytes(&[0xe3, 0x05]); // jrcxz +5 (over the jmp)
+        a.jmp(head);
+        a.bind(out);
+        a.mov_imm(RAX, rip);
+        a.store(ctx(C_RIP), RAX);
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
     }
 
     /// Interprets instruction `k` instead when `r` is not canonical (the #GP is raised by the
     /// interpreter with the state before the instruction).
-    fn check_canonical(&mut self, r: AsmRegister64, k: u32, ip: u64) -> E<()> {
+    fn check_canonical(&mut self, r: u8, k: u32, ip: u64) {
         let stub = self.stub(k, ip, 0);
-        let mut ok = self.a.create_label();
         let a = &mut self.a;
-        a.mov(edx, 47)?;
-        a.sarx(rcx, r, rdx)?;
-        a.lea(rcx, qword_ptr(rcx + 1))?;
-        a.mov(edx, 1)?;
-        a.shrx(rcx, rcx, rdx)?;
-        a.jrcxz(ok)?;
-        a.jmp(stub)?;
-        a.set_label(&mut ok)?;
-        Ok(())
+        a.mov_imm(RDX, 47);
+        a.sarx(RCX, r, RDX);
+        a.lea(RCX, at(RCX, 1));
+        a.mov_imm(RDX, 1);
+        a.shrx(RCX, RCX, RDX);
+        a.jmp_unless_rcx_zero(stub);
     }
 
     /// rsi = guest linear address of `i`'s memory operand (with the FS/GS base).
-    fn address(&mut self, i: &Instruction) -> E<()> {
-        self.effective(i)?;
+    fn address(&mut self, i: &Instruction) {
+        self.effective(i);
         let seg = match i.memory_segment() {
             Register::FS => Some(C_FS),
             Register::GS => Some(C_GS),
             _ => None,
         };
         if let Some(off) = seg {
-            self.a.mov(rcx, qword_ptr(r15 + off))?;
-            self.a.lea(rsi, qword_ptr(rsi + rcx))?;
+            self.a.load(RCX, ctx(off));
+            self.a.lea(
+                RSI,
+                Mem {
+                    base: Some(RSI),
+                    index: Some((RCX, 1)),
+                    disp: 0,
+                },
+            );
         }
-        Ok(())
     }
 
     /// rsi = effective address (offset) of `i`'s memory operand.
-    fn effective(&mut self, i: &Instruction) -> E<()> {
+    fn effective(&mut self, i: &Instruction) {
         let a = &mut self.a;
         let b = i.memory_base();
         let x = gpr_of(i.memory_index());
         let disp = i.memory_displacement64();
         if b == Register::RIP || (b == Register::None && x.is_none()) {
-            return Ok(a.mov(rsi, disp)?);
+            a.mov_imm(RSI, disp);
+            return;
         }
         let disp = disp as i64 as i32;
         let scale = i.memory_index_scale();
         match (gpr_of(b), x) {
             (Some(b), Some(x)) => {
-                a.mov(rsi, qword_ptr(rbx + 8 * b as i32))?;
-                a.mov(rdi, qword_ptr(rbx + 8 * x as i32))?;
-                Ok(a.lea(rsi, qword_ptr(rsi + rdi * scale + disp))?)
+                a.load(RSI, greg(b));
+                a.load(RDI, greg(x));
+                a.lea(
+                    RSI,
+                    Mem {
+                        base: Some(RSI),
+                        index: Some((RDI, scale)),
+                        disp,
+                    },
+                );
             }
             (Some(b), None) => {
-                a.mov(rsi, qword_ptr(rbx + 8 * b as i32))?;
-                Ok(a.lea(rsi, qword_ptr(rsi + disp))?)
+                a.load(RSI, greg(b));
+                if disp != 0 {
+                    a.lea(RSI, at(RSI, disp));
+                }
             }
             (None, Some(x)) => {
-                a.mov(rdi, qword_ptr(rbx + 8 * x as i32))?;
-                Ok(a.lea(rsi, qword_ptr(rdi * scale + disp))?)
+                a.load(RDI, greg(x));
+                a.lea(
+                    RSI,
+                    Mem {
+                        base: None,
+                        index: Some((RDI, scale)),
+                        disp,
+                    },
+                );
             }
-            (None, None) => Ok(a.mov(rsi, disp as i64 as u64)?),
+            (None, None) => a.mov_imm(RSI, disp as i64 as u64),
         }
     }
 
     /// Soft-TLB check of `size` bytes at guest linear rsi; on a hit rsi = host address (and a
     /// write is logged for the dirty bitmap), on a miss exit to interpret instruction `k`.
-    fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) -> E<()> {
+    fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
         let stub = self.stub(k, ip, if write { 2 } else { 1 });
-        let mut hit = self.a.create_label();
         let a = &mut self.a;
-        a.lea(rdx, qword_ptr(rsi + (size as i32 - 1)))?;
-        a.shrx(rdx, rdx, r13)?; // vpn of the last byte
-        a.shrx(rcx, rsi, r13)?;
-        a.movzx(ecx, cl)?; // index of the first byte's page
-        a.lea(rcx, qword_ptr(rcx * 4))?;
-        a.lea(rdi, qword_ptr(r14 + rcx * 8))?; // 32-byte entries
-        a.mov(rcx, qword_ptr(rdi + if write { 8 } else { 0 }))?; // -vpn
-        a.lea(rcx, qword_ptr(rcx + rdx))?;
-        a.jrcxz(hit)?;
-        a.jmp(stub)?;
-        a.set_label(&mut hit)?;
-        a.mov(rcx, qword_ptr(rdi + 16))?;
-        a.lea(rsi, qword_ptr(rsi + rcx))?;
+        a.lea(RDX, at(RSI, size as i32 - 1));
+        a.shrx(RDX, RDX, R13); // vpn of the last byte
+        a.shrx(RCX, RSI, R13);
+        a.movzx_ecx_cl(); // index of the first byte's page
+        a.lea(
+            RCX,
+            Mem {
+                base: None,
+                index: Some((RCX, 4)),
+                disp: 0,
+            },
+        );
+        a.lea(
+            RDI,
+            Mem {
+                base: Some(R14),
+                index: Some((RCX, 8)),
+                disp: 0,
+            },
+        ); // 32-byte entries
+        a.load(RCX, at(RDI, if write { 8 } else { 0 })); // -vpn
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RDX, 1)),
+                disp: 0,
+            },
+        );
+        a.jmp_unless_rcx_zero(stub);
+        a.load(RCX, at(RDI, 16));
+        a.lea(
+            RSI,
+            Mem {
+                base: Some(RSI),
+                index: Some((RCX, 1)),
+                disp: 0,
+            },
+        );
         if write {
-            a.mov(rcx, qword_ptr(r15 + C_LOG_N))?;
-            a.mov(rdx, qword_ptr(rdi + 24))?;
-            a.mov(qword_ptr(r15 + rcx * 8 + C_LOG), rdx)?;
-            a.lea(rcx, qword_ptr(rcx + 1))?;
-            a.mov(qword_ptr(r15 + C_LOG_N), rcx)?;
+            a.load(RCX, ctx(C_LOG_N));
+            a.load(RDX, at(RDI, 24));
+            a.store(
+                Mem {
+                    base: Some(R15),
+                    index: Some((RCX, 8)),
+                    disp: C_LOG,
+                },
+                RDX,
+            );
+            a.lea(RCX, at(RCX, 1));
+            a.store(ctx(C_LOG_N), RCX);
         }
-        Ok(())
     }
 
     /// Exits to interpret instruction `k` unless rsi is aligned to `size` (locked accesses:
     /// a split lock would be slow or trap on the host; the interpreter serializes them).
-    fn check_aligned(&mut self, k: u32, ip: u64, size: usize) -> E<()> {
+    fn check_aligned(&mut self, k: u32, ip: u64, size: usize) {
         if size <= 1 {
-            return Ok(());
+            return;
         }
         let stub = self.stub(k, ip, 0);
-        let mut ok = self.a.create_label();
         let a = &mut self.a;
-        a.mov(edx, 64 - size.trailing_zeros())?;
-        a.shlx(rcx, rsi, rdx)?;
-        a.jrcxz(ok)?;
-        a.jmp(stub)?;
-        a.set_label(&mut ok)?;
-        Ok(())
+        a.mov_imm(RDX, u64::from(64 - size.trailing_zeros()));
+        a.shlx(RCX, RSI, RDX);
+        a.jmp_unless_rcx_zero(stub);
     }
 
     /// Pushes `v` on the guest stack (guest rsp updated only after the store).
-    fn push(&mut self, k: u32, ip: u64, v: Src) -> E<()> {
-        self.a.mov(rsi, qword_ptr(rbx + 32))?;
-        self.a.lea(rsi, qword_ptr(rsi - 8))?;
-        self.a.mov(rbp, rsi)?;
-        self.tlb(k, ip, 8, true)?;
+    fn push(&mut self, k: u32, ip: u64, v: Src) {
+        self.a.load(RSI, greg(4));
+        self.a.lea(RSI, at(RSI, -8));
+        self.a.mov(RBP, RSI);
+        self.tlb(k, ip, 8, true);
         match v {
-            Src::Reg(g) => self.a.mov(rax, qword_ptr(rbx + 8 * g as i32))?,
-            Src::Imm(x) => self.a.mov(rax, x)?,
+            Src::Reg(g) => self.a.load(RAX, greg(g)),
+            Src::Imm(x) => self.a.mov_imm(RAX, x),
         }
-        self.a.mov(qword_ptr(rsi), rax)?;
-        Ok(self.a.mov(qword_ptr(rbx + 32), rbp)?)
+        self.a.store(at(RSI, 0), RAX);
+        self.a.store(greg(4), RBP);
     }
 
-    /// rax = the qword at guest rsp + `off`, rbp = guest rsp (not yet updated).
-    fn pop_to(&mut self, k: u32, ip: u64, off: i32) -> E<()> {
-        self.a.mov(rsi, qword_ptr(rbx + 32))?;
-        self.a.mov(rbp, rsi)?;
-        if off != 0 {
-            self.a.lea(rsi, qword_ptr(rsi + off))?;
-        }
-        self.tlb(k, ip, 8, false)?;
-        Ok(self.a.mov(rax, qword_ptr(rsi))?)
+    /// rax = the qword at guest rsp, rbp = guest rsp (not yet updated).
+    fn pop_to(&mut self, k: u32, ip: u64) {
+        self.a.load(RSI, greg(4));
+        self.a.mov(RBP, RSI);
+        self.tlb(k, ip, 8, false);
+        self.a.load(RAX, at(RSI, 0));
     }
 
     /// An instruction re-encoded with host registers and `[rsi]`.
     fn generic(&mut self, k: u32, i: &Instruction) -> E<()> {
-        let info = self.info.info(i);
-        let mut written = [false; 16];
-        let mut host_of = [usize::MAX; 16];
-        let mut next = 0usize;
-        let pool = [0usize, 2, 3, 4, 5, 6, 7];
-        let mut out = *i;
-        let mut mem_write = None;
-        for n in 0..i.op_count() {
-            match i.op_kind(n) {
-                OpKind::Register => {
-                    let r = i.op_register(n);
-                    let Some(g) = gpr_num(r) else {
-                        return Err(EmitError("not a translatable register".into()));
-                    };
-                    if host_of[g] == usize::MAX {
-                        host_of[g] = if g == 1 {
-                            1
-                        } else {
-                            let h = pool
-                                .get(next)
-                                .copied()
-                                .ok_or_else(|| EmitError("too many registers".into()))?;
-                            next += 1;
-                            h
-                        };
-                    }
-                    if matches!(
-                        info.op_access(n),
-                        OpAccess::Write
-                            | OpAccess::ReadWrite
-                            | OpAccess::CondWrite
-                            | OpAccess::ReadCondWrite
-                    ) {
-                        written[g] = true;
-                    }
-                    let h = host_sized(host_of[g], r.size())
-                        .ok_or_else(|| EmitError("register size".into()))?;
-                    out.set_op_register(n, h);
-                }
-                OpKind::Memory => {
-                    mem_write = Some(matches!(
-                        info.op_access(n),
-                        OpAccess::Write
-                            | OpAccess::ReadWrite
-                            | OpAccess::CondWrite
-                            | OpAccess::ReadCondWrite
-                    ));
-                }
-                _ => {}
-            }
-        }
-        if let Some(write) = mem_write {
-            out.set_memory_base(Register::RSI);
-            out.set_memory_index(Register::None);
-            out.set_memory_index_scale(1);
-            out.set_memory_displacement64(0);
-            out.set_memory_displ_size(0);
-            out.set_segment_prefix(Register::None);
+        let r = rewrite(&mut self.info, i)
+            .ok_or_else(|| EmitError("not a translatable operand".into()))?;
+        if let Some(write) = r.mem {
             if i.mnemonic() == M::Lea {
-                self.effective(i)?;
+                self.effective(i);
             } else {
-                self.address(i)?;
+                self.address(i);
                 let size = i.memory_size().size();
                 if i.has_lock_prefix() || i.mnemonic() == M::Xchg {
-                    self.check_aligned(k, i.ip(), size)?;
+                    self.check_aligned(k, i.ip(), size);
                 }
-                self.tlb(k, i.ip(), size, write)?;
+                self.tlb(k, i.ip(), size, write);
             }
         }
-        // The rewritten instruction encodes: `encodes` was checked when the block was chosen.
-        for (g, &h) in host_of.iter().enumerate() {
-            if h != usize::MAX
-                && let Some(r) = HOST.get(h).and_then(|row| asm64(row[0]))
-            {
-                self.a.mov(r, qword_ptr(rbx + 8 * g as i32))?;
+        for (g, &h) in r.host_of.iter().enumerate() {
+            if h != usize::MAX {
+                self.a.load(host_num(h), greg(g));
             }
         }
-        self.a.add_instruction(out)?;
-        for (g, &h) in host_of.iter().enumerate() {
-            if h != usize::MAX
-                && written[g]
-                && let Some(r) = HOST.get(h).and_then(|row| asm64(row[0]))
-            {
-                self.a.mov(qword_ptr(rbx + 8 * g as i32), r)?;
+        self.enc.encode(&r.out, 0)?;
+        let mut bytes = self.enc.take_buffer();
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        for (g, &h) in r.host_of.iter().enumerate() {
+            if h != usize::MAX && r.written.get(g).copied().unwrap_or(false) {
+                self.a.store(greg(g), host_num(h));
             }
         }
         Ok(())
@@ -825,43 +882,14 @@ impl Emitter {
     /// Whether the generic rewrite of `i` encodes (checked per instruction at translation, so
     /// one odd form ends the block instead of failing it).
     pub fn encodes(&mut self, i: &Instruction) -> bool {
-        let mut out = *i;
-        let mut next = 0usize;
-        let pool = [0usize, 2, 3, 4, 5, 6, 7];
-        let mut host_of = [usize::MAX; 16];
-        for n in 0..i.op_count() {
-            match i.op_kind(n) {
-                OpKind::Register => {
-                    let r = i.op_register(n);
-                    let Some(g) = gpr_num(r) else { return false };
-                    if host_of[g] == usize::MAX {
-                        host_of[g] = if g == 1 {
-                            1
-                        } else {
-                            let Some(&h) = pool.get(next) else {
-                                return false;
-                            };
-                            next += 1;
-                            h
-                        };
-                    }
-                    let Some(h) = host_sized(host_of[g], r.size()) else {
-                        return false;
-                    };
-                    out.set_op_register(n, h);
-                }
-                OpKind::Memory => {
-                    out.set_memory_base(Register::RSI);
-                    out.set_memory_index(Register::None);
-                    out.set_memory_index_scale(1);
-                    out.set_memory_displacement64(0);
-                    out.set_memory_displ_size(0);
-                    out.set_segment_prefix(Register::None);
-                }
-                _ => {}
-            }
-        }
-        self.enc.encode(&out, 0).is_ok()
+        let Some(r) = rewrite(&mut self.info, i) else {
+            return false;
+        };
+        let ok = self.enc.encode(&r.out, 0).is_ok();
+        let mut b = self.enc.take_buffer();
+        b.clear();
+        self.enc.set_buffer(b);
+        ok
     }
 }
 

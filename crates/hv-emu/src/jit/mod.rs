@@ -23,6 +23,7 @@
 //! * **Self-modifying code**: a translation is tagged with its page's write generation, like a
 //!   decoded block, and is dropped when the page is written.
 
+mod asm;
 mod emit;
 
 use std::mem::offset_of;
@@ -79,7 +80,10 @@ const TLB_ENTRIES: usize = 256;
 const LOG_CAP: usize = 4096;
 const MAX_RUN: u64 = 2048;
 const MAX_INSNS: usize = 64;
-const SLOTS: usize = 1 << 13;
+const SLOTS: usize = 1 << 15;
+/// Times a block start is run by the interpreter before it is translated: code that runs once
+/// or twice (most of a boot's init code) is cheaper to interpret than to translate.
+const HOT: u16 = 32;
 const READ_AHEAD: usize = 1024;
 
 /// One soft-TLB entry: tags are the negated virtual page number (so a flag-free `lea` of tag
@@ -145,6 +149,17 @@ struct Slot {
     valid: bool,
     /// `None`: the first instruction is not translated (the interpreter runs from here).
     code: Option<CodeRef>,
+    /// Interpreted runs from `rip` so far (while `!valid`).
+    heat: u16,
+}
+
+/// What runs the code at RIP.
+enum Found {
+    Code(CodeRef),
+    /// The interpreter, up to the next translatable instruction.
+    Untranslated,
+    /// The interpreter, a whole decoded block (not hot yet).
+    Cold,
 }
 
 /// Counters of one vCPU's translator.
@@ -156,6 +171,8 @@ pub struct Stats {
     pub bytes: u64,
     pub flushes: u64,
     pub exits_to_interp: u64,
+    /// Guest instructions run as translated code.
+    pub run: u64,
 }
 
 /// One vCPU's translator state.
@@ -168,6 +185,10 @@ pub struct Jit {
     cpl: u8,
     marks: u64,
     insns: Vec<(iced_x86::Instruction, Kind)>,
+    /// Instructions run as translated code, not yet added to [`TRANSLATED`].
+    translated: u64,
+    /// Interpreted runs of a block start before it is translated.
+    hot: u16,
     pub stats: Stats,
 }
 
@@ -199,6 +220,8 @@ impl Jit {
             cpl: u8::MAX,
             marks: u64::MAX,
             insns: Vec::new(),
+            translated: 0,
+            hot: HOT,
             stats: Stats::default(),
         })
     }
@@ -280,19 +303,21 @@ impl Exec<'_> {
             };
             self.cpu.shadow = 0;
             n += match code {
-                Some(c) => self.jit_run(jit, c, budget - n)?,
-                None => self.interp_untranslated(blocks)?,
+                Found::Code(c) => self.jit_run(jit, c, budget - n)?,
+                Found::Untranslated => self.interp_block(blocks, false)?,
+                Found::Cold => self.interp_block(blocks, true)?,
             };
             if self.cpu.mp_state != MpState::Runnable {
                 break;
             }
         }
+        TRANSLATED.fetch_add(std::mem::take(&mut jit.translated), Ordering::Relaxed);
         Ok((n, false))
     }
 
     /// The translation of the block at RIP (64-bit mode), translating it on a miss. `None`:
     /// the instruction at RIP is not translated.
-    fn jit_lookup(&mut self, jit: &mut Jit) -> R<Option<CodeRef>> {
+    fn jit_lookup(&mut self, jit: &mut Jit) -> R<Found> {
         let rip = self.cpu.rip;
         if !canonical(rip) {
             return Err(Exc::Fault(13, Some(0)));
@@ -308,21 +333,36 @@ impl Exec<'_> {
             && self.vm.code.generation(page) == Some(e.generation)
         {
             match e.code {
-                None => return Ok(None),
-                Some(c) if jit.cache.is_valid(c) => return Ok(Some(c)),
+                None => return Ok(Found::Untranslated),
+                Some(c) if jit.cache.is_valid(c) => return Ok(Found::Code(c)),
                 Some(_) => {}
             }
         }
+        if let Some(e) = jit.slots.get_mut(s) {
+            if e.rip != rip || e.phys != pa {
+                *e = Slot {
+                    rip,
+                    phys: pa,
+                    heat: 0,
+                    ..Slot::default()
+                };
+            }
+            if e.heat < jit.hot {
+                e.heat += 1;
+                e.valid = false;
+                return Ok(Found::Cold);
+            }
+        }
         let Some(generation) = self.vm.code.mark(page) else {
-            return Ok(None);
+            return Ok(Found::Cold);
         };
         let avail = (0x1000 - (rip & 0xfff) as usize).min(READ_AHEAD);
         let mut buf = [0u8; READ_AHEAD];
         let Some(bytes) = buf.get_mut(..avail) else {
-            return Ok(None);
+            return Ok(Found::Cold);
         };
         if !self.ram.read_bytes(pa, bytes) {
-            return Ok(None);
+            return Ok(Found::Cold);
         }
         let t0 = std::time::Instant::now();
         let mut dec = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
@@ -373,9 +413,10 @@ impl Exec<'_> {
                 generation,
                 valid: true,
                 code,
+                heat: u16::MAX,
             };
         }
-        Ok(code)
+        Ok(code.map_or(Found::Untranslated, Found::Code))
     }
 
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
@@ -416,7 +457,8 @@ impl Exec<'_> {
             }
         }
         let mut n = ctx.count as u32;
-        TRANSLATED.fetch_add(ctx.count, Ordering::Relaxed);
+        jit.translated += ctx.count;
+        jit.stats.run += ctx.count;
         if ctx.exit == 1 {
             let (kind, lin) = (ctx.miss_kind, ctx.miss_lin);
             jit.stats.exits_to_interp += 1;
@@ -472,9 +514,9 @@ impl Exec<'_> {
         }
     }
 
-    /// Runs interpreter instructions from RIP up to the next one the translator takes (at
-    /// least one).
-    fn interp_untranslated(&mut self, blocks: &mut BlockCache) -> R<u32> {
+    /// Runs the interpreter's decoded block at RIP: all of it (`whole`), or up to the next
+    /// instruction the translator takes (at least one).
+    fn interp_block(&mut self, blocks: &mut BlockCache, whole: bool) -> R<u32> {
         let slot = match self.lookup_block(blocks) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -491,7 +533,7 @@ impl Exec<'_> {
         let block = blocks.block(slot);
         let mut n = 0;
         for (k, op) in block.ops.iter().enumerate() {
-            if k > 0 && classify(&op.insn).is_some() {
+            if !whole && k > 0 && classify(&op.insn).is_some() {
                 break;
             }
             self.cpu.rip = op.insn.next_ip() & block.ip_mask;
@@ -510,3 +552,74 @@ impl Exec<'_> {
 
 #[cfg(test)]
 mod tests;
+
+/// Runs guest code from `state` on one engine for about `budget` instructions (whole blocks),
+/// with exceptions reported instead of delivered: the run stops at the first one (left in
+/// `state.events.exception`), at `hlt`, or when the budget is spent. Returns whether it
+/// stopped by itself (an exception or `hlt`), i.e. whether two engines must agree on the
+/// resulting state. For differential testing and fuzzing of the translator.
+pub fn run_engine(
+    engine: Engine,
+    model: &hv::CpuModel,
+    state: &mut hv::CpuState,
+    memory: &hv::GuestMemory,
+    io: &dyn hv::DeviceIo,
+    budget: u32,
+) -> hv::Result<bool> {
+    use crate::cpu::Cpu;
+    use vm_memory::GuestMemoryBackend as _;
+    let shared = crate::vm::VmShared::new(
+        model.clone(),
+        1,
+        crate::clock::default_tsc_khz(),
+        memory.last_addr().0,
+    );
+    let mut cpu = Box::new(Cpu::new(0));
+    cpu.load_state(state);
+    cpu.deliver_exceptions = false;
+    let ram = crate::mmu::Ram::new(memory);
+    let mut jit = match engine {
+        Engine::Interp => None,
+        Engine::Jit => Some(Jit::new(1 << 20).map_err(|e| hv::Error::Unhandled(e.to_string()))?),
+    };
+    let mut blocks = BlockCache::new();
+    let mut ex = Exec {
+        cpu: &mut cpu,
+        mem: memory,
+        ram: &ram,
+        io,
+        vm: &shared,
+        lapic_enabled: false,
+    };
+    let mut n = 0u32;
+    let mut done = false;
+    while n < budget {
+        let r = match jit.as_mut() {
+            Some(j) => ex.run_batch_jit(j, &mut blocks, 1, false),
+            None => ex.run_batch(&mut blocks, 1, false),
+        };
+        let k = match r {
+            Ok((k, _)) => k,
+            Err(Exc::Unhandled(m)) => return Err(hv::Error::Unhandled(*m)),
+            Err(_) => {
+                done = true;
+                break;
+            }
+        };
+        n += k.max(1);
+        if ex.cpu.reported.is_some() || ex.cpu.mp_state != MpState::Runnable {
+            done = true;
+            break;
+        }
+    }
+    let reported = cpu.reported.take();
+    let new = cpu.to_state(&[], 0, 0);
+    state.regs = new.regs;
+    state.sregs = new.sregs;
+    state.events.exception = reported.map(|(vector, error_code)| hv::PendingException {
+        vector,
+        error_code,
+        injected: false,
+    });
+    Ok(done)
+}
