@@ -9,8 +9,9 @@
 //!
 //! Long-mode inputs then also run on both engines of the vCPU run loop
 //! (`hv_emu::run_engine`: the interpreter and the translator) from the same state and memory;
-//! when both runs stop by themselves (an exception or `hlt`) their registers, flags (those the
-//! SDM defines) and memory must be identical.
+//! when both runs stop by themselves (an exception or `hlt`) their registers, RIP, exception,
+//! non-arithmetic flags and memory must be identical. Inputs with an instruction that leaves a
+//! flag undefined are not compared (the engines may legitimately branch differently on it).
 #![no_main]
 
 use hv::{GuestMemory, InstructionEmulator, MpState};
@@ -87,7 +88,9 @@ fuzz_target!(|data: &[u8]| {
     if mem.write_slice(code, GuestAddress(at)).is_err() {
         return;
     }
-    if long {
+    // Memory around the input is zero (`add [rax], al`, all flags defined), so a branch out
+    // of the input cannot make the runs depend on an undefined flag either.
+    if long && hv_emu::flags_defined_throughout(code) {
         compare_engines(&mem, &state);
     }
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());

@@ -40,7 +40,7 @@ use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmSta
 use vm_memory::GuestMemoryBackend as _;
 
 pub use clock::default_tsc_khz;
-pub use jit::{Engine, run_engine};
+pub use jit::{Engine, flags_defined_throughout, run_engine};
 pub use vcpu::{EmuVcpu, disassemble};
 
 /// Instructions decoded so far (decode-cache misses) by all emu vCPUs in this process.

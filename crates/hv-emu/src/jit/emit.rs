@@ -185,7 +185,9 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         _ => {}
     }
     if i.is_jcc_short_or_near() {
-        return canonical(i.near_branch64()).then_some(Kind::Jcc);
+        // Only the 64-bit forms (a 66 prefix makes a 16-bit target on some CPUs).
+        return (i.op0_kind() == OpKind::NearBranch64 && canonical(i.near_branch64()))
+            .then_some(Kind::Jcc);
     }
     if i.has_rep_prefix() || i.has_repne_prefix() {
         return None;

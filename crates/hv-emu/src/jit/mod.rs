@@ -221,7 +221,7 @@ impl Jit {
             marks: u64::MAX,
             insns: Vec::new(),
             translated: 0,
-            hot: HOT,
+            hot: hot_from_env(),
             stats: Stats::default(),
         })
     }
@@ -242,6 +242,19 @@ impl Jit {
             e.write_tag = 1;
         }
     }
+}
+
+/// `ANYVISOR_EMU_JIT_HOT`: interpreted runs of a block start before it is translated (read
+/// once; default [`HOT`]). 0 translates everything at first sight, which is how the test
+/// suites exercise the translator on short test programs.
+fn hot_from_env() -> u16 {
+    static H: OnceLock<u16> = OnceLock::new();
+    *H.get_or_init(|| {
+        std::env::var("ANYVISOR_EMU_JIT_HOT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HOT)
+    })
 }
 
 #[inline]
@@ -557,7 +570,8 @@ mod tests;
 /// with exceptions reported instead of delivered: the run stops at the first one (left in
 /// `state.events.exception`), at `hlt`, or when the budget is spent. Returns whether it
 /// stopped by itself (an exception or `hlt`), i.e. whether two engines must agree on the
-/// resulting state. For differential testing and fuzzing of the translator.
+/// resulting state. For differential testing and fuzzing of the translator (which
+/// translates every block here at first sight).
 pub fn run_engine(
     engine: Engine,
     model: &hv::CpuModel,
@@ -580,7 +594,12 @@ pub fn run_engine(
     let ram = crate::mmu::Ram::new(memory);
     let mut jit = match engine {
         Engine::Interp => None,
-        Engine::Jit => Some(Jit::new(1 << 20).map_err(|e| hv::Error::Unhandled(e.to_string()))?),
+        Engine::Jit => {
+            let mut j = Jit::new(1 << 20).map_err(|e| hv::Error::Unhandled(e.to_string()))?;
+            // Translate at first sight: the point of a differential run.
+            j.hot = 0;
+            Some(j)
+        }
     };
     let mut blocks = BlockCache::new();
     let mut ex = Exec {
@@ -622,4 +641,14 @@ pub fn run_engine(
         injected: false,
     });
     Ok(done)
+}
+
+/// Whether no instruction of `code` (decoded straight through as 64-bit code) leaves a flag
+/// undefined. Differential runs compare engines only on such code: the translator computes
+/// undefined flags as the host CPU does, the interpreter its own way, and a branch on one
+/// sends the two runs different ways.
+pub fn flags_defined_throughout(code: &[u8]) -> bool {
+    Decoder::with_ip(64, code, 0, DecoderOptions::NONE)
+        .into_iter()
+        .all(|i| i.rflags_undefined() == 0)
 }
