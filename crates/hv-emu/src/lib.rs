@@ -19,6 +19,7 @@ mod decode;
 mod exec;
 mod ext;
 mod fast;
+mod jit;
 mod lapic;
 mod mmu;
 mod mmx;
@@ -39,6 +40,7 @@ use hv::{BackendKind, CpuModel, CpuState, DeviceIo, GuestMemory, VmConfig, VmSta
 use vm_memory::GuestMemoryBackend as _;
 
 pub use clock::default_tsc_khz;
+pub use jit::{Engine, flags_defined_throughout, run_engine};
 pub use vcpu::{EmuVcpu, disassemble};
 
 /// Instructions decoded so far (decode-cache misses) by all emu vCPUs in this process.
@@ -57,6 +59,11 @@ pub fn unsupported_instructions() -> u64 {
     vcpu::UNSUPPORTED.load(Ordering::Relaxed)
 }
 
+/// Instructions of [`instructions_retired`] that ran as translated code ([`Engine::Jit`]).
+pub fn instructions_translated() -> u64 {
+    jit::TRANSLATED.load(Ordering::Relaxed)
+}
+
 /// Instructions executed so far by all emu vCPUs in this process.
 pub fn instructions_retired() -> u64 {
     vcpu::INSTRUCTIONS.load(Ordering::Relaxed)
@@ -68,11 +75,23 @@ use crate::vm::VmShared;
 #[derive(Default)]
 pub struct EmuHypervisor {
     accel: Option<Arc<dyn hv::UserModeAccelerator>>,
+    /// `None`: [`Engine::from_env`].
+    engine: Option<Engine>,
 }
 
 impl EmuHypervisor {
     pub fn new() -> EmuHypervisor {
-        EmuHypervisor { accel: None }
+        EmuHypervisor {
+            accel: None,
+            engine: None,
+        }
+    }
+
+    /// The same backend with its VMs' vCPUs run by `engine` (instead of the one
+    /// `ANYVISOR_EMU_ENGINE` names).
+    pub fn with_engine(mut self, engine: Engine) -> EmuHypervisor {
+        self.engine = Some(engine);
+        self
     }
 
     /// An emu backend whose vCPUs run guest user mode (CPL 3, 64-bit) through `accel` instead
@@ -80,7 +99,10 @@ impl EmuHypervisor {
     /// `accel.tsc_khz()`. A VM created with a different `VmConfig::tsc_khz` (a restored or
     /// migrated one) does not use the accelerator, since its user code would see another rate.
     pub fn with_user_accelerator(accel: Arc<dyn hv::UserModeAccelerator>) -> EmuHypervisor {
-        EmuHypervisor { accel: Some(accel) }
+        EmuHypervisor {
+            accel: Some(accel),
+            engine: None,
+        }
     }
 }
 
@@ -205,6 +227,7 @@ impl hv::Hypervisor for EmuHypervisor {
         };
         let max_addr = config.memory.last_addr().0;
         let mut shared = VmShared::new(config.cpu_model.clone(), config.vcpus, tsc_khz, max_addr);
+        shared.engine = self.engine.unwrap_or_else(Engine::from_env);
         if let Some(a) = &accel {
             shared.clock.use_host_tsc(a.clone());
             shared.user_extra = std::sync::Mutex::new(a.user_visible_extra(&config.cpu_model));

@@ -28,6 +28,9 @@ struct TlbEntry {
 
 pub struct Tlb {
     e: Vec<TlbEntry>,
+    /// Bumped by every flush: the translator's host-pointer TLB (`jit`) is a cache of this one
+    /// and drops its entries when this changes.
+    pub epoch: u64,
 }
 
 impl Tlb {
@@ -40,10 +43,12 @@ impl Tlb {
                 };
                 TLB_SIZE
             ],
+            epoch: 0,
         }
     }
 
     pub fn flush_all(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         for e in self.e.iter_mut() {
             e.vpn = u64::MAX;
         }
@@ -51,6 +56,7 @@ impl Tlb {
 
     /// Drops the translations to any of the guest page frames `frames`.
     pub fn flush_frames(&mut self, frames: &[u64]) {
+        self.epoch = self.epoch.wrapping_add(1);
         if frames.len() > 32 {
             self.flush_all();
             return;
@@ -63,6 +69,7 @@ impl Tlb {
     }
 
     pub fn flush_page(&mut self, lin: u64) {
+        self.epoch = self.epoch.wrapping_add(1);
         let vpn = lin >> 12;
         let e = &mut self.e[(vpn as usize) & (TLB_SIZE - 1)];
         if e.vpn == vpn {
@@ -192,6 +199,27 @@ impl<'m> Ram<'m> {
         } else {
             s.write_slice(&v.to_le_bytes()[..size], off).is_ok()
         }
+    }
+
+    /// The host address of the RAM page at `pa` (page aligned), if the whole page is RAM.
+    pub fn host_page(&self, pa: u64) -> Option<u64> {
+        let pa = pa & !0xfff;
+        let (region, off) = self.find(pa, 0x1000)?;
+        Some((region.slice.ptr_guard().as_ptr() as u64).wrapping_add(off as u64))
+    }
+
+    /// Marks the dirty bitmap for a write to RAM at `pa` done by other means (translated code);
+    /// call after the data is written. False if `pa` is not RAM.
+    pub fn mark_dirty(&self, pa: u64) -> bool {
+        let Some((region, off)) = self.find(pa, 1) else {
+            return false;
+        };
+        if region.page_bits {
+            region.bitmap.set_bit(off >> 12);
+        } else {
+            region.slice.bitmap().mark_dirty(off, 1);
+        }
+        true
     }
 
     /// Copies RAM at `pa` into `buf`; false if the range is not entirely RAM.

@@ -63,6 +63,8 @@ pub struct EmuVcpu {
     shared: Arc<VmShared>,
     clock_epoch: u64,
     blocks: BlockCache,
+    /// The translator, when the VM's engine is `Jit` (and its code cache could be mapped).
+    jit: Option<Box<crate::jit::Jit>>,
     /// Runs user mode on hardware (see `EmuHypervisor::with_user_accelerator`).
     user: Option<Box<dyn hv::UserModeRunner>>,
     /// Written pages reported by `user`.
@@ -81,6 +83,22 @@ impl EmuVcpu {
             cpu.mp_state = MpState::Uninitialized;
         }
         let clock_epoch = shared.clock_epoch.load(Ordering::Acquire);
+        let jit = match shared.engine {
+            crate::jit::Engine::Interp => None,
+            crate::jit::Engine::Jit => {
+                let bytes =
+                    (crate::jit::CACHE_BYTES / shared.vcpu_count.max(1) as usize).max(1 << 20);
+                match crate::jit::Jit::new(bytes) {
+                    Ok(j) => Some(Box::new(j)),
+                    Err(e) => {
+                        hv::rate_limited!(tracing::warn!(
+                            "emu: vCPU {id}: no translation cache ({e}); interpreting"
+                        ));
+                        None
+                    }
+                }
+            }
+        };
         EmuVcpu {
             id,
             cpu,
@@ -88,6 +106,7 @@ impl EmuVcpu {
             shared,
             clock_epoch,
             blocks: BlockCache::new(),
+            jit,
             user: None,
             written: Vec::new(),
             instructions: 0,
@@ -188,7 +207,10 @@ impl EmuVcpu {
                 MpState::Runnable => {}
             }
             let accel = self.user.is_some() && ex.vm.clock.accel_allowed();
-            let (n, at_user) = ex.run_batch(&mut self.blocks, BATCH, accel)?;
+            let (n, at_user) = match self.jit.as_deref_mut() {
+                Some(jit) => ex.run_batch_jit(jit, &mut self.blocks, BATCH, accel)?,
+                None => ex.run_batch(&mut self.blocks, BATCH, accel)?,
+            };
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
             if at_user {
@@ -457,7 +479,7 @@ impl Exec<'_> {
     /// rate-limited log line and a count in [`UNSUPPORTED`]. Only `emulate_one`
     /// (`deliver_exceptions` off) returns it as an error, so the KVM backend, whose CPU may
     /// well have the instruction, does not inject a #UD the hardware would not raise.
-    fn fail(&mut self, insn: &iced_x86::Instruction, e: Exc) -> R<()> {
+    pub(crate) fn fail(&mut self, insn: &iced_x86::Instruction, e: Exc) -> R<()> {
         let rip = insn.ip();
         self.cpu.rip = rip;
         match e {
@@ -575,6 +597,9 @@ impl hv::Vcpu for EmuVcpu {
             self.cpu.msr.tsc_floor = 0;
         }
         self.blocks.clear();
+        if let Some(j) = self.jit.as_deref_mut() {
+            j.clear();
+        }
         self.with_exec(&NoIo, |ex| Self::load_rest(ex, s))
     }
 }

@@ -94,6 +94,9 @@ impl VcpuShared {
 pub struct CodeTracker {
     bits: Vec<AtomicU64>,
     gens: Vec<AtomicU32>,
+    /// Pages newly marked, ever (the translator drops its direct-write TLB entries when this
+    /// changes, so a page that starts holding code is written through the checked path).
+    marks: AtomicU64,
 }
 
 impl CodeTracker {
@@ -103,6 +106,7 @@ impl CodeTracker {
         CodeTracker {
             bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
             gens: (0..pages as usize).map(|_| AtomicU32::new(0)).collect(),
+            marks: AtomicU64::new(0),
         }
     }
 
@@ -116,8 +120,23 @@ impl CodeTracker {
         let b = 1u64 << (page & 63);
         if w.load(Ordering::Relaxed) & b == 0 {
             w.fetch_or(b, Ordering::SeqCst);
+            self.marks.fetch_add(1, Ordering::SeqCst);
         }
         Some(g.load(Ordering::Acquire))
+    }
+
+    /// Whether `page` is marked as holding cached code (untracked pages count as marked).
+    #[inline]
+    pub fn is_marked(&self, page: u64) -> bool {
+        self.bits
+            .get((page >> 6) as usize)
+            .is_none_or(|w| w.load(Ordering::SeqCst) & (1u64 << (page & 63)) != 0)
+    }
+
+    /// How many times a page became marked (see `marks`).
+    #[inline]
+    pub fn marks(&self) -> u64 {
+        self.marks.load(Ordering::SeqCst)
     }
 
     /// The write generation of `page` (`None` if untracked).
@@ -153,6 +172,8 @@ pub struct VmShared {
     pub vcpus: Vec<VcpuShared>,
     pub clock: Clock,
     pub code: CodeTracker,
+    /// Interpreter or translator for this VM's vCPUs.
+    pub engine: crate::jit::Engine,
     /// Serializes locked read-modify-writes that cannot use a host atomic (misaligned, 16 bytes).
     pub atomic_lock: Mutex<()>,
     /// Bumped when the VM clock is restored; vCPUs then rewrite their pvclock pages.
@@ -177,6 +198,7 @@ impl VmShared {
             vcpus: (0..vcpu_count).map(VcpuShared::new).collect(),
             clock: Clock::new(tsc_khz),
             code: CodeTracker::new(max_addr),
+            engine: crate::jit::Engine::Interp,
             atomic_lock: Mutex::new(()),
             clock_epoch: AtomicU64::new(0),
             user_extra: Mutex::new(hv::cpu_model::FeatureSet::default()),

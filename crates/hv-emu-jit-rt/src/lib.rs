@@ -1,0 +1,220 @@
+//! The unsafe half of emu's translator: executable memory and calling into it.
+//!
+//! `hv-emu` is `#![forbid(unsafe_code)]`. Its translator (`hv_emu::jit`) only produces machine
+//! code bytes; this crate is the one place where those bytes become executable and run. It
+//! exists so that every `unsafe` operation of the translator sits in one small file that can be
+//! read in one sitting.
+//!
+//! * **W^X**: the cache is one `memfd` mapped twice, a read-write view that code is copied into
+//!   and a read-execute view that code runs from. No page is ever writable and executable at
+//!   once, and no `mprotect` is ever needed, so a seccomp filter that forbids `PROT_EXEC` in
+//!   `mmap`/`mprotect` (crates/sandbox) keeps working: both mappings are made in
+//!   [`CodeCache::new`], which the VMM calls while creating vCPUs, before any filter exists.
+//! * **Bounded**: the capacity is fixed at creation; [`CodeCache::push`] returns `None` when
+//!   full and the owner calls [`CodeCache::clear`] (QEMU's "flush everything" policy). A
+//!   [`CodeRef`] remembers the clear generation it was made under, so a stale reference is
+//!   refused instead of jumping into overwritten bytes.
+//! * **Calling**: [`CodeCache::call`] runs a block as `extern "sysv64" fn(regs, ctx)`, where
+//!   `regs` is the guest's 16 general registers and `ctx` the translator's `#[repr(C)]` context.
+//!   The code itself is trusted: it is produced by `hv_emu::jit`, whose invariants (only the
+//!   two pointers, the host addresses of guest RAM that its soft TLB holds, and its own stack
+//!   frame are touched; callee-saved registers and DF are preserved) are documented there and
+//!   in docs/emu.md ("Translator").
+
+#![allow(unsafe_code)] // Executable memory and calls into generated code: the purpose of this crate.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// A place in the cache, valid until the next [`CodeCache::clear`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRef {
+    off: u32,
+    len: u32,
+    generation: u32,
+}
+
+/// Executable memory for translated blocks: one memfd, an RW view and an RX view.
+pub struct CodeCache {
+    rw: *mut u8,
+    rx: *const u8,
+    size: usize,
+    used: usize,
+    generation: u32,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the views are plain memory owned by this struct; `&mut self` methods write the RW view
+// and `&self` methods only read/execute code already written. Moving the cache to another
+// thread (a vCPU thread) moves that ownership.
+unsafe impl Send for CodeCache {}
+
+/// Why a call was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The reference predates a [`CodeCache::clear`] or lies outside the used part.
+    Stale,
+}
+
+impl CodeCache {
+    /// Creates a cache of `size` bytes (rounded up to whole pages). The memory is committed
+    /// lazily by the kernel, so an unused cache costs address space only.
+    pub fn new(size: usize) -> io::Result<CodeCache> {
+        let size = size.max(4096).div_ceil(4096) * 4096;
+        if size > u32::MAX as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cache too large",
+            ));
+        }
+        // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"anyvisor-jit".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor this function owns from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own memfd; the result is checked.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let map = |prot| {
+            // SAFETY: a new shared mapping of our memfd at an address the kernel picks; it
+            // aliases no Rust object. The result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    prot,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(p.cast::<u8>())
+            }
+        };
+        let rw = map(libc::PROT_READ | libc::PROT_WRITE)?;
+        let rx = match map(libc::PROT_READ | libc::PROT_EXEC) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: `rw` is the mapping made just above, of `size` bytes, unused.
+                unsafe { libc::munmap(rw.cast(), size) };
+                return Err(e);
+            }
+        };
+        Ok(CodeCache {
+            rw,
+            rx,
+            size,
+            used: 0,
+            generation: 0,
+            _fd: fd,
+        })
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.size
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Copies `code` into the cache (16-byte aligned). `None`: the cache is full.
+    pub fn push(&mut self, code: &[u8]) -> Option<CodeRef> {
+        let off = self.used.div_ceil(16) * 16;
+        let end = off.checked_add(code.len())?;
+        if end > self.size || code.is_empty() {
+            return None;
+        }
+        // SAFETY: `off..end` lies inside the RW view (checked above); `code` is a separate Rust
+        // slice, so the ranges do not overlap. Nothing executes this range yet: the RX alias of
+        // bytes past `used` is never called (see `call`).
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(off), code.len()) };
+        self.used = end;
+        Some(CodeRef {
+            off: off as u32,
+            len: code.len() as u32,
+            generation: self.generation,
+        })
+    }
+
+    /// Forgets every block: references made before are refused from now on.
+    pub fn clear(&mut self) {
+        self.used = 0;
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Whether `r` still names code in this cache.
+    pub fn is_valid(&self, r: CodeRef) -> bool {
+        r.generation == self.generation && (r.off as usize + r.len as usize) <= self.used
+    }
+
+    /// Runs the block at `r` with the guest registers and the translator's context.
+    pub fn call<C>(&self, r: CodeRef, regs: &mut [u64; 16], ctx: &mut C) -> Result<(), CallError> {
+        if !self.is_valid(r) {
+            return Err(CallError::Stale);
+        }
+        // SAFETY: `r` names bytes inside the used part of the RX view (checked above), written
+        // by `push` from a complete block the translator emitted under the current generation.
+        // The block is a whole `extern "sysv64" fn(*mut u64, *mut C)` (prologue saving the
+        // callee-saved registers it uses, epilogue restoring them, `ret`).
+        let f: extern "sysv64" fn(*mut u64, *mut C) =
+            unsafe { std::mem::transmute(self.rx.add(r.off as usize)) };
+        // SAFETY: both pointers come from exclusive references that outlive the call. The
+        // block reads and writes only `regs`, `ctx` (at the offsets of the layout it was
+        // emitted for), guest RAM through the host addresses `ctx`'s soft TLB holds (filled by
+        // the translator only for RAM of the `GuestMemory` the vCPU owns, which outlives it),
+        // and its own stack frame; it leaves DF clear and restores what the ABI requires.
+        f(regs.as_mut_ptr(), ctx);
+        Ok(())
+    }
+}
+
+impl Drop for CodeCache {
+    fn drop(&mut self) {
+        // SAFETY: both views were mapped in `new` with `size` bytes and are unmapped once; no
+        // reference into them outlives `self` (CodeRef is only an offset).
+        unsafe {
+            libc::munmap(self.rw.cast(), self.size);
+            libc::munmap(self.rx.cast_mut().cast(), self.size);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_code_and_refuses_stale_references() {
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        // mov rax, [rdi]; add rax, [rsi]; mov [rdi+8], rax; ret
+        let code = [
+            0x48, 0x8b, 0x07, 0x48, 0x03, 0x06, 0x48, 0x89, 0x47, 0x08, 0xc3,
+        ];
+        let r = c.push(&code).unwrap();
+        let mut regs = [0u64; 16];
+        regs[0] = 40;
+        let mut ctx = 2u64;
+        c.call(r, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[1], 42);
+        c.clear();
+        assert_eq!(c.call(r, &mut regs, &mut ctx), Err(CallError::Stale));
+    }
+
+    #[test]
+    fn is_bounded() {
+        let mut c = CodeCache::new(4096).unwrap();
+        assert!(c.push(&[0xc3; 4000]).is_some());
+        assert!(c.push(&[0xc3; 200]).is_none());
+        c.clear();
+        assert!(c.push(&[0xc3; 200]).is_some());
+    }
+}

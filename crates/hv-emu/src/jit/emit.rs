@@ -1,0 +1,901 @@
+//! Guest instructions to host machine code (x86-64 on x86-64).
+//!
+//! The glue code comes from the small hand emitter in `asm.rs` (iced-x86's `CodeAssembler`
+//! was measured too slow, see there); each guest instruction is re-encoded with iced-x86's
+//! `Encoder`.
+//!
+//! Most guest instructions are run *as themselves*: the decoded instruction is copied, its
+//! guest registers replaced by host scratch registers that were loaded from the guest register
+//! file, its memory operand replaced by `[rsi]` holding the host address the soft TLB gave, and
+//! re-encoded. The host CPU then computes the result and every flag exactly as the guest CPU
+//! would (it *is* an x86-64), undefined flags included.
+//!
+//! **Guest flags live in the host flags register** for the whole block: the prologue loads the
+//! six arithmetic flags with `sahf` (and an `add` that sets OF), the epilogue saves them with
+//! `pushfq`. Everything the emitter puts between guest instructions is flag-neutral (`mov`,
+//! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `jrcxz`, `jmp`), so no per-instruction flag
+//! bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just work.
+//!
+//! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
+//! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
+//! instructions completed, `rbp` = a guest stack pointer being updated; `rsi` holds memory
+//! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
+//! `rax, rcx, rdx, rdi, r8..r11` (guest `rcx` always into host `rcx`, so `cl` shift counts
+//! work).
+
+use iced_x86::IcedError;
+
+use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
+use iced_x86::{
+    Code, Encoder, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
+};
+
+use super::{
+    C_COUNT, C_EXIT, C_FLAGS, C_FS, C_GS, C_LOG, C_LOG_N, C_MISS_KIND, C_MISS_LIN, C_NBUDGET,
+    C_RIP, C_TLB,
+};
+use crate::decode::canonical;
+
+/// How a guest instruction is translated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// Re-encoded with host registers / `[rsi]`.
+    Generic,
+    Nop,
+    Push,
+    Pop,
+    CallRel,
+    CallReg,
+    Ret,
+    JmpRel,
+    JmpReg,
+    JmpMem,
+    Jcc,
+}
+
+impl Kind {
+    /// Whether the block ends after this instruction.
+    pub fn ends_block(self) -> bool {
+        matches!(
+            self,
+            Kind::CallRel
+                | Kind::CallReg
+                | Kind::Ret
+                | Kind::JmpRel
+                | Kind::JmpReg
+                | Kind::JmpMem
+                | Kind::Jcc
+        )
+    }
+}
+
+const GPR64: [Register; 16] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSP,
+    Register::RBP,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
+];
+
+/// Host registers guest operands are loaded into: (64, 32, 16, 8-bit names). Index 1 (rcx) is
+/// reserved for guest rcx.
+const HOST: [[Register; 4]; 8] = [
+    [Register::RAX, Register::EAX, Register::AX, Register::AL],
+    [Register::RCX, Register::ECX, Register::CX, Register::CL],
+    [Register::RDX, Register::EDX, Register::DX, Register::DL],
+    [Register::RDI, Register::EDI, Register::DI, Register::DIL],
+    [Register::R8, Register::R8D, Register::R8W, Register::R8L],
+    [Register::R9, Register::R9D, Register::R9W, Register::R9L],
+    [
+        Register::R10,
+        Register::R10D,
+        Register::R10W,
+        Register::R10L,
+    ],
+    [
+        Register::R11,
+        Register::R11D,
+        Register::R11W,
+        Register::R11L,
+    ],
+];
+
+/// Guest GPR number (0 = rax .. 15 = r15) of a general register operand; `None` for anything
+/// else, including the legacy high-byte registers (ah, ch, dh, bh), which are not translated.
+fn gpr_num(r: Register) -> Option<usize> {
+    if !r.is_gpr() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+        return None;
+    }
+    let full = r.full_register();
+    GPR64.iter().position(|&g| g == full)
+}
+
+fn gpr_of(r: Register) -> Option<usize> {
+    GPR64.iter().position(|&g| g == r)
+}
+
+fn host_sized(h: usize, size: usize) -> Option<Register> {
+    let row = HOST.get(h)?;
+    match size {
+        8 => Some(row[0]),
+        4 => Some(row[1]),
+        2 => Some(row[2]),
+        1 => Some(row[3]),
+        _ => None,
+    }
+}
+
+fn is_moffs(c: Code) -> bool {
+    matches!(
+        c,
+        Code::Mov_AL_moffs8
+            | Code::Mov_AX_moffs16
+            | Code::Mov_EAX_moffs32
+            | Code::Mov_RAX_moffs64
+            | Code::Mov_moffs8_AL
+            | Code::Mov_moffs16_AX
+            | Code::Mov_moffs32_EAX
+            | Code::Mov_moffs64_RAX
+    )
+}
+
+/// The memory operand is addressable by the translator: 64-bit base/index or RIP-relative,
+/// no VSIB, no 32-bit address size, not a moffs form.
+fn mem_ok(i: &Instruction) -> bool {
+    let b = i.memory_base();
+    let x = i.memory_index();
+    if is_moffs(i.code()) {
+        return false;
+    }
+    let base_ok = b == Register::None || b == Register::RIP || gpr_of(b).is_some();
+    let index_ok = x == Register::None || gpr_of(x).is_some();
+    let disp_ok = b == Register::RIP || i32::try_from(i.memory_displacement64() as i64).is_ok();
+    base_ok && index_ok && disp_ok && !(b == Register::RIP && x != Register::None)
+}
+
+/// How `i` (decoded in 64-bit mode) is translated, or `None` if the interpreter runs it.
+pub fn classify(i: &Instruction) -> Option<Kind> {
+    let m = i.mnemonic();
+    let code = i.code();
+    match code {
+        Code::Push_r64 => return Some(Kind::Push),
+        Code::Pushq_imm8 | Code::Pushq_imm32 => return Some(Kind::Push),
+        Code::Pop_r64 => return Some(Kind::Pop),
+        Code::Call_rel32_64 => return canonical(i.near_branch64()).then_some(Kind::CallRel),
+        Code::Call_rm64 if i.op0_kind() == OpKind::Register => return Some(Kind::CallReg),
+        Code::Retnq | Code::Retnq_imm16 => return Some(Kind::Ret),
+        Code::Jmp_rel8_64 | Code::Jmp_rel32_64 => {
+            return canonical(i.near_branch64()).then_some(Kind::JmpRel);
+        }
+        Code::Jmp_rm64 if i.op0_kind() == OpKind::Register => return Some(Kind::JmpReg),
+        Code::Jmp_rm64 if i.op0_kind() == OpKind::Memory && mem_ok(i) => {
+            return Some(Kind::JmpMem);
+        }
+        _ => {}
+    }
+    if i.is_jcc_short_or_near() {
+        // Only the 64-bit forms (a 66 prefix makes a 16-bit target on some CPUs).
+        return (i.op0_kind() == OpKind::NearBranch64 && canonical(i.near_branch64()))
+            .then_some(Kind::Jcc);
+    }
+    if i.has_rep_prefix() || i.has_repne_prefix() {
+        return None;
+    }
+    let allowed = matches!(
+        m,
+        M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Add
+            | M::Adc
+            | M::Sub
+            | M::Sbb
+            | M::And
+            | M::Or
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Lea
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Rcl
+            | M::Rcr
+            | M::Shld
+            | M::Shrd
+            | M::Imul
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Bsf
+            | M::Bsr
+            | M::Bswap
+            | M::Xchg
+            | M::Xadd
+            | M::Nop
+    ) || i.condition_code() != iced_x86::ConditionCode::None
+        && matches!(
+            m,
+            M::Cmovo
+                | M::Cmovno
+                | M::Cmovb
+                | M::Cmovae
+                | M::Cmove
+                | M::Cmovne
+                | M::Cmovbe
+                | M::Cmova
+                | M::Cmovs
+                | M::Cmovns
+                | M::Cmovp
+                | M::Cmovnp
+                | M::Cmovl
+                | M::Cmovge
+                | M::Cmovle
+                | M::Cmovg
+                | M::Seto
+                | M::Setno
+                | M::Setb
+                | M::Setae
+                | M::Sete
+                | M::Setne
+                | M::Setbe
+                | M::Seta
+                | M::Sets
+                | M::Setns
+                | M::Setp
+                | M::Setnp
+                | M::Setl
+                | M::Setge
+                | M::Setle
+                | M::Setg
+        );
+    if !allowed {
+        return None;
+    }
+    if m == M::Nop {
+        return Some(Kind::Nop);
+    }
+    if m == M::Imul && i.op_count() < 2 {
+        return None;
+    }
+    let mut mems = 0;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                gpr_num(i.op_register(n))?;
+            }
+            OpKind::Memory => {
+                mems += 1;
+                if !mem_ok(i) {
+                    return None;
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+            | OpKind::Immediate8_2nd => {}
+            _ => return None,
+        }
+    }
+    if mems > 1 {
+        return None;
+    }
+    // A register bit offset reaches outside the addressed operand.
+    if mems == 1
+        && matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+        && i.op1_kind() == OpKind::Register
+    {
+        return None;
+    }
+    Some(Kind::Generic)
+}
+
+/// Where an exit stub goes back to the run loop.
+struct Stub {
+    label: Label,
+    /// Guest instructions completed before the exit.
+    done: u32,
+    ip: u64,
+    /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss.
+    miss: i32,
+}
+
+/// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
+pub struct Emitter {
+    a: Asm,
+    stubs: Vec<Stub>,
+    info: InstructionInfoFactory,
+    enc: Encoder,
+}
+
+/// Why a block could not be emitted (an encoder error; never expected for checked forms).
+#[derive(Debug)]
+pub struct EmitError(pub String);
+
+impl From<IcedError> for EmitError {
+    fn from(e: IcedError) -> Self {
+        EmitError(e.to_string())
+    }
+}
+
+impl std::fmt::Display for EmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type E<T> = Result<T, EmitError>;
+
+/// A guest register's slot in the register file (`rbx`).
+fn greg(g: usize) -> Mem {
+    at(RBX, 8 * g as i32)
+}
+
+fn ctx(off: i32) -> Mem {
+    at(R15, off)
+}
+
+fn host_num(h: usize) -> u8 {
+    [RAX, RCX, RDX, RDI, R8, R8 + 1, R8 + 2, R8 + 3]
+        .get(h)
+        .copied()
+        .unwrap_or(RAX)
+}
+
+/// The x86 condition number of a condition code.
+fn cc_num(cc: iced_x86::ConditionCode) -> Option<u8> {
+    use iced_x86::ConditionCode as C;
+    Some(match cc {
+        C::o => 0,
+        C::no => 1,
+        C::b => 2,
+        C::ae => 3,
+        C::e => 4,
+        C::ne => 5,
+        C::be => 6,
+        C::a => 7,
+        C::s => 8,
+        C::ns => 9,
+        C::p => 10,
+        C::np => 11,
+        C::l => 12,
+        C::ge => 13,
+        C::le => 14,
+        C::g => 15,
+        C::None => return None,
+    })
+}
+
+/// A guest instruction rewritten onto host registers and `[rsi]`.
+struct Rewrite {
+    out: Instruction,
+    /// Host register index (into `HOST`) per guest register, `usize::MAX` if unused.
+    host_of: [usize; 16],
+    written: [bool; 16],
+    /// Some(written) when the instruction accesses memory.
+    mem: Option<bool>,
+}
+
+fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite> {
+    let access = info.info(i);
+    let is_write = |a: OpAccess| {
+        matches!(
+            a,
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        )
+    };
+    let mut r = Rewrite {
+        out: *i,
+        host_of: [usize::MAX; 16],
+        written: [false; 16],
+        mem: None,
+    };
+    let pool = [0usize, 2, 3, 4, 5, 6, 7];
+    let mut next = 0usize;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let reg = i.op_register(n);
+                let g = gpr_num(reg)?;
+                let slot = r.host_of.get_mut(g)?;
+                if *slot == usize::MAX {
+                    *slot = if g == 1 {
+                        1
+                    } else {
+                        let h = *pool.get(next)?;
+                        next += 1;
+                        h
+                    };
+                }
+                let h = host_sized(*slot, reg.size())?;
+                if is_write(access.op_access(n)) {
+                    *r.written.get_mut(g)? = true;
+                }
+                r.out.set_op_register(n, h);
+            }
+            OpKind::Memory => {
+                r.mem = Some(is_write(access.op_access(n)));
+                r.out.set_memory_base(Register::RSI);
+                r.out.set_memory_index(Register::None);
+                r.out.set_memory_index_scale(1);
+                r.out.set_memory_displacement64(0);
+                r.out.set_memory_displ_size(0);
+                r.out.set_segment_prefix(Register::None);
+            }
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+impl Emitter {
+    pub fn new() -> Result<Emitter, IcedError> {
+        Ok(Emitter {
+            a: Asm::default(),
+            stubs: Vec::new(),
+            info: InstructionInfoFactory::new(),
+            enc: Encoder::new(64),
+        })
+    }
+
+    /// Host code for the block `insns` (each with its [`Kind`]) starting at guest `rip`.
+    /// The last instruction either ends the block (a branch) or the block falls through to the
+    /// instruction after it. Returns the machine code, position independent.
+    pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)]) -> E<Vec<u8>> {
+        self.a.reset();
+        self.stubs.clear();
+        let epi = self.a.label();
+        let head = self.a.label();
+        // Prologue: save callee-saved registers, rbx = registers, r15 = context.
+        self.a
+            .bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
+        self.a.mov(RBX, RDI);
+        self.a.mov(R15, RSI);
+        self.a.lea(R14, ctx(C_TLB));
+        // mov r13d, 12; xor r12d, r12d
+        self.a.bytes(&[0x41, 0xbd, 12, 0, 0, 0, 0x45, 0x31, 0xe4]);
+        // Guest arithmetic flags into the host flags: OF through a signed overflow
+        // (0x7f + OF), then the other five from AH.
+        self.a.load(RAX, ctx(C_FLAGS));
+        self.a.bytes(&[
+            0x89, 0xc1, // mov ecx, eax
+            0xc1, 0xe9, 0x0b, // shr ecx, 11
+            0x83, 0xe1, 0x01, // and ecx, 1
+            0x80, 0xc1, 0x7f, // add cl, 0x7f
+            0x88, 0xc4, // mov ah, al
+            0x9e, // sahf
+        ]);
+        self.a.bind(head);
+        let mut ended = false;
+        for (k, (i, kind)) in insns.iter().enumerate() {
+            let k = k as u32;
+            match kind {
+                Kind::Nop => {}
+                Kind::Generic => self.generic(k, i)?,
+                Kind::Push => {
+                    let v = match i.code() {
+                        Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
+                        _ => Src::Imm(i.immediate(0)),
+                    };
+                    self.push(k, i.ip(), v);
+                }
+                Kind::Pop => {
+                    let g = gpr_of(i.op0_register()).unwrap_or(0);
+                    self.pop_to(k, i.ip());
+                    self.a.lea(RBP, at(RBP, 8));
+                    self.a.store(greg(4), RBP);
+                    self.a.store(greg(g), RAX);
+                }
+                Kind::CallRel => {
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.exit_static(i.near_branch64(), k + 1, epi);
+                    ended = true;
+                }
+                Kind::CallReg => {
+                    let g = gpr_of(i.op0_register()).unwrap_or(0);
+                    self.a.load(R8, greg(g));
+                    self.check_canonical(R8, k, i.ip());
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.a.mov(RAX, R8);
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
+                Kind::Ret => {
+                    self.pop_to(k, i.ip());
+                    self.check_canonical(RAX, k, i.ip());
+                    let extra = if i.code() == Code::Retnq_imm16 {
+                        i32::from(i.immediate16())
+                    } else {
+                        0
+                    };
+                    self.a.lea(RBP, at(RBP, 8 + extra));
+                    self.a.store(greg(4), RBP);
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
+                Kind::JmpRel => {
+                    let t = i.near_branch64();
+                    if t == rip {
+                        self.back_edge(rip, k + 1, head, epi);
+                    } else {
+                        self.exit_static(t, k + 1, epi);
+                    }
+                    ended = true;
+                }
+                Kind::JmpReg => {
+                    let g = gpr_of(i.op0_register()).unwrap_or(0);
+                    self.a.load(RAX, greg(g));
+                    self.check_canonical(RAX, k, i.ip());
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
+                Kind::JmpMem => {
+                    self.address(i);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RAX, at(RSI, 0));
+                    self.check_canonical(RAX, k, i.ip());
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
+                Kind::Jcc => {
+                    let taken = self.a.label();
+                    let cc = cc_num(i.condition_code())
+                        .ok_or_else(|| EmitError("jcc without a condition".into()))?;
+                    self.a.jcc(cc, taken);
+                    self.exit_static(i.next_ip(), k + 1, epi);
+                    self.a.bind(taken);
+                    let t = i.near_branch64();
+                    if t == rip {
+                        self.back_edge(rip, k + 1, head, epi);
+                    } else {
+                        self.exit_static(t, k + 1, epi);
+                    }
+                    ended = true;
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        if !ended {
+            let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
+            self.exit_static(next, insns.len() as u32, epi);
+        }
+        // Exit stubs: state is exactly as before instruction `done`.
+        let stubs = std::mem::take(&mut self.stubs);
+        for s in &stubs {
+            let a = &mut self.a;
+            a.bind(s.label);
+            a.store(ctx(C_MISS_LIN), RSI);
+            a.store_imm(ctx(C_MISS_KIND), s.miss);
+            a.mov_imm(RAX, s.ip);
+            a.store(ctx(C_RIP), RAX);
+            a.lea(R12, at(R12, s.done as i32));
+            a.store_imm(ctx(C_EXIT), 1);
+            a.jmp(epi);
+        }
+        self.stubs = stubs;
+        let a = &mut self.a;
+        a.bind(epi);
+        a.store(ctx(C_COUNT), R12);
+        a.bytes(&[0x9c, 0x58]); // pushfq; pop rax
+        a.store(ctx(C_FLAGS), RAX);
+        // pop r15, r14, r13, r12, rbp, rbx; ret
+        a.bytes(&[
+            0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b, 0xc3,
+        ]);
+        if !a.finish() {
+            return Err(EmitError("unbound label".into()));
+        }
+        Ok(a.buf.clone())
+    }
+
+    fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
+        let label = self.a.label();
+        self.stubs.push(Stub {
+            label,
+            done,
+            ip,
+            miss,
+        });
+        label
+    }
+
+    /// Leaves with guest RIP = `target` after `done` instructions.
+    fn exit_static(&mut self, target: u64, done: u32, epi: Label) {
+        let a = &mut self.a;
+        a.mov_imm(RAX, target);
+        a.store(ctx(C_RIP), RAX);
+        a.lea(R12, at(R12, done as i32));
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
+    }
+
+    /// Leaves with guest RIP = rax after `done` instructions.
+    fn exit_dynamic(&mut self, done: u32, epi: Label) {
+        let a = &mut self.a;
+        a.store(ctx(C_RIP), RAX);
+        a.lea(R12, at(R12, done as i32));
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
+    }
+
+    /// A branch back to the block's head: loop while the instruction budget lasts.
+    fn back_edge(&mut self, rip: u64, done: u32, head: Label, epi: Label) {
+        let out = self.a.label();
+        let a = &mut self.a;
+        a.lea(R12, at(R12, done as i32));
+        // rcx = count - budget; its sign bit says whether budget is left.
+        a.load(RCX, ctx(C_NBUDGET));
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((R12, 1)),
+                disp: 0,
+            },
+        );
+        a.mov_imm(RDX, 63);
+        a.shrx(RCX, RCX, RDX);
+        // rcx = 1: budget left, loop; 0: leave.
+        a.bytes(&[0xe3, 0x05]); // jrcxz +5 (over the jmp)
+        a.jmp(head);
+        a.bind(out);
+        a.mov_imm(RAX, rip);
+        a.store(ctx(C_RIP), RAX);
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
+    }
+
+    /// Interprets instruction `k` instead when `r` is not canonical (the #GP is raised by the
+    /// interpreter with the state before the instruction).
+    fn check_canonical(&mut self, r: u8, k: u32, ip: u64) {
+        let stub = self.stub(k, ip, 0);
+        let a = &mut self.a;
+        a.mov_imm(RDX, 47);
+        a.sarx(RCX, r, RDX);
+        a.lea(RCX, at(RCX, 1));
+        a.mov_imm(RDX, 1);
+        a.shrx(RCX, RCX, RDX);
+        a.jmp_unless_rcx_zero(stub);
+    }
+
+    /// rsi = guest linear address of `i`'s memory operand (with the FS/GS base).
+    fn address(&mut self, i: &Instruction) {
+        self.effective(i);
+        let seg = match i.memory_segment() {
+            Register::FS => Some(C_FS),
+            Register::GS => Some(C_GS),
+            _ => None,
+        };
+        if let Some(off) = seg {
+            self.a.load(RCX, ctx(off));
+            self.a.lea(
+                RSI,
+                Mem {
+                    base: Some(RSI),
+                    index: Some((RCX, 1)),
+                    disp: 0,
+                },
+            );
+        }
+    }
+
+    /// rsi = effective address (offset) of `i`'s memory operand.
+    fn effective(&mut self, i: &Instruction) {
+        let a = &mut self.a;
+        let b = i.memory_base();
+        let x = gpr_of(i.memory_index());
+        let disp = i.memory_displacement64();
+        if b == Register::RIP || (b == Register::None && x.is_none()) {
+            a.mov_imm(RSI, disp);
+            return;
+        }
+        let disp = disp as i64 as i32;
+        let scale = i.memory_index_scale();
+        match (gpr_of(b), x) {
+            (Some(b), Some(x)) => {
+                a.load(RSI, greg(b));
+                a.load(RDI, greg(x));
+                a.lea(
+                    RSI,
+                    Mem {
+                        base: Some(RSI),
+                        index: Some((RDI, scale)),
+                        disp,
+                    },
+                );
+            }
+            (Some(b), None) => {
+                a.load(RSI, greg(b));
+                if disp != 0 {
+                    a.lea(RSI, at(RSI, disp));
+                }
+            }
+            (None, Some(x)) => {
+                a.load(RDI, greg(x));
+                a.lea(
+                    RSI,
+                    Mem {
+                        base: None,
+                        index: Some((RDI, scale)),
+                        disp,
+                    },
+                );
+            }
+            (None, None) => a.mov_imm(RSI, disp as i64 as u64),
+        }
+    }
+
+    /// Soft-TLB check of `size` bytes at guest linear rsi; on a hit rsi = host address (and a
+    /// write is logged for the dirty bitmap), on a miss exit to interpret instruction `k`.
+    fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
+        let stub = self.stub(k, ip, if write { 2 } else { 1 });
+        let a = &mut self.a;
+        a.lea(RDX, at(RSI, size as i32 - 1));
+        a.shrx(RDX, RDX, R13); // vpn of the last byte
+        a.shrx(RCX, RSI, R13);
+        a.movzx_ecx_cl(); // index of the first byte's page
+        a.lea(
+            RCX,
+            Mem {
+                base: None,
+                index: Some((RCX, 4)),
+                disp: 0,
+            },
+        );
+        a.lea(
+            RDI,
+            Mem {
+                base: Some(R14),
+                index: Some((RCX, 8)),
+                disp: 0,
+            },
+        ); // 32-byte entries
+        a.load(RCX, at(RDI, if write { 8 } else { 0 })); // -vpn
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RDX, 1)),
+                disp: 0,
+            },
+        );
+        a.jmp_unless_rcx_zero(stub);
+        a.load(RCX, at(RDI, 16));
+        a.lea(
+            RSI,
+            Mem {
+                base: Some(RSI),
+                index: Some((RCX, 1)),
+                disp: 0,
+            },
+        );
+        if write {
+            a.load(RCX, ctx(C_LOG_N));
+            a.load(RDX, at(RDI, 24));
+            a.store(
+                Mem {
+                    base: Some(R15),
+                    index: Some((RCX, 8)),
+                    disp: C_LOG,
+                },
+                RDX,
+            );
+            a.lea(RCX, at(RCX, 1));
+            a.store(ctx(C_LOG_N), RCX);
+        }
+    }
+
+    /// Exits to interpret instruction `k` unless rsi is aligned to `size` (locked accesses:
+    /// a split lock would be slow or trap on the host; the interpreter serializes them).
+    fn check_aligned(&mut self, k: u32, ip: u64, size: usize) {
+        if size <= 1 {
+            return;
+        }
+        let stub = self.stub(k, ip, 0);
+        let a = &mut self.a;
+        a.mov_imm(RDX, u64::from(64 - size.trailing_zeros()));
+        a.shlx(RCX, RSI, RDX);
+        a.jmp_unless_rcx_zero(stub);
+    }
+
+    /// Pushes `v` on the guest stack (guest rsp updated only after the store).
+    fn push(&mut self, k: u32, ip: u64, v: Src) {
+        self.a.load(RSI, greg(4));
+        self.a.lea(RSI, at(RSI, -8));
+        self.a.mov(RBP, RSI);
+        self.tlb(k, ip, 8, true);
+        match v {
+            Src::Reg(g) => self.a.load(RAX, greg(g)),
+            Src::Imm(x) => self.a.mov_imm(RAX, x),
+        }
+        self.a.store(at(RSI, 0), RAX);
+        self.a.store(greg(4), RBP);
+    }
+
+    /// rax = the qword at guest rsp, rbp = guest rsp (not yet updated).
+    fn pop_to(&mut self, k: u32, ip: u64) {
+        self.a.load(RSI, greg(4));
+        self.a.mov(RBP, RSI);
+        self.tlb(k, ip, 8, false);
+        self.a.load(RAX, at(RSI, 0));
+    }
+
+    /// An instruction re-encoded with host registers and `[rsi]`.
+    fn generic(&mut self, k: u32, i: &Instruction) -> E<()> {
+        let r = rewrite(&mut self.info, i)
+            .ok_or_else(|| EmitError("not a translatable operand".into()))?;
+        if let Some(write) = r.mem {
+            if i.mnemonic() == M::Lea {
+                self.effective(i);
+            } else {
+                self.address(i);
+                let size = i.memory_size().size();
+                if i.has_lock_prefix() || i.mnemonic() == M::Xchg {
+                    self.check_aligned(k, i.ip(), size);
+                }
+                self.tlb(k, i.ip(), size, write);
+            }
+        }
+        for (g, &h) in r.host_of.iter().enumerate() {
+            if h != usize::MAX {
+                self.a.load(host_num(h), greg(g));
+            }
+        }
+        self.enc.encode(&r.out, 0)?;
+        let mut bytes = self.enc.take_buffer();
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        for (g, &h) in r.host_of.iter().enumerate() {
+            if h != usize::MAX && r.written.get(g).copied().unwrap_or(false) {
+                self.a.store(greg(g), host_num(h));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the generic rewrite of `i` encodes (checked per instruction at translation, so
+    /// one odd form ends the block instead of failing it).
+    pub fn encodes(&mut self, i: &Instruction) -> bool {
+        let Some(r) = rewrite(&mut self.info, i) else {
+            return false;
+        };
+        let ok = self.enc.encode(&r.out, 0).is_ok();
+        let mut b = self.enc.take_buffer();
+        b.clear();
+        self.enc.set_buffer(b);
+        ok
+    }
+}
+
+enum Src {
+    Reg(usize),
+    Imm(u64),
+}

@@ -1,0 +1,654 @@
+//! The translator: guest basic blocks become host x86-64 code (first tier).
+//!
+//! Chosen per VM with [`Engine`] (`ANYVISOR_EMU_ENGINE=interp|jit`, read once, or
+//! `EmuHypervisor::with_engine`). The interpreter stays the reference and runs everything
+//! the translator does not ([`emit::classify`] says what it does).
+//!
+//! A translated block is entered from [`Exec::run_batch_jit`] with the guest registers
+//! (`Cpu::gpr`) and a [`Ctx`], and always returns to it with the guest state complete: RIP and
+//! the arithmetic flags are copied back, so interrupts, snapshots and migration only ever see
+//! whole-instruction state. Invariants (see docs/emu.md, "Translator"):
+//!
+//! * **Precise faults**: every memory access goes through the soft TLB in [`Ctx::tlb`] first;
+//!   on a miss (or a page-crossing, misaligned-locked or non-canonical case) the block exits
+//!   *before* the instruction with the exact state, and the interpreter runs that instruction
+//!   (faulting through the IDT as usual), after which the TLB entry is filled.
+//! * **Soft TLB** (256 entries, host pointer per guest page): filled only from
+//!   `Exec::translate` for RAM pages, dropped whenever the interpreter's TLB is flushed
+//!   (`Tlb::epoch`) or the CPL changes; write entries exist only for pages that hold no cached
+//!   code, and are dropped whenever any page becomes code (`CodeTracker::marks`).
+//! * **Stores** log their guest page in [`Ctx::log`]; after the block the run loop marks the
+//!   dirty bitmap (data first, then the bit, as `Ram::write`) and tells the code tracker, so
+//!   migration and self-modifying-code detection see every translated store.
+//! * **Self-modifying code**: a translation is tagged with its page's write generation, like a
+//!   decoded block, and is dropped when the page is written.
+
+mod asm;
+mod emit;
+
+use std::mem::offset_of;
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
+use hv::MpState;
+use hv_emu_jit_rt::{CodeCache, CodeRef};
+use iced_x86::{Decoder, DecoderOptions};
+
+use crate::cpu::{ARITH_FLAGS, FS, GS};
+use crate::decode::{BlockCache, canonical};
+use crate::exec::{Exc, Exec, R};
+use crate::mmu::Acc;
+use crate::system::Event;
+
+pub use emit::{Kind, classify};
+
+/// Guest instructions run as translated code by all vCPUs of this process.
+pub static TRANSLATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Which engine runs emu vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The interpreter (decoded-block cache).
+    Interp,
+    /// Translated blocks, with the interpreter for everything not translated.
+    Jit,
+}
+
+impl Engine {
+    /// `ANYVISOR_EMU_ENGINE` (`interp` or `jit`), read once per process; `interp` when unset.
+    /// Another value is reported once and ignored.
+    pub fn from_env() -> Engine {
+        static E: OnceLock<Engine> = OnceLock::new();
+        *E.get_or_init(|| match std::env::var("ANYVISOR_EMU_ENGINE").as_deref() {
+            Ok("jit") => Engine::Jit,
+            Ok("interp") | Ok("") | Err(_) => Engine::Interp,
+            Ok(other) => {
+                tracing::warn!(
+                    "ANYVISOR_EMU_ENGINE={other:?} is neither \"interp\" nor \"jit\": using interp"
+                );
+                Engine::Interp
+            }
+        })
+    }
+}
+
+/// Translated-code cache of all vCPUs of one VM together.
+pub const CACHE_BYTES: usize = 32 << 20;
+const TLB_ENTRIES: usize = 256;
+/// Logged stores per block run: at most one per instruction, and a run ends within
+/// `MAX_RUN + MAX_INSNS` instructions.
+const LOG_CAP: usize = 4096;
+const MAX_RUN: u64 = 2048;
+const MAX_INSNS: usize = 64;
+const SLOTS: usize = 1 << 15;
+/// Times a block start is run by the interpreter before it is translated: code that runs once
+/// or twice (most of a boot's init code) is cheaper to interpret than to translate.
+const HOT: u16 = 32;
+const READ_AHEAD: usize = 1024;
+
+/// One soft-TLB entry: tags are the negated virtual page number (so a flag-free `lea` of tag
+/// and page number is zero on a hit), 1 when empty.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlbEntry {
+    read_tag: u64,
+    write_tag: u64,
+    /// Host address minus guest linear address of the page.
+    addend: u64,
+    /// Guest-physical page address (for the store log).
+    pa: u64,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    read_tag: 1,
+    write_tag: 1,
+    addend: 0,
+    pa: 0,
+};
+
+/// What translated code reads and writes besides the guest registers. The emitter addresses
+/// the fields by the `C_*` offsets below.
+#[repr(C)]
+pub struct Ctx {
+    rip: u64,
+    flags: u64,
+    /// 0: left at `rip` after `count` instructions; 1: the instruction at `rip` must be run by
+    /// the interpreter (`miss_kind` 1/2: after a read/write TLB miss at `miss_lin`).
+    exit: u64,
+    count: u64,
+    miss_lin: u64,
+    miss_kind: u64,
+    /// Minus the instructions a looping block may run.
+    nbudget: u64,
+    fs: u64,
+    gs: u64,
+    log_n: u64,
+    tlb: [TlbEntry; TLB_ENTRIES],
+    log: [u64; LOG_CAP],
+}
+
+const C_RIP: i32 = offset_of!(Ctx, rip) as i32;
+const C_FLAGS: i32 = offset_of!(Ctx, flags) as i32;
+const C_EXIT: i32 = offset_of!(Ctx, exit) as i32;
+const C_COUNT: i32 = offset_of!(Ctx, count) as i32;
+const C_MISS_LIN: i32 = offset_of!(Ctx, miss_lin) as i32;
+const C_MISS_KIND: i32 = offset_of!(Ctx, miss_kind) as i32;
+const C_NBUDGET: i32 = offset_of!(Ctx, nbudget) as i32;
+const C_FS: i32 = offset_of!(Ctx, fs) as i32;
+const C_GS: i32 = offset_of!(Ctx, gs) as i32;
+const C_LOG_N: i32 = offset_of!(Ctx, log_n) as i32;
+const C_TLB: i32 = offset_of!(Ctx, tlb) as i32;
+const C_LOG: i32 = offset_of!(Ctx, log) as i32;
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    rip: u64,
+    phys: u64,
+    generation: u32,
+    valid: bool,
+    /// `None`: the first instruction is not translated (the interpreter runs from here).
+    code: Option<CodeRef>,
+    /// Interpreted runs from `rip` so far (while `!valid`).
+    heat: u16,
+}
+
+/// What runs the code at RIP.
+enum Found {
+    Code(CodeRef),
+    /// The interpreter, up to the next translatable instruction.
+    Untranslated,
+    /// The interpreter, a whole decoded block (not hot yet).
+    Cold,
+}
+
+/// Counters of one vCPU's translator.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Stats {
+    pub blocks: u64,
+    pub insns: u64,
+    pub emit_ns: u64,
+    pub bytes: u64,
+    pub flushes: u64,
+    pub exits_to_interp: u64,
+    /// Guest instructions run as translated code.
+    pub run: u64,
+}
+
+/// One vCPU's translator state.
+pub struct Jit {
+    cache: CodeCache,
+    ctx: Box<Ctx>,
+    slots: Vec<Slot>,
+    emitter: emit::Emitter,
+    tlb_epoch: u64,
+    cpl: u8,
+    marks: u64,
+    insns: Vec<(iced_x86::Instruction, Kind)>,
+    /// Instructions run as translated code, not yet added to [`TRANSLATED`].
+    translated: u64,
+    /// Interpreted runs of a block start before it is translated.
+    hot: u16,
+    pub stats: Stats,
+}
+
+impl Jit {
+    /// A translator with `cache_bytes` of code cache. Create it before the vCPU thread's
+    /// seccomp filter is installed (it maps the cache).
+    pub fn new(cache_bytes: usize) -> std::io::Result<Jit> {
+        let cache = CodeCache::new(cache_bytes)?;
+        let emitter = emit::Emitter::new().map_err(std::io::Error::other)?;
+        Ok(Jit {
+            cache,
+            ctx: Box::new(Ctx {
+                rip: 0,
+                flags: 0,
+                exit: 0,
+                count: 0,
+                miss_lin: 0,
+                miss_kind: 0,
+                nbudget: 0,
+                fs: 0,
+                gs: 0,
+                log_n: 0,
+                tlb: [EMPTY; TLB_ENTRIES],
+                log: [0; LOG_CAP],
+            }),
+            slots: vec![Slot::default(); SLOTS],
+            emitter,
+            tlb_epoch: u64::MAX,
+            cpl: u8::MAX,
+            marks: u64::MAX,
+            insns: Vec::new(),
+            translated: 0,
+            hot: hot_from_env(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Drops every translation (guest memory was replaced, e.g. a restored snapshot).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.slots.iter_mut().for_each(|s| s.valid = false);
+        self.flush_tlb();
+    }
+
+    fn flush_tlb(&mut self) {
+        self.ctx.tlb = [EMPTY; TLB_ENTRIES];
+    }
+
+    fn flush_writes(&mut self) {
+        for e in self.ctx.tlb.iter_mut() {
+            e.write_tag = 1;
+        }
+    }
+}
+
+/// `ANYVISOR_EMU_JIT_HOT`: interpreted runs of a block start before it is translated (read
+/// once; default [`HOT`]). 0 translates everything at first sight, which is how the test
+/// suites exercise the translator on short test programs.
+fn hot_from_env() -> u16 {
+    static H: OnceLock<u16> = OnceLock::new();
+    *H.get_or_init(|| {
+        std::env::var("ANYVISOR_EMU_JIT_HOT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HOT)
+    })
+}
+
+#[inline]
+fn slot(rip: u64) -> usize {
+    ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SLOTS - 1)
+}
+
+impl Exec<'_> {
+    /// [`Exec::run_batch`] with translated blocks where the translator has them.
+    pub fn run_batch_jit(
+        &mut self,
+        jit: &mut Jit,
+        blocks: &mut BlockCache,
+        budget: u32,
+        stop_at_user: bool,
+    ) -> R<(u32, bool)> {
+        let mut n = 0u32;
+        while n < budget {
+            if self.cpu.irq_check {
+                self.try_inject()?;
+                if self.cpu.mp_state != MpState::Runnable {
+                    break;
+                }
+            }
+            if stop_at_user
+                && self.cpu.cpl == 3
+                && !self.cpu.irq_check
+                && self.cpu.mode64()
+                && self.cpu.mp_state == MpState::Runnable
+            {
+                return Ok((n, true));
+            }
+            if self.cpu.shadow != 0 {
+                // An interrupt waits for the end of the shadow: one instruction, then check.
+                self.step()?;
+                n += 1;
+                continue;
+            }
+            if !self.cpu.mode64() {
+                let (k, at_user) = self.run_batch(blocks, 1, stop_at_user)?;
+                n += k;
+                if at_user {
+                    return Ok((n, true));
+                }
+                if k == 0 || self.cpu.mp_state != MpState::Runnable {
+                    break;
+                }
+                continue;
+            }
+            let code = match self.jit_lookup(jit) {
+                Ok(c) => c,
+                Err(Exc::Fault(v, c)) => {
+                    self.cpu.shadow = 0;
+                    self.raise_event(v, c, Event::Exception)?;
+                    n += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.cpu.shadow = 0;
+            n += match code {
+                Found::Code(c) => self.jit_run(jit, c, budget - n)?,
+                Found::Untranslated => self.interp_block(blocks, false)?,
+                Found::Cold => self.interp_block(blocks, true)?,
+            };
+            if self.cpu.mp_state != MpState::Runnable {
+                break;
+            }
+        }
+        TRANSLATED.fetch_add(std::mem::take(&mut jit.translated), Ordering::Relaxed);
+        Ok((n, false))
+    }
+
+    /// The translation of the block at RIP (64-bit mode), translating it on a miss. `None`:
+    /// the instruction at RIP is not translated.
+    fn jit_lookup(&mut self, jit: &mut Jit) -> R<Found> {
+        let rip = self.cpu.rip;
+        if !canonical(rip) {
+            return Err(Exc::Fault(13, Some(0)));
+        }
+        let user = self.cpu.cpl == 3;
+        let pa = self.translate(rip, Acc::Exec, user)?;
+        let page = pa >> 12;
+        let s = slot(rip);
+        if let Some(e) = jit.slots.get(s)
+            && e.valid
+            && e.rip == rip
+            && e.phys == pa
+            && self.vm.code.generation(page) == Some(e.generation)
+        {
+            match e.code {
+                None => return Ok(Found::Untranslated),
+                Some(c) if jit.cache.is_valid(c) => return Ok(Found::Code(c)),
+                Some(_) => {}
+            }
+        }
+        if let Some(e) = jit.slots.get_mut(s) {
+            if e.rip != rip || e.phys != pa {
+                *e = Slot {
+                    rip,
+                    phys: pa,
+                    heat: 0,
+                    ..Slot::default()
+                };
+            }
+            if e.heat < jit.hot {
+                e.heat += 1;
+                e.valid = false;
+                return Ok(Found::Cold);
+            }
+        }
+        let Some(generation) = self.vm.code.mark(page) else {
+            return Ok(Found::Cold);
+        };
+        let avail = (0x1000 - (rip & 0xfff) as usize).min(READ_AHEAD);
+        let mut buf = [0u8; READ_AHEAD];
+        let Some(bytes) = buf.get_mut(..avail) else {
+            return Ok(Found::Cold);
+        };
+        if !self.ram.read_bytes(pa, bytes) {
+            return Ok(Found::Cold);
+        }
+        let t0 = std::time::Instant::now();
+        let mut dec = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+        jit.insns.clear();
+        while jit.insns.len() < MAX_INSNS && dec.can_decode() {
+            let i = dec.decode();
+            if i.is_invalid() {
+                break;
+            }
+            let Some(kind) = classify(&i) else { break };
+            if kind == Kind::Generic && !jit.emitter.encodes(&i) {
+                break;
+            }
+            jit.insns.push((i, kind));
+            if kind.ends_block() {
+                break;
+            }
+        }
+        crate::decode::DECODES.fetch_add(jit.insns.len() as u64, Ordering::Relaxed);
+        let code = if jit.insns.is_empty() {
+            None
+        } else {
+            let bytes = jit
+                .emitter
+                .block(rip, &jit.insns)
+                .map_err(|e| Exc::unhandled(format!("translator: {e}")))?;
+            let r = match jit.cache.push(&bytes) {
+                Some(r) => r,
+                None => {
+                    jit.cache.clear();
+                    jit.slots.iter_mut().for_each(|s| s.valid = false);
+                    jit.stats.flushes += 1;
+                    jit.cache
+                        .push(&bytes)
+                        .ok_or_else(|| Exc::unhandled("translator: block larger than the cache"))?
+                }
+            };
+            jit.stats.blocks += 1;
+            jit.stats.insns += jit.insns.len() as u64;
+            jit.stats.bytes += bytes.len() as u64;
+            Some(r)
+        };
+        jit.stats.emit_ns += t0.elapsed().as_nanos() as u64;
+        if let Some(e) = jit.slots.get_mut(s) {
+            *e = Slot {
+                rip,
+                phys: pa,
+                generation,
+                valid: true,
+                code,
+                heat: u16::MAX,
+            };
+        }
+        Ok(code.map_or(Found::Untranslated, Found::Code))
+    }
+
+    /// Runs one translated block (and the instruction it stopped before, if any). Returns the
+    /// instructions executed.
+    fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
+        if jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl {
+            jit.flush_tlb();
+            jit.tlb_epoch = self.cpu.tlb.epoch;
+            jit.cpl = self.cpu.cpl;
+        }
+        let marks = self.vm.code.marks();
+        if marks != jit.marks {
+            jit.flush_writes();
+            jit.marks = marks;
+        }
+        let ctx = &mut *jit.ctx;
+        ctx.flags = self.cpu.rflags;
+        ctx.exit = 0;
+        ctx.count = 0;
+        ctx.log_n = 0;
+        ctx.miss_kind = 0;
+        ctx.nbudget = u64::from(left).min(MAX_RUN).wrapping_neg();
+        ctx.fs = self.cpu.seg[FS].base;
+        ctx.gs = self.cpu.seg[GS].base;
+        if jit.cache.call(code, &mut self.cpu.gpr, ctx).is_err() {
+            // Unreachable in practice (lookup checked it); translate again next time.
+            return Ok(0);
+        }
+        self.cpu.rflags = (self.cpu.rflags & !ARITH_FLAGS) | (ctx.flags & ARITH_FLAGS);
+        self.cpu.rip = ctx.rip;
+        let mut last = u64::MAX;
+        let logged = (ctx.log_n as usize).min(LOG_CAP);
+        for &pa in ctx.log.get(..logged).unwrap_or(&[]) {
+            if pa != last {
+                self.ram.mark_dirty(pa);
+                self.note_write(pa);
+                last = pa;
+            }
+        }
+        let mut n = ctx.count as u32;
+        jit.translated += ctx.count;
+        jit.stats.run += ctx.count;
+        if ctx.exit == 1 {
+            let (kind, lin) = (ctx.miss_kind, ctx.miss_lin);
+            jit.stats.exits_to_interp += 1;
+            if kind != 0 {
+                self.jit_fill(jit, lin, kind == 2);
+            }
+            self.step()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Fills the soft-TLB entry of `lin` if the page is RAM and accessible (no fault is
+    /// raised here: the interpreter runs the instruction next and raises it).
+    fn jit_fill(&mut self, jit: &mut Jit, lin: u64, write: bool) {
+        if !canonical(lin) {
+            return;
+        }
+        let user = self.cpu.cpl == 3;
+        let cr2 = self.cpu.cr2;
+        let acc = if write { Acc::Write } else { Acc::Read };
+        let pa = match self.translate(lin, acc, user) {
+            Ok(pa) => pa,
+            Err(_) => {
+                self.cpu.cr2 = cr2;
+                return;
+            }
+        };
+        let Some(host) = self.ram.host_page(pa) else {
+            return;
+        };
+        if write && self.vm.code.is_marked(pa >> 12) {
+            return;
+        }
+        // The entry must not outlive a flush that happened while filling (the walk itself
+        // does not flush, but keep the check cheap and explicit).
+        if jit.tlb_epoch != self.cpu.tlb.epoch {
+            return;
+        }
+        let vpn = lin >> 12;
+        let tag = vpn.wrapping_neg();
+        let Some(e) = jit.ctx.tlb.get_mut((vpn as usize) & (TLB_ENTRIES - 1)) else {
+            return;
+        };
+        if e.read_tag != tag && e.write_tag != tag {
+            *e = EMPTY;
+        }
+        e.addend = host.wrapping_sub(lin & !0xfff);
+        e.pa = pa & !0xfff;
+        e.read_tag = tag;
+        if write {
+            e.write_tag = tag;
+        }
+    }
+
+    /// Runs the interpreter's decoded block at RIP: all of it (`whole`), or up to the next
+    /// instruction the translator takes (at least one).
+    fn interp_block(&mut self, blocks: &mut BlockCache, whole: bool) -> R<u32> {
+        let slot = match self.lookup_block(blocks) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.step()?;
+                return Ok(1);
+            }
+            Err(Exc::Fault(v, c)) => {
+                self.raise_event(v, c, Event::Exception)?;
+                return Ok(1);
+            }
+            Err(e) => return Err(e),
+        };
+        self.cpu.code_written = false;
+        let block = blocks.block(slot);
+        let mut n = 0;
+        for (k, op) in block.ops.iter().enumerate() {
+            if !whole && k > 0 && classify(&op.insn).is_some() {
+                break;
+            }
+            self.cpu.rip = op.insn.next_ip() & block.ip_mask;
+            n += 1;
+            if let Err(e) = (op.handler)(self, &op.insn) {
+                self.fail(&op.insn, e)?;
+                break;
+            }
+            if self.cpu.rip != op.follow || self.cpu.irq_check || self.cpu.code_written {
+                break;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Runs guest code from `state` on one engine for about `budget` instructions (whole blocks),
+/// with exceptions reported instead of delivered: the run stops at the first one (left in
+/// `state.events.exception`), at `hlt`, or when the budget is spent. Returns whether it
+/// stopped by itself (an exception or `hlt`), i.e. whether two engines must agree on the
+/// resulting state. For differential testing and fuzzing of the translator (which
+/// translates every block here at first sight).
+pub fn run_engine(
+    engine: Engine,
+    model: &hv::CpuModel,
+    state: &mut hv::CpuState,
+    memory: &hv::GuestMemory,
+    io: &dyn hv::DeviceIo,
+    budget: u32,
+) -> hv::Result<bool> {
+    use crate::cpu::Cpu;
+    use vm_memory::GuestMemoryBackend as _;
+    let shared = crate::vm::VmShared::new(
+        model.clone(),
+        1,
+        crate::clock::default_tsc_khz(),
+        memory.last_addr().0,
+    );
+    let mut cpu = Box::new(Cpu::new(0));
+    cpu.load_state(state);
+    cpu.deliver_exceptions = false;
+    let ram = crate::mmu::Ram::new(memory);
+    let mut jit = match engine {
+        Engine::Interp => None,
+        Engine::Jit => {
+            let mut j = Jit::new(1 << 20).map_err(|e| hv::Error::Unhandled(e.to_string()))?;
+            // Translate at first sight: the point of a differential run.
+            j.hot = 0;
+            Some(j)
+        }
+    };
+    let mut blocks = BlockCache::new();
+    let mut ex = Exec {
+        cpu: &mut cpu,
+        mem: memory,
+        ram: &ram,
+        io,
+        vm: &shared,
+        lapic_enabled: false,
+    };
+    let mut n = 0u32;
+    let mut done = false;
+    while n < budget {
+        let r = match jit.as_mut() {
+            Some(j) => ex.run_batch_jit(j, &mut blocks, 1, false),
+            None => ex.run_batch(&mut blocks, 1, false),
+        };
+        let k = match r {
+            Ok((k, _)) => k,
+            Err(Exc::Unhandled(m)) => return Err(hv::Error::Unhandled(*m)),
+            Err(_) => {
+                done = true;
+                break;
+            }
+        };
+        n += k.max(1);
+        if ex.cpu.reported.is_some() || ex.cpu.mp_state != MpState::Runnable {
+            done = true;
+            break;
+        }
+    }
+    let reported = cpu.reported.take();
+    let new = cpu.to_state(&[], 0, 0);
+    state.regs = new.regs;
+    state.sregs = new.sregs;
+    state.events.exception = reported.map(|(vector, error_code)| hv::PendingException {
+        vector,
+        error_code,
+        injected: false,
+    });
+    Ok(done)
+}
+
+/// Whether no instruction of `code` (decoded straight through as 64-bit code) leaves a flag
+/// undefined. Differential runs compare engines only on such code: the translator computes
+/// undefined flags as the host CPU does, the interpreter its own way, and a branch on one
+/// sends the two runs different ways.
+pub fn flags_defined_throughout(code: &[u8]) -> bool {
+    Decoder::with_ip(64, code, 0, DecoderOptions::NONE)
+        .into_iter()
+        .all(|i| i.rflags_undefined() == 0)
+}
