@@ -267,8 +267,10 @@ fn avx_comparison_detects_a_ymm_difference() {
 /// both pages reports the last byte of the highest selected element; otherwise CR2 is the
 /// first faulting byte; elements left out by the mask never fault.
 fn maskmov_faults(hv: &dyn Hypervisor) {
-    // (store, dwords, displacement, mask of elements, expected (vector, error code, CR2)).
-    let cases: [(bool, bool, i32, u8, (u8, u64, u64)); 9] = [
+    /// (vector, error code, CR2).
+    type End = (u8, u64, u64);
+    // (store, dwords, displacement, mask of elements, expected end).
+    let cases: [(bool, bool, i32, u8, End); 9] = [
         (true, true, 0x1ff7, 0x04, (14, 6, 0x22002)),
         (true, true, 0x1ff7, 0x0c, (14, 6, 0x22006)),
         (true, true, 0x1ff7, 0x44, (14, 6, 0x22012)),
