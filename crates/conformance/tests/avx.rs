@@ -16,6 +16,7 @@ conformance!(
     gather_fault_keeps_progress,
     xsave_header_tracks_avx_in_use,
     maskmov_faults,
+    overflow_in_directed_modes,
 );
 
 /// A guest for `hv` with AVX usable at CPL 3 (on emu: `portable-v3`, CR4.OSXSAVE, XCR0 = 7),
@@ -267,8 +268,10 @@ fn avx_comparison_detects_a_ymm_difference() {
 /// both pages reports the last byte of the highest selected element; otherwise CR2 is the
 /// first faulting byte; elements left out by the mask never fault.
 fn maskmov_faults(hv: &dyn Hypervisor) {
-    // (store, dwords, displacement, mask of elements, expected (vector, error code, CR2)).
-    let cases: [(bool, bool, i32, u8, (u8, u64, u64)); 9] = [
+    /// (vector, error code, CR2).
+    type End = (u8, u64, u64);
+    // (store, dwords, displacement, mask of elements, expected end).
+    let cases: [(bool, bool, i32, u8, End); 9] = [
         (true, true, 0x1ff7, 0x04, (14, 6, 0x22002)),
         (true, true, 0x1ff7, 0x0c, (14, 6, 0x22006)),
         (true, true, 0x1ff7, 0x44, (14, 6, 0x22012)),
@@ -321,5 +324,46 @@ fn maskmov_faults(hv: &dyn Hypervisor) {
             vec![0x5a; 256],
             "store={store} dwords={ps} disp={off:#x} mask={mask:#x}"
         );
+    }
+}
+
+/// A result whose round-to-nearest value overflows but whose exact value is below 2^128: in a
+/// mode rounding toward zero for its sign it is ±MAX with PE and no OE (emu raised OE). For
+/// ADDSS and VFMADD231SS; (FMA, MXCSR.RC, c, a, b, expected result, expected flags).
+fn overflow_in_directed_modes(hv: &dyn Hypervisor) {
+    const MAX: u32 = 0x7f7f_ffff;
+    let cases: [(bool, u32, u32, u32, u32, u32, u32); 7] = [
+        (true, 3, MAX, 0x3309_4aad, MAX, MAX, 0x20),
+        (true, 0, MAX, 0x3309_4aad, MAX, 0x7f80_0000, 0x28),
+        (false, 3, MAX, 0x7300_0000, 0, MAX, 0x20),
+        (false, 3, MAX, 0x7380_0000, 0, MAX, 0x28),
+        (false, 2, 0xff7f_ffff, 0xf300_0000, 0, 0xff7f_ffff, 0x20),
+        (false, 1, 0xff7f_ffff, 0xf300_0000, 0, 0xff80_0000, 0x28),
+        (false, 1, MAX, 0x7300_0000, 0, MAX, 0x20),
+    ];
+    for (fma, rc, c, a, b, want, flags) in cases {
+        let code = conformance::asm(|asm| {
+            asm.mov(rdi, DATA)?;
+            asm.ldmxcsr(dword_ptr(rdi + 0x40))?;
+            asm.movss(xmm0, dword_ptr(rdi))?;
+            asm.movss(xmm1, dword_ptr(rdi + 4))?;
+            asm.movss(xmm2, dword_ptr(rdi + 8))?;
+            if fma {
+                asm.vfmadd231ss(xmm0, xmm1, xmm2)?;
+            } else {
+                asm.addss(xmm0, xmm1)?;
+            }
+            asm.movss(dword_ptr(rdi + 0x10), xmm0)?;
+            asm.stmxcsr(dword_ptr(rdi + 0x44))?;
+            asm.ud2()
+        });
+        let mut g = avx_guest(hv, &code);
+        put_u32s(&g, DATA, &[c, a, b]);
+        put_u32s(&g, DATA + 0x40, &[0x1f80 | (rc << 13)]);
+        let len = code.len();
+        run_to_end(&mut g, len);
+        let what = format!("fma={fma} rc={rc} c={c:#x} a={a:#x} b={b:#x}");
+        assert_eq!(u32s(&g, DATA + 0x10, 1)[0], want, "{what}: result");
+        assert_eq!(u32s(&g, DATA + 0x44, 1)[0] & 0x3f, flags, "{what}: flags");
     }
 }

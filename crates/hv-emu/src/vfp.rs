@@ -192,6 +192,12 @@ fn scale<F: Fl>() -> F {
     F::from_bits64((bias + 32) << F::MANT)
 }
 
+/// 2^-32 in `F` (to recompute an overflowing operation in range).
+fn scale_down<F: Fl>() -> F {
+    let bias = (1u64 << (F::BITS - 2 - F::MANT)) - 1;
+    F::from_bits64((bias - 32) << F::MANT)
+}
+
 /// Sign of a value as -1, 0, 1 (for error terms; NaN never reaches here).
 fn sgn<F: Fl>(v: F) -> i32 {
     if v.is_zero() {
@@ -239,6 +245,38 @@ impl Env {
             self.flags |= IE;
         }
         Some(if a.is_nan_() { a.quiet() } else { b.quiet() })
+    }
+
+    /// Whether an operation whose round-to-nearest result `r` overflowed to infinity overflows
+    /// in the current mode too. A mode that rounds toward zero for the result's sign (RZ, RD of
+    /// a positive, RU of a negative result) gives ±MAX without OE when the exact value is below
+    /// 2^(EMAX+1) (as the CPU does: overflow is decided after rounding to an unbounded
+    /// exponent). `down` recomputes the operation scaled by 2^-32: (result, its error's sign).
+    fn overflows<F: Fl>(&self, r: F, down: &dyn Fn() -> (F, i32)) -> bool {
+        let neg = r.neg_();
+        let toward_zero = match self.rc {
+            3 => true,
+            1 => !neg,
+            2 => neg,
+            _ => false,
+        };
+        if !toward_zero {
+            return true;
+        }
+        let (s, e) = down();
+        // 2^(EMAX+1) scaled by 2^-32: the biased exponent of infinity, minus 32.
+        let inf_exp = (1u64 << (F::BITS - 1 - F::MANT)) - 1;
+        let t = (inf_exp - 32) << F::MANT;
+        let mag = s.bits() & !F::sign_bit();
+        // The error points toward zero when it has the opposite sign of the result.
+        let below = if neg { e > 0 } else { e < 0 };
+        mag > t || (mag == t && !below)
+    }
+
+    /// ±MAX for a result that rounds toward zero below 2^(EMAX+1): inexact, no overflow.
+    fn max_inexact<F: Fl>(&mut self, r: F) -> F {
+        self.flags |= PE;
+        if r.neg_() { -F::MAX } else { F::MAX }
     }
 
     /// Rounds the RNE result `r` whose exact value is `r + err` (err's sign `e`) into the
@@ -359,8 +397,20 @@ impl Env {
         }
         let s = a + b;
         if s.is_inf() {
-            let ovf = !a.is_inf() && !b.is_inf();
-            return if ovf { self.finish(s, 0, true) } else { s };
+            if a.is_inf() || b.is_inf() {
+                return s;
+            }
+            let down = || {
+                let k = scale_down::<F>();
+                let (x, y) = (a * k, b * k);
+                let t = x + y;
+                let bb = t - x;
+                (t, sgn((x - (t - bb)) + (y - bb)))
+            };
+            if !self.overflows(s, &down) {
+                return self.max_inexact(s);
+            }
+            return self.finish(s, 0, true);
         }
         // TwoSum: exact error of the rounded sum.
         let bb = s - a;
@@ -406,6 +456,19 @@ impl Env {
             return p;
         }
         if p.is_inf() {
+            let down = || {
+                let k = scale_down::<F>();
+                let (x, y) = if a.bits() & !F::sign_bit() >= b.bits() & !F::sign_bit() {
+                    (a * k, b)
+                } else {
+                    (a, b * k)
+                };
+                let t = x * y;
+                (t, sgn(x.fma(y, -t)))
+            };
+            if !self.overflows(p, &down) {
+                return self.max_inexact(p);
+            }
             return self.finish(p, 0, true);
         }
         let err = a.fma(b, -p);
@@ -560,6 +623,21 @@ impl Env {
             return r;
         }
         if r.is_inf() {
+            let down = || {
+                let k = scale_down::<F>();
+                // Scale the larger factor (the smaller one may be tiny).
+                let (x, y) = if a.bits() & !F::sign_bit() >= b.bits() & !F::sign_bit() {
+                    (a * k, b)
+                } else {
+                    (a, b * k)
+                };
+                let z = c * k;
+                let t = x.fma(y, z);
+                (t, exact_fma_sign(x, y, z, t))
+            };
+            if !self.overflows(r, &down) {
+                return self.max_inexact(r);
+            }
             return self.finish(r, 0, true);
         }
         // The exact error's sign (a*b + c - r), from an exact fixed-point sum.

@@ -71,7 +71,7 @@ fn script() -> Vec<String> {
         "w_wc_l() { wc -l big big big big; }".to_string(),
         "w_xz() { xz -1 -T1 -c big | xz -dc; }".to_string(),
     ];
-    let mut run = format!("echo CPUB-$((0))BEGIN");
+    let mut run = "echo CPUB-$((0))BEGIN".to_string();
     for (name, _) in STEPS {
         run.push_str(&format!("; st {name} w_{}", name.replace('-', "_")));
     }
