@@ -43,6 +43,8 @@ pub struct VmProc {
     rx: Receiver<Line>,
     pub lines: Vec<Line>,
     stderr: Arc<Mutex<String>>,
+    /// The thread collecting stderr: after the exit, its last bytes are awaited (briefly).
+    stderr_reader: Option<thread::JoinHandle<()>>,
     pub exit: Option<(Duration, ExitStatus)>,
     guest_bytes: u64,
     pub mem: MemSample,
@@ -92,9 +94,10 @@ impl VmProc {
             });
         }
         let stderr = Arc::new(Mutex::new(String::new()));
+        let mut stderr_reader = None;
         if let Some(mut err) = child.stderr.take() {
             let sink = Arc::clone(&stderr);
-            thread::spawn(move || {
+            stderr_reader = Some(thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = err.read(&mut buf) {
                     if n == 0 {
@@ -106,7 +109,7 @@ impl VmProc {
                         s.push_str(&String::from_utf8_lossy(&buf[..n]));
                     }
                 }
-            });
+            }));
         }
         Ok(VmProc {
             child,
@@ -114,6 +117,7 @@ impl VmProc {
             rx,
             lines: Vec::new(),
             stderr,
+            stderr_reader,
             exit: None,
             guest_bytes,
             mem: MemSample::default(),
@@ -182,8 +186,24 @@ impl VmProc {
                 while let Ok(l) = self.rx.recv_timeout(Duration::from_millis(50)) {
                     self.push(l);
                 }
+                self.settle_stderr();
             } else {
                 self.sample(false);
+            }
+        }
+    }
+
+    /// After the exit: lets the stderr reader take the last bytes the process wrote (a loaded
+    /// host may not have scheduled it yet), waiting at most 2 s in case a descendant still holds
+    /// the pipe open.
+    fn settle_stderr(&mut self) {
+        if let Some(reader) = self.stderr_reader.take() {
+            let until = Instant::now() + Duration::from_secs(2);
+            while !reader.is_finished() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if reader.is_finished() {
+                let _ = reader.join();
             }
         }
     }
@@ -281,6 +301,7 @@ impl VmProc {
             let _ = self.child.kill();
             if let Ok(st) = self.child.wait() {
                 self.exit = Some((self.start.elapsed(), st));
+                self.settle_stderr();
             }
         }
     }
