@@ -27,6 +27,8 @@ mod sse;
 mod ssefp;
 mod string;
 mod system;
+#[cfg(test)]
+mod testutil;
 mod vcpu;
 mod vfp;
 mod vm;

@@ -42,8 +42,8 @@ impl hv::VcpuKicker for Kicker {
     }
 }
 
-/// Placeholder device access for internal state updates that touch no device.
-struct NoIo;
+/// Placeholder device access for internal state updates that touch no device (and for tests).
+pub(crate) struct NoIo;
 
 impl DeviceIo for NoIo {
     fn pio_read(&self, _port: u16, data: &mut [u8]) {

@@ -5,51 +5,21 @@ use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::cpu::{AF, CF, CR0_PE, CS, Cpu, EFER_LMA, EFER_LME, OF, PF, SF, ZF};
+use crate::cpu::{AF, CF, Cpu, OF, PF, SF, ZF};
 use crate::mmu::Ram;
 use crate::vm::VmShared;
 
 const MEM: usize = 1 << 17;
 const CODE: u64 = 0x1000;
 
-struct NoIo;
-impl hv::DeviceIo for NoIo {
-    fn pio_read(&self, _p: u16, d: &mut [u8]) {
-        d.fill(0xff);
-    }
-    fn pio_write(&self, _p: u16, _d: &[u8]) {}
-    fn mmio_read(&self, _a: u64, d: &mut [u8]) {
-        d.fill(0xff);
-    }
-    fn mmio_write(&self, _a: u64, _d: &[u8]) {}
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use crate::testutil::Rng;
+use crate::vcpu::NoIo;
 
 fn cpu64(rng: &mut Rng) -> Cpu {
-    let mut c = Cpu::new(0);
-    c.efer = EFER_LMA | EFER_LME;
-    c.cr0 = CR0_PE;
-    c.seg[CS] = crate::system::flat_code(8, 0, true);
-    for (k, g) in c.gpr.iter_mut().enumerate() {
-        *g = match k {
-            // Address registers point into RAM (rsp, rbp, rsi, rdi, rbx), above the code.
-            3..=7 => (0x3000 + (rng.next() % 0x6000)) & !7,
-            1 => rng.next() % 0x100,
-            _ => rng.next(),
-        };
-    }
+    // Address registers above the code, 8-byte aligned; GS points into RAM too.
+    let mut c = crate::testutil::cpu64(rng, 0x3000, 0x6000, 8);
     c.seg[crate::cpu::GS].base = 0x8000;
-    c.rflags = 2 | (rng.next() & (CF | PF | AF | ZF | SF | OF));
-    c.rip = CODE;
+    debug_assert_eq!(c.rip, CODE);
     c
 }
 

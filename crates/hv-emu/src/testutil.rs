@@ -1,0 +1,36 @@
+//! What the differential unit tests share (fast handlers and the translator, each against the
+//! interpreter): a seeded generator and a random 64-bit CPU state.
+
+use crate::cpu::{AF, CF, CR0_PE, CS, Cpu, EFER_LMA, EFER_LME, OF, PF, SF, ZF};
+
+/// xorshift64: a seed gives the same sequence on both sides of a comparison.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A flat long-mode CPU at RIP 0x1000 with random registers and arithmetic flags. The address
+/// registers (rbx, rsp, rbp, rsi, rdi) point into `[base, base + span)`, aligned down to
+/// `align` (a power of two); rcx is a small count.
+pub(crate) fn cpu64(rng: &mut Rng, base: u64, span: u64, align: u64) -> Cpu {
+    let mut c = Cpu::new(0);
+    c.efer = EFER_LMA | EFER_LME;
+    c.cr0 = CR0_PE;
+    c.seg[CS] = crate::system::flat_code(8, 0, true);
+    for (k, g) in c.gpr.iter_mut().enumerate() {
+        *g = match k {
+            3..=7 => (base + rng.next() % span) & !(align - 1),
+            1 => rng.next() % 0x100,
+            _ => rng.next(),
+        };
+    }
+    c.rflags = 2 | (rng.next() & (CF | PF | AF | ZF | SF | OF));
+    c.rip = 0x1000;
+    c
+}
