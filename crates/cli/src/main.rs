@@ -107,7 +107,50 @@ fn install_panic_hook() {
     }));
 }
 
+/// Commands other than `run` and `snapshot` (which handle SIGTERM, SIGINT and SIGHUP
+/// themselves) end on those signals with one `error:` line and status 1 instead of dying
+/// without a word. The signals are blocked in this thread (and so in every thread it starts)
+/// and taken by one waiting thread, so no system call of the command is interrupted half-way.
+fn end_on_signals(what: &'static str) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    let waiter = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                vmm::exit::cleanup();
+                eprintln!(
+                    "error: stopped by {}{what}",
+                    vmm::exit::signal_name(sig as i32)
+                );
+                std::process::exit(i32::from(vmm::error::EXIT_FAILURE));
+            }
+        });
+    if waiter.is_err() {
+        // No waiter: the signals must not stay blocked, or they could not end the command.
+        let _ = set.thread_unblock();
+    }
+}
+
 fn run(cli: Cli) -> vmm::Result<u8> {
+    match &cli.command {
+        Command::Run(_) | Command::Snapshot(_) => {}
+        Command::Import(_) => end_on_signals(": the import's output is incomplete"),
+        Command::SnapshotInfo(_) => end_on_signals(""),
+        Command::Info(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
+        | Command::Shutdown(_)
+        | Command::Migrate(_) => {
+            end_on_signals(" before the command completed; what the VMM did is unknown")
+        }
+    }
     match cli.command {
         Command::Run(args) => {
             let flags = args.to_options();

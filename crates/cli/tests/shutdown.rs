@@ -300,3 +300,47 @@ fn a_waiting_receiver_ends_with_its_error_line_on_a_signal() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A control command waiting for a VMM that never answers (a socket nobody serves) ends on
+/// SIGTERM, SIGINT or SIGHUP with its one `error:` line and status 1, not silently by the signal.
+#[test]
+fn a_waiting_control_command_ends_with_its_error_line_on_a_signal() {
+    let dir = scratch("client-signal");
+    let sock = dir.join("mute.sock");
+    // Connections queue in the backlog and are never accepted: the client waits for an answer.
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for (signal, cmd) in [("TERM", "info"), ("INT", "pause"), ("HUP", "migrate")] {
+        let mut args = vec![
+            cmd.to_string(),
+            "--api-socket".into(),
+            sock.display().to_string(),
+        ];
+        if cmd == "migrate" {
+            args.extend(["--to".into(), "unix:/nonexistent/anyvisor.sock".into()]);
+        }
+        let child = persist_harness::spawn_captured(&args, &[]);
+        std::thread::sleep(Duration::from_millis(500));
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let run = persist_harness::finish(child, Duration::from_secs(20));
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "error: stopped by SIG{signal} before the command completed; what the VMM did is unknown"
+            )],
+            "{cmd} on SIG{signal}: {}",
+            run.stderr
+        );
+        assert_eq!(
+            run.status.and_then(|s| s.code()),
+            Some(1),
+            "{cmd}: {}",
+            run.stderr
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
