@@ -17,6 +17,9 @@ lints=0
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings || lints=$?
 tests=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 || tests=$?
+# emu runs guest code translated by default; the interpreter stays the reference, so the CPU
+# suites run on it too.
+ANYVISOR_EMU_ENGINE=interp cargo test --release --no-fail-fast -p hv-emu -p conformance -- --test-threads=2 || tests=$?
 # Every fuzz target replays its seeds and regression inputs, then mutates them for 10 s.
 fuzz=0
 ./scripts/fuzz-smoke.sh 10 || fuzz=$?

@@ -55,18 +55,18 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// `ANYVISOR_EMU_ENGINE` (`interp` or `jit`), read once per process; `interp` when unset.
+    /// `ANYVISOR_EMU_ENGINE` (`interp` or `jit`), read once per process; `jit` when unset.
     /// Another value is reported once and ignored.
     pub fn from_env() -> Engine {
         static E: OnceLock<Engine> = OnceLock::new();
         *E.get_or_init(|| match std::env::var("ANYVISOR_EMU_ENGINE").as_deref() {
-            Ok("jit") => Engine::Jit,
-            Ok("interp") | Ok("") | Err(_) => Engine::Interp,
+            Ok("interp") => Engine::Interp,
+            Ok("jit") | Ok("") | Err(_) => Engine::Jit,
             Ok(other) => {
                 tracing::warn!(
-                    "ANYVISOR_EMU_ENGINE={other:?} is neither \"interp\" nor \"jit\": using interp"
+                    "ANYVISOR_EMU_ENGINE={other:?} is neither \"interp\" nor \"jit\": using jit"
                 );
-                Engine::Interp
+                Engine::Jit
             }
         })
     }
