@@ -258,27 +258,7 @@ impl Block {
         let len = total_len(bufs);
         let start = self.data_range(sector, len)?;
         check_guest(mem, bufs, Permissions::Write)?;
-        let mut pos = start;
-        let mut run = Run::default();
-        for (addr, l) in guest_pieces(bufs, 0)? {
-            if l >= DIRECT_MIN {
-                run.read(self.disk.as_mut(), mem, bounce)?;
-                let (mut addr, mut left) = (addr, l);
-                while left > 0 {
-                    let n = read_piece(self.disk.as_mut(), mem, pos, addr, left, bounce)?;
-                    left -= n;
-                    addr = addr.checked_add(n).ok_or(())?;
-                    pos += n;
-                }
-            } else {
-                if run.len + l > disk::CHUNK as u64 {
-                    run.read(self.disk.as_mut(), mem, bounce)?;
-                }
-                run.push(pos, addr, l);
-                pos += l;
-            }
-        }
-        run.read(self.disk.as_mut(), mem, bounce)?;
+        self.transfer(Dir::FromDisk, start, guest_pieces(bufs, 0)?, mem, bounce)?;
         self.counters.bytes_read += len;
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
@@ -306,29 +286,53 @@ impl Block {
             .ok_or(())?;
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
+        self.transfer(
+            Dir::ToDisk,
+            start,
+            guest_pieces(readable, HEADER_LEN as u64)?,
+            mem,
+            bounce,
+        )?;
+        self.counters.bytes_written += len;
+        Ok(())
+    }
+
+    /// Moves the data of one request between the disk (from byte `start`) and its guest
+    /// pieces, in either direction: a large piece goes straight between disk and guest memory,
+    /// small neighbours are gathered into one run of at most [`disk::CHUNK`] bytes.
+    fn transfer(
+        &mut self,
+        dir: Dir,
+        start: u64,
+        pieces: impl IntoIterator<Item = (GuestAddress, u64)>,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        let disk = self.disk.as_mut();
         let mut pos = start;
         let mut run = Run::default();
-        for (addr, l) in guest_pieces(readable, HEADER_LEN as u64)? {
+        for (addr, l) in pieces {
             if l >= DIRECT_MIN {
-                run.write(self.disk.as_mut(), mem, bounce)?;
+                run.flush(dir, disk, mem, bounce)?;
                 let (mut addr, mut left) = (addr, l);
                 while left > 0 {
-                    let n = write_piece(self.disk.as_mut(), mem, pos, addr, left, bounce)?;
+                    let n = match dir {
+                        Dir::FromDisk => read_piece(disk, mem, pos, addr, left, bounce)?,
+                        Dir::ToDisk => write_piece(disk, mem, pos, addr, left, bounce)?,
+                    };
                     left -= n;
                     addr = addr.checked_add(n).ok_or(())?;
                     pos += n;
                 }
             } else {
                 if run.len + l > disk::CHUNK as u64 {
-                    run.write(self.disk.as_mut(), mem, bounce)?;
+                    run.flush(dir, disk, mem, bounce)?;
                 }
                 run.push(pos, addr, l);
                 pos += l;
             }
         }
-        run.write(self.disk.as_mut(), mem, bounce)?;
-        self.counters.bytes_written += len;
-        Ok(())
+        run.flush(dir, disk, mem, bounce)
     }
 
     fn discard_or_zero(&mut self, req_type: u32, readable: &[Seg], mem: &GuestMemory) -> u8 {
@@ -490,7 +494,28 @@ struct Run {
     bufs: Vec<(GuestAddress, u64)>,
 }
 
+/// Which way a request's data moves.
+#[derive(Clone, Copy)]
+enum Dir {
+    FromDisk,
+    ToDisk,
+}
+
 impl Run {
+    /// Moves the gathered run the request's way ([`Run::read`] or [`Run::write`]).
+    fn flush(
+        &mut self,
+        dir: Dir,
+        disk: &mut dyn DiskFile,
+        mem: &GuestMemory,
+        bounce: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        match dir {
+            Dir::FromDisk => self.read(disk, mem, bounce),
+            Dir::ToDisk => self.write(disk, mem, bounce),
+        }
+    }
+
     fn push(&mut self, pos: u64, addr: GuestAddress, len: u64) {
         if self.bufs.is_empty() {
             self.start = pos;
