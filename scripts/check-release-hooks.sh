@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p cli --quiet
 bin="${CARGO_TARGET_DIR:-target}/release/anyvisor"
-hooks='ANYVISOR_TEST_PANIC|ANYVISOR_TEST_FORBIDDEN_SYSCALL|ANYVISOR_KVM_DEVICE'
+hooks='ANYVISOR_TEST_PANIC|ANYVISOR_TEST_FORBIDDEN_SYSCALL|ANYVISOR_TEST_SLOW_START|ANYVISOR_KVM_DEVICE'
 if found="$(grep -a -o -E "$hooks" "$bin" | sort -u | tr '\n' ' ')" && [ -n "$found" ]; then
     echo "check-release-hooks: $bin carries test hooks: $found"
     exit 1

@@ -108,7 +108,7 @@ fn install_panic_hook() {
 }
 
 /// Commands other than `run` and `snapshot` (which handle SIGTERM, SIGINT and SIGHUP
-/// themselves) end on those signals with one `error:` line and status 1 instead of dying
+/// themselves: `run` at checkpoints before its VM launches, then in the VM's main loop) end on those signals with one `error:` line and status 1 instead of dying
 /// without a word. The signals are blocked in this thread (and so in every thread it starts)
 /// and taken by one waiting thread, so no system call of the command is interrupted half-way.
 fn end_on_signals(what: &'static str) {
@@ -153,6 +153,13 @@ fn run(cli: Cli) -> vmm::Result<u8> {
     }
     match cli.command {
         Command::Run(args) => {
+            // From here a termination signal is noted, not fatal: each step before the VM
+            // launches (config, reading a disk to boot, loading a restore) checks for it and
+            // ends with one `error:` line; once the VM runs, its main loop handles it.
+            vmm::exit::install_signal_handlers().map_err(|source| vmm::Error::Io {
+                op: "cannot install signal handlers",
+                source,
+            })?;
             let flags = args.to_options();
             let options = match &args.config {
                 Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
@@ -160,6 +167,9 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             };
             // `--disk` without `--kernel`: the kernel the disk holds (docs/boot-from-disk.md).
             let (options, extracted) = vmm::diskboot::prepare(options)?;
+            if extracted.is_some() {
+                vmm::exit::stop_if_signalled()?;
+            }
             if let Some(x) = &extracted {
                 tracing::info!("booting {} (kernel {})", x.chosen, x.kernel_path);
             }

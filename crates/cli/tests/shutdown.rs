@@ -344,3 +344,68 @@ fn a_waiting_control_command_ends_with_its_error_line_on_a_signal() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `run` signalled before its VM launches (a long restore or disk read, stood in for by the
+/// `ANYVISOR_TEST_SLOW_START` hook) ends with one `error:` line and status 1 instead of dying
+/// without a word, and leaves no API socket behind.
+#[test]
+fn run_signalled_before_its_vm_launches_ends_with_its_error_line() {
+    let Some(kit) = kit() else { return };
+    for signal in ["TERM", "INT", "HUP"] {
+        let dir = scratch(&format!("prelaunch-{signal}"));
+        let socket = dir.join("api.sock");
+        let mut vm = Vm::spawn_with_env(
+            &args(&kit, "emu", "idle"),
+            &[("ANYVISOR_TEST_SLOW_START", "1")],
+            &dir.join("serial"),
+            &socket,
+        );
+        let start = std::time::Instant::now();
+        while !vm
+            .stderr()
+            .contains("test hook: waiting before the VM launches")
+        {
+            assert!(
+                vm.is_running() && start.elapsed() < BOOT_LIMIT,
+                "run never reached its last checkpoint: {}",
+                vm.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &vm.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = vm.wait_exit(Duration::from_secs(20));
+        // The stderr reader may still be draining the pipe.
+        let drained = std::time::Instant::now();
+        while !vm.stderr().contains("error:") && drained.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stderr = vm.stderr();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("test hook:"))
+            .collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "error: stopped by SIG{signal} before the VM started"
+            )],
+            "SIG{signal}: {stderr}"
+        );
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "SIG{signal}: {stderr}"
+        );
+        assert!(!socket.exists(), "the API socket was left behind");
+        assert!(
+            !vm.serial_text().contains("Linux version"),
+            "the guest ran: {}",
+            vm.diagnostics()
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -91,6 +91,20 @@ pub fn take_signal() -> Option<i32> {
     }
 }
 
+/// A checkpoint before the VM runs: a termination signal received since the handlers were
+/// installed (the `run` command installs them first thing) ends the command here, with its
+/// one `error:` line, instead of launching a VM that would only be stopped again.
+pub fn stop_if_signalled() -> crate::Result<()> {
+    crate::test_hooks::before_launch(|| SIGNAL.load(Ordering::Relaxed) != 0);
+    match take_signal() {
+        Some(num) => Err(crate::Error::Signal(format!(
+            "{} before the VM started",
+            signal_name(num)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Puts back a signal taken by [`take_signal`] for the next taker (a receiver that took it
 /// while its VM was being started leaves it to the running VM's main loop).
 pub fn requeue_signal(num: i32) {

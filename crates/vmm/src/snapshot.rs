@@ -229,6 +229,7 @@ pub fn restore(path: &Path, runtime: &RuntimeOptions, verify: bool) -> Result<Vm
     check_states(backend.hypervisor.kind(), &reader.contents().vcpus)?;
     let memory = reader.map_memory().map_err(|e| file_error(path, e))?;
     let parts = rebuild(reader.into_contents().into(), memory, backend, runtime)?;
+    crate::exit::stop_if_signalled()?;
     let vmm = Vmm::launch(parts)?;
     settle(&vmm);
     let _ = RESTORE_TIME.set(start.elapsed());

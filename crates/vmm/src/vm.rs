@@ -340,6 +340,7 @@ impl Vmm {
             control: control.clone(),
             config,
         });
+        crate::exit::stop_if_signalled()?;
         Self::launch(parts)
     }
 
