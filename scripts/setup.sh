@@ -23,6 +23,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt_get install -y -qq "${need[@]}" >/dev/null
 fi
 ./guest/build-kit.sh
-# The Debian 12 disk image of the distro tests (crates/cli/tests/distro.rs); cached, ~3-4 min
+# The Debian 12 disk image of the distro tests (crates/cli/tests/e2e/distro.rs); cached, ~3-4 min
 # the first time.
 ./guest/build-distro.sh

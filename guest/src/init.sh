@@ -124,7 +124,7 @@ case "$TEST" in
         done
         poweroff -f ;;
     devices)
-        # All disk and rng checks in one boot (crates/cli/tests/devices.rs).
+        # All disk and rng checks in one boot (crates/cli/tests/e2e/devices.rs).
         echo "ANYVISOR-DEVS $(ls /sys/bus/virtio/devices | wc -l)"
         for b in /sys/block/vd*; do
             [ -e "$b" ] || continue

@@ -15,7 +15,7 @@
 //! by storing them back there, so the scratch comparison covers the vector registers. Memory
 //! operands stay below that area and the flag snapshots ([`FLAGS_AREA`]); 128-bit ones are
 //! 16-byte aligned (misaligned legacy-SSE operands raise #GP, which the plain runs of
-//! `tests/ext.rs` cover). General-register operands are at any alignment and sometimes cross
+//! `tests/integration/ext.rs` cover). General-register operands are at any alignment and sometimes cross
 //! into the second scratch page or into the unmapped page after it (a #PF that must match), as
 //! in [`crate::diff`].
 

@@ -569,7 +569,7 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
                 };
             }
             // Only which NaN a sum returns depends on the order of its operands. The order
-            // here reproduces the host CPU (measured with tests/avx.rs's differential run): a
+            // here reproduces the host CPU (measured with tests/integration/avx.rs's differential run): a
             // butterfly, v[j] = t[j^1] + t[j], then element j = v[j] + v[j^2].
             let mut v = [0f32; 4];
             for j in 0..4 {
@@ -1782,7 +1782,7 @@ impl Exec<'_> {
             for &k in &on {
                 if let Err(e) = self.probe_write(a.wrapping_add((k * esz) as u64), esz) {
                     // When the selected elements span two pages and the second one faults, the
-                    // CPU (measured on this Intel host: tests/avx.rs in crates/conformance)
+                    // CPU (measured on this Intel host: tests/integration/avx.rs in crates/conformance)
                     // reports the last byte of the highest selected element in CR2, not the
                     // first faulting byte.
                     if matches!(e, Exc::Fault(14, _))

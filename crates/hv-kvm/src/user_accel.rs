@@ -18,7 +18,7 @@
 //! * The trap page is filled with `hlt`. Without an in-kernel local APIC, `hlt` ends `KVM_RUN`
 //!   with `KVM_EXIT_HLT` and RIP after it, which names the vector. The frame the CPU pushed on the
 //!   kernel stack gives the user-mode RIP/CS/RFLAGS/RSP/SS and the error code.
-//! * PVM quirks (measured, `tests/user_accel.rs`): `syscall` from user mode jumps to LSTAR but
+//! * PVM quirks (measured, `tests/integration/user_accel.rs`): `syscall` from user mode jumps to LSTAR but
 //!   stays at CPL 3, so the fetch from the supervisor-only trap page raises #PF there (recognised
 //!   by its RIP); `int n` arrives as #UD at the instruction (completed here: gate checks, then the
 //!   event with RIP after it). User `rdtsc` reads the host TSC and user code sees the host's
@@ -121,7 +121,7 @@ const MSR_MISC_FEATURES_ENABLES: u32 = 0x140;
 
 /// Turns on CPUID faulting for `fd`'s user mode. KVM offers it to every guest (it advertises
 /// it in MSR_PLATFORM_INFO), and under PVM it is the only control that keeps user code from
-/// reading the host's CPUID (measured: `tests/user_accel.rs`,
+/// reading the host's CPUID (measured: `tests/integration/user_accel.rs`,
 /// `user_cpuid_faults_and_host_xcr0_shows`). False when KVM refuses the MSR.
 fn enable_cpuid_faulting(fd: &VcpuFd) -> bool {
     let entry = kvm_msr_entry {
