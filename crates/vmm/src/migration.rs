@@ -214,7 +214,7 @@ fn progress_reporter() -> migrate::ProgressFn {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Box::new(move |p: &migrate::Progress| {
         if tty {
-            eprintln!(
+            tracing::info!(target: hv::NOTICE,
                 "anyvisor: migration round {}: {} MiB sent, {} pages remaining, {} pages/s dirtied, expected downtime {} ms",
                 p.round,
                 p.bytes_sent >> 20,
