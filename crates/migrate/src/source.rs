@@ -363,3 +363,19 @@ fn per_second(count: u64, over: Duration) -> u64 {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_milliseconds_saturate_instead_of_wrapping() {
+        assert_eq!(per_second(500, Duration::from_millis(250)), 2000);
+        assert_eq!(per_second(3, Duration::from_secs(2)), 1);
+        assert_eq!(per_second(u64::MAX, Duration::from_nanos(1)), u64::MAX);
+        // A zero duration counts as one nanosecond rather than dividing by zero.
+        assert_eq!(per_second(1, Duration::ZERO), 1_000_000_000);
+        assert_eq!(millis(Duration::from_micros(2500)), 2);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
+    }
+}

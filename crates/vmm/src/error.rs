@@ -24,6 +24,14 @@ pub enum Error {
     /// A file named by the user has the wrong content.
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
+    /// A file named by the user has the wrong content, as the parser's error (the source)
+    /// says: the typed form of [`Error::BadFile`] ([`Error::bad_file`]).
+    #[error("{}", path.display())]
+    BadFileWith {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A file the user asked the VMM to create or append to cannot be opened.
     #[error("cannot open {}", path.display())]
     OpenOutput {
@@ -124,6 +132,17 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// [`Error::BadFileWith`]: the content of `path` is wrong because of `source`.
+    pub fn bad_file(
+        path: impl Into<PathBuf>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::BadFileWith {
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
     /// [`Error::SetupWith`]: `what` failed because of `source`.
     pub fn setup(
         what: impl Into<String>,
@@ -164,6 +183,7 @@ impl Error {
             Error::Usage(_)
             | Error::ReadFile { .. }
             | Error::BadFile { .. }
+            | Error::BadFileWith { .. }
             | Error::OpenOutput { .. }
             | Error::NotSupported(_)
             | Error::Unsupported(_)
@@ -258,6 +278,7 @@ mod tests {
         for e in [
             Error::setup("cannot create guest memory", "no room"),
             Error::usage("--seccomp", io(std::io::ErrorKind::InvalidInput)),
+            Error::bad_file("/vm.json", "unknown field `cpu`"),
             Error::Disk(disk),
         ] {
             assert_eq!(e.exit_code(), EXIT_USAGE, "{e}");
@@ -319,6 +340,13 @@ mod tests {
         assert_eq!(
             report(&Error::usage("malformed final state", "expected value")),
             "malformed final state: expected value"
+        );
+        assert_eq!(
+            report(&Error::bad_file(
+                "/vm.json",
+                io(std::io::ErrorKind::InvalidData)
+            )),
+            "/vm.json: boom"
         );
         assert_eq!(
             report(&Error::internal("cannot map the device", "EBUSY")),
