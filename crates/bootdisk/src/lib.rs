@@ -23,6 +23,14 @@
 //! (`ext4` 0.9, `ext4-rs`) are older, unmaintained or need a mutable block device. The image
 //! itself is only read, through [`Image`].
 
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod bls;
 pub mod extlinux;
 pub mod fs;
@@ -106,6 +114,15 @@ pub enum Error {
     MissingFile(String),
     #[error("{0}")]
     Filesystem(String),
+    /// A file on a filesystem cannot be read (the filesystem is damaged); the ext4 reader's
+    /// error is the source.
+    #[error("cannot read {path} on {on}")]
+    ReadFile {
+        path: String,
+        on: String,
+        #[source]
+        source: Ext4Error,
+    },
 }
 
 /// What to boot.
@@ -177,8 +194,10 @@ impl Volume {
     /// A file's content (symlinks followed), `None` if it does not exist, an error if it is
     /// larger than `limit` or the filesystem is damaged.
     fn read(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, Error> {
-        let bad = |e: Ext4Error| {
-            Error::Filesystem(format!("cannot read {path} on {}: {e}", self.where_()))
+        let bad = |source: Ext4Error| Error::ReadFile {
+            path: path.to_string(),
+            on: self.where_(),
+            source,
         };
         let meta = match self.fs.metadata(path) {
             Ok(m) => m,

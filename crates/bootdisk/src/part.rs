@@ -369,13 +369,17 @@ mod tests {
         // Protective MBR.
         put(&mut d, 0x1be + 4, &[0xee]);
         put(&mut d, 0x1be + 8, &1u32.to_le_bytes());
-        put(&mut d, 0x1be + 12, &((size / 512 - 1) as u32).to_le_bytes());
+        put(
+            &mut d,
+            0x1be + 12,
+            &u32::try_from(size / 512 - 1).unwrap().to_le_bytes(),
+        );
         put(&mut d, 510, &[0x55, 0xaa]);
         let mut array = vec![0u8; 128 * 128];
         for (i, (tguid, first, last)) in parts.iter().enumerate() {
             let e = &mut array[i * 128..];
             put(e, 0, &guid_bytes(tguid));
-            put(e, 16, &[i as u8 + 1; 16]);
+            put(e, 16, &[u8::try_from(i + 1).unwrap(); 16]);
             put(e, 32, &first.to_le_bytes());
             put(e, 40, &last.to_le_bytes());
             let name: Vec<u8> = "part"
@@ -457,7 +461,7 @@ mod tests {
         h[32..40].copy_from_slice(&1u64.to_le_bytes());
         let crc = crc32fast::hash(&h);
         h[16..20].copy_from_slice(&crc.to_le_bytes());
-        let at = last as usize * 512;
+        let at = usize::try_from(last).unwrap() * 512;
         bak[at..at + 92].copy_from_slice(&h);
         bak[512 + 40] ^= 1;
         let (_, p) = read_table(&MemImage(bak)).unwrap();

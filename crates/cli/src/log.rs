@@ -2,6 +2,9 @@
 //! and above on stderr, one `anyvisor: LEVEL: message field=value ...` line each. Unset or
 //! `off`: nothing is printed (the default). Lines a guest or peer can trigger are rate-limited
 //! at their call sites (`hv::rate_limited!`), so a hostile guest cannot flood this output.
+//!
+//! Events with the target [`hv::NOTICE`] are lines for the user (the backend picked, "waiting
+//! for a migration", a key-file warning): they are printed always, as written, without a level.
 
 use std::fmt::{self, Write as _};
 
@@ -28,39 +31,45 @@ fn parse_level(value: &str) -> Result<Option<Level>, String> {
     }))
 }
 
-/// Installs the stderr printer when [`ENV`] asks for it. A value it does not know is reported
-/// on stderr and logging stays off: the variable is a diagnostic aid, not worth refusing to run.
+/// Installs the stderr printer: notices always, other events at the level [`ENV`] asks for. A
+/// value it does not know is reported on stderr and logging stays off: the variable is a
+/// diagnostic aid, not worth refusing to run.
 pub fn install_from_env() {
-    let Some(value) = std::env::var_os(ENV) else {
-        return;
-    };
-    match parse_level(&value.to_string_lossy()) {
-        Ok(Some(max)) => {
-            let printer = Printer {
-                max,
-                out: Box::new(|line| eprintln!("{line}")),
-            };
-            let _ = tracing::subscriber::set_global_default(printer);
+    let max = match std::env::var_os(ENV).map(|v| parse_level(&v.to_string_lossy())) {
+        None => None,
+        Some(Ok(max)) => max,
+        Some(Err(e)) => {
+            eprintln!("anyvisor: {e}; logging stays off");
+            None
         }
-        Ok(None) => {}
-        Err(e) => eprintln!("anyvisor: {e}; logging stays off"),
-    }
+    };
+    let printer = Printer {
+        max,
+        out: Box::new(|line| eprintln!("{line}")),
+    };
+    let _ = tracing::subscriber::set_global_default(printer);
 }
 
 /// A `tracing` subscriber that turns each enabled event into one line (no spans: the VMM has
 /// none).
 struct Printer {
-    max: Level,
+    /// Events other than notices at this level and above; `None`: none of them.
+    max: Option<Level>,
     out: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 impl Subscriber for Printer {
+    /// Also decides each call site's cached interest (the default `register_callsite`), so
+    /// disabled diagnostics cost one check per call site, not one per event.
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        *metadata.level() <= self.max
+        metadata.target() == hv::NOTICE || self.max.is_some_and(|max| *metadata.level() <= max)
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
-        Some(LevelFilter::from_level(self.max))
+        // Notices are INFO or above (hv::NOTICE).
+        Some(LevelFilter::from_level(
+            self.max.map_or(Level::INFO, |max| max.max(Level::INFO)),
+        ))
     }
 
     fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
@@ -81,6 +90,11 @@ impl Subscriber for Printer {
 }
 
 fn format_event(event: &Event<'_>) -> String {
+    let mut line = Line::default();
+    event.record(&mut line);
+    if event.metadata().target() == hv::NOTICE {
+        return format!("{}{}", line.message, line.fields);
+    }
     let level = match *event.metadata().level() {
         Level::ERROR => "error",
         Level::WARN => "warning",
@@ -88,8 +102,6 @@ fn format_event(event: &Event<'_>) -> String {
         Level::DEBUG => "debug",
         Level::TRACE => "trace",
     };
-    let mut line = Line::default();
-    event.record(&mut line);
     format!("anyvisor: {level}: {}{}", line.message, line.fields)
 }
 
@@ -123,7 +135,8 @@ mod tests {
 
     use super::*;
 
-    fn capture(max: Level, body: impl FnOnce()) -> Vec<String> {
+    fn capture(max: impl Into<Option<Level>>, body: impl FnOnce()) -> Vec<String> {
+        let max = max.into();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         let printer = Printer {
@@ -156,6 +169,30 @@ mod tests {
             [
                 "anyvisor: error: disk gone: ENOENT",
                 "anyvisor: warning: virtio device needs reset device=2 offset=112",
+            ]
+        );
+    }
+
+    #[test]
+    fn notices_print_as_written_whatever_the_level() {
+        let body = || {
+            tracing::info!(target: hv::NOTICE, "anyvisor: using backend emu (no /dev/kvm)");
+            tracing::warn!(target: hv::NOTICE, "warning: key file is readable by others");
+            tracing::warn!("not a notice");
+        };
+        assert_eq!(
+            capture(None, body),
+            [
+                "anyvisor: using backend emu (no /dev/kvm)",
+                "warning: key file is readable by others",
+            ]
+        );
+        assert_eq!(
+            capture(Level::TRACE, body),
+            [
+                "anyvisor: using backend emu (no /dev/kvm)",
+                "warning: key file is readable by others",
+                "anyvisor: warning: not a notice",
             ]
         );
     }

@@ -11,7 +11,16 @@
 //! against the file size and fixed caps before anything is allocated or read, tables are read
 //! once and bounded, and nothing follows chains without a bound. Errors at open are typed and
 //! name the field; errors during I/O are `io::Error`s of kind `InvalidData` for corrupt
-//! metadata found late. The crate depends on nothing else of the workspace.
+//! metadata found late (carrying the typed error when there is one, such as [`TooLarge`] for a
+//! size or index this host cannot address). The crate depends on nothing else of the workspace.
+
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -33,7 +42,7 @@ pub mod vmdk;
 
 pub use policy::{Link, MAX_CHAIN, PolicyError, Role, Walk, open_regular};
 pub use raw::RawFile;
-pub use util::ImageError;
+pub use util::{ImageError, TooLarge};
 
 /// Image formats. `None` where a format is asked for means "detect by content".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::policy::{Link, PolicyError, Role, Walk};
-use crate::util::{Lru, be32, be64, corrupt, read_exact_or_eof};
+use crate::util::{Lru, be32, be64, corrupt, read_exact_or_eof, to_usize};
 use crate::{DiskFile, Format, Mapping, QCOW2_MAGIC};
 
 /// Largest L1 table accepted (as qemu): 32 MiB.
@@ -241,7 +241,7 @@ impl Qcow2 {
             return Err(Error::Encrypted);
         }
         if h.version == 3 {
-            if h.header_length < V3_HEADER_LEN as u32
+            if usize::try_from(h.header_length).is_ok_and(|l| l < V3_HEADER_LEN)
                 || !h.header_length.is_multiple_of(8)
                 || u64::from(h.header_length) > cluster_size
             {
@@ -409,7 +409,8 @@ impl Qcow2 {
     fn l2_table(&mut self, off: u64) -> io::Result<&mut Vec<u64>> {
         if self.l2_cache.get_mut(&off).is_none() {
             let t = read_table(&self.file, off, self.l2_entries)?;
-            check_l2(&t, self.version).map_err(|e| corrupt(e.to_string()))?;
+            check_l2(&t, self.version)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             return Ok(self.l2_cache.insert(off, t));
         }
         self.l2_cache
@@ -430,16 +431,17 @@ impl Qcow2 {
             .ok_or_else(|| corrupt("refcount block cache"))
     }
 
-    fn indexes(&self, guest: u64) -> (usize, usize) {
+    fn indexes(&self, guest: u64) -> io::Result<(usize, usize)> {
         let cluster = guest >> self.cluster_bits;
         let l1 = cluster >> self.l2_bits();
         let l2 = cluster & (self.l2_entries - 1);
-        // Both fit: l1 < l1.len() (validated against the virtual size), l2 < l2_entries.
-        (l1 as usize, l2 as usize)
+        // l1 < l1.len() (validated against the virtual size), l2 < l2_entries: both fit, and
+        // the checked conversion says so without a cast.
+        Ok((to_usize(l1, "L1 index")?, to_usize(l2, "L2 index")?))
     }
 
     fn lookup(&mut self, guest: u64) -> io::Result<Cluster> {
-        let (l1i, l2i) = self.indexes(guest);
+        let (l1i, l2i) = self.indexes(guest)?;
         let l1e = *self.l1.get(l1i).ok_or_else(|| corrupt("L1 index"))?;
         let l2off = l1e & OFFSET_MASK;
         if l2off == 0 {
@@ -552,7 +554,7 @@ impl Qcow2 {
     #[cfg(test)]
     fn refcount(&mut self, idx: u64) -> io::Result<u64> {
         let (rti, byte, shift) = self.refcount_pos(idx);
-        let Some(&block) = self.reftable.get(rti as usize) else {
+        let Some(&block) = usize::try_from(rti).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(0);
         };
         if block == 0 {
@@ -596,12 +598,12 @@ impl Qcow2 {
         self.end += cs;
         let block_idx = block >> self.cluster_bits;
         let (own_rti, byte, shift) = self.refcount_pos(block_idx);
-        let mut data = vec![0u8; cs as usize];
+        let mut data = vec![0u8; to_usize(cs, "cluster size")?];
         if own_rti == rti {
             // The new block describes itself.
             let (bytes, _) = self.refcount_width();
             let v = 1u64 << shift;
-            let at = byte as usize;
+            let at = to_usize(byte, "refcount offset")?;
             data[at..at + bytes].copy_from_slice(&v.to_be_bytes()[8 - bytes..]);
         }
         self.file.write_all_at(&data, block)?;
@@ -652,7 +654,8 @@ impl Qcow2 {
         self.file.sync_data()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_offset.to_be_bytes());
-        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        let clusters = u32::try_from(clusters).map_err(|_| corrupt("refcount table too large"))?;
+        hdr[8..].copy_from_slice(&clusters.to_be_bytes());
         self.file.write_all_at(&hdr, HDR_REFTABLE)?;
         self.file.sync_data()?;
         for c in 0..old_clusters {
@@ -678,7 +681,7 @@ impl Qcow2 {
 
     /// The L2 table for guest offset `guest`, allocated (zeroed) if missing.
     fn ensure_l2(&mut self, guest: u64) -> io::Result<u64> {
-        let (l1i, _) = self.indexes(guest);
+        let (l1i, _) = self.indexes(guest)?;
         let e = *self.l1.get(l1i).ok_or_else(|| corrupt("L1 index"))?;
         let off = e & OFFSET_MASK;
         if off != 0 {
@@ -688,8 +691,10 @@ impl Qcow2 {
             return Ok(off);
         }
         let off = self.alloc_cluster()?;
-        self.file
-            .write_all_at(&vec![0u8; self.cluster_size as usize], off)?;
+        self.file.write_all_at(
+            &vec![0u8; to_usize(self.cluster_size, "cluster size")?],
+            off,
+        )?;
         let entry = off | COPIED;
         self.file
             .write_all_at(&entry.to_be_bytes(), self.l1_offset + l1i as u64 * 8)?;
@@ -699,7 +704,7 @@ impl Qcow2 {
 
     fn set_l2_entry(&mut self, guest: u64, entry: u64) -> io::Result<()> {
         let l2off = self.ensure_l2(guest)?;
-        let (_, l2i) = self.indexes(guest);
+        let (_, l2i) = self.indexes(guest)?;
         self.file
             .write_all_at(&entry.to_be_bytes(), l2off + l2i as u64 * 8)?;
         let t = self.l2_table(l2off)?;
@@ -713,13 +718,13 @@ impl Qcow2 {
     fn write_piece(&mut self, guest: u64, data: &[u8]) -> io::Result<()> {
         let cs = self.cluster_size;
         let start = guest & !(cs - 1);
-        let in_off = (guest - start) as usize;
+        let in_off = to_usize(guest - start, "offset in cluster")?;
         let mapping = self.lookup(guest)?;
         if let Cluster::Data { host, copied: true } = mapping {
             return self.file.write_all_at(data, host + in_off as u64);
         }
         // Build the whole cluster: old content (backing, zeros, or a shared cluster) + data.
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = vec![0u8; to_usize(cs, "cluster size")?];
         if data.len() as u64 != cs {
             match mapping {
                 Cluster::Unallocated => self.read_backing(start, &mut buf)?,
@@ -789,7 +794,7 @@ fn read_backing_format(
             break;
         }
         if typ == EXT_BACKING_FORMAT && len <= 16 {
-            let mut name = vec![0u8; len as usize];
+            let mut name = vec![0u8; to_usize(len, "backing format length")?];
             read_exact_or_eof(file, &mut name, pos + 8)?;
             return Ok(match name.as_slice() {
                 b"raw" => Some(Format::Raw),
@@ -866,7 +871,8 @@ impl DiskFile for Qcow2 {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
         for (pos, n) in self.pieces(offset, buf.len() as u64) {
-            let out = &mut buf[done..done + n as usize];
+            let n = to_usize(n, "piece length")?;
+            let out = &mut buf[done..done + n];
             match self.lookup(pos)? {
                 Cluster::Unallocated => self.read_backing(pos, out)?,
                 Cluster::Zero { .. } => out.fill(0),
@@ -875,7 +881,7 @@ impl DiskFile for Qcow2 {
                     read_exact_or_eof(&self.file, out, host + in_off)?
                 }
             }
-            done += n as usize;
+            done += n;
         }
         Ok(())
     }
@@ -885,8 +891,9 @@ impl DiskFile for Qcow2 {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
         for (pos, n) in self.pieces(offset, buf.len() as u64) {
-            self.write_piece(pos, &buf[done..done + n as usize])?;
-            done += n as usize;
+            let n = to_usize(n, "piece length")?;
+            self.write_piece(pos, &buf[done..done + n])?;
+            done += n;
         }
         Ok(())
     }
@@ -917,12 +924,12 @@ impl DiskFile for Qcow2 {
         self.writable()?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size;
-        let zeros = vec![0u8; cs as usize];
+        let zeros = vec![0u8; to_usize(cs, "cluster size")?];
         for (pos, n) in self.pieces(offset, len) {
             if n == cs && self.version >= 3 {
                 self.zero_cluster(pos)?;
             } else {
-                self.write_piece(pos, &zeros[..n as usize])?;
+                self.write_piece(pos, &zeros[..to_usize(n, "piece length")?])?;
             }
         }
         Ok(())

@@ -1,5 +1,8 @@
 //! Test helpers: temporary directories, patterns, and qemu-img / qemu-io runs.
 
+// Test images are small and built here: their sizes and offsets fit every integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 

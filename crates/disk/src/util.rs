@@ -91,6 +91,21 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+/// A size, offset or count from an image that does not fit this host's `usize` (a buffer
+/// length or an index): the image asks for more than the host can address.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {value:#x} does not fit this host's address space")]
+pub struct TooLarge {
+    pub what: &'static str,
+    pub value: u64,
+}
+
+/// `value` as a `usize`, or an `InvalidData` error carrying [`TooLarge`].
+pub(crate) fn to_usize(value: u64, what: &'static str) -> io::Result<usize> {
+    usize::try_from(value)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, TooLarge { what, value }))
+}
+
 pub(crate) fn invalid_input(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }

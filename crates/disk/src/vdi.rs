@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::util::{
     ImageError, check_range, corrupt, field, in_file, le32, le64, pieces, read_exact_or_eof,
-    read_vec,
+    read_vec, to_usize,
 };
 use crate::{DiskFile, Format, Mapping, read_only};
 
@@ -239,9 +239,9 @@ impl DiskFile for Vdi {
         let mut done = 0usize;
         for (pos, n) in pieces(offset, buf.len() as u64, self.block_size) {
             let out = buf
-                .get_mut(done..done + n as usize)
+                .get_mut(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| corrupt("VDI read"))?;
-            let idx = (pos / self.block_size) as usize;
+            let idx = to_usize(pos / self.block_size, "block index")?;
             match self.map.get(idx).copied() {
                 None => return Err(corrupt("VDI block index")),
                 Some(FREE | ZERO) => out.fill(0),
@@ -249,7 +249,7 @@ impl DiskFile for Vdi {
                     read_exact_or_eof(&self.file, out, self.data_at(e) + pos % self.block_size)?
                 }
             }
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }
@@ -262,23 +262,24 @@ impl DiskFile for Vdi {
         let mut done = 0usize;
         for (pos, n) in pieces(offset, buf.len() as u64, self.block_size) {
             let data = buf
-                .get(done..done + n as usize)
+                .get(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| corrupt("VDI write"))?;
-            let idx = (pos / self.block_size) as usize;
+            let idx = to_usize(pos / self.block_size, "block index")?;
             let in_block = pos % self.block_size;
             match self.map.get(idx).copied() {
                 None => return Err(corrupt("VDI block index")),
                 Some(FREE | ZERO) => {
-                    let mut block = vec![0u8; self.block_size as usize];
+                    let mut block = vec![0u8; to_usize(self.block_size, "block size")?];
                     block
-                        .get_mut(in_block as usize..in_block as usize + data.len())
+                        .get_mut(to_usize(in_block, "offset in block")?..)
+                        .and_then(|b| b.get_mut(..data.len()))
                         .ok_or_else(|| corrupt("VDI write"))?
                         .copy_from_slice(data);
                     self.allocate(idx, &block)?;
                 }
                 Some(e) => self.file.write_all_at(data, self.data_at(e) + in_block)?,
             }
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }
@@ -302,7 +303,7 @@ impl DiskFile for Vdi {
         check_range(offset, len, self.size)?;
         let in_block = offset % self.block_size;
         let n = len.min(self.block_size - in_block);
-        let idx = (offset / self.block_size) as usize;
+        let idx = to_usize(offset / self.block_size, "block index")?;
         Ok(match self.map.get(idx).copied() {
             None => return Err(corrupt("VDI block index")),
             Some(FREE | ZERO) if !write => Mapping::Zero { len: n },

@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use crate::raw::RawFile;
 use crate::util::{
     ImageError, Lru, be32, be64, check_range, corrupt, field, in_file, invalid_input, pieces,
-    read_exact_or_eof, read_vec,
+    read_exact_or_eof, read_vec, to_usize,
 };
 use crate::{DiskFile, Format, read_only};
 
@@ -136,7 +136,7 @@ pub fn open(file: File, readonly: bool) -> Result<Box<dyn DiskFile>, ImageError>
     if file_len < FOOTER_LEN {
         return Err(ImageError::Short(NAME));
     }
-    let mut b = vec![0u8; FOOTER_LEN as usize];
+    let mut b = vec![0u8; to_usize(FOOTER_LEN, "footer length")?];
     file.read_exact_at(&mut b, file_len - FOOTER_LEN)?;
     let footer = match parse_footer(&b) {
         Ok(f) => f,
@@ -291,9 +291,12 @@ impl Dynamic {
     }
 
     /// (BAT index, offset in block) of virtual offset `pos`.
-    fn locate(&self, pos: u64) -> (usize, u64) {
-        // pos < size <= 2 TiB, so the index fits.
-        ((pos / self.block_size) as usize, pos % self.block_size)
+    fn locate(&self, pos: u64) -> io::Result<(usize, u64)> {
+        // pos < size <= 2 TiB: the index fits, and the checked conversion says so without a cast.
+        Ok((
+            to_usize(pos / self.block_size, "block index")?,
+            pos % self.block_size,
+        ))
     }
 
     fn block_offset(&self, idx: usize) -> io::Result<Option<u64>> {
@@ -306,7 +309,7 @@ impl Dynamic {
 
     fn bitmap(&mut self, idx: usize, block: u64) -> io::Result<&mut Vec<u8>> {
         if self.bitmaps.get_mut(&idx).is_none() {
-            let mut b = vec![0u8; self.bitmap_len as usize];
+            let mut b = vec![0u8; to_usize(self.bitmap_len, "bitmap length")?];
             read_exact_or_eof(&self.file, &mut b, block)?;
             return Ok(self.bitmaps.insert(idx, b));
         }
@@ -337,7 +340,7 @@ impl Dynamic {
             while end < in_block + buf.len() as u64 && present(end / SECTOR) == state {
                 end = (end / SECTOR + 1) * SECTOR;
             }
-            let n = (end.min(in_block + buf.len() as u64) - pos) as usize;
+            let n = to_usize(end.min(in_block + buf.len() as u64) - pos, "run length")?;
             let out = buf
                 .get_mut(done..done + n)
                 .ok_or_else(|| corrupt("VHD read"))?;
@@ -362,7 +365,7 @@ impl Dynamic {
         let new_end = block + self.bitmap_len + self.block_size;
         self.file.write_all_at(&self.footer, new_end)?;
         self.file.sync_data()?;
-        let bitmap = vec![0u8; self.bitmap_len as usize];
+        let bitmap = vec![0u8; to_usize(self.bitmap_len, "bitmap length")?];
         self.file.write_all_at(&bitmap, block)?;
         self.file.sync_data()?;
         let slot = self
@@ -398,7 +401,7 @@ impl Dynamic {
         }
         if changed {
             let lo = (first / 8) as usize;
-            let hi = ((first + count).div_ceil(8) as usize).min(bitmap.len());
+            let hi = to_usize((first + count).div_ceil(8), "bitmap offset")?.min(bitmap.len());
             let bytes = bitmap.get(lo..hi).unwrap_or_default().to_vec();
             self.file.write_all_at(&bytes, block + lo as u64)?;
         }
@@ -415,12 +418,12 @@ impl DiskFile for Dynamic {
         check_range(offset, buf.len() as u64, self.size)?;
         let mut done = 0usize;
         for (pos, n) in pieces(offset, buf.len() as u64, self.block_size) {
-            let (idx, in_block) = self.locate(pos);
+            let (idx, in_block) = self.locate(pos)?;
             let out = buf
-                .get_mut(done..done + n as usize)
+                .get_mut(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| corrupt("VHD read"))?;
             self.read_piece(idx, in_block, out)?;
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }
@@ -437,9 +440,9 @@ impl DiskFile for Dynamic {
         let data = if start == offset && end == offset + buf.len() as u64 {
             buf
         } else {
-            whole = vec![0u8; (end - start) as usize];
+            whole = vec![0u8; to_usize(end - start, "write length")?];
             self.read_at(start, &mut whole)?;
-            let at = (offset - start) as usize;
+            let at = to_usize(offset - start, "offset in write")?;
             whole
                 .get_mut(at..at + buf.len())
                 .ok_or_else(|| invalid_input("VHD write"))?
@@ -448,12 +451,12 @@ impl DiskFile for Dynamic {
         };
         let mut done = 0usize;
         for (pos, n) in pieces(start, end - start, self.block_size) {
-            let (idx, in_block) = self.locate(pos);
+            let (idx, in_block) = self.locate(pos)?;
             let part = data
-                .get(done..done + n as usize)
+                .get(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| invalid_input("VHD write"))?;
             self.write_sectors(idx, in_block, part)?;
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }

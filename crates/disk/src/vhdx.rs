@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::util::{
     ImageError, Lru, check_range, corrupt, field, in_file, le16, le32, le64, pieces,
-    read_exact_or_eof, read_vec,
+    read_exact_or_eof, read_vec, to_usize,
 };
 use crate::{DiskFile, Format};
 
@@ -191,7 +191,7 @@ impl Vhdx {
         }
         let mut bat_region = None;
         let mut meta_region = None;
-        for i in 0..count as usize {
+        for i in 0..to_usize(count, "region table entry count")? {
             let e = r.get(16 + i * 32..16 + (i + 1) * 32).unwrap_or_default();
             let guid = e.get(0..16).unwrap_or_default();
             let off = le64(e, 16);
@@ -240,7 +240,7 @@ impl Vhdx {
         let mut has_parent = false;
         let mut size = None;
         let mut logical = None;
-        for i in 0..n as usize {
+        for i in 0..to_usize(n, "metadata entry count")? {
             let e = mt.get(32 + i * 32..32 + (i + 1) * 32).unwrap_or_default();
             let guid = e.get(0..16).unwrap_or_default();
             let off = u64::from(le32(e, 16));
@@ -395,17 +395,17 @@ impl DiskFile for Vhdx {
         let mut done = 0usize;
         for (pos, n) in pieces(offset, buf.len() as u64, self.block_size) {
             let out = buf
-                .get_mut(done..done + n as usize)
+                .get_mut(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| corrupt("VHDX read"))?;
             // The entry is checked each time it is used.
             match self
                 .block(pos / self.block_size)
-                .map_err(|e| corrupt(e.to_string()))?
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
             {
                 None => out.fill(0),
                 Some(at) => read_exact_or_eof(&self.file, out, at + pos % self.block_size)?,
             }
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }

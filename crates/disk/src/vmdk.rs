@@ -31,6 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use crate::policy::{Link, Role, Walk, open_file_flags};
 use crate::util::{
     ImageError, Lru, check_range, corrupt, field, in_file, le16, le32, le64, pieces, read_vec,
+    to_usize,
 };
 use crate::{DiskFile, Format, read_only};
 
@@ -201,7 +202,7 @@ impl Sparse {
     /// The grain table entry for grain `g` (0: unallocated).
     fn entry(&mut self, g: u64) -> io::Result<u32> {
         let gdi = usize::try_from(g / self.gtes).map_err(|_| corrupt("VMDK grain index"))?;
-        let gte = (g % self.gtes) as usize;
+        let gte = to_usize(g % self.gtes, "VMDK grain table index")?;
         if self.tables.get_mut(&gdi).is_none() {
             if gdi as u64 >= self.gd_entries {
                 return Err(corrupt("VMDK grain directory index"));
@@ -265,12 +266,13 @@ impl Sparse {
             return Err(corrupt("VMDK compressed grain outside the file"));
         }
         let packed = read_vec(&self.file, start, len)?;
-        let mut out = Vec::with_capacity(self.grain as usize);
+        let grain = to_usize(self.grain, "VMDK grain size")?;
+        let mut out = Vec::with_capacity(grain);
         flate2::read::ZlibDecoder::new(packed.as_slice())
             .take(self.grain)
             .read_to_end(&mut out)?;
         // A short last grain reads as zeros after its data.
-        out.resize(self.grain as usize, 0);
+        out.resize(grain, 0);
         Ok(self.grains.insert(g, out))
     }
 
@@ -279,7 +281,7 @@ impl Sparse {
         let mut done = 0usize;
         for (pos, n) in pieces(offset, buf.len() as u64, self.grain) {
             let out = buf
-                .get_mut(done..done + n as usize)
+                .get_mut(done..done + to_usize(n, "piece length")?)
                 .ok_or_else(|| corrupt("VMDK read"))?;
             let g = pos / self.grain;
             let in_grain = pos % self.grain;
@@ -289,7 +291,8 @@ impl Sparse {
                 e if self.compressed => {
                     let data = self.inflate(g, e)?;
                     let from = data
-                        .get(in_grain as usize..in_grain as usize + out.len())
+                        .get(to_usize(in_grain, "offset in grain")?..)
+                        .and_then(|d| d.get(..out.len()))
                         .ok_or_else(|| corrupt("VMDK grain"))?;
                     out.copy_from_slice(from);
                 }
@@ -301,7 +304,7 @@ impl Sparse {
                     self.file.read_exact_at(out, at + in_grain)?;
                 }
             }
-            done += n as usize;
+            done += to_usize(n, "piece length")?;
         }
         Ok(())
     }

@@ -23,7 +23,9 @@ pub enum Event {
     External,
 }
 
-/// `HV_EMU_TRACE=1` prints every exception and software interrupt (debugging aid).
+/// `HV_EMU_TRACE=1` logs every exception and software interrupt, `HV_EMU_TRACE=2` also external
+/// interrupts, LAPIC and MSR writes (debugging aid): `tracing` events at `TRACE` level, which the
+/// cli prints with `ANYVISOR_LOG=trace`.
 fn trace_events() -> bool {
     static T: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *T.get_or_init(|| std::env::var_os("HV_EMU_TRACE").is_some())
@@ -841,7 +843,7 @@ impl Exec<'_> {
 
     pub fn wrmsr(&mut self, idx: u32, v: u64) -> R<()> {
         if trace_irqs() {
-            eprintln!("[emu] wrmsr {idx:#x} {v:#x}");
+            tracing::trace!("[emu] wrmsr {idx:#x} {v:#x}");
         }
         match idx {
             msr::IA32_TSC => {
@@ -968,7 +970,7 @@ impl Exec<'_> {
 
     pub fn set_tsc_deadline(&mut self, v: u64) {
         if trace_irqs() {
-            eprintln!(
+            tracing::trace!(
                 "[emu] tsc deadline {v:#x} mode {} now {:#x}",
                 self.cpu.lapic.timer_mode(),
                 self.guest_tsc()
@@ -1071,7 +1073,7 @@ impl Exec<'_> {
         }
         let now = self.vm.clock.host_ns();
         if trace_irqs() {
-            eprintln!("[emu] lapic write {off:#x} {v:#x}");
+            tracing::trace!("[emu] lapic write {off:#x} {v:#x}");
         }
         match self.cpu.lapic.write(off, v as u32, now) {
             WriteEffect::SendIpi(lo, hi) => {
@@ -1102,9 +1104,11 @@ impl Exec<'_> {
     /// Delivers an event, turning faults during delivery into #DF / triple fault.
     pub fn raise_event(&mut self, vector: u8, code: Option<u32>, kind: Event) -> R<()> {
         if trace_events() && (kind != Event::External || trace_irqs()) {
-            eprintln!(
+            tracing::trace!(
                 "[emu] vcpu {} event {vector} {code:x?} {kind:?} at rip {:#x} cr2 {:#x}",
-                self.cpu.id, self.cpu.rip, self.cpu.cr2
+                self.cpu.id,
+                self.cpu.rip,
+                self.cpu.cr2
             );
         }
         if !self.cpu.deliver_exceptions && (kind == Event::Software || kind == Event::Exception) {

@@ -83,6 +83,12 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The `tracing` target of lines meant for the user rather than for diagnosis (the backend the
+/// VMM picked, "waiting for a migration", a warning about a key file): the cli prints each such
+/// event's message as written, whatever `ANYVISOR_LOG` says. Emit them at `INFO` or above:
+/// `tracing::info!(target: hv::NOTICE, "anyvisor: using backend emu")`.
+pub const NOTICE: &str = "anyvisor::notice";
+
 /// Displays an error and its chain of causes on one line, `outer: cause: root cause`.
 ///
 /// Every error in the workspace names only its own operation and leaves its cause to

@@ -17,6 +17,14 @@
 //! overwritten unless `force` is set, and each disk is written under a temporary name and
 //! renamed when complete.
 
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod ova;
 pub mod ovf;
 pub mod qcow2w;
@@ -49,6 +57,39 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A descriptor is not well-formed XML, or uses what is refused (DTDs); the parser's error
+    /// is the source (exit 2).
+    #[error("{what}: invalid or refused XML")]
+    Xml {
+        what: String,
+        #[source]
+        source: roxmltree::Error,
+    },
+    /// A source disk cannot be opened or read as its format; the disk layer's error is the
+    /// source (exit 2).
+    #[error("disk {slot}")]
+    Disk {
+        slot: String,
+        #[source]
+        source: disk::Error,
+    },
+    /// A source disk turned out corrupt while it was converted (exit 2).
+    #[error("disk {slot}")]
+    Corrupt {
+        slot: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An OVA package is not a readable tar archive, or a member of it cannot be read (exit 2).
+    #[error("{what}")]
+    Package {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The generated configuration cannot be encoded (exit 1).
+    #[error("cannot encode the configuration")]
+    Encode(#[source] serde_json::Error),
     /// An output file cannot be written (exit 1).
     #[error("cannot write {}", path.display())]
     Write {
@@ -265,8 +306,10 @@ pub(crate) fn parse_xml<'a>(text: &'a str, what: &str) -> Result<roxmltree::Docu
         nodes_limit: 1 << 20,
         ..roxmltree::ParsingOptions::default()
     };
-    roxmltree::Document::parse_with_options(text, opts)
-        .map_err(|e| Error::Input(format!("{what}: invalid or refused XML: {e}")))
+    roxmltree::Document::parse_with_options(text, opts).map_err(|source| Error::Xml {
+        what: what.to_string(),
+        source,
+    })
 }
 
 /// `aa:bb:cc:dd:ee:ff`, `aa-bb-...` or `aabbccddeeff`.
@@ -422,7 +465,10 @@ pub fn import(opts: &Options, progress: &mut dyn Progress) -> Result<Report> {
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             return Err(if e.kind() == io::ErrorKind::InvalidData {
-                Error::Input(format!("disk {}: {e}", d.slot))
+                Error::Corrupt {
+                    slot: d.slot.clone(),
+                    source: e,
+                }
             } else {
                 werr(e)
             });
@@ -454,8 +500,8 @@ pub fn import(opts: &Options, progress: &mut dyn Progress) -> Result<Report> {
     if !nets.is_empty() {
         cfg.insert("net".into(), nets.into());
     }
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg))
-        .map_err(|e| Error::Input(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(Error::Encode)?;
     let cfg_path = out_abs.join(format!("{name}.json"));
     std::fs::write(&cfg_path, text + "\n").map_err(|source| Error::Write {
         path: cfg_path.clone(),
@@ -506,15 +552,9 @@ impl qcow2w::Source for Extracted {
 
 fn open_path(path: &Path, slot: &str, backing: bool) -> Result<Opened> {
     let opts = disk::OpenOptions::readonly(true).backing(backing);
-    let d = disk::open(path, opts).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            msg.push_str(": ");
-            msg.push_str(&c.to_string());
-            cause = c.source();
-        }
-        Error::Input(format!("disk {slot}: {msg}"))
+    let d = disk::open(path, opts).map_err(|source| Error::Disk {
+        slot: slot.to_string(),
+        source,
     })?;
     if d.size() > MAX_DISK {
         return input(format!(

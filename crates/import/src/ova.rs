@@ -30,8 +30,10 @@ pub fn describe(path: &Path) -> Result<VmSpec> {
                 path.display()
             ));
         }
-        let mut entry = entry
-            .map_err(|e| Error::Input(format!("{}: not a valid OVA (tar): {e}", path.display())))?;
+        let mut entry = entry.map_err(|source| Error::Package {
+            what: format!("{}: not a valid OVA (tar)", path.display()),
+            source,
+        })?;
         let name = String::from_utf8(entry.path_bytes().into_owned())
             .map_err(|_| Error::Input(format!("{}: a member name is not UTF-8", path.display())))?;
         check_relative(&name, "OVA member")?;
@@ -66,7 +68,10 @@ pub fn describe(path: &Path) -> Result<VmSpec> {
                 .by_ref()
                 .take(MAX_DESCRIPTOR)
                 .read_to_string(&mut text)
-                .map_err(|e| Error::Input(format!("OVA descriptor '{name}': {e}")))?;
+                .map_err(|source| Error::Package {
+                    what: format!("OVA descriptor '{name}'"),
+                    source,
+                })?;
             descriptor = Some((key, text));
         }
     }

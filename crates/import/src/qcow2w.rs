@@ -12,9 +12,12 @@ use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 
 const CLUSTER_BITS: u32 = 16;
-const CLUSTER: u64 = 1 << CLUSTER_BITS;
+/// The cluster size as a buffer length, and as a file offset.
+const CLUSTER_LEN: usize = 1 << CLUSTER_BITS;
+const CLUSTER: u64 = CLUSTER_LEN as u64;
 /// L2 entries per table (8-byte entries).
-const L2_ENTRIES: u64 = CLUSTER / 8;
+const L2_LEN: usize = CLUSTER_LEN / 8;
+const L2_ENTRIES: u64 = L2_LEN as u64;
 /// Refcounts per block (16-bit entries).
 const RC_ENTRIES: u64 = CLUSTER / 2;
 /// QCOW_OFLAG_COPIED: refcount is exactly one.
@@ -32,16 +35,16 @@ pub fn write(src: &mut dyn Source, out: File, progress: &mut dyn FnMut(u64)) -> 
     let size = src.size();
     let clusters = size.div_ceil(CLUSTER);
     let l1_len = clusters.div_ceil(L2_ENTRIES);
-    let l1_entries = u32::try_from(l1_len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "disk too large for qcow2"))?;
+    let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "disk too large for qcow2");
+    let l1_entries = u32::try_from(l1_len).map_err(|_| too_large())?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
     // Cluster 0: the header, written last.
-    w.write_all(&[0u8; CLUSTER as usize])?;
+    w.write_all(&[0u8; CLUSTER_LEN])?;
     let mut next = CLUSTER;
-    let mut l1 = vec![0u64; l1_len as usize];
-    let mut buf = vec![0u8; CLUSTER as usize];
+    let mut l1 = vec![0u64; usize::try_from(l1_len).map_err(|_| too_large())?];
+    let mut buf = vec![0u8; CLUSTER_LEN];
     for (i, l1e) in l1.iter_mut().enumerate() {
-        let mut l2 = vec![0u64; L2_ENTRIES as usize];
+        let mut l2 = vec![0u64; L2_LEN];
         let mut any = false;
         for (j, l2e) in l2.iter_mut().enumerate() {
             let guest = (i as u64 * L2_ENTRIES + j as u64) * CLUSTER;
@@ -81,7 +84,7 @@ pub fn write(src: &mut dyn Source, out: File, progress: &mut dyn FnMut(u64)) -> 
     pad(&mut w, l1_bytes)?;
     next += l1_bytes.div_ceil(CLUSTER).max(1) * CLUSTER;
     if l1_bytes == 0 {
-        w.write_all(&[0u8; CLUSTER as usize])?;
+        w.write_all(&[0u8; CLUSTER_LEN])?;
     }
     // Refcount blocks and table cover every cluster, themselves included.
     let used = next / CLUSTER;
@@ -99,7 +102,7 @@ pub fn write(src: &mut dyn Source, out: File, progress: &mut dyn FnMut(u64)) -> 
     let total = used + blocks + table;
     let blocks_offset = next;
     for b in 0..blocks {
-        let mut block = vec![0u8; CLUSTER as usize];
+        let mut block = vec![0u8; CLUSTER_LEN];
         for (k, c) in block.chunks_mut(2).enumerate() {
             if b * RC_ENTRIES + (k as u64) < total {
                 c.copy_from_slice(&1u16.to_be_bytes());
@@ -125,7 +128,7 @@ pub fn write(src: &mut dyn Source, out: File, progress: &mut dyn FnMut(u64)) -> 
     h.extend_from_slice(&l1_entries.to_be_bytes());
     h.extend_from_slice(&l1_offset.to_be_bytes());
     h.extend_from_slice(&table_offset.to_be_bytes());
-    h.extend_from_slice(&(table as u32).to_be_bytes());
+    h.extend_from_slice(&u32::try_from(table).map_err(|_| too_large())?.to_be_bytes());
     h.extend_from_slice(&0u32.to_be_bytes()); // snapshots
     h.extend_from_slice(&0u64.to_be_bytes()); // snapshots offset
     h.extend_from_slice(&0u64.to_be_bytes()); // incompatible features
@@ -143,7 +146,8 @@ pub fn write(src: &mut dyn Source, out: File, progress: &mut dyn FnMut(u64)) -> 
 fn pad(w: &mut impl Write, written: u64) -> io::Result<()> {
     let rem = written % CLUSTER;
     if rem != 0 {
-        w.write_all(&vec![0u8; (CLUSTER - rem) as usize])?;
+        let fill = CLUSTER_LEN - usize::try_from(rem).unwrap_or(0);
+        w.write_all(&vec![0u8; fill])?;
     }
     Ok(())
 }
@@ -158,7 +162,7 @@ mod tests {
             self.0.len() as u64
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            let o = offset as usize;
+            let o = usize::try_from(offset).unwrap();
             buf.copy_from_slice(&self.0[o..o + buf.len()]);
             Ok(())
         }
@@ -208,7 +212,7 @@ mod tests {
             buf.fill(0);
             for m in MARKS {
                 if (offset..offset + buf.len() as u64).contains(&m) {
-                    buf[(m - offset) as usize] = 0xa5;
+                    buf[usize::try_from(m - offset).unwrap()] = 0xa5;
                 }
             }
             Ok(())

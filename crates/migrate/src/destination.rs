@@ -75,11 +75,12 @@ impl Phase {
 /// Receives a VM over an already connected `stream` (the caller sets its timeouts; see
 /// [`receive`](crate::receive)). Every failure is reported to the source when possible and
 /// returned as `Err`; no input makes this panic.
-pub fn receive_on<S, D, F>(stream: S, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
+pub fn receive_on<S, D, F, E>(stream: S, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
 where
     S: Read + Write + Send + 'static,
     D: DestinationVm,
-    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut ch = Channel::new(Box::new(stream), Role::Destination);
     let result =
@@ -89,14 +90,15 @@ where
 
 /// Receives a VM over a channel whose handshake is done ([`crate::gate`]); `stop` is asked
 /// before every message.
-pub(crate) fn receive_admitted<D, F>(
+pub(crate) fn receive_admitted<D, F, E>(
     mut ch: Channel,
     stop: &dyn Fn() -> bool,
     prepare: F,
 ) -> Result<Arrived<D>>
 where
     D: DestinationVm,
-    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = run(&mut ch, stop, prepare);
     finish(ch, result)
@@ -125,7 +127,7 @@ fn finish<D>(
         }),
         Err(e) => {
             if tell_peer(&e, &ch) {
-                ch.send_error(&e.to_string());
+                ch.send_error(&hv::Chain(&e).to_string());
             }
             Err(e)
         }
@@ -133,25 +135,27 @@ fn finish<D>(
 }
 
 /// Everything after the handshake.
-fn run<D, F>(
+fn run<D, F, E>(
     ch: &mut Channel,
     stop: &dyn Fn() -> bool,
     prepare: F,
 ) -> Result<(D, Vec<u8>, serde_json::Value)>
 where
     D: DestinationVm,
-    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let f = ch.recv()?;
     if f.kind != Kind::Hello {
         return Err(wire::unexpected(&f, Phase::Hello.during()));
     }
-    let description: serde_json::Value = serde_json::from_slice(&f.payload)
-        .map_err(|_| Error::Protocol("Hello does not carry a JSON description".into()))?;
+    let description: serde_json::Value =
+        serde_json::from_slice(&f.payload).map_err(Error::Description)?;
     let vm = match prepare(&description) {
         Ok(vm) => vm,
         Err(reason) => {
-            let reason = wire::reason_text(reason.as_bytes());
+            let reason: Box<dyn std::error::Error + Send + Sync> = reason.into();
+            let reason = wire::reason_text(hv::Chain(&*reason).to_string().as_bytes());
             ch.send(Kind::Refuse, reason.as_bytes())?;
             return Err(Error::Refused(reason));
         }

@@ -252,7 +252,20 @@ struct Pending {
 enum Progress {
     Waiting,
     Done,
-    Failed(String),
+    Failed(Rejection),
+}
+
+/// Why a pending connection was closed; reported to [`Waiting::rejected`] with its causes.
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error("closed the connection")]
+    Closed,
+    #[error("read failed")]
+    Read(#[source] io::Error),
+    #[error("write failed")]
+    Write(#[source] io::Error),
+    #[error(transparent)]
+    Handshake(Error),
 }
 
 impl Pending {
@@ -274,7 +287,7 @@ impl Pending {
     fn on_readable(&mut self, key: Option<&Key>) -> Progress {
         let mut chunk = [0u8; 512];
         match self.conn.read(&mut chunk) {
-            Ok(0) => return Progress::Failed("closed the connection".into()),
+            Ok(0) => return Progress::Failed(Rejection::Closed),
             Ok(n) => self.input.extend(chunk.iter().take(n)),
             Err(e)
                 if matches!(
@@ -286,7 +299,7 @@ impl Pending {
             {
                 return Progress::Waiting;
             }
-            Err(e) => return Progress::Failed(format!("read failed: {e}")),
+            Err(e) => return Progress::Failed(Rejection::Read(e)),
         }
         loop {
             let authenticated = self.ch.is_authenticated();
@@ -315,13 +328,13 @@ impl Pending {
                 Ok(Some(next)) => {
                     self.step = next;
                     if let Err(e) = self.send_output() {
-                        return Progress::Failed(format!("write failed: {e}"));
+                        return Progress::Failed(Rejection::Write(e));
                     }
                 }
                 Ok(None) => {
                     return match self.send_output() {
                         Ok(()) => Progress::Done,
-                        Err(e) => Progress::Failed(format!("write failed: {e}")),
+                        Err(e) => Progress::Failed(Rejection::Write(e)),
                     };
                 }
                 Err(e) => return self.fail(e),
@@ -333,10 +346,10 @@ impl Pending {
     /// gives up.
     fn fail(&mut self, e: Error) -> Progress {
         if crate::destination::tell_peer(&e, &self.ch) {
-            self.ch.send_error(&e.to_string());
+            self.ch.send_error(&hv::Chain(&e).to_string());
         }
         let _ = self.send_output();
-        Progress::Failed(e.to_string())
+        Progress::Failed(Rejection::Handshake(e))
     }
 
     fn send_output(&mut self) -> io::Result<()> {
@@ -433,7 +446,7 @@ pub(crate) fn admit(
                 }
                 Progress::Failed(reason) => {
                     let p = pending.remove(i);
-                    (waiting.rejected)(&format!("{}: {reason}", p.name));
+                    (waiting.rejected)(&format!("{}: {}", p.name, hv::Chain(&reason)));
                 }
             }
         }
@@ -592,7 +605,10 @@ mod tests {
         }
         // A key on one side only, a stranger's bytes, a huge announced length.
         let failed = |p: Progress, what: &str| match p {
-            Progress::Failed(m) => assert!(m.contains(what), "{m}"),
+            Progress::Failed(r) => {
+                let m = hv::Chain(&r).to_string();
+                assert!(m.contains(what), "{m}");
+            }
             _ => panic!("expected a failure with {what:?}"),
         };
         failed(drive(&client_hello(1), 5, None), "requires a migration key");
@@ -618,7 +634,7 @@ mod tests {
             for _ in 0..1 + round % 4 {
                 let r = next();
                 let i = r % v.len();
-                v[i] = (r >> 8) as u8;
+                v[i] = r.to_le_bytes()[1];
             }
             v.truncate(next() % (v.len() + 1));
             let k = (round % 2 == 0).then_some(&key);

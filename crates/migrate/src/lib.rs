@@ -17,6 +17,13 @@
 // The migration stream is untrusted: besides the workspace lints, no index may panic here
 // either.
 #![deny(clippy::indexing_slicing)]
+// Integer casts say whether they can lose bits: `u64::from`, `try_from`, or an `#[allow]` with
+// the reason the truncation is intended.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 mod destination;
 mod gate;
@@ -54,6 +61,13 @@ pub enum Error {
     Address(String),
     #[error("migration key {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    /// The key file cannot be inspected or read; the OS error is the source.
+    #[error("migration key {path}")]
+    KeyRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a tcp migration requires a migration key")]
     KeyRequired,
     #[error("cannot listen on {0}")]
@@ -78,6 +92,25 @@ pub enum Error {
     Protocol(String),
     #[error("VM: {0}")]
     Vm(String),
+    /// A call into the VMM's [`SourceVm`] (or its description) failed; `what` names the step,
+    /// the VMM's error is the source.
+    #[error("VM: {what}")]
+    VmCall {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Guest memory refused a page copy (`op` is `reading` or `writing`).
+    #[error("VM: {op} guest page {page:#x}")]
+    GuestPage {
+        op: &'static str,
+        page: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The source's Hello payload is not JSON.
+    #[error("protocol error: Hello does not carry a JSON description")]
+    Description(#[source] serde_json::Error),
     /// The receiver was told to stop waiting ([`Waiting::stop`]).
     #[error("the receiver was stopped")]
     Stopped,
@@ -136,14 +169,18 @@ impl Key {
             path: path.to_path_buf(),
             reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        let read_err = |source| Error::KeyRead {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
         if !meta.is_file() {
             return Err(err("not a regular file".into()));
         }
         if meta.len() > MAX_KEY_FILE_BYTES {
             return Err(err(format!("larger than {MAX_KEY_FILE_BYTES} bytes")));
         }
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(read_err)?;
         Key::from_bytes(bytes.trim_ascii()).map_err(|_| {
             err(format!(
                 "shorter than {MIN_KEY_BYTES} bytes after trimming whitespace"
@@ -384,10 +421,11 @@ impl Drop for Listener {
 
 /// Waits on `listener` for a source and receives a VM from it. See [`receive_with`]; this one
 /// waits until a source completes the handshake and reports nothing about the others.
-pub fn receive<D, F>(listener: &Listener, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
+pub fn receive<D, F, E>(listener: &Listener, key: Option<&Key>, prepare: F) -> Result<Arrived<D>>
 where
     D: DestinationVm,
-    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     receive_with(listener, key, &Waiting::forever(), prepare)
 }
@@ -399,9 +437,10 @@ where
 /// itself, or [`Waiting::stop`], ends it before a source got through.
 ///
 /// `prepare` builds the destination VM from the source's description, or returns the reason
-/// it cannot (incompatible CPU model, not enough memory, disk missing, ...), which the source
-/// reports as `refused: <reason>` before it pauses anything.
-pub fn receive_with<D, F>(
+/// it cannot (incompatible CPU model, not enough memory, disk missing, ...): a `String` or an
+/// error, whose message and chain of causes the source reports as `refused: <reason>` before
+/// it pauses anything.
+pub fn receive_with<D, F, E>(
     listener: &Listener,
     key: Option<&Key>,
     waiting: &Waiting<'_>,
@@ -409,7 +448,8 @@ pub fn receive_with<D, F>(
 ) -> Result<Arrived<D>>
 where
     D: DestinationVm,
-    F: FnOnce(&serde_json::Value) -> std::result::Result<D, String>,
+    F: FnOnce(&serde_json::Value) -> std::result::Result<D, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if listener.requires_key() && key.is_none() {
         return Err(Error::KeyRequired);

@@ -12,7 +12,8 @@ pub(crate) const FLAG_SKIP: u8 = 0;
 pub(crate) const FLAG_ZERO: u8 = 1;
 pub(crate) const FLAG_DATA: u8 = 2;
 const BATCH_HEADER: usize = 12;
-const PAGE: usize = PAGE_SIZE as usize;
+const PAGE: usize = 4096;
+const _: () = assert!(PAGE as u64 == PAGE_SIZE);
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// Checks that every region is page-aligned, so page frames cover memory exactly.
@@ -99,7 +100,9 @@ pub(crate) fn encode_batch(
         .ok_or_else(|| Error::Vm("page batch too large or unsorted".into()))?;
     out.clear();
     out.extend_from_slice(&base.to_le_bytes());
-    out.extend_from_slice(&(count as u32).to_le_bytes());
+    let count32 =
+        u32::try_from(count).map_err(|_| Error::Vm("page batch too large or unsorted".into()))?;
+    out.extend_from_slice(&count32.to_le_bytes());
     out.resize(BATCH_HEADER + count, FLAG_SKIP);
     let mut page = [0u8; PAGE];
     let mut stats = BatchStats::default();
@@ -107,7 +110,11 @@ pub(crate) fn encode_batch(
         let gpa = page_in_memory(mem, pfn)
             .ok_or_else(|| Error::Vm(format!("page {pfn:#x} is outside guest memory")))?;
         mem.read_slice(&mut page, gpa)
-            .map_err(|e| Error::Vm(format!("reading guest page {pfn:#x}: {e}")))?;
+            .map_err(|source| Error::GuestPage {
+                op: "reading",
+                page: pfn,
+                source,
+            })?;
         let flag = if page == ZERO_PAGE {
             if skip_zero {
                 continue;
@@ -121,7 +128,8 @@ pub(crate) fn encode_batch(
         };
         let slot = pfn
             .checked_sub(base)
-            .and_then(|i| out.get_mut(BATCH_HEADER + i as usize))
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| out.get_mut(BATCH_HEADER + i))
             .ok_or_else(|| Error::Vm(format!("page {pfn:#x} is outside its batch")))?;
         *slot = flag;
     }
@@ -140,10 +148,11 @@ pub(crate) fn apply_batch(mem: &GuestMemory, p: &[u8]) -> Result<u64> {
         .ok_or_else(|| bad("truncated header"))?;
     let (base, count) = header.split_at(8);
     let base = u64::from_le_bytes(base.try_into().map_err(|_| bad("header"))?);
-    let count = u32::from_le_bytes(count.try_into().map_err(|_| bad("header"))?) as usize;
-    if count == 0 || count as u64 > MAX_BATCH_PAGES {
+    let count = u32::from_le_bytes(count.try_into().map_err(|_| bad("header"))?);
+    if count == 0 || u64::from(count) > MAX_BATCH_PAGES {
         return Err(bad("page count out of range"));
     }
+    let count = usize::try_from(count).map_err(|_| bad("page count out of range"))?;
     let (flags, pages) = rest
         .split_at_checked(count)
         .ok_or_else(|| bad("truncated flags"))?;
@@ -181,7 +190,11 @@ pub(crate) fn apply_batch(mem: &GuestMemory, p: &[u8]) -> Result<u64> {
         };
         let gpa = GuestAddress((base + i as u64) * PAGE_SIZE);
         mem.write_slice(src, gpa)
-            .map_err(|e| Error::Vm(format!("writing guest page {:#x}: {e}", gpa.raw_value())))?;
+            .map_err(|source| Error::GuestPage {
+                op: "writing",
+                page: gpa.raw_value(),
+                source,
+            })?;
         written += 1;
     }
     Ok(written)
@@ -251,7 +264,7 @@ mod tests {
 
     fn batch(base: u64, flags: &[u8], data_pages: usize) -> Vec<u8> {
         let mut v = base.to_le_bytes().to_vec();
-        v.extend_from_slice(&(flags.len() as u32).to_le_bytes());
+        v.extend_from_slice(&u32::try_from(flags.len()).unwrap().to_le_bytes());
         v.extend_from_slice(flags);
         v.resize(v.len() + data_pages * PAGE, 0xaa);
         v

@@ -16,6 +16,8 @@ const THROTTLE_STEP: u8 = 20;
 const THROTTLE_MAX: u8 = 99;
 /// StateBlob messages carry at most this much each.
 const STATE_CHUNK: usize = 1024 * 1024;
+/// Rates over shorter rounds are computed as if the round had lasted this long.
+const MIN_ROUND: Duration = Duration::from_millis(1);
 /// How often progress is reported during a long round.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -110,7 +112,7 @@ pub fn send_on<S: Read + Write + Send + 'static>(
             e,
             Error::PeerGone | Error::Timeout | Error::Io(_) | Error::Peer(_) | Error::Refused(_)
         ) {
-            s.ch.send_error(&e.to_string());
+            s.ch.send_error(&hv::Chain(e).to_string());
         }
         if s.paused {
             // Nothing better to do if this fails: the error already says the migration failed.
@@ -144,8 +146,11 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn vm_err(what: &str) -> impl FnOnce(String) -> Error + '_ {
-        move |e| Error::Vm(format!("{what}: {e}"))
+    fn vm_err(what: &'static str) -> impl FnOnce(String) -> Error {
+        move |e| Error::VmCall {
+            what,
+            source: e.into(),
+        }
     }
 
     fn run(&mut self, key: Option<&Key>) -> Result<Outcome> {
@@ -153,8 +158,10 @@ impl Sender<'_> {
         pages::check_layout(mem)?;
         wire::handshake_source(&mut self.ch, key)?;
 
-        let description = serde_json::to_vec(&self.vm.describe())
-            .map_err(|e| Error::Vm(format!("describing the VM: {e}")))?;
+        let description = serde_json::to_vec(&self.vm.describe()).map_err(|e| Error::VmCall {
+            what: "describing the VM",
+            source: Box::new(e),
+        })?;
         self.ch.send(Kind::Hello, &description)?;
         let f = self.ch.recv()?;
         match f.kind {
@@ -192,8 +199,7 @@ impl Sender<'_> {
             let dirty_bytes = dirty.len() as u64 * PAGE_SIZE;
             let bandwidth = self.bandwidth();
             let expected_ms = dirty_bytes.saturating_mul(1000) / bandwidth.max(1);
-            self.progress.dirty_rate =
-                (dirty.len() as f64 / elapsed.as_secs_f64().max(1e-3)) as u64;
+            self.progress.dirty_rate = per_second(dirty.len() as u64, elapsed.max(MIN_ROUND));
             self.progress.remaining_pages = dirty.len() as u64;
             self.progress.expected_downtime_ms = expected_ms;
             self.report();
@@ -265,8 +271,8 @@ impl Sender<'_> {
             return Err(wire::unexpected(&f, "instead of Resumed"));
         }
         Ok(Outcome {
-            total_ms: self.start.elapsed().as_millis() as u64,
-            downtime_ms: paused_at.elapsed().as_millis() as u64,
+            total_ms: millis(self.start.elapsed()),
+            downtime_ms: millis(paused_at.elapsed()),
             bytes: self.ch.bytes_out,
             rounds: round,
             throttled: self.max_throttle,
@@ -275,11 +281,10 @@ impl Sender<'_> {
 
     /// Bytes per second achieved so far while sending pages.
     fn bandwidth(&self) -> u64 {
-        let secs = self.send_time.as_secs_f64();
-        if secs <= 0.0 {
+        if self.send_time.is_zero() {
             return u64::MAX;
         }
-        (self.ch.bytes_out as f64 / secs) as u64
+        per_second(self.ch.bytes_out, self.send_time)
     }
 
     fn report(&mut self) {
@@ -344,5 +349,33 @@ impl Sender<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// `count` per second over `over` (not zero), saturating; in integers, so no float cast can lose
+/// bits.
+fn per_second(count: u64, over: Duration) -> u64 {
+    let nanos = over.as_nanos().max(1);
+    u64::try_from(u128::from(count) * 1_000_000_000 / nanos).unwrap_or(u64::MAX)
+}
+
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_milliseconds_saturate_instead_of_wrapping() {
+        assert_eq!(per_second(500, Duration::from_millis(250)), 2000);
+        assert_eq!(per_second(3, Duration::from_secs(2)), 1);
+        assert_eq!(per_second(u64::MAX, Duration::from_nanos(1)), u64::MAX);
+        // A zero duration counts as one nanosecond rather than dividing by zero.
+        assert_eq!(per_second(1, Duration::ZERO), 1_000_000_000);
+        assert_eq!(millis(Duration::from_micros(2500)), 2);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
     }
 }

@@ -131,7 +131,8 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
                 Ok(h) => (h, model),
                 // `auto` falls back to emu when KVM is there but refuses to open.
                 Err(e) if choice == BackendChoice::Auto => {
-                    eprintln!(
+                    tracing::warn!(
+                        target: hv::NOTICE,
                         "anyvisor: kvm not usable ({}), falling back to emu",
                         crate::error::report(&e)
                     );
@@ -157,7 +158,7 @@ pub fn open(choice: BackendChoice, model: CpuModelChoice) -> Result<Backend> {
     };
     hypervisor.check_cpu_model(&cpu_model)?;
     if choice == BackendChoice::Auto {
-        eprintln!("anyvisor: using backend {kind}{why}");
+        tracing::info!(target: hv::NOTICE, "anyvisor: using backend {kind}{why}");
     }
     Ok(Backend {
         hypervisor,

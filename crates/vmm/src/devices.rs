@@ -233,7 +233,7 @@ pub fn start_workers(
                 Err(hv::Error::Unsupported(_)) => all = false,
                 Err(e) => {
                     // The write then exits to the MMIO dispatch, which signals the same fd.
-                    eprintln!(
+                    tracing::warn!(target: hv::NOTICE,
                         "anyvisor: {}: no ioeventfd for queue {queue}: {}",
                         d.kind,
                         hv::Chain(&e)

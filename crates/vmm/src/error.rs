@@ -24,6 +24,14 @@ pub enum Error {
     /// A file named by the user has the wrong content.
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
+    /// A file named by the user has the wrong content, as the parser's error (the source)
+    /// says: the typed form of [`Error::BadFile`] ([`Error::bad_file`]).
+    #[error("{}", path.display())]
+    BadFileWith {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A file the user asked the VMM to create or append to cannot be opened.
     #[error("cannot open {}", path.display())]
     OpenOutput {
@@ -41,8 +49,28 @@ pub enum Error {
     #[error(transparent)]
     Hypervisor(#[from] hv::Error),
     /// Setting up the VM failed on something the user supplied (kernel, initrd, memory size).
+    /// Where another error is the cause, use [`Error::SetupWith`] ([`Error::setup`]).
     #[error("{0}")]
     Setup(String),
+    /// Setting up the VM failed; `what` names the step, the error behind it is the source
+    /// (the typed form of [`Error::Setup`], same exit status).
+    #[error("{what}")]
+    SetupWith {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The command line or config file is wrong, as another error says (the typed form of
+    /// [`Error::Usage`], same exit status).
+    #[error("{what}")]
+    UsageWith {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A disk image cannot be opened as configured (its error names the file and the field).
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
     /// The API socket cannot be created.
     #[error("cannot listen on api socket {}", path.display())]
     ApiListen {
@@ -83,6 +111,13 @@ pub enum Error {
     /// A bug or an unexpected host condition.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A bug or an unexpected host condition, with the error behind it as the source.
+    #[error("internal error: {what}")]
+    InternalWith {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The guest kernel panicked (its console said `Kernel panic - not syncing: WHAT`), then
     /// reset or halted.
     #[error("the guest kernel panicked: {0}")]
@@ -97,6 +132,50 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// [`Error::BadFileWith`]: the content of `path` is wrong because of `source`.
+    pub fn bad_file(
+        path: impl Into<PathBuf>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::BadFileWith {
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
+    /// [`Error::SetupWith`]: `what` failed because of `source`.
+    pub fn setup(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::SetupWith {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// [`Error::UsageWith`]: `what` is wrong because of `source`.
+    pub fn usage(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::UsageWith {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// [`Error::InternalWith`]: `what` failed because of `source`.
+    pub fn internal(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::InternalWith {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
     /// The process exit status for this error: [`EXIT_USAGE`] for bad usage or input,
     /// [`EXIT_FAILURE`] for everything else.
     pub fn exit_code(&self) -> u8 {
@@ -104,10 +183,14 @@ impl Error {
             Error::Usage(_)
             | Error::ReadFile { .. }
             | Error::BadFile { .. }
+            | Error::BadFileWith { .. }
             | Error::OpenOutput { .. }
             | Error::NotSupported(_)
             | Error::Unsupported(_)
             | Error::Setup(_)
+            | Error::SetupWith { .. }
+            | Error::UsageWith { .. }
+            | Error::Disk(_)
             | Error::ApiListen { .. }
             | Error::ApiConnect { .. } => EXIT_USAGE,
             Error::Hypervisor(e) => match e {
@@ -127,6 +210,7 @@ impl Error {
             | Error::Io { .. }
             | Error::Signal(_)
             | Error::Internal(_)
+            | Error::InternalWith { .. }
             | Error::GuestPanic(_)
             | Error::ShutdownTimeout { .. } => EXIT_FAILURE,
         }
@@ -185,6 +269,25 @@ mod tests {
         for e in &usage {
             assert_eq!(e.exit_code(), EXIT_USAGE, "{e}");
         }
+        let disk = disk::open(
+            std::path::Path::new("/nonexistent/d.img"),
+            Default::default(),
+        )
+        .err()
+        .unwrap();
+        for e in [
+            Error::setup("cannot create guest memory", "no room"),
+            Error::usage("--seccomp", io(std::io::ErrorKind::InvalidInput)),
+            Error::bad_file("/vm.json", "unknown field `cpu`"),
+            Error::Disk(disk),
+        ] {
+            assert_eq!(e.exit_code(), EXIT_USAGE, "{e}");
+        }
+        assert_eq!(
+            Error::internal("x", "y").exit_code(),
+            EXIT_FAILURE,
+            "internal"
+        );
         let failure = [
             Error::TripleFault,
             Error::Vcpu {
@@ -226,5 +329,38 @@ mod tests {
         };
         assert_eq!(report(&e), "vcpu 0: KVM_RUN failed: boom");
         assert_eq!(report(&Error::Usage("a\nb".into())), "a b");
+        // The typed forms of Setup, Usage and Internal print their cause after their step.
+        assert_eq!(
+            report(&Error::setup(
+                "cannot create guest memory",
+                io(std::io::ErrorKind::OutOfMemory)
+            )),
+            "cannot create guest memory: boom"
+        );
+        assert_eq!(
+            report(&Error::usage("malformed final state", "expected value")),
+            "malformed final state: expected value"
+        );
+        assert_eq!(
+            report(&Error::bad_file(
+                "/vm.json",
+                io(std::io::ErrorKind::InvalidData)
+            )),
+            "/vm.json: boom"
+        );
+        assert_eq!(
+            report(&Error::internal("cannot map the device", "EBUSY")),
+            "internal error: cannot map the device: EBUSY"
+        );
+        // A disk error shows as the disk layer writes it, each cause once.
+        let e = disk::open(
+            std::path::Path::new("/nonexistent/d.img"),
+            Default::default(),
+        )
+        .err()
+        .unwrap();
+        let want = report(&e);
+        assert_eq!(report(&Error::from(e)), want);
+        assert!(want.contains("/nonexistent/d.img"), "{want}");
     }
 }

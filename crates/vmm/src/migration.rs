@@ -35,7 +35,7 @@ use crate::vm::{VmParts, Vmm};
 /// prefix too).
 macro_rules! note {
     ($($arg:tt)*) => {
-        eprintln!("anyvisor: {}", format_args!($($arg)*))
+        tracing::warn!(target: hv::NOTICE, "anyvisor: {}", format_args!($($arg)*))
     };
 }
 
@@ -214,7 +214,7 @@ fn progress_reporter() -> migrate::ProgressFn {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Box::new(move |p: &migrate::Progress| {
         if tty {
-            eprintln!(
+            tracing::info!(target: hv::NOTICE,
                 "anyvisor: migration round {}: {} MiB sent, {} pages remaining, {} pages/s dirtied, expected downtime {} ms",
                 p.round,
                 p.bytes_sent >> 20,
@@ -239,7 +239,7 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
         .as_deref()
         .map(Key::from_file)
         .transpose()
-        .map_err(|e| ApiError::new(400, e.to_string()))?;
+        .map_err(|e| ApiError::new(400, report(&e)))?;
     if matches!(addr, Address::Tcp(_)) && key.is_none() {
         return Err(ApiError::new(
             400,
@@ -356,7 +356,7 @@ pub fn key_exposure_warning(path: &Path) -> Option<String> {
 pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Result<Vmm> {
     let addr: Address = from.parse().map_err(usage)?;
     if let Some(w) = key.and_then(Key::exposure_warning) {
-        eprintln!("warning: {w}");
+        tracing::warn!(target: hv::NOTICE, "warning: {w}");
     }
     let key = key.map(Key::from_file).transpose().map_err(usage)?;
     if matches!(addr, Address::Tcp(_)) && key.is_none() {
@@ -375,7 +375,7 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
         op: "cannot install signal handlers",
         source,
     })?;
-    eprintln!("anyvisor: waiting for a migration on {shown}");
+    tracing::info!(target: hv::NOTICE, "anyvisor: waiting for a migration on {shown}");
     loop {
         match receive_one(&listener, key.as_ref(), runtime)? {
             Attempt::Arrived(vmm) => return Ok(vmm),

@@ -140,7 +140,8 @@ pub fn spawn_stdin_reader(sink: Arc<dyn InputSink>, seccomp: sandbox::SeccompMod
         .name("serial-in".into())
         .spawn(move || {
             if let Err(e) = sandbox::install(sandbox::ThreadRole::Device, seccomp) {
-                eprintln!(
+                tracing::warn!(
+                    target: hv::NOTICE,
                     "anyvisor: console input disabled: {}",
                     crate::error::report(&e)
                 );

@@ -474,7 +474,7 @@ pub(crate) fn rebuild(
 pub(crate) fn settle(vmm: &Vmm) {
     let parts = vmm.parts();
     if parts.is_paused() && parts.control.pause(PARK_TIMEOUT).is_err() {
-        eprintln!("anyvisor: the restored vcpus did not park in time");
+        tracing::warn!(target: hv::NOTICE, "anyvisor: the restored vcpus did not park in time");
     }
 }
 

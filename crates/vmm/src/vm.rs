@@ -459,7 +459,7 @@ impl Vmm {
             Stop::PowerOff => Ok(ExitReason::PowerOff),
             Stop::Reset => Ok(ExitReason::Reset),
             Stop::AllHalted => {
-                eprintln!("anyvisor: all vcpus halted");
+                tracing::info!(target: hv::NOTICE, "anyvisor: all vcpus halted");
                 Ok(ExitReason::Halted)
             }
             Stop::Shutdown => Ok(ExitReason::Shutdown),

@@ -2,6 +2,9 @@
 //! write pass `qemu-img check` and convert to our bytes. They fail without qemu-img
 //! (`scripts/setup.sh` installs qemu-utils).
 
+// Test images are small and built here: their sizes and offsets fit every integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::fs::OpenOptions;
 
 use super::*;

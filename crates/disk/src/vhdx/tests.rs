@@ -1,6 +1,9 @@
 //! VHDX against qemu-img: dynamic and fixed images qemu makes read as the raw source, writable
 //! opens are refused with the one-line error, damaged structures fail with the field named.
 
+// Test images are small and built here: their sizes and offsets fit every integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::*;
 use crate::testutil::*;
 

@@ -2,6 +2,9 @@
 //! write compare equal in qemu; sparse and stream-optimized images refuse a writable open with
 //! the one-line error; hostile descriptors and headers fail with the field named.
 
+// Test images are small and built here: their sizes and offsets fit every integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::*;
 use crate::testutil::*;
 

@@ -330,7 +330,7 @@ impl ApiServer {
             .spawn(move || {
                 let _done = done_tx;
                 if let Err(e) = sandbox::install(sandbox::ThreadRole::Api, seccomp) {
-                    eprintln!("anyvisor: api disabled: {}", crate::error::report(&e));
+                    tracing::warn!(target: hv::NOTICE, "anyvisor: api disabled: {}", crate::error::report(&e));
                     return;
                 }
                 crate::test_hooks::after_api_filter();
