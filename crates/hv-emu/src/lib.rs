@@ -234,9 +234,13 @@ impl hv::Hypervisor for EmuHypervisor {
             shared.clock.use_host_tsc(a.clone());
             shared.user_extra = std::sync::Mutex::new(a.user_visible_extra(&config.cpu_model));
         }
+        let shared = Arc::new(shared);
+        // Device DMA and other writes through the memory's accessors invalidate cached code.
+        let watch: Arc<dyn hv::WriteWatch> = shared.clone();
+        hv::watch_writes(&config.memory, watch);
         Ok(Arc::new(EmuVm {
             memory: config.memory,
-            shared: Arc::new(shared),
+            shared,
             created: std::sync::Mutex::new(vec![false; config.vcpus as usize]),
             accel,
         }))
@@ -249,6 +253,13 @@ pub struct EmuVm {
     shared: Arc<VmShared>,
     created: std::sync::Mutex<Vec<bool>>,
     accel: Option<Arc<dyn hv::UserModeAccelerator>>,
+}
+
+impl Drop for EmuVm {
+    fn drop(&mut self) {
+        let watch: Arc<dyn hv::WriteWatch> = self.shared.clone();
+        hv::unwatch_writes(&self.memory, &watch);
+    }
 }
 
 impl hv::Vm for EmuVm {

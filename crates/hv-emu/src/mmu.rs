@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use hv::DirtyBitmap;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, VolatileSlice,
@@ -87,7 +88,9 @@ impl Default for Tlb {
 struct RamRegion<'m> {
     start: u64,
     len: u64,
-    slice: VolatileSlice<'m, RefSlice<'m, AtomicBitmap>>,
+    slice: VolatileSlice<'m, RefSlice<'m, DirtyBitmap>>,
+    /// The dirty bits alone: vCPU stores invalidate code themselves (`note_write`), so they
+    /// skip the memory's write watch (which is for writes by everyone else).
     bitmap: &'m AtomicBitmap,
     /// The bitmap has one bit per 4 KiB page (`GuestMemory::from_ranges` makes them so), so a
     /// store marks its page with `set_bit` instead of the generic range division.
@@ -106,8 +109,8 @@ impl<'m> Ram<'m> {
         let regions = mem
             .iter()
             .filter_map(|r| {
-                let mapping: &vm_memory::MmapRegion<AtomicBitmap> = r;
-                let bitmap = mapping.bitmap();
+                let mapping: &vm_memory::MmapRegion<DirtyBitmap> = r;
+                let bitmap = mapping.bitmap().dirty();
                 let page_bits = bitmap.byte_size() as u64 == r.len()
                     && bitmap.len() as u64 == r.len().div_ceil(hv::PAGE_SIZE);
                 r.as_volatile_slice().ok().map(|slice| RamRegion {
@@ -193,11 +196,21 @@ impl<'m> Ram<'m> {
             if region.page_bits {
                 region.bitmap.set_bit(off >> 12);
             } else {
-                s.bitmap().mark_dirty(off, size);
+                region.bitmap.mark_dirty(off, size);
             }
             ok
         } else {
-            s.write_slice(&v.to_le_bytes()[..size], off).is_ok()
+            // Byte stores rather than `write_slice`, whose bitmap slice would also call the
+            // memory's write watch (for writes that are not a vCPU's; `note_write` follows).
+            let bytes = v.to_le_bytes();
+            for (k, &byte) in bytes.iter().take(size).enumerate() {
+                match s.get_atomic_ref::<std::sync::atomic::AtomicU8>(off + k) {
+                    Ok(a) => a.store(byte, Ordering::Relaxed),
+                    Err(_) => return false,
+                }
+            }
+            region.bitmap.mark_dirty(off, size);
+            true
         }
     }
 
@@ -217,7 +230,7 @@ impl<'m> Ram<'m> {
         if region.page_bits {
             region.bitmap.set_bit(off >> 12);
         } else {
-            region.slice.bitmap().mark_dirty(off, 1);
+            region.bitmap.mark_dirty(off, 1);
         }
         true
     }
@@ -444,7 +457,7 @@ impl Exec<'_> {
             && let Ok(a) = s.get_atomic_ref::<std::sync::atomic::AtomicU64>(0)
         {
             a.fetch_or(bits, Ordering::SeqCst);
-            s.bitmap().mark_dirty(0, 8);
+            self.ram.mark_dirty(pa);
             self.note_write(pa);
         }
     }
@@ -661,7 +674,7 @@ impl Exec<'_> {
                                     Ordering::SeqCst,
                                 ) {
                                     Ok(_) => {
-                                        s.bitmap().mark_dirty(0, size);
+                                        self.ram.mark_dirty(pa);
                                         self.note_write(pa);
                                         return Ok(old as u64);
                                     }

@@ -147,6 +147,43 @@ impl CodeTracker {
             .map(|g| g.load(Ordering::Acquire))
     }
 
+    /// Pages `first..=last` were written by someone other than this VM's vCPUs (a device's
+    /// DMA, the VMM, a restore; also emu's own writes through `GuestMemory`'s accessors): every
+    /// marked page among them gets a new generation, so every vCPU drops the blocks and
+    /// translations it made from it at its next lookup. Called by the writing thread after the
+    /// data is in memory and before the writer publishes it (see `hv::WriteWatch`).
+    ///
+    /// The mark stays (the page may well still be executed; a later vCPU store clears it as
+    /// usual): a vCPU's own write that also comes through here must still find the mark in
+    /// [`Self::on_write`], which is what makes that vCPU leave the block it is running.
+    pub fn on_external_write(&self, first: u64, last: u64) {
+        // Store-load fence: the written data is globally visible before the marks are read.
+        // `mark` sets a page's bit (a SeqCst read-modify-write) before reading its code, so
+        // either this sees the bit or that decoder reads the new bytes.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut page = first;
+        while page <= last {
+            let Some(w) = self.bits.get((page >> 6) as usize) else {
+                return;
+            };
+            let word = w.load(Ordering::SeqCst);
+            if word == 0 {
+                // 64 pages without code: the common case for DMA.
+                page = (page | 63).saturating_add(1);
+                continue;
+            }
+            if word & (1u64 << (page & 63)) != 0
+                && let Some(g) = self.gens.get(page as usize)
+            {
+                g.fetch_add(1, Ordering::AcqRel);
+            }
+            page = match page.checked_add(1) {
+                Some(p) => p,
+                None => return,
+            };
+        }
+    }
+
     /// A write hit `page`. Returns true if that invalidated cached code.
     #[inline]
     pub fn on_write(&self, page: u64) -> bool {
@@ -180,6 +217,14 @@ pub struct VmShared {
     pub clock_epoch: AtomicU64,
     /// `hv::VmState::user_extra`: features beyond the model the guest's user code has seen.
     pub user_extra: Mutex<hv::cpu_model::FeatureSet>,
+}
+
+/// Writes into guest RAM that do not come from this VM's vCPUs (device DMA, the VMM) invalidate
+/// the code cached from the pages written.
+impl hv::WriteWatch for VmShared {
+    fn written(&self, first: u64, last: u64) {
+        self.code.on_external_write(first, last);
+    }
 }
 
 /// Delivery modes of the MSI data / ICR.

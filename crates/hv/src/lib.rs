@@ -26,12 +26,14 @@
     clippy::cast_possible_wrap
 )]
 
+pub mod bitmap;
 pub mod cpu_model;
 pub mod ratelimit;
 pub mod state;
 
 use std::sync::Arc;
 
+pub use bitmap::{DirtyBitmap, WriteWatch, unwatch_writes, watch_writes};
 pub use cpu_model::{CpuModel, CpuidEntry};
 pub use state::*;
 /// The event counter the optional fast paths ([`Vm::register_ioevent`], [`Vm::register_irqfd`])
@@ -40,8 +42,9 @@ pub use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest RAM as every backend and device sees it. Writes through this type (devices, the software
 /// CPU) are recorded in its dirty bitmap; writes by hardware-virtualized vCPUs are reported by the
-/// backend through [`Vm::take_dirty_log`].
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// backend through [`Vm::take_dirty_log`]. A backend that caches guest code sees the writes made
+/// through this type's accessors through a [`WriteWatch`] ([`bitmap`]).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// Size of a guest page for dirty tracking and snapshots.
 pub const PAGE_SIZE: u64 = 4096;

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -126,7 +126,7 @@ impl SnapshotReader {
                     std::io::Error::from(std::io::ErrorKind::OutOfMemory),
                 ))
             })?;
-            let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            let mapping = MmapRegionBuilder::new_with_bitmap(size, hv::DirtyBitmap::with_len(size))
                 .with_file_offset(FileOffset::from_arc(self.file.clone(), offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use crate::common;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use hv::{
     UserModeRunner, VcpuExit, VcpuKicker, msr,
 };
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 const TSC_KHZ: u32 = 1_500_000;
 /// The runner reports the TSC this far ahead of what it was given (2 s at `TSC_KHZ`).
@@ -112,9 +112,14 @@ impl UserModeRunner for FakeRunner {
         assert!(state.sregs.cs.l && state.sregs.efer & (1 << 10) != 0);
         let run = self.shared.runs.fetch_add(1, Ordering::SeqCst) + 1;
         if self.shared.script.patch_on_run == Some(run) {
-            self.memory
-                .write_obj(0x2222_2222u64, GuestAddress(PATCH_AT))
-                .unwrap();
+            // As hardware writes: a plain store, no accessor (whose bitmap would tell emu's
+            // write watch), so only `written` tells emu about it.
+            let s = self.memory.get_slice(GuestAddress(PATCH_AT), 8).unwrap();
+            for (k, b) in 0x2222_2222u64.to_le_bytes().into_iter().enumerate() {
+                s.get_atomic_ref::<AtomicU8>(k)
+                    .unwrap()
+                    .store(b, Ordering::SeqCst);
+            }
             if self.shared.script.report_written {
                 written.push(PATCH_AT >> 12);
             }
