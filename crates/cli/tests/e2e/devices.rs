@@ -540,7 +540,12 @@ fn net(kit: &Kit, backend: &str) {
     let mut server = Command::new("ip")
         .args(["netns", "exec", &name])
         .arg(&exe)
-        .args(["--exact", "devices::net_serve_helper", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "devices::net_serve_helper",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(
             NET_SERVE_ENV,
             format!("{},{}", blob_path.display(), received.display()),

@@ -15,6 +15,8 @@ mod bootdisk;
 mod cli_errors;
 mod devices;
 mod distro;
+mod dma;
+mod engines;
 mod import;
 mod migrate;
 mod migrate_faults;

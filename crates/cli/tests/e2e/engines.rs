@@ -9,8 +9,8 @@
 // A test crate: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod migrate_support;
-mod persist_harness;
+use crate::migrate_support;
+use crate::persist_harness;
 
 use std::path::Path;
 
