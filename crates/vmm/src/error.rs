@@ -43,6 +43,9 @@ pub enum Error {
     /// Setting up the VM failed on something the user supplied (kernel, initrd, memory size).
     #[error("{0}")]
     Setup(String),
+    /// Assembling the VM (boot, restore, incoming migration) failed on what it was given.
+    #[error(transparent)]
+    Build(crate::builder::BuildError),
     /// The API socket cannot be created.
     #[error("cannot listen on api socket {}", path.display())]
     ApiListen {
@@ -108,6 +111,7 @@ impl Error {
             | Error::NotSupported(_)
             | Error::Unsupported(_)
             | Error::Setup(_)
+            | Error::Build(_)
             | Error::ApiListen { .. }
             | Error::ApiConnect { .. } => EXIT_USAGE,
             Error::Hypervisor(e) => match e {
