@@ -145,7 +145,7 @@ pub(crate) enum Start {
 
 /// Builds the VM `bp` describes, fresh or from saved state (module doc), and returns its
 /// parts, ready for [`crate::vm::Vmm::launch`]. No vCPU runs yet.
-pub(crate) fn assemble(bp: Blueprint, start: Start) -> Result<Arc<VmParts>> {
+pub(crate) fn assemble(bp: Blueprint, start: Start) -> Result<VmParts> {
     let Blueprint {
         config,
         backend,
@@ -212,7 +212,7 @@ pub(crate) fn assemble(bp: Blueprint, start: Start) -> Result<Arc<VmParts>> {
         // timeout. The threads park on their first `before_run`; the caller waits for that.
         let _ = control.pause(Duration::ZERO);
     }
-    Ok(Arc::new(VmParts::new(
+    Ok(VmParts::new(
         config,
         backend.kind(),
         cpu_model,
@@ -222,7 +222,7 @@ pub(crate) fn assemble(bp: Blueprint, start: Start) -> Result<Arc<VmParts>> {
         virtio,
         vcpus,
         control,
-    )))
+    ))
 }
 
 /// A saved VM's states against the VM being built for them.

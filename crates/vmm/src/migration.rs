@@ -9,8 +9,8 @@
 //!   metadata ([`SavedVm`]) as JSON;
 //! * the destination checks the description against this host before any page arrives
 //!   (backend and CPU model, memory layout, disks), receives RAM into zero-filled guest memory,
-//!   then rebuilds the VM exactly like `--restore` ([`crate::snapshot::rebuild`]), launches it
-//!   and confirms.
+//!   then builds the VM exactly like `--restore` ([`crate::snapshot::start_saved`], the one VM
+//!   builder [`crate::builder`]), launches it and confirms.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -404,7 +404,9 @@ fn receive_one(
     let (prepared_tx, prepared) =
         std::sync::mpsc::channel::<std::result::Result<Incoming, String>>();
     let (verdict_tx, verdict) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
-    let seccomp = runtime.seccomp;
+    // The thread handles the untrusted stream before anything says which mode the VM ran
+    // with: `--seccomp`, else the default.
+    let seccomp = runtime.seccomp.unwrap_or_default();
     let stop = AtomicBool::new(false);
     let stop = &stop;
     std::thread::scope(|scope| {

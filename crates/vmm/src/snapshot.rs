@@ -340,7 +340,7 @@ pub(crate) fn start_saved(
         serial_out,
     };
     let parts = crate::builder::assemble(blueprint, crate::builder::Start::Saved(Box::new(saved)))?;
-    let vmm = Vmm::launch(parts)?;
+    let vmm = Vmm::launch(Arc::new(parts))?;
     settle(&vmm);
     Ok(vmm)
 }
@@ -392,9 +392,9 @@ pub(crate) fn config_of(
 /// The `--seccomp` mode of a restored or arriving VM.
 fn seccomp_of(
     runtime: &RuntimeOptions,
-    _saved: Option<sandbox::SeccompMode>,
+    saved: Option<sandbox::SeccompMode>,
 ) -> sandbox::SeccompMode {
-    runtime.seccomp
+    runtime.seccomp.or(saved).unwrap_or_default()
 }
 
 /// Names of host CPU models start with this (`host:<backend>:<digest>`).
@@ -559,7 +559,7 @@ mod tests {
             backend,
             serial: crate::config::SerialConfig::Null,
             api_socket: None,
-            seccomp: sandbox::SeccompMode::Off,
+            seccomp: Some(sandbox::SeccompMode::Off),
         }
     }
 
@@ -724,6 +724,26 @@ mod tests {
                 platform,
                 virtio: vec![rng_state(), rng_state()],
             },
+        }
+    }
+
+    /// `--seccomp` wins; without it the VM keeps the mode it ran with; without either, the
+    /// default.
+    #[test]
+    fn seccomp_mode_of_a_restored_vm() {
+        use sandbox::SeccompMode::{Log, Off, On};
+        let header = header_with(hv::CpuModel::portable(), "portable");
+        let mut rt = runtime(crate::config::BackendChoice::Emu);
+        for (given, saved, expected) in [
+            (None, Some(Off), Off),
+            (None, Some(Log), Log),
+            (None, None, On),
+            (Some(On), Some(Off), On),
+            (Some(Off), None, Off),
+        ] {
+            rt.seccomp = given;
+            let config = config_of(&header, &rt, saved).unwrap();
+            assert_eq!(config.seccomp, expected, "{given:?} {saved:?}");
         }
     }
 

@@ -80,6 +80,8 @@ pub struct VmParts {
     pub(crate) busy: Mutex<()>,
     /// The latest progress report of a running outgoing migration, for `GET /vm`.
     pub(crate) migration_progress: Arc<Mutex<Option<migrate::Progress>>>,
+    /// The boot entry of the disk this VM booted from, if it booted one (`GET /vm`).
+    pub(crate) boot_entry: Option<String>,
     /// How long this VM's `--restore` took, from opening the file to the vCPU threads started,
     /// for `GET /vm`; unset for a VM that was not restored.
     pub(crate) restore_time: OnceLock<Duration>,
@@ -112,6 +114,7 @@ impl VmParts {
             busy: Mutex::new(()),
             migration_progress: Arc::new(Mutex::new(None)),
             restore_time: OnceLock::new(),
+            boot_entry: None,
         }
     }
 
@@ -178,7 +181,7 @@ impl VmControl for VmParts {
             "counters": counters,
             "migration": self.migration_progress(),
             "restore_ms": self.restore_ms(),
-            "boot_entry": crate::diskboot::chosen(),
+            "boot_entry": self.boot_entry,
         })
     }
 
@@ -296,6 +299,12 @@ pub struct Vmm {
 impl Vmm {
     /// Boots `config` and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vmm> {
+        Self::boot(config, None)
+    }
+
+    /// Boots `config` and starts its vCPUs; `boot_entry`: what [`crate::diskboot::prepare`]
+    /// chose on the disk, for `GET /vm`.
+    pub fn boot(config: VmConfig, boot_entry: Option<String>) -> Result<Vmm> {
         check_kernel(&config.kernel)?;
         if let Some(initrd) = &config.initrd {
             check_readable(initrd)?;
@@ -311,10 +320,9 @@ impl Vmm {
             memory,
             serial_out,
         };
-        Self::launch(crate::builder::assemble(
-            blueprint,
-            crate::builder::Start::Boot,
-        )?)
+        let mut parts = crate::builder::assemble(blueprint, crate::builder::Start::Boot)?;
+        parts.boot_entry = boot_entry;
+        Self::launch(Arc::new(parts))
     }
 
     /// Starts the API, console input and vCPU threads of a VM whose parts are ready (booted,
@@ -543,11 +551,12 @@ fn vcpu_thread(
     control.exited();
 }
 
-/// Runs what `anyvisor run` was asked to, to its end.
-pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
+/// Runs what `anyvisor run` was asked to, to its end. `boot_entry`: for a boot from a disk,
+/// what [`crate::diskboot::prepare`] chose ([`crate::diskboot::Extracted::chosen`]).
+pub fn run(request: crate::config::RunRequest, boot_entry: Option<String>) -> Result<ExitReason> {
     use crate::config::RunRequest;
     match request {
-        RunRequest::Boot(config) => Vmm::start(config)?.wait(),
+        RunRequest::Boot(config) => Vmm::boot(config, boot_entry)?.wait(),
         RunRequest::Restore {
             snapshot,
             runtime,
