@@ -3,7 +3,9 @@
 //! A snapshot holds everything needed to resume a VM on any backend and host: the header (CPU
 //! model, memory layout, vCPU count, the backend that made it, TSC frequency, the VMM's opaque
 //! config and the device list), one [`hv::CpuState`] per vCPU, the [`hv::VmState`], opaque named
-//! device states, and the guest RAM image.
+//! device states, and the guest RAM image. [`SnapshotContents`] is all of it but the RAM; its
+//! device states are the file's named records ([`DeviceRecords`]) or a VMM's own typed form
+//! ([`DeviceSet`]).
 //!
 //! The format is specified in `docs/snapshot-format.md`. In short (all integers little-endian):
 //!
