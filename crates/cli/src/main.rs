@@ -173,7 +173,8 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             if let Some(x) = &extracted {
                 tracing::info!("booting {} (kernel {})", x.chosen, x.kernel_path);
             }
-            let reason = vmm::run(options.into_request()?);
+            let boot_entry = extracted.as_ref().map(|x| x.chosen.clone());
+            let reason = vmm::run(options.into_request()?, boot_entry);
             drop(extracted);
             let reason = reason?;
             Ok(reason.exit_code())

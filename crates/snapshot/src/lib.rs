@@ -3,7 +3,9 @@
 //! A snapshot holds everything needed to resume a VM on any backend and host: the header (CPU
 //! model, memory layout, vCPU count, the backend that made it, TSC frequency, the VMM's opaque
 //! config and the device list), one [`hv::CpuState`] per vCPU, the [`hv::VmState`], opaque named
-//! device states, and the guest RAM image.
+//! device states, and the guest RAM image. [`SnapshotContents`] is all of it but the RAM; its
+//! device states are the file's named records ([`DeviceRecords`]) or a VMM's own typed form
+//! ([`DeviceSet`]).
 //!
 //! The format is specified in `docs/snapshot-format.md`. In short (all integers little-endian):
 //!
@@ -90,15 +92,106 @@ impl Header {
     }
 }
 
-/// Everything a snapshot holds besides guest RAM.
+/// Device states as a snapshot file stores them: each under a unique name (1..=64 bytes), as
+/// JSON, in the order the VMM gave them.
+pub type DeviceRecords = Vec<(String, serde_json::Value)>;
+
+/// The device states of a VM, in whatever typed form its VMM keeps them, and how they become
+/// the file's named records ([`DeviceRecords`]) and back. The format carries the records
+/// opaquely; the VMM decides their names and contents.
+pub trait DeviceSet: Sized {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The states as named records, in the order they are to be stored.
+    fn to_records(&self) -> std::result::Result<DeviceRecords, Self::Error>;
+    /// The states back from the records a file (or a migration stream) held.
+    fn from_records(records: DeviceRecords) -> std::result::Result<Self, Self::Error>;
+}
+
+/// The records themselves: what a reader that does not know the VMM's types returns.
+impl DeviceSet for DeviceRecords {
+    type Error = std::convert::Infallible;
+    fn to_records(&self) -> std::result::Result<DeviceRecords, Self::Error> {
+        Ok(self.clone())
+    }
+    fn from_records(records: DeviceRecords) -> std::result::Result<Self, Self::Error> {
+        Ok(records)
+    }
+}
+
+/// Everything a snapshot holds besides guest RAM; also the final state a live migration sends
+/// (as JSON: `{"header", "vcpus", "vm", "devices": [[name, state], ...]}`).
+///
+/// `D` is the device states: the opaque [`DeviceRecords`] for a reader that does not know them
+/// (what [`SnapshotReader`] returns), or a VMM's typed [`DeviceSet`]
+/// ([`SnapshotContents::decode_devices`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct SnapshotContents {
+pub struct SnapshotContents<D = DeviceRecords> {
     pub header: Header,
     /// vCPU states in vCPU id order: `vcpus[i]` is vCPU `i`.
     pub vcpus: Vec<hv::CpuState>,
     pub vm: hv::VmState,
-    /// Device states, each under a unique name (1..=64 bytes), in the order the VMM gave them.
-    pub devices: Vec<(String, serde_json::Value)>,
+    pub devices: D,
+}
+
+impl SnapshotContents<DeviceRecords> {
+    /// The same contents with the device records decoded into `D`.
+    pub fn decode_devices<D: DeviceSet>(
+        self,
+    ) -> std::result::Result<SnapshotContents<D>, D::Error> {
+        Ok(SnapshotContents {
+            header: self.header,
+            vcpus: self.vcpus,
+            vm: self.vm,
+            devices: D::from_records(self.devices)?,
+        })
+    }
+}
+
+/// The JSON form of [`SnapshotContents`], device states as records.
+#[derive(Serialize)]
+struct ContentsRef<'a> {
+    header: &'a Header,
+    vcpus: &'a [hv::CpuState],
+    vm: &'a hv::VmState,
+    devices: DeviceRecords,
+}
+
+#[derive(Deserialize)]
+struct ContentsOwned {
+    header: Header,
+    vcpus: Vec<hv::CpuState>,
+    vm: hv::VmState,
+    devices: DeviceRecords,
+}
+
+impl<D: DeviceSet> Serialize for SnapshotContents<D> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let devices = self
+            .devices
+            .to_records()
+            .map_err(|e| serde::ser::Error::custom(hv::Chain(&e)))?;
+        ContentsRef {
+            header: &self.header,
+            vcpus: &self.vcpus,
+            vm: &self.vm,
+            devices,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, D: DeviceSet> Deserialize<'de> for SnapshotContents<D> {
+    fn deserialize<De: serde::Deserializer<'de>>(d: De) -> std::result::Result<Self, De::Error> {
+        let c = ContentsOwned::deserialize(d)?;
+        SnapshotContents {
+            header: c.header,
+            vcpus: c.vcpus,
+            vm: c.vm,
+            devices: c.devices,
+        }
+        .decode_devices()
+        .map_err(|e| serde::de::Error::custom(hv::Chain(&e)))
+    }
 }
 
 /// The regions of `memory` in the form a [`Header`] records them.
@@ -233,6 +326,8 @@ pub enum Error {
     },
     #[error("cannot snapshot: {0}")]
     InvalidContents(String),
+    #[error("cannot snapshot: cannot encode the device states")]
+    EncodeDevices(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot snapshot: cannot encode {section}")]
     Encode {
         section: String,

@@ -11,7 +11,7 @@ use crate::format::{
     self, CHUNK, DeviceRecordRef, DiskHeaderRef, MemoryInfo, PAGE_SIZE, SECTION_HEADER_LEN, limits,
     tag,
 };
-use crate::{Error, Result, SnapshotContents, memory_regions_of};
+use crate::{DeviceSet, Error, Result, SnapshotContents, memory_regions_of};
 
 /// Writes snapshot files.
 pub struct SnapshotWriter;
@@ -44,9 +44,9 @@ pub struct WriteOptions<'a> {
 
 impl SnapshotWriter {
     /// [`SnapshotWriter::write_with`] replacing an existing regular file.
-    pub fn write(
+    pub fn write<D: DeviceSet>(
         path: impl AsRef<Path>,
-        contents: &SnapshotContents,
+        contents: &SnapshotContents<D>,
         memory: &hv::GuestMemory,
     ) -> Result<WriteSummary> {
         let options = WriteOptions {
@@ -68,9 +68,9 @@ impl SnapshotWriter {
     /// whose process no longer exists) are removed first.
     ///
     /// The VM must be paused: `memory` is read while the file is written.
-    pub fn write_with(
+    pub fn write_with<D: DeviceSet>(
         path: impl AsRef<Path>,
-        contents: &SnapshotContents,
+        contents: &SnapshotContents<D>,
         memory: &hv::GuestMemory,
         options: &WriteOptions<'_>,
     ) -> Result<WriteSummary> {
@@ -217,9 +217,16 @@ fn encode<T: serde::Serialize>(value: &T, section: &str) -> Result<Vec<u8>> {
 
 /// Validates `contents` against the reader's rules and encodes every section before the memory
 /// section (preamble included).
-fn encode_states(contents: &SnapshotContents, memory: &hv::GuestMemory) -> Result<Vec<u8>> {
+fn encode_states<D: DeviceSet>(
+    contents: &SnapshotContents<D>,
+    memory: &hv::GuestMemory,
+) -> Result<Vec<u8>> {
     let h = &contents.header;
-    let names: Vec<&str> = contents.devices.iter().map(|(n, _)| n.as_str()).collect();
+    let devices = contents
+        .devices
+        .to_records()
+        .map_err(|e| Error::EncodeDevices(Box::new(e)))?;
+    let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
     format::validate_header(h, &names).map_err(Error::InvalidContents)?;
     if contents.vcpus.len() != h.vcpus as usize {
         return Err(Error::InvalidContents(format!(
@@ -248,7 +255,7 @@ fn encode_states(contents: &SnapshotContents, memory: &hv::GuestMemory) -> Resul
     for (i, s) in contents.vcpus.iter().enumerate() {
         format::push_section(&mut out, tag::VCPU, &encode(s, &format!("vcpu {i}"))?);
     }
-    for (name, state) in &contents.devices {
+    for (name, state) in &devices {
         let record = DeviceRecordRef { name, state };
         let section = format!("device '{name}'");
         format::push_section(&mut out, tag::DEVICE, &encode(&record, &section)?);
@@ -256,9 +263,9 @@ fn encode_states(contents: &SnapshotContents, memory: &hv::GuestMemory) -> Resul
     Ok(out)
 }
 
-pub(crate) fn write_with_faults(
+pub(crate) fn write_with_faults<D: DeviceSet>(
     path: &Path,
-    contents: &SnapshotContents,
+    contents: &SnapshotContents<D>,
     memory: &hv::GuestMemory,
     options: &WriteOptions<'_>,
     faults: &mut Faults,
@@ -318,7 +325,15 @@ pub(crate) fn write_with_faults(
         bitmap: vec![0; format::to_usize(bitmap_len)],
         chunk_sums: Some(vec![0; format::to_usize(format::sum_chunks(image_len))]),
     };
-    write_image(&file, &tmp, memory, contents, &mut mem, options, faults)?;
+    write_image(
+        &file,
+        &tmp,
+        memory,
+        &contents.header,
+        &mut mem,
+        options,
+        faults,
+    )?;
 
     format::push_section(&mut meta, tag::MEMORY, &mem.encode());
     let sums = mem.chunk_sums.as_deref().unwrap_or_default();
@@ -377,7 +392,7 @@ fn write_image(
     file: &File,
     tmp: &Path,
     memory: &hv::GuestMemory,
-    contents: &SnapshotContents,
+    header: &crate::Header,
     mem: &mut MemoryInfo,
     options: &WriteOptions<'_>,
     faults: &mut Faults,
@@ -385,7 +400,7 @@ fn write_image(
     let page = format::to_usize(PAGE_SIZE);
     let mut buf = vec![0u8; CHUNK];
     let mut image_pos = 0u64;
-    for r in &contents.header.memory_regions {
+    for r in &header.memory_regions {
         let mut pos = 0u64;
         while pos < r.len {
             cancelled(options)?;

@@ -201,3 +201,80 @@ fn full_disk_leaves_no_file() {
     assert!(entries.is_empty(), "{entries:?}");
     fits.unwrap();
 }
+
+/// A device set that names its states itself, as a VMM's typed states do.
+#[derive(Debug, PartialEq)]
+struct Counters(Vec<u32>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad record {0}")]
+struct BadRecord(String);
+
+impl snapshot::DeviceSet for Counters {
+    type Error = BadRecord;
+    fn to_records(&self) -> Result<snapshot::DeviceRecords, BadRecord> {
+        Ok(self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("counter-{i}"), serde_json::json!({ "n": n })))
+            .collect())
+    }
+    fn from_records(records: snapshot::DeviceRecords) -> Result<Self, BadRecord> {
+        records
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, v))| {
+                let n = v["n"].as_u64().and_then(|n| u32::try_from(n).ok());
+                match n {
+                    Some(n) if name == format!("counter-{i}") => Ok(n),
+                    _ => Err(BadRecord(name)),
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(Counters)
+    }
+}
+
+/// Typed device states are written as the file's named device sections, read back as records
+/// and decoded; as JSON (a migration's final state) the contents keep the record shape
+/// `"devices": [[name, state], ...]`, and a bad record is refused when decoding.
+#[test]
+fn typed_device_sets_round_trip_as_named_records() {
+    let dir = Scratch::new("typed");
+    let memory = small_memory();
+    let plain = contents_for(&memory, 1);
+    let typed = snapshot::SnapshotContents {
+        header: plain.header.clone(),
+        vcpus: plain.vcpus.clone(),
+        vm: plain.vm,
+        devices: Counters(vec![7, 9]),
+    };
+    let path = dir.path("typed.snap");
+    SnapshotWriter::write(&path, &typed, &memory).unwrap();
+    let reader = SnapshotReader::open(&path).unwrap();
+    assert_eq!(
+        reader.contents().devices,
+        vec![
+            ("counter-0".to_string(), serde_json::json!({"n": 7})),
+            ("counter-1".to_string(), serde_json::json!({"n": 9})),
+        ]
+    );
+    let back: snapshot::SnapshotContents<Counters> =
+        reader.into_contents().decode_devices().unwrap();
+    assert_eq!(back, typed);
+
+    let json = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        json["devices"],
+        serde_json::json!([["counter-0", {"n": 7}], ["counter-1", {"n": 9}]])
+    );
+    let records: snapshot::SnapshotContents = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(records.devices.len(), 2);
+    let again: snapshot::SnapshotContents<Counters> = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(again, typed);
+    let mut bad = json;
+    bad["devices"][1][0] = serde_json::json!("counter-7");
+    let e = serde_json::from_value::<snapshot::SnapshotContents<Counters>>(bad).unwrap_err();
+    assert!(e.to_string().contains("bad record counter-7"), "{e}");
+}

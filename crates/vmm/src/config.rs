@@ -322,8 +322,8 @@ pub struct VmConfig {
     pub rng: bool,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
-    /// Per-thread seccomp filters; a setting of this process, not of the VM, so snapshots do
-    /// not record it.
+    /// Per-thread seccomp filters. Not part of the config JSON: snapshots and migrations carry
+    /// it in the VMM's run state (`vmm::snapshot::RunState`).
     #[serde(skip)]
     pub seccomp: sandbox::SeccompMode,
 }
@@ -474,12 +474,12 @@ impl RunOptions {
             Some(s) => SerialConfig::parse(s)?,
             None => SerialConfig::Stdio,
         };
-        let seccomp = match &self.seccomp {
-            Some(m) => m
-                .parse()
-                .map_err(|e: sandbox::Error| Error::Usage(e.to_string()))?,
-            None => sandbox::SeccompMode::default(),
-        };
+        let seccomp = self
+            .seccomp
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: sandbox::Error| Error::Usage(e.to_string()))?;
         let runtime = RuntimeOptions {
             backend,
             serial,
@@ -604,7 +604,7 @@ impl RunOptions {
             rng: self.rng.unwrap_or(false),
             serial: runtime.serial,
             api_socket: runtime.api_socket,
-            seccomp: runtime.seccomp,
+            seccomp: runtime.seccomp.unwrap_or_default(),
         }))
     }
 }
@@ -616,7 +616,9 @@ pub struct RuntimeOptions {
     pub backend: BackendChoice,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
-    pub seccomp: sandbox::SeccompMode,
+    /// `--seccomp`; `None`: a booted VM gets the default mode, a restored or arriving one keeps
+    /// the mode it ran with.
+    pub seccomp: Option<sandbox::SeccompMode>,
 }
 
 /// What `anyvisor run` was asked to do.

@@ -18,6 +18,7 @@ use machine::{IrqLine, MmioHandler, Platform};
 use sandbox::{SeccompMode, ThreadRole};
 use virtio::{MmioTransport, VirtioDevice};
 
+use crate::builder::{BuildError, Persist};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 
@@ -88,81 +89,150 @@ impl virtio::Interrupt for Irq {
     }
 }
 
-fn device_error(what: String, e: impl std::error::Error + 'static) -> Error {
-    Error::Setup(format!("{what}: {}", crate::error::report(&e)))
+/// A device the config asks for, built on its host resources (disk image, tap, vsock socket)
+/// but not yet in a slot.
+pub struct DeviceSpec {
+    /// `virtio-blk`, `virtio-net`, `virtio-vsock` or `virtio-rng`.
+    pub kind: &'static str,
+    pub device: Box<dyn VirtioDevice>,
+    /// What the user configured, for `GET /vm`.
+    pub detail: serde_json::Value,
 }
 
-/// Creates the devices `config` asks for and maps them on `platform`.
-pub fn create(
-    config: &VmConfig,
-    memory: &Arc<hv::GuestMemory>,
-    platform: &Platform,
-) -> Result<Vec<VirtioSlotDevice>> {
-    create_restoring(config, memory, platform, None)
-}
-
-/// Like [`create`], but with `saved` (one state per device, in slot order) each transport is
-/// rebuilt from its saved state (`MmioTransport::restore`) instead of starting reset. Used by
-/// snapshot restore and incoming migration.
-pub fn create_restoring(
-    config: &VmConfig,
-    memory: &Arc<hv::GuestMemory>,
-    platform: &Platform,
-    saved: Option<&[virtio::MmioState]>,
-) -> Result<Vec<VirtioSlotDevice>> {
-    let mut wanted: Vec<(&'static str, Box<dyn VirtioDevice>, serde_json::Value)> = Vec::new();
+/// The devices `config` asks for, in slot order (disks, network devices, vsock, rng).
+pub fn specs(config: &VmConfig) -> Result<Vec<DeviceSpec>> {
+    let mut wanted = Vec::new();
     for d in &config.disks {
         // Opened with the user's backing choice (`disk::policy`); `info` shows the chain.
         let (image, chain) = d.open()?;
         let block = virtio::Block::with_disk(image, d.readonly, &d.path);
-        wanted.push((
-            "virtio-blk",
-            Box::new(block),
-            serde_json::json!({"path": d.path, "readonly": d.readonly, "backing": d.backing,
-                "chain": chain}),
-        ));
+        wanted.push(DeviceSpec {
+            kind: "virtio-blk",
+            device: Box::new(block),
+            detail: serde_json::json!({"path": d.path, "readonly": d.readonly,
+                "backing": d.backing, "chain": chain}),
+        });
     }
     for n in &config.nets {
         let net = virtio::Net::new(virtio::NetConfig {
             tap: n.tap.clone(),
             mac: n.mac,
         })
-        .map_err(|e| device_error(format!("cannot open tap {}", n.tap), e))?;
-        wanted.push((
-            "virtio-net",
-            Box::new(net),
-            serde_json::json!({"tap": n.tap}),
-        ));
+        .map_err(|source| BuildError::Tap {
+            tap: n.tap.clone(),
+            source,
+        })?;
+        wanted.push(DeviceSpec {
+            kind: "virtio-net",
+            device: Box::new(net),
+            detail: serde_json::json!({"tap": n.tap}),
+        });
     }
     if let Some(v) = &config.vsock {
         let vsock = virtio::Vsock::new(virtio::VsockConfig {
             guest_cid: u64::from(v.cid),
             uds_path: v.uds.clone(),
         })
-        .map_err(|e| device_error("cannot create the vsock device".into(), e))?;
-        wanted.push((
-            "virtio-vsock",
-            Box::new(vsock),
-            serde_json::json!({"cid": v.cid, "uds": v.uds}),
-        ));
+        .map_err(BuildError::Vsock)?;
+        wanted.push(DeviceSpec {
+            kind: "virtio-vsock",
+            device: Box::new(vsock),
+            detail: serde_json::json!({"cid": v.cid, "uds": v.uds}),
+        });
     }
     if config.rng {
-        let rng = virtio::Rng::new()
-            .map_err(|e| device_error("cannot create the rng device".into(), e))?;
-        wanted.push(("virtio-rng", Box::new(rng), serde_json::json!({})));
+        let rng = virtio::Rng::new().map_err(BuildError::Rng)?;
+        wanted.push(DeviceSpec {
+            kind: "virtio-rng",
+            device: Box::new(rng),
+            detail: serde_json::json!({}),
+        });
     }
+    Ok(wanted)
+}
 
+/// Creates the devices `config` asks for, reset, and maps them on `platform`.
+pub fn create(
+    config: &VmConfig,
+    memory: &Arc<hv::GuestMemory>,
+    platform: &Platform,
+) -> Result<Vec<VirtioSlotDevice>> {
+    attach(config, memory, platform, None)
+}
+
+/// The builder's step for the virtio devices ([`crate::builder`]): the devices `config` asks
+/// for, each in its slot on `platform`; with `saved` (one transport state per device, in slot
+/// order: a restore or an incoming migration) each is [`Persist::restore`]d from its state
+/// instead of starting reset.
+pub fn attach(
+    config: &VmConfig,
+    memory: &Arc<hv::GuestMemory>,
+    platform: &Platform,
+    saved: Option<&[virtio::MmioState]>,
+) -> Result<Vec<VirtioSlotDevice>> {
+    let wanted = specs(config)?;
     if let Some(saved) = saved
         && saved.len() != wanted.len()
     {
-        return Err(Error::Setup(format!(
-            "saved state has {} virtio devices, the config {}",
-            saved.len(),
-            wanted.len()
-        )));
+        return Err(BuildError::VirtioCount {
+            saved: saved.len(),
+            config: wanted.len(),
+        }
+        .into());
     }
     let mut devices = Vec::with_capacity(wanted.len());
-    for (index, (kind, device, detail)) in (0u32..).zip(wanted) {
+    for (index, spec) in (0u32..).zip(wanted) {
+        let args = SlotArgs {
+            spec,
+            index,
+            memory,
+            platform,
+        };
+        let saved_state = saved.and_then(|s| s.get(usize::try_from(index).ok()?));
+        devices.push(match saved_state {
+            Some(state) => VirtioSlotDevice::restore(args, state)?,
+            None => VirtioSlotDevice::new(args)?,
+        });
+    }
+    Ok(devices)
+}
+
+/// What a device in a slot is built from besides its saved state.
+pub struct SlotArgs<'a> {
+    /// The device model, built from the configuration.
+    pub spec: DeviceSpec,
+    /// Its slot: decides its MMIO window and interrupt pin.
+    pub index: u32,
+    pub memory: &'a Arc<hv::GuestMemory>,
+    /// Where its window is mapped and its interrupt pin is.
+    pub platform: &'a Platform,
+}
+
+impl VirtioSlotDevice {
+    /// The device of `args` behind a transport in its reset state.
+    pub fn new(args: SlotArgs<'_>) -> Result<Self> {
+        Self::plug(args, |device, memory, irq, kind| {
+            MmioTransport::new(device, memory, irq)
+                .map_err(|source| BuildError::Transport { kind, source })
+        })
+    }
+
+    /// Puts the device of `args` in its slot behind the transport `transport` makes for it.
+    fn plug(
+        args: SlotArgs<'_>,
+        transport: impl FnOnce(
+            Box<dyn VirtioDevice>,
+            Arc<hv::GuestMemory>,
+            Arc<Irq>,
+            &'static str,
+        ) -> std::result::Result<MmioTransport, BuildError>,
+    ) -> Result<Self> {
+        let SlotArgs {
+            spec,
+            index,
+            memory,
+            platform,
+        } = args;
         let slot = VirtioSlot::for_index(index).ok_or_else(|| {
             Error::Usage(format!(
                 "too many virtio devices (at most {})",
@@ -172,13 +242,7 @@ pub fn create_restoring(
         let line = platform.irq_line(slot.irq);
         let irqfd = line.enable_irqfd();
         let irq = Arc::new(Irq(line));
-        let saved_state = saved.and_then(|s| s.get(usize::try_from(index).ok()?));
-        let transport = match saved_state {
-            Some(state) => MmioTransport::restore(device, memory.clone(), irq, state)
-                .map_err(|e| device_error(format!("cannot restore {kind}"), e))?,
-            None => MmioTransport::new(device, memory.clone(), irq)
-                .map_err(|e| device_error(format!("cannot create {kind}"), e))?,
-        };
+        let transport = transport(spec.device, memory.clone(), irq, spec.kind)?;
         platform
             .register_mmio(
                 slot.base,
@@ -186,17 +250,38 @@ pub fn create_restoring(
                 Arc::new(Window(transport.clone())),
             )
             .map_err(|e| Error::Internal(crate::error::report(&e)))?;
-        devices.push(VirtioSlotDevice {
-            kind,
+        Ok(VirtioSlotDevice {
+            kind: spec.kind,
             slot,
             transport,
-            detail,
+            detail: spec.detail,
             irqfd,
             ioeventfd: Mutex::new(false),
             worker: Mutex::new(None),
-        });
+        })
     }
-    Ok(devices)
+}
+
+impl Persist for VirtioSlotDevice {
+    /// The transport's registers and queues with the device model's own state inside
+    /// ([`virtio::DeviceState`], tagged by device kind).
+    type State = virtio::MmioState;
+    type ConstructorArgs<'a> = SlotArgs<'a>;
+    type Error = Error;
+
+    fn save(&self) -> virtio::MmioState {
+        self.transport.save()
+    }
+
+    /// The device of `args` in its slot, its transport rebuilt from `state` by
+    /// [`MmioTransport::restore`], which checks the state against the device (kind, queues,
+    /// features, the device's own configuration) before adopting it.
+    fn restore(args: SlotArgs<'_>, state: &virtio::MmioState) -> Result<Self> {
+        Self::plug(args, |device, memory, irq, kind| {
+            MmioTransport::restore(device, memory, irq, state)
+                .map_err(|source| BuildError::RestoreTransport { kind, source })
+        })
+    }
 }
 
 /// Starts each device's worker thread (under the [`ThreadRole::Device`] filter) and registers
@@ -267,7 +352,7 @@ pub fn resume(devices: &[VirtioSlotDevice]) {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use hv::DeviceIo;
+    use hv::{DeviceIo, Hypervisor};
     use machine::layout::IOAPIC_BASE;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -453,5 +538,150 @@ mod tests {
         r.reg(0x50, 0);
         r.wait_used(1);
         r.wait_msi(1);
+    }
+
+    /// One device of each kind in a slot of its own platform.
+    struct Slot {
+        memory: Arc<hv::GuestMemory>,
+        platform: Platform,
+        _vm: Arc<dyn hv::Vm>,
+    }
+
+    impl Slot {
+        fn new() -> Slot {
+            let memory = Arc::new(machine::memory::create_guest_memory(64 << 20).unwrap());
+            let vm = hv_emu::EmuHypervisor::new()
+                .create_vm(hv::VmConfig {
+                    memory: memory.clone(),
+                    cpu_model: hv::CpuModel::portable(),
+                    vcpus: 1,
+                    tsc_khz: None,
+                })
+                .unwrap();
+            let platform = Platform::new(Box::new(std::io::sink()), Arc::new(NoEvents));
+            platform.attach_vm(vm.clone());
+            Slot {
+                memory,
+                platform,
+                _vm: vm,
+            }
+        }
+
+        fn args(&self, spec: DeviceSpec) -> SlotArgs<'_> {
+            SlotArgs {
+                spec,
+                index: 0,
+                memory: &self.memory,
+                platform: &self.platform,
+            }
+        }
+
+        /// What a driver does up to DRIVER_OK: features negotiated, queue 0 set up and ready.
+        fn drive(&self, d: &VirtioSlotDevice) {
+            let reg = |offset: u64, v: u32| {
+                self.platform
+                    .mmio_write(d.slot.base + offset, &v.to_le_bytes());
+            };
+            reg(0x70, 1);
+            reg(0x70, 3);
+            reg(0x24, 1);
+            reg(0x20, 1); // VERSION_1
+            reg(0x70, 0xb);
+            reg(0x30, 0);
+            reg(0x38, 16);
+            for (low, addr) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
+                reg(low, addr as u32);
+                reg(low + 4, 0);
+            }
+            reg(0x44, 1);
+            reg(0x70, 0xf);
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("anyvisor-persist-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A fresh device model of `kind`, as the config would build it (the net device on a
+    /// socket pair instead of a tap, which needs privileges).
+    fn spec(kind: &'static str, dir: &std::path::Path) -> DeviceSpec {
+        let device: Box<dyn VirtioDevice> = match kind {
+            "virtio-blk" => {
+                let path = dir.join("disk.raw");
+                if !path.exists() {
+                    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+                }
+                let image = disk::open(&path, disk::OpenOptions::readonly(false)).unwrap();
+                Box::new(virtio::Block::with_disk(image, false, &path))
+            }
+            "virtio-net" => {
+                let (end, _host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+                end.set_nonblocking(true).unwrap();
+                Box::new(virtio::Net::with_backend(
+                    Some([0x52, 0x54, 0, 1, 2, 3]),
+                    Arc::new(end),
+                ))
+            }
+            "virtio-vsock" => {
+                let uds = dir.join(format!("vsock-{}", std::process::id()));
+                let _ = std::fs::remove_file(&uds);
+                Box::new(
+                    virtio::Vsock::new(virtio::VsockConfig {
+                        guest_cid: 3,
+                        uds_path: uds,
+                    })
+                    .unwrap(),
+                )
+            }
+            "virtio-rng" => Box::new(virtio::Rng::new().unwrap()),
+            other => panic!("no device kind {other}"),
+        };
+        DeviceSpec {
+            kind,
+            device,
+            detail: serde_json::json!({}),
+        }
+    }
+
+    /// For each device kind: a driven device's state survives save, JSON and restore into a
+    /// device built afresh from the same configuration on another platform; a state restored
+    /// into a device of another kind is refused.
+    #[test]
+    fn virtio_persist_round_trip_for_each_kind() {
+        const KINDS: [&str; 4] = ["virtio-blk", "virtio-net", "virtio-vsock", "virtio-rng"];
+        for kind in KINDS {
+            let dir = scratch(kind.trim_start_matches("virtio-"));
+            let first = Slot::new();
+            let device = VirtioSlotDevice::new(first.args(spec(kind, &dir))).unwrap();
+            first.drive(&device);
+            let saved = Persist::save(&device);
+            assert_ne!(saved.status, 0, "{kind}: driven");
+            drop(device);
+            let json = serde_json::to_string(&saved).unwrap();
+            let back: virtio::MmioState = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, saved, "{kind}");
+
+            let second = Slot::new();
+            let restored = VirtioSlotDevice::restore(second.args(spec(kind, &dir)), &back)
+                .unwrap_or_else(|e| panic!("{kind}: {}", crate::error::report(&e)));
+            assert_eq!(restored.kind, kind);
+            assert_eq!(Persist::save(&restored), saved, "{kind}");
+            drop(restored);
+
+            let other = KINDS.iter().find(|k| **k != kind).unwrap();
+            let third = Slot::new();
+            let e = VirtioSlotDevice::restore(third.args(spec(other, &dir)), &back)
+                .err()
+                .unwrap_or_else(|| panic!("{kind} state restored into {other}"));
+            assert!(
+                matches!(e, Error::Build(BuildError::RestoreTransport { .. })),
+                "{kind} into {other}: {e}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

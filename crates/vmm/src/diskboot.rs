@@ -13,24 +13,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use crate::config::{DiskConfig, RunOptions};
 use crate::error::{Error, Result};
-
-/// The entry booted, for `GET /vm` (`boot_entry`).
-static CHOSEN: OnceLock<String> = OnceLock::new();
-
-/// Which boot entry of the disk this process booted, if it booted one.
-pub fn chosen() -> Option<&'static str> {
-    CHOSEN.get().map(String::as_str)
-}
 
 /// Keeps the extracted kernel and initrd alive; drop it after the VM ended.
 #[derive(Debug)]
 pub struct Extracted {
     _files: Vec<File>,
-    /// What was booted, one line (also in [`chosen`]).
+    /// What was booted, one line (the VM's `boot_entry` in `GET /vm`: pass it to
+    /// [`crate::run`]).
     pub chosen: String,
     pub kernel_path: String,
 }
@@ -88,7 +80,6 @@ pub fn prepare(mut options: RunOptions) -> Result<(RunOptions, Option<Extracted>
         None => boot.cmdline.clone(),
     });
     let chosen = format!("{} from {}", boot.chosen, disk.path.display());
-    let _ = CHOSEN.set(chosen.clone());
     Ok((
         options,
         Some(Extracted {

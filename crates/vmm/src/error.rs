@@ -71,6 +71,9 @@ pub enum Error {
     /// A disk image cannot be opened as configured (its error names the file and the field).
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    /// Assembling the VM (boot, restore, incoming migration) failed on what it was given.
+    #[error(transparent)]
+    Build(crate::builder::BuildError),
     /// The API socket cannot be created.
     #[error("cannot listen on api socket {}", path.display())]
     ApiListen {
@@ -191,6 +194,7 @@ impl Error {
             | Error::SetupWith { .. }
             | Error::UsageWith { .. }
             | Error::Disk(_)
+            | Error::Build(_)
             | Error::ApiListen { .. }
             | Error::ApiConnect { .. } => EXIT_USAGE,
             Error::Hypervisor(e) => match e {

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;

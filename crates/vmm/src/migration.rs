@@ -9,8 +9,8 @@
 //!   metadata ([`SavedVm`]) as JSON;
 //! * the destination checks the description against this host before any page arrives
 //!   (backend and CPU model, memory layout, disks), receives RAM into zero-filled guest memory,
-//!   then rebuilds the VM exactly like `--restore` ([`crate::snapshot::rebuild`]), launches it
-//!   and confirms.
+//!   then builds the VM exactly like `--restore` ([`crate::snapshot::start_saved`], the one VM
+//!   builder [`crate::builder`]), launches it and confirms.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ use crate::backend::Backend;
 use crate::config::RuntimeOptions;
 use crate::control::Control;
 use crate::error::{Error, Result, report};
-use crate::snapshot::{RunState, SavedVm};
+use crate::snapshot::SavedVm;
 use crate::vm::{VmParts, Vmm};
 
 /// One `anyvisor: ...` line on stderr (so that `hv::rate_limited!`'s count line gets the
@@ -45,22 +45,6 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 /// One throttle cycle: the VM runs `100 - percent` % of it and is paused for the rest.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(100);
-
-/// The latest progress report of a running outgoing migration, for `GET /vm`.
-static PROGRESS: Mutex<Option<migrate::Progress>> = Mutex::new(None);
-
-/// The running migration's progress, if one runs.
-pub fn progress() -> Option<serde_json::Value> {
-    PROGRESS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .and_then(|p| serde_json::to_value(p).ok())
-}
-
-fn set_progress(p: Option<migrate::Progress>) {
-    *PROGRESS.lock().unwrap_or_else(PoisonError::into_inner) = p;
-}
 
 /// Pauses the VM for a share of every [`THROTTLE_PERIOD`] until dropped.
 struct Throttle {
@@ -199,18 +183,14 @@ impl migrate::SourceVm for Source<'_> {
     }
 
     fn final_state(&self) -> std::result::Result<Vec<u8>, String> {
-        let saved = crate::snapshot::capture(
-            self.parts,
-            RunState {
-                paused: self.was_paused,
-            },
-        )?;
+        let saved = crate::snapshot::capture(self.parts, self.was_paused)?;
         serde_json::to_vec(&saved).map_err(|e| format!("cannot encode the final state: {e}"))
     }
 }
 
-/// Writes progress lines on stderr when it is a terminal.
-fn progress_reporter() -> migrate::ProgressFn {
+/// Writes progress lines on stderr when it is a terminal, and keeps the latest in `latest`
+/// (the VM's, for `GET /vm`).
+fn progress_reporter(latest: Arc<Mutex<Option<migrate::Progress>>>) -> migrate::ProgressFn {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Box::new(move |p: &migrate::Progress| {
         if tty {
@@ -223,13 +203,13 @@ fn progress_reporter() -> migrate::ProgressFn {
                 p.expected_downtime_ms
             );
         }
-        set_progress(Some(p.clone()));
+        *latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(p.clone());
     })
 }
 
 /// `PUT /vm/migrate`: returns `{"total_ms":..,"downtime_ms":..,"bytes":..}`.
 pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json::Value, ApiError> {
-    let _busy = crate::snapshot::exclusive()?;
+    let _busy = crate::snapshot::exclusive(vm)?;
     let addr: Address = req
         .to
         .parse()
@@ -247,7 +227,7 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
         ));
     }
     let mut opts = SendOptions {
-        progress: Some(progress_reporter()),
+        progress: Some(progress_reporter(vm.migration_progress.clone())),
         ..SendOptions::default()
     };
     if let Some(ms) = req.max_downtime_ms {
@@ -260,7 +240,7 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
     };
     // The stream runs on a thread of its own under the Migration filter (stacked on this
     // thread's Api filter): everything it needs is at hand (address parsed, key read).
-    let seccomp = crate::vm::seccomp_mode(vm);
+    let seccomp = vm.config.seccomp;
     let result = std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("migrate-out".into())
@@ -277,7 +257,9 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
             .map_err(|_| "the migration thread panicked".to_string())?
     });
     source.stop_throttle();
-    set_progress(None);
+    *vm.migration_progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
     match result {
         Ok(outcome) => {
             vm.hand_off();
@@ -318,7 +300,7 @@ fn parse_description(description: &serde_json::Value) -> std::result::Result<Hea
 /// Builds, for a source's description (parsed on the migration thread), zero-filled guest
 /// memory and the backend, after checking the description against this host.
 fn prepare(header: Header, runtime: &RuntimeOptions) -> Result<Incoming> {
-    let config = crate::snapshot::config_of(&header, runtime)?;
+    let config = crate::snapshot::config_of(&header, runtime, None)?;
     for disk in &config.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::ReadFile {
             path: disk.path.clone(),
@@ -326,12 +308,9 @@ fn prepare(header: Header, runtime: &RuntimeOptions) -> Result<Incoming> {
         })?;
     }
     let backend = crate::snapshot::open_backend(&header, runtime)?;
-    let memory = machine::memory::create_guest_memory(header.memory_size())
-        .map_err(|e| Error::Setup(format!("cannot create guest memory: {e}")))?;
+    let memory = crate::builder::create_memory(header.memory_size())?;
     if snapshot::memory_regions_of(&memory) != header.memory_regions {
-        return Err(Error::Setup(
-            "the source's memory layout is not one this VMM builds".into(),
-        ));
+        return Err(crate::builder::BuildError::SourceLayout.into());
     }
     Ok(Incoming {
         memory,
@@ -425,7 +404,9 @@ fn receive_one(
     let (prepared_tx, prepared) =
         std::sync::mpsc::channel::<std::result::Result<Incoming, String>>();
     let (verdict_tx, verdict) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
-    let seccomp = runtime.seccomp;
+    // The thread handles the untrusted stream before anything says which mode the VM ran
+    // with: `--seccomp`, else the default.
+    let seccomp = runtime.seccomp.unwrap_or_default();
     let stop = AtomicBool::new(false);
     let stop = &stop;
     std::thread::scope(|scope| {
@@ -539,25 +520,37 @@ fn receive_one(
     })
 }
 
+/// Starts the VM whose final state arrived, through the same builder as `--restore`.
 fn start_arrived(incoming: Incoming, state: &[u8], runtime: &RuntimeOptions) -> Result<Vmm> {
-    let saved: SavedVm = serde_json::from_slice(state)
-        .map_err(|e| Error::Setup(format!("malformed final state: {e}")))?;
+    let saved: SavedVm = serde_json::from_slice(state).map_err(ArrivalError::Malformed)?;
     if saved.header.cpu_model != incoming.header.cpu_model
         || saved.header.memory_regions != incoming.header.memory_regions
     {
-        return Err(Error::Setup(
-            "the final state does not match the description".into(),
-        ));
+        return Err(ArrivalError::NotDescribed.into());
     }
     for (id, s) in saved.vcpus.iter().enumerate() {
         s.validate()
-            .map_err(|e| Error::Setup(format!("invalid state of vcpu {id}: {e}")))?;
+            .map_err(|reason| ArrivalError::InvalidVcpu { id, reason })?;
     }
     crate::snapshot::check_states(incoming.backend.hypervisor.kind(), &saved.vcpus)?;
-    let parts = crate::snapshot::rebuild(saved, incoming.memory, incoming.backend, runtime)?;
-    let vmm = Vmm::launch(parts)?;
-    crate::snapshot::settle(&vmm);
-    Ok(vmm)
+    crate::snapshot::start_saved(saved, incoming.memory, incoming.backend, runtime)
+}
+
+/// Why an arrived final state cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ArrivalError {
+    #[error("malformed final state")]
+    Malformed(#[source] serde_json::Error),
+    #[error("the final state does not match the description")]
+    NotDescribed,
+    #[error("invalid state of vcpu {id}: {reason}")]
+    InvalidVcpu { id: usize, reason: String },
+}
+
+impl From<ArrivalError> for Error {
+    fn from(e: ArrivalError) -> Self {
+        Error::Build(crate::builder::BuildError::Arrival(e))
+    }
 }
 
 #[cfg(test)]

@@ -3,27 +3,29 @@
 //! What a snapshot holds (see `docs/snapshot-format.md` for the file): the header (CPU model,
 //! memory regions, vCPU count, backend, TSC frequency, and the [`VmConfig`] as JSON so a restore
 //! rebuilds the same devices), every vCPU's [`hv::CpuState`], the VM's [`hv::VmState`]
-//! (kvm-clock), and named device states:
-//! * `vmm`: [`RunState`] (whether the VM was paused when the snapshot was taken);
+//! (kvm-clock), and the device states ([`VmDevices`]), stored as named records:
+//! * `vmm`: [`RunState`] (whether the VM was paused when the snapshot was taken, its seccomp
+//!   mode);
 //! * `platform`: [`machine::PlatformState`] (serial, IOAPIC, i8042);
 //! * `virtio-N`: the [`virtio::MmioState`] of the device in slot `N`.
 //!
-//! The same data without RAM is a live migration's final state ([`SavedVm`]), and restoring
-//! either goes through [`rebuild`]: compatibility checks first, then the VM is built around the
-//! arrived memory and started with [`Vmm::launch`].
+//! The same data without RAM is a live migration's final state: both are a [`SavedVm`], and
+//! restoring either goes through the one VM builder ([`crate::builder::assemble`]):
+//! compatibility checks first, then the VM is built around the arrived memory and started with
+//! [`Vmm::launch`].
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use hv::{BackendKind, CpuState};
 use serde::{Deserialize, Serialize};
-use snapshot::{Header, SnapshotContents, SnapshotReader, SnapshotWriter, WriteOptions};
+use snapshot::{DeviceRecords, Header, SnapshotReader, SnapshotWriter, WriteOptions};
 
 use crate::api::{ApiError, SnapshotRequest};
 use crate::backend::Backend;
+use crate::builder::{BuildError, Persist};
 use crate::config::{CpuModelChoice, RuntimeOptions, VmConfig};
-use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::vm::{VmParts, Vmm};
 
@@ -31,6 +33,8 @@ use crate::vm::{VmParts, Vmm};
 const RUN_STATE: &str = "vmm";
 /// Device-state name of the platform devices.
 const PLATFORM: &str = "platform";
+/// Device-state names of the virtio devices: this, then the slot number.
+const VIRTIO_PREFIX: &str = "virtio-";
 /// How long restoring a paused VM waits for its fresh vCPU threads to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,46 +43,127 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RunState {
     /// The VM was paused through the API when the snapshot was taken: it restores paused.
     pub paused: bool,
+    /// The `--seccomp` mode the VM ran with: a restored or arriving VM keeps it unless its
+    /// command line sets one. Absent in snapshots from before it was recorded (the default
+    /// mode applies).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "seccomp_name"
+    )]
+    pub seccomp: Option<sandbox::SeccompMode>,
 }
 
-/// Everything about a paused VM except its RAM: a snapshot's metadata, and the final state a
+/// [`sandbox::SeccompMode`] as its `--seccomp` name (`"on"`, `"log"`, `"off"`).
+mod seccomp_name {
+    use sandbox::SeccompMode;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &Option<SeccompMode>, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            Some(m) => s.serialize_some(m.name()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SeccompMode>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|name| name.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Every device state of a VM, typed: what [`Persist::save`] gave for each component.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDevices {
+    pub run: RunState,
+    pub platform: machine::PlatformState,
+    /// In slot order: `virtio[n]` is the device in slot `n`.
+    pub virtio: Vec<virtio::MmioState>,
+}
+
+/// Why device records do not make a [`VmDevices`].
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("cannot encode the state of device '{name}'")]
+    Encode {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("device '{name}'")]
+    Decode {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unexpected device '{0}'")]
+    Unexpected(String),
+    #[error("no platform state")]
+    NoPlatform,
+}
+
+/// The records are named `vmm`, `platform`, `virtio-0`, `virtio-1`, ... and written in that
+/// order. A reader takes `vmm` and `platform` anywhere (`vmm` may be absent: not paused), the
+/// virtio devices in slot order, and refuses any other name.
+impl snapshot::DeviceSet for VmDevices {
+    type Error = DeviceStateError;
+
+    fn to_records(&self) -> std::result::Result<DeviceRecords, DeviceStateError> {
+        fn record<T: Serialize>(
+            name: String,
+            state: &T,
+        ) -> std::result::Result<(String, serde_json::Value), DeviceStateError> {
+            match serde_json::to_value(state) {
+                Ok(v) => Ok((name, v)),
+                Err(source) => Err(DeviceStateError::Encode { name, source }),
+            }
+        }
+        let mut records = Vec::with_capacity(2 + self.virtio.len());
+        records.push(record(RUN_STATE.into(), &self.run)?);
+        records.push(record(PLATFORM.into(), &self.platform)?);
+        for (slot, state) in self.virtio.iter().enumerate() {
+            records.push(record(format!("{VIRTIO_PREFIX}{slot}"), state)?);
+        }
+        Ok(records)
+    }
+
+    fn from_records(records: DeviceRecords) -> std::result::Result<Self, DeviceStateError> {
+        fn parse<T: serde::de::DeserializeOwned>(
+            name: String,
+            value: serde_json::Value,
+        ) -> std::result::Result<T, DeviceStateError> {
+            T::deserialize(value).map_err(|source| DeviceStateError::Decode { name, source })
+        }
+        let mut run = None;
+        let mut platform = None;
+        let mut virtio = Vec::new();
+        for (name, value) in records {
+            if name == RUN_STATE && run.is_none() {
+                run = Some(parse(name, value)?);
+            } else if name == PLATFORM && platform.is_none() {
+                platform = Some(parse(name, value)?);
+            } else if name.strip_prefix(VIRTIO_PREFIX) == Some(&virtio.len().to_string()) {
+                virtio.push(parse(name, value)?);
+            } else {
+                return Err(DeviceStateError::Unexpected(name));
+            }
+        }
+        Ok(VmDevices {
+            run: run.unwrap_or_default(),
+            platform: platform.ok_or(DeviceStateError::NoPlatform)?,
+            virtio,
+        })
+    }
+}
+
+/// Everything about a paused VM except its RAM: a snapshot's contents, and the final state a
 /// live migration sends (as JSON).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SavedVm {
-    pub header: Header,
-    pub vcpus: Vec<CpuState>,
-    pub vm: hv::VmState,
-    pub devices: Vec<(String, serde_json::Value)>,
-}
+pub type SavedVm = snapshot::SnapshotContents<VmDevices>;
 
-impl From<SnapshotContents> for SavedVm {
-    fn from(c: SnapshotContents) -> Self {
-        SavedVm {
-            header: c.header,
-            vcpus: c.vcpus,
-            vm: c.vm,
-            devices: c.devices,
-        }
-    }
-}
-
-impl From<SavedVm> for SnapshotContents {
-    fn from(s: SavedVm) -> Self {
-        SnapshotContents {
-            header: s.header,
-            vcpus: s.vcpus,
-            vm: s.vm,
-            devices: s.devices,
-        }
-    }
-}
-
-/// One snapshot or migration at a time per VM.
-static BUSY: Mutex<()> = Mutex::new(());
-
-/// Takes the VM's snapshot/migration slot, or answers 409.
-pub(crate) fn exclusive() -> std::result::Result<MutexGuard<'static, ()>, ApiError> {
-    match BUSY.try_lock() {
+/// Takes the VM's snapshot/migration slot (one at a time per VM), or answers 409.
+pub(crate) fn exclusive(vm: &VmParts) -> std::result::Result<MutexGuard<'_, ()>, ApiError> {
+    match vm.busy.try_lock() {
         Ok(g) => Ok(g),
         Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
         Err(TryLockError::WouldBlock) => Err(ApiError::new(
@@ -110,8 +195,8 @@ pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, String> {
     })
 }
 
-/// Collects every state of a paused VM.
-pub(crate) fn capture(vm: &VmParts, run: RunState) -> std::result::Result<SavedVm, String> {
+/// Collects every state of a paused VM; `paused`: whether it restores paused.
+pub(crate) fn capture(vm: &VmParts, paused: bool) -> std::result::Result<SavedVm, String> {
     let mut vcpus = Vec::with_capacity(vm.vcpus.len());
     for (id, vcpu) in vm.vcpus.iter().enumerate() {
         let state = vcpu
@@ -126,21 +211,19 @@ pub(crate) fn capture(vm: &VmParts, run: RunState) -> std::result::Result<SavedV
             })?;
         vcpus.push(state);
     }
+    let run = RunState {
+        paused,
+        seccomp: Some(vm.config.seccomp),
+    };
     let vm_state = vm
         .vm
         .state()
         .map_err(|e| format!("cannot read the vm state: {}", crate::error::report(&e)))?;
-    let mut devices = vec![
-        (RUN_STATE.to_string(), to_json("the run state", &run)?),
-        (
-            PLATFORM.to_string(),
-            to_json("the platform state", &vm.platform.state())?,
-        ),
-    ];
-    for (slot, d) in vm.virtio.iter().enumerate() {
-        let saved = d.transport.save();
-        devices.push((format!("virtio-{slot}"), to_json(d.kind, &saved)?));
-    }
+    let devices = VmDevices {
+        run,
+        platform: vm.platform.save(),
+        virtio: vm.virtio.iter().map(Persist::save).collect(),
+    };
     Ok(SavedVm {
         header: header_of(vm)?,
         vcpus,
@@ -159,30 +242,28 @@ pub fn take(
     req: SnapshotRequest,
     cancelled: crate::api::Cancelled<'_>,
 ) -> std::result::Result<(), ApiError> {
-    let _busy = exclusive()?;
+    let _busy = exclusive(vm)?;
     let was_paused = vm.is_paused();
     vm.pause()?;
-    let written = capture(vm, RunState { paused: was_paused })
+    let written = capture(vm, was_paused)
         .map_err(|e| ApiError::new(500, e))
         .and_then(|saved| {
             let options = WriteOptions {
                 overwrite: req.overwrite,
                 cancelled: Some(cancelled),
             };
-            SnapshotWriter::write_with(&req.output, &saved.into(), &vm.memory, &options).map_err(
-                |e| {
-                    let status = match e {
-                        snapshot::Error::OutputNotRegular { .. }
-                        | snapshot::Error::OutputExists { .. } => 400,
-                        snapshot::Error::Cancelled(_) => 409,
-                        _ => 500,
-                    };
-                    ApiError::new(
-                        status,
-                        format!("snapshot failed: {}", crate::error::report(&e)),
-                    )
-                },
-            )
+            SnapshotWriter::write_with(&req.output, &saved, &vm.memory, &options).map_err(|e| {
+                let status = match e {
+                    snapshot::Error::OutputNotRegular { .. }
+                    | snapshot::Error::OutputExists { .. } => 400,
+                    snapshot::Error::Cancelled(_) => 409,
+                    _ => 500,
+                };
+                ApiError::new(
+                    status,
+                    format!("snapshot failed: {}", crate::error::report(&e)),
+                )
+            })
         });
     match written {
         Ok(_) if req.stop => {
@@ -228,21 +309,41 @@ pub fn restore(path: &Path, runtime: &RuntimeOptions, verify: bool) -> Result<Vm
     let backend = open_backend(reader.header(), runtime)?;
     check_states(backend.hypervisor.kind(), &reader.contents().vcpus)?;
     let memory = reader.map_memory().map_err(|e| file_error(path, e))?;
-    let parts = rebuild(reader.into_contents().into(), memory, backend, runtime)?;
+    let saved: SavedVm = reader
+        .into_contents()
+        .decode_devices()
+        .map_err(BuildError::DeviceStates)?;
     crate::exit::stop_if_signalled()?;
-    let vmm = Vmm::launch(parts)?;
-    settle(&vmm);
-    let _ = RESTORE_TIME.set(start.elapsed());
+    let vmm = start_saved(saved, memory, backend, runtime)?;
+    // From opening the file to the vCPU threads started (the part a VMM controls; process
+    // start-up comes before it), for `GET /vm`.
+    let _ = vmm.parts().restore_time.set(start.elapsed());
     Ok(vmm)
 }
 
-/// How long this process's `--restore` took, from opening the file to the vCPU threads
-/// started (the part a VMM controls; process start-up comes before it), for `GET /vm`.
-static RESTORE_TIME: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-
-/// [`RESTORE_TIME`] in milliseconds, if this process restored a snapshot.
-pub(crate) fn restore_ms() -> Option<f64> {
-    RESTORE_TIME.get().map(|d| d.as_secs_f64() * 1000.0)
+/// Builds the VM `saved` describes (a snapshot's or a migration's) around `memory` (already
+/// holding its RAM) on `backend` with the one VM builder, launches it, and, when it was saved
+/// paused, waits until its vCPUs are parked, so the API reports `paused` and a snapshot of it
+/// equals the one it came from.
+pub(crate) fn start_saved(
+    saved: SavedVm,
+    memory: hv::GuestMemory,
+    backend: Backend,
+    runtime: &RuntimeOptions,
+) -> Result<Vmm> {
+    let config = config_of(&saved.header, runtime, saved.devices.run.seccomp)?;
+    let serial_out = crate::serial::output(&config.serial)?;
+    let blueprint = crate::builder::Blueprint {
+        config,
+        backend,
+        cpu_model: saved.header.cpu_model.clone(),
+        memory: Arc::new(memory),
+        serial_out,
+    };
+    let parts = crate::builder::assemble(blueprint, crate::builder::Start::Saved(Box::new(saved)))?;
+    let vmm = Vmm::launch(Arc::new(parts))?;
+    settle(&vmm);
+    Ok(vmm)
 }
 
 /// `anyvisor snapshot-info FILE`: what a snapshot file holds, as JSON.
@@ -258,27 +359,43 @@ pub fn info(path: &Path, verify: bool) -> Result<serde_json::Value> {
     Ok(info)
 }
 
-/// The config recorded in `header`, with this process's serial, API socket and backend choice.
-pub(crate) fn config_of(header: &Header, runtime: &RuntimeOptions) -> Result<VmConfig> {
-    let mut config: VmConfig = serde_json::from_value(header.config.clone())
-        .map_err(|e| Error::Setup(format!("the saved VM config is malformed: {e}")))?;
+/// The config recorded in `header`, with this process's serial, API socket and backend choice,
+/// and the seccomp mode: this process's `--seccomp` if given, else `saved` (the mode the VM
+/// ran with), else the default.
+pub(crate) fn config_of(
+    header: &Header,
+    runtime: &RuntimeOptions,
+    saved: Option<sandbox::SeccompMode>,
+) -> Result<VmConfig> {
+    let mut config: VmConfig =
+        serde_json::from_value(header.config.clone()).map_err(BuildError::Config)?;
     if config.cpus != header.vcpus {
-        return Err(Error::Setup(format!(
-            "the saved config has {} vcpus, the header {}",
-            config.cpus, header.vcpus
-        )));
+        return Err(BuildError::ConfigVcpus {
+            config: config.cpus,
+            header: header.vcpus,
+        }
+        .into());
     }
     if config.memory != header.memory_size() {
-        return Err(Error::Setup(format!(
-            "the saved config has {} bytes of memory, the header {}",
-            config.memory,
-            header.memory_size()
-        )));
+        return Err(BuildError::ConfigMemory {
+            config: config.memory,
+            header: header.memory_size(),
+        }
+        .into());
     }
     config.serial = runtime.serial.clone();
     config.api_socket = runtime.api_socket.clone();
     config.backend = runtime.backend;
+    config.seccomp = seccomp_of(runtime, saved);
     Ok(config)
+}
+
+/// The `--seccomp` mode of a restored or arriving VM.
+fn seccomp_of(
+    runtime: &RuntimeOptions,
+    saved: Option<sandbox::SeccompMode>,
+) -> sandbox::SeccompMode {
+    runtime.seccomp.or(saved).unwrap_or_default()
 }
 
 /// Names of host CPU models start with this (`host:<backend>:<digest>`).
@@ -289,14 +406,14 @@ const HOST_MODEL_PREFIX: &str = "host:";
 /// very same model (same name, which carries the digest of the host's CPUID table), so never on
 /// emu and never on a different host.
 pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<Backend> {
-    let config = config_of(header, runtime)?;
+    let config = config_of(header, runtime, None)?;
     let saved = &header.cpu_model;
     let host_model = saved.name.starts_with(HOST_MODEL_PREFIX);
     if host_model != (config.cpu_model == CpuModelChoice::Host) {
-        return Err(Error::Setup(format!(
-            "the saved config's CPU model choice does not match the header's model {}",
-            saved.name
-        )));
+        return Err(BuildError::ConfigCpuModel {
+            model: saved.name.clone(),
+        }
+        .into());
     }
     let cannot = |reason: String| {
         Error::Unsupported(format!(
@@ -386,92 +503,9 @@ pub(crate) fn check_states(kind: BackendKind, vcpus: &[CpuState]) -> Result<()> 
     Ok(())
 }
 
-/// Builds a VM from saved state around `memory` (already holding the guest's RAM) on `backend`
-/// and returns its parts, ready for [`Vmm::launch`]. vCPUs do not run before launch; a VM saved
-/// while paused stays paused.
-pub(crate) fn rebuild(
-    saved: SavedVm,
-    memory: hv::GuestMemory,
-    backend: Backend,
-    runtime: &RuntimeOptions,
-) -> Result<Arc<VmParts>> {
-    let bad = |what: String| Error::Setup(format!("the saved VM state is malformed: {what}"));
-    let config = config_of(&saved.header, runtime)?;
-    let regions = snapshot::memory_regions_of(&memory);
-    if regions != saved.header.memory_regions {
-        return Err(bad("memory layout differs from the header".into()));
-    }
-    if saved.vcpus.len() != config.cpus as usize {
-        return Err(bad(format!(
-            "{} vcpu states for {} vcpus",
-            saved.vcpus.len(),
-            config.cpus
-        )));
-    }
-    let mut run = None;
-    let mut platform_state = None;
-    let mut virtio_states = Vec::new();
-    for (name, value) in &saved.devices {
-        let parse_err = |e: serde_json::Error| bad(format!("device '{name}': {e}"));
-        if name == RUN_STATE {
-            run = Some(RunState::deserialize(value).map_err(parse_err)?);
-        } else if name == PLATFORM {
-            platform_state = Some(machine::PlatformState::deserialize(value).map_err(parse_err)?);
-        } else if name.strip_prefix("virtio-") == Some(&virtio_states.len().to_string()) {
-            virtio_states.push(virtio::MmioState::deserialize(value).map_err(parse_err)?);
-        } else {
-            return Err(bad(format!("unexpected device '{name}'")));
-        }
-    }
-    let platform_state = platform_state.ok_or_else(|| bad("no platform state".into()))?;
-    let run = run.unwrap_or_default();
-
-    let control = Arc::new(Control::new(config.cpus));
-    let platform = crate::vm::new_platform(&config.serial, &control)?;
-    let memory = Arc::new(memory);
-    let vm = backend.hypervisor.create_vm(hv::VmConfig {
-        memory: memory.clone(),
-        cpu_model: saved.header.cpu_model.clone(),
-        vcpus: config.cpus,
-        tsc_khz: Some(saved.header.tsc_khz),
-    })?;
-    vm.set_state(&saved.vm)?;
-    let mut vcpus = Vec::with_capacity(saved.vcpus.len());
-    let mut kickers = Vec::with_capacity(saved.vcpus.len());
-    for (id, state) in (0..config.cpus).zip(&saved.vcpus) {
-        let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.set_state(state)?;
-        kickers.push(vcpu.kicker());
-        vcpus.push(Arc::new(Mutex::new(vcpu)));
-    }
-    control.set_kickers(kickers);
-    platform.attach_vm(vm.clone());
-    platform
-        .restore(&platform_state)
-        .map_err(|e| bad(format!("platform: {}", crate::error::report(&e))))?;
-    let virtio =
-        crate::devices::create_restoring(&config, &memory, &platform, Some(&virtio_states))?;
-    if run.paused {
-        // Only records the pause: no vCPU thread runs yet, so none can park before the
-        // timeout. The threads park on their first `before_run`; the caller waits for that.
-        let _ = control.pause(Duration::ZERO);
-    }
-    Ok(Arc::new(VmParts {
-        backend: backend.kind(),
-        cpu_model: saved.header.cpu_model,
-        memory,
-        vm,
-        platform: Arc::new(platform),
-        virtio,
-        vcpus,
-        control,
-        config,
-    }))
-}
-
 /// After [`Vmm::launch`] of a VM restored paused: waits until its vCPUs are parked, so the API
 /// reports `paused` and a snapshot of it equals the one it came from.
-pub(crate) fn settle(vmm: &Vmm) {
+fn settle(vmm: &Vmm) {
     let parts = vmm.parts();
     if parts.is_paused() && parts.control.pause(PARK_TIMEOUT).is_err() {
         tracing::warn!(target: hv::NOTICE, "anyvisor: the restored vcpus did not park in time");
@@ -526,7 +560,7 @@ mod tests {
             backend,
             serial: crate::config::SerialConfig::Null,
             api_socket: None,
-            seccomp: sandbox::SeccompMode::Off,
+            seccomp: Some(sandbox::SeccompMode::Off),
         }
     }
 
@@ -646,14 +680,33 @@ mod tests {
         open_backend(&header, &runtime(crate::config::BackendChoice::Emu)).unwrap();
     }
 
-    #[test]
-    fn saved_vm_round_trips_through_json() {
-        let saved = SavedVm {
+    struct NoIrq;
+    impl virtio::Interrupt for NoIrq {
+        fn trigger(&self) {}
+    }
+
+    /// A transport state as a running rng device saves it.
+    fn rng_state() -> virtio::MmioState {
+        let memory = Arc::new(machine::memory::create_guest_memory(1 << 20).unwrap());
+        let t = virtio::MmioTransport::new(
+            Box::new(virtio::Rng::new().unwrap()),
+            memory,
+            Arc::new(NoIrq),
+        )
+        .unwrap();
+        t.write(0x70, &1u32.to_le_bytes());
+        t.save()
+    }
+
+    fn saved_vm(memory_len: u64) -> SavedVm {
+        let mut platform = machine::PlatformState::default();
+        platform.ioapic.redirection = vec![0x1_0000; 24];
+        SavedVm {
             header: Header {
                 cpu_model: hv::CpuModel::portable(),
                 memory_regions: vec![snapshot::MemoryRegion {
                     guest_addr: 0,
-                    len: 1 << 20,
+                    len: memory_len,
                 }],
                 vcpus: 1,
                 backend: BackendKind::Emu,
@@ -664,10 +717,136 @@ mod tests {
             },
             vcpus: vec![CpuState::default()],
             vm: hv::VmState::default(),
-            devices: vec![("vmm".into(), serde_json::json!({"paused": true}))],
-        };
+            devices: VmDevices {
+                run: RunState {
+                    paused: true,
+                    seccomp: Some(sandbox::SeccompMode::Log),
+                },
+                platform,
+                virtio: vec![rng_state(), rng_state()],
+            },
+        }
+    }
+
+    /// `--seccomp` wins; without it the VM keeps the mode it ran with; without either, the
+    /// default.
+    #[test]
+    fn seccomp_mode_of_a_restored_vm() {
+        use sandbox::SeccompMode::{Log, Off, On};
+        let header = header_with(hv::CpuModel::portable(), "portable");
+        let mut rt = runtime(crate::config::BackendChoice::Emu);
+        for (given, saved, expected) in [
+            (None, Some(Off), Off),
+            (None, Some(Log), Log),
+            (None, None, On),
+            (Some(On), Some(Off), On),
+            (Some(Off), None, Off),
+        ] {
+            rt.seccomp = given;
+            let config = config_of(&header, &rt, saved).unwrap();
+            assert_eq!(config.seccomp, expected, "{given:?} {saved:?}");
+        }
+    }
+
+    #[test]
+    fn saved_vm_round_trips_through_json() {
+        let saved = saved_vm(1 << 20);
         let bytes = serde_json::to_vec(&saved).unwrap();
         let back: SavedVm = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back, saved);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let names: Vec<&str> = v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[0].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["vmm", "platform", "virtio-0", "virtio-1"]);
+        assert_eq!(
+            v["devices"][0][1],
+            serde_json::json!({"paused": true, "seccomp": "log"})
+        );
+    }
+
+    /// A final state (or snapshot contents) as the VMM wrote it before device state was typed,
+    /// written out by hand in that shape: named records, the run state without a seccomp mode.
+    /// It decodes (the mode absent: the default applies) and encodes back to the same JSON.
+    #[test]
+    fn untyped_records_from_before_decode_and_encode_identically() {
+        let typed = saved_vm(1 << 20);
+        let platform = serde_json::to_value(&typed.devices.platform).unwrap();
+        let virtio0 = serde_json::to_value(&typed.devices.virtio[0]).unwrap();
+        let old = serde_json::json!({
+            "header": serde_json::to_value(&typed.header).unwrap(),
+            "vcpus": serde_json::to_value(&typed.vcpus).unwrap(),
+            "vm": serde_json::to_value(typed.vm).unwrap(),
+            "devices": [["vmm", {"paused": false}], ["platform", platform], ["virtio-0", virtio0]],
+        });
+        let saved: SavedVm = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(saved.devices.run, RunState::default());
+        assert_eq!(saved.devices.virtio, typed.devices.virtio[..1]);
+        assert_eq!(serde_json::to_value(&saved).unwrap(), old);
+    }
+
+    #[test]
+    fn device_records_are_checked() {
+        use snapshot::DeviceSet;
+        let good = saved_vm(1 << 20).devices.to_records().unwrap();
+        let without = |name: &str| -> DeviceRecords {
+            good.iter().filter(|(n, _)| n != name).cloned().collect()
+        };
+        // No run state: running, default seccomp mode.
+        let d = VmDevices::from_records(without("vmm")).unwrap();
+        assert_eq!(d.run, RunState::default());
+        let e = VmDevices::from_records(without("platform")).unwrap_err();
+        assert!(matches!(e, DeviceStateError::NoPlatform), "{e}");
+        // A gap in the slots, a name nobody writes, a second platform: refused by name.
+        for (records, name) in [
+            (without("virtio-0"), "virtio-1"),
+            (
+                [good.clone(), vec![("gpu".into(), serde_json::json!({}))]].concat(),
+                "gpu",
+            ),
+            (
+                [good.clone(), without("vmm")[..1].to_vec()].concat(),
+                "platform",
+            ),
+        ] {
+            match VmDevices::from_records(records) {
+                Err(DeviceStateError::Unexpected(n)) => assert_eq!(n, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let mut bad = good.clone();
+        bad[1].1 = serde_json::json!({"serial": 1});
+        let e = VmDevices::from_records(bad).unwrap_err();
+        assert_eq!(
+            crate::error::report(&e).split(':').next(),
+            Some("device 'platform'")
+        );
+        let mut bad = good;
+        bad[0].1 = serde_json::json!({"paused": false, "seccomp": "sometimes"});
+        assert!(VmDevices::from_records(bad).is_err());
+    }
+
+    /// The typed states go through a snapshot file as the format's named device sections and
+    /// come back equal.
+    #[test]
+    fn typed_states_through_a_snapshot_file() {
+        let memory = machine::memory::create_guest_memory(2 << 20).unwrap();
+        let mut saved = saved_vm(2 << 20);
+        saved.header.memory_regions = snapshot::memory_regions_of(&memory);
+        let dir = std::env::temp_dir().join(format!("anyvisor-vmm-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        SnapshotWriter::write(&path, &saved, &memory).unwrap();
+        let reader = SnapshotReader::open(&path).unwrap();
+        assert_eq!(
+            reader.info()["devices"],
+            serde_json::json!(["vmm", "platform", "virtio-0", "virtio-1"])
+        );
+        let back: SavedVm = reader.into_contents().decode_devices().unwrap();
+        assert_eq!(back, saved);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,13 +1,13 @@
 //! A running VM: boot sequence, vCPU threads, and the API's view of it.
 //!
 //! Boot ([`Vmm::start`]):
-//! 1. check the kernel and initrd files and the device options;
+//! 1. check the kernel and initrd files, open the serial output;
 //! 2. open the backend and settle the CPU model ([`crate::backend::open`]);
-//! 3. create guest RAM ([`machine::memory::create_guest_memory`]) and the VM on it;
-//! 4. build the platform (serial, interrupt controller, power events) and attach the VM;
-//! 5. load the kernel ([`machine::boot::load_linux`]), which yields each vCPU's first state;
-//! 6. create the vCPUs and set their states;
-//! 7. listen on the API socket, forward stdin to the serial port, start one thread per vCPU.
+//! 3. create guest RAM ([`crate::builder::create_memory`]);
+//! 4. assemble the VM on it with the builder shared with restore and incoming migration
+//!    ([`crate::builder::assemble`]: VM, platform, virtio devices, kernel loaded, vCPUs);
+//! 5. [`Vmm::launch`]: listen on the API socket, forward stdin to the serial port, start the
+//!    device workers and one thread per vCPU.
 //!
 //! [`Vmm::wait`] then blocks until the guest powers off or resets, a vCPU fails, or the API asks
 //! to stop, stops every vCPU through its kicker and returns the [`ExitReason`].
@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hv::{BackendKind, CpuModel, GuestMemory, Vcpu, VcpuExit};
-use machine::{Platform, PlatformEvent, PlatformEvents};
+use machine::Platform;
 use sandbox::{SeccompMode, ThreadRole};
 
 use crate::api::{
@@ -37,15 +37,6 @@ const SIGNAL_POLL: Duration = Duration::from_millis(100);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest has to power off after SIGTERM pressed its power button.
 pub const SIGTERM_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The `--seccomp` mode of this process, set by [`run`]: a restored or arriving VM's config
-/// comes from its sender, so the mode cannot travel in [`VmConfig`] there.
-static SECCOMP: OnceLock<SeccompMode> = OnceLock::new();
-
-/// This process's `--seccomp` mode, for threads started later (an outgoing migration).
-pub(crate) fn seccomp_mode(parts: &VmParts) -> SeccompMode {
-    SECCOMP.get().copied().unwrap_or(parts.config.seccomp)
-}
 
 /// How a VM ended without an error. Every reason exits 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,9 +76,62 @@ pub struct VmParts {
     pub vcpus: Vec<SharedVcpu>,
     /// Pause, resume and stop; the platform's power events land here.
     pub control: Arc<Control>,
+    /// Held by the snapshot or migration in progress: one at a time.
+    pub(crate) busy: Mutex<()>,
+    /// The latest progress report of a running outgoing migration, for `GET /vm`.
+    pub(crate) migration_progress: Arc<Mutex<Option<migrate::Progress>>>,
+    /// The boot entry of the disk this VM booted from, if it booted one (`GET /vm`).
+    pub(crate) boot_entry: Option<String>,
+    /// How long this VM's `--restore` took, from opening the file to the vCPU threads started,
+    /// for `GET /vm`; unset for a VM that was not restored.
+    pub(crate) restore_time: OnceLock<Duration>,
 }
 
 impl VmParts {
+    /// The parts of a VM the builder assembled ([`crate::builder::assemble`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: VmConfig,
+        backend: BackendKind,
+        cpu_model: CpuModel,
+        memory: Arc<GuestMemory>,
+        vm: Arc<dyn hv::Vm>,
+        platform: Arc<Platform>,
+        virtio: Vec<crate::devices::VirtioSlotDevice>,
+        vcpus: Vec<SharedVcpu>,
+        control: Arc<Control>,
+    ) -> VmParts {
+        VmParts {
+            config,
+            backend,
+            cpu_model,
+            memory,
+            vm,
+            platform,
+            virtio,
+            vcpus,
+            control,
+            busy: Mutex::new(()),
+            migration_progress: Arc::new(Mutex::new(None)),
+            restore_time: OnceLock::new(),
+            boot_entry: None,
+        }
+    }
+
+    /// The running outgoing migration's progress, if one runs.
+    fn migration_progress(&self) -> Option<serde_json::Value> {
+        self.migration_progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok())
+    }
+
+    /// [`VmParts::restore_time`] in milliseconds.
+    fn restore_ms(&self) -> Option<f64> {
+        self.restore_time.get().map(|d| d.as_secs_f64() * 1000.0)
+    }
+
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
     }
@@ -135,9 +179,9 @@ impl VmControl for VmParts {
             "memory_mib": self.config.memory / MIB,
             "devices": self.devices(),
             "counters": counters,
-            "migration": crate::migration::progress(),
-            "restore_ms": crate::snapshot::restore_ms(),
-            "boot_entry": crate::diskboot::chosen(),
+            "migration": self.migration_progress(),
+            "restore_ms": self.restore_ms(),
+            "boot_entry": self.boot_entry,
         })
     }
 
@@ -197,26 +241,6 @@ impl VmParts {
     }
 }
 
-/// A platform whose serial port goes where `serial` says and whose power events stop the VM
-/// through `control`. Booting, restoring and receiving a VM all build theirs here.
-pub fn new_platform(serial: &SerialConfig, control: &Arc<Control>) -> Result<Platform> {
-    let out = crate::serial::PanicWatch::new(crate::serial::output(serial)?, control.clone());
-    let out = Box::new(out);
-    Ok(Platform::new(out, Arc::new(Events(control.clone()))))
-}
-
-/// Platform power events stop the VM.
-struct Events(Arc<Control>);
-
-impl PlatformEvents for Events {
-    fn request(&self, ev: PlatformEvent) {
-        self.0.request_stop(match ev {
-            PlatformEvent::PowerOff => Stop::PowerOff,
-            PlatformEvent::Reset => Stop::Reset,
-        });
-    }
-}
-
 /// Host stdin to the guest's UART.
 struct SerialIn {
     platform: Arc<Platform>,
@@ -264,10 +288,6 @@ fn check_readable(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn machine_error(what: &str, e: impl std::error::Error + 'static) -> Error {
-    Error::Setup(format!("{what}: {}", crate::error::report(&e)))
-}
-
 /// A VM that is running.
 pub struct Vmm {
     parts: Arc<VmParts>,
@@ -279,69 +299,31 @@ pub struct Vmm {
 impl Vmm {
     /// Boots `config` and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vmm> {
+        Self::boot(config, None)
+    }
+
+    /// Boots `config` and starts its vCPUs; `boot_entry`: what [`crate::diskboot::prepare`]
+    /// chose on the disk, for `GET /vm`.
+    pub fn boot(config: VmConfig, boot_entry: Option<String>) -> Result<Vmm> {
         check_kernel(&config.kernel)?;
         if let Some(initrd) = &config.initrd {
             check_readable(initrd)?;
         }
-        let control = Arc::new(Control::new(config.cpus));
         // Opened before the backend, so a bad --serial path fails fast.
-        let platform = new_platform(&config.serial, &control)?;
-
+        let serial_out = crate::serial::output(&config.serial)?;
         let backend = crate::backend::open(config.backend, config.cpu_model)?;
-        let memory = Arc::new(
-            machine::memory::create_guest_memory(config.memory)
-                .map_err(|e| machine_error("cannot create guest memory", e))?,
-        );
-        let vm = backend.hypervisor.create_vm(hv::VmConfig {
-            memory: memory.clone(),
+        let memory = Arc::new(crate::builder::create_memory(config.memory)?);
+        let blueprint = crate::builder::Blueprint {
             cpu_model: backend.cpu_model.clone(),
-            vcpus: config.cpus,
-            tsc_khz: None,
-        })?;
-        platform.attach_vm(vm.clone());
-        let virtio = crate::devices::create(&config, &memory, &platform)?;
-        let platform = Arc::new(platform);
-
-        let slots: Vec<machine::boot::VirtioSlot> = virtio.iter().map(|d| d.slot).collect();
-        let boot = machine::boot::BootConfig {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
-            cpus: config.cpus,
-            virtio: &slots,
-        };
-        let states = machine::boot::load_linux(&memory, &boot)
-            .map_err(|e| machine_error("cannot load the kernel", e))?;
-        if states.len() != config.cpus as usize {
-            return Err(Error::Internal(format!(
-                "kernel loader returned {} vcpu states for {} vcpus",
-                states.len(),
-                config.cpus
-            )));
-        }
-        let mut vcpus = Vec::with_capacity(states.len());
-        let mut kickers = Vec::with_capacity(states.len());
-        for (id, state) in (0..config.cpus).zip(&states) {
-            let mut vcpu = vm.create_vcpu(id)?;
-            vcpu.set_state(state)?;
-            kickers.push(vcpu.kicker());
-            vcpus.push(Arc::new(Mutex::new(vcpu)));
-        }
-        control.set_kickers(kickers);
-
-        let parts = Arc::new(VmParts {
-            backend: backend.kind(),
-            cpu_model: backend.cpu_model,
-            memory,
-            vm,
-            platform: platform.clone(),
-            virtio,
-            vcpus,
-            control: control.clone(),
             config,
-        });
+            backend,
+            memory,
+            serial_out,
+        };
+        let mut parts = crate::builder::assemble(blueprint, crate::builder::Start::Boot)?;
+        parts.boot_entry = boot_entry;
         crate::exit::stop_if_signalled()?;
-        Self::launch(parts)
+        Self::launch(Arc::new(parts))
     }
 
     /// Starts the API, console input and vCPU threads of a VM whose parts are ready (booted,
@@ -350,7 +332,7 @@ impl Vmm {
     /// Each thread installs its seccomp filter ([`sandbox`]) before it handles guest or client
     /// input; the main thread installs its own in [`Vmm::wait`].
     pub fn launch(parts: Arc<VmParts>) -> Result<Vmm> {
-        let seccomp = SECCOMP.get().copied().unwrap_or(parts.config.seccomp);
+        let seccomp = parts.config.seccomp;
         if seccomp != SeccompMode::Off {
             prime_allocator();
         }
@@ -570,18 +552,12 @@ fn vcpu_thread(
     control.exited();
 }
 
-/// Runs what `anyvisor run` was asked to, to its end.
-pub fn run(request: crate::config::RunRequest) -> Result<ExitReason> {
+/// Runs what `anyvisor run` was asked to, to its end. `boot_entry`: for a boot from a disk,
+/// what [`crate::diskboot::prepare`] chose ([`crate::diskboot::Extracted::chosen`]).
+pub fn run(request: crate::config::RunRequest, boot_entry: Option<String>) -> Result<ExitReason> {
     use crate::config::RunRequest;
-    let seccomp = match &request {
-        RunRequest::Boot(config) => config.seccomp,
-        RunRequest::Restore { runtime, .. } | RunRequest::Incoming { runtime, .. } => {
-            runtime.seccomp
-        }
-    };
-    let _ = SECCOMP.set(seccomp);
     match request {
-        RunRequest::Boot(config) => Vmm::start(config)?.wait(),
+        RunRequest::Boot(config) => Vmm::boot(config, boot_entry)?.wait(),
         RunRequest::Restore {
             snapshot,
             runtime,
