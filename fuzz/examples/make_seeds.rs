@@ -49,6 +49,7 @@ fn snapshot_seeds() -> Res<()> {
                 tsc_khz: 2_000_000,
                 created_unix: 1_700_000_000,
                 config: serde_json::json!({"cmdline": "console=ttyS0"}),
+                user_extra: Default::default(),
             },
             vcpus: vec![hv::CpuState::default(); vcpus as usize],
             vm: hv::VmState::default(),
