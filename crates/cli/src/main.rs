@@ -11,7 +11,7 @@ mod progress;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Command};
 
@@ -20,11 +20,16 @@ fn main() -> ExitCode {
     log::install_from_env();
     // Test builds only (the `test-hooks` feature); a no-op otherwise.
     vmm::test_hooks::at_start();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // The matches are kept: they tell which `run` flags were given, to lay over a config file.
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
         Err(e) => return clap_error(&e),
     };
-    let code = match run(cli) {
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e.format(&mut Cli::command())),
+    };
+    let code = match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
             vmm::exit::cleanup();
@@ -138,7 +143,7 @@ fn end_on_signals(what: &'static str) {
     }
 }
 
-fn run(cli: Cli) -> vmm::Result<u8> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> vmm::Result<u8> {
     match &cli.command {
         Command::Run(_) | Command::Snapshot(_) => {}
         Command::Import(_) => end_on_signals(": the import's output is incomplete"),
@@ -152,11 +157,14 @@ fn run(cli: Cli) -> vmm::Result<u8> {
         }
     }
     match cli.command {
-        Command::Run(args) => {
-            let flags = args.to_options();
-            let options = match &args.config {
-                Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
-                None => flags,
+        Command::Run(flags) => {
+            let options = match (&flags.config, matches.subcommand_matches("run")) {
+                (Some(file), Some(given)) => {
+                    let mut options = vmm::RunOptions::from_file(file)?;
+                    options.override_with(given)?;
+                    options
+                }
+                _ => *flags,
             };
             // `--disk` without `--kernel`: the kernel the disk holds (docs/boot-from-disk.md).
             let (options, extracted) = vmm::diskboot::prepare(options)?;
