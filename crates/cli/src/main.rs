@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Command};
+use vmm::api::{self, client};
 
 fn main() -> ExitCode {
     install_panic_hook();
@@ -177,15 +178,24 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> vmm::Result<u8> {
             Ok(reason.exit_code())
         }
         Command::Info(a) => {
-            let body = vmm::api::client::call(&a.api_socket, "GET", "/vm", None)?;
+            let body = vmm::api::client::info(&a.api_socket)?;
             print_line(&body.unwrap_or_default());
             Ok(0)
         }
-        Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
-        Command::Resume(a) => control(&a.api_socket, "/vm/resume", None),
+        Command::Pause(a) => {
+            client::put_empty(&a.api_socket, api::path::PAUSE)?;
+            Ok(0)
+        }
+        Command::Resume(a) => {
+            client::put_empty(&a.api_socket, api::path::RESUME)?;
+            Ok(0)
+        }
         Command::Shutdown(a) => {
-            let body = serde_json::json!({ "timeout": a.timeout, "force": a.force });
-            control(&a.api_socket, "/vm/shutdown", Some(body))?;
+            let request = api::ShutdownRequest {
+                timeout: a.timeout,
+                force: a.force,
+            };
+            client::put(&a.api_socket, &request)?;
             // The VMM removes its socket as it exits: wait for that, a little longer than it
             // waits for the guest.
             let secs = if a.force {
@@ -197,17 +207,12 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> vmm::Result<u8> {
             Ok(0)
         }
         Command::Snapshot(a) => {
-            let body = serde_json::json!({
-                "output": absolute(&a.output)?,
-                "stop": a.stop,
-                "overwrite": a.force,
-            });
-            vmm::api::client::call_interruptible(
-                &a.api_socket,
-                "PUT",
-                "/vm/snapshot",
-                Some(&body.to_string()),
-            )?;
+            let request = api::SnapshotRequest {
+                output: absolute(&a.output)?,
+                stop: a.stop,
+                overwrite: a.force,
+            };
+            client::put_interruptible(&a.api_socket, &request)?;
             Ok(0)
         }
         Command::Migrate(a) => {
@@ -215,18 +220,13 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> vmm::Result<u8> {
             if let Some(w) = key.as_deref().and_then(migrate_key_warning) {
                 eprintln!("warning: {w}");
             }
-            let body = serde_json::json!({
-                "to": a.to,
-                "migration_key_file": key,
-                "max_downtime_ms": a.max_downtime_ms,
-            });
+            let request = api::MigrateRequest {
+                to: a.to.clone(),
+                migration_key_file: key,
+                max_downtime_ms: a.max_downtime_ms,
+            };
             let shown = progress::Shown::start(&a.api_socket);
-            let out = vmm::api::client::call(
-                &a.api_socket,
-                "PUT",
-                "/vm/migrate",
-                Some(&body.to_string()),
-            );
+            let out = client::put(&a.api_socket, &request);
             drop(shown);
             let out = out?;
             if let Some(line) = out {
@@ -275,17 +275,6 @@ fn import(a: &args::ImportArgs) -> vmm::Result<u8> {
     for line in &report.lines {
         println!("{line}");
     }
-    Ok(0)
-}
-
-/// A control command with no output.
-fn control(
-    socket: &std::path::Path,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> vmm::Result<u8> {
-    let body = body.map(|b| b.to_string());
-    vmm::api::client::call(socket, "PUT", path, body.as_deref())?;
     Ok(0)
 }
 
