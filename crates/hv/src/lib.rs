@@ -27,6 +27,7 @@
 )]
 
 pub mod cpu_model;
+pub mod dirty;
 pub mod ratelimit;
 pub mod state;
 
