@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use hv::GuestMemory;
 use libfuzzer_sys::fuzz_target;
-use virtio::{Block, BlockConfig, Format, MmioState, MmioTransport, Rng, VirtioDevice};
+use virtio::{
+    Block, BlockConfig, Format, MmioHandler, MmioState, MmioTransport, Rng, VirtioDevice,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 struct NoIrq;
@@ -70,7 +72,7 @@ fn run(data: &[u8]) -> Option<()> {
     std::fs::write(&disk.0, [0u8; 8192]).ok()?;
     let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).ok()?);
     let irq = Arc::new(NoIrq);
-    let mut t = MmioTransport::new(device(blk, readonly, &disk)?, mem.clone(), irq.clone()).ok()?;
+    let t = MmioTransport::new(device(blk, readonly, &disk)?, mem.clone(), irq.clone()).ok()?;
     let mut steps = 0;
     while steps < 4096 {
         steps += 1;
@@ -115,7 +117,7 @@ fn run(data: &[u8]) -> Option<()> {
                 );
                 // Queue addresses and indices came from the state: walk them (a restored
                 // transport is paused with every queue pending; resume processes them).
-                let mut t = restored;
+                let t = restored;
                 t.resume();
                 return Some(());
             }

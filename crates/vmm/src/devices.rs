@@ -13,8 +13,8 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use machine::Platform;
 use machine::boot::VirtioSlot;
-use machine::{IrqLine, MmioHandler, Platform};
 use sandbox::{SeccompMode, ThreadRole};
 use virtio::{MmioTransport, VirtioDevice};
 
@@ -64,27 +64,6 @@ impl Drop for VirtioSlotDevice {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-    }
-}
-
-/// The platform bus calls into the transport's registers (never waiting for device I/O).
-struct Window(MmioTransport);
-
-impl MmioHandler for Window {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data);
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data);
-    }
-}
-
-/// A device's interrupt: one edge on its IOAPIC pin.
-struct Irq(IrqLine);
-
-impl virtio::Interrupt for Irq {
-    fn trigger(&self) {
-        self.0.trigger();
     }
 }
 
@@ -171,7 +150,8 @@ pub fn create_restoring(
         })?;
         let line = platform.irq_line(slot.irq);
         let irqfd = line.enable_irqfd();
-        let irq = Arc::new(Irq(line));
+        // A device's interrupt is one edge on its IOAPIC pin.
+        let irq = Arc::new(line);
         let saved_state = saved.and_then(|s| s.get(usize::try_from(index).ok()?));
         let transport = match saved_state {
             Some(state) => MmioTransport::restore(device, memory.clone(), irq, state)
@@ -183,7 +163,8 @@ pub fn create_restoring(
             .register_mmio(
                 slot.base,
                 machine::layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Window(transport.clone())),
+                // The bus calls into the transport's registers (never waiting for device I/O).
+                Arc::new(transport.clone()),
             )
             .map_err(|e| Error::Internal(crate::error::report(&e)))?;
         devices.push(VirtioSlotDevice {
