@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use hv::{DeviceIo, GuestMemory, Hypervisor, VcpuExit};
 use machine::fuzz::IoWriter;
-use machine::{IrqLine, MmioHandler, Platform, PlatformEvent, PlatformEvents};
+use machine::{IrqLine, Platform, PlatformEvent, PlatformEvents};
 use virtio::fuzz::{OpWriter, Q_SIZE, SegSpec};
-use virtio::{DeviceError, DeviceState, MmioTransport, VirtioDevice};
+use virtio::{DeviceError, DeviceState, Interrupt, MmioHandler, MmioTransport, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -200,7 +200,7 @@ struct Irq {
     log: Arc<Mutex<PlatformLog>>,
 }
 
-impl virtio::Interrupt for Irq {
+impl Interrupt for Irq {
     fn trigger(&self) {
         {
             let mut l = lock(&self.log);
@@ -209,18 +209,6 @@ impl virtio::Interrupt for Irq {
             }
         }
         self.line.trigger();
-    }
-}
-
-/// The platform bus calls into the transport's registers.
-struct Window(MmioTransport);
-
-impl MmioHandler for Window {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data);
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data);
     }
 }
 
@@ -491,7 +479,7 @@ impl Vm {
         self.platform.register_mmio(
             slot.base,
             machine::layout::VIRTIO_MMIO_SIZE,
-            Arc::new(Window(t.clone())),
+            Arc::new(t.clone()),
         )?;
         self.slots.push(slot);
         self.transports.push(t);

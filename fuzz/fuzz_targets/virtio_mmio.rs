@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use hv::GuestMemory;
 use libfuzzer_sys::fuzz_target;
-use virtio::{Block, BlockConfig, Format, MmioState, MmioTransport, Rng, VirtioDevice};
+use virtio::{
+    Block, BlockConfig, Format, MmioHandler, MmioState, MmioTransport, Rng, VirtioDevice,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 struct NoIrq;

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -18,8 +17,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    // The flags are `vmm::RunOptions`, the type a `--config` file is read into too.
     /// Start a VM (boot a kernel, restore a snapshot, or receive a migration).
-    Run(Box<RunArgs>),
+    Run(Box<vmm::RunOptions>),
     /// Print a running VM's state as JSON.
     Info(ApiArgs),
     /// Pause a running VM.
@@ -57,99 +57,6 @@ pub struct ImportArgs {
     /// directory, as `--disk ...,backing=on` does.
     #[arg(long)]
     pub backing: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Linux kernel: bzImage or ELF vmlinux.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
-    pub initrd: Option<PathBuf>,
-    /// The whole kernel command line [default: console=ttyS0 reboot=k panic=-1].
-    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
-    pub cmdline: Option<String>,
-    /// Number of vCPUs [default: 1].
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
-    /// Guest RAM; K, M, G suffixes, a bare number is MiB [default: 256M].
-    #[arg(long, value_name = "SIZE")]
-    pub memory: Option<String>,
-    /// Hypervisor backend [default: auto].
-    #[arg(long, value_parser = PossibleValuesParser::new(["kvm", "emu", "auto"]))]
-    pub backend: Option<String>,
-    /// CPU the guest sees: portable (= portable-v3, x86-64-v3), portable-v2 (x86-64-v2, for hosts
-    /// without v3), host (KVM only) [default: portable].
-    #[arg(
-        long,
-        value_parser = PossibleValuesParser::new(["portable", "portable-v3", "portable-v2", "host"])
-    )]
-    pub cpu_model: Option<String>,
-    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi][,backing=on];
-    /// backing=on follows the image's backing files; repeat for more.
-    #[arg(long, value_name = "SPEC")]
-    pub disk: Vec<String>,
-    /// virtio-net device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]; repeat for more.
-    #[arg(long, value_name = "SPEC")]
-    pub net: Vec<String>,
-    /// virtio-vsock device: CID,uds=PATH.
-    #[arg(long, value_name = "SPEC")]
-    pub vsock: Option<String>,
-    /// virtio-rng device.
-    #[arg(long)]
-    pub rng: bool,
-    /// Guest serial console: stdio, null or a file to append to [default: stdio].
-    #[arg(long, value_name = "stdio|null|PATH")]
-    pub serial: Option<String>,
-    /// Serve the control API on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-    /// Settings as JSON (field names = long flag names); flags override it.
-    #[arg(long, value_name = "FILE.json")]
-    pub config: Option<PathBuf>,
-    /// Resume a VM from a snapshot file instead of booting.
-    #[arg(long, value_name = "SNAPSHOT")]
-    pub restore: Option<PathBuf>,
-    /// With --restore: read the whole RAM image and check its checksums before the VM runs.
-    #[arg(long)]
-    pub verify: bool,
-    /// Wait for one live migration (tcp:HOST:PORT or unix:PATH), then run the VM.
-    #[arg(long, value_name = "ADDR")]
-    pub incoming: Option<String>,
-    /// Shared secret file for tcp: migration.
-    #[arg(long, value_name = "FILE")]
-    pub migration_key: Option<PathBuf>,
-    /// Per-thread system call filters: on kills the VMM on a call outside its allowlist
-    /// (SIGSYS), log only logs it [default: on].
-    #[arg(long, value_parser = PossibleValuesParser::new(["off", "log", "on"]))]
-    pub seccomp: Option<String>,
-}
-
-impl RunArgs {
-    /// The settings given on the command line, to lay over a config file.
-    pub fn to_options(&self) -> vmm::RunOptions {
-        vmm::RunOptions {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
-            cpus: self.cpus,
-            memory: self.memory.clone().map(vmm::config::SizeValue::Text),
-            backend: self.backend.clone(),
-            cpu_model: self.cpu_model.clone(),
-            disk: self.disk.clone(),
-            net: self.net.clone(),
-            vsock: self.vsock.clone(),
-            rng: self.rng.then_some(true),
-            serial: self.serial.clone(),
-            api_socket: self.api_socket.clone(),
-            restore: self.restore.clone(),
-            verify: self.verify.then_some(true),
-            incoming: self.incoming.clone(),
-            migration_key: self.migration_key.clone(),
-            seccomp: self.seccomp.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -305,10 +212,9 @@ mod tests {
             "-x console=ttyS0",
         ])
         .unwrap();
-        let Command::Run(r) = cli.command else {
+        let Command::Run(o) = cli.command else {
             panic!("not run")
         };
-        let o = r.to_options();
         assert_eq!(o.cpus, Some(2));
         assert_eq!(o.disk.len(), 2);
         assert_eq!(o.rng, Some(true));

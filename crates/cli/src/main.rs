@@ -11,20 +11,26 @@ mod progress;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Command};
+use vmm::api::{self, client};
 
 fn main() -> ExitCode {
     install_panic_hook();
     log::install_from_env();
     // Test builds only (the `test-hooks` feature); a no-op otherwise.
     vmm::test_hooks::at_start();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // The matches are kept: they tell which `run` flags were given, to lay over a config file.
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
         Err(e) => return clap_error(&e),
     };
-    let code = match run(cli) {
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e.format(&mut Cli::command())),
+    };
+    let code = match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
             vmm::exit::cleanup();
@@ -138,7 +144,7 @@ fn end_on_signals(what: &'static str) {
     }
 }
 
-fn run(cli: Cli) -> vmm::Result<u8> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> vmm::Result<u8> {
     match &cli.command {
         Command::Run(_) | Command::Snapshot(_) => {}
         Command::Import(_) => end_on_signals(": the import's output is incomplete"),
@@ -152,7 +158,7 @@ fn run(cli: Cli) -> vmm::Result<u8> {
         }
     }
     match cli.command {
-        Command::Run(args) => {
+        Command::Run(flags) => {
             // From here a termination signal is noted, not fatal: each step before the VM
             // launches (config, reading a disk to boot, loading a restore) checks for it and
             // ends with one `error:` line; once the VM runs, its main loop handles it.
@@ -160,10 +166,13 @@ fn run(cli: Cli) -> vmm::Result<u8> {
                 op: "cannot install signal handlers",
                 source,
             })?;
-            let flags = args.to_options();
-            let options = match &args.config {
-                Some(file) => vmm::RunOptions::from_file(file)?.merge(flags),
-                None => flags,
+            let options = match (&flags.config, matches.subcommand_matches("run")) {
+                (Some(file), Some(given)) => {
+                    let mut options = vmm::RunOptions::from_file(file)?;
+                    options.override_with(given)?;
+                    options
+                }
+                _ => *flags,
             };
             // `--disk` without `--kernel`: the kernel the disk holds (docs/boot-from-disk.md).
             let (options, extracted) = vmm::diskboot::prepare(options)?;
@@ -180,15 +189,24 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             Ok(reason.exit_code())
         }
         Command::Info(a) => {
-            let body = vmm::api::client::call(&a.api_socket, "GET", "/vm", None)?;
+            let body = vmm::api::client::info(&a.api_socket)?;
             print_line(&body.unwrap_or_default());
             Ok(0)
         }
-        Command::Pause(a) => control(&a.api_socket, "/vm/pause", None),
-        Command::Resume(a) => control(&a.api_socket, "/vm/resume", None),
+        Command::Pause(a) => {
+            client::put_empty(&a.api_socket, api::path::PAUSE)?;
+            Ok(0)
+        }
+        Command::Resume(a) => {
+            client::put_empty(&a.api_socket, api::path::RESUME)?;
+            Ok(0)
+        }
         Command::Shutdown(a) => {
-            let body = serde_json::json!({ "timeout": a.timeout, "force": a.force });
-            control(&a.api_socket, "/vm/shutdown", Some(body))?;
+            let request = api::ShutdownRequest {
+                timeout: a.timeout,
+                force: a.force,
+            };
+            client::put(&a.api_socket, &request)?;
             // The VMM removes its socket as it exits: wait for that, a little longer than it
             // waits for the guest.
             let secs = if a.force {
@@ -200,17 +218,12 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             Ok(0)
         }
         Command::Snapshot(a) => {
-            let body = serde_json::json!({
-                "output": absolute(&a.output)?,
-                "stop": a.stop,
-                "overwrite": a.force,
-            });
-            vmm::api::client::call_interruptible(
-                &a.api_socket,
-                "PUT",
-                "/vm/snapshot",
-                Some(&body.to_string()),
-            )?;
+            let request = api::SnapshotRequest {
+                output: absolute(&a.output)?,
+                stop: a.stop,
+                overwrite: a.force,
+            };
+            client::put_interruptible(&a.api_socket, &request)?;
             Ok(0)
         }
         Command::Migrate(a) => {
@@ -218,18 +231,13 @@ fn run(cli: Cli) -> vmm::Result<u8> {
             if let Some(w) = key.as_deref().and_then(migrate_key_warning) {
                 eprintln!("warning: {w}");
             }
-            let body = serde_json::json!({
-                "to": a.to,
-                "migration_key_file": key,
-                "max_downtime_ms": a.max_downtime_ms,
-            });
+            let request = api::MigrateRequest {
+                to: a.to.clone(),
+                migration_key_file: key,
+                max_downtime_ms: a.max_downtime_ms,
+            };
             let shown = progress::Shown::start(&a.api_socket);
-            let out = vmm::api::client::call(
-                &a.api_socket,
-                "PUT",
-                "/vm/migrate",
-                Some(&body.to_string()),
-            );
+            let out = client::put(&a.api_socket, &request);
             drop(shown);
             let out = out?;
             if let Some(line) = out {
@@ -278,17 +286,6 @@ fn import(a: &args::ImportArgs) -> vmm::Result<u8> {
     for line in &report.lines {
         println!("{line}");
     }
-    Ok(0)
-}
-
-/// A control command with no output.
-fn control(
-    socket: &std::path::Path,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> vmm::Result<u8> {
-    let body = body.map(|b| b.to_string());
-    vmm::api::client::call(socket, "PUT", path, body.as_deref())?;
     Ok(0)
 }
 

@@ -58,7 +58,7 @@ fn poll(socket: &Path, stop: &AtomicBool) {
             }
             std::thread::sleep(POLL / 10);
         }
-        let info = vmm::api::client::call(socket, "GET", "/vm", None)
+        let info = vmm::api::client::info(socket)
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());

@@ -357,15 +357,7 @@ impl hv::Vm for KvmVm {
                 .fd
                 .get_dirty_log(slot.slot, size)
                 .map_err(backend_err("KVM_GET_DIRTY_LOG"))?;
-            let first = slot.gpa >> 12;
-            for (w, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let b = u64::from(bits.trailing_zeros());
-                    pages.push(first + w as u64 * 64 + b);
-                    bits &= bits - 1;
-                }
-            }
+            pages.extend(hv::dirty::dirty_pages(slot.gpa >> 12, &bitmap));
         }
         Ok(pages)
     }

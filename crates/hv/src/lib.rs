@@ -28,6 +28,7 @@
 
 pub mod bitmap;
 pub mod cpu_model;
+pub mod dirty;
 pub mod ratelimit;
 pub mod state;
 
@@ -310,6 +311,25 @@ pub trait DeviceIo: Sync {
     fn pio_write(&self, port: u16, data: &[u8]);
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// A memory-mapped device on the platform's MMIO bus (the IOAPIC, a virtio-mmio transport).
+/// `offset` is relative to the base it was registered at; `data.len()` is 1, 2, 4 or 8.
+///
+/// Defined here, below both `machine` (the bus) and `virtio` (the transports), so a device of
+/// either crate plugs into the bus as it is.
+pub trait MmioHandler: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// An interrupt line from a device to the platform's interrupt controller (`machine`'s
+/// IOAPIC pins); `virtio` transports raise theirs through it.
+///
+/// Edge-triggered: [`Interrupt::trigger`] signals one edge, each time the device's interrupt
+/// status gains a bit.
+pub trait Interrupt: Send + Sync {
+    fn trigger(&self);
 }
 
 /// Completes one guest instruction in software. The KVM backend uses this when the kernel's

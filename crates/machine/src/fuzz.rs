@@ -13,6 +13,8 @@
 //! calls this module.
 
 use std::io::Write;
+
+use hv::Interrupt as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

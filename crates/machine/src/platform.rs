@@ -353,6 +353,7 @@ impl hv::DeviceIo for Platform {
 #[cfg(test)]
 mod tests {
     use hv::DeviceIo;
+    use hv::Interrupt as _;
 
     use super::*;
     use crate::devices::ioapic::tests::FakeVm;

@@ -45,13 +45,10 @@ pub use worker::Worker;
 /// Guest memory as devices see it.
 pub use hv::GuestMemory;
 
-/// An interrupt line from a device to the platform's interrupt controller.
-///
-/// Edge-triggered: the transport calls [`Interrupt::trigger`] each time its interrupt status
-/// register gains a bit.
-pub trait Interrupt: Send + Sync {
-    fn trigger(&self);
-}
+/// An interrupt line from a device to the platform's interrupt controller; the transport
+/// triggers it each time its interrupt status register gains a bit. The transport itself is an
+/// [`MmioHandler`] the platform's bus maps as it is (both contracts are `hv`'s).
+pub use hv::{Interrupt, MmioHandler};
 
 /// Per-device statistics, for the VMM's status API.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,8 +67,8 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::{
-    Counters, DeviceError, DeviceState, GuestMemory, Interrupt, QueueSaved, VirtioDevice,
-    apply_features,
+    Counters, DeviceError, DeviceState, GuestMemory, Interrupt, MmioHandler, QueueSaved,
+    VirtioDevice, apply_features,
 };
 
 /// "virt" in little endian.
@@ -335,58 +335,6 @@ impl MmioTransport {
 
     pub fn device_type(&self) -> u32 {
         self.shared.device_type
-    }
-
-    /// MMIO read of `data.len()` bytes at `offset` inside the window.
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
-            crate::read_config_bytes(&self.shared.config, offset - reg::CONFIG, data);
-            return;
-        }
-        let value = if data.len() == 4 && offset.is_multiple_of(4) {
-            self.shared.read_reg(&self.regs(), offset)
-        } else {
-            hv::rate_limited!(tracing::debug!(
-                offset,
-                len = data.len(),
-                "virtio-mmio: unaligned register read"
-            ));
-            0
-        };
-        let bytes = value.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
-        data[n..].fill(0);
-    }
-
-    /// MMIO write of `data` at `offset` inside the window.
-    pub fn write(&self, offset: u64, data: &[u8]) {
-        if offset >= reg::CONFIG {
-            hv::rate_limited!(tracing::debug!(
-                offset,
-                "virtio-mmio: config space write dropped"
-            ));
-            return;
-        }
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            hv::rate_limited!(tracing::debug!(
-                offset,
-                len = data.len(),
-                "virtio-mmio: register write not 32-bit"
-            ));
-            return;
-        };
-        if !offset.is_multiple_of(4) {
-            return;
-        }
-        let action = self
-            .shared
-            .write_reg(&mut self.regs(), offset, u32::from_le_bytes(bytes));
-        match action {
-            Action::None => {}
-            Action::Notify(index) => self.queue_notify(index),
-            Action::Wake => self.wake(),
-        }
     }
 
     /// From now on a QueueNotify write only signals the queue's eventfd (returned here, one
@@ -662,6 +610,61 @@ impl MmioTransport {
             r.paused = true;
             r.pending = all;
         })
+    }
+}
+
+/// The transport's register window, mapped on the platform's MMIO bus.
+impl MmioHandler for MmioTransport {
+    /// MMIO read of `data.len()` bytes at `offset` inside the window.
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            crate::read_config_bytes(&self.shared.config, offset - reg::CONFIG, data);
+            return;
+        }
+        let value = if data.len() == 4 && offset.is_multiple_of(4) {
+            self.shared.read_reg(&self.regs(), offset)
+        } else {
+            hv::rate_limited!(tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: unaligned register read"
+            ));
+            0
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    /// MMIO write of `data` at `offset` inside the window.
+    fn write(&self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            hv::rate_limited!(tracing::debug!(
+                offset,
+                "virtio-mmio: config space write dropped"
+            ));
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            hv::rate_limited!(tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register write not 32-bit"
+            ));
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        let action = self
+            .shared
+            .write_reg(&mut self.regs(), offset, u32::from_le_bytes(bytes));
+        match action {
+            Action::None => {}
+            Action::Notify(index) => self.queue_notify(index),
+            Action::Wake => self.wake(),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use hv::ratelimit::{BURST, INTERVAL};
 use tracing::span;
-use virtio::{GuestMemory, Interrupt, MmioTransport, Rng};
+use virtio::{GuestMemory, Interrupt, MmioHandler, MmioTransport, Rng};
 use vm_memory::GuestAddress;
 
 /// Counts events per call site (file:line), at every level.

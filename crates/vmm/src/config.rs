@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -42,29 +43,59 @@ pub fn parse_size(text: &str) -> Result<u64> {
         .ok_or_else(|| bad("number too large"))
 }
 
-/// Which hypervisor backend to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// KVM where `/dev/kvm` can be opened, else emu.
-    #[default]
-    Auto,
-    Kvm,
-    Emu,
+/// A choice flag's values (`--backend`, `--cpu-model`, `--seccomp`): clap parses the flag with
+/// them, and a config file's value goes through [`parse_choice`], so both accept the same names
+/// and a config file's wrong name reads like a wrong flag value.
+pub trait Choice: ValueEnum {
+    /// What the value is, for the error message (`backend`, `cpu model`).
+    const WHAT: &'static str;
 }
 
-impl std::str::FromStr for BackendChoice {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "kvm" => Ok(Self::Kvm),
-            "emu" => Ok(Self::Emu),
-            _ => Err(Error::Usage(format!(
-                "invalid backend '{s}' (expected kvm, emu or auto)"
-            ))),
-        }
-    }
+/// `text` as one of `T`'s values, or a usage error listing them.
+pub fn parse_choice<T: Choice>(text: &str) -> Result<T> {
+    let names: Vec<String> = T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value())
+        .map(|p| p.get_name().to_string())
+        .collect();
+    T::from_str(text, false).map_err(|_| {
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        Error::Usage(format!(
+            "invalid {} '{text}' (expected {expected})",
+            T::WHAT
+        ))
+    })
+}
+
+/// Serde's side of [`parse_choice`], for an optional choice in the config file.
+fn deserialize_choice<'de, D, T>(de: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Choice,
+{
+    let text = String::deserialize(de)?;
+    parse_choice(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Which hypervisor backend to use; `auto` is KVM where `/dev/kvm` can be opened, else emu.
+/// (The variants carry plain comments: clap would show doc comments in `--help`.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Kvm,
+    Emu,
+    #[default]
+    Auto,
+}
+
+impl Choice for BackendChoice {
+    const WHAT: &'static str = "backend";
 }
 
 /// Which CPU the guest sees.
@@ -92,18 +123,46 @@ impl CpuModelChoice {
     }
 }
 
-impl std::str::FromStr for CpuModelChoice {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "portable" | "portable-v3" => Ok(Self::Portable),
-            "portable-v2" => Ok(Self::PortableV2),
-            "host" => Ok(Self::Host),
-            _ => Err(Error::Usage(format!(
-                "invalid cpu model '{s}' (expected portable, portable-v3, portable-v2 or host)"
-            ))),
+/// The names `--cpu-model` accepts: [`CpuModelChoice`] with `portable-v3` spelled out, as the
+/// help lists it (`portable` is the same CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuModelName {
+    Portable,
+    PortableV3,
+    PortableV2,
+    Host,
+}
+
+impl Choice for CpuModelName {
+    const WHAT: &'static str = "cpu model";
+}
+
+impl From<CpuModelName> for CpuModelChoice {
+    fn from(name: CpuModelName) -> Self {
+        match name {
+            CpuModelName::Portable | CpuModelName::PortableV3 => Self::Portable,
+            CpuModelName::PortableV2 => Self::PortableV2,
+            CpuModelName::Host => Self::Host,
         }
     }
+}
+
+/// `--seccomp`'s values: [`sandbox::SeccompMode`] under the names it gives itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeccompChoice(pub sandbox::SeccompMode);
+
+impl ValueEnum for SeccompChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        use sandbox::SeccompMode::{Log, Off, On};
+        &[Self(Off), Self(Log), Self(On)]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.name()))
+    }
+}
+
+impl Choice for SeccompChoice {
+    const WHAT: &'static str = "seccomp mode";
 }
 
 /// Where the guest's ttyS0 goes.
@@ -337,6 +396,11 @@ pub enum SizeValue {
 }
 
 impl SizeValue {
+    /// A `--memory` flag's value, checked later with the rest.
+    fn flag(text: &str) -> std::result::Result<Self, std::convert::Infallible> {
+        Ok(SizeValue::Text(text.to_string()))
+    }
+
     fn bytes(&self) -> Result<u64> {
         match self {
             SizeValue::Mib(n) => n
@@ -347,33 +411,79 @@ impl SizeValue {
     }
 }
 
-/// The `run` settings as given: every field optional, named like the long flags. This is the
-/// shape of `--config FILE.json`; the command line fills one too, and [`RunOptions::merge`]
-/// lays the command line over the file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// The `run` settings as given: every field optional, named like the long flags. This one type
+/// is both the `run` subcommand's flags (clap, with their help) and the shape of
+/// `--config FILE.json` (serde, kebab-case keys); [`RunOptions::override_with`] lays the flags
+/// the user gave over a config file's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RunOptions {
+    /// Linux kernel: bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// The whole kernel command line [default: console=ttyS0 reboot=k panic=-1].
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
+    /// Guest RAM; K, M, G suffixes, a bare number is MiB [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = SizeValue::flag)]
     pub memory: Option<SizeValue>,
-    pub backend: Option<String>,
-    pub cpu_model: Option<String>,
+    /// Hypervisor backend [default: auto].
+    #[arg(long, value_enum)]
+    #[serde(default, deserialize_with = "deserialize_choice")]
+    pub backend: Option<BackendChoice>,
+    /// CPU the guest sees: portable (= portable-v3, x86-64-v3), portable-v2 (x86-64-v2, for hosts
+    /// without v3), host (KVM only) [default: portable].
+    #[arg(long, value_enum)]
+    #[serde(default, deserialize_with = "deserialize_choice")]
+    pub cpu_model: Option<CpuModelName>,
+    /// virtio-blk disk: PATH[,readonly=on][,format=raw|qcow2|vmdk|vhd|vhdx|vdi][,backing=on];
+    /// backing=on follows the image's backing files; repeat for more.
+    #[arg(long, value_name = "SPEC")]
     #[serde(default)]
     pub disk: Vec<String>,
+    /// virtio-net device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX]; repeat for more.
+    #[arg(long, value_name = "SPEC")]
     #[serde(default)]
     pub net: Vec<String>,
+    /// virtio-vsock device: CID,uds=PATH.
+    #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+    /// virtio-rng device.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
     pub rng: Option<bool>,
+    /// Guest serial console: stdio, null or a file to append to [default: stdio].
+    #[arg(long, value_name = "stdio|null|PATH")]
     pub serial: Option<String>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Settings as JSON (field names = long flag names); flags override it.
+    #[arg(long, value_name = "FILE.json")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Resume a VM from a snapshot file instead of booting.
+    #[arg(long, value_name = "SNAPSHOT")]
     pub restore: Option<PathBuf>,
-    /// With `restore`: check the whole RAM image against its checksums before the VM runs.
+    /// With --restore: read the whole RAM image and check its checksums before the VM runs.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
     pub verify: Option<bool>,
+    /// Wait for one live migration (tcp:HOST:PORT or unix:PATH), then run the VM.
+    #[arg(long, value_name = "ADDR")]
     pub incoming: Option<String>,
+    /// Shared secret file for tcp: migration.
+    #[arg(long, value_name = "FILE")]
     pub migration_key: Option<PathBuf>,
-    pub seccomp: Option<String>,
+    /// Per-thread system call filters: on kills the VMM on a call outside its allowlist
+    /// (SIGSYS), log only logs it [default: on].
+    #[arg(long, value_enum)]
+    #[serde(default, deserialize_with = "deserialize_choice")]
+    pub seccomp: Option<SeccompChoice>,
 }
 
 impl RunOptions {
@@ -431,55 +541,34 @@ impl RunOptions {
         serde_json::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// `self` (a config file) overridden by every setting present in `flags`. Lists given on the
-    /// command line replace the file's lists.
-    pub fn merge(self, flags: RunOptions) -> RunOptions {
-        RunOptions {
-            kernel: flags.kernel.or(self.kernel),
-            initrd: flags.initrd.or(self.initrd),
-            cmdline: flags.cmdline.or(self.cmdline),
-            cpus: flags.cpus.or(self.cpus),
-            memory: flags.memory.or(self.memory),
-            backend: flags.backend.or(self.backend),
-            cpu_model: flags.cpu_model.or(self.cpu_model),
-            disk: if flags.disk.is_empty() {
-                self.disk
-            } else {
-                flags.disk
-            },
-            net: if flags.net.is_empty() {
-                self.net
-            } else {
-                flags.net
-            },
-            vsock: flags.vsock.or(self.vsock),
-            rng: flags.rng.or(self.rng),
-            serial: flags.serial.or(self.serial),
-            api_socket: flags.api_socket.or(self.api_socket),
-            restore: flags.restore.or(self.restore),
-            verify: flags.verify.or(self.verify),
-            incoming: flags.incoming.or(self.incoming),
-            migration_key: flags.migration_key.or(self.migration_key),
-            seccomp: flags.seccomp.or(self.seccomp),
-        }
+    /// `self` (a config file's settings) overridden by every flag present in `flags`, the
+    /// `run` subcommand's matches; a list given on the command line replaces the file's list.
+    /// clap knows which flags were given, so no field is named here.
+    pub fn override_with(&mut self, flags: &clap::ArgMatches) -> Result<()> {
+        use clap::FromArgMatches;
+        self.update_from_arg_matches(flags)
+            .map_err(|e| Error::Usage(e.to_string()))
+    }
+
+    /// Parses `run`'s flags alone, without the program and subcommand names (tests, fuzzing).
+    pub fn parse_flags<I, T>(args: I) -> std::result::Result<clap::ArgMatches, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::augment_args(clap::Command::new("run").no_binary_name(true))
+            .try_get_matches_from(args)
     }
 
     /// What to do: boot, restore or receive a migration. Checks every setting.
     pub fn into_request(self) -> Result<RunRequest> {
-        let backend = match &self.backend {
-            Some(b) => b.parse()?,
-            None => BackendChoice::Auto,
-        };
+        let backend = self.backend.unwrap_or_default();
         let serial = match &self.serial {
             Some(s) => SerialConfig::parse(s)?,
             None => SerialConfig::Stdio,
         };
-        let seccomp = self
-            .seccomp
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(|e: sandbox::Error| Error::Usage(e.to_string()))?;
+        // `None`: not given (a restored or arriving VM keeps the mode it had).
+        let seccomp = self.seccomp.map(|c| c.0);
         let runtime = RuntimeOptions {
             backend,
             serial,
@@ -568,10 +657,7 @@ impl RunOptions {
                 "invalid --memory: at most 1024G is supported".into(),
             ));
         }
-        let cpu_model = match &self.cpu_model {
-            Some(m) => m.parse()?,
-            None => CpuModelChoice::Portable,
-        };
+        let cpu_model = self.cpu_model.map(CpuModelChoice::from).unwrap_or_default();
         let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
         if cmdline.contains('\0') {
             return Err(Error::Usage("--cmdline must not contain NUL".into()));
@@ -721,14 +807,6 @@ mod tests {
                 ..kernel_only()
             },
             RunOptions {
-                backend: Some("xen".into()),
-                ..kernel_only()
-            },
-            RunOptions {
-                cpu_model: Some("fast".into()),
-                ..kernel_only()
-            },
-            RunOptions {
                 disk: vec!["/d,readonly=maybe".into()],
                 ..kernel_only()
             },
@@ -774,13 +852,39 @@ mod tests {
             r#"{"cpus":0}"#,
             r#"{"net":["tap=t0,mac=ff:ff:ff:ff:ff:ff"]}"#,
             r#"{"cmdline":"a\u0007b"}"#,
-            r#"{"backend":"xen"}"#,
         ] {
             let file = RunOptions::from_json(bad).unwrap();
             let e = file.check_values().unwrap_err();
             assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{bad}: {e}");
         }
-        let good = RunOptions::from_json(r#"{"memory":"1G","cpus":2,"restore":"/s"}"#).unwrap();
+        // A wrong choice name is refused as the file is read, as a wrong flag value would be.
+        for (bad, message) in [
+            (
+                r#"{"backend":"xen"}"#,
+                "invalid backend 'xen' (expected kvm, emu or auto)",
+            ),
+            (
+                r#"{"cpu-model":"fast"}"#,
+                "invalid cpu model 'fast' (expected portable, portable-v3, portable-v2 or host)",
+            ),
+            (
+                r#"{"seccomp":"yes"}"#,
+                "invalid seccomp mode 'yes' (expected off, log or on)",
+            ),
+        ] {
+            let e = RunOptions::from_json(bad).unwrap_err();
+            assert!(e.starts_with(message), "{bad}: {e}");
+        }
+        // `config` is a flag, not a setting of the file.
+        assert!(RunOptions::from_json(r#"{"config":"/other.json"}"#).is_err());
+        let good = RunOptions::from_json(
+            r#"{"memory":"1G","cpus":2,"restore":"/s","backend":"emu","cpu-model":"portable-v3",
+                "seccomp":"log"}"#,
+        )
+        .unwrap();
+        assert_eq!(good.backend, Some(BackendChoice::Emu));
+        assert_eq!(good.cpu_model, Some(CpuModelName::PortableV3));
+        assert_eq!(good.seccomp, Some(SeccompChoice(sandbox::SeccompMode::Log)));
         good.check_values().unwrap();
     }
 
@@ -791,12 +895,16 @@ mod tests {
                 "disk":["/a.img"],"serial":"null","api-socket":"/tmp/s","rng":true}"#,
         )
         .unwrap();
-        let flags = RunOptions {
-            cpus: Some(2),
-            memory: Some(SizeValue::Text("512".into())),
-            ..Default::default()
+        let merged = |flags: &[&str]| {
+            let mut options = file.clone();
+            options
+                .override_with(&RunOptions::parse_flags(flags).unwrap())
+                .unwrap();
+            options
         };
-        let c = boot(file.clone().merge(flags)).unwrap();
+        // No flag: the file as it is.
+        assert_eq!(merged(&[]), file);
+        let c = boot(merged(&["--cpus", "2", "--memory", "512"])).unwrap();
         assert_eq!(c.kernel, PathBuf::from("/file-k"));
         assert_eq!(c.cpus, 2);
         assert_eq!(c.memory, 512 * MIB);
@@ -804,12 +912,27 @@ mod tests {
         assert_eq!(c.serial, SerialConfig::Null);
         assert_eq!(c.api_socket, Some(PathBuf::from("/tmp/s")));
         assert!(c.rng);
+        // Flags that take no value, and choices.
+        let o = merged(&["--backend", "kvm", "--cpu-model", "host", "--verify"]);
+        assert_eq!(o.backend, Some(BackendChoice::Kvm));
+        assert_eq!(o.cpu_model, Some(CpuModelName::Host));
+        assert_eq!((o.rng, o.verify), (Some(true), Some(true)));
+        assert_eq!(
+            RunOptions::parse_flags(["--rng"])
+                .map(|m| m.contains_id("rng"))
+                .ok(),
+            Some(true)
+        );
+        assert!(RunOptions::parse_flags(["--rng=false"]).is_err());
+        assert!(RunOptions::parse_flags(["--backend", "xen"]).is_err());
         // Lists on the command line replace the file's.
-        let flags = RunOptions {
-            disk: vec!["/b.img,readonly=on,format=qcow2".into(), "/c.img".into()],
-            ..Default::default()
-        };
-        let c = boot(file.merge(flags)).unwrap();
+        let c = boot(merged(&[
+            "--disk",
+            "/b.img,readonly=on,format=qcow2",
+            "--disk",
+            "/c.img",
+        ]))
+        .unwrap();
         assert_eq!(c.disks[0].path, PathBuf::from("/b.img"));
         assert!(c.disks[0].readonly);
         assert_eq!(c.disks[0].format, Some(DiskFormat::Qcow2));

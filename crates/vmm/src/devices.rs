@@ -13,8 +13,8 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use machine::Platform;
 use machine::boot::VirtioSlot;
-use machine::{IrqLine, MmioHandler, Platform};
 use sandbox::{SeccompMode, ThreadRole};
 use virtio::{MmioTransport, VirtioDevice};
 
@@ -65,27 +65,6 @@ impl Drop for VirtioSlotDevice {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-    }
-}
-
-/// The platform bus calls into the transport's registers (never waiting for device I/O).
-struct Window(MmioTransport);
-
-impl MmioHandler for Window {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data);
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data);
-    }
-}
-
-/// A device's interrupt: one edge on its IOAPIC pin.
-struct Irq(IrqLine);
-
-impl virtio::Interrupt for Irq {
-    fn trigger(&self) {
-        self.0.trigger();
     }
 }
 
@@ -223,7 +202,7 @@ impl VirtioSlotDevice {
         transport: impl FnOnce(
             Box<dyn VirtioDevice>,
             Arc<hv::GuestMemory>,
-            Arc<Irq>,
+            Arc<machine::IrqLine>,
             &'static str,
         ) -> std::result::Result<MmioTransport, BuildError>,
     ) -> Result<Self> {
@@ -241,13 +220,14 @@ impl VirtioSlotDevice {
         })?;
         let line = platform.irq_line(slot.irq);
         let irqfd = line.enable_irqfd();
-        let irq = Arc::new(Irq(line));
+        let irq = Arc::new(line);
         let transport = transport(spec.device, memory.clone(), irq, spec.kind)?;
         platform
             .register_mmio(
                 slot.base,
                 machine::layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Window(transport.clone())),
+                // The bus calls into the transport's registers (never waiting for device I/O).
+                Arc::new(transport.clone()),
             )
             .map_err(|e| Error::Internal(crate::error::report(&e)))?;
         Ok(VirtioSlotDevice {

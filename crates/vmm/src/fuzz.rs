@@ -8,15 +8,15 @@
 //!
 //! Input: fields separated by NUL bytes. Field 0 is the `--config` file's text (empty: none);
 //! every other field is `NAME=VALUE` with NAME a long flag without its dashes (`memory=4G`,
-//! `disk=/d.img,readonly=on`, `rng=`); other fields only go through the single-value parsers.
+//! `disk=/d.img,readonly=on`, `rng=`), parsed by clap as `run`'s flags (an unknown NAME is
+//! refused as the command line refuses it); every field also goes through the single-value
+//! parsers.
 //! [`args_input`] writes this format. The `assert!`s are the fuzzer's oracle: nothing but the
 //! fuzz target and the tests calls this module.
 
-use std::path::PathBuf;
-
 use crate::config::{
-    BackendChoice, CpuModelChoice, DiskConfig, MAX_CPUS, MAX_MEMORY, NetConfig, RunOptions,
-    RunRequest, SerialConfig, SizeValue, VsockConfig, parse_size,
+    BackendChoice, CpuModelName, DiskConfig, MAX_CPUS, MAX_MEMORY, NetConfig, RunOptions,
+    RunRequest, SeccompChoice, SerialConfig, VsockConfig, parse_choice, parse_size,
 };
 use crate::error::Result;
 
@@ -57,44 +57,30 @@ fn parse_value(v: &str) {
     if let Ok(SerialConfig::File(p)) = SerialConfig::parse(v) {
         assert!(!p.as_os_str().is_empty());
     }
-    let _ = v.parse::<BackendChoice>();
-    let _ = v.parse::<CpuModelChoice>();
-    let _ = v.parse::<sandbox::SeccompMode>();
+    let _ = parse_choice::<BackendChoice>(v);
+    let _ = parse_choice::<CpuModelName>(v);
+    let _ = parse_choice::<SeccompChoice>(v);
     if let Ok(a) = v.parse::<migrate::Address>() {
         let again = a.to_string().parse::<migrate::Address>().ok();
         assert_eq!(again.as_ref(), Some(&a), "address {v:?} does not read back");
     }
 }
 
-/// Sets the flag `name` in `o` as the command line would (`false` for an unknown name or a
-/// value clap would refuse).
-fn set_flag(o: &mut RunOptions, name: &str, value: &str) -> bool {
-    let path = || Some(PathBuf::from(value));
-    let text = || Some(value.to_string());
-    match name {
-        "kernel" => o.kernel = path(),
-        "initrd" => o.initrd = path(),
-        "cmdline" => o.cmdline = text(),
-        "cpus" => match value.parse() {
-            Ok(n) => o.cpus = Some(n),
-            Err(_) => return false,
-        },
-        "memory" => o.memory = Some(SizeValue::Text(value.to_string())),
-        "backend" => o.backend = text(),
-        "cpu-model" => o.cpu_model = text(),
-        "disk" => o.disk.push(value.to_string()),
-        "net" => o.net.push(value.to_string()),
-        "vsock" => o.vsock = text(),
-        "rng" => o.rng = Some(true),
-        "serial" => o.serial = text(),
-        "api-socket" => o.api_socket = path(),
-        "restore" => o.restore = path(),
-        "incoming" => o.incoming = text(),
-        "migration-key" => o.migration_key = path(),
-        "seccomp" => o.seccomp = text(),
-        _ => return false,
+/// The command-line word for the field `NAME=VALUE`: `--NAME=VALUE`, or `--NAME` for a flag
+/// that takes no value (`rng`, `verify`). An unknown NAME stays a flag clap refuses.
+fn flag_word(name: &str, value: &str) -> String {
+    use clap::Args;
+    let run = RunOptions::augment_args(clap::Command::new("run"));
+    let no_value = run
+        .get_arguments()
+        .find(|a| a.get_long() == Some(name))
+        .and_then(|a| a.get_num_args())
+        .is_some_and(|n| n.max_values() == 0);
+    if no_value {
+        format!("--{name}")
+    } else {
+        format!("--{name}={value}")
     }
-    true
 }
 
 /// Parses the input (see the module documentation) into what `anyvisor run` would do.
@@ -102,15 +88,17 @@ pub fn cli_args(data: &[u8]) -> Result<RunRequest> {
     let text = String::from_utf8_lossy(data);
     let mut fields = text.split('\0');
     let config = fields.next().unwrap_or_default();
-    let mut flags = RunOptions::default();
+    let mut words = Vec::new();
     for field in fields {
         let (name, value) = field.split_once('=').unwrap_or((field, ""));
         parse_value(value);
-        if !set_flag(&mut flags, name, value) {
-            parse_value(field);
-        }
+        parse_value(field);
+        words.push(flag_word(name, value));
     }
-    let file = if config.is_empty() {
+    // The flags go through clap as `anyvisor run` parses them.
+    let flags = RunOptions::parse_flags(words)
+        .map_err(|e| crate::Error::Usage(e.to_string().lines().next().unwrap_or("").into()))?;
+    let mut options = if config.is_empty() {
         RunOptions::default()
     } else {
         match RunOptions::from_json(config) {
@@ -123,10 +111,11 @@ pub fn cli_args(data: &[u8]) -> Result<RunRequest> {
             }
         }
     };
-    for v in file.disk.iter().chain(&file.net) {
+    for v in options.disk.iter().chain(&options.net) {
         parse_value(v);
     }
-    let request = file.merge(flags).into_request();
+    options.override_with(&flags)?;
+    let request = options.into_request();
     match &request {
         Ok(RunRequest::Boot(cfg)) => {
             assert!((1..=MAX_CPUS).contains(&cfg.cpus), "{cfg:?}");

@@ -113,16 +113,8 @@ impl Source<'_> {
     fn memory_dirty_pages(&self, out: &mut Vec<u64>) {
         for region in self.parts.memory.iter() {
             let first = region.start_addr().0 / hv::PAGE_SIZE;
-            for (word_index, word) in
-                (0u64..).zip(std::ops::Deref::deref(region).bitmap().get_and_reset())
-            {
-                let mut bits = word;
-                while bits != 0 {
-                    let bit = u64::from(bits.trailing_zeros());
-                    out.push(first + word_index * 64 + bit);
-                    bits &= bits - 1;
-                }
-            }
+            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            out.extend(hv::dirty::dirty_pages(first, &words));
         }
     }
 }

@@ -694,7 +694,7 @@ mod tests {
             Arc::new(NoIrq),
         )
         .unwrap();
-        t.write(0x70, &1u32.to_le_bytes());
+        hv::MmioHandler::write(&t, 0x70, &1u32.to_le_bytes());
         t.save()
     }
 

@@ -274,6 +274,35 @@ fn config_file() {
         2,
         "--cpus 0",
     );
+    // Choice values (backend, cpu model, seccomp) too: the file's wrong name is refused with
+    // the names it could have been, even under a flag that overrides it.
+    for (file, flag, needle) in [
+        (
+            r#"{"backend":"xen"}"#,
+            ["--backend", "emu"],
+            "invalid backend 'xen' (expected kvm, emu or auto)",
+        ),
+        (
+            r#"{"cpu-model":"fast"}"#,
+            ["--cpu-model", "portable"],
+            "invalid cpu model 'fast'",
+        ),
+        (
+            r#"{"seccomp":"yes"}"#,
+            ["--seccomp", "on"],
+            "invalid seccomp mode 'yes' (expected off, log or on)",
+        ),
+    ] {
+        std::fs::write(&cfg, file).unwrap();
+        assert_error(
+            &anyvisor(&["run", "--config", c, flag[0], flag[1]], &[]),
+            2,
+            needle,
+        );
+    }
+    // `config` names the file on the command line; it is no setting of the file.
+    std::fs::write(&cfg, r#"{"config":"/other.json"}"#).unwrap();
+    assert_error(&anyvisor(&["run", "--config", c], &[]), 2, "config");
     // The file's kernel with valid values gets to the next check (the missing kernel file).
     std::fs::write(&cfg, r#"{"kernel":"/nonexistent/k","cpus":2}"#).unwrap();
     assert_error(

@@ -451,6 +451,14 @@ pub struct IrqLine {
     pin: u32,
 }
 
+/// A device's interrupt is an edge on its pin: a virtio transport takes the line itself.
+impl hv::Interrupt for IrqLine {
+    /// Signals one edge on the pin.
+    fn trigger(&self) {
+        self.ioapic.trigger(self.pin);
+    }
+}
+
 impl IrqLine {
     pub fn new(ioapic: Arc<Ioapic>, pin: u32) -> IrqLine {
         IrqLine { ioapic, pin }
@@ -458,11 +466,6 @@ impl IrqLine {
 
     pub fn pin(&self) -> u32 {
         self.pin
-    }
-
-    /// Signals one edge on the pin.
-    pub fn trigger(&self) {
-        self.ioapic.trigger(self.pin);
     }
 
     /// Lets the pin deliver through an irqfd when the backend has them (see the module docs).
@@ -480,6 +483,8 @@ impl std::fmt::Debug for IrqLine {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use hv::Interrupt as _;
+
     use super::*;
 
     /// A VM that records MSIs, and with `irqfd` set, MSI routes and registered irqfds.

@@ -21,9 +21,5 @@ pub trait PlatformEvents: Send + Sync {
     fn request(&self, ev: PlatformEvent);
 }
 
-/// A memory-mapped device. `offset` is relative to the base it was registered at;
-/// `data.len()` is 1, 2, 4 or 8.
-pub trait MmioHandler: Send + Sync {
-    fn read(&self, offset: u64, data: &mut [u8]);
-    fn write(&self, offset: u64, data: &[u8]);
-}
+/// A memory-mapped device (the contract is `hv`'s, shared with `virtio`'s transports).
+pub use hv::MmioHandler;

@@ -14,6 +14,7 @@ use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
 
 use super::IrqLine;
+use hv::Interrupt as _;
 
 /// Size of vm-superio's receive FIFO.
 pub const FIFO_SIZE: usize = 64;

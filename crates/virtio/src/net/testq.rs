@@ -9,7 +9,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::testutil::Buf;
-use crate::{DeviceError, GuestMemory, MmioTransport, VirtioDevice};
+use crate::{DeviceError, GuestMemory, MmioHandler, MmioTransport, VirtioDevice};
 
 /// Driver side of one split queue whose rings start at `base`.
 pub struct QDriver<'a> {

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use super::testq::{QDriver, notify, probe};
 use super::*;
 use crate::testutil::{DATA, MEM_SIZE, irq, memory, pattern, r, w};
-use crate::{MmioTransport, RngState};
+use crate::{MmioHandler, MmioTransport, RngState};
 
 const RXQ: u64 = 0;
 const TXQ: u64 = 0x1_0000;

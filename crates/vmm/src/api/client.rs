@@ -4,8 +4,35 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::http;
+use super::{Endpoint, http, path};
 use crate::error::{Error, Result};
+
+/// `GET /vm`: the VM's state as the server wrote it (JSON).
+pub fn info(socket: &Path) -> Result<Option<String>> {
+    call(socket, "GET", path::VM, None)
+}
+
+/// `PUT` of a request without a body (`path::PAUSE`, `path::RESUME`).
+pub fn put_empty(socket: &Path, path: &str) -> Result<Option<String>> {
+    call(socket, "PUT", path, None)
+}
+
+/// `PUT` of one of the API's request types to its endpoint: the body is the type the server
+/// deserializes, serialized.
+pub fn put<R: Endpoint>(socket: &Path, request: &R) -> Result<Option<String>> {
+    call(socket, "PUT", R::PATH, Some(&body(request)?))
+}
+
+/// [`put`] through [`call_interruptible`].
+pub fn put_interruptible<R: Endpoint>(socket: &Path, request: &R) -> Result<Option<String>> {
+    call_interruptible(socket, "PUT", R::PATH, Some(&body(request)?))
+}
+
+/// The JSON body of `request`; a path that is not UTF-8 cannot be sent in JSON.
+fn body<R: Endpoint>(request: &R) -> Result<String> {
+    serde_json::to_string(request)
+        .map_err(|e| Error::Usage(format!("cannot send the request to {}: {e}", R::PATH)))
+}
 
 /// Largest response accepted.
 const MAX_RESPONSE: usize = 16 << 20;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::http::Request;
+use super::path;
 
 /// Time a client has to send its whole request.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
@@ -37,7 +38,9 @@ pub enum Class {
 impl Class {
     pub fn of(req: &Request) -> Class {
         match (req.method.as_str(), req.path.trim_end_matches('/')) {
-            ("GET", "/vm") | ("PUT", "/vm/pause" | "/vm/resume" | "/vm/shutdown") => Class::Control,
+            ("GET", path::VM) | ("PUT", path::PAUSE | path::RESUME | path::SHUTDOWN) => {
+                Class::Control
+            }
             _ => Class::Work,
         }
     }

@@ -44,6 +44,35 @@ impl ApiError {
     }
 }
 
+/// The endpoints' paths, named once for the server's router and the client.
+pub mod path {
+    /// `GET`: the VM's state.
+    pub const VM: &str = "/vm";
+    pub const PAUSE: &str = "/vm/pause";
+    pub const RESUME: &str = "/vm/resume";
+    pub const SHUTDOWN: &str = "/vm/shutdown";
+    pub const SNAPSHOT: &str = "/vm/snapshot";
+    pub const MIGRATE: &str = "/vm/migrate";
+}
+
+/// A request body of the API: the type the server deserializes is the type the client
+/// serializes, and it knows its endpoint (`PUT` to [`Endpoint::PATH`]).
+pub trait Endpoint: Serialize {
+    const PATH: &'static str;
+}
+
+impl Endpoint for SnapshotRequest {
+    const PATH: &'static str = path::SNAPSHOT;
+}
+
+impl Endpoint for ShutdownRequest {
+    const PATH: &'static str = path::SHUTDOWN;
+}
+
+impl Endpoint for MigrateRequest {
+    const PATH: &'static str = path::MIGRATE;
+}
+
 /// `PUT /vm/snapshot` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,10 +163,10 @@ pub fn route_cancellable(
     };
     let method = req.method.as_str();
     match (req.path.trim_end_matches('/'), method) {
-        ("/vm", "GET") => Response::json(200, &control.info()),
-        ("/vm/pause", "PUT") => done(control.pause()),
-        ("/vm/resume", "PUT") => done(control.resume()),
-        ("/vm/shutdown", "PUT") => {
+        (path::VM, "GET") => Response::json(200, &control.info()),
+        (path::PAUSE, "PUT") => done(control.pause()),
+        (path::RESUME, "PUT") => done(control.resume()),
+        (path::SHUTDOWN, "PUT") => {
             let req = if req.body.iter().all(u8::is_ascii_whitespace) {
                 Ok(ShutdownRequest::default())
             } else {
@@ -145,7 +174,7 @@ pub fn route_cancellable(
             };
             done(req.and_then(|r| control.shutdown(r)))
         }
-        ("/vm/snapshot", "PUT") => done(body_json::<SnapshotRequest>(req).and_then(|r| {
+        (path::SNAPSHOT, "PUT") => done(body_json::<SnapshotRequest>(req).and_then(|r| {
             if r.output.is_relative() {
                 return Err(ApiError::new(
                     400,
@@ -154,12 +183,12 @@ pub fn route_cancellable(
             }
             control.snapshot_cancellable(r, cancelled)
         })),
-        ("/vm/migrate", "PUT") => match body_json(req).and_then(|r| control.migrate(r)) {
+        (path::MIGRATE, "PUT") => match body_json(req).and_then(|r| control.migrate(r)) {
             Ok(v) => Response::json(200, &v),
             Err(e) => Response::error(e.status, &e.message),
         },
         (
-            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate",
+            path::VM | path::PAUSE | path::RESUME | path::SHUTDOWN | path::SNAPSHOT | path::MIGRATE,
             _,
         ) => Response::error(405, &format!("method {method} not allowed here")),
         _ => Response::error(404, &format!("no such endpoint: {}", req.path)),
@@ -705,8 +734,8 @@ mod tests {
         let path = dir.join("api.sock");
         // A stale socket file is replaced.
         drop(UnixListener::bind(&path).unwrap());
-        let server =
-            ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off).unwrap();
+        let fake = Arc::new(Fake::default());
+        let server = ApiServer::start(&path, fake.clone(), sandbox::SeccompMode::Off).unwrap();
         // A second server on a live socket is refused.
         let e = ApiServer::start(&path, Arc::new(Fake::default()), sandbox::SeccompMode::Off)
             .err()
@@ -729,6 +758,36 @@ mod tests {
             assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
         }
         assert!(client::call(&path, "GET", "/vm", None).is_ok());
+        // The typed requests arrive as the server's types, as sent.
+        assert_eq!(client::info(&path).unwrap(), info);
+        assert_eq!(client::put_empty(&path, path::PAUSE).unwrap(), None);
+        let shutdown = ShutdownRequest {
+            timeout: Some(7),
+            force: false,
+        };
+        assert_eq!(client::put(&path, &shutdown).unwrap(), None);
+        let snapshot = SnapshotRequest {
+            output: "/snap/x".into(),
+            stop: true,
+            overwrite: false,
+        };
+        assert_eq!(client::put(&path, &snapshot).unwrap(), None);
+        let migrate = MigrateRequest {
+            to: "unix:/m".into(),
+            migration_key_file: None,
+            max_downtime_ms: Some(5),
+        };
+        let e = client::put(&path, &migrate).unwrap_err();
+        assert!(matches!(e, Error::ApiRequest { status: 501, .. }), "{e:?}");
+        assert_eq!(
+            fake.calls.lock().unwrap().as_slice(),
+            [
+                "pause",
+                "pause",
+                "shutdown Some(7) false",
+                "snapshot /snap/x true"
+            ]
+        );
         drop(server);
         assert!(!path.exists());
         let e = client::call(&path, "GET", "/vm", None).unwrap_err();
