@@ -28,6 +28,9 @@ pub struct VcpuShared {
     /// The mailbox has something (checked without the lock on every instruction batch).
     pub pending: AtomicBool,
     pub kicked: AtomicBool,
+    /// Nonzero: translated code leaves at its next block head (set with `pending` and
+    /// `kicked`; the translator reads it from generated code and clears it per batch).
+    pub exit_req: AtomicU32,
     pub cond: Condvar,
     /// The vCPU is (about to be) inside its user-mode runner: posting and kicking must also
     /// kick the runner.
@@ -50,6 +53,7 @@ impl VcpuShared {
             mailbox: Mutex::new(Mailbox::default()),
             pending: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
+            exit_req: AtomicU32::new(0),
             cond: Condvar::new(),
             in_user: AtomicBool::new(false),
             user_kicker: OnceLock::new(),
@@ -61,6 +65,7 @@ impl VcpuShared {
             let mut m = lock(&self.mailbox);
             f(&mut m);
             self.pending.store(true, Ordering::SeqCst);
+            self.exit_req.store(1, Ordering::SeqCst);
             self.cond.notify_all();
         }
         self.kick_user();
@@ -70,6 +75,7 @@ impl VcpuShared {
         {
             let _m = lock(&self.mailbox);
             self.kicked.store(true, Ordering::SeqCst);
+            self.exit_req.store(1, Ordering::SeqCst);
             self.cond.notify_all();
         }
         self.kick_user();
@@ -145,6 +151,12 @@ impl CodeTracker {
         self.gens
             .get(page as usize)
             .map(|g| g.load(Ordering::Acquire))
+    }
+
+    /// The address of `page`'s write generation word, which translated code compares at its
+    /// chained entry (the word lives as long as this tracker; `None` if untracked).
+    pub fn generation_addr(&self, page: u64) -> Option<u64> {
+        self.gens.get(page as usize).map(|g| g.as_ptr() as u64)
     }
 
     /// A write hit `page`. Returns true if that invalidated cached code.
