@@ -172,6 +172,8 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         Code::Push_r64 => return Some(Kind::Push),
         Code::Pushq_imm8 | Code::Pushq_imm32 => return Some(Kind::Push),
         Code::Pop_r64 => return Some(Kind::Pop),
+        // A spin-wait hint: nothing to do (its F3 prefix is part of the opcode).
+        Code::Pause => return Some(Kind::Nop),
         Code::Call_rel32_64 => return canonical(i.near_branch64()).then_some(Kind::CallRel),
         Code::Call_rm64 if i.op0_kind() == OpKind::Register => return Some(Kind::CallReg),
         Code::Retnq | Code::Retnq_imm16 => return Some(Kind::Ret),
@@ -233,6 +235,7 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
             | M::Xchg
             | M::Xadd
             | M::Nop
+            | M::Lfence
     ) || i.condition_code() != iced_x86::ConditionCode::None
         && matches!(
             m,
@@ -905,8 +908,14 @@ impl Emitter {
             },
         );
         if write {
-            a.load(RCX, ctx(C_LOG_N));
+            // Bit 0 of the entry's page: already dirty, no code there: nothing to log. (rax
+            // is free here: operands are loaded after the check.)
+            let done = a.label();
             a.load(RDX, at(RDI, 24));
+            a.mov_imm(RAX, 63);
+            a.shlx(RCX, RDX, RAX);
+            a.jmp_unless_rcx_zero(done);
+            a.load(RCX, ctx(C_LOG_N));
             a.store(
                 Mem {
                     base: Some(R15),
@@ -917,6 +926,7 @@ impl Emitter {
             );
             a.lea(RCX, at(RCX, 1));
             a.store(ctx(C_LOG_N), RCX);
+            a.bind(done);
         }
     }
 

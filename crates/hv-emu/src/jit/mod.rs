@@ -96,7 +96,9 @@ pub struct TlbEntry {
     write_tag: u64,
     /// Host address minus guest linear address of the page.
     addend: u64,
-    /// Guest-physical page address (for the store log).
+    /// Guest-physical page address (for the store log); bit 0 set: the page was dirty and
+    /// held no code when the write entry was made, so stores through it are not logged
+    /// (QEMU's NOTDIRTY idea; such entries are dropped at each dirty-bitmap harvest).
     pa: u64,
 }
 
@@ -246,6 +248,8 @@ pub struct Jit {
     incoming: HashMap<u32, Vec<(u32, u32)>>,
     /// Jump-cache slots in use (cleared one by one when the cache must be emptied).
     jc_used: Vec<u16>,
+    /// `VmShared::dirty_epoch` the unlogged write entries were made under.
+    dirty_epoch: u64,
     /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
     pending: Option<PendingLink>,
     pub stats: Stats,
@@ -287,6 +291,7 @@ impl Jit {
             hot: hot_from_env(),
             incoming: HashMap::new(),
             jc_used: Vec::new(),
+            dirty_epoch: 0,
             pending: None,
             stats: Stats::default(),
         })
@@ -362,6 +367,13 @@ impl Jit {
     fn flush_writes(&mut self) {
         for e in self.ctx.tlb.iter_mut() {
             e.write_tag = 1;
+        }
+    }
+
+    /// Makes every write entry log its stores again (a dirty-bitmap harvest happened).
+    fn log_all_writes(&mut self) {
+        for e in self.ctx.tlb.iter_mut() {
+            e.pa &= !1;
         }
     }
 }
@@ -614,6 +626,23 @@ impl Exec<'_> {
             jit.flush_writes();
             jit.marks = marks;
         }
+        // Announce the dirty epoch this run's unlogged write entries belong to (see
+        // `VmShared::quiesce_unlogged_writes`): publish, then re-check, so a harvest either
+        // sees this run and waits for it, or this run sees the new epoch.
+        let vm = self.vm;
+        let active = vm.vcpus.get(self.cpu.id as usize).map(|v| &v.jit_active);
+        let epoch = loop {
+            let e = vm.dirty_epoch.load(Ordering::SeqCst);
+            let Some(a) = active else { break e };
+            a.store(e, Ordering::SeqCst);
+            if vm.dirty_epoch.load(Ordering::SeqCst) == e {
+                break e;
+            }
+        };
+        if epoch != jit.dirty_epoch {
+            jit.log_all_writes();
+            jit.dirty_epoch = epoch;
+        }
         let ctx = &mut *jit.ctx;
         ctx.flags = self.cpu.rflags;
         ctx.exit = 0;
@@ -626,7 +655,11 @@ impl Exec<'_> {
         ctx.link = 0;
         ctx.dead = 0;
         jit.stats.entries += 1;
-        if jit.cache.call(code, &mut self.cpu.gpr, ctx).is_err() {
+        let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
+        if let Some(a) = active {
+            a.store(0, Ordering::SeqCst);
+        }
+        if called.is_err() {
             // Unreachable in practice (lookup checked it); translate again next time.
             return Ok(0);
         }
@@ -712,7 +745,11 @@ impl Exec<'_> {
             *e = EMPTY;
         }
         e.addend = host.wrapping_sub(lin & !0xfff);
-        e.pa = pa & !0xfff;
+        // Unlogged only if the page is dirty already (the bitmap has it since the last
+        // harvest: `jit.dirty_epoch` is current, checked at every entry) and holds no code
+        // (`is_marked` above; a page that becomes code drops all write entries).
+        let unlogged = write && self.ram.is_dirty(pa);
+        e.pa = (pa & !0xfff) | u64::from(unlogged);
         e.read_tag = tag;
         if write {
             e.write_tag = tag;

@@ -329,6 +329,8 @@ fn templates() -> Vec<(String, Gen)> {
     t!(pop(rsp));
     t!(nop());
     t!(nop_1(dword_ptr(rax + rax)));
+    t!(lfence());
+    t!(pause());
     v
 }
 
@@ -727,4 +729,97 @@ fn exit_request_ends_a_chain_promptly() {
     let incs = c.gpr[0].wrapping_sub(rax0) + c.gpr[2].wrapping_sub(rdx0);
     assert_eq!(incs * 2, u64::from(n));
     assert!(rig.jit.stats.links >= 2);
+}
+
+#[test]
+fn dirty_bitmap_sees_the_first_write_after_a_harvest() {
+    // A translated store to an already-dirty data page skips the bitmap (unlogged write
+    // entry); after a harvest (reset, then `quiesce_unlogged_writes`, as `take_dirty_log`
+    // does) the next store marks the page again.
+    const D: u64 = 0x5000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rbx, D).unwrap();
+    a.mov(qword_ptr(rbx), rax).unwrap();
+    a.inc(rax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut rig = Rig::new();
+    rig.load(11, &code);
+    use vm_memory::GuestMemoryBackend as _;
+    use vm_memory::bitmap::Bitmap as _;
+    let dirty = |r: &hv::GuestMemory| r.iter().next().unwrap().bitmap().dirty_at(D as usize);
+    let harvest = |r: &hv::GuestMemory| {
+        let _ = r.iter().next().unwrap().bitmap().get_and_reset();
+    };
+    let run = |rig: &mut Rig, v: u64| {
+        let mut c = cpu64(&mut Rng(11));
+        c.gpr[0] = v;
+        run_jit(rig, &mut c, 10);
+        assert_eq!(rig.m1.read_obj::<u64>(GuestAddress(D)).unwrap(), v);
+    };
+    // The first store misses the soft TLB (the interpreter marks the page), the second goes
+    // through a write entry made for a dirty page.
+    run(&mut rig, 1);
+    run(&mut rig, 2);
+    assert!(dirty(&rig.m1));
+    // Without the hand-shake the entry stays unlogged: the write is not marked (which is
+    // why a harvest must quiesce).
+    harvest(&rig.m1);
+    run(&mut rig, 3);
+    assert!(!dirty(&rig.m1), "the store went through a logged path");
+    // With it, the first store after the harvest is marked (the entry logs again until it
+    // is made anew).
+    harvest(&rig.m1);
+    rig.vm.quiesce_unlogged_writes();
+    run(&mut rig, 4);
+    assert!(
+        dirty(&rig.m1),
+        "first write after a harvest not in the bitmap"
+    );
+    harvest(&rig.m1);
+    rig.vm.quiesce_unlogged_writes();
+    run(&mut rig, 5);
+    assert!(
+        dirty(&rig.m1),
+        "first write after a harvest not in the bitmap"
+    );
+}
+
+#[test]
+fn a_store_into_a_page_that_became_code_invalidates_it() {
+    // X stores into P (a dirty data page with an unlogged write entry), then P's code runs
+    // (P becomes code), then X patches P's immediate and calls it again: every call must
+    // run the patched code.
+    const P: u64 = CODE + 0x4000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(edx, 6).unwrap();
+    a.mov(ecx, 100).unwrap();
+    a.mov(rsp, 0x9000u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(rbx, P + 1).unwrap();
+    a.mov(dword_ptr(rbx), ecx).unwrap();
+    a.inc(ecx).unwrap();
+    a.call(P).unwrap();
+    a.add(rdi, rax).unwrap();
+    a.dec(edx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(eax, 0).unwrap();
+    p.ret().unwrap();
+    code.resize((P - CODE) as usize, 0xcc);
+    code.extend_from_slice(&p.assemble(P).unwrap());
+    let mut rig = Rig::new();
+    for seed in [1u64, 2] {
+        rig.load(seed, &code);
+        rig.compare("store into code", seed, 200, 0);
+    }
+    rig.load(3, &code);
+    let mut c = cpu64(&mut Rng(3));
+    let rdi0 = c.gpr[7];
+    run_jit(&mut rig, &mut c, 200);
+    assert_eq!(c.mp_state, MpState::Halted);
+    assert_eq!(c.gpr[7], rdi0.wrapping_add((100..106).sum::<u64>()));
 }
