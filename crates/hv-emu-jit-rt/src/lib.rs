@@ -231,7 +231,12 @@ impl CodeCache {
         // block reads and writes only `regs`, `ctx` (at the offsets of the layout it was
         // emitted for), guest RAM through the host addresses `ctx`'s soft TLB holds (filled by
         // the translator only for RAM of the `GuestMemory` the vCPU owns, which outlives it),
-        // and its own stack frame; it leaves DF clear and restores what the ABI requires.
+        // and its own stack frame; it only reads two kinds of shared words whose addresses
+        // the translator put in `ctx` or the code (the vCPU's exit-request word and the code
+        // tracker's page generations, atomics of the VM's shared state, which outlives the
+        // vCPU); it jumps only to other blocks of this cache (links and jump-cache entries
+        // the owner keeps valid, see "Chaining"); it leaves DF clear and restores what the
+        // ABI requires.
         f(regs.as_mut_ptr(), ctx);
         Ok(())
     }

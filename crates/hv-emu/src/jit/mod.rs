@@ -20,8 +20,16 @@
 //! * **Stores** log their guest page in [`Ctx::log`]; after the block the run loop marks the
 //!   dirty bitmap (data first, then the bit, as `Ram::write`) and tells the code tracker, so
 //!   migration and self-modifying-code detection see every translated store.
+//!   Write entries for pages already dirty and without code skip the log (unlogged, QEMU's
+//!   NOTDIRTY); a dirty-bitmap harvest turns them back into logged ones before it returns
+//!   (`VmShared::quiesce_unlogged_writes`).
 //! * **Self-modifying code**: a translation is tagged with its page's write generation, like a
 //!   decoded block, and is dropped when the page is written.
+//! * **Chaining**: a block's exit goes straight to the next block's chained entry, through a
+//!   patched jump (same guest page) or the jump cache; that entry re-checks the budget, the
+//!   exit-request word and its page's write generation, so a chain still returns within the
+//!   batch budget, at once when another thread posts an interrupt or kicks, and never runs
+//!   a translation of code that was overwritten.
 
 mod asm;
 mod emit;
