@@ -14,6 +14,11 @@
 //!   full and the owner calls [`CodeCache::clear`] (QEMU's "flush everything" policy). A
 //!   [`CodeRef`] remembers the clear generation it was made under, so a stale reference is
 //!   refused instead of jumping into overwritten bytes.
+//! * **Chaining**: a block may end in a `jmp rel32` that the owner later points at another
+//!   block of the same cache ([`CodeCache::patch_jump`]) so that blocks run one after another
+//!   without returning; the owner undoes such links (patching the jump back) before the target
+//!   becomes invalid. Patching writes the RW view while no code of this cache runs (`&mut self`,
+//!   and a cache belongs to one vCPU thread).
 //! * **Calling**: [`CodeCache::call`] runs a block as `extern "sysv64" fn(regs, ctx)`, where
 //!   `regs` is the guest's 16 general registers and `ctx` the translator's `#[repr(C)]` context.
 //!   The code itself is trusted: it is produced by `hv_emu::jit`, whose invariants (only the
@@ -32,6 +37,13 @@ pub struct CodeRef {
     off: u32,
     len: u32,
     generation: u32,
+}
+
+impl CodeRef {
+    /// The block's offset in its cache.
+    pub fn offset(&self) -> u32 {
+        self.off
+    }
 }
 
 /// Executable memory for translated blocks: one memfd, an RW view and an RX view.
@@ -156,6 +168,54 @@ impl CodeCache {
         r.generation == self.generation && (r.off as usize + r.len as usize) <= self.used
     }
 
+    /// The offset in the cache of the executable address `addr` (as generated code computes
+    /// it), if it lies in the used part.
+    pub fn offset_of(&self, addr: u64) -> Option<u32> {
+        let off = addr.checked_sub(self.rx as u64)?;
+        (off < self.used as u64).then_some(off as u32)
+    }
+
+    /// The executable address of cache offset `off` (for generated code that jumps through a
+    /// table), if it lies in the used part.
+    pub fn address_of(&self, off: u32) -> Option<u64> {
+        ((off as usize) < self.used).then(|| self.rx as u64 + u64::from(off))
+    }
+
+    /// The cache offset a `jmp rel32` whose displacement field is at `site` goes to.
+    pub fn jump_target(&self, site: u32) -> Option<u32> {
+        let end = (site as usize).checked_add(4)?;
+        if end > self.used {
+            return None;
+        }
+        let mut b = [0u8; 4];
+        // SAFETY: `site..end` lies inside the used part of the RW view (checked above); the
+        // bytes are plain memory this cache owns and no code runs while `&self` is borrowed
+        // here by the (only) owning thread.
+        unsafe { std::ptr::copy_nonoverlapping(self.rw.add(site as usize), b.as_mut_ptr(), 4) };
+        let rel = i64::from(i32::from_le_bytes(b));
+        u32::try_from(end as i64 + rel).ok()
+    }
+
+    /// Points the `jmp rel32` whose displacement field is at `site` to cache offset `target`.
+    /// False (nothing written) if either lies outside the used part. The caller guarantees
+    /// that `site` is such a field of a block it emitted and `target` the start of code that
+    /// expects the state that jump leaves (see the crate docs, "Chaining").
+    pub fn patch_jump(&mut self, site: u32, target: u32) -> bool {
+        let end = site as usize + 4;
+        if end > self.used || target as usize >= self.used {
+            return false;
+        }
+        let rel = (i64::from(target) - end as i64) as i32;
+        // SAFETY: `site..end` lies inside the used part of the RW view (checked above). No
+        // code of this cache runs while `&mut self` is held; the RX alias sees the new bytes
+        // at the next call (x86 keeps instruction fetch coherent with stores, also through
+        // another mapping of the same page).
+        unsafe {
+            std::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), self.rw.add(site as usize), 4)
+        };
+        true
+    }
+
     /// Runs the block at `r` with the guest registers and the translator's context.
     pub fn call<C>(&self, r: CodeRef, regs: &mut [u64; 16], ctx: &mut C) -> Result<(), CallError> {
         if !self.is_valid(r) {
@@ -171,7 +231,12 @@ impl CodeCache {
         // block reads and writes only `regs`, `ctx` (at the offsets of the layout it was
         // emitted for), guest RAM through the host addresses `ctx`'s soft TLB holds (filled by
         // the translator only for RAM of the `GuestMemory` the vCPU owns, which outlives it),
-        // and its own stack frame; it leaves DF clear and restores what the ABI requires.
+        // and its own stack frame; it only reads two kinds of shared words whose addresses
+        // the translator put in `ctx` or the code (the vCPU's exit-request word and the code
+        // tracker's page generations, atomics of the VM's shared state, which outlives the
+        // vCPU); it jumps only to other blocks of this cache (links and jump-cache entries
+        // the owner keeps valid, see "Chaining"); it leaves DF clear and restores what the
+        // ABI requires.
         f(regs.as_mut_ptr(), ctx);
         Ok(())
     }
@@ -207,6 +272,36 @@ mod tests {
         assert_eq!(regs[1], 42);
         c.clear();
         assert_eq!(c.call(r, &mut regs, &mut ctx), Err(CallError::Stale));
+    }
+
+    #[test]
+    fn patched_jumps_go_to_the_new_target() {
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        // mov qword [rdi], 1; ret
+        let one = c.push(&[0x48, 0xc7, 0x07, 1, 0, 0, 0, 0xc3]).unwrap();
+        // mov qword [rdi], 2; ret
+        let two = c.push(&[0x48, 0xc7, 0x07, 2, 0, 0, 0, 0xc3]).unwrap();
+        // jmp rel32 (to the next byte until patched); ret
+        let j = c.push(&[0xe9, 0, 0, 0, 0, 0xc3]).unwrap();
+        let site = j.offset() + 1;
+        let mut regs = [0u64; 16];
+        let mut ctx = 0u64;
+        c.call(j, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[0], 0);
+        assert_eq!(c.jump_target(site), Some(site + 4));
+        assert!(c.patch_jump(site, one.offset()));
+        assert_eq!(c.jump_target(site), Some(one.offset()));
+        c.call(j, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[0], 1);
+        assert!(c.patch_jump(site, two.offset()));
+        c.call(j, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[0], 2);
+        assert!(!c.patch_jump(site + 100, two.offset()));
+        assert_eq!(
+            c.offset_of(c.address_of(two.offset()).unwrap()),
+            Some(two.offset())
+        );
+        assert_eq!(c.offset_of(0), None);
     }
 
     #[test]

@@ -440,8 +440,9 @@ fn run() -> Result<(), String> {
     let secs = start.elapsed().as_secs_f64();
     let n = hv_emu::instructions_retired();
     eprintln!(
-        "\n[boot] {} after {secs:.1}s, {n} instructions, {:.1} MIPS, {} user-mode runs",
+        "\n[boot] {} after {secs:.1}s, {n} instructions ({} translated), {:.1} MIPS, {} user-mode runs",
         if ok { "reached the marker" } else { "stopped" },
+        hv_emu::instructions_translated(),
         n as f64 / secs / 1e6,
         hv_emu::user_mode_runs()
     );

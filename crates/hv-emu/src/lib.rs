@@ -313,8 +313,27 @@ impl hv::Vm for EmuVm {
         Ok(())
     }
 
+    /// The pages the memory's dirty bitmap has marked (then reset), after which no vCPU
+    /// stores through a translated write that skips the bitmap for an already-dirty page
+    /// (see `VmShared::quiesce_unlogged_writes`): harvesting here, not only in the VMM, puts
+    /// the reset before that hand-shake, so every first write of the next round is marked.
     fn take_dirty_log(&self) -> hv::Result<Vec<u64>> {
-        Ok(Vec::new())
+        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+        let mut pages = Vec::new();
+        for region in self.memory.iter() {
+            let first = region.start_addr().0 / hv::PAGE_SIZE;
+            let bitmap = std::ops::Deref::deref(region).bitmap();
+            for (word_index, word) in (0u64..).zip(bitmap.get_and_reset()) {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    pages.push(first + word_index * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        self.shared.quiesce_unlogged_writes();
+        Ok(pages)
     }
 
     fn state(&self) -> hv::Result<VmState> {

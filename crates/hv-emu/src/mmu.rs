@@ -235,6 +235,19 @@ impl<'m> Ram<'m> {
         true
     }
 
+    /// Whether the dirty bitmap has the page of `pa` marked (false if not RAM).
+    pub fn is_dirty(&self, pa: u64) -> bool {
+        let Some((region, off)) = self.find(pa, 1) else {
+            return false;
+        };
+        if region.page_bits {
+            region.bitmap.is_bit_set(off >> 12)
+        } else {
+            use vm_memory::bitmap::Bitmap as _;
+            region.slice.bitmap().dirty_at(off)
+        }
+    }
+
     /// Copies RAM at `pa` into `buf`; false if the range is not entirely RAM.
     pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) -> bool {
         match self.find(pa, buf.len()) {

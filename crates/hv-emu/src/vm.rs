@@ -28,6 +28,12 @@ pub struct VcpuShared {
     /// The mailbox has something (checked without the lock on every instruction batch).
     pub pending: AtomicBool,
     pub kicked: AtomicBool,
+    /// Nonzero: translated code leaves at its next block head (set with `pending` and
+    /// `kicked`; the translator reads it from generated code and clears it per batch).
+    pub exit_req: AtomicU32,
+    /// The `VmShared::dirty_epoch` this vCPU's translated code runs under, 0 when it runs none
+    /// (see `VmShared::quiesce_unlogged_writes`).
+    pub jit_active: AtomicU64,
     pub cond: Condvar,
     /// The vCPU is (about to be) inside its user-mode runner: posting and kicking must also
     /// kick the runner.
@@ -50,6 +56,8 @@ impl VcpuShared {
             mailbox: Mutex::new(Mailbox::default()),
             pending: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
+            exit_req: AtomicU32::new(0),
+            jit_active: AtomicU64::new(0),
             cond: Condvar::new(),
             in_user: AtomicBool::new(false),
             user_kicker: OnceLock::new(),
@@ -61,6 +69,7 @@ impl VcpuShared {
             let mut m = lock(&self.mailbox);
             f(&mut m);
             self.pending.store(true, Ordering::SeqCst);
+            self.exit_req.store(1, Ordering::SeqCst);
             self.cond.notify_all();
         }
         self.kick_user();
@@ -70,6 +79,7 @@ impl VcpuShared {
         {
             let _m = lock(&self.mailbox);
             self.kicked.store(true, Ordering::SeqCst);
+            self.exit_req.store(1, Ordering::SeqCst);
             self.cond.notify_all();
         }
         self.kick_user();
@@ -184,6 +194,12 @@ impl CodeTracker {
         }
     }
 
+    /// The address of `page`'s write generation word, which translated code compares at its
+    /// chained entry (the word lives as long as this tracker; `None` if untracked).
+    pub fn generation_addr(&self, page: u64) -> Option<u64> {
+        self.gens.get(page as usize).map(|g| g.as_ptr() as u64)
+    }
+
     /// A write hit `page`. Returns true if that invalidated cached code.
     #[inline]
     pub fn on_write(&self, page: u64) -> bool {
@@ -215,6 +231,9 @@ pub struct VmShared {
     pub atomic_lock: Mutex<()>,
     /// Bumped when the VM clock is restored; vCPUs then rewrite their pvclock pages.
     pub clock_epoch: AtomicU64,
+    /// Bumped after each harvest of the dirty bitmap: translated stores skip marking pages
+    /// that were dirty under an older value (see `quiesce_unlogged_writes`). Starts at 1.
+    pub dirty_epoch: AtomicU64,
     /// `hv::VmState::user_extra`: features beyond the model the guest's user code has seen.
     pub user_extra: Mutex<hv::cpu_model::FeatureSet>,
 }
@@ -235,6 +254,28 @@ pub const DM_INIT: u32 = 5;
 pub const DM_SIPI: u32 = 6;
 
 impl VmShared {
+    /// Called after the dirty bitmap was reset (harvested): from now on no vCPU may store
+    /// through a soft-TLB write entry that skips the bitmap because its page *was* dirty.
+    /// Bumps `dirty_epoch` (each vCPU drops such entries when it next enters translated code)
+    /// and waits until no vCPU runs translated code under an older epoch (at most one chain,
+    /// a batch budget; the exit-request word shortens it). Stores made before this returns
+    /// happened before the caller copies the pages, so the copy has them.
+    pub fn quiesce_unlogged_writes(&self) {
+        let e = self.dirty_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        for v in &self.vcpus {
+            v.exit_req.store(1, Ordering::SeqCst);
+        }
+        for v in &self.vcpus {
+            loop {
+                let a = v.jit_active.load(Ordering::SeqCst);
+                if a == 0 || a >= e {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
     pub fn new(model: CpuModel, vcpu_count: u32, tsc_khz: u32, max_addr: u64) -> VmShared {
         VmShared {
             features: model.features(),
@@ -243,6 +284,7 @@ impl VmShared {
             vcpus: (0..vcpu_count).map(VcpuShared::new).collect(),
             clock: Clock::new(tsc_khz),
             code: CodeTracker::new(max_addr),
+            dirty_epoch: AtomicU64::new(1),
             engine: crate::jit::Engine::Interp,
             atomic_lock: Mutex::new(()),
             clock_epoch: AtomicU64::new(0),

@@ -69,6 +69,11 @@ impl Asm {
         }
     }
 
+    /// Where `l` was bound, if it was.
+    pub fn pos(&self, l: Label) -> Option<usize> {
+        self.labels.get(l.0).copied().flatten()
+    }
+
     /// Patches every rel32 to its label. False if a label was never bound.
     pub fn finish(&mut self) -> bool {
         for &(pos, l) in &self.fixups {
@@ -211,6 +216,63 @@ impl Asm {
         self.rel32(l);
     }
 
+    /// lea r64, [rip + label]
+    pub fn lea_label(&mut self, dst: u8, l: Label) {
+        self.buf.push(0x48 | ((dst >> 3) << 2));
+        self.buf.push(0x8d);
+        self.buf.push(0x05 | ((dst & 7) << 3));
+        self.rel32(l);
+    }
+
+    /// `jmp l` whose rel32 field is bound to `site` (a jump that may be patched later).
+    pub fn jmp_site(&mut self, l: Label, site: Label) {
+        self.buf.push(0xe9);
+        self.bind(site);
+        self.rel32(l);
+    }
+
+    /// not r64 (flags unchanged)
+    pub fn not(&mut self, r: u8) {
+        self.buf.push(0x48 | (r >> 3));
+        self.buf.push(0xf7);
+        self.buf.push(0xd0 | (r & 7));
+    }
+
+    /// mov r32, [r64] (zero-extends)
+    pub fn load32(&mut self, dst: u8, base: u8) {
+        self.buf.push(0x40 | ((dst >> 3) << 2) | (base >> 3));
+        self.buf.push(0x8b);
+        self.buf.push(0x80 | ((dst & 7) << 3) | (base & 7));
+        if base & 7 == 4 {
+            self.buf.push(0x24);
+        }
+        self.buf.extend_from_slice(&0i32.to_le_bytes());
+    }
+
+    /// lea r32, [r32 + disp32] (32-bit result, zero-extended; flags unchanged)
+    pub fn lea32(&mut self, dst: u8, base: u8, disp: i32) {
+        self.buf.push(0x40 | ((dst >> 3) << 2) | (base >> 3));
+        self.buf.push(0x8d);
+        self.buf.push(0x80 | ((dst & 7) << 3) | (base & 7));
+        if base & 7 == 4 {
+            self.buf.push(0x24);
+        }
+        self.buf.extend_from_slice(&disp.to_le_bytes());
+    }
+
+    /// jmp qword [base + disp32]
+    pub fn jmp_mem(&mut self, base: u8, disp: i32) {
+        if base >= 8 {
+            self.buf.push(0x41);
+        }
+        self.buf.push(0xff);
+        self.buf.push(0xa0 | (base & 7));
+        if base & 7 == 4 {
+            self.buf.push(0x24);
+        }
+        self.buf.extend_from_slice(&disp.to_le_bytes());
+    }
+
     pub fn jmp(&mut self, l: Label) {
         self.buf.push(0xe9);
         self.rel32(l);
@@ -308,6 +370,14 @@ mod tests {
             },
         );
         a.movzx_ecx_cl();
+        a.not(RCX);
+        a.not(R12);
+        a.load32(RCX, RCX);
+        a.load32(R8, R12);
+        a.lea32(RCX, RCX, -5);
+        a.lea32(RDX, R13, 0x7000_0000);
+        a.jmp_mem(RDI, 8);
+        a.jmp_mem(R12, -16);
         let mut c = CodeAssembler::new(64).unwrap();
         c.mov(x::r12, x::qword_ptr(x::rbx + 40)).unwrap();
         c.mov(x::qword_ptr(x::r12 - 8), x::r8).unwrap();
@@ -325,6 +395,14 @@ mod tests {
         c.mov(x::rsi, x::qword_ptr(0x5008u64)).unwrap();
         c.lea(x::rcx, x::qword_ptr(x::rcx + x::r12)).unwrap();
         c.movzx(x::ecx, x::cl).unwrap();
+        c.not(x::rcx).unwrap();
+        c.not(x::r12).unwrap();
+        c.mov(x::ecx, x::dword_ptr(x::rcx)).unwrap();
+        c.mov(x::r8d, x::dword_ptr(x::r12)).unwrap();
+        c.lea(x::ecx, x::dword_ptr(x::rcx - 5)).unwrap();
+        c.lea(x::edx, x::dword_ptr(x::r13 + 0x7000_0000)).unwrap();
+        c.jmp(x::qword_ptr(x::rdi + 8)).unwrap();
+        c.jmp(x::qword_ptr(x::r12 - 16)).unwrap();
         let want = keys(&c.assemble(0).unwrap());
         let got = keys(&a.buf);
         assert_eq!(got, want);
@@ -335,5 +413,21 @@ mod tests {
             (i.op0_register(), i.immediate(1)),
             (iced_x86::Register::R8, u64::MAX)
         );
+        // Label forms: a patchable jmp and a rip-relative lea, both to the same label.
+        let mut a = Asm::default();
+        let l = a.label();
+        let site = a.label();
+        a.jmp_site(l, site);
+        a.lea_label(RCX, l);
+        a.bind(l);
+        a.bytes(&[0x90]);
+        assert!(a.finish());
+        let v: Vec<_> = Decoder::with_ip(64, &a.buf, 0x1000, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        assert_eq!(v[0].near_branch64(), 0x1000 + 12);
+        assert_eq!(v[1].memory_displacement64(), 0x1000 + 12);
+        assert_eq!(v[1].op0_register(), iced_x86::Register::RCX);
+        assert_eq!(a.labels[site.0], Some(1));
     }
 }

@@ -31,8 +31,8 @@ use iced_x86::{
 };
 
 use super::{
-    C_COUNT, C_EXIT, C_FLAGS, C_FS, C_GS, C_LOG, C_LOG_N, C_MISS_KIND, C_MISS_LIN, C_NBUDGET,
-    C_RIP, C_TLB,
+    C_COUNT, C_DEAD, C_EXIT, C_FLAGS, C_FS, C_GS, C_JC, C_LINK, C_LOG, C_LOG_N, C_MISS_KIND,
+    C_MISS_LIN, C_NBUDGET, C_REQ, C_RIP, C_TLB, JC_ENTRIES,
 };
 use crate::decode::canonical;
 
@@ -172,6 +172,8 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         Code::Push_r64 => return Some(Kind::Push),
         Code::Pushq_imm8 | Code::Pushq_imm32 => return Some(Kind::Push),
         Code::Pop_r64 => return Some(Kind::Pop),
+        // A spin-wait hint: nothing to do (its F3 prefix is part of the opcode).
+        Code::Pause => return Some(Kind::Nop),
         Code::Call_rel32_64 => return canonical(i.near_branch64()).then_some(Kind::CallRel),
         Code::Call_rm64 if i.op0_kind() == OpKind::Register => return Some(Kind::CallReg),
         Code::Retnq | Code::Retnq_imm16 => return Some(Kind::Ret),
@@ -233,6 +235,7 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
             | M::Xchg
             | M::Xadd
             | M::Nop
+            | M::Lfence
     ) || i.condition_code() != iced_x86::ConditionCode::None
         && matches!(
             m,
@@ -313,6 +316,22 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         return None;
     }
     Some(Kind::Generic)
+}
+
+/// What a block checks at its chained entry that its code is still current: the host address
+/// of its guest page's write generation ([`crate::vm::CodeTracker`]) and the value it was
+/// translated under.
+#[derive(Clone, Copy)]
+pub struct Guard {
+    pub gen_addr: u64,
+    pub generation: u32,
+}
+
+/// A block's host code.
+pub struct Emitted {
+    pub bytes: Vec<u8>,
+    /// Offset of the chained entry (the head checks), which linked jumps go to.
+    pub chk: u32,
 }
 
 /// Where an exit stub goes back to the run loop.
@@ -465,12 +484,20 @@ impl Emitter {
 
     /// Host code for the block `insns` (each with its [`Kind`]) starting at guest `rip`.
     /// The last instruction either ends the block (a branch) or the block falls through to the
-    /// instruction after it. Returns the machine code, position independent.
-    pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)]) -> E<Vec<u8>> {
+    /// instruction after it. The code is position independent.
+    ///
+    /// Layout: the entry from the run loop (prologue) jumps over the chained entry `chk` to the
+    /// body. `chk` is where other blocks' linked jumps and the block's own back edges arrive:
+    /// it leaves (with the state exactly at the block start) when the run's instruction budget
+    /// is spent, when the vCPU's exit-request word is set, or when the guest page was written
+    /// since translation (then it also reports itself dead, so the run loop unlinks the jumps
+    /// into it).
+    pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)], guard: Guard) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
         let epi = self.a.label();
-        let head = self.a.label();
+        let chk = self.a.label();
+        let body = self.a.label();
         // Prologue: save callee-saved registers, rbx = registers, r15 = context.
         self.a
             .bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
@@ -490,7 +517,9 @@ impl Emitter {
             0x88, 0xc4, // mov ah, al
             0x9e, // sahf
         ]);
-        self.a.bind(head);
+        self.a.jmp(body);
+        self.head_checks(rip, chk, guard, epi);
+        self.a.bind(body);
         let mut ended = false;
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
@@ -513,7 +542,7 @@ impl Emitter {
                 }
                 Kind::CallRel => {
                     self.push(k, i.ip(), Src::Imm(i.next_ip()));
-                    self.exit_static(i.near_branch64(), k + 1, epi);
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
                     ended = true;
                 }
                 Kind::CallReg => {
@@ -539,12 +568,7 @@ impl Emitter {
                     ended = true;
                 }
                 Kind::JmpRel => {
-                    let t = i.near_branch64();
-                    if t == rip {
-                        self.back_edge(rip, k + 1, head, epi);
-                    } else {
-                        self.exit_static(t, k + 1, epi);
-                    }
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
                     ended = true;
                 }
                 Kind::JmpReg => {
@@ -567,14 +591,9 @@ impl Emitter {
                     let cc = cc_num(i.condition_code())
                         .ok_or_else(|| EmitError("jcc without a condition".into()))?;
                     self.a.jcc(cc, taken);
-                    self.exit_static(i.next_ip(), k + 1, epi);
+                    self.exit_static(rip, i.next_ip(), k + 1, chk, epi);
                     self.a.bind(taken);
-                    let t = i.near_branch64();
-                    if t == rip {
-                        self.back_edge(rip, k + 1, head, epi);
-                    } else {
-                        self.exit_static(t, k + 1, epi);
-                    }
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
                     ended = true;
                 }
             }
@@ -584,7 +603,7 @@ impl Emitter {
         }
         if !ended {
             let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
-            self.exit_static(next, insns.len() as u32, epi);
+            self.exit_static(rip, next, insns.len() as u32, chk, epi);
         }
         // Exit stubs: state is exactly as before instruction `done`.
         let stubs = std::mem::take(&mut self.stubs);
@@ -612,7 +631,56 @@ impl Emitter {
         if !a.finish() {
             return Err(EmitError("unbound label".into()));
         }
-        Ok(a.buf.clone())
+        let chk = a
+            .pos(chk)
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| EmitError("unbound label".into()))?;
+        Ok(Emitted {
+            bytes: a.buf.clone(),
+            chk,
+        })
+    }
+
+    /// The chained entry (see [`Emitter::block`]); flag-neutral like all glue.
+    fn head_checks(&mut self, rip: u64, chk: Label, guard: Guard, epi: Label) {
+        let out = self.a.label();
+        let dead = self.a.label();
+        let a = &mut self.a;
+        a.bind(chk);
+        // Budget: rcx = !(count - budget) >> 63 is 1 once the budget is spent.
+        a.load(RCX, ctx(C_NBUDGET));
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((R12, 1)),
+                disp: 0,
+            },
+        );
+        a.not(RCX);
+        a.mov_imm(RDX, 63);
+        a.shrx(RCX, RCX, RDX);
+        a.jmp_unless_rcx_zero(out);
+        // The exit-request word (interrupts, kicks and pauses from other threads).
+        a.load(RCX, ctx(C_REQ));
+        a.load32(RCX, RCX);
+        a.jmp_unless_rcx_zero(out);
+        // The page's write generation.
+        a.mov_imm(RCX, guard.gen_addr);
+        a.load32(RCX, RCX);
+        a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
+        a.jmp_unless_rcx_zero(dead);
+        let over = a.label();
+        a.jmp(over);
+        a.bind(dead);
+        a.lea_label(RCX, chk);
+        a.store(ctx(C_DEAD), RCX);
+        a.bind(out);
+        a.mov_imm(RAX, rip);
+        a.store(ctx(C_RIP), RAX);
+        a.store_imm(ctx(C_EXIT), 0);
+        a.jmp(epi);
+        a.bind(over);
     }
 
     fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
@@ -626,50 +694,93 @@ impl Emitter {
         label
     }
 
-    /// Leaves with guest RIP = `target` after `done` instructions.
-    fn exit_static(&mut self, target: u64, done: u32, epi: Label) {
+    /// Goes on at guest `target` after `done` instructions. A branch to the block's own start
+    /// loops through its chained entry; a branch to another place of the block's guest page
+    /// leaves through a jump the run loop may later link to the target's translation (a
+    /// target in the same virtual page is in the same physical page, so the link stays right
+    /// while this block's own translation is: QEMU's rule for direct chaining); other targets
+    /// go through the jump cache.
+    fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label, epi: Label) {
         let a = &mut self.a;
-        a.mov_imm(RAX, target);
-        a.store(ctx(C_RIP), RAX);
         a.lea(R12, at(R12, done as i32));
-        a.store_imm(ctx(C_EXIT), 0);
-        a.jmp(epi);
+        if target == rip {
+            a.jmp(chk);
+            return;
+        }
+        if target >> 12 == rip >> 12 {
+            let stub = a.label();
+            let site = a.label();
+            a.jmp_site(stub, site);
+            a.bind(stub);
+            a.lea_label(RCX, site);
+            a.store(ctx(C_LINK), RCX);
+            a.mov_imm(RAX, target);
+            a.store(ctx(C_RIP), RAX);
+            a.store_imm(ctx(C_EXIT), 0);
+            a.jmp(epi);
+        } else {
+            a.mov_imm(RAX, target);
+            self.jump_cache(epi);
+        }
     }
 
-    /// Leaves with guest RIP = rax after `done` instructions.
-    fn exit_dynamic(&mut self, done: u32, epi: Label) {
+    /// Goes on at guest RIP = rax: straight to its translation if the jump cache has it,
+    /// else back to the run loop (which fills the entry).
+    fn jump_cache(&mut self, epi: Label) {
+        let miss = self.a.label();
         let a = &mut self.a;
-        a.store(ctx(C_RIP), RAX);
-        a.lea(R12, at(R12, done as i32));
-        a.store_imm(ctx(C_EXIT), 0);
-        a.jmp(epi);
-    }
-
-    /// A branch back to the block's head: loop while the instruction budget lasts.
-    fn back_edge(&mut self, rip: u64, done: u32, head: Label, epi: Label) {
-        let out = self.a.label();
-        let a = &mut self.a;
-        a.lea(R12, at(R12, done as i32));
-        // rcx = count - budget; its sign bit says whether budget is left.
-        a.load(RCX, ctx(C_NBUDGET));
+        // rcx = (rip + (rip >> 12)) mod JC_ENTRIES, see `jc_index`.
+        a.shrx(RCX, RAX, R13);
         a.lea(
             RCX,
             Mem {
                 base: Some(RCX),
-                index: Some((R12, 1)),
+                index: Some((RAX, 1)),
                 disp: 0,
             },
         );
-        a.mov_imm(RDX, 63);
+        let keep = 64 - JC_ENTRIES.trailing_zeros();
+        a.mov_imm(RDX, u64::from(keep));
+        a.shlx(RCX, RCX, RDX);
         a.shrx(RCX, RCX, RDX);
-        // rcx = 1: budget left, loop; 0: leave.
-        a.bytes(&[0xe3, 0x05]); // jrcxz +5 (over the jmp)
-        a.jmp(head);
-        a.bind(out);
-        a.mov_imm(RAX, rip);
+        // rdi = the 16-byte entry.
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RCX, 1)),
+                disp: 0,
+            },
+        );
+        a.lea(
+            RDI,
+            Mem {
+                base: Some(R15),
+                index: Some((RCX, 8)),
+                disp: C_JC,
+            },
+        );
+        a.load(RCX, at(RDI, 0));
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RAX, 1)),
+                disp: 0,
+            },
+        );
+        a.jmp_unless_rcx_zero(miss);
+        a.jmp_mem(RDI, 8);
+        a.bind(miss);
         a.store(ctx(C_RIP), RAX);
         a.store_imm(ctx(C_EXIT), 0);
         a.jmp(epi);
+    }
+
+    /// Goes on at guest RIP = rax after `done` instructions (through the jump cache).
+    fn exit_dynamic(&mut self, done: u32, epi: Label) {
+        self.a.lea(R12, at(R12, done as i32));
+        self.jump_cache(epi);
     }
 
     /// Interprets instruction `k` instead when `r` is not canonical (the #GP is raised by the
@@ -797,8 +908,14 @@ impl Emitter {
             },
         );
         if write {
-            a.load(RCX, ctx(C_LOG_N));
+            // Bit 0 of the entry's page: already dirty, no code there: nothing to log. (rax
+            // is free here: operands are loaded after the check.)
+            let done = a.label();
             a.load(RDX, at(RDI, 24));
+            a.mov_imm(RAX, 63);
+            a.shlx(RCX, RDX, RAX);
+            a.jmp_unless_rcx_zero(done);
+            a.load(RCX, ctx(C_LOG_N));
             a.store(
                 Mem {
                     base: Some(R15),
@@ -809,6 +926,7 @@ impl Emitter {
             );
             a.lea(RCX, at(RCX, 1));
             a.store(ctx(C_LOG_N), RCX);
+            a.bind(done);
         }
     }
 

@@ -20,15 +20,24 @@
 //! * **Stores** log their guest page in [`Ctx::log`]; after the block the run loop marks the
 //!   dirty bitmap (data first, then the bit, as `Ram::write`) and tells the code tracker, so
 //!   migration and self-modifying-code detection see every translated store.
+//!   Write entries for pages already dirty and without code skip the log (unlogged, QEMU's
+//!   NOTDIRTY); a dirty-bitmap harvest turns them back into logged ones before it returns
+//!   (`VmShared::quiesce_unlogged_writes`).
 //! * **Self-modifying code**: a translation is tagged with its page's write generation, like a
 //!   decoded block, and is dropped when the page is written.
+//! * **Chaining**: a block's exit goes straight to the next block's chained entry, through a
+//!   patched jump (same guest page) or the jump cache; that entry re-checks the budget, the
+//!   exit-request word and its page's write generation, so a chain still returns within the
+//!   batch budget, at once when another thread posts an interrupt or kicks, and never runs
+//!   a translation of code that was overwritten.
 
 mod asm;
 mod emit;
 
+use std::collections::HashMap;
 use std::mem::offset_of;
 use std::sync::OnceLock;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use hv::MpState;
 use hv_emu_jit_rt::{CodeCache, CodeRef};
@@ -95,7 +104,9 @@ pub struct TlbEntry {
     write_tag: u64,
     /// Host address minus guest linear address of the page.
     addend: u64,
-    /// Guest-physical page address (for the store log).
+    /// Guest-physical page address (for the store log); bit 0 set: the page was dirty and
+    /// held no code when the write entry was made, so stores through it are not logged
+    /// (QEMU's NOTDIRTY idea; such entries are dropped at each dirty-bitmap harvest).
     pa: u64,
 }
 
@@ -123,8 +134,44 @@ pub struct Ctx {
     fs: u64,
     gs: u64,
     log_n: u64,
+    /// Address of the vCPU's exit-request word (a `u32`, nonzero: leave at the next block
+    /// head).
+    req: u64,
+    /// Set by an exit through a linkable jump: the address of its rel32 field.
+    link: u64,
+    /// Set by a block whose page was written since translation: the address of its chained
+    /// entry (the jumps linked to it must be undone).
+    dead: u64,
     tlb: [TlbEntry; TLB_ENTRIES],
+    /// Jump cache: translations by guest RIP, for the exits whose target is not linked
+    /// (returns, indirect branches, other pages). Generated code probes it and goes straight to
+    /// the entry's chained entry on a hit.
+    jc: [JcEntry; JC_ENTRIES],
     log: [u64; LOG_CAP],
+}
+
+/// Jump-cache entries (a power of two; [`jc_index`] and the emitter agree on the hash).
+pub const JC_ENTRIES: usize = 4096;
+
+/// One jump-cache entry: the negated guest RIP (0 after adding the RIP on a hit; 1 when
+/// empty) and the host address of the translation's chained entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct JcEntry {
+    neg_rip: u64,
+    addr: u64,
+}
+
+const JC_EMPTY: JcEntry = JcEntry {
+    neg_rip: 1,
+    addr: 0,
+};
+
+/// The jump-cache slot of `rip`: `(rip + (rip >> 12)) mod JC_ENTRIES` (flag-free to compute in
+/// generated code).
+#[inline]
+pub fn jc_index(rip: u64) -> usize {
+    (rip.wrapping_add(rip >> 12) as usize) & (JC_ENTRIES - 1)
 }
 
 const C_RIP: i32 = offset_of!(Ctx, rip) as i32;
@@ -137,8 +184,13 @@ const C_NBUDGET: i32 = offset_of!(Ctx, nbudget) as i32;
 const C_FS: i32 = offset_of!(Ctx, fs) as i32;
 const C_GS: i32 = offset_of!(Ctx, gs) as i32;
 const C_LOG_N: i32 = offset_of!(Ctx, log_n) as i32;
+const C_REQ: i32 = offset_of!(Ctx, req) as i32;
+const C_LINK: i32 = offset_of!(Ctx, link) as i32;
+const C_DEAD: i32 = offset_of!(Ctx, dead) as i32;
 const C_TLB: i32 = offset_of!(Ctx, tlb) as i32;
 const C_LOG: i32 = offset_of!(Ctx, log) as i32;
+const C_JC: i32 = offset_of!(Ctx, jc) as i32;
+const _: () = assert!(std::mem::size_of::<JcEntry>() == 16);
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
 
 #[derive(Clone, Copy, Default)]
@@ -149,13 +201,16 @@ struct Slot {
     valid: bool,
     /// `None`: the first instruction is not translated (the interpreter runs from here).
     code: Option<CodeRef>,
+    /// Cache offset of the block's chained entry.
+    chk: u32,
     /// Interpreted runs from `rip` so far (while `!valid`).
     heat: u16,
 }
 
 /// What runs the code at RIP.
 enum Found {
-    Code(CodeRef),
+    /// A translation and the cache offset of its chained entry.
+    Code(CodeRef, u32),
     /// The interpreter, up to the next translatable instruction.
     Untranslated,
     /// The interpreter, a whole decoded block (not hot yet).
@@ -171,6 +226,13 @@ pub struct Stats {
     pub bytes: u64,
     pub flushes: u64,
     pub exits_to_interp: u64,
+    /// Entries into translated code from the run loop.
+    pub entries: u64,
+    /// Jumps linked to another block (direct chaining), and links undone.
+    pub links: u64,
+    pub unlinks: u64,
+    /// Chained entries that found their page written since translation.
+    pub stale: u64,
     /// Guest instructions run as translated code.
     pub run: u64,
 }
@@ -189,6 +251,15 @@ pub struct Jit {
     translated: u64,
     /// Interpreted runs of a block start before it is translated.
     hot: u16,
+    /// Linked jumps by the chained entry they go to: (cache offset of the rel32 field, its
+    /// unlinked target).
+    incoming: HashMap<u32, Vec<(u32, u32)>>,
+    /// Jump-cache slots in use (cleared one by one when the cache must be emptied).
+    jc_used: Vec<u16>,
+    /// `VmShared::dirty_epoch` the unlogged write entries were made under.
+    dirty_epoch: u64,
+    /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
+    pending: Option<PendingLink>,
     pub stats: Stats,
 }
 
@@ -211,7 +282,11 @@ impl Jit {
                 fs: 0,
                 gs: 0,
                 log_n: 0,
+                req: NO_REQUEST.as_ptr() as u64,
+                link: 0,
+                dead: 0,
                 tlb: [EMPTY; TLB_ENTRIES],
+                jc: [JC_EMPTY; JC_ENTRIES],
                 log: [0; LOG_CAP],
             }),
             slots: vec![Slot::default(); SLOTS],
@@ -222,19 +297,79 @@ impl Jit {
             insns: Vec::new(),
             translated: 0,
             hot: hot_from_env(),
+            incoming: HashMap::new(),
+            jc_used: Vec::new(),
+            dirty_epoch: 0,
+            pending: None,
             stats: Stats::default(),
         })
     }
 
     /// Drops every translation (guest memory was replaced, e.g. a restored snapshot).
     pub fn clear(&mut self) {
+        self.flush_code();
+        self.flush_tlb();
+    }
+
+    /// Empties the code cache: every translation and link is gone.
+    fn flush_code(&mut self) {
         self.cache.clear();
         self.slots.iter_mut().for_each(|s| s.valid = false);
-        self.flush_tlb();
+        self.incoming.clear();
+        self.flush_jc();
+        self.pending = None;
+        self.stats.flushes += 1;
+    }
+
+    /// Points the jump at `site` (a linkable exit of some block) to the chained entry `chk`.
+    fn link(&mut self, site: u32, chk: u32) {
+        let Some(orig) = self.cache.jump_target(site) else {
+            return;
+        };
+        if self.cache.patch_jump(site, chk) {
+            self.incoming.entry(chk).or_default().push((site, orig));
+            self.stats.links += 1;
+        }
+    }
+
+    /// Undoes every link into the chained entry `chk` (its block is no longer current).
+    fn unlink_into(&mut self, chk: u32) {
+        for (site, orig) in self.incoming.remove(&chk).unwrap_or_default() {
+            self.cache.patch_jump(site, orig);
+            self.stats.unlinks += 1;
+        }
     }
 
     fn flush_tlb(&mut self) {
         self.ctx.tlb = [EMPTY; TLB_ENTRIES];
+        self.flush_jc();
+    }
+
+    /// Empties the jump cache: its entries hold for one address space, CPL and code cache.
+    fn flush_jc(&mut self) {
+        for &i in &self.jc_used {
+            if let Some(e) = self.ctx.jc.get_mut(usize::from(i)) {
+                *e = JC_EMPTY;
+            }
+        }
+        self.jc_used.clear();
+    }
+
+    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`.
+    fn jc_fill(&mut self, rip: u64, chk: u32) {
+        let Some(addr) = self.cache.address_of(chk) else {
+            return;
+        };
+        let i = jc_index(rip);
+        if let Some(e) = self.ctx.jc.get_mut(i) {
+            if e.neg_rip == 1 {
+                self.jc_used.push(i as u16);
+            }
+            *e = JcEntry {
+                neg_rip: rip.wrapping_neg(),
+                addr,
+            };
+        }
     }
 
     fn flush_writes(&mut self) {
@@ -242,7 +377,28 @@ impl Jit {
             e.write_tag = 1;
         }
     }
+
+    /// Makes every write entry log its stores again (a dirty-bitmap harvest happened).
+    fn log_all_writes(&mut self) {
+        for e in self.ctx.tlb.iter_mut() {
+            e.pa &= !1;
+        }
+    }
 }
+
+/// A jump that may be linked to the translation the run loop looks up next, if nothing
+/// changed in between (same RIP, TLB epoch, CPL and cache contents).
+#[derive(Clone, Copy)]
+struct PendingLink {
+    site: u32,
+    rip: u64,
+    epoch: u64,
+    cpl: u8,
+    flushes: u64,
+}
+
+/// An exit-request word that nobody sets (a vCPU without shared state, in tests).
+static NO_REQUEST: AtomicU32 = AtomicU32::new(0);
 
 /// `ANYVISOR_EMU_JIT_HOT`: interpreted runs of a block start before it is translated (read
 /// once; default [`HOT`]). 0 translates everything at first sight, which is how the test
@@ -272,6 +428,16 @@ impl Exec<'_> {
         stop_at_user: bool,
     ) -> R<(u32, bool)> {
         let mut n = 0u32;
+        // The exit-request word: cleared here, after the run loop looked at what sets it
+        // (kicks, posted interrupts), so one set from now on ends this batch at the next block
+        // head.
+        let vm = self.vm;
+        let req = vm
+            .vcpus
+            .get(self.cpu.id as usize)
+            .map_or(&NO_REQUEST, |v| &v.exit_req);
+        req.store(0, Ordering::SeqCst);
+        jit.ctx.req = req.as_ptr() as u64;
         while n < budget {
             if self.cpu.irq_check {
                 self.try_inject()?;
@@ -315,8 +481,26 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
+            if let (Some(p), Found::Code(_, chk)) = (jit.pending.take(), &code)
+                && p.rip == self.cpu.rip
+                && p.epoch == self.cpu.tlb.epoch
+                && p.cpl == self.cpu.cpl
+                && p.flushes == jit.stats.flushes
+            {
+                jit.link(p.site, *chk);
+            }
+            if let Found::Code(_, chk) = &code {
+                jit.jc_fill(self.cpu.rip, *chk);
+            }
             n += match code {
-                Found::Code(c) => self.jit_run(jit, c, budget - n)?,
+                Found::Code(c, _) => {
+                    let k = self.jit_run(jit, c, budget - n)?;
+                    if req.load(Ordering::Relaxed) != 0 {
+                        n += k;
+                        break;
+                    }
+                    k
+                }
                 Found::Untranslated => self.interp_block(blocks, false)?,
                 Found::Cold => self.interp_block(blocks, true)?,
             };
@@ -347,7 +531,7 @@ impl Exec<'_> {
         {
             match e.code {
                 None => return Ok(Found::Untranslated),
-                Some(c) if jit.cache.is_valid(c) => return Ok(Found::Code(c)),
+                Some(c) if jit.cache.is_valid(c) => return Ok(Found::Code(c, e.chk)),
                 Some(_) => {}
             }
         }
@@ -395,27 +579,31 @@ impl Exec<'_> {
             }
         }
         crate::decode::DECODES.fetch_add(jit.insns.len() as u64, Ordering::Relaxed);
-        let code = if jit.insns.is_empty() {
+        let guard = emit::Guard {
+            gen_addr: self.vm.code.generation_addr(page).unwrap_or(0),
+            generation,
+        };
+        let mut chk = 0;
+        let code = if jit.insns.is_empty() || guard.gen_addr == 0 {
             None
         } else {
-            let bytes = jit
+            let out = jit
                 .emitter
-                .block(rip, &jit.insns)
+                .block(rip, &jit.insns, guard)
                 .map_err(|e| Exc::unhandled(format!("translator: {e}")))?;
-            let r = match jit.cache.push(&bytes) {
+            let r = match jit.cache.push(&out.bytes) {
                 Some(r) => r,
                 None => {
-                    jit.cache.clear();
-                    jit.slots.iter_mut().for_each(|s| s.valid = false);
-                    jit.stats.flushes += 1;
+                    jit.flush_code();
                     jit.cache
-                        .push(&bytes)
+                        .push(&out.bytes)
                         .ok_or_else(|| Exc::unhandled("translator: block larger than the cache"))?
                 }
             };
+            chk = r.offset() + out.chk;
             jit.stats.blocks += 1;
             jit.stats.insns += jit.insns.len() as u64;
-            jit.stats.bytes += bytes.len() as u64;
+            jit.stats.bytes += out.bytes.len() as u64;
             Some(r)
         };
         jit.stats.emit_ns += t0.elapsed().as_nanos() as u64;
@@ -426,10 +614,11 @@ impl Exec<'_> {
                 generation,
                 valid: true,
                 code,
+                chk,
                 heat: u16::MAX,
             };
         }
-        Ok(code.map_or(Found::Untranslated, Found::Code))
+        Ok(code.map_or(Found::Untranslated, |c| Found::Code(c, chk)))
     }
 
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
@@ -445,6 +634,23 @@ impl Exec<'_> {
             jit.flush_writes();
             jit.marks = marks;
         }
+        // Announce the dirty epoch this run's unlogged write entries belong to (see
+        // `VmShared::quiesce_unlogged_writes`): publish, then re-check, so a harvest either
+        // sees this run and waits for it, or this run sees the new epoch.
+        let vm = self.vm;
+        let active = vm.vcpus.get(self.cpu.id as usize).map(|v| &v.jit_active);
+        let epoch = loop {
+            let e = vm.dirty_epoch.load(Ordering::SeqCst);
+            let Some(a) = active else { break e };
+            a.store(e, Ordering::SeqCst);
+            if vm.dirty_epoch.load(Ordering::SeqCst) == e {
+                break e;
+            }
+        };
+        if epoch != jit.dirty_epoch {
+            jit.log_all_writes();
+            jit.dirty_epoch = epoch;
+        }
         let ctx = &mut *jit.ctx;
         ctx.flags = self.cpu.rflags;
         ctx.exit = 0;
@@ -454,10 +660,37 @@ impl Exec<'_> {
         ctx.nbudget = u64::from(left).min(MAX_RUN).wrapping_neg();
         ctx.fs = self.cpu.seg[FS].base;
         ctx.gs = self.cpu.seg[GS].base;
-        if jit.cache.call(code, &mut self.cpu.gpr, ctx).is_err() {
+        ctx.link = 0;
+        ctx.dead = 0;
+        jit.stats.entries += 1;
+        let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
+        if let Some(a) = active {
+            a.store(0, Ordering::SeqCst);
+        }
+        if called.is_err() {
             // Unreachable in practice (lookup checked it); translate again next time.
             return Ok(0);
         }
+        let (link, dead, exit, rip) = (ctx.link, ctx.dead, ctx.exit, ctx.rip);
+        if dead != 0
+            && let Some(chk) = jit.cache.offset_of(dead)
+        {
+            jit.stats.stale += 1;
+            jit.unlink_into(chk);
+        }
+        if exit == 0
+            && link != 0
+            && let Some(site) = jit.cache.offset_of(link)
+        {
+            jit.pending = Some(PendingLink {
+                site,
+                rip,
+                epoch: self.cpu.tlb.epoch,
+                cpl: self.cpu.cpl,
+                flushes: jit.stats.flushes,
+            });
+        }
+        let ctx = &mut *jit.ctx;
         self.cpu.rflags = (self.cpu.rflags & !ARITH_FLAGS) | (ctx.flags & ARITH_FLAGS);
         self.cpu.rip = ctx.rip;
         let mut last = u64::MAX;
@@ -520,7 +753,11 @@ impl Exec<'_> {
             *e = EMPTY;
         }
         e.addend = host.wrapping_sub(lin & !0xfff);
-        e.pa = pa & !0xfff;
+        // Unlogged only if the page is dirty already (the bitmap has it since the last
+        // harvest: `jit.dirty_epoch` is current, checked at every entry) and holds no code
+        // (`is_marked` above; a page that becomes code drops all write entries).
+        let unlogged = write && self.ram.is_dirty(pa);
+        e.pa = (pa & !0xfff) | u64::from(unlogged);
         e.read_tag = tag;
         if write {
             e.write_tag = tag;

@@ -329,6 +329,8 @@ fn templates() -> Vec<(String, Gen)> {
     t!(pop(rsp));
     t!(nop());
     t!(nop_1(dword_ptr(rax + rax)));
+    t!(lfence());
+    t!(pause());
     v
 }
 
@@ -548,4 +550,276 @@ fn random_code_runs_the_same_on_both_engines() {
     }
     assert!(compared > 100, "only {compared} runs compared");
     assert!(translated > 0);
+}
+
+/// Runs `budget` instructions of the code at CODE on the translator alone and returns the
+/// instructions executed.
+fn run_jit(rig: &mut Rig, c: &mut Cpu, budget: u32) -> u32 {
+    let ram = Ram::new(&rig.m1);
+    let mut ex = Exec {
+        cpu: c,
+        mem: &rig.m1,
+        ram: &ram,
+        io: &NoIo,
+        vm: &rig.vm,
+        lapic_enabled: false,
+    };
+    let mut blocks = BlockCache::new();
+    ex.run_batch_jit(&mut rig.jit, &mut blocks, budget, false)
+        .unwrap()
+        .0
+}
+
+#[test]
+fn chained_blocks_run_without_the_run_loop() {
+    // Three blocks of one page in a loop (A -> B -> C -> A while ecx lasts): after the first
+    // round every exit is linked to its successor, so the whole loop is one entry.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut la = a.create_label();
+    let mut lb = a.create_label();
+    let mut lc = a.create_label();
+    a.set_label(&mut la).unwrap();
+    a.add(rax, rbx).unwrap();
+    a.jmp(lb).unwrap();
+    a.db(&[0xcc; 16]).unwrap();
+    a.set_label(&mut lc).unwrap();
+    a.sub(rdi, rdx).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(la).unwrap();
+    a.hlt().unwrap();
+    a.db(&[0xcc; 16]).unwrap();
+    a.set_label(&mut lb).unwrap();
+    a.xor(rdx, rax).unwrap();
+    a.adc(rsi, rdx).unwrap();
+    a.jmp(lc).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut rig = Rig::new();
+    let mut rng = Rng(0xc4a1);
+    for _ in 0..16 {
+        let seed = rng.next();
+        rig.load(seed, &code);
+        rig.compare("chained loop", seed, 2000, 0);
+    }
+    assert!(rig.jit.stats.links >= 3, "{:?}", rig.jit.stats);
+    // One long run: a handful of entries (the first round links), not one per block.
+    rig.jit.clear();
+    rig.load(5, &code);
+    let mut c = cpu64(&mut Rng(5));
+    c.gpr[1] = 200;
+    let entries = rig.jit.stats.entries;
+    let n = run_jit(&mut rig, &mut c, 2000);
+    assert_eq!(n, 200 * 8 + 1, "whole loop and the hlt");
+    let entries = rig.jit.stats.entries - entries;
+    assert!(entries <= 6, "{entries} entries for 600 blocks");
+}
+
+#[test]
+fn self_modifying_code_through_a_chain_runs_the_new_code() {
+    // W (page 2) stores eax into the immediate of B (page 1) and goes on at B through the
+    // jump cache; B must run with the new immediate every time (its head compares the page's
+    // write generation).
+    let w_at = CODE + 0x1000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 5).unwrap();
+    a.mov(edx, 30).unwrap();
+    a.jmp(w_at).unwrap();
+    a.db(&[0xcc; 0x30]).unwrap();
+    a.mov(esi, 0x1111_1111u32).unwrap();
+    a.add(rdi, rsi).unwrap();
+    a.dec(edx).unwrap();
+    a.jne(w_at).unwrap();
+    a.hlt().unwrap();
+    let page1 = a.assemble(CODE).unwrap();
+    let b_imm = CODE + page1.windows(4).position(|w| w == [0x11; 4]).unwrap() as u64;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dword_ptr(b_imm), eax).unwrap();
+    a.inc(eax).unwrap();
+    a.jmp(b_imm - 1).unwrap();
+    let w = a.assemble(w_at).unwrap();
+    let mut code = page1.clone();
+    code.resize(0x1000, 0xcc);
+    code.extend_from_slice(&w);
+    // The same 30 rounds on both engines, and the sum they must reach.
+    let mut rig = Rig::new();
+    for seed in [3u64, 4, 5] {
+        rig.load(seed, &code);
+        rig.compare("smc through a chain", seed, 400, 0);
+    }
+    rig.load(7, &code);
+    let mut c = cpu64(&mut Rng(7));
+    let rdi0 = c.gpr[7];
+    run_jit(&mut rig, &mut c, 400);
+    assert_eq!(c.mp_state, MpState::Halted);
+    let want = (5..35u64).fold(rdi0, |s, v| s.wrapping_add(v));
+    assert_eq!(c.gpr[7], want, "a stale translation of B ran");
+    assert!(rig.jit.stats.stale >= 1, "{:?}", rig.jit.stats);
+}
+
+#[test]
+fn a_page_written_by_another_vcpu_ends_its_links() {
+    // A -> B linked in one page; another vCPU then rewrites B (memory write plus the code
+    // tracker, as its store would): entering A again must run the new B.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lb = a.create_label();
+    a.add(rdi, 1).unwrap();
+    a.jmp(lb).unwrap();
+    a.db(&[0xcc; 8]).unwrap();
+    a.set_label(&mut lb).unwrap();
+    a.mov(eax, 0x1111_1111u32).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let imm = CODE + code.len() as u64 - 5;
+    let mut rig = Rig::new();
+    rig.load(1, &code);
+    for round in 0..3u32 {
+        let mut c = cpu64(&mut Rng(1));
+        run_jit(&mut rig, &mut c, 100);
+        let want = 0x1111_1111 + round;
+        assert_eq!(c.gpr[0], u64::from(want), "round {round}");
+        rig.m1.write_obj(want + 1, GuestAddress(imm)).unwrap();
+        rig.vm.code.on_write(imm >> 12);
+    }
+    assert!(rig.jit.stats.links >= 1);
+}
+
+#[test]
+fn exit_request_ends_a_chain_promptly() {
+    // An endless loop of two linked blocks with an (almost) endless budget: a kick from
+    // another thread sets the exit-request word, and the run stops at a block head long
+    // before the budget, with every instruction counted.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut la = a.create_label();
+    let mut lb = a.create_label();
+    a.set_label(&mut la).unwrap();
+    a.inc(rax).unwrap();
+    a.jmp(lb).unwrap();
+    a.db(&[0xcc; 8]).unwrap();
+    a.set_label(&mut lb).unwrap();
+    a.inc(rdx).unwrap();
+    a.jmp(la).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let b = CODE + 3 + 2 + 8;
+    let mut rig = Rig::new();
+    rig.load(2, &code);
+    let mut c = cpu64(&mut Rng(2));
+    let (rax0, rdx0) = (c.gpr[0], c.gpr[2]);
+    let t0 = std::time::Instant::now();
+    let n = std::thread::scope(|s| {
+        let vm = &rig.vm;
+        s.spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            vm.vcpus[0].kick();
+        });
+        let ram = Ram::new(&rig.m1);
+        let mut ex = Exec {
+            cpu: &mut c,
+            mem: &rig.m1,
+            ram: &ram,
+            io: &NoIo,
+            vm,
+            lapic_enabled: false,
+        };
+        let mut blocks = BlockCache::new();
+        ex.run_batch_jit(&mut rig.jit, &mut blocks, u32::MAX, false)
+            .unwrap()
+            .0
+    });
+    assert!(n < u32::MAX / 4, "ran {n} instructions, {:?}", t0.elapsed());
+    assert!(c.rip == CODE || c.rip == b, "stopped at {:#x}", c.rip);
+    let incs = c.gpr[0].wrapping_sub(rax0) + c.gpr[2].wrapping_sub(rdx0);
+    assert_eq!(incs * 2, u64::from(n));
+    assert!(rig.jit.stats.links >= 2);
+}
+
+#[test]
+fn dirty_bitmap_sees_the_first_write_after_a_harvest() {
+    // A translated store to an already-dirty data page skips the bitmap (unlogged write
+    // entry); after a harvest (reset, then `quiesce_unlogged_writes`, as `take_dirty_log`
+    // does) the next store marks the page again.
+    const D: u64 = 0x5000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rbx, D).unwrap();
+    a.mov(qword_ptr(rbx), rax).unwrap();
+    a.inc(rax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut rig = Rig::new();
+    rig.load(11, &code);
+    use vm_memory::GuestMemoryBackend as _;
+    use vm_memory::bitmap::Bitmap as _;
+    let dirty = |r: &hv::GuestMemory| r.iter().next().unwrap().bitmap().dirty_at(D as usize);
+    let harvest = |r: &hv::GuestMemory| {
+        let _ = r.iter().next().unwrap().bitmap().get_and_reset();
+    };
+    let run = |rig: &mut Rig, v: u64| {
+        let mut c = cpu64(&mut Rng(11));
+        c.gpr[0] = v;
+        run_jit(rig, &mut c, 10);
+        assert_eq!(rig.m1.read_obj::<u64>(GuestAddress(D)).unwrap(), v);
+    };
+    // The first store misses the soft TLB (the interpreter marks the page), the second goes
+    // through a write entry made for a dirty page.
+    run(&mut rig, 1);
+    run(&mut rig, 2);
+    assert!(dirty(&rig.m1));
+    // Without the hand-shake the entry stays unlogged: the write is not marked (which is
+    // why a harvest must quiesce).
+    harvest(&rig.m1);
+    run(&mut rig, 3);
+    assert!(!dirty(&rig.m1), "the store went through a logged path");
+    // With it, the first store after the harvest is marked (the entry logs again until it
+    // is made anew).
+    harvest(&rig.m1);
+    rig.vm.quiesce_unlogged_writes();
+    run(&mut rig, 4);
+    assert!(
+        dirty(&rig.m1),
+        "first write after a harvest not in the bitmap"
+    );
+    harvest(&rig.m1);
+    rig.vm.quiesce_unlogged_writes();
+    run(&mut rig, 5);
+    assert!(
+        dirty(&rig.m1),
+        "first write after a harvest not in the bitmap"
+    );
+}
+
+#[test]
+fn a_store_into_a_page_that_became_code_invalidates_it() {
+    // X stores into P (a dirty data page with an unlogged write entry), then P's code runs
+    // (P becomes code), then X patches P's immediate and calls it again: every call must
+    // run the patched code.
+    const P: u64 = CODE + 0x4000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(edx, 6).unwrap();
+    a.mov(ecx, 100).unwrap();
+    a.mov(rsp, 0x9000u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(rbx, P + 1).unwrap();
+    a.mov(dword_ptr(rbx), ecx).unwrap();
+    a.inc(ecx).unwrap();
+    a.call(P).unwrap();
+    a.add(rdi, rax).unwrap();
+    a.dec(edx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(eax, 0).unwrap();
+    p.ret().unwrap();
+    code.resize((P - CODE) as usize, 0xcc);
+    code.extend_from_slice(&p.assemble(P).unwrap());
+    let mut rig = Rig::new();
+    for seed in [1u64, 2] {
+        rig.load(seed, &code);
+        rig.compare("store into code", seed, 200, 0);
+    }
+    rig.load(3, &code);
+    let mut c = cpu64(&mut Rng(3));
+    let rdi0 = c.gpr[7];
+    run_jit(&mut rig, &mut c, 200);
+    assert_eq!(c.mp_state, MpState::Halted);
+    assert_eq!(c.gpr[7], rdi0.wrapping_add((100..106).sum::<u64>()));
 }

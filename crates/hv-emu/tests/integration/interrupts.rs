@@ -8,6 +8,7 @@ use crate::common;
 use common::*;
 use hv::{Hypervisor, VcpuExit};
 use iced_x86::code_asm::*;
+use std::sync::Arc;
 
 const HANDLER: u64 = CODE + 0x800;
 
@@ -90,6 +91,58 @@ fn msi_fixed_interrupt(hv: &dyn Hypervisor) {
     assert_eq!(g.run(), VcpuExit::Halted);
     t.join().unwrap();
     assert_eq!(g.exception(), Some((0x40, 0)));
+}
+
+/// An MSI arriving while the vCPU runs an endless loop of two blocks (which the translator
+/// links into one another) is delivered, at a block boundary.
+fn msi_interrupts_a_chained_loop(hv: &dyn Hypervisor) {
+    let code = asm(|a| {
+        enable_apic(a)?;
+        a.sti()?;
+        a.nop()?;
+        let mut la = a.create_label();
+        let mut lb = a.create_label();
+        a.set_label(&mut la)?;
+        a.inc(rax)?;
+        a.jmp(lb)?;
+        a.int3()?;
+        a.set_label(&mut lb)?;
+        a.inc(rdx)?;
+        a.jmp(la)
+    });
+    let a_at = CODE + code.len() as u64 - 2 - 3 - 1 - 2 - 3;
+    let b_at = CODE + code.len() as u64 - 2 - 3;
+    let mut g = long_mode_guest(hv, &code);
+    g.write_code(HANDLER, &handler(0x41));
+    g.set_gate(0x41, HANDLER);
+    let vm = g.vm.clone();
+    let kicker = g.vcpu.kicker();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        vm.signal_msi(0xfee0_0000, 0x41).unwrap();
+        // A watchdog: a vCPU that never takes the interrupt returns Interrupted instead of
+        // hanging the test.
+        for _ in 0..200 {
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        kicker.kick();
+    });
+    let exit = g.run();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    t.join().unwrap();
+    assert_eq!(exit, VcpuExit::Halted);
+    assert_eq!(g.exception(), Some((0x41, 0)));
+    let st = g.state();
+    let rip = g.read_u64(st.regs.rsp);
+    assert!(rip == a_at || rip == b_at, "interrupted at {rip:#x}");
+    // Both blocks ran as often as each other (give or take the one interrupted between).
+    let (x, y) = (st.regs.rax, st.regs.rdx);
+    assert!(x > 1000 && (x == y || x == y + 1), "rax {x} rdx {y}");
 }
 
 fn apic_timer_one_shot(hv: &dyn Hypervisor) {
@@ -185,6 +238,11 @@ fn emu_clac_stac_without_smap() {
 #[test]
 fn emu_msi_fixed_interrupt() {
     msi_fixed_interrupt(&emu());
+}
+
+#[test]
+fn emu_msi_interrupts_a_chained_loop() {
+    msi_interrupts_a_chained_loop(&emu());
 }
 
 #[test]
