@@ -377,17 +377,32 @@ fn dpps_dppd_unmasked_invalid_in_sum(hv: &dyn Hypervisor) {
     // (instruction: 0 DPPS, 1 DPPD, 2 HADDPS, 3 HSUBPD; xmm0; xmm1; MXCSR after the #XM)
     let cases: [(u8, u128, u128, u32); 6] = [
         // Products: inf, -inf, 1.1*1.1 (inexact), 0; the first sums: inf + -inf.
-        (0, f4([inf, -inf, 1.1, 0.0]), f4([1.0, 1.0, 1.1, 0.0]), 0x1f21),
+        (
+            0,
+            f4([inf, -inf, 1.1, 0.0]),
+            f4([1.0, 1.0, 1.1, 0.0]),
+            0x1f21,
+        ),
         // Exact products; the trapping sums: inf + -inf beside 1.3 + 1.1 (inexact).
         (0, f4([inf, -inf, 1.1, 1.3]), f4([1.0; 4]), 0x1f01),
         // Products: 1e300 * 1e300 overflows (OE, PE), -inf; their sum is invalid.
         (1, d2([1e300, f64::NEG_INFINITY]), d2([1e300, 1.0]), 0x1f29),
         // Exact products; the sum is invalid.
-        (1, d2([f64::INFINITY, f64::NEG_INFINITY]), d2([1.0, 1.0]), 0x1f01),
+        (
+            1,
+            d2([f64::INFINITY, f64::NEG_INFINITY]),
+            d2([1.0, 1.0]),
+            0x1f01,
+        ),
         // inf + -inf beside 1.1 + 1.3 (inexact).
         (2, f4([inf, -inf, 1.1, 1.3]), f4([0.0; 4]), 0x1f01),
         // inf - inf beside 1 - 1e-30 (inexact).
-        (3, d2([f64::INFINITY, f64::INFINITY]), d2([1.0, 1e-30]), 0x1f01),
+        (
+            3,
+            d2([f64::INFINITY, f64::INFINITY]),
+            d2([1.0, 1e-30]),
+            0x1f01,
+        ),
     ];
     for (k, (op, a, b, want)) in cases.into_iter().enumerate() {
         let (st, e) = user_run(

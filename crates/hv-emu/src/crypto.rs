@@ -448,7 +448,8 @@ mod tests {
         use std::hint::black_box;
         use std::time::Instant;
         const N: u32 = 200_000;
-        let ops: [(&str, fn(u128, u128) -> u128); 8] = [
+        type Op = fn(u128, u128) -> u128;
+        let ops: [(&str, Op); 8] = [
             ("aesenc", aesenc),
             ("aesenclast", aesenclast),
             ("aesdec", aesdec),
