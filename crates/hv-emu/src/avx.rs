@@ -460,6 +460,78 @@ fn shift_lane(mn: M, v: u128, c: u64) -> Option<u128> {
     })
 }
 
+/// VDPPS/VDPPD of `lanes` 128-bit lanes, step by step (products, then the sums) over every
+/// lane at once: a step that raises an unmasked exception ends the instruction (the caller's
+/// `fp_done` faults), and the flags of the steps before it stay recorded.
+fn dot_product(
+    ps: bool,
+    a: [u128; 2],
+    b: [u128; 2],
+    lanes: usize,
+    imm: u8,
+    env: &mut Env,
+) -> [u128; 2] {
+    let mut r = [0u128; 2];
+    if ps {
+        let mut t = [[0f32; 4]; 2];
+        for l in 0..lanes {
+            let (x, y) = (f32s(a[l]), f32s(b[l]));
+            for k in 0..4 {
+                if imm & (0x10 << k) != 0 {
+                    t[l][k] = env.mul(x[k], y[k]);
+                }
+            }
+        }
+        if env.end_step() {
+            return r;
+        }
+        // Only which NaN a sum returns depends on the order of its operands. The order here
+        // reproduces the host CPU (measured with tests/integration/avx.rs's differential run): a
+        // butterfly, v[j] = t[j^1] + t[j], then element j = v[j] + v[j^2].
+        let mut v = [[0f32; 4]; 2];
+        for l in 0..lanes {
+            for j in 0..4 {
+                v[l][j] = env.add(t[l][j ^ 1], t[l][j]);
+            }
+        }
+        if env.end_step() {
+            return r;
+        }
+        for l in 0..lanes {
+            // The sums are computed (and raise their flags) whether written or not.
+            let mut o = [0f32; 4];
+            for j in 0..4 {
+                let sum = env.add(v[l][j], v[l][j ^ 2]);
+                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
+            }
+            r[l] = from_f32s(o);
+        }
+    } else {
+        let mut t = [[0f64; 2]; 2];
+        for l in 0..lanes {
+            let (x, y) = (f64s(a[l]), f64s(b[l]));
+            for k in 0..2 {
+                if imm & (0x10 << k) != 0 {
+                    t[l][k] = env.mul(x[k], y[k]);
+                }
+            }
+        }
+        if env.end_step() {
+            return r;
+        }
+        for l in 0..lanes {
+            // Element j adds its own product first (measured, as for DPPS).
+            let mut o = [0f64; 2];
+            for j in 0..2 {
+                let sum = env.add(t[l][j], t[l][j ^ 1]);
+                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
+            }
+            r[l] = from_f64s(o);
+        }
+    }
+    r
+}
+
 /// Floating-point operations of one 128-bit lane, by legacy mnemonic (see [`int_lane`]).
 fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
     let lo32 = 0xffff_ffffu128;
@@ -556,49 +628,6 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut Env) -> Option<u128> {
                 }
             };
             let o = [f(x[0], x[1]), f(y[0], y[1])];
-            from_f64s(o)
-        }
-        M::Dpps => {
-            let (x, y) = (f32s(a), f32s(b));
-            let mut t = [0f32; 4];
-            for k in 0..4 {
-                t[k] = if imm & (0x10 << k) != 0 {
-                    env.mul(x[k], y[k])
-                } else {
-                    0.0
-                };
-            }
-            // Only which NaN a sum returns depends on the order of its operands. The order
-            // here reproduces the host CPU (measured with tests/integration/avx.rs's differential run): a
-            // butterfly, v[j] = t[j^1] + t[j], then element j = v[j] + v[j^2].
-            let mut v = [0f32; 4];
-            for j in 0..4 {
-                v[j] = env.add(t[j ^ 1], t[j]);
-            }
-            // The sums are computed (and raise their flags) whether written or not.
-            let mut o = [0f32; 4];
-            for j in 0..4 {
-                let sum = env.add(v[j], v[j ^ 2]);
-                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
-            }
-            from_f32s(o)
-        }
-        M::Dppd => {
-            let (x, y) = (f64s(a), f64s(b));
-            let mut t = [0f64; 2];
-            for k in 0..2 {
-                t[k] = if imm & (0x10 << k) != 0 {
-                    env.mul(x[k], y[k])
-                } else {
-                    0.0
-                };
-            }
-            // Element j adds its own product first (measured, as for DPPS).
-            let mut o = [0f64; 2];
-            for j in 0..2 {
-                let sum = env.add(t[j], t[j ^ 1]);
-                o[j] = if imm & (1 << j) != 0 { sum } else { 0.0 };
-            }
             from_f64s(o)
         }
         M::Roundps | M::Roundpd | M::Roundss | M::Roundsd => {
@@ -1118,7 +1147,7 @@ impl Exec<'_> {
     /// Applies the FP environment: flags into MXCSR; an unmasked exception faults (#XM, or
     /// #UD without CR4.OSXMMEXCPT) before anything is written.
     fn fp_done(&mut self, env: &Env) -> R<()> {
-        self.cpu.mxcsr |= env.flags & 0x3f;
+        self.cpu.mxcsr |= env.recorded();
         if env.unmasked() != 0 {
             return Err(if self.cpu.cr4 & CR4_OSXMMEXCPT != 0 {
                 Exc::Fault(19, None)
@@ -1733,6 +1762,11 @@ impl Exec<'_> {
         let mut env = Env::new(self.cpu.mxcsr);
         let mut r = [0u128; 2];
         let lanes = if wide { 2 } else { 1 };
+        if matches!(leg, M::Dpps | M::Dppd) {
+            r = dot_product(leg == M::Dpps, a, b, lanes, imm, &mut env);
+            self.fp_done(&env)?;
+            return self.vwr0(i, r, wide);
+        }
         for l in 0..lanes {
             // Immediates whose bits are consumed lane by lane.
             let li = match leg {

@@ -3,159 +3,87 @@
 //!
 //! Each function is exactly one instruction's operation on one 128-bit lane, following the
 //! pseudocode of the Intel SDM (the legacy-SSE forms use them directly; VEX/VAES forms apply
-//! them per lane). Written here rather than taken from a crate because crates expose whole
-//! ciphers and hashes (or, like `aes::hazmat`, only some of the round shapes) while the
-//! instructions need the individual steps: a last round without MixColumns, the SHA message
-//! schedule helpers, two SHA-256 rounds on the instruction's odd register layout. The S-boxes
-//! are computed at compile time from the GF(2^8) definition, so no table is typed in by hand.
+//! them per lane).
+//!
+//! AES rounds come from RustCrypto's `aes` crate (`hazmat`): its round functions are AESENC,
+//! AESDEC and AESIMC exactly, they run on the host's AES-NI where it has it and on the crate's
+//! constant-time bitsliced code elsewhere, so a guest's AES costs tens of nanoseconds and
+//! leaks no key through table lookups. The crate has no last rounds; they follow from the
+//! full ones because MixColumns and InvMixColumns undo each other: AESENCLAST(s, k) =
+//! InvMixColumns(AESENC(s, 0)) ^ k, AESDECLAST(s, k) = MixColumns(AESDEC(s, 0)) ^ k, and
+//! AESKEYGENASSIST's SubWord is SubBytes = InvShiftRows(AESENCLAST(s, 0)).
+//!
+//! PCLMULQDQ and SHA-NI are written here: no crate exposes a bare 64x64 carry-less product
+//! (GHASH/POLYVAL crates keep theirs inside their field arithmetic) or the SHA instructions'
+//! individual steps (a SHA-1 quad round, the message schedule helpers, two SHA-256 rounds on
+//! the instruction's odd register layout).
 
-/// Multiplication in GF(2^8) modulo x^8 + x^4 + x^3 + x + 1.
-const fn gmul(mut a: u8, mut b: u8) -> u8 {
-    let mut p = 0u8;
-    while b != 0 {
-        if b & 1 != 0 {
-            p ^= a;
-        }
-        let hi = a & 0x80;
-        a <<= 1;
-        if hi != 0 {
-            a ^= 0x1b;
-        }
-        b >>= 1;
-    }
-    p
+use aes::hazmat;
+
+type Block = aes::Block;
+
+fn block(v: u128) -> Block {
+    Block::from(v.to_le_bytes())
 }
 
-/// The AES S-box: the multiplicative inverse in GF(2^8) (0 for 0) through the affine map.
-const fn build_sbox() -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut x = 0usize;
-    while x < 256 {
-        // x^254 = x^-1 (and 0 for 0).
-        let mut inv = 1u8;
-        let mut k = 0;
-        while k < 254 {
-            inv = gmul(inv, x as u8);
-            k += 1;
-        }
-        if x == 0 {
-            inv = 0;
-        }
-        let b = inv;
-        t[x] = b ^ b.rotate_left(1) ^ b.rotate_left(2) ^ b.rotate_left(3) ^ b.rotate_left(4) ^ 0x63;
-        x += 1;
-    }
-    t
-}
-
-const fn invert(s: &[u8; 256]) -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut x = 0usize;
-    while x < 256 {
-        t[s[x] as usize] = x as u8;
-        x += 1;
-    }
-    t
-}
-
-const SBOX: [u8; 256] = build_sbox();
-const INV_SBOX: [u8; 256] = invert(&SBOX);
-
-/// State bytes: byte `r + 4c` is row r, column c.
-type State = [u8; 16];
-
-fn bytes(v: u128) -> State {
-    v.to_le_bytes()
-}
-
-fn lane(s: State) -> u128 {
-    u128::from_le_bytes(s)
-}
-
-fn shift_rows(s: State) -> State {
-    let mut o = [0u8; 16];
-    for c in 0..4 {
-        for r in 0..4 {
-            o[r + 4 * c] = s[r + 4 * ((c + r) % 4)];
-        }
-    }
-    o
-}
-
-fn inv_shift_rows(s: State) -> State {
-    let mut o = [0u8; 16];
-    for c in 0..4 {
-        for r in 0..4 {
-            o[r + 4 * ((c + r) % 4)] = s[r + 4 * c];
-        }
-    }
-    o
-}
-
-fn sub_bytes(s: State, table: &[u8; 256]) -> State {
-    s.map(|b| table[usize::from(b)])
-}
-
-/// Multiplies each column by the circulant matrix with first row `m`.
-fn mix(s: State, m: [u8; 4]) -> State {
-    let mut o = [0u8; 16];
-    for c in 0..4 {
-        for r in 0..4 {
-            let mut v = 0;
-            for k in 0..4 {
-                v ^= gmul(m[(k + 4 - r) % 4], s[k + 4 * c]);
-            }
-            o[r + 4 * c] = v;
-        }
-    }
-    o
-}
-
-fn mix_columns(s: State) -> State {
-    mix(s, [2, 3, 1, 1])
-}
-
-fn inv_mix_columns(s: State) -> State {
-    mix(s, [14, 11, 13, 9])
+fn lane_of(b: Block) -> u128 {
+    let a: [u8; 16] = b.into();
+    u128::from_le_bytes(a)
 }
 
 /// AESENC: one encryption round (ShiftRows, SubBytes, MixColumns, AddRoundKey).
 pub(crate) fn aesenc(state: u128, key: u128) -> u128 {
-    lane(mix_columns(sub_bytes(shift_rows(bytes(state)), &SBOX))) ^ key
+    let mut b = block(state);
+    hazmat::cipher_round(&mut b, &block(key));
+    lane_of(b)
 }
 
 /// AESENCLAST: the last encryption round (no MixColumns).
 pub(crate) fn aesenclast(state: u128, key: u128) -> u128 {
-    lane(sub_bytes(shift_rows(bytes(state)), &SBOX)) ^ key
+    let mut b = block(state);
+    hazmat::cipher_round(&mut b, &Block::default());
+    hazmat::inv_mix_columns(&mut b);
+    lane_of(b) ^ key
 }
 
 /// AESDEC: one round of the equivalent inverse cipher (InvShiftRows, InvSubBytes,
 /// InvMixColumns, AddRoundKey).
 pub(crate) fn aesdec(state: u128, key: u128) -> u128 {
-    lane(inv_mix_columns(sub_bytes(
-        inv_shift_rows(bytes(state)),
-        &INV_SBOX,
-    ))) ^ key
+    let mut b = block(state);
+    hazmat::equiv_inv_cipher_round(&mut b, &block(key));
+    lane_of(b)
 }
 
 /// AESDECLAST: the last decryption round (no InvMixColumns).
 pub(crate) fn aesdeclast(state: u128, key: u128) -> u128 {
-    lane(sub_bytes(inv_shift_rows(bytes(state)), &INV_SBOX)) ^ key
+    let mut b = block(state);
+    hazmat::equiv_inv_cipher_round(&mut b, &Block::default());
+    hazmat::mix_columns(&mut b);
+    lane_of(b) ^ key
 }
 
 /// AESIMC: InvMixColumns of a round key (for the equivalent inverse cipher).
 pub(crate) fn aesimc(key: u128) -> u128 {
-    lane(inv_mix_columns(bytes(key)))
+    let mut b = block(key);
+    hazmat::inv_mix_columns(&mut b);
+    lane_of(b)
 }
 
-fn sub_word(w: u32) -> u32 {
-    u32::from_le_bytes(w.to_le_bytes().map(|b| SBOX[usize::from(b)]))
+/// Where InvShiftRows takes each byte of its result from (byte `r + 4c` is row r, column c;
+/// row r moves right by r).
+const INV_SHIFT_ROWS: [usize; 16] = [0, 13, 10, 7, 4, 1, 14, 11, 8, 5, 2, 15, 12, 9, 6, 3];
+
+/// InvShiftRows of a state.
+fn inv_shift_rows(v: u128) -> u128 {
+    let s = v.to_le_bytes();
+    u128::from_le_bytes(INV_SHIFT_ROWS.map(|k| s.get(k).copied().unwrap_or(0)))
 }
 
 /// AESKEYGENASSIST: SubWord of dwords 1 and 3, and RotWord(SubWord) XOR `rcon` of each.
 pub(crate) fn aeskeygenassist(src: u128, rcon: u8) -> u128 {
-    let x1 = sub_word((src >> 32) as u32);
-    let x3 = sub_word((src >> 96) as u32);
+    let sub = inv_shift_rows(aesenclast(src, 0));
+    let x1 = (sub >> 32) as u32;
+    let x3 = (sub >> 96) as u32;
     let rc = u32::from(rcon);
     u128::from(x1)
         | u128::from(x1.rotate_right(8) ^ rc) << 32
@@ -163,15 +91,52 @@ pub(crate) fn aeskeygenassist(src: u128, rcon: u8) -> u128 {
         | u128::from(x3.rotate_right(8) ^ rc) << 96
 }
 
-/// Carry-less product of two 64-bit polynomials.
+/// The bits of a 64-bit word whose index is `c` modulo 5.
+const fn holes64(c: u32) -> u64 {
+    let mut m = 0u64;
+    let mut k = c;
+    while k < 64 {
+        m |= 1 << k;
+        k += 5;
+    }
+    m
+}
+
+/// The bits of a 128-bit word whose index is `c` modulo 5.
+const fn holes128(c: u32) -> u128 {
+    let mut m = 0u128;
+    let mut k = c;
+    while k < 128 {
+        m |= 1 << k;
+        k += 5;
+    }
+    m
+}
+
+const H64: [u64; 5] = [holes64(0), holes64(1), holes64(2), holes64(3), holes64(4)];
+const H128: [u128; 5] = [
+    holes128(0),
+    holes128(1),
+    holes128(2),
+    holes128(3),
+    holes128(4),
+];
+
+/// Carry-less product of two 64-bit polynomials, with integer multiplications and no
+/// data-dependent branch or lookup. Each operand is split into five parts holding the bits of
+/// one residue class modulo 5 (at most 13 bits each); in an integer product of two parts a
+/// result bit gathers at most 13 one-bit terms, a sum below 16 that carries at most 3 places
+/// up, short of the next bit of the same class 5 places up, so the class's bits of the
+/// integer product are the XOR sums the carry-less product wants.
 pub(crate) fn clmul(a: u64, b: u64) -> u128 {
-    let mut r = 0u128;
-    for k in 0..64 {
-        if (b >> k) & 1 != 0 {
-            r ^= u128::from(a) << k;
+    let mut z = [0u128; 5];
+    for (i, ma) in H64.iter().enumerate() {
+        let x = u128::from(a & ma);
+        for (j, mb) in H64.iter().enumerate() {
+            z[(i + j) % 5] ^= x * u128::from(b & mb);
         }
     }
-    r
+    z.iter().zip(H128).fold(0, |r, (v, m)| r | (v & m))
 }
 
 /// PCLMULQDQ: imm bit 0 picks the quadword of `a` (the destination), bit 4 that of `b`.
@@ -318,6 +283,142 @@ pub(crate) fn sha256msg2(dst: u128, src: u128) -> u128 {
 mod tests {
     use super::*;
 
+    /// Reference implementations straight from FIPS 197 and the carry-less product's
+    /// definition, bit by bit: the fast functions above must agree with them.
+    mod reference {
+        const fn gmul(mut a: u8, mut b: u8) -> u8 {
+            let mut p = 0u8;
+            while b != 0 {
+                if b & 1 != 0 {
+                    p ^= a;
+                }
+                let hi = a & 0x80;
+                a <<= 1;
+                if hi != 0 {
+                    a ^= 0x1b;
+                }
+                b >>= 1;
+            }
+            p
+        }
+
+        /// The S-box: the inverse in GF(2^8) (0 for 0) through the affine map.
+        pub fn sbox(x: u8) -> u8 {
+            let mut inv = 1u8;
+            for _ in 0..254 {
+                inv = gmul(inv, x);
+            }
+            let b = if x == 0 { 0 } else { inv };
+            b ^ b.rotate_left(1) ^ b.rotate_left(2) ^ b.rotate_left(3) ^ b.rotate_left(4) ^ 0x63
+        }
+
+        pub fn inv_sbox(y: u8) -> u8 {
+            (0..=255u8).find(|&x| sbox(x) == y).unwrap()
+        }
+
+        fn mix(s: [u8; 16], m: [u8; 4]) -> [u8; 16] {
+            let mut o = [0u8; 16];
+            for c in 0..4 {
+                for r in 0..4 {
+                    for k in 0..4 {
+                        o[r + 4 * c] ^= gmul(m[(k + 4 - r) % 4], s[k + 4 * c]);
+                    }
+                }
+            }
+            o
+        }
+
+        fn shift(s: [u8; 16], inv: bool) -> [u8; 16] {
+            let mut o = [0u8; 16];
+            for c in 0..4 {
+                for r in 0..4 {
+                    if inv {
+                        o[r + 4 * ((c + r) % 4)] = s[r + 4 * c];
+                    } else {
+                        o[r + 4 * c] = s[r + 4 * ((c + r) % 4)];
+                    }
+                }
+            }
+            o
+        }
+
+        pub fn round(state: u128, key: u128, dec: bool, last: bool) -> u128 {
+            let s = shift(state.to_le_bytes(), dec);
+            let s = s.map(|b| if dec { inv_sbox(b) } else { sbox(b) });
+            let s = match (last, dec) {
+                (true, _) => s,
+                (false, false) => mix(s, [2, 3, 1, 1]),
+                (false, true) => mix(s, [14, 11, 13, 9]),
+            };
+            u128::from_le_bytes(s) ^ key
+        }
+
+        pub fn imc(v: u128) -> u128 {
+            u128::from_le_bytes(mix(v.to_le_bytes(), [14, 11, 13, 9]))
+        }
+
+        pub fn clmul(a: u64, b: u64) -> u128 {
+            (0..64)
+                .filter(|k| (b >> k) & 1 != 0)
+                .fold(0, |r, k| r ^ (u128::from(a) << k))
+        }
+    }
+
+    /// A xorshift generator for the cross-checks.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn aes_rounds_match_the_reference() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for _ in 0..500 {
+            let s = u128::from(next(&mut x)) << 64 | u128::from(next(&mut x));
+            let k = u128::from(next(&mut x)) << 64 | u128::from(next(&mut x));
+            assert_eq!(aesenc(s, k), reference::round(s, k, false, false));
+            assert_eq!(aesenclast(s, k), reference::round(s, k, false, true));
+            assert_eq!(aesdec(s, k), reference::round(s, k, true, false));
+            assert_eq!(aesdeclast(s, k), reference::round(s, k, true, true));
+            assert_eq!(aesimc(s), reference::imc(s));
+            let rcon = next(&mut x) as u8;
+            let sw = |w: u32| u32::from_le_bytes(w.to_le_bytes().map(reference::sbox));
+            let (x1, x3) = (sw((s >> 32) as u32), sw((s >> 96) as u32));
+            let want = u128::from(x1)
+                | u128::from(x1.rotate_right(8) ^ u32::from(rcon)) << 32
+                | u128::from(x3) << 64
+                | u128::from(x3.rotate_right(8) ^ u32::from(rcon)) << 96;
+            assert_eq!(aeskeygenassist(s, rcon), want);
+        }
+    }
+
+    #[test]
+    fn clmul_matches_the_reference() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let edges = [
+            0,
+            1,
+            u64::MAX,
+            1 << 63,
+            0x5555_5555_5555_5555,
+            0xaaaa_aaaa_aaaa_aaaa,
+        ];
+        for a in edges {
+            for b in edges {
+                assert_eq!(clmul(a, b), reference::clmul(a, b), "{a:#x} {b:#x}");
+            }
+        }
+        for _ in 0..20_000 {
+            let (a, b) = (next(&mut x), next(&mut x));
+            // Sparse and dense operands too.
+            let (a2, b2) = (a & next(&mut x), b | next(&mut x));
+            assert_eq!(clmul(a, b), reference::clmul(a, b));
+            assert_eq!(clmul(a2, b2), reference::clmul(a2, b2));
+        }
+    }
+
     fn hex128(s: &str) -> u128 {
         let b: Vec<u8> = (0..16)
             .map(|k| u8::from_str_radix(&s[2 * k..2 * k + 2], 16).unwrap())
@@ -339,12 +440,46 @@ mod tests {
         k
     }
 
+    /// Per-call cost of each operation (a timing loop, not an assertion on time):
+    /// `cargo test -p hv-emu --release --lib crypto::tests::cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn cost() {
+        use std::hint::black_box;
+        use std::time::Instant;
+        const N: u32 = 200_000;
+        type Op = fn(u128, u128) -> u128;
+        let ops: [(&str, Op); 8] = [
+            ("aesenc", aesenc),
+            ("aesenclast", aesenclast),
+            ("aesdec", aesdec),
+            ("aesdeclast", aesdeclast),
+            ("aesimc", |a, _| aesimc(a)),
+            ("aeskeygenassist", |a, _| aeskeygenassist(a, 0x1b)),
+            ("pclmulqdq", |a, b| pclmulqdq(a, b, 0x01)),
+            ("sha256rnds2", |a, b| sha256rnds2(a, b, a ^ b)),
+        ];
+        for (name, f) in ops {
+            let mut s = 0x0011_2233_4455_6677_8899_aabb_ccdd_eeffu128;
+            let k = 0x0f0e_0d0c_0b0a_0908_0706_0504_0302_0100u128;
+            let t = Instant::now();
+            for _ in 0..N {
+                s = f(black_box(s), black_box(k));
+            }
+            black_box(s);
+            println!(
+                "{name}: {:.1} ns",
+                t.elapsed().as_nanos() as f64 / f64::from(N)
+            );
+        }
+    }
+
     #[test]
     fn sbox_matches_fips_197() {
-        assert_eq!(SBOX[0x00], 0x63);
-        assert_eq!(SBOX[0x53], 0xed);
-        assert_eq!(SBOX[0xff], 0x16);
-        assert_eq!(INV_SBOX[0x63], 0x00);
+        assert_eq!(reference::sbox(0x00), 0x63);
+        assert_eq!(reference::sbox(0x53), 0xed);
+        assert_eq!(reference::sbox(0xff), 0x16);
+        assert_eq!(reference::inv_sbox(0x63), 0x00);
     }
 
     #[test]

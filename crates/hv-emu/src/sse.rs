@@ -745,14 +745,14 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
             // propagates: v[k] = t[k^1] + t[k], then w[k] = v[k] + v[k^2]. Intermediate
             // results are operands like any (DAZ, DE); an unmasked exception in a step ends
             // the instruction there (#XM with that step's flags).
-            if env.trapping() {
+            if env.end_step() {
                 return Some(0);
             }
             let mut v = [0u64; 4];
             for k in 0..4 {
                 v[k] = env.arith::<S32>(Op::Add, t[k ^ 1], t[k]);
             }
-            if env.trapping() {
+            if env.end_step() {
                 return Some(0);
             }
             let mut w = [0u32; 4];
@@ -777,7 +777,7 @@ fn fp_lane(mn: M, a: u128, b: u128, imm: u8, env: &mut ssefp::Env) -> Option<u12
             }
             // Element k is t[k] + t[k^1] (the order decides which NaN propagates); the sum
             // is not done when the products raised an unmasked exception.
-            if env.trapping() {
+            if env.end_step() {
                 return Some(0);
             }
             let w = [

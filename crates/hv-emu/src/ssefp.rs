@@ -35,12 +35,20 @@ pub(crate) const XM: u8 = 19;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Env {
     pub mxcsr: u32,
+    /// Flags raised by the step being computed.
     pub flags: u32,
+    /// Flags of the finished steps of a multi-step instruction (DPPS/DPPD): they stay recorded
+    /// when a later step traps.
+    done: u32,
 }
 
 impl Env {
     pub(crate) fn new(mxcsr: u32) -> Env {
-        Env { mxcsr, flags: 0 }
+        Env {
+            mxcsr,
+            flags: 0,
+            done: 0,
+        }
     }
 
     /// The rounding mode of MXCSR.RC.
@@ -49,15 +57,15 @@ impl Env {
     }
 
     /// Merges the raised flags into `mxcsr` as the hardware does and fails with #XM when one
-    /// of them is unmasked (then only the pre-computation flags are recorded if one of those
-    /// is the unmasked one).
+    /// of them is unmasked (then only the pre-computation flags of the trapping step are
+    /// recorded if one of those is the unmasked one; earlier steps' flags all are).
     pub(crate) fn finish(self, mxcsr: &mut u32) -> Result<(), Exc> {
         let mut f = self.flags & 0x3f;
         let unmasked = f & !(self.mxcsr >> 7) & 0x3f;
         if unmasked & (IE | DE | ZE) != 0 {
             f &= IE | DE | ZE;
         }
-        *mxcsr |= f;
+        *mxcsr |= f | (self.done & 0x3f);
         if unmasked != 0 {
             Err(Exc::Fault(XM, None))
         } else {
@@ -271,6 +279,18 @@ impl Env {
     /// stops at the end of the step that raised it).
     pub(crate) fn trapping(&self) -> bool {
         self.flags & !(self.mxcsr >> 7) & 0x3f != 0
+    }
+
+    /// Ends one step of a multi-step instruction: true when it raised an unmasked exception
+    /// (the instruction stops there), else its flags become a finished step's, recorded in
+    /// full whatever a later step raises (measured: DPPS whose products were inexact and
+    /// whose sums are invalid with IM clear records PE and IE).
+    pub(crate) fn end_step(&mut self) -> bool {
+        if self.trapping() {
+            return true;
+        }
+        self.done |= std::mem::take(&mut self.flags);
+        false
     }
 
     /// `a op b` (ADD/SUB/MUL/DIV).

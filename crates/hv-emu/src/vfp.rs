@@ -24,6 +24,9 @@ pub struct Env {
     /// Rounding control: 0 nearest, 1 down, 2 up, 3 toward zero.
     pub rc: u32,
     pub flags: u32,
+    /// Flags of the finished steps of a multi-step instruction (VDPPS/VDPPD): recorded in
+    /// full when a later step traps.
+    done: u32,
     /// A denormal operand of the element being computed: reported (DE) only when no NaN
     /// operand, invalid operation or division by zero takes precedence over it.
     pend_de: bool,
@@ -35,6 +38,7 @@ impl Env {
             mxcsr,
             rc: (mxcsr >> 13) & 3,
             flags: 0,
+            done: 0,
             pend_de: false,
         }
     }
@@ -47,6 +51,27 @@ impl Env {
     /// Exceptions raised whose mask bit is clear.
     pub fn unmasked(&self) -> u32 {
         self.flags & !(self.mxcsr >> 7) & 0x3f
+    }
+    /// The flags MXCSR records: when an unmasked pre-computation exception (IE, DE, ZE) traps,
+    /// the step's post-computation flags (OE, UE, PE of its other elements) are not; a
+    /// finished earlier step's flags all are.
+    pub fn recorded(&self) -> u32 {
+        let f = self.flags & 0x3f;
+        let f = if self.unmasked() & (IE | DE | ZE) != 0 {
+            f & (IE | DE | ZE)
+        } else {
+            f
+        };
+        f | (self.done & 0x3f)
+    }
+    /// Ends one step of a multi-step instruction: true when it raised an unmasked exception
+    /// (the instruction stops there), else its flags become a finished step's.
+    pub fn end_step(&mut self) -> bool {
+        if self.unmasked() != 0 {
+            return true;
+        }
+        self.done |= std::mem::take(&mut self.flags);
+        false
     }
 }
 

@@ -320,7 +320,7 @@ pub fn run(setup: &Setup) {
             "--serial".into(),
             "stdio".into(),
             "--disk".into(),
-            format!("{},format=qcow2", ov.display()),
+            format!("{},format=qcow2,backing=on", ov.display()),
         ];
         runners.push((format!("anyvisor {b}"), setup.anyvisor.clone(), args));
     }

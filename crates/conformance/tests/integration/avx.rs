@@ -17,6 +17,7 @@ conformance!(
     xsave_header_tracks_avx_in_use,
     maskmov_faults,
     overflow_in_directed_modes,
+    vex_unmasked_invalid_keeps_finished_steps,
 );
 
 /// A guest for `hv` with AVX usable at CPL 3 (on emu: `portable-v3`, CR4.OSXSAVE, XCR0 = 7),
@@ -365,5 +366,59 @@ fn overflow_in_directed_modes(hv: &dyn Hypervisor) {
         let what = format!("fma={fma} rc={rc} c={c:#x} a={a:#x} b={b:#x}");
         assert_eq!(u32s(&g, DATA + 0x10, 1)[0], want, "{what}: result");
         assert_eq!(u32s(&g, DATA + 0x44, 1)[0] & 0x3f, flags, "{what}: flags");
+    }
+}
+
+/// VDPPS/VDPPD and VADDPS with IM clear and an invalid operation (issue 11's DPPS divergence,
+/// VEX forms): the instruction traps (#XM) with the destination unchanged; the flags of a
+/// finished step (DPPS's products) stay recorded, the post-computation flags of the trapping
+/// step do not.
+fn vex_unmasked_invalid_keeps_finished_steps(hv: &dyn Hypervisor) {
+    let inf = f32::INFINITY;
+    let f = |v: [f32; 4]| v.map(f32::to_bits);
+    let d = |v: [f64; 2]| {
+        let [a, b] = v.map(f64::to_bits);
+        [a as u32, (a >> 32) as u32, b as u32, (b >> 32) as u32]
+    };
+    // (instruction: 0 VDPPS, 1 VDPPD, 2 VADDPS; xmm0; xmm1; MXCSR after the #XM)
+    let cases: [(u8, [u32; 4], [u32; 4], u32); 5] = [
+        (0, f([inf, -inf, 1.1, 0.0]), f([1.0, 1.0, 1.1, 0.0]), 0x1f21),
+        (0, f([inf, -inf, 1.1, 1.3]), f([1.0; 4]), 0x1f01),
+        (1, d([1e300, f64::NEG_INFINITY]), d([1e300, 1.0]), 0x1f29),
+        (
+            1,
+            d([f64::INFINITY, f64::NEG_INFINITY]),
+            d([1.0, 1.0]),
+            0x1f01,
+        ),
+        // One element invalid, the other inexact: only IE.
+        (2, f([inf, 1.1, 0.0, 0.0]), f([-inf, 1.3, 0.0, 0.0]), 0x1f01),
+    ];
+    for (k, (op, a, b, want)) in cases.into_iter().enumerate() {
+        let code = conformance::asm(|asm| {
+            asm.mov(rdi, DATA)?;
+            asm.ldmxcsr(dword_ptr(rdi + 0x40))?;
+            asm.movups(xmm0, xmmword_ptr(rdi))?;
+            asm.movups(xmm1, xmmword_ptr(rdi + 0x10))?;
+            match op {
+                0 => asm.vdpps(xmm0, xmm0, xmm1, 0xff)?,
+                1 => asm.vdppd(xmm0, xmm0, xmm1, 0x33)?,
+                _ => asm.vaddps(xmm0, xmm0, xmm1)?,
+            }
+            asm.ud2()
+        });
+        let mut g = avx_guest(hv, &code);
+        put_u32s(&g, DATA, &a);
+        put_u32s(&g, DATA + 0x10, &b);
+        put_u32s(&g, DATA + 0x40, &[0x1f00]);
+        let o = g.go();
+        let e = o.exception.expect("an exception");
+        assert_eq!(e.vector, 19, "case {k}: #XM");
+        let x0: Vec<u32> = o.state.fpu.xmm[0]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(x0, a, "case {k}: destination unchanged");
+        assert_eq!(o.state.fpu.mxcsr, want, "case {k}: MXCSR");
     }
 }

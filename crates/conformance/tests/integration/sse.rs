@@ -296,7 +296,8 @@ conformance!(
     fp_rounding_modes,
     roundsd_modes,
     daz_ftz,
-    nan_rules_and_xm
+    nan_rules_and_xm,
+    dpps_dppd_unmasked_invalid_in_sum
 );
 
 /// Random MMX/SSE blocks from random FP states: KVM (the host CPU) against emu, bit for bit.
@@ -353,4 +354,74 @@ fn sse_differential_detects_a_difference() {
     let mut c = b;
     c.fpu.st[3][9] ^= 1;
     assert!(compare(&a, &c).is_some());
+}
+
+/// Packs four f32 into an XMM value.
+fn f4(v: [f32; 4]) -> u128 {
+    v.iter()
+        .rev()
+        .fold(0u128, |acc, f| (acc << 32) | u128::from(f.to_bits()))
+}
+
+/// Packs two f64 into an XMM value.
+fn d2(v: [f64; 2]) -> u128 {
+    (u128::from(v[1].to_bits()) << 64) | u128::from(v[0].to_bits())
+}
+
+/// DPPS/DPPD with an unmasked invalid operation in their sums (differential seed 0x10006,
+/// block 36163): the products are a finished step, so their masked flags stay recorded (PE,
+/// OE of an overflowed product) beside IE when the sum traps; the destination is unchanged.
+/// HADDPS/HSUBPD are one step: the other element's PE is not recorded beside IE.
+fn dpps_dppd_unmasked_invalid_in_sum(hv: &dyn Hypervisor) {
+    let inf = f32::INFINITY;
+    // (instruction: 0 DPPS, 1 DPPD, 2 HADDPS, 3 HSUBPD; xmm0; xmm1; MXCSR after the #XM)
+    let cases: [(u8, u128, u128, u32); 6] = [
+        // Products: inf, -inf, 1.1*1.1 (inexact), 0; the first sums: inf + -inf.
+        (
+            0,
+            f4([inf, -inf, 1.1, 0.0]),
+            f4([1.0, 1.0, 1.1, 0.0]),
+            0x1f21,
+        ),
+        // Exact products; the trapping sums: inf + -inf beside 1.3 + 1.1 (inexact).
+        (0, f4([inf, -inf, 1.1, 1.3]), f4([1.0; 4]), 0x1f01),
+        // Products: 1e300 * 1e300 overflows (OE, PE), -inf; their sum is invalid.
+        (1, d2([1e300, f64::NEG_INFINITY]), d2([1e300, 1.0]), 0x1f29),
+        // Exact products; the sum is invalid.
+        (
+            1,
+            d2([f64::INFINITY, f64::NEG_INFINITY]),
+            d2([1.0, 1.0]),
+            0x1f01,
+        ),
+        // inf + -inf beside 1.1 + 1.3 (inexact).
+        (2, f4([inf, -inf, 1.1, 1.3]), f4([0.0; 4]), 0x1f01),
+        // inf - inf beside 1 - 1e-30 (inexact).
+        (
+            3,
+            d2([f64::INFINITY, f64::INFINITY]),
+            d2([1.0, 1e-30]),
+            0x1f01,
+        ),
+    ];
+    for (k, (op, a, b, want)) in cases.into_iter().enumerate() {
+        let (st, e) = user_run(
+            hv,
+            |a| match op {
+                0 => a.dpps(xmm0, xmm1, 0xff),
+                1 => a.dppd(xmm0, xmm1, 0x33),
+                2 => a.haddps(xmm0, xmm1),
+                _ => a.hsubpd(xmm0, xmm1),
+            },
+            |st| {
+                st.fpu.mxcsr = 0x1f00; // IM clear
+                st.fpu.xmm[0] = a.to_le_bytes();
+                st.fpu.xmm[1] = b.to_le_bytes();
+            },
+        );
+        assert_eq!(e, Some(19), "case {k}: #XM");
+        assert_eq!(x(&st, 0), a, "case {k}: destination unchanged");
+        // Measured on the host CPU.
+        assert_eq!(st.fpu.mxcsr, want, "case {k}: MXCSR");
+    }
 }
