@@ -856,3 +856,60 @@ fn unmapped_image_goes_through_the_bounce_buffer() {
         disk[512..512 + 3 * len as usize]
     );
 }
+
+/// Measurement, not a check of speed (run with `--ignored --nocapture`; docs/benchmarks.md):
+/// host-side cost of 1 MiB requests made of 256 scattered 4 KiB guest pages on a raw image in
+/// the page cache, the shape Linux sends for a large O_DIRECT transfer. Checks the data.
+#[test]
+#[ignore = "measurement; run by hand"]
+fn measure_scattered_1mib_requests() {
+    let dir = TempDir::new("blkmeasure");
+    let path = dir.path("m.raw");
+    let disk_len = 16usize << 20;
+    std::fs::write(&path, pattern(disk_len, 5)).unwrap();
+    let mut dev = Block::new(BlockConfig {
+        path: path.clone(),
+        readonly: false,
+        format: None,
+    })
+    .unwrap();
+    let mem = memory();
+    let mut d = Driver::new(&mem, 256);
+    // Every other page from DATA: 256 pages over 2 MiB.
+    let pages: Vec<u64> = (0..254).map(|i| DATA + i * 0x2000).collect();
+    let rounds = 400u32;
+    for (name, typ) in [("read", VIRTIO_BLK_T_IN), ("write", VIRTIO_BLK_T_OUT)] {
+        let t = std::time::Instant::now();
+        for i in 0..rounds {
+            // A fresh queue now and then: the mock driver's rings misbehave after 128 chains
+            // of 256 descriptors.
+            if i % 100 == 0 {
+                d = Driver::new(&mem, 256);
+            }
+            let sector = u64::from(i % 15) * 2048;
+            header(&d, typ, sector);
+            let mut chain = vec![r(HDR, 16)];
+            chain.extend(pages.iter().map(|&a| {
+                if typ == VIRTIO_BLK_T_IN {
+                    w(a, 4096)
+                } else {
+                    r(a, 4096)
+                }
+            }));
+            chain.push(w(STATUS, 1));
+            run(&mut dev, &mut d, &chain).unwrap();
+            assert_eq!(status(&d), OK, "{name} round {i}");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mb = f64::from(rounds) * 254.0 * 4096.0 / 1e6;
+        println!(
+            "scattered {name}: {:.0} MB/s ({:.1} us per 1016 KiB request)",
+            mb / secs,
+            secs * 1e6 / f64::from(rounds)
+        );
+    }
+    // The last read request (sector 14 * 2048 after the writes) holds what the writes put there.
+    let disk = std::fs::read(&path).unwrap();
+    let at = 14 * 2048 * 512;
+    assert_eq!(d.read(pages[0], 4096), disk[at..at + 4096]);
+}
