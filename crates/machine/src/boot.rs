@@ -283,19 +283,9 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     }
 }
 
-/// Whether the kernel part of a command line (before a `--`, after which everything goes to
-/// init) already says something about PCI (`pci=...`).
-fn mentions_pci(cmdline: &str) -> bool {
-    cmdline
-        .split_whitespace()
-        .take_while(|t| *t != "--")
-        .any(|t| t.starts_with("pci="))
-}
-
-/// The command line handed to the kernel: the user's, unchanged, then `pci=off` unless the
-/// user's already has a `pci=` option (the platform has no PCI: Linux then skips probing the
-/// PCI configuration ports), then one `virtio_mmio.device=4K@0x<base>:<irq>` per slot. At most
-/// `CMDLINE_MAX - 1` bytes.
+/// The command line handed to the kernel: the user's, unchanged, then one
+/// `virtio_mmio.device=4K@0x<base>:<irq>` per slot (before a `--`, after which everything goes
+/// to init). At most `CMDLINE_MAX - 1` bytes.
 pub fn build_cmdline(user: &str, virtio: &[VirtioSlot]) -> Result<String, Error> {
     if user.contains('\0') {
         return Err(Error::CmdlineNul);
@@ -316,11 +306,10 @@ pub fn build_cmdline(user: &str, virtio: &[VirtioSlot]) -> Result<String, Error>
         .unwrap_or(user.len());
     let (kernel_part, init_part) = user.split_at(split);
     let mut s = kernel_part.to_string();
-    let pci_off = (!mentions_pci(user)).then(|| "pci=off".to_string());
     let devices = virtio
         .iter()
         .map(|v| format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq));
-    for option in pci_off.into_iter().chain(devices) {
+    for option in devices {
         if !s.is_empty() && !s.ends_with(char::is_whitespace) {
             s.push(' ');
         }
@@ -911,7 +900,7 @@ mod tests {
         check_common_memory(
             &mem,
             4,
-            "console=ttyS0 quiet pci=off virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
+            "console=ttyS0 quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
         );
         let p = params_of(&mem);
         let (addr, size) = ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size });
@@ -984,38 +973,34 @@ mod tests {
         let slots: Vec<VirtioSlot> = (0..16).map(|i| VirtioSlot::for_index(i).unwrap()).collect();
         let s = build_cmdline("a", &slots).unwrap();
         assert_eq!(s.matches("virtio_mmio.device=4K@0xd000f000:20").count(), 1);
-        assert!(s.starts_with("a pci=off virtio_mmio.device="), "{s}");
+        assert!(s.starts_with("a virtio_mmio.device="), "{s}");
         assert_eq!(
             build_cmdline("", &slots[..1]).unwrap(),
-            "pci=off virtio_mmio.device=4K@0xd0000000:5"
+            "virtio_mmio.device=4K@0xd0000000:5"
         );
-        let pci = "pci=nomsi ";
+        assert_eq!(build_cmdline(&"y".repeat(2047), &[]).unwrap().len(), 2047);
+        assert!(build_cmdline(&"y".repeat(2048), &[]).is_err());
+        let one = " virtio_mmio.device=4K@0xd0000000:5".len();
         assert_eq!(
-            build_cmdline(&"y".repeat(2047 - 8), &[]).unwrap().len(),
-            2047
-        );
-        assert!(build_cmdline(&"y".repeat(2047 - 7), &[]).is_err());
-        assert_eq!(
-            build_cmdline(&format!("{pci}{}", "y".repeat(2047 - pci.len())), &[])
+            build_cmdline(&"y".repeat(2047 - one), &slots[..1])
                 .unwrap()
                 .len(),
             2047
         );
+        assert!(build_cmdline(&"y".repeat(2048 - one), &slots[..1]).is_err());
         assert!(build_cmdline("a\0b", &[]).is_err());
         assert_eq!(
             build_cmdline("x  ", &slots[..1]).unwrap(),
-            "x  pci=off virtio_mmio.device=4K@0xd0000000:5"
+            "x  virtio_mmio.device=4K@0xd0000000:5"
         );
-        assert_eq!(build_cmdline(" keep ", &[]).unwrap(), " keep pci=off");
-        // The user's own pci= option wins; one after `--` is init's, not the kernel's.
+        // The platform adds no pci= option (it has a configuration mechanism, docs/platform.md
+        // section 6); the user's own passes unchanged.
+        assert_eq!(build_cmdline(" keep ", &[]).unwrap(), " keep ");
         assert_eq!(build_cmdline("pci=noacpi q", &[]).unwrap(), "pci=noacpi q");
-        assert_eq!(
-            build_cmdline("q -- pci=x", &[]).unwrap(),
-            "q pci=off -- pci=x"
-        );
+        assert_eq!(build_cmdline("q -- pci=x", &[]).unwrap(), "q -- pci=x");
         assert_eq!(
             build_cmdline("q --x -- a", &slots[..1]).unwrap(),
-            "q --x pci=off virtio_mmio.device=4K@0xd0000000:5 -- a"
+            "q --x virtio_mmio.device=4K@0xd0000000:5 -- a"
         );
         assert!(VirtioSlot::for_index(16).is_none());
     }

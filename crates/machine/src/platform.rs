@@ -8,6 +8,7 @@
 //! | 0x600          | ACPI sleep control (SLP_TYP=5 + SLP_EN: power off)  |
 //! | 0x601          | ACPI sleep status (reads 0)                        |
 //! | 0x604          | ACPI reset register (value 1: reset)               |
+//! | 0xcf8 (dword), 0xcfc..=0xcff | PCI configuration mechanism #1: a host bridge at 00:00.0, nothing else |
 //!
 //! MMIO: the IOAPIC at [`layout::IOAPIC_BASE`] and whatever the VMM registers with
 //! [`Platform::register_mmio`]. Accesses nobody claims read as all-ones; writes are dropped;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::i8042::{I8042, I8042State};
 use crate::devices::ioapic::{Ioapic, IoapicState};
+use crate::devices::pci::{PciHost, PciHostState};
 use crate::devices::serial::{SerialDevice, SerialOut, SerialState};
 pub use crate::devices::{IrqLine, MmioHandler, PlatformEvent, PlatformEvents};
 use crate::layout;
@@ -49,6 +51,9 @@ pub struct PlatformState {
     pub serial: SerialState,
     pub ioapic: IoapicState,
     pub i8042: I8042State,
+    /// Absent from snapshots taken before the PCI host bridge existed: the power-on latch.
+    #[serde(default)]
+    pub pci: PciHostState,
 }
 
 impl PlatformState {
@@ -56,6 +61,7 @@ impl PlatformState {
         self.serial.validate().map_err(Error::InvalidState)?;
         self.ioapic.validate().map_err(Error::InvalidState)?;
         self.i8042.validate().map_err(Error::InvalidState)?;
+        self.pci.validate().map_err(Error::InvalidState)?;
         Ok(())
     }
 }
@@ -73,6 +79,9 @@ pub struct PlatformCounters {
     pub msi_failed: u64,
     pub msi_no_vm: u64,
     pub irq_bad_pin: u64,
+    /// Guest accesses to the PCI configuration ports (0xcf8 dword, 0xcfc..=0xcff).
+    pub pci_config_reads: u64,
+    pub pci_config_writes: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +90,8 @@ struct Counters {
     pio_writes: AtomicU64,
     mmio_reads: AtomicU64,
     mmio_writes: AtomicU64,
+    pci_reads: AtomicU64,
+    pci_writes: AtomicU64,
 }
 
 struct MmioRange {
@@ -92,6 +103,7 @@ struct MmioRange {
 pub struct Platform {
     serial: Mutex<SerialDevice>,
     i8042: Mutex<I8042>,
+    pci: Mutex<PciHost>,
     ioapic: Arc<Ioapic>,
     mmio: RwLock<BTreeMap<u64, MmioRange>>,
     events: Arc<dyn PlatformEvents>,
@@ -121,6 +133,7 @@ impl Platform {
         Platform {
             serial: Mutex::new(serial),
             i8042: Mutex::new(I8042::default()),
+            pci: Mutex::new(PciHost::default()),
             ioapic,
             mmio: RwLock::new(mmio),
             events,
@@ -181,6 +194,7 @@ impl Platform {
             serial: lock(&self.serial).state(),
             ioapic: self.ioapic.state(),
             i8042: lock(&self.i8042).state(),
+            pci: lock(&self.pci).state(),
         }
     }
 
@@ -193,6 +207,9 @@ impl Platform {
             .map_err(Error::InvalidState)?;
         lock(&self.i8042)
             .restore(&s.i8042)
+            .map_err(Error::InvalidState)?;
+        lock(&self.pci)
+            .restore(&s.pci)
             .map_err(Error::InvalidState)?;
         lock(&self.serial)
             .restore(&s.serial)
@@ -218,6 +235,8 @@ impl Platform {
             msi_failed: io.msi_failed.load(Ordering::Relaxed),
             msi_no_vm: io.msi_no_vm.load(Ordering::Relaxed),
             irq_bad_pin: io.bad_pin.load(Ordering::Relaxed),
+            pci_config_reads: c.pci_reads.load(Ordering::Relaxed),
+            pci_config_writes: c.pci_writes.load(Ordering::Relaxed),
         }
     }
 
@@ -248,6 +267,11 @@ impl Platform {
 
 impl hv::DeviceIo for Platform {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if PciHost::claims(port, data.len()) {
+            self.counters.pci_reads.fetch_add(1, Ordering::Relaxed);
+            lock(&self.pci).read(port, data);
+            return;
+        }
         let serial = layout::SERIAL_PORT..layout::SERIAL_PORT + 8;
         if serial.contains(&port) {
             let mut s = lock(&self.serial);
@@ -282,6 +306,11 @@ impl hv::DeviceIo for Platform {
     }
 
     fn pio_write(&self, port: u16, data: &[u8]) {
+        if PciHost::claims(port, data.len()) {
+            self.counters.pci_writes.fetch_add(1, Ordering::Relaxed);
+            lock(&self.pci).write(port, data);
+            return;
+        }
         let serial = layout::SERIAL_PORT..layout::SERIAL_PORT + 8;
         if serial.contains(&port) {
             let mut s = lock(&self.serial);
@@ -535,6 +564,56 @@ mod tests {
         );
     }
 
+    fn outl(p: &Platform, port: u16, v: u32) {
+        p.pio_write(port, &v.to_le_bytes());
+    }
+
+    fn inl(p: &Platform, port: u16) -> u32 {
+        let mut b = [0; 4];
+        p.pio_read(port, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Linux's conf1 probe through the bus: the latch reads back, the host bridge answers at
+    /// 00:00.0 with its class, and no port access of it counts as unclaimed.
+    #[test]
+    fn pci_conf1_host_bridge() {
+        let s = setup();
+        outb(&s.p, 0xcfb, 1);
+        outl(&s.p, 0xcf8, 0x8000_0000);
+        assert_eq!(inl(&s.p, 0xcf8), 0x8000_0000);
+        outl(&s.p, 0xcf8, 0x8000_0008);
+        let mut w = [0; 2];
+        s.p.pio_read(0xcfe, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0600);
+        outl(&s.p, 0xcf8, 0x8000_0000);
+        assert_eq!(inl(&s.p, 0xcfc), 0x0008_1b36);
+        // Slot 1 is empty.
+        outl(&s.p, 0xcf8, 0x8000_0800);
+        assert_eq!(inl(&s.p, 0xcfc), 0xffff_ffff);
+        let c = s.p.counter_values();
+        // Only the byte write to 0xcfb went nowhere.
+        assert_eq!((c.unclaimed_pio_reads, c.unclaimed_pio_writes), (0, 1));
+        assert_eq!((c.pci_config_reads, c.pci_config_writes), (4, 4));
+        assert_eq!(s.p.state().pci.config_address, 0x8000_0800);
+    }
+
+    /// A snapshot from before the PCI host bridge has no `pci` field: it restores, with the
+    /// latch at its power-on value.
+    #[test]
+    fn state_without_pci_restores_with_power_on_latch() {
+        let a = setup();
+        let st = busy_state(&a);
+        let mut json = serde_json::to_value(&st).unwrap();
+        json.as_object_mut().unwrap().remove("pci").unwrap();
+        let back: PlatformState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.pci, PciHostState::default());
+        let b = setup();
+        b.p.restore(&back).unwrap();
+        assert_eq!(b.p.state(), back);
+        assert_eq!(inl(&b.p, 0xcf8), 0);
+    }
+
     fn busy_state(s: &Setup) -> PlatformState {
         ioapic_write(&s.p, 0x10 + 8, 0x34);
         ioapic_write(&s.p, 0x11 + 2, 3 << 24);
@@ -546,6 +625,7 @@ mod tests {
         outb(&s.p, 0x3ff, 0x5a);
         s.p.serial_input(&[7u8; 100]);
         outb(&s.p, 0x64, 0x60);
+        outl(&s.p, 0xcf8, 0x8000_0808);
         s.p.state()
     }
 
@@ -555,6 +635,7 @@ mod tests {
         let st = busy_state(&a);
         assert_eq!(st.ioapic.pending_edges, 1 << 7);
         assert_eq!(st.serial.pending_input.len(), 36);
+        assert_eq!(st.pci.config_address, 0x8000_0808);
         let json = serde_json::to_string(&st).unwrap();
         let back: PlatformState = serde_json::from_str(&json).unwrap();
         let b = setup();
@@ -587,6 +668,7 @@ mod tests {
             |s| s.ioapic.redirection[0] = 1 << 17,
             |s| s.ioapic.pending_edges = 1 << 31,
             |s| s.i8042.expecting = Some(0xaa),
+            |s| s.pci.config_address = 0x8000_0001,
         ];
         let b = setup();
         let before = b.p.state();

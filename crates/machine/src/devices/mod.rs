@@ -3,6 +3,7 @@
 
 pub mod i8042;
 pub mod ioapic;
+pub mod pci;
 pub mod serial;
 
 pub use ioapic::IrqLine;

@@ -7,7 +7,6 @@
 //! or one the queue cannot even walk (loops, bad indirect tables, bad indexes), puts the device
 //! in `DEVICE_NEEDS_RESET`.
 
-use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +18,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
 use crate::chain::{self, Seg};
@@ -27,6 +27,7 @@ use crate::{
     read_config_bytes,
 };
 pub use disk::{DiskFile, Format};
+use iov::Way;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -258,7 +259,7 @@ impl Block {
         let len = total_len(bufs);
         let start = self.data_range(sector, len)?;
         check_guest(mem, bufs, Permissions::Write)?;
-        self.transfer(Dir::FromDisk, start, guest_pieces(bufs, 0)?, mem, bounce)?;
+        self.transfer(Way::FileToGuest, start, guest_pieces(bufs, 0)?, mem, bounce)?;
         self.counters.bytes_read += len;
         // `len` is a sum of u32 lengths within one chain, which virtio-queue caps at u32::MAX.
         u32::try_from(len).map_err(|_| ())
@@ -287,7 +288,7 @@ impl Block {
         let start = self.data_range(sector, len)?;
         check_guest(mem, readable, Permissions::Read)?;
         self.transfer(
-            Dir::ToDisk,
+            Way::GuestToFile,
             start,
             guest_pieces(readable, HEADER_LEN as u64)?,
             mem,
@@ -298,41 +299,92 @@ impl Block {
     }
 
     /// Moves the data of one request between the disk (from byte `start`) and its guest
-    /// pieces, in either direction: a large piece goes straight between disk and guest memory,
-    /// small neighbours are gathered into one run of at most [`disk::CHUNK`] bytes.
+    /// buffers, in either direction, asking the image where each stretch of the disk lives
+    /// ([`DiskFile::map`]): a stretch in the image's file moves with one `preadv`/`pwritev`
+    /// straight between the file and every guest buffer it covers ([`iov`]); a stretch that
+    /// reads as zeros is zero-filled in guest memory; anything else (compressed or encrypted
+    /// clusters, a backing chain, formats without a mapping) goes through `read_at`/`write_at`
+    /// and the bounce buffer, at most [`disk::CHUNK`] bytes at a time. Every write into guest
+    /// memory marks its pages dirty (vm-memory's bitmap, read by migration).
     fn transfer(
         &mut self,
-        dir: Dir,
+        way: Way,
         start: u64,
         pieces: impl IntoIterator<Item = (GuestAddress, u64)>,
         mem: &GuestMemory,
         bounce: &mut Vec<u8>,
     ) -> Result<(), ()> {
-        let disk = self.disk.as_mut();
-        let mut pos = start;
-        let mut run = Run::default();
+        let mut slices = Vec::new();
+        let mut len = 0u64;
         for (addr, l) in pieces {
-            if l >= DIRECT_MIN {
-                run.flush(dir, disk, mem, bounce)?;
-                let (mut addr, mut left) = (addr, l);
-                while left > 0 {
-                    let n = match dir {
-                        Dir::FromDisk => read_piece(disk, mem, pos, addr, left, bounce)?,
-                        Dir::ToDisk => write_piece(disk, mem, pos, addr, left, bounce)?,
-                    };
-                    left -= n;
-                    addr = addr.checked_add(n).ok_or(())?;
-                    pos += n;
-                }
-            } else {
-                if run.len + l > disk::CHUNK as u64 {
-                    run.flush(dir, disk, mem, bounce)?;
-                }
-                run.push(pos, addr, l);
-                pos += l;
+            for s in mem.get_slices(addr, usize::try_from(l).map_err(|_| ())?) {
+                let s = s.map_err(|_| ())?;
+                len += s.len() as u64;
+                slices.push(s);
             }
         }
-        run.flush(dir, disk, mem, bounce)
+        let disk = self.disk.as_mut();
+        let warn = |e: std::io::Error| {
+            hv::rate_limited!(tracing::warn!("virtio-blk {}: {e}", way.verb()));
+        };
+        let mut cursor = Cursor::new(&slices);
+        let mut pos = start;
+        let end = start.checked_add(len).ok_or(())?;
+        while pos < end {
+            let left = end - pos;
+            let n = match disk.map(pos, left, way == Way::GuestToFile).map_err(warn)? {
+                disk::Mapping::File { file, offset, len } => {
+                    let n = len.min(left);
+                    let part = cursor.take(n)?;
+                    iov::transfer(way, file, offset, &part).map_err(warn)?;
+                    n
+                }
+                disk::Mapping::Zero { len } if way == Way::FileToGuest => {
+                    let n = len.min(left);
+                    for s in cursor.take(n)? {
+                        let mut at = 0;
+                        while at < s.len() {
+                            let k = (s.len() - at).min(ZEROS.len());
+                            s.subslice(at, k)
+                                .map_err(|_| ())?
+                                .copy_from(ZEROS.get(..k).ok_or(())?);
+                            at += k;
+                        }
+                    }
+                    n
+                }
+                disk::Mapping::Zero { len } | disk::Mapping::Other { len } => {
+                    let n = len.min(left).min(disk::CHUNK as u64);
+                    let k = usize::try_from(n).map_err(|_| ())?;
+                    if bounce.len() < k {
+                        bounce.resize(k, 0);
+                    }
+                    let buf = bounce.get_mut(..k).ok_or(())?;
+                    let part = cursor.take(n)?;
+                    match way {
+                        Way::FileToGuest => {
+                            disk.read_at(pos, buf).map_err(warn)?;
+                            let mut at = 0;
+                            for s in &part {
+                                s.copy_from(buf.get(at..at + s.len()).ok_or(())?);
+                                at += s.len();
+                            }
+                        }
+                        Way::GuestToFile => {
+                            let mut at = 0;
+                            for s in &part {
+                                s.copy_to(buf.get_mut(at..at + s.len()).ok_or(())?);
+                                at += s.len();
+                            }
+                            disk.write_at(pos, buf).map_err(warn)?;
+                        }
+                    }
+                    n
+                }
+            };
+            pos += n;
+        }
+        Ok(())
     }
 
     fn discard_or_zero(&mut self, req_type: u32, readable: &[Seg], mem: &GuestMemory) -> u8 {
@@ -389,87 +441,14 @@ impl Block {
     }
 }
 
-/// Moves the first bytes of disk range `[pos, pos + left)` into guest memory at `addr`; returns
-/// how many. Ranges the image maps to its file go straight from the file into guest memory
-/// (`read(2)` into the mapped guest pages, no copy in between); zero ranges are filled; the rest
-/// goes through `read_at` and `bounce` (at most [`disk::CHUNK`] bytes, allocated on first use).
-fn read_piece(
-    disk: &mut dyn DiskFile,
-    mem: &GuestMemory,
-    pos: u64,
-    addr: GuestAddress,
-    left: u64,
-    bounce: &mut Vec<u8>,
-) -> Result<u64, ()> {
-    let warn = |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}"));
-    match disk.map(pos, left, false).map_err(warn)? {
-        disk::Mapping::File { file, offset, len } => {
-            let n = len.min(left);
-            let mut f = file;
-            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
-            mem.read_exact_volatile_from(addr, &mut f, n as usize)
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
-            Ok(n)
-        }
-        disk::Mapping::Zero { len } => {
-            let n = len.min(left).min(ZEROS.len() as u64);
-            mem.write_slice(ZEROS.get(..n as usize).ok_or(())?, addr)
-                .map_err(|_| ())?;
-            Ok(n)
-        }
-        disk::Mapping::Other { len } => {
-            let n = len.min(left).min(disk::CHUNK as u64);
-            if bounce.len() < n as usize {
-                bounce.resize(n as usize, 0);
-            }
-            let buf = bounce.get_mut(..n as usize).ok_or(())?;
-            disk.read_at(pos, buf).map_err(warn)?;
-            mem.write_slice(buf, addr).map_err(|_| ())?;
-            Ok(n)
+impl Way {
+    fn verb(self) -> &'static str {
+        match self {
+            Way::FileToGuest => "read failed",
+            Way::GuestToFile => "write failed",
         }
     }
 }
-
-/// Moves guest memory at `addr` into the first bytes of disk range `[pos, pos + left)`, like
-/// [`read_piece`] the other way (`write(2)` from the guest pages where the image maps the range
-/// to its file).
-fn write_piece(
-    disk: &mut dyn DiskFile,
-    mem: &GuestMemory,
-    pos: u64,
-    addr: GuestAddress,
-    left: u64,
-    bounce: &mut Vec<u8>,
-) -> Result<u64, ()> {
-    let warn =
-        |e: std::io::Error| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}"));
-    match disk.map(pos, left, true).map_err(warn)? {
-        disk::Mapping::File { file, offset, len } => {
-            let n = len.min(left);
-            let mut f = file;
-            f.seek(SeekFrom::Start(offset)).map_err(warn)?;
-            mem.write_all_volatile_to(addr, &mut f, n as usize)
-                .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
-            Ok(n)
-        }
-        disk::Mapping::Zero { len } | disk::Mapping::Other { len } => {
-            let n = len.min(left).min(disk::CHUNK as u64);
-            if bounce.len() < n as usize {
-                bounce.resize(n as usize, 0);
-            }
-            let buf = bounce.get_mut(..n as usize).ok_or(())?;
-            mem.read_slice(buf, addr).map_err(|_| ())?;
-            disk.write_at(pos, buf).map_err(warn)?;
-            Ok(n)
-        }
-    }
-}
-
-/// Guest buffers at least this long move directly between the image file and guest memory.
-/// Shorter ones (Linux often sends a 1 MiB request as 256 buffers of one page) are gathered
-/// into one bounce buffer, so that the request costs one host read or write rather than a seek
-/// and a read or write per page.
-const DIRECT_MIN: u64 = 64 * 1024;
 
 /// The guest buffers of `segs` after the first `skip` bytes, as (address, length).
 fn guest_pieces(segs: &[Seg], mut skip: u64) -> Result<Vec<(GuestAddress, u64)>, ()> {
@@ -486,96 +465,44 @@ fn guest_pieces(segs: &[Seg], mut skip: u64) -> Result<Vec<(GuestAddress, u64)>,
     Ok(v)
 }
 
-/// Short guest buffers for consecutive disk bytes from `start`, moved with one disk access.
-#[derive(Default)]
-struct Run {
-    start: u64,
-    len: u64,
-    bufs: Vec<(GuestAddress, u64)>,
+/// A request's guest buffers, consumed from the front in pieces of given byte counts.
+struct Cursor<'s, 'm> {
+    slices: &'s [GuestSlice<'m>],
+    /// Index of the first slice not entirely consumed, and the bytes of it consumed.
+    index: usize,
+    skip: usize,
 }
 
-/// Which way a request's data moves.
-#[derive(Clone, Copy)]
-enum Dir {
-    FromDisk,
-    ToDisk,
-}
+type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, AtomicBitmap>>;
 
-impl Run {
-    /// Moves the gathered run the request's way ([`Run::read`] or [`Run::write`]).
-    fn flush(
-        &mut self,
-        dir: Dir,
-        disk: &mut dyn DiskFile,
-        mem: &GuestMemory,
-        bounce: &mut Vec<u8>,
-    ) -> Result<(), ()> {
-        match dir {
-            Dir::FromDisk => self.read(disk, mem, bounce),
-            Dir::ToDisk => self.write(disk, mem, bounce),
+impl<'s, 'm> Cursor<'s, 'm> {
+    fn new(slices: &'s [GuestSlice<'m>]) -> Self {
+        Cursor {
+            slices,
+            index: 0,
+            skip: 0,
         }
     }
 
-    fn push(&mut self, pos: u64, addr: GuestAddress, len: u64) {
-        if self.bufs.is_empty() {
-            self.start = pos;
+    /// The next `n` bytes of the buffers, as slices (the first and last may be parts).
+    fn take(&mut self, n: u64) -> Result<Vec<GuestSlice<'m>>, ()> {
+        let mut left = usize::try_from(n).map_err(|_| ())?;
+        let mut out = Vec::new();
+        while left > 0 {
+            let s = self.slices.get(self.index).ok_or(())?;
+            let rest = s.offset(self.skip).map_err(|_| ())?;
+            if rest.len() <= left {
+                left -= rest.len();
+                out.push(rest);
+                self.index += 1;
+                self.skip = 0;
+            } else {
+                out.push(rest.subslice(0, left).map_err(|_| ())?);
+                self.skip += left;
+                left = 0;
+            }
         }
-        self.bufs.push((addr, len));
-        self.len += len;
-    }
-
-    /// Reads the run from the disk into its guest buffers, and empties it.
-    fn read(
-        &mut self,
-        disk: &mut dyn DiskFile,
-        mem: &GuestMemory,
-        bounce: &mut Vec<u8>,
-    ) -> Result<(), ()> {
-        if self.bufs.is_empty() {
-            return Ok(());
-        }
-        let n = usize::try_from(self.len).map_err(|_| ())?;
-        if bounce.len() < n {
-            bounce.resize(n, 0);
-        }
-        let buf = bounce.get_mut(..n).ok_or(())?;
-        disk.read_at(self.start, buf)
-            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk read failed: {e}")))?;
-        let mut at = 0usize;
-        for &(addr, l) in &self.bufs {
-            let piece = buf.get(at..at + l as usize).ok_or(())?;
-            mem.write_slice(piece, addr).map_err(|_| ())?;
-            at += l as usize;
-        }
-        *self = Run::default();
-        Ok(())
-    }
-
-    /// Writes the run's guest buffers to the disk, and empties it.
-    fn write(
-        &mut self,
-        disk: &mut dyn DiskFile,
-        mem: &GuestMemory,
-        bounce: &mut Vec<u8>,
-    ) -> Result<(), ()> {
-        if self.bufs.is_empty() {
-            return Ok(());
-        }
-        let n = usize::try_from(self.len).map_err(|_| ())?;
-        if bounce.len() < n {
-            bounce.resize(n, 0);
-        }
-        let buf = bounce.get_mut(..n).ok_or(())?;
-        let mut at = 0usize;
-        for &(addr, l) in &self.bufs {
-            let piece = buf.get_mut(at..at + l as usize).ok_or(())?;
-            mem.read_slice(piece, addr).map_err(|_| ())?;
-            at += l as usize;
-        }
-        disk.write_at(self.start, buf)
-            .map_err(|e| hv::rate_limited!(tracing::warn!("virtio-blk write failed: {e}")))?;
-        *self = Run::default();
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -713,5 +640,6 @@ impl VirtioDevice for Block {
     }
 }
 
+mod iov;
 #[cfg(test)]
 mod tests;

@@ -691,3 +691,225 @@ fn block_device_over_qcow2() {
     assert!(raw[1536..2560].iter().all(|&b| b == 0xee));
     assert!(raw[..1536].iter().all(|&b| b == 0));
 }
+
+/// Pages of `mem` written since the last call (what migration reads), inside `[from, to)`.
+fn dirty_pages(mem: &GuestMemory, from: u64, to: u64) -> Vec<u64> {
+    let region = mem.iter().next().unwrap();
+    let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+    let mut pages = Vec::new();
+    for (i, word) in (0u64..).zip(words) {
+        for bit in 0..64 {
+            let page = i * 64 + bit;
+            if word & (1 << bit) != 0 && (from / 4096..to.div_ceil(4096)).contains(&page) {
+                pages.push(page);
+            }
+        }
+    }
+    pages
+}
+
+/// Scattered guest buffers of varied sizes (whole sectors, not page aligned), with gaps; the
+/// pages they touch.
+fn scattered(count: u64, writable: bool) -> (Vec<Buf>, Vec<(u64, u64)>, Vec<u64>) {
+    let mut bufs = Vec::new();
+    let mut pieces = Vec::new();
+    let mut pages = std::collections::BTreeSet::new();
+    let mut addr = DATA + 0x200;
+    for i in 0..count {
+        let len = 512 * (1 + (i * 7) % 16);
+        bufs.push(if writable {
+            w(addr, len as u32)
+        } else {
+            r(addr, len as u32)
+        });
+        pieces.push((addr, len));
+        pages.extend(addr / 4096..(addr + len).div_ceil(4096));
+        addr += len + 0x1200 * (i % 3);
+    }
+    (bufs, pieces, pages.into_iter().collect())
+}
+
+/// A request of many small buffers on a raw image reads straight from the file into each of
+/// them (one `preadv`), and marks exactly their pages dirty.
+#[test]
+fn scattered_read_is_exact_and_marks_dirty_pages() {
+    let mut f = fixture(false);
+    let mem = memory();
+    let mut d = Driver::new(&mem, 256);
+    header(&d, VIRTIO_BLK_T_IN, 5);
+    let (data, pieces, pages) = scattered(60, true);
+    let total: u64 = pieces.iter().map(|p| p.1).sum();
+    let mut chain = vec![r(HDR, 16)];
+    chain.extend(data);
+    chain.push(w(STATUS, 1));
+    dirty_pages(&mem, 0, MEM_SIZE);
+    run(&mut f.dev, &mut d, &chain).unwrap();
+    assert_eq!(status(&d), OK);
+    let disk = pattern(DISK_SIZE, 7);
+    let mut at = 5 * 512;
+    for &(addr, len) in &pieces {
+        assert_eq!(d.read(addr, len as usize), disk[at..at + len as usize]);
+        at += len as usize;
+    }
+    assert_eq!(f.dev.counters().bytes_read, total);
+    assert_eq!(dirty_pages(&mem, DATA, DATA + 0x10_0000), pages);
+}
+
+/// The same the other way: many small buffers written with one `pwritev`.
+#[test]
+fn scattered_write_lands_in_the_file() {
+    let mut f = fixture(false);
+    let mem = memory();
+    let mut d = Driver::new(&mem, 256);
+    header(&d, VIRTIO_BLK_T_OUT, 9);
+    let (data, pieces, _) = scattered(60, false);
+    let mut expect = Vec::new();
+    for (i, &(addr, len)) in pieces.iter().enumerate() {
+        let bytes = pattern(len as usize, i as u8 + 20);
+        d.fill(addr, &bytes);
+        expect.extend(bytes);
+    }
+    let mut chain = vec![r(HDR, 16)];
+    chain.extend(data);
+    chain.push(w(STATUS, 1));
+    run(&mut f.dev, &mut d, &chain).unwrap();
+    assert_eq!(status(&d), OK);
+    drop(f.dev);
+    let file = std::fs::read(&f.path).unwrap();
+    assert_eq!(file[9 * 512..9 * 512 + expect.len()], expect[..]);
+    // Untouched around it.
+    let orig = pattern(DISK_SIZE, 7);
+    assert_eq!(file[..9 * 512], orig[..9 * 512]);
+    let end = 9 * 512 + expect.len();
+    assert_eq!(file[end..], orig[end..]);
+}
+
+/// An image without a file mapping (`DiskFile::map`'s default): requests larger than
+/// `disk::CHUNK` go through `read_at`/`write_at` in chunks whose borders cut guest buffers.
+#[test]
+fn unmapped_image_goes_through_the_bounce_buffer() {
+    struct VecDisk(Vec<u8>);
+    impl DiskFile for VecDisk {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+            self.0[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn readonly(&self) -> bool {
+            false
+        }
+    }
+    let size = 4 << 20;
+    let mut dev = Block::with_disk(Box::new(VecDisk(pattern(size, 3))), false, Path::new("vec"));
+    let mem = memory();
+    let mut d = Driver::new(&mem, 16);
+    // 3 x 700 KiB: the 1 MiB chunk border falls inside the second buffer.
+    let len = 700 * 1024u64;
+    let addrs = [DATA, DATA + 0x20_0000, DATA + 0x40_0000];
+    header(&d, VIRTIO_BLK_T_IN, 1);
+    let mut chain = vec![r(HDR, 16)];
+    chain.extend(addrs.iter().map(|&a| w(a, len as u32)));
+    chain.push(w(STATUS, 1));
+    dirty_pages(&mem, 0, MEM_SIZE);
+    run(&mut dev, &mut d, &chain).unwrap();
+    assert_eq!(status(&d), OK);
+    let disk = pattern(size, 3);
+    for (i, &a) in addrs.iter().enumerate() {
+        let at = 512 + i * len as usize;
+        assert_eq!(d.read(a, len as usize), disk[at..at + len as usize], "{i}");
+    }
+    let want: Vec<u64> = addrs
+        .iter()
+        .flat_map(|&a| a / 4096..(a + len).div_ceil(4096))
+        .collect();
+    assert_eq!(dirty_pages(&mem, DATA, DATA + 0x60_0000), want);
+    // Write them back shifted by one sector, and read the disk through the device again.
+    header(&d, VIRTIO_BLK_T_OUT, 2);
+    let mut chain = vec![r(HDR, 16)];
+    chain.extend(addrs.iter().map(|&a| r(a, len as u32)));
+    chain.push(w(STATUS, 1));
+    run(&mut dev, &mut d, &chain).unwrap();
+    assert_eq!(status(&d), OK);
+    header(&d, VIRTIO_BLK_T_IN, 2);
+    let back = DATA + 0x60_0000;
+    run(
+        &mut dev,
+        &mut d,
+        &[r(HDR, 16), w(back, 3 * len as u32), w(STATUS, 1)],
+    )
+    .unwrap();
+    assert_eq!(status(&d), OK);
+    assert_eq!(
+        d.read(back, 3 * len as usize),
+        disk[512..512 + 3 * len as usize]
+    );
+}
+
+/// Measurement, not a check of speed (run with `--ignored --nocapture`; docs/benchmarks.md):
+/// host-side cost of 1 MiB requests made of 256 scattered 4 KiB guest pages on a raw image in
+/// the page cache, the shape Linux sends for a large O_DIRECT transfer. Checks the data.
+#[test]
+#[ignore = "measurement; run by hand"]
+fn measure_scattered_1mib_requests() {
+    let dir = TempDir::new("blkmeasure");
+    let path = dir.path("m.raw");
+    let disk_len = 16usize << 20;
+    std::fs::write(&path, pattern(disk_len, 5)).unwrap();
+    let mut dev = Block::new(BlockConfig {
+        path: path.clone(),
+        readonly: false,
+        format: None,
+    })
+    .unwrap();
+    let mem = memory();
+    let mut d = Driver::new(&mem, 256);
+    // Every other page from DATA: 256 pages over 2 MiB.
+    let pages: Vec<u64> = (0..254).map(|i| DATA + i * 0x2000).collect();
+    let rounds = 400u32;
+    for (name, typ) in [("read", VIRTIO_BLK_T_IN), ("write", VIRTIO_BLK_T_OUT)] {
+        let t = std::time::Instant::now();
+        for i in 0..rounds {
+            // A fresh queue now and then: the mock driver's rings misbehave after 128 chains
+            // of 256 descriptors.
+            if i % 100 == 0 {
+                d = Driver::new(&mem, 256);
+            }
+            let sector = u64::from(i % 15) * 2048;
+            header(&d, typ, sector);
+            let mut chain = vec![r(HDR, 16)];
+            chain.extend(pages.iter().map(|&a| {
+                if typ == VIRTIO_BLK_T_IN {
+                    w(a, 4096)
+                } else {
+                    r(a, 4096)
+                }
+            }));
+            chain.push(w(STATUS, 1));
+            run(&mut dev, &mut d, &chain).unwrap();
+            assert_eq!(status(&d), OK, "{name} round {i}");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mb = f64::from(rounds) * 254.0 * 4096.0 / 1e6;
+        println!(
+            "scattered {name}: {:.0} MB/s ({:.1} us per 1016 KiB request)",
+            mb / secs,
+            secs * 1e6 / f64::from(rounds)
+        );
+    }
+    // The last read request (sector 14 * 2048 after the writes) holds what the writes put there.
+    let disk = std::fs::read(&path).unwrap();
+    let at = 14 * 2048 * 512;
+    assert_eq!(d.read(pages[0], 4096), disk[at..at + 4096]);
+}
