@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::bitmap::AtomicBitmap;
+use hv::DirtyBitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
 use crate::chain::{self, Seg};
@@ -473,7 +473,7 @@ struct Cursor<'s, 'm> {
     skip: usize,
 }
 
-type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, AtomicBitmap>>;
+type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, DirtyBitmap>>;
 
 impl<'s, 'm> Cursor<'s, 'm> {
     fn new(slices: &'s [GuestSlice<'m>]) -> Self {
