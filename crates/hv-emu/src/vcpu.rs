@@ -707,12 +707,17 @@ impl hv::Vcpu for EmuVcpu {
         self.cpu.load_state(s);
         self.cpu.lapic.load_state(&s.lapic, now);
         if let Some(t) = s.msr(msr::IA32_TSC)
+            && t != 0
             && self.shared.clock.fixed_tsc()
             && !self.shared.clock.is_host_tsc(t)
         {
             // A VM that moved here from another backend or host keeps its own TSC; user mode on
             // the accelerator would read the host's (it cannot be offset), so this VM's user
-            // code runs in emu from now on (docs/cpu-model.md, "Time across moves").
+            // code runs in emu from now on (docs/cpu-model.md, "Time across moves"). A TSC of 0
+            // is the power-on state a fresh boot loads (`machine::boot` sets every model MSR to
+            // 0): no guest code has read a TSC to keep yet, so the host's is taken (before,
+            // every fresh `--backend kvm` boot left the accelerator here and ran all user mode
+            // in emu).
             self.shared.clock.leave_host_tsc();
             hv::rate_limited!(tracing::info!(
                 "vCPU {}: restored TSC differs from this host's; user mode runs in emu for this VM",

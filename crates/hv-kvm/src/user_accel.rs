@@ -219,7 +219,14 @@ impl hv::UserModeAccelerator for KvmUserAccelerator {
             )));
         }
         let vm = self.vm_for(&memory)?;
-        let runner = KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?;
+        let mut runner = KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?;
+        // Without CPUID faulting user code sees the host's CPUID and may use features the
+        // model (and so emu) lacks: then every user stretch must run here.
+        runner.emulate_below = if self.cpuid_faulting {
+            EMULATE_BELOW
+        } else {
+            0
+        };
         if self.cpuid_faulting && !enable_cpuid_faulting(&runner.fd) {
             return Err(hv::Error::InvalidState(
                 "KVM refused CPUID faulting on a user-mode runner after accepting it on the \
@@ -582,6 +589,8 @@ pub struct KvmUserRunner {
     tlb_flushed: Option<bool>,
     /// PML4 slot of the private chain in the shadow PML4 KVM last ran with.
     chain_slot: Option<usize>,
+    /// What `emulate_below` answers (see [`EMULATE_BELOW`]).
+    emulate_below: u64,
 }
 
 enum Step {
@@ -651,6 +660,7 @@ impl KvmUserRunner {
             events_stale: false,
             tlb_flushed: None,
             chain_slot: None,
+            emulate_below: 0,
         };
         runner.map_private(true)?;
         Ok(runner)
@@ -1252,7 +1262,7 @@ impl hv::UserModeRunner for KvmUserRunner {
     }
 
     fn emulate_below(&self) -> u64 {
-        EMULATE_BELOW
+        self.emulate_below
     }
 }
 
