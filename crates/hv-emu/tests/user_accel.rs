@@ -614,29 +614,3 @@ fn short_user_stretches_stay_in_emu_and_long_ones_go_to_the_runner() {
     assert!(log[0].starts_with("run 1: Syscall"), "{log:?}");
     assert!(log[1].starts_with("run 2: Event"), "{log:?}");
 }
-
-/// A fresh boot's state carries TSC 0 (`machine::boot` sets every model MSR to 0): that is the
-/// power-on value, not a moved VM's own TSC, so the accelerator stays in use. (It used to be
-/// taken for a foreign TSC, and every `--backend kvm` boot then ran all user mode in emu.)
-#[test]
-fn a_power_on_tsc_of_zero_keeps_the_accelerator() {
-    const BASE: u64 = 1 << 50;
-    let (hv, shared) = accel(Script {
-        host_tsc_base: Some(BASE),
-        ..Script::default()
-    });
-    let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
-    let mut st = g.state();
-    st.set_msr(msr::IA32_TSC, 0);
-    g.set_state(&st);
-    assert_eq!(g.run(), VcpuExit::Halted);
-    assert_eq!(
-        shared.runs.load(Ordering::SeqCst),
-        3,
-        "user mode stayed in emu"
-    );
-    assert!(
-        g.read_u64(DATA + 0x40) >= BASE,
-        "the kernel's TSC is not the host's"
-    );
-}
