@@ -69,8 +69,122 @@ pub struct EmuVcpu {
     user: Option<Box<dyn hv::UserModeRunner>>,
     /// Written pages reported by `user`.
     written: Vec<u64>,
+    /// `cpu.tlb.epoch` when the last user-mode run returned (after dropping the translations of
+    /// the pages it wrote): a different epoch at the next hand-off means the guest flushed its
+    /// TLB in between, which the runner is told (`UserModeRunner::set_tlb_flushed`).
+    user_tlb_epoch: Option<u64>,
+    /// Whether the next user-mode stretch runs in emu or goes to `user`.
+    handoff: HandOff,
     /// Instructions executed (for MIPS measurements).
     pub instructions: u64,
+}
+
+/// User-mode stretches emu ran itself instead of handing them to the accelerator, and how many
+/// of those outran the runner's `emulate_below` (and went to the accelerator after all).
+pub static USER_STRETCHES_EMULATED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+pub static USER_STRETCHES_OUTRAN: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// Batch size while emu runs a user stretch: the stretch's end (a kernel entry) is seen at
+/// this granularity.
+const PROBE_BATCH: u32 = 512;
+/// After this many stretches in a row outran the budget, probing backs off to one user-mode
+/// entry in `2^k` (at most `MAX_PROBE_SKIP + 1`): long stretches go straight to the accelerator.
+const MAX_PROBE_SKIP: u32 = 63;
+
+/// Adaptive hand-off of user mode: emu runs each user stretch itself for up to `budget`
+/// instructions (the runner's `emulate_below`: syscall- and page-fault-heavy code never pays
+/// the runner's fixed cost per run), and hands it to the accelerator when it runs longer; after
+/// long stretches in a row it stops probing for a while (compute phases go straight to the
+/// accelerator). A budget of 0 hands every stretch over.
+#[derive(Default)]
+struct HandOff {
+    budget: u64,
+    /// User instructions of the stretch emu is running (`None`: not running one).
+    stretch: Option<u64>,
+    /// The stretch outran the budget: the next user entry goes to the accelerator.
+    hand_now: bool,
+    /// Stretches in a row that outran the budget.
+    long_in_a_row: u32,
+    /// User entries to hand straight to the accelerator before probing again.
+    skip: u32,
+}
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        if self.user.is_some() {
+            tracing::debug!(
+                "emu vCPU {}: user-mode runs handed over (all vCPUs) {}, user stretches emu \
+                 ran itself {}, of which outran the budget {}",
+                self.id,
+                USER_RUNS.load(Ordering::Relaxed),
+                USER_STRETCHES_EMULATED.load(Ordering::Relaxed),
+                USER_STRETCHES_OUTRAN.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+impl HandOff {
+    /// `(stop at user mode, batch budget)` for the next batch.
+    fn plan(&mut self, accel_ok: bool) -> (bool, u32) {
+        if !accel_ok {
+            self.stretch = None;
+            self.hand_now = false;
+            return (false, BATCH);
+        }
+        if self.stretch.is_some() {
+            (false, PROBE_BATCH)
+        } else {
+            (true, BATCH)
+        }
+    }
+
+    /// A batch of `n` instructions ended, at CPL 3 when `user`.
+    fn after_batch(&mut self, n: u32, user: bool) {
+        let Some(s) = self.stretch.as_mut() else {
+            return;
+        };
+        if !user {
+            // The stretch ended (a kernel entry) within the budget: emu was the cheaper place.
+            self.stretch = None;
+            self.long_in_a_row = 0;
+            self.skip = 0;
+            return;
+        }
+        *s += u64::from(n);
+        if *s >= self.budget {
+            USER_STRETCHES_OUTRAN.fetch_add(1, Ordering::Relaxed);
+            self.stretch = None;
+            self.hand_now = true;
+            self.long_in_a_row = self.long_in_a_row.saturating_add(1);
+            self.skip = (1u32 << self.long_in_a_row.min(6))
+                .saturating_sub(1)
+                .min(MAX_PROBE_SKIP);
+        }
+    }
+
+    /// At a user-mode entry: true when emu runs this stretch itself (a probe), false when it
+    /// goes to the accelerator.
+    fn emulate_stretch(&mut self) -> bool {
+        if self.stretch.is_some() {
+            return true;
+        }
+        if std::mem::take(&mut self.hand_now) {
+            return false;
+        }
+        if self.budget == 0 {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        USER_STRETCHES_EMULATED.fetch_add(1, Ordering::Relaxed);
+        self.stretch = Some(0);
+        true
+    }
 }
 
 impl EmuVcpu {
@@ -109,13 +223,20 @@ impl EmuVcpu {
             jit,
             user: None,
             written: Vec::new(),
+            user_tlb_epoch: None,
+            handoff: HandOff::default(),
             instructions: 0,
         }
     }
 
     /// Gives this vCPU a user-mode runner (or takes it away).
     pub(crate) fn set_user_runner(&mut self, runner: Option<Box<dyn hv::UserModeRunner>>) {
+        self.handoff = HandOff {
+            budget: runner.as_ref().map_or(0, |r| r.emulate_below()),
+            ..HandOff::default()
+        };
         self.user = runner;
+        self.user_tlb_epoch = None;
     }
 
     /// Runs `f` with an execution context over this vCPU.
@@ -206,14 +327,17 @@ impl EmuVcpu {
                 }
                 MpState::Runnable => {}
             }
-            let accel = self.user.is_some() && ex.vm.clock.accel_allowed();
+            let accel_ok = self.user.is_some() && ex.vm.clock.accel_allowed();
+            let (accel, budget) = self.handoff.plan(accel_ok);
             let (n, at_user) = match self.jit.as_deref_mut() {
-                Some(jit) => ex.run_batch_jit(jit, &mut self.blocks, BATCH, accel)?,
-                None => ex.run_batch(&mut self.blocks, BATCH, accel)?,
+                Some(jit) => ex.run_batch_jit(jit, &mut self.blocks, budget, accel)?,
+                None => ex.run_batch(&mut self.blocks, budget, accel)?,
             };
+            let user_now = ex.cpu.cpl == 3;
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
-            if at_user {
+            self.handoff.after_batch(n, user_now);
+            if at_user && !self.handoff.emulate_stretch() {
                 self.run_user(io, &ram)?;
             }
         }
@@ -244,6 +368,10 @@ impl EmuVcpu {
         }
         self.written.clear();
         USER_RUNS.fetch_add(1, Ordering::Relaxed);
+        // Every guest TLB flush (MOV to CR3, INVLPG, paging-mode changes, state loads) bumps
+        // the epoch; so does nothing else between two runs (`flush_frames` below is taken into
+        // the recorded epoch).
+        runner.set_tlb_flushed(self.user_tlb_epoch != Some(self.cpu.tlb.epoch));
         let r = runner.run(&mut st, deadline, io, &mut self.written);
         me.in_user.store(false, Ordering::SeqCst);
         // User code wrote these pages: drop decoded blocks and translations that use them.
@@ -253,6 +381,7 @@ impl EmuVcpu {
         if !self.written.is_empty() {
             self.cpu.tlb.flush_frames(&self.written);
         }
+        self.user_tlb_epoch = Some(self.cpu.tlb.epoch);
         let exit =
             r.map_err(|e| Exc::unhandled(format!("user-mode accelerator: {}", hv::Chain(&e))))?;
         self.cpu.apply_user_state(&st);
@@ -583,7 +712,11 @@ impl hv::Vcpu for EmuVcpu {
         {
             // A VM that moved here from another backend or host keeps its own TSC; user mode on
             // the accelerator would read the host's (it cannot be offset), so this VM's user
-            // code runs in emu from now on (docs/cpu-model.md, "Time across moves").
+            // code runs in emu from now on (docs/cpu-model.md, "Time across moves"). NOTE: a
+            // fresh boot's state has TSC 0 (`machine::boot` sets every model MSR to 0), so every
+            // fresh `--backend kvm` boot also ends up here and runs all user mode in emu; not
+            // exempting 0 is deliberate for now: with the accelerator really in use, Debian's
+            // user programs segfault in ld.so (docs/kvm-platform.md, "Known breakage").
             self.shared.clock.leave_host_tsc();
             hv::rate_limited!(tracing::info!(
                 "vCPU {}: restored TSC differs from this host's; user mode runs in emu for this VM",

@@ -19,10 +19,12 @@ mod walk;
 use std::sync::Arc;
 
 use hv::{BackendKind, CpuModel, Hypervisor, InstructionEmulator, VmConfig};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
-use kvm_ioctls::{Cap, Kvm};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_msr_entry};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-pub use user_accel::{KvmUserAccelerator, KvmUserRunner, MAX_RUNNERS, PRIVATE_GPA, PRIVATE_STRIDE};
+pub use user_accel::{
+    KvmUserAccelerator, KvmUserRunner, MAX_RUNNERS, PRIVATE_GPA, PRIVATE_STRIDE, shadow_drop_stats,
+};
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 
@@ -48,6 +50,87 @@ pub(crate) fn backend_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) ->
         op,
         source: std::io::Error::from_raw_os_error(e.errno()),
     }
+}
+
+/// Opens `/dev/kvm` and checks the API version and `caps` (each with the name an error shows).
+/// The one place both the backend and the user-mode accelerator open KVM.
+pub(crate) fn open_kvm(caps: &[(Cap, &str)]) -> hv::Result<Kvm> {
+    let kvm = Kvm::new().map_err(|e| unavailable_os("cannot open /dev/kvm", &e))?;
+    if kvm.get_api_version() != 12 {
+        return Err(unavailable(format!(
+            "KVM API version {} (expected 12)",
+            kvm.get_api_version()
+        )));
+    }
+    for (cap, name) in caps {
+        if !kvm.check_extension(*cap) {
+            return Err(unavailable(format!("missing capability {name}")));
+        }
+    }
+    Ok(kvm)
+}
+
+/// A VM with one vCPU for questions only a vCPU answers (TSC frequency, MSRs KVM accepts).
+/// The VM fd is kept with the vCPU so both close together.
+pub(crate) struct ScratchVcpu {
+    pub vcpu: VcpuFd,
+    _vm: VmFd,
+}
+
+impl ScratchVcpu {
+    pub(crate) fn new(kvm: &Kvm) -> hv::Result<ScratchVcpu> {
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| unavailable_os("cannot create a scratch VM", &e))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| unavailable_os("cannot create a scratch vCPU", &e))?;
+        Ok(ScratchVcpu { vcpu, _vm: vm })
+    }
+
+    /// The host's TSC frequency as KVM reports it (`KVM_GET_TSC_KHZ`, a vCPU ioctl), in kHz.
+    pub(crate) fn tsc_khz(&self) -> hv::Result<u32> {
+        self.vcpu
+            .get_tsc_khz()
+            .map_err(|e| unavailable_os("cannot read the TSC frequency", &e))
+    }
+}
+
+/// `KVM_SET_MSRS` of `entries` on `fd`; an MSR KVM refuses is an error naming it (KVM stops at
+/// the first one it refuses). Nothing to write is not a call.
+pub(crate) fn set_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> hv::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let msrs =
+        Msrs::from_entries(entries).map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
+    let n = fd.set_msrs(&msrs).map_err(backend_err("KVM_SET_MSRS"))?;
+    if n < entries.len() {
+        let e = entries.get(n).copied().unwrap_or_default();
+        return Err(hv::Error::InvalidState(format!(
+            "KVM refused MSR {:#x} = {:#x}",
+            e.index, e.data
+        )));
+    }
+    Ok(())
+}
+
+/// Appends to `pages` the frames of memory slot `slot` (`size` bytes at `gpa`) that KVM logged
+/// dirty since the last call, and clears the log (`KVM_GET_DIRTY_LOG`).
+pub(crate) fn dirty_pages(
+    fd: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    pages: &mut Vec<u64>,
+) -> hv::Result<()> {
+    let size = usize::try_from(size)
+        .map_err(|_| hv::Error::InvalidState("memory slot too large".into()))?;
+    let bitmap = fd
+        .get_dirty_log(slot, size)
+        .map_err(backend_err("KVM_GET_DIRTY_LOG"))?;
+    pages.extend(hv::dirty::dirty_pages(gpa >> 12, &bitmap));
+    Ok(())
 }
 
 /// What the host offers, read once when the backend is opened.
@@ -89,18 +172,7 @@ impl KvmHypervisor {
     /// Opens `/dev/kvm` and checks the capabilities the platform needs. `emulator` completes
     /// instructions KVM's own emulator refuses (see [`hv::InstructionEmulator`]).
     pub fn open(emulator: Option<Arc<dyn InstructionEmulator>>) -> hv::Result<KvmHypervisor> {
-        let kvm = Kvm::new().map_err(|e| unavailable_os("cannot open /dev/kvm", &e))?;
-        if kvm.get_api_version() != 12 {
-            return Err(unavailable(format!(
-                "KVM API version {} (expected 12)",
-                kvm.get_api_version()
-            )));
-        }
-        for (cap, name) in REQUIRED_CAPS {
-            if !kvm.check_extension(*cap) {
-                return Err(unavailable(format!("missing capability {name}")));
-            }
-        }
+        let kvm = open_kvm(REQUIRED_CAPS)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| unavailable_os("KVM_GET_SUPPORTED_CPUID failed", &e))?
@@ -111,12 +183,7 @@ impl KvmHypervisor {
             .map_err(|e| unavailable_os("KVM_GET_MSR_INDEX_LIST failed", &e))?
             .as_slice()
             .to_vec();
-        // KVM_GET_TSC_KHZ is a vCPU ioctl: ask a scratch VM once.
-        let tsc_khz = kvm
-            .create_vm()
-            .and_then(|vm| vm.create_vcpu(0))
-            .and_then(|vcpu| vcpu.get_tsc_khz())
-            .map_err(|e| unavailable_os("cannot read the TSC frequency", &e))?;
+        let tsc_khz = ScratchVcpu::new(&kvm)?.tsc_khz()?;
         let host = HostInfo {
             supported_cpuid,
             msr_index,

@@ -24,17 +24,33 @@
 //!   event with RIP after it). User `rdtsc` reads the host TSC and user code sees the host's
 //!   XCR0 whatever KVM is given.
 //!
-//! Guest page tables change in guest RAM behind KVM's back (the caller's kernel writes them), so
-//! KVM's shadow page tables are dropped before every run (the private slot is removed and
-//! re-added, which makes KVM zap all shadow pages).
+//! Shadow page tables ("the TLB invariant"). Guest page tables change in guest RAM behind KVM's
+//! back (the caller's kernel writes them), so KVM never write-protects those writes and its
+//! shadow page tables can go stale. They are kept from one run to the next only under the
+//! contract of a TLB: KVM's shadow state is a cache of translations that were valid at some
+//! point since it was last dropped, exactly what a TLB with paging-structure caches may hold,
+//! and an x86 kernel must flush before it relies on a translation being gone or changed
+//! (remap, unmap, write-protect, freeing a page table). So a run keeps them only when the
+//! caller said the guest vCPU executed no TLB flush since the previous run
+//! ([`hv::UserModeRunner::set_tlb_flushed`] with `false`, which emu derives from its own TLB's
+//! flush epoch: MOV to CR3, INVLPG, CR0/CR4/EFER paging changes, state loads), and the private
+//! chain sits in the same PML4 slot as before. Otherwise (including a caller that never says)
+//! all shadow pages are dropped: the private slot is removed and re-added, which makes KVM zap
+//! them (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by default). Changes a TLB need not be told about stay
+//! correct: KVM walks the guest's tables in guest RAM on every fault, so a not-present entry
+//! made present, or a permission raised, is found at the first access that needs it. The
+//! shadow PML4 is copied afresh each run for the same reason (only entries a flush covers can
+//! differ in a way KVM would miss). Shadow state is VM-wide; a drop by one runner only costs
+//! the others a refill.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use hv::state::msr;
 use hv::{CpuState, DeviceIo, FpuState, GuestMemory, UserExit, VcpuKicker};
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, Msrs, kvm_msr_entry, kvm_regs, kvm_run,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_msr_entry, kvm_regs, kvm_run,
     kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
@@ -43,7 +59,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion}
 
 use crate::convert::{Kvm as K, XSAVE_HEADER};
 use crate::vcpu::{RunPtr, install_kick_handler, kick_signal, serve_io};
-use crate::{BACKEND, backend_err, walk};
+use crate::{backend_err, walk};
 
 /// Guest-physical base of the runners' private pages (inside the platform's MMIO hole, below the
 /// virtio-mmio slots' neighbours at 0xfec0_0000 and unused by the platform).
@@ -97,12 +113,24 @@ const LOADED_MSRS: [u32; 5] = [
     msr::IA32_TSC_AUX,
 ];
 
-fn unavailable(reason: String) -> hv::Error {
-    hv::Error::Unavailable {
-        backend: BACKEND,
-        reason,
-        source: None,
-    }
+/// A run costs ~100-300 µs beyond the user code it runs on this PVM host (the event delivery
+/// through the shadow IDT and the trap page's `hlt` are CPL-0 work KVM emulates, plus the
+/// ioctls; docs/kvm-platform.md), about what emu's translator takes for this many user-mode
+/// instructions: shorter stretches are cheaper left to the caller
+/// ([`hv::UserModeRunner::emulate_below`]).
+const EMULATE_BELOW: u64 = 32_768;
+
+/// User-mode runs of all runners of this process, and how many of them first dropped KVM's
+/// shadow page tables (see the module documentation).
+static RUNS: AtomicU64 = AtomicU64::new(0);
+static SHADOW_DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// `(runs, runs that dropped KVM's shadow page tables)` of all runners of this process so far.
+pub fn shadow_drop_stats() -> (u64, u64) {
+    (
+        RUNS.load(Ordering::Relaxed),
+        SHADOW_DROPS.load(Ordering::Relaxed),
+    )
 }
 
 /// Runs guest user mode on this host's KVM. See the module documentation.
@@ -129,36 +157,23 @@ fn enable_cpuid_faulting(fd: &VcpuFd) -> bool {
         data: 1,
         ..Default::default()
     };
-    Msrs::from_entries(&[entry])
-        .ok()
-        .and_then(|m| fd.set_msrs(&m).ok())
-        == Some(1)
+    crate::set_msrs(fd, &[entry]).is_ok()
 }
 
 impl KvmUserAccelerator {
     /// Opens `/dev/kvm`. Fails with [`hv::Error::Unavailable`] when KVM cannot be used.
     pub fn open() -> hv::Result<KvmUserAccelerator> {
-        let kvm = Kvm::new().map_err(|e| crate::unavailable_os("cannot open /dev/kvm", &e))?;
-        for (cap, name) in [
+        let kvm = crate::open_kvm(&[
             (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
             (kvm_ioctls::Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
             (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(unavailable(format!("missing capability {name}")));
-            }
-        }
+        ])?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| crate::unavailable_os("KVM_GET_SUPPORTED_CPUID failed", &e))?;
-        let probe = kvm
-            .create_vm()
-            .and_then(|vm| vm.create_vcpu(0))
-            .map_err(|e| crate::unavailable_os("cannot create a probe vCPU", &e))?;
-        let tsc_khz = probe
-            .get_tsc_khz()
-            .map_err(|e| crate::unavailable_os("cannot read the TSC frequency", &e))?;
-        let cpuid_faulting = enable_cpuid_faulting(&probe);
+        let probe = crate::ScratchVcpu::new(&kvm)?;
+        let tsc_khz = probe.tsc_khz()?;
+        let cpuid_faulting = enable_cpuid_faulting(&probe.vcpu);
         Ok(KvmUserAccelerator {
             kvm,
             tsc_khz,
@@ -204,7 +219,14 @@ impl hv::UserModeAccelerator for KvmUserAccelerator {
             )));
         }
         let vm = self.vm_for(&memory)?;
-        let runner = KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?;
+        let mut runner = KvmUserRunner::new(vm, vcpu_id, &self.cpuid)?;
+        // Without CPUID faulting user code sees the host's CPUID and may use features the
+        // model (and so emu) lacks: then every user stretch must run here.
+        runner.emulate_below = if self.cpuid_faulting {
+            EMULATE_BELOW
+        } else {
+            0
+        };
         if self.cpuid_faulting && !enable_cpuid_faulting(&runner.fd) {
             return Err(hv::Error::InvalidState(
                 "KVM refused CPUID faulting on a user-mode runner after accepting it on the \
@@ -353,13 +375,7 @@ impl AccelVm {
         let mut lists = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let mut pages = Vec::new();
         for slot in &self.ram {
-            let size = usize::try_from(slot.size)
-                .map_err(|_| hv::Error::InvalidState("memory slot too large".into()))?;
-            let bitmap = self
-                .fd
-                .get_dirty_log(slot.slot, size)
-                .map_err(backend_err("KVM_GET_DIRTY_LOG"))?;
-            pages.extend(hv::dirty::dirty_pages(slot.gpa >> 12, &bitmap));
+            crate::dirty_pages(&self.fd, slot.slot, slot.gpa, slot.size, &mut pages)?;
         }
         if pages.is_empty() {
             return Ok(());
@@ -568,11 +584,22 @@ pub struct KvmUserRunner {
     /// The last run was interrupted (kick or deadline) inside KVM, which may have left an event
     /// queued there; see `clear_events`.
     events_stale: bool,
+    /// What the caller said about guest TLB flushes before the next run (`set_tlb_flushed`);
+    /// taken by each run, `None` counts as a flush.
+    tlb_flushed: Option<bool>,
+    /// PML4 slot of the private chain in the shadow PML4 KVM last ran with.
+    chain_slot: Option<usize>,
+    /// What `emulate_below` answers (see [`EMULATE_BELOW`]).
+    emulate_below: u64,
 }
 
 enum Step {
     Continue,
-    Trap { index: u64 },
+    /// Stopped on the trap page's `hlt` for entry `index`; `regs` as KVM left them.
+    Trap {
+        index: u64,
+        regs: kvm_regs,
+    },
     Interrupted,
 }
 
@@ -631,6 +658,9 @@ impl KvmUserRunner {
             kvm_msrs: Vec::new(),
             kvm_fpu: None,
             events_stale: false,
+            tlb_flushed: None,
+            chain_slot: None,
+            emulate_below: 0,
         };
         runner.map_private(true)?;
         Ok(runner)
@@ -638,8 +668,8 @@ impl KvmUserRunner {
 
     /// Adds or removes the private slot. Removing a slot makes KVM zap all its shadow page
     /// tables (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by default), which is how stale translations are
-    /// dropped before each run. (Moving the slot instead, one ioctl rather than two, measured
-    /// 10-20x slower per run here.)
+    /// dropped before a run after a guest TLB flush. (Moving the slot instead, one ioctl rather
+    /// than two, measured 10-20x slower per run here.)
     fn map_private(&self, present: bool) -> hv::Result<()> {
         let region = kvm_userspace_memory_region {
             slot: self.slot,
@@ -654,8 +684,9 @@ impl KvmUserRunner {
             .map_err(backend_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
-    /// Builds the shadow PML4 and IDT for `state`; returns the trap page's linear address.
-    fn prepare(&mut self, state: &CpuState) -> hv::Result<u64> {
+    /// Builds the shadow PML4 and IDT for `state`; returns the trap page's linear address and
+    /// the PML4 slot of the private chain.
+    fn prepare(&mut self, state: &CpuState) -> hv::Result<(u64, usize)> {
         let mem = &*self.vm.memory;
         let mut pml4 = [0u8; 4096];
         mem.read_slice(&mut pml4, GuestAddress(state.sregs.cr3 & ADDR_MASK))
@@ -706,7 +737,7 @@ impl KvmUserRunner {
         let bytes = self.pages.bytes();
         bytes[PML4_OFF..PML4_OFF + 4096].copy_from_slice(&pml4);
         bytes[IDT_OFF..IDT_OFF + 4096].copy_from_slice(&idt);
-        Ok(trap_la)
+        Ok((trap_la, slot))
     }
 
     fn load(&mut self, state: &CpuState) -> hv::Result<Loaded> {
@@ -727,10 +758,19 @@ impl KvmUserRunner {
                 "5-level paging is not supported by the user-mode accelerator".into(),
             ));
         }
-        let trap_la = self.prepare(state)?;
-        // Drop KVM's shadow page tables: the guest's may have changed since the last run.
-        self.map_private(false)?;
-        self.map_private(true)?;
+        let no_flush = self.tlb_flushed.take() == Some(false);
+        let (trap_la, slot) = self.prepare(state)?;
+        // Keep KVM's shadow page tables only as a TLB would keep its entries (module
+        // documentation): no guest flush since the last run, and the chain where it was.
+        let keep = no_flush && self.chain_slot == Some(slot);
+        RUNS.fetch_add(1, Ordering::Relaxed);
+        if !keep {
+            SHADOW_DROPS.fetch_add(1, Ordering::Relaxed);
+            self.chain_slot = None;
+            self.map_private(false)?;
+            self.map_private(true)?;
+            self.chain_slot = Some(slot);
+        }
 
         let mut sregs = *s;
         // Make KVM load an XCR0 into the CPU for user code (see `set_xcr0`).
@@ -771,7 +811,7 @@ impl KvmUserRunner {
         }
         if entries != self.kvm_msrs {
             self.kvm_msrs.clear();
-            self.set_msrs(&entries)?;
+            crate::set_msrs(&self.fd, &entries)?;
             self.kvm_msrs = entries;
         }
         Ok(Loaded {
@@ -912,35 +952,6 @@ impl KvmUserRunner {
         Ok(())
     }
 
-    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> hv::Result<()> {
-        let msrs = Msrs::from_entries(entries)
-            .map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
-        let n = self
-            .fd
-            .set_msrs(&msrs)
-            .map_err(backend_err("KVM_SET_MSRS"))?;
-        if n != entries.len() {
-            let e = entries[n.min(entries.len() - 1)];
-            return Err(hv::Error::InvalidState(format!(
-                "KVM refused MSR {:#x} = {:#x}",
-                e.index, e.data
-            )));
-        }
-        Ok(())
-    }
-
-    fn read_tsc(&self) -> hv::Result<u64> {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: msr::IA32_TSC,
-            ..Default::default()
-        }])
-        .map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
-        self.fd
-            .get_msrs(&mut msrs)
-            .map_err(backend_err("KVM_GET_MSRS"))?;
-        Ok(msrs.as_slice()[0].data)
-    }
-
     /// Takes a kick or a passed deadline after KVM_RUN returned EINTR (or was not entered).
     fn take_interrupt(&self, deadline: Option<Instant>) -> bool {
         let mut k = self.ctl.lock();
@@ -965,14 +976,15 @@ impl KvmUserRunner {
         Ok(match exit {
             Ok(None) => Step::Continue,
             Ok(Some(KvmExit::Hlt)) => {
-                let rip = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rip;
+                let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
+                let rip = regs.rip;
                 let index = rip.wrapping_sub(loaded.trap_la).wrapping_sub(1);
                 if index > COMPAT_SYSCALL_ENTRY {
                     return Err(hv::Error::Unhandled(format!(
                         "hlt outside the trap page at rip {rip:#x}"
                     )));
                 }
-                Step::Trap { index }
+                Step::Trap { index, regs }
             }
             Ok(Some(KvmExit::Shutdown)) => {
                 return Err(hv::Error::Unhandled(
@@ -1004,18 +1016,23 @@ impl KvmUserRunner {
         })
     }
 
-    /// Copies the vCPU's user-visible state back into `state`.
-    fn save(&mut self, state: &mut CpuState) -> hv::Result<()> {
-        let regs = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?;
-        let sregs = self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))?;
+    /// Copies the vCPU's user-visible state back into `state`: `regs` (as read at the exit),
+    /// FS/GS bases from `sregs`, the FPU, and the TSC.
+    fn save(&mut self, state: &mut CpuState, regs: kvm_regs, sregs: &kvm_sregs) -> hv::Result<()> {
         state.regs = K(regs).into();
-        let sregs = hv::SpecialRegisters::from(K(sregs));
         state.sregs.fs.base = sregs.fs.base;
         state.sregs.gs.base = sregs.gs.base;
         self.get_fpu(state)?;
-        let tsc = self.read_tsc()?;
-        state.set_msr(msr::IA32_TSC, tsc);
+        // Under PVM user `rdtsc` reads the host TSC unoffset (module documentation), so the
+        // TSC user code ran with is the host's; reading it here saves a KVM_GET_MSRS.
+        // SAFETY: `rdtsc` reads the time-stamp counter and has no memory effects; this crate
+        // only builds for x86-64.
+        state.set_msr(msr::IA32_TSC, unsafe { core::arch::x86_64::_rdtsc() });
         Ok(())
+    }
+
+    fn get_sregs(&self) -> hv::Result<kvm_sregs> {
+        self.fd.get_sregs().map_err(backend_err("KVM_GET_SREGS"))
     }
 
     /// The vCPU sits on the trap page after leaving user mode through entry `index`: rebuild the
@@ -1025,14 +1042,12 @@ impl KvmUserRunner {
         state: &mut CpuState,
         loaded: &Loaded,
         index: u64,
+        regs: kvm_regs,
     ) -> hv::Result<UserExit> {
-        let kernel_rsp = self.fd.get_regs().map_err(backend_err("KVM_GET_REGS"))?.rsp;
-        let cr2 = self
-            .fd
-            .get_sregs()
-            .map_err(backend_err("KVM_GET_SREGS"))?
-            .cr2;
-        self.save(state)?;
+        let kernel_rsp = regs.rsp;
+        let sregs = self.get_sregs()?;
+        let cr2 = sregs.cr2;
+        self.save(state, regs, &sregs)?;
         state.sregs.cs = loaded.cs;
         state.sregs.ss = loaded.ss;
         if index == SYSCALL_ENTRY || index == COMPAT_SYSCALL_ENTRY {
@@ -1044,7 +1059,7 @@ impl KvmUserRunner {
         let vector = index as u8;
         // 64-bit delivery aligns the new stack to 16 bytes and pushes 5 or 6 quadwords, so the
         // frame carries an error code exactly when it starts on a 16-byte boundary.
-        let has_error = kernel_rsp % 16 == 0;
+        let has_error = kernel_rsp.is_multiple_of(16);
         let mut frame = [0u8; 48];
         let n = if has_error { 48 } else { 40 };
         read_linear(&state.sregs, &self.vm.memory, kernel_rsp, &mut frame[..n]).ok_or_else(
@@ -1198,7 +1213,9 @@ impl hv::UserModeRunner for KvmUserRunner {
         let result = loop {
             match self.step(io, &loaded) {
                 Ok(Step::Continue) => {}
-                Ok(Step::Trap { index }) => break self.finish_trap(state, &loaded, index),
+                Ok(Step::Trap { index, regs }) => {
+                    break self.finish_trap(state, &loaded, index, regs);
+                }
                 Ok(Step::Interrupted) => {
                     if !self.take_interrupt(deadline) {
                         continue;
@@ -1208,7 +1225,7 @@ impl hv::UserModeRunner for KvmUserRunner {
                     let index = regs.rip.wrapping_sub(loaded.trap_la);
                     if index <= COMPAT_SYSCALL_ENTRY {
                         // Stopped after leaving user mode, before the trap's `hlt`.
-                        break self.finish_trap(state, &loaded, index);
+                        break self.finish_trap(state, &loaded, index, regs);
                     }
                     let events = self
                         .fd
@@ -1221,7 +1238,10 @@ impl hv::UserModeRunner for KvmUserRunner {
                         // An event is being delivered: let it reach the trap page.
                         continue;
                     }
-                    break self.save(state).map(|()| UserExit::Interrupted);
+                    let sregs = self.get_sregs()?;
+                    break self
+                        .save(state, regs, &sregs)
+                        .map(|()| UserExit::Interrupted);
                 }
                 Err(e) => break Err(e),
             }
@@ -1236,10 +1256,22 @@ impl hv::UserModeRunner for KvmUserRunner {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::new(Kicker(self.ctl.clone()))
     }
+
+    fn set_tlb_flushed(&mut self, flushed: bool) {
+        self.tlb_flushed = Some(flushed);
+    }
+
+    fn emulate_below(&self) -> u64 {
+        self.emulate_below
+    }
 }
 
 impl Drop for KvmUserRunner {
     fn drop(&mut self) {
+        let (runs, drops) = shadow_drop_stats();
+        tracing::debug!(
+            "kvm user-mode runners: {runs} runs, {drops} of them dropped the shadow page tables"
+        );
         {
             let mut k = self.ctl.lock();
             k.run = None;

@@ -411,23 +411,7 @@ impl KvmVcpu {
                 ..Default::default()
             })
             .collect();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let kvm_msrs = Msrs::from_entries(&entries)
-            .map_err(|_| hv::Error::InvalidState("too many MSRs".into()))?;
-        let n = self
-            .fd
-            .set_msrs(&kvm_msrs)
-            .map_err(backend_err("KVM_SET_MSRS"))?;
-        if n != entries.len() {
-            let e = entries[n.min(entries.len() - 1)];
-            return Err(hv::Error::InvalidState(format!(
-                "KVM refused MSR {:#x} = {:#x}",
-                e.index, e.data
-            )));
-        }
-        Ok(())
+        crate::set_msrs(&self.fd, &entries)
     }
 
     fn read_state(&self) -> hv::Result<CpuState> {

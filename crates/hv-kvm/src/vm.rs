@@ -161,9 +161,8 @@ impl KvmVm {
 /// Without TSC scaling KVM can still accept some frequencies (a higher one by "catch-up"), so
 /// the way to know is to ask a scratch vCPU.
 fn probe_tsc_khz(kvm: &Kvm, khz: u32, host_khz: u32) -> hv::Result<()> {
-    let vm = kvm.create_vm().map_err(backend_err("KVM_CREATE_VM"))?;
-    let vcpu = vm.create_vcpu(0).map_err(backend_err("KVM_CREATE_VCPU"))?;
-    vcpu.set_tsc_khz(khz).map_err(|_| {
+    let scratch = crate::ScratchVcpu::new(kvm)?;
+    scratch.vcpu.set_tsc_khz(khz).map_err(|_| {
         hv::Error::Incompatible(format!(
             "guest TSC runs at {khz} kHz but this host runs at {host_khz} kHz and KVM cannot scale it"
         ))
@@ -350,14 +349,7 @@ impl hv::Vm for KvmVm {
         }
         let mut pages = Vec::new();
         for slot in &self.slots {
-            let size = usize::try_from(slot.size)
-                .map_err(|_| hv::Error::InvalidState("memory slot too large".into()))?;
-            let bitmap = self
-                .shared
-                .fd
-                .get_dirty_log(slot.slot, size)
-                .map_err(backend_err("KVM_GET_DIRTY_LOG"))?;
-            pages.extend(hv::dirty::dirty_pages(slot.gpa >> 12, &bitmap));
+            crate::dirty_pages(&self.shared.fd, slot.slot, slot.gpa, slot.size, &mut pages)?;
         }
         Ok(pages)
     }

@@ -417,6 +417,22 @@ pub trait UserModeRunner: Send {
     ) -> Result<UserExit>;
     /// Interrupts a `run` in progress (or makes the next one return at once).
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    /// Says, just before a `run`, whether this guest vCPU flushed its TLB since the previous
+    /// `run` returned (MOV to CR3, INVLPG, INVPCID, a CR0/CR4/EFER write that flushes, a state
+    /// load). A runner that keeps translations of the guest's page tables between runs (KVM's
+    /// shadow page tables) may keep them for that run only when told `false` right before it,
+    /// as a TLB would; without the call it drops them, so a caller that does not track flushes
+    /// stays correct. The default ignores it (nothing cached).
+    fn set_tlb_flushed(&mut self, _flushed: bool) {}
+
+    /// User-mode stretches shorter than about this many instructions are cheaper for the
+    /// caller to execute itself than to hand to this runner (whose runs have a fixed cost); the
+    /// caller may run up to this many of a stretch before handing the rest over. 0 (the
+    /// default): hand every stretch over.
+    fn emulate_below(&self) -> u64 {
+        0
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ struct Script {
     /// User-mode `cpuid` raises #GP(0) at the instruction, as KVM's runner does with CPUID
     /// faulting on.
     cpuid_faults: bool,
+    /// The runner's `emulate_below` (0: every user stretch is handed over).
+    emulate_below: u64,
 }
 
 struct Shared {
@@ -50,6 +52,8 @@ struct Shared {
     reported_tsc: AtomicU64,
     script: Script,
     log: Mutex<Vec<String>>,
+    /// What emu said before each run: whether the guest flushed its TLB since the last one.
+    tlb_flushed: Mutex<Vec<bool>>,
 }
 
 struct FakeAccel {
@@ -170,6 +174,14 @@ impl UserModeRunner for FakeRunner {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         self.kick.clone()
     }
+
+    fn set_tlb_flushed(&mut self, flushed: bool) {
+        self.shared.tlb_flushed.lock().unwrap().push(flushed);
+    }
+
+    fn emulate_below(&self) -> u64 {
+        self.shared.script.emulate_below
+    }
 }
 
 fn accel(script: Script) -> (hv_emu::EmuHypervisor, Arc<Shared>) {
@@ -179,6 +191,7 @@ fn accel(script: Script) -> (hv_emu::EmuHypervisor, Arc<Shared>) {
         reported_tsc: AtomicU64::new(0),
         script,
         log: Mutex::new(Vec::new()),
+        tlb_flushed: Mutex::new(Vec::new()),
     });
     let a = FakeAccel {
         shared: shared.clone(),
@@ -524,4 +537,85 @@ fn faulted_user_cpuid_is_answered_from_the_model() {
         "leaf 1 ECX from the model"
     );
     assert!(shared.runs.load(Ordering::SeqCst) >= 2, "{log:?}");
+}
+
+/// The runner is told before each run whether the guest kernel flushed its TLB since the last
+/// one (KVM's runner keeps its shadow page tables only when it did not): the first run counts as
+/// flushed, a plain syscall does not flush, `invlpg` and a CR3 reload do.
+#[test]
+fn guest_tlb_flushes_are_reported_to_the_runner() {
+    let (hv, shared) = accel(Script::default());
+    let entry = asm_at(64, SYSCALL_ENTRY, |a| {
+        let mut not_invlpg = a.create_label();
+        let mut done = a.create_label();
+        a.cmp(eax, 1)?;
+        a.jne(not_invlpg)?;
+        a.invlpg(byte_ptr(DATA))?;
+        a.jmp(done)?;
+        a.set_label(&mut not_invlpg)?;
+        a.cmp(eax, 2)?;
+        a.jne(done)?;
+        a.mov(rdx, cr3)?;
+        a.mov(cr3, rdx)?;
+        a.set_label(&mut done)?;
+        a.sysretq()
+    });
+    let user = asm_at(64, USER, |a| {
+        for n in [0, 1, 0, 2, 0] {
+            a.mov(eax, n)?;
+            a.syscall()?;
+        }
+        a.ud2()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &user);
+    g.write_code(SYSCALL_ENTRY, &entry);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(g.exception(), Some((6, 0)));
+    let log = shared.log.lock().unwrap().clone();
+    assert_eq!(shared.runs.load(Ordering::SeqCst), 6, "{log:?}");
+    assert_eq!(
+        *shared.tlb_flushed.lock().unwrap(),
+        [true, false, true, false, true, false],
+        "{log:?}"
+    );
+}
+
+/// With a runner that says short stretches are cheaper in emu (`emulate_below`), emu runs user
+/// code between syscalls itself and hands over only a stretch that outruns the budget (here a
+/// 200 000-instruction loop, from the loop on); right after such a stretch the next user entry
+/// goes straight to the runner.
+#[test]
+fn short_user_stretches_stay_in_emu_and_long_ones_go_to_the_runner() {
+    let (hv, shared) = accel(Script {
+        emulate_below: 32_768,
+        ..Script::default()
+    });
+    let user = asm_at(64, USER, |a| {
+        a.xor(eax, eax)?;
+        a.syscall()?;
+        a.mov(eax, 1)?;
+        a.syscall()?;
+        a.mov(ecx, 100_000)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(eax, 2)?;
+        a.syscall()?;
+        a.ud2()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &user);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let log = shared.log.lock().unwrap().clone();
+    for k in 0..3 {
+        assert_eq!(
+            g.read_u64(DATA + 8 * k),
+            0x1111_1111,
+            "syscall {k}: {log:?}"
+        );
+    }
+    assert_eq!(g.exception(), Some((6, 0)));
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(log[0].starts_with("run 1: Syscall"), "{log:?}");
+    assert!(log[1].starts_with("run 2: Event"), "{log:?}");
 }

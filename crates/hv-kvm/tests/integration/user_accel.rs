@@ -482,6 +482,162 @@ fn page_table_changes_between_runs_are_seen() {
     );
 }
 
+/// Linear page the shadow-page-table tests map through 4 KiB page tables of their own.
+const REMAPPED: u64 = 0x3000_0000; // PD entry 0x180
+const PDE_REMAPPED: u64 = 0x4000 + 0x180 * 8;
+const PT_A: u64 = 0xa000;
+const PT_B: u64 = 0xb000;
+/// Frames the tests map at `REMAPPED`, each holding its own value.
+const FRAMES: [(u64, u64); 3] = [
+    (0x30_0000, 0x1111),
+    (0x30_1000, 0x2222),
+    (0x30_2000, 0x4444),
+];
+
+/// `mov rax, [REMAPPED]; ud2`, with `REMAPPED` mapped through `PT_A` to the first frame.
+fn remap_setup() -> Option<Setup> {
+    let t = setup(|a| {
+        a.mov(rbx, REMAPPED)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.ud2()
+    })?;
+    for (frame, v) in FRAMES {
+        t.mem.write_obj(v, GuestAddress(frame)).unwrap();
+    }
+    t.mem
+        .write_obj(PT_A | 7, GuestAddress(PDE_REMAPPED))
+        .unwrap();
+    t.mem
+        .write_obj(FRAMES[0].0 | 7, GuestAddress(PT_A))
+        .unwrap();
+    Some(t)
+}
+
+impl Setup {
+    /// Runs from `CODE` after telling the runner whether the guest flushed its TLB.
+    fn rerun(&mut self, flushed: bool) -> UserExit {
+        self.runner.set_tlb_flushed(flushed);
+        self.state.regs.rip = CODE;
+        self.run(None).0
+    }
+}
+
+/// Without a guest TLB flush the runner keeps KVM's shadow page tables (the point: no rebuild
+/// per run), so a remap the guest has not flushed yet may still show the old frame, as a TLB
+/// would; after the flush the new frame shows.
+#[test]
+fn shadow_page_tables_are_kept_until_the_guest_flushes() {
+    let Some(mut t) = remap_setup() else {
+        return;
+    };
+    assert_eq!(
+        t.rerun(true),
+        UserExit::Event {
+            vector: 6,
+            error_code: None
+        }
+    );
+    assert_eq!(t.state.regs.rax, 0x1111);
+    let (runs0, drops0) = hv_kvm::shadow_drop_stats();
+    t.mem
+        .write_obj(FRAMES[1].0 | 7, GuestAddress(PT_A))
+        .unwrap();
+    t.rerun(false);
+    let (runs1, drops1) = hv_kvm::shadow_drop_stats();
+    println!(
+        "unflushed remap: user code read {:#x}; this test's run {} dropped the shadow pages",
+        t.state.regs.rax,
+        if drops1 > drops0 && runs1 == runs0 + 1 {
+            ""
+        } else {
+            "not"
+        }
+    );
+    assert_eq!(
+        t.state.regs.rax, 0x1111,
+        "the shadow page tables were rebuilt although the guest did not flush"
+    );
+    t.rerun(true);
+    assert_eq!(t.state.regs.rax, 0x2222, "stale translation after a flush");
+}
+
+/// The guest kernel frees a page table and reuses its page as data (here filled with entries
+/// that still point at the old frame), after pointing the PDE at a new table and flushing:
+/// user code sees the new table's frame.
+#[test]
+fn a_freed_and_reused_page_table_is_not_used_after_a_flush() {
+    let Some(mut t) = remap_setup() else {
+        return;
+    };
+    t.rerun(true);
+    assert_eq!(t.state.regs.rax, 0x1111);
+    t.rerun(false);
+    assert_eq!(t.state.regs.rax, 0x1111);
+    t.mem
+        .write_obj(FRAMES[2].0 | 7, GuestAddress(PT_B))
+        .unwrap();
+    t.mem
+        .write_obj(PT_B | 7, GuestAddress(PDE_REMAPPED))
+        .unwrap();
+    for i in 0..512 {
+        t.mem
+            .write_obj(FRAMES[0].0 | 7, GuestAddress(PT_A + i * 8))
+            .unwrap();
+    }
+    t.rerun(true);
+    assert_eq!(
+        t.state.regs.rax, 0x4444,
+        "the freed page table was still used"
+    );
+}
+
+/// Changes x86 needs no flush for are seen without one: a not-present entry made present (the
+/// page fault a kernel answers by mapping the page) and a permission raised (write access
+/// granted), since KVM walks the guest's tables again on each fault.
+#[test]
+fn mappings_added_or_made_writable_need_no_flush() {
+    let Some(mut t) = setup(|a| {
+        a.mov(rbx, REMAPPED)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(qword_ptr(rbx + 8), rax)?;
+        a.ud2()
+    }) else {
+        return;
+    };
+    t.mem
+        .write_obj(0x1111u64, GuestAddress(FRAMES[0].0))
+        .unwrap();
+    t.mem
+        .write_obj(PT_A | 7, GuestAddress(PDE_REMAPPED))
+        .unwrap();
+    let pf = |error_code| UserExit::Event {
+        vector: 14,
+        error_code: Some(error_code),
+    };
+    // Not present: user read fault.
+    assert_eq!(t.rerun(true), pf(4));
+    assert_eq!(t.state.sregs.cr2, REMAPPED);
+    // Mapped read-only without a flush: the read succeeds, the write faults (protection).
+    t.mem
+        .write_obj(FRAMES[0].0 | 5, GuestAddress(PT_A))
+        .unwrap();
+    assert_eq!(t.rerun(false), pf(7));
+    assert_eq!(t.state.regs.rax, 0x1111);
+    // Made writable without a flush: the store goes through.
+    t.mem
+        .write_obj(FRAMES[0].0 | 7, GuestAddress(PT_A))
+        .unwrap();
+    assert_eq!(
+        t.rerun(false),
+        UserExit::Event {
+            vector: 6,
+            error_code: None
+        }
+    );
+    let v: u64 = t.mem.read_obj(GuestAddress(FRAMES[0].0 + 8)).unwrap();
+    assert_eq!(v, 0x1111);
+}
+
 /// Per-run cost: a user program that does nothing but `syscall`, re-entered after each exit.
 #[test]
 fn round_trips_per_second() {
@@ -495,7 +651,15 @@ fn round_trips_per_second() {
         assert_eq!(t.run(None).0, UserExit::Syscall);
     }
     let per = start.elapsed() / n;
-    println!("one syscall round trip through the runner: {per:?}");
+    println!("one syscall round trip through the runner, shadow pages dropped: {per:?}");
+    let start = Instant::now();
+    for _ in 0..n {
+        t.runner.set_tlb_flushed(false);
+        t.state.regs.rip = CODE;
+        assert_eq!(t.run(None).0, UserExit::Syscall);
+    }
+    let kept = start.elapsed() / n;
+    println!("one syscall round trip through the runner, shadow pages kept: {kept:?}");
 }
 
 #[test]

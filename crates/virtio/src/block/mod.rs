@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hv::DirtyBitmap;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -18,7 +19,6 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
-use hv::DirtyBitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, Permissions};
 
 use crate::chain::{self, Seg};
