@@ -1,4 +1,5 @@
-//! `bench boot`: process start to `ANYVISOR-INIT-OK`, to exit after `poweroff`, and memory.
+//! `bench boot`: process start to `ANYVISOR-INIT-OK`, to exit after `poweroff`, the CPU time
+//! (user + system) the VMM used up to `ANYVISOR-INIT-OK`, and memory.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +23,8 @@ struct Case {
 #[derive(Debug, Clone)]
 struct RunResult {
     init: Outcome<Duration>,
+    /// CPU time (user + system) of the VMM process when `ANYVISOR-INIT-OK` arrived.
+    init_cpu: Option<Duration>,
     exit: Outcome<Duration>,
     hwm_kb: Option<u64>,
     guest_kb: Option<u64>,
@@ -45,6 +48,7 @@ pub fn wait_outcome(p: &VmProc, w: &Wait, timeout: u64) -> Outcome<usize> {
 fn run_once(setup: &Setup, case: &Case) -> RunResult {
     let mut r = RunResult {
         init: Outcome::Failed("not started".into()),
+        init_cpu: None,
         exit: Outcome::Failed("not reached".into()),
         hwm_kb: None,
         guest_kb: None,
@@ -58,6 +62,9 @@ fn run_once(setup: &Setup, case: &Case) -> RunResult {
     };
     let deadline = setup.deadline();
     let w = p.wait_line(0, "ANYVISOR-INIT-OK", deadline);
+    if matches!(w, Wait::Found(_)) {
+        r.init_cpu = crate::cpu::cpu_time(p.pid());
+    }
     r.init = match wait_outcome(&p, &w, setup.timeout_secs) {
         Outcome::Ok(i) => Outcome::Ok(p.lines[i].at),
         Outcome::Failed(m) => Outcome::Failed(m),
@@ -83,6 +90,7 @@ fn run_once(setup: &Setup, case: &Case) -> RunResult {
 struct Summary {
     ok: usize,
     init: Option<f64>,
+    init_cpu: Option<f64>,
     exit: Option<f64>,
     hwm_kb: Option<f64>,
     guest_kb: Option<f64>,
@@ -98,6 +106,10 @@ fn summarize(results: &[RunResult]) -> Summary {
     let exit: Vec<f64> = results
         .iter()
         .filter_map(|r| r.exit.ok().map(Duration::as_secs_f64))
+        .collect();
+    let init_cpu: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.init_cpu.map(|d| d.as_secs_f64()))
         .collect();
     // Memory only from runs that booted and powered off: a failed run stops early.
     let good: Vec<&RunResult> = results.iter().filter(|r| r.exit.ok().is_some()).collect();
@@ -116,6 +128,7 @@ fn summarize(results: &[RunResult]) -> Summary {
     Summary {
         ok: exit.len(),
         init: table::median(&init),
+        init_cpu: table::median(&init_cpu),
         exit: table::median(&exit),
         hwm_kb: table::median(&hwm),
         guest_kb: table::median(&guest),
@@ -191,8 +204,10 @@ pub fn run(setup: &Setup) {
         "ok runs",
         "to INIT-OK (s)",
         "to exit (s)",
+        "CPU to INIT-OK (s)",
         "INIT-OK vs QEMU TCG",
         "exit vs QEMU TCG",
+        "CPU vs QEMU TCG",
         "peak RSS (MiB)",
         "guest RAM resident (MiB)",
         "RSS beyond guest (MiB)",
@@ -225,8 +240,10 @@ pub fn run(setup: &Setup) {
             format!("{}/{}", s.ok, setup.runs),
             opt(s.init, |v| format!("{v:.2}")),
             opt(s.exit, |v| format!("{v:.2}")),
+            opt(s.init_cpu, |v| format!("{v:.2}")),
             table::ratio(s.init, peer.and_then(|p| p.init)),
             table::ratio(s.exit, peer.and_then(|p| p.exit)),
+            table::ratio(s.init_cpu, peer.and_then(|p| p.init_cpu)),
             opt(s.hwm_kb, mib),
             opt(s.guest_kb, mib),
             opt(s.beyond_kb, mib),
@@ -237,7 +254,8 @@ pub fn run(setup: &Setup) {
     print!("{t}");
     println!(
         "\nRatios are anyvisor / QEMU TCG with the same kernel (bzImage row if that one failed); \
-         below 1 is better. Peak RSS is the highest VmHWM sampled (every 100 ms and at \
+         below 1 is better. CPU to INIT-OK is the VMM process's user + system time (/proc/PID/stat) \
+         when ANYVISOR-INIT-OK arrived: the figure to compare on a loaded host. Peak RSS is the highest VmHWM sampled (every 100 ms and at \
          ANYVISOR-INIT-OK); guest RAM resident is the Rss of the {MEM_MIB} MiB anonymous mapping \
          in /proc/PID/smaps at the last sample; RSS beyond guest = peak RSS - guest RAM resident."
     );
@@ -261,12 +279,14 @@ mod tests {
     fn summary_uses_successful_runs_and_reports_the_first_problem() {
         let ok = RunResult {
             init: Outcome::Ok(Duration::from_secs(2)),
+            init_cpu: Some(Duration::from_millis(1500)),
             exit: Outcome::Ok(Duration::from_secs(3)),
             hwm_kb: Some(300_000),
             guest_kb: Some(100_000),
         };
         let timeout = RunResult {
             init: Outcome::Timeout(60),
+            init_cpu: None,
             exit: Outcome::Timeout(60),
             hwm_kb: Some(900_000),
             guest_kb: None,
@@ -275,6 +295,7 @@ mod tests {
         assert_eq!(s.ok, 1);
         assert_eq!(s.init, Some(2.0));
         assert_eq!(s.exit, Some(3.0));
+        assert_eq!(s.init_cpu, Some(1.5));
         assert_eq!(s.beyond_kb, Some(200_000.0));
         assert_eq!(s.hwm_kb, Some(300_000.0));
         assert_eq!(s.problem.as_deref(), Some("timeout (60 s)"));

@@ -102,8 +102,8 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// CPU time the process has used so far.
-fn cpu_time(pid: u32) -> Option<Duration> {
+/// CPU time the process has used so far (user + system).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat_ticks(&text).map(|t| Duration::from_millis(t * 10))
 }
