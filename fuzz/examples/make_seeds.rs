@@ -104,22 +104,22 @@ impl migrate::SourceVm for Source {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"memory": [[0, 0x2000], [0x4000, 0x2000]], "cpus": 1})
     }
-    fn set_dirty_tracking(&self, _: bool) -> Result<(), String> {
+    fn set_dirty_tracking(&self, _: bool) -> Result<(), migrate::VmError> {
         Ok(())
     }
-    fn take_dirty_pages(&self) -> Result<Vec<u64>, String> {
+    fn take_dirty_pages(&self) -> Result<Vec<u64>, migrate::VmError> {
         let mut n = self.dirty_rounds.lock().map_err(|_| "poisoned")?;
         *n += 1;
         Ok(if *n == 1 { vec![0, 4] } else { Vec::new() })
     }
     fn throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), migrate::VmError> {
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), migrate::VmError> {
         Ok(())
     }
-    fn final_state(&self) -> Result<Vec<u8>, String> {
+    fn final_state(&self) -> Result<Vec<u8>, migrate::VmError> {
         Ok(br#"{"vcpus":[{"rip":1048576}],"devices":{}}"#.to_vec())
     }
 }

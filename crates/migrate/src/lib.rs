@@ -234,24 +234,28 @@ impl fmt::Debug for Key {
 ///
 /// `send` calls these from the thread that called it; vCPUs keep running between calls until
 /// [`SourceVm::pause`].
+/// What a [`SourceVm`] call failed with: the VMM's own error, kept whole as the source of
+/// [`Error::VmCall`].
+pub type VmError = Box<dyn std::error::Error + Send + Sync>;
+
 pub trait SourceVm {
     /// Guest RAM. Its regions must be page-aligned.
     fn memory(&self) -> &hv::GuestMemory;
     /// Everything the destination needs to build a compatible VM (configuration, CPU model,
     /// memory layout, devices). Sent first, before anything is paused.
     fn describe(&self) -> serde_json::Value;
-    fn set_dirty_tracking(&self, on: bool) -> std::result::Result<(), String>;
+    fn set_dirty_tracking(&self, on: bool) -> std::result::Result<(), VmError>;
     /// Guest page frame numbers written since the previous call (or since tracking was turned
     /// on), by vCPUs and devices alike; duplicates and unsorted input are fine.
-    fn take_dirty_pages(&self) -> std::result::Result<Vec<u64>, String>;
+    fn take_dirty_pages(&self) -> std::result::Result<Vec<u64>, VmError>;
     /// Auto-converge: slow the vCPUs down to roughly `100 - percent` % of their speed. 0 = off.
     fn throttle(&self, percent: u8);
-    fn pause(&self) -> std::result::Result<(), String>;
+    fn pause(&self) -> std::result::Result<(), VmError>;
     /// Resumes after a failed migration.
-    fn resume(&self) -> std::result::Result<(), String>;
+    fn resume(&self) -> std::result::Result<(), VmError>;
     /// vCPU and device state, taken while paused. Opaque to this crate; at most
     /// [`MAX_STATE_BYTES`].
-    fn final_state(&self) -> std::result::Result<Vec<u8>, String>;
+    fn final_state(&self) -> std::result::Result<Vec<u8>, VmError>;
 }
 
 /// The receiving side's VM, built by the VMM from the source's description before any page

@@ -146,11 +146,8 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn vm_err(what: &'static str) -> impl FnOnce(String) -> Error {
-        move |e| Error::VmCall {
-            what,
-            source: e.into(),
-        }
+    fn vm_err(what: &'static str) -> impl FnOnce(crate::VmError) -> Error {
+        move |source| Error::VmCall { what, source }
     }
 
     fn run(&mut self, key: Option<&Key>) -> Result<Outcome> {

@@ -130,11 +130,8 @@ impl migrate::SourceVm for Source<'_> {
             .unwrap_or(serde_json::Value::Null)
     }
 
-    fn set_dirty_tracking(&self, on: bool) -> std::result::Result<(), String> {
-        self.parts
-            .vm
-            .set_dirty_tracking(on)
-            .map_err(|e| crate::error::report(&e))?;
+    fn set_dirty_tracking(&self, on: bool) -> std::result::Result<(), migrate::VmError> {
+        self.parts.vm.set_dirty_tracking(on)?;
         if on {
             // Start from a clean slate: everything is sent in the first round anyway.
             let _ = self.parts.vm.take_dirty_log();
@@ -143,12 +140,8 @@ impl migrate::SourceVm for Source<'_> {
         Ok(())
     }
 
-    fn take_dirty_pages(&self) -> std::result::Result<Vec<u64>, String> {
-        let mut pages = self
-            .parts
-            .vm
-            .take_dirty_log()
-            .map_err(|e| crate::error::report(&e))?;
+    fn take_dirty_pages(&self) -> std::result::Result<Vec<u64>, migrate::VmError> {
+        let mut pages = self.parts.vm.take_dirty_log()?;
         self.memory_dirty_pages(&mut pages);
         Ok(pages)
     }
@@ -161,22 +154,22 @@ impl migrate::SourceVm for Source<'_> {
         }
     }
 
-    fn pause(&self) -> std::result::Result<(), String> {
+    fn pause(&self) -> std::result::Result<(), migrate::VmError> {
         self.stop_throttle();
-        self.parts.pause().map_err(|e| e.message)
+        Ok(self.parts.pause().map_err(|e| e.message)?)
     }
 
-    fn resume(&self) -> std::result::Result<(), String> {
+    fn resume(&self) -> std::result::Result<(), migrate::VmError> {
         self.stop_throttle();
         if self.was_paused {
             return Ok(());
         }
-        self.parts.resume().map_err(|e| e.message)
+        Ok(self.parts.resume().map_err(|e| e.message)?)
     }
 
-    fn final_state(&self) -> std::result::Result<Vec<u8>, String> {
+    fn final_state(&self) -> std::result::Result<Vec<u8>, migrate::VmError> {
         let saved = crate::snapshot::capture(self.parts, self.was_paused)?;
-        serde_json::to_vec(&saved).map_err(|e| format!("cannot encode the final state: {e}"))
+        Ok(serde_json::to_vec(&saved)?)
     }
 }
 

@@ -206,14 +206,14 @@ impl SourceVm for FakeSource {
         json!({ "cpu_model": self.cpu_model, "regions": regions })
     }
 
-    fn set_dirty_tracking(&self, on: bool) -> Result<(), String> {
+    fn set_dirty_tracking(&self, on: bool) -> Result<(), migrate::VmError> {
         let mut g = self.shared.lock().unwrap();
         g.tracking = on;
         g.dirty.clear();
         Ok(())
     }
 
-    fn take_dirty_pages(&self) -> Result<Vec<u64>, String> {
+    fn take_dirty_pages(&self) -> Result<Vec<u64>, migrate::VmError> {
         Ok(self.shared.lock().unwrap().dirty.drain().collect())
     }
 
@@ -222,7 +222,7 @@ impl SourceVm for FakeSource {
         self.max_throttle.fetch_max(percent, Ordering::SeqCst);
     }
 
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), migrate::VmError> {
         self.shared.lock().unwrap().paused = true;
         self.pauses.fetch_add(1, Ordering::SeqCst);
         if let Some(f) = &self.on_pause {
@@ -231,13 +231,13 @@ impl SourceVm for FakeSource {
         Ok(())
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), migrate::VmError> {
         self.shared.lock().unwrap().paused = false;
         self.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    fn final_state(&self) -> Result<Vec<u8>, String> {
+    fn final_state(&self) -> Result<Vec<u8>, migrate::VmError> {
         Ok(self.state.clone())
     }
 }
