@@ -52,14 +52,13 @@ pub fn prepare(mut options: RunOptions) -> Result<(RunOptions, Option<Extracted>
             })
         })
         .transpose()?;
-    let image =
-        bootdisk::open_image(&disk.path, format, disk.backing).map_err(|e| Error::BadFile {
-            path: disk.path.clone(),
-            reason: crate::error::report(&e),
-        })?;
-    let boot = bootdisk::find_boot(image).map_err(|e| Error::BadFile {
-        path: disk.path.clone(),
-        reason: format!("cannot boot from this disk: {}", crate::error::report(&e)),
+    let image = bootdisk::open_image(&disk.path, format, disk.backing)
+        .map_err(|e| Error::bad_file(disk.path.clone(), e))?;
+    let boot = bootdisk::find_boot(image).map_err(|e| {
+        Error::bad_file(
+            disk.path.clone(),
+            Error::setup("cannot boot from this disk", e),
+        )
     })?;
     let mut files = Vec::new();
     let kernel = unlinked_copy(&boot.kernel, "kernel")?;

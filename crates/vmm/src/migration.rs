@@ -398,12 +398,8 @@ fn receive_one(
         let thread = std::thread::Builder::new()
             .name("migrate-in".into())
             .spawn_scoped(scope, move || -> std::result::Result<ThreadEnd, Error> {
-                sandbox::install(sandbox::ThreadRole::IncomingMigration, seccomp).map_err(|e| {
-                    Error::Setup(format!(
-                        "cannot sandbox the migration thread: {}",
-                        report(&e)
-                    ))
-                })?;
+                sandbox::install(sandbox::ThreadRole::IncomingMigration, seccomp)
+                    .map_err(|e| Error::setup("cannot sandbox the migration thread", e))?;
                 let gone = || "the main thread is gone".to_string();
                 let waiting = migrate::Waiting {
                     stop: &|| stop.load(Ordering::Acquire),
@@ -440,7 +436,7 @@ fn receive_one(
                     Err(_) => ThreadEnd::Failed(gone()),
                 })
             })
-            .map_err(|e| Error::Setup(format!("cannot start the migration thread: {e}")))?;
+            .map_err(|e| Error::setup("cannot start the migration thread", e))?;
         // Serve the thread's requests until it ends (its sender is dropped then), and pass a
         // termination signal on to it.
         let mut started = None;
