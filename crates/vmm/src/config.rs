@@ -270,8 +270,7 @@ impl DiskConfig {
             backing: self.backing,
         };
         // The error names the disk and what failed with it.
-        let image =
-            disk::open(&self.path, opts).map_err(|e| Error::Setup(crate::error::report(&e)))?;
+        let image = disk::open(&self.path, opts)?;
         let chain = image.chain();
         Ok((image, chain))
     }
