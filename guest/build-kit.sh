@@ -122,7 +122,7 @@ BUSYBOX="$BBDIR/bin/busybox"
 # ---------------------------------------------------------------- guest programs
 BIN="$OUT/guest-bin"
 mkdir -p "$BIN"
-for prog in memwork faults vsockcat blkbench diskwork; do
+for prog in memwork faults vsockcat blkbench diskwork hotloop; do
     if [[ ! -x "$BIN/$prog" || "$SRC/$prog.c" -nt "$BIN/$prog" ]]; then
         log "compiling $prog"
         gcc -O2 -static -Wall -o "$BIN/$prog" "$SRC/$prog.c"
@@ -140,7 +140,7 @@ while read -r applet; do
     mkdir -p "$ROOT/$(dirname "$applet")"
     [[ -e "$ROOT/$applet" ]] || ln -s /bin/busybox "$ROOT/$applet"
 done < <("$BUSYBOX" --list-full)
-install -m 0755 "$BIN/memwork" "$BIN/faults" "$BIN/vsockcat" "$BIN/blkbench" "$BIN/diskwork" "$ROOT/bin/"
+install -m 0755 "$BIN/memwork" "$BIN/faults" "$BIN/vsockcat" "$BIN/blkbench" "$BIN/diskwork" "$BIN/hotloop" "$ROOT/bin/"
 
 # Kernel modules: wanted module -> Kconfig symbol. Built-in (=y) ones are skipped.
 declare -A WANT_CFG=(

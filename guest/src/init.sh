@@ -117,6 +117,10 @@ case "$TEST" in
     blkbench)
         /bin/blkbench /dev/vda
         poweroff -f ;;
+    hotloop)
+        # Bignum-style hot loops with a known instruction count (cargo xtask bench hotloop).
+        /bin/hotloop
+        poweroff -f ;;
     faults)
         for k in ud pf de; do
             /bin/faults "$k" 2>/dev/null

@@ -5,6 +5,7 @@ mod blk;
 mod boot;
 mod control;
 mod cpu;
+mod hotloop;
 mod migrate;
 mod mips;
 mod procmem;
@@ -50,6 +51,8 @@ enum Bench {
     Blk(Common),
     /// An AVX2/SHA user-mode workload in the Debian guest: emu, kvm (hybrid), QEMU TCG -cpu max.
     Cpu(Common),
+    /// Guest instructions per second in two bignum-style hot loops (add_n, addmul_1).
+    Hotloop(Common),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -348,6 +351,7 @@ fn main() -> ExitCode {
         Bench::Migrate(c) => setup(c, &["kvm"]).map(|s| migrate::run(&s)),
         Bench::Blk(c) => setup(c, &["kvm"]).map(|s| blk::run(&s)),
         Bench::Cpu(c) => setup(c, &["emu", "kvm"]).map(|s| cpu::run(&s)),
+        Bench::Hotloop(c) => setup(c, &["emu", "kvm"]).map(|s| hotloop::run(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
