@@ -107,7 +107,13 @@ impl Rig {
 
     /// Runs one instruction from `a` on the translator and from `b` (a copy) on the
     /// interpreter, compares everything, and says how the translator ran it.
-    fn compare(&mut self, ctx: &str, mut a: Cpu, mut b: Cpu, undefined: u64) -> Ran {
+    fn compare(&mut self, ctx: &str, a: Cpu, b: Cpu, undefined: u64) -> Ran {
+        self.compare_n(ctx, a, b, undefined, 1)
+    }
+
+    /// [`Rig::compare`] for `budget` instructions (a translated block runs whole; the
+    /// interpreter then runs as many as it did).
+    fn compare_n(&mut self, ctx: &str, mut a: Cpu, mut b: Cpu, undefined: u64, budget: u32) -> Ran {
         let exits = self.jit.stats.exits_to_interp;
         let before = self.jit.stats.run;
         let ra = {
@@ -121,8 +127,9 @@ impl Rig {
                 lapic_enabled: false,
             };
             let mut blocks = BlockCache::new();
-            ex.run_batch_jit(&mut self.jit, &mut blocks, 1, false)
+            ex.run_batch_jit(&mut self.jit, &mut blocks, budget, false)
         };
+        let steps = ra.as_ref().map_or(budget, |r| r.0);
         let rb = {
             let ram = Ram::new(&self.m2);
             let mut ex = Exec {
@@ -133,7 +140,14 @@ impl Rig {
                 vm: &self.vm,
                 lapic_enabled: false,
             };
-            ex.step()
+            let mut r = Ok(());
+            for _ in 0..steps {
+                r = ex.step();
+                if r.is_err() || ex.cpu.reported.is_some() {
+                    break;
+                }
+            }
+            r
         };
         assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
         let mut x = vec![0u8; MEM];
@@ -380,9 +394,13 @@ fn first(code: &[u8]) -> iced_x86::Instruction {
 
 /// Flags the instruction leaves undefined (masked in the comparison).
 fn undefined(code: &[u8]) -> u64 {
+    undefined_of(&first(code))
+}
+
+fn undefined_of(i: &iced_x86::Instruction) -> u64 {
     use crate::cpu::{AF, CF, OF, PF, SF, ZF};
     use iced_x86::RflagsBits as F;
-    let r = first(code).rflags_undefined();
+    let r = i.rflags_undefined();
     [
         (F::OF, OF),
         (F::SF, SF),
@@ -648,5 +666,47 @@ fn glue_encodings_decode_as_intended() {
             "Ldmxcsr_m32  [R11+0x0]",
             "VEX_Pext_r64_r64_rm64 RCX,RCX,RDX [None+0x0]",
         ]
+    );
+}
+
+#[test]
+fn random_vector_blocks_match_the_interpreter() {
+    // Legacy SSE and VEX forms mixed, so upper halves, MXCSR flags and RFLAGS (ptest,
+    // comiss, pcmpistri) flow between translated instructions.
+    let mut rng = Rng(0x0ddc_0ffe_e0dd_f00d);
+    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let list = templates();
+    let mut whole = 0;
+    for n in 0..300 {
+        let picks: Vec<usize> = (0..8).map(|_| rng.next() as usize % list.len()).collect();
+        let mut a = CodeAssembler::new(64).unwrap();
+        for &p in &picks {
+            (list[p].1)(&mut a).unwrap();
+        }
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let names: Vec<&str> = picks.iter().map(|&p| list[p].0.as_str()).collect();
+        // Flags left undefined by any instruction of the block are not compared.
+        let undef = Decoder::with_ip(64, &code, CODE, DecoderOptions::NONE)
+            .into_iter()
+            .map(|i| undefined_of(&i))
+            .fold(0, |x, y| x | y);
+        let seed = rng.next();
+        let mut c = cpu(seed);
+        if n % 2 == 1 {
+            c.mxcsr = 0x1f80 | (seed as u32 & 0xe040);
+        }
+        rig.jit.clear();
+        for _ in 0..2 {
+            rig.load(seed, &code);
+            let r = rig.compare_n(&format!("{names:?}"), c.copy(), c.copy(), undef, 8);
+            if r == Ran::Translated {
+                whole += 1;
+            }
+        }
+    }
+    assert!(
+        whole > 150,
+        "only {whole} of 600 block runs translated whole"
     );
 }
