@@ -465,10 +465,10 @@ fn plan(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Plan> {
                 let g = super::gpr_num(r)?;
                 let h = host_of(g, &mut gprs)?;
                 out.set_op_register(n, host_gpr(h, r.size())?);
-                if is_write(access.op_access(n)) {
-                    if let Some(e) = gprs.iter_mut().find(|e| e.0 == g) {
-                        e.2 = true;
-                    }
+                if is_write(access.op_access(n))
+                    && let Some(e) = gprs.iter_mut().find(|e| e.0 == g)
+                {
+                    e.2 = true;
                 }
             }
             OpKind::Memory => {
