@@ -22,8 +22,9 @@
 //! * **Calling**: [`CodeCache::call`] runs a block as `extern "sysv64" fn(regs, ctx)`, where
 //!   `regs` is the guest's 16 general registers and `ctx` the translator's `#[repr(C)]` context.
 //!   The code itself is trusted: it is produced by `hv_emu::jit`, whose invariants (only the
-//!   two pointers, the host addresses of guest RAM that its soft TLB holds, and its own stack
-//!   frame are touched; callee-saved registers and DF are preserved) are documented there and
+//!   two pointers, the host addresses of guest RAM that its soft TLB holds, the vCPU's vector
+//!   registers and MXCSR whose addresses `ctx` holds, and its own stack frame are touched;
+//!   callee-saved registers, the MXCSR control bits and DF are preserved) are documented there and
 //!   in docs/emu.md ("Translator").
 
 #![allow(unsafe_code)] // Executable memory and calls into generated code: the purpose of this crate.
@@ -231,6 +232,9 @@ impl CodeCache {
         // block reads and writes only `regs`, `ctx` (at the offsets of the layout it was
         // emitted for), guest RAM through the host addresses `ctx`'s soft TLB holds (filled by
         // the translator only for RAM of the `GuestMemory` the vCPU owns, which outlives it),
+        // the vCPU's vector registers and MXCSR through the addresses the translator puts in
+        // `ctx` right before each call (fields of the same `Cpu` as `regs`, which the caller
+        // holds exclusively and does not touch during the call),
         // and its own stack frame; it only reads two kinds of shared words whose addresses
         // the translator put in `ctx` or the code (the vCPU's exit-request word and the code
         // tracker's page generations, atomics of the VM's shared state, which outlives the

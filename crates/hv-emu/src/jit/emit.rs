@@ -36,6 +36,9 @@ use super::{
 };
 use crate::decode::canonical;
 
+#[path = "simd.rs"]
+pub(super) mod simd;
+
 /// How a guest instruction is translated.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
@@ -51,6 +54,8 @@ pub enum Kind {
     JmpReg,
     JmpMem,
     Jcc,
+    /// An SSE/AVX/crypto instruction run as itself (`simd.rs`).
+    Simd,
 }
 
 impl Kind {
@@ -166,6 +171,9 @@ fn mem_ok(i: &Instruction) -> bool {
 
 /// How `i` (decoded in 64-bit mode) is translated, or `None` if the interpreter runs it.
 pub fn classify(i: &Instruction) -> Option<Kind> {
+    if let Some(k) = simd::classify(i) {
+        return Some(k);
+    }
     let m = i.mnemonic();
     let code = i.code();
     match code {
@@ -526,6 +534,7 @@ impl Emitter {
             match kind {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
+                Kind::Simd => self.simd(k, i)?,
                 Kind::Push => {
                     let v = match i.code() {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),

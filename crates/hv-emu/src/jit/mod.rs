@@ -148,6 +148,8 @@ pub struct Ctx {
     /// the entry's chained entry on a hit.
     jc: [JcEntry; JC_ENTRIES],
     log: [u64; LOG_CAP],
+    /// Vector-instruction state (`simd.rs`); set at every entry.
+    simd: emit::simd::SimdCtx,
 }
 
 /// Jump-cache entries (a power of two; [`jc_index`] and the emitter agree on the hash).
@@ -288,6 +290,7 @@ impl Jit {
                 tlb: [EMPTY; TLB_ENTRIES],
                 jc: [JC_EMPTY; JC_ENTRIES],
                 log: [0; LOG_CAP],
+                simd: Default::default(),
             }),
             slots: vec![Slot::default(); SLOTS],
             emitter,
@@ -662,6 +665,7 @@ impl Exec<'_> {
         ctx.gs = self.cpu.seg[GS].base;
         ctx.link = 0;
         ctx.dead = 0;
+        emit::simd::enter(&mut ctx.simd, self.cpu, self.vm.features);
         jit.stats.entries += 1;
         let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
