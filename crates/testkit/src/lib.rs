@@ -253,6 +253,23 @@ pub struct LongMode {
 }
 
 impl LongMode {
+    /// The usual entry: page tables at [`PML4`], a GDT of `gdt_entries` descriptors at [`GDT`],
+    /// the IDT at [`IDT`], CR0 = PG|AM|WP|NE|ET|MP|PE, RIP at [`CODE`]; TR and the stack pointer as given.
+    pub const fn new(gdt_entries: u16, tr: (u16, u64), stack: u64) -> LongMode {
+        LongMode {
+            pml4: PML4,
+            gdt: DescriptorTable {
+                base: GDT,
+                limit: gdt_entries * 8 - 1,
+            },
+            idt: IDT,
+            tr,
+            cr0: 0x8005_0033,
+            rip: CODE,
+            rsp: stack,
+        }
+    }
+
     /// 64-bit mode, CPL 0, IF=0, at `rip` with the stack at `rsp`, every GPR zero, no pending
     /// event.
     pub fn kernel(&self, st: &mut CpuState) {
@@ -320,16 +337,17 @@ impl LongMode {
 /// What an exception stub does after recording.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StubEnd {
-    /// `cli; hlt`: the run ends as [`VcpuExit::Halted`].
+    /// Restores RAX, then `cli; hlt`: the run ends as [`VcpuExit::Halted`] with the registers
+    /// as the exception left them. Such a stub needs a 256-byte slot.
     Halt,
     /// `mov al, value; out port, al; jmp $` (for a [`Recorder::stopping_at`] `port`).
     Port { port: u16, value: u8 },
 }
 
 /// The IDT stubs: vector `v` < `vectors` runs the stub at `at + v * stride`, which writes an
-/// [`Exception`] record at `record` (80 bytes) and then ends as `end` says. A stub is at most
-/// 128 bytes; it leaves RAX changed (its value at entry is in the record) and pops the error
-/// code, so RSP points at the interrupt frame.
+/// [`Exception`] record at `record` (80 bytes) and then ends as `end` says. It pops the error
+/// code, so RSP points at the interrupt frame. A [`StubEnd::Port`] stub fits in 128 bytes and
+/// leaves RAX changed (its value at entry is in the record).
 #[derive(Clone, Copy, Debug)]
 pub struct Stubs {
     pub at: u64,
@@ -368,6 +386,7 @@ impl Stubs {
             a.mov(qword_ptr(rec), 0x100 + i32::from(v))?;
             match self.end {
                 StubEnd::Halt => {
+                    a.mov(rax, qword_ptr(rec + 72))?;
                     a.cli()?;
                     a.hlt()
                 }
@@ -659,6 +678,34 @@ pub struct Guest {
     pub vcpu: Box<dyn Vcpu>,
     pub io: Arc<Recorder>,
     pub layout: Layout,
+    /// How long [`Guest::run_until_stop`] lets a run go before kicking it.
+    pub timeout: Duration,
+}
+
+/// A run that has not stopped after this long is kicked and reported as [`Stop::Timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Declares an adapter's guest type, `pub struct $name(pub testkit::Guest)`, that derefs to the
+/// kit's [`Guest`] (its fields and methods) so the adapter can add helpers in its tests' style.
+#[macro_export]
+macro_rules! guest_type {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        pub struct $name(pub $crate::Guest);
+
+        impl ::std::ops::Deref for $name {
+            type Target = $crate::Guest;
+            fn deref(&self) -> &$crate::Guest {
+                &self.0
+            }
+        }
+
+        impl ::std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut $crate::Guest {
+                &mut self.0
+            }
+        }
+    };
 }
 
 impl Guest {
@@ -687,6 +734,7 @@ impl Guest {
             vcpu,
             io: Arc::new(io),
             layout,
+            timeout: DEFAULT_TIMEOUT,
         };
         g.update_state(|m, st| m.kernel(st))?;
         Ok(g)
@@ -717,9 +765,10 @@ impl Guest {
         self.vcpu.run(&*self.io)
     }
 
-    /// Runs until the program stops (see [`Stop`]), kicking the vCPU after `timeout`. The
-    /// exception record and the stop byte are cleared first.
-    pub fn run_until_stop(&mut self, timeout: Duration) -> Result<Stop> {
+    /// Runs until the program stops (see [`Stop`]), kicking the vCPU after [`Guest::timeout`].
+    /// The exception record and the stop byte are cleared first.
+    pub fn run_until_stop(&mut self) -> Result<Stop> {
+        let timeout = self.timeout;
         if let Some(s) = &self.layout.stubs {
             s.clear(&self.mem)?;
         }
@@ -806,20 +855,23 @@ mod tests {
     }
 
     #[test]
-    fn stubs_fit_in_128_bytes_and_the_record_reads_back() {
+    fn stubs_fit_their_slots_and_the_record_reads_back() {
         let mem = memory(1 << 20).expect("memory");
-        for end in [
-            StubEnd::Halt,
-            StubEnd::Port {
-                port: 0xe9,
-                value: 0xee,
-            },
+        for (end, stride) in [
+            (StubEnd::Halt, 256),
+            (
+                StubEnd::Port {
+                    port: 0xe9,
+                    value: 0xee,
+                },
+                128,
+            ),
         ] {
             let s = Stubs {
                 at: 0x8000,
-                stride: 128,
+                stride,
                 vectors: 32,
-                record: 0x9000,
+                record: 0xa000,
                 end,
             };
             s.install(&mem, IDT).expect("install");
@@ -831,11 +883,11 @@ mod tests {
             assert_eq!(s.exception(&mem).expect("read"), None);
             write_u64s(
                 &mem,
-                0x9000,
+                0xa000,
                 &[0x10e, 2, 0xdead, 0x10001, 8, 0x202, 0x7ff8, 0x10],
             )
             .expect("write");
-            write_u64(&mem, 0x9000 + 72, 77).expect("write");
+            write_u64(&mem, 0xa000 + 72, 77).expect("write");
             let e = s.exception(&mem).expect("read").expect("a record");
             assert_eq!(
                 (e.vector, e.error_code, e.cr2, e.rip, e.rax),
