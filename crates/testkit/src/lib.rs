@@ -11,11 +11,11 @@
 //! (e.g. `x86_64`) target a running kernel, not a guest image written from the host.
 //!
 //! What a [`Guest`] holds, given a [`Layout`] (every address is guest-physical = linear):
-//! * an identity map of the first GiB with 2 MiB pages, `PML4` at [`Layout::pml4`], the PDPT
+//! * an identity map of the first GiB with 2 MiB pages, `PML4` at [`LongMode::pml4`], the PDPT
 //!   and PD in the two pages after it ([`identity_map`]); optionally the 4th GiB (local APIC)
 //!   uncached ([`map_4th_gib`]) and 2 MiB regions split into 4 KiB pages ([`map_4k`]);
 //! * a GDT at [`GDT`] with the layout's descriptors, the TR pointing at the layout's TSS;
-//! * an IDT at [`Layout::idt`] whose first vectors go to stubs ([`Stubs`]) that record an
+//! * an IDT at [`LongMode::idt`] whose first vectors go to stubs ([`Stubs`]) that record an
 //!   [`Exception`] at [`Stubs::record`] and then halt or write to a stop port;
 //! * a [`Recorder`] as the guest's `DeviceIo`: it logs port and MMIO accesses and kicks the
 //!   vCPU when the guest writes to its stop port ([`Recorder::stopping_at`]).
