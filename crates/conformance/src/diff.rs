@@ -819,7 +819,7 @@ impl Runner {
 pub fn write_scratch(guest: &Guest, scratch: &[u8]) -> Result<()> {
     let mut all = scratch.to_vec();
     all.resize(SCRATCH_LEN, 0);
-    guest.write(SCRATCH, &all)
+    Ok(guest.write(SCRATCH, &all)?)
 }
 
 const GPR_NAMES: [&str; 16] = [

@@ -1,6 +1,7 @@
 //! Conformance harness: tiny 64-bit guest programs run through the neutral `hv` contract only, so
 //! one test body and one set of expectations run on every backend (emu always, KVM when
-//! `/dev/kvm` can be opened), plus a KVM-vs-emu differential tester ([`diff`]).
+//! `/dev/kvm` can be opened), plus a KVM-vs-emu differential tester ([`diff`]). The guest is
+//! built by the shared tiny-guest kit (`testkit`) with this crate's [`layout`].
 //!
 //! Guest layout (identity-mapped with 2 MiB pages over the first GiB, U/S=1 everywhere; CPL 0
 //! unless [`Guest::load_user`]):
@@ -24,26 +25,23 @@ pub mod diff_avx;
 pub mod diff_ext;
 pub mod diff_sse;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::Duration;
+use std::sync::Arc;
 
-use hv::{CpuModel, CpuState, DeviceIo, Hypervisor, Segment, Vcpu, VcpuExit, VcpuKicker, Vm};
-use iced_x86::code_asm::{CodeAssembler, al, qword_ptr, rax, rsp};
-use vm_memory::{Bytes, GuestAddress};
+use hv::{CpuModel, CpuState, Hypervisor};
+use iced_x86::code_asm::{CodeAssembler, al};
+use testkit::{LongMode, StubEnd, Stubs, VmSpec};
 
-pub const GDT: u64 = 0x500;
-pub const PML4: u64 = 0x1000;
+pub use testkit::{
+    Access, AsmResult, CODE, DATA, DEFAULT_TIMEOUT, Exception, GDT, IDT, IN_VALUE, MMIO, PML4,
+    Recorder, STACK, Stop, spin,
+};
+
 pub const PT: u64 = 0x4000;
-pub const IDT: u64 = 0x6000;
 pub const TSS: u64 = 0x7000;
 pub const STUBS: u64 = 0x30000;
 const STUB_SIZE: u64 = 128;
 /// Where the IDT stubs record the last exception or interrupt (see [`Exception`]).
 pub const EXC: u64 = 0xc000;
-pub const CODE: u64 = 0x10000;
-pub const DATA: u64 = 0x20000;
-pub const STACK: u64 = 0x80000;
 /// A 2 MiB region mapped with 4 KiB pages by [`Guest::map_small`].
 pub const SMALL: u64 = 0x40_0000;
 /// The page table [`Guest::map_low_4k`] maps the first 2 MiB with.
@@ -54,18 +52,12 @@ pub const DATA2: u64 = DATA + 0x1000;
 /// The page after [`DATA2`], left unmapped by the differential testers
 /// ([`Guest::map_low_4k`]): an operand crossing into it must fault with nothing written.
 pub const GUARD: u64 = DATA + 0x2000;
-/// Identity-mapped, not RAM: MMIO.
-pub const MMIO: u64 = 0x1000_0000;
 /// A write here ends the run.
 pub const STOP_PORT: u16 = 0xe9;
 /// The value the IDT stubs write to [`STOP_PORT`].
 pub const EXC_STOP: u8 = 0xee;
-/// What the recorder returns for port reads.
-pub const IN_VALUE: u8 = 0x5a;
 /// Default guest memory.
 pub const DEFAULT_MIB: usize = 8;
-/// A run that has not stopped after this long is kicked and reported as [`Stop::Timeout`].
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const CF: u64 = 1;
 pub const PF: u64 = 1 << 2;
@@ -82,20 +74,26 @@ pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
 pub enum Error {
     #[error("backend")]
     Hv(#[from] hv::Error),
+    #[error("test guest")]
+    Guest(#[source] testkit::Error),
     #[error("guest memory: {0}")]
     Memory(String),
     #[error("assembling")]
     Asm(#[from] iced_x86::IcedError),
 }
 
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// What `code_asm` emitters return.
-pub type AsmResult = std::result::Result<(), iced_x86::IcedError>;
-
-fn mem_err(e: impl std::fmt::Display) -> Error {
-    Error::Memory(e.to_string())
+impl From<testkit::Error> for Error {
+    /// Backend and assembler errors keep their own variants (the differential reports name them).
+    fn from(e: testkit::Error) -> Error {
+        match e {
+            testkit::Error::Hv(h) => Error::Hv(h),
+            testkit::Error::Asm(a) => Error::Asm(a),
+            other => Error::Guest(other),
+        }
+    }
 }
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// The emu backend.
 pub fn emu() -> hv_emu::EmuHypervisor {
@@ -128,137 +126,6 @@ macro_rules! conformance {
             $(#[test] fn $name() { if let Some(k) = $crate::kvm() { super::$name(&k); } })*
         }
     };
-}
-
-/// One port or MMIO access the guest made.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Access {
-    PioOut(u16, Vec<u8>),
-    PioIn(u16, usize),
-    MmioWrite(u64, Vec<u8>),
-    MmioRead(u64, usize),
-}
-
-type Hook = Box<dyn Fn() + Send + Sync>;
-
-/// A [`DeviceIo`] that records every access. Port reads return [`IN_VALUE`], MMIO reads return
-/// `0x10 + i` for byte `i`. A write to [`STOP_PORT`] stops the vCPU; a write to a port with a
-/// hook ([`Recorder::on_out`]) runs the hook (e.g. to send an MSI at a precise point).
-#[derive(Default)]
-pub struct Recorder {
-    log: Mutex<Vec<Access>>,
-    stop: Mutex<Option<u8>>,
-    kicker: OnceLock<Arc<dyn VcpuKicker>>,
-    hooks: Mutex<Vec<(u16, Hook)>>,
-}
-
-impl Recorder {
-    pub fn accesses(&self) -> Vec<Access> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// Bytes written to `port`, concatenated.
-    pub fn port_bytes(&self, port: u16) -> Vec<u8> {
-        self.accesses()
-            .into_iter()
-            .filter_map(|a| match a {
-                Access::PioOut(p, d) if p == port => Some(d),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    }
-
-    /// MMIO writes as (address, bytes).
-    pub fn mmio_writes(&self) -> Vec<(u64, Vec<u8>)> {
-        self.accesses()
-            .into_iter()
-            .filter_map(|a| match a {
-                Access::MmioWrite(addr, d) => Some((addr, d)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn on_out(&self, port: u16, hook: impl Fn() + Send + Sync + 'static) {
-        if let Ok(mut h) = self.hooks.lock() {
-            h.push((port, Box::new(hook)));
-        }
-    }
-
-    fn push(&self, a: Access) {
-        if let Ok(mut l) = self.log.lock() {
-            l.push(a);
-        }
-    }
-
-    fn take_stop(&self) -> Option<u8> {
-        self.stop.lock().ok().and_then(|mut s| s.take())
-    }
-}
-
-impl DeviceIo for Recorder {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        self.push(Access::PioIn(port, data.len()));
-        data.fill(IN_VALUE);
-    }
-
-    fn pio_write(&self, port: u16, data: &[u8]) {
-        if port == STOP_PORT {
-            if let Ok(mut s) = self.stop.lock() {
-                *s = Some(data.first().copied().unwrap_or(0));
-            }
-            if let Some(k) = self.kicker.get() {
-                k.kick();
-            }
-            return;
-        }
-        self.push(Access::PioOut(port, data.to_vec()));
-        if let Ok(h) = self.hooks.lock() {
-            for (_, f) in h.iter().filter(|(p, _)| *p == port) {
-                f();
-            }
-        }
-    }
-
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        self.push(Access::MmioRead(addr, data.len()));
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = 0x10 + i as u8;
-        }
-    }
-
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        self.push(Access::MmioWrite(addr, data.to_vec()));
-    }
-}
-
-/// An exception or interrupt recorded by the IDT stubs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Exception {
-    pub vector: u8,
-    /// The pushed error code, 0 for vectors without one.
-    pub error_code: u64,
-    pub cr2: u64,
-    /// The interrupt frame: return RIP, CS, RFLAGS, RSP, SS.
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-    /// RAX when the handler was entered.
-    pub rax: u64,
-}
-
-/// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    /// The guest wrote this byte to [`STOP_PORT`] ([`EXC_STOP`]: an IDT stub did).
-    Port(u8),
-    Halted,
-    Shutdown,
-    /// The watchdog kicked the vCPU.
-    Timeout,
 }
 
 #[derive(Clone, Debug)]
@@ -309,100 +176,63 @@ impl Outcome {
 }
 
 /// Assembles a 64-bit program at [`CODE`].
-pub fn asm(
-    f: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError>,
-) -> Vec<u8> {
-    asm_at(CODE, f).expect("assembling")
+pub fn asm(f: impl FnOnce(&mut CodeAssembler) -> AsmResult) -> Vec<u8> {
+    testkit::asm(64, CODE, f)
 }
 
-pub fn asm_at(
-    ip: u64,
-    f: impl FnOnce(&mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError>,
-) -> Result<Vec<u8>> {
-    let mut a = CodeAssembler::new(64)?;
-    f(&mut a)?;
-    Ok(a.assemble(ip)?)
+pub fn asm_at(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> AsmResult) -> Result<Vec<u8>> {
+    Ok(testkit::try_asm(64, ip, f)?)
 }
 
 /// `mov al, 0; out STOP_PORT, al; jmp $`: the end of every program. The vCPU stops on an
 /// instruction boundary soon after the `out`, so the spin keeps it from running on; the final
 /// RIP is the `jmp`.
-pub fn stop(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
+pub fn stop(a: &mut CodeAssembler) -> AsmResult {
     a.mov(al, 0)?;
-    a.out(STOP_PORT as u32, al)?;
+    a.out(u32::from(STOP_PORT), al)?;
     spin(a)
 }
 
-/// `jmp $`.
-pub fn spin(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
-    let mut l = a.create_label();
-    a.set_label(&mut l)?;
-    a.jmp(l)
-}
+/// 64-bit mode at [`CODE`], the stack at [`STACK`], the TSS at [`TSS`].
+const MODE: LongMode = LongMode::new(7, (0x18, TSS), STACK);
 
-fn gdt_entry(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
-    let mut d = u64::from(limit & 0xffff);
-    d |= u64::from(base & 0xff_ffff) << 16;
-    d |= u64::from(access) << 40;
-    d |= u64::from((limit >> 16) & 0xf) << 48;
-    d |= u64::from(flags & 0xf) << 52;
-    d |= u64::from(base >> 24) << 56;
-    d
-}
+const GDT_ENTRIES: [u64; 7] = [
+    0,
+    testkit::CODE64,
+    testkit::DATA32,
+    testkit::tss_entry(TSS as u32),
+    0,
+    testkit::USER_CODE64,
+    testkit::USER_DATA,
+];
 
-fn has_error_code(v: u64) -> bool {
-    matches!(v, 8 | 10..=14 | 17 | 21)
-}
-
-/// A stub for vector `v` at `at`: records the [`Exception`] at [`EXC`] and stops.
-fn stub(v: u64, at: u64) -> Result<Vec<u8>> {
-    asm_at(at, |a| {
-        a.mov(qword_ptr(EXC + 72), rax)?;
-        if has_error_code(v) {
-            a.pop(rax)?;
-        } else {
-            a.xor(rax, rax)?;
-        }
-        a.mov(qword_ptr(EXC + 8), rax)?;
-        // Frame (rip, cs, rflags, rsp, ss) to EXC+24.., CR2, then the vector last.
-        for k in 0..5u64 {
-            a.mov(rax, qword_ptr(rsp + 8 * k as i32))?;
-            a.mov(qword_ptr(EXC + 24 + 8 * k), rax)?;
-        }
-        a.mov(rax, iced_x86::code_asm::cr2)?;
-        a.mov(qword_ptr(EXC + 16), rax)?;
-        a.mov(qword_ptr(EXC), 0x100 + v as i32)?;
-        a.mov(al, EXC_STOP as u32)?;
-        a.out(STOP_PORT as u32, al)?;
-        spin(a)
-    })
-}
-
-/// A VM with one vCPU, its memory and recorder.
-pub struct Guest {
-    pub mem: Arc<hv::GuestMemory>,
-    pub vm: Arc<dyn Vm>,
-    pub vcpu: Box<dyn Vcpu>,
-    pub io: Arc<Recorder>,
-    pub timeout: Duration,
-}
-
-fn seg(selector: u16, type_: u8, dpl: u8, l: bool, db: bool) -> Segment {
-    Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: true,
-        dpl,
-        db,
-        s: true,
-        l,
-        g: true,
-        avl: false,
-        unusable: false,
+/// The guest of every conformance test with `mib` MiB of RAM (see the crate docs).
+pub fn layout(mib: usize) -> testkit::Layout {
+    testkit::Layout {
+        mem_bytes: mib << 20,
+        mode: MODE,
+        user_pages: true,
+        pd_4g: Some(testkit::PD_4G),
+        gdt: &GDT_ENTRIES,
+        rsp0: Some(STACK),
+        stubs: Some(Stubs {
+            at: STUBS,
+            stride: STUB_SIZE,
+            vectors: 256,
+            record: EXC,
+            end: StubEnd::Port {
+                port: STOP_PORT,
+                value: EXC_STOP,
+            },
+        }),
     }
 }
+
+testkit::guest_type!(
+    /// A VM with one vCPU, its memory, recorder and run timeout: the kit's guest, reached
+    /// through `Deref`.
+    Guest
+);
 
 impl Guest {
     /// A VM with `mib` MiB of RAM on `hv` (portable CPU model, one vCPU), page tables, GDT, TSS
@@ -413,66 +243,12 @@ impl Guest {
 
     /// [`Guest::new`] with another CPU model.
     pub fn with_model(hv: &dyn Hypervisor, mib: usize, cpu_model: CpuModel) -> Result<Guest> {
-        let mem = Arc::new(
-            hv::GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)]).map_err(mem_err)?,
-        );
-        let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).map_err(mem_err);
-        w(PML4, 0x2000 | 7)?;
-        w(0x2000, 0x3000 | 7)?;
-        for k in 0..512u64 {
-            w(0x3000 + k * 8, (k << 21) | 0x87)?;
-        }
-        w(0x2000 + 3 * 8, 0x5000 | 7)?;
-        for k in 0..512u64 {
-            w(0x5000 + k * 8, (3 << 30) | (k << 21) | 0x93)?;
-        }
-        let gdt = [
-            0,
-            gdt_entry(0, 0xfffff, 0x9b, 0xa),
-            gdt_entry(0, 0xfffff, 0x93, 0xc),
-            gdt_entry(TSS as u32, 0x67, 0x8b, 0),
-            0,
-            gdt_entry(0, 0xfffff, 0xfb, 0xa),
-            gdt_entry(0, 0xfffff, 0xf3, 0xc),
-        ];
-        for (k, d) in gdt.iter().enumerate() {
-            w(GDT + k as u64 * 8, *d)?;
-        }
-        // TSS: RSP0 at offset 4, I/O map base beyond the limit (no bitmap).
-        w(TSS + 4, STACK)?;
-        mem.write_obj(0x68u16, GuestAddress(TSS + 0x66))
-            .map_err(mem_err)?;
-        for v in 0..256u64 {
-            let at = STUBS + v * STUB_SIZE;
-            let code = stub(v, at)?;
-            if code.len() as u64 > STUB_SIZE {
-                return Err(Error::Memory(format!("IDT stub is {} bytes", code.len())));
-            }
-            mem.write_slice(&code, GuestAddress(at)).map_err(mem_err)?;
-        }
-        let vm = hv.create_vm(hv::VmConfig {
-            memory: mem.clone(),
+        let spec = VmSpec {
             cpu_model,
-            vcpus: 1,
-            tsc_khz: None,
-        })?;
-        let vcpu = vm.create_vcpu(0)?;
-        let io = Arc::new(Recorder::default());
-        let _ = io.kicker.set(vcpu.kicker());
-        let mut g = Guest {
-            mem,
-            vm,
-            vcpu,
-            io,
-            timeout: DEFAULT_TIMEOUT,
+            ..VmSpec::default()
         };
-        for v in 0..=255u8 {
-            g.set_gate(v, STUBS + u64::from(v) * STUB_SIZE)?;
-        }
-        let mut st = g.vcpu.state()?;
-        kernel_mode(&mut st);
-        g.vcpu.set_state(&st)?;
-        Ok(g)
+        let io = Recorder::stopping_at(STOP_PORT);
+        Ok(Guest(testkit::Guest::create(hv, layout(mib), spec, io)?))
     }
 
     /// [`Guest::new`] with [`DEFAULT_MIB`] and `code` loaded at [`CODE`]; panics on failure.
@@ -484,62 +260,22 @@ impl Guest {
 
     /// Writes `code` at [`CODE`] and resets the vCPU to 64-bit CPL 0 at its start.
     pub fn load(&mut self, code: &[u8]) -> Result<()> {
-        self.write(CODE, code)?;
-        let mut st = self.vcpu.state()?;
-        kernel_mode(&mut st);
-        self.vcpu.set_state(&st)?;
-        Ok(())
+        Ok(self.0.load(code)?)
     }
 
     /// Like [`Guest::load`], but the program runs at CPL 3 with IOPL 3 (so `out` works).
     pub fn load_user(&mut self, code: &[u8]) -> Result<()> {
-        self.write(CODE, code)?;
-        let mut st = self.vcpu.state()?;
-        user_mode(&mut st);
-        self.vcpu.set_state(&st)?;
-        Ok(())
+        Ok(self.0.load_user(code, 0x2b, 0x33)?)
     }
 
     /// Runs until the program stops (see [`Stop`]) and returns the final state and the
     /// exception record. The record is cleared first.
     pub fn run(&mut self) -> Result<Outcome> {
-        self.write(EXC, &[0u8; 80])?;
-        let _ = self.io.take_stop();
-        let kicker = self.vcpu.kicker();
-        let fired = Arc::new(AtomicBool::new(false));
-        let (done, wait) = mpsc::channel::<()>();
-        let timeout = self.timeout;
-        let watchdog = {
-            let fired = fired.clone();
-            std::thread::spawn(move || {
-                if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
-                    fired.store(true, Ordering::SeqCst);
-                    kicker.kick();
-                }
-            })
-        };
-        let exit = self.vcpu.run(&*self.io);
-        let _ = done.send(());
-        let _ = watchdog.join();
-        let exit = exit?;
-        let stop = match (exit, self.io.take_stop()) {
-            (_, Some(v)) => Stop::Port(v),
-            (VcpuExit::Halted, None) => Stop::Halted,
-            (VcpuExit::Shutdown, None) => Stop::Shutdown,
-            (VcpuExit::Interrupted, None) => {
-                if !fired.load(Ordering::SeqCst) {
-                    return Err(Error::Hv(hv::Error::Unhandled(
-                        "run interrupted by nobody".into(),
-                    )));
-                }
-                Stop::Timeout
-            }
-        };
-        let state = self.vcpu.state()?;
+        let stop = self.0.run_until_stop()?;
         Ok(Outcome {
             stop,
-            state,
-            exception: self.exception()?,
+            state: self.vcpu.state()?,
+            exception: self.0.exception()?,
         })
     }
 
@@ -552,146 +288,32 @@ impl Guest {
         }
     }
 
-    fn exception(&self) -> Result<Option<Exception>> {
-        let r = |k: u64| self.read_u64(EXC + 8 * k);
-        let v = r(0)?;
-        if v & 0x100 == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Exception {
-            vector: (v & 0xff) as u8,
-            error_code: r(1)?,
-            cr2: r(2)?,
-            rip: r(3)?,
-            cs: r(4)?,
-            rflags: r(5)?,
-            rsp: r(6)?,
-            ss: r(7)?,
-            rax: r(9)?,
-        }))
-    }
-
-    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
-        self.mem
-            .write_slice(bytes, GuestAddress(addr))
-            .map_err(mem_err)
-    }
-
-    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
-        let mut b = vec![0u8; len];
-        self.mem
-            .read_slice(&mut b, GuestAddress(addr))
-            .map_err(mem_err)?;
-        Ok(b)
-    }
-
-    pub fn read_u64(&self, addr: u64) -> Result<u64> {
-        self.mem.read_obj(GuestAddress(addr)).map_err(mem_err)
-    }
-
-    pub fn write_u64(&self, addr: u64, v: u64) -> Result<()> {
-        self.mem.write_obj(v, GuestAddress(addr)).map_err(mem_err)
-    }
-
-    /// Points IDT vector `v` at `handler` (64-bit interrupt gate, DPL 0).
-    pub fn set_gate(&self, v: u8, handler: u64) -> Result<()> {
-        let lo = (handler & 0xffff)
-            | (0x08 << 16)
-            | (0x8e00u64 << 32)
-            | (((handler >> 16) & 0xffff) << 48);
-        let at = IDT + u64::from(v) * 16;
-        self.write_u64(at, lo)?;
-        self.write_u64(at + 8, handler >> 32)
-    }
-
     /// Maps [`SMALL`]..+2 MiB with 4 KiB pages (identity, writable, present, user).
     pub fn map_small(&self) -> Result<()> {
-        for k in 0..512u64 {
-            self.write_u64(PT + k * 8, (SMALL + (k << 12)) | 7)?;
-        }
-        self.write_u64(0x3000 + (SMALL >> 21) * 8, PT | 7)
+        Ok(self.0.map_4k(SMALL, PT, &[])?)
     }
 
     /// Maps the first 2 MiB with 4 KiB pages (identity, writable, user) through [`LOW_PT`],
     /// leaving the pages at `absent` not present. Call it before the first run: no TLB is
     /// flushed.
     pub fn map_low_4k(&self, absent: &[u64]) -> Result<()> {
-        for k in 0..512u64 {
-            let a = k << 12;
-            let pte = if absent.contains(&a) { 0 } else { a | 7 };
-            self.write_u64(LOW_PT + k * 8, pte)?;
-        }
-        self.write_u64(0x3000, LOW_PT | 7)
+        Ok(self.0.map_4k(0, LOW_PT, absent)?)
     }
 
     /// The address of the PTE mapping `addr` (inside [`SMALL`]).
     pub fn pte(addr: u64) -> u64 {
-        PT + ((addr - SMALL) >> 12) * 8
+        testkit::pte_of(PT, SMALL, addr)
     }
 }
 
 /// 64-bit mode, CPL 0, IF=0, at [`CODE`] with the stack at [`STACK`], all GPRs zero.
 pub fn kernel_mode(st: &mut CpuState) {
-    st.regs = hv::Registers {
-        rip: CODE,
-        rsp: STACK,
-        rflags: 2,
-        ..Default::default()
-    };
-    let data = seg(0x10, 3, 0, false, true);
-    let sr = &mut st.sregs;
-    sr.cs = seg(0x08, 0xb, 0, true, false);
-    sr.ds = data;
-    sr.es = data;
-    sr.ss = data;
-    sr.fs = data;
-    sr.gs = data;
-    sr.tr = Segment {
-        base: TSS,
-        limit: 0x67,
-        s: false,
-        g: false,
-        ..seg(0x18, 0xb, 0, false, false)
-    };
-    sr.ldt = Segment {
-        selector: 0,
-        type_: 2,
-        present: false,
-        unusable: true,
-        s: false,
-        limit: 0xffff,
-        g: false,
-        ..data
-    };
-    sr.gdt = hv::DescriptorTable {
-        base: GDT,
-        limit: 7 * 8 - 1,
-    };
-    sr.idt = hv::DescriptorTable {
-        base: IDT,
-        limit: 256 * 16 - 1,
-    };
-    sr.cr0 = 0x8005_0033; // PG, WP, NE, ET, MP, PE
-    sr.cr2 = 0;
-    sr.cr3 = PML4;
-    sr.cr4 = 0x620; // OSXMMEXCPT, OSFXSR, PAE
-    sr.efer = 0xd01; // NXE, LMA, LME, SCE
-    st.events = hv::PendingEvents::default();
-    st.mp_state = hv::MpState::Runnable;
+    MODE.kernel(st);
 }
 
 /// [`kernel_mode`], then CPL 3 (selectors 0x2b/0x33) with IOPL 3.
 pub fn user_mode(st: &mut CpuState) {
-    kernel_mode(st);
-    let sr = &mut st.sregs;
-    sr.cs = seg(0x2b, 0xb, 3, true, false);
-    let data = seg(0x33, 3, 3, false, true);
-    sr.ds = data;
-    sr.es = data;
-    sr.ss = data;
-    sr.fs = data;
-    sr.gs = data;
-    st.regs.rflags = 0x3002;
+    MODE.user(st, 0x2b, 0x33);
 }
 
 /// `name` from the environment as a number (decimal or `0x` hex), or `None` when unset. A value

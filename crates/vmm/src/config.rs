@@ -506,14 +506,10 @@ impl RunOptions {
                 reason: "config file larger than 1 MiB".into(),
             });
         }
-        let options = Self::from_json(&text).map_err(|reason| Error::BadFile {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        options.check_values().map_err(|e| Error::BadFile {
-            path: path.to_path_buf(),
-            reason: crate::error::report(&e),
-        })?;
+        let options = Self::from_json(&text).map_err(|e| Error::bad_file(path, e))?;
+        options
+            .check_values()
+            .map_err(|e| Error::bad_file(path, e))?;
         Ok(options)
     }
 
@@ -536,8 +532,8 @@ impl RunOptions {
         probe.into_request().map(|_| ())
     }
 
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        serde_json::from_str(text)
     }
 
     /// `self` (a config file's settings) overridden by every flag present in `flags`, the
@@ -871,7 +867,7 @@ mod tests {
                 "invalid seccomp mode 'yes' (expected off, log or on)",
             ),
         ] {
-            let e = RunOptions::from_json(bad).unwrap_err();
+            let e = RunOptions::from_json(bad).unwrap_err().to_string();
             assert!(e.starts_with(message), "{bad}: {e}");
         }
         // `config` is a flag, not a setting of the file.

@@ -229,7 +229,7 @@ impl VirtioSlotDevice {
                 // The bus calls into the transport's registers (never waiting for device I/O).
                 Arc::new(transport.clone()),
             )
-            .map_err(|e| Error::Internal(crate::error::report(&e)))?;
+            .map_err(|e| Error::internal("cannot map a virtio device's registers", e))?;
         Ok(VirtioSlotDevice {
             kind: spec.kind,
             slot,

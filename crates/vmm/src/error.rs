@@ -45,6 +45,15 @@ pub enum Error {
     /// A setting the chosen backend cannot provide.
     #[error("{0}")]
     Unsupported(String),
+    /// A saved or arriving VM cannot run on this backend, as the backend's check (the source)
+    /// says (the typed form of the [`Error::Unsupported`] such a VM gets otherwise).
+    #[error("cannot run this VM (CPU model {model}) here: backend {backend}")]
+    CannotRunHere {
+        model: String,
+        backend: hv::BackendKind,
+        #[source]
+        source: hv::Error,
+    },
     /// The backend refused or failed.
     #[error(transparent)]
     Hypervisor(#[from] hv::Error),
@@ -68,6 +77,10 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The `--incoming` address, the migration key or the listener cannot be used, as the
+    /// migration crate's error (and its causes) says.
+    #[error(transparent)]
+    Incoming(migrate::Error),
     /// A disk image cannot be opened as configured (its error names the file and the field).
     #[error(transparent)]
     Disk(#[from] disk::Error),
@@ -190,10 +203,12 @@ impl Error {
             | Error::OpenOutput { .. }
             | Error::NotSupported(_)
             | Error::Unsupported(_)
+            | Error::CannotRunHere { .. }
             | Error::Setup(_)
             | Error::SetupWith { .. }
             | Error::UsageWith { .. }
             | Error::Disk(_)
+            | Error::Incoming(_)
             | Error::Build(_)
             | Error::ApiListen { .. }
             | Error::ApiConnect { .. } => EXIT_USAGE,

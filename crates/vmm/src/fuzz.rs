@@ -103,11 +103,8 @@ pub fn cli_args(data: &[u8]) -> Result<RunRequest> {
     } else {
         match RunOptions::from_json(config) {
             Ok(f) => f,
-            Err(reason) => {
-                return Err(crate::Error::BadFile {
-                    path: "fuzz.json".into(),
-                    reason,
-                });
+            Err(e) => {
+                return Err(crate::Error::bad_file("fuzz.json", e));
             }
         }
     };

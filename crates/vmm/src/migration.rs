@@ -126,7 +126,8 @@ impl migrate::SourceVm for Source<'_> {
 
     fn describe(&self) -> serde_json::Value {
         crate::snapshot::header_of(self.parts)
-            .and_then(|h| serde_json::to_value(h).map_err(|e| e.to_string()))
+            .ok()
+            .and_then(|h| serde_json::to_value(h).ok())
             .unwrap_or(serde_json::Value::Null)
     }
 
@@ -231,15 +232,13 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
             .name("migrate-out".into())
             .spawn_scoped(scope, || {
                 sandbox::install(sandbox::ThreadRole::Migration, seccomp)
-                    .map_err(|e| format!("cannot sandbox the migration thread: {}", report(&e)))?;
+                    .map_err(SendError::Sandbox)?;
                 let result = migrate::send(&addr, key.as_ref(), &source, opts);
                 source.stop_throttle();
-                result.map_err(|e| report(&e))
+                result.map_err(SendError::Stream)
             })
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
-        thread
-            .join()
-            .map_err(|_| "the migration thread panicked".to_string())?
+            .map_err(SendError::Spawn)?;
+        thread.join().map_err(|_| SendError::Panicked)?
     });
     source.stop_throttle();
     *vm.migration_progress
@@ -254,8 +253,48 @@ pub fn send(vm: &VmParts, req: MigrateRequest) -> std::result::Result<serde_json
                 "bytes": outcome.bytes,
             }))
         }
-        Err(e) => Err(ApiError::new(500, format!("migration failed: {e}"))),
+        Err(e) => Err(ApiError::new(
+            500,
+            format!("migration failed: {}", report(&e)),
+        )),
     }
+}
+
+/// Why an outgoing migration failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("cannot sandbox the migration thread")]
+    Sandbox(#[source] sandbox::Error),
+    #[error("cannot start the migration thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("the migration thread panicked")]
+    Panicked,
+    #[error(transparent)]
+    Stream(migrate::Error),
+}
+
+/// Why an incoming migration attempt failed: logged while the next one is awaited, and the
+/// reason the source is given when the VM cannot start here.
+#[derive(Debug, thiserror::Error)]
+enum IncomingError {
+    #[error("malformed VM description")]
+    Malformed(#[source] serde_json::Error),
+    /// The description is beyond a snapshot header's limits (the header's check gives text).
+    #[error("invalid VM description: {0}")]
+    Invalid(String),
+    #[error("the main thread is gone")]
+    MainGone,
+    /// Building memory and the backend for the description failed.
+    #[error(transparent)]
+    Prepare(Error),
+    #[error("cannot start the arrived VM")]
+    Start(#[source] Error),
+    #[error(transparent)]
+    Stream(migrate::Error),
+    #[error("the migration thread panicked")]
+    Panicked,
+    #[error("the migration thread ended without a VM")]
+    NoVm,
 }
 
 /// The destination VM between `prepare` and the final state: its memory and backend.
@@ -273,12 +312,11 @@ impl migrate::DestinationVm for Incoming {
 
 /// The source's description, checked against the limits of a snapshot file's header before
 /// anything is built for it.
-fn parse_description(description: &serde_json::Value) -> std::result::Result<Header, String> {
-    let header =
-        Header::deserialize(description).map_err(|e| format!("malformed VM description: {e}"))?;
-    header
-        .validate()
-        .map_err(|e| format!("invalid VM description: {e}"))?;
+fn parse_description(
+    description: &serde_json::Value,
+) -> std::result::Result<Header, IncomingError> {
+    let header = Header::deserialize(description).map_err(IncomingError::Malformed)?;
+    header.validate().map_err(IncomingError::Invalid)?;
     Ok(header)
 }
 
@@ -304,10 +342,6 @@ fn prepare(header: Header, runtime: &RuntimeOptions) -> Result<Incoming> {
     })
 }
 
-fn usage(e: migrate::Error) -> Error {
-    Error::Usage(crate::error::report(&e))
-}
-
 /// See [`Key::exposure_warning`] (for the CLI, which does not depend on `migrate`).
 pub fn key_exposure_warning(path: &Path) -> Option<String> {
     Key::exposure_warning(path)
@@ -318,17 +352,20 @@ pub fn key_exposure_warning(path: &Path) -> Option<String> {
 /// A migration that fails before the VM runs here (wrong key, refused, stream broken) is
 /// reported on stderr and the next one is awaited.
 pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Result<Vmm> {
-    let addr: Address = from.parse().map_err(usage)?;
+    let addr: Address = from.parse().map_err(Error::Incoming)?;
     if let Some(w) = key.and_then(Key::exposure_warning) {
         tracing::warn!(target: hv::NOTICE, "warning: {w}");
     }
-    let key = key.map(Key::from_file).transpose().map_err(usage)?;
+    let key = key
+        .map(Key::from_file)
+        .transpose()
+        .map_err(Error::Incoming)?;
     if matches!(addr, Address::Tcp(_)) && key.is_none() {
         return Err(Error::Usage(
             "--incoming tcp: requires --migration-key".into(),
         ));
     }
-    let listener = Listener::bind(&addr, key.as_ref()).map_err(usage)?;
+    let listener = Listener::bind(&addr, key.as_ref()).map_err(Error::Incoming)?;
     let shown = listener
         .local_address()
         .map(|a| a.to_string())
@@ -345,7 +382,8 @@ pub fn receive(from: &str, key: Option<&Path>, runtime: &RuntimeOptions) -> Resu
             Attempt::Arrived(vmm) => return Ok(vmm),
             Attempt::Failed(reason) => {
                 hv::rate_limited!(note!(
-                    "incoming migration failed: {reason}; waiting for another"
+                    "incoming migration failed: {}; waiting for another",
+                    report(&reason)
                 ));
             }
         }
@@ -362,7 +400,7 @@ enum Request {
 
 enum Attempt {
     Arrived(Vmm),
-    Failed(String),
+    Failed(IncomingError),
 }
 
 /// How the incoming migration thread ended.
@@ -370,9 +408,9 @@ enum ThreadEnd {
     /// The source was told the VM runs here.
     Confirmed,
     /// The VM runs here but the source may not have heard it.
-    Unconfirmed(String),
+    Unconfirmed(IncomingError),
     /// Nothing runs here.
-    Failed(String),
+    Failed(IncomingError),
 }
 
 /// One incoming migration. The untrusted stream is handled by a thread of its own under the
@@ -387,8 +425,9 @@ fn receive_one(
 ) -> Result<Attempt> {
     let (to_main, requests) = std::sync::mpsc::channel::<Request>();
     let (prepared_tx, prepared) =
-        std::sync::mpsc::channel::<std::result::Result<Incoming, String>>();
-    let (verdict_tx, verdict) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+        std::sync::mpsc::channel::<std::result::Result<Incoming, IncomingError>>();
+    let (verdict_tx, verdict) =
+        std::sync::mpsc::channel::<std::result::Result<(), IncomingError>>();
     // The thread handles the untrusted stream before anything says which mode the VM ran
     // with: `--seccomp`, else the default.
     let seccomp = runtime.seccomp.unwrap_or_default();
@@ -400,7 +439,6 @@ fn receive_one(
             .spawn_scoped(scope, move || -> std::result::Result<ThreadEnd, Error> {
                 sandbox::install(sandbox::ThreadRole::IncomingMigration, seccomp)
                     .map_err(|e| Error::setup("cannot sandbox the migration thread", e))?;
-                let gone = || "the main thread is gone".to_string();
                 let waiting = migrate::Waiting {
                     stop: &|| stop.load(Ordering::Acquire),
                     rejected: &|why| {
@@ -409,8 +447,10 @@ fn receive_one(
                 };
                 let arrived = migrate::receive_with(listener, key, &waiting, |description| {
                     let header = parse_description(description)?;
-                    to_main.send(Request::Prepare(header)).map_err(|_| gone())?;
-                    prepared.recv().map_err(|_| gone())?
+                    to_main
+                        .send(Request::Prepare(header))
+                        .map_err(|_| IncomingError::MainGone)?;
+                    prepared.recv().map_err(|_| IncomingError::MainGone)?
                 });
                 let migrate::Arrived {
                     vm,
@@ -419,21 +459,21 @@ fn receive_one(
                     ..
                 } = match arrived {
                     Ok(a) => a,
-                    Err(e) => return Ok(ThreadEnd::Failed(report(&e))),
+                    Err(e) => return Ok(ThreadEnd::Failed(IncomingError::Stream(e))),
                 };
                 if to_main.send(Request::Start(vm, state)).is_err() {
-                    return Ok(ThreadEnd::Failed(gone()));
+                    return Ok(ThreadEnd::Failed(IncomingError::MainGone));
                 }
                 Ok(match verdict.recv() {
                     Ok(Ok(())) => match confirmation.resumed() {
                         Ok(()) => ThreadEnd::Confirmed,
-                        Err(e) => ThreadEnd::Unconfirmed(report(&e)),
+                        Err(e) => ThreadEnd::Unconfirmed(IncomingError::Stream(e)),
                     },
                     Ok(Err(reason)) => {
-                        confirmation.abort(&reason);
+                        confirmation.abort(&report(&reason));
                         ThreadEnd::Failed(reason)
                     }
-                    Err(_) => ThreadEnd::Failed(gone()),
+                    Err(_) => ThreadEnd::Failed(IncomingError::MainGone),
                 })
             })
             .map_err(|e| Error::setup("cannot start the migration thread", e))?;
@@ -455,7 +495,8 @@ fn receive_one(
             };
             match request {
                 Request::Prepare(header) => {
-                    let _ = prepared_tx.send(prepare(header, runtime).map_err(|e| report(&e)));
+                    let _ =
+                        prepared_tx.send(prepare(header, runtime).map_err(IncomingError::Prepare));
                 }
                 Request::Start(incoming, state) => match start_arrived(incoming, &state, runtime) {
                     Ok(vmm) => {
@@ -463,15 +504,14 @@ fn receive_one(
                         let _ = verdict_tx.send(Ok(()));
                     }
                     Err(e) => {
-                        let reason = format!("cannot start the arrived VM: {}", report(&e));
-                        let _ = verdict_tx.send(Err(reason));
+                        let _ = verdict_tx.send(Err(IncomingError::Start(e)));
                     }
                 },
             }
         }
         let end = thread
             .join()
-            .unwrap_or_else(|_| Ok(ThreadEnd::Failed("the migration thread panicked".into())))?;
+            .unwrap_or_else(|_| Ok(ThreadEnd::Failed(IncomingError::Panicked)))?;
         let signal = signal.or_else(crate::exit::take_signal);
         Ok(match (end, started) {
             (ThreadEnd::Confirmed, Some(vmm)) => {
@@ -487,7 +527,8 @@ fn receive_one(
                 vmm.parts()
                     .control
                     .request_stop(crate::control::Stop::Internal(format!(
-                        "cannot confirm the migration: {e}"
+                        "cannot confirm the migration: {}",
+                        report(&e)
                     )));
                 Attempt::Arrived(vmm)
             }
@@ -495,7 +536,7 @@ fn receive_one(
             (end, None) => match (signal, end) {
                 (Some(num), _) => return Err(Error::Signal(crate::exit::signal_name(num))),
                 (None, ThreadEnd::Failed(reason)) => Attempt::Failed(reason),
-                (None, _) => Attempt::Failed("the migration thread ended without a VM".into()),
+                (None, _) => Attempt::Failed(IncomingError::NoVm),
             },
         })
     })
@@ -576,7 +617,7 @@ mod tests {
             ("not a header", serde_json::json!({"vcpus": 1})),
         ];
         for (what, d) in cases {
-            let e = parse_description(&d).expect_err(what);
+            let e = parse_description(&d).expect_err(what).to_string();
             assert!(
                 e.starts_with("invalid VM description") || e.starts_with("malformed"),
                 "{what}: {e}"

@@ -173,12 +173,40 @@ pub(crate) fn exclusive(vm: &VmParts) -> std::result::Result<MutexGuard<'_, ()>,
     }
 }
 
-fn to_json<T: Serialize>(what: &str, v: &T) -> std::result::Result<serde_json::Value, String> {
-    serde_json::to_value(v).map_err(|e| format!("cannot encode {what}: {e}"))
+/// Why the state of a running VM cannot be collected (for a snapshot or a migration's
+/// description and final state).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CaptureError {
+    #[error("cannot encode {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot read the vm state")]
+    VmState(#[source] hv::Error),
+    #[error("cannot read the state of vcpu {id}")]
+    VcpuState {
+        id: usize,
+        #[source]
+        source: hv::Error,
+    },
+}
+
+/// A snapshot file could not be written (the API's 4xx/5xx message).
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot failed")]
+struct SnapshotFailed(#[source] snapshot::Error);
+
+fn to_json<T: Serialize>(
+    what: &'static str,
+    v: &T,
+) -> std::result::Result<serde_json::Value, CaptureError> {
+    serde_json::to_value(v).map_err(|source| CaptureError::Encode { what, source })
 }
 
 /// The header describing `vm` (also a migration's description).
-pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, String> {
+pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, CaptureError> {
     Ok(Header {
         cpu_model: vm.cpu_model.clone(),
         memory_regions: snapshot::memory_regions_of(&vm.memory),
@@ -187,38 +215,26 @@ pub(crate) fn header_of(vm: &VmParts) -> std::result::Result<Header, String> {
         tsc_khz: vm.vm.tsc_khz(),
         created_unix: snapshot::now_unix(),
         config: to_json("the config", &vm.config)?,
-        user_extra: vm
-            .vm
-            .state()
-            .map_err(|e| format!("cannot read the vm state: {}", crate::error::report(&e)))?
-            .user_extra,
+        user_extra: vm.vm.state().map_err(CaptureError::VmState)?.user_extra,
     })
 }
 
 /// Collects every state of a paused VM; `paused`: whether it restores paused.
-pub(crate) fn capture(vm: &VmParts, paused: bool) -> std::result::Result<SavedVm, String> {
+pub(crate) fn capture(vm: &VmParts, paused: bool) -> std::result::Result<SavedVm, CaptureError> {
     let mut vcpus = Vec::with_capacity(vm.vcpus.len());
     for (id, vcpu) in vm.vcpus.iter().enumerate() {
         let state = vcpu
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .state()
-            .map_err(|e| {
-                format!(
-                    "cannot read the state of vcpu {id}: {}",
-                    crate::error::report(&e)
-                )
-            })?;
+            .map_err(|source| CaptureError::VcpuState { id, source })?;
         vcpus.push(state);
     }
     let run = RunState {
         paused,
         seccomp: Some(vm.config.seccomp),
     };
-    let vm_state = vm
-        .vm
-        .state()
-        .map_err(|e| format!("cannot read the vm state: {}", crate::error::report(&e)))?;
+    let vm_state = vm.vm.state().map_err(CaptureError::VmState)?;
     let devices = VmDevices {
         run,
         platform: vm.platform.save(),
@@ -246,7 +262,7 @@ pub fn take(
     let was_paused = vm.is_paused();
     vm.pause()?;
     let written = capture(vm, was_paused)
-        .map_err(|e| ApiError::new(500, e))
+        .map_err(|e| ApiError::new(500, crate::error::report(&e)))
         .and_then(|saved| {
             let options = WriteOptions {
                 overwrite: req.overwrite,
@@ -259,10 +275,7 @@ pub fn take(
                     snapshot::Error::Cancelled(_) => 409,
                     _ => 500,
                 };
-                ApiError::new(
-                    status,
-                    format!("snapshot failed: {}", crate::error::report(&e)),
-                )
+                ApiError::new(status, crate::error::report(&SnapshotFailed(e)))
             })
         });
     match written {
@@ -292,10 +305,7 @@ fn file_error(path: &Path, e: snapshot::Error) -> Error {
             path: path.to_path_buf(),
             source,
         },
-        other => Error::BadFile {
-            path: path.to_path_buf(),
-            reason: crate::error::report(&other),
-        },
+        other => Error::bad_file(path, other),
     }
 }
 
@@ -426,24 +436,20 @@ pub(crate) fn open_backend(header: &Header, runtime: &RuntimeOptions) -> Result<
         e => e,
     })?;
     // The feature check first: its reason names what is missing.
-    backend.hypervisor.check_cpu_model(saved).map_err(|e| {
-        cannot(format!(
-            "backend {}: {}",
-            backend.kind(),
-            crate::error::report(&e)
-        ))
-    })?;
+    let cannot_here = |source| Error::CannotRunHere {
+        model: saved.name.clone(),
+        backend: backend.kind(),
+        source,
+    };
+    backend
+        .hypervisor
+        .check_cpu_model(saved)
+        .map_err(cannot_here)?;
     // What the guest's user code may use beyond the model (docs/cpu-model.md, "User mode").
     backend
         .hypervisor
         .check_user_extra(header.user_extra)
-        .map_err(|e| {
-            cannot(format!(
-                "backend {}: {}",
-                backend.kind(),
-                crate::error::report(&e)
-            ))
-        })?;
+        .map_err(cannot_here)?;
     if host_model && !same_host_cpu(&backend.cpu_model, saved) {
         return Err(cannot(format!(
             "this host's KVM offers CPU model {}; a host model restores only on an identical host",
@@ -652,8 +658,9 @@ mod tests {
             &header_with(model, "portable"),
             crate::config::BackendChoice::Emu,
         );
+        // The `error:` line: the message and its cause.
         assert_eq!(
-            e.to_string(),
+            crate::error::report(&e),
             "cannot run this VM (CPU model portable-v2) here: backend emu: emu does not \
              implement CPU features: avx512f"
         );
@@ -670,8 +677,9 @@ mod tests {
         .into_iter()
         .collect();
         let e = open_error(&header, crate::config::BackendChoice::Emu);
+        // The `error:` line: the message and its cause.
         assert_eq!(
-            e.to_string(),
+            crate::error::report(&e),
             "cannot run this VM (CPU model portable-v2) here: backend emu: guest user code has \
              seen CPU features emu does not implement: avx512f avx512bw"
         );

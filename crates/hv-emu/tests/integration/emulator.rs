@@ -34,13 +34,13 @@ fn lock_cmpxchg16b() {
     st.regs.rbx = 0xaa;
     st.regs.rcx = 0xbb;
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
-    emu.emulate_one(&mut st, &g.mem, &g.io).unwrap();
+    emu.emulate_one(&mut st, &g.mem, &*g.io).unwrap();
     assert_eq!(st.regs.rip, CODE + code.len() as u64);
     assert_ne!(st.regs.rflags & (1 << 6), 0, "ZF set on success");
     assert_eq!((g.read_u64(DATA), g.read_u64(DATA + 8)), (0xaa, 0xbb));
     // A second attempt fails and loads the current value.
     st.regs.rip = CODE;
-    emu.emulate_one(&mut st, &g.mem, &g.io).unwrap();
+    emu.emulate_one(&mut st, &g.mem, &*g.io).unwrap();
     assert_eq!(st.regs.rflags & (1 << 6), 0);
     assert_eq!((st.regs.rax, st.regs.rdx), (0xaa, 0xbb));
 }
@@ -50,7 +50,7 @@ fn int3_becomes_pending_exception() {
     let mut g = long_mode_guest(&emu(), &[0xcc]);
     let mut st = state_at_code(&mut g);
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
-    emu.emulate_one(&mut st, &g.mem, &g.io).unwrap();
+    emu.emulate_one(&mut st, &g.mem, &*g.io).unwrap();
     let e = st.events.exception.expect("pending #BP");
     assert_eq!((e.vector, e.error_code), (3, None));
     assert_eq!(st.regs.rip, CODE + 1, "trap: RIP after int3");
@@ -68,7 +68,7 @@ fn page_fault_reports_cr2() {
     let mut st = state_at_code(&mut g);
     st.regs.rsi = SMALL + 8;
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
-    emu.emulate_one(&mut st, &g.mem, &g.io).unwrap();
+    emu.emulate_one(&mut st, &g.mem, &*g.io).unwrap();
     let e = st.events.exception.expect("pending #PF");
     assert_eq!((e.vector, e.error_code), (14, Some(0)));
     assert_eq!(st.sregs.cr2, SMALL + 8);
@@ -81,7 +81,7 @@ fn unsupported_instruction_is_an_error_with_bytes() {
     let mut g = long_mode_guest(&emu(), &[0xc8, 0x00, 0x00, 0x01]);
     let mut st = state_at_code(&mut g);
     let emu = hv_emu::Emulator::new(hv::CpuModel::portable());
-    let err = emu.emulate_one(&mut st, &g.mem, &g.io).unwrap_err();
+    let err = emu.emulate_one(&mut st, &g.mem, &*g.io).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!(

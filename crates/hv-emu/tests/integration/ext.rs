@@ -979,13 +979,9 @@ fn unimplemented_instruction_in_user_mode_is_ud_and_the_vm_keeps_running() {
     assert_eq!(&user[..4], &[0xc8, 0x10, 0x00, 0x01]);
     let mut g = guest(CpuModel::portable(), &user);
     // User segments, user-accessible paging, RSP0 in the TSS (at linear 0).
-    g.write_u64(GDT + 0x28, 0x00af_fb00_0000_ffff);
-    g.write_u64(GDT + 0x30, 0x00cf_f300_0000_ffff);
-    g.write_u64(PML4, 0x2000 | 7);
-    g.write_u64(0x2000, 0x3000 | 7);
-    for k in 0..512u64 {
-        g.write_u64(0x3000 + k * 8, (k << 21) | 0x87);
-    }
+    g.write_u64(GDT + 0x28, testkit::USER_CODE64);
+    g.write_u64(GDT + 0x30, testkit::USER_DATA);
+    testkit::identity_map(&g.mem, PML4, true).unwrap();
     g.write_u64(4, STACK);
     let handler = asm_at(64, HANDLER, |a| {
         a.add(qword_ptr(rsp), 4)?;
@@ -1042,7 +1038,7 @@ fn emulate_one_reports_unimplemented_as_error_and_out_of_model_as_ud() {
     let mut st = g.state();
     set_long_mode(&mut st);
     let em = hv_emu::Emulator::new(CpuModel::portable());
-    let err = em.emulate_one(&mut st.clone(), &g.mem, &g.io).unwrap_err();
+    let err = em.emulate_one(&mut st.clone(), &g.mem, &*g.io).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
@@ -1050,7 +1046,7 @@ fn emulate_one_reports_unimplemented_as_error_and_out_of_model_as_ud() {
         )
     );
     g.write_code(CODE, &asm(|a| a.andn(eax, ebx, ecx)));
-    em.emulate_one(&mut st, &g.mem, &g.io).unwrap();
+    em.emulate_one(&mut st, &g.mem, &*g.io).unwrap();
     assert_eq!(st.events.exception.map(|e| e.vector), Some(6));
     assert_eq!(st.regs.rip, CODE);
     // Under v3 the same instruction runs.
@@ -1059,7 +1055,7 @@ fn emulate_one_reports_unimplemented_as_error_and_out_of_model_as_ud() {
     s3.regs.rbx = 0xf0;
     s3.regs.rcx = 0xff;
     hv_emu::Emulator::new(v3())
-        .emulate_one(&mut s3, &g.mem, &g.io)
+        .emulate_one(&mut s3, &g.mem, &*g.io)
         .unwrap();
     assert_eq!(s3.events.exception, None);
     assert_eq!(s3.regs.rax, 0x0f);

@@ -76,7 +76,7 @@ fn outs_to_port(hv: &dyn Hypervisor) {
     let mut g = long_mode_guest(hv, &code);
     g.mem.write_slice(b"abc", GuestAddress(DATA)).unwrap();
     assert_eq!(g.run(), VcpuExit::Halted);
-    let w = g.io.pio_writes.lock().unwrap().clone();
+    let w = g.io.pio_writes();
     let bytes: Vec<u8> = w
         .iter()
         .map(|(p, d)| {

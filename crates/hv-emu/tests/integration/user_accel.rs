@@ -269,11 +269,7 @@ fn irq_handler(vector: u8) -> Vec<u8> {
 /// A guest whose pages are all user-accessible, with RSP0 in the TSS (at address 0).
 fn user_guest(hv: &hv_emu::EmuHypervisor, kernel: &[u8], user: &[u8]) -> Guest {
     let g = guest_with_tsc(hv, kernel, 1, None);
-    g.write_u64(PML4, 0x2000 | 7);
-    g.write_u64(0x2000, 0x3000 | 7);
-    for k in 0..512u64 {
-        g.write_u64(0x3000 + k * 8, (k << 21) | 0x87);
-    }
+    testkit::identity_map(&g.mem, PML4, true).expect("user pages");
     g.mem.write_obj(STACK, GuestAddress(4)).expect("TSS RSP0");
     g.write_code(SYSCALL_ENTRY, &syscall_entry());
     g.write_code(USER, user);
@@ -331,11 +327,7 @@ fn other_tsc_rate_runs_without_the_accelerator() {
     // A VM created for another TSC rate (restored, migrated) interprets user mode itself.
     let (hv, shared) = accel(Script::default());
     let mut g = guest_with(&hv, &kernel(0x2, false), 1);
-    g.write_u64(PML4, 0x2000 | 7);
-    g.write_u64(0x2000, 0x3000 | 7);
-    for k in 0..512u64 {
-        g.write_u64(0x3000 + k * 8, (k << 21) | 0x87);
-    }
+    testkit::identity_map(&g.mem, PML4, true).expect("user pages");
     g.mem.write_obj(STACK, GuestAddress(4)).unwrap();
     g.write_code(SYSCALL_ENTRY, &syscall_entry());
     g.write_code(USER, &two_syscalls_then_ud2());

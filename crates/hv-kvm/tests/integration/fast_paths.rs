@@ -129,7 +129,7 @@ fn irqfd_delivers_the_routed_vector_to_a_halted_guest() {
     let finished = Arc::new(AtomicBool::new(false));
     watchdog(g.vcpu.kicker(), finished.clone(), Duration::from_secs(10));
     let run = std::thread::scope(|s| {
-        let Guest { vcpu, io, .. } = &mut g;
+        let testkit::Guest { vcpu, io, .. } = &mut *g;
         let runner = s.spawn(|| vcpu.run(&**io));
         wait_for_port(io, 0x80);
         // Let the guest reach `hlt`.
@@ -159,7 +159,7 @@ fn irqfd_count_pending_at_registration_is_delivered() {
     let finished = Arc::new(AtomicBool::new(false));
     watchdog(g.vcpu.kicker(), finished.clone(), Duration::from_secs(10));
     let run = std::thread::scope(|s| {
-        let Guest { vcpu, io, vm, .. } = &mut g;
+        let testkit::Guest { vcpu, io, vm, .. } = &mut *g;
         let runner = s.spawn(|| vcpu.run(&**io));
         wait_for_port(io, 0x80);
         std::thread::sleep(Duration::from_millis(50));

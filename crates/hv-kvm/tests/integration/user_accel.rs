@@ -59,118 +59,35 @@ impl DeviceIo for Io {
     fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
 }
 
-fn gdt_entry(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
-    let mut d = u64::from(limit & 0xffff);
-    d |= u64::from(base & 0xff_ffff) << 16;
-    d |= u64::from(access) << 40;
-    d |= u64::from((limit >> 16) & 0xf) << 48;
-    d |= u64::from(flags & 0xf) << 52;
-    d |= u64::from(base >> 24) << 56;
-    d
-}
-
 /// Guest memory with page tables, GDT, TSS and IDT; and a user-mode state at [`CODE`].
 fn guest() -> (Arc<GuestMemory>, CpuState) {
-    let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap());
-    let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).unwrap();
-    w(PML4, 0x3000 | 7);
-    w(0x3000, 0x4000 | 7);
-    for i in 0..512u64 {
-        w(0x4000 + i * 8, (i << 21) | 0x87);
-    }
+    let mem = testkit::memory(RAM_SIZE).unwrap();
+    testkit::identity_map(&mem, PML4, true).unwrap();
     let gdt = [
         0,
-        gdt_entry(0, 0xfffff, 0x9b, 0xa),     // 0x08 kernel code
-        gdt_entry(0, 0xfffff, 0x93, 0xc),     // 0x10 kernel data
-        gdt_entry(TSS as u32, 0x67, 0x8b, 0), // 0x18 busy TSS
+        testkit::CODE64,                // 0x08 kernel code
+        testkit::DATA32,                // 0x10 kernel data
+        testkit::tss_entry(TSS as u32), // 0x18 busy TSS
         0,
-        gdt_entry(0, 0xfffff, 0xfb, 0xc), // 0x28 user code 32 (unused)
-        gdt_entry(0, 0xfffff, 0xf3, 0xc), // 0x30 user data
-        gdt_entry(0, 0xfffff, 0xfb, 0xa), // 0x38 user code 64
+        testkit::USER_CODE32, // 0x28 user code 32 (unused)
+        testkit::USER_DATA,   // 0x30 user data
+        testkit::USER_CODE64, // 0x38 user code 64
     ];
-    for (i, d) in gdt.iter().enumerate() {
-        w(GDT + i as u64 * 8, *d);
-    }
-    w(TSS + 4, KSTACK_TOP); // RSP0
+    testkit::write_u64s(&mem, GDT, &gdt).unwrap();
+    testkit::write_u64(&mem, TSS + 4, KSTACK_TOP).unwrap(); // RSP0
     for v in 0..256u64 {
         let handler = 0xdead_0000u64 + v; // never executed
-        let mut g = [0u8; 16];
-        g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-        g[2..4].copy_from_slice(&0x08u16.to_le_bytes());
         let dpl = if v == 3 || v == 0x80 { 3 } else { 0 };
-        g[5] = 0x8e | (dpl << 5);
-        g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-        mem.write_slice(&g, GuestAddress(IDT + v * 16)).unwrap();
+        testkit::write_u64s(&mem, IDT + v * 16, &testkit::idt_gate(handler, dpl)).unwrap();
     }
 
     let mut s = CpuState::default();
-    let ucode = hv::Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x3b,
-        type_: 0xb,
-        present: true,
-        dpl: 3,
-        db: false,
-        s: true,
-        l: true,
-        g: true,
-        avl: false,
-        unusable: false,
+    let mode = testkit::LongMode {
+        pml4: PML4,
+        idt: IDT,
+        ..testkit::LongMode::new(8, (0x18, TSS), USER_STACK)
     };
-    let udata = hv::Segment {
-        selector: 0x33,
-        type_: 0x3,
-        db: true,
-        l: false,
-        ..ucode
-    };
-    let sr = &mut s.sregs;
-    sr.cs = ucode;
-    sr.ds = udata;
-    sr.es = udata;
-    sr.fs = udata;
-    sr.gs = udata;
-    sr.ss = udata;
-    sr.tr = hv::Segment {
-        base: TSS,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 0xb,
-        present: true,
-        dpl: 0,
-        s: false,
-        g: false,
-        db: false,
-        l: false,
-        ..ucode
-    };
-    sr.ldt = hv::Segment {
-        selector: 0,
-        type_: 0x2,
-        present: false,
-        unusable: true,
-        dpl: 0,
-        s: false,
-        l: false,
-        g: false,
-        limit: 0xffff,
-        ..ucode
-    };
-    sr.gdt = hv::DescriptorTable {
-        base: GDT,
-        limit: 8 * 8 - 1,
-    };
-    sr.idt = hv::DescriptorTable {
-        base: IDT,
-        limit: 256 * 16 - 1,
-    };
-    sr.cr0 = 0x8005_0033;
-    sr.cr3 = PML4;
-    sr.cr4 = 0x620;
-    sr.efer = 0xd01;
-    s.regs.rip = CODE;
-    s.regs.rsp = USER_STACK;
+    mode.user(&mut s, 0x3b, 0x33);
     s.regs.rflags = 0x202;
     s.set_msr(msr::IA32_STAR, STAR);
     s.set_msr(msr::IA32_FMASK, 0x4_0700);
@@ -190,9 +107,7 @@ struct Setup {
 fn setup(code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Option<Setup> {
     let accel = accel()?;
     let (mem, state) = guest();
-    let mut a = CodeAssembler::new(64).unwrap();
-    code(&mut a).unwrap();
-    mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE))
+    mem.write_slice(&testkit::asm(64, CODE, code), GuestAddress(CODE))
         .unwrap();
     let runner = accel.create_runner(0, mem.clone()).unwrap();
     Some(Setup {
