@@ -27,7 +27,8 @@ use iced_x86::IcedError;
 
 use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
 use iced_x86::{
-    Code, Encoder, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
+    Code, Encoder, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M, OpAccess,
+    OpKind, Register,
 };
 
 use super::{
@@ -39,7 +40,8 @@ use crate::decode::canonical;
 /// How a guest instruction is translated.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
-    /// Re-encoded with host registers / `[rsi]`.
+    /// Re-encoded with host registers / `[rsi]` (`div`/`idiv` checked first, so the host
+    /// never takes #DE).
     Generic,
     Nop,
     Push,
@@ -51,6 +53,12 @@ pub enum Kind {
     JmpReg,
     JmpMem,
     Jcc,
+    /// `call [mem]`.
+    CallMem,
+    /// `pushfq`: the arithmetic flags from the host, the rest as the block was entered with.
+    Pushf,
+    /// `leave` (64-bit).
+    Leave,
 }
 
 impl Kind {
@@ -65,6 +73,7 @@ impl Kind {
                 | Kind::JmpReg
                 | Kind::JmpMem
                 | Kind::Jcc
+                | Kind::CallMem
         )
     }
 }
@@ -111,14 +120,30 @@ const HOST: [[Register; 4]; 8] = [
     ],
 ];
 
-/// Guest GPR number (0 = rax .. 15 = r15) of a general register operand; `None` for anything
-/// else, including the legacy high-byte registers (ah, ch, dh, bh), which are not translated.
+/// Guest GPR number (0 = rax .. 15 = r15) of a general register operand (ah, ch, dh, bh
+/// included: bits 8..16 of rax, rcx, rdx, rbx); `None` for anything else.
 fn gpr_num(r: Register) -> Option<usize> {
-    if !r.is_gpr() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+    if !r.is_gpr() {
         return None;
     }
     let full = r.full_register();
     GPR64.iter().position(|&g| g == full)
+}
+
+fn is_high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// Guest registers an instruction uses without naming them (rax, rdx: never others), all
+/// loaded into the same host registers (the rewrite keeps guest rax/rcx/rdx in host
+/// rax/rcx/rdx) and stored back after it.
+fn implicit(m: M, op_count: u32) -> &'static [usize] {
+    match m {
+        M::Cbw | M::Cwde | M::Cdqe | M::Cmpxchg => &[0],
+        M::Cwd | M::Cdq | M::Cqo | M::Mul | M::Div | M::Idiv => &[0, 2],
+        M::Imul if op_count == 1 => &[0, 2],
+        _ => &[],
+    }
 }
 
 fn gpr_of(r: Register) -> Option<usize> {
@@ -184,6 +209,17 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         Code::Jmp_rm64 if i.op0_kind() == OpKind::Memory && mem_ok(i) => {
             return Some(Kind::JmpMem);
         }
+        Code::Call_rm64 if i.op0_kind() == OpKind::Memory && mem_ok(i) => {
+            return Some(Kind::CallMem);
+        }
+        Code::Pushfq => return Some(Kind::Pushf),
+        Code::Leaveq => return Some(Kind::Leave),
+        // Hints that never fault, which the interpreter ignores too (in every model).
+        Code::Prefetchw_m8
+        | Code::Prefetcht0_m8
+        | Code::Prefetcht1_m8
+        | Code::Prefetcht2_m8
+        | Code::Prefetchnta_m8 => return Some(Kind::Nop),
         _ => {}
     }
     if i.is_jcc_short_or_near() {
@@ -236,6 +272,16 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
             | M::Xadd
             | M::Nop
             | M::Lfence
+            | M::Mul
+            | M::Div
+            | M::Idiv
+            | M::Cbw
+            | M::Cwde
+            | M::Cdqe
+            | M::Cwd
+            | M::Cdq
+            | M::Cqo
+            | M::Cmpxchg
     ) || i.condition_code() != iced_x86::ConditionCode::None
         && matches!(
             m,
@@ -278,9 +324,6 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
-    if m == M::Imul && i.op_count() < 2 {
-        return None;
-    }
     let mut mems = 0;
     for n in 0..i.op_count() {
         match i.op_kind(n) {
@@ -316,6 +359,94 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         return None;
     }
     Some(Kind::Generic)
+}
+
+/// `ANYVISOR_EMU_JIT_PROFILE=1` (read once; off by default): count, per mnemonic, the guest
+/// instructions the jit engine hands to the interpreter because [`classify`] does not take
+/// them, and print the top of the list at debug level (`ANYVISOR_LOG=debug`) when a vCPU's
+/// translator is dropped. For finding what to translate next; costs one load per
+/// interpreted instruction when off.
+pub fn profiling() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("ANYVISOR_EMU_JIT_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// Untranslated instructions run by the interpreter, by mnemonic (all vCPUs of the process).
+static UNTRANSLATED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// Counts `i` as run by the interpreter because it is not translated (see [`profiling`]).
+#[inline]
+pub fn note_untranslated(i: &Instruction) {
+    if !profiling() {
+        return;
+    }
+    let key = i.code() as usize;
+    if let Ok(mut v) = UNTRANSLATED.lock() {
+        if v.len() <= key {
+            v.resize(key + 1, 0);
+        }
+        if let Some(c) = v.get_mut(key) {
+            *c += 1;
+        }
+    }
+    if let Ok(mut v) = SAMPLES.lock() {
+        if v.len() <= key {
+            v.resize(key + 1, String::new());
+        }
+        if let Some(s) = v.get_mut(key)
+            && s.is_empty()
+        {
+            *s = format!(
+                "ip {:#x} op0 {:?} {:?} base {:?} index {:?} seg {:?} disp {:#x} classify {:?}",
+                i.ip(),
+                i.op0_kind(),
+                i.op0_register(),
+                i.memory_base(),
+                i.memory_index(),
+                i.memory_segment(),
+                i.memory_displacement64(),
+                classify(i)
+            );
+        }
+    }
+}
+
+/// The first instruction of each form the profile counted (its operands, for the report).
+static SAMPLES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The profile's top lines, most frequent first: by mnemonic, then by form (iced-x86 `Code`,
+/// with a memory operand's base register, which tells e.g. a moffs or a 32-bit address).
+pub fn untranslated_report() -> String {
+    let Ok(v) = UNTRANSLATED.lock() else {
+        return String::new();
+    };
+    let mut codes: Vec<(u64, Code)> = Code::values()
+        .filter_map(|c| v.get(c as usize).map(|&n| (n, c)))
+        .filter(|&(n, _)| n > 0)
+        .collect();
+    let mut by_m: Vec<(u64, M)> = Vec::new();
+    for &(n, c) in &codes {
+        match by_m.iter_mut().find(|r| r.1 == c.mnemonic()) {
+            Some(r) => r.0 += n,
+            None => by_m.push((n, c.mnemonic())),
+        }
+    }
+    codes.sort_by(|a, b| b.0.cmp(&a.0));
+    by_m.sort_by(|a, b| b.0.cmp(&a.0));
+    let total: u64 = codes.iter().map(|r| r.0).sum();
+    let mut out = format!("untranslated instructions run by the interpreter: {total}");
+    for (n, m) in by_m.iter().take(40) {
+        out.push_str(&format!("\n  {m:?} {n}"));
+    }
+    out.push_str("\n by form:");
+    let samples = SAMPLES.lock().map(|s| s.clone()).unwrap_or_default();
+    for (n, c) in codes.iter().take(60) {
+        let sample = samples.get(*c as usize).map_or("", |s| s.as_str());
+        out.push_str(&format!("\n  {c:?} {n}: {sample}"));
+    }
+    out
 }
 
 /// What a block checks at its chained entry that its code is still current: the host address
@@ -355,6 +486,14 @@ pub struct Emitter {
 /// Why a block could not be emitted (an encoder error; never expected for checked forms).
 #[derive(Debug)]
 pub struct EmitError(pub String);
+
+impl Drop for Emitter {
+    fn drop(&mut self) {
+        if profiling() {
+            tracing::debug!("{}", untranslated_report());
+        }
+    }
+}
 
 impl From<IcedError> for EmitError {
     fn from(e: IcedError) -> Self {
@@ -434,8 +573,24 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
         written: [false; 16],
         mem: None,
     };
-    let pool = [0usize, 2, 3, 4, 5, 6, 7];
+    // Guest rax, rcx, rdx stay in host rax, rcx, rdx (`cl` counts, implicit operands, high
+    // bytes); the others take the next free host register. With a high-byte register
+    // (encodable only without REX) every register goes to one of rax, rcx, rdx.
+    let regs = || (0..i.op_count()).filter(|&n| i.op_kind(n) == OpKind::Register);
+    let high = regs().any(|n| is_high_byte(i.op_register(n)));
+    let imp = implicit(i.mnemonic(), i.op_count());
+    let fixed_used =
+        |h: usize| imp.contains(&h) || regs().any(|n| gpr_num(i.op_register(n)) == Some(h));
+    let pool: Vec<usize> = if high {
+        (0..3).filter(|&h| !fixed_used(h)).collect()
+    } else {
+        vec![3, 4, 5, 6, 7]
+    };
     let mut next = 0usize;
+    for &g in imp {
+        *r.host_of.get_mut(g)? = g;
+        *r.written.get_mut(g)? = true;
+    }
     for n in 0..i.op_count() {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -443,15 +598,21 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
                 let g = gpr_num(reg)?;
                 let slot = r.host_of.get_mut(g)?;
                 if *slot == usize::MAX {
-                    *slot = if g == 1 {
-                        1
+                    *slot = if g <= 2 {
+                        g
                     } else {
                         let h = *pool.get(next)?;
                         next += 1;
                         h
                     };
                 }
-                let h = host_sized(*slot, reg.size())?;
+                let h = if is_high_byte(reg) {
+                    [Register::AH, Register::CH, Register::DH]
+                        .get(*slot)
+                        .copied()?
+                } else {
+                    host_sized(*slot, reg.size())?
+                };
                 if is_write(access.op_access(n)) {
                     *r.written.get_mut(g)? = true;
                 }
@@ -526,6 +687,26 @@ impl Emitter {
             match kind {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
+                Kind::Pushf => self.pushf(k, i.ip())?,
+                Kind::Leave => {
+                    self.a.load(RSI, greg(5));
+                    self.a.mov(RBP, RSI);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RAX, at(RSI, 0));
+                    self.a.lea(RBP, at(RBP, 8));
+                    self.a.store(greg(4), RBP);
+                    self.a.store(greg(5), RAX);
+                }
+                Kind::CallMem => {
+                    self.address(i);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(R8, at(RSI, 0));
+                    self.check_canonical(R8, k, i.ip());
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.a.mov(RAX, R8);
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
                 Kind::Push => {
                     let v = match i.code() {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
@@ -952,6 +1133,7 @@ impl Emitter {
         match v {
             Src::Reg(g) => self.a.load(RAX, greg(g)),
             Src::Imm(x) => self.a.mov_imm(RAX, x),
+            Src::R8 => self.a.mov(RAX, R8),
         }
         self.a.store(at(RSI, 0), RAX);
         self.a.store(greg(4), RBP);
@@ -981,6 +1163,9 @@ impl Emitter {
                 self.tlb(k, i.ip(), size, write);
             }
         }
+        if matches!(i.mnemonic(), M::Div | M::Idiv) {
+            self.div_check(k, i)?;
+        }
         for (g, &h) in r.host_of.iter().enumerate() {
             if h != usize::MAX {
                 self.a.load(host_num(h), greg(g));
@@ -996,6 +1181,130 @@ impl Emitter {
                 self.a.store(greg(g), host_num(h));
             }
         }
+        Ok(())
+    }
+
+    /// One glue instruction through the encoder (for the forms `Asm` has no helper for).
+    fn ins(&mut self, i: E<Instruction>) -> E<()> {
+        self.enc.encode(&i?, 0)?;
+        let mut bytes = self.enc.take_buffer();
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        Ok(())
+    }
+
+    /// `dst` (r9, r10 or r11) = the `size`-byte value at `m`, zero- or sign-extended.
+    fn load_ext(&mut self, dst: Register, m: MemoryOperand, size: usize, signed: bool) -> E<()> {
+        let d32 = match dst {
+            Register::R9 => Register::R9D,
+            Register::R10 => Register::R10D,
+            _ => Register::R11D,
+        };
+        let i = match (size, signed) {
+            (8, _) => Instruction::with2(Code::Mov_r64_rm64, dst, m),
+            (4, true) => Instruction::with2(Code::Movsxd_r64_rm32, dst, m),
+            (4, false) => Instruction::with2(Code::Mov_r32_rm32, d32, m),
+            (2, true) => Instruction::with2(Code::Movsx_r64_rm16, dst, m),
+            (2, false) => Instruction::with2(Code::Movzx_r32_rm16, d32, m),
+            (1, true) => Instruction::with2(Code::Movsx_r64_rm8, dst, m),
+            _ => Instruction::with2(Code::Movzx_r32_rm8, d32, m),
+        };
+        self.ins(i.map_err(EmitError::from))
+    }
+
+    /// Before a `div`/`idiv` (memory operand already at host rsi, operands not yet loaded):
+    /// exits to the interpreter, flags untouched, when the host would raise #DE (a zero
+    /// divisor or a quotient too large), so the guest gets its #DE from the interpreter at
+    /// the instruction. `idiv` runs here only for a dividend that is the sign extension of
+    /// its low half (what `cqo`/`cdq` make) and a divisor other than 0 and -1, where the
+    /// quotient always fits; every other case is interpreted.
+    fn div_check(&mut self, k: u32, i: &Instruction) -> E<()> {
+        use iced_x86::MemoryOperand as Mo;
+        let signed = i.mnemonic() == M::Idiv;
+        let (divisor, size) = match i.op0_kind() {
+            OpKind::Memory => (Mo::with_base(Register::RSI), i.memory_size().size()),
+            _ => {
+                let r = i.op0_register();
+                let g = gpr_num(r).ok_or_else(|| EmitError("div operand".into()))?;
+                let off = 8 * g as i64 + i64::from(is_high_byte(r));
+                (Mo::with_base_displ(Register::RBX, off), r.size())
+            }
+        };
+        let stub = self.stub(k, i.ip(), 0);
+        let (bad, ok) = (self.a.label(), self.a.label());
+        // ah = SF ZF AF PF CF, al = OF (restored below with `add al, 0x7f; sahf`).
+        self.a.bytes(&[0x9f, 0x0f, 0x90, 0xc0]);
+        self.load_ext(Register::R9, divisor, size, signed)?;
+        let hi = if size == 1 { 1 } else { 16 };
+        self.load_ext(
+            Register::R10,
+            Mo::with_base_displ(Register::RBX, hi),
+            size,
+            signed,
+        )?;
+        if signed {
+            self.load_ext(Register::R11, Mo::with_base(Register::RBX), size, true)?;
+            self.ins(
+                Instruction::with2(Code::Test_rm64_r64, Register::R9, Register::R9)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(4, bad);
+            self.ins(
+                Instruction::with2(Code::Cmp_rm64_imm8, Register::R9, -1i32)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(4, bad);
+            self.ins(
+                Instruction::with2(Code::Sar_rm64_imm8, Register::R11, 63u32)
+                    .map_err(EmitError::from),
+            )?;
+            self.ins(
+                Instruction::with2(Code::Cmp_r64_rm64, Register::R10, Register::R11)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(5, bad);
+        } else {
+            // hi >= divisor: a quotient wider than the operand, or a zero divisor.
+            self.ins(
+                Instruction::with2(Code::Cmp_r64_rm64, Register::R10, Register::R9)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(3, bad);
+        }
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(ok);
+        self.a.bind(bad);
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(stub);
+        self.a.bind(ok);
+        Ok(())
+    }
+
+    /// `pushfq`: the guest's RFLAGS image is the host's arithmetic flags (the guest's, in the
+    /// block) and the other bits as the run was entered with (no translated instruction
+    /// changes them), VM and RF cleared as the CPU pushes them. Flag-neutral (pext/pdep mask).
+    fn pushf(&mut self, k: u32, ip: u64) -> E<()> {
+        use crate::cpu::{ARITH_FLAGS, RF, VM};
+        let pext = |d, s, m| Instruction::with3(Code::VEX_Pext_r64_r64_rm64, d, s, m);
+        let pdep = |d, s, m| Instruction::with3(Code::VEX_Pdep_r64_r64_rm64, d, s, m);
+        self.a.bytes(&[0x9c, 0x41, 0x58]); // pushfq; pop r8
+        self.a.mov_imm(RDX, ARITH_FLAGS);
+        self.ins(pext(Register::R8, Register::R8, Register::RDX).map_err(EmitError::from))?;
+        self.ins(pdep(Register::R8, Register::R8, Register::RDX).map_err(EmitError::from))?;
+        self.a.load(RCX, ctx(C_FLAGS));
+        self.a.mov_imm(RDX, !(ARITH_FLAGS | VM | RF));
+        self.ins(pext(Register::RCX, Register::RCX, Register::RDX).map_err(EmitError::from))?;
+        self.ins(pdep(Register::RCX, Register::RCX, Register::RDX).map_err(EmitError::from))?;
+        self.a.lea(
+            R8,
+            Mem {
+                base: Some(R8),
+                index: Some((RCX, 1)),
+                disp: 0,
+            },
+        );
+        self.push(k, ip, Src::R8);
         Ok(())
     }
 
@@ -1016,4 +1325,6 @@ impl Emitter {
 enum Src {
     Reg(usize),
     Imm(u64),
+    /// Host r8 (which the stack's TLB check leaves alone).
+    R8,
 }
