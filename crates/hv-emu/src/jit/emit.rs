@@ -59,6 +59,9 @@ pub enum Kind {
     Pushf,
     /// `leave` (64-bit).
     Leave,
+    /// `stos`/`movs` (optionally `rep`) with 64-bit addresses: run by the host when DF is
+    /// clear and every byte is in one page per operand, else interpreted.
+    Str,
 }
 
 impl Kind {
@@ -175,6 +178,13 @@ fn is_moffs(c: Code) -> bool {
     )
 }
 
+fn is_movs(c: Code) -> bool {
+    matches!(
+        c,
+        Code::Movsb_m8_m8 | Code::Movsw_m16_m16 | Code::Movsd_m32_m32 | Code::Movsq_m64_m64
+    )
+}
+
 /// The memory operand is addressable by the translator: 64-bit base/index or RIP-relative,
 /// no VSIB, no 32-bit address size, not a moffs form.
 fn mem_ok(i: &Instruction) -> bool {
@@ -226,6 +236,24 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         // Only the 64-bit forms (a 66 prefix makes a 16-bit target on some CPUs).
         return (i.op0_kind() == OpKind::NearBranch64 && canonical(i.near_branch64()))
             .then_some(Kind::Jcc);
+    }
+    if matches!(
+        code,
+        Code::Stosb_m8_AL
+            | Code::Stosw_m16_AX
+            | Code::Stosd_m32_EAX
+            | Code::Stosq_m64_RAX
+            | Code::Movsb_m8_m8
+            | Code::Movsw_m16_m16
+            | Code::Movsd_m32_m32
+            | Code::Movsq_m64_m64
+    ) {
+        // 64-bit addresses, no FS/GS source (ES is always flat in 64-bit mode).
+        let src_ok = !is_movs(code)
+            || (i.op1_kind() == OpKind::MemorySegRSI
+                && !matches!(i.memory_segment(), Register::FS | Register::GS));
+        return (i.op0_kind() == OpKind::MemoryESRDI && src_ok && !i.has_repne_prefix())
+            .then_some(Kind::Str);
     }
     if i.has_rep_prefix() || i.has_repne_prefix() {
         return None;
@@ -688,6 +716,7 @@ impl Emitter {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
                 Kind::Pushf => self.pushf(k, i.ip())?,
+                Kind::Str => self.string(k, i)?,
                 Kind::Leave => {
                     self.a.load(RSI, greg(5));
                     self.a.mov(RBP, RSI);
@@ -1278,6 +1307,112 @@ impl Emitter {
         self.a.bytes(&[0x04, 0x7f, 0x9e]);
         self.a.jmp(stub);
         self.a.bind(ok);
+        Ok(())
+    }
+
+    /// `stos`/`movs` (see [`Kind::Str`]): with flags saved (lahf/seto), checks that DF is
+    /// clear, the count (rcx, or 1 without `rep`) is 1..=4096/size and each operand's bytes
+    /// are in one page; then the TLB (source read, destination write) and the host runs the
+    /// instruction itself on the host addresses; the guest's rdi/rsi advance and rcx ends 0.
+    /// Anything else, and a TLB miss, leaves to the interpreter before the instruction.
+    fn string(&mut self, k: u32, i: &Instruction) -> E<()> {
+        use iced_x86::MemoryOperand as Mo;
+        const R9: u8 = R8 + 1;
+        const R10: u8 = R8 + 2;
+        let size = i.memory_size().size();
+        let movs = is_movs(i.code());
+        let rep = i.has_rep_prefix();
+        let ip = i.ip();
+        let scale = u32::try_from(size).map_err(|_| EmitError("string size".into()))?;
+        let stub = self.stub(k, ip, 0);
+        let (bad, ok) = (self.a.label(), self.a.label());
+        self.a.bytes(&[0x9f, 0x0f, 0x90, 0xc0]); // lahf; seto al
+        if rep {
+            self.a.load(R9, greg(1));
+            self.a.lea(R10, at(R9, -1));
+            let max = (4096 / size as i32) - 1;
+            self.ins(
+                Instruction::with2(Code::Cmp_rm64_imm32, Register::R10, max)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(7, bad); // ja: rcx = 0 or too many
+        } else {
+            self.a.mov_imm(R9, 1);
+        }
+        self.ins(
+            Instruction::with2(
+                Code::Test_rm64_imm32,
+                Mo::with_base_displ(Register::R15, i64::from(C_FLAGS)),
+                0x400u32,
+            )
+            .map_err(EmitError::from),
+        )?;
+        self.a.jcc(5, bad); // DF set
+        let ops: &[(usize, u8)] = if movs {
+            &[(7, RSI), (6, R8)]
+        } else {
+            &[(7, RSI)]
+        };
+        for &(g, h) in ops {
+            self.a.load(h, greg(g));
+            self.a.lea(
+                RDX,
+                Mem {
+                    base: Some(h),
+                    index: Some((R9, scale)),
+                    disp: -1,
+                },
+            );
+            let hr = if h == RSI {
+                Register::RSI
+            } else {
+                Register::R8
+            };
+            self.ins(
+                Instruction::with2(Code::Xor_r64_rm64, Register::RDX, hr).map_err(EmitError::from),
+            )?;
+            self.ins(
+                Instruction::with2(Code::Shr_rm64_imm8, Register::RDX, 12u32)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(5, bad); // the last byte is in another page
+        }
+        self.a.bytes(&[0x04, 0x7f, 0x9e]); // add al, 0x7f; sahf
+        self.a.jmp(ok);
+        self.a.bind(bad);
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(stub);
+        self.a.bind(ok);
+        if movs {
+            self.a.mov(RSI, R8);
+            self.tlb(k, ip, size, false);
+            self.a.mov(R8, RSI);
+        }
+        self.a.load(RSI, greg(7));
+        self.tlb(k, ip, size, true);
+        self.a.mov(RDI, RSI);
+        if movs {
+            self.a.mov(RSI, R8);
+        } else {
+            self.a.load(RAX, greg(0));
+        }
+        self.a.mov(RCX, R9);
+        self.ins(Ok(*i))?;
+        for &(g, _) in ops {
+            self.a.load(RDX, greg(g));
+            self.a.lea(
+                RDX,
+                Mem {
+                    base: Some(RDX),
+                    index: Some((R9, scale)),
+                    disp: 0,
+                },
+            );
+            self.a.store(greg(g), RDX);
+        }
+        if rep {
+            self.a.store_imm(greg(1), 0);
+        }
         Ok(())
     }
 

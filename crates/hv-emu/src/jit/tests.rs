@@ -383,6 +383,16 @@ fn templates() -> Vec<(String, Gen)> {
     t!(pushfq());
     t!(leave());
     t!(call(qword_ptr(rbx + 8)));
+    t!(stosq());
+    t!(stosb());
+    t!(movsb());
+    t!(movsd());
+    t!(rep().stosq());
+    t!(rep().stosb());
+    t!(rep().stosd());
+    t!(rep().movsb());
+    t!(rep().movsq());
+    t!(rep().movsw());
     t!(prefetchw(byte_ptr(rsi)));
     t!(prefetcht0(byte_ptr(rax + rbx)));
     v
@@ -510,6 +520,87 @@ fn division_faults_come_from_the_interpreter() {
     for (name, code) in &cases {
         rig.jit.clear();
         for _ in 0..8 {
+            let seed = rng.next();
+            rig.load(seed, code);
+            let exits = rig.jit.stats.exits_to_interp;
+            rig.compare(name, seed, 8, undefined_after(code).unwrap_or(0));
+            assert!(
+                rig.jit.stats.exits_to_interp > exits,
+                "{name}: not interpreted"
+            );
+        }
+    }
+}
+
+#[test]
+fn string_edge_cases_come_from_the_interpreter() {
+    // DF set, a count of 0 or over a page, bytes in two pages: interpreted, same result.
+    let a = |f: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a).unwrap();
+        a.hlt().unwrap();
+        a.assemble(CODE).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "std; rep movsb",
+            a(&|a| {
+                a.std()?;
+                a.rep().movsb()
+            }),
+        ),
+        (
+            "std; stosq",
+            a(&|a| {
+                a.std()?;
+                a.stosq()
+            }),
+        ),
+        (
+            "rcx 0",
+            a(&|a| {
+                a.xor(ecx, ecx)?;
+                a.rep().stosq()
+            }),
+        ),
+        (
+            "rcx 513",
+            a(&|a| {
+                a.mov(ecx, 513)?;
+                a.mov(edi, 0x4000)?;
+                a.rep().stosq()
+            }),
+        ),
+        (
+            "dst crosses",
+            a(&|a| {
+                a.mov(ecx, 4)?;
+                a.mov(edi, 0x4ff8)?;
+                a.rep().stosq()
+            }),
+        ),
+        (
+            "src crosses",
+            a(&|a| {
+                a.mov(ecx, 3)?;
+                a.mov(esi, 0x5fff)?;
+                a.mov(edi, 0x3000)?;
+                a.rep().movsb()
+            }),
+        ),
+        (
+            "stosd crosses",
+            a(&|a| {
+                a.mov(edi, 0x4ffe)?;
+                a.stosd()
+            }),
+        ),
+    ];
+    let mut rig = Rig::new();
+    let mut rng = Rng(0x6a09_e667_f3bc_c908);
+    for (name, code) in &cases {
+        rig.jit.clear();
+        for _ in 0..4 {
             let seed = rng.next();
             rig.load(seed, code);
             let exits = rig.jit.stats.exits_to_interp;
