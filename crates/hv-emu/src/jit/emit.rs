@@ -379,13 +379,6 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
     if mems > 1 {
         return None;
     }
-    // A register bit offset reaches outside the addressed operand.
-    if mems == 1
-        && matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
-        && i.op1_kind() == OpKind::Register
-    {
-        return None;
-    }
     Some(Kind::Generic)
 }
 
@@ -1180,11 +1173,20 @@ impl Emitter {
     fn generic(&mut self, k: u32, i: &Instruction) -> E<()> {
         let r = rewrite(&mut self.info, i)
             .ok_or_else(|| EmitError("not a translatable operand".into()))?;
+        // bt/bts/btr/btc [mem], reg: the register's signed bit offset reaches outside the
+        // addressed operand (Intel SDM "BT"): the address moves by whole operands here, and
+        // the host instruction gets the offset within the operand only.
+        let bit_reg = r.mem.is_some()
+            && matches!(i.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc)
+            && i.op1_kind() == OpKind::Register;
         if let Some(write) = r.mem {
             if i.mnemonic() == M::Lea {
                 self.effective(i);
             } else {
                 self.address(i);
+                if bit_reg {
+                    self.bit_address(i)?;
+                }
                 let size = i.memory_size().size();
                 if i.has_lock_prefix() || i.mnemonic() == M::Xchg {
                     self.check_aligned(k, i.ip(), size);
@@ -1200,6 +1202,16 @@ impl Emitter {
                 self.a.load(host_num(h), greg(g));
             }
         }
+        if bit_reg {
+            // Offset mod the operand's bits, flag-free (r11 is never an operand here: one
+            // register, in rax/rcx/rdx or the first of the pool).
+            let g = gpr_num(i.op1_register()).unwrap_or(0);
+            let h = host_num(r.host_of.get(g).copied().unwrap_or(0));
+            let keep = (i.op1_register().size() * 8).trailing_zeros();
+            self.a.mov_imm(R8 + 3, u64::from(64 - keep));
+            self.a.shlx(h, h, R8 + 3);
+            self.a.shrx(h, h, R8 + 3);
+        }
         self.enc.encode(&r.out, 0)?;
         let mut bytes = self.enc.take_buffer();
         self.a.bytes(&bytes);
@@ -1210,6 +1222,38 @@ impl Emitter {
                 self.a.store(greg(g), host_num(h));
             }
         }
+        Ok(())
+    }
+
+    /// rsi (the linear address of a `bt*` memory operand) += the operands the register bit
+    /// offset (signed, operand-sized) moves by, times the operand size. Flag-free.
+    fn bit_address(&mut self, i: &Instruction) -> E<()> {
+        const R9: u8 = R8 + 1;
+        let reg = i.op1_register();
+        let g = gpr_num(reg).ok_or_else(|| EmitError("bt offset".into()))?;
+        let size = reg.size();
+        self.a.load(R9, greg(g));
+        match size {
+            2 => self.ins(
+                Instruction::with2(Code::Movsx_r64_rm16, Register::R9, Register::R9W)
+                    .map_err(EmitError::from),
+            )?,
+            4 => self.ins(
+                Instruction::with2(Code::Movsxd_r64_rm32, Register::R9, Register::R9D)
+                    .map_err(EmitError::from),
+            )?,
+            _ => {}
+        }
+        self.a.mov_imm(RDX, u64::from((size * 8).trailing_zeros()));
+        self.a.sarx(R9, R9, RDX);
+        self.a.lea(
+            RSI,
+            Mem {
+                base: Some(RSI),
+                index: Some((R9, size as u32)),
+                disp: 0,
+            },
+        );
         Ok(())
     }
 

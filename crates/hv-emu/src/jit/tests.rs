@@ -383,6 +383,13 @@ fn templates() -> Vec<(String, Gen)> {
     t!(pushfq());
     t!(leave());
     t!(call(qword_ptr(rbx + 8)));
+    t!(bt(qword_ptr(rsi), rcx));
+    t!(bts(dword_ptr(rbx + 8), ecx));
+    t!(lock().btr(qword_ptr(rdi), rcx));
+    t!(btc(word_ptr(rsi), cx));
+    t!(bt(qword_ptr(rsp), rcx));
+    t2!(neg(rcx), bts(qword_ptr(rsi + 64), rcx));
+    t2!(neg(ecx), btr(dword_ptr(rdi + 64), ecx));
     t!(stosq());
     t!(stosb());
     t!(movsb());
@@ -619,8 +626,10 @@ fn random_blocks_match_the_interpreter() {
     let mut rig = Rig::new();
     let list: Vec<_> = templates()
         .into_iter()
+        // Not `rep`: with another form's rcx it may run over the interpreter's REP chunk,
+        // and the run then stops inside it, where a flag left undefined before is seen.
         .filter(|(n, _)| {
-            !["j", "call", "ret", "push", "pop"]
+            !["j", "call", "ret", "push", "pop", "rep"]
                 .iter()
                 .any(|p| n.starts_with(p))
         })
@@ -639,11 +648,15 @@ fn random_blocks_match_the_interpreter() {
         let Some(undefined) = undefined_after(&code) else {
             continue;
         };
+        // Some templates are two instructions.
+        let insns = Decoder::with_ip(64, &code, CODE, DecoderOptions::NONE)
+            .into_iter()
+            .count() as u32;
         rig.jit.clear();
         for _ in 0..8 {
             let seed = rng.next();
             rig.load(seed, &code);
-            rig.compare(&format!("round {round}: {names:?}"), seed, 13, undefined);
+            rig.compare(&format!("round {round}: {names:?}"), seed, insns, undefined);
         }
     }
 }
