@@ -13,15 +13,17 @@
 //! **Guest flags live in the host flags register** for the whole block: the prologue loads the
 //! six arithmetic flags with `sahf` (and an `add` that sets OF), the epilogue saves them with
 //! `pushfq`. Everything the emitter puts between guest instructions is flag-neutral (`mov`,
-//! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `jrcxz`, `jmp`), so no per-instruction flag
-//! bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just work.
+//! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `pext`/`pdep`, `jrcxz`, `jmp`), so no per-instruction
+//! flag bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just
+//! work. The few checks that need comparisons (`div`, string instructions) save the flags with
+//! `lahf; seto al` first and restore them (`add al, 0x7f; sahf`) on both ways out.
 //!
 //! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
 //! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
 //! instructions completed, `rbp` = a guest stack pointer being updated; `rsi` holds memory
 //! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
-//! `rax, rcx, rdx, rdi, r8..r11` (guest `rcx` always into host `rcx`, so `cl` shift counts
-//! work).
+//! `rax, rcx, rdx, rdi, r8..r11` (guest `rax`/`rcx`/`rdx` always into host `rax`/`rcx`/`rdx`,
+//! so `cl` shift counts, implicit operands and high-byte registers work).
 
 use iced_x86::IcedError;
 
@@ -454,8 +456,8 @@ pub fn untranslated_report() -> String {
             None => by_m.push((n, c.mnemonic())),
         }
     }
-    codes.sort_by(|a, b| b.0.cmp(&a.0));
-    by_m.sort_by(|a, b| b.0.cmp(&a.0));
+    codes.sort_by_key(|r| std::cmp::Reverse(r.0));
+    by_m.sort_by_key(|r| std::cmp::Reverse(r.0));
     let total: u64 = codes.iter().map(|r| r.0).sum();
     let mut out = format!("untranslated instructions run by the interpreter: {total}");
     for (n, m) in by_m.iter().take(40) {
