@@ -13,21 +13,24 @@
 //! **Guest flags live in the host flags register** for the whole block: the prologue loads the
 //! six arithmetic flags with `sahf` (and an `add` that sets OF), the epilogue saves them with
 //! `pushfq`. Everything the emitter puts between guest instructions is flag-neutral (`mov`,
-//! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `jrcxz`, `jmp`), so no per-instruction flag
-//! bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just work.
+//! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `pext`/`pdep`, `jrcxz`, `jmp`), so no per-instruction
+//! flag bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just
+//! work. The few checks that need comparisons (`div`, string instructions) save the flags with
+//! `lahf; seto al` first and restore them (`add al, 0x7f; sahf`) on both ways out.
 //!
 //! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
 //! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
 //! instructions completed, `rbp` = a guest stack pointer being updated; `rsi` holds memory
 //! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
-//! `rax, rcx, rdx, rdi, r8..r11` (guest `rcx` always into host `rcx`, so `cl` shift counts
-//! work).
+//! `rax, rcx, rdx, rdi, r8..r11` (guest `rax`/`rcx`/`rdx` always into host `rax`/`rcx`/`rdx`,
+//! so `cl` shift counts, implicit operands and high-byte registers work).
 
 use iced_x86::IcedError;
 
 use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
 use iced_x86::{
-    Code, Encoder, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
+    Code, Encoder, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M, OpAccess,
+    OpKind, Register,
 };
 
 use super::{
@@ -42,7 +45,8 @@ pub(super) mod simd;
 /// How a guest instruction is translated.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
-    /// Re-encoded with host registers / `[rsi]`.
+    /// Re-encoded with host registers / `[rsi]` (`div`/`idiv` checked first, so the host
+    /// never takes #DE).
     Generic,
     Nop,
     Push,
@@ -56,6 +60,15 @@ pub enum Kind {
     Jcc,
     /// An SSE/AVX/crypto instruction run as itself (`simd.rs`).
     Simd,
+    /// `call [mem]`.
+    CallMem,
+    /// `pushfq`: the arithmetic flags from the host, the rest as the block was entered with.
+    Pushf,
+    /// `leave` (64-bit).
+    Leave,
+    /// `stos`/`movs` (optionally `rep`) with 64-bit addresses: run by the host when DF is
+    /// clear and every byte is in one page per operand, else interpreted.
+    Str,
 }
 
 impl Kind {
@@ -70,6 +83,7 @@ impl Kind {
                 | Kind::JmpReg
                 | Kind::JmpMem
                 | Kind::Jcc
+                | Kind::CallMem
         )
     }
 }
@@ -116,14 +130,30 @@ const HOST: [[Register; 4]; 8] = [
     ],
 ];
 
-/// Guest GPR number (0 = rax .. 15 = r15) of a general register operand; `None` for anything
-/// else, including the legacy high-byte registers (ah, ch, dh, bh), which are not translated.
+/// Guest GPR number (0 = rax .. 15 = r15) of a general register operand (ah, ch, dh, bh
+/// included: bits 8..16 of rax, rcx, rdx, rbx); `None` for anything else.
 fn gpr_num(r: Register) -> Option<usize> {
-    if !r.is_gpr() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+    if !r.is_gpr() {
         return None;
     }
     let full = r.full_register();
     GPR64.iter().position(|&g| g == full)
+}
+
+fn is_high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// Guest registers an instruction uses without naming them (rax, rdx: never others), all
+/// loaded into the same host registers (the rewrite keeps guest rax/rcx/rdx in host
+/// rax/rcx/rdx) and stored back after it.
+fn implicit(m: M, op_count: u32) -> &'static [usize] {
+    match m {
+        M::Cbw | M::Cwde | M::Cdqe | M::Cmpxchg => &[0],
+        M::Cwd | M::Cdq | M::Cqo | M::Mul | M::Div | M::Idiv => &[0, 2],
+        M::Imul if op_count == 1 => &[0, 2],
+        _ => &[],
+    }
 }
 
 fn gpr_of(r: Register) -> Option<usize> {
@@ -152,6 +182,13 @@ fn is_moffs(c: Code) -> bool {
             | Code::Mov_moffs16_AX
             | Code::Mov_moffs32_EAX
             | Code::Mov_moffs64_RAX
+    )
+}
+
+fn is_movs(c: Code) -> bool {
+    matches!(
+        c,
+        Code::Movsb_m8_m8 | Code::Movsw_m16_m16 | Code::Movsd_m32_m32 | Code::Movsq_m64_m64
     )
 }
 
@@ -192,12 +229,41 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
         Code::Jmp_rm64 if i.op0_kind() == OpKind::Memory && mem_ok(i) => {
             return Some(Kind::JmpMem);
         }
+        Code::Call_rm64 if i.op0_kind() == OpKind::Memory && mem_ok(i) => {
+            return Some(Kind::CallMem);
+        }
+        Code::Pushfq => return Some(Kind::Pushf),
+        Code::Leaveq => return Some(Kind::Leave),
+        // Hints that never fault, which the interpreter ignores too (in every model).
+        Code::Prefetchw_m8
+        | Code::Prefetcht0_m8
+        | Code::Prefetcht1_m8
+        | Code::Prefetcht2_m8
+        | Code::Prefetchnta_m8 => return Some(Kind::Nop),
         _ => {}
     }
     if i.is_jcc_short_or_near() {
         // Only the 64-bit forms (a 66 prefix makes a 16-bit target on some CPUs).
         return (i.op0_kind() == OpKind::NearBranch64 && canonical(i.near_branch64()))
             .then_some(Kind::Jcc);
+    }
+    if matches!(
+        code,
+        Code::Stosb_m8_AL
+            | Code::Stosw_m16_AX
+            | Code::Stosd_m32_EAX
+            | Code::Stosq_m64_RAX
+            | Code::Movsb_m8_m8
+            | Code::Movsw_m16_m16
+            | Code::Movsd_m32_m32
+            | Code::Movsq_m64_m64
+    ) {
+        // 64-bit addresses, no FS/GS source (ES is always flat in 64-bit mode).
+        let src_ok = !is_movs(code)
+            || (i.op1_kind() == OpKind::MemorySegRSI
+                && !matches!(i.memory_segment(), Register::FS | Register::GS));
+        return (i.op0_kind() == OpKind::MemoryESRDI && src_ok && !i.has_repne_prefix())
+            .then_some(Kind::Str);
     }
     if i.has_rep_prefix() || i.has_repne_prefix() {
         return None;
@@ -244,6 +310,16 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
             | M::Xadd
             | M::Nop
             | M::Lfence
+            | M::Mul
+            | M::Div
+            | M::Idiv
+            | M::Cbw
+            | M::Cwde
+            | M::Cdqe
+            | M::Cwd
+            | M::Cdq
+            | M::Cqo
+            | M::Cmpxchg
     ) || i.condition_code() != iced_x86::ConditionCode::None
         && matches!(
             m,
@@ -286,9 +362,6 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
-    if m == M::Imul && i.op_count() < 2 {
-        return None;
-    }
     let mut mems = 0;
     for n in 0..i.op_count() {
         match i.op_kind(n) {
@@ -316,14 +389,95 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
     if mems > 1 {
         return None;
     }
-    // A register bit offset reaches outside the addressed operand.
-    if mems == 1
-        && matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
-        && i.op1_kind() == OpKind::Register
-    {
-        return None;
-    }
     Some(Kind::Generic)
+}
+
+/// `ANYVISOR_EMU_JIT_PROFILE=1` (read once; off by default): count, per mnemonic, the guest
+/// instructions the jit engine hands to the interpreter because [`classify`] does not take
+/// them, and print the top of the list at debug level (`ANYVISOR_LOG=debug`) when a vCPU's
+/// translator is dropped. For finding what to translate next; costs one load per
+/// interpreted instruction when off.
+pub fn profiling() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("ANYVISOR_EMU_JIT_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// Untranslated instructions run by the interpreter, by mnemonic (all vCPUs of the process).
+static UNTRANSLATED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// Counts `i` as run by the interpreter because it is not translated (see [`profiling`]).
+#[inline]
+pub fn note_untranslated(i: &Instruction) {
+    if !profiling() {
+        return;
+    }
+    let key = i.code() as usize;
+    if let Ok(mut v) = UNTRANSLATED.lock() {
+        if v.len() <= key {
+            v.resize(key + 1, 0);
+        }
+        if let Some(c) = v.get_mut(key) {
+            *c += 1;
+        }
+    }
+    if let Ok(mut v) = SAMPLES.lock() {
+        if v.len() <= key {
+            v.resize(key + 1, String::new());
+        }
+        if let Some(s) = v.get_mut(key)
+            && s.is_empty()
+        {
+            *s = format!(
+                "ip {:#x} op0 {:?} {:?} base {:?} index {:?} seg {:?} disp {:#x} classify {:?}",
+                i.ip(),
+                i.op0_kind(),
+                i.op0_register(),
+                i.memory_base(),
+                i.memory_index(),
+                i.memory_segment(),
+                i.memory_displacement64(),
+                classify(i)
+            );
+        }
+    }
+}
+
+/// The first instruction of each form the profile counted (its operands, for the report).
+static SAMPLES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The profile's top lines, most frequent first: by mnemonic, then by form (iced-x86 `Code`,
+/// with a memory operand's base register, which tells e.g. a moffs or a 32-bit address).
+pub fn untranslated_report() -> String {
+    let Ok(v) = UNTRANSLATED.lock() else {
+        return String::new();
+    };
+    let mut codes: Vec<(u64, Code)> = Code::values()
+        .filter_map(|c| v.get(c as usize).map(|&n| (n, c)))
+        .filter(|&(n, _)| n > 0)
+        .collect();
+    let mut by_m: Vec<(u64, M)> = Vec::new();
+    for &(n, c) in &codes {
+        match by_m.iter_mut().find(|r| r.1 == c.mnemonic()) {
+            Some(r) => r.0 += n,
+            None => by_m.push((n, c.mnemonic())),
+        }
+    }
+    codes.sort_by_key(|r| std::cmp::Reverse(r.0));
+    by_m.sort_by_key(|r| std::cmp::Reverse(r.0));
+    let total: u64 = codes.iter().map(|r| r.0).sum();
+    let mut out = format!("untranslated instructions run by the interpreter: {total}");
+    for (n, m) in by_m.iter().take(40) {
+        out.push_str(&format!("\n  {m:?} {n}"));
+    }
+    out.push_str("\n by form:");
+    let samples = SAMPLES.lock().map(|s| s.clone()).unwrap_or_default();
+    for (n, c) in codes.iter().take(60) {
+        let sample = samples.get(*c as usize).map_or("", |s| s.as_str());
+        out.push_str(&format!("\n  {c:?} {n}: {sample}"));
+    }
+    out
 }
 
 /// What a block checks at its chained entry that its code is still current: the host address
@@ -363,6 +517,14 @@ pub struct Emitter {
 /// Why a block could not be emitted (an encoder error; never expected for checked forms).
 #[derive(Debug)]
 pub struct EmitError(pub String);
+
+impl Drop for Emitter {
+    fn drop(&mut self) {
+        if profiling() {
+            tracing::debug!("{}", untranslated_report());
+        }
+    }
+}
 
 impl From<IcedError> for EmitError {
     fn from(e: IcedError) -> Self {
@@ -442,8 +604,24 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
         written: [false; 16],
         mem: None,
     };
-    let pool = [0usize, 2, 3, 4, 5, 6, 7];
+    // Guest rax, rcx, rdx stay in host rax, rcx, rdx (`cl` counts, implicit operands, high
+    // bytes); the others take the next free host register. With a high-byte register
+    // (encodable only without REX) every register goes to one of rax, rcx, rdx.
+    let regs = || (0..i.op_count()).filter(|&n| i.op_kind(n) == OpKind::Register);
+    let high = regs().any(|n| is_high_byte(i.op_register(n)));
+    let imp = implicit(i.mnemonic(), i.op_count());
+    let fixed_used =
+        |h: usize| imp.contains(&h) || regs().any(|n| gpr_num(i.op_register(n)) == Some(h));
+    let pool: Vec<usize> = if high {
+        (0..3).filter(|&h| !fixed_used(h)).collect()
+    } else {
+        vec![3, 4, 5, 6, 7]
+    };
     let mut next = 0usize;
+    for &g in imp {
+        *r.host_of.get_mut(g)? = g;
+        *r.written.get_mut(g)? = true;
+    }
     for n in 0..i.op_count() {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -451,15 +629,21 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
                 let g = gpr_num(reg)?;
                 let slot = r.host_of.get_mut(g)?;
                 if *slot == usize::MAX {
-                    *slot = if g == 1 {
-                        1
+                    *slot = if g <= 2 {
+                        g
                     } else {
                         let h = *pool.get(next)?;
                         next += 1;
                         h
                     };
                 }
-                let h = host_sized(*slot, reg.size())?;
+                let h = if is_high_byte(reg) {
+                    [Register::AH, Register::CH, Register::DH]
+                        .get(*slot)
+                        .copied()?
+                } else {
+                    host_sized(*slot, reg.size())?
+                };
                 if is_write(access.op_access(n)) {
                     *r.written.get_mut(g)? = true;
                 }
@@ -535,6 +719,27 @@ impl Emitter {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
                 Kind::Simd => self.simd(k, i)?,
+                Kind::Pushf => self.pushf(k, i.ip())?,
+                Kind::Str => self.string(k, i)?,
+                Kind::Leave => {
+                    self.a.load(RSI, greg(5));
+                    self.a.mov(RBP, RSI);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RAX, at(RSI, 0));
+                    self.a.lea(RBP, at(RBP, 8));
+                    self.a.store(greg(4), RBP);
+                    self.a.store(greg(5), RAX);
+                }
+                Kind::CallMem => {
+                    self.address(i);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(R8, at(RSI, 0));
+                    self.check_canonical(R8, k, i.ip());
+                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.a.mov(RAX, R8);
+                    self.exit_dynamic(k + 1, epi);
+                    ended = true;
+                }
                 Kind::Push => {
                     let v = match i.code() {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
@@ -961,6 +1166,7 @@ impl Emitter {
         match v {
             Src::Reg(g) => self.a.load(RAX, greg(g)),
             Src::Imm(x) => self.a.mov_imm(RAX, x),
+            Src::R8 => self.a.mov(RAX, R8),
         }
         self.a.store(at(RSI, 0), RAX);
         self.a.store(greg(4), RBP);
@@ -978,11 +1184,20 @@ impl Emitter {
     fn generic(&mut self, k: u32, i: &Instruction) -> E<()> {
         let r = rewrite(&mut self.info, i)
             .ok_or_else(|| EmitError("not a translatable operand".into()))?;
+        // bt/bts/btr/btc [mem], reg: the register's signed bit offset reaches outside the
+        // addressed operand (Intel SDM "BT"): the address moves by whole operands here, and
+        // the host instruction gets the offset within the operand only.
+        let bit_reg = r.mem.is_some()
+            && matches!(i.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc)
+            && i.op1_kind() == OpKind::Register;
         if let Some(write) = r.mem {
             if i.mnemonic() == M::Lea {
                 self.effective(i);
             } else {
                 self.address(i);
+                if bit_reg {
+                    self.bit_address(i)?;
+                }
                 let size = i.memory_size().size();
                 if i.has_lock_prefix() || i.mnemonic() == M::Xchg {
                     self.check_aligned(k, i.ip(), size);
@@ -990,10 +1205,23 @@ impl Emitter {
                 self.tlb(k, i.ip(), size, write);
             }
         }
+        if matches!(i.mnemonic(), M::Div | M::Idiv) {
+            self.div_check(k, i)?;
+        }
         for (g, &h) in r.host_of.iter().enumerate() {
             if h != usize::MAX {
                 self.a.load(host_num(h), greg(g));
             }
+        }
+        if bit_reg {
+            // Offset mod the operand's bits, flag-free (r11 is never an operand here: one
+            // register, in rax/rcx/rdx or the first of the pool).
+            let g = gpr_num(i.op1_register()).unwrap_or(0);
+            let h = host_num(r.host_of.get(g).copied().unwrap_or(0));
+            let keep = (i.op1_register().size() * 8).trailing_zeros();
+            self.a.mov_imm(R8 + 3, u64::from(64 - keep));
+            self.a.shlx(h, h, R8 + 3);
+            self.a.shrx(h, h, R8 + 3);
         }
         self.enc.encode(&r.out, 0)?;
         let mut bytes = self.enc.take_buffer();
@@ -1005,6 +1233,268 @@ impl Emitter {
                 self.a.store(greg(g), host_num(h));
             }
         }
+        Ok(())
+    }
+
+    /// rsi (the linear address of a `bt*` memory operand) += the operands the register bit
+    /// offset (signed, operand-sized) moves by, times the operand size. Flag-free.
+    fn bit_address(&mut self, i: &Instruction) -> E<()> {
+        const R9: u8 = R8 + 1;
+        let reg = i.op1_register();
+        let g = gpr_num(reg).ok_or_else(|| EmitError("bt offset".into()))?;
+        let size = reg.size();
+        self.a.load(R9, greg(g));
+        match size {
+            2 => self.ins(
+                Instruction::with2(Code::Movsx_r64_rm16, Register::R9, Register::R9W)
+                    .map_err(EmitError::from),
+            )?,
+            4 => self.ins(
+                Instruction::with2(Code::Movsxd_r64_rm32, Register::R9, Register::R9D)
+                    .map_err(EmitError::from),
+            )?,
+            _ => {}
+        }
+        self.a.mov_imm(RDX, u64::from((size * 8).trailing_zeros()));
+        self.a.sarx(R9, R9, RDX);
+        self.a.lea(
+            RSI,
+            Mem {
+                base: Some(RSI),
+                index: Some((R9, size as u32)),
+                disp: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// One glue instruction through the encoder (for the forms `Asm` has no helper for).
+    fn ins(&mut self, i: E<Instruction>) -> E<()> {
+        self.enc.encode(&i?, 0)?;
+        let mut bytes = self.enc.take_buffer();
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        Ok(())
+    }
+
+    /// `dst` (r9, r10 or r11) = the `size`-byte value at `m`, zero- or sign-extended.
+    fn load_ext(&mut self, dst: Register, m: MemoryOperand, size: usize, signed: bool) -> E<()> {
+        let d32 = match dst {
+            Register::R9 => Register::R9D,
+            Register::R10 => Register::R10D,
+            _ => Register::R11D,
+        };
+        let i = match (size, signed) {
+            (8, _) => Instruction::with2(Code::Mov_r64_rm64, dst, m),
+            (4, true) => Instruction::with2(Code::Movsxd_r64_rm32, dst, m),
+            (4, false) => Instruction::with2(Code::Mov_r32_rm32, d32, m),
+            (2, true) => Instruction::with2(Code::Movsx_r64_rm16, dst, m),
+            (2, false) => Instruction::with2(Code::Movzx_r32_rm16, d32, m),
+            (1, true) => Instruction::with2(Code::Movsx_r64_rm8, dst, m),
+            _ => Instruction::with2(Code::Movzx_r32_rm8, d32, m),
+        };
+        self.ins(i.map_err(EmitError::from))
+    }
+
+    /// Before a `div`/`idiv` (memory operand already at host rsi, operands not yet loaded):
+    /// exits to the interpreter, flags untouched, when the host would raise #DE (a zero
+    /// divisor or a quotient too large), so the guest gets its #DE from the interpreter at
+    /// the instruction. `idiv` runs here only for a dividend that is the sign extension of
+    /// its low half (what `cqo`/`cdq` make) and a divisor other than 0 and -1, where the
+    /// quotient always fits; every other case is interpreted.
+    fn div_check(&mut self, k: u32, i: &Instruction) -> E<()> {
+        use iced_x86::MemoryOperand as Mo;
+        let signed = i.mnemonic() == M::Idiv;
+        let (divisor, size) = match i.op0_kind() {
+            OpKind::Memory => (Mo::with_base(Register::RSI), i.memory_size().size()),
+            _ => {
+                let r = i.op0_register();
+                let g = gpr_num(r).ok_or_else(|| EmitError("div operand".into()))?;
+                let off = 8 * g as i64 + i64::from(is_high_byte(r));
+                (Mo::with_base_displ(Register::RBX, off), r.size())
+            }
+        };
+        let stub = self.stub(k, i.ip(), 0);
+        let (bad, ok) = (self.a.label(), self.a.label());
+        // ah = SF ZF AF PF CF, al = OF (restored below with `add al, 0x7f; sahf`).
+        self.a.bytes(&[0x9f, 0x0f, 0x90, 0xc0]);
+        self.load_ext(Register::R9, divisor, size, signed)?;
+        let hi = if size == 1 { 1 } else { 16 };
+        self.load_ext(
+            Register::R10,
+            Mo::with_base_displ(Register::RBX, hi),
+            size,
+            signed,
+        )?;
+        if signed {
+            self.load_ext(Register::R11, Mo::with_base(Register::RBX), size, true)?;
+            self.ins(
+                Instruction::with2(Code::Test_rm64_r64, Register::R9, Register::R9)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(4, bad);
+            self.ins(
+                Instruction::with2(Code::Cmp_rm64_imm8, Register::R9, -1i32)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(4, bad);
+            self.ins(
+                Instruction::with2(Code::Sar_rm64_imm8, Register::R11, 63u32)
+                    .map_err(EmitError::from),
+            )?;
+            self.ins(
+                Instruction::with2(Code::Cmp_r64_rm64, Register::R10, Register::R11)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(5, bad);
+        } else {
+            // hi >= divisor: a quotient wider than the operand, or a zero divisor.
+            self.ins(
+                Instruction::with2(Code::Cmp_r64_rm64, Register::R10, Register::R9)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(3, bad);
+        }
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(ok);
+        self.a.bind(bad);
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(stub);
+        self.a.bind(ok);
+        Ok(())
+    }
+
+    /// `stos`/`movs` (see [`Kind::Str`]): with flags saved (lahf/seto), checks that DF is
+    /// clear, the count (rcx, or 1 without `rep`) is 1..=4096/size and each operand's bytes
+    /// are in one page; then the TLB (source read, destination write) and the host runs the
+    /// instruction itself on the host addresses; the guest's rdi/rsi advance and rcx ends 0.
+    /// Anything else, and a TLB miss, leaves to the interpreter before the instruction.
+    fn string(&mut self, k: u32, i: &Instruction) -> E<()> {
+        use iced_x86::MemoryOperand as Mo;
+        const R9: u8 = R8 + 1;
+        const R10: u8 = R8 + 2;
+        let size = i.memory_size().size();
+        let movs = is_movs(i.code());
+        let rep = i.has_rep_prefix();
+        let ip = i.ip();
+        let scale = u32::try_from(size).map_err(|_| EmitError("string size".into()))?;
+        let stub = self.stub(k, ip, 0);
+        let (bad, ok) = (self.a.label(), self.a.label());
+        self.a.bytes(&[0x9f, 0x0f, 0x90, 0xc0]); // lahf; seto al
+        if rep {
+            self.a.load(R9, greg(1));
+            self.a.lea(R10, at(R9, -1));
+            let max = (4096 / size as i32) - 1;
+            self.ins(
+                Instruction::with2(Code::Cmp_rm64_imm32, Register::R10, max)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(7, bad); // ja: rcx = 0 or too many
+        } else {
+            self.a.mov_imm(R9, 1);
+        }
+        self.ins(
+            Instruction::with2(
+                Code::Test_rm64_imm32,
+                Mo::with_base_displ(Register::R15, i64::from(C_FLAGS)),
+                0x400u32,
+            )
+            .map_err(EmitError::from),
+        )?;
+        self.a.jcc(5, bad); // DF set
+        let ops: &[(usize, u8)] = if movs {
+            &[(7, RSI), (6, R8)]
+        } else {
+            &[(7, RSI)]
+        };
+        for &(g, h) in ops {
+            self.a.load(h, greg(g));
+            self.a.lea(
+                RDX,
+                Mem {
+                    base: Some(h),
+                    index: Some((R9, scale)),
+                    disp: -1,
+                },
+            );
+            let hr = if h == RSI {
+                Register::RSI
+            } else {
+                Register::R8
+            };
+            self.ins(
+                Instruction::with2(Code::Xor_r64_rm64, Register::RDX, hr).map_err(EmitError::from),
+            )?;
+            self.ins(
+                Instruction::with2(Code::Shr_rm64_imm8, Register::RDX, 12u32)
+                    .map_err(EmitError::from),
+            )?;
+            self.a.jcc(5, bad); // the last byte is in another page
+        }
+        self.a.bytes(&[0x04, 0x7f, 0x9e]); // add al, 0x7f; sahf
+        self.a.jmp(ok);
+        self.a.bind(bad);
+        self.a.bytes(&[0x04, 0x7f, 0x9e]);
+        self.a.jmp(stub);
+        self.a.bind(ok);
+        if movs {
+            self.a.mov(RSI, R8);
+            self.tlb(k, ip, size, false);
+            self.a.mov(R8, RSI);
+        }
+        self.a.load(RSI, greg(7));
+        self.tlb(k, ip, size, true);
+        self.a.mov(RDI, RSI);
+        if movs {
+            self.a.mov(RSI, R8);
+        } else {
+            self.a.load(RAX, greg(0));
+        }
+        self.a.mov(RCX, R9);
+        self.ins(Ok(*i))?;
+        for &(g, _) in ops {
+            self.a.load(RDX, greg(g));
+            self.a.lea(
+                RDX,
+                Mem {
+                    base: Some(RDX),
+                    index: Some((R9, scale)),
+                    disp: 0,
+                },
+            );
+            self.a.store(greg(g), RDX);
+        }
+        if rep {
+            self.a.store_imm(greg(1), 0);
+        }
+        Ok(())
+    }
+
+    /// `pushfq`: the guest's RFLAGS image is the host's arithmetic flags (the guest's, in the
+    /// block) and the other bits as the run was entered with (no translated instruction
+    /// changes them), VM and RF cleared as the CPU pushes them. Flag-neutral (pext/pdep mask).
+    fn pushf(&mut self, k: u32, ip: u64) -> E<()> {
+        use crate::cpu::{ARITH_FLAGS, RF, VM};
+        let pext = |d, s, m| Instruction::with3(Code::VEX_Pext_r64_r64_rm64, d, s, m);
+        let pdep = |d, s, m| Instruction::with3(Code::VEX_Pdep_r64_r64_rm64, d, s, m);
+        self.a.bytes(&[0x9c, 0x41, 0x58]); // pushfq; pop r8
+        self.a.mov_imm(RDX, ARITH_FLAGS);
+        self.ins(pext(Register::R8, Register::R8, Register::RDX).map_err(EmitError::from))?;
+        self.ins(pdep(Register::R8, Register::R8, Register::RDX).map_err(EmitError::from))?;
+        self.a.load(RCX, ctx(C_FLAGS));
+        self.a.mov_imm(RDX, !(ARITH_FLAGS | VM | RF));
+        self.ins(pext(Register::RCX, Register::RCX, Register::RDX).map_err(EmitError::from))?;
+        self.ins(pdep(Register::RCX, Register::RCX, Register::RDX).map_err(EmitError::from))?;
+        self.a.lea(
+            R8,
+            Mem {
+                base: Some(R8),
+                index: Some((RCX, 1)),
+                disp: 0,
+            },
+        );
+        self.push(k, ip, Src::R8);
         Ok(())
     }
 
@@ -1025,4 +1515,6 @@ impl Emitter {
 enum Src {
     Reg(usize),
     Imm(u64),
+    /// Host r8 (which the stack's TLB check leaves alone).
+    R8,
 }

@@ -790,6 +790,9 @@ impl Exec<'_> {
             if !whole && k > 0 && classify(&op.insn).is_some() {
                 break;
             }
+            if !whole {
+                emit::note_untranslated(&op.insn); // ANYVISOR_EMU_JIT_PROFILE (jitops)
+            }
             self.cpu.rip = op.insn.next_ip() & block.ip_mask;
             n += 1;
             if let Err(e) = (op.handler)(self, &op.insn) {
