@@ -1,4 +1,9 @@
 //! `bench blk`: in-guest virtio-blk throughput with `/bin/blkbench` (guest/src/blkbench.c).
+//!
+//! Besides the guest's figures, each run records the host wall time and the VMM process's CPU
+//! time (user + system of every thread, `/proc/PID/stat`) from `ANYVISOR-INIT-OK` to the
+//! `BLKBENCH` line: the benchmark itself, without the boot. On a host whose cores are shared,
+//! CPU time is the figure that does not depend on what else runs.
 
 use std::io::Write;
 use std::path::Path;
@@ -17,6 +22,10 @@ pub struct BlkResult {
     pub seqread: f64,
     pub seqwrite: f64,
     pub randread_iops: f64,
+    /// Host seconds from `ANYVISOR-INIT-OK` to the `BLKBENCH` line (0 when not measured).
+    pub wall: f64,
+    /// VMM process CPU seconds over the same stretch (0 when not measured).
+    pub cpu: f64,
 }
 
 /// Parses `BLKBENCH seqread=<MB/s> seqwrite=<MB/s> randread_iops=<n>` or
@@ -36,6 +45,8 @@ pub fn parse_blkbench(line: &str) -> Result<BlkResult, String> {
         seqread: num("seqread")?,
         seqwrite: num("seqwrite")?,
         randread_iops: num("randread_iops")?,
+        wall: 0.0,
+        cpu: 0.0,
     })
 }
 
@@ -57,10 +68,32 @@ fn run_case(setup: &Setup, program: &Path, args: &[String]) -> Outcome<BlkResult
         Ok(p) => p,
         Err(e) => return Outcome::Failed(format!("cannot start: {e}")),
     };
-    let w = p.wait_line(0, "BLKBENCH", setup.deadline());
+    let deadline = setup.deadline();
+    // Where the benchmark starts: the boot is over.
+    let start = match p.wait_line(0, "ANYVISOR-INIT-OK", deadline) {
+        crate::vmproc::Wait::Found(i) => Some((
+            i,
+            p.lines.get(i).map(|l| l.at),
+            crate::cpu::cpu_time(p.pid()),
+        )),
+        _ => None,
+    };
+    let from = start.map_or(0, |(i, _, _)| i);
+    let w = p.wait_line(from, "BLKBENCH", deadline);
+    let end_cpu = crate::cpu::cpu_time(p.pid());
     let out = match wait_outcome(&p, &w, setup.timeout_secs) {
         Outcome::Ok(i) => match parse_blkbench(&p.lines[i].text) {
-            Ok(r) => Outcome::Ok(r),
+            Ok(mut r) => {
+                if let Some((_, Some(t0), cpu0)) = start
+                    && let Some(line) = p.lines.get(i)
+                {
+                    r.wall = line.at.saturating_sub(t0).as_secs_f64();
+                    if let (Some(c0), Some(c1)) = (cpu0, end_cpu) {
+                        r.cpu = c1.saturating_sub(c0).as_secs_f64();
+                    }
+                }
+                Outcome::Ok(r)
+            }
             Err(e) => Outcome::Failed(e),
         },
         Outcome::Failed(m) => Outcome::Failed(m),
@@ -79,12 +112,18 @@ fn summarize(runs: Vec<Outcome<BlkResult>>) -> Outcome<BlkResult> {
         med(|r| r.seqread),
         med(|r| r.seqwrite),
         med(|r| r.randread_iops),
+        med(|r| r.wall),
+        med(|r| r.cpu),
     ) {
-        (Some(seqread), Some(seqwrite), Some(randread_iops)) => Outcome::Ok(BlkResult {
-            seqread,
-            seqwrite,
-            randread_iops,
-        }),
+        (Some(seqread), Some(seqwrite), Some(randread_iops), Some(wall), Some(cpu)) => {
+            Outcome::Ok(BlkResult {
+                seqread,
+                seqwrite,
+                randread_iops,
+                wall,
+                cpu,
+            })
+        }
         _ => runs
             .into_iter()
             .next()
@@ -146,6 +185,8 @@ pub fn run(setup: &Setup) {
         "read vs QEMU",
         "write vs QEMU",
         "IOPS vs QEMU",
+        "bench wall (s)",
+        "bench CPU (s)",
         "result",
     ]);
     let peer = rows.iter().find(|r| r.2).and_then(|r| r.1.ok().cloned());
@@ -162,6 +203,8 @@ pub fn run(setup: &Setup) {
             table::ratio(f(|r| r.seqread), pf(|r| r.seqread)),
             table::ratio(f(|r| r.seqwrite), pf(|r| r.seqwrite)),
             table::ratio(f(|r| r.randread_iops), pf(|r| r.randread_iops)),
+            f(|r| r.wall).map_or("-".into(), |x| format!("{x:.2}")),
+            f(|r| r.cpu).map_or("-".into(), |x| format!("{x:.2}")),
             r.problem().unwrap_or_else(|| "ok".into()),
         ]);
     }
@@ -171,7 +214,9 @@ pub fn run(setup: &Setup) {
          then read of the first 32 MiB in 1 MiB requests (write ends with fsync), then 4 KiB \
          reads at random aligned offsets over the whole disk for 3 s. MB = 10^6 bytes. Host side: \
          raw file, default caching of each VMM. With --runs N, each figure is the median of the \
-         runs that succeeded (the VMMs take turns). Above 1 is better here."
+         runs that succeeded (the VMMs take turns). Above 1 is better here. Bench wall and CPU: \
+         host seconds and VMM process CPU seconds (user + system, /proc/PID/stat) from \
+         ANYVISOR-INIT-OK to the BLKBENCH line (the benchmark without the boot)."
     );
     crate::print_commands(&cmds);
 }
@@ -187,6 +232,8 @@ mod tests {
                 seqread: a,
                 seqwrite: b,
                 randread_iops: c,
+                wall: a + 1.0,
+                cpu: b / 10.0,
             })
         };
         let s = summarize(vec![
@@ -200,7 +247,9 @@ mod tests {
             Some(&BlkResult {
                 seqread: 2.0,
                 seqwrite: 20.0,
-                randread_iops: 5.0
+                randread_iops: 5.0,
+                wall: 3.0,
+                cpu: 2.0,
             })
         );
         let bad = summarize(vec![Outcome::Timeout(3), Outcome::Failed("y".into())]);
@@ -215,7 +264,9 @@ mod tests {
             Ok(BlkResult {
                 seqread: 120.5,
                 seqwrite: 80.0,
-                randread_iops: 4000.0
+                randread_iops: 4000.0,
+                wall: 0.0,
+                cpu: 0.0,
             })
         );
         assert_eq!(
