@@ -94,6 +94,8 @@ const SLOTS: usize = 1 << 15;
 /// or twice (most of a boot's init code) is cheaper to interpret than to translate.
 const HOT: u16 = 32;
 const READ_AHEAD: usize = 1024;
+/// Entries of the one-instruction cache (a power of two; see [`OneOp`]).
+const ONE_OPS: usize = 1024;
 
 /// One soft-TLB entry: tags are the negated virtual page number (so a flag-free `lea` of tag
 /// and page number is zero on a hit), 1 when empty.
@@ -209,11 +211,44 @@ struct Slot {
     heat: u16,
 }
 
+/// One decoded instruction the interpreter runs for the translator: the instruction a block
+/// stopped before (a soft-TLB miss, a non-canonical target) or one it does not translate.
+/// Tagged like a decoded block (RIP, physical address, the page's write generation), so
+/// running it again costs a tag check instead of a fetch, a decode and the generic dispatch
+/// of [`Exec::step`], or a decoded-block lookup. Only instructions wholly inside their page.
+#[derive(Clone, Copy)]
+struct OneOp {
+    rip: u64,
+    phys: u64,
+    generation: u32,
+    valid: bool,
+    insn: iced_x86::Instruction,
+    handler: crate::decode::Handler,
+}
+
+/// A handler for the empty [`OneOp`] entries (never called: `valid` is false).
+fn no_op(_: &mut Exec<'_>, _: &iced_x86::Instruction) -> R<()> {
+    Ok(())
+}
+
+impl OneOp {
+    fn empty() -> OneOp {
+        OneOp {
+            rip: 0,
+            phys: 0,
+            generation: 0,
+            valid: false,
+            insn: iced_x86::Instruction::new(),
+            handler: no_op,
+        }
+    }
+}
+
 /// What runs the code at RIP.
 enum Found {
     /// A translation and the cache offset of its chained entry.
     Code(CodeRef, u32),
-    /// The interpreter, up to the next translatable instruction.
+    /// The interpreter, one instruction ([`Exec::interp_one`]).
     Untranslated,
     /// The interpreter, a whole decoded block (not hot yet).
     Cold,
@@ -237,6 +272,18 @@ pub struct Stats {
     pub stale: u64,
     /// Guest instructions run as translated code.
     pub run: u64,
+    /// Interpreter runs of cold blocks (not hot yet) and the instructions they ran.
+    pub cold: u64,
+    pub cold_insns: u64,
+    /// Interpreter runs up to the next translatable instruction, and their instructions.
+    pub untranslated: u64,
+    pub untranslated_insns: u64,
+    /// Slot-table lookups, and those that found another RIP in the slot.
+    pub lookups: u64,
+    pub evictions: u64,
+    /// Instructions run from the one-instruction cache, and decodes into it.
+    pub one_ops: u64,
+    pub one_op_decodes: u64,
 }
 
 /// One vCPU's translator state.
@@ -249,6 +296,8 @@ pub struct Jit {
     cpl: u8,
     marks: u64,
     insns: Vec<(iced_x86::Instruction, Kind)>,
+    /// The one-instruction cache ([`OneOp`]), direct-mapped by RIP.
+    ones: Vec<OneOp>,
     /// Instructions run as translated code, not yet added to [`TRANSLATED`].
     translated: u64,
     /// Interpreted runs of a block start before it is translated.
@@ -298,6 +347,7 @@ impl Jit {
             cpl: u8::MAX,
             marks: u64::MAX,
             insns: Vec::new(),
+            ones: vec![OneOp::empty(); ONE_OPS],
             translated: 0,
             hot: hot_from_env(),
             incoming: HashMap::new(),
@@ -312,6 +362,7 @@ impl Jit {
     pub fn clear(&mut self) {
         self.flush_code();
         self.flush_tlb();
+        self.ones.fill(OneOp::empty());
     }
 
     /// Empties the code cache: every translation and link is gone.
@@ -389,6 +440,12 @@ impl Jit {
     }
 }
 
+impl Drop for Jit {
+    fn drop(&mut self) {
+        tracing::debug!("emu translator: {:?}", self.stats);
+    }
+}
+
 /// A jump that may be linked to the translation the run loop looks up next, if nothing
 /// changed in between (same RIP, TLB epoch, CPL and cache contents).
 #[derive(Clone, Copy)]
@@ -439,7 +496,9 @@ impl Exec<'_> {
             .vcpus
             .get(self.cpu.id as usize)
             .map_or(&NO_REQUEST, |v| &v.exit_req);
-        req.store(0, Ordering::SeqCst);
+        if req.load(Ordering::Relaxed) != 0 {
+            req.store(0, Ordering::SeqCst);
+        }
         jit.ctx.req = req.as_ptr() as u64;
         while n < budget {
             if self.cpu.irq_check {
@@ -504,8 +563,19 @@ impl Exec<'_> {
                     }
                     k
                 }
-                Found::Untranslated => self.interp_block(blocks, false)?,
-                Found::Cold => self.interp_block(blocks, true)?,
+                Found::Untranslated => {
+                    self.interp_one(jit, true)?;
+                    let k = 1;
+                    jit.stats.untranslated += 1;
+                    jit.stats.untranslated_insns += u64::from(k);
+                    k
+                }
+                Found::Cold => {
+                    let k = self.interp_block(blocks)?;
+                    jit.stats.cold += 1;
+                    jit.stats.cold_insns += u64::from(k);
+                    k
+                }
             };
             if self.cpu.mp_state != MpState::Runnable {
                 break;
@@ -526,6 +596,7 @@ impl Exec<'_> {
         let pa = self.translate(rip, Acc::Exec, user)?;
         let page = pa >> 12;
         let s = slot(rip);
+        jit.stats.lookups += 1;
         if let Some(e) = jit.slots.get(s)
             && e.valid
             && e.rip == rip
@@ -540,6 +611,7 @@ impl Exec<'_> {
         }
         if let Some(e) = jit.slots.get_mut(s) {
             if e.rip != rip || e.phys != pa {
+                jit.stats.evictions += 1;
                 *e = Slot {
                     rip,
                     phys: pa,
@@ -669,7 +741,10 @@ impl Exec<'_> {
         jit.stats.entries += 1;
         let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
-            a.store(0, Ordering::SeqCst);
+            // Release is enough here: a harvest that reads 0 must see this run's stores, and
+            // needs no ordering with what this thread loads next (the publication above is the
+            // store-then-load pair that needs SeqCst). A plain store instead of an `xchg`.
+            a.store(0, Ordering::Release);
         }
         if called.is_err() {
             // Unreachable in practice (lookup checked it); translate again next time.
@@ -715,7 +790,7 @@ impl Exec<'_> {
             if kind != 0 {
                 self.jit_fill(jit, lin, kind == 2);
             }
-            self.step()?;
+            self.interp_one(jit, false)?;
             n += 1;
         }
         Ok(n)
@@ -768,9 +843,76 @@ impl Exec<'_> {
         }
     }
 
-    /// Runs the interpreter's decoded block at RIP: all of it (`whole`), or up to the next
-    /// instruction the translator takes (at least one).
-    fn interp_block(&mut self, blocks: &mut BlockCache, whole: bool) -> R<u32> {
+    /// Runs the one instruction at RIP (64-bit mode) with the interpreter, from the
+    /// one-instruction cache ([`OneOp`]), delivering the exception it raises: what
+    /// [`Exec::step`] does, which it falls back to for what the cache does not hold (an
+    /// instruction crossing its page, code outside tracked RAM, an invalid encoding).
+    /// `untranslated`: the translator does not take this instruction (counted for
+    /// `ANYVISOR_EMU_JIT_PROFILE`), rather than a translated one after a soft-TLB miss.
+    fn interp_one(&mut self, jit: &mut Jit, untranslated: bool) -> R<()> {
+        self.cpu.shadow = 0;
+        let rip = self.cpu.rip;
+        if !canonical(rip) {
+            return self.step();
+        }
+        let user = self.cpu.cpl == 3;
+        let pa = match self.translate(rip, Acc::Exec, user) {
+            Ok(pa) => pa,
+            Err(Exc::Fault(v, c)) => return self.raise_event(v, c, Event::Exception),
+            Err(e) => return Err(e),
+        };
+        let page = pa >> 12;
+        let i = slot(rip) & (ONE_OPS - 1);
+        let Some(e) = jit.ones.get_mut(i) else {
+            return self.step();
+        };
+        if !(e.valid
+            && e.rip == rip
+            && e.phys == pa
+            && self.vm.code.generation(page) == Some(e.generation))
+        {
+            // Mark the page before reading it, so a concurrent write invalidates what is read.
+            let Some(generation) = self.vm.code.mark(page) else {
+                return self.step();
+            };
+            let mut buf = [0u8; 15];
+            let avail = (0x1000 - (rip & 0xfff) as usize).min(buf.len());
+            let Some(bytes) = buf.get_mut(..avail) else {
+                return self.step();
+            };
+            if !self.ram.read_bytes(pa, bytes) {
+                return self.step();
+            }
+            let insn = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE).decode();
+            if insn.is_invalid() {
+                // #UD, or the instruction goes on in the next page: `step` sorts it out.
+                return self.step();
+            }
+            crate::decode::DECODES.fetch_add(1, Ordering::Relaxed);
+            jit.stats.one_op_decodes += 1;
+            *e = OneOp {
+                rip,
+                phys: pa,
+                generation,
+                valid: true,
+                insn,
+                handler: crate::fast::handler(&insn),
+            };
+        }
+        jit.stats.one_ops += 1;
+        let (insn, handler) = (e.insn, e.handler);
+        if untranslated {
+            emit::note_untranslated(&insn);
+        }
+        self.cpu.rip = insn.next_ip() & self.ip_mask();
+        match handler(self, &insn) {
+            Ok(()) => Ok(()),
+            Err(err) => self.fail(&insn, err),
+        }
+    }
+
+    /// Runs the interpreter's decoded block at RIP.
+    fn interp_block(&mut self, blocks: &mut BlockCache) -> R<u32> {
         let slot = match self.lookup_block(blocks) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -786,13 +928,7 @@ impl Exec<'_> {
         self.cpu.code_written = false;
         let block = blocks.block(slot);
         let mut n = 0;
-        for (k, op) in block.ops.iter().enumerate() {
-            if !whole && k > 0 && classify(&op.insn).is_some() {
-                break;
-            }
-            if !whole {
-                emit::note_untranslated(&op.insn); // ANYVISOR_EMU_JIT_PROFILE (jitops)
-            }
+        for op in block.ops.iter() {
             self.cpu.rip = op.insn.next_ip() & block.ip_mask;
             n += 1;
             if let Err(e) = (op.handler)(self, &op.insn) {

@@ -1076,3 +1076,57 @@ fn a_store_into_a_page_that_became_code_invalidates_it() {
     assert_eq!(c.mp_state, MpState::Halted);
     assert_eq!(c.gpr[7], rdi0.wrapping_add((100..106).sum::<u64>()));
 }
+
+/// Runs the one instruction at `c.rip` through the one-instruction cache.
+fn run_one(rig: &mut Rig, c: &mut Cpu) {
+    let ram = Ram::new(&rig.m1);
+    let mut ex = Exec {
+        cpu: c,
+        mem: &rig.m1,
+        ram: &ram,
+        io: &NoIo,
+        vm: &rig.vm,
+        lapic_enabled: false,
+    };
+    ex.interp_one(&mut rig.jit, false).unwrap();
+}
+
+#[test]
+fn the_one_instruction_cache_decodes_once_and_sees_rewritten_code() {
+    // `mov eax, imm32` at CODE: decoded on the first run, then run from the cache; a write to
+    // its page (another vCPU's store, through the code tracker) makes the next run decode the
+    // new bytes. An instruction that crosses into the next page is left to `step`.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 0x1111_1111u32).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut rig = Rig::new();
+    rig.load(1, &code);
+    for _ in 0..3 {
+        let mut c = cpu64(&mut Rng(1));
+        run_one(&mut rig, &mut c);
+        assert_eq!(c.gpr[0], 0x1111_1111);
+        assert_eq!(c.rip, CODE + 5);
+    }
+    assert_eq!(rig.jit.stats.one_op_decodes, 1, "{:?}", rig.jit.stats);
+    assert_eq!(rig.jit.stats.one_ops, 3);
+    rig.m1
+        .write_obj(0x2222_2222u32, GuestAddress(CODE + 1))
+        .unwrap();
+    rig.vm.code.on_write(CODE >> 12);
+    let mut c = cpu64(&mut Rng(1));
+    run_one(&mut rig, &mut c);
+    assert_eq!(c.gpr[0], 0x2222_2222, "a stale decode ran");
+    assert_eq!(rig.jit.stats.one_op_decodes, 2);
+    // Across a page end: same result, not cached.
+    let at = CODE + 0xffe;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 0x3333_3333u32).unwrap();
+    rig.m1
+        .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+        .unwrap();
+    let mut c = cpu64(&mut Rng(1));
+    c.rip = at;
+    run_one(&mut rig, &mut c);
+    assert_eq!((c.gpr[0], c.rip), (0x3333_3333, at + 5));
+    assert_eq!(rig.jit.stats.one_op_decodes, 2);
+}
