@@ -452,8 +452,10 @@ impl CpuModel {
     }
 
     /// CPUID leaf 0xD sub-leaves 5, 6 and 7 (opmask, ZMM_Hi256, Hi16_ZMM: 64, 512 and 1024
-    /// bytes at standard offsets 0x440, 0x480 and 0x680, the same on every x86-64 CPU with
-    /// AVX-512) for a model whose XCR0 (sub-leaf 0 EAX) does not include them.
+    /// bytes, their architectural sizes; standard-format offsets 0x440, 0x480 and 0x680 as on
+    /// Intel CPUs, AMD's Zen 4 puts them at 0x340.. without the MPX hole) for a model whose
+    /// XCR0 (sub-leaf 0 EAX) does not include them. glibc's compacted save area depends only
+    /// on the sizes.
     ///
     /// Why a model describes components it does not support: on the hybrid `kvm` backend
     /// (PVM hosts) guest user code runs under the host's XCR0, so an `xsavec` or `xsave` there
