@@ -44,6 +44,17 @@ pub fn xcr0_supported(model: &CpuModel) -> u64 {
     })
 }
 
+/// Every XSAVE state component the model's CPUID leaf 0xD gives a size (sub-leaves 2..62),
+/// including ones its XCR0 cannot enable (`CpuModel::avx512_xsave_layout`).
+pub fn laid_out_components(model: &CpuModel) -> u64 {
+    if !model.has(Feature::Xsave) {
+        return 0;
+    }
+    (2..63u32)
+        .filter(|i| model.lookup(0xd, *i).is_some_and(|e| e.eax != 0))
+        .fold(0, |m, i| m | (1 << i))
+}
+
 /// A 256-bit value: lanes 0 (bits 127:0) and 1 (bits 255:128).
 type Y = [u128; 2];
 
@@ -934,7 +945,16 @@ impl Exec<'_> {
         let bv = self.read_lin(hdr, 8)?;
         let comp = self.read_lin(hdr + 8, 8)?;
         let compacted = comp & (1 << 63) != 0;
-        let xcr0 = self.cpu.xcr0;
+        let mut xcr0 = self.cpu.xcr0;
+        if self.cpu.cpl == 3 && (bv | comp) & !(1 << 63) & !xcr0 != 0 {
+            // User mode on the hybrid kvm backend runs under the host's XCR0, so a user
+            // `xsavec`/`xsave` there also saves the AVX-512 components, and the matching
+            // `xrstor` may run here (a user stretch emu runs itself, or after a move). At CPL 3
+            // the components the model lays out in leaf 0xD beyond XCR0 are accepted in the
+            // header as that host XCR0 would, and left as they are: emu has no such registers
+            // (docs/cpu-model.md, "XSAVE state user mode can see").
+            xcr0 |= laid_out_components(&self.vm.model);
+        }
         if compacted {
             if !self.has(Feature::Xsavec) || comp & !(1 << 63) & !xcr0 != 0 || bv & !comp != 0 {
                 return gp0();

@@ -78,6 +78,14 @@ impl Clock {
         self.host_tsc.is_some() && !self.left_host_tsc.load(Ordering::Acquire)
     }
 
+    /// Whether a loaded state's guest TSC `tsc` lets the guest keep the host's TSC as its own:
+    /// 0, the reset value of a fresh boot or reboot (`machine::boot`; no VM that ran has it,
+    /// and a guest that just reset has no earlier reading to stay continuous with), or the
+    /// host's TSC now within a move's pause ([`Clock::is_host_tsc`]).
+    pub fn takes_host_tsc(&self, tsc: u64) -> bool {
+        tsc == 0 || self.is_host_tsc(tsc)
+    }
+
     /// Whether `tsc` (a restored guest TSC) is the host's TSC now, within a move's pause.
     pub fn is_host_tsc(&self, tsc: u64) -> bool {
         match self.host_tsc.as_ref().and_then(|a| a.host_tsc()) {

@@ -708,15 +708,12 @@ impl hv::Vcpu for EmuVcpu {
         self.cpu.lapic.load_state(&s.lapic, now);
         if let Some(t) = s.msr(msr::IA32_TSC)
             && self.shared.clock.fixed_tsc()
-            && !self.shared.clock.is_host_tsc(t)
+            && !self.shared.clock.takes_host_tsc(t)
         {
             // A VM that moved here from another backend or host keeps its own TSC; user mode on
             // the accelerator would read the host's (it cannot be offset), so this VM's user
-            // code runs in emu from now on (docs/cpu-model.md, "Time across moves"). NOTE: a
-            // fresh boot's state has TSC 0 (`machine::boot` sets every model MSR to 0), so every
-            // fresh `--backend kvm` boot also ends up here and runs all user mode in emu; not
-            // exempting 0 is deliberate for now: with the accelerator really in use, Debian's
-            // user programs segfault in ld.so (docs/kvm-platform.md, "Known breakage").
+            // code runs in emu from now on (docs/cpu-model.md, "Time across moves"). A fresh
+            // boot's TSC 0 is not a move: it takes the host TSC (`Clock::takes_host_tsc`).
             self.shared.clock.leave_host_tsc();
             hv::rate_limited!(tracing::info!(
                 "vCPU {}: restored TSC differs from this host's; user mode runs in emu for this VM",

@@ -440,6 +440,7 @@ impl CpuModel {
             },
         ];
         m.cpuid.extend(xsave_leaves);
+        m.cpuid.extend(Self::avx512_xsave_layout());
         for f in [Xsaveopt, Xsavec, Xgetbv1] {
             m.set_feature(f);
         }
@@ -448,6 +449,38 @@ impl CpuModel {
         m.msrs.push(msr::IA32_TSC_AUX);
         m.msrs.sort_unstable();
         m
+    }
+
+    /// CPUID leaf 0xD sub-leaves 5, 6 and 7 (opmask, ZMM_Hi256, Hi16_ZMM: 64, 512 and 1024
+    /// bytes, their architectural sizes; standard-format offsets 0x440, 0x480 and 0x680 as on
+    /// Intel CPUs, AMD's Zen 4 puts them at 0x340.. without the MPX hole) for a model whose
+    /// XCR0 (sub-leaf 0 EAX) does not include them. glibc's compacted save area depends only
+    /// on the sizes.
+    ///
+    /// Why a model describes components it does not support: on the hybrid `kvm` backend
+    /// (PVM hosts) guest user code runs under the host's XCR0, so an `xsavec` or `xsave` there
+    /// saves the host's AVX-512 components too; glibc's lazy-binding trampoline
+    /// (`_dl_runtime_resolve_xsavec`, mask SSE|AVX|BNDREGS|opmask|ZMM_Hi256|Hi16_ZMM) sizes
+    /// its stack save area from these sub-leaves, and with zeros here it writes 1600 bytes
+    /// past it (`docs/kvm-platform.md`, "XSAVE at CPL 3"). Every backend presents the same
+    /// table: sub-leaf 0 EAX still says what XCR0 may enable, so a kernel (which sizes its
+    /// XSAVE buffers for the components it enables) is unaffected, and on emu and plain KVM
+    /// (guest XCR0 in force) the extra reserved bytes are simply not written.
+    pub fn avx512_xsave_layout() -> [CpuidEntry; 3] {
+        let sub = |index, eax, ebx| CpuidEntry {
+            function: 0xd,
+            index,
+            indexed: true,
+            eax,
+            ebx,
+            ecx: 0,
+            edx: 0,
+        };
+        [
+            sub(5, 0x40, 0x440),
+            sub(6, 0x200, 0x480),
+            sub(7, 0x400, 0x680),
+        ]
     }
 
     /// Sets the CPUID bit of `feature` (the leaf must exist).
@@ -635,6 +668,33 @@ mod tests {
         let m = CpuModel::portable_v3();
         assert_eq!(m.cpuid_value(0, 1, 0, 0)[0], 0xd);
         assert_eq!(m.cpuid_value(0, 1, 0xd, 0)[0], 7);
+    }
+
+    /// glibc's `_dl_runtime_resolve_xsavec` save area, computed as glibc 2.36's
+    /// `update_active` does (compacted offsets of the components in its mask, sizes from the
+    /// model's sub-leaves), must hold what `xsavec` writes at CPL 3 under a host XCR0 with
+    /// AVX-512 (0xe7 or 0x600e7): 2432 bytes (576 + AVX 256 + opmask 64 + 512 + 1024).
+    #[test]
+    fn v3_xsave_sub_leaves_size_glibcs_save_area_for_avx512_hosts() {
+        let m = CpuModel::portable_v3();
+        let state_save_mask = (1u32 << 1) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7);
+        let (mut offset, mut size) = (576u32, 256u32);
+        for i in 3..32 {
+            let [eax, _, ecx, _] = if state_save_mask & (1 << i) != 0 {
+                m.cpuid_value(0, 1, 0xd, i)
+            } else {
+                [0; 4]
+            };
+            offset += size;
+            if ecx & 2 != 0 {
+                offset = offset.next_multiple_of(64);
+            }
+            size = eax;
+        }
+        assert_eq!(offset + size, 2432);
+        // XCR0 may still enable only x87|SSE|AVX, and the sizes for it are unchanged.
+        assert_eq!(m.cpuid_value(0, 1, 0xd, 0), [7, 0x340, 0x340, 0]);
+        assert_eq!(m.cpuid_value(0, 1, 0xd, 2)[..2], [0x100, 0x240]);
     }
 
     #[test]

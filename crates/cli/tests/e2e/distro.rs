@@ -314,11 +314,18 @@ fn distro_args(d: &Distro, disk: &Path, backend: &str, mode: &str) -> Vec<String
 }
 
 /// Boots `mode` on `backend` and waits for the workload's first line; prints the boot time.
+/// A kvm boot logs at debug level, for [`assert_user_mode_ran_on_kvm`].
 fn boot(d: &Distro, dir: &Path, name: &str, backend: &str, mode: &str) -> Vm {
     let disk = overlay(d, dir);
     let start = Instant::now();
-    let mut vm = Vm::spawn(
+    let env: &[(&str, &str)] = if backend == "kvm" {
+        &[("ANYVISOR_LOG", "debug")]
+    } else {
+        &[]
+    };
+    let mut vm = Vm::spawn_with_env(
         &distro_args(d, &disk, backend, mode),
+        env,
         &dir.join(format!("{name}.serial")),
         &dir.join(format!("{name}.sock")),
     );
@@ -366,8 +373,31 @@ fn ok(what: &str, out: &std::process::Output) {
     );
 }
 
+/// On a KVM-PVM host `--backend kvm` is the hybrid (guest kernel in emu, user mode on KVM):
+/// a freshly booted VM must really have handed user mode to KVM. `stderr` is a debug-level log
+/// of the whole VM process (emu prints its hand-off counters when a vCPU is dropped). Elsewhere
+/// `--backend kvm` is plain KVM and there is nothing to check.
+fn assert_user_mode_ran_on_kvm(what: &str, stderr: &str) {
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        return;
+    }
+    assert!(
+        !stderr.contains("restored TSC differs"),
+        "{what}: a fresh boot left the host TSC, so its user mode ran in emu:\n{stderr}"
+    );
+    let tag = "user-mode runs handed over (all vCPUs) ";
+    let runs: u64 = stderr
+        .lines()
+        .filter_map(|l| tagged(l, tag)?.split(',').next()?.trim().parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("{what}: no hand-off counters in the log:\n{stderr}"));
+    println!("{what}: {runs} user-mode runs handed to KVM");
+    assert!(runs > 0, "{what}: no user-mode run went to KVM");
+}
+
 /// `snapshot --stop` of `vm` into `file`: status 0 and the VM process ends with status 0.
-fn snapshot_and_stop(mut vm: Vm, file: &Path) {
+/// Returns the process's stderr.
+fn snapshot_and_stop(mut vm: Vm, file: &Path) -> String {
     let t = Instant::now();
     ok(
         "snapshot",
@@ -384,6 +414,9 @@ fn snapshot_and_stop(mut vm: Vm, file: &Path) {
         "snapshot --stop of the running {MEMORY} Debian guest took {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    // The log's last lines (the vCPUs' counters) may still be in the pipe's reader.
+    std::thread::sleep(Duration::from_millis(500));
+    vm.stderr()
 }
 
 /// `run --restore FILE --backend BACKEND` (the disk is the overlay at the path the snapshot
@@ -594,7 +627,8 @@ fn distro_runs_on_kvm_and_moves_to_emu_by_snapshot() {
     wait_iteration(&mut vm, "kvm", &d.expected);
 
     let snap = dir.join("kvm.snap");
-    snapshot_and_stop(vm, &snap);
+    let log = snapshot_and_stop(vm, &snap);
+    assert_user_mode_ran_on_kvm("kvm", &log);
     let t = Instant::now();
     let mut emu = restore(&dir, "emu", &snap, "emu");
     wait_iteration(&mut emu, "kvm -> emu (snapshot)", &d.expected);
@@ -620,7 +654,8 @@ fn distro_moves_kvm_emu_kvm_by_snapshot_and_migration() {
     wait_iteration(&mut vm, "kvm boot", &d.expected);
 
     let snap = dir.join("kvm0.snap");
-    snapshot_and_stop(vm, &snap);
+    let log = snapshot_and_stop(vm, &snap);
+    assert_user_mode_ran_on_kvm("kvm boot", &log);
     let mut vm = restore(&dir, "emu1", &snap, "emu");
     wait_iteration(&mut vm, "kvm -> emu (snapshot)", &d.expected);
 

@@ -637,3 +637,88 @@ fn masked_moves_do_not_fault_on_masked_off_elements() {
     assert_eq!(u32s(&g, DATA + 0x20, 4), vec![11, 12, 0, 0]);
     assert_eq!(u32s(&g, SMALL + 0x1000 - 8, 2), vec![u32::MAX, 0x8000_0000]);
 }
+
+/// The image a user-mode `xsavec` (mask 0xee) writes on the hybrid kvm backend, whose user mode
+/// runs under the host's XCR0: XCOMP_BV also names opmask, ZMM_Hi256 and Hi16_ZMM (bits 5-7),
+/// which the model lays out (leaf 0xD sub-leaves 5-7) but XCR0 = 7 does not enable. glibc's
+/// lazy-binding trampoline restores it with `xrstor`, which emu may run (a short user stretch,
+/// or after a move). At CPL 3 emu accepts it and loads SSE/AVX; at CPL 0 it stays #GP.
+fn write_host_xcr0_xsavec_image(g: &Guest) {
+    const AREA: u64 = 0x30000;
+    let mut legacy = [0u8; 512];
+    legacy[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+    legacy[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    for (k, v) in [1u32, 2, 3, 4].iter().enumerate() {
+        let off = 160 + 7 * 16 + 4 * k;
+        legacy[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    write_bytes(g, AREA, &legacy);
+    g.write_u64(AREA + 512, 0x26); // XSTATE_BV: SSE, AVX, opmask
+    g.write_u64(AREA + 520, (1 << 63) | 0xe6); // XCOMP_BV
+    for off in (528..576).step_by(8) {
+        g.write_u64(AREA + off, 0);
+    }
+    put_u32s(g, AREA + 576 + 7 * 16, &[5, 6, 7, 8]);
+}
+
+#[test]
+fn user_xrstor_accepts_the_host_xcr0_components_the_model_lays_out() {
+    const STUB_AREA: i32 = 0x30000;
+    let user = asm(|a| {
+        a.mov(eax, 0xeeu32)?;
+        a.xor(edx, edx)?;
+        a.xrstor64(ptr(STUB_AREA))?;
+        a.vmovdqu(ymmword_ptr(DATA as i32 + 0x40), ymm7)?;
+        a.hlt() // #GP at CPL 3: the stub records it and stops
+    });
+    let mut g = v3_guest(&user);
+    write_host_xcr0_xsavec_image(&g);
+    // User segments, user-accessible paging, RSP0 in the TSS (at linear 0).
+    g.write_u64(GDT + 0x28, 0x00af_fb00_0000_ffff);
+    g.write_u64(GDT + 0x30, 0x00cf_f300_0000_ffff);
+    g.write_u64(PML4, 0x2000 | 7);
+    g.write_u64(0x2000, 0x3000 | 7);
+    for k in 0..512u64 {
+        g.write_u64(0x3000 + k * 8, (k << 21) | 0x87);
+    }
+    g.write_u64(4, STACK);
+    let mut st = g.state();
+    st.sregs.gdt.limit = 7 * 8 - 1;
+    st.sregs.cs = hv::Segment {
+        selector: 0x2b,
+        dpl: 3,
+        ..st.sregs.cs
+    };
+    let data = hv::Segment {
+        selector: 0x33,
+        dpl: 3,
+        ..st.sregs.ds
+    };
+    st.sregs.ss = data;
+    st.sregs.ds = data;
+    st.sregs.es = data;
+    st.sregs.cr4 |= 1 << 18;
+    st.xcr0 = 7;
+    st.xsave_ext = vec![0; 64 + 256]; // XSAVE header, AVX component (in its initial state)
+    st.regs.rsp = 0x70000;
+    g.set_state(&st);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(g.exception(), Some((13, 0)), "the final hlt at CPL 3");
+    assert_eq!(u32s(&g, DATA + 0x40, 8), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+
+    let kernel = asm(|a| {
+        enable_avx(a)?;
+        a.mov(eax, 0xeeu32)?;
+        a.xor(edx, edx)?;
+        a.xrstor64(ptr(STUB_AREA))?;
+        a.hlt()
+    });
+    let mut g = v3_guest(&kernel);
+    write_host_xcr0_xsavec_image(&g);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(
+        g.exception(),
+        Some((13, 0)),
+        "XCOMP_BV beyond XCR0 at CPL 0"
+    );
+}

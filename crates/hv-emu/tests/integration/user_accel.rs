@@ -502,6 +502,28 @@ fn a_restored_host_tsc_keeps_the_accelerator() {
 }
 
 #[test]
+fn a_reset_tsc_takes_the_host_tsc_and_keeps_the_accelerator() {
+    // A fresh boot (or reboot): `machine::boot` loads every vCPU with TSC 0, the reset value.
+    // That is not a moved VM: the guest TSC becomes the host's and user mode goes to the runner.
+    const BASE: u64 = 1 << 50;
+    let (hv, shared) = accel(Script {
+        host_tsc_base: Some(BASE),
+        ..Script::default()
+    });
+    let mut g = user_guest(&hv, &kernel(0x2, false), &two_syscalls_then_ud2());
+    let mut st = g.state();
+    st.set_msr(msr::IA32_TSC, 0);
+    g.set_state(&st);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    assert_eq!(shared.runs.load(Ordering::SeqCst), 3);
+    let kernel_tsc = g.read_u64(DATA + 0x40);
+    assert!(
+        kernel_tsc >= BASE,
+        "kernel TSC {kernel_tsc:#x} is not the host's (from {BASE:#x})"
+    );
+}
+
+#[test]
 fn faulted_user_cpuid_is_answered_from_the_model() {
     // With CPUID faulting the runner returns #GP(0) at a user `cpuid`; emu executes it with the
     // VM's model and user code continues. Without that, the guest kernel would get #GP (13).

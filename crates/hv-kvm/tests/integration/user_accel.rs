@@ -776,3 +776,45 @@ fn user_cpuid_faults_and_host_xcr0_shows() {
     );
     println!("XCR0 seen by user code: {:#x}", t.state.regs.r9);
 }
+
+/// What `xsavec` writes at CPL 3 under PVM: the guest asked for XCR0 = x87|SSE|AVX (7), but the
+/// host's XCR0 is in force, so glibc's lazy-binding trampoline (`_dl_runtime_resolve_xsavec`,
+/// mask `0xee` = SSE, AVX, BNDREGS, opmask, ZMM_Hi256, Hi16_ZMM) also saves the AVX-512
+/// components whenever the host has them. glibc sizes that save area from CPUID leaf 0xD's
+/// sub-leaves, so the model must report their sizes (docs/kvm-platform.md, "XSAVE at CPL 3").
+#[test]
+fn user_xsavec_saves_the_hosts_xcr0_components() {
+    let Some(mut t) = setup(|a| {
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        a.mov(r9, rax)?;
+        a.mov(rbx, DATA)?;
+        a.mov(eax, 0xeeu32)?;
+        a.xor(edx, edx)?;
+        a.xsavec(ptr(rbx))?;
+        a.ud2()
+    }) else {
+        return;
+    };
+    t.state.sregs.cr4 |= 1 << 18;
+    t.state.xcr0 = 7;
+    t.mem
+        .write_slice(&[0xaa; 4096], GuestAddress(DATA))
+        .unwrap();
+    let (exit, _) = t.run(None);
+    assert!(
+        matches!(exit, UserExit::Event { vector: 6, .. }),
+        "{exit:?}"
+    );
+    let host_xcr0 = t.state.regs.r9;
+    let mut hdr = [0u8; 16];
+    t.mem
+        .read_slice(&mut hdr, GuestAddress(DATA + 512))
+        .unwrap();
+    let xcomp_bv = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+    println!(
+        "host XCR0 seen by user code {host_xcr0:#x}, XCOMP_BV written by xsavec {xcomp_bv:#x}"
+    );
+    // The requested-feature bitmap is EDX:EAX & XCR0: the host's XCR0, not the guest's 7.
+    assert_eq!(xcomp_bv, (1 << 63) | (0xee & host_xcr0));
+}
