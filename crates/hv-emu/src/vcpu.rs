@@ -92,6 +92,10 @@ const PROBE_BATCH: u32 = 512;
 /// After this many stretches in a row outran the budget, probing backs off to one user-mode
 /// entry in `2^k` (at most `MAX_PROBE_SKIP + 1`): long stretches go straight to the accelerator.
 const MAX_PROBE_SKIP: u32 = 63;
+/// A run after a guest TLB flush also rebuilds KVM's shadow page tables (milliseconds, see
+/// docs/kvm-platform.md "Costs measured"): such a stretch must run this many times the budget
+/// in emu before it is worth handing over (1 M instructions for the 32 768 budget).
+const FLUSHED_BUDGET_FACTOR: u64 = 32;
 
 /// Adaptive hand-off of user mode: emu runs each user stretch itself for up to `budget`
 /// instructions (the runner's `emulate_below`: syscall- and page-fault-heavy code never pays
@@ -103,6 +107,9 @@ struct HandOff {
     budget: u64,
     /// User instructions of the stretch emu is running (`None`: not running one).
     stretch: Option<u64>,
+    /// What the running stretch may reach before it goes to the accelerator: `budget`, or
+    /// `budget * FLUSHED_BUDGET_FACTOR` when the next run would rebuild the shadow page tables.
+    limit: u64,
     /// The stretch outran the budget: the next user entry goes to the accelerator.
     hand_now: bool,
     /// Stretches in a row that outran the budget.
@@ -154,7 +161,7 @@ impl HandOff {
             return;
         }
         *s += u64::from(n);
-        if *s >= self.budget {
+        if *s >= self.limit {
             USER_STRETCHES_OUTRAN.fetch_add(1, Ordering::Relaxed);
             self.stretch = None;
             self.hand_now = true;
@@ -166,8 +173,11 @@ impl HandOff {
     }
 
     /// At a user-mode entry: true when emu runs this stretch itself (a probe), false when it
-    /// goes to the accelerator.
-    fn emulate_stretch(&mut self) -> bool {
+    /// goes to the accelerator. `flushed`: the guest flushed its TLB since the last run (a
+    /// context switch, typically), so a run now would also rebuild KVM's shadow page tables;
+    /// such a stretch is always probed, with the larger limit, since programs that switch
+    /// often (a pipe between two processes) would otherwise pay that rebuild per switch.
+    fn emulate_stretch(&mut self, flushed: bool) -> bool {
         if self.stretch.is_some() {
             return true;
         }
@@ -177,9 +187,13 @@ impl HandOff {
         if self.budget == 0 {
             return false;
         }
-        if self.skip > 0 {
+        if flushed {
+            self.limit = self.budget.saturating_mul(FLUSHED_BUDGET_FACTOR);
+        } else if self.skip > 0 {
             self.skip -= 1;
             return false;
+        } else {
+            self.limit = self.budget;
         }
         USER_STRETCHES_EMULATED.fetch_add(1, Ordering::Relaxed);
         self.stretch = Some(0);
@@ -337,7 +351,8 @@ impl EmuVcpu {
             self.instructions += u64::from(n);
             INSTRUCTIONS.fetch_add(u64::from(n), Ordering::Relaxed);
             self.handoff.after_batch(n, user_now);
-            if at_user && !self.handoff.emulate_stretch() {
+            let flushed = self.user_tlb_epoch != Some(ex.cpu.tlb.epoch);
+            if at_user && !self.handoff.emulate_stretch(flushed) {
                 self.run_user(io, &ram)?;
             }
         }
@@ -822,4 +837,56 @@ pub fn emulate_one(
 pub fn disassemble(bytes: &[u8], bitness: u32, rip: u64) -> String {
     let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
     format!("{:?}", d.decode().mnemonic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandOff;
+
+    /// Runs user batches of `n` instructions until the stretch is handed over or ends;
+    /// returns the user instructions emu ran itself before handing over (None: never).
+    fn hand_over_after(h: &mut HandOff, flushed: bool, n: u32, max: u64) -> Option<u64> {
+        if !h.emulate_stretch(flushed) {
+            return Some(0);
+        }
+        let mut ran = 0;
+        while ran < max {
+            h.after_batch(n, true);
+            ran += u64::from(n);
+            if !h.emulate_stretch(flushed) {
+                return Some(ran);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_stretch_after_a_tlb_flush_runs_longer_in_emu_before_it_is_handed_over() {
+        let mut h = HandOff {
+            budget: 32_768,
+            ..HandOff::default()
+        };
+        // Without a flush, a stretch goes over at the budget.
+        assert_eq!(hand_over_after(&mut h, false, 512, 1 << 24), Some(32_768));
+        // After a flush (the next run rebuilds KVM's shadow pages), at 32 times the budget.
+        assert_eq!(hand_over_after(&mut h, true, 512, 1 << 24), Some(32_768 * 32));
+    }
+
+    #[test]
+    fn after_a_flush_a_stretch_is_probed_even_while_long_stretches_skip_probing() {
+        let mut h = HandOff {
+            budget: 1_000,
+            ..HandOff::default()
+        };
+        for _ in 0..4 {
+            // Long stretches in a row: probing backs off.
+            let _ = hand_over_after(&mut h, false, 500, 1 << 20);
+        }
+        assert!(h.skip > 0);
+        assert!(!h.emulate_stretch(false), "skipped: straight to the accelerator");
+        assert!(h.emulate_stretch(true), "after a flush: probed in emu");
+        // It ended in the kernel within the larger limit: emu was the cheaper place.
+        h.after_batch(5_000, false);
+        assert!(h.stretch.is_none());
+    }
 }

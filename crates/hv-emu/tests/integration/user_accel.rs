@@ -596,8 +596,9 @@ fn guest_tlb_flushes_are_reported_to_the_runner() {
 
 /// With a runner that says short stretches are cheaper in emu (`emulate_below`), emu runs user
 /// code between syscalls itself and hands over only a stretch that outruns the budget (here a
-/// 200 000-instruction loop, from the loop on); right after such a stretch the next user entry
-/// goes straight to the runner.
+/// 2 000 000-instruction loop, from the loop on: no run has happened yet, so a run would also
+/// build KVM's shadow page tables and the stretch must outrun 32 times the budget); right after
+/// such a stretch the next user entry goes straight to the runner.
 #[test]
 fn short_user_stretches_stay_in_emu_and_long_ones_go_to_the_runner() {
     let (hv, shared) = accel(Script {
@@ -609,7 +610,7 @@ fn short_user_stretches_stay_in_emu_and_long_ones_go_to_the_runner() {
         a.syscall()?;
         a.mov(eax, 1)?;
         a.syscall()?;
-        a.mov(ecx, 100_000)?;
+        a.mov(ecx, 1_000_000)?;
         let mut top = a.create_label();
         a.set_label(&mut top)?;
         a.dec(ecx)?;
