@@ -869,7 +869,10 @@ mod tests {
         // Without a flush, a stretch goes over at the budget.
         assert_eq!(hand_over_after(&mut h, false, 512, 1 << 24), Some(32_768));
         // After a flush (the next run rebuilds KVM's shadow pages), at 32 times the budget.
-        assert_eq!(hand_over_after(&mut h, true, 512, 1 << 24), Some(32_768 * 32));
+        assert_eq!(
+            hand_over_after(&mut h, true, 512, 1 << 24),
+            Some(32_768 * 32)
+        );
     }
 
     #[test]
@@ -883,7 +886,10 @@ mod tests {
             let _ = hand_over_after(&mut h, false, 500, 1 << 20);
         }
         assert!(h.skip > 0);
-        assert!(!h.emulate_stretch(false), "skipped: straight to the accelerator");
+        assert!(
+            !h.emulate_stretch(false),
+            "skipped: straight to the accelerator"
+        );
         assert!(h.emulate_stretch(true), "after a flush: probed in emu");
         // It ended in the kernel within the larger limit: emu was the cheaper place.
         h.after_batch(5_000, false);
