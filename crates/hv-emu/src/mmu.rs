@@ -18,6 +18,7 @@ const TLB_SIZE: usize = 1024;
 const T_WRITE: u64 = 1; // writable at all levels and dirty already set
 const T_USER: u64 = 2;
 const T_NX: u64 = 4;
+const T_GLOBAL: u64 = 8; // the leaf is global (G) and CR4.PGE was set when it was walked
 
 /// 16 bytes, so the 1024 entries take 16 KiB of the host's L1.
 #[derive(Clone, Copy)]
@@ -32,6 +33,9 @@ pub struct Tlb {
     /// Bumped by every flush: the translator's host-pointer TLB (`jit`) is a cache of this one
     /// and drops its entries when this changes.
     pub epoch: u64,
+    /// Bumped by every flush that may drop global entries (all but [`Tlb::flush_nonglobal`]):
+    /// when only `epoch` moved, a cache of this TLB may keep its global entries.
+    pub global_epoch: u64,
 }
 
 impl Tlb {
@@ -45,19 +49,42 @@ impl Tlb {
                 TLB_SIZE
             ],
             epoch: 0,
+            global_epoch: 0,
         }
     }
 
     pub fn flush_all(&mut self) {
         self.epoch = self.epoch.wrapping_add(1);
+        self.global_epoch = self.global_epoch.wrapping_add(1);
         for e in self.e.iter_mut() {
             e.vpn = u64::MAX;
         }
     }
 
+    /// What MOV to CR3 does with CR4.PGE set (and no PCIDs): drops every translation except
+    /// those of global pages (SDM Vol. 3A 4.10.4.1). Kernel pages are global in a guest
+    /// without page-table isolation, so a context switch keeps them.
+    pub fn flush_nonglobal(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        for e in self.e.iter_mut() {
+            if e.pa & T_GLOBAL == 0 {
+                e.vpn = u64::MAX;
+            }
+        }
+    }
+
+    /// Whether the TLB holds a global translation of `lin`.
+    pub fn is_global(&self, lin: u64) -> bool {
+        let vpn = lin >> 12;
+        self.e
+            .get((vpn as usize) & (TLB_SIZE - 1))
+            .is_some_and(|e| e.vpn == vpn && e.pa & T_GLOBAL != 0)
+    }
+
     /// Drops the translations to any of the guest page frames `frames`.
     pub fn flush_frames(&mut self, frames: &[u64]) {
         self.epoch = self.epoch.wrapping_add(1);
+        self.global_epoch = self.global_epoch.wrapping_add(1);
         if frames.len() > 32 {
             self.flush_all();
             return;
@@ -71,6 +98,7 @@ impl Tlb {
 
     pub fn flush_page(&mut self, lin: u64) {
         self.epoch = self.epoch.wrapping_add(1);
+        self.global_epoch = self.global_epoch.wrapping_add(1);
         let vpn = lin >> 12;
         let e = &mut self.e[(vpn as usize) & (TLB_SIZE - 1)];
         if e.vpn == vpn {
@@ -271,6 +299,7 @@ const PTE_U: u64 = 4;
 const PTE_A: u64 = 1 << 5;
 const PTE_D: u64 = 1 << 6;
 const PTE_PS: u64 = 1 << 7;
+const PTE_G: u64 = 1 << 8;
 const PTE_NX: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -381,6 +410,9 @@ impl Exec<'_> {
         }
         if nx {
             flags |= T_NX;
+        }
+        if leaf & PTE_G != 0 && self.cpu.cr4 & crate::cpu::CR4_PGE != 0 {
+            flags |= T_GLOBAL;
         }
         let pa = phys | (lin & page_mask);
         let vpn = lin >> 12;

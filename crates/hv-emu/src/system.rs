@@ -700,7 +700,11 @@ impl Exec<'_> {
                 }
                 3 => {
                     self.cpu.cr3 = v & 0x000f_ffff_ffff_ffff;
-                    self.cpu.tlb.flush_all();
+                    if self.cpu.cr4 & crate::cpu::CR4_PGE != 0 {
+                        self.cpu.tlb.flush_nonglobal();
+                    } else {
+                        self.cpu.tlb.flush_all();
+                    }
                     Ok(())
                 }
                 4 => self.set_cr4(v),

@@ -293,6 +293,11 @@ pub struct Jit {
     slots: Vec<Slot>,
     emitter: emit::Emitter,
     tlb_epoch: u64,
+    /// `Tlb::global_epoch` when the soft TLB was last emptied whole: while it is current, a
+    /// flush that spared global pages (MOV to CR3) spares their soft-TLB entries too.
+    tlb_global_epoch: u64,
+    /// Soft-TLB entries filled from a global translation.
+    tlb_global: [bool; TLB_ENTRIES],
     cpl: u8,
     marks: u64,
     insns: Vec<(iced_x86::Instruction, Kind)>,
@@ -344,6 +349,8 @@ impl Jit {
             slots: vec![Slot::default(); SLOTS],
             emitter,
             tlb_epoch: u64::MAX,
+            tlb_global_epoch: u64::MAX,
+            tlb_global: [false; TLB_ENTRIES],
             cpl: u8::MAX,
             marks: u64::MAX,
             insns: Vec::new(),
@@ -392,6 +399,17 @@ impl Jit {
             self.cache.patch_jump(site, orig);
             self.stats.unlinks += 1;
         }
+    }
+
+    /// Empties the soft-TLB entries that are not global (and the jump cache, whose entries
+    /// are per address space), after a flush of the interpreter's TLB that spared global pages.
+    fn flush_nonglobal_tlb(&mut self) {
+        for (e, &g) in self.ctx.tlb.iter_mut().zip(self.tlb_global.iter()) {
+            if !g {
+                *e = EMPTY;
+            }
+        }
+        self.flush_jc();
     }
 
     fn flush_tlb(&mut self) {
@@ -700,7 +718,13 @@ impl Exec<'_> {
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
         if jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl {
-            jit.flush_tlb();
+            if jit.cpl == self.cpu.cpl && jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
+                jit.flush_nonglobal_tlb();
+            } else {
+                jit.flush_tlb();
+                jit.tlb_global = [false; TLB_ENTRIES];
+                jit.tlb_global_epoch = self.cpu.tlb.global_epoch;
+            }
             jit.tlb_epoch = self.cpu.tlb.epoch;
             jit.cpl = self.cpu.cpl;
         }
@@ -825,11 +849,18 @@ impl Exec<'_> {
         }
         let vpn = lin >> 12;
         let tag = vpn.wrapping_neg();
-        let Some(e) = jit.ctx.tlb.get_mut((vpn as usize) & (TLB_ENTRIES - 1)) else {
+        let slot = (vpn as usize) & (TLB_ENTRIES - 1);
+        let global = self.cpu.tlb.is_global(lin);
+        let Some(e) = jit.ctx.tlb.get_mut(slot) else {
             return;
         };
         if e.read_tag != tag && e.write_tag != tag {
             *e = EMPTY;
+        }
+        if let Some(g) = jit.tlb_global.get_mut(slot) {
+            // A read and a write fill of one page agree; a global page's entry survives
+            // MOV to CR3 only if every fill of it was global.
+            *g = global && (*g || e.read_tag != tag);
         }
         e.addend = host.wrapping_sub(lin & !0xfff);
         // Unlogged only if the page is dirty already (the bitmap has it since the last

@@ -98,6 +98,60 @@ fn invlpg_sees_new_mapping(hv: &dyn Hypervisor) {
     assert_eq!((r.rax, r.rbx), (11, 22));
 }
 
+/// MOV to CR3 with CR4.PGE set drops the non-global translations (required) and emu keeps the
+/// global ones (allowed, and what makes a guest kernel's context switches cheap: its pages are
+/// global); clearing CR4.PGE drops those too.
+fn cr3_write_keeps_global_translations(hv: &dyn Hypervisor) -> [u64; 5] {
+    let va_g = SMALL + 0x6000;
+    let va_n = SMALL + 0x8000;
+    let pte = |va: u64| PT + ((va - SMALL) >> 12) * 8;
+    let code = asm(|a| {
+        a.mov(rax, cr4)?;
+        a.or(rax, 0x80)?;
+        a.mov(cr4, rax)?;
+        a.mov(rsi, va_g)?;
+        a.mov(rdi, va_n)?;
+        a.mov(r8, qword_ptr(rsi))?;
+        a.mov(r9, qword_ptr(rdi))?;
+        // Both mappings move to other frames, without INVLPG.
+        a.mov(rbx, pte(va_g))?;
+        a.mov(rcx, (SMALL + 0x7000) | 0x103)?;
+        a.mov(qword_ptr(rbx), rcx)?;
+        a.mov(rbx, pte(va_n))?;
+        a.mov(rcx, (SMALL + 0x9000) | 3)?;
+        a.mov(qword_ptr(rbx), rcx)?;
+        a.mov(rax, cr3)?;
+        a.mov(cr3, rax)?;
+        a.mov(r10, qword_ptr(rsi))?;
+        a.mov(r11, qword_ptr(rdi))?;
+        a.mov(rax, cr4)?;
+        a.and(rax, !0x80i32)?;
+        a.mov(cr4, rax)?;
+        a.mov(r12, qword_ptr(rsi))?;
+        a.hlt()
+    });
+    let mut g = long_mode_guest(hv, &code);
+    g.map_small();
+    g.write_u64(pte(va_g), va_g | 0x103);
+    g.write_u64(va_g, 11);
+    g.write_u64(SMALL + 0x7000, 22);
+    g.write_u64(va_n, 33);
+    g.write_u64(SMALL + 0x9000, 44);
+    assert_eq!(g.run(), VcpuExit::Halted);
+    let r = g.regs();
+    [r.r8, r.r9, r.r10, r.r11, r.r12]
+}
+
+#[test]
+fn emu_cr3_write_keeps_global_translations() {
+    // Before CR3: the old frames. After: the global page still through its kept
+    // translation, the other one through its new PTE. After clearing PGE: the new frame.
+    assert_eq!(
+        cr3_write_keeps_global_translations(&emu()),
+        [11, 33, 11, 44, 22]
+    );
+}
+
 #[test]
 fn emu_not_present_read() {
     not_present_read(&emu());
