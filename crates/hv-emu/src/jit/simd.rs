@@ -317,25 +317,7 @@ fn vreg(r: Register) -> Option<(usize, bool)> {
 const POOL: [u8; 3] = [RDI, 9, 10];
 
 fn host_gpr(num: u8, size: usize) -> Option<Register> {
-    const R64: [Register; 16] = [
-        Register::RAX,
-        Register::RCX,
-        Register::RDX,
-        Register::RBX,
-        Register::RSP,
-        Register::RBP,
-        Register::RSI,
-        Register::RDI,
-        Register::R8,
-        Register::R9,
-        Register::R10,
-        Register::R11,
-        Register::R12,
-        Register::R13,
-        Register::R14,
-        Register::R15,
-    ];
-    let r = *R64.get(usize::from(num))?;
+    let r = *super::GPR64.get(usize::from(num))?;
     Some(match size {
         8 => r,
         4 => r.full_register32(),
