@@ -841,11 +841,11 @@ const CR0_EM: u64 = 1 << 2;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 
-/// Legacy SSE 128-bit memory operands must be 16-byte aligned (#GP(0)), except for the
-/// unaligned moves and the SSE4.2 string compares.
-fn check_align(i: &Instruction, a: u64) -> R<()> {
-    let unaligned = matches!(
-        i.mnemonic(),
+/// The legacy SSE instructions whose 128-bit memory operand needs no alignment: the unaligned
+/// moves and the SSE4.2 string compares (also the translator's rule, `jit/simd.rs`).
+pub(crate) fn unaligned_ok(m: M) -> bool {
+    matches!(
+        m,
         M::Movdqu
             | M::Movups
             | M::Movupd
@@ -856,7 +856,13 @@ fn check_align(i: &Instruction, a: u64) -> R<()> {
             | M::Pcmpestrm
             | M::Pcmpistri
             | M::Pcmpistrm
-    );
+    )
+}
+
+/// Legacy SSE 128-bit memory operands must be 16-byte aligned (#GP(0)), except for
+/// [`unaligned_ok`] ones.
+fn check_align(i: &Instruction, a: u64) -> R<()> {
+    let unaligned = unaligned_ok(i.mnemonic());
     if a & 15 != 0 && !unaligned && i.encoding() == iced_x86::EncodingKind::Legacy {
         return gp0();
     }

@@ -270,23 +270,6 @@ fn integer_like(m: M) -> bool {
     .contains(&m)
 }
 
-/// Legacy SSE 16-byte memory operands that need no alignment (as `sse::check_align`).
-fn unaligned_ok(m: M) -> bool {
-    matches!(
-        m,
-        M::Movdqu
-            | M::Movups
-            | M::Movupd
-            | M::Lddqu
-            | M::Pcmpestri
-            | M::Pcmpestri64
-            | M::Pcmpestrm64
-            | M::Pcmpestrm
-            | M::Pcmpistri
-            | M::Pcmpistrm
-    )
-}
-
 /// VEX moves that need their operand aligned to its size.
 fn vex_aligned(m: M) -> bool {
     matches!(
@@ -463,7 +446,7 @@ fn plan(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Plan> {
                 }
                 let align = if vex {
                     if vex_aligned(m) { size } else { 1 }
-                } else if size == 16 && !unaligned_ok(m) && !crc {
+                } else if size == 16 && !crate::sse::unaligned_ok(m) && !crc {
                     16
                 } else {
                     1
