@@ -758,19 +758,11 @@ fn random_code_runs_the_same_on_both_engines() {
 /// Runs `budget` instructions of the code at CODE on the translator alone and returns the
 /// instructions executed.
 pub(super) fn run_jit(rig: &mut Rig, c: &mut Cpu, budget: u32) -> u32 {
-    let ram = Ram::new(&rig.m1);
-    let mut ex = Exec {
-        cpu: c,
-        mem: &rig.m1,
-        ram: &ram,
-        io: &NoIo,
-        vm: &rig.vm,
-        lapic_enabled: false,
-    };
-    let mut blocks = BlockCache::new();
-    ex.run_batch_jit(&mut rig.jit, &mut blocks, budget, false)
-        .unwrap()
-        .0
+    exec(c, &rig.m1, &rig.vm, |ex| {
+        ex.run_batch_jit(&mut rig.jit, &mut BlockCache::new(), budget, false)
+    })
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -1113,31 +1105,12 @@ impl Rig {
     ) -> Both {
         let exits = self.jit.stats.exits_to_interp;
         let before = self.jit.stats.run;
-        let ra = {
-            let ram = Ram::new(&self.m1);
-            let mut ex = Exec {
-                cpu: a,
-                mem: &self.m1,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
-            let mut blocks = BlockCache::new();
-            ex.run_batch_jit(&mut self.jit, &mut blocks, budget, false)
-        };
+        let ra = exec(a, &self.m1, &self.vm, |ex| {
+            ex.run_batch_jit(&mut self.jit, &mut BlockCache::new(), budget, false)
+        });
         let translated = self.jit.stats.exits_to_interp == exits && self.jit.stats.run > before;
         let steps = ra.as_ref().map_or(budget, |r| r.0);
-        let rb = {
-            let ram = Ram::new(&self.m2);
-            let mut ex = Exec {
-                cpu: b,
-                mem: &self.m2,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
+        let rb = exec(b, &self.m2, &self.vm, |ex| {
             let mut r = Ok(());
             for _ in 0..steps {
                 r = ex.step();
@@ -1146,7 +1119,7 @@ impl Rig {
                 }
             }
             r
-        };
+        });
         assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
         let mut x = vec![0u8; MEM];
         let mut y = vec![0u8; MEM];
@@ -1184,4 +1157,24 @@ pub(super) fn code_of(f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>) -
     f(&mut a).unwrap();
     a.hlt().unwrap();
     a.assemble(CODE).unwrap()
+}
+
+/// Runs `f` on an `Exec` of `cpu` over `mem` (no devices, no local APIC), as the engines here
+/// run.
+fn exec<T>(
+    cpu: &mut Cpu,
+    mem: &hv::GuestMemory,
+    vm: &VmShared,
+    f: impl FnOnce(&mut Exec<'_>) -> T,
+) -> T {
+    let ram = Ram::new(mem);
+    let mut ex = Exec {
+        cpu,
+        mem,
+        ram: &ram,
+        io: &NoIo,
+        vm,
+        lapic_enabled: false,
+    };
+    f(&mut ex)
 }
