@@ -206,26 +206,7 @@ fn xsave_header_tracks_avx_in_use(hv: &dyn Hypervisor) {
 fn avx_differential() {
     let seed = conformance::diff_seed("ANYVISOR_AVX_DIFF_SEED", 0xa7c5);
     let count = conformance::diff_blocks("ANYVISOR_AVX_DIFF_BLOCKS", 300);
-    let Some(report) = diff_avx::differential(seed, count) else {
-        return;
-    };
-    let report = report.expect("differential run");
-    println!(
-        "AVX differential: seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences",
-        report.blocks,
-        report.completed,
-        report.page_faults,
-        report.instructions,
-        report.divergences.len()
-    );
-    for d in &report.divergences {
-        println!("{d}\n");
-    }
-    assert!(
-        report.divergences.is_empty(),
-        "{} divergences",
-        report.divergences.len()
-    );
+    crate::differential::checked("AVX", seed, diff_avx::differential(seed, count));
 }
 
 /// The generator covers the families: AVX, AVX2, FMA and F16C forms are all candidates.

@@ -10,12 +10,8 @@ fn check(privilege: Privilege, seed: u64, count: u64) {
     };
     let report = report.expect("differential run");
     println!(
-        "differential ({privilege:?}): seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences, {} known KVM emulator differences",
-        report.blocks,
-        report.completed,
-        report.page_faults,
-        report.instructions,
-        report.divergences.len(),
+        "differential ({privilege:?}): seed {seed:#x}: {}, {} known KVM emulator differences",
+        totals(&report),
         report.known.len()
     );
     for d in report.known.iter().take(3) {
@@ -32,6 +28,39 @@ fn check(privilege: Privilege, seed: u64, count: u64) {
     }
     let real = report.divergences.len();
     assert_eq!(real, 0, "{real} divergences");
+}
+
+/// The totals of a differential run, for its summary line.
+fn totals(report: &diff::Report) -> String {
+    format!(
+        "{} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences",
+        report.blocks,
+        report.completed,
+        report.page_faults,
+        report.instructions,
+        report.divergences.len()
+    )
+}
+
+/// Checks a differential run of `what`'s blocks from `seed` (the AVX and ext testers'): prints
+/// its totals and every divergence, and fails on a divergence. Returns the report for further
+/// checks; `None` without KVM (nothing ran).
+pub(crate) fn checked(
+    what: &str,
+    seed: u64,
+    run: Option<conformance::Result<diff::Report>>,
+) -> Option<diff::Report> {
+    let report = run?.expect("differential run");
+    println!("{what} differential: seed {seed:#x}: {}", totals(&report));
+    for d in &report.divergences {
+        println!("{d}\n");
+    }
+    assert!(
+        report.divergences.is_empty(),
+        "{} divergences",
+        report.divergences.len()
+    );
+    Some(report)
 }
 
 /// CPL 3: KVM runs the blocks on the host CPU. `ANYVISOR_INT_DIFF_BLOCKS` or

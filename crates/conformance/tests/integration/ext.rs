@@ -342,22 +342,10 @@ conformance!(
 );
 
 fn differential(seed: u64, count: u64) {
-    let Some(report) = diff_ext::differential(seed, count) else {
+    let run = diff_ext::differential(seed, count);
+    let Some(report) = crate::differential::checked("ext", seed, run) else {
         return;
     };
-    let report = report.expect("differential run");
-    println!(
-        "ext differential: seed {seed:#x}: {} blocks ({} ran to their end, {} ended in the #PF of an operand crossing into the unmapped page), {} instructions, {} divergences",
-        report.blocks,
-        report.completed,
-        report.page_faults,
-        report.instructions,
-        report.divergences.len()
-    );
-    for d in &report.divergences {
-        println!("{d}\n");
-    }
-    assert_eq!(report.divergences.len(), 0, "divergences");
     assert_eq!(
         report.completed + report.page_faults,
         report.blocks,

@@ -10,7 +10,7 @@ use crate::mmu::Ram;
 use crate::vm::VmShared;
 
 const MEM: usize = 1 << 17;
-const CODE: u64 = 0x1000;
+pub(super) const CODE: u64 = 0x1000;
 
 use crate::testutil::Rng;
 use crate::vcpu::NoIo;
@@ -24,28 +24,19 @@ fn cpu64(rng: &mut Rng) -> Cpu {
 }
 
 /// Two memories (one per engine) and the VM they belong to.
-struct Rig {
-    m1: hv::GuestMemory,
-    m2: hv::GuestMemory,
-    vm: VmShared,
-    jit: Jit,
+pub(super) struct Rig {
+    pub(super) m1: hv::GuestMemory,
+    pub(super) m2: hv::GuestMemory,
+    pub(super) vm: VmShared,
+    pub(super) jit: Jit,
 }
 
 impl Rig {
     fn new() -> Rig {
-        Rig {
-            m1: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
-            m2: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
-            vm: VmShared::new(hv::CpuModel::portable(), 1, 1_000_000, MEM as u64),
-            jit: {
-                let mut j = Jit::new(1 << 20).unwrap();
-                j.hot = 0;
-                j
-            },
-        }
+        Rig::with_model(hv::CpuModel::portable())
     }
 
-    fn load(&self, seed: u64, code: &[u8]) {
+    pub(super) fn load(&self, seed: u64, code: &[u8]) {
         let fill: Vec<u8> = (0..MEM / 8)
             .flat_map(|k| (k as u64).wrapping_mul(seed).to_le_bytes())
             .collect();
@@ -60,53 +51,15 @@ impl Rig {
     fn compare(&mut self, ctx: &str, seed: u64, budget: u32, undefined: u64) -> bool {
         let mut a = cpu64(&mut Rng(seed | 1));
         let mut b = cpu64(&mut Rng(seed | 1));
-        let exits = self.jit.stats.exits_to_interp;
-        let before = self.jit.stats.run;
-        let ra = {
-            let ram = Ram::new(&self.m1);
-            let mut ex = Exec {
-                cpu: &mut a,
-                mem: &self.m1,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
-            let mut blocks = BlockCache::new();
-            ex.run_batch_jit(&mut self.jit, &mut blocks, budget, false)
-        };
-        // The interpreter runs as many instructions as the translated run did (a block runs
-        // whole, as in `run_batch`).
-        let steps = ra.as_ref().map_or(budget, |r| r.0);
-        let rb = {
-            let ram = Ram::new(&self.m2);
-            let mut ex = Exec {
-                cpu: &mut b,
-                mem: &self.m2,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
-            let mut r = Ok(());
-            for _ in 0..steps {
-                r = ex.step();
-                if r.is_err() || ex.cpu.mp_state != MpState::Runnable {
-                    break;
-                }
-            }
-            r
-        };
         let ctx = format!("{ctx} seed {seed:#x}");
-        assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
-        let mut x = vec![0u8; MEM];
-        let mut y = vec![0u8; MEM];
-        self.m1.read_slice(&mut x, GuestAddress(0)).unwrap();
-        self.m2.read_slice(&mut y, GuestAddress(0)).unwrap();
-        if let Some(k) = (0..MEM).find(|&k| x[k] != y[k]) {
-            panic!("{ctx}: memory at {k:#x}: {:#x} vs {:#x}", x[k], y[k]);
-        }
-        assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
+        let Both {
+            jit: ra,
+            interp: rb,
+            steps,
+            translated,
+        } = self.run_both(&ctx, &mut a, &mut b, budget, |c| {
+            c.mp_state != MpState::Runnable
+        });
         // A run that ended in a fault stopped mid-block: any flag undefined on the way may be
         // the one seen there.
         let undefined = if ra.is_err() {
@@ -121,12 +74,12 @@ impl Rig {
             "{ctx}: flags (undefined {undefined:#x}), {ra:?} {steps} steps, interp {rb:?}"
         );
         assert_eq!(a.rip, b.rip, "{ctx}: rip");
-        self.jit.stats.exits_to_interp == exits && self.jit.stats.run > before
+        translated
     }
 }
 
 /// RFLAGS bits of iced-x86's `RflagsBits`.
-fn arch_flags(r: u32) -> u64 {
+pub(super) fn arch_flags(r: u32) -> u64 {
     use iced_x86::RflagsBits as F;
     [
         (F::OF, OF),
@@ -161,7 +114,7 @@ fn undefined_after(code: &[u8]) -> Option<u64> {
     Some(undef | ever << 32)
 }
 
-type Gen = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
+pub(super) type Gen = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
 
 /// Instruction forms, each with whether it must be translated.
 fn templates() -> Vec<(String, Gen)> {
@@ -405,11 +358,8 @@ fn templates() -> Vec<(String, Gen)> {
     v
 }
 
-fn assemble(f: &Gen) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.hlt().unwrap();
-    a.assemble(CODE).unwrap()
+pub(super) fn assemble(f: &Gen) -> Vec<u8> {
+    code_of(f)
 }
 
 #[test]
@@ -807,20 +757,12 @@ fn random_code_runs_the_same_on_both_engines() {
 
 /// Runs `budget` instructions of the code at CODE on the translator alone and returns the
 /// instructions executed.
-fn run_jit(rig: &mut Rig, c: &mut Cpu, budget: u32) -> u32 {
-    let ram = Ram::new(&rig.m1);
-    let mut ex = Exec {
-        cpu: c,
-        mem: &rig.m1,
-        ram: &ram,
-        io: &NoIo,
-        vm: &rig.vm,
-        lapic_enabled: false,
-    };
-    let mut blocks = BlockCache::new();
-    ex.run_batch_jit(&mut rig.jit, &mut blocks, budget, false)
-        .unwrap()
-        .0
+pub(super) fn run_jit(rig: &mut Rig, c: &mut Cpu, budget: u32) -> u32 {
+    exec(c, &rig.m1, &rig.vm, |ex| {
+        ex.run_batch_jit(&mut rig.jit, &mut BlockCache::new(), budget, false)
+    })
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -1129,4 +1071,110 @@ fn the_one_instruction_cache_decodes_once_and_sees_rewritten_code() {
     run_one(&mut rig, &mut c);
     assert_eq!((c.gpr[0], c.rip), (0x3333_3333, at + 5));
     assert_eq!(rig.jit.stats.one_op_decodes, 2);
+}
+
+// What the vector tests (`jit/simd_tests.rs`) share with these.
+
+impl Rig {
+    /// Two memories and a VM of `model`, with a translator that translates every block at once
+    /// (no warm-up).
+    pub(super) fn with_model(model: hv::CpuModel) -> Rig {
+        Rig {
+            m1: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
+            m2: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
+            vm: VmShared::new(model, 1, 1_000_000, MEM as u64),
+            jit: {
+                let mut j = Jit::new(1 << 20).unwrap();
+                j.hot = 0;
+                j
+            },
+        }
+    }
+
+    /// Runs `budget` instructions from `a` on the translator (in `m1`) and, from `b`, as many
+    /// as it ran on the interpreter (in `m2`; a block runs whole, as in `run_batch`), which
+    /// stops early at an error or where `stopped` says. Checks that both ended alike (an error
+    /// or not) with the same memory and general registers; the caller compares the rest.
+    pub(super) fn run_both(
+        &mut self,
+        ctx: &str,
+        a: &mut Cpu,
+        b: &mut Cpu,
+        budget: u32,
+        stopped: fn(&Cpu) -> bool,
+    ) -> Both {
+        let exits = self.jit.stats.exits_to_interp;
+        let before = self.jit.stats.run;
+        let ra = exec(a, &self.m1, &self.vm, |ex| {
+            ex.run_batch_jit(&mut self.jit, &mut BlockCache::new(), budget, false)
+        });
+        let translated = self.jit.stats.exits_to_interp == exits && self.jit.stats.run > before;
+        let steps = ra.as_ref().map_or(budget, |r| r.0);
+        let rb = exec(b, &self.m2, &self.vm, |ex| {
+            let mut r = Ok(());
+            for _ in 0..steps {
+                r = ex.step();
+                if r.is_err() || stopped(ex.cpu) {
+                    break;
+                }
+            }
+            r
+        });
+        assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
+        let mut x = vec![0u8; MEM];
+        let mut y = vec![0u8; MEM];
+        self.m1.read_slice(&mut x, GuestAddress(0)).unwrap();
+        self.m2.read_slice(&mut y, GuestAddress(0)).unwrap();
+        if let Some(k) = (0..MEM).find(|&k| x[k] != y[k]) {
+            panic!("{ctx}: memory at {k:#x}: {:#x} vs {:#x}", x[k], y[k]);
+        }
+        assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
+        Both {
+            jit: ra,
+            interp: rb,
+            steps,
+            translated,
+        }
+    }
+}
+
+/// How the two runs of [`Rig::run_both`] ended.
+pub(super) struct Both {
+    /// The translator's result (instructions run, and whether it stopped at user mode).
+    pub(super) jit: R<(u32, bool)>,
+    /// The interpreter's result.
+    pub(super) interp: R<()>,
+    /// Instructions the interpreter was given (those the translator ran).
+    pub(super) steps: u32,
+    /// Whether the translator's run was translated code only (no TLB miss, no interpreted
+    /// instruction).
+    pub(super) translated: bool,
+}
+
+/// The code of `f` at [`CODE`], then `hlt`.
+pub(super) fn code_of(f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.hlt().unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+/// Runs `f` on an `Exec` of `cpu` over `mem` (no devices, no local APIC), as the engines here
+/// run.
+fn exec<T>(
+    cpu: &mut Cpu,
+    mem: &hv::GuestMemory,
+    vm: &VmShared,
+    f: impl FnOnce(&mut Exec<'_>) -> T,
+) -> T {
+    let ram = Ram::new(mem);
+    let mut ex = Exec {
+        cpu,
+        mem,
+        ram: &ram,
+        io: &NoIo,
+        vm,
+        lapic_enabled: false,
+    };
+    f(&mut ex)
 }

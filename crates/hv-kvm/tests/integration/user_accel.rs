@@ -130,6 +130,11 @@ impl Setup {
     }
 }
 
+/// The exit of a run that ended in exception `vector`.
+fn event(vector: u8, error_code: Option<u32>) -> UserExit {
+    UserExit::Event { vector, error_code }
+}
+
 fn spin(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut top = a.create_label();
     a.set_label(&mut top)?;
@@ -172,13 +177,7 @@ fn ud2_is_invalid_opcode_at_the_instruction() {
         return;
     };
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 6,
-            error_code: None
-        }
-    );
+    assert_eq!(exit, event(6, None));
     assert_eq!(t.state.regs.rip, CODE + 1);
     assert_eq!(t.state.regs.rsp, USER_STACK);
     assert_eq!(t.state.sregs.cs.selector, 0x3b);
@@ -246,13 +245,7 @@ fn page_fault_on_unmapped_address_reports_cr2_and_error_code() {
     };
     let (exit, _) = t.run(None);
     // Write (bit 1) from user mode (bit 2) to a not-present page (bit 0 clear).
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 14,
-            error_code: Some(6)
-        }
-    );
+    assert_eq!(exit, event(14, Some(6)));
     assert_eq!(t.state.sregs.cr2, UNMAPPED + 0x123);
     assert_eq!(t.state.regs.rip, CODE + 10);
     assert_eq!(t.state.regs.rsp, USER_STACK);
@@ -267,13 +260,7 @@ fn int3_reports_breakpoint_after_the_instruction() {
         return;
     };
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 3,
-            error_code: None
-        }
-    );
+    assert_eq!(exit, event(3, None));
     assert_eq!(t.state.regs.rip, CODE + 2);
 }
 
@@ -286,13 +273,7 @@ fn int_0x80_through_a_dpl3_gate() {
         return;
     };
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 0x80,
-            error_code: None
-        }
-    );
+    assert_eq!(exit, event(0x80, None));
     assert_eq!(t.state.regs.rip, CODE + 7);
     assert_eq!(t.state.regs.rax, 1);
 }
@@ -304,13 +285,7 @@ fn int_to_a_dpl0_gate_is_general_protection() {
     };
     let (exit, _) = t.run(None);
     // Error code: IDT (bit 1) entry 0x40.
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 13,
-            error_code: Some((0x40 << 3) | 2)
-        }
-    );
+    assert_eq!(exit, event(13, Some((0x40 << 3) | 2)));
     assert_eq!(t.state.regs.rip, CODE);
 }
 
@@ -324,13 +299,7 @@ fn division_by_zero_is_vector_0() {
         return;
     };
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 0,
-            error_code: None
-        }
-    );
+    assert_eq!(exit, event(0, None));
     assert_eq!(t.state.regs.rip, CODE + 7);
 }
 
@@ -388,13 +357,7 @@ fn page_table_changes_between_runs_are_seen() {
     t.mem.write_obj(0x85u64, pde).unwrap();
     t.state.regs.rip = CODE;
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 14,
-            error_code: Some(7)
-        }
-    );
+    assert_eq!(exit, event(14, Some(7)));
 }
 
 /// Linear page the shadow-page-table tests map through 4 KiB page tables of their own.
@@ -409,19 +372,28 @@ const FRAMES: [(u64, u64); 3] = [
     (0x30_2000, 0x4444),
 ];
 
-/// `mov rax, [REMAPPED]; ud2`, with `REMAPPED` mapped through `PT_A` to the first frame.
-fn remap_setup() -> Option<Setup> {
-    let t = setup(|a| {
-        a.mov(rbx, REMAPPED)?;
-        a.mov(rax, qword_ptr(rbx))?;
-        a.ud2()
-    })?;
+/// [`setup`] with each of `FRAMES` holding its value and `REMAPPED`'s PDE pointing at `PT_A`
+/// (still empty: nothing mapped).
+fn remap_setup_with(
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Option<Setup> {
+    let t = setup(code)?;
     for (frame, v) in FRAMES {
         t.mem.write_obj(v, GuestAddress(frame)).unwrap();
     }
     t.mem
         .write_obj(PT_A | 7, GuestAddress(PDE_REMAPPED))
         .unwrap();
+    Some(t)
+}
+
+/// `mov rax, [REMAPPED]; ud2`, with `REMAPPED` mapped through `PT_A` to the first frame.
+fn remap_setup() -> Option<Setup> {
+    let t = remap_setup_with(|a| {
+        a.mov(rbx, REMAPPED)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.ud2()
+    })?;
     t.mem
         .write_obj(FRAMES[0].0 | 7, GuestAddress(PT_A))
         .unwrap();
@@ -445,13 +417,7 @@ fn shadow_page_tables_are_kept_until_the_guest_flushes() {
     let Some(mut t) = remap_setup() else {
         return;
     };
-    assert_eq!(
-        t.rerun(true),
-        UserExit::Event {
-            vector: 6,
-            error_code: None
-        }
-    );
+    assert_eq!(t.rerun(true), event(6, None));
     assert_eq!(t.state.regs.rax, 0x1111);
     let (runs0, drops0) = hv_kvm::shadow_drop_stats();
     t.mem
@@ -511,7 +477,7 @@ fn a_freed_and_reused_page_table_is_not_used_after_a_flush() {
 /// granted), since KVM walks the guest's tables again on each fault.
 #[test]
 fn mappings_added_or_made_writable_need_no_flush() {
-    let Some(mut t) = setup(|a| {
+    let Some(mut t) = remap_setup_with(|a| {
         a.mov(rbx, REMAPPED)?;
         a.mov(rax, qword_ptr(rbx))?;
         a.mov(qword_ptr(rbx + 8), rax)?;
@@ -519,36 +485,20 @@ fn mappings_added_or_made_writable_need_no_flush() {
     }) else {
         return;
     };
-    t.mem
-        .write_obj(0x1111u64, GuestAddress(FRAMES[0].0))
-        .unwrap();
-    t.mem
-        .write_obj(PT_A | 7, GuestAddress(PDE_REMAPPED))
-        .unwrap();
-    let pf = |error_code| UserExit::Event {
-        vector: 14,
-        error_code: Some(error_code),
-    };
     // Not present: user read fault.
-    assert_eq!(t.rerun(true), pf(4));
+    assert_eq!(t.rerun(true), event(14, Some(4)));
     assert_eq!(t.state.sregs.cr2, REMAPPED);
     // Mapped read-only without a flush: the read succeeds, the write faults (protection).
     t.mem
         .write_obj(FRAMES[0].0 | 5, GuestAddress(PT_A))
         .unwrap();
-    assert_eq!(t.rerun(false), pf(7));
+    assert_eq!(t.rerun(false), event(14, Some(7)));
     assert_eq!(t.state.regs.rax, 0x1111);
     // Made writable without a flush: the store goes through.
     t.mem
         .write_obj(FRAMES[0].0 | 7, GuestAddress(PT_A))
         .unwrap();
-    assert_eq!(
-        t.rerun(false),
-        UserExit::Event {
-            vector: 6,
-            error_code: None
-        }
-    );
+    assert_eq!(t.rerun(false), event(6, None));
     let v: u64 = t.mem.read_obj(GuestAddress(FRAMES[0].0 + 8)).unwrap();
     assert_eq!(v, 0x1111);
 }
@@ -633,13 +583,7 @@ fn avx_state_survives_between_runs() {
         return;
     };
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 6,
-            error_code: None
-        }
-    );
+    assert_eq!(exit, event(6, None));
     t.state.regs.rip += 2;
     let (exit, _) = t.run(None);
     assert!(
@@ -762,13 +706,7 @@ fn user_cpuid_faults_and_host_xcr0_shows() {
         "CPUID faulting is unavailable: user code would see the host's features"
     );
     let (exit, _) = t.run(None);
-    assert_eq!(
-        exit,
-        UserExit::Event {
-            vector: 13,
-            error_code: Some(0)
-        }
-    );
+    assert_eq!(exit, event(13, Some(0)));
     assert_eq!(
         t.state.regs.rip,
         CODE + 2 + 3 + 3 + 5 + 2,
