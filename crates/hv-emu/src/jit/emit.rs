@@ -81,6 +81,8 @@ pub enum Kind {
     Std,
     /// `popfq`: ends the block; the run loop checks interrupts.
     Popf,
+    /// `iretq`: ends the block; the run loop finishes the same-level case (`sys.rs`).
+    Iret,
     /// `swapgs` at CPL 0.
     Swapgs,
     /// `rdfsbase`/`rdgsbase`/`wrfsbase`/`wrgsbase` with CR4.FSGSBASE.
@@ -106,6 +108,7 @@ impl Kind {
                 | Kind::CallMem
                 | Kind::Sti
                 | Kind::Popf
+                | Kind::Iret
         )
     }
 }
@@ -762,6 +765,7 @@ impl Emitter {
                 | Kind::Cld
                 | Kind::Std
                 | Kind::Popf
+                | Kind::Iret
                 | Kind::Swapgs
                 | Kind::FsGsBase
                 | Kind::PushMem

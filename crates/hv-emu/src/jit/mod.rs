@@ -808,8 +808,8 @@ impl Exec<'_> {
         }
         let ctx = &mut *jit.ctx;
         self.cpu.rflags = (self.cpu.rflags & !ARITH_FLAGS) | (ctx.flags & ARITH_FLAGS);
-        emit::sys::leave(ctx, self.cpu);
         self.cpu.rip = ctx.rip;
+        emit::sys::leave(ctx, self);
         let mut last = u64::MAX;
         let logged = (ctx.log_n as usize).min(LOG_CAP);
         for &pa in ctx.log.get(..logged).unwrap_or(&[]) {

@@ -35,7 +35,10 @@ use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register
 
 use super::super::{C_EXIT, C_FLAGS, C_FS, C_GS, C_RIP, Ctx};
 use super::{E, EmitError, Emitter, Kind, Src, ctx, gpr_num, greg, mem_ok};
-use crate::cpu::{ARITH_FLAGS, CS, Cpu, DF, DS, ES, FLAGS_WRITABLE, FS, GS, IF, IOPL, SS};
+use crate::cpu::{
+    ARITH_FLAGS, CS, Cpu, DF, DS, ES, FLAGS_WRITABLE, FS, GS, IF, IOPL, RF, SS, parse_descriptor,
+};
+use crate::exec::Exec;
 use crate::jit::asm::{Label, Mem, R8, R12, RAX, RBP, RBX, RCX, RDX, RSI, at};
 
 /// What translated code reads and writes for the instructions of this module (a field of
@@ -56,6 +59,8 @@ pub struct SysCtx {
     kernel_gs: u64,
     /// Segment selectors, ES..GS.
     sel: [u16; 8],
+    /// The five qwords an `iretq` popped (RIP, CS, RFLAGS, RSP, SS), for [`leave`].
+    frame: [u64; 5],
 }
 
 const C_SYS: i32 = offset_of!(Ctx, sys) as i32;
@@ -65,11 +70,14 @@ const C_SDENY: i32 = C_SYS + offset_of!(SysCtx, deny) as i32;
 const C_POPF: i32 = C_SYS + offset_of!(SysCtx, popf_mask) as i32;
 const C_KGS: i32 = C_SYS + offset_of!(SysCtx, kernel_gs) as i32;
 const C_SEL: i32 = C_SYS + offset_of!(SysCtx, sel) as i32;
+const C_FRAME: i32 = C_SYS + offset_of!(SysCtx, frame) as i32;
 
 /// The run loop sets `irq_check` after the run.
 const IRQ_CHECK: u64 = 1;
 /// The run loop sets the STI interrupt shadow after the run.
 const SHADOW: u64 = 2;
+/// The run stopped at an `iretq` whose frame is in [`SysCtx::frame`]: [`leave`] finishes it.
+const IRET: u64 = 4;
 
 /// CPL > IOPL: `cli`/`sti` raise #GP.
 const D_IOPL: u64 = 1;
@@ -117,10 +125,11 @@ pub(crate) fn enter(s: &mut SysCtx, cpu: &Cpu, features: FeatureSet, vcpus: usiz
     }
 }
 
-/// Copies what translated code changed back into `cpu` (after every run, after the
-/// arithmetic flags were merged).
-pub(crate) fn leave(c: &Ctx, cpu: &mut Cpu) {
+/// Copies what translated code changed back into the vCPU (after every run, after the
+/// arithmetic flags, RIP and the registers were merged), and finishes a stopped `iretq`.
+pub(crate) fn leave(c: &mut Ctx, ex: &mut Exec<'_>) {
     let s = &c.sys;
+    let cpu = &mut *ex.cpu;
     cpu.rflags = (s.flags & !ARITH_FLAGS) | (cpu.rflags & ARITH_FLAGS);
     cpu.seg[FS].base = c.fs;
     cpu.seg[GS].base = c.gs;
@@ -131,6 +140,91 @@ pub(crate) fn leave(c: &Ctx, cpu: &mut Cpu) {
     if s.effects & SHADOW != 0 {
         cpu.shadow |= 1;
     }
+    if s.effects & IRET != 0 {
+        let frame = s.frame;
+        if iret_same_level(ex, &frame) {
+            c.count += 1;
+        } else {
+            // Anything else: the interpreter runs the instruction (RIP is still at it).
+            c.exit = 1;
+            c.miss_kind = 0;
+        }
+    }
+}
+
+/// `iretq` in 64-bit mode to the same CPL with the current CS and SS selectors whose
+/// descriptors reload to exactly the current segment registers (present, accessed, unchanged:
+/// what Linux's `sync_core` does): done here as the interpreter's `iret` would do it. Returns
+/// false, changing nothing, for any other case.
+fn iret_same_level(ex: &mut Exec<'_>, f: &[u64; 5]) -> bool {
+    let [ip, cs, fl, sp, ss] = *f;
+    let (cs, ss) = (cs as u16, ss as u16);
+    let cpu = &*ex.cpu;
+    if !cpu.mode64()
+        || cs != cpu.seg[CS].selector
+        || ss != cpu.seg[SS].selector
+        || u8::try_from(cs & 3).ok() != Some(cpu.cpl)
+        || !crate::decode::canonical(ip)
+    {
+        return false;
+    }
+    let cpl = cpu.cpl;
+    let cr2 = cpu.cr2;
+    // CS as `load_cs` would load it.
+    let Ok(d) = ex.read_descriptor(cs) else {
+        ex.cpu.cr2 = cr2;
+        return false;
+    };
+    let accessed = 1 << 40;
+    if d & (1 << 47) == 0 || d & (1 << 43) == 0 || d & accessed == 0 {
+        return false;
+    }
+    let mut seg = parse_descriptor((cs & !3) | u16::from(cpl), d);
+    if seg.l && seg.db {
+        return false;
+    }
+    seg.dpl = if seg.type_ & 4 != 0 { seg.dpl } else { cpl };
+    if seg != ex.cpu.seg[CS] {
+        return false;
+    }
+    // SS as `iret` would load it (a null selector in long mode, else `mov_sreg`).
+    let ss_seg = if ss & !3 == 0 {
+        hv::Segment {
+            selector: ss,
+            unusable: true,
+            dpl: cpl,
+            db: true,
+            ..hv::Segment::default()
+        }
+    } else {
+        let Ok(d) = ex.read_descriptor(ss) else {
+            ex.cpu.cr2 = cr2;
+            return false;
+        };
+        if d & (1 << 47) == 0 || d & accessed == 0 {
+            return false;
+        }
+        parse_descriptor(ss, d)
+    };
+    let cpu = &mut *ex.cpu;
+    if ss_seg != cpu.seg[SS] {
+        return false;
+    }
+    // Flags: IOPL only at CPL 0, IF only if CPL <= IOPL (as POPF, plus RF).
+    let mut w = FLAGS_WRITABLE | RF;
+    if cpl != 0 {
+        w &= !IOPL;
+        if u64::from(cpl) > (cpu.rflags & IOPL) >> 12 {
+            w &= !IF;
+        }
+    }
+    cpu.rflags = (cpu.rflags & !w) | (fl & w) | 2;
+    cpu.rip = ip;
+    cpu.shadow &= !2;
+    cpu.gpr[4] = sp;
+    cpu.nmi_masked = false;
+    cpu.irq_check = true;
+    true
 }
 
 /// Host features the scalar extensions run on (checked once).
@@ -215,6 +309,7 @@ pub(super) fn classify(i: &Instruction, features: FeatureSet) -> Option<Kind> {
         Code::Cld => Some(Kind::Cld),
         Code::Std => Some(Kind::Std),
         Code::Popfq => Some(Kind::Popf),
+        Code::Iretq => Some(Kind::Iret),
         Code::Swapgs => Some(Kind::Swapgs),
         Code::Rdfsbase_r32
         | Code::Rdfsbase_r64
@@ -363,6 +458,19 @@ impl Emitter {
                     0x9e, // sahf
                 ]);
                 self.to_run_loop(k + 1, i.next_ip(), epi);
+                return Ok(true);
+            }
+            Kind::Iret => {
+                // The frame into the context; `leave` checks and finishes it (or has the
+                // interpreter run it). Nothing of the guest state changes here.
+                self.a.load(RSI, greg(4));
+                self.tlb(k, ip, 40, false);
+                for q in 0..5 {
+                    self.a.load(RCX, at(RSI, 8 * q));
+                    self.a.store(ctx(C_FRAME + 8 * q), RCX);
+                }
+                self.a.store_imm(ctx(C_EFFECTS), IRET as i32);
+                self.to_run_loop(k, ip, epi);
                 return Ok(true);
             }
             Kind::Swapgs => {

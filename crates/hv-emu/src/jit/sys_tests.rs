@@ -495,3 +495,76 @@ fn sti_shadow_holds_for_one_instruction() {
         assert_eq!(u64::from_le_bytes(ret), after_mov, "return address");
     }
 }
+
+/// A stack frame for `iretq` at the guest's rsp: RIP, CS, RFLAGS, RSP, SS.
+fn iret_frame(rig: &Rig, c: &Cpu, frame: [u64; 5]) {
+    let bytes: Vec<u8> = frame.iter().flat_map(|q| q.to_le_bytes()).collect();
+    rig.write(c.gpr[4], &bytes);
+}
+
+#[test]
+fn iretq_to_the_same_level_is_finished_by_the_run_loop() {
+    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let code = code_of(|a| a.iretq());
+    assert_eq!(
+        classify_for(&first(&code), rig.vm.features),
+        Some(Kind::Iret)
+    );
+    // GDT: 8 = 64-bit code, 0x10 = data (both accessed), 0x18 = data, not accessed.
+    let gdt: [u64; 4] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_9200_0000_ffff,
+    ];
+    let cases: [(&str, u16, u16, Ran); 4] = [
+        ("same level", 8, 0x10, Ran::Translated),
+        ("null ss", 8, 0, Ran::Translated),
+        ("ss descriptor not accessed", 8, 0x18, Ran::Interpreted),
+        ("other cs", 0x10, 0x10, Ran::Interpreted),
+    ];
+    let mut rng = Rng(0x1e7);
+    for (name, cs_sel, ss_sel, want) in cases {
+        for _ in 0..8 {
+            let seed = rng.next();
+            let mut c = cpu(seed);
+            c.gdt = hv::DescriptorTable {
+                base: 0xa000,
+                limit: 31,
+            };
+            let seg = |sel: u16, d: u64| {
+                if sel == 0 {
+                    hv::Segment {
+                        selector: 0,
+                        unusable: true,
+                        db: true,
+                        ..hv::Segment::default()
+                    }
+                } else {
+                    crate::cpu::parse_descriptor(sel, d)
+                }
+            };
+            c.seg[crate::cpu::CS] = seg(8, gdt[1]);
+            c.seg[crate::cpu::SS] = seg(ss_sel, gdt[usize::from(ss_sel >> 3)] | 1 << 40);
+            let target = 0x1000 + rng.next() % 0x1000;
+            let frame = [
+                target,
+                u64::from(cs_sel),
+                rng.next(),
+                rng.next() % 0x10000,
+                u64::from(ss_sel),
+            ];
+            // Three runs, as `Rig::run`, with the tables and the frame rewritten each time.
+            rig.jit.clear();
+            let mut last = Ran::Interpreted;
+            for _ in 0..3 {
+                rig.load(seed, &code);
+                let bytes: Vec<u8> = gdt.iter().flat_map(|q| q.to_le_bytes()).collect();
+                rig.write(0xa000, &bytes);
+                iret_frame(&rig, &c, frame);
+                last = rig.compare(name, copy(&c), copy(&c), 0, 1);
+            }
+            assert_eq!(last, want, "{name}");
+        }
+    }
+}
