@@ -358,7 +358,7 @@ impl Emitter {
 
     /// Back to the run loop at guest `next` after `done` instructions (not chained: the run
     /// loop acts on [`SysCtx::effects`] first).
-    fn to_run_loop(&mut self, done: u32, next: u64, epi: Label) {
+    fn exit_to_run_loop(&mut self, done: u32, next: u64, epi: Label) {
         let a = &mut self.a;
         a.lea(R12, at(R12, done as i32));
         a.mov_imm(RAX, next);
@@ -427,7 +427,7 @@ impl Emitter {
                 );
                 a.store(ctx(C_EFFECTS), RCX);
                 self.sys_flags(0, IF)?;
-                self.to_run_loop(k + 1, i.next_ip(), epi);
+                self.exit_to_run_loop(k + 1, i.next_ip(), epi);
                 return Ok(true);
             }
             Kind::Popf => {
@@ -457,7 +457,7 @@ impl Emitter {
                     0x88, 0xc4, // mov ah, al
                     0x9e, // sahf
                 ]);
-                self.to_run_loop(k + 1, i.next_ip(), epi);
+                self.exit_to_run_loop(k + 1, i.next_ip(), epi);
                 return Ok(true);
             }
             Kind::Iret => {
@@ -470,7 +470,7 @@ impl Emitter {
                     self.a.store(ctx(C_FRAME + 8 * q), RCX);
                 }
                 self.a.store_imm(ctx(C_EFFECTS), IRET as i32);
-                self.to_run_loop(k, ip, epi);
+                self.exit_to_run_loop(k, ip, epi);
                 return Ok(true);
             }
             Kind::Swapgs => {

@@ -39,7 +39,7 @@ fn cpu(seed: u64) -> Cpu {
     let mut c = crate::testutil::cpu64(&mut rng, 0x3000, 0x6000, 16);
     c.deliver_exceptions = false;
     for (k, s) in c.seg.iter_mut().enumerate() {
-        s.selector = (rng.next() as u16) | (k == 1) as u16 * 8;
+        s.selector = (rng.next() as u16) | (u16::from(k == 1) * 8);
     }
     c.seg[crate::cpu::FS].base = rng.next() % 0x8000;
     c.seg[crate::cpu::GS].base = 0x8000 + rng.next() % 0x8000;
@@ -565,6 +565,107 @@ fn iretq_to_the_same_level_is_finished_by_the_run_loop() {
                 last = rig.compare(name, copy(&c), copy(&c), 0, 1);
             }
             assert_eq!(last, want, "{name}");
+        }
+    }
+}
+
+#[test]
+fn sequences_see_what_the_instructions_before_them_changed() {
+    // Blocks where a later instruction reads what a translated system instruction changed:
+    // pushfq after cli/std/cld (Ctx::flags), string instructions after std (DF: interpreted),
+    // GS-relative loads after swapgs/wrgsbase (the base in the context), flags after popfq.
+    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let seqs: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "cli; pushfq",
+            code_of(|a| {
+                a.cli()?;
+                a.pushfq()
+            }),
+            2,
+        ),
+        (
+            "std; pushfq; cld; pushfq",
+            code_of(|a| {
+                a.std()?;
+                a.pushfq()?;
+                a.cld()?;
+                a.pushfq()
+            }),
+            4,
+        ),
+        (
+            "std; rep stosb; cld",
+            code_of(|a| {
+                a.mov(ecx, 3)?;
+                a.std()?;
+                a.rep().stosb()?;
+                a.cld()?;
+                a.rep().stosb()
+            }),
+            5,
+        ),
+        (
+            "popfq; adc; pushfq",
+            code_of(|a| {
+                a.popfq()?;
+                a.adc(rax, rbx)?;
+                a.pushfq()
+            }),
+            3,
+        ),
+        (
+            "sreg reads",
+            code_of(|a| {
+                a.mov(eax, ds)?;
+                a.add(eax, 1)?;
+                a.mov(word_ptr(rbx), es)?;
+                a.mov(rdx, qword_ptr(rbx))
+            }),
+            4,
+        ),
+        (
+            "swapgs; gs load; swapgs",
+            code_of(|a| {
+                a.swapgs()?;
+                a.mov(rax, qword_ptr(8).gs())?;
+                a.swapgs()?;
+                a.mov(rdx, qword_ptr(16).gs())
+            }),
+            4,
+        ),
+        (
+            "wrgsbase; gs load; rdgsbase",
+            code_of(|a| {
+                a.wrgsbase(rcx)?;
+                a.mov(rax, qword_ptr(rdx + 4).gs())?;
+                a.rdgsbase(r9)
+            }),
+            3,
+        ),
+        (
+            "sti; nop; cli",
+            code_of(|a| {
+                a.sti()?;
+                a.nop()?;
+                a.cli()
+            }),
+            3,
+        ),
+    ];
+    let mut rng = Rng(0x5e9);
+    for (name, code, n) in &seqs {
+        for _ in 0..16 {
+            let seed = rng.next();
+            let mut c = cpu(seed);
+            c.msr.kernel_gs_base = 0x9000 + rng.next() % 0x1000;
+            c.gpr[1] = 0xa000 + rng.next() % 0x1000;
+            c.gpr[2] = rng.next() % 0x100;
+            rig.jit.clear();
+            for _ in 0..4 {
+                rig.load(seed, code);
+                rig.compare(name, copy(&c), copy(&c), 0, *n);
+            }
         }
     }
 }
