@@ -41,6 +41,8 @@ use crate::decode::canonical;
 
 #[path = "simd.rs"]
 pub(super) mod simd;
+#[path = "sys.rs"]
+pub(super) mod sys;
 
 /// How a guest instruction is translated.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -69,6 +71,26 @@ pub enum Kind {
     /// `stos`/`movs` (optionally `rep`) with 64-bit addresses: run by the host when DF is
     /// clear and every byte is in one page per operand, else interpreted.
     Str,
+    /// `mov r/m, sreg` (`sys.rs`, as the kinds below).
+    SegRead,
+    /// `cli` (CPL <= IOPL, else interpreted: #GP).
+    Cli,
+    /// `sti`: ends the block; the run loop checks interrupts after the STI shadow.
+    Sti,
+    Cld,
+    Std,
+    /// `popfq`: ends the block; the run loop checks interrupts.
+    Popf,
+    /// `iretq`: ends the block; the run loop finishes the same-level case (`sys.rs`).
+    Iret,
+    /// `swapgs` at CPL 0.
+    Swapgs,
+    /// `rdfsbase`/`rdgsbase`/`wrfsbase`/`wrgsbase` with CR4.FSGSBASE.
+    FsGsBase,
+    /// `push qword [mem]`.
+    PushMem,
+    /// `cmpxchg16b m128` (one vCPU only, see `sys.rs`).
+    Cmpxchg16b,
 }
 
 impl Kind {
@@ -84,6 +106,9 @@ impl Kind {
                 | Kind::JmpMem
                 | Kind::Jcc
                 | Kind::CallMem
+                | Kind::Sti
+                | Kind::Popf
+                | Kind::Iret
         )
     }
 }
@@ -151,6 +176,7 @@ fn implicit(m: M, op_count: u32) -> &'static [usize] {
     match m {
         M::Cbw | M::Cwde | M::Cdqe | M::Cmpxchg => &[0],
         M::Cwd | M::Cdq | M::Cqo | M::Mul | M::Div | M::Idiv => &[0, 2],
+        M::Mulx => &[2],
         M::Imul if op_count == 1 => &[0, 2],
         _ => &[],
     }
@@ -362,6 +388,18 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
+    generic_operands(i)
+}
+
+/// [`classify`] for a VM whose CPU model shows `features`: also the system instructions and
+/// the scalar extensions of that model (`sys.rs`).
+pub fn classify_for(i: &Instruction, features: hv::cpu_model::FeatureSet) -> Option<Kind> {
+    classify(i).or_else(|| sys::classify(i, features))
+}
+
+/// [`Kind::Generic`] if every operand of `i` is a general register, an immediate or one
+/// addressable memory operand.
+fn generic_operands(i: &Instruction) -> Option<Kind> {
     let mut mems = 0;
     for n in 0..i.op_count() {
         match i.op_kind(n) {
@@ -721,6 +759,17 @@ impl Emitter {
                 Kind::Simd => self.simd(k, i)?,
                 Kind::Pushf => self.pushf(k, i.ip())?,
                 Kind::Str => self.string(k, i)?,
+                Kind::SegRead
+                | Kind::Cli
+                | Kind::Sti
+                | Kind::Cld
+                | Kind::Std
+                | Kind::Popf
+                | Kind::Iret
+                | Kind::Swapgs
+                | Kind::FsGsBase
+                | Kind::PushMem
+                | Kind::Cmpxchg16b => ended = self.sys(k, i, *kind, epi)?,
                 Kind::Leave => {
                     self.a.load(RSI, greg(5));
                     self.a.mov(RBP, RSI);

@@ -49,7 +49,9 @@ use crate::exec::{Exc, Exec, R};
 use crate::mmu::Acc;
 use crate::system::Event;
 
-pub use emit::{Kind, classify};
+#[cfg(test)]
+use emit::classify;
+pub use emit::{Kind, classify_for};
 
 /// Guest instructions run as translated code by all vCPUs of this process.
 pub static TRANSLATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -152,6 +154,8 @@ pub struct Ctx {
     log: [u64; LOG_CAP],
     /// Vector-instruction state (`simd.rs`); set at every entry.
     simd: emit::simd::SimdCtx,
+    /// System-instruction state (`sys.rs`); set at every entry, read back after.
+    sys: emit::sys::SysCtx,
 }
 
 /// Jump-cache entries (a power of two; [`jc_index`] and the emitter agree on the hash).
@@ -345,6 +349,7 @@ impl Jit {
                 jc: [JC_EMPTY; JC_ENTRIES],
                 log: [0; LOG_CAP],
                 simd: Default::default(),
+                sys: Default::default(),
             }),
             slots: vec![Slot::default(); SLOTS],
             emitter,
@@ -662,7 +667,9 @@ impl Exec<'_> {
             if i.is_invalid() {
                 break;
             }
-            let Some(kind) = classify(&i) else { break };
+            let Some(kind) = classify_for(&i, self.vm.features) else {
+                break;
+            };
             if kind == Kind::Generic && !jit.emitter.encodes(&i) {
                 break;
             }
@@ -762,6 +769,12 @@ impl Exec<'_> {
         ctx.link = 0;
         ctx.dead = 0;
         emit::simd::enter(&mut ctx.simd, self.cpu, self.vm.features);
+        emit::sys::enter(
+            &mut ctx.sys,
+            self.cpu,
+            self.vm.features,
+            self.vm.vcpus.len(),
+        );
         jit.stats.entries += 1;
         let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
@@ -796,6 +809,7 @@ impl Exec<'_> {
         let ctx = &mut *jit.ctx;
         self.cpu.rflags = (self.cpu.rflags & !ARITH_FLAGS) | (ctx.flags & ARITH_FLAGS);
         self.cpu.rip = ctx.rip;
+        emit::sys::leave(ctx, self);
         let mut last = u64::MAX;
         let logged = (ctx.log_n as usize).min(LOG_CAP);
         for &pa in ctx.log.get(..logged).unwrap_or(&[]) {
