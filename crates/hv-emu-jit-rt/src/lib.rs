@@ -19,6 +19,12 @@
 //!   without returning; the owner undoes such links (patching the jump back) before the target
 //!   becomes invalid. Patching writes the RW view while no code of this cache runs (`&mut self`,
 //!   and a cache belongs to one vCPU thread).
+//! * **Entering**: [`CodeCache::enter`] runs a block through the cache's *trampoline*, code
+//!   installed once at the start of the cache ([`CodeCache::install_trampoline`], kept across
+//!   [`CodeCache::clear`]) and called as `extern "sysv64" fn(regs, ctx, block)`: it saves the
+//!   callee-saved registers, sets up what blocks expect and `call`s the block; blocks (and the
+//!   blocks they chain to) return to it with `ret`, so they need no prologue or epilogue of
+//!   their own.
 //! * **Calling**: [`CodeCache::call`] runs a block as `extern "sysv64" fn(regs, ctx)`, where
 //!   `regs` is the guest's 16 general registers and `ctx` the translator's `#[repr(C)]` context.
 //!   The code itself is trusted: it is produced by `hv_emu::jit`, whose invariants (only the
@@ -45,6 +51,16 @@ impl CodeRef {
     pub fn offset(&self) -> u32 {
         self.off
     }
+
+    /// The same code entered `by` bytes after its start (a block whose entry is not its first
+    /// byte); `None` if that is not inside it.
+    pub fn advanced(self, by: u32) -> Option<CodeRef> {
+        (by < self.len).then(|| CodeRef {
+            off: self.off + by,
+            len: self.len - by,
+            generation: self.generation,
+        })
+    }
 }
 
 /// Executable memory for translated blocks: one memfd, an RW view and an RX view.
@@ -54,6 +70,9 @@ pub struct CodeCache {
     size: usize,
     used: usize,
     generation: u32,
+    /// Offset of the trampoline, and the end of the part that [`CodeCache::clear`] keeps.
+    trampoline: Option<u32>,
+    floor: usize,
     _fd: OwnedFd,
 }
 
@@ -67,6 +86,8 @@ unsafe impl Send for CodeCache {}
 pub enum CallError {
     /// The reference predates a [`CodeCache::clear`] or lies outside the used part.
     Stale,
+    /// [`CodeCache::enter`] without a trampoline installed.
+    NoTrampoline,
 }
 
 impl CodeCache {
@@ -125,6 +146,8 @@ impl CodeCache {
             size,
             used: 0,
             generation: 0,
+            trampoline: None,
+            floor: 0,
             _fd: fd,
         })
     }
@@ -158,9 +181,33 @@ impl CodeCache {
         })
     }
 
-    /// Forgets every block: references made before are refused from now on.
+    /// Installs the trampoline [`CodeCache::enter`] calls: code that is an `extern "sysv64"
+    /// fn(regs: *mut u64, ctx: *mut C, block: *const u8)` (saving what the ABI requires,
+    /// calling `block`, returning). Only into an empty cache, once; it stays across
+    /// [`CodeCache::clear`]. False if refused or it does not fit.
+    pub fn install_trampoline(&mut self, code: &[u8]) -> bool {
+        if self.used != 0 || self.trampoline.is_some() {
+            return false;
+        }
+        let Some(r) = self.push(code) else {
+            return false;
+        };
+        self.trampoline = Some(r.off);
+        self.floor = self.used;
+        true
+    }
+
+    /// The executable address and length of the trampoline, if installed (for profilers'
+    /// symbol maps).
+    pub fn trampoline(&self) -> Option<(u64, usize)> {
+        self.trampoline
+            .map(|off| (self.rx as u64 + u64::from(off), self.floor - off as usize))
+    }
+
+    /// Forgets every block (not the trampoline): references made before are refused from now
+    /// on.
     pub fn clear(&mut self) {
-        self.used = 0;
+        self.used = self.floor;
         self.generation = self.generation.wrapping_add(1);
     }
 
@@ -215,6 +262,35 @@ impl CodeCache {
             std::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), self.rw.add(site as usize), 4)
         };
         true
+    }
+
+    /// Runs the block at `r` through the trampoline, with the guest registers and the
+    /// translator's context.
+    pub fn enter<C>(
+        &self,
+        r: CodeRef,
+        regs: &mut [u64; 16],
+        ctx: &mut C,
+    ) -> Result<(), CallError> {
+        let Some(t) = self.trampoline else {
+            return Err(CallError::NoTrampoline);
+        };
+        if !self.is_valid(r) {
+            return Err(CallError::Stale);
+        }
+        // SAFETY: `t` is the offset of the trampoline, written by `install_trampoline` into
+        // the part of the RX view that `clear` never releases; its contract (documented
+        // there) is a whole `extern "sysv64" fn(*mut u64, *mut C, *const u8)` that preserves
+        // what the ABI requires.
+        let f: extern "sysv64" fn(*mut u64, *mut C, *const u8) =
+            unsafe { std::mem::transmute(self.rx.add(t as usize)) };
+        // SAFETY: `r` names bytes inside the used part of the RX view (checked above), code
+        // emitted under the current generation that expects the trampoline's register setup
+        // and leaves through `ret` to it. The pointers come from exclusive references that
+        // outlive the call, and what the block may touch is what `call` describes below.
+        let block = unsafe { self.rx.add(r.off as usize) };
+        f(regs.as_mut_ptr(), ctx, block);
+        Ok(())
     }
 
     /// Runs the block at `r` with the guest registers and the translator's context.
@@ -306,6 +382,48 @@ mod tests {
             Some(two.offset())
         );
         assert_eq!(c.offset_of(0), None);
+    }
+
+    #[test]
+    fn trampoline_enters_blocks_and_survives_clear() {
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        // No trampoline yet.
+        let early = c.push(&[0xc3]).unwrap();
+        let mut regs = [0u64; 16];
+        let mut ctx = 5u64;
+        assert_eq!(
+            c.enter(early, &mut regs, &mut ctx),
+            Err(CallError::NoTrampoline)
+        );
+        assert!(!c.install_trampoline(&[0xc3]), "only into an empty cache");
+        c.clear();
+        // push rbx; mov rbx, rdi; mov rax, [rsi]; call rdx; mov [rbx+8], rax; pop rbx; ret
+        let tramp = [
+            0x53, 0x48, 0x89, 0xfb, 0x48, 0x8b, 0x06, 0xff, 0xd2, 0x48, 0x89, 0x43, 0x08, 0x5b,
+            0xc3,
+        ];
+        assert!(c.install_trampoline(&tramp));
+        assert!(!c.install_trampoline(&tramp), "once");
+        let (addr, len) = c.trampoline().unwrap();
+        assert_eq!((c.offset_of(addr), len), (Some(0), tramp.len()));
+        // mov qword [rbx], 7; add rax, 1; ret (the block sees the trampoline's registers)
+        let block = [0x48, 0xc7, 0x03, 7, 0, 0, 0, 0x48, 0x83, 0xc0, 0x01, 0xc3];
+        let r = c.push(&block).unwrap();
+        assert!(r.offset() as usize >= tramp.len());
+        c.enter(r, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[..2], [7, 6]);
+        // Entering after the first instruction skips it.
+        regs = [0; 16];
+        c.enter(r.advanced(7).unwrap(), &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[..2], [0, 6]);
+        assert!(r.advanced(block.len() as u32).is_none());
+        c.clear();
+        assert_eq!(c.enter(r, &mut regs, &mut ctx), Err(CallError::Stale));
+        assert_eq!(c.used(), c.trampoline().unwrap().1);
+        // mov qword [rbx], 9; ret
+        let r = c.push(&[0x48, 0xc7, 0x03, 9, 0, 0, 0, 0xc3]).unwrap();
+        c.enter(r, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[..2], [9, 5]);
     }
 
     #[test]
