@@ -266,12 +266,7 @@ impl CodeCache {
 
     /// Runs the block at `r` through the trampoline, with the guest registers and the
     /// translator's context.
-    pub fn enter<C>(
-        &self,
-        r: CodeRef,
-        regs: &mut [u64; 16],
-        ctx: &mut C,
-    ) -> Result<(), CallError> {
+    pub fn enter<C>(&self, r: CodeRef, regs: &mut [u64; 16], ctx: &mut C) -> Result<(), CallError> {
         let Some(t) = self.trampoline else {
             return Err(CallError::NoTrampoline);
         };
@@ -414,7 +409,8 @@ mod tests {
         assert_eq!(regs[..2], [7, 6]);
         // Entering after the first instruction skips it.
         regs = [0; 16];
-        c.enter(r.advanced(7).unwrap(), &mut regs, &mut ctx).unwrap();
+        c.enter(r.advanced(7).unwrap(), &mut regs, &mut ctx)
+            .unwrap();
         assert_eq!(regs[..2], [0, 6]);
         assert!(r.advanced(block.len() as u32).is_none());
         c.clear();

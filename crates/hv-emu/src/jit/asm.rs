@@ -283,8 +283,7 @@ impl Asm {
 
     /// movzx r32, r8 (the low byte of `src`; REX so that sil/dil, not dh/bh)
     pub fn movzx8(&mut self, dst: u8, src: u8) {
-        self.buf
-            .push(0x40 | ((dst >> 3) << 2) | (src >> 3));
+        self.buf.push(0x40 | ((dst >> 3) << 2) | (src >> 3));
         self.bytes(&[0x0f, 0xb6, 0xc0 | ((dst & 7) << 3) | (src & 7)]);
     }
 

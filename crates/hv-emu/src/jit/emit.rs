@@ -579,6 +579,28 @@ pub fn perf_map_enabled() -> bool {
     })
 }
 
+/// `ANYVISOR_EMU_JIT_DUMP=all|<hex guest RIP>[,...]` (read once; off by default): log at info
+/// level the host bytes emitted for every block, or for the blocks starting at the given
+/// RIPs, as hex (e.g. for `objdump -D -b binary -mi386:x86-64` after `xxd -r -p`).
+fn dump_wanted(rip: u64) -> bool {
+    static D: std::sync::OnceLock<Option<Vec<u64>>> = std::sync::OnceLock::new();
+    let d = D.get_or_init(|| {
+        let v = std::env::var("ANYVISOR_EMU_JIT_DUMP").ok()?;
+        if v.is_empty() {
+            return None;
+        }
+        if v == "all" {
+            return Some(Vec::new());
+        }
+        Some(
+            v.split(',')
+                .filter_map(|x| u64::from_str_radix(x.trim().trim_start_matches("0x"), 16).ok())
+                .collect(),
+        )
+    });
+    d.as_ref().is_some_and(|v| v.is_empty() || v.contains(&rip))
+}
+
 /// One perf map line (perf's format: hex start, hex size, symbol name).
 pub fn perf_map_line(start: u64, size: usize, name: &str) -> String {
     format!("{start:x} {size:x} {name}\n")
@@ -978,9 +1000,19 @@ impl Emitter {
                 .and_then(|p| u32::try_from(p).ok())
                 .ok_or_else(|| EmitError("unbound label".into()))
         };
+        let (chk, entry) = (pos(chk)?, pos(body)?);
+        if dump_wanted(rip) {
+            let hex: String = a.buf.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(
+                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
+                 entry +{chk:#x}, body +{entry:#x}): {hex}",
+                insns.len(),
+                a.buf.len()
+            );
+        }
         Ok(Emitted {
-            chk: pos(chk)?,
-            entry: pos(body)?,
+            chk,
+            entry,
             bytes: a.buf.clone(),
         })
     }
@@ -1647,7 +1679,11 @@ mod tests {
     #[test]
     fn perf_map_lines_are_what_perf_reads() {
         assert_eq!(
-            perf_map_line(0x7f12_3456_7000, 0x2e0, &perf_map_name(0xffff_ffff_8100_0010)),
+            perf_map_line(
+                0x7f12_3456_7000,
+                0x2e0,
+                &perf_map_name(0xffff_ffff_8100_0010)
+            ),
             "7f1234567000 2e0 guest-ffffffff81000010\n"
         );
         // Three fields, the first two hex without prefix (perf's `parse_perf_map` format).
@@ -1684,9 +1720,16 @@ mod tests {
             100,
         );
         let ctx = &jit.ctx;
-        assert_eq!((ctx.rip, ctx.exit, ctx.miss_kind, ctx.miss_lin), (0x40_1000, 1, 2, 0x5008));
+        assert_eq!(
+            (ctx.rip, ctx.exit, ctx.miss_kind, ctx.miss_lin),
+            (0x40_1000, 1, 2, 0x5008)
+        );
         assert_eq!(ctx.count, 3);
-        assert_eq!(ctx.flags & ARITH_FLAGS, CF | OF | ZF, "flags survive the round trip");
+        assert_eq!(
+            ctx.flags & ARITH_FLAGS,
+            CF | OF | ZF,
+            "flags survive the round trip"
+        );
         // Go on at RIP after 2 + 5 instructions (r12 counts down), no flags set.
         let jit = run(
             |a| {
@@ -1715,7 +1758,10 @@ mod tests {
                 1,
             );
             let ctx = &jit.ctx;
-            assert_eq!((ctx.link, ctx.dead, ctx.exit, ctx.count), (link, dead, 0, 0));
+            assert_eq!(
+                (ctx.link, ctx.dead, ctx.exit, ctx.count),
+                (link, dead, 0, 0)
+            );
             assert_eq!(ctx.flags & ARITH_FLAGS, OF);
         }
         // The budget as blocks see it: r12 = budget - 1, so r12 >> 12 is 0 until spent.

@@ -325,7 +325,9 @@ impl Jit {
     pub fn new(cache_bytes: usize) -> std::io::Result<Jit> {
         let mut cache = CodeCache::new(cache_bytes)?;
         if !cache.install_trampoline(&emit::trampoline()) {
-            return Err(std::io::Error::other("translator: no room for the trampoline"));
+            return Err(std::io::Error::other(
+                "translator: no room for the trampoline",
+            ));
         }
         if let Some((addr, len)) = cache.trampoline() {
             emit::perf_map_note(addr, len, "anyvisor-jit-trampoline");
