@@ -5,11 +5,15 @@
 //! exists so that every `unsafe` operation of the translator sits in one small file that can be
 //! read in one sitting.
 //!
-//! * **W^X**: the cache is one `memfd` mapped twice, a read-write view that code is copied into
-//!   and a read-execute view that code runs from. No page is ever writable and executable at
-//!   once, and no `mprotect` is ever needed, so a seccomp filter that forbids `PROT_EXEC` in
-//!   `mmap`/`mprotect` (crates/sandbox) keeps working: both mappings are made in
-//!   [`CodeCache::new`], which the VMM calls while creating vCPUs, before any filter exists.
+//! * **W^X**: the cache is one anonymous shared mapping mapped twice (the second view made by
+//!   `mremap` with an old size of 0, then made read-execute before anything is in it), a
+//!   read-write view that code is copied into and a read-execute view that code runs from. No
+//!   page is ever writable and executable at once, and no protection changes after creation, so
+//!   a seccomp filter that forbids `PROT_EXEC` in `mmap`/`mprotect` (crates/sandbox) keeps
+//!   working: both mappings are made in [`CodeCache::new`], which the VMM calls while creating
+//!   vCPUs, before any filter exists. Anonymous (shown as `/dev/zero` in `/proc/<pid>/maps`,
+//!   not as a file like a `memfd` would be) so that `perf` names samples in it from the
+//!   JIT symbol map `/tmp/perf-<pid>.map`.
 //! * **Bounded**: the capacity is fixed at creation; [`CodeCache::push`] returns `None` when
 //!   full and the owner calls [`CodeCache::clear`] (QEMU's "flush everything" policy). A
 //!   [`CodeRef`] remembers the clear generation it was made under, so a stale reference is
@@ -36,7 +40,6 @@
 #![allow(unsafe_code)] // Executable memory and calls into generated code: the purpose of this crate.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A place in the cache, valid until the next [`CodeCache::clear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +66,7 @@ impl CodeRef {
     }
 }
 
-/// Executable memory for translated blocks: one memfd, an RW view and an RX view.
+/// Executable memory for translated blocks: one shared memory object, an RW view and an RX view.
 pub struct CodeCache {
     rw: *mut u8,
     rx: *const u8,
@@ -73,7 +76,6 @@ pub struct CodeCache {
     /// Offset of the trampoline, and the end of the part that [`CodeCache::clear`] keeps.
     trampoline: Option<u32>,
     floor: usize,
-    _fd: OwnedFd,
 }
 
 // SAFETY: the views are plain memory owned by this struct; `&mut self` methods write the RW view
@@ -101,45 +103,43 @@ impl CodeCache {
                 "cache too large",
             ));
         }
-        // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"anyvisor-jit".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
+        // SAFETY: a new anonymous shared mapping at an address the kernel picks; it aliases no
+        // Rust object. The result is checked.
+        let rw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if rw == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: `fd` is a fresh descriptor this function owns from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our own memfd; the result is checked.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
+        let unmap = |p: *mut libc::c_void| {
+            // SAFETY: `p` is a mapping of `size` bytes made here and not used afterwards.
+            unsafe { libc::munmap(p, size) };
+        };
+        // SAFETY: `rw` is a shared mapping of `size` bytes; mremap with an old size of 0 makes
+        // a second mapping of the same pages at an address the kernel picks (mremap(2)),
+        // aliasing no Rust object. The result is checked.
+        let rx = unsafe { libc::mremap(rw, 0, size, libc::MREMAP_MAYMOVE) };
+        if rx == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            unmap(rw);
+            return Err(e);
         }
-        let map = |prot| {
-            // SAFETY: a new shared mapping of our memfd at an address the kernel picks; it
-            // aliases no Rust object. The result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size,
-                    prot,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(p.cast::<u8>())
-            }
-        };
-        let rw = map(libc::PROT_READ | libc::PROT_WRITE)?;
-        let rx = match map(libc::PROT_READ | libc::PROT_EXEC) {
-            Ok(p) => p,
-            Err(e) => {
-                // SAFETY: `rw` is the mapping made just above, of `size` bytes, unused.
-                unsafe { libc::munmap(rw.cast(), size) };
-                return Err(e);
-            }
-        };
+        // SAFETY: `rx` is the alias made just above, of `size` bytes; no code is in it yet and
+        // from here on it is never writable.
+        if unsafe { libc::mprotect(rx, size, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+            let e = io::Error::last_os_error();
+            unmap(rx);
+            unmap(rw);
+            return Err(e);
+        }
+        let (rw, rx) = (rw.cast::<u8>(), rx.cast::<u8>().cast_const());
         Ok(CodeCache {
             rw,
             rx,
@@ -148,7 +148,6 @@ impl CodeCache {
             generation: 0,
             trampoline: None,
             floor: 0,
-            _fd: fd,
         })
     }
 
@@ -420,6 +419,36 @@ mod tests {
         let r = c.push(&[0x48, 0xc7, 0x03, 9, 0, 0, 0, 0xc3]).unwrap();
         c.enter(r, &mut regs, &mut ctx).unwrap();
         assert_eq!(regs[..2], [9, 5]);
+    }
+
+    #[test]
+    fn the_executable_view_is_anonymous_read_execute_memory() {
+        // perf reads /tmp/perf-<pid>.map only for anonymous executable mappings ("//anon",
+        // "/dev/zero..."), not for file-backed ones such as a memfd.
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        assert!(c.install_trampoline(&[0xc3]));
+        let (addr, _) = c.trampoline().unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| {
+                let (a, b) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                );
+                (a..b).contains(&addr)
+            })
+            .unwrap();
+        let f: Vec<_> = line.split_whitespace().collect();
+        assert_eq!(f[1], "r-xs", "{line}");
+        assert!(f.get(5).is_none_or(|p| p.starts_with("/dev/zero")), "{line}");
+        let rw = c.rw as u64;
+        let rw_line = maps
+            .lines()
+            .find(|l| l.starts_with(&format!("{rw:x}-")))
+            .unwrap();
+        assert!(rw_line.contains(" rw-s "), "{rw_line}");
     }
 
     #[test]
