@@ -442,7 +442,10 @@ mod tests {
             .unwrap();
         let f: Vec<_> = line.split_whitespace().collect();
         assert_eq!(f[1], "r-xs", "{line}");
-        assert!(f.get(5).is_none_or(|p| p.starts_with("/dev/zero")), "{line}");
+        assert!(
+            f.get(5).is_none_or(|p| p.starts_with("/dev/zero")),
+            "{line}"
+        );
         let rw = c.rw as u64;
         let rw_line = maps
             .lines()

@@ -16,6 +16,7 @@ pub const RCX: u8 = 1;
 pub const RDX: u8 = 2;
 pub const RBX: u8 = 3;
 pub const RBP: u8 = 5;
+pub const RSP: u8 = 4;
 pub const RSI: u8 = 6;
 pub const RDI: u8 = 7;
 pub const R8: u8 = 8;
@@ -129,6 +130,11 @@ impl Asm {
             self.buf.push(0x40 | rex);
         }
         self.buf.extend_from_slice(opcode);
+        self.modrm(reg, m);
+    }
+
+    /// ModRM, SIB and displacement of `reg, [m]` (the prefixes and opcode already out).
+    fn modrm(&mut self, reg: u8, m: Mem) {
         let r = (reg & 7) << 3;
         let ss = |s: u32| match s {
             2 => 1u8,
@@ -219,6 +225,32 @@ impl Asm {
             self.buf.push(0xb8 + (dst & 7));
             self.buf.extend_from_slice(&imm.to_le_bytes());
         }
+    }
+
+    /// pext (pp = 2) / pdep (pp = 3) r64 dst, r64 src, qword [m]; no flags.
+    fn bmi2_mem(&mut self, pp: u8, dst: u8, src: u8, m: Mem) {
+        let (x, b) = (
+            m.index.map_or(0, |(i, _)| i >> 3),
+            m.base.map_or(0, |b| b >> 3),
+        );
+        self.buf.push(0xc4);
+        self.buf
+            .push(((!(dst >> 3) & 1) << 7) | ((!x & 1) << 6) | ((!b & 1) << 5) | 0x02);
+        self.buf.push(0x80 | ((!src & 15) << 3) | pp);
+        self.buf.push(0xf5);
+        self.modrm(dst, m);
+    }
+
+    /// pext dst, src, qword [m]: the bits of `src` where the mask at `m` has ones, packed at
+    /// the bottom (flags unchanged).
+    pub fn pext_mem(&mut self, dst: u8, src: u8, m: Mem) {
+        self.bmi2_mem(2, dst, src, m);
+    }
+
+    /// pdep dst, src, qword [m]: the low bits of `src` spread to where the mask at `m` has
+    /// ones (flags unchanged).
+    pub fn pdep_mem(&mut self, dst: u8, src: u8, m: Mem) {
+        self.bmi2_mem(3, dst, src, m);
     }
 
     /// shrx (pp = 3), sarx (pp = 2), shlx (pp = 1): dst = src shifted by cnt; no flags.
@@ -445,6 +477,9 @@ mod tests {
         a.movzx8(RDX, RDX);
         a.movzx8(RCX, RDI);
         a.movzx8(R8, RSI);
+        a.pext_mem(RDX, RSI, at(RSP, 8));
+        a.pdep_mem(RCX, RCX, at(RSP, 16));
+        a.pdep_mem(R8, R13, at(R12, 0));
         let mut c = CodeAssembler::new(64).unwrap();
         c.mov(x::r12, x::qword_ptr(x::rbx + 40)).unwrap();
         c.mov(x::qword_ptr(x::r12 - 8), x::r8).unwrap();
@@ -483,6 +518,9 @@ mod tests {
         c.movzx(x::edx, x::dl).unwrap();
         c.movzx(x::ecx, x::dil).unwrap();
         c.movzx(x::r8d, x::sil).unwrap();
+        c.pext(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
+        c.pdep(x::rcx, x::rcx, x::qword_ptr(x::rsp + 16)).unwrap();
+        c.pdep(x::r8, x::r13, x::qword_ptr(x::r12)).unwrap();
         let want = keys(&c.assemble(0).unwrap());
         let got = keys(&a.buf);
         assert_eq!(got, want);

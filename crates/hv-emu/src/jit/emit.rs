@@ -28,7 +28,9 @@
 
 use iced_x86::IcedError;
 
-use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
+use super::asm::{
+    Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP, at,
+};
 use iced_x86::{
     Code, Encoder, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M, OpAccess,
     OpKind, Register,
@@ -496,6 +498,21 @@ pub const EXIT_DEAD: u32 = 5;
 // The budget check at block heads tests r12 >> 12 (see `Emitter::head_checks`).
 const _: () = assert!(super::MAX_RUN < 4096);
 
+/// pdep mask of a soft-TLB index (the page number's low bits) times 4: `[r14 + rdx*8]` is
+/// then the 32-byte entry. The trampoline keeps it at `[rsp + TLB_MASK_AT]`.
+const TLB_MASK: u32 = (super::TLB_ENTRIES as u32 - 1) << 2;
+const TLB_MASK_AT: i32 = 8;
+/// pdep mask of a jump-cache index times 16 (the entry size), at `[rsp + JC_MASK_AT]`.
+const JC_MASK: u32 = (JC_ENTRIES as u32 - 1) << 4;
+const JC_MASK_AT: i32 = 16;
+const _: () = assert!(
+    super::TLB_ENTRIES.is_power_of_two()
+        && JC_ENTRIES.is_power_of_two()
+        && std::mem::size_of::<super::TlbEntry>() == 32
+        && std::mem::size_of::<super::JcEntry>() == 16
+        && JC_MASK < 1 << 31
+);
+
 /// The code the run loop calls every translated block through (installed once at the start
 /// of the code cache, `CodeCache::install_trampoline`): `extern "sysv64" fn(regs, ctx,
 /// block)`. It saves the callee-saved registers, sets up the registers blocks rely on
@@ -526,9 +543,18 @@ pub fn trampoline() -> Vec<u8> {
         0x80, 0xc1, 0x7f, // add cl, 0x7f
         0x88, 0xc4, // mov ah, al
         0x9e, // sahf
+    ]);
+    // The masks blocks use with pdep, at [rsp + JC_MASK_AT] and [rsp + TLB_MASK_AT] (above
+    // the return address): push imm32.
+    for m in [JC_MASK, TLB_MASK] {
+        a.bytes(&[0x68]);
+        a.bytes(&m.to_le_bytes());
+    }
+    a.bytes(&[
         0xff, 0xd2, // call rdx
         0x9c, 0x5f, // pushfq; pop rdi
     ]);
+    a.lea(RSP, at(RSP, 16));
     a.store(ctx(C_FLAGS), RDI);
     a.store(ctx(C_RIP), RAX);
     a.bytes(&[
@@ -673,6 +699,9 @@ struct Stub {
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
 pub struct Emitter {
     a: Asm,
+    /// Host rax holds guest rax (as the last generic instruction left it; nothing since
+    /// clobbered it), so the next one need not load it.
+    rax_live: bool,
     stubs: Vec<Stub>,
     info: InstructionInfoFactory,
     enc: Encoder,
@@ -846,6 +875,7 @@ impl Emitter {
     pub fn new() -> Result<Emitter, IcedError> {
         Ok(Emitter {
             a: Asm::default(),
+            rax_live: false,
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
@@ -872,8 +902,12 @@ impl Emitter {
         let (out, dead) = self.head_checks(chk, guard);
         self.a.bind(body);
         let mut ended = false;
+        self.rax_live = false;
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
+            if *kind != Kind::Generic {
+                self.rax_live = false;
+            }
             match kind {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
@@ -1108,24 +1142,13 @@ impl Emitter {
                 disp: 0,
             },
         );
-        let keep = 64 - JC_ENTRIES.trailing_zeros();
-        a.mov_imm(RDX, u64::from(keep));
-        a.shlx(RCX, RCX, RDX);
-        a.shrx(RCX, RCX, RDX);
         // rdi = the 16-byte entry.
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((RCX, 1)),
-                disp: 0,
-            },
-        );
+        a.pdep_mem(RCX, RCX, at(RSP, JC_MASK_AT));
         a.lea(
             RDI,
             Mem {
                 base: Some(R15),
-                index: Some((RCX, 8)),
+                index: Some((RCX, 1)),
                 disp: C_JC,
             },
         );
@@ -1236,18 +1259,14 @@ impl Emitter {
     fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
         let stub = self.stub(k, ip, if write { 2 } else { 1 });
         let a = &mut self.a;
-        a.lea(RCX, at(RSI, size as i32 - 1));
-        a.shrx(RCX, RCX, R13); // vpn of the last byte
+        if size > 1 {
+            a.lea(RCX, at(RSI, size as i32 - 1));
+            a.shrx(RCX, RCX, R13); // vpn of the last byte
+        } else {
+            a.shrx(RCX, RSI, R13);
+        }
         a.shrx(RDX, RSI, R13);
-        a.movzx8(RDX, RDX); // index of the first byte's page
-        a.lea(
-            RDX,
-            Mem {
-                base: None,
-                index: Some((RDX, 4)),
-                disp: 0,
-            },
-        );
+        a.pdep_mem(RDX, RDX, at(RSP, TLB_MASK_AT)); // the first byte's entry index * 4
         // rdx * 8: the 32-byte entry.
         let entry = |disp| Mem {
             base: Some(R14),
@@ -1358,13 +1377,26 @@ impl Emitter {
             }
         }
         if matches!(i.mnemonic(), M::Div | M::Idiv) {
-            self.div_check(k, i)?;
+            self.div_check(k, i)?; // saves the flags in rax
+            self.rax_live = false;
         }
         for (g, &h) in r.host_of.iter().enumerate() {
-            if h != usize::MAX && !r.write_only.get(g).copied().unwrap_or(false) {
+            let skip = r.write_only.get(g).copied().unwrap_or(false)
+                || (g == 0 && h == 0 && self.rax_live);
+            if h != usize::MAX && !skip {
                 self.a.load(host_num(h), greg(g));
             }
         }
+        // After it, host rax is guest rax if the instruction uses guest rax (loaded, or
+        // written and stored back whole), unless the bit-offset masking below changes it; it
+        // is something else if another guest register went there (high-byte forms).
+        let rax_guest = r.host_of.iter().position(|&h| h == 0);
+        let masked = bit_reg && gpr_num(i.op1_register()) == Some(0);
+        self.rax_live = match rax_guest {
+            Some(0) => !masked,
+            Some(_) => false,
+            None => self.rax_live,
+        };
         if bit_reg {
             // Offset mod the operand's bits, flag-free (r11 is never an operand here: one
             // register, in rax/rcx/rdx or the first of the pool).
@@ -1776,5 +1808,18 @@ mod tests {
         );
         let ctx = &jit.ctx;
         assert_eq!((ctx.rip, ctx.count), (2047, 0));
+        // The pdep masks blocks find above the return address.
+        for (at_, mask) in [(TLB_MASK_AT, TLB_MASK), (JC_MASK_AT, JC_MASK)] {
+            let jit = run(
+                |a| {
+                    a.load(RAX, at(RSP, at_));
+                    a.mov_imm(RCX, u64::from(EXIT_GO));
+                    a.ret();
+                },
+                0x202,
+                1,
+            );
+            assert_eq!(jit.ctx.rip, u64::from(mask));
+        }
     }
 }
