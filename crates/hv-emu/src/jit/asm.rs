@@ -227,7 +227,7 @@ impl Asm {
         }
     }
 
-    /// pext (pp = 2) / pdep (pp = 3) r64 dst, r64 src, qword [m]; no flags.
+    /// pdep (pp = 3; pext would be pp = 2) r64 dst, r64 src, qword [m]; no flags.
     fn bmi2_mem(&mut self, pp: u8, dst: u8, src: u8, m: Mem) {
         let (x, b) = (
             m.index.map_or(0, |(i, _)| i >> 3),
@@ -239,12 +239,6 @@ impl Asm {
         self.buf.push(0x80 | ((!src & 15) << 3) | pp);
         self.buf.push(0xf5);
         self.modrm(dst, m);
-    }
-
-    /// pext dst, src, qword [m]: the bits of `src` where the mask at `m` has ones, packed at
-    /// the bottom (flags unchanged).
-    pub fn pext_mem(&mut self, dst: u8, src: u8, m: Mem) {
-        self.bmi2_mem(2, dst, src, m);
     }
 
     /// pdep dst, src, qword [m]: the low bits of `src` spread to where the mask at `m` has
@@ -477,7 +471,7 @@ mod tests {
         a.movzx8(RDX, RDX);
         a.movzx8(RCX, RDI);
         a.movzx8(R8, RSI);
-        a.pext_mem(RDX, RSI, at(RSP, 8));
+        a.pdep_mem(RDX, RSI, at(RSP, 8));
         a.pdep_mem(RCX, RCX, at(RSP, 16));
         a.pdep_mem(R8, R13, at(R12, 0));
         let mut c = CodeAssembler::new(64).unwrap();
@@ -518,7 +512,7 @@ mod tests {
         c.movzx(x::edx, x::dl).unwrap();
         c.movzx(x::ecx, x::dil).unwrap();
         c.movzx(x::r8d, x::sil).unwrap();
-        c.pext(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
+        c.pdep(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
         c.pdep(x::rcx, x::rcx, x::qword_ptr(x::rsp + 16)).unwrap();
         c.pdep(x::r8, x::r13, x::qword_ptr(x::r12)).unwrap();
         let want = keys(&c.assemble(0).unwrap());
