@@ -699,6 +699,9 @@ struct Stub {
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
 pub struct Emitter {
     a: Asm,
+    /// Where the block's back edges to its own start go (after the chained entry's
+    /// page-generation check, see [`Emitter::head_checks`]).
+    loop_head: Option<Label>,
     /// Host rax holds guest rax (as the last generic instruction left it; nothing since
     /// clobbered it), so the next one need not load it.
     rax_live: bool,
@@ -875,6 +878,7 @@ impl Emitter {
     pub fn new() -> Result<Emitter, IcedError> {
         Ok(Emitter {
             a: Asm::default(),
+            loop_head: None,
             rax_live: false,
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
@@ -897,6 +901,7 @@ impl Emitter {
     pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)], guard: Guard) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
+        self.loop_head = None;
         let chk = self.a.label();
         let body = self.a.label();
         let (out, dead) = self.head_checks(chk, guard);
@@ -1062,11 +1067,27 @@ impl Emitter {
     /// The chained entry (see [`Emitter::block`]); flag-neutral like all glue. Returns the
     /// labels of its two ways out (budget or exit request; page written), bound by the caller
     /// after the body.
+    ///
+    /// The block's back edges to its own start enter after the page-generation check
+    /// ([`Emitter::loop_head`]): this vCPU's translated code cannot have written the page
+    /// (a page with translations has no soft-TLB write entries: they are all dropped at the
+    /// run's entry when a page becomes code), and a write by another vCPU or a device is seen
+    /// when the loop leaves, at the latest when the budget is spent (MAX_RUN instructions),
+    /// as the SDM allows for cross-modifying code: the executing processor runs the new code
+    /// only after a serializing instruction, and none is translated.
     fn head_checks(&mut self, chk: Label, guard: Guard) -> (Label, Label) {
         let out = self.a.label();
         let dead = self.a.label();
+        let looped = self.a.label();
+        self.loop_head = Some(looped);
         let a = &mut self.a;
         a.bind(chk);
+        // The page's write generation.
+        a.mov_imm(RCX, guard.gen_addr);
+        a.load32(RCX, RCX);
+        a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
+        a.jmp_unless_rcx_zero(dead);
+        a.bind(looped);
         // Budget: r12 counts down (see [`trampoline`]); r12 >> 12 is 0 while it is in
         // 0..MAX_RUN, and not once it went below 0.
         a.shrx(RCX, R12, R13);
@@ -1075,11 +1096,6 @@ impl Emitter {
         a.load(RCX, ctx(C_REQ));
         a.load32(RCX, RCX);
         a.jmp_unless_rcx_zero(out);
-        // The page's write generation.
-        a.mov_imm(RCX, guard.gen_addr);
-        a.load32(RCX, RCX);
-        a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
-        a.jmp_unless_rcx_zero(dead);
         (out, dead)
     }
 
@@ -1102,7 +1118,8 @@ impl Emitter {
     }
 
     /// Goes on at guest `target` after `done` instructions. A branch to the block's own start
-    /// loops through its chained entry; a branch to another place of the block's guest page
+    /// loops through its chained entry's budget and exit-request checks (see
+    /// [`Emitter::head_checks`]); a branch to another place of the block's guest page
     /// leaves through a jump the run loop may later link to the target's translation (a
     /// target in the same virtual page is in the same physical page, so the link stays right
     /// while this block's own translation is: QEMU's rule for direct chaining); other targets
@@ -1111,7 +1128,7 @@ impl Emitter {
         let a = &mut self.a;
         a.lea(R12, at(R12, -(done as i32)));
         if target == rip {
-            a.jmp(chk);
+            a.jmp(self.loop_head.unwrap_or(chk));
             return;
         }
         if target >> 12 == rip >> 12 {
