@@ -5,11 +5,15 @@
 //! exists so that every `unsafe` operation of the translator sits in one small file that can be
 //! read in one sitting.
 //!
-//! * **W^X**: the cache is one `memfd` mapped twice, a read-write view that code is copied into
-//!   and a read-execute view that code runs from. No page is ever writable and executable at
-//!   once, and no `mprotect` is ever needed, so a seccomp filter that forbids `PROT_EXEC` in
-//!   `mmap`/`mprotect` (crates/sandbox) keeps working: both mappings are made in
-//!   [`CodeCache::new`], which the VMM calls while creating vCPUs, before any filter exists.
+//! * **W^X**: the cache is one anonymous shared mapping mapped twice (the second view made by
+//!   `mremap` with an old size of 0, then made read-execute before anything is in it), a
+//!   read-write view that code is copied into and a read-execute view that code runs from. No
+//!   page is ever writable and executable at once, and no protection changes after creation, so
+//!   a seccomp filter that forbids `PROT_EXEC` in `mmap`/`mprotect` (crates/sandbox) keeps
+//!   working: both mappings are made in [`CodeCache::new`], which the VMM calls while creating
+//!   vCPUs, before any filter exists. Anonymous (shown as `/dev/zero` in `/proc/<pid>/maps`,
+//!   not as a file like a `memfd` would be) so that `perf` names samples in it from the
+//!   JIT symbol map `/tmp/perf-<pid>.map`.
 //! * **Bounded**: the capacity is fixed at creation; [`CodeCache::push`] returns `None` when
 //!   full and the owner calls [`CodeCache::clear`] (QEMU's "flush everything" policy). A
 //!   [`CodeRef`] remembers the clear generation it was made under, so a stale reference is
@@ -19,6 +23,12 @@
 //!   without returning; the owner undoes such links (patching the jump back) before the target
 //!   becomes invalid. Patching writes the RW view while no code of this cache runs (`&mut self`,
 //!   and a cache belongs to one vCPU thread).
+//! * **Entering**: [`CodeCache::enter`] runs a block through the cache's *trampoline*, code
+//!   installed once at the start of the cache ([`CodeCache::install_trampoline`], kept across
+//!   [`CodeCache::clear`]) and called as `extern "sysv64" fn(regs, ctx, block)`: it saves the
+//!   callee-saved registers, sets up what blocks expect and `call`s the block; blocks (and the
+//!   blocks they chain to) return to it with `ret`, so they need no prologue or epilogue of
+//!   their own.
 //! * **Calling**: [`CodeCache::call`] runs a block as `extern "sysv64" fn(regs, ctx)`, where
 //!   `regs` is the guest's 16 general registers and `ctx` the translator's `#[repr(C)]` context.
 //!   The code itself is trusted: it is produced by `hv_emu::jit`, whose invariants (only the
@@ -30,7 +40,6 @@
 #![allow(unsafe_code)] // Executable memory and calls into generated code: the purpose of this crate.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A place in the cache, valid until the next [`CodeCache::clear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,16 +54,28 @@ impl CodeRef {
     pub fn offset(&self) -> u32 {
         self.off
     }
+
+    /// The same code entered `by` bytes after its start (a block whose entry is not its first
+    /// byte); `None` if that is not inside it.
+    pub fn advanced(self, by: u32) -> Option<CodeRef> {
+        (by < self.len).then(|| CodeRef {
+            off: self.off + by,
+            len: self.len - by,
+            generation: self.generation,
+        })
+    }
 }
 
-/// Executable memory for translated blocks: one memfd, an RW view and an RX view.
+/// Executable memory for translated blocks: one shared memory object, an RW view and an RX view.
 pub struct CodeCache {
     rw: *mut u8,
     rx: *const u8,
     size: usize,
     used: usize,
     generation: u32,
-    _fd: OwnedFd,
+    /// Offset of the trampoline, and the end of the part that [`CodeCache::clear`] keeps.
+    trampoline: Option<u32>,
+    floor: usize,
 }
 
 // SAFETY: the views are plain memory owned by this struct; `&mut self` methods write the RW view
@@ -67,6 +88,8 @@ unsafe impl Send for CodeCache {}
 pub enum CallError {
     /// The reference predates a [`CodeCache::clear`] or lies outside the used part.
     Stale,
+    /// [`CodeCache::enter`] without a trampoline installed.
+    NoTrampoline,
 }
 
 impl CodeCache {
@@ -80,52 +103,51 @@ impl CodeCache {
                 "cache too large",
             ));
         }
-        // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"anyvisor-jit".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
+        // SAFETY: a new anonymous shared mapping at an address the kernel picks; it aliases no
+        // Rust object. The result is checked.
+        let rw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if rw == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: `fd` is a fresh descriptor this function owns from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our own memfd; the result is checked.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
+        let unmap = |p: *mut libc::c_void| {
+            // SAFETY: `p` is a mapping of `size` bytes made here and not used afterwards.
+            unsafe { libc::munmap(p, size) };
+        };
+        // SAFETY: `rw` is a shared mapping of `size` bytes; mremap with an old size of 0 makes
+        // a second mapping of the same pages at an address the kernel picks (mremap(2)),
+        // aliasing no Rust object. The result is checked.
+        let rx = unsafe { libc::mremap(rw, 0, size, libc::MREMAP_MAYMOVE) };
+        if rx == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            unmap(rw);
+            return Err(e);
         }
-        let map = |prot| {
-            // SAFETY: a new shared mapping of our memfd at an address the kernel picks; it
-            // aliases no Rust object. The result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size,
-                    prot,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(p.cast::<u8>())
-            }
-        };
-        let rw = map(libc::PROT_READ | libc::PROT_WRITE)?;
-        let rx = match map(libc::PROT_READ | libc::PROT_EXEC) {
-            Ok(p) => p,
-            Err(e) => {
-                // SAFETY: `rw` is the mapping made just above, of `size` bytes, unused.
-                unsafe { libc::munmap(rw.cast(), size) };
-                return Err(e);
-            }
-        };
+        // SAFETY: `rx` is the alias made just above, of `size` bytes; no code is in it yet and
+        // from here on it is never writable.
+        if unsafe { libc::mprotect(rx, size, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+            let e = io::Error::last_os_error();
+            unmap(rx);
+            unmap(rw);
+            return Err(e);
+        }
+        let (rw, rx) = (rw.cast::<u8>(), rx.cast::<u8>().cast_const());
         Ok(CodeCache {
             rw,
             rx,
             size,
             used: 0,
             generation: 0,
-            _fd: fd,
+            trampoline: None,
+            floor: 0,
         })
     }
 
@@ -158,9 +180,33 @@ impl CodeCache {
         })
     }
 
-    /// Forgets every block: references made before are refused from now on.
+    /// Installs the trampoline [`CodeCache::enter`] calls: code that is an `extern "sysv64"
+    /// fn(regs: *mut u64, ctx: *mut C, block: *const u8)` (saving what the ABI requires,
+    /// calling `block`, returning). Only into an empty cache, once; it stays across
+    /// [`CodeCache::clear`]. False if refused or it does not fit.
+    pub fn install_trampoline(&mut self, code: &[u8]) -> bool {
+        if self.used != 0 || self.trampoline.is_some() {
+            return false;
+        }
+        let Some(r) = self.push(code) else {
+            return false;
+        };
+        self.trampoline = Some(r.off);
+        self.floor = self.used;
+        true
+    }
+
+    /// The executable address and length of the trampoline, if installed (for profilers'
+    /// symbol maps).
+    pub fn trampoline(&self) -> Option<(u64, usize)> {
+        self.trampoline
+            .map(|off| (self.rx as u64 + u64::from(off), self.floor - off as usize))
+    }
+
+    /// Forgets every block (not the trampoline): references made before are refused from now
+    /// on.
     pub fn clear(&mut self) {
-        self.used = 0;
+        self.used = self.floor;
         self.generation = self.generation.wrapping_add(1);
     }
 
@@ -215,6 +261,30 @@ impl CodeCache {
             std::ptr::copy_nonoverlapping(rel.to_le_bytes().as_ptr(), self.rw.add(site as usize), 4)
         };
         true
+    }
+
+    /// Runs the block at `r` through the trampoline, with the guest registers and the
+    /// translator's context.
+    pub fn enter<C>(&self, r: CodeRef, regs: &mut [u64; 16], ctx: &mut C) -> Result<(), CallError> {
+        let Some(t) = self.trampoline else {
+            return Err(CallError::NoTrampoline);
+        };
+        if !self.is_valid(r) {
+            return Err(CallError::Stale);
+        }
+        // SAFETY: `t` is the offset of the trampoline, written by `install_trampoline` into
+        // the part of the RX view that `clear` never releases; its contract (documented
+        // there) is a whole `extern "sysv64" fn(*mut u64, *mut C, *const u8)` that preserves
+        // what the ABI requires.
+        let f: extern "sysv64" fn(*mut u64, *mut C, *const u8) =
+            unsafe { std::mem::transmute(self.rx.add(t as usize)) };
+        // SAFETY: `r` names bytes inside the used part of the RX view (checked above), code
+        // emitted under the current generation that expects the trampoline's register setup
+        // and leaves through `ret` to it. The pointers come from exclusive references that
+        // outlive the call, and what the block may touch is what `call` describes below.
+        let block = unsafe { self.rx.add(r.off as usize) };
+        f(regs.as_mut_ptr(), ctx, block);
+        Ok(())
     }
 
     /// Runs the block at `r` with the guest registers and the translator's context.
@@ -306,6 +376,82 @@ mod tests {
             Some(two.offset())
         );
         assert_eq!(c.offset_of(0), None);
+    }
+
+    #[test]
+    fn trampoline_enters_blocks_and_survives_clear() {
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        // No trampoline yet.
+        let early = c.push(&[0xc3]).unwrap();
+        let mut regs = [0u64; 16];
+        let mut ctx = 5u64;
+        assert_eq!(
+            c.enter(early, &mut regs, &mut ctx),
+            Err(CallError::NoTrampoline)
+        );
+        assert!(!c.install_trampoline(&[0xc3]), "only into an empty cache");
+        c.clear();
+        // push rbx; mov rbx, rdi; mov rax, [rsi]; call rdx; mov [rbx+8], rax; pop rbx; ret
+        let tramp = [
+            0x53, 0x48, 0x89, 0xfb, 0x48, 0x8b, 0x06, 0xff, 0xd2, 0x48, 0x89, 0x43, 0x08, 0x5b,
+            0xc3,
+        ];
+        assert!(c.install_trampoline(&tramp));
+        assert!(!c.install_trampoline(&tramp), "once");
+        let (addr, len) = c.trampoline().unwrap();
+        assert_eq!((c.offset_of(addr), len), (Some(0), tramp.len()));
+        // mov qword [rbx], 7; add rax, 1; ret (the block sees the trampoline's registers)
+        let block = [0x48, 0xc7, 0x03, 7, 0, 0, 0, 0x48, 0x83, 0xc0, 0x01, 0xc3];
+        let r = c.push(&block).unwrap();
+        assert!(r.offset() as usize >= tramp.len());
+        c.enter(r, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[..2], [7, 6]);
+        // Entering after the first instruction skips it.
+        regs = [0; 16];
+        c.enter(r.advanced(7).unwrap(), &mut regs, &mut ctx)
+            .unwrap();
+        assert_eq!(regs[..2], [0, 6]);
+        assert!(r.advanced(block.len() as u32).is_none());
+        c.clear();
+        assert_eq!(c.enter(r, &mut regs, &mut ctx), Err(CallError::Stale));
+        assert_eq!(c.used(), c.trampoline().unwrap().1);
+        // mov qword [rbx], 9; ret
+        let r = c.push(&[0x48, 0xc7, 0x03, 9, 0, 0, 0, 0xc3]).unwrap();
+        c.enter(r, &mut regs, &mut ctx).unwrap();
+        assert_eq!(regs[..2], [9, 5]);
+    }
+
+    #[test]
+    fn the_executable_view_is_anonymous_read_execute_memory() {
+        // perf reads /tmp/perf-<pid>.map only for anonymous executable mappings ("//anon",
+        // "/dev/zero..."), not for file-backed ones such as a memfd.
+        let mut c = CodeCache::new(1 << 16).unwrap();
+        assert!(c.install_trampoline(&[0xc3]));
+        let (addr, _) = c.trampoline().unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| {
+                let (a, b) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                );
+                (a..b).contains(&addr)
+            })
+            .unwrap();
+        let f: Vec<_> = line.split_whitespace().collect();
+        assert_eq!(f[1], "r-xs", "{line}");
+        assert!(
+            f.get(5).is_none_or(|p| p.starts_with("/dev/zero")),
+            "{line}"
+        );
+        let rw = c.rw as u64;
+        let rw_line = maps
+            .lines()
+            .find(|l| l.starts_with(&format!("{rw:x}-")))
+            .unwrap();
+        assert!(rw_line.contains(" rw-s "), "{rw_line}");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! dozen fixed forms (64-bit `mov`/`lea` with a `[base + index*scale + disp32]` operand,
 //! `mov` immediates, BMI2 shifts, `jrcxz`, `jmp`/`jcc` rel32), so they are encoded here
 //! directly; the guest instructions themselves are still re-encoded with iced-x86's
-//! `Encoder`. Every memory operand uses a 32-bit displacement (mod = 10, or SIB without base),
-//! which avoids the RBP/R13 and RSP/R12 special cases at the price of a few bytes.
+//! `Encoder`. Memory operands take the shortest displacement (none, 8 or 32 bits; the RBP/R13
+//! and RSP/R12 special cases handled), since most glue addresses the guest register file and
+//! the context at small offsets.
 
 /// Host register numbers.
 pub const RAX: u8 = 0;
@@ -15,6 +16,7 @@ pub const RCX: u8 = 1;
 pub const RDX: u8 = 2;
 pub const RBX: u8 = 3;
 pub const RBP: u8 = 5;
+pub const RSP: u8 = 4;
 pub const RSI: u8 = 6;
 pub const RDI: u8 = 7;
 pub const R8: u8 = 8;
@@ -33,6 +35,8 @@ pub struct Asm {
     labels: Vec<Option<usize>>,
     /// (position of a rel32 field, label)
     fixups: Vec<(usize, usize)>,
+    /// (position of a rel8 field, label)
+    fixups8: Vec<(usize, usize)>,
 }
 
 /// A memory operand `[base + index*scale + disp]`.
@@ -56,6 +60,7 @@ impl Asm {
         self.buf.clear();
         self.labels.clear();
         self.fixups.clear();
+        self.fixups8.clear();
     }
 
     pub fn label(&mut self) -> Label {
@@ -74,8 +79,20 @@ impl Asm {
         self.labels.get(l.0).copied().flatten()
     }
 
-    /// Patches every rel32 to its label. False if a label was never bound.
+    /// Patches every rel32 and rel8 to its label. False if a label was never bound or a rel8
+    /// target is out of range.
     pub fn finish(&mut self) -> bool {
+        for &(pos, l) in &self.fixups8 {
+            let Some(Some(target)) = self.labels.get(l) else {
+                return false;
+            };
+            let Ok(rel) = i8::try_from(*target as i64 - (pos as i64 + 1)) else {
+                return false;
+            };
+            if let Some(f) = self.buf.get_mut(pos) {
+                *f = rel as u8;
+            }
+        }
         for &(pos, l) in &self.fixups {
             let Some(Some(target)) = self.labels.get(l) else {
                 return false;
@@ -97,14 +114,27 @@ impl Asm {
         self.buf.extend_from_slice(&[0; 4]);
     }
 
-    /// REX.W + opcode + ModRM/SIB/disp32 for `reg, [mem]`.
+    /// REX.W + opcode + ModRM/SIB/disp for `reg, [mem]`.
     fn op_mem(&mut self, opcode: &[u8], reg: u8, m: Mem) {
+        self.op_mem_w(true, opcode, reg, m);
+    }
+
+    /// [REX] + opcode + ModRM/SIB/disp for `reg, [mem]`, 64-bit operand size if `w`.
+    fn op_mem_w(&mut self, w: bool, opcode: &[u8], reg: u8, m: Mem) {
         let (x, b) = (
             m.index.map_or(0, |(i, _)| i >> 3),
             m.base.map_or(0, |b| b >> 3),
         );
-        self.buf.push(0x48 | ((reg >> 3) << 2) | (x << 1) | b);
+        let rex = (u8::from(w) << 3) | ((reg >> 3) << 2) | (x << 1) | b;
+        if rex != 0 {
+            self.buf.push(0x40 | rex);
+        }
         self.buf.extend_from_slice(opcode);
+        self.modrm(reg, m);
+    }
+
+    /// ModRM, SIB and displacement of `reg, [m]` (the prefixes and opcode already out).
+    fn modrm(&mut self, reg: u8, m: Mem) {
         let r = (reg & 7) << 3;
         let ss = |s: u32| match s {
             2 => 1u8,
@@ -112,14 +142,24 @@ impl Asm {
             8 => 3,
             _ => 0,
         };
+        // The shortest displacement: none (mod 00) unless the base is rbp/r13, whose mod 00
+        // means something else; 8 bits (mod 01); else 32 bits (mod 10).
+        let (md, disp8) = match m.base {
+            Some(base) if m.disp == 0 && base & 7 != 5 => (0x00, None),
+            Some(_) => match i8::try_from(m.disp) {
+                Ok(d) => (0x40, Some(d)),
+                Err(_) => (0x80, None),
+            },
+            None => (0x00, None),
+        };
         match (m.base, m.index) {
-            (Some(base), None) if base & 7 != 4 => self.buf.push(0x80 | r | (base & 7)),
+            (Some(base), None) if base & 7 != 4 => self.buf.push(md | r | (base & 7)),
             (Some(base), None) => {
-                self.buf.push(0x80 | r | 4);
+                self.buf.push(md | r | 4);
                 self.buf.push(0x20 | (base & 7));
             }
             (Some(base), Some((i, s))) => {
-                self.buf.push(0x80 | r | 4);
+                self.buf.push(md | r | 4);
                 self.buf.push((ss(s) << 6) | ((i & 7) << 3) | (base & 7));
             }
             (None, Some((i, s))) => {
@@ -132,7 +172,11 @@ impl Asm {
                 self.buf.push(0x25);
             }
         }
-        self.buf.extend_from_slice(&m.disp.to_le_bytes());
+        match (md, disp8) {
+            (0x40, Some(d)) => self.buf.push(d as u8),
+            (0x00, _) if m.base.is_some() => {}
+            _ => self.buf.extend_from_slice(&m.disp.to_le_bytes()),
+        }
     }
 
     /// mov r64, [m]
@@ -183,6 +227,26 @@ impl Asm {
         }
     }
 
+    /// pdep (pp = 3; pext would be pp = 2) r64 dst, r64 src, qword [m]; no flags.
+    fn bmi2_mem(&mut self, pp: u8, dst: u8, src: u8, m: Mem) {
+        let (x, b) = (
+            m.index.map_or(0, |(i, _)| i >> 3),
+            m.base.map_or(0, |b| b >> 3),
+        );
+        self.buf.push(0xc4);
+        self.buf
+            .push(((!(dst >> 3) & 1) << 7) | ((!x & 1) << 6) | ((!b & 1) << 5) | 0x02);
+        self.buf.push(0x80 | ((!src & 15) << 3) | pp);
+        self.buf.push(0xf5);
+        self.modrm(dst, m);
+    }
+
+    /// pdep dst, src, qword [m]: the low bits of `src` spread to where the mask at `m` has
+    /// ones (flags unchanged).
+    pub fn pdep_mem(&mut self, dst: u8, src: u8, m: Mem) {
+        self.bmi2_mem(3, dst, src, m);
+    }
+
     /// shrx (pp = 3), sarx (pp = 2), shlx (pp = 1): dst = src shifted by cnt; no flags.
     fn bmi2_shift(&mut self, pp: u8, dst: u8, src: u8, cnt: u8) {
         self.buf.push(0xc4);
@@ -203,11 +267,6 @@ impl Asm {
 
     pub fn shlx(&mut self, dst: u8, src: u8, cnt: u8) {
         self.bmi2_shift(1, dst, src, cnt);
-    }
-
-    /// movzx ecx, cl
-    pub fn movzx_ecx_cl(&mut self) {
-        self.bytes(&[0x0f, 0xb6, 0xc9]);
     }
 
     /// jrcxz over the next 5-byte jmp: `jrcxz +5; jmp l` (jump to `l` when rcx != 0).
@@ -240,24 +299,30 @@ impl Asm {
 
     /// mov r32, [r64] (zero-extends)
     pub fn load32(&mut self, dst: u8, base: u8) {
-        self.buf.push(0x40 | ((dst >> 3) << 2) | (base >> 3));
-        self.buf.push(0x8b);
-        self.buf.push(0x80 | ((dst & 7) << 3) | (base & 7));
-        if base & 7 == 4 {
-            self.buf.push(0x24);
-        }
-        self.buf.extend_from_slice(&0i32.to_le_bytes());
+        self.op_mem_w(false, &[0x8b], dst, at(base, 0));
     }
 
-    /// lea r32, [r32 + disp32] (32-bit result, zero-extended; flags unchanged)
+    /// lea r32, [r32 + disp] (32-bit result, zero-extended; flags unchanged)
     pub fn lea32(&mut self, dst: u8, base: u8, disp: i32) {
-        self.buf.push(0x40 | ((dst >> 3) << 2) | (base >> 3));
-        self.buf.push(0x8d);
-        self.buf.push(0x80 | ((dst & 7) << 3) | (base & 7));
-        if base & 7 == 4 {
-            self.buf.push(0x24);
-        }
-        self.buf.extend_from_slice(&disp.to_le_bytes());
+        self.op_mem_w(false, &[0x8d], dst, at(base, disp));
+    }
+
+    /// movzx r32, r8 (the low byte of `src`; REX so that sil/dil, not dh/bh)
+    pub fn movzx8(&mut self, dst: u8, src: u8) {
+        self.buf.push(0x40 | ((dst >> 3) << 2) | (src >> 3));
+        self.bytes(&[0x0f, 0xb6, 0xc0 | ((dst & 7) << 3) | (src & 7)]);
+    }
+
+    /// `jrcxz l` (rel8: `l` must be within 127 bytes forward; [`Asm::finish`] checks it).
+    pub fn jrcxz_short(&mut self, l: Label) {
+        self.buf.push(0xe3);
+        self.fixups8.push((self.buf.len(), l.0));
+        self.buf.push(0);
+    }
+
+    /// ret
+    pub fn ret(&mut self) {
+        self.buf.push(0xc3);
     }
 
     /// jmp qword [base + disp32]
@@ -369,7 +434,7 @@ mod tests {
                 disp: 0,
             },
         );
-        a.movzx_ecx_cl();
+        a.movzx8(RCX, RCX);
         a.not(RCX);
         a.not(R12);
         a.load32(RCX, RCX);
@@ -378,6 +443,37 @@ mod tests {
         a.lea32(RDX, R13, 0x7000_0000);
         a.jmp_mem(RDI, 8);
         a.jmp_mem(R12, -16);
+        // Short displacements and their special cases (rbp/r13 base, rsp/r12 base).
+        a.load(RAX, at(RBP, 0));
+        a.load(RCX, at(R13, 0));
+        a.store(at(R12, 0), RDX);
+        a.load(RDX, at(RSI, 0x1000));
+        a.load(RDX, at(RSI, -128));
+        a.lea(
+            RDI,
+            Mem {
+                base: Some(R14),
+                index: Some((RCX, 8)),
+                disp: 0,
+            },
+        );
+        a.lea(
+            RSI,
+            Mem {
+                base: Some(R13),
+                index: Some((RAX, 1)),
+                disp: 0,
+            },
+        );
+        a.load(R8, at(R12, 24));
+        a.load32(RCX, R13);
+        a.lea32(RCX, RBP, 3);
+        a.movzx8(RDX, RDX);
+        a.movzx8(RCX, RDI);
+        a.movzx8(R8, RSI);
+        a.pdep_mem(RDX, RSI, at(RSP, 8));
+        a.pdep_mem(RCX, RCX, at(RSP, 16));
+        a.pdep_mem(R8, R13, at(R12, 0));
         let mut c = CodeAssembler::new(64).unwrap();
         c.mov(x::r12, x::qword_ptr(x::rbx + 40)).unwrap();
         c.mov(x::qword_ptr(x::r12 - 8), x::r8).unwrap();
@@ -403,6 +499,22 @@ mod tests {
         c.lea(x::edx, x::dword_ptr(x::r13 + 0x7000_0000)).unwrap();
         c.jmp(x::qword_ptr(x::rdi + 8)).unwrap();
         c.jmp(x::qword_ptr(x::r12 - 16)).unwrap();
+        c.mov(x::rax, x::qword_ptr(x::rbp)).unwrap();
+        c.mov(x::rcx, x::qword_ptr(x::r13)).unwrap();
+        c.mov(x::qword_ptr(x::r12), x::rdx).unwrap();
+        c.mov(x::rdx, x::qword_ptr(x::rsi + 0x1000)).unwrap();
+        c.mov(x::rdx, x::qword_ptr(x::rsi - 128)).unwrap();
+        c.lea(x::rdi, x::qword_ptr(x::r14 + x::rcx * 8)).unwrap();
+        c.lea(x::rsi, x::qword_ptr(x::r13 + x::rax)).unwrap();
+        c.mov(x::r8, x::qword_ptr(x::r12 + 24)).unwrap();
+        c.mov(x::ecx, x::dword_ptr(x::r13)).unwrap();
+        c.lea(x::ecx, x::dword_ptr(x::rbp + 3)).unwrap();
+        c.movzx(x::edx, x::dl).unwrap();
+        c.movzx(x::ecx, x::dil).unwrap();
+        c.movzx(x::r8d, x::sil).unwrap();
+        c.pdep(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
+        c.pdep(x::rcx, x::rcx, x::qword_ptr(x::rsp + 16)).unwrap();
+        c.pdep(x::r8, x::r13, x::qword_ptr(x::r12)).unwrap();
         let want = keys(&c.assemble(0).unwrap());
         let got = keys(&a.buf);
         assert_eq!(got, want);
@@ -429,5 +541,31 @@ mod tests {
         assert_eq!(v[1].memory_displacement64(), 0x1000 + 12);
         assert_eq!(v[1].op0_register(), iced_x86::Register::RCX);
         assert_eq!(a.labels[site.0], Some(1));
+        // The displacement sizes: none, 8 and 32 bits.
+        let mut a = Asm::default();
+        a.load(RAX, at(RBX, 0));
+        assert_eq!(a.buf.len(), 3);
+        a.load(RAX, at(RBX, 8));
+        assert_eq!(a.buf.len(), 3 + 4);
+        a.load(RAX, at(RBX, 0x100));
+        assert_eq!(a.buf.len(), 3 + 4 + 7);
+        // A short jrcxz to a label, and one out of range.
+        let mut a = Asm::default();
+        let l = a.label();
+        a.jrcxz_short(l);
+        a.bytes(&[0x90; 3]);
+        a.bind(l);
+        assert!(a.finish());
+        let i = Decoder::with_ip(64, &a.buf, 0x1000, DecoderOptions::NONE).decode();
+        assert_eq!(
+            (i.mnemonic(), i.near_branch64()),
+            (iced_x86::Mnemonic::Jrcxz, 0x1005)
+        );
+        let mut a = Asm::default();
+        let l = a.label();
+        a.jrcxz_short(l);
+        a.bytes(&[0x90; 200]);
+        a.bind(l);
+        assert!(!a.finish());
     }
 }

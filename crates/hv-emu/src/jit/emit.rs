@@ -10,9 +10,9 @@
 //! re-encoded. The host CPU then computes the result and every flag exactly as the guest CPU
 //! would (it *is* an x86-64), undefined flags included.
 //!
-//! **Guest flags live in the host flags register** for the whole block: the prologue loads the
-//! six arithmetic flags with `sahf` (and an `add` that sets OF), the epilogue saves them with
-//! `pushfq`. Everything the emitter puts between guest instructions is flag-neutral (`mov`,
+//! **Guest flags live in the host flags register** for the whole block, and across chained
+//! blocks: the shared entry [`trampoline`] loads the six arithmetic flags with `sahf` (and an
+//! `add` that sets OF) and saves them with `pushfq` when the chain returns to it. Everything the emitter puts between guest instructions is flag-neutral (`mov`,
 //! `lea`, `movzx`, `shrx`/`sarx`/`shlx`, `pext`/`pdep`, `jrcxz`, `jmp`), so no per-instruction
 //! flag bookkeeping is needed and flag-reading instructions (adc, sbb, jcc, cmovcc, setcc) just
 //! work. The few checks that need comparisons (`div`, string instructions) save the flags with
@@ -20,14 +20,17 @@
 //!
 //! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
 //! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
-//! instructions completed, `rbp` = a guest stack pointer being updated; `rsi` holds memory
+//! instructions left in the run's budget minus one (counting down; below 0 once spent),
+//! `rbp` = a guest stack pointer being updated; `rsi` holds memory
 //! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
 //! `rax, rcx, rdx, rdi, r8..r11` (guest `rax`/`rcx`/`rdx` always into host `rax`/`rcx`/`rdx`,
 //! so `cl` shift counts, implicit operands and high-byte registers work).
 
 use iced_x86::IcedError;
 
-use super::asm::{Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, at};
+use super::asm::{
+    Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP, at,
+};
 use iced_x86::{
     Code, Encoder, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M, OpAccess,
     OpKind, Register,
@@ -518,6 +521,191 @@ pub fn untranslated_report() -> String {
     out
 }
 
+/// Exit codes: every way out of generated code is a `ret` to the [`trampoline`] with guest
+/// RIP in rax and, in ecx, the code in bits 7:0 and the guest instructions completed since
+/// r12 was last updated in bits 31:8. Go on at RIP (the run loop looks it up).
+pub const EXIT_GO: u32 = 0;
+/// The interpreter runs the instruction at RIP; +1/+2: after a read/write soft-TLB miss at
+/// the guest linear address in rsi.
+pub const EXIT_INTERP: u32 = 1;
+/// As [`EXIT_GO`], through a linkable jump whose rel32 field is at rdx.
+pub const EXIT_LINK: u32 = 4;
+/// As [`EXIT_GO`] from a chained entry whose page was written: its address is in rdx.
+pub const EXIT_DEAD: u32 = 5;
+
+// The budget check at block heads tests r12 >> 12 (see `Emitter::head_checks`).
+const _: () = assert!(super::MAX_RUN < 4096);
+
+/// pdep mask of a soft-TLB index (the page number's low bits) times 4: `[r14 + rdx*8]` is
+/// then the 32-byte entry. The trampoline keeps it at `[rsp + TLB_MASK_AT]`.
+const TLB_MASK: u32 = (super::TLB_ENTRIES as u32 - 1) << 2;
+const TLB_MASK_AT: i32 = 8;
+/// pdep mask of a jump-cache index times 16 (the entry size), at `[rsp + JC_MASK_AT]`.
+const JC_MASK: u32 = (JC_ENTRIES as u32 - 1) << 4;
+const JC_MASK_AT: i32 = 16;
+const _: () = assert!(
+    super::TLB_ENTRIES.is_power_of_two()
+        && JC_ENTRIES.is_power_of_two()
+        && std::mem::size_of::<super::TlbEntry>() == 32
+        && std::mem::size_of::<super::JcEntry>() == 16
+        && JC_MASK < 1 << 31
+);
+
+/// The code the run loop calls every translated block through (installed once at the start
+/// of the code cache, `CodeCache::install_trampoline`): `extern "sysv64" fn(regs, ctx,
+/// block)`. It saves the callee-saved registers, sets up the registers blocks rely on
+/// (`rbx` = guest registers, `r15` = context, `r14` = its soft TLB, `r13` = 12, `r12` =
+/// instructions left in the budget minus one, counting down), loads the guest's arithmetic
+/// flags into the host flags (`sahf`, and OF through a signed overflow of 0x7f + OF) and
+/// calls the block. Blocks and chains of blocks leave with `ret` (the one return address on
+/// the stack), rax = guest RIP and an exit code in ecx (see [`EXIT_GO`]); the trampoline
+/// saves the flags first (`pushfq`), then fills the context (RIP, flags, instructions run,
+/// exit kind, miss address, link site or dead entry) and restores the registers. So a block
+/// has no prologue or epilogue of its own and a chain never repeats them.
+pub fn trampoline() -> Vec<u8> {
+    let mut a = Asm::default();
+    // push rbx, rbp, r12, r13, r14, r15
+    a.bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
+    a.mov(RBX, RDI);
+    a.mov(R15, RSI);
+    a.lea(R14, ctx(C_TLB));
+    a.bytes(&[0x41, 0xbd, 12, 0, 0, 0]); // mov r13d, 12
+    // r12 = -nbudget - 1 = !nbudget.
+    a.load(R12, ctx(C_NBUDGET));
+    a.not(R12);
+    a.load(RAX, ctx(C_FLAGS));
+    a.bytes(&[
+        0x89, 0xc1, // mov ecx, eax
+        0xc1, 0xe9, 0x0b, // shr ecx, 11
+        0x83, 0xe1, 0x01, // and ecx, 1
+        0x80, 0xc1, 0x7f, // add cl, 0x7f
+        0x88, 0xc4, // mov ah, al
+        0x9e, // sahf
+    ]);
+    // The masks blocks use with pdep, at [rsp + JC_MASK_AT] and [rsp + TLB_MASK_AT] (above
+    // the return address): push imm32.
+    for m in [JC_MASK, TLB_MASK] {
+        a.bytes(&[0x68]);
+        a.bytes(&m.to_le_bytes());
+    }
+    a.bytes(&[
+        0xff, 0xd2, // call rdx
+        0x9c, 0x5f, // pushfq; pop rdi
+    ]);
+    a.lea(RSP, at(RSP, 16));
+    a.store(ctx(C_FLAGS), RDI);
+    a.store(ctx(C_RIP), RAX);
+    a.bytes(&[
+        0x41, 0x89, 0xc8, // mov r8d, ecx
+        0x41, 0xc1, 0xe8, 0x08, // shr r8d, 8
+        0x4d, 0x29, 0xc4, // sub r12, r8
+    ]);
+    // count = (budget - 1) - r12
+    a.load(RDI, ctx(C_NBUDGET));
+    a.not(RDI);
+    a.bytes(&[0x4c, 0x29, 0xe7]); // sub rdi, r12
+    a.store(ctx(C_COUNT), RDI);
+    let (link, dead, done) = (a.label(), a.label(), a.label());
+    a.bytes(&[0x0f, 0xb6, 0xc9]); // movzx ecx, cl
+    a.bytes(&[0x83, 0xf9, EXIT_LINK as u8]); // cmp ecx, EXIT_LINK
+    a.jcc(4, link);
+    a.bytes(&[0x83, 0xf9, EXIT_DEAD as u8]); // cmp ecx, EXIT_DEAD
+    a.jcc(4, dead);
+    a.bytes(&[0x85, 0xc9]); // test ecx, ecx (EXIT_GO)
+    a.jcc(4, done);
+    a.store_imm(ctx(C_EXIT), 1);
+    a.lea(RCX, at(RCX, -(EXIT_INTERP as i32)));
+    a.store(ctx(C_MISS_KIND), RCX);
+    a.store(ctx(C_MISS_LIN), RSI);
+    a.jmp(done);
+    a.bind(link);
+    a.store(ctx(C_LINK), RDX);
+    a.jmp(done);
+    a.bind(dead);
+    a.store(ctx(C_DEAD), RDX);
+    a.bind(done);
+    // pop r15, r14, r13, r12, rbp, rbx; ret
+    a.bytes(&[
+        0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b, 0xc3,
+    ]);
+    let bound = a.finish();
+    debug_assert!(bound);
+    a.buf
+}
+
+/// `ANYVISOR_EMU_JIT_PERFMAP=1` (read once; off by default, as nothing may write host files
+/// the user did not ask for): every translated block is appended to `/tmp/perf-<pid>.map`,
+/// the file `perf report` reads to name samples in JIT code, as "start size guest-<rip>".
+pub fn perf_map_enabled() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("ANYVISOR_EMU_JIT_PERFMAP").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// `ANYVISOR_EMU_JIT_DUMP=all|<hex guest RIP>[,...]` (read once; off by default): log at info
+/// level the host bytes emitted for every block, or for the blocks starting at the given
+/// RIPs, as hex (e.g. for `objdump -D -b binary -mi386:x86-64` after `xxd -r -p`).
+fn dump_wanted(rip: u64) -> bool {
+    static D: std::sync::OnceLock<Option<Vec<u64>>> = std::sync::OnceLock::new();
+    let d = D.get_or_init(|| {
+        let v = std::env::var("ANYVISOR_EMU_JIT_DUMP").ok()?;
+        if v.is_empty() {
+            return None;
+        }
+        if v == "all" {
+            return Some(Vec::new());
+        }
+        Some(
+            v.split(',')
+                .filter_map(|x| u64::from_str_radix(x.trim().trim_start_matches("0x"), 16).ok())
+                .collect(),
+        )
+    });
+    d.as_ref().is_some_and(|v| v.is_empty() || v.contains(&rip))
+}
+
+/// One perf map line (perf's format: hex start, hex size, symbol name).
+pub fn perf_map_line(start: u64, size: usize, name: &str) -> String {
+    format!("{start:x} {size:x} {name}\n")
+}
+
+/// The symbol name of a translated block in the perf map.
+pub fn perf_map_name(rip: u64) -> String {
+    format!("guest-{rip:x}")
+}
+
+/// Appends a block at host address `start` to the perf map, if enabled (a failure to write
+/// is logged once and turns the map off).
+pub fn perf_map_note(start: u64, size: usize, name: &str) {
+    use std::io::Write;
+    static MAP: std::sync::Mutex<Option<Option<std::fs::File>>> = std::sync::Mutex::new(None);
+    if !perf_map_enabled() {
+        return;
+    }
+    let Ok(mut m) = MAP.lock() else { return };
+    let file = m.get_or_insert_with(|| {
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("ANYVISOR_EMU_JIT_PERFMAP: cannot open {path}: {e}");
+                None
+            }
+        }
+    });
+    if let Some(f) = file
+        && let Err(e) = f.write_all(perf_map_line(start, size, name).as_bytes())
+    {
+        tracing::warn!("ANYVISOR_EMU_JIT_PERFMAP: {e}");
+        *file = None;
+    }
+}
+
 /// What a block checks at its chained entry that its code is still current: the host address
 /// of its guest page's write generation ([`crate::vm::CodeTracker`]) and the value it was
 /// translated under.
@@ -532,6 +720,8 @@ pub struct Emitted {
     pub bytes: Vec<u8>,
     /// Offset of the chained entry (the head checks), which linked jumps go to.
     pub chk: u32,
+    /// Offset of the body, where the run loop enters (through the trampoline).
+    pub entry: u32,
 }
 
 /// Where an exit stub goes back to the run loop.
@@ -547,6 +737,12 @@ struct Stub {
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
 pub struct Emitter {
     a: Asm,
+    /// Where the block's back edges to its own start go (after the chained entry's
+    /// page-generation check, see [`Emitter::head_checks`]).
+    loop_head: Option<Label>,
+    /// Host rax holds guest rax (as the last generic instruction left it; nothing since
+    /// clobbered it), so the next one need not load it.
+    rax_live: bool,
     stubs: Vec<Stub>,
     info: InstructionInfoFactory,
     enc: Encoder,
@@ -626,6 +822,9 @@ struct Rewrite {
     written: [bool; 16],
     /// Some(written) when the instruction accesses memory.
     mem: Option<bool>,
+    /// Per guest register: only written, whole (32 or 64 bits, so the old value does not
+    /// survive): the host register need not be loaded first.
+    write_only: [bool; 16],
 }
 
 fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite> {
@@ -641,6 +840,7 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
         host_of: [usize::MAX; 16],
         written: [false; 16],
         mem: None,
+        write_only: [true; 16],
     };
     // Guest rax, rcx, rdx stay in host rax, rcx, rdx (`cl` counts, implicit operands, high
     // bytes); the others take the next free host register. With a high-byte register
@@ -659,7 +859,10 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
     for &g in imp {
         *r.host_of.get_mut(g)? = g;
         *r.written.get_mut(g)? = true;
+        *r.write_only.get_mut(g)? = false;
     }
+    // bsf/bsr leave the destination as it was for a zero source (on the host too).
+    let keeps = matches!(i.mnemonic(), M::Bsf | M::Bsr);
     for n in 0..i.op_count() {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -685,6 +888,13 @@ fn rewrite(info: &mut InstructionInfoFactory, i: &Instruction) -> Option<Rewrite
                 if is_write(access.op_access(n)) {
                     *r.written.get_mut(g)? = true;
                 }
+                if access.op_access(n) != OpAccess::Write
+                    || reg.size() < 4
+                    || is_high_byte(reg)
+                    || keeps
+                {
+                    *r.write_only.get_mut(g)? = false;
+                }
                 r.out.set_op_register(n, h);
             }
             OpKind::Memory => {
@@ -706,6 +916,8 @@ impl Emitter {
     pub fn new() -> Result<Emitter, IcedError> {
         Ok(Emitter {
             a: Asm::default(),
+            loop_head: None,
+            rax_live: false,
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
@@ -716,43 +928,29 @@ impl Emitter {
     /// The last instruction either ends the block (a branch) or the block falls through to the
     /// instruction after it. The code is position independent.
     ///
-    /// Layout: the entry from the run loop (prologue) jumps over the chained entry `chk` to the
-    /// body. `chk` is where other blocks' linked jumps and the block's own back edges arrive:
-    /// it leaves (with the state exactly at the block start) when the run's instruction budget
-    /// is spent, when the vCPU's exit-request word is set, or when the guest page was written
-    /// since translation (then it also reports itself dead, so the run loop unlinks the jumps
-    /// into it).
+    /// Layout: the chained entry `chk` (offset 0) is where other blocks' linked jumps and the
+    /// block's own back edges arrive: it leaves (with the state exactly at the block start)
+    /// when the run's instruction budget is spent, when the vCPU's exit-request word is set,
+    /// or when the guest page was written since translation (then it also reports itself
+    /// dead, so the run loop unlinks the jumps into it), and falls through into the body,
+    /// where the run loop enters through the shared trampoline ([`trampoline`]; it just
+    /// looked the block up). Exit stubs follow the body; every way out is a `ret` to the
+    /// trampoline with an exit code in ecx (see [`EXIT_GO`]).
     pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)], guard: Guard) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
-        let epi = self.a.label();
+        self.loop_head = None;
         let chk = self.a.label();
         let body = self.a.label();
-        // Prologue: save callee-saved registers, rbx = registers, r15 = context.
-        self.a
-            .bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
-        self.a.mov(RBX, RDI);
-        self.a.mov(R15, RSI);
-        self.a.lea(R14, ctx(C_TLB));
-        // mov r13d, 12; xor r12d, r12d
-        self.a.bytes(&[0x41, 0xbd, 12, 0, 0, 0, 0x45, 0x31, 0xe4]);
-        // Guest arithmetic flags into the host flags: OF through a signed overflow
-        // (0x7f + OF), then the other five from AH.
-        self.a.load(RAX, ctx(C_FLAGS));
-        self.a.bytes(&[
-            0x89, 0xc1, // mov ecx, eax
-            0xc1, 0xe9, 0x0b, // shr ecx, 11
-            0x83, 0xe1, 0x01, // and ecx, 1
-            0x80, 0xc1, 0x7f, // add cl, 0x7f
-            0x88, 0xc4, // mov ah, al
-            0x9e, // sahf
-        ]);
-        self.a.jmp(body);
-        self.head_checks(rip, chk, guard, epi);
+        let (out, dead) = self.head_checks(chk, guard);
         self.a.bind(body);
         let mut ended = false;
+        self.rax_live = false;
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
+            if *kind != Kind::Generic {
+                self.rax_live = false;
+            }
             match kind {
                 Kind::Nop => {}
                 Kind::Generic => self.generic(k, i)?,
@@ -769,7 +967,7 @@ impl Emitter {
                 | Kind::Swapgs
                 | Kind::FsGsBase
                 | Kind::PushMem
-                | Kind::Cmpxchg16b => ended = self.sys(k, i, *kind, epi)?,
+                | Kind::Cmpxchg16b => ended = self.sys(k, i, *kind)?,
                 Kind::Leave => {
                     self.a.load(RSI, greg(5));
                     self.a.mov(RBP, RSI);
@@ -786,7 +984,7 @@ impl Emitter {
                     self.check_canonical(R8, k, i.ip());
                     self.push(k, i.ip(), Src::Imm(i.next_ip()));
                     self.a.mov(RAX, R8);
-                    self.exit_dynamic(k + 1, epi);
+                    self.exit_dynamic(k + 1);
                     ended = true;
                 }
                 Kind::Push => {
@@ -805,7 +1003,7 @@ impl Emitter {
                 }
                 Kind::CallRel => {
                     self.push(k, i.ip(), Src::Imm(i.next_ip()));
-                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
                 Kind::CallReg => {
@@ -814,7 +1012,7 @@ impl Emitter {
                     self.check_canonical(R8, k, i.ip());
                     self.push(k, i.ip(), Src::Imm(i.next_ip()));
                     self.a.mov(RAX, R8);
-                    self.exit_dynamic(k + 1, epi);
+                    self.exit_dynamic(k + 1);
                     ended = true;
                 }
                 Kind::Ret => {
@@ -827,18 +1025,18 @@ impl Emitter {
                     };
                     self.a.lea(RBP, at(RBP, 8 + extra));
                     self.a.store(greg(4), RBP);
-                    self.exit_dynamic(k + 1, epi);
+                    self.exit_dynamic(k + 1);
                     ended = true;
                 }
                 Kind::JmpRel => {
-                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
                 Kind::JmpReg => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
                     self.a.load(RAX, greg(g));
                     self.check_canonical(RAX, k, i.ip());
-                    self.exit_dynamic(k + 1, epi);
+                    self.exit_dynamic(k + 1);
                     ended = true;
                 }
                 Kind::JmpMem => {
@@ -846,7 +1044,7 @@ impl Emitter {
                     self.tlb(k, i.ip(), 8, false);
                     self.a.load(RAX, at(RSI, 0));
                     self.check_canonical(RAX, k, i.ip());
-                    self.exit_dynamic(k + 1, epi);
+                    self.exit_dynamic(k + 1);
                     ended = true;
                 }
                 Kind::Jcc => {
@@ -854,9 +1052,9 @@ impl Emitter {
                     let cc = cc_num(i.condition_code())
                         .ok_or_else(|| EmitError("jcc without a condition".into()))?;
                     self.a.jcc(cc, taken);
-                    self.exit_static(rip, i.next_ip(), k + 1, chk, epi);
+                    self.exit_static(rip, i.next_ip(), k + 1, chk);
                     self.a.bind(taken);
-                    self.exit_static(rip, i.near_branch64(), k + 1, chk, epi);
+                    self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
             }
@@ -866,87 +1064,98 @@ impl Emitter {
         }
         if !ended {
             let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
-            self.exit_static(rip, next, insns.len() as u32, chk, epi);
+            self.exit_static(rip, next, insns.len() as u32, chk);
         }
         // Exit stubs: state is exactly as before instruction `done`.
         let stubs = std::mem::take(&mut self.stubs);
         for s in &stubs {
-            let a = &mut self.a;
-            a.bind(s.label);
-            a.store(ctx(C_MISS_LIN), RSI);
-            a.store_imm(ctx(C_MISS_KIND), s.miss);
-            a.mov_imm(RAX, s.ip);
-            a.store(ctx(C_RIP), RAX);
-            a.lea(R12, at(R12, s.done as i32));
-            a.store_imm(ctx(C_EXIT), 1);
-            a.jmp(epi);
+            self.a.bind(s.label);
+            self.leave(s.ip, EXIT_INTERP + s.miss as u32, s.done);
         }
         self.stubs = stubs;
         let a = &mut self.a;
-        a.bind(epi);
-        a.store(ctx(C_COUNT), R12);
-        a.bytes(&[0x9c, 0x58]); // pushfq; pop rax
-        a.store(ctx(C_FLAGS), RAX);
-        // pop r15, r14, r13, r12, rbp, rbx; ret
-        a.bytes(&[
-            0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5d, 0x5b, 0xc3,
-        ]);
+        a.bind(dead);
+        a.lea_label(RDX, chk);
+        self.leave(rip, EXIT_DEAD, 0);
+        self.a.bind(out);
+        self.leave(rip, EXIT_GO, 0);
+        let a = &mut self.a;
         if !a.finish() {
             return Err(EmitError("unbound label".into()));
         }
-        let chk = a
-            .pos(chk)
-            .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| EmitError("unbound label".into()))?;
+        let pos = |l| {
+            a.pos(l)
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(|| EmitError("unbound label".into()))
+        };
+        let (chk, entry) = (pos(chk)?, pos(body)?);
+        if dump_wanted(rip) {
+            let hex: String = a.buf.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(
+                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
+                 entry +{chk:#x}, body +{entry:#x}): {hex}",
+                insns.len(),
+                a.buf.len()
+            );
+        }
         Ok(Emitted {
-            bytes: a.buf.clone(),
             chk,
+            entry,
+            bytes: a.buf.clone(),
         })
     }
 
-    /// The chained entry (see [`Emitter::block`]); flag-neutral like all glue.
-    fn head_checks(&mut self, rip: u64, chk: Label, guard: Guard, epi: Label) {
+    /// Returns to the trampoline: guest RIP `rip`, exit code `code`, `done` more guest
+    /// instructions completed (flag-neutral, like all glue: the trampoline saves the flags).
+    fn leave(&mut self, rip: u64, code: u32, done: u32) {
+        self.a.mov_imm(RAX, rip);
+        self.a.mov_imm(RCX, u64::from(done << 8 | code));
+        self.a.ret();
+    }
+
+    /// The chained entry (see [`Emitter::block`]); flag-neutral like all glue. Returns the
+    /// labels of its two ways out (budget or exit request; page written), bound by the caller
+    /// after the body.
+    ///
+    /// The block's back edges to its own start enter after the page-generation check
+    /// ([`Emitter::loop_head`]): this vCPU's translated code cannot have written the page
+    /// (a page with translations has no soft-TLB write entries: they are all dropped at the
+    /// run's entry when a page becomes code), and a write by another vCPU or a device is seen
+    /// when the loop leaves, at the latest when the budget is spent (MAX_RUN instructions),
+    /// as the SDM allows for cross-modifying code: the executing processor runs the new code
+    /// only after a serializing instruction, and none is translated.
+    fn head_checks(&mut self, chk: Label, guard: Guard) -> (Label, Label) {
         let out = self.a.label();
         let dead = self.a.label();
+        let looped = self.a.label();
+        self.loop_head = Some(looped);
         let a = &mut self.a;
         a.bind(chk);
-        // Budget: rcx = !(count - budget) >> 63 is 1 once the budget is spent.
-        a.load(RCX, ctx(C_NBUDGET));
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((R12, 1)),
-                disp: 0,
-            },
-        );
-        a.not(RCX);
-        a.mov_imm(RDX, 63);
-        a.shrx(RCX, RCX, RDX);
-        a.jmp_unless_rcx_zero(out);
-        // The exit-request word (interrupts, kicks and pauses from other threads).
-        a.load(RCX, ctx(C_REQ));
-        a.load32(RCX, RCX);
-        a.jmp_unless_rcx_zero(out);
         // The page's write generation.
         a.mov_imm(RCX, guard.gen_addr);
         a.load32(RCX, RCX);
         a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
         a.jmp_unless_rcx_zero(dead);
-        let over = a.label();
-        a.jmp(over);
-        a.bind(dead);
-        a.lea_label(RCX, chk);
-        a.store(ctx(C_DEAD), RCX);
-        a.bind(out);
-        a.mov_imm(RAX, rip);
-        a.store(ctx(C_RIP), RAX);
-        a.store_imm(ctx(C_EXIT), 0);
-        a.jmp(epi);
-        a.bind(over);
+        a.bind(looped);
+        // Budget: r12 counts down (see [`trampoline`]); r12 >> 12 is 0 while it is in
+        // 0..MAX_RUN, and not once it went below 0.
+        a.shrx(RCX, R12, R13);
+        a.jmp_unless_rcx_zero(out);
+        // The exit-request word (interrupts, kicks and pauses from other threads).
+        a.load(RCX, ctx(C_REQ));
+        a.load32(RCX, RCX);
+        a.jmp_unless_rcx_zero(out);
+        (out, dead)
     }
 
     fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
+        if let Some(s) = self
+            .stubs
+            .iter()
+            .find(|s| s.done == done && s.ip == ip && s.miss == miss)
+        {
+            return s.label;
+        }
         let label = self.a.label();
         self.stubs.push(Stub {
             label,
@@ -958,16 +1167,17 @@ impl Emitter {
     }
 
     /// Goes on at guest `target` after `done` instructions. A branch to the block's own start
-    /// loops through its chained entry; a branch to another place of the block's guest page
+    /// loops through its chained entry's budget and exit-request checks (see
+    /// [`Emitter::head_checks`]); a branch to another place of the block's guest page
     /// leaves through a jump the run loop may later link to the target's translation (a
     /// target in the same virtual page is in the same physical page, so the link stays right
     /// while this block's own translation is: QEMU's rule for direct chaining); other targets
     /// go through the jump cache.
-    fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label, epi: Label) {
+    fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label) {
         let a = &mut self.a;
-        a.lea(R12, at(R12, done as i32));
+        a.lea(R12, at(R12, -(done as i32)));
         if target == rip {
-            a.jmp(chk);
+            a.jmp(self.loop_head.unwrap_or(chk));
             return;
         }
         if target >> 12 == rip >> 12 {
@@ -975,21 +1185,17 @@ impl Emitter {
             let site = a.label();
             a.jmp_site(stub, site);
             a.bind(stub);
-            a.lea_label(RCX, site);
-            a.store(ctx(C_LINK), RCX);
-            a.mov_imm(RAX, target);
-            a.store(ctx(C_RIP), RAX);
-            a.store_imm(ctx(C_EXIT), 0);
-            a.jmp(epi);
+            a.lea_label(RDX, site);
+            self.leave(target, EXIT_LINK, 0);
         } else {
             a.mov_imm(RAX, target);
-            self.jump_cache(epi);
+            self.jump_cache();
         }
     }
 
     /// Goes on at guest RIP = rax: straight to its translation if the jump cache has it,
     /// else back to the run loop (which fills the entry).
-    fn jump_cache(&mut self, epi: Label) {
+    fn jump_cache(&mut self) {
         let miss = self.a.label();
         let a = &mut self.a;
         // rcx = (rip + (rip >> 12)) mod JC_ENTRIES, see `jc_index`.
@@ -1002,24 +1208,13 @@ impl Emitter {
                 disp: 0,
             },
         );
-        let keep = 64 - JC_ENTRIES.trailing_zeros();
-        a.mov_imm(RDX, u64::from(keep));
-        a.shlx(RCX, RCX, RDX);
-        a.shrx(RCX, RCX, RDX);
         // rdi = the 16-byte entry.
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((RCX, 1)),
-                disp: 0,
-            },
-        );
+        a.pdep_mem(RCX, RCX, at(RSP, JC_MASK_AT));
         a.lea(
             RDI,
             Mem {
                 base: Some(R15),
-                index: Some((RCX, 8)),
+                index: Some((RCX, 1)),
                 disp: C_JC,
             },
         );
@@ -1035,15 +1230,14 @@ impl Emitter {
         a.jmp_unless_rcx_zero(miss);
         a.jmp_mem(RDI, 8);
         a.bind(miss);
-        a.store(ctx(C_RIP), RAX);
-        a.store_imm(ctx(C_EXIT), 0);
-        a.jmp(epi);
+        a.mov_imm(RCX, u64::from(EXIT_GO));
+        a.ret();
     }
 
     /// Goes on at guest RIP = rax after `done` instructions (through the jump cache).
-    fn exit_dynamic(&mut self, done: u32, epi: Label) {
-        self.a.lea(R12, at(R12, done as i32));
-        self.jump_cache(epi);
+    fn exit_dynamic(&mut self, done: u32) {
+        self.a.lea(R12, at(R12, -(done as i32)));
+        self.jump_cache();
     }
 
     /// Interprets instruction `k` instead when `r` is not canonical (the #GP is raised by the
@@ -1131,53 +1325,47 @@ impl Emitter {
     fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
         let stub = self.stub(k, ip, if write { 2 } else { 1 });
         let a = &mut self.a;
-        a.lea(RDX, at(RSI, size as i32 - 1));
-        a.shrx(RDX, RDX, R13); // vpn of the last byte
-        a.shrx(RCX, RSI, R13);
-        a.movzx_ecx_cl(); // index of the first byte's page
-        a.lea(
-            RCX,
-            Mem {
-                base: None,
-                index: Some((RCX, 4)),
-                disp: 0,
-            },
-        );
-        a.lea(
-            RDI,
-            Mem {
-                base: Some(R14),
-                index: Some((RCX, 8)),
-                disp: 0,
-            },
-        ); // 32-byte entries
-        a.load(RCX, at(RDI, if write { 8 } else { 0 })); // -vpn
+        if size > 1 {
+            a.lea(RCX, at(RSI, size as i32 - 1));
+            a.shrx(RCX, RCX, R13); // vpn of the last byte
+        } else {
+            a.shrx(RCX, RSI, R13);
+        }
+        a.shrx(RDX, RSI, R13);
+        a.pdep_mem(RDX, RDX, at(RSP, TLB_MASK_AT)); // the first byte's entry index * 4
+        // rdx * 8: the 32-byte entry.
+        let entry = |disp| Mem {
+            base: Some(R14),
+            index: Some((RDX, 8)),
+            disp,
+        };
+        a.load(RDI, entry(if write { 8 } else { 0 })); // -vpn
         a.lea(
             RCX,
             Mem {
                 base: Some(RCX),
-                index: Some((RDX, 1)),
+                index: Some((RDI, 1)),
                 disp: 0,
             },
         );
         a.jmp_unless_rcx_zero(stub);
-        a.load(RCX, at(RDI, 16));
+        a.load(RDI, entry(16));
         a.lea(
             RSI,
             Mem {
                 base: Some(RSI),
-                index: Some((RCX, 1)),
+                index: Some((RDI, 1)),
                 disp: 0,
             },
         );
         if write {
-            // Bit 0 of the entry's page: already dirty, no code there: nothing to log. (rax
-            // is free here: operands are loaded after the check.)
+            // The entry's page: its low byte is 1 (bit 0: already dirty, no code there:
+            // nothing to log) or 0.
             let done = a.label();
-            a.load(RDX, at(RDI, 24));
-            a.mov_imm(RAX, 63);
-            a.shlx(RCX, RDX, RAX);
-            a.jmp_unless_rcx_zero(done);
+            a.load(RDI, entry(24));
+            a.movzx8(RCX, RDI);
+            a.lea32(RCX, RCX, -1);
+            a.jrcxz_short(done);
             a.load(RCX, ctx(C_LOG_N));
             a.store(
                 Mem {
@@ -1185,7 +1373,7 @@ impl Emitter {
                     index: Some((RCX, 8)),
                     disp: C_LOG,
                 },
-                RDX,
+                RDI,
             );
             a.lea(RCX, at(RCX, 1));
             a.store(ctx(C_LOG_N), RCX);
@@ -1255,13 +1443,26 @@ impl Emitter {
             }
         }
         if matches!(i.mnemonic(), M::Div | M::Idiv) {
-            self.div_check(k, i)?;
+            self.div_check(k, i)?; // saves the flags in rax
+            self.rax_live = false;
         }
         for (g, &h) in r.host_of.iter().enumerate() {
-            if h != usize::MAX {
+            let skip = r.write_only.get(g).copied().unwrap_or(false)
+                || (g == 0 && h == 0 && self.rax_live);
+            if h != usize::MAX && !skip {
                 self.a.load(host_num(h), greg(g));
             }
         }
+        // After it, host rax is guest rax if the instruction uses guest rax (loaded, or
+        // written and stored back whole), unless the bit-offset masking below changes it; it
+        // is something else if another guest register went there (high-byte forms).
+        let rax_guest = r.host_of.iter().position(|&h| h == 0);
+        let masked = bit_reg && gpr_num(i.op1_register()) == Some(0);
+        self.rax_live = match rax_guest {
+            Some(0) => !masked,
+            Some(_) => false,
+            None => self.rax_live,
+        };
         if bit_reg {
             // Offset mod the operand's bits, flag-free (r11 is never an operand here: one
             // register, in rax/rcx/rdx or the first of the pool).
@@ -1566,4 +1767,125 @@ enum Src {
     Imm(u64),
     /// Host r8 (which the stack's TLB check leaves alone).
     R8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{ARITH_FLAGS, CF, OF, ZF};
+
+    #[test]
+    fn perf_map_lines_are_what_perf_reads() {
+        assert_eq!(
+            perf_map_line(
+                0x7f12_3456_7000,
+                0x2e0,
+                &perf_map_name(0xffff_ffff_8100_0010)
+            ),
+            "7f1234567000 2e0 guest-ffffffff81000010\n"
+        );
+        // Three fields, the first two hex without prefix (perf's `parse_perf_map` format).
+        let l = perf_map_line(16, 255, "anyvisor-jit-trampoline");
+        let f: Vec<_> = l.trim_end().split(' ').collect();
+        assert_eq!(f, ["10", "ff", "anyvisor-jit-trampoline"]);
+    }
+
+    /// Runs `block` (emitted with `Asm`) through the real trampoline of a translator.
+    fn run(block: impl Fn(&mut Asm), flags: u64, budget: u64) -> super::super::Jit {
+        let mut jit = super::super::Jit::new(1 << 20).unwrap();
+        let mut a = Asm::default();
+        block(&mut a);
+        assert!(a.finish());
+        let r = jit.cache.push(&a.buf).unwrap();
+        jit.ctx.flags = flags;
+        jit.ctx.nbudget = budget.wrapping_neg();
+        let mut regs = [0u64; 16];
+        jit.cache.enter(r, &mut regs, &mut *jit.ctx).unwrap();
+        jit
+    }
+
+    #[test]
+    fn trampoline_fills_the_context_for_each_exit() {
+        // Interpret after a write miss: 3 instructions done, rsi = the address.
+        let jit = run(
+            |a| {
+                a.mov_imm(RSI, 0x5008);
+                a.mov_imm(RAX, 0x40_1000);
+                a.mov_imm(RCX, u64::from(3 << 8 | (EXIT_INTERP + 2)));
+                a.ret();
+            },
+            0x202 | CF | OF | ZF,
+            100,
+        );
+        let ctx = &jit.ctx;
+        assert_eq!(
+            (ctx.rip, ctx.exit, ctx.miss_kind, ctx.miss_lin),
+            (0x40_1000, 1, 2, 0x5008)
+        );
+        assert_eq!(ctx.count, 3);
+        assert_eq!(
+            ctx.flags & ARITH_FLAGS,
+            CF | OF | ZF,
+            "flags survive the round trip"
+        );
+        // Go on at RIP after 2 + 5 instructions (r12 counts down), no flags set.
+        let jit = run(
+            |a| {
+                a.lea(R12, at(R12, -2));
+                a.mov_imm(RAX, 0x40_2000);
+                a.mov_imm(RCX, u64::from(5 << 8 | EXIT_GO));
+                a.ret();
+            },
+            0x202,
+            100,
+        );
+        let ctx = &jit.ctx;
+        assert_eq!((ctx.rip, ctx.exit, ctx.count), (0x40_2000, 0, 7));
+        assert_eq!(ctx.flags & ARITH_FLAGS, 0);
+        assert_eq!((ctx.link, ctx.dead), (0, 0));
+        // A linkable jump and a dead entry report their address in rdx.
+        for (code, link, dead) in [(EXIT_LINK, 0x1234, 0), (EXIT_DEAD, 0, 0x1234)] {
+            let jit = run(
+                |a| {
+                    a.mov_imm(RDX, 0x1234);
+                    a.mov_imm(RAX, 0x40_3000);
+                    a.mov_imm(RCX, u64::from(code));
+                    a.ret();
+                },
+                0x202 | OF,
+                1,
+            );
+            let ctx = &jit.ctx;
+            assert_eq!(
+                (ctx.link, ctx.dead, ctx.exit, ctx.count),
+                (link, dead, 0, 0)
+            );
+            assert_eq!(ctx.flags & ARITH_FLAGS, OF);
+        }
+        // The budget as blocks see it: r12 = budget - 1, so r12 >> 12 is 0 until spent.
+        let jit = run(
+            |a| {
+                a.mov(RAX, R12);
+                a.mov_imm(RCX, u64::from(EXIT_GO));
+                a.ret();
+            },
+            0x202,
+            2048,
+        );
+        let ctx = &jit.ctx;
+        assert_eq!((ctx.rip, ctx.count), (2047, 0));
+        // The pdep masks blocks find above the return address.
+        for (at_, mask) in [(TLB_MASK_AT, TLB_MASK), (JC_MASK_AT, JC_MASK)] {
+            let jit = run(
+                |a| {
+                    a.load(RAX, at(RSP, at_));
+                    a.mov_imm(RCX, u64::from(EXIT_GO));
+                    a.ret();
+                },
+                0x202,
+                1,
+            );
+            assert_eq!(jit.ctx.rip, u64::from(mask));
+        }
+    }
 }

@@ -327,7 +327,15 @@ impl Jit {
     /// A translator with `cache_bytes` of code cache. Create it before the vCPU thread's
     /// seccomp filter is installed (it maps the cache).
     pub fn new(cache_bytes: usize) -> std::io::Result<Jit> {
-        let cache = CodeCache::new(cache_bytes)?;
+        let mut cache = CodeCache::new(cache_bytes)?;
+        if !cache.install_trampoline(&emit::trampoline()) {
+            return Err(std::io::Error::other(
+                "translator: no room for the trampoline",
+            ));
+        }
+        if let Some((addr, len)) = cache.trampoline() {
+            emit::perf_map_note(addr, len, "anyvisor-jit-trampoline");
+        }
         let emitter = emit::Emitter::new().map_err(std::io::Error::other)?;
         Ok(Jit {
             cache,
@@ -701,6 +709,14 @@ impl Exec<'_> {
                 }
             };
             chk = r.offset() + out.chk;
+            if emit::perf_map_enabled()
+                && let Some(addr) = jit.cache.address_of(r.offset())
+            {
+                emit::perf_map_note(addr, out.bytes.len(), &emit::perf_map_name(rip));
+            }
+            let r = r
+                .advanced(out.entry)
+                .ok_or_else(|| Exc::unhandled("translator: block entry outside the block"))?;
             jit.stats.blocks += 1;
             jit.stats.insns += jit.insns.len() as u64;
             jit.stats.bytes += out.bytes.len() as u64;
@@ -776,7 +792,7 @@ impl Exec<'_> {
             self.vm.vcpus.len(),
         );
         jit.stats.entries += 1;
-        let called = jit.cache.call(code, &mut self.cpu.gpr, ctx);
+        let called = jit.cache.enter(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
             // Release is enough here: a harvest that reads 0 must see this run's stores, and
             // needs no ordering with what this thread loads next (the publication above is the

@@ -33,13 +33,13 @@ use std::sync::OnceLock;
 use hv::cpu_model::{Feature, FeatureSet};
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
 
-use super::super::{C_EXIT, C_FLAGS, C_FS, C_GS, C_RIP, Ctx};
-use super::{E, EmitError, Emitter, Kind, Src, ctx, gpr_num, greg, mem_ok};
+use super::super::{C_FLAGS, C_FS, C_GS, Ctx};
+use super::{E, EXIT_GO, EmitError, Emitter, Kind, Src, ctx, gpr_num, greg, mem_ok};
 use crate::cpu::{
     ARITH_FLAGS, CS, Cpu, DF, DS, ES, FLAGS_WRITABLE, FS, GS, IF, IOPL, RF, SS, parse_descriptor,
 };
 use crate::exec::Exec;
-use crate::jit::asm::{Label, Mem, R8, R12, RAX, RBP, RBX, RCX, RDX, RSI, at};
+use crate::jit::asm::{Mem, R8, RAX, RBP, RBX, RCX, RDX, RSI, at};
 
 /// What translated code reads and writes for the instructions of this module (a field of
 /// [`Ctx`]; set by [`enter`], read back by [`leave`]).
@@ -358,17 +358,12 @@ impl Emitter {
 
     /// Back to the run loop at guest `next` after `done` instructions (not chained: the run
     /// loop acts on [`SysCtx::effects`] first).
-    fn exit_to_run_loop(&mut self, done: u32, next: u64, epi: Label) {
-        let a = &mut self.a;
-        a.lea(R12, at(R12, done as i32));
-        a.mov_imm(RAX, next);
-        a.store(ctx(C_RIP), RAX);
-        a.store_imm(ctx(C_EXIT), 0);
-        a.jmp(epi);
+    fn exit_to_run_loop(&mut self, done: u32, next: u64) {
+        self.leave(next, EXIT_GO, done);
     }
 
     /// Instruction `k` of the block, a kind of this module. Returns whether it ended the block.
-    pub(super) fn sys(&mut self, k: u32, i: &Instruction, kind: Kind, epi: Label) -> E<bool> {
+    pub(super) fn sys(&mut self, k: u32, i: &Instruction, kind: Kind) -> E<bool> {
         let ip = i.ip();
         match kind {
             Kind::SegRead => {
@@ -427,7 +422,7 @@ impl Emitter {
                 );
                 a.store(ctx(C_EFFECTS), RCX);
                 self.sys_flags(0, IF)?;
-                self.exit_to_run_loop(k + 1, i.next_ip(), epi);
+                self.exit_to_run_loop(k + 1, i.next_ip());
                 return Ok(true);
             }
             Kind::Popf => {
@@ -457,7 +452,7 @@ impl Emitter {
                     0x88, 0xc4, // mov ah, al
                     0x9e, // sahf
                 ]);
-                self.exit_to_run_loop(k + 1, i.next_ip(), epi);
+                self.exit_to_run_loop(k + 1, i.next_ip());
                 return Ok(true);
             }
             Kind::Iret => {
@@ -470,7 +465,7 @@ impl Emitter {
                     self.a.store(ctx(C_FRAME + 8 * q), RCX);
                 }
                 self.a.store_imm(ctx(C_EFFECTS), IRET as i32);
-                self.exit_to_run_loop(k, ip, epi);
+                self.exit_to_run_loop(k, ip);
                 return Ok(true);
             }
             Kind::Swapgs => {
