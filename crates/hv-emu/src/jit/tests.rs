@@ -1130,3 +1130,113 @@ fn the_one_instruction_cache_decodes_once_and_sees_rewritten_code() {
     assert_eq!((c.gpr[0], c.rip), (0x3333_3333, at + 5));
     assert_eq!(rig.jit.stats.one_op_decodes, 2);
 }
+
+/// Guest RIPs below `MEM` that share one set of the translator's index and of the decoded-block
+/// cache (both hash `rip ^ rip >> 13 ^ rip >> 26`; below 2^26 that is `rip ^ rip >> 13`, so
+/// `0x2000 * k + (s ^ k)` all land in set `s`).
+fn starts_in_one_set(n: u64) -> Vec<u64> {
+    (1..=n).map(|k| 0x2000 * k + (0x500 ^ k)).collect()
+}
+
+/// Writes `add eax, k; hlt` at each start (k its position) and returns them.
+fn load_counting_blocks(rig: &Rig, n: u64) -> Vec<u64> {
+    let starts = starts_in_one_set(n);
+    for (k, &at) in starts.iter().enumerate() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(eax, k as i32 + 1).unwrap();
+        a.hlt().unwrap();
+        rig.m1
+            .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+            .unwrap();
+    }
+    starts
+}
+
+#[test]
+fn block_starts_sharing_an_index_set_are_translated_once() {
+    // Five block starts in one 2-way set, run round-robin: a direct-mapped table lost each
+    // start's translation whenever another took its slot (20 translations here); the index
+    // keeps the pushed-out ones in its victim map.
+    let mut rig = Rig::new();
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 5);
+    let mut c = cpu64(&mut Rng(1));
+    c.gpr[0] = 0;
+    for round in 0..4u64 {
+        for (k, &at) in starts.iter().enumerate() {
+            c.rip = at;
+            assert_eq!(run_jit(&mut rig, &mut c, 1), 1);
+            assert_eq!(c.rip, at + 5, "round {round}: start {k} stops before hlt");
+        }
+    }
+    assert_eq!(c.gpr[0] as u32, 4 * (1 + 2 + 3 + 4 + 5));
+    assert_eq!(rig.jit.stats.blocks, 5, "{:?}", rig.jit.stats);
+    assert_eq!(rig.jit.stats.entries, 20);
+    assert!(rig.jit.index.stats.recalls > 0, "{:?}", rig.jit.index.stats);
+}
+
+#[test]
+fn a_translation_recalled_from_the_victim_map_sees_its_page_written() {
+    // The first start is pushed out of the table by two others, then its code is rewritten
+    // (as a device or another vCPU would: through the code tracker): brought back from the
+    // victim map, its translation must be refused and the new code translated.
+    let mut rig = Rig::new();
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 3);
+    let mut c = cpu64(&mut Rng(1));
+    for &at in &starts {
+        c.rip = at;
+        run_jit(&mut rig, &mut c, 1);
+    }
+    assert!(rig.jit.index.stats.evictions > 0);
+    let at = starts[0];
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.add(eax, 0x100).unwrap();
+    rig.m1
+        .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+        .unwrap();
+    rig.vm.code.on_external_write(at >> 12, at >> 12);
+    c.gpr[0] = 0;
+    c.rip = at;
+    run_jit(&mut rig, &mut c, 1);
+    assert_eq!(c.gpr[0] as u32, 0x100, "the old translation ran");
+    assert_eq!(rig.jit.stats.blocks, 4);
+}
+
+#[test]
+fn cold_block_starts_sharing_a_set_heat_up_and_decode_once() {
+    // With the default threshold, four starts in one set alternate on the interpreter: each
+    // keeps its heat (so each is translated after HOT runs, not never) and its decoded block
+    // (the decoded-block cache has 4 ways, the index 2 and its victim map).
+    let mut rig = Rig::new();
+    rig.jit.hot = HOT;
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 4);
+    let mut c = cpu64(&mut Rng(1));
+    let mut blocks = BlockCache::new();
+    let ram = Ram::new(&rig.m1);
+    let mut ex = Exec {
+        cpu: &mut c,
+        mem: &rig.m1,
+        ram: &ram,
+        io: &NoIo,
+        vm: &rig.vm,
+        lapic_enabled: false,
+    };
+    for _ in 0..=HOT {
+        for &at in &starts {
+            ex.cpu.rip = at;
+            ex.run_batch_jit(&mut rig.jit, &mut blocks, 1, false)
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        rig.jit.stats.cold,
+        4 * u64::from(HOT),
+        "{:?}",
+        rig.jit.stats
+    );
+    assert_eq!(rig.jit.stats.blocks, 4);
+    assert_eq!(rig.jit.stats.entries, 4);
+    assert_eq!(blocks.decoded, 4, "cold blocks decoded again");
+}
