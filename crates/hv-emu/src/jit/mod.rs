@@ -300,6 +300,9 @@ pub struct Jit {
     incoming: HashMap<u32, Vec<(u32, u32)>>,
     /// Jump-cache slots in use (cleared one by one when the cache must be emptied).
     jc_used: Vec<u16>,
+    /// Per jump-cache slot: its entry was made from a global translation (kept by MOV to
+    /// CR3, see [`Jit::flush_nonglobal_tlb`]).
+    jc_global: Vec<bool>,
     /// `VmShared::dirty_epoch` the unlogged write entries were made under.
     dirty_epoch: u64,
     /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
@@ -347,6 +350,7 @@ impl Jit {
             hot: hot_from_env().min(MAX_HOT),
             incoming: HashMap::new(),
             jc_used: Vec::new(),
+            jc_global: vec![false; JC_ENTRIES],
             dirty_epoch: 0,
             pending: None,
             stats: Stats::default(),
@@ -391,15 +395,26 @@ impl Jit {
         }
     }
 
-    /// Empties the soft-TLB entries that are not global (and the jump cache, whose entries
-    /// are per address space), after a flush of the interpreter's TLB that spared global pages.
+    /// Empties the soft-TLB and jump-cache entries that are not global, after a flush of the
+    /// interpreter's TLB that spared global pages (MOV to CR3 with CR4.PGE): a jump-cache
+    /// entry made from a global translation is still what a fetch at the same CPL would find.
     fn flush_nonglobal_tlb(&mut self) {
         for (e, &g) in self.ctx.tlb.iter_mut().zip(self.tlb_global.iter()) {
             if !g {
                 *e = EMPTY;
             }
         }
-        self.flush_jc();
+        let (jc, global) = (&mut self.ctx.jc, &self.jc_global);
+        self.jc_used.retain(|&i| {
+            let i = usize::from(i);
+            if global.get(i).copied().unwrap_or(false) {
+                return true;
+            }
+            if let Some(e) = jc.get_mut(i) {
+                *e = JC_EMPTY;
+            }
+            false
+        });
     }
 
     fn flush_tlb(&mut self) {
@@ -417,13 +432,14 @@ impl Jit {
         self.jc_used.clear();
     }
 
-    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`.
-    fn jc_fill(&mut self, rip: u64, chk: u32) {
+    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`;
+    /// `global`: the TLB's translation of `rip` is global.
+    fn jc_fill(&mut self, rip: u64, chk: u32, global: bool) {
         let Some(addr) = self.cache.address_of(chk) else {
             return;
         };
         let i = jc_index(rip);
-        if let Some(e) = self.ctx.jc.get_mut(i) {
+        if let (Some(e), Some(g)) = (self.ctx.jc.get_mut(i), self.jc_global.get_mut(i)) {
             if e.neg_rip == 1 {
                 self.jc_used.push(i as u16);
             }
@@ -431,6 +447,7 @@ impl Jit {
                 neg_rip: rip.wrapping_neg(),
                 addr,
             };
+            *g = global;
         }
     }
 
@@ -560,7 +577,8 @@ impl Exec<'_> {
                 jit.link(p.site, *chk);
             }
             if let Found::Code(_, chk) = &code {
-                jit.jc_fill(self.cpu.rip, *chk);
+                let global = self.cpu.tlb.is_global(self.cpu.rip);
+                jit.jc_fill(self.cpu.rip, *chk, global);
             }
             n += match code {
                 Found::Code(c, _) => {

@@ -1240,3 +1240,38 @@ fn cold_block_starts_sharing_a_set_heat_up_and_decode_once() {
     assert_eq!(rig.jit.stats.entries, 4);
     assert_eq!(blocks.decoded, 4, "cold blocks decoded again");
 }
+
+/// Whether the jump cache holds an entry for `rip`.
+fn jc_holds(jit: &Jit, rip: u64) -> bool {
+    jit.ctx.jc[jc_index(rip)].neg_rip == rip.wrapping_neg()
+}
+
+#[test]
+fn mov_to_cr3_keeps_the_jump_cache_entries_of_global_pages() {
+    // Kernel text is global (no page-table isolation): a context switch keeps its TLB
+    // translations, so the jump-cache entries made from them stay right. Entries of other
+    // pages (user code, which the new address space may map elsewhere) must go, and a flush
+    // that drops global translations too (INVLPG, a full flush) empties the cache.
+    let mut jit = Jit::new(1 << 20).unwrap();
+    jit.cache.push(&[0xc3; 256]).unwrap();
+    let (kernel, user) = (0xffff_ffff_8100_0040u64, 0x40_1000u64);
+    jit.jc_fill(kernel, 16, true);
+    jit.jc_fill(user, 32, false);
+    assert!(jc_holds(&jit, kernel) && jc_holds(&jit, user));
+    jit.flush_nonglobal_tlb();
+    assert!(jc_holds(&jit, kernel), "a global page's entry was dropped");
+    assert!(
+        !jc_holds(&jit, user),
+        "a non-global entry survived MOV to CR3"
+    );
+    assert_eq!(jit.jc_used.len(), 1);
+    // The slot is reused by a non-global entry: the next MOV to CR3 drops it.
+    jit.jc_fill(kernel, 48, false);
+    jit.flush_nonglobal_tlb();
+    assert!(!jc_holds(&jit, kernel));
+    assert!(jit.jc_used.is_empty());
+    jit.jc_fill(kernel, 16, true);
+    jit.flush_tlb();
+    assert!(!jc_holds(&jit, kernel));
+    assert!(jit.ctx.jc.iter().all(|e| e.neg_rip == 1) && jit.jc_used.is_empty());
+}
