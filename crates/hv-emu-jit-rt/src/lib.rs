@@ -50,6 +50,15 @@ pub struct CodeRef {
 }
 
 impl CodeRef {
+    /// A reference that names no code: never valid in any cache (its end lies past the end of
+    /// every cache), so [`CodeCache::call`] refuses it. For tables that keep a `CodeRef` in
+    /// every entry.
+    pub const NONE: CodeRef = CodeRef {
+        off: u32::MAX,
+        len: u32::MAX,
+        generation: 0,
+    };
+
     /// The block's offset in its cache.
     pub fn offset(&self) -> u32 {
         self.off
@@ -346,6 +355,11 @@ mod tests {
         assert_eq!(regs[1], 42);
         c.clear();
         assert_eq!(c.call(r, &mut regs, &mut ctx), Err(CallError::Stale));
+        assert!(!c.is_valid(CodeRef::NONE));
+        assert_eq!(
+            c.call(CodeRef::NONE, &mut regs, &mut ctx),
+            Err(CallError::Stale)
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@
 
 mod asm;
 mod emit;
+mod index;
 
 use std::collections::HashMap;
 use std::mem::offset_of;
@@ -91,10 +92,11 @@ const TLB_ENTRIES: usize = 256;
 const LOG_CAP: usize = 4096;
 const MAX_RUN: u64 = 2048;
 const MAX_INSNS: usize = 64;
-const SLOTS: usize = 1 << 15;
 /// Times a block start is run by the interpreter before it is translated: code that runs once
 /// or twice (most of a boot's init code) is cheaper to interpret than to translate.
 const HOT: u16 = 32;
+/// The largest threshold (`index::RESOLVED` marks a translated block start).
+const MAX_HOT: u16 = index::RESOLVED - 1;
 const READ_AHEAD: usize = 1024;
 /// Entries of the one-instruction cache (a power of two; see [`OneOp`]).
 const ONE_OPS: usize = 1024;
@@ -201,20 +203,6 @@ const C_JC: i32 = offset_of!(Ctx, jc) as i32;
 const _: () = assert!(std::mem::size_of::<JcEntry>() == 16);
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
 
-#[derive(Clone, Copy, Default)]
-struct Slot {
-    rip: u64,
-    phys: u64,
-    generation: u32,
-    valid: bool,
-    /// `None`: the first instruction is not translated (the interpreter runs from here).
-    code: Option<CodeRef>,
-    /// Cache offset of the block's chained entry.
-    chk: u32,
-    /// Interpreted runs from `rip` so far (while `!valid`).
-    heat: u16,
-}
-
 /// One decoded instruction the interpreter runs for the translator: the instruction a block
 /// stopped before (a soft-TLB miss, a non-canonical target) or one it does not translate.
 /// Tagged like a decoded block (RIP, physical address, the page's write generation), so
@@ -282,9 +270,8 @@ pub struct Stats {
     /// Interpreter runs up to the next translatable instruction, and their instructions.
     pub untranslated: u64,
     pub untranslated_insns: u64,
-    /// Slot-table lookups, and those that found another RIP in the slot.
+    /// Block-start lookups (the index's own counters are in [`index::IndexStats`]).
     pub lookups: u64,
-    pub evictions: u64,
     /// Instructions run from the one-instruction cache, and decodes into it.
     pub one_ops: u64,
     pub one_op_decodes: u64,
@@ -294,7 +281,8 @@ pub struct Stats {
 pub struct Jit {
     cache: CodeCache,
     ctx: Box<Ctx>,
-    slots: Vec<Slot>,
+    /// Block starts: heat, translation ([`index`]).
+    index: index::Index,
     emitter: emit::Emitter,
     tlb_epoch: u64,
     /// `Tlb::global_epoch` when the soft TLB was last emptied whole: while it is current, a
@@ -316,6 +304,9 @@ pub struct Jit {
     incoming: HashMap<u32, Vec<(u32, u32)>>,
     /// Jump-cache slots in use (cleared one by one when the cache must be emptied).
     jc_used: Vec<u16>,
+    /// Per jump-cache slot: its entry was made from a global translation (kept by MOV to
+    /// CR3, see [`Jit::flush_nonglobal_tlb`]).
+    jc_global: Vec<bool>,
     /// `VmShared::dirty_epoch` the unlogged write entries were made under.
     dirty_epoch: u64,
     /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
@@ -359,7 +350,7 @@ impl Jit {
                 simd: Default::default(),
                 sys: Default::default(),
             }),
-            slots: vec![Slot::default(); SLOTS],
+            index: index::Index::new(),
             emitter,
             tlb_epoch: u64::MAX,
             tlb_global_epoch: u64::MAX,
@@ -369,9 +360,10 @@ impl Jit {
             insns: Vec::new(),
             ones: vec![OneOp::empty(); ONE_OPS],
             translated: 0,
-            hot: hot_from_env(),
+            hot: hot_from_env().min(MAX_HOT),
             incoming: HashMap::new(),
             jc_used: Vec::new(),
+            jc_global: vec![false; JC_ENTRIES],
             dirty_epoch: 0,
             pending: None,
             stats: Stats::default(),
@@ -381,14 +373,16 @@ impl Jit {
     /// Drops every translation (guest memory was replaced, e.g. a restored snapshot).
     pub fn clear(&mut self) {
         self.flush_code();
+        self.index.clear();
         self.flush_tlb();
         self.ones.fill(OneOp::empty());
     }
 
     /// Empties the code cache: every translation and link is gone.
     fn flush_code(&mut self) {
+        // The index keeps its entries: their `CodeRef`s are refused from now on, and a hot
+        // block start is translated again at its next lookup.
         self.cache.clear();
-        self.slots.iter_mut().for_each(|s| s.valid = false);
         self.incoming.clear();
         self.flush_jc();
         self.pending = None;
@@ -414,15 +408,26 @@ impl Jit {
         }
     }
 
-    /// Empties the soft-TLB entries that are not global (and the jump cache, whose entries
-    /// are per address space), after a flush of the interpreter's TLB that spared global pages.
+    /// Empties the soft-TLB and jump-cache entries that are not global, after a flush of the
+    /// interpreter's TLB that spared global pages (MOV to CR3 with CR4.PGE): a jump-cache
+    /// entry made from a global translation is still what a fetch at the same CPL would find.
     fn flush_nonglobal_tlb(&mut self) {
         for (e, &g) in self.ctx.tlb.iter_mut().zip(self.tlb_global.iter()) {
             if !g {
                 *e = EMPTY;
             }
         }
-        self.flush_jc();
+        let (jc, global) = (&mut self.ctx.jc, &self.jc_global);
+        self.jc_used.retain(|&i| {
+            let i = usize::from(i);
+            if global.get(i).copied().unwrap_or(false) {
+                return true;
+            }
+            if let Some(e) = jc.get_mut(i) {
+                *e = JC_EMPTY;
+            }
+            false
+        });
     }
 
     fn flush_tlb(&mut self) {
@@ -440,13 +445,14 @@ impl Jit {
         self.jc_used.clear();
     }
 
-    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`.
-    fn jc_fill(&mut self, rip: u64, chk: u32) {
+    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`;
+    /// `global`: the TLB's translation of `rip` is global.
+    fn jc_fill(&mut self, rip: u64, chk: u32, global: bool) {
         let Some(addr) = self.cache.address_of(chk) else {
             return;
         };
         let i = jc_index(rip);
-        if let Some(e) = self.ctx.jc.get_mut(i) {
+        if let (Some(e), Some(g)) = (self.ctx.jc.get_mut(i), self.jc_global.get_mut(i)) {
             if e.neg_rip == 1 {
                 self.jc_used.push(i as u16);
             }
@@ -454,6 +460,7 @@ impl Jit {
                 neg_rip: rip.wrapping_neg(),
                 addr,
             };
+            *g = global;
         }
     }
 
@@ -473,7 +480,7 @@ impl Jit {
 
 impl Drop for Jit {
     fn drop(&mut self) {
-        tracing::debug!("emu translator: {:?}", self.stats);
+        tracing::debug!("emu translator: {:?} {:?}", self.stats, self.index.stats);
     }
 }
 
@@ -506,7 +513,7 @@ fn hot_from_env() -> u16 {
 
 #[inline]
 fn slot(rip: u64) -> usize {
-    ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SLOTS - 1)
+    (rip ^ (rip >> 13) ^ (rip >> 26)) as usize
 }
 
 impl Exec<'_> {
@@ -583,7 +590,8 @@ impl Exec<'_> {
                 jit.link(p.site, *chk);
             }
             if let Found::Code(_, chk) = &code {
-                jit.jc_fill(self.cpu.rip, *chk);
+                let global = self.cpu.tlb.is_global(self.cpu.rip);
+                jit.jc_fill(self.cpu.rip, *chk, global);
             }
             n += match code {
                 Found::Code(c, _) => {
@@ -626,35 +634,21 @@ impl Exec<'_> {
         let user = self.cpu.cpl == 3;
         let pa = self.translate(rip, Acc::Exec, user)?;
         let page = pa >> 12;
-        let s = slot(rip);
         jit.stats.lookups += 1;
-        if let Some(e) = jit.slots.get(s)
-            && e.valid
-            && e.rip == rip
-            && e.phys == pa
-            && self.vm.code.generation(page) == Some(e.generation)
-        {
-            match e.code {
-                None => return Ok(Found::Untranslated),
-                Some(c) if jit.cache.is_valid(c) => return Ok(Found::Code(c, e.chk)),
-                Some(_) => {}
+        let Some(e) = jit.index.entry(rip, page) else {
+            return Ok(Found::Cold);
+        };
+        if e.heat == index::RESOLVED && self.vm.code.generation(page) == Some(e.generation) {
+            if e.chk == index::UNTRANSLATED {
+                return Ok(Found::Untranslated);
+            }
+            if jit.cache.is_valid(e.code) {
+                return Ok(Found::Code(e.code, e.code.offset() - u32::from(e.chk)));
             }
         }
-        if let Some(e) = jit.slots.get_mut(s) {
-            if e.rip != rip || e.phys != pa {
-                jit.stats.evictions += 1;
-                *e = Slot {
-                    rip,
-                    phys: pa,
-                    heat: 0,
-                    ..Slot::default()
-                };
-            }
-            if e.heat < jit.hot {
-                e.heat += 1;
-                e.valid = false;
-                return Ok(Found::Cold);
-            }
+        if e.heat < jit.hot {
+            e.heat += 1;
+            return Ok(Found::Cold);
         }
         let Some(generation) = self.vm.code.mark(page) else {
             return Ok(Found::Cold);
@@ -723,16 +717,22 @@ impl Exec<'_> {
             Some(r)
         };
         jit.stats.emit_ns += t0.elapsed().as_nanos() as u64;
-        if let Some(e) = jit.slots.get_mut(s) {
-            *e = Slot {
-                rip,
-                phys: pa,
-                generation,
-                valid: true,
-                code,
-                chk,
-                heat: u16::MAX,
-            };
+        // A chained entry too far before the block's entry for the index's 16 bits (not seen: it
+        // is the block's first byte, the entry follows the head checks) leaves the block start
+        // unresolved, so it is translated again next time.
+        let delta = match code {
+            None => Some(index::UNTRANSLATED),
+            Some(c) => c
+                .offset()
+                .checked_sub(chk)
+                .and_then(|d| u16::try_from(d).ok())
+                .filter(|&d| d != index::UNTRANSLATED),
+        };
+        if let (Some(e), Some(delta)) = (jit.index.entry(rip, page), delta) {
+            e.code = code.unwrap_or(hv_emu_jit_rt::CodeRef::NONE);
+            e.generation = generation;
+            e.chk = delta;
+            e.heat = index::RESOLVED;
         }
         Ok(code.map_or(Found::Untranslated, |c| Found::Code(c, chk)))
     }

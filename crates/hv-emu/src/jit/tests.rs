@@ -1178,3 +1178,148 @@ fn exec<T>(
     };
     f(&mut ex)
 }
+
+/// Guest RIPs below `MEM` that share one set of the translator's index and of the decoded-block
+/// cache (both hash `rip ^ rip >> 13 ^ rip >> 26`; below 2^26 that is `rip ^ rip >> 13`, so
+/// `0x2000 * k + (s ^ k)` all land in set `s`).
+fn starts_in_one_set(n: u64) -> Vec<u64> {
+    (1..=n).map(|k| 0x2000 * k + (0x500 ^ k)).collect()
+}
+
+/// Writes `add eax, k; hlt` at each start (k its position) and returns them.
+fn load_counting_blocks(rig: &Rig, n: u64) -> Vec<u64> {
+    let starts = starts_in_one_set(n);
+    for (k, &at) in starts.iter().enumerate() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(eax, k as i32 + 1).unwrap();
+        a.hlt().unwrap();
+        rig.m1
+            .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+            .unwrap();
+    }
+    starts
+}
+
+#[test]
+fn block_starts_sharing_an_index_set_are_translated_once() {
+    // Five block starts in one 2-way set, run round-robin: a direct-mapped table lost each
+    // start's translation whenever another took its slot (20 translations here); the index
+    // keeps the pushed-out ones in its victim map.
+    let mut rig = Rig::new();
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 5);
+    let mut c = cpu64(&mut Rng(1));
+    c.gpr[0] = 0;
+    for round in 0..4u64 {
+        for (k, &at) in starts.iter().enumerate() {
+            c.rip = at;
+            assert_eq!(run_jit(&mut rig, &mut c, 1), 1);
+            assert_eq!(c.rip, at + 5, "round {round}: start {k} stops before hlt");
+        }
+    }
+    assert_eq!(c.gpr[0] as u32, 4 * (1 + 2 + 3 + 4 + 5));
+    assert_eq!(rig.jit.stats.blocks, 5, "{:?}", rig.jit.stats);
+    assert_eq!(rig.jit.stats.entries, 20);
+    assert!(rig.jit.index.stats.recalls > 0, "{:?}", rig.jit.index.stats);
+}
+
+#[test]
+fn a_translation_recalled_from_the_victim_map_sees_its_page_written() {
+    // The first start is pushed out of the table by two others, then its code is rewritten
+    // (as a device or another vCPU would: through the code tracker): brought back from the
+    // victim map, its translation must be refused and the new code translated.
+    let mut rig = Rig::new();
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 3);
+    let mut c = cpu64(&mut Rng(1));
+    for &at in &starts {
+        c.rip = at;
+        run_jit(&mut rig, &mut c, 1);
+    }
+    assert!(rig.jit.index.stats.evictions > 0);
+    let at = starts[0];
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.add(eax, 0x100).unwrap();
+    rig.m1
+        .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+        .unwrap();
+    rig.vm.code.on_external_write(at >> 12, at >> 12);
+    c.gpr[0] = 0;
+    c.rip = at;
+    run_jit(&mut rig, &mut c, 1);
+    assert_eq!(c.gpr[0] as u32, 0x100, "the old translation ran");
+    assert_eq!(rig.jit.stats.blocks, 4);
+}
+
+#[test]
+fn cold_block_starts_sharing_a_set_heat_up_and_decode_once() {
+    // With the default threshold, four starts in one set alternate on the interpreter: each
+    // keeps its heat (so each is translated after HOT runs, not never) and its decoded block
+    // (the decoded-block cache has 4 ways, the index 2 and its victim map).
+    let mut rig = Rig::new();
+    rig.jit.hot = HOT;
+    rig.load(1, &[0xf4]);
+    let starts = load_counting_blocks(&rig, 4);
+    let mut c = cpu64(&mut Rng(1));
+    let mut blocks = BlockCache::new();
+    let ram = Ram::new(&rig.m1);
+    let mut ex = Exec {
+        cpu: &mut c,
+        mem: &rig.m1,
+        ram: &ram,
+        io: &NoIo,
+        vm: &rig.vm,
+        lapic_enabled: false,
+    };
+    for _ in 0..=HOT {
+        for &at in &starts {
+            ex.cpu.rip = at;
+            ex.run_batch_jit(&mut rig.jit, &mut blocks, 1, false)
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        rig.jit.stats.cold,
+        4 * u64::from(HOT),
+        "{:?}",
+        rig.jit.stats
+    );
+    assert_eq!(rig.jit.stats.blocks, 4);
+    assert_eq!(rig.jit.stats.entries, 4);
+    assert_eq!(blocks.decoded, 4, "cold blocks decoded again");
+}
+
+/// Whether the jump cache holds an entry for `rip`.
+fn jc_holds(jit: &Jit, rip: u64) -> bool {
+    jit.ctx.jc[jc_index(rip)].neg_rip == rip.wrapping_neg()
+}
+
+#[test]
+fn mov_to_cr3_keeps_the_jump_cache_entries_of_global_pages() {
+    // Kernel text is global (no page-table isolation): a context switch keeps its TLB
+    // translations, so the jump-cache entries made from them stay right. Entries of other
+    // pages (user code, which the new address space may map elsewhere) must go, and a flush
+    // that drops global translations too (INVLPG, a full flush) empties the cache.
+    let mut jit = Jit::new(1 << 20).unwrap();
+    jit.cache.push(&[0xc3; 256]).unwrap();
+    let (kernel, user) = (0xffff_ffff_8100_0040u64, 0x40_1000u64);
+    jit.jc_fill(kernel, 16, true);
+    jit.jc_fill(user, 32, false);
+    assert!(jc_holds(&jit, kernel) && jc_holds(&jit, user));
+    jit.flush_nonglobal_tlb();
+    assert!(jc_holds(&jit, kernel), "a global page's entry was dropped");
+    assert!(
+        !jc_holds(&jit, user),
+        "a non-global entry survived MOV to CR3"
+    );
+    assert_eq!(jit.jc_used.len(), 1);
+    // The slot is reused by a non-global entry: the next MOV to CR3 drops it.
+    jit.jc_fill(kernel, 48, false);
+    jit.flush_nonglobal_tlb();
+    assert!(!jc_holds(&jit, kernel));
+    assert!(jit.jc_used.is_empty());
+    jit.jc_fill(kernel, 16, true);
+    jit.flush_tlb();
+    assert!(!jc_holds(&jit, kernel));
+    assert!(jit.ctx.jc.iter().all(|e| e.neg_rip == 1) && jit.jc_used.is_empty());
+}
