@@ -568,7 +568,7 @@ pub fn trampoline() -> Vec<u8> {
     a.bytes(&[0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57]);
     a.mov(RBX, RDI);
     a.mov(R15, RSI);
-    a.lea(R14, ctx(C_TLB));
+    a.load(R14, ctx(C_TLB)); // the soft-TLB half of the current CPL
     a.bytes(&[0x41, 0xbd, 12, 0, 0, 0]); // mov r13d, 12
     // r12 = -nbudget - 1 = !nbudget.
     a.load(R12, ctx(C_NBUDGET));

@@ -86,7 +86,9 @@ impl Engine {
 
 /// Translated-code cache of all vCPUs of one VM together.
 pub const CACHE_BYTES: usize = 32 << 20;
-const TLB_ENTRIES: usize = 256;
+/// Soft-TLB entries per privilege class (16 MiB of guest pages each; a user process reading
+/// at random over megabytes, like xz's match finder, missed 23 M times per run with 256).
+const TLB_ENTRIES: usize = 4096;
 /// Logged stores per block run: at most one per instruction, and a run ends within
 /// `MAX_RUN + MAX_INSNS` instructions.
 const LOG_CAP: usize = 4096;
@@ -114,6 +116,11 @@ pub struct TlbEntry {
     /// held no code when the write entry was made, so stores through it are not logged
     /// (QEMU's NOTDIRTY idea; such entries are dropped at each dirty-bitmap harvest).
     pa: u64,
+}
+
+/// The first soft-TLB index of the half for `cpl` (see [`Ctx::tlb_base`]).
+fn tlb_half(cpl: u8) -> usize {
+    if cpl == 3 { TLB_ENTRIES } else { 0 }
 }
 
 const EMPTY: TlbEntry = TlbEntry {
@@ -148,7 +155,11 @@ pub struct Ctx {
     /// Set by a block whose page was written since translation: the address of its chained
     /// entry (the jumps linked to it must be undone).
     dead: u64,
-    tlb: [TlbEntry; TLB_ENTRIES],
+    /// Host address of the half of `tlb` generated code uses: the first for CPL 0-2, the
+    /// second for CPL 3 (set at every entry). Each half is filled only at its privilege
+    /// class, with that class's permission checks, so neither is emptied when the CPL changes.
+    tlb_base: u64,
+    tlb: [TlbEntry; 2 * TLB_ENTRIES],
     /// Jump cache: translations by guest RIP, for the exits whose target is not linked
     /// (returns, indirect branches, other pages). Generated code probes it and goes straight to
     /// the entry's chained entry on a hit.
@@ -197,7 +208,7 @@ const C_LOG_N: i32 = offset_of!(Ctx, log_n) as i32;
 const C_REQ: i32 = offset_of!(Ctx, req) as i32;
 const C_LINK: i32 = offset_of!(Ctx, link) as i32;
 const C_DEAD: i32 = offset_of!(Ctx, dead) as i32;
-const C_TLB: i32 = offset_of!(Ctx, tlb) as i32;
+const C_TLB: i32 = offset_of!(Ctx, tlb_base) as i32;
 const C_LOG: i32 = offset_of!(Ctx, log) as i32;
 const C_JC: i32 = offset_of!(Ctx, jc) as i32;
 const _: () = assert!(std::mem::size_of::<JcEntry>() == 16);
@@ -289,7 +300,10 @@ pub struct Jit {
     /// flush that spared global pages (MOV to CR3) spares their soft-TLB entries too.
     tlb_global_epoch: u64,
     /// Soft-TLB entries filled from a global translation.
-    tlb_global: [bool; TLB_ENTRIES],
+    tlb_global: [bool; 2 * TLB_ENTRIES],
+    /// Indices of the soft-TLB entries that may be filled (every entry that is not empty is
+    /// here, once), so flushes and harvests touch those, not all 8192.
+    tlb_used: Vec<u16>,
     cpl: u8,
     marks: u64,
     insns: Vec<(iced_x86::Instruction, Kind)>,
@@ -344,7 +358,8 @@ impl Jit {
                 req: NO_REQUEST.as_ptr() as u64,
                 link: 0,
                 dead: 0,
-                tlb: [EMPTY; TLB_ENTRIES],
+                tlb_base: 0,
+                tlb: [EMPTY; 2 * TLB_ENTRIES],
                 jc: [JC_EMPTY; JC_ENTRIES],
                 log: [0; LOG_CAP],
                 simd: Default::default(),
@@ -354,7 +369,8 @@ impl Jit {
             emitter,
             tlb_epoch: u64::MAX,
             tlb_global_epoch: u64::MAX,
-            tlb_global: [false; TLB_ENTRIES],
+            tlb_global: [false; 2 * TLB_ENTRIES],
+            tlb_used: Vec::with_capacity(2 * TLB_ENTRIES),
             cpl: u8::MAX,
             marks: u64::MAX,
             insns: Vec::new(),
@@ -412,11 +428,17 @@ impl Jit {
     /// interpreter's TLB that spared global pages (MOV to CR3 with CR4.PGE): a jump-cache
     /// entry made from a global translation is still what a fetch at the same CPL would find.
     fn flush_nonglobal_tlb(&mut self) {
-        for (e, &g) in self.ctx.tlb.iter_mut().zip(self.tlb_global.iter()) {
-            if !g {
+        let (tlb, global) = (&mut self.ctx.tlb, &self.tlb_global);
+        self.tlb_used.retain(|&i| {
+            let i = usize::from(i);
+            if global.get(i).copied().unwrap_or(false) {
+                return true;
+            }
+            if let Some(e) = tlb.get_mut(i) {
                 *e = EMPTY;
             }
-        }
+            false
+        });
         let (jc, global) = (&mut self.ctx.jc, &self.jc_global);
         self.jc_used.retain(|&i| {
             let i = usize::from(i);
@@ -431,7 +453,12 @@ impl Jit {
     }
 
     fn flush_tlb(&mut self) {
-        self.ctx.tlb = [EMPTY; TLB_ENTRIES];
+        for &i in &self.tlb_used {
+            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+                *e = EMPTY;
+            }
+        }
+        self.tlb_used.clear();
         self.flush_jc();
     }
 
@@ -465,15 +492,19 @@ impl Jit {
     }
 
     fn flush_writes(&mut self) {
-        for e in self.ctx.tlb.iter_mut() {
-            e.write_tag = 1;
+        for &i in &self.tlb_used {
+            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+                e.write_tag = 1;
+            }
         }
     }
 
     /// Makes every write entry log its stores again (a dirty-bitmap harvest happened).
     fn log_all_writes(&mut self) {
-        for e in self.ctx.tlb.iter_mut() {
-            e.pa &= !1;
+        for &i in &self.tlb_used {
+            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+                e.pa &= !1;
+            }
         }
     }
 }
@@ -740,17 +771,27 @@ impl Exec<'_> {
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
-        if jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl {
-            if jit.cpl == self.cpu.cpl && jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
+        if jit.tlb_epoch != self.cpu.tlb.epoch {
+            if jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
                 jit.flush_nonglobal_tlb();
             } else {
+                // (`tlb_global` needs no reset: a fill into an empty entry sets it afresh.)
                 jit.flush_tlb();
-                jit.tlb_global = [false; TLB_ENTRIES];
                 jit.tlb_global_epoch = self.cpu.tlb.global_epoch;
             }
             jit.tlb_epoch = self.cpu.tlb.epoch;
+        }
+        if jit.cpl != self.cpu.cpl {
+            // The soft TLB has a half per privilege class; the jump cache does not.
+            jit.flush_jc();
             jit.cpl = self.cpu.cpl;
         }
+        let half = tlb_half(self.cpu.cpl);
+        jit.ctx.tlb_base = jit
+            .ctx
+            .tlb
+            .get(half)
+            .map_or(0, |e| e as *const TlbEntry as u64);
         let marks = self.vm.code.marks();
         if marks != jit.marks {
             jit.flush_writes();
@@ -879,12 +920,15 @@ impl Exec<'_> {
         }
         let vpn = lin >> 12;
         let tag = vpn.wrapping_neg();
-        let slot = (vpn as usize) & (TLB_ENTRIES - 1);
+        let slot = ((vpn as usize) & (TLB_ENTRIES - 1)) | tlb_half(self.cpu.cpl);
         let global = self.cpu.tlb.is_global(lin);
         let Some(e) = jit.ctx.tlb.get_mut(slot) else {
             return;
         };
-        if e.read_tag != tag && e.write_tag != tag {
+        if e.read_tag == EMPTY.read_tag {
+            // Not in `tlb_used` yet: every filled entry has its read tag set.
+            jit.tlb_used.push(slot as u16);
+        } else if e.read_tag != tag && e.write_tag != tag {
             *e = EMPTY;
         }
         if let Some(g) = jit.tlb_global.get_mut(slot) {
