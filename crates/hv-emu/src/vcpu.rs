@@ -94,7 +94,7 @@ const PROBE_BATCH: u32 = 512;
 const MAX_PROBE_SKIP: u32 = 63;
 /// A run after a guest TLB flush also rebuilds KVM's shadow page tables (milliseconds, see
 /// docs/kvm-platform.md "Costs measured"): such a stretch must run this many times the budget
-/// in emu before it is worth handing over (1 M instructions for the 32 768 budget).
+/// in emu before it is worth handing over (4 M instructions for the KVM runner's 131 072).
 const FLUSHED_BUDGET_FACTOR: u64 = 32;
 
 /// Adaptive hand-off of user mode: emu runs each user stretch itself for up to `budget`

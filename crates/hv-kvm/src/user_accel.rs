@@ -117,8 +117,9 @@ const LOADED_MSRS: [u32; 5] = [
 /// through the shadow IDT and the trap page's `hlt` are CPL-0 work KVM emulates, plus the
 /// ioctls; docs/kvm-platform.md), about what emu's translator takes for this many user-mode
 /// instructions: shorter stretches are cheaper left to the caller
-/// ([`hv::UserModeRunner::emulate_below`]).
-const EMULATE_BELOW: u64 = 32_768;
+/// ([`hv::UserModeRunner::emulate_below`]). Measured against 32 768 and 262 144 with
+/// `cargo xtask bench cpu` (docs/kvm-platform.md, "When user mode goes to KVM").
+const EMULATE_BELOW: u64 = 131_072;
 
 /// User-mode runs of all runners of this process, and how many of them first dropped KVM's
 /// shadow page tables (see the module documentation).
