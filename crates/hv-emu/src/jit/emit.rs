@@ -1208,14 +1208,15 @@ impl Emitter {
                 disp: 0,
             },
         );
-        // rdi = the 16-byte entry.
+        // rdi = the 16-byte entry, in the half of the current privilege class.
         a.pdep_mem(RCX, RCX, at(RSP, JC_MASK_AT));
+        a.load(RDI, ctx(C_JC));
         a.lea(
             RDI,
             Mem {
-                base: Some(R15),
+                base: Some(RDI),
                 index: Some((RCX, 1)),
-                disp: C_JC,
+                disp: 0,
             },
         );
         a.load(RCX, at(RDI, 0));

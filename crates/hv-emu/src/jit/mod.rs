@@ -123,6 +123,11 @@ fn tlb_half(cpl: u8) -> usize {
     if cpl == 3 { TLB_ENTRIES } else { 0 }
 }
 
+/// The first jump-cache index of the half for `cpl` (see [`Ctx::jc_base`]).
+fn jc_half(cpl: u8) -> usize {
+    if cpl == 3 { JC_ENTRIES } else { 0 }
+}
+
 const EMPTY: TlbEntry = TlbEntry {
     read_tag: 1,
     write_tag: 1,
@@ -160,10 +165,14 @@ pub struct Ctx {
     /// class, with that class's permission checks, so neither is emptied when the CPL changes.
     tlb_base: u64,
     tlb: [TlbEntry; 2 * TLB_ENTRIES],
+    /// Host address of the half of `jc` generated code probes, by privilege class like
+    /// `tlb_base` (set at every entry): an entry is made after a fetch at its class, so the
+    /// other class never runs code it has not passed the fetch checks for.
+    jc_base: u64,
     /// Jump cache: translations by guest RIP, for the exits whose target is not linked
     /// (returns, indirect branches, other pages). Generated code probes it and goes straight to
     /// the entry's chained entry on a hit.
-    jc: [JcEntry; JC_ENTRIES],
+    jc: [JcEntry; 2 * JC_ENTRIES],
     log: [u64; LOG_CAP],
     /// Vector-instruction state (`simd.rs`); set at every entry.
     simd: emit::simd::SimdCtx,
@@ -210,7 +219,7 @@ const C_LINK: i32 = offset_of!(Ctx, link) as i32;
 const C_DEAD: i32 = offset_of!(Ctx, dead) as i32;
 const C_TLB: i32 = offset_of!(Ctx, tlb_base) as i32;
 const C_LOG: i32 = offset_of!(Ctx, log) as i32;
-const C_JC: i32 = offset_of!(Ctx, jc) as i32;
+const C_JC: i32 = offset_of!(Ctx, jc_base) as i32;
 const _: () = assert!(std::mem::size_of::<JcEntry>() == 16);
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
 
@@ -360,7 +369,8 @@ impl Jit {
                 dead: 0,
                 tlb_base: 0,
                 tlb: [EMPTY; 2 * TLB_ENTRIES],
-                jc: [JC_EMPTY; JC_ENTRIES],
+                jc_base: 0,
+                jc: [JC_EMPTY; 2 * JC_ENTRIES],
                 log: [0; LOG_CAP],
                 simd: Default::default(),
                 sys: Default::default(),
@@ -379,7 +389,7 @@ impl Jit {
             hot: hot_from_env().min(MAX_HOT),
             incoming: HashMap::new(),
             jc_used: Vec::new(),
-            jc_global: vec![false; JC_ENTRIES],
+            jc_global: vec![false; 2 * JC_ENTRIES],
             dirty_epoch: 0,
             pending: None,
             stats: Stats::default(),
@@ -462,7 +472,8 @@ impl Jit {
         self.flush_jc();
     }
 
-    /// Empties the jump cache: its entries hold for one address space, CPL and code cache.
+    /// Empties the jump cache (both halves): its entries hold for one address space and code
+    /// cache.
     fn flush_jc(&mut self) {
         for &i in &self.jc_used {
             if let Some(e) = self.ctx.jc.get_mut(usize::from(i)) {
@@ -472,13 +483,13 @@ impl Jit {
         self.jc_used.clear();
     }
 
-    /// Remembers in the jump cache that `rip` runs the code whose chained entry is `chk`;
-    /// `global`: the TLB's translation of `rip` is global.
-    fn jc_fill(&mut self, rip: u64, chk: u32, global: bool) {
+    /// Remembers in the jump cache of privilege class `cpl` that `rip` runs the code whose
+    /// chained entry is `chk`; `global`: the TLB's translation of `rip` is global.
+    fn jc_fill(&mut self, rip: u64, chk: u32, global: bool, cpl: u8) {
         let Some(addr) = self.cache.address_of(chk) else {
             return;
         };
-        let i = jc_index(rip);
+        let i = jc_index(rip) | jc_half(cpl);
         if let (Some(e), Some(g)) = (self.ctx.jc.get_mut(i), self.jc_global.get_mut(i)) {
             if e.neg_rip == 1 {
                 self.jc_used.push(i as u16);
@@ -622,7 +633,7 @@ impl Exec<'_> {
             }
             if let Found::Code(_, chk) = &code {
                 let global = self.cpu.tlb.is_global(self.cpu.rip);
-                jit.jc_fill(self.cpu.rip, *chk, global);
+                jit.jc_fill(self.cpu.rip, *chk, global, self.cpu.cpl);
             }
             n += match code {
                 Found::Code(c, _) => {
@@ -782,16 +793,19 @@ impl Exec<'_> {
             jit.tlb_epoch = self.cpu.tlb.epoch;
         }
         if jit.cpl != self.cpu.cpl {
-            // The soft TLB has a half per privilege class; the jump cache does not.
-            jit.flush_jc();
+            // The soft TLB and the jump cache have a half per privilege class: nothing to empty.
             jit.cpl = self.cpu.cpl;
+            jit.ctx.tlb_base = jit
+                .ctx
+                .tlb
+                .get(tlb_half(self.cpu.cpl))
+                .map_or(0, |e| e as *const TlbEntry as u64);
+            jit.ctx.jc_base = jit
+                .ctx
+                .jc
+                .get(jc_half(self.cpu.cpl))
+                .map_or(0, |e| e as *const JcEntry as u64);
         }
-        let half = tlb_half(self.cpu.cpl);
-        jit.ctx.tlb_base = jit
-            .ctx
-            .tlb
-            .get(half)
-            .map_or(0, |e| e as *const TlbEntry as u64);
         let marks = self.vm.code.marks();
         if marks != jit.marks {
             jit.flush_writes();

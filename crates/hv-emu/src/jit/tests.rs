@@ -1292,6 +1292,7 @@ fn cold_block_starts_sharing_a_set_heat_up_and_decode_once() {
 /// Whether the jump cache holds an entry for `rip`.
 fn jc_holds(jit: &Jit, rip: u64) -> bool {
     jit.ctx.jc[jc_index(rip)].neg_rip == rip.wrapping_neg()
+        || jit.ctx.jc[jc_index(rip) + JC_ENTRIES].neg_rip == rip.wrapping_neg()
 }
 
 #[test]
@@ -1303,8 +1304,8 @@ fn mov_to_cr3_keeps_the_jump_cache_entries_of_global_pages() {
     let mut jit = Jit::new(1 << 20).unwrap();
     jit.cache.push(&[0xc3; 256]).unwrap();
     let (kernel, user) = (0xffff_ffff_8100_0040u64, 0x40_1000u64);
-    jit.jc_fill(kernel, 16, true);
-    jit.jc_fill(user, 32, false);
+    jit.jc_fill(kernel, 16, true, 0);
+    jit.jc_fill(user, 32, false, 3);
     assert!(jc_holds(&jit, kernel) && jc_holds(&jit, user));
     jit.flush_nonglobal_tlb();
     assert!(jc_holds(&jit, kernel), "a global page's entry was dropped");
@@ -1314,12 +1315,42 @@ fn mov_to_cr3_keeps_the_jump_cache_entries_of_global_pages() {
     );
     assert_eq!(jit.jc_used.len(), 1);
     // The slot is reused by a non-global entry: the next MOV to CR3 drops it.
-    jit.jc_fill(kernel, 48, false);
+    jit.jc_fill(kernel, 48, false, 0);
     jit.flush_nonglobal_tlb();
     assert!(!jc_holds(&jit, kernel));
     assert!(jit.jc_used.is_empty());
-    jit.jc_fill(kernel, 16, true);
+    jit.jc_fill(kernel, 16, true, 0);
     jit.flush_tlb();
     assert!(!jc_holds(&jit, kernel));
+    assert!(jit.ctx.jc.iter().all(|e| e.neg_rip == 1) && jit.jc_used.is_empty());
+}
+
+#[test]
+fn the_jump_cache_has_a_half_per_privilege_class() {
+    // One RIP filled at CPL 0 and at CPL 3 takes two entries (each made after a fetch at its
+    // class); MOV to CR3 keeps the global ones of both halves, a full flush empties both.
+    let mut jit = Jit::new(1 << 20).unwrap();
+    jit.cache.push(&[0xc3; 256]).unwrap();
+    let rip = 0x40_1000u64;
+    let at = |jit: &Jit, half: usize| jit.ctx.jc[jc_index(rip) + half];
+    jit.jc_fill(rip, 16, true, 0);
+    assert_eq!(
+        at(&jit, JC_ENTRIES).neg_rip,
+        1,
+        "a kernel fill reached the user half"
+    );
+    jit.jc_fill(rip, 32, false, 3);
+    let (k, u) = (at(&jit, 0), at(&jit, JC_ENTRIES));
+    assert_eq!(
+        (k.neg_rip, u.neg_rip),
+        (rip.wrapping_neg(), rip.wrapping_neg())
+    );
+    assert_ne!(k.addr, u.addr);
+    assert_eq!(jit.jc_used.len(), 2);
+    jit.flush_nonglobal_tlb();
+    assert_eq!(at(&jit, 0).neg_rip, rip.wrapping_neg());
+    assert_eq!(at(&jit, JC_ENTRIES).neg_rip, 1);
+    jit.jc_fill(rip, 32, true, 3);
+    jit.flush_jc();
     assert!(jit.ctx.jc.iter().all(|e| e.neg_rip == 1) && jit.jc_used.is_empty());
 }

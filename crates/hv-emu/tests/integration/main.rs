@@ -8,6 +8,7 @@ mod common;
 
 mod alu;
 mod avx;
+mod cpl_split;
 mod cpuid;
 mod emulator;
 mod ext;
