@@ -256,6 +256,9 @@ pub fn for_role(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
                 rule(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
             ); // waking the API accept loop
             a.any(libc::SYS_connect); // waking the API accept loop at shutdown
+            // Cutting the API connections still being read when the server stops
+            // (`ApiServer`'s drop: a client such as `shutdown --force` may still be connected).
+            a.any(libc::SYS_shutdown);
             a.any(libc::SYS_unlink); // removing the API socket file at exit
             a.any(libc::SYS_unlinkat); // removing the API socket file at exit
             a.any(libc::SYS_statx); // ... only if it is still ours (device and inode)
