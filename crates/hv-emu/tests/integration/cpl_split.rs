@@ -90,7 +90,9 @@ fn fill(a: &mut CodeAssembler, at: u64, write: bool) -> Result<(), IcedError> {
 /// The guest: every page user-accessible except `SUP` and `SUP_FN`, `ROP` read-only, RSP0 in
 /// the TSS, `user` at `USER` and `entry` at `SYSCALL_ENTRY`.
 fn guest(kernel: &[u8], user: &[u8], entry: &[u8]) -> Guest {
-    let g = long_mode_guest(&emu(), kernel);
+    // The translator's caches are under test: run it whatever `ANYVISOR_EMU_ENGINE` says (the
+    // suite also runs this crate's tests with the interpreter alone).
+    let g = long_mode_guest(&emu().with_engine(hv_emu::Engine::Jit), kernel);
     testkit::identity_map(&g.mem, PML4, true).unwrap();
     testkit::map_4k(&g.mem, PML4, SMALL, PT, true, &[]).unwrap();
     g.write_u64(g.pte(SUP), SUP | 3);
