@@ -641,7 +641,7 @@ fn distro_runs_on_kvm_and_moves_to_emu_by_snapshot() {
 }
 
 #[test]
-#[ignore = "long (one boot and four moves of a Debian guest, a workload iteration after each: 8 min on this 2-core host at load 6): \
+#[ignore = "long (one boot and four moves of a Debian guest, a workload iteration after each: 3-8 min on this 2-core host): \
             cargo test --release -p cli --test e2e distro:: -- --ignored --nocapture"]
 fn distro_moves_kvm_emu_kvm_by_snapshot_and_migration() {
     let d = distro();
