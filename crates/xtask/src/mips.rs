@@ -14,8 +14,9 @@ use crate::{Setup, anyvisor_args, cmdline, qemu_args};
 
 /// Parses the example's last report line:
 /// `[boot] reached the marker after 151.0s, 1630000000 instructions, 10.8 MIPS, 0 user-mode
-/// runs`. The fields after the rate (`, 0 user-mode runs` today) are ignored, so the example
-/// may report more without breaking the bench.
+/// runs`, with an optional note in parentheses after the count (`1630000000 instructions
+/// (1610000000 translated), ...`). The fields after the rate (`, 0 user-mode runs` today) are
+/// ignored, so the example may report more without breaking the bench.
 pub fn parse_example_report(stderr: &str) -> Option<(f64, u64, f64)> {
     let line = stderr
         .lines()
@@ -23,8 +24,13 @@ pub fn parse_example_report(stderr: &str) -> Option<(f64, u64, f64)> {
         .find(|l| l.contains("reached the marker after"))?;
     let rest = line.split("after ").nth(1)?;
     let (secs, rest) = rest.split_once("s, ")?;
-    let (n, rest) = rest.split_once(" instructions, ")?;
-    let (mips, _) = rest.split_once(" MIPS")?;
+    let (n, rest) = rest.split_once(" instructions")?;
+    // An optional note in parentheses follows the count (`(N translated)` today).
+    let rest = match rest.strip_prefix(" (") {
+        Some(r) => r.split_once(')')?.1,
+        None => rest,
+    };
+    let (mips, _) = rest.strip_prefix(", ")?.split_once(" MIPS")?;
     Some((
         secs.parse().ok()?,
         n.parse().ok()?,
@@ -218,8 +224,17 @@ mod tests {
             parse_example_report(err),
             Some((12.3, 1_580_000_000, 128.4))
         );
+        // With the translated count after the total, as the example prints since the
+        // translator became the default.
+        let err = "[boot] reached the marker after 5.3s, 1816186919 instructions (1797159584 \
+                   translated), 342.2 MIPS, 0 user-mode runs\n";
+        assert_eq!(parse_example_report(err), Some((5.3, 1_816_186_919, 342.2)));
         assert_eq!(
             parse_example_report("[boot] reached the marker after 1.0s, 5 instructions, x MIPS"),
+            None
+        );
+        assert_eq!(
+            parse_example_report("[boot] reached the marker after 1.0s, 5 instructions (4, 1 MIPS"),
             None
         );
         assert_eq!(
