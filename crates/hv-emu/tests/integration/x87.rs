@@ -489,6 +489,32 @@ fn prem_sqrt_scale_extract(hv: &dyn Hypervisor) {
     );
 }
 
+/// FSCALE by zero returns ST(0) unrounded: a denormal ST(0) gives DE but no underflow even
+/// with UE unmasked, and a pseudo-denormal comes back in canonical form (exponent 1). What the
+/// hardware did in the x87 differential tester (seed 0x50002, blocks 49 543, 77 896, 127 283).
+fn fscale_by_zero(hv: &dyn Hypervisor) {
+    let mut data = 0x1eacu64.to_le_bytes().to_vec(); // +0: a denormal, 0000:0000000000001eac
+    data.extend_from_slice(&0u16.to_le_bytes());
+    data.resize(16, 0);
+    // +16: a pseudo-denormal (exponent 0, integer bit set), negative.
+    data.extend_from_slice(&0xe29d_8652_cca3_84c2u64.to_le_bytes());
+    data.extend_from_slice(&0x8000u16.to_le_bytes());
+    data.resize(32, 0);
+    data.extend_from_slice(&(0x037f & !UE).to_le_bytes()); // +32: UE unmasked
+    for (at, expect) in [(0, (0, 0x1eac)), (16, (0x8001, 0xe29d_8652_cca3_84c2))] {
+        let (s, e, _) = run(hv, &data, |a| {
+            a.fldcw(word_ptr(rsi + 32))?;
+            a.fldz()?;
+            a.fld(tword_ptr(rsi + at))?;
+            a.fscale()
+        });
+        assert_eq!(e, None, "+{at}");
+        assert_eq!(st(&s, 0), expect, "+{at}: ST(0) unchanged (canonical)");
+        assert_eq!(s.fpu.fsw & (UE | ES), 0, "+{at}: no underflow");
+        assert_eq!(s.fpu.fsw & 0x3f & !DE, 0, "+{at}: at most DE");
+    }
+}
+
 /// Transcendentals agree with the exact values within 2^-52 relative.
 fn transcendentals(hv: &dyn Hypervisor) {
     let data = words(&[6, 2]);
@@ -543,6 +569,10 @@ fn emu_constants() {
 #[test]
 fn emu_denormals() {
     denormals(&emu());
+}
+#[test]
+fn emu_fscale_by_zero() {
+    fscale_by_zero(&emu());
 }
 #[test]
 fn emu_infinities_and_nans() {
