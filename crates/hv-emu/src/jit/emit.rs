@@ -562,6 +562,19 @@ const _: () = assert!(
 /// saves the flags first (`pushfq`), then fills the context (RIP, flags, instructions run,
 /// exit kind, miss address, link site or dead entry) and restores the registers. So a block
 /// has no prologue or epilogue of its own and a chain never repeats them.
+/// Guest RFLAGS in rax into the host's arithmetic flags (clobbers rcx and ah): OF through a
+/// signed overflow (0x7f + OF), then SF, ZF, AF, PF and CF from AH.
+fn flags_from_rax(a: &mut Asm) {
+    a.bytes(&[
+        0x89, 0xc1, // mov ecx, eax
+        0xc1, 0xe9, 0x0b, // shr ecx, 11
+        0x83, 0xe1, 0x01, // and ecx, 1
+        0x80, 0xc1, 0x7f, // add cl, 0x7f
+        0x88, 0xc4, // mov ah, al
+        0x9e, // sahf
+    ]);
+}
+
 pub fn trampoline() -> Vec<u8> {
     let mut a = Asm::default();
     // push rbx, rbp, r12, r13, r14, r15
@@ -574,14 +587,7 @@ pub fn trampoline() -> Vec<u8> {
     a.load(R12, ctx(C_NBUDGET));
     a.not(R12);
     a.load(RAX, ctx(C_FLAGS));
-    a.bytes(&[
-        0x89, 0xc1, // mov ecx, eax
-        0xc1, 0xe9, 0x0b, // shr ecx, 11
-        0x83, 0xe1, 0x01, // and ecx, 1
-        0x80, 0xc1, 0x7f, // add cl, 0x7f
-        0x88, 0xc4, // mov ah, al
-        0x9e, // sahf
-    ]);
+    flags_from_rax(&mut a);
     // The masks blocks use with pdep, at [rsp + JC_MASK_AT] and [rsp + TLB_MASK_AT] (above
     // the return address): push imm32.
     for m in [JC_MASK, TLB_MASK] {

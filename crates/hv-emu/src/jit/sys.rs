@@ -443,15 +443,8 @@ impl Emitter {
                 self.a.lea(RBP, at(RBP, 8));
                 self.a.store(greg(4), RBP);
                 self.a.store_imm(ctx(C_EFFECTS), IRQ_CHECK as i32);
-                // The arithmetic flags into the host flags, as the block prologue does.
-                self.a.bytes(&[
-                    0x89, 0xc1, // mov ecx, eax
-                    0xc1, 0xe9, 0x0b, // shr ecx, 11
-                    0x83, 0xe1, 0x01, // and ecx, 1
-                    0x80, 0xc1, 0x7f, // add cl, 0x7f
-                    0x88, 0xc4, // mov ah, al
-                    0x9e, // sahf
-                ]);
+                // The arithmetic flags into the host flags, as the trampoline does.
+                super::flags_from_rax(&mut self.a);
                 self.exit_to_run_loop(k + 1, i.next_ip());
                 return Ok(true);
             }
