@@ -823,13 +823,11 @@ mod tests {
 
     use super::*;
     use crate::exec::Exc;
-    use crate::mmu::Ram;
     use crate::vm::VmShared;
 
     const MEM: usize = 1 << 18;
 
-    use crate::testutil::Rng;
-    use crate::vcpu::NoIo;
+    use crate::testutil::{Rng, assert_same_memory, exec};
 
     fn cpu64(rng: &mut Rng) -> Cpu {
         crate::testutil::cpu64(rng, 0x1000, 0x3e000, 1)
@@ -842,21 +840,10 @@ mod tests {
         i: &Instruction,
         fast: bool,
     ) -> R<()> {
-        let ram = Ram::new(mem);
-        let mut ex = Exec {
-            cpu: c,
-            mem,
-            ram: &ram,
-            io: &NoIo,
-            vm,
-            lapic_enabled: false,
-        };
-        ex.cpu.rip = i.next_ip();
-        if fast {
-            handler(i)(&mut ex, i)
-        } else {
-            ex.exec(i)
-        }
+        exec(c, mem, vm, |ex| {
+            ex.cpu.rip = i.next_ip();
+            if fast { handler(i)(ex, i) } else { ex.exec(i) }
+        })
     }
 
     fn check(name: &str, bytes: &[u8], rng: &mut Rng) {
@@ -893,11 +880,7 @@ mod tests {
             assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
             assert_eq!(a.rflags, b.rflags, "{ctx}: flags");
             assert_eq!(a.rip, b.rip, "{ctx}: rip");
-            let mut x = vec![0u8; MEM];
-            let mut y = vec![0u8; MEM];
-            m1.read_slice(&mut x, GuestAddress(0)).unwrap();
-            m2.read_slice(&mut y, GuestAddress(0)).unwrap();
-            assert!(x == y, "{ctx}: memory");
+            assert_same_memory(&m1, &m2, MEM, &ctx);
         }
     }
 
@@ -1072,16 +1055,7 @@ mod tests {
         let mut rng = Rng(5);
         let mut c1 = cpu64(&mut rng);
         let mut c2 = cpu64(&mut Rng(5));
-        let ram = Ram::new(&mem);
-        let mut ex = Exec {
-            cpu: &mut c1,
-            mem: &mem,
-            ram: &ram,
-            io: &NoIo,
-            vm: &vm,
-            lapic_enabled: false,
-        };
-        alu_rr::<5, 8>(&mut ex, &i).unwrap();
+        exec(&mut c1, &mem, &vm, |ex| alu_rr::<5, 8>(ex, &i)).unwrap();
         run(&mut c2, &mem, &vm, &i, false).unwrap();
         assert_ne!(c1.gpr, c2.gpr);
     }

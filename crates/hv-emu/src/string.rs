@@ -277,10 +277,8 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::cpu::*;
-    use crate::exec::{Exc, Exec, mask};
-    use crate::mmu::Ram;
-    use crate::testutil::Rng;
-    use crate::vcpu::NoIo;
+    use crate::exec::{Exc, mask};
+    use crate::testutil::{Rng, assert_same_memory, exec};
     use crate::vm::VmShared;
 
     const MEM: usize = 1 << 20;
@@ -367,31 +365,24 @@ mod tests {
         asz: usize,
         per_element: bool,
     ) -> Result<(), Exc> {
-        let ram = Ram::new(mem);
-        let mut ex = Exec {
-            cpu: c,
-            mem,
-            ram: &ram,
-            io: &NoIo,
-            vm,
-            lapic_enabled: false,
-        };
-        let am = mask(asz);
-        for _ in 0..100_000 {
-            let count = ex.cpu.gpr[1] & am;
-            if count == 0 {
-                return Ok(());
+        exec(c, mem, vm, |ex| {
+            let am = mask(asz);
+            for _ in 0..100_000 {
+                let count = ex.cpu.gpr[1] & am;
+                if count == 0 {
+                    return Ok(());
+                }
+                ex.cpu.rip = i.next_ip();
+                if per_element {
+                    ex.string(one)?;
+                    let v = count.wrapping_sub(1) & am;
+                    ex.set_gpr_sized(1, asz, v);
+                } else {
+                    ex.string(i)?;
+                }
             }
-            ex.cpu.rip = i.next_ip();
-            if per_element {
-                ex.string(one)?;
-                let v = count.wrapping_sub(1) & am;
-                ex.set_gpr_sized(1, asz, v);
-            } else {
-                ex.string(i)?;
-            }
-        }
-        panic!("no end");
+            panic!("no end");
+        })
     }
 
     /// Raw encodings: code_asm has no address-size override for string instructions.
@@ -430,11 +421,7 @@ mod tests {
                     assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
                     assert_eq!(a.rflags, b.rflags, "{ctx}: flags");
                     assert_eq!(a.cr2, b.cr2, "{ctx}: cr2");
-                    let mut x = vec![0u8; MEM];
-                    let mut y = vec![0u8; MEM];
-                    ma.read_slice(&mut x, GuestAddress(0)).unwrap();
-                    mb.read_slice(&mut y, GuestAddress(0)).unwrap();
-                    assert!(x == y, "{ctx}: memory");
+                    assert_same_memory(&ma, &mb, MEM, &ctx);
                     faults += usize::from(ra.is_err());
                     backward += usize::from(a.rflags & DF != 0);
                 }
@@ -455,38 +442,55 @@ mod tests {
         (c, m, r)
     }
 
+    /// Runs `bytes` from the state `set` makes: it must stop at a page fault with error code
+    /// `error`, leaving CR2, RDI and RCX as `want` says.
+    fn faults(
+        bytes: &[u8],
+        set: impl Fn(&mut Cpu),
+        error: u32,
+        want: (u64, u64, u64),
+    ) -> (Cpu, hv::GuestMemory) {
+        let (c, m, r) = one_case(bytes, set);
+        assert!(
+            matches!(r, Err(Exc::Fault(14, Some(e))) if e == error),
+            "{r:?}"
+        );
+        assert_eq!((c.cr2, c.gpr[7], c.gpr[1]), want);
+        (c, m)
+    }
+
+    /// The state of a forward copy of `count` elements from `src` to `dst`.
+    fn forward(src: u64, dst: u64, count: u64) -> impl Fn(&mut Cpu) {
+        move |c| {
+            c.rflags &= !DF;
+            c.gpr[6] = src;
+            c.gpr[7] = dst;
+            c.gpr[1] = count;
+        }
+    }
+
     #[test]
     fn a_fault_on_the_second_page_stops_at_its_first_element() {
         // Forward: 0x100 quadwords from 0x17f80 (16 in page 0x17, then page 0x18 is absent).
-        let (c, _, r) = one_case(&[0xf3, 0x48, 0xa5], |c| {
-            c.rflags &= !DF;
-            c.gpr[6] = 0x17f80;
-            c.gpr[7] = 0x12000;
-            c.gpr[1] = 0x100;
-        });
-        assert!(matches!(r, Err(Exc::Fault(14, Some(0)))), "{r:?}");
-        assert_eq!(
-            (c.cr2, c.gpr[6], c.gpr[7], c.gpr[1]),
-            (0x18000, 0x18000, 0x12080, 0xf0)
-        );
+        let from = forward(0x17f80, 0x12000, 0x100);
+        let (c, _) = faults(&[0xf3, 0x48, 0xa5], from, 0, (0x18000, 0x12080, 0xf0));
+        assert_eq!(c.gpr[6], 0x18000);
         // Backward: stores from 0x19010 down into the absent page 0x18 after 3 elements
         // (0x19010, 0x19008, 0x19000), then a write fault at 0x18ff8.
-        let (c, _, r) = one_case(&[0xf3, 0x48, 0xab], |c| {
+        let backward = |c: &mut Cpu| {
             c.rflags |= DF;
             c.gpr[7] = 0x19010;
             c.gpr[1] = 10;
-        });
-        assert!(matches!(r, Err(Exc::Fault(14, Some(2)))), "{r:?}");
-        assert_eq!((c.cr2, c.gpr[7], c.gpr[1]), (0x18ff8, 0x18ff8, 7));
+        };
+        faults(&[0xf3, 0x48, 0xab], backward, 2, (0x18ff8, 0x18ff8, 7));
         // A read-only destination page: write fault with P=1, nothing stored.
-        let (c, m, r) = one_case(&[0xf3, 0xaa], |c| {
+        let read_only = |c: &mut Cpu| {
             c.rflags &= !DF;
             c.gpr[0] = 0xab;
             c.gpr[7] = 0x1bffe;
             c.gpr[1] = 4;
-        });
-        assert!(matches!(r, Err(Exc::Fault(14, Some(3)))), "{r:?}");
-        assert_eq!((c.cr2, c.gpr[7], c.gpr[1]), (0x1c000, 0x1c000, 2));
+        };
+        let (_, m) = faults(&[0xf3, 0xaa], read_only, 3, (0x1c000, 0x1c000, 2));
         let b: u8 = m.read_obj(GuestAddress(0x1bfff)).unwrap();
         assert_eq!(b, 0xab);
     }
@@ -494,12 +498,7 @@ mod tests {
     #[test]
     fn overlapping_copies_keep_element_order() {
         // Forward by one byte over itself: the first byte is replicated (memset-like).
-        let (_, m, r) = one_case(&[0xf3, 0xa4], |c| {
-            c.rflags &= !DF;
-            c.gpr[6] = 0x12100;
-            c.gpr[7] = 0x12101;
-            c.gpr[1] = 0x200;
-        });
+        let (_, m, r) = one_case(&[0xf3, 0xa4], forward(0x12100, 0x12101, 0x200));
         assert!(r.is_ok());
         let first: u8 = m.read_obj(GuestAddress(0x12100)).unwrap();
         let mut got = [0u8; 0x201];
@@ -507,12 +506,7 @@ mod tests {
         assert!(got.iter().all(|&b| b == first));
         // Forward one page to its alias: linear 0x20000 is physical 0x21000, so copying
         // from 0x21000 to 0x20008 overlaps physically, and replicates the first quadword.
-        let (_, m, r) = one_case(&[0xf3, 0x48, 0xa5], |c| {
-            c.rflags &= !DF;
-            c.gpr[6] = 0x21000;
-            c.gpr[7] = 0x20008;
-            c.gpr[1] = 0x40;
-        });
+        let (_, m, r) = one_case(&[0xf3, 0x48, 0xa5], forward(0x21000, 0x20008, 0x40));
         assert!(r.is_ok());
         let q0: u64 = m.read_obj(GuestAddress(0x21000)).unwrap();
         for k in 0..=0x40u64 {

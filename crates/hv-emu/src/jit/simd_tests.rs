@@ -7,21 +7,14 @@ use iced_x86::{Decoder, DecoderOptions};
 
 use super::super::classify;
 use crate::cpu::Cpu;
-use crate::jit::tests::{Both, CODE, Gen, Rig, arch_flags, assemble, code_of, run_jit};
+use crate::jit::tests::{
+    CODE, Family, Gen, Ran, Rig, assemble, code_of, copy, first, run_jit, undefined_of,
+};
 use crate::testutil::Rng;
 use hv::MpState;
 
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
-
-/// How a comparison went on the translator's side.
-#[derive(Debug, PartialEq)]
-enum Ran {
-    /// All of it as translated code.
-    Translated,
-    /// The interpreter ran the instruction (an exit before it).
-    Interpreted,
-}
 
 fn cpu(seed: u64) -> Cpu {
     let mut rng = Rng(seed | 1);
@@ -41,53 +34,12 @@ fn cpu(seed: u64) -> Cpu {
     c
 }
 
-trait Copy2 {
-    fn copy(&self) -> Cpu;
-}
-
-impl Copy2 for Cpu {
-    /// The state a test sets (`Cpu` itself is not `Clone`).
-    fn copy(&self) -> Cpu {
-        let mut c = Cpu::new(0);
-        c.gpr = self.gpr;
-        c.rip = self.rip;
-        c.rflags = self.rflags;
-        c.seg = self.seg;
-        c.cr0 = self.cr0;
-        c.cr4 = self.cr4;
-        c.efer = self.efer;
-        c.xmm = self.xmm;
-        c.ymm_hi = self.ymm_hi;
-        c.mxcsr = self.mxcsr;
-        c.xcr0 = self.xcr0;
-        c.cpl = self.cpl;
-        c.deliver_exceptions = self.deliver_exceptions;
-        c
-    }
-}
-
-/// The vector side of the comparison: [`Rig::run_both`] (the interpreter stopping at a
-/// reported exception), then the exception, the vector registers, MXCSR, flags and RIP.
-impl Rig {
-    /// Runs one instruction from `a` on the translator and from `b` (a copy) on the
-    /// interpreter, compares everything, and says how the translator ran it.
-    fn compare_simd(&mut self, ctx: &str, a: Cpu, b: Cpu, undefined: u64) -> Ran {
-        self.compare_simd_n(ctx, a, b, undefined, 1)
-    }
-
-    /// [`Rig::compare_simd`] for `budget` instructions (a translated block runs whole; the
-    /// interpreter then runs as many as it did).
-    fn compare_simd_n(
-        &mut self,
-        ctx: &str,
-        mut a: Cpu,
-        mut b: Cpu,
-        undefined: u64,
-        budget: u32,
-    ) -> Ran {
-        let Both { translated, .. } =
-            self.run_both(ctx, &mut a, &mut b, budget, |c| c.reported.is_some());
-        assert_eq!(a.reported, b.reported, "{ctx}: exception");
+/// The vector side of the comparison: the interpreter stops at a reported exception; the
+/// vector registers and MXCSR are compared too, and neither run may halt.
+const SIMD: Family = Family {
+    step: |ex| ex.step(),
+    stopped: |c| c.reported.is_some(),
+    more: |ctx, a, b| {
         for k in 0..16 {
             assert_eq!(
                 (a.xmm[k], a.ymm_hi[k]),
@@ -96,14 +48,15 @@ impl Rig {
             );
         }
         assert_eq!(a.mxcsr, b.mxcsr, "{ctx}: mxcsr");
-        assert_eq!(a.rflags & !undefined, b.rflags & !undefined, "{ctx}: flags");
-        assert_eq!(a.rip, b.rip, "{ctx}: rip");
         assert_eq!(a.mp_state, MpState::Runnable);
-        if translated {
-            Ran::Translated
-        } else {
-            Ran::Interpreted
-        }
+    },
+};
+
+impl Rig {
+    /// Runs one instruction from `a` on the translator and from `b` (a copy) on the
+    /// interpreter, compares everything, and says how the translator ran it.
+    fn compare_simd(&mut self, ctx: &str, a: Cpu, b: Cpu, undefined: u64) -> Ran {
+        self.compare_in(&SIMD, ctx, a, b, undefined, 1)
     }
 }
 
@@ -191,17 +144,9 @@ fn templates() -> Vec<(String, Gen)> {
     }
 }
 
-fn first(code: &[u8]) -> iced_x86::Instruction {
-    Decoder::with_ip(64, code, CODE, DecoderOptions::NONE).decode()
-}
-
 /// Flags the instruction leaves undefined (masked in the comparison).
 fn undefined(code: &[u8]) -> u64 {
     undefined_of(&first(code))
-}
-
-fn undefined_of(i: &iced_x86::Instruction) -> u64 {
-    arch_flags(i.rflags_undefined())
 }
 
 #[test]
@@ -230,7 +175,7 @@ fn every_vector_form_matches_the_interpreter() {
                 c.mxcsr = 0x1f80 | (seed as u32 & 0xe040);
             }
             let undef = undefined(&code);
-            if rig.compare_simd(name, c.copy(), c, undef) == Ran::Translated {
+            if rig.compare_simd(name, copy(&c), c, undef) == Ran::Translated {
                 translated += 1;
             }
         }
@@ -247,9 +192,9 @@ fn run(rig: &mut Rig, code: &[u8], c: Cpu, name: &str) -> Ran {
     rig.load(7, code);
     rig.jit.clear();
     // Twice: the first run fills the soft TLB.
-    rig.compare_simd(name, c.copy(), c.copy(), 0);
+    rig.compare_simd(name, copy(&c), copy(&c), 0);
     rig.load(7, code);
-    rig.compare_simd(name, c.copy(), c, 0)
+    rig.compare_simd(name, copy(&c), c, 0)
 }
 
 #[test]
@@ -258,23 +203,23 @@ fn misaligned_sse_operands_raise_gp_through_the_interpreter() {
     let code = code_of(|a| a.movdqa(xmm1, xmmword_ptr(rbx + 8)));
     let c = cpu(3);
     assert_eq!(c.gpr[3] & 31, 0);
-    assert_eq!(run(&mut rig, &code, c.copy(), "movdqa"), Ran::Interpreted);
-    let mut c2 = c.copy();
+    assert_eq!(run(&mut rig, &code, copy(&c), "movdqa"), Ran::Interpreted);
+    let mut c2 = copy(&c);
     c2.gpr[3] += 8;
     assert_eq!(run(&mut rig, &code, c2, "movdqa aligned"), Ran::Translated);
     let code = code_of(|a| a.vmovdqa(ymm1, ymmword_ptr(rbx + 16)));
-    assert_eq!(run(&mut rig, &code, c.copy(), "vmovdqa"), Ran::Interpreted);
+    assert_eq!(run(&mut rig, &code, copy(&c), "vmovdqa"), Ran::Interpreted);
     let code = code_of(|a| a.paddd(xmm1, xmmword_ptr(rbx + 4)));
-    assert_eq!(run(&mut rig, &code, c.copy(), "paddd"), Ran::Interpreted);
+    assert_eq!(run(&mut rig, &code, copy(&c), "paddd"), Ran::Interpreted);
     // Unaligned forms stay translated.
     let code = code_of(|a| a.movdqu(xmm1, xmmword_ptr(rbx + 4)));
-    assert_eq!(run(&mut rig, &code, c.copy(), "movdqu"), Ran::Translated);
+    assert_eq!(run(&mut rig, &code, copy(&c), "movdqu"), Ran::Translated);
     // The #GP itself (compared with the interpreter inside `run`).
     let code = code_of(|a| a.movdqa(xmm1, xmmword_ptr(rbx + 8)));
-    let mut a = c.copy();
+    let mut a = copy(&c);
     rig.load(7, &code);
     rig.jit.clear();
-    rig.compare_simd("movdqa #GP", c.copy(), c.copy(), 0);
+    rig.compare_simd("movdqa #GP", copy(&c), copy(&c), 0);
     run_jit(&mut rig, &mut a, 1);
     assert_eq!(a.reported, Some((13, Some(0))));
 }
@@ -291,7 +236,7 @@ fn guest_control_state_and_model_gate_translated_vector_code() {
     for code in [&sse, &avx, &sha] {
         let mut c = cpu(5);
         c.cr0 |= crate::cpu::CR0_TS;
-        assert_eq!(run(&mut rig, code, c.copy(), "TS"), Ran::Interpreted);
+        assert_eq!(run(&mut rig, code, copy(&c), "TS"), Ran::Interpreted);
         let mut a = c;
         run_jit(&mut rig, &mut a, 1);
         assert_eq!(a.reported, Some((7, None)));
@@ -326,12 +271,12 @@ fn unmasked_fp_exceptions_are_raised_by_the_interpreter() {
     c.xmm[1] = 0x3f80_0000_3f80_0000_3f80_0000_3f80_0000; // 1.0
     c.xmm[2] = 0;
     // Masked: translated, ZE and the infinities as the host computes them.
-    let r = run(&mut rig, &code, c.copy(), "divps masked");
+    let r = run(&mut rig, &code, copy(&c), "divps masked");
     assert_eq!(r, Ran::Translated);
     // Divide-by-zero unmasked: #XM from the interpreter, nothing written.
     c.mxcsr = 0x1f80 & !(1 << 9);
     assert_eq!(
-        run(&mut rig, &code, c.copy(), "divps #XM"),
+        run(&mut rig, &code, copy(&c), "divps #XM"),
         Ran::Interpreted
     );
     let mut a = c;
@@ -339,7 +284,7 @@ fn unmasked_fp_exceptions_are_raised_by_the_interpreter() {
     assert_eq!(a.reported, Some((19, None)));
     // Integer forms do not care about MXCSR.
     let code = code_of(|a| a.paddd(xmm1, xmm2));
-    assert_eq!(run(&mut rig, &code, a.copy(), "paddd"), Ran::Translated);
+    assert_eq!(run(&mut rig, &code, copy(&a), "paddd"), Ran::Translated);
 }
 
 #[test]
@@ -350,7 +295,7 @@ fn rounding_modes_reach_translated_code() {
         let mut c = cpu(11);
         c.xmm[1] = u128::from(1.5f64.to_bits());
         c.mxcsr = 0x1f80 | (rc << 13);
-        let mut a = c.copy();
+        let mut a = copy(&c);
         assert_eq!(run(&mut rig, &code, c, "cvtsd2si"), Ran::Translated);
         run_jit(&mut rig, &mut a, 1);
         assert_eq!(a.gpr[0], want, "rounding control {rc}");
@@ -431,7 +376,7 @@ fn random_vector_blocks_match_the_interpreter() {
         rig.jit.clear();
         for _ in 0..2 {
             rig.load(seed | 1, &code);
-            let r = rig.compare_simd_n(&format!("{names:?}"), c.copy(), c.copy(), undef, 8);
+            let r = rig.compare_in(&SIMD, &format!("{names:?}"), copy(&c), copy(&c), undef, 8);
             if r == Ran::Translated {
                 whole += 1;
             }

@@ -3,36 +3,18 @@
 //! misaligned `cmpxchg16b`, a model without BMI) or wait for the run loop (the STI shadow).
 
 use iced_x86::code_asm::*;
-use iced_x86::{Decoder, DecoderOptions};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::super::{Kind, classify_for};
-use crate::cpu::{AF, CF, Cpu, DF, IF, IOPL, OF, PF, SF, ZF};
-use crate::decode::BlockCache;
-use crate::exec::Exec;
-use crate::jit::Jit;
-use crate::mmu::Ram;
+use crate::cpu::{Cpu, DF, IF, IOPL};
+use crate::jit::tests::{
+    CODE, Family, MEM, Ran, Rig, code_of, copy, first, run_jit, step_with_interrupts, undefined_of,
+};
 use crate::testutil::Rng;
-use crate::vcpu::NoIo;
 use crate::vm::VmShared;
 use hv::MpState;
 
-const MEM: usize = 1 << 17;
-const CODE: u64 = 0x1000;
 const AC: u64 = 1 << 18;
-
-struct Rig {
-    m1: hv::GuestMemory,
-    m2: hv::GuestMemory,
-    vm: VmShared,
-    jit: Jit,
-}
-
-#[derive(Debug, PartialEq)]
-enum Ran {
-    Translated,
-    Interpreted,
-}
 
 fn cpu(seed: u64) -> Cpu {
     let mut rng = Rng(seed | 1);
@@ -49,117 +31,14 @@ fn cpu(seed: u64) -> Cpu {
     c
 }
 
-fn copy(c: &Cpu) -> Cpu {
-    let mut d = Cpu::new(0);
-    d.gpr = c.gpr;
-    d.rip = c.rip;
-    d.rflags = c.rflags;
-    d.seg = c.seg;
-    d.cr0 = c.cr0;
-    d.cr4 = c.cr4;
-    d.efer = c.efer;
-    d.cpl = c.cpl;
-    d.msr.kernel_gs_base = c.msr.kernel_gs_base;
-    d.deliver_exceptions = c.deliver_exceptions;
-    d.gdt = c.gdt;
-    d.idt = c.idt;
-    d.irq_check = c.irq_check;
-    d
-}
-
-impl Rig {
-    fn new(model: hv::CpuModel) -> Rig {
-        Rig {
-            m1: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
-            m2: hv::GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
-            vm: VmShared::new(model, 1, 1_000_000, MEM as u64),
-            jit: {
-                let mut j = Jit::new(1 << 20).unwrap();
-                j.hot = 0;
-                j
-            },
-        }
-    }
-
-    fn load(&self, seed: u64, code: &[u8]) {
-        let fill: Vec<u8> = (0..MEM / 8)
-            .flat_map(|k| (k as u64).wrapping_mul(seed | 1).to_le_bytes())
-            .collect();
-        for m in [&self.m1, &self.m2] {
-            m.write_slice(&fill, GuestAddress(0)).unwrap();
-            m.write_slice(code, GuestAddress(CODE)).unwrap();
-        }
-    }
-
-    fn write(&self, at: u64, bytes: &[u8]) {
-        for m in [&self.m1, &self.m2] {
-            m.write_slice(bytes, GuestAddress(at)).unwrap();
-        }
-    }
-
-    /// Runs `budget` instructions from `a` with the translator and from `b` with the
-    /// interpreter (`run_batch`, the reference run loop, so interrupts and shadows are
-    /// handled the same way), compares everything, says how the translator ran.
-    fn compare(&mut self, ctx: &str, mut a: Cpu, mut b: Cpu, undefined: u64, budget: u32) -> Ran {
-        let exits = self.jit.stats.exits_to_interp;
-        let before = self.jit.stats.run;
-        let ra = {
-            let ram = Ram::new(&self.m1);
-            let mut ex = Exec {
-                cpu: &mut a,
-                mem: &self.m1,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
-            let mut blocks = BlockCache::new();
-            ex.run_batch_jit(&mut self.jit, &mut blocks, budget, false)
-        };
-        let steps = ra.as_ref().map_or(budget, |r| r.0);
-        let rb = {
-            let ram = Ram::new(&self.m2);
-            let mut ex = Exec {
-                cpu: &mut b,
-                mem: &self.m2,
-                ram: &ram,
-                io: &NoIo,
-                vm: &self.vm,
-                lapic_enabled: false,
-            };
-            let mut r = Ok(());
-            for _ in 0..steps {
-                if ex.cpu.irq_check {
-                    r = ex.try_inject();
-                }
-                if r.is_err() || ex.cpu.mp_state != MpState::Runnable {
-                    break;
-                }
-                r = ex.step();
-                if r.is_err() || ex.cpu.reported.is_some() || ex.cpu.mp_state != MpState::Runnable {
-                    break;
-                }
-            }
-            r
-        };
-        assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
-        let mut x = vec![0u8; MEM];
-        let mut y = vec![0u8; MEM];
-        self.m1.read_slice(&mut x, GuestAddress(0)).unwrap();
-        self.m2.read_slice(&mut y, GuestAddress(0)).unwrap();
-        if let Some(k) = (0..MEM).find(|&k| x[k] != y[k]) {
-            panic!("{ctx}: memory at {k:#x}: {:#x} vs {:#x}", x[k], y[k]);
-        }
-        assert_eq!(a.reported, b.reported, "{ctx}: exception");
-        assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
-        assert_eq!(
-            a.rflags & !undefined,
-            b.rflags & !undefined,
-            "{ctx}: flags {:#x} vs {:#x}",
-            a.rflags,
-            b.rflags
-        );
-        assert_eq!(a.rip, b.rip, "{ctx}: rip");
+/// The system side of the comparison: the interpreter delivers interrupts as the run loop
+/// does (so interrupts and shadows are handled the same way on both engines) and stops at a
+/// reported exception or a halt; segments, the kernel GS base, the interrupt shadow and the
+/// run state are compared too.
+const SYS: Family = Family {
+    step: step_with_interrupts,
+    stopped: |c| c.reported.is_some() || c.mp_state != MpState::Runnable,
+    more: |ctx, a, b| {
         assert_eq!(a.seg, b.seg, "{ctx}: segments");
         assert_eq!(
             a.msr.kernel_gs_base, b.msr.kernel_gs_base,
@@ -168,51 +47,21 @@ impl Rig {
         assert_eq!(a.shadow, b.shadow, "{ctx}: interrupt shadow");
         assert_eq!(a.irq_check, b.irq_check, "{ctx}: irq_check");
         assert_eq!(a.mp_state, b.mp_state, "{ctx}: run state");
-        if self.jit.stats.exits_to_interp == exits && self.jit.stats.run > before {
-            Ran::Translated
-        } else {
-            Ran::Interpreted
-        }
-    }
+    },
+};
 
+impl Rig {
     /// Three runs of `code` from `c` (the first two fill the soft TLB: an instruction may
     /// touch two pages); how the last went.
-    fn run(&mut self, name: &str, code: &[u8], c: &Cpu, seed: u64, undefined: u64) -> Ran {
+    fn run_sys(&mut self, name: &str, code: &[u8], c: &Cpu, seed: u64, undefined: u64) -> Ran {
         self.jit.clear();
         for _ in 0..2 {
-            self.load(seed, code);
-            self.compare(name, copy(c), copy(c), undefined, 1);
+            self.load(seed | 1, code);
+            self.compare_in(&SYS, name, copy(c), copy(c), undefined, 1);
         }
-        self.load(seed, code);
-        self.compare(name, copy(c), copy(c), undefined, 1)
+        self.load(seed | 1, code);
+        self.compare_in(&SYS, name, copy(c), copy(c), undefined, 1)
     }
-}
-
-fn code_of(f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.hlt().unwrap();
-    a.assemble(CODE).unwrap()
-}
-
-fn first(code: &[u8]) -> iced_x86::Instruction {
-    Decoder::with_ip(64, code, CODE, DecoderOptions::NONE).decode()
-}
-
-fn undefined_of(i: &iced_x86::Instruction) -> u64 {
-    use iced_x86::RflagsBits as F;
-    let r = i.rflags_undefined();
-    [
-        (F::OF, OF),
-        (F::SF, SF),
-        (F::ZF, ZF),
-        (F::AF, AF),
-        (F::CF, CF),
-        (F::PF, PF),
-    ]
-    .iter()
-    .filter(|(b, _)| r & b != 0)
-    .fold(0, |acc, (_, f)| acc | f)
 }
 
 type Gen = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
@@ -280,7 +129,7 @@ fn templates() -> Vec<(String, Gen)> {
 #[test]
 fn every_system_and_extension_form_matches_the_interpreter() {
     let mut rng = Rng(0x5eed_5151_0000_0001);
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     for (name, f) in &templates() {
         let code = code_of(f);
         let i = first(&code);
@@ -292,7 +141,7 @@ fn every_system_and_extension_form_matches_the_interpreter() {
         for _ in 0..24 {
             let seed = rng.next();
             let c = cpu(seed);
-            if rig.run(name, &code, &c, seed, undefined_of(&i)) == Ran::Translated {
+            if rig.run_sys(name, &code, &c, seed, undefined_of(&i)) == Ran::Translated {
                 translated += 1;
             }
         }
@@ -306,7 +155,7 @@ fn every_system_and_extension_form_matches_the_interpreter() {
 #[test]
 fn cmpxchg16b_matches_the_interpreter_equal_or_not() {
     let mut rng = Rng(0x16b);
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     let code = code_of(|a| a.lock().cmpxchg16b(xmmword_ptr(rsi + 16)));
     assert_eq!(
         classify_for(&first(&code), rig.vm.features),
@@ -319,26 +168,29 @@ fn cmpxchg16b_matches_the_interpreter_equal_or_not() {
         if n % 2 == 0 {
             // Make the comparison succeed: rdx:rax = the memory's value.
             let a = c.gpr[6] + 16;
-            rig.load(seed, &code);
+            rig.load(seed | 1, &code);
             let mut q = [0u8; 16];
             rig.m1.read_slice(&mut q, GuestAddress(a)).unwrap();
             c.gpr[0] = u64::from_le_bytes(q[..8].try_into().unwrap());
             c.gpr[2] = u64::from_le_bytes(q[8..].try_into().unwrap());
         }
-        assert_eq!(rig.run("cmpxchg16b", &code, &c, seed, 0), Ran::Translated);
+        assert_eq!(
+            rig.run_sys("cmpxchg16b", &code, &c, seed, 0),
+            Ran::Translated
+        );
     }
     // Misaligned: #GP(0) from the interpreter.
     let mut c = cpu(3);
     c.gpr[6] = (c.gpr[6] & !15) + 8;
     assert_eq!(
-        rig.run("cmpxchg16b misaligned", &code, &c, 3, 0),
+        rig.run_sys("cmpxchg16b misaligned", &code, &c, 3, 0),
         Ran::Interpreted
     );
 }
 
 #[test]
 fn privileged_and_gated_cases_leave_to_the_interpreter() {
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     let user = |seed: u64, iopl: u64| {
         let mut c = cpu(seed);
         c.cpl = 3;
@@ -348,36 +200,39 @@ fn privileged_and_gated_cases_leave_to_the_interpreter() {
     };
     // CLI/STI at CPL 3 with IOPL 0: #GP; with IOPL 3 they run translated.
     for (name, code) in [("cli", code_of(|a| a.cli())), ("sti", code_of(|a| a.sti()))] {
-        let r = rig.run(name, &code, &user(5, 0), 5, 0);
+        let r = rig.run_sys(name, &code, &user(5, 0), 5, 0);
         assert_eq!(r, Ran::Interpreted, "{name} at CPL 3, IOPL 0");
-        let r = rig.run(name, &code, &user(5, 3), 5, 0);
+        let r = rig.run_sys(name, &code, &user(5, 3), 5, 0);
         assert_eq!(r, Ran::Translated, "{name} at CPL 3, IOPL 3");
     }
     // POPF at CPL 3 keeps IOPL and (IOPL 0) IF.
     let code = code_of(|a| a.popfq());
     for seed in 1..16 {
         assert_eq!(
-            rig.run("popfq cpl3", &code, &user(seed, seed % 4), seed, 0),
+            rig.run_sys("popfq cpl3", &code, &user(seed, seed % 4), seed, 0),
             Ran::Translated
         );
     }
     // SWAPGS at CPL 3: #GP.
     let code = code_of(|a| a.swapgs());
     assert_eq!(
-        rig.run("swapgs cpl3", &code, &user(9, 3), 9, 0),
+        rig.run_sys("swapgs cpl3", &code, &user(9, 3), 9, 0),
         Ran::Interpreted
     );
     // FSGSBASE with CR4.FSGSBASE clear: #UD.
     let code = code_of(|a| a.rdgsbase(rax));
     let mut c = cpu(11);
     c.cr4 &= !(1 << 16);
-    assert_eq!(rig.run("rdgsbase cr4", &code, &c, 11, 0), Ran::Interpreted);
+    assert_eq!(
+        rig.run_sys("rdgsbase cr4", &code, &c, 11, 0),
+        Ran::Interpreted
+    );
     // A non-canonical base: #GP.
     let code = code_of(|a| a.wrfsbase(rcx));
     let mut c = cpu(12);
     c.gpr[1] = 0x8000_0000_0000_0000;
     assert_eq!(
-        rig.run("wrfsbase non-canonical", &code, &c, 12, 0),
+        rig.run_sys("wrfsbase non-canonical", &code, &c, 12, 0),
         Ran::Interpreted
     );
     assert_eq!(c.reported, None);
@@ -387,7 +242,7 @@ fn privileged_and_gated_cases_leave_to_the_interpreter() {
 fn extensions_follow_the_model() {
     // The v2 model has no BMI1/ABM/BMI2/MOVBE/ADX: not translated; tzcnt/lzcnt run as
     // bsf/bsr and the others raise #UD in the interpreter.
-    let mut rig = Rig::new(hv::CpuModel::portable());
+    let mut rig = Rig::with_model(hv::CpuModel::portable());
     for (name, f) in &templates() {
         let code = code_of(f);
         let i = first(&code);
@@ -400,7 +255,7 @@ fn extensions_follow_the_model() {
         assert_eq!(classify_for(&i, rig.vm.features), None, "{name}");
         let c = cpu(21);
         assert_eq!(
-            rig.run(name, &code, &c, 21, undefined_of(&i)),
+            rig.run_sys(name, &code, &c, 21, undefined_of(&i)),
             Ran::Interpreted,
             "{name}"
         );
@@ -409,12 +264,15 @@ fn extensions_follow_the_model() {
 
 #[test]
 fn one_vcpu_only_for_cmpxchg16b() {
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     rig.vm = VmShared::new(hv::CpuModel::portable_v3(), 2, 1_000_000, MEM as u64);
     let code = code_of(|a| a.cmpxchg16b(xmmword_ptr(rsi)));
     let mut c = cpu(4);
     c.gpr[6] &= !15;
-    assert_eq!(rig.run("cmpxchg16b smp", &code, &c, 4, 0), Ran::Interpreted);
+    assert_eq!(
+        rig.run_sys("cmpxchg16b smp", &code, &c, 4, 0),
+        Ran::Interpreted
+    );
 }
 
 /// A 64-bit GDT (selector 8: code) and an IDT whose vector 0x40 goes to `handler`.
@@ -443,7 +301,7 @@ fn tables(rig: &Rig, c: &mut Cpu, handler: u64) {
 
 #[test]
 fn sti_shadow_holds_for_one_instruction() {
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     // sti; mov eax, 1; mov ebx, 2; hlt — with an interrupt pending and IF clear.
     let code = code_of(|a| {
         a.sti()?;
@@ -453,7 +311,7 @@ fn sti_shadow_holds_for_one_instruction() {
     let handler = 0x2000u64;
     for seed in 1..6u64 {
         rig.jit.clear();
-        rig.load(seed, &code);
+        rig.load(seed | 1, &code);
         rig.write(handler, &[0xf4]);
         let mut c = cpu(seed);
         c.rflags &= !(IF | IOPL);
@@ -466,26 +324,15 @@ fn sti_shadow_holds_for_one_instruction() {
         let mut b = copy(&c);
         a.lapic.set_irr(0x40, false);
         b.lapic.set_irr(0x40, false);
-        let ran = rig.compare("sti shadow", a, b, 0, 16);
+        let ran = rig.compare_in(&SYS, "sti shadow", a, b, 0, 16);
         assert_eq!(ran, Ran::Translated);
         // Check the translated side's outcome directly too.
         let mut a = copy(&c);
         a.lapic.set_irr(0x40, false);
-        let ram = Ram::new(&rig.m1);
-        rig.load(seed, &code);
+        rig.load(seed | 1, &code);
         rig.write(handler, &[0xf4]);
         tables(&rig, &mut a, handler);
-        let mut ex = Exec {
-            cpu: &mut a,
-            mem: &rig.m1,
-            ram: &ram,
-            io: &NoIo,
-            vm: &rig.vm,
-            lapic_enabled: false,
-        };
-        let mut blocks = BlockCache::new();
-        ex.run_batch_jit(&mut rig.jit, &mut blocks, 16, false)
-            .unwrap();
+        run_jit(&mut rig, &mut a, 16);
         assert_eq!(a.gpr[0] & 0xffff_ffff, 1, "the instruction after sti ran");
         assert_eq!(a.gpr[3], 0x77, "the interrupt came before the second one");
         assert_eq!(a.rip, handler + 1, "halted in the handler");
@@ -504,7 +351,7 @@ fn iret_frame(rig: &Rig, c: &Cpu, frame: [u64; 5]) {
 
 #[test]
 fn iretq_to_the_same_level_is_finished_by_the_run_loop() {
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     let code = code_of(|a| a.iretq());
     assert_eq!(
         classify_for(&first(&code), rig.vm.features),
@@ -558,11 +405,11 @@ fn iretq_to_the_same_level_is_finished_by_the_run_loop() {
             rig.jit.clear();
             let mut last = Ran::Interpreted;
             for _ in 0..3 {
-                rig.load(seed, &code);
+                rig.load(seed | 1, &code);
                 let bytes: Vec<u8> = gdt.iter().flat_map(|q| q.to_le_bytes()).collect();
                 rig.write(0xa000, &bytes);
                 iret_frame(&rig, &c, frame);
-                last = rig.compare(name, copy(&c), copy(&c), 0, 1);
+                last = rig.compare_in(&SYS, name, copy(&c), copy(&c), 0, 1);
             }
             assert_eq!(last, want, "{name}");
         }
@@ -574,7 +421,7 @@ fn sequences_see_what_the_instructions_before_them_changed() {
     // Blocks where a later instruction reads what a translated system instruction changed:
     // pushfq after cli/std/cld (Ctx::flags), string instructions after std (DF: interpreted),
     // GS-relative loads after swapgs/wrgsbase (the base in the context), flags after popfq.
-    let mut rig = Rig::new(hv::CpuModel::portable_v3());
+    let mut rig = Rig::with_model(hv::CpuModel::portable_v3());
     let seqs: Vec<(&str, Vec<u8>, u32)> = vec![
         (
             "cli; pushfq",
@@ -663,8 +510,8 @@ fn sequences_see_what_the_instructions_before_them_changed() {
             c.gpr[2] = rng.next() % 0x100;
             rig.jit.clear();
             for _ in 0..4 {
-                rig.load(seed, code);
-                rig.compare(name, copy(&c), copy(&c), 0, *n);
+                rig.load(seed | 1, code);
+                rig.compare_in(&SYS, name, copy(&c), copy(&c), 0, *n);
             }
         }
     }

@@ -6,13 +6,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::cpu::{AF, CF, Cpu, OF, PF, SF, ZF};
-use crate::mmu::Ram;
 use crate::vm::VmShared;
 
-const MEM: usize = 1 << 17;
+pub(super) const MEM: usize = 1 << 17;
 pub(super) const CODE: u64 = 0x1000;
 
-use crate::testutil::Rng;
+use crate::testutil::{Rng, assert_same_memory, exec};
 use crate::vcpu::NoIo;
 
 fn cpu64(rng: &mut Rng) -> Cpu {
@@ -667,23 +666,12 @@ fn self_modifying_store_invalidates_the_translation() {
     rig.load(9, &code);
     let mut c = cpu64(&mut Rng(9));
     c.gpr[1] = 0x2222_2222;
-    let ram = Ram::new(&rig.m1);
-    let mut ex = Exec {
-        cpu: &mut c,
-        mem: &rig.m1,
-        ram: &ram,
-        io: &NoIo,
-        vm: &rig.vm,
-        lapic_enabled: false,
-    };
     let mut blocks = BlockCache::new();
-    ex.run_batch_jit(&mut rig.jit, &mut blocks, 2, false)
-        .unwrap();
-    assert_eq!(ex.cpu.gpr[0], 0x1111_1111);
-    ex.cpu.rip = CODE;
-    ex.run_batch_jit(&mut rig.jit, &mut blocks, 1, false)
-        .unwrap();
-    assert_eq!(ex.cpu.gpr[0], 0x2222_2222, "stale translation ran");
+    run_jit_in(&mut rig, &mut c, &mut blocks, 2);
+    assert_eq!(c.gpr[0], 0x1111_1111);
+    c.rip = CODE;
+    run_jit_in(&mut rig, &mut c, &mut blocks, 1);
+    assert_eq!(c.gpr[0], 0x2222_2222, "stale translation ran");
 }
 
 #[test]
@@ -745,11 +733,7 @@ fn random_code_runs_the_same_on_both_engines() {
             s2.regs.rflags & !ARITH_FLAGS,
             "{ctx}"
         );
-        let mut x = vec![0u8; MEM];
-        let mut y = vec![0u8; MEM];
-        rig.m1.read_slice(&mut x, GuestAddress(0)).unwrap();
-        rig.m2.read_slice(&mut y, GuestAddress(0)).unwrap();
-        assert!(x == y, "{ctx}: memory");
+        assert_same_memory(&rig.m1, &rig.m2, MEM, &ctx);
     }
     assert!(compared > 100, "only {compared} runs compared");
     assert!(translated > 0);
@@ -758,8 +742,13 @@ fn random_code_runs_the_same_on_both_engines() {
 /// Runs `budget` instructions of the code at CODE on the translator alone and returns the
 /// instructions executed.
 pub(super) fn run_jit(rig: &mut Rig, c: &mut Cpu, budget: u32) -> u32 {
+    run_jit_in(rig, c, &mut BlockCache::new(), budget)
+}
+
+/// [`run_jit`] with the caller's decoded-block cache (kept from run to run).
+fn run_jit_in(rig: &mut Rig, c: &mut Cpu, blocks: &mut BlockCache, budget: u32) -> u32 {
     exec(c, &rig.m1, &rig.vm, |ex| {
-        ex.run_batch_jit(&mut rig.jit, &mut BlockCache::new(), budget, false)
+        ex.run_batch_jit(&mut rig.jit, blocks, budget, false)
     })
     .unwrap()
     .0
@@ -905,19 +894,11 @@ fn exit_request_ends_a_chain_promptly() {
             std::thread::sleep(std::time::Duration::from_millis(30));
             vm.vcpus[0].kick();
         });
-        let ram = Ram::new(&rig.m1);
-        let mut ex = Exec {
-            cpu: &mut c,
-            mem: &rig.m1,
-            ram: &ram,
-            io: &NoIo,
-            vm,
-            lapic_enabled: false,
-        };
-        let mut blocks = BlockCache::new();
-        ex.run_batch_jit(&mut rig.jit, &mut blocks, u32::MAX, false)
-            .unwrap()
-            .0
+        exec(&mut c, &rig.m1, vm, |ex| {
+            ex.run_batch_jit(&mut rig.jit, &mut BlockCache::new(), u32::MAX, false)
+        })
+        .unwrap()
+        .0
     });
     assert!(n < u32::MAX / 4, "ran {n} instructions, {:?}", t0.elapsed());
     assert!(c.rip == CODE || c.rip == b, "stopped at {:#x}", c.rip);
@@ -1021,16 +1002,7 @@ fn a_store_into_a_page_that_became_code_invalidates_it() {
 
 /// Runs the one instruction at `c.rip` through the one-instruction cache.
 fn run_one(rig: &mut Rig, c: &mut Cpu) {
-    let ram = Ram::new(&rig.m1);
-    let mut ex = Exec {
-        cpu: c,
-        mem: &rig.m1,
-        ram: &ram,
-        io: &NoIo,
-        vm: &rig.vm,
-        lapic_enabled: false,
-    };
-    ex.interp_one(&mut rig.jit, false).unwrap();
+    exec(c, &rig.m1, &rig.vm, |ex| ex.interp_one(&mut rig.jit, false)).unwrap();
 }
 
 #[test]
@@ -1103,6 +1075,21 @@ impl Rig {
         budget: u32,
         stopped: fn(&Cpu) -> bool,
     ) -> Both {
+        self.run_both_stepping(ctx, a, b, budget, |ex| ex.step(), stopped)
+    }
+
+    /// [`Rig::run_both`] with the interpreter's side taking each of its steps through `step`
+    /// (e.g. [`step_with_interrupts`], as the run loop does), then stopping early at an error
+    /// or where `stopped` says.
+    pub(super) fn run_both_stepping(
+        &mut self,
+        ctx: &str,
+        a: &mut Cpu,
+        b: &mut Cpu,
+        budget: u32,
+        step: fn(&mut Exec<'_>) -> R<()>,
+        stopped: fn(&Cpu) -> bool,
+    ) -> Both {
         let exits = self.jit.stats.exits_to_interp;
         let before = self.jit.stats.run;
         let ra = exec(a, &self.m1, &self.vm, |ex| {
@@ -1113,7 +1100,7 @@ impl Rig {
         let rb = exec(b, &self.m2, &self.vm, |ex| {
             let mut r = Ok(());
             for _ in 0..steps {
-                r = ex.step();
+                r = step(ex);
                 if r.is_err() || stopped(ex.cpu) {
                     break;
                 }
@@ -1121,13 +1108,7 @@ impl Rig {
             r
         });
         assert_eq!(ra.is_ok(), rb.is_ok(), "{ctx}: {ra:?} vs {rb:?}");
-        let mut x = vec![0u8; MEM];
-        let mut y = vec![0u8; MEM];
-        self.m1.read_slice(&mut x, GuestAddress(0)).unwrap();
-        self.m2.read_slice(&mut y, GuestAddress(0)).unwrap();
-        if let Some(k) = (0..MEM).find(|&k| x[k] != y[k]) {
-            panic!("{ctx}: memory at {k:#x}: {:#x} vs {:#x}", x[k], y[k]);
-        }
+        assert_same_memory(&self.m1, &self.m2, MEM, ctx);
         assert_eq!(a.gpr, b.gpr, "{ctx}: registers");
         Both {
             jit: ra,
@@ -1136,6 +1117,69 @@ impl Rig {
             translated,
         }
     }
+}
+
+impl Rig {
+    /// Writes `bytes` at `at` in both memories.
+    pub(super) fn write(&self, at: u64, bytes: &[u8]) {
+        for m in [&self.m1, &self.m2] {
+            m.write_slice(bytes, GuestAddress(at)).unwrap();
+        }
+    }
+}
+
+/// How a family of tests (system, vector instructions) runs the interpreter's side of
+/// [`Rig::compare_in`], and what it compares beyond memory, general registers, the exception,
+/// flags and RIP.
+pub(super) struct Family {
+    /// One interpreter step (see [`Rig::run_both_stepping`]).
+    pub(super) step: fn(&mut Exec<'_>) -> R<()>,
+    /// Where the interpreter stops early.
+    pub(super) stopped: fn(&Cpu) -> bool,
+    /// The family's own checks of the end states (context, translator's, interpreter's).
+    pub(super) more: fn(&str, &Cpu, &Cpu),
+}
+
+impl Rig {
+    /// Runs `budget` instructions from `a` on the translator and, from `b`, on the interpreter
+    /// as `family` runs it ([`Rig::run_both_stepping`]); compares the exception, the flags
+    /// but `undefined`, RIP and what `family` adds; says how the translator ran.
+    pub(super) fn compare_in(
+        &mut self,
+        family: &Family,
+        ctx: &str,
+        mut a: Cpu,
+        mut b: Cpu,
+        undefined: u64,
+        budget: u32,
+    ) -> Ran {
+        let (step, stopped) = (family.step, family.stopped);
+        let both = self.run_both_stepping(ctx, &mut a, &mut b, budget, step, stopped);
+        assert_eq!(a.reported, b.reported, "{ctx}: exception");
+        assert_eq!(
+            a.rflags & !undefined,
+            b.rflags & !undefined,
+            "{ctx}: flags {:#x} vs {:#x}",
+            a.rflags,
+            b.rflags
+        );
+        assert_eq!(a.rip, b.rip, "{ctx}: rip");
+        (family.more)(ctx, &a, &b);
+        both.ran()
+    }
+}
+
+/// One interpreter step as the run loop takes it: an interrupt first where `irq_check` says
+/// one may be deliverable, then the instruction (unless the delivery left the vCPU not
+/// runnable).
+pub(super) fn step_with_interrupts(ex: &mut Exec<'_>) -> R<()> {
+    if ex.cpu.irq_check {
+        ex.try_inject()?;
+        if ex.cpu.mp_state != MpState::Runnable {
+            return Ok(());
+        }
+    }
+    ex.step()
 }
 
 /// How the two runs of [`Rig::run_both`] ended.
@@ -1151,32 +1195,66 @@ pub(super) struct Both {
     pub(super) translated: bool,
 }
 
+impl Both {
+    /// How the translator's side ran.
+    pub(super) fn ran(&self) -> Ran {
+        if self.translated {
+            Ran::Translated
+        } else {
+            Ran::Interpreted
+        }
+    }
+}
+
+/// How a comparison went on the translator's side.
+#[derive(Debug, PartialEq)]
+pub(super) enum Ran {
+    /// All of it as translated code.
+    Translated,
+    /// Not all: the interpreter ran an instruction (an exit before it, a TLB miss).
+    Interpreted,
+}
+
+/// The state the tests set, copied (`Cpu` itself is not `Clone`): the same start for both
+/// engines.
+pub(super) fn copy(c: &Cpu) -> Cpu {
+    let mut d = Cpu::new(0);
+    d.gpr = c.gpr;
+    d.rip = c.rip;
+    d.rflags = c.rflags;
+    d.seg = c.seg;
+    d.cr0 = c.cr0;
+    d.cr4 = c.cr4;
+    d.efer = c.efer;
+    d.cpl = c.cpl;
+    d.gdt = c.gdt;
+    d.idt = c.idt;
+    d.msr.kernel_gs_base = c.msr.kernel_gs_base;
+    d.xmm = c.xmm;
+    d.ymm_hi = c.ymm_hi;
+    d.mxcsr = c.mxcsr;
+    d.xcr0 = c.xcr0;
+    d.deliver_exceptions = c.deliver_exceptions;
+    d.irq_check = c.irq_check;
+    d
+}
+
+/// The first instruction of `code` (at [`CODE`]).
+pub(super) fn first(code: &[u8]) -> iced_x86::Instruction {
+    Decoder::with_ip(64, code, CODE, DecoderOptions::NONE).decode()
+}
+
+/// The flags `i` leaves undefined.
+pub(super) fn undefined_of(i: &iced_x86::Instruction) -> u64 {
+    arch_flags(i.rflags_undefined())
+}
+
 /// The code of `f` at [`CODE`], then `hlt`.
 pub(super) fn code_of(f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     f(&mut a).unwrap();
     a.hlt().unwrap();
     a.assemble(CODE).unwrap()
-}
-
-/// Runs `f` on an `Exec` of `cpu` over `mem` (no devices, no local APIC), as the engines here
-/// run.
-fn exec<T>(
-    cpu: &mut Cpu,
-    mem: &hv::GuestMemory,
-    vm: &VmShared,
-    f: impl FnOnce(&mut Exec<'_>) -> T,
-) -> T {
-    let ram = Ram::new(mem);
-    let mut ex = Exec {
-        cpu,
-        mem,
-        ram: &ram,
-        io: &NoIo,
-        vm,
-        lapic_enabled: false,
-    };
-    f(&mut ex)
 }
 
 /// Guest RIPs below `MEM` that share one set of the translator's index and of the decoded-block
@@ -1186,8 +1264,11 @@ fn starts_in_one_set(n: u64) -> Vec<u64> {
     (1..=n).map(|k| 0x2000 * k + (0x500 ^ k)).collect()
 }
 
-/// Writes `add eax, k; hlt` at each start (k its position) and returns them.
-fn load_counting_blocks(rig: &Rig, n: u64) -> Vec<u64> {
+/// A rig with `add eax, k; hlt` at each of `n` starts in one set (k its position), a CPU to
+/// run them, and the starts.
+fn counting_blocks(n: u64) -> (Rig, Cpu, Vec<u64>) {
+    let rig = Rig::new();
+    rig.load(1, &[0xf4]);
     let starts = starts_in_one_set(n);
     for (k, &at) in starts.iter().enumerate() {
         let mut a = CodeAssembler::new(64).unwrap();
@@ -1197,7 +1278,7 @@ fn load_counting_blocks(rig: &Rig, n: u64) -> Vec<u64> {
             .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
             .unwrap();
     }
-    starts
+    (rig, cpu64(&mut Rng(1)), starts)
 }
 
 #[test]
@@ -1205,10 +1286,7 @@ fn block_starts_sharing_an_index_set_are_translated_once() {
     // Five block starts in one 2-way set, run round-robin: a direct-mapped table lost each
     // start's translation whenever another took its slot (20 translations here); the index
     // keeps the pushed-out ones in its victim map.
-    let mut rig = Rig::new();
-    rig.load(1, &[0xf4]);
-    let starts = load_counting_blocks(&rig, 5);
-    let mut c = cpu64(&mut Rng(1));
+    let (mut rig, mut c, starts) = counting_blocks(5);
     c.gpr[0] = 0;
     for round in 0..4u64 {
         for (k, &at) in starts.iter().enumerate() {
@@ -1228,10 +1306,7 @@ fn a_translation_recalled_from_the_victim_map_sees_its_page_written() {
     // The first start is pushed out of the table by two others, then its code is rewritten
     // (as a device or another vCPU would: through the code tracker): brought back from the
     // victim map, its translation must be refused and the new code translated.
-    let mut rig = Rig::new();
-    rig.load(1, &[0xf4]);
-    let starts = load_counting_blocks(&rig, 3);
-    let mut c = cpu64(&mut Rng(1));
+    let (mut rig, mut c, starts) = counting_blocks(3);
     for &at in &starts {
         c.rip = at;
         run_jit(&mut rig, &mut c, 1);
@@ -1256,26 +1331,13 @@ fn cold_block_starts_sharing_a_set_heat_up_and_decode_once() {
     // With the default threshold, four starts in one set alternate on the interpreter: each
     // keeps its heat (so each is translated after HOT runs, not never) and its decoded block
     // (the decoded-block cache has 4 ways, the index 2 and its victim map).
-    let mut rig = Rig::new();
+    let (mut rig, mut c, starts) = counting_blocks(4);
     rig.jit.hot = HOT;
-    rig.load(1, &[0xf4]);
-    let starts = load_counting_blocks(&rig, 4);
-    let mut c = cpu64(&mut Rng(1));
     let mut blocks = BlockCache::new();
-    let ram = Ram::new(&rig.m1);
-    let mut ex = Exec {
-        cpu: &mut c,
-        mem: &rig.m1,
-        ram: &ram,
-        io: &NoIo,
-        vm: &rig.vm,
-        lapic_enabled: false,
-    };
     for _ in 0..=HOT {
         for &at in &starts {
-            ex.cpu.rip = at;
-            ex.run_batch_jit(&mut rig.jit, &mut blocks, 1, false)
-                .unwrap();
+            c.rip = at;
+            run_jit_in(&mut rig, &mut c, &mut blocks, 1);
         }
     }
     assert_eq!(

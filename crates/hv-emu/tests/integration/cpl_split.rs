@@ -9,7 +9,7 @@
 use crate::common;
 
 use common::*;
-use hv::{VcpuExit, msr};
+use hv::VcpuExit;
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -29,18 +29,6 @@ const ROP: u64 = SMALL + 0x3000;
 const SUP_FN: u64 = SMALL + 0x4000;
 /// Loop iterations: well past the heat at which block starts are translated.
 const N: i32 = 200;
-
-/// Programs SYSCALL/SYSRET (user CS 0x2b, SS 0x23; entry at `SYSCALL_ENTRY`).
-fn syscall_setup(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(ecx, msr::IA32_STAR)?;
-    a.xor(eax, eax)?;
-    a.mov(edx, 0x0018_0008)?;
-    a.wrmsr()?;
-    a.mov(ecx, msr::IA32_LSTAR)?;
-    a.mov(eax, SYSCALL_ENTRY as u32)?;
-    a.xor(edx, edx)?;
-    a.wrmsr()
-}
 
 /// `sysretq` to `USER` with IF=0.
 fn to_user(a: &mut CodeAssembler) -> Result<(), IcedError> {
@@ -72,19 +60,30 @@ fn loop_then(
     a.ud2()
 }
 
-/// `N` loads (or stores) at `at` in a translated loop.
-fn fill(a: &mut CodeAssembler, at: u64, write: bool) -> Result<(), IcedError> {
+/// `N` runs of `body` (which uses rsi) with rsi = `at`, in a translated loop.
+fn repeat(
+    a: &mut CodeAssembler,
+    at: u64,
+    body: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
     let mut l = a.create_label();
     a.mov(rsi, at)?;
     a.mov(r9, N as u64)?;
     a.set_label(&mut l)?;
-    if write {
-        a.mov(qword_ptr(rsi), r9)?;
-    } else {
-        a.mov(rax, qword_ptr(rsi))?;
-    }
+    body(a)?;
     a.dec(r9)?;
     a.jnz(l)
+}
+
+/// `N` loads (or stores) at `at` in a translated loop.
+fn fill(a: &mut CodeAssembler, at: u64, write: bool) -> Result<(), IcedError> {
+    repeat(a, at, |a| {
+        if write {
+            a.mov(qword_ptr(rsi), r9)
+        } else {
+            a.mov(rax, qword_ptr(rsi))
+        }
+    })
 }
 
 /// The guest: every page user-accessible except `SUP` and `SUP_FN`, `ROP` read-only, RSP0 in
@@ -127,7 +126,7 @@ fn run(g: &mut Guest) -> (u8, u64) {
 #[test]
 fn user_read_after_kernel_filled_the_page_faults() {
     let kernel = asm(|a| {
-        syscall_setup(a)?;
+        syscall_msrs(a, SYSCALL_ENTRY)?;
         fill(a, SUP, false)?;
         fill(a, UPG, false)?;
         to_user(a)
@@ -146,7 +145,7 @@ fn user_read_after_kernel_filled_the_page_faults() {
 #[test]
 fn user_write_after_kernel_wrote_the_read_only_page_without_wp_faults() {
     let kernel = asm(|a| {
-        syscall_setup(a)?;
+        syscall_msrs(a, SYSCALL_ENTRY)?;
         a.mov(rax, cr0)?;
         a.and(rax, !0x1_0000i32)?;
         a.mov(cr0, rax)?;
@@ -167,7 +166,7 @@ fn user_write_after_kernel_wrote_the_read_only_page_without_wp_faults() {
 #[test]
 fn kernel_write_with_wp_after_user_read_the_read_only_page_faults() {
     let kernel = asm(|a| {
-        syscall_setup(a)?;
+        syscall_msrs(a, SYSCALL_ENTRY)?;
         to_user(a)
     });
     let user = asm_at(64, USER, |a| {
@@ -189,29 +188,13 @@ fn kernel_write_with_wp_after_user_read_the_read_only_page_faults() {
 #[test]
 fn user_indirect_call_to_a_function_the_kernel_called_faults() {
     let kernel = asm(|a| {
-        syscall_setup(a)?;
-        let mut l = a.create_label();
-        a.mov(rbx, SUP_FN)?;
-        a.mov(r9, N as u64)?;
-        a.set_label(&mut l)?;
-        a.call(rbx)?;
-        a.dec(r9)?;
-        a.jnz(l)?;
+        syscall_msrs(a, SYSCALL_ENTRY)?;
+        repeat(a, SUP_FN, |a| a.call(rsi))?;
         to_user(a)
     });
     let user = asm_at(64, USER, |a| {
         a.xor(r13d, r13d)?;
-        a.mov(rbx, USER_FN)?;
-        a.mov(r8, SUP_FN)?;
-        let mut l = a.create_label();
-        a.mov(r9, N as u64)?;
-        a.set_label(&mut l)?;
-        a.call(rbx)?;
-        a.dec(r9)?;
-        a.cmovz(rbx, r8)?;
-        a.cmp(r9, -3)?;
-        a.jne(l)?;
-        a.ud2()
+        loop_then(a, USER_FN, SUP_FN, |a| a.call(rsi))
     });
     let mut g = guest(&kernel, &user, &[]);
     assert_eq!(run(&mut g), (14, 0x15), "present | user | fetch");

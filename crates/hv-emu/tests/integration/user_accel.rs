@@ -209,14 +209,7 @@ fn kernel(user_flags: i32, timer: bool) -> Vec<u8> {
     asm(|a| {
         a.mov(rsi, 0xfee0_00f0u64)?;
         a.mov(dword_ptr(rsi), 0x1ff)?;
-        a.mov(ecx, msr::IA32_STAR)?;
-        a.xor(eax, eax)?;
-        a.mov(edx, 0x0018_0008)?;
-        a.wrmsr()?;
-        a.mov(ecx, msr::IA32_LSTAR)?;
-        a.mov(eax, SYSCALL_ENTRY as u32)?;
-        a.xor(edx, edx)?;
-        a.wrmsr()?;
+        syscall_msrs(a, SYSCALL_ENTRY)?;
         a.mov(ecx, msr::IA32_FMASK)?;
         a.mov(eax, 0x200)?;
         a.wrmsr()?;

@@ -14,7 +14,8 @@
 #![allow(dead_code)]
 
 use hv::{CpuState, Hypervisor, VcpuExit};
-use iced_x86::code_asm::CodeAssembler;
+use iced_x86::IcedError;
+use iced_x86::code_asm::{CodeAssembler, eax, ecx, edx};
 use testkit::{LongMode, Recorder, StubEnd, Stubs, VmSpec};
 
 pub use testkit::{CODE, DATA, GDT, PML4, STACK};
@@ -71,6 +72,20 @@ pub fn asm_at(
     f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
 ) -> Vec<u8> {
     testkit::asm(bitness, ip, f)
+}
+
+/// Programs SYSCALL/SYSRET with `wrmsr`: user CS 0x2b and SS 0x23 (STAR bits 63:48 = 0x18),
+/// kernel CS 0x08 (bits 47:32), 64-bit entry at `entry` (LSTAR, below 4 GiB). Clobbers rax, rcx
+/// and rdx.
+pub fn syscall_msrs(a: &mut CodeAssembler, entry: u64) -> Result<(), IcedError> {
+    a.mov(ecx, hv::msr::IA32_STAR)?;
+    a.xor(eax, eax)?;
+    a.mov(edx, 0x0018_0008)?;
+    a.wrmsr()?;
+    a.mov(ecx, hv::msr::IA32_LSTAR)?;
+    a.mov(eax, entry as u32)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()
 }
 
 /// Creates a VM with one (or `vcpus`) vCPU in 64-bit mode at `CODE` running `code`.
