@@ -194,6 +194,8 @@ pub struct Ctx {
 /// on the hash). 4096 left 0.24 M of the boot's 0.87 M jump-cache misses to slot conflicts;
 /// 32768 found no more than 16384.
 pub const JC_ENTRIES: usize = 16384;
+// `used::UsedSlots` lists slots as `u16`.
+const _: () = assert!(2 * JC_ENTRIES <= 1 << 16 && 2 * TLB_ENTRIES <= 1 << 16);
 
 /// One jump-cache entry: the negated guest RIP (0 after adding the RIP on a hit; 1 when
 /// empty) and the host address of the translation's chained entry.
@@ -587,7 +589,6 @@ fn hot_from_env() -> u16 {
             .unwrap_or(HOT)
     })
 }
-
 
 impl Exec<'_> {
     /// [`Exec::run_batch`] with translated blocks where the translator has them.
