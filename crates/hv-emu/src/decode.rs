@@ -144,9 +144,33 @@ impl BlockCache {
     }
 }
 
+/// The hash of a block start's RIP that the interpreter's decoded-block cache, the
+/// translator's index of block starts and its one-instruction cache take their set or slot
+/// from (its low bits). The three tables differ in what they keep and how they replace
+/// (4 least-recently-used ways of large decoded blocks apart from their tags; 2 ways of
+/// 32-byte entries, most recent first, with a map of the evicted behind; direct-mapped
+/// single instructions), so only the hash and the tests' set-filling helper are shared.
+#[inline]
+pub(crate) fn rip_hash(rip: u64) -> usize {
+    (rip ^ (rip >> 13) ^ (rip >> 26)) as usize
+}
+
 #[inline]
 fn set_of(rip: u64) -> usize {
-    ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SETS - 1)
+    rip_hash(rip) & (SETS - 1)
+}
+
+/// `n` kernel-text RIPs (16 bytes apart) that `set_of` puts into one set, for the tests of
+/// the set-associative tables above.
+#[cfg(test)]
+pub(crate) fn rips_in_one_set(set_of: fn(u64) -> usize, n: usize) -> Vec<u64> {
+    let base = 0xffff_ffff_8100_0000u64;
+    let want = set_of(base);
+    (0..)
+        .map(|k| base + k * 16)
+        .filter(|&r| set_of(r) == want)
+        .take(n)
+        .collect()
 }
 
 /// Whether execution must leave the block after `i`: it may branch somewhere decoding cannot
@@ -352,13 +376,7 @@ mod tests {
 
     /// RIPs that all fall into one set.
     fn same_set(n: usize) -> Vec<u64> {
-        let base = 0xffff_ffff_8100_0000u64;
-        let want = set_of(base);
-        (0..)
-            .map(|k| base + k * 16)
-            .filter(|&r| set_of(r) == want)
-            .take(n)
-            .collect()
+        rips_in_one_set(set_of, n)
     }
 
     #[test]

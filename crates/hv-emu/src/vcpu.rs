@@ -26,8 +26,11 @@ pub static UNSUPPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// Runs of user-mode accelerator runners by all emu vCPUs of this process.
 pub static USER_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Instructions between checks of timers, the mailbox and kicks.
-const BATCH: u32 = 2048;
+/// Instructions between checks of timers, the mailbox and kicks (a few microseconds; other
+/// threads' interrupts and kicks end a batch at once through the exit-request word). As long
+/// as a translated run may be ([`crate::jit::MAX_RUN`]), so that a batch is one entry into
+/// translated code when the guest stays in it.
+const BATCH: u32 = crate::jit::MAX_RUN as u32;
 
 struct Kicker {
     shared: Arc<VmShared>,

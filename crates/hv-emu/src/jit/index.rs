@@ -125,7 +125,7 @@ pub(super) struct Index {
 
 #[inline]
 fn set_of(rip: u64) -> usize {
-    ((rip ^ (rip >> 13) ^ (rip >> 26)) as usize) & (SETS - 1)
+    crate::decode::rip_hash(rip) & (SETS - 1)
 }
 
 impl Index {
@@ -224,13 +224,7 @@ mod tests {
 
     /// RIPs that all fall into one set.
     fn same_set(n: usize) -> Vec<u64> {
-        let base = 0xffff_ffff_8100_0000u64;
-        let want = set_of(base);
-        (0..)
-            .map(|k| base + k * 16)
-            .filter(|&r| set_of(r) == want)
-            .take(n)
-            .collect()
+        crate::decode::rips_in_one_set(set_of, n)
     }
 
     #[test]

@@ -34,6 +34,7 @@
 mod asm;
 mod emit;
 mod index;
+mod used;
 
 use std::collections::HashMap;
 use std::mem::offset_of;
@@ -91,12 +92,21 @@ pub const CACHE_BYTES: usize = 32 << 20;
 const TLB_ENTRIES: usize = 4096;
 /// Logged stores per block run: at most one per instruction, and a run ends within
 /// `MAX_RUN + MAX_INSNS` instructions.
-const LOG_CAP: usize = 4096;
-const MAX_RUN: u64 = 2048;
+const LOG_CAP: usize = 8192;
+/// Instructions one entry into translated code may run: the most the blocks' budget check
+/// takes (`emit::head_checks`, below 4096). Each run that ends at it costs a return to the
+/// run loop and an entry (0.76 M of the boot's 2.1 M entries at 2048); the vCPU's batch
+/// (`vcpu::BATCH`) is as long.
+pub(crate) const MAX_RUN: u64 = 4095;
+const _: () = assert!(LOG_CAP as u64 >= MAX_RUN + MAX_INSNS as u64);
 const MAX_INSNS: usize = 64;
 /// Times a block start is run by the interpreter before it is translated: code that runs once
-/// or twice (most of a boot's init code) is cheaper to interpret than to translate.
-const HOT: u16 = 32;
+/// or twice (most of a boot's init code) is cheaper to interpret than to translate. On the
+/// boot 32 left 0.86 M cold runs (6.8 M interpreted instructions, each block decoded for the
+/// interpreter and again for the translator) and cost about 8 % more CPU than 2; 0
+/// (translate at first sight) was a little cheaper still but fills the 32 MiB code cache (90 K
+/// blocks, 31.6 MB) where 2 takes 55 K blocks and 19 MB.
+const HOT: u16 = 2;
 /// The largest threshold (`index::RESOLVED` marks a translated block start).
 const MAX_HOT: u16 = index::RESOLVED - 1;
 const READ_AHEAD: usize = 1024;
@@ -180,8 +190,12 @@ pub struct Ctx {
     sys: emit::sys::SysCtx,
 }
 
-/// Jump-cache entries (a power of two; [`jc_index`] and the emitter agree on the hash).
-pub const JC_ENTRIES: usize = 4096;
+/// Jump-cache entries per privilege class (a power of two; [`jc_index`] and the emitter agree
+/// on the hash). 4096 left 0.24 M of the boot's 0.87 M jump-cache misses to slot conflicts;
+/// 32768 found no more than 16384.
+pub const JC_ENTRIES: usize = 16384;
+// `used::UsedSlots` lists slots as `u16`.
+const _: () = assert!(2 * JC_ENTRIES <= 1 << 16 && 2 * TLB_ENTRIES <= 1 << 16);
 
 /// One jump-cache entry: the negated guest RIP (0 after adding the RIP on a hit; 1 when
 /// empty) and the host address of the translation's chained entry.
@@ -295,6 +309,14 @@ pub struct Stats {
     /// Instructions run from the one-instruction cache, and decodes into it.
     pub one_ops: u64,
     pub one_op_decodes: u64,
+    /// Returns to the run loop other than `exits_to_interp` and `stale`, by cause: through a
+    /// jump not linked yet (linked at the next lookup if its target is translated by then),
+    /// at the end of the run's budget, at an exit request (an interrupt posted, a kick), and
+    /// the rest (jump-cache misses of returns, indirect and cross-page branches).
+    pub exits_link: u64,
+    pub exits_budget: u64,
+    pub exits_request: u64,
+    pub exits_other: u64,
 }
 
 /// One vCPU's translator state.
@@ -308,11 +330,9 @@ pub struct Jit {
     /// `Tlb::global_epoch` when the soft TLB was last emptied whole: while it is current, a
     /// flush that spared global pages (MOV to CR3) spares their soft-TLB entries too.
     tlb_global_epoch: u64,
-    /// Soft-TLB entries filled from a global translation.
-    tlb_global: [bool; 2 * TLB_ENTRIES],
-    /// Indices of the soft-TLB entries that may be filled (every entry that is not empty is
-    /// here, once), so flushes and harvests touch those, not all 8192.
-    tlb_used: Vec<u16>,
+    /// The soft-TLB entries that may be filled (every entry that is not empty), global or not,
+    /// so flushes and harvests touch those, not all 8192.
+    tlb_used: used::UsedSlots,
     cpl: u8,
     marks: u64,
     insns: Vec<(iced_x86::Instruction, Kind)>,
@@ -325,11 +345,10 @@ pub struct Jit {
     /// Linked jumps by the chained entry they go to: (cache offset of the rel32 field, its
     /// unlinked target).
     incoming: HashMap<u32, Vec<(u32, u32)>>,
-    /// Jump-cache slots in use (cleared one by one when the cache must be emptied).
-    jc_used: Vec<u16>,
-    /// Per jump-cache slot: its entry was made from a global translation (kept by MOV to
-    /// CR3, see [`Jit::flush_nonglobal_tlb`]).
-    jc_global: Vec<bool>,
+    /// Jump-cache slots in use (cleared one by one when the cache must be emptied), and
+    /// whether each was made from a global translation (kept by MOV to CR3, see
+    /// [`Jit::flush_nonglobal_tlb`]).
+    jc_used: used::UsedSlots,
     /// `VmShared::dirty_epoch` the unlogged write entries were made under.
     dirty_epoch: u64,
     /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
@@ -379,8 +398,7 @@ impl Jit {
             emitter,
             tlb_epoch: u64::MAX,
             tlb_global_epoch: u64::MAX,
-            tlb_global: [false; 2 * TLB_ENTRIES],
-            tlb_used: Vec::with_capacity(2 * TLB_ENTRIES),
+            tlb_used: used::UsedSlots::new(2 * TLB_ENTRIES),
             cpl: u8::MAX,
             marks: u64::MAX,
             insns: Vec::new(),
@@ -388,8 +406,7 @@ impl Jit {
             translated: 0,
             hot: hot_from_env().min(MAX_HOT),
             incoming: HashMap::new(),
-            jc_used: Vec::new(),
-            jc_global: vec![false; 2 * JC_ENTRIES],
+            jc_used: used::UsedSlots::new(2 * JC_ENTRIES),
             dirty_epoch: 0,
             pending: None,
             stats: Stats::default(),
@@ -402,6 +419,37 @@ impl Jit {
         self.index.clear();
         self.flush_tlb();
         self.ones.fill(OneOp::empty());
+    }
+
+    /// Decodes the instructions of the block at `rip` (its bytes up to the page end) that the
+    /// translator takes into `insns`. `check_encodes`: also end the block before a generic
+    /// instruction whose host form does not encode.
+    fn decode_block(
+        &mut self,
+        bytes: &[u8],
+        rip: u64,
+        features: hv::cpu_model::FeatureSet,
+        check_encodes: bool,
+    ) {
+        let mut dec = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+        self.insns.clear();
+        while self.insns.len() < MAX_INSNS && dec.can_decode() {
+            let i = dec.decode();
+            if i.is_invalid() {
+                break;
+            }
+            let Some(kind) = classify_for(&i, features) else {
+                break;
+            };
+            if check_encodes && kind == Kind::Generic && !self.emitter.encodes(&i) {
+                break;
+            }
+            self.insns.push((i, kind));
+            if kind.ends_block() {
+                break;
+            }
+        }
+        crate::decode::DECODES.fetch_add(self.insns.len() as u64, Ordering::Relaxed);
     }
 
     /// Empties the code cache: every translation and link is gone.
@@ -438,49 +486,39 @@ impl Jit {
     /// interpreter's TLB that spared global pages (MOV to CR3 with CR4.PGE): a jump-cache
     /// entry made from a global translation is still what a fetch at the same CPL would find.
     fn flush_nonglobal_tlb(&mut self) {
-        let (tlb, global) = (&mut self.ctx.tlb, &self.tlb_global);
-        self.tlb_used.retain(|&i| {
-            let i = usize::from(i);
-            if global.get(i).copied().unwrap_or(false) {
-                return true;
-            }
+        let tlb = &mut self.ctx.tlb;
+        self.tlb_used.flush_local(|i| {
             if let Some(e) = tlb.get_mut(i) {
                 *e = EMPTY;
             }
-            false
         });
-        let (jc, global) = (&mut self.ctx.jc, &self.jc_global);
-        self.jc_used.retain(|&i| {
-            let i = usize::from(i);
-            if global.get(i).copied().unwrap_or(false) {
-                return true;
-            }
+        let jc = &mut self.ctx.jc;
+        self.jc_used.flush_local(|i| {
             if let Some(e) = jc.get_mut(i) {
                 *e = JC_EMPTY;
             }
-            false
         });
     }
 
     fn flush_tlb(&mut self) {
-        for &i in &self.tlb_used {
-            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+        let tlb = &mut self.ctx.tlb;
+        self.tlb_used.flush_all(|i| {
+            if let Some(e) = tlb.get_mut(i) {
                 *e = EMPTY;
             }
-        }
-        self.tlb_used.clear();
+        });
         self.flush_jc();
     }
 
     /// Empties the jump cache (both halves): its entries hold for one address space and code
     /// cache.
     fn flush_jc(&mut self) {
-        for &i in &self.jc_used {
-            if let Some(e) = self.ctx.jc.get_mut(usize::from(i)) {
+        let jc = &mut self.ctx.jc;
+        self.jc_used.flush_all(|i| {
+            if let Some(e) = jc.get_mut(i) {
                 *e = JC_EMPTY;
             }
-        }
-        self.jc_used.clear();
+        });
     }
 
     /// Remembers in the jump cache of privilege class `cpl` that `rip` runs the code whose
@@ -490,33 +528,32 @@ impl Jit {
             return;
         };
         let i = jc_index(rip) | jc_half(cpl);
-        if let (Some(e), Some(g)) = (self.ctx.jc.get_mut(i), self.jc_global.get_mut(i)) {
-            if e.neg_rip == 1 {
-                self.jc_used.push(i as u16);
-            }
+        if let Some(e) = self.ctx.jc.get_mut(i) {
             *e = JcEntry {
                 neg_rip: rip.wrapping_neg(),
                 addr,
             };
-            *g = global;
+            self.jc_used.fill(i, global);
         }
     }
 
     fn flush_writes(&mut self) {
-        for &i in &self.tlb_used {
-            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+        let tlb = &mut self.ctx.tlb;
+        self.tlb_used.for_each(|i| {
+            if let Some(e) = tlb.get_mut(i) {
                 e.write_tag = 1;
             }
-        }
+        });
     }
 
     /// Makes every write entry log its stores again (a dirty-bitmap harvest happened).
     fn log_all_writes(&mut self) {
-        for &i in &self.tlb_used {
-            if let Some(e) = self.ctx.tlb.get_mut(usize::from(i)) {
+        let tlb = &mut self.ctx.tlb;
+        self.tlb_used.for_each(|i| {
+            if let Some(e) = tlb.get_mut(i) {
                 e.pa &= !1;
             }
-        }
+        });
     }
 }
 
@@ -551,11 +588,6 @@ fn hot_from_env() -> u16 {
             .and_then(|v| v.parse().ok())
             .unwrap_or(HOT)
     })
-}
-
-#[inline]
-fn slot(rip: u64) -> usize {
-    (rip ^ (rip >> 13) ^ (rip >> 26)) as usize
 }
 
 impl Exec<'_> {
@@ -704,25 +736,10 @@ impl Exec<'_> {
             return Ok(Found::Cold);
         }
         let t0 = std::time::Instant::now();
-        let mut dec = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
-        jit.insns.clear();
-        while jit.insns.len() < MAX_INSNS && dec.can_decode() {
-            let i = dec.decode();
-            if i.is_invalid() {
-                break;
-            }
-            let Some(kind) = classify_for(&i, self.vm.features) else {
-                break;
-            };
-            if kind == Kind::Generic && !jit.emitter.encodes(&i) {
-                break;
-            }
-            jit.insns.push((i, kind));
-            if kind.ends_block() {
-                break;
-            }
-        }
-        crate::decode::DECODES.fetch_add(jit.insns.len() as u64, Ordering::Relaxed);
+        // The generic instructions' host encodings are not checked up front (the emitter
+        // encodes each one anyway): only when the block fails to emit is it decoded again with
+        // the check, so that one odd form ends the block instead of failing it.
+        jit.decode_block(bytes, rip, self.vm.features, false);
         let guard = emit::Guard {
             gen_addr: self.vm.code.generation_addr(page).unwrap_or(0),
             generation,
@@ -731,10 +748,15 @@ impl Exec<'_> {
         let code = if jit.insns.is_empty() || guard.gen_addr == 0 {
             None
         } else {
-            let out = jit
-                .emitter
-                .block(rip, &jit.insns, guard)
-                .map_err(|e| Exc::unhandled(format!("translator: {e}")))?;
+            let out = match jit.emitter.block(rip, &jit.insns, guard) {
+                Ok(out) => out,
+                Err(_) => {
+                    jit.decode_block(bytes, rip, self.vm.features, true);
+                    jit.emitter
+                        .block(rip, &jit.insns, guard)
+                        .map_err(|e| Exc::unhandled(format!("translator: {e}")))?
+                }
+            };
             let r = match jit.cache.push(&out.bytes) {
                 Some(r) => r,
                 None => {
@@ -786,7 +808,6 @@ impl Exec<'_> {
             if jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
                 jit.flush_nonglobal_tlb();
             } else {
-                // (`tlb_global` needs no reset: a fill into an empty entry sets it afresh.)
                 jit.flush_tlb();
                 jit.tlb_global_epoch = self.cpu.tlb.global_epoch;
             }
@@ -859,6 +880,23 @@ impl Exec<'_> {
             return Ok(0);
         }
         let (link, dead, exit, rip) = (ctx.link, ctx.dead, ctx.exit, ctx.rip);
+        if exit == 0 && dead == 0 {
+            let budget = u64::from(left).min(MAX_RUN);
+            let n = if link != 0 {
+                &mut jit.stats.exits_link
+            } else if ctx.count >= budget {
+                &mut jit.stats.exits_budget
+            } else if vm
+                .vcpus
+                .get(self.cpu.id as usize)
+                .is_some_and(|v| v.exit_req.load(Ordering::Relaxed) != 0)
+            {
+                &mut jit.stats.exits_request
+            } else {
+                &mut jit.stats.exits_other
+            };
+            *n += 1;
+        }
         if dead != 0
             && let Some(chk) = jit.cache.offset_of(dead)
         {
@@ -939,17 +977,12 @@ impl Exec<'_> {
         let Some(e) = jit.ctx.tlb.get_mut(slot) else {
             return;
         };
-        if e.read_tag == EMPTY.read_tag {
-            // Not in `tlb_used` yet: every filled entry has its read tag set.
-            jit.tlb_used.push(slot as u16);
-        } else if e.read_tag != tag && e.write_tag != tag {
+        if e.read_tag != tag && e.write_tag != tag {
             *e = EMPTY;
         }
-        if let Some(g) = jit.tlb_global.get_mut(slot) {
-            // A read and a write fill of one page agree; a global page's entry survives
-            // MOV to CR3 only if every fill of it was global.
-            *g = global && (*g || e.read_tag != tag);
-        }
+        // A read and a write fill of one page agree; a global page's entry survives MOV to
+        // CR3 only if every fill of it was global (`fill` keeps a non-global one so).
+        jit.tlb_used.fill(slot, global);
         e.addend = host.wrapping_sub(lin & !0xfff);
         // Unlogged only if the page is dirty already (the bitmap has it since the last
         // harvest: `jit.dirty_epoch` is current, checked at every entry) and holds no code
@@ -981,7 +1014,7 @@ impl Exec<'_> {
             Err(e) => return Err(e),
         };
         let page = pa >> 12;
-        let i = slot(rip) & (ONE_OPS - 1);
+        let i = crate::decode::rip_hash(rip) & (ONE_OPS - 1);
         let Some(e) = jit.ones.get_mut(i) else {
             return self.step();
         };
