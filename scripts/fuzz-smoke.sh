@@ -12,6 +12,8 @@ export CARGO_TARGET_DIR="${FUZZ_SMOKE_TARGET:-$PWD/../target/fuzz-smoke}"
 cargo build --release --bins --quiet
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# Scratch files a target makes go with the rest of this run's work.
+export TMPDIR="$work"
 failed=0
 for src in fuzz_targets/*.rs; do
     t="$(basename "$src" .rs)"

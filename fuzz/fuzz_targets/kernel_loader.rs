@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(&kernel_path, kernel).is_err()
         || std::fs::write(&initrd_path, [0x5au8; 4096]).is_err()
     {
+        let _ = std::fs::remove_file(&kernel_path);
         return;
     }
     let slots: Vec<VirtioSlot> = if flags & 8 != 0 {
@@ -54,4 +55,7 @@ fuzz_target!(|data: &[u8]| {
         virtio: &slots,
     };
     let _ = load_linux(mem, &cfg);
+    // The files exist only for this input: a fuzz run leaves nothing behind in the temp dir.
+    let _ = std::fs::remove_file(&kernel_path);
+    let _ = std::fs::remove_file(&initrd_path);
 });
