@@ -42,6 +42,9 @@ use super::{
 };
 use crate::decode::canonical;
 
+#[cfg(test)]
+#[path = "reg_tests.rs"]
+mod reg_tests;
 #[path = "simd.rs"]
 pub(super) mod simd;
 #[path = "sys.rs"]
@@ -738,6 +741,148 @@ struct Stub {
     ip: u64,
     /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss.
     miss: i32,
+    /// The register cache's dirty registers where the stub is jumped to (written back first).
+    spill: Spill,
+}
+
+/// Host registers of the block's register cache (see [`RegCache`]): `rax` holds guest rax
+/// only (so the short `rax`/`al` forms keep their encoding), the others any guest register.
+const CACHE_HOSTS: [u8; 6] = [RAX, RBP, R8, R8 + 1, R8 + 2, R8 + 3];
+const NO_GUEST: u8 = 0xff;
+
+/// Per cache slot, the guest register it holds dirty ([`NO_GUEST`] if none): what an exit
+/// must write back to the register file.
+type Spill = [u8; 6];
+
+/// One host register of the cache.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// The guest register it holds, or [`NO_GUEST`].
+    guest: u8,
+    /// Newer than the register file.
+    dirty: bool,
+    /// Last use (for least-recently-used replacement).
+    used: u32,
+}
+
+/// The register cache of the block being emitted: guest GPRs kept in host registers from
+/// their first use by a generic instruction to the next instruction that needs the register
+/// file in memory (every other kind: `flush`), written back at block exits (`writeback`)
+/// and, through each exit stub's [`Spill`], on every way out before an instruction (soft-TLB
+/// miss, alignment, ...), so the state the run loop sees is exact.
+#[derive(Clone, Copy)]
+struct RegCache {
+    slots: [Slot; 6],
+    tick: u32,
+}
+
+/// A register-file access the cache needs emitted.
+#[derive(Clone, Copy)]
+enum CacheAct {
+    /// `mov [rbx + 8*guest], host`
+    Store(u8, u8),
+    /// `mov host, [rbx + 8*guest]`
+    Load(u8, u8),
+}
+
+impl RegCache {
+    const EMPTY: RegCache = RegCache {
+        slots: [Slot {
+            guest: NO_GUEST,
+            dirty: false,
+            used: 0,
+        }; 6],
+        tick: 0,
+    };
+
+    fn find(&self, g: usize) -> Option<usize> {
+        self.slots.iter().position(|s| usize::from(s.guest) == g)
+    }
+
+    /// The host register of guest `g` (cached or not).
+    fn host(&self, g: usize) -> Option<u8> {
+        self.find(g).and_then(|s| CACHE_HOSTS.get(s).copied())
+    }
+
+    fn spill(&self) -> Spill {
+        let mut sp = [NO_GUEST; 6];
+        for (o, s) in sp.iter_mut().zip(self.slots.iter()) {
+            if s.dirty {
+                *o = s.guest;
+            }
+        }
+        sp
+    }
+
+    /// Puts guest `g` in a host register not in `pinned` (a slot mask), loading it when
+    /// `load`; pins that slot. `None` if every usable slot is pinned.
+    fn alloc(
+        &mut self,
+        g: usize,
+        load: bool,
+        pinned: &mut u8,
+        acts: &mut Vec<CacheAct>,
+    ) -> Option<u8> {
+        self.tick += 1;
+        let slot = match self.find(g) {
+            Some(s) => s,
+            None => {
+                let s = if g == 0 {
+                    0
+                } else {
+                    (1..self.slots.len())
+                        .filter(|&s| *pinned & (1 << s) == 0)
+                        .min_by_key(|&s| {
+                            let x = self
+                                .slots
+                                .get(s)
+                                .map_or((true, 0), |x| (x.guest != NO_GUEST, x.used));
+                            x
+                        })?
+                };
+                let h = CACHE_HOSTS.get(s).copied()?;
+                let old = self.slots.get_mut(s)?;
+                if old.dirty {
+                    acts.push(CacheAct::Store(old.guest, h));
+                }
+                *old = Slot {
+                    guest: g as u8,
+                    dirty: false,
+                    used: 0,
+                };
+                if load {
+                    acts.push(CacheAct::Load(h, g as u8));
+                }
+                s
+            }
+        };
+        *pinned |= 1 << slot;
+        let tick = self.tick;
+        let s = self.slots.get_mut(slot)?;
+        s.used = tick;
+        CACHE_HOSTS.get(slot).copied()
+    }
+}
+
+/// The 64/32/16/8-bit name of a cache host register.
+fn cache_reg(h: u8, size: usize) -> Option<Register> {
+    use Register as X;
+    let row = match h {
+        RAX => [X::RAX, X::EAX, X::AX, X::AL],
+        RBP => [X::RBP, X::EBP, X::BP, X::BPL],
+        8 => [X::R8, X::R8D, X::R8W, X::R8L],
+        9 => [X::R9, X::R9D, X::R9W, X::R9L],
+        10 => [X::R10, X::R10D, X::R10W, X::R10L],
+        11 => [X::R11, X::R11D, X::R11W, X::R11L],
+        _ => return None,
+    };
+    match size {
+        8 => Some(row[0]),
+        4 => Some(row[1]),
+        2 => Some(row[2]),
+        1 => Some(row[3]),
+        _ => None,
+    }
 }
 
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
@@ -749,6 +894,8 @@ pub struct Emitter {
     /// Host rax holds guest rax (as the last generic instruction left it; nothing since
     /// clobbered it), so the next one need not load it.
     rax_live: bool,
+    /// Guest registers held in host registers (see [`RegCache`]).
+    cache: RegCache,
     stubs: Vec<Stub>,
     info: InstructionInfoFactory,
     enc: Encoder,
@@ -924,6 +1071,7 @@ impl Emitter {
             a: Asm::default(),
             loop_head: None,
             rax_live: false,
+            cache: RegCache::EMPTY,
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
@@ -952,14 +1100,25 @@ impl Emitter {
         self.a.bind(body);
         let mut ended = false;
         self.rax_live = false;
+        self.cache = RegCache::EMPTY;
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
+            // Every kind but these reads or writes the register file in memory (or pins
+            // guest registers to host ones): the cache is written back and emptied first.
+            if !matches!(kind, Kind::Generic | Kind::Nop | Kind::Jcc | Kind::JmpRel) {
+                self.flush();
+            }
             if *kind != Kind::Generic {
                 self.rax_live = false;
             }
             match kind {
                 Kind::Nop => {}
-                Kind::Generic => self.generic(k, i)?,
+                Kind::Generic => {
+                    if !self.generic_cached(k, i)? {
+                        self.flush();
+                        self.generic(k, i)?;
+                    }
+                }
                 Kind::Simd => self.simd(k, i)?,
                 Kind::Pushf => self.pushf(k, i.ip())?,
                 Kind::Str => self.string(k, i)?,
@@ -1054,6 +1213,8 @@ impl Emitter {
                     ended = true;
                 }
                 Kind::Jcc => {
+                    // Both ways out see the register file written back.
+                    self.writeback();
                     let taken = self.a.label();
                     let cc = cc_num(i.condition_code())
                         .ok_or_else(|| EmitError("jcc without a condition".into()))?;
@@ -1076,6 +1237,11 @@ impl Emitter {
         let stubs = std::mem::take(&mut self.stubs);
         for s in &stubs {
             self.a.bind(s.label);
+            for (&g, &h) in s.spill.iter().zip(CACHE_HOSTS.iter()) {
+                if g != NO_GUEST {
+                    self.a.store(greg(usize::from(g)), h);
+                }
+            }
             self.leave(s.ip, EXIT_INTERP + s.miss as u32, s.done);
         }
         self.stubs = stubs;
@@ -1154,11 +1320,14 @@ impl Emitter {
         (out, dead)
     }
 
+    /// An exit stub leaving before instruction `done` (at `ip`), which writes back the
+    /// registers the cache holds dirty now: jump to it before the cache changes.
     fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
+        let spill = self.cache.spill();
         if let Some(s) = self
             .stubs
             .iter()
-            .find(|s| s.done == done && s.ip == ip && s.miss == miss)
+            .find(|s| s.done == done && s.ip == ip && s.miss == miss && s.spill == spill)
         {
             return s.label;
         }
@@ -1168,8 +1337,30 @@ impl Emitter {
             done,
             ip,
             miss,
+            spill,
         });
         label
+    }
+
+    /// Stores the cache's dirty registers to the register file (flag-neutral); they stay
+    /// cached, clean.
+    fn writeback(&mut self) {
+        for (s, &h) in self.cache.slots.iter_mut().zip(CACHE_HOSTS.iter()) {
+            if s.dirty {
+                self.a.store(greg(usize::from(s.guest)), h);
+                s.dirty = false;
+            }
+        }
+    }
+
+    /// [`Emitter::writeback`], then forgets the cache (the next code may use its host
+    /// registers as scratch). Host rax still holds guest rax if the cache had it there.
+    fn flush(&mut self) {
+        self.writeback();
+        if self.cache.find(0).is_some() {
+            self.rax_live = true;
+        }
+        self.cache = RegCache::EMPTY;
     }
 
     /// Goes on at guest `target` after `done` instructions. A branch to the block's own start
@@ -1180,6 +1371,7 @@ impl Emitter {
     /// while this block's own translation is: QEMU's rule for direct chaining); other targets
     /// go through the jump cache.
     fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label) {
+        self.writeback();
         let a = &mut self.a;
         a.lea(R12, at(R12, -(done as i32)));
         if target == rip {
@@ -1243,6 +1435,7 @@ impl Emitter {
 
     /// Goes on at guest RIP = rax after `done` instructions (through the jump cache).
     fn exit_dynamic(&mut self, done: u32) {
+        debug_assert!(self.cache.spill() == [NO_GUEST; 6]);
         self.a.lea(R12, at(R12, -(done as i32)));
         self.jump_cache();
     }
@@ -1293,32 +1486,41 @@ impl Emitter {
         }
         let disp = disp as i64 as i32;
         let scale = i.memory_index_scale();
+        // Cached address registers are used where they are.
+        let cache = &self.cache;
+        let mut reg = |g: usize, scratch: u8| match cache.host(g) {
+            Some(h) => h,
+            None => {
+                a.load(scratch, greg(g));
+                scratch
+            }
+        };
         match (gpr_of(b), x) {
             (Some(b), Some(x)) => {
-                a.load(RSI, greg(b));
-                a.load(RDI, greg(x));
+                let hb = reg(b, RSI);
+                let hx = reg(x, RDI);
                 a.lea(
                     RSI,
                     Mem {
-                        base: Some(RSI),
-                        index: Some((RDI, scale)),
+                        base: Some(hb),
+                        index: Some((hx, scale)),
                         disp,
                     },
                 );
             }
             (Some(b), None) => {
-                a.load(RSI, greg(b));
-                if disp != 0 {
-                    a.lea(RSI, at(RSI, disp));
+                let hb = reg(b, RSI);
+                if disp != 0 || hb != RSI {
+                    a.lea(RSI, at(hb, disp));
                 }
             }
             (None, Some(x)) => {
-                a.load(RDI, greg(x));
+                let hx = reg(x, RDI);
                 a.lea(
                     RSI,
                     Mem {
                         base: None,
-                        index: Some((RDI, scale)),
+                        index: Some((hx, scale)),
                         disp,
                     },
                 );
@@ -1422,6 +1624,106 @@ impl Emitter {
         self.a.mov(RBP, RSI);
         self.tlb(k, ip, 8, false);
         self.a.load(RAX, at(RSI, 0));
+    }
+
+    /// A generic instruction on the register cache: its guest registers (operands and
+    /// address) are taken from, or loaded into, cache host registers and the instruction is
+    /// re-encoded on them; written registers stay in the cache, dirty. Returns `false` (and
+    /// emits nothing) for what the cache does not take: implicit operands, high-byte
+    /// registers, `div`/`idiv`, `bt*` with a memory operand and a register offset, or a form
+    /// that does not encode on the cache's registers (fixed `cl` counts, `xchg rax` short
+    /// forms with another register...); [`Emitter::generic`] runs those.
+    fn generic_cached(&mut self, k: u32, i: &Instruction) -> E<bool> {
+        let Some(r) = rewrite(&mut self.info, i) else {
+            return Ok(false);
+        };
+        let m = i.mnemonic();
+        let regs = || (0..i.op_count()).filter(|&n| i.op_kind(n) == OpKind::Register);
+        let bit_reg = r.mem.is_some()
+            && matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+            && i.op1_kind() == OpKind::Register;
+        if !implicit(m, i.op_count()).is_empty()
+            || matches!(m, M::Div | M::Idiv)
+            || bit_reg
+            || regs().any(|n| is_high_byte(i.op_register(n)))
+        {
+            return Ok(false);
+        }
+        // Host rax still holding guest rax (left by the uncached path) joins the cache.
+        if self.rax_live && self.cache.find(0).is_none() {
+            if let Some(s0) = self.cache.slots.get_mut(0) {
+                *s0 = Slot {
+                    guest: 0,
+                    dirty: false,
+                    used: 0,
+                };
+            }
+        }
+        self.rax_live = false;
+        let mut c = self.cache;
+        let mut acts = Vec::new();
+        let mut pinned = 0u8;
+        if r.mem.is_some() && i.memory_base() != Register::RIP {
+            for reg in [i.memory_base(), i.memory_index()] {
+                if let Some(g) = gpr_of(reg)
+                    && c.alloc(g, true, &mut pinned, &mut acts).is_none()
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        for (g, &h) in r.host_of.iter().enumerate() {
+            let load = !r.write_only.get(g).copied().unwrap_or(false);
+            if h != usize::MAX && c.alloc(g, load, &mut pinned, &mut acts).is_none() {
+                return Ok(false);
+            }
+        }
+        let mut out = r.out;
+        for n in regs() {
+            let reg = i.op_register(n);
+            let host = gpr_num(reg)
+                .and_then(|g| c.host(g))
+                .and_then(|h| cache_reg(h, reg.size()));
+            let Some(host) = host else {
+                return Ok(false);
+            };
+            out.set_op_register(n, host);
+        }
+        if self.enc.encode(&out, 0).is_err() {
+            let mut b = self.enc.take_buffer();
+            b.clear();
+            self.enc.set_buffer(b);
+            return Ok(false);
+        }
+        let mut bytes = self.enc.take_buffer();
+        self.cache = c;
+        for act in acts {
+            match act {
+                CacheAct::Store(g, h) => self.a.store(greg(usize::from(g)), h),
+                CacheAct::Load(h, g) => self.a.load(h, greg(usize::from(g))),
+            }
+        }
+        if let Some(write) = r.mem {
+            if m == M::Lea {
+                self.effective(i);
+            } else {
+                self.address(i);
+                let size = i.memory_size().size();
+                if i.has_lock_prefix() || m == M::Xchg {
+                    self.check_aligned(k, i.ip(), size);
+                }
+                self.tlb(k, i.ip(), size, write);
+            }
+        }
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        for (g, s) in r.written.iter().enumerate() {
+            if *s && let Some(slot) = self.cache.find(g).and_then(|x| self.cache.slots.get_mut(x)) {
+                slot.dirty = true;
+            }
+        }
+        Ok(true)
     }
 
     /// An instruction re-encoded with host registers and `[rsi]`.
