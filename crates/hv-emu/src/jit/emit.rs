@@ -20,11 +20,23 @@
 //!
 //! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
 //! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
-//! instructions left in the run's budget minus one (counting down; below 0 once spent),
-//! `rbp` = a guest stack pointer being updated; `rsi` holds memory
-//! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
-//! `rax, rcx, rdx, rdi, r8..r11` (guest `rax`/`rcx`/`rdx` always into host `rax`/`rcx`/`rdx`,
-//! so `cl` shift counts, implicit operands and high-byte registers work).
+//! instructions left in the run's budget minus one (counting down; below 0 once spent);
+//! `rsi` holds memory addresses, `rcx`/`rdx`/`rdi` are TLB scratch.
+//!
+//! **Register cache** ([`RegCache`]): generic instructions, `push`, `pop`, `call rel` and
+//! `ret` keep guest registers in `rax` (guest rax only, so the short `rax`/`al` encodings
+//! still encode) and `rbp, r8..r11` (any guest register, least recently used replaced): a
+//! register is loaded at its first use in the block (not at all when the instruction only
+//! writes it whole), the instruction is re-encoded on the cache's registers, and written
+//! registers stay there, dirty. They are written back to the register file where it must be
+//! current: before every other kind of instruction (which uses those host registers as
+//! scratch, or pins guest rax/rcx/rdx to host rax/rcx/rdx: implicit operands, `cl` counts,
+//! high-byte registers, `div`; the instruction then takes the uncached path, registers loaded
+//! and stored around it as before), before every block exit (direct link, loop back edge,
+//! jump cache), and by each exit stub that leaves before an instruction (soft-TLB miss,
+//! alignment, non-canonical target): a stub records the dirty registers at its jump and
+//! stores them first, so the run loop and the interpreter (a #PF, #GP) see exactly the state
+//! before that instruction. The write-backs are `mov`s, flag-neutral like all glue.
 
 use iced_x86::IcedError;
 
@@ -833,11 +845,9 @@ impl RegCache {
                     (1..self.slots.len())
                         .filter(|&s| *pinned & (1 << s) == 0)
                         .min_by_key(|&s| {
-                            let x = self
-                                .slots
+                            self.slots
                                 .get(s)
-                                .map_or((true, 0), |x| (x.guest != NO_GUEST, x.used));
-                            x
+                                .map_or((true, 0), |x| (x.guest != NO_GUEST, x.used))
                         })?
                 };
                 let h = CACHE_HOSTS.get(s).copied()?;
@@ -1105,7 +1115,13 @@ impl Emitter {
             let k = k as u32;
             // Every kind but these reads or writes the register file in memory (or pins
             // guest registers to host ones): the cache is written back and emptied first.
-            if !matches!(kind, Kind::Generic | Kind::Nop | Kind::Jcc | Kind::JmpRel) {
+            let cached = match kind {
+                Kind::Generic | Kind::Nop | Kind::Jcc | Kind::JmpRel => true,
+                Kind::Push | Kind::CallRel | Kind::Ret => true,
+                Kind::Pop => i.op0_register() != Register::RSP,
+                _ => false,
+            };
+            if !cached {
                 self.flush();
             }
             if *kind != Kind::Generic {
@@ -1157,7 +1173,11 @@ impl Emitter {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
                         _ => Src::Imm(i.immediate(0)),
                     };
-                    self.push(k, i.ip(), v);
+                    self.push_cached(k, i.ip(), v)?;
+                }
+                Kind::Pop if i.op0_register() != Register::RSP => {
+                    let g = gpr_of(i.op0_register()).unwrap_or(0);
+                    self.pop_cached(k, i.ip(), g)?;
                 }
                 Kind::Pop => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
@@ -1167,7 +1187,7 @@ impl Emitter {
                     self.a.store(greg(g), RAX);
                 }
                 Kind::CallRel => {
-                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.push_cached(k, i.ip(), Src::Imm(i.next_ip()))?;
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
@@ -1181,15 +1201,20 @@ impl Emitter {
                     ended = true;
                 }
                 Kind::Ret => {
-                    self.pop_to(k, i.ip());
-                    self.check_canonical(RAX, k, i.ip());
                     let extra = if i.code() == Code::Retnq_imm16 {
                         i32::from(i.immediate16())
                     } else {
                         0
                     };
-                    self.a.lea(RBP, at(RBP, 8 + extra));
-                    self.a.store(greg(4), RBP);
+                    let hsp = self.cached_regs(&[(4, true)])?;
+                    self.a.mov(RSI, hsp);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RDI, at(RSI, 0));
+                    self.check_canonical(RDI, k, i.ip());
+                    self.a.lea(hsp, at(hsp, 8 + extra));
+                    self.set_dirty(4);
+                    self.writeback();
+                    self.a.mov(RAX, RDI);
                     self.exit_dynamic(k + 1);
                     ended = true;
                 }
@@ -1603,6 +1628,98 @@ impl Emitter {
         a.jmp_unless_rcx_zero(stub);
     }
 
+    /// Host rax still holding guest rax (left by the uncached path) joins the cache.
+    fn adopt_rax(&mut self) {
+        if self.rax_live
+            && self.cache.find(0).is_none()
+            && let Some(s0) = self.cache.slots.get_mut(0)
+        {
+            *s0 = Slot {
+                guest: 0,
+                dirty: false,
+                used: 0,
+            };
+        }
+        self.rax_live = false;
+    }
+
+    /// Puts the guest registers `regs` (number, whether its value is needed) in the cache
+    /// and returns the host register of the first (emitting the loads and evictions).
+    fn cached_regs(&mut self, regs: &[(usize, bool)]) -> E<u8> {
+        self.adopt_rax();
+        let mut pinned = 0u8;
+        let mut acts = Vec::new();
+        let mut first = None;
+        for &(g, load) in regs {
+            let h = self
+                .cache
+                .alloc(g, load, &mut pinned, &mut acts)
+                .ok_or_else(|| EmitError("register cache full".into()))?;
+            first.get_or_insert(h);
+        }
+        self.emit_acts(&acts);
+        first.ok_or_else(|| EmitError("no register".into()))
+    }
+
+    fn emit_acts(&mut self, acts: &[CacheAct]) {
+        for act in acts {
+            match *act {
+                CacheAct::Store(g, h) => self.a.store(greg(usize::from(g)), h),
+                CacheAct::Load(h, g) => self.a.load(h, greg(usize::from(g))),
+            }
+        }
+    }
+
+    fn set_dirty(&mut self, g: usize) {
+        if let Some(slot) = self.cache.find(g).and_then(|x| self.cache.slots.get_mut(x)) {
+            slot.dirty = true;
+        }
+    }
+
+    /// `push` on the register cache (guest rsp and the source register cached; rsp updated
+    /// after the store, so a TLB miss leaves before the instruction).
+    fn push_cached(&mut self, k: u32, ip: u64, v: Src) -> E<()> {
+        let hsp = match v {
+            Src::Reg(g) => self.cached_regs(&[(4, true), (g, true)])?,
+            _ => self.cached_regs(&[(4, true)])?,
+        };
+        let src = match v {
+            Src::Reg(g) => self.cache.host(g),
+            _ => None,
+        };
+        self.a.lea(RSI, at(hsp, -8));
+        self.tlb(k, ip, 8, true);
+        match (v, src) {
+            (Src::Reg(_), Some(h)) => self.a.store(at(RSI, 0), h),
+            (Src::Imm(x), _) => {
+                self.a.mov_imm(RDX, x);
+                self.a.store(at(RSI, 0), RDX);
+            }
+            _ => return Err(EmitError("push source".into())),
+        }
+        self.a.lea(hsp, at(hsp, -8));
+        self.set_dirty(4);
+        Ok(())
+    }
+
+    /// `pop` to guest register `g` (not rsp) on the register cache. `g` is taken into the
+    /// cache before the TLB check without its value: if it was not cached dirty the exit
+    /// stub does not write it, if it was it holds the value before the `pop`.
+    fn pop_cached(&mut self, k: u32, ip: u64, g: usize) -> E<()> {
+        let hsp = self.cached_regs(&[(4, true), (g, false)])?;
+        let hg = self
+            .cache
+            .host(g)
+            .ok_or_else(|| EmitError("pop destination".into()))?;
+        self.a.mov(RSI, hsp);
+        self.tlb(k, ip, 8, false);
+        self.a.load(hg, at(RSI, 0));
+        self.a.lea(hsp, at(hsp, 8));
+        self.set_dirty(4);
+        self.set_dirty(g);
+        Ok(())
+    }
+
     /// Pushes `v` on the guest stack (guest rsp updated only after the store).
     fn push(&mut self, k: u32, ip: u64, v: Src) {
         self.a.load(RSI, greg(4));
@@ -1649,17 +1766,7 @@ impl Emitter {
         {
             return Ok(false);
         }
-        // Host rax still holding guest rax (left by the uncached path) joins the cache.
-        if self.rax_live && self.cache.find(0).is_none() {
-            if let Some(s0) = self.cache.slots.get_mut(0) {
-                *s0 = Slot {
-                    guest: 0,
-                    dirty: false,
-                    used: 0,
-                };
-            }
-        }
-        self.rax_live = false;
+        self.adopt_rax();
         let mut c = self.cache;
         let mut acts = Vec::new();
         let mut pinned = 0u8;
@@ -1697,12 +1804,7 @@ impl Emitter {
         }
         let mut bytes = self.enc.take_buffer();
         self.cache = c;
-        for act in acts {
-            match act {
-                CacheAct::Store(g, h) => self.a.store(greg(usize::from(g)), h),
-                CacheAct::Load(h, g) => self.a.load(h, greg(usize::from(g))),
-            }
-        }
+        self.emit_acts(&acts);
         if let Some(write) = r.mem {
             if m == M::Lea {
                 self.effective(i);
@@ -1718,9 +1820,9 @@ impl Emitter {
         self.a.bytes(&bytes);
         bytes.clear();
         self.enc.set_buffer(bytes);
-        for (g, s) in r.written.iter().enumerate() {
-            if *s && let Some(slot) = self.cache.find(g).and_then(|x| self.cache.slots.get_mut(x)) {
-                slot.dirty = true;
+        for (g, &w) in r.written.iter().enumerate() {
+            if w {
+                self.set_dirty(g);
             }
         }
         Ok(true)

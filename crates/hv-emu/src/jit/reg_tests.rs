@@ -31,7 +31,7 @@ fn map(rig: &Rig) {
         w(0x12000, 0x13000 | 3);
         for p in 0..32u64 {
             if p * 0x1000 != HOLE {
-                w(0x13000 + 8 * p, p * 0x1000 | 3);
+                w(0x13000 + 8 * p, (p * 0x1000) | 3);
             }
         }
     }
@@ -301,5 +301,69 @@ fn memory_fills_between_runs_leave_the_cache_alone() {
         });
         assert!(r.is_ok());
         assert!(rig.jit.stats.exits_to_interp > 2);
+    }
+}
+
+#[test]
+fn stack_operations_on_the_cache_fault_precisely() {
+    // push, pop, call and ret keep guest rsp in the cache: a #PF at each (the stack in the
+    // hole) must see rsp and the other registers as before the instruction; the same code
+    // on a mapped stack must run to the end alike.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "push",
+            code_of(|a| {
+                a.add(rbx, 9)?;
+                a.pop(r9)?;
+                a.push(rax)?;
+                a.push(r9)?;
+                a.push(0x1234)?;
+                a.push(rsp)?;
+                a.add(rbx, 1)
+            }),
+        ),
+        (
+            "pop",
+            code_of(|a| {
+                a.inc(r10)?;
+                a.pop(rax)?;
+                a.xor(rax, r10)?;
+                a.pop(r11)?;
+                a.pop(rbp)?;
+                a.add(rbp, rax)
+            }),
+        ),
+        (
+            "call/ret",
+            code_of(|a| {
+                let mut f = a.create_label();
+                let mut out = a.create_label();
+                a.add(r8, 3)?;
+                a.call(f)?;
+                a.jmp(out)?;
+                a.set_label(&mut f)?;
+                a.mov(r9, rsp)?;
+                a.add(r8, r9)?;
+                a.ret()?;
+                a.set_label(&mut out)?;
+                a.add(r8, 1)
+            }),
+        ),
+    ];
+    for (name, code) in &cases {
+        for k in 0..6u64 {
+            // The stack a few slots above the hole (the ops cross into it) or in mapped RAM.
+            let stack = if k < 4 {
+                HOLE + 0x1000 - 0x10 + 8 * k
+            } else {
+                0x8000 + 8 * k
+            };
+            let (_, r, c) = both(code, 40 + k, 100, true, &move |c| c.gpr[4] = stack);
+            if k >= 4 {
+                assert!(r.is_ok(), "{name}: {r:?}");
+            } else if r.is_err() {
+                assert_eq!(c.cr2 >> 12, HOLE >> 12, "{name}");
+            }
+        }
     }
 }
