@@ -751,7 +751,8 @@ struct Stub {
     /// Guest instructions completed before the exit.
     done: u32,
     ip: u64,
-    /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss.
+    /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss; -1:
+    /// go on at `ip` (a carried loop's back edge, budget spent or exit requested).
     miss: i32,
     /// The register cache's dirty registers where the stub is jumped to (written back first).
     spill: Spill,
@@ -786,6 +787,10 @@ struct Slot {
 struct RegCache {
     slots: [Slot; 6],
     tick: u32,
+    /// Guest registers allocated since the block start (bit per register).
+    used: u16,
+    /// A register was pushed out to make room (the block does not fit the cache).
+    evicted: bool,
 }
 
 /// A register-file access the cache needs emitted.
@@ -805,6 +810,8 @@ impl RegCache {
             used: 0,
         }; 6],
         tick: 0,
+        used: 0,
+        evicted: false,
     };
 
     fn find(&self, g: usize) -> Option<usize> {
@@ -852,6 +859,8 @@ impl RegCache {
                 };
                 let h = CACHE_HOSTS.get(s).copied()?;
                 let old = self.slots.get_mut(s)?;
+                self.evicted |= old.guest != NO_GUEST;
+                self.used |= 1 << g;
                 if old.dirty {
                     acts.push(CacheAct::Store(old.guest, h));
                 }
@@ -901,6 +910,13 @@ pub struct Emitter {
     /// Where the block's back edges to its own start go (after the chained entry's
     /// page-generation check, see [`Emitter::head_checks`]).
     loop_head: Option<Label>,
+    /// Loop-carried registers (see [`Emitter::block`]): where the block's back edges go
+    /// with the cache kept, after the preloads at the body.
+    loop_inner: Option<Label>,
+    /// Something flushed the cache, or a back edge to the block start was emitted (for the
+    /// loop-carried form's eligibility).
+    flushed: bool,
+    self_loop: bool,
     /// Host rax holds guest rax (as the last generic instruction left it; nothing since
     /// clobbered it), so the next one need not load it.
     rax_live: bool,
@@ -1080,6 +1096,9 @@ impl Emitter {
         Ok(Emitter {
             a: Asm::default(),
             loop_head: None,
+            loop_inner: None,
+            flushed: false,
+            self_loop: false,
             rax_live: false,
             cache: RegCache::EMPTY,
             stubs: Vec::new(),
@@ -1100,10 +1119,51 @@ impl Emitter {
     /// where the run loop enters through the shared trampoline ([`trampoline`]; it just
     /// looked the block up). Exit stubs follow the body; every way out is a `ret` to the
     /// trampoline with an exit code in ecx (see [`EXIT_GO`]).
+    ///
+    /// A block that loops to its own start, uses at most the cache's registers and nothing
+    /// that empties the cache is emitted a second time with its registers **carried around
+    /// the loop**: loaded once at the body (and counted dirty from there on, so every exit
+    /// writes them back), and the back edge checks the budget and the exit-request word
+    /// itself (leaving through a stub that writes them back) and jumps past the loads.
     pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)], guard: Guard) -> E<Emitted> {
+        let first = self.block_with(rip, insns, guard, None)?;
+        let carried = self.cache.used;
+        let e = if self.self_loop
+            && !self.flushed
+            && !self.cache.evicted
+            && (carried & !1).count_ones() < CACHE_HOSTS.len() as u32
+        {
+            self.block_with(rip, insns, guard, Some(carried))?
+        } else {
+            first
+        };
+        if dump_wanted(rip) {
+            let hex: String = e.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(
+                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
+                 entry +{:#x}, body +{:#x}): {hex}",
+                insns.len(),
+                e.bytes.len(),
+                e.chk,
+                e.entry
+            );
+        }
+        Ok(e)
+    }
+
+    fn block_with(
+        &mut self,
+        rip: u64,
+        insns: &[(Instruction, Kind)],
+        guard: Guard,
+        carry: Option<u16>,
+    ) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
         self.loop_head = None;
+        self.loop_inner = None;
+        self.flushed = false;
+        self.self_loop = false;
         let chk = self.a.label();
         let body = self.a.label();
         let (out, dead) = self.head_checks(chk, guard);
@@ -1111,6 +1171,21 @@ impl Emitter {
         let mut ended = false;
         self.rax_live = false;
         self.cache = RegCache::EMPTY;
+        if let Some(mask) = carry {
+            let regs: Vec<(usize, bool)> = (0..16)
+                .filter(|g| mask & (1 << g) != 0)
+                .map(|g| (g, true))
+                .collect();
+            if !regs.is_empty() {
+                self.cached_regs(&regs)?;
+            }
+            for s in self.cache.slots.iter_mut() {
+                s.dirty = s.guest != NO_GUEST;
+            }
+            let inner = self.a.label();
+            self.a.bind(inner);
+            self.loop_inner = Some(inner);
+        }
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
             // Every kind but these reads or writes the register file in memory (or pins
@@ -1238,13 +1313,14 @@ impl Emitter {
                     ended = true;
                 }
                 Kind::Jcc => {
-                    // Both ways out see the register file written back.
-                    self.writeback();
                     let taken = self.a.label();
                     let cc = cc_num(i.condition_code())
                         .ok_or_else(|| EmitError("jcc without a condition".into()))?;
                     self.a.jcc(cc, taken);
+                    // Each way out writes back what is dirty at the branch.
+                    let at_branch = self.cache;
                     self.exit_static(rip, i.next_ip(), k + 1, chk);
+                    self.cache = at_branch;
                     self.a.bind(taken);
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
@@ -1267,7 +1343,11 @@ impl Emitter {
                     self.a.store(greg(usize::from(g)), h);
                 }
             }
-            self.leave(s.ip, EXIT_INTERP + s.miss as u32, s.done);
+            let code = match u32::try_from(s.miss) {
+                Ok(m) => EXIT_INTERP + m,
+                Err(_) => EXIT_GO,
+            };
+            self.leave(s.ip, code, s.done);
         }
         self.stubs = stubs;
         let a = &mut self.a;
@@ -1286,15 +1366,6 @@ impl Emitter {
                 .ok_or_else(|| EmitError("unbound label".into()))
         };
         let (chk, entry) = (pos(chk)?, pos(body)?);
-        if dump_wanted(rip) {
-            let hex: String = a.buf.iter().map(|b| format!("{b:02x}")).collect();
-            tracing::info!(
-                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
-                 entry +{chk:#x}, body +{entry:#x}): {hex}",
-                insns.len(),
-                a.buf.len()
-            );
-        }
         Ok(Emitted {
             chk,
             entry,
@@ -1381,6 +1452,7 @@ impl Emitter {
     /// [`Emitter::writeback`], then forgets the cache (the next code may use its host
     /// registers as scratch). Host rax still holds guest rax if the cache had it there.
     fn flush(&mut self) {
+        self.flushed = true;
         self.writeback();
         if self.cache.find(0).is_some() {
             self.rax_live = true;
@@ -1396,6 +1468,23 @@ impl Emitter {
     /// while this block's own translation is: QEMU's rule for direct chaining); other targets
     /// go through the jump cache.
     fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label) {
+        if target == rip {
+            self.self_loop = true;
+            if let Some(inner) = self.loop_inner {
+                // Registers carried around the loop: the head's budget and exit-request
+                // checks here, leaving through a stub that writes them back.
+                let out = self.stub(0, rip, -1);
+                let a = &mut self.a;
+                a.lea(R12, at(R12, -(done as i32)));
+                a.shrx(RCX, R12, R13);
+                a.jmp_unless_rcx_zero(out);
+                a.load(RCX, ctx(C_REQ));
+                a.load32(RCX, RCX);
+                a.jmp_unless_rcx_zero(out);
+                a.jmp(inner);
+                return;
+            }
+        }
         self.writeback();
         let a = &mut self.a;
         a.lea(R12, at(R12, -(done as i32)));

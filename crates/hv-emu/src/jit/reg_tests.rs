@@ -367,3 +367,27 @@ fn stack_operations_on_the_cache_fault_precisely() {
         }
     }
 }
+
+#[test]
+fn a_loop_carrying_its_registers_leaves_exactly_at_the_budget() {
+    // A one-block loop over five registers (carried around the back edge in host
+    // registers): the run ends at every possible budget, so the back edge's budget exit
+    // leaves with the loop's registers dirty, and must write them all back.
+    let code = code_of(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(rax, qword_ptr(rsi + rcx * 8))?;
+        a.adc(rdx, r9)?;
+        a.xor(r9, rax)?;
+        a.inc(rcx)?;
+        a.jne(top)
+    });
+    for budget in 1..40 {
+        let (rig, r, _) = both(&code, 100 + u64::from(budget), budget, false, &|c| {
+            c.gpr[1] = (-1000i64) as u64;
+            c.gpr[6] = 0x4000 + 8 * 1000;
+        });
+        assert!(r.is_ok());
+        assert!(rig.jit.stats.blocks >= 1);
+    }
+}
