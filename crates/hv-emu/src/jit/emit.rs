@@ -20,11 +20,23 @@
 //!
 //! Host register use inside a block: `rbx` = guest register file (`[u64; 16]`), `r15` = the
 //! context ([`super::Ctx`]), `r14` = its soft TLB, `r13` = 12 (page shift), `r12` = guest
-//! instructions left in the run's budget minus one (counting down; below 0 once spent),
-//! `rbp` = a guest stack pointer being updated; `rsi` holds memory
-//! addresses, `rcx`/`rdx`/`rdi` are TLB scratch, and guest operands are loaded into
-//! `rax, rcx, rdx, rdi, r8..r11` (guest `rax`/`rcx`/`rdx` always into host `rax`/`rcx`/`rdx`,
-//! so `cl` shift counts, implicit operands and high-byte registers work).
+//! instructions left in the run's budget minus one (counting down; below 0 once spent);
+//! `rsi` holds memory addresses, `rcx`/`rdx`/`rdi` are TLB scratch.
+//!
+//! **Register cache** ([`RegCache`]): generic instructions, `push`, `pop`, `call rel` and
+//! `ret` keep guest registers in `rax` (guest rax only, so the short `rax`/`al` encodings
+//! still encode) and `rbp, r8..r11` (any guest register, least recently used replaced): a
+//! register is loaded at its first use in the block (not at all when the instruction only
+//! writes it whole), the instruction is re-encoded on the cache's registers, and written
+//! registers stay there, dirty. They are written back to the register file where it must be
+//! current: before every other kind of instruction (which uses those host registers as
+//! scratch, or pins guest rax/rcx/rdx to host rax/rcx/rdx: implicit operands, `cl` counts,
+//! high-byte registers, `div`; the instruction then takes the uncached path, registers loaded
+//! and stored around it as before), before every block exit (direct link, loop back edge,
+//! jump cache), and by each exit stub that leaves before an instruction (soft-TLB miss,
+//! alignment, non-canonical target): a stub records the dirty registers at its jump and
+//! stores them first, so the run loop and the interpreter (a #PF, #GP) see exactly the state
+//! before that instruction. The write-backs are `mov`s, flag-neutral like all glue.
 
 use iced_x86::IcedError;
 
@@ -42,6 +54,9 @@ use super::{
 };
 use crate::decode::canonical;
 
+#[cfg(test)]
+#[path = "reg_tests.rs"]
+mod reg_tests;
 #[path = "simd.rs"]
 pub(super) mod simd;
 #[path = "sys.rs"]
@@ -736,8 +751,157 @@ struct Stub {
     /// Guest instructions completed before the exit.
     done: u32,
     ip: u64,
-    /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss.
+    /// 0: interpret the instruction at `ip`; 1/2: the same after a read/write TLB miss; -1:
+    /// go on at `ip` (a carried loop's back edge, budget spent or exit requested).
     miss: i32,
+    /// The register cache's dirty registers where the stub is jumped to (written back first).
+    spill: Spill,
+}
+
+/// Host registers of the block's register cache (see [`RegCache`]): `rax` holds guest rax
+/// only (so the short `rax`/`al` forms keep their encoding), the others any guest register.
+const CACHE_HOSTS: [u8; 6] = [RAX, RBP, R8, R8 + 1, R8 + 2, R8 + 3];
+const NO_GUEST: u8 = 0xff;
+
+/// Per cache slot, the guest register it holds dirty ([`NO_GUEST`] if none): what an exit
+/// must write back to the register file.
+type Spill = [u8; 6];
+
+/// One host register of the cache.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// The guest register it holds, or [`NO_GUEST`].
+    guest: u8,
+    /// Newer than the register file.
+    dirty: bool,
+    /// Last use (for least-recently-used replacement).
+    used: u32,
+}
+
+/// The register cache of the block being emitted: guest GPRs kept in host registers from
+/// their first use by a generic instruction to the next instruction that needs the register
+/// file in memory (every other kind: `flush`), written back at block exits (`writeback`)
+/// and, through each exit stub's [`Spill`], on every way out before an instruction (soft-TLB
+/// miss, alignment, ...), so the state the run loop sees is exact.
+#[derive(Clone, Copy)]
+struct RegCache {
+    slots: [Slot; 6],
+    tick: u32,
+    /// Guest registers allocated since the block start (bit per register).
+    used: u16,
+    /// A register was pushed out to make room (the block does not fit the cache).
+    evicted: bool,
+}
+
+/// A register-file access the cache needs emitted.
+#[derive(Clone, Copy)]
+enum CacheAct {
+    /// `mov [rbx + 8*guest], host`
+    Store(u8, u8),
+    /// `mov host, [rbx + 8*guest]`
+    Load(u8, u8),
+}
+
+impl RegCache {
+    const EMPTY: RegCache = RegCache {
+        slots: [Slot {
+            guest: NO_GUEST,
+            dirty: false,
+            used: 0,
+        }; 6],
+        tick: 0,
+        used: 0,
+        evicted: false,
+    };
+
+    fn find(&self, g: usize) -> Option<usize> {
+        self.slots.iter().position(|s| usize::from(s.guest) == g)
+    }
+
+    /// The host register of guest `g` (cached or not).
+    fn host(&self, g: usize) -> Option<u8> {
+        self.find(g).and_then(|s| CACHE_HOSTS.get(s).copied())
+    }
+
+    fn spill(&self) -> Spill {
+        let mut sp = [NO_GUEST; 6];
+        for (o, s) in sp.iter_mut().zip(self.slots.iter()) {
+            if s.dirty {
+                *o = s.guest;
+            }
+        }
+        sp
+    }
+
+    /// Puts guest `g` in a host register not in `pinned` (a slot mask), loading it when
+    /// `load`; pins that slot. `None` if every usable slot is pinned.
+    fn alloc(
+        &mut self,
+        g: usize,
+        load: bool,
+        pinned: &mut u8,
+        acts: &mut Vec<CacheAct>,
+    ) -> Option<u8> {
+        self.tick += 1;
+        let slot = match self.find(g) {
+            Some(s) => s,
+            None => {
+                let s = if g == 0 {
+                    0
+                } else {
+                    (1..self.slots.len())
+                        .filter(|&s| *pinned & (1 << s) == 0)
+                        .min_by_key(|&s| {
+                            self.slots
+                                .get(s)
+                                .map_or((true, 0), |x| (x.guest != NO_GUEST, x.used))
+                        })?
+                };
+                let h = CACHE_HOSTS.get(s).copied()?;
+                let old = self.slots.get_mut(s)?;
+                self.evicted |= old.guest != NO_GUEST;
+                self.used |= 1 << g;
+                if old.dirty {
+                    acts.push(CacheAct::Store(old.guest, h));
+                }
+                *old = Slot {
+                    guest: g as u8,
+                    dirty: false,
+                    used: 0,
+                };
+                if load {
+                    acts.push(CacheAct::Load(h, g as u8));
+                }
+                s
+            }
+        };
+        *pinned |= 1 << slot;
+        let tick = self.tick;
+        let s = self.slots.get_mut(slot)?;
+        s.used = tick;
+        CACHE_HOSTS.get(slot).copied()
+    }
+}
+
+/// The 64/32/16/8-bit name of a cache host register.
+fn cache_reg(h: u8, size: usize) -> Option<Register> {
+    use Register as X;
+    let row = match h {
+        RAX => [X::RAX, X::EAX, X::AX, X::AL],
+        RBP => [X::RBP, X::EBP, X::BP, X::BPL],
+        8 => [X::R8, X::R8D, X::R8W, X::R8L],
+        9 => [X::R9, X::R9D, X::R9W, X::R9L],
+        10 => [X::R10, X::R10D, X::R10W, X::R10L],
+        11 => [X::R11, X::R11D, X::R11W, X::R11L],
+        _ => return None,
+    };
+    match size {
+        8 => Some(row[0]),
+        4 => Some(row[1]),
+        2 => Some(row[2]),
+        1 => Some(row[3]),
+        _ => None,
+    }
 }
 
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
@@ -746,9 +910,18 @@ pub struct Emitter {
     /// Where the block's back edges to its own start go (after the chained entry's
     /// page-generation check, see [`Emitter::head_checks`]).
     loop_head: Option<Label>,
+    /// Loop-carried registers (see [`Emitter::block`]): where the block's back edges go
+    /// with the cache kept, after the preloads at the body.
+    loop_inner: Option<Label>,
+    /// Something flushed the cache, or a back edge to the block start was emitted (for the
+    /// loop-carried form's eligibility).
+    flushed: bool,
+    self_loop: bool,
     /// Host rax holds guest rax (as the last generic instruction left it; nothing since
     /// clobbered it), so the next one need not load it.
     rax_live: bool,
+    /// Guest registers held in host registers (see [`RegCache`]).
+    cache: RegCache,
     stubs: Vec<Stub>,
     info: InstructionInfoFactory,
     enc: Encoder,
@@ -923,7 +1096,11 @@ impl Emitter {
         Ok(Emitter {
             a: Asm::default(),
             loop_head: None,
+            loop_inner: None,
+            flushed: false,
+            self_loop: false,
             rax_live: false,
+            cache: RegCache::EMPTY,
             stubs: Vec::new(),
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
@@ -942,24 +1119,97 @@ impl Emitter {
     /// where the run loop enters through the shared trampoline ([`trampoline`]; it just
     /// looked the block up). Exit stubs follow the body; every way out is a `ret` to the
     /// trampoline with an exit code in ecx (see [`EXIT_GO`]).
+    ///
+    /// A block that loops to its own start, uses at most the cache's registers and nothing
+    /// that empties the cache is emitted a second time with its registers **carried around
+    /// the loop**: loaded once at the body (and counted dirty from there on, so every exit
+    /// writes them back), and the back edge checks the budget and the exit-request word
+    /// itself (leaving through a stub that writes them back) and jumps past the loads.
     pub fn block(&mut self, rip: u64, insns: &[(Instruction, Kind)], guard: Guard) -> E<Emitted> {
+        let first = self.block_with(rip, insns, guard, None)?;
+        let carried = self.cache.used;
+        let e = if self.self_loop
+            && !self.flushed
+            && !self.cache.evicted
+            && (carried & !1).count_ones() < CACHE_HOSTS.len() as u32
+        {
+            self.block_with(rip, insns, guard, Some(carried))?
+        } else {
+            first
+        };
+        if dump_wanted(rip) {
+            let hex: String = e.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(
+                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
+                 entry +{:#x}, body +{:#x}): {hex}",
+                insns.len(),
+                e.bytes.len(),
+                e.chk,
+                e.entry
+            );
+        }
+        Ok(e)
+    }
+
+    fn block_with(
+        &mut self,
+        rip: u64,
+        insns: &[(Instruction, Kind)],
+        guard: Guard,
+        carry: Option<u16>,
+    ) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
         self.loop_head = None;
+        self.loop_inner = None;
+        self.flushed = false;
+        self.self_loop = false;
         let chk = self.a.label();
         let body = self.a.label();
         let (out, dead) = self.head_checks(chk, guard);
         self.a.bind(body);
         let mut ended = false;
         self.rax_live = false;
+        self.cache = RegCache::EMPTY;
+        if let Some(mask) = carry {
+            let regs: Vec<(usize, bool)> = (0..16)
+                .filter(|g| mask & (1 << g) != 0)
+                .map(|g| (g, true))
+                .collect();
+            if !regs.is_empty() {
+                self.cached_regs(&regs)?;
+            }
+            for s in self.cache.slots.iter_mut() {
+                s.dirty = s.guest != NO_GUEST;
+            }
+            let inner = self.a.label();
+            self.a.bind(inner);
+            self.loop_inner = Some(inner);
+        }
         for (k, (i, kind)) in insns.iter().enumerate() {
             let k = k as u32;
+            // Every kind but these reads or writes the register file in memory (or pins
+            // guest registers to host ones): the cache is written back and emptied first.
+            let cached = match kind {
+                Kind::Generic | Kind::Nop | Kind::Jcc | Kind::JmpRel => true,
+                Kind::Push | Kind::CallRel | Kind::Ret => true,
+                Kind::Pop => i.op0_register() != Register::RSP,
+                _ => false,
+            };
+            if !cached {
+                self.flush();
+            }
             if *kind != Kind::Generic {
                 self.rax_live = false;
             }
             match kind {
                 Kind::Nop => {}
-                Kind::Generic => self.generic(k, i)?,
+                Kind::Generic => {
+                    if !self.generic_cached(k, i)? {
+                        self.flush();
+                        self.generic(k, i)?;
+                    }
+                }
                 Kind::Simd => self.simd(k, i)?,
                 Kind::Pushf => self.pushf(k, i.ip())?,
                 Kind::Str => self.string(k, i)?,
@@ -998,7 +1248,11 @@ impl Emitter {
                         Code::Push_r64 => Src::Reg(gpr_of(i.op0_register()).unwrap_or(0)),
                         _ => Src::Imm(i.immediate(0)),
                     };
-                    self.push(k, i.ip(), v);
+                    self.push_cached(k, i.ip(), v)?;
+                }
+                Kind::Pop if i.op0_register() != Register::RSP => {
+                    let g = gpr_of(i.op0_register()).unwrap_or(0);
+                    self.pop_cached(k, i.ip(), g)?;
                 }
                 Kind::Pop => {
                     let g = gpr_of(i.op0_register()).unwrap_or(0);
@@ -1008,7 +1262,7 @@ impl Emitter {
                     self.a.store(greg(g), RAX);
                 }
                 Kind::CallRel => {
-                    self.push(k, i.ip(), Src::Imm(i.next_ip()));
+                    self.push_cached(k, i.ip(), Src::Imm(i.next_ip()))?;
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
@@ -1022,15 +1276,20 @@ impl Emitter {
                     ended = true;
                 }
                 Kind::Ret => {
-                    self.pop_to(k, i.ip());
-                    self.check_canonical(RAX, k, i.ip());
                     let extra = if i.code() == Code::Retnq_imm16 {
                         i32::from(i.immediate16())
                     } else {
                         0
                     };
-                    self.a.lea(RBP, at(RBP, 8 + extra));
-                    self.a.store(greg(4), RBP);
+                    let hsp = self.cached_regs(&[(4, true)])?;
+                    self.a.mov(RSI, hsp);
+                    self.tlb(k, i.ip(), 8, false);
+                    self.a.load(RDI, at(RSI, 0));
+                    self.check_canonical(RDI, k, i.ip());
+                    self.a.lea(hsp, at(hsp, 8 + extra));
+                    self.set_dirty(4);
+                    self.writeback();
+                    self.a.mov(RAX, RDI);
                     self.exit_dynamic(k + 1);
                     ended = true;
                 }
@@ -1058,7 +1317,10 @@ impl Emitter {
                     let cc = cc_num(i.condition_code())
                         .ok_or_else(|| EmitError("jcc without a condition".into()))?;
                     self.a.jcc(cc, taken);
+                    // Each way out writes back what is dirty at the branch.
+                    let at_branch = self.cache;
                     self.exit_static(rip, i.next_ip(), k + 1, chk);
+                    self.cache = at_branch;
                     self.a.bind(taken);
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
@@ -1076,7 +1338,16 @@ impl Emitter {
         let stubs = std::mem::take(&mut self.stubs);
         for s in &stubs {
             self.a.bind(s.label);
-            self.leave(s.ip, EXIT_INTERP + s.miss as u32, s.done);
+            for (&g, &h) in s.spill.iter().zip(CACHE_HOSTS.iter()) {
+                if g != NO_GUEST {
+                    self.a.store(greg(usize::from(g)), h);
+                }
+            }
+            let code = match u32::try_from(s.miss) {
+                Ok(m) => EXIT_INTERP + m,
+                Err(_) => EXIT_GO,
+            };
+            self.leave(s.ip, code, s.done);
         }
         self.stubs = stubs;
         let a = &mut self.a;
@@ -1095,15 +1366,6 @@ impl Emitter {
                 .ok_or_else(|| EmitError("unbound label".into()))
         };
         let (chk, entry) = (pos(chk)?, pos(body)?);
-        if dump_wanted(rip) {
-            let hex: String = a.buf.iter().map(|b| format!("{b:02x}")).collect();
-            tracing::info!(
-                "ANYVISOR_EMU_JIT_DUMP: block {rip:#x} ({} guest instructions, {} bytes, chained \
-                 entry +{chk:#x}, body +{entry:#x}): {hex}",
-                insns.len(),
-                a.buf.len()
-            );
-        }
         Ok(Emitted {
             chk,
             entry,
@@ -1154,11 +1416,14 @@ impl Emitter {
         (out, dead)
     }
 
+    /// An exit stub leaving before instruction `done` (at `ip`), which writes back the
+    /// registers the cache holds dirty now: jump to it before the cache changes.
     fn stub(&mut self, done: u32, ip: u64, miss: i32) -> Label {
+        let spill = self.cache.spill();
         if let Some(s) = self
             .stubs
             .iter()
-            .find(|s| s.done == done && s.ip == ip && s.miss == miss)
+            .find(|s| s.done == done && s.ip == ip && s.miss == miss && s.spill == spill)
         {
             return s.label;
         }
@@ -1168,8 +1433,31 @@ impl Emitter {
             done,
             ip,
             miss,
+            spill,
         });
         label
+    }
+
+    /// Stores the cache's dirty registers to the register file (flag-neutral); they stay
+    /// cached, clean.
+    fn writeback(&mut self) {
+        for (s, &h) in self.cache.slots.iter_mut().zip(CACHE_HOSTS.iter()) {
+            if s.dirty {
+                self.a.store(greg(usize::from(s.guest)), h);
+                s.dirty = false;
+            }
+        }
+    }
+
+    /// [`Emitter::writeback`], then forgets the cache (the next code may use its host
+    /// registers as scratch). Host rax still holds guest rax if the cache had it there.
+    fn flush(&mut self) {
+        self.flushed = true;
+        self.writeback();
+        if self.cache.find(0).is_some() {
+            self.rax_live = true;
+        }
+        self.cache = RegCache::EMPTY;
     }
 
     /// Goes on at guest `target` after `done` instructions. A branch to the block's own start
@@ -1180,6 +1468,24 @@ impl Emitter {
     /// while this block's own translation is: QEMU's rule for direct chaining); other targets
     /// go through the jump cache.
     fn exit_static(&mut self, rip: u64, target: u64, done: u32, chk: Label) {
+        if target == rip {
+            self.self_loop = true;
+            if let Some(inner) = self.loop_inner {
+                // Registers carried around the loop: the head's budget and exit-request
+                // checks here, leaving through a stub that writes them back.
+                let out = self.stub(0, rip, -1);
+                let a = &mut self.a;
+                a.lea(R12, at(R12, -(done as i32)));
+                a.shrx(RCX, R12, R13);
+                a.jmp_unless_rcx_zero(out);
+                a.load(RCX, ctx(C_REQ));
+                a.load32(RCX, RCX);
+                a.jmp_unless_rcx_zero(out);
+                a.jmp(inner);
+                return;
+            }
+        }
+        self.writeback();
         let a = &mut self.a;
         a.lea(R12, at(R12, -(done as i32)));
         if target == rip {
@@ -1243,6 +1549,7 @@ impl Emitter {
 
     /// Goes on at guest RIP = rax after `done` instructions (through the jump cache).
     fn exit_dynamic(&mut self, done: u32) {
+        debug_assert!(self.cache.spill() == [NO_GUEST; 6]);
         self.a.lea(R12, at(R12, -(done as i32)));
         self.jump_cache();
     }
@@ -1293,32 +1600,41 @@ impl Emitter {
         }
         let disp = disp as i64 as i32;
         let scale = i.memory_index_scale();
+        // Cached address registers are used where they are.
+        let cache = &self.cache;
+        let mut reg = |g: usize, scratch: u8| match cache.host(g) {
+            Some(h) => h,
+            None => {
+                a.load(scratch, greg(g));
+                scratch
+            }
+        };
         match (gpr_of(b), x) {
             (Some(b), Some(x)) => {
-                a.load(RSI, greg(b));
-                a.load(RDI, greg(x));
+                let hb = reg(b, RSI);
+                let hx = reg(x, RDI);
                 a.lea(
                     RSI,
                     Mem {
-                        base: Some(RSI),
-                        index: Some((RDI, scale)),
+                        base: Some(hb),
+                        index: Some((hx, scale)),
                         disp,
                     },
                 );
             }
             (Some(b), None) => {
-                a.load(RSI, greg(b));
-                if disp != 0 {
-                    a.lea(RSI, at(RSI, disp));
+                let hb = reg(b, RSI);
+                if disp != 0 || hb != RSI {
+                    a.lea(RSI, at(hb, disp));
                 }
             }
             (None, Some(x)) => {
-                a.load(RDI, greg(x));
+                let hx = reg(x, RDI);
                 a.lea(
                     RSI,
                     Mem {
                         base: None,
-                        index: Some((RDI, scale)),
+                        index: Some((hx, scale)),
                         disp,
                     },
                 );
@@ -1401,6 +1717,98 @@ impl Emitter {
         a.jmp_unless_rcx_zero(stub);
     }
 
+    /// Host rax still holding guest rax (left by the uncached path) joins the cache.
+    fn adopt_rax(&mut self) {
+        if self.rax_live
+            && self.cache.find(0).is_none()
+            && let Some(s0) = self.cache.slots.get_mut(0)
+        {
+            *s0 = Slot {
+                guest: 0,
+                dirty: false,
+                used: 0,
+            };
+        }
+        self.rax_live = false;
+    }
+
+    /// Puts the guest registers `regs` (number, whether its value is needed) in the cache
+    /// and returns the host register of the first (emitting the loads and evictions).
+    fn cached_regs(&mut self, regs: &[(usize, bool)]) -> E<u8> {
+        self.adopt_rax();
+        let mut pinned = 0u8;
+        let mut acts = Vec::new();
+        let mut first = None;
+        for &(g, load) in regs {
+            let h = self
+                .cache
+                .alloc(g, load, &mut pinned, &mut acts)
+                .ok_or_else(|| EmitError("register cache full".into()))?;
+            first.get_or_insert(h);
+        }
+        self.emit_acts(&acts);
+        first.ok_or_else(|| EmitError("no register".into()))
+    }
+
+    fn emit_acts(&mut self, acts: &[CacheAct]) {
+        for act in acts {
+            match *act {
+                CacheAct::Store(g, h) => self.a.store(greg(usize::from(g)), h),
+                CacheAct::Load(h, g) => self.a.load(h, greg(usize::from(g))),
+            }
+        }
+    }
+
+    fn set_dirty(&mut self, g: usize) {
+        if let Some(slot) = self.cache.find(g).and_then(|x| self.cache.slots.get_mut(x)) {
+            slot.dirty = true;
+        }
+    }
+
+    /// `push` on the register cache (guest rsp and the source register cached; rsp updated
+    /// after the store, so a TLB miss leaves before the instruction).
+    fn push_cached(&mut self, k: u32, ip: u64, v: Src) -> E<()> {
+        let hsp = match v {
+            Src::Reg(g) => self.cached_regs(&[(4, true), (g, true)])?,
+            _ => self.cached_regs(&[(4, true)])?,
+        };
+        let src = match v {
+            Src::Reg(g) => self.cache.host(g),
+            _ => None,
+        };
+        self.a.lea(RSI, at(hsp, -8));
+        self.tlb(k, ip, 8, true);
+        match (v, src) {
+            (Src::Reg(_), Some(h)) => self.a.store(at(RSI, 0), h),
+            (Src::Imm(x), _) => {
+                self.a.mov_imm(RDX, x);
+                self.a.store(at(RSI, 0), RDX);
+            }
+            _ => return Err(EmitError("push source".into())),
+        }
+        self.a.lea(hsp, at(hsp, -8));
+        self.set_dirty(4);
+        Ok(())
+    }
+
+    /// `pop` to guest register `g` (not rsp) on the register cache. `g` is taken into the
+    /// cache before the TLB check without its value: if it was not cached dirty the exit
+    /// stub does not write it, if it was it holds the value before the `pop`.
+    fn pop_cached(&mut self, k: u32, ip: u64, g: usize) -> E<()> {
+        let hsp = self.cached_regs(&[(4, true), (g, false)])?;
+        let hg = self
+            .cache
+            .host(g)
+            .ok_or_else(|| EmitError("pop destination".into()))?;
+        self.a.mov(RSI, hsp);
+        self.tlb(k, ip, 8, false);
+        self.a.load(hg, at(RSI, 0));
+        self.a.lea(hsp, at(hsp, 8));
+        self.set_dirty(4);
+        self.set_dirty(g);
+        Ok(())
+    }
+
     /// Pushes `v` on the guest stack (guest rsp updated only after the store).
     fn push(&mut self, k: u32, ip: u64, v: Src) {
         self.a.load(RSI, greg(4));
@@ -1422,6 +1830,91 @@ impl Emitter {
         self.a.mov(RBP, RSI);
         self.tlb(k, ip, 8, false);
         self.a.load(RAX, at(RSI, 0));
+    }
+
+    /// A generic instruction on the register cache: its guest registers (operands and
+    /// address) are taken from, or loaded into, cache host registers and the instruction is
+    /// re-encoded on them; written registers stay in the cache, dirty. Returns `false` (and
+    /// emits nothing) for what the cache does not take: implicit operands, high-byte
+    /// registers, `div`/`idiv`, `bt*` with a memory operand and a register offset, or a form
+    /// that does not encode on the cache's registers (fixed `cl` counts, `xchg rax` short
+    /// forms with another register...); [`Emitter::generic`] runs those.
+    fn generic_cached(&mut self, k: u32, i: &Instruction) -> E<bool> {
+        let Some(r) = rewrite(&mut self.info, i) else {
+            return Ok(false);
+        };
+        let m = i.mnemonic();
+        let regs = || (0..i.op_count()).filter(|&n| i.op_kind(n) == OpKind::Register);
+        let bit_reg = r.mem.is_some()
+            && matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+            && i.op1_kind() == OpKind::Register;
+        if !implicit(m, i.op_count()).is_empty()
+            || matches!(m, M::Div | M::Idiv)
+            || bit_reg
+            || regs().any(|n| is_high_byte(i.op_register(n)))
+        {
+            return Ok(false);
+        }
+        self.adopt_rax();
+        let mut c = self.cache;
+        let mut acts = Vec::new();
+        let mut pinned = 0u8;
+        if r.mem.is_some() && i.memory_base() != Register::RIP {
+            for reg in [i.memory_base(), i.memory_index()] {
+                if let Some(g) = gpr_of(reg)
+                    && c.alloc(g, true, &mut pinned, &mut acts).is_none()
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        for (g, &h) in r.host_of.iter().enumerate() {
+            let load = !r.write_only.get(g).copied().unwrap_or(false);
+            if h != usize::MAX && c.alloc(g, load, &mut pinned, &mut acts).is_none() {
+                return Ok(false);
+            }
+        }
+        let mut out = r.out;
+        for n in regs() {
+            let reg = i.op_register(n);
+            let host = gpr_num(reg)
+                .and_then(|g| c.host(g))
+                .and_then(|h| cache_reg(h, reg.size()));
+            let Some(host) = host else {
+                return Ok(false);
+            };
+            out.set_op_register(n, host);
+        }
+        if self.enc.encode(&out, 0).is_err() {
+            let mut b = self.enc.take_buffer();
+            b.clear();
+            self.enc.set_buffer(b);
+            return Ok(false);
+        }
+        let mut bytes = self.enc.take_buffer();
+        self.cache = c;
+        self.emit_acts(&acts);
+        if let Some(write) = r.mem {
+            if m == M::Lea {
+                self.effective(i);
+            } else {
+                self.address(i);
+                let size = i.memory_size().size();
+                if i.has_lock_prefix() || m == M::Xchg {
+                    self.check_aligned(k, i.ip(), size);
+                }
+                self.tlb(k, i.ip(), size, write);
+            }
+        }
+        self.a.bytes(&bytes);
+        bytes.clear();
+        self.enc.set_buffer(bytes);
+        for (g, &w) in r.written.iter().enumerate() {
+            if w {
+                self.set_dirty(g);
+            }
+        }
+        Ok(true)
     }
 
     /// An instruction re-encoded with host registers and `[rsi]`.
