@@ -247,6 +247,12 @@ impl Asm {
         self.bmi2_mem(3, dst, src, m);
     }
 
+    /// pext dst, src, qword [m]: the bits of `src` where the mask at `m` has ones, packed into
+    /// the low bits of `dst` (flags unchanged).
+    pub fn pext_mem(&mut self, dst: u8, src: u8, m: Mem) {
+        self.bmi2_mem(2, dst, src, m);
+    }
+
     /// shrx (pp = 3), sarx (pp = 2), shlx (pp = 1): dst = src shifted by cnt; no flags.
     fn bmi2_shift(&mut self, pp: u8, dst: u8, src: u8, cnt: u8) {
         self.buf.push(0xc4);
@@ -305,12 +311,6 @@ impl Asm {
     /// lea r32, [r32 + disp] (32-bit result, zero-extended; flags unchanged)
     pub fn lea32(&mut self, dst: u8, base: u8, disp: i32) {
         self.op_mem_w(false, &[0x8d], dst, at(base, disp));
-    }
-
-    /// movzx r32, r8 (the low byte of `src`; REX so that sil/dil, not dh/bh)
-    pub fn movzx8(&mut self, dst: u8, src: u8) {
-        self.buf.push(0x40 | ((dst >> 3) << 2) | (src >> 3));
-        self.bytes(&[0x0f, 0xb6, 0xc0 | ((dst & 7) << 3) | (src & 7)]);
     }
 
     /// `jrcxz l` (rel8: `l` must be within 127 bytes forward; [`Asm::finish`] checks it).
@@ -434,7 +434,6 @@ mod tests {
                 disp: 0,
             },
         );
-        a.movzx8(RCX, RCX);
         a.not(RCX);
         a.not(R12);
         a.load32(RCX, RCX);
@@ -468,12 +467,11 @@ mod tests {
         a.load(R8, at(R12, 24));
         a.load32(RCX, R13);
         a.lea32(RCX, RBP, 3);
-        a.movzx8(RDX, RDX);
-        a.movzx8(RCX, RDI);
-        a.movzx8(R8, RSI);
         a.pdep_mem(RDX, RSI, at(RSP, 8));
         a.pdep_mem(RCX, RCX, at(RSP, 16));
         a.pdep_mem(R8, R13, at(R12, 0));
+        a.pext_mem(RDX, RSI, at(RSP, 8));
+        a.pext_mem(R9, R9 + 1, at(R12, 0));
         let mut c = CodeAssembler::new(64).unwrap();
         c.mov(x::r12, x::qword_ptr(x::rbx + 40)).unwrap();
         c.mov(x::qword_ptr(x::r12 - 8), x::r8).unwrap();
@@ -490,7 +488,6 @@ mod tests {
         c.shlx(x::r9, x::rsi, x::rdx).unwrap();
         c.mov(x::rsi, x::qword_ptr(0x5008u64)).unwrap();
         c.lea(x::rcx, x::qword_ptr(x::rcx + x::r12)).unwrap();
-        c.movzx(x::ecx, x::cl).unwrap();
         c.not(x::rcx).unwrap();
         c.not(x::r12).unwrap();
         c.mov(x::ecx, x::dword_ptr(x::rcx)).unwrap();
@@ -509,12 +506,11 @@ mod tests {
         c.mov(x::r8, x::qword_ptr(x::r12 + 24)).unwrap();
         c.mov(x::ecx, x::dword_ptr(x::r13)).unwrap();
         c.lea(x::ecx, x::dword_ptr(x::rbp + 3)).unwrap();
-        c.movzx(x::edx, x::dl).unwrap();
-        c.movzx(x::ecx, x::dil).unwrap();
-        c.movzx(x::r8d, x::sil).unwrap();
         c.pdep(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
         c.pdep(x::rcx, x::rcx, x::qword_ptr(x::rsp + 16)).unwrap();
         c.pdep(x::r8, x::r13, x::qword_ptr(x::r12)).unwrap();
+        c.pext(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
+        c.pext(x::r9, x::r10, x::qword_ptr(x::r12)).unwrap();
         let want = keys(&c.assemble(0).unwrap());
         let got = keys(&a.buf);
         assert_eq!(got, want);

@@ -551,9 +551,10 @@ pub const EXIT_DEAD: u32 = 5;
 // The budget check at block heads tests r12 >> 12 (see `Emitter::head_checks`).
 const _: () = assert!(super::MAX_RUN < 4096);
 
-/// pdep mask of a soft-TLB index (the page number's low bits) times 4: `[r14 + rdx*8]` is
-/// then the 32-byte entry. The trampoline keeps it at `[rsp + TLB_MASK_AT]`.
-const TLB_MASK: u32 = (super::TLB_ENTRIES as u32 - 1) << 2;
+/// pext mask of a soft-TLB slot index (the page number's low bits): `[r14 + rdx*8 + field]`
+/// is then the slot's field of [`super::SoftTlb`]. The trampoline keeps it at
+/// `[rsp + TLB_MASK_AT]`.
+const TLB_MASK: u32 = (super::TLB_ENTRIES as u32 - 1) << 12;
 const TLB_MASK_AT: i32 = 8;
 /// pdep mask of a jump-cache index times 16 (the entry size), at `[rsp + JC_MASK_AT]`.
 const JC_MASK: u32 = (JC_ENTRIES as u32 - 1) << 4;
@@ -561,7 +562,6 @@ const JC_MASK_AT: i32 = 16;
 const _: () = assert!(
     super::TLB_ENTRIES.is_power_of_two()
         && JC_ENTRIES.is_power_of_two()
-        && std::mem::size_of::<super::TlbEntry>() == 32
         && std::mem::size_of::<super::JcEntry>() == 16
         && JC_MASK < 1 << 31
 );
@@ -746,6 +746,63 @@ pub struct Emitted {
 }
 
 /// Where an exit stub goes back to the run loop.
+/// [`SoftTlb`](super::SoftTlb) field at byte offset `field` of the slot in rdx (the current
+/// half's `read` array is at r14).
+fn tlb_field(field: i32) -> Mem {
+    Mem {
+        base: Some(R14),
+        index: Some((RDX, 8)),
+        disp: field,
+    }
+}
+
+/// A memory operand's address expression (64-bit addressing; RIP-relative operands carry
+/// their absolute address as displacement).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct MemKey {
+    base: Register,
+    index: Register,
+    scale: u32,
+    disp: u64,
+    seg: Register,
+}
+
+impl MemKey {
+    fn of(i: &Instruction) -> MemKey {
+        MemKey {
+            base: i.memory_base(),
+            index: i.memory_index(),
+            scale: i.memory_index_scale(),
+            disp: i.memory_displacement64(),
+            seg: i.memory_segment(),
+        }
+    }
+}
+
+/// After generic instruction `k` on the register cache: its soft-TLB check covered `size`
+/// bytes (`write`: a write check) at its operand `key`, and rsi holds the host address, for
+/// instruction `k + 1` with the same operand (add_n's `adc rax, [rbx + rcx*8]` then
+/// `mov [rbx + rcx*8], rax`: one check instead of two). Nothing is emitted between the two
+/// but the next instruction's register-cache loads and evictions, which leave rsi alone.
+#[derive(Clone, Copy)]
+struct Covered {
+    k: u32,
+    key: MemKey,
+    size: usize,
+    write: bool,
+}
+
+/// A store's soft-TLB check whose unlogged tag missed: the out-of-line test of its logged
+/// tag (see [`Emitter::tlb`]).
+struct LoggedWrite {
+    slow: Label,
+    /// Where the store goes on (its hit path).
+    back: Label,
+    /// The store's exit stub.
+    stub: Label,
+    size: usize,
+}
+
 struct Stub {
     label: Label,
     /// Guest instructions completed before the exit.
@@ -923,6 +980,11 @@ pub struct Emitter {
     /// Guest registers held in host registers (see [`RegCache`]).
     cache: RegCache,
     stubs: Vec<Stub>,
+    logged: Vec<LoggedWrite>,
+    /// The block's instruction after the one being emitted, if it is a generic one.
+    next: Option<Instruction>,
+    /// See [`Covered`].
+    covered: Option<Covered>,
     info: InstructionInfoFactory,
     enc: Encoder,
 }
@@ -1102,6 +1164,9 @@ impl Emitter {
             rax_live: false,
             cache: RegCache::EMPTY,
             stubs: Vec::new(),
+            logged: Vec::new(),
+            next: None,
+            covered: None,
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
         })
@@ -1160,6 +1225,8 @@ impl Emitter {
     ) -> E<Emitted> {
         self.a.reset();
         self.stubs.clear();
+        self.logged.clear();
+        self.covered = None;
         self.loop_head = None;
         self.loop_inner = None;
         self.flushed = false;
@@ -1187,6 +1254,9 @@ impl Emitter {
             self.loop_inner = Some(inner);
         }
         for (k, (i, kind)) in insns.iter().enumerate() {
+            self.next = insns
+                .get(k + 1)
+                .and_then(|(n, nk)| (*nk == Kind::Generic).then_some(*n));
             let k = k as u32;
             // Every kind but these reads or writes the register file in memory (or pins
             // guest registers to host ones): the cache is written back and emptied first.
@@ -1334,6 +1404,7 @@ impl Emitter {
             let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
             self.exit_static(rip, next, insns.len() as u32, chk);
         }
+        self.logged_writes();
         // Exit stubs: state is exactly as before instruction `done`.
         let stubs = std::mem::take(&mut self.stubs);
         for s in &stubs {
@@ -1643,36 +1714,43 @@ impl Emitter {
         }
     }
 
-    /// Soft-TLB check of `size` bytes at guest linear rsi; on a hit rsi = host address (and a
-    /// write is logged for the dirty bitmap), on a miss exit to interpret instruction `k`.
+    /// Soft-TLB check of `size` bytes (1 to 4096) at guest linear rsi; on a hit rsi = host
+    /// address, on a miss exit to interpret instruction `k`. Clobbers rcx, rdx, rdi; flags
+    /// untouched. A store's inline check tests the unlogged write tag only; its miss goes to
+    /// out-of-line code ([`Emitter::logged_writes`]) that tests the logged tag, appends the
+    /// page to the store log and comes back, so a store to a page already dirty costs what a
+    /// load does.
     fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
         let stub = self.stub(k, ip, if write { 2 } else { 1 });
         let a = &mut self.a;
-        if size > 1 {
-            a.lea(RCX, at(RSI, size as i32 - 1));
-            a.shrx(RCX, RCX, R13); // vpn of the last byte
-        } else {
-            a.shrx(RCX, RSI, R13);
-        }
-        a.shrx(RDX, RSI, R13);
-        a.pdep_mem(RDX, RDX, at(RSP, TLB_MASK_AT)); // the first byte's entry index * 4
-        // rdx * 8: the 32-byte entry.
-        let entry = |disp| Mem {
-            base: Some(R14),
-            index: Some((RDX, 8)),
-            disp,
-        };
-        a.load(RDI, entry(if write { 8 } else { 0 })); // -vpn
+        a.pext_mem(RDX, RSI, at(RSP, TLB_MASK_AT)); // the slot of the first byte's page
+        a.load(RDI, tlb_field(if write { super::TLB_WRITE } else { 0 })); // -page
+        // Zero iff the last byte is in the slot's page.
         a.lea(
             RCX,
             Mem {
-                base: Some(RCX),
+                base: Some(RSI),
                 index: Some((RDI, 1)),
-                disp: 0,
+                disp: size as i32 - 1,
             },
         );
-        a.jmp_unless_rcx_zero(stub);
-        a.load(RDI, entry(16));
+        a.shrx(RCX, RCX, R13);
+        if write {
+            let slow = a.label();
+            let back = a.label();
+            a.jmp_unless_rcx_zero(slow);
+            a.bind(back);
+            self.logged.push(LoggedWrite {
+                slow,
+                back,
+                stub,
+                size,
+            });
+        } else {
+            a.jmp_unless_rcx_zero(stub);
+        }
+        let a = &mut self.a;
+        a.load(RDI, tlb_field(super::TLB_ADDEND));
         a.lea(
             RSI,
             Mem {
@@ -1681,14 +1759,28 @@ impl Emitter {
                 disp: 0,
             },
         );
-        if write {
-            // The entry's page: its low byte is 1 (bit 0: already dirty, no code there:
-            // nothing to log) or 0.
-            let done = a.label();
-            a.load(RDI, entry(24));
-            a.movzx8(RCX, RDI);
-            a.lea32(RCX, RCX, -1);
-            a.jrcxz_short(done);
+    }
+
+    /// The out-of-line halves of the block's store checks (see [`Emitter::tlb`]): with rdx the
+    /// slot, a hit on the logged write tag appends the page to the store log and goes back
+    /// to the store; a miss leaves through the store's exit stub.
+    fn logged_writes(&mut self) {
+        let logged = std::mem::take(&mut self.logged);
+        let a = &mut self.a;
+        for w in &logged {
+            a.bind(w.slow);
+            a.load(RDI, tlb_field(super::TLB_WLOG));
+            a.lea(
+                RCX,
+                Mem {
+                    base: Some(RSI),
+                    index: Some((RDI, 1)),
+                    disp: w.size as i32 - 1,
+                },
+            );
+            a.shrx(RCX, RCX, R13);
+            a.jmp_unless_rcx_zero(w.stub);
+            a.load(RDI, tlb_field(super::TLB_PA));
             a.load(RCX, ctx(C_LOG_N));
             a.store(
                 Mem {
@@ -1700,7 +1792,7 @@ impl Emitter {
             );
             a.lea(RCX, at(RCX, 1));
             a.store(ctx(C_LOG_N), RCX);
-            a.bind(done);
+            a.jmp(w.back);
         }
     }
 
@@ -1894,16 +1986,37 @@ impl Emitter {
         let mut bytes = self.enc.take_buffer();
         self.cache = c;
         self.emit_acts(&acts);
+        let covered = self.covered.take();
         if let Some(write) = r.mem {
             if m == M::Lea {
                 self.effective(i);
             } else {
-                self.address(i);
                 let size = i.memory_size().size();
-                if i.has_lock_prefix() || m == M::Xchg {
-                    self.check_aligned(k, i.ip(), size);
+                let key = MemKey::of(i);
+                let done = covered.is_some_and(|c| {
+                    c.k.checked_add(1) == Some(k)
+                        && c.key == key
+                        && c.size >= size
+                        && (c.write || !write)
+                });
+                // rsi still holds the host address of the previous instruction's check,
+                // which covered this access too (see `Covered`).
+                if !done {
+                    self.address(i);
+                    let mut check = (size, write);
+                    if i.has_lock_prefix() || m == M::Xchg {
+                        self.check_aligned(k, i.ip(), size);
+                    } else if let Some(n) = self.shares_operand(i, &r) {
+                        check = (size.max(n.0), write || n.1);
+                        self.covered = Some(Covered {
+                            k,
+                            key,
+                            size: check.0,
+                            write: check.1,
+                        });
+                    }
+                    self.tlb(k, i.ip(), check.0, check.1);
                 }
-                self.tlb(k, i.ip(), size, write);
             }
         }
         self.a.bytes(&bytes);
@@ -1915,6 +2028,34 @@ impl Emitter {
             }
         }
         Ok(true)
+    }
+
+    /// The next instruction's (size, write) when it is a generic instruction accessing the
+    /// same memory operand as `i` (whose rewrite is `r`) at the same address: same address
+    /// expression, none of its registers written by `i`, no lock/xchg alignment check and no
+    /// `bt*` register offset. `i`'s soft-TLB check then covers both accesses (the larger
+    /// size, a write check if either writes; a write entry is only made where a read is
+    /// allowed too), and the next instruction reuses the host address left in rsi.
+    fn shares_operand(&mut self, i: &Instruction, r: &Rewrite) -> Option<(usize, bool)> {
+        let n = self.next?;
+        let key = MemKey::of(i);
+        if MemKey::of(&n) != key
+            || matches!(n.mnemonic(), M::Lea | M::Xchg)
+            || n.has_lock_prefix()
+            || (matches!(n.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc)
+                && n.op1_kind() == OpKind::Register)
+        {
+            return None;
+        }
+        for reg in [key.base, key.index] {
+            if let Some(g) = gpr_of(reg)
+                && r.written.get(g).copied().unwrap_or(true)
+            {
+                return None;
+            }
+        }
+        let write = rewrite(&mut self.info, &n)?.mem?;
+        Some((n.memory_size().size(), write))
     }
 
     /// An instruction re-encoded with host registers and `[rsi]`.

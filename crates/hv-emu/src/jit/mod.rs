@@ -113,19 +113,126 @@ const READ_AHEAD: usize = 1024;
 /// Entries of the one-instruction cache (a power of two; see [`OneOp`]).
 const ONE_OPS: usize = 1024;
 
-/// One soft-TLB entry: tags are the negated virtual page number (so a flag-free `lea` of tag
-/// and page number is zero on a hit), 1 when empty.
+/// The soft TLB, both privilege halves, as parallel arrays of `u64` by slot (so generated code
+/// gets a slot's index straight from one `pext` of the address and addresses each field as
+/// `[r14 + index*8 + field]`). Tags are the negated guest page *address*: a flag-free `lea` of
+/// tag, address and access size minus one, shifted right by 12, is zero exactly when the
+/// access's last byte is in the tagged page (and the first byte chose the slot, so a
+/// page-crossing access never hits). An empty slot's tag is [`empty_tag`].
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TlbEntry {
-    read_tag: u64,
-    write_tag: u64,
+pub struct SoftTlb {
+    read: [u64; 2 * TLB_ENTRIES],
+    /// Write tags of unlogged (NOTDIRTY) entries: pages the dirty bitmap already had, holding
+    /// no code, when the entry was made (QEMU's idea; dropped at each dirty-bitmap harvest).
+    /// Stores through them are not logged: the inline check of a store tests only this tag.
+    write: [u64; 2 * TLB_ENTRIES],
+    /// Write tags of logged entries: a store whose `write` tag misses tests this one out of
+    /// line and appends the page to the store log.
+    wlog: [u64; 2 * TLB_ENTRIES],
     /// Host address minus guest linear address of the page.
-    addend: u64,
-    /// Guest-physical page address (for the store log); bit 0 set: the page was dirty and
-    /// held no code when the write entry was made, so stores through it are not logged
-    /// (QEMU's NOTDIRTY idea; such entries are dropped at each dirty-bitmap harvest).
-    pa: u64,
+    addend: [u64; 2 * TLB_ENTRIES],
+    /// Guest-physical page address (for the store log).
+    pa: [u64; 2 * TLB_ENTRIES],
+}
+
+/// The tag of an empty slot: the negated address of a page whose slot index is neither
+/// `slot`'s nor the next one, so no access that `slot` is chosen for (first byte in a page
+/// of `slot`'s index, last byte in that page or the next) can hit it.
+pub const fn empty_tag(slot: usize) -> u64 {
+    ((((slot & (TLB_ENTRIES - 1)) ^ (TLB_ENTRIES / 2)) as u64) << 12).wrapping_neg()
+}
+
+const fn empty_tags() -> [u64; 2 * TLB_ENTRIES] {
+    let mut t = [0u64; 2 * TLB_ENTRIES];
+    let mut i = 0;
+    while i < 2 * TLB_ENTRIES {
+        t[i] = empty_tag(i);
+        i += 1;
+    }
+    t
+}
+
+const EMPTY_TAGS: [u64; 2 * TLB_ENTRIES] = empty_tags();
+
+/// Byte offsets of [`SoftTlb`]'s arrays from its `read` array (generated code's `r14` points
+/// at the current half of `read`, so the same offsets reach the same half of each array).
+pub const TLB_WRITE: i32 = offset_of!(SoftTlb, write) as i32;
+pub const TLB_WLOG: i32 = offset_of!(SoftTlb, wlog) as i32;
+pub const TLB_ADDEND: i32 = offset_of!(SoftTlb, addend) as i32;
+pub const TLB_PA: i32 = offset_of!(SoftTlb, pa) as i32;
+
+impl SoftTlb {
+    fn new() -> Box<SoftTlb> {
+        Box::new(SoftTlb {
+            read: EMPTY_TAGS,
+            write: EMPTY_TAGS,
+            wlog: EMPTY_TAGS,
+            addend: [0; 2 * TLB_ENTRIES],
+            pa: [0; 2 * TLB_ENTRIES],
+        })
+    }
+
+    /// Empties slot `i`.
+    fn clear(&mut self, i: usize) {
+        let e = empty_tag(i);
+        for t in [&mut self.read, &mut self.write, &mut self.wlog] {
+            if let Some(t) = t.get_mut(i) {
+                *t = e;
+            }
+        }
+    }
+
+    /// Drops slot `i`'s write tags (logged or not).
+    fn clear_writes(&mut self, i: usize) {
+        let e = empty_tag(i);
+        for t in [&mut self.write, &mut self.wlog] {
+            if let Some(t) = t.get_mut(i) {
+                *t = e;
+            }
+        }
+    }
+
+    /// Turns slot `i`'s unlogged write tag into a logged one.
+    fn log_writes(&mut self, i: usize) {
+        let e = empty_tag(i);
+        if let (Some(w), Some(l)) = (self.write.get_mut(i), self.wlog.get_mut(i))
+            && *w != e
+        {
+            *l = *w;
+            *w = e;
+        }
+    }
+
+    /// Fills slot `i` for the page at linear `base` (4 KiB aligned): readable, and writable
+    /// (logged or not) if `write`; the slot's other page, if any, is dropped first.
+    fn fill(&mut self, i: usize, base: u64, host: u64, pa: u64, write: Option<bool>) {
+        let tag = base.wrapping_neg();
+        let same = |t: &[u64; 2 * TLB_ENTRIES]| t.get(i) == Some(&tag);
+        if !same(&self.read) && !same(&self.write) && !same(&self.wlog) {
+            self.clear(i);
+        }
+        if let (Some(r), Some(a), Some(p)) = (
+            self.read.get_mut(i),
+            self.addend.get_mut(i),
+            self.pa.get_mut(i),
+        ) {
+            *a = host.wrapping_sub(base);
+            *p = pa & !0xfff;
+            *r = tag;
+        }
+        if let Some(unlogged) = write {
+            let e = empty_tag(i);
+            let (set, other) = if unlogged {
+                (&mut self.write, &mut self.wlog)
+            } else {
+                (&mut self.wlog, &mut self.write)
+            };
+            if let (Some(s), Some(o)) = (set.get_mut(i), other.get_mut(i)) {
+                *s = tag;
+                *o = e;
+            }
+        }
+    }
 }
 
 /// The first soft-TLB index of the half for `cpl` (see [`Ctx::tlb_base`]).
@@ -137,13 +244,6 @@ fn tlb_half(cpl: u8) -> usize {
 fn jc_half(cpl: u8) -> usize {
     if cpl == 3 { JC_ENTRIES } else { 0 }
 }
-
-const EMPTY: TlbEntry = TlbEntry {
-    read_tag: 1,
-    write_tag: 1,
-    addend: 0,
-    pa: 0,
-};
 
 /// What translated code reads and writes besides the guest registers. The emitter addresses
 /// the fields by the `C_*` offsets below.
@@ -174,7 +274,7 @@ pub struct Ctx {
     /// second for CPL 3 (set at every entry). Each half is filled only at its privilege
     /// class, with that class's permission checks, so neither is emptied when the CPL changes.
     tlb_base: u64,
-    tlb: [TlbEntry; 2 * TLB_ENTRIES],
+    tlb: Box<SoftTlb>,
     /// Host address of the half of `jc` generated code probes, by privilege class like
     /// `tlb_base` (set at every entry): an entry is made after a fetch at its class, so the
     /// other class never runs code it has not passed the fetch checks for.
@@ -235,7 +335,6 @@ const C_TLB: i32 = offset_of!(Ctx, tlb_base) as i32;
 const C_LOG: i32 = offset_of!(Ctx, log) as i32;
 const C_JC: i32 = offset_of!(Ctx, jc_base) as i32;
 const _: () = assert!(std::mem::size_of::<JcEntry>() == 16);
-const _: () = assert!(std::mem::size_of::<TlbEntry>() == 32);
 
 /// One decoded instruction the interpreter runs for the translator: the instruction a block
 /// stopped before (a soft-TLB miss, a non-canonical target) or one it does not translate.
@@ -387,7 +486,7 @@ impl Jit {
                 link: 0,
                 dead: 0,
                 tlb_base: 0,
-                tlb: [EMPTY; 2 * TLB_ENTRIES],
+                tlb: SoftTlb::new(),
                 jc_base: 0,
                 jc: [JC_EMPTY; 2 * JC_ENTRIES],
                 log: [0; LOG_CAP],
@@ -487,11 +586,7 @@ impl Jit {
     /// entry made from a global translation is still what a fetch at the same CPL would find.
     fn flush_nonglobal_tlb(&mut self) {
         let tlb = &mut self.ctx.tlb;
-        self.tlb_used.flush_local(|i| {
-            if let Some(e) = tlb.get_mut(i) {
-                *e = EMPTY;
-            }
-        });
+        self.tlb_used.flush_local(|i| tlb.clear(i));
         let jc = &mut self.ctx.jc;
         self.jc_used.flush_local(|i| {
             if let Some(e) = jc.get_mut(i) {
@@ -502,11 +597,7 @@ impl Jit {
 
     fn flush_tlb(&mut self) {
         let tlb = &mut self.ctx.tlb;
-        self.tlb_used.flush_all(|i| {
-            if let Some(e) = tlb.get_mut(i) {
-                *e = EMPTY;
-            }
-        });
+        self.tlb_used.flush_all(|i| tlb.clear(i));
         self.flush_jc();
     }
 
@@ -539,21 +630,13 @@ impl Jit {
 
     fn flush_writes(&mut self) {
         let tlb = &mut self.ctx.tlb;
-        self.tlb_used.for_each(|i| {
-            if let Some(e) = tlb.get_mut(i) {
-                e.write_tag = 1;
-            }
-        });
+        self.tlb_used.for_each(|i| tlb.clear_writes(i));
     }
 
     /// Makes every write entry log its stores again (a dirty-bitmap harvest happened).
     fn log_all_writes(&mut self) {
         let tlb = &mut self.ctx.tlb;
-        self.tlb_used.for_each(|i| {
-            if let Some(e) = tlb.get_mut(i) {
-                e.pa &= !1;
-            }
-        });
+        self.tlb_used.for_each(|i| tlb.log_writes(i));
     }
 }
 
@@ -819,8 +902,9 @@ impl Exec<'_> {
             jit.ctx.tlb_base = jit
                 .ctx
                 .tlb
+                .read
                 .get(tlb_half(self.cpu.cpl))
-                .map_or(0, |e| e as *const TlbEntry as u64);
+                .map_or(0, |e| e as *const u64 as u64);
             jit.ctx.jc_base = jit
                 .ctx
                 .jc
@@ -971,28 +1055,16 @@ impl Exec<'_> {
             return;
         }
         let vpn = lin >> 12;
-        let tag = vpn.wrapping_neg();
         let slot = ((vpn as usize) & (TLB_ENTRIES - 1)) | tlb_half(self.cpu.cpl);
         let global = self.cpu.tlb.is_global(lin);
-        let Some(e) = jit.ctx.tlb.get_mut(slot) else {
-            return;
-        };
-        if e.read_tag != tag && e.write_tag != tag {
-            *e = EMPTY;
-        }
         // A read and a write fill of one page agree; a global page's entry survives MOV to
         // CR3 only if every fill of it was global (`fill` keeps a non-global one so).
         jit.tlb_used.fill(slot, global);
-        e.addend = host.wrapping_sub(lin & !0xfff);
         // Unlogged only if the page is dirty already (the bitmap has it since the last
         // harvest: `jit.dirty_epoch` is current, checked at every entry) and holds no code
         // (`is_marked` above; a page that becomes code drops all write entries).
-        let unlogged = write && self.ram.is_dirty(pa);
-        e.pa = (pa & !0xfff) | u64::from(unlogged);
-        e.read_tag = tag;
-        if write {
-            e.write_tag = tag;
-        }
+        let write = write.then(|| self.ram.is_dirty(pa));
+        jit.ctx.tlb.fill(slot, lin & !0xfff, host, pa, write);
     }
 
     /// Runs the one instruction at RIP (64-bit mode) with the interpreter, from the

@@ -14,8 +14,10 @@ use crate::cpu::{ARITH_FLAGS, CR0_PG, CR4_PAE, Cpu};
 use crate::testutil::Rng;
 
 /// Page tables (PML4 0x10000, PDPT 0x11000, PD 0x12000, PT 0x13000) mapping the first
-/// 128 KiB one to one, writable, except the page at [`HOLE`] (not present).
+/// 128 KiB one to one, writable, except the page at [`HOLE`] (not present) and the page at
+/// [`RDONLY`] (read-only).
 const HOLE: u64 = 0xa000;
+const RDONLY: u64 = 0xc000;
 
 fn map(rig: &Rig) {
     for m in [&rig.m1, &rig.m2] {
@@ -30,7 +32,9 @@ fn map(rig: &Rig) {
         w(0x11000, 0x12000 | 3);
         w(0x12000, 0x13000 | 3);
         for p in 0..32u64 {
-            if p * 0x1000 != HOLE {
+            if p * 0x1000 == RDONLY {
+                w(0x13000 + 8 * p, (p * 0x1000) | 1);
+            } else if p * 0x1000 != HOLE {
                 w(0x13000 + 8 * p, (p * 0x1000) | 3);
             }
         }
@@ -389,5 +393,159 @@ fn a_loop_carrying_its_registers_leaves_exactly_at_the_budget() {
         });
         assert!(r.is_ok());
         assert!(rig.jit.stats.blocks >= 1);
+    }
+}
+
+// The soft-TLB check (`Emitter::tlb`): one tag per slot compared with the page of the access's
+// last byte, and one check shared by two consecutive instructions with the same memory
+// operand (`Covered` in emit.rs: add_n's `adc rax, [m]; mov [m], rax`).
+
+/// Warms the soft-TLB slot of the page of `rdi - 0x100` (the first run misses and fills it,
+/// the run loop then re-enters translated code), sets the flags, then runs `last`.
+fn warm_then(last: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    code_of(|a| {
+        a.mov(rsi, qword_ptr(rdi - 0x100))?;
+        a.mov(rsi, qword_ptr(rdi - 0x100))?;
+        a.cmp(rbx, rcx)?;
+        last(a)?;
+        a.add(rbx, 1)
+    })
+}
+
+#[test]
+fn page_crossing_accesses_never_hit_the_soft_tlb() {
+    // Each access starts in the page below the hole (its slot warm) and ends in the hole:
+    // every one must fault at the hole with the interpreter's state (a check that looked at
+    // the first byte's page, or a shared check of the first instruction's smaller size,
+    // would read or write past the page on the host).
+    type Body = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(&str, u64, Body); 6] = [
+        ("load 8 at -4", HOLE - 4, |a| a.mov(rax, qword_ptr(rdi))),
+        ("load 2 at -1", HOLE - 1, |a| a.movzx(eax, word_ptr(rdi))),
+        ("store 8 at -1", HOLE - 1, |a| a.mov(qword_ptr(rdi), rdx)),
+        ("add 4 then store 8 at -4", HOLE - 4, |a| {
+            a.add(eax, dword_ptr(rdi))?;
+            a.mov(qword_ptr(rdi), rax)
+        }),
+        ("load 4 then adc 8 at -4", HOLE - 4, |a| {
+            a.mov(eax, dword_ptr(rdi))?;
+            a.adc(rax, qword_ptr(rdi))
+        }),
+        ("rmw 8 at -7", HOLE - 7, |a| a.add(qword_ptr(rdi), rdx)),
+    ];
+    for (name, at, body) in cases {
+        for seed in [1u64, 0xfeed] {
+            let code = warm_then(&body);
+            let (rig, r, c) = both(&code, seed, 100, true, &|c| c.gpr[7] = at);
+            assert!(r.is_err(), "{name}: no fault");
+            assert_eq!(c.cr2, HOLE, "{name}");
+            assert!(rig.jit.stats.run > 0, "{name}: nothing ran translated");
+        }
+    }
+}
+
+#[test]
+fn a_shared_check_misses_on_a_read_only_page_with_live_flags() {
+    // `adc rax, [rdi]` shares its (write) check with the store after it; on a read-only page
+    // that check misses, the interpreter runs the adc (a read, allowed) with the flags of
+    // the cmp, and the store then faults with the adc's flags in RFLAGS: both engines must
+    // agree on the fault, CR2, RIP and the flags, with and without CR0.WP.
+    for wp in [false, true] {
+        for seed in [5u64, 0x5eed, 77] {
+            let code = code_of(|a| {
+                a.mov(rsi, qword_ptr(rdi))?; // the slot's read entry
+                a.cmp(rbx, rcx)?;
+                a.adc(rax, qword_ptr(rdi))?;
+                a.mov(qword_ptr(rdi), rax)?;
+                a.setc(dl)?;
+                a.add(rbx, 1)
+            });
+            let (_, r, c) = both(&code, seed, 100, true, &|c| {
+                c.gpr[7] = RDONLY + 0x18;
+                if wp {
+                    c.cr0 |= crate::cpu::CR0_WP;
+                }
+            });
+            assert_eq!(r.is_err(), wp, "fault iff CR0.WP");
+            if wp {
+                assert_eq!(c.cr2, RDONLY + 0x18);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_shared_check_on_a_clean_page_logs_the_store() {
+    // After a harvest the slot's write entry logs again; the store that shares the adc's
+    // check must still mark the page (the logged half of the check runs out of line, with
+    // the flags the adc reads untouched).
+    use vm_memory::GuestMemoryBackend as _;
+    use vm_memory::bitmap::Bitmap as _;
+    const D: u64 = 0x7000;
+    let code = code_of(|a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 8)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rdi + rcx * 8))?;
+        a.adc(rax, qword_ptr(rbx + rcx * 8))?;
+        a.mov(qword_ptr(rbx + rcx * 8), rax)?;
+        a.dec(rcx)?;
+        a.jne(top)?;
+        a.setc(dl)
+    });
+    let mut rig = Rig::with_model(hv::CpuModel::portable());
+    let dirty = |r: &hv::GuestMemory| r.iter().next().unwrap().bitmap().dirty_at(D as usize);
+    let harvest = |r: &hv::GuestMemory| {
+        let _ = r.iter().next().unwrap().bitmap().get_and_reset();
+    };
+    for round in 0..4u64 {
+        rig.load(round + 1, &code);
+        harvest(&rig.m1);
+        harvest(&rig.m2);
+        rig.vm.quiesce_unlogged_writes();
+        let setup = |c: &mut Cpu| {
+            c.gpr[7] = 0x6000;
+            c.gpr[3] = D;
+        };
+        let mut a = cpu(round + 1, false, &setup);
+        let mut b = cpu(round + 1, false, &setup);
+        let both = rig.run_both("shared check, clean page", &mut a, &mut b, 100, |_| false);
+        assert!(both.jit.is_ok() && both.interp.is_ok());
+        assert_eq!(a.rflags & ARITH_FLAGS, b.rflags & ARITH_FLAGS, "flags");
+        assert!(dirty(&rig.m1), "round {round}: the store did not mark its page");
+    }
+}
+
+#[test]
+fn a_shared_check_never_writes_a_code_page_unseen() {
+    // X reads and then writes P's immediate through one shared check, then calls P: every
+    // call must run the patched code (P is code: no write entry, the store leaves).
+    const P: u64 = CODE + 0x4000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(edx, 6).unwrap();
+    a.mov(ecx, 100).unwrap();
+    a.mov(rsp, 0x9000u64).unwrap();
+    a.mov(rbx, P + 1).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(r8d, dword_ptr(rbx)).unwrap();
+    a.mov(dword_ptr(rbx), ecx).unwrap();
+    a.add(rsi, r8).unwrap();
+    a.inc(ecx).unwrap();
+    a.call(P).unwrap();
+    a.add(rdi, rax).unwrap();
+    a.dec(edx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(eax, 0).unwrap();
+    p.ret().unwrap();
+    code.resize((P - CODE) as usize, 0xcc);
+    code.extend_from_slice(&p.assemble(P).unwrap());
+    for seed in [1u64, 2, 3] {
+        let (_, r, c) = both(&code, seed, 200, false, &|_| {});
+        assert!(r.is_ok());
+        assert_eq!(c.mp_state, hv::MpState::Halted);
     }
 }
