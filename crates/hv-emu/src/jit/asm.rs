@@ -35,8 +35,6 @@ pub struct Asm {
     labels: Vec<Option<usize>>,
     /// (position of a rel32 field, label)
     fixups: Vec<(usize, usize)>,
-    /// (position of a rel8 field, label)
-    fixups8: Vec<(usize, usize)>,
 }
 
 /// A memory operand `[base + index*scale + disp]`.
@@ -60,7 +58,6 @@ impl Asm {
         self.buf.clear();
         self.labels.clear();
         self.fixups.clear();
-        self.fixups8.clear();
     }
 
     pub fn label(&mut self) -> Label {
@@ -79,20 +76,8 @@ impl Asm {
         self.labels.get(l.0).copied().flatten()
     }
 
-    /// Patches every rel32 and rel8 to its label. False if a label was never bound or a rel8
-    /// target is out of range.
+    /// Patches every rel32 to its label. False if a label was never bound.
     pub fn finish(&mut self) -> bool {
-        for &(pos, l) in &self.fixups8 {
-            let Some(Some(target)) = self.labels.get(l) else {
-                return false;
-            };
-            let Ok(rel) = i8::try_from(*target as i64 - (pos as i64 + 1)) else {
-                return false;
-            };
-            if let Some(f) = self.buf.get_mut(pos) {
-                *f = rel as u8;
-            }
-        }
         for &(pos, l) in &self.fixups {
             let Some(Some(target)) = self.labels.get(l) else {
                 return false;
@@ -311,13 +296,6 @@ impl Asm {
     /// lea r32, [r32 + disp] (32-bit result, zero-extended; flags unchanged)
     pub fn lea32(&mut self, dst: u8, base: u8, disp: i32) {
         self.op_mem_w(false, &[0x8d], dst, at(base, disp));
-    }
-
-    /// `jrcxz l` (rel8: `l` must be within 127 bytes forward; [`Asm::finish`] checks it).
-    pub fn jrcxz_short(&mut self, l: Label) {
-        self.buf.push(0xe3);
-        self.fixups8.push((self.buf.len(), l.0));
-        self.buf.push(0);
     }
 
     /// ret
@@ -545,23 +523,5 @@ mod tests {
         assert_eq!(a.buf.len(), 3 + 4);
         a.load(RAX, at(RBX, 0x100));
         assert_eq!(a.buf.len(), 3 + 4 + 7);
-        // A short jrcxz to a label, and one out of range.
-        let mut a = Asm::default();
-        let l = a.label();
-        a.jrcxz_short(l);
-        a.bytes(&[0x90; 3]);
-        a.bind(l);
-        assert!(a.finish());
-        let i = Decoder::with_ip(64, &a.buf, 0x1000, DecoderOptions::NONE).decode();
-        assert_eq!(
-            (i.mnemonic(), i.near_branch64()),
-            (iced_x86::Mnemonic::Jrcxz, 0x1005)
-        );
-        let mut a = Asm::default();
-        let l = a.label();
-        a.jrcxz_short(l);
-        a.bytes(&[0x90; 200]);
-        a.bind(l);
-        assert!(!a.finish());
     }
 }

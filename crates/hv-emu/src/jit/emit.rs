@@ -780,10 +780,11 @@ impl MemKey {
 }
 
 /// After generic instruction `k` on the register cache: its soft-TLB check covered `size`
-/// bytes (`write`: a write check) at its operand `key`, and rsi holds the host address, for
+/// bytes (`write`: a write check) at its operand `key`, and rsi + rdi is the host address, for
 /// instruction `k + 1` with the same operand (add_n's `adc rax, [rbx + rcx*8]` then
 /// `mov [rbx + rcx*8], rax`: one check instead of two). Nothing is emitted between the two
-/// but the next instruction's register-cache loads and evictions, which leave rsi alone.
+/// but the next instruction's register-cache loads and evictions, which leave rsi and rdi
+/// alone.
 #[derive(Clone, Copy)]
 struct Covered {
     k: u32,
@@ -1721,6 +1722,21 @@ impl Emitter {
     /// page to the store log and comes back, so a store to a page already dirty costs what a
     /// load does.
     fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
+        self.tlb_check(k, ip, size, write);
+        self.a.lea(
+            RSI,
+            Mem {
+                base: Some(RSI),
+                index: Some((RDI, 1)),
+                disp: 0,
+            },
+        );
+    }
+
+    /// [`Emitter::tlb`] leaving the host address as rsi + rdi (rsi still the guest linear
+    /// address, rdi the slot's addend): an instruction re-encoded with `[rsi + rdi]` needs
+    /// no `lea` of its own.
+    fn tlb_check(&mut self, k: u32, ip: u64, size: usize, write: bool) {
         let stub = self.stub(k, ip, if write { 2 } else { 1 });
         let a = &mut self.a;
         a.pext_mem(RDX, RSI, at(RSP, TLB_MASK_AT)); // the slot of the first byte's page
@@ -1749,16 +1765,7 @@ impl Emitter {
         } else {
             a.jmp_unless_rcx_zero(stub);
         }
-        let a = &mut self.a;
-        a.load(RDI, tlb_field(super::TLB_ADDEND));
-        a.lea(
-            RSI,
-            Mem {
-                base: Some(RSI),
-                index: Some((RDI, 1)),
-                disp: 0,
-            },
-        );
+        self.a.load(RDI, tlb_field(super::TLB_ADDEND));
     }
 
     /// The out-of-line halves of the block's store checks (see [`Emitter::tlb`]): with rdx the
@@ -1977,6 +1984,12 @@ impl Emitter {
             };
             out.set_op_register(n, host);
         }
+        // The host address is rsi + rdi after the soft-TLB check (`tlb_check`); rdi is none
+        // of the cache's registers.
+        if r.mem.is_some() && m != M::Lea {
+            out.set_memory_index(Register::RDI);
+            out.set_memory_index_scale(1);
+        }
         if self.enc.encode(&out, 0).is_err() {
             let mut b = self.enc.take_buffer();
             b.clear();
@@ -1999,7 +2012,7 @@ impl Emitter {
                         && c.size >= size
                         && (c.write || !write)
                 });
-                // rsi still holds the host address of the previous instruction's check,
+                // rsi + rdi still is the host address of the previous instruction's check,
                 // which covered this access too (see `Covered`).
                 if !done {
                     self.address(i);
@@ -2015,7 +2028,7 @@ impl Emitter {
                             write: check.1,
                         });
                     }
-                    self.tlb(k, i.ip(), check.0, check.1);
+                    self.tlb_check(k, i.ip(), check.0, check.1);
                 }
             }
         }
@@ -2035,7 +2048,7 @@ impl Emitter {
     /// expression, none of its registers written by `i`, no lock/xchg alignment check and no
     /// `bt*` register offset. `i`'s soft-TLB check then covers both accesses (the larger
     /// size, a write check if either writes; a write entry is only made where a read is
-    /// allowed too), and the next instruction reuses the host address left in rsi.
+    /// allowed too), and the next instruction reuses the host address left in rsi + rdi.
     fn shares_operand(&mut self, i: &Instruction, r: &Rewrite) -> Option<(usize, bool)> {
         let n = self.next?;
         let key = MemKey::of(i);

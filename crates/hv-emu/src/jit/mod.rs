@@ -152,7 +152,7 @@ const fn empty_tags() -> [u64; 2 * TLB_ENTRIES] {
     t
 }
 
-const EMPTY_TAGS: [u64; 2 * TLB_ENTRIES] = empty_tags();
+static EMPTY_TAGS: [u64; 2 * TLB_ENTRIES] = empty_tags();
 
 /// Byte offsets of [`SoftTlb`]'s arrays from its `read` array (generated code's `r14` points
 /// at the current half of `read`, so the same offsets reach the same half of each array).

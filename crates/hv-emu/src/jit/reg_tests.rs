@@ -512,7 +512,10 @@ fn a_shared_check_on_a_clean_page_logs_the_store() {
         let both = rig.run_both("shared check, clean page", &mut a, &mut b, 100, |_| false);
         assert!(both.jit.is_ok() && both.interp.is_ok());
         assert_eq!(a.rflags & ARITH_FLAGS, b.rflags & ARITH_FLAGS, "flags");
-        assert!(dirty(&rig.m1), "round {round}: the store did not mark its page");
+        assert!(
+            dirty(&rig.m1),
+            "round {round}: the store did not mark its page"
+        );
     }
 }
 
