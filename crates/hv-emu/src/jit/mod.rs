@@ -13,10 +13,11 @@
 //!   on a miss (or a page-crossing, misaligned-locked or non-canonical case) the block exits
 //!   *before* the instruction with the exact state, and the interpreter runs that instruction
 //!   (faulting through the IDT as usual), after which the TLB entry is filled.
-//! * **Soft TLB** (256 entries, host pointer per guest page): filled only from
-//!   `Exec::translate` for RAM pages, dropped whenever the interpreter's TLB is flushed
-//!   (`Tlb::epoch`) or the CPL changes; write entries exist only for pages that hold no cached
-//!   code, and are dropped whenever any page becomes code (`CodeTracker::marks`).
+//! * **Soft TLB** ([`SoftTlb`]: 4096 slots per privilege class, host addend per guest page):
+//!   filled only from `Exec::translate` for RAM pages at the current privilege class, dropped
+//!   whenever the interpreter's TLB is flushed (`Tlb::epoch`); write entries exist only for
+//!   pages that hold no cached code, and are dropped whenever any page becomes code
+//!   (`CodeTracker::marks`).
 //! * **Stores** log their guest page in [`Ctx::log`]; after the block the run loop marks the
 //!   dirty bitmap (data first, then the bit, as `Ram::write`) and tells the code tracker, so
 //!   migration and self-modifying-code detection see every translated store.
