@@ -729,11 +729,13 @@ pub fn perf_map_note(start: u64, size: usize, name: &str) {
 
 /// What a block checks at its chained entry that its code is still current: the host address
 /// of its guest page's write generation ([`crate::vm::CodeTracker`]) and the value it was
-/// translated under.
+/// translated under; for a block whose last instruction goes on into the next page, the same
+/// for that page (`next`), so a write to either page kills the block.
 #[derive(Clone, Copy)]
 pub struct Guard {
     pub gen_addr: u64,
     pub generation: u32,
+    pub next: Option<(u64, u32)>,
 }
 
 /// A block's host code.
@@ -1399,11 +1401,14 @@ impl Emitter {
         self.loop_head = Some(looped);
         let a = &mut self.a;
         a.bind(chk);
-        // The page's write generation.
-        a.mov_imm(RCX, guard.gen_addr);
-        a.load32(RCX, RCX);
-        a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
-        a.jmp_unless_rcx_zero(dead);
+        // The page's write generation (and the next page's, for a block whose last
+        // instruction crosses into it).
+        for (addr, generation) in std::iter::once((guard.gen_addr, guard.generation)).chain(guard.next) {
+            a.mov_imm(RCX, addr);
+            a.load32(RCX, RCX);
+            a.lea32(RCX, RCX, (generation as i32).wrapping_neg());
+            a.jmp_unless_rcx_zero(dead);
+        }
         a.bind(looped);
         // Budget: r12 counts down (see [`trampoline`]); r12 >> 12 is 0 while it is in
         // 0..MAX_RUN, and not once it went below 0.
