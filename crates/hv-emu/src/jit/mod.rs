@@ -359,6 +359,9 @@ pub struct Jit {
     /// The next page of each block whose last instruction crosses into it, by the cache
     /// offset of the block's body (emptied with the cache).
     xpages: HashMap<u32, XPage>,
+    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch or
+    /// the CPL last changed (those links are undone when either changes).
+    xpage_links: Vec<u32>,
     pub stats: Stats,
 }
 
@@ -367,11 +370,15 @@ pub struct Jit {
 /// address of the generation word, which the block's head compares too).
 ///
 /// Such a block runs only where the next page's current translation is that page: the run
-/// loop checks it at every lookup (`Exec::next_page_current`), a jump-cache entry made after
-/// that check lives only as long as the TLB translations it was made under (emptied with the
-/// soft TLB; across MOV to CR3 only if both pages are global), and no jump is ever linked to
-/// it: a linked jump's source block only vouches for the mapping of its own page (QEMU's rule
-/// for blocks spanning two pages, too).
+/// loop checks it at every lookup (`Exec::next_page_current`), and the ways in that skip the
+/// lookup live only as long as the translations and the privilege that check was made under:
+/// a jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
+/// are global), and a jump linked to it (made right after such a lookup, like every link) is
+/// undone at the next entry into translated code under another TLB epoch or CPL
+/// (`Jit::xpage_links`) — a linked jump's source block vouches only for the mapping of its own
+/// page, which is why QEMU never chains to a block spanning two pages. Between two TLB
+/// flushes at one privilege, the next page's translation is the one the check saw (or a
+/// stale one the guest did not flush, which a CPU may use too).
 #[derive(Clone, Copy)]
 struct XPage {
     page: u64,
@@ -433,6 +440,7 @@ impl Jit {
             dirty_epoch: 0,
             pending: None,
             xpages: HashMap::new(),
+            xpage_links: Vec::new(),
             stats: Stats::default(),
         })
     }
@@ -492,6 +500,7 @@ impl Jit {
         self.cache.clear();
         self.incoming.clear();
         self.xpages.clear();
+        self.xpage_links.clear();
         self.flush_jc();
         self.pending = None;
         self.stats.flushes += 1;
@@ -689,13 +698,16 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
-            if let (Some(p), Found::Code(_, chk, false)) = (jit.pending.take(), &code)
+            if let (Some(p), Found::Code(_, chk, xpage)) = (jit.pending.take(), &code)
                 && p.rip == self.cpu.rip
                 && p.epoch == self.cpu.tlb.epoch
                 && p.cpl == self.cpu.cpl
                 && p.flushes == jit.stats.flushes
             {
                 jit.link(p.site, *chk);
+                if *xpage && !jit.xpage_links.contains(chk) {
+                    jit.xpage_links.push(*chk);
+                }
             }
             if let Found::Code(_, chk, xpage) = &code {
                 // A jump-cache entry of a cross-page block survives MOV to CR3 only if both
@@ -953,6 +965,15 @@ impl Exec<'_> {
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
+        if (jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl)
+            && !jit.xpage_links.is_empty()
+        {
+            // Jumps linked to cross-page blocks hold for the translations and the privilege
+            // they were linked under (see [`XPage`]).
+            for chk in std::mem::take(&mut jit.xpage_links) {
+                jit.unlink_into(chk);
+            }
+        }
         if jit.tlb_epoch != self.cpu.tlb.epoch {
             if jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
                 jit.flush_nonglobal_tlb();

@@ -167,11 +167,17 @@ fn map(rig: &Rig, remap: (u64, Option<u64>)) {
     }
 }
 
+/// A paged CPU at `rip` whose TLB has a new epoch (as after the flush that must follow a
+/// change of the page tables).
 fn paged(seed: u64, rip: u64) -> Cpu {
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let mut c = cpu_at(seed, rip);
     c.cr0 |= CR0_PG;
     c.cr4 |= CR4_PAE;
     c.cr3 = 0x10000;
+    let epoch = EPOCH.fetch_add(1, Ordering::Relaxed);
+    c.tlb.epoch = epoch;
+    c.tlb.global_epoch = epoch;
     c
 }
 
@@ -242,10 +248,11 @@ fn a_crossing_block_follows_the_next_pages_mapping() {
 }
 
 #[test]
-fn no_jump_is_linked_to_a_crossing_block() {
-    // A, in the crossing block's first page, jumps to it; were that jump linked, entering A
-    // after the next page was remapped (a new address space mapping the first page alike)
-    // would run the crossing block without the run loop's check of the next page.
+fn a_jump_linked_to_a_crossing_block_ends_with_the_translations() {
+    // A, in the crossing block's first page, jumps to it (a linked jump after the first
+    // round); were that link kept, entering A after the next page was remapped (a new address
+    // space mapping the first page alike) would run the crossing block without the run
+    // loop's check of the next page. Each run here starts with an empty TLB (a new epoch).
     let next = CODE + 0x1000;
     let a_at = CODE + 0x100;
     let mut rig = rig_with(&crossing(0x1111_1111), START);
@@ -264,5 +271,5 @@ fn no_jump_is_linked_to_a_crossing_block() {
     let (r, c) = run_paged_from(&mut rig, 4, a_at);
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(c.gpr[0], 0x2222_1111, "the old next page's bytes ran");
-    assert_eq!(rig.jit.stats.links, 0, "{:?}", rig.jit.stats);
+    assert!(rig.jit.stats.links >= 1, "{:?}", rig.jit.stats);
 }
