@@ -27,9 +27,10 @@
 //!   decoded block, and is dropped when the page is written.
 //! * **Chaining**: a block's exit goes straight to the next block's chained entry, through a
 //!   patched jump (same guest page) or the jump cache; that entry re-checks the budget, the
-//!   exit-request word and its page's write generation, so a chain still returns within the
-//!   batch budget, at once when another thread posts an interrupt or kicks, and never runs
-//!   a translation of code that was overwritten.
+//!   exit-request word and (from the jump cache, and for blocks crossing into the next page)
+//!   its page's write generation, so a chain still returns within the batch budget, at once
+//!   when another thread posts an interrupt or kicks, and never runs a translation of code
+//!   that was overwritten before the chain entered the page (see `emit::Emitter::head_checks`).
 
 mod asm;
 mod emit;
@@ -362,6 +363,11 @@ pub struct Jit {
     /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch or
     /// the CPL last changed (those links are undone when either changes).
     xpage_links: Vec<u32>,
+    /// [`emit::Emitted::unchecked`] of every block so far (`None` before the first, or for
+    /// good if two blocks ever differed: then links go to the chained entries).
+    unchecked: Option<u32>,
+    /// Whether `unchecked` was ever seen to differ between blocks.
+    unchecked_varies: bool,
     pub stats: Stats,
 }
 
@@ -441,6 +447,8 @@ impl Jit {
             pending: None,
             xpages: HashMap::new(),
             xpage_links: Vec::new(),
+            unchecked: None,
+            unchecked_varies: false,
             stats: Stats::default(),
         })
     }
@@ -506,12 +514,14 @@ impl Jit {
         self.stats.flushes += 1;
     }
 
-    /// Points the jump at `site` (a linkable exit of some block) to the chained entry `chk`.
-    fn link(&mut self, site: u32, chk: u32) {
+    /// Points the jump at `site` (a linkable exit of some block) to `to`, an entry of the
+    /// block whose chained entry is `chk` (where its head reports it dead, see
+    /// [`Jit::unlink_into`]).
+    fn link(&mut self, site: u32, chk: u32, to: u32) {
         let Some(orig) = self.cache.jump_target(site) else {
             return;
         };
-        if self.cache.patch_jump(site, chk) {
+        if self.cache.patch_jump(site, to) {
             self.incoming.entry(chk).or_default().push((site, orig));
             self.stats.links += 1;
         }
@@ -698,13 +708,20 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
-            if let (Some(p), Found::Code(_, chk, xpage)) = (jit.pending.take(), &code)
+            if let (Some(p), Found::Code(c, chk, xpage)) = (jit.pending.take(), &code)
                 && p.rip == self.cpu.rip
                 && p.epoch == self.cpu.tlb.epoch
                 && p.cpl == self.cpu.cpl
                 && p.flushes == jit.stats.flushes
             {
-                jit.link(p.site, *chk);
+                // A link comes from a block of the same page: past the target's
+                // page-generation check (see `emit::Emitter::head_checks`), except into a
+                // block that also checks the next page's.
+                let to = match jit.unchecked.and_then(|u| c.offset().checked_sub(u)) {
+                    Some(to) if !*xpage && to >= *chk => to,
+                    _ => *chk,
+                };
+                jit.link(p.site, *chk, to);
                 if *xpage && !jit.xpage_links.contains(chk) {
                     jit.xpage_links.push(*chk);
                 }
@@ -882,6 +899,12 @@ impl Exec<'_> {
             let r = r
                 .advanced(out.entry)
                 .ok_or_else(|| Exc::unhandled("translator: block entry outside the block"))?;
+            if !jit.unchecked_varies && jit.unchecked.is_none_or(|u| u == out.unchecked) {
+                jit.unchecked = Some(out.unchecked);
+            } else {
+                jit.unchecked_varies = true;
+                jit.unchecked = None;
+            }
             jit.stats.blocks += 1;
             jit.stats.insns += jit.insns.len() as u64;
             jit.stats.bytes += out.bytes.len() as u64;
@@ -911,7 +934,9 @@ impl Exec<'_> {
             e.chk = delta;
             e.heat = index::RESOLVED;
         }
-        Ok(code.map_or(Found::Untranslated, |c| Found::Code(c, chk, xpage.is_some())))
+        Ok(code.map_or(Found::Untranslated, |c| {
+            Found::Code(c, chk, xpage.is_some())
+        }))
     }
 
     /// The page after `rip`'s, for a block whose last instruction crosses into it: translates

@@ -77,12 +77,22 @@ fn a_page_crossing_instruction_is_translated_and_sees_its_second_page_rewritten(
     rig.vm
         .code
         .on_external_write((CODE + 0x1000) >> 12, (CODE + 0x1000) >> 12);
-    assert_eq!(run_to_hlt(&mut rig, 3), 0x2222_1111, "a stale translation ran");
+    assert_eq!(
+        run_to_hlt(&mut rig, 3),
+        0x2222_1111,
+        "a stale translation ran"
+    );
     assert!(rig.jit.stats.blocks > blocks, "not translated again");
     // A write to the first page (the immediate's low half), through a vCPU's store path.
-    rig.m1.write_obj(0x3333u16, GuestAddress(CROSS + 1)).unwrap();
+    rig.m1
+        .write_obj(0x3333u16, GuestAddress(CROSS + 1))
+        .unwrap();
     rig.vm.code.on_write(CROSS >> 12);
-    assert_eq!(run_to_hlt(&mut rig, 3), 0x2222_3333, "a stale translation ran");
+    assert_eq!(
+        run_to_hlt(&mut rig, 3),
+        0x2222_3333,
+        "a stale translation ran"
+    );
     assert_eq!(run_to_hlt(&mut rig, 3), 0x2222_3333);
 }
 
@@ -128,15 +138,17 @@ fn a_guest_store_to_the_second_page_kills_the_crossing_block() {
     setup(&mut c);
     let rdi0 = c.gpr[7];
     rig.write(CODE + 0x1000, &0x1111u16.to_le_bytes());
-    rig.vm.code.on_external_write(
-        (CODE + 0x1000) >> 12,
-        (CODE + 0x1000) >> 12,
-    );
+    rig.vm
+        .code
+        .on_external_write((CODE + 0x1000) >> 12, (CODE + 0x1000) >> 12);
     let stale = rig.jit.stats.stale;
     run_jit(&mut rig, &mut c, 400);
     assert_eq!(c.mp_state, MpState::Halted);
     let want = (0x101..0x115u64).fold(rdi0, |s, v| s.wrapping_add(v << 16 | 0x1111));
-    assert_eq!(c.gpr[7], want, "a stale translation of the crossing block ran");
+    assert_eq!(
+        c.gpr[7], want,
+        "a stale translation of the crossing block ran"
+    );
     assert!(rig.jit.stats.xpage_blocks >= 2, "{:?}", rig.jit.stats);
     assert!(rig.jit.stats.stale > stale, "{:?}", rig.jit.stats);
 }
@@ -272,4 +284,61 @@ fn a_jump_linked_to_a_crossing_block_ends_with_the_translations() {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(c.gpr[0], 0x2222_1111, "the old next page's bytes ran");
     assert!(rig.jit.stats.links >= 1, "{:?}", rig.jit.stats);
+}
+
+#[test]
+fn a_chain_within_a_page_sees_its_page_rewritten_when_entered_again() {
+    // A -> B -> C linked in one page (each link past its target's page-generation check);
+    // W, on another page, rewrites B's immediate and enters A through the jump cache, 30
+    // rounds. Every round must run the new immediate: A's head (an entry from outside the
+    // page) finds the page written, and the chain is translated and linked anew.
+    let w_at = CODE + 0x2000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lb = a.create_label();
+    let mut lc = a.create_label();
+    a.add(rbx, 1).unwrap();
+    a.jmp(lb).unwrap();
+    a.db(&[0xcc; 8]).unwrap();
+    a.set_label(&mut lc).unwrap();
+    a.add(rdi, rsi).unwrap();
+    a.dec(edx).unwrap();
+    a.jne(w_at).unwrap();
+    a.hlt().unwrap();
+    a.db(&[0xcc; 8]).unwrap();
+    a.set_label(&mut lb).unwrap();
+    a.mov(esi, 0x1111_1111u32).unwrap();
+    a.jmp(lc).unwrap();
+    let page = a.assemble(CODE).unwrap();
+    let b_imm = CODE + page.windows(4).position(|w| w == [0x11; 4]).unwrap() as u64;
+    let mut w = CodeAssembler::new(64).unwrap();
+    w.mov(dword_ptr(b_imm), eax).unwrap();
+    w.inc(eax).unwrap();
+    w.jmp(CODE).unwrap();
+    let w = w.assemble(w_at).unwrap();
+    let mut rig = rig_with(&page, CODE);
+    rig.write(w_at, &w);
+    let setup = |c: &mut Cpu| {
+        c.rip = w_at;
+        c.gpr[0] = 5;
+        c.gpr[2] = 30;
+    };
+    for seed in [3u64, 4] {
+        let (mut a, mut b) = (cpu_at(seed, 0), cpu_at(seed, 0));
+        setup(&mut a);
+        setup(&mut b);
+        rig.write(b_imm, &0x1111_1111u32.to_le_bytes());
+        rig.vm.code.on_external_write(b_imm >> 12, b_imm >> 12);
+        rig.run_both("chain", &mut a, &mut b, 400, |c| {
+            c.mp_state != MpState::Runnable
+        });
+        assert_eq!(a.mp_state, MpState::Halted);
+    }
+    let mut c = cpu_at(7, 0);
+    setup(&mut c);
+    let rdi0 = c.gpr[7];
+    run_jit(&mut rig, &mut c, 400);
+    assert_eq!(c.mp_state, MpState::Halted);
+    let want = (5..35u64).fold(rdi0, |s, v| s.wrapping_add(v));
+    assert_eq!(c.gpr[7], want, "a stale translation of B ran");
+    assert!(rig.jit.stats.links >= 2, "{:?}", rig.jit.stats);
 }
