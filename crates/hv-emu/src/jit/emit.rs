@@ -729,20 +729,26 @@ pub fn perf_map_note(start: u64, size: usize, name: &str) {
 
 /// What a block checks at its chained entry that its code is still current: the host address
 /// of its guest page's write generation ([`crate::vm::CodeTracker`]) and the value it was
-/// translated under.
+/// translated under; for a block whose last instruction goes on into the next page, the same
+/// for that page (`next`), so a write to either page kills the block.
 #[derive(Clone, Copy)]
 pub struct Guard {
     pub gen_addr: u64,
     pub generation: u32,
+    pub next: Option<(u64, u32)>,
 }
 
 /// A block's host code.
 pub struct Emitted {
     pub bytes: Vec<u8>,
-    /// Offset of the chained entry (the head checks), which linked jumps go to.
+    /// Offset of the chained entry (the head checks), which the jump cache goes to.
     pub chk: u32,
     /// Offset of the body, where the run loop enters (through the trampoline).
     pub entry: u32,
+    /// Bytes between the end of the page-generation checks and the body (the budget and
+    /// exit-request checks, encoded alike in every block): jumps linked from a block of the
+    /// same page enter at `entry - unchecked` (see [`Emitter::head_checks`]).
+    pub unchecked: u32,
 }
 
 /// Where an exit stub goes back to the run loop.
@@ -1438,9 +1444,11 @@ impl Emitter {
                 .ok_or_else(|| EmitError("unbound label".into()))
         };
         let (chk, entry) = (pos(chk)?, pos(body)?);
+        let looped = self.loop_head.map(pos).transpose()?.unwrap_or(chk);
         Ok(Emitted {
             chk,
             entry,
+            unchecked: entry.saturating_sub(looped),
             bytes: a.buf.clone(),
         })
     }
@@ -1458,7 +1466,13 @@ impl Emitter {
     /// after the body.
     ///
     /// The block's back edges to its own start enter after the page-generation check
-    /// ([`Emitter::loop_head`]): this vCPU's translated code cannot have written the page
+    /// ([`Emitter::loop_head`]), and so do jumps linked from other blocks of the same guest
+    /// page (the run loop's `Jit::link`, [`Emitted::unchecked`] bytes before the body; not into a
+    /// block whose last instruction crosses into the next page, which keeps that page's
+    /// check): every entry into the page from outside (the run loop, the jump cache, another
+    /// page's block) checks the generation, and a link is only made after a lookup found
+    /// the target current, so a chain that entered the page at a current block only meets
+    /// blocks translated under that same generation. This vCPU's translated code cannot have written the page
     /// (a page with translations has no soft-TLB write entries: they are all dropped at the
     /// run's entry when a page becomes code), and a write by another vCPU or a device is seen
     /// when the loop leaves, at the latest when the budget is spent (MAX_RUN instructions),
@@ -1471,11 +1485,16 @@ impl Emitter {
         self.loop_head = Some(looped);
         let a = &mut self.a;
         a.bind(chk);
-        // The page's write generation.
-        a.mov_imm(RCX, guard.gen_addr);
-        a.load32(RCX, RCX);
-        a.lea32(RCX, RCX, (guard.generation as i32).wrapping_neg());
-        a.jmp_unless_rcx_zero(dead);
+        // The page's write generation (and the next page's, for a block whose last
+        // instruction crosses into it).
+        for (addr, generation) in
+            std::iter::once((guard.gen_addr, guard.generation)).chain(guard.next)
+        {
+            a.mov_imm(RCX, addr);
+            a.load32(RCX, RCX);
+            a.lea32(RCX, RCX, (generation as i32).wrapping_neg());
+            a.jmp_unless_rcx_zero(dead);
+        }
         a.bind(looped);
         // Budget: r12 counts down (see [`trampoline`]); r12 >> 12 is 0 while it is in
         // 0..MAX_RUN, and not once it went below 0.

@@ -27,6 +27,9 @@ use hv_emu_jit_rt::CodeRef;
 pub(super) const RESOLVED: u16 = u16::MAX;
 /// `Entry::chk` of a resolved entry whose first instruction is not translated.
 pub(super) const UNTRANSLATED: u16 = u16::MAX;
+/// Flag in a resolved entry's `chk`: the block's last instruction crosses into the next page
+/// (the run loop checks that page's translation before using it; the rest is the offset).
+pub(super) const XPAGE: u16 = 0x8000;
 /// `Entry::page` of an empty way (the code tracker never tracks that page: it stops at 2^28).
 const NO_PAGE: u32 = u32::MAX;
 const SETS: usize = 1 << 13;

@@ -28,9 +28,10 @@
 //!   decoded block, and is dropped when the page is written.
 //! * **Chaining**: a block's exit goes straight to the next block's chained entry, through a
 //!   patched jump (same guest page) or the jump cache; that entry re-checks the budget, the
-//!   exit-request word and its page's write generation, so a chain still returns within the
-//!   batch budget, at once when another thread posts an interrupt or kicks, and never runs
-//!   a translation of code that was overwritten.
+//!   exit-request word and (from the jump cache, and for blocks crossing into the next page)
+//!   its page's write generation, so a chain still returns within the batch budget, at once
+//!   when another thread posts an interrupt or kicks, and never runs a translation of code
+//!   that was overwritten before the chain entered the page (see `emit::Emitter::head_checks`).
 
 mod asm;
 mod emit;
@@ -372,8 +373,9 @@ impl OneOp {
 
 /// What runs the code at RIP.
 enum Found {
-    /// A translation and the cache offset of its chained entry.
-    Code(CodeRef, u32),
+    /// A translation, the cache offset of its chained entry, and whether its last
+    /// instruction crosses into the next page (nothing may be linked to it, see [`XPage`]).
+    Code(CodeRef, u32, bool),
     /// The interpreter, one instruction ([`Exec::interp_one`]).
     Untranslated,
     /// The interpreter, a whole decoded block (not hot yet).
@@ -417,6 +419,8 @@ pub struct Stats {
     pub exits_budget: u64,
     pub exits_request: u64,
     pub exits_other: u64,
+    /// Blocks translated whose last instruction crosses into the next page.
+    pub xpage_blocks: u64,
 }
 
 /// One vCPU's translator state.
@@ -453,7 +457,39 @@ pub struct Jit {
     dirty_epoch: u64,
     /// The last run left through a linkable jump to `rip` (see [`PendingLink`]).
     pending: Option<PendingLink>,
+    /// The next page of each block whose last instruction crosses into it, by the cache
+    /// offset of the block's body (emptied with the cache).
+    xpages: HashMap<u32, XPage>,
+    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch or
+    /// the CPL last changed (those links are undone when either changes).
+    xpage_links: Vec<u32>,
+    /// [`emit::Emitted::unchecked`] of every block so far (`None` before the first, or for
+    /// good if two blocks ever differed: then links go to the chained entries).
+    unchecked: Option<u32>,
+    /// Whether `unchecked` was ever seen to differ between blocks.
+    unchecked_varies: bool,
     pub stats: Stats,
+}
+
+/// The second page of a block whose last instruction crosses a page end: the guest-physical
+/// page its bytes were read from, and that page's write generation then (and the host
+/// address of the generation word, which the block's head compares too).
+///
+/// Such a block runs only where the next page's current translation is that page: the run
+/// loop checks it at every lookup (`Exec::next_page_current`), and the ways in that skip the
+/// lookup live only as long as the translations and the privilege that check was made under:
+/// a jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
+/// are global), and a jump linked to it (made right after such a lookup, like every link) is
+/// undone at the next entry into translated code under another TLB epoch or CPL
+/// (`Jit::xpage_links`) — a linked jump's source block vouches only for the mapping of its own
+/// page, which is why QEMU never chains to a block spanning two pages. Between two TLB
+/// flushes at one privilege, the next page's translation is the one the check saw (or a
+/// stale one the guest did not flush, which a CPU may use too).
+#[derive(Clone, Copy)]
+struct XPage {
+    page: u64,
+    generation: u32,
+    gen_addr: u64,
 }
 
 impl Jit {
@@ -509,6 +545,10 @@ impl Jit {
             jc_used: used::UsedSlots::new(2 * JC_ENTRIES),
             dirty_epoch: 0,
             pending: None,
+            xpages: HashMap::new(),
+            xpage_links: Vec::new(),
+            unchecked: None,
+            unchecked_varies: false,
             stats: Stats::default(),
         })
     }
@@ -521,21 +561,28 @@ impl Jit {
         self.ones.fill(OneOp::empty());
     }
 
-    /// Decodes the instructions of the block at `rip` (its bytes up to the page end) that the
-    /// translator takes into `insns`. `check_encodes`: also end the block before a generic
-    /// instruction whose host form does not encode.
+    /// Decodes the instructions of the block at `rip` (its bytes up to the page end, and past
+    /// it when the caller read the start of the next page) that the translator takes into
+    /// `insns`. `check_encodes`: also end the block before a generic instruction whose host
+    /// form does not encode. An instruction that reaches the page end is the block's last
+    /// (nothing of the next page but its own bytes is translated). Returns whether decoding
+    /// stopped at an instruction cut off by the end of `bytes` (one crossing into a page
+    /// that was not read).
     fn decode_block(
         &mut self,
         bytes: &[u8],
         rip: u64,
         features: hv::cpu_model::FeatureSet,
         check_encodes: bool,
-    ) {
+    ) -> bool {
         let mut dec = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+        let page_end = (rip | 0xfff).wrapping_add(1);
         self.insns.clear();
+        let mut cut = false;
         while self.insns.len() < MAX_INSNS && dec.can_decode() {
             let i = dec.decode();
             if i.is_invalid() {
+                cut = dec.last_error() == iced_x86::DecoderError::NoMoreBytes;
                 break;
             }
             let Some(kind) = classify_for(&i, features) else {
@@ -545,11 +592,13 @@ impl Jit {
                 break;
             }
             self.insns.push((i, kind));
-            if kind.ends_block() {
+            // `page_end` is 0 on the last page of the address space, where nothing crosses.
+            if kind.ends_block() || (page_end != 0 && i.next_ip() >= page_end) {
                 break;
             }
         }
         crate::decode::DECODES.fetch_add(self.insns.len() as u64, Ordering::Relaxed);
+        cut
     }
 
     /// Empties the code cache: every translation and link is gone.
@@ -558,17 +607,21 @@ impl Jit {
         // block start is translated again at its next lookup.
         self.cache.clear();
         self.incoming.clear();
+        self.xpages.clear();
+        self.xpage_links.clear();
         self.flush_jc();
         self.pending = None;
         self.stats.flushes += 1;
     }
 
-    /// Points the jump at `site` (a linkable exit of some block) to the chained entry `chk`.
-    fn link(&mut self, site: u32, chk: u32) {
+    /// Points the jump at `site` (a linkable exit of some block) to `to`, an entry of the
+    /// block whose chained entry is `chk` (where its head reports it dead, see
+    /// [`Jit::unlink_into`]).
+    fn link(&mut self, site: u32, chk: u32, to: u32) {
         let Some(orig) = self.cache.jump_target(site) else {
             return;
         };
-        if self.cache.patch_jump(site, chk) {
+        if self.cache.patch_jump(site, to) {
             self.incoming.entry(chk).or_default().push((site, orig));
             self.stats.links += 1;
         }
@@ -739,20 +792,34 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
-            if let (Some(p), Found::Code(_, chk)) = (jit.pending.take(), &code)
+            if let (Some(p), Found::Code(c, chk, xpage)) = (jit.pending.take(), &code)
                 && p.rip == self.cpu.rip
                 && p.epoch == self.cpu.tlb.epoch
                 && p.cpl == self.cpu.cpl
                 && p.flushes == jit.stats.flushes
             {
-                jit.link(p.site, *chk);
+                // A link comes from a block of the same page: past the target's
+                // page-generation check (see `emit::Emitter::head_checks`), except into a
+                // block that also checks the next page's.
+                let to = match jit.unchecked.and_then(|u| c.offset().checked_sub(u)) {
+                    Some(to) if !*xpage && to >= *chk => to,
+                    _ => *chk,
+                };
+                jit.link(p.site, *chk, to);
+                if *xpage && !jit.xpage_links.contains(chk) {
+                    jit.xpage_links.push(*chk);
+                }
             }
-            if let Found::Code(_, chk) = &code {
-                let global = self.cpu.tlb.is_global(self.cpu.rip);
+            if let Found::Code(_, chk, xpage) = &code {
+                // A jump-cache entry of a cross-page block survives MOV to CR3 only if both
+                // pages' translations do.
+                let rip = self.cpu.rip;
+                let global = self.cpu.tlb.is_global(rip)
+                    && (!*xpage || self.cpu.tlb.is_global((rip | 0xfff).wrapping_add(1)));
                 jit.jc_fill(self.cpu.rip, *chk, global, self.cpu.cpl);
             }
             n += match code {
-                Found::Code(c, _) => {
+                Found::Code(c, _, _) => {
                     let k = self.jit_run(jit, c, budget - n)?;
                     if req.load(Ordering::Relaxed) != 0 {
                         n += k;
@@ -784,6 +851,12 @@ impl Exec<'_> {
 
     /// The translation of the block at RIP (64-bit mode), translating it on a miss. `None`:
     /// the instruction at RIP is not translated.
+    ///
+    /// A block whose last instruction crosses into the next page (see [`XPage`]) is used only
+    /// while the next page translates, for an instruction fetch at the current privilege, to
+    /// the physical page it was translated from and that page keeps its write generation;
+    /// when it does not translate, the block start runs cold (the interpreter's fetch raises
+    /// the #PF, with CR2 the next page's address, if the instruction gets that far).
     fn jit_lookup(&mut self, jit: &mut Jit) -> R<Found> {
         let rip = self.cpu.rip;
         if !canonical(rip) {
@@ -796,14 +869,30 @@ impl Exec<'_> {
         let Some(e) = jit.index.entry(rip, page) else {
             return Ok(Found::Cold);
         };
+        let mut next_unmapped = false;
         if e.heat == index::RESOLVED && self.vm.code.generation(page) == Some(e.generation) {
             if e.chk == index::UNTRANSLATED {
                 return Ok(Found::Untranslated);
             }
-            if jit.cache.is_valid(e.code) {
-                return Ok(Found::Code(e.code, e.code.offset() - u32::from(e.chk)));
+            let (code, delta) = (e.code, e.chk);
+            if jit.cache.is_valid(code) {
+                let chk = code.offset() - u32::from(delta & !index::XPAGE);
+                if delta & index::XPAGE == 0 {
+                    return Ok(Found::Code(code, chk, false));
+                }
+                match self.next_page_current(jit, rip, code.offset()) {
+                    Some(true) => return Ok(Found::Code(code, chk, true)),
+                    Some(false) => {}
+                    None => next_unmapped = true,
+                }
             }
         }
+        if next_unmapped {
+            return Ok(Found::Cold);
+        }
+        let Some(e) = jit.index.entry(rip, page) else {
+            return Ok(Found::Cold);
+        };
         if e.heat < jit.hot {
             e.heat += 1;
             return Ok(Found::Cold);
@@ -812,7 +901,7 @@ impl Exec<'_> {
             return Ok(Found::Cold);
         };
         let avail = (0x1000 - (rip & 0xfff) as usize).min(READ_AHEAD);
-        let mut buf = [0u8; READ_AHEAD];
+        let mut buf = [0u8; READ_AHEAD + 15];
         let Some(bytes) = buf.get_mut(..avail) else {
             return Ok(Found::Cold);
         };
@@ -823,11 +912,42 @@ impl Exec<'_> {
         // The generic instructions' host encodings are not checked up front (the emitter
         // encodes each one anyway): only when the block fails to emit is it decoded again with
         // the check, so that one odd form ends the block instead of failing it.
-        jit.decode_block(bytes, rip, self.vm.features, false);
-        let guard = emit::Guard {
+        let mut len = avail;
+        let mut next = None;
+        if jit.decode_block(&buf[..len], rip, self.vm.features, false) {
+            // The block ran into an instruction cut off at the page end: if the next page is
+            // mapped and executable now, decode again with its first bytes.
+            match self.read_next_page(rip, buf.get_mut(avail..).unwrap_or(&mut [])) {
+                Some(x) => {
+                    len = avail + 15;
+                    jit.decode_block(&buf[..len], rip, self.vm.features, false);
+                    next = Some(x);
+                }
+                // The block's first instruction: left unresolved (interpreted, and translated
+                // once the next page is mapped) rather than recorded as untranslated.
+                None if jit.insns.is_empty() => {
+                    jit.stats.emit_ns += t0.elapsed().as_nanos() as u64;
+                    return Ok(Found::Cold);
+                }
+                None => {}
+            }
+        }
+        let page_end = (rip | 0xfff).wrapping_add(1);
+        let crosses = |insns: &[(iced_x86::Instruction, Kind)]| {
+            page_end != 0 && insns.last().is_some_and(|(i, _)| i.next_ip() > page_end)
+        };
+        let mut guard = emit::Guard {
             gen_addr: self.vm.code.generation_addr(page).unwrap_or(0),
             generation,
+            next: None,
         };
+        let mut xpage = None;
+        if let Some(x) = next
+            && crosses(&jit.insns)
+        {
+            guard.next = Some((x.gen_addr, x.generation));
+            xpage = Some(x);
+        }
         let mut chk = 0;
         let code = if jit.insns.is_empty() || guard.gen_addr == 0 {
             None
@@ -835,7 +955,11 @@ impl Exec<'_> {
             let out = match jit.emitter.block(rip, &jit.insns, guard) {
                 Ok(out) => out,
                 Err(_) => {
-                    jit.decode_block(bytes, rip, self.vm.features, true);
+                    jit.decode_block(&buf[..len], rip, self.vm.features, true);
+                    if !crosses(&jit.insns) {
+                        guard.next = None;
+                        xpage = None;
+                    }
                     jit.emitter
                         .block(rip, &jit.insns, guard)
                         .map_err(|e| Exc::unhandled(format!("translator: {e}")))?
@@ -859,22 +983,34 @@ impl Exec<'_> {
             let r = r
                 .advanced(out.entry)
                 .ok_or_else(|| Exc::unhandled("translator: block entry outside the block"))?;
+            if !jit.unchecked_varies && jit.unchecked.is_none_or(|u| u == out.unchecked) {
+                jit.unchecked = Some(out.unchecked);
+            } else {
+                jit.unchecked_varies = true;
+                jit.unchecked = None;
+            }
             jit.stats.blocks += 1;
             jit.stats.insns += jit.insns.len() as u64;
             jit.stats.bytes += out.bytes.len() as u64;
+            if let Some(x) = xpage {
+                jit.stats.xpage_blocks += 1;
+                jit.xpages.insert(r.offset(), x);
+            }
             Some(r)
         };
         jit.stats.emit_ns += t0.elapsed().as_nanos() as u64;
-        // A chained entry too far before the block's entry for the index's 16 bits (not seen: it
+        // A chained entry too far before the block's entry for the index's 15 bits (not seen: it
         // is the block's first byte, the entry follows the head checks) leaves the block start
         // unresolved, so it is translated again next time.
+        let flag = if xpage.is_some() { index::XPAGE } else { 0 };
         let delta = match code {
             None => Some(index::UNTRANSLATED),
             Some(c) => c
                 .offset()
                 .checked_sub(chk)
                 .and_then(|d| u16::try_from(d).ok())
-                .filter(|&d| d != index::UNTRANSLATED),
+                .filter(|&d| d < index::XPAGE)
+                .map(|d| d | flag),
         };
         if let (Some(e), Some(delta)) = (jit.index.entry(rip, page), delta) {
             e.code = code.unwrap_or(hv_emu_jit_rt::CodeRef::NONE);
@@ -882,12 +1018,71 @@ impl Exec<'_> {
             e.chk = delta;
             e.heat = index::RESOLVED;
         }
-        Ok(code.map_or(Found::Untranslated, |c| Found::Code(c, chk)))
+        Ok(code.map_or(Found::Untranslated, |c| {
+            Found::Code(c, chk, xpage.is_some())
+        }))
+    }
+
+    /// The page after `rip`'s, for a block whose last instruction crosses into it: translates
+    /// it for an instruction fetch at the current privilege (no fault is raised: CR2 is kept),
+    /// marks it as code and reads its first bytes into `buf`. `None` when it is not mapped
+    /// executable RAM (the block then ends before the crossing instruction, which the
+    /// interpreter runs and faults on).
+    fn read_next_page(&mut self, rip: u64, buf: &mut [u8]) -> Option<XPage> {
+        let lin = (rip | 0xfff).checked_add(1).filter(|&l| canonical(l))?;
+        let cr2 = self.cpu.cr2;
+        let pa = match self.translate(lin, Acc::Exec, self.cpu.cpl == 3) {
+            Ok(pa) => pa,
+            Err(_) => {
+                self.cpu.cr2 = cr2;
+                return None;
+            }
+        };
+        let page = pa >> 12;
+        let generation = self.vm.code.mark(page)?;
+        let gen_addr = self.vm.code.generation_addr(page)?;
+        if !self.ram.read_bytes(pa, buf) {
+            return None;
+        }
+        Some(XPage {
+            page,
+            generation,
+            gen_addr,
+        })
+    }
+
+    /// Whether the cross-page block whose body is at cache offset `body` (at `rip`) may run:
+    /// its next page translates (fetch, current privilege) to the physical page it was made
+    /// from, whose write generation is unchanged. `None`: the next page does not translate
+    /// now (no fault raised, CR2 kept).
+    fn next_page_current(&mut self, jit: &Jit, rip: u64, body: u32) -> Option<bool> {
+        let x = jit.xpages.get(&body).copied();
+        let lin = (rip | 0xfff).checked_add(1).filter(|&l| canonical(l))?;
+        let cr2 = self.cpu.cr2;
+        let pa = match self.translate(lin, Acc::Exec, self.cpu.cpl == 3) {
+            Ok(pa) => pa,
+            Err(_) => {
+                self.cpu.cr2 = cr2;
+                return None;
+            }
+        };
+        Some(x.is_some_and(|x| {
+            x.page == pa >> 12 && self.vm.code.generation(x.page) == Some(x.generation)
+        }))
     }
 
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
+        if (jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl)
+            && !jit.xpage_links.is_empty()
+        {
+            // Jumps linked to cross-page blocks hold for the translations and the privilege
+            // they were linked under (see [`XPage`]).
+            for chk in std::mem::take(&mut jit.xpage_links) {
+                jit.unlink_into(chk);
+            }
+        }
         if jit.tlb_epoch != self.cpu.tlb.epoch {
             if jit.tlb_global_epoch == self.cpu.tlb.global_epoch {
                 jit.flush_nonglobal_tlb();
@@ -1170,6 +1365,9 @@ impl Exec<'_> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+#[path = "xpage_tests.rs"]
+mod xpage_tests;
 
 /// Runs guest code from `state` on one engine for about `budget` instructions (whole blocks),
 /// with exceptions reported instead of delivered: the run stops at the first one (left in
