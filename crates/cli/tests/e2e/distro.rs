@@ -505,7 +505,10 @@ fn harness_can_fail() {
         assert!(iteration_or_trouble(&expected)(bad), "{bad}");
         // A line still being written is judged only once it is complete.
         let partial = bad.trim_end_matches('\n');
-        assert!(problems(&format!("{good}{partial}"), &expected).is_empty(), "{bad}");
+        assert!(
+            problems(&format!("{good}{partial}"), &expected).is_empty(),
+            "{bad}"
+        );
     }
     let cut = "DISTRO-ITER-START 1\nDISTRO python 1 aa\nDISTRO xz 1 b";
     assert!(!iteration_or_trouble(&expected)(cut));

@@ -205,14 +205,19 @@ fn gpr_of(r: Register) -> Option<usize> {
 }
 
 fn host_sized(h: usize, size: usize) -> Option<Register> {
-    let row = HOST.get(h)?;
-    match size {
-        8 => Some(row[0]),
-        4 => Some(row[1]),
-        2 => Some(row[2]),
-        1 => Some(row[3]),
-        _ => None,
-    }
+    sized(HOST.get(h)?, size)
+}
+
+/// The register of `row` (its 64/32/16/8-bit names) for an operand of `size` bytes.
+fn sized(row: &[Register; 4], size: usize) -> Option<Register> {
+    let i = match size {
+        8 => 0,
+        4 => 1,
+        2 => 2,
+        1 => 3,
+        _ => return None,
+    };
+    row.get(i).copied()
 }
 
 fn is_moffs(c: Code) -> bool {
@@ -959,13 +964,7 @@ fn cache_reg(h: u8, size: usize) -> Option<Register> {
         11 => [X::R11, X::R11D, X::R11W, X::R11L],
         _ => return None,
     };
-    match size {
-        8 => Some(row[0]),
-        4 => Some(row[1]),
-        2 => Some(row[2]),
-        1 => Some(row[3]),
-        _ => None,
-    }
+    sized(&row, size)
 }
 
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.

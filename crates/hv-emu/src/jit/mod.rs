@@ -1023,21 +1023,27 @@ impl Exec<'_> {
         }))
     }
 
+    /// The physical address of the page after `rip`'s, translated for an instruction fetch at
+    /// the current privilege; `None` when it does not translate (no fault raised: CR2 kept).
+    fn next_page_phys(&mut self, rip: u64) -> Option<u64> {
+        let lin = (rip | 0xfff).checked_add(1).filter(|&l| canonical(l))?;
+        let cr2 = self.cpu.cr2;
+        match self.translate(lin, Acc::Exec, self.cpu.cpl == 3) {
+            Ok(pa) => Some(pa),
+            Err(_) => {
+                self.cpu.cr2 = cr2;
+                None
+            }
+        }
+    }
+
     /// The page after `rip`'s, for a block whose last instruction crosses into it: translates
     /// it for an instruction fetch at the current privilege (no fault is raised: CR2 is kept),
     /// marks it as code and reads its first bytes into `buf`. `None` when it is not mapped
     /// executable RAM (the block then ends before the crossing instruction, which the
     /// interpreter runs and faults on).
     fn read_next_page(&mut self, rip: u64, buf: &mut [u8]) -> Option<XPage> {
-        let lin = (rip | 0xfff).checked_add(1).filter(|&l| canonical(l))?;
-        let cr2 = self.cpu.cr2;
-        let pa = match self.translate(lin, Acc::Exec, self.cpu.cpl == 3) {
-            Ok(pa) => pa,
-            Err(_) => {
-                self.cpu.cr2 = cr2;
-                return None;
-            }
-        };
+        let pa = self.next_page_phys(rip)?;
         let page = pa >> 12;
         let generation = self.vm.code.mark(page)?;
         let gen_addr = self.vm.code.generation_addr(page)?;
@@ -1057,15 +1063,7 @@ impl Exec<'_> {
     /// now (no fault raised, CR2 kept).
     fn next_page_current(&mut self, jit: &Jit, rip: u64, body: u32) -> Option<bool> {
         let x = jit.xpages.get(&body).copied();
-        let lin = (rip | 0xfff).checked_add(1).filter(|&l| canonical(l))?;
-        let cr2 = self.cpu.cr2;
-        let pa = match self.translate(lin, Acc::Exec, self.cpu.cpl == 3) {
-            Ok(pa) => pa,
-            Err(_) => {
-                self.cpu.cr2 = cr2;
-                return None;
-            }
-        };
+        let pa = self.next_page_phys(rip)?;
         Some(x.is_some_and(|x| {
             x.page == pa >> 12 && self.vm.code.generation(x.page) == Some(x.generation)
         }))
