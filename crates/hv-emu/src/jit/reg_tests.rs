@@ -9,7 +9,7 @@
 use iced_x86::code_asm::*;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::super::tests::{CODE, Rig, code_of};
+use super::super::tests::{CODE, PATCHED, Rig, code_of, patch_and_call};
 use crate::cpu::{ARITH_FLAGS, CR0_PG, CR4_PAE, Cpu};
 use crate::testutil::Rng;
 
@@ -523,29 +523,14 @@ fn a_shared_check_on_a_clean_page_logs_the_store() {
 fn a_shared_check_never_writes_a_code_page_unseen() {
     // X reads and then writes P's immediate through one shared check, then calls P: every
     // call must run the patched code (P is code: no write entry, the store leaves).
-    const P: u64 = CODE + 0x4000;
-    let mut a = CodeAssembler::new(64).unwrap();
-    let mut top = a.create_label();
-    a.mov(edx, 6).unwrap();
-    a.mov(ecx, 100).unwrap();
-    a.mov(rsp, 0x9000u64).unwrap();
-    a.mov(rbx, P + 1).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.mov(r8d, dword_ptr(rbx)).unwrap();
-    a.mov(dword_ptr(rbx), ecx).unwrap();
-    a.add(rsi, r8).unwrap();
-    a.inc(ecx).unwrap();
-    a.call(P).unwrap();
-    a.add(rdi, rax).unwrap();
-    a.dec(edx).unwrap();
-    a.jne(top).unwrap();
-    a.hlt().unwrap();
-    let mut code = a.assemble(CODE).unwrap();
-    let mut p = CodeAssembler::new(64).unwrap();
-    p.mov(eax, 0).unwrap();
-    p.ret().unwrap();
-    code.resize((P - CODE) as usize, 0xcc);
-    code.extend_from_slice(&p.assemble(P).unwrap());
+    let code = patch_and_call(
+        |a| a.mov(rbx, PATCHED + 1),
+        |a| {
+            a.mov(r8d, dword_ptr(rbx))?;
+            a.mov(dword_ptr(rbx), ecx)?;
+            a.add(rsi, r8)
+        },
+    );
     for seed in [1u64, 2, 3] {
         let (_, r, c) = both(&code, seed, 200, false, &|_| {});
         assert!(r.is_ok());

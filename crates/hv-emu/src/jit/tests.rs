@@ -961,32 +961,51 @@ fn dirty_bitmap_sees_the_first_write_after_a_harvest() {
     );
 }
 
+/// Where [`patch_and_call`]'s callee `mov eax, imm32; ret` stands.
+pub(super) const PATCHED: u64 = CODE + 0x4000;
+
+/// A program that six times runs `patch` (which writes ecx into the callee's immediate at
+/// [`PATCHED`] + 1), then `inc ecx`, calls the callee and adds its eax to rdi, then halts
+/// ([`code_of`]):
+/// each call must run the code as patched last. `setup` runs once first (rsp is set).
+pub(super) fn patch_and_call(
+    setup: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    patch: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut code = code_of(|a| {
+        let mut top = a.create_label();
+        a.mov(edx, 6)?;
+        a.mov(ecx, 100)?;
+        a.mov(rsp, 0x9000u64)?;
+        setup(a)?;
+        a.set_label(&mut top)?;
+        patch(a)?;
+        a.inc(ecx)?;
+        a.call(PATCHED)?;
+        a.add(rdi, rax)?;
+        a.dec(edx)?;
+        a.jne(top)
+    });
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(eax, 0).unwrap();
+    p.ret().unwrap();
+    code.resize((PATCHED - CODE) as usize, 0xcc);
+    code.extend_from_slice(&p.assemble(PATCHED).unwrap());
+    code
+}
+
 #[test]
 fn a_store_into_a_page_that_became_code_invalidates_it() {
     // X stores into P (a dirty data page with an unlogged write entry), then P's code runs
     // (P becomes code), then X patches P's immediate and calls it again: every call must
     // run the patched code.
-    const P: u64 = CODE + 0x4000;
-    let mut a = CodeAssembler::new(64).unwrap();
-    let mut top = a.create_label();
-    a.mov(edx, 6).unwrap();
-    a.mov(ecx, 100).unwrap();
-    a.mov(rsp, 0x9000u64).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.mov(rbx, P + 1).unwrap();
-    a.mov(dword_ptr(rbx), ecx).unwrap();
-    a.inc(ecx).unwrap();
-    a.call(P).unwrap();
-    a.add(rdi, rax).unwrap();
-    a.dec(edx).unwrap();
-    a.jne(top).unwrap();
-    a.hlt().unwrap();
-    let mut code = a.assemble(CODE).unwrap();
-    let mut p = CodeAssembler::new(64).unwrap();
-    p.mov(eax, 0).unwrap();
-    p.ret().unwrap();
-    code.resize((P - CODE) as usize, 0xcc);
-    code.extend_from_slice(&p.assemble(P).unwrap());
+    let code = patch_and_call(
+        |_| Ok(()),
+        |a| {
+            a.mov(rbx, PATCHED + 1)?;
+            a.mov(dword_ptr(rbx), ecx)
+        },
+    );
     let mut rig = Rig::new();
     for seed in [1u64, 2] {
         rig.load(seed, &code);
