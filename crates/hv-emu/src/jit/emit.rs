@@ -954,17 +954,15 @@ impl RegCache {
 
 /// The 64/32/16/8-bit name of a cache host register.
 fn cache_reg(h: u8, size: usize) -> Option<Register> {
-    use Register as X;
+    const RBP_NAMES: [Register; 4] = [Register::RBP, Register::EBP, Register::BP, Register::BPL];
     let row = match h {
-        RAX => [X::RAX, X::EAX, X::AX, X::AL],
-        RBP => [X::RBP, X::EBP, X::BP, X::BPL],
-        8 => [X::R8, X::R8D, X::R8W, X::R8L],
-        9 => [X::R9, X::R9D, X::R9W, X::R9L],
-        10 => [X::R10, X::R10D, X::R10W, X::R10L],
-        11 => [X::R11, X::R11D, X::R11W, X::R11L],
+        RAX => HOST.first()?,
+        RBP => &RBP_NAMES,
+        // r8-r11 are rows 4-7 of the operand registers' table.
+        8..=11 => HOST.get(usize::from(h) - 4)?,
         _ => return None,
     };
-    sized(&row, size)
+    sized(row, size)
 }
 
 /// Per-translation scratch: the glue emitter, exit stubs, the encoder for guest instructions.
