@@ -266,6 +266,34 @@ impl Asm {
         self.rel32(l);
     }
 
+    /// `jrcxz l` (`jecxz l` when `ecx`: the low 32 bits only) to a label already bound
+    /// within a rel8 reach behind; false (nothing emitted) otherwise.
+    pub fn jrcxz_back(&mut self, l: Label, ecx: bool) -> bool {
+        let len = if ecx { 3 } else { 2 };
+        let Some(target) = self.pos(l) else {
+            return false;
+        };
+        let Ok(rel) = i8::try_from(target as i64 - (self.buf.len() + len) as i64) else {
+            return false;
+        };
+        if ecx {
+            self.buf.push(0x67);
+        }
+        self.buf.extend_from_slice(&[0xe3, rel as u8]);
+        true
+    }
+
+    /// rorx r64, r64, imm8 (BMI2; flags unchanged)
+    pub fn rorx(&mut self, dst: u8, src: u8, imm: u8) {
+        self.buf.push(0xc4);
+        self.buf
+            .push(((!(dst >> 3) & 1) << 7) | (1 << 6) | ((!(src >> 3) & 1) << 5) | 0x03);
+        self.buf.push(0xfb);
+        self.buf.push(0xf0);
+        self.buf.push(0xc0 | ((dst & 7) << 3) | (src & 7));
+        self.buf.push(imm);
+    }
+
     /// lea r64, [rip + label]
     pub fn lea_label(&mut self, dst: u8, l: Label) {
         self.buf.push(0x48 | ((dst >> 3) << 2));
@@ -450,6 +478,8 @@ mod tests {
         a.pdep_mem(R8, R13, at(R12, 0));
         a.pext_mem(RDX, RSI, at(RSP, 8));
         a.pext_mem(R9, R9 + 1, at(R12, 0));
+        a.rorx(RCX, RCX, 32);
+        a.rorx(R9, R12, 1);
         let mut c = CodeAssembler::new(64).unwrap();
         c.mov(x::r12, x::qword_ptr(x::rbx + 40)).unwrap();
         c.mov(x::qword_ptr(x::r12 - 8), x::r8).unwrap();
@@ -489,6 +519,8 @@ mod tests {
         c.pdep(x::r8, x::r13, x::qword_ptr(x::r12)).unwrap();
         c.pext(x::rdx, x::rsi, x::qword_ptr(x::rsp + 8)).unwrap();
         c.pext(x::r9, x::r10, x::qword_ptr(x::r12)).unwrap();
+        c.rorx(x::rcx, x::rcx, 32).unwrap();
+        c.rorx(x::r9, x::r12, 1).unwrap();
         let want = keys(&c.assemble(0).unwrap());
         let got = keys(&a.buf);
         assert_eq!(got, want);
@@ -515,6 +547,24 @@ mod tests {
         assert_eq!(v[1].memory_displacement64(), 0x1000 + 12);
         assert_eq!(v[1].op0_register(), iced_x86::Register::RCX);
         assert_eq!(a.labels[site.0], Some(1));
+        // jrcxz/jecxz back to a bound label, and refused out of reach.
+        let mut a = Asm::default();
+        let l = a.label();
+        a.bind(l);
+        a.bytes(&[0x90; 10]);
+        assert!(a.jrcxz_back(l, false));
+        assert!(a.jrcxz_back(l, true));
+        let v: Vec<_> = Decoder::with_ip(64, &a.buf, 0x1000, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        assert_eq!(v[10].code(), iced_x86::Code::Jrcxz_rel8_64);
+        assert_eq!(v[10].near_branch64(), 0x1000);
+        assert_eq!(v[11].code(), iced_x86::Code::Jecxz_rel8_64);
+        assert_eq!(v[11].near_branch64(), 0x1000);
+        a.bytes(&[0x90; 120]);
+        let len = a.buf.len();
+        assert!(!a.jrcxz_back(l, false));
+        assert_eq!(a.buf.len(), len);
         // The displacement sizes: none, 8 and 32 bits.
         let mut a = Asm::default();
         a.load(RAX, at(RBX, 0));

@@ -541,6 +541,25 @@ pub fn untranslated_report() -> String {
     out
 }
 
+/// The most pushes or pops one soft-TLB check covers (the register cache needs no more
+/// than two of its registers at a time for them; 8 keeps the range well inside a page).
+const MAX_STACK_RUN: usize = 8;
+
+/// How many instructions at the start of `rest` are pushes (`pop`: pops) that one soft-TLB
+/// check may cover: `push r64` other than `push rsp` and `push imm`; `pop r64` other than
+/// `pop rsp`. Each of them moves rsp by 8 and touches the 8 bytes it moved over, so a run's
+/// accesses are one contiguous range next to rsp.
+fn stack_run(rest: &[(Instruction, Kind)], pop: bool) -> usize {
+    rest.iter()
+        .take(MAX_STACK_RUN)
+        .take_while(|(i, kind)| match (pop, kind) {
+            (false, Kind::Push) => i.code() != Code::Push_r64 || i.op0_register() != Register::RSP,
+            (true, Kind::Pop) => i.code() == Code::Pop_r64 && i.op0_register() != Register::RSP,
+            _ => false,
+        })
+        .count()
+}
+
 /// Exit codes: every way out of generated code is a `ret` to the [`trampoline`] with guest
 /// RIP in rax and, in ecx, the code in bits 7:0 and the guest instructions completed since
 /// r12 was last updated in bits 31:8. Go on at RIP (the run loop looks it up).
@@ -815,6 +834,22 @@ struct LoggedWrite {
     size: usize,
 }
 
+/// A stack run ([`stack_run`]) whose one soft-TLB check missed goes on here: the same
+/// pushes or pops, each with its own check and exit stub, from the register cache as it was
+/// before the run (the same cache operations in the same order, so both versions end with
+/// the same cache), then back after the run.
+struct SlowRun {
+    label: Label,
+    back: Label,
+    k: u32,
+    pop: bool,
+    run: Vec<Instruction>,
+    cache: RegCache,
+    rax_live: bool,
+    /// The cache after the fast version, which the slow one must end with.
+    end: RegCache,
+}
+
 struct Stub {
     label: Label,
     /// Guest instructions completed before the exit.
@@ -985,6 +1020,8 @@ pub struct Emitter {
     cache: RegCache,
     stubs: Vec<Stub>,
     logged: Vec<LoggedWrite>,
+    /// The per-instruction versions of the block's stack runs, emitted after the body.
+    slow_runs: Vec<SlowRun>,
     /// The block's instruction after the one being emitted, if it is a generic one.
     next: Option<Instruction>,
     /// See [`Covered`].
@@ -1169,6 +1206,7 @@ impl Emitter {
             cache: RegCache::EMPTY,
             stubs: Vec::new(),
             logged: Vec::new(),
+            slow_runs: Vec::new(),
             next: None,
             covered: None,
             info: InstructionInfoFactory::new(),
@@ -1230,6 +1268,7 @@ impl Emitter {
         self.a.reset();
         self.stubs.clear();
         self.logged.clear();
+        self.slow_runs.clear();
         self.covered = None;
         self.loop_head = None;
         self.loop_inner = None;
@@ -1237,7 +1276,7 @@ impl Emitter {
         self.self_loop = false;
         let chk = self.a.label();
         let body = self.a.label();
-        let (out, dead) = self.head_checks(chk, guard);
+        self.head_checks(rip, chk, guard)?;
         self.a.bind(body);
         let mut ended = false;
         self.rax_live = false;
@@ -1257,7 +1296,13 @@ impl Emitter {
             self.a.bind(inner);
             self.loop_inner = Some(inner);
         }
+        // Instructions after `k` that a stack run (see [`stack_run`]) already emitted.
+        let mut skip = 0usize;
         for (k, (i, kind)) in insns.iter().enumerate() {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
             self.next = insns
                 .get(k + 1)
                 .and_then(|(n, nk)| (*nk == Kind::Generic).then_some(*n));
@@ -1316,6 +1361,18 @@ impl Emitter {
                     self.a.mov(RAX, R8);
                     self.exit_dynamic(k + 1);
                     ended = true;
+                }
+                Kind::Push if stack_run(insns.get(k as usize..).unwrap_or(&[]), false) > 1 => {
+                    let run = insns.get(k as usize..).unwrap_or(&[]);
+                    let run = run.get(..stack_run(run, false)).unwrap_or(&[]);
+                    self.stack_run_fast(k, run, false)?;
+                    skip = run.len() - 1;
+                }
+                Kind::Pop if stack_run(insns.get(k as usize..).unwrap_or(&[]), true) > 1 => {
+                    let run = insns.get(k as usize..).unwrap_or(&[]);
+                    let run = run.get(..stack_run(run, true)).unwrap_or(&[]);
+                    self.stack_run_fast(k, run, true)?;
+                    skip = run.len() - 1;
                 }
                 Kind::Push => {
                     let v = match i.code() {
@@ -1408,6 +1465,19 @@ impl Emitter {
             let next = insns.last().map_or(rip, |(i, _)| i.next_ip());
             self.exit_static(rip, next, insns.len() as u32, chk);
         }
+        let slow_runs = std::mem::take(&mut self.slow_runs);
+        for r in &slow_runs {
+            self.a.bind(r.label);
+            self.cache = r.cache;
+            self.rax_live = r.rax_live;
+            self.stack_run_code(r.k, &r.run, r.pop, None)?;
+            let same = |c: &RegCache| c.slots.map(|s| (s.guest, s.dirty));
+            if same(&self.cache) != same(&r.end) {
+                return Err(EmitError("stack run versions disagree".into()));
+            }
+            self.a.jmp(r.back);
+        }
+        self.slow_runs = slow_runs;
         self.logged_writes();
         // Exit stubs: state is exactly as before instruction `done`.
         let stubs = std::mem::take(&mut self.stubs);
@@ -1425,12 +1495,6 @@ impl Emitter {
             self.leave(s.ip, code, s.done);
         }
         self.stubs = stubs;
-        let a = &mut self.a;
-        a.bind(dead);
-        a.lea_label(RDX, chk);
-        self.leave(rip, EXIT_DEAD, 0);
-        self.a.bind(out);
-        self.leave(rip, EXIT_GO, 0);
         let a = &mut self.a;
         if !a.finish() {
             return Err(EmitError("unbound label".into()));
@@ -1458,9 +1522,8 @@ impl Emitter {
         self.a.ret();
     }
 
-    /// The chained entry (see [`Emitter::block`]); flag-neutral like all glue. Returns the
-    /// labels of its two ways out (budget or exit request; page written), bound by the caller
-    /// after the body.
+    /// The chained entry (see [`Emitter::block`]) at `chk`, preceded by its two ways out
+    /// (budget spent or exit requested; page written); flag-neutral like all glue.
     ///
     /// The block's back edges to its own start enter after the page-generation check
     /// ([`Emitter::loop_head`]), and so do jumps linked from other blocks of the same guest
@@ -1475,33 +1538,57 @@ impl Emitter {
     /// when the loop leaves, at the latest when the budget is spent (MAX_RUN instructions),
     /// as the SDM allows for cross-modifying code: the executing processor runs the new code
     /// only after a serializing instruction, and none is translated.
-    fn head_checks(&mut self, chk: Label, guard: Guard) -> (Label, Label) {
+    fn head_checks(&mut self, rip: u64, chk: Label, guard: Guard) -> E<()> {
         let out = self.a.label();
         let dead = self.a.label();
         let looped = self.a.label();
         self.loop_head = Some(looped);
+        // The two ways out come first, before the chained entry, so that every check below
+        // branches back to them only when it fails: in code that runs once in a while (cold
+        // in the branch predictor), a conditional branch is predicted not taken, and a taken
+        // one costs a misprediction. (A check that branched over a `jmp` on success, as
+        // `jmp_unless_rcx_zero` does, paid one per check and block entry.)
+        self.a.bind(dead);
+        self.a.lea_label(RDX, chk);
+        self.leave(rip, EXIT_DEAD, 0);
+        self.a.bind(out);
+        self.leave(rip, EXIT_GO, 0);
         let a = &mut self.a;
+        let far = || EmitError("head check out of reach".into());
         a.bind(chk);
         // The page's write generation (and the next page's, for a block whose last
-        // instruction crosses into it).
+        // instruction crosses into it): ecx = current - translated (0 when unchanged); then
+        // rcx - 1 rotated by 32 has a zero low half exactly when that difference was not 0.
         for (addr, generation) in
             std::iter::once((guard.gen_addr, guard.generation)).chain(guard.next)
         {
             a.mov_imm(RCX, addr);
             a.load32(RCX, RCX);
             a.lea32(RCX, RCX, (generation as i32).wrapping_neg());
-            a.jmp_unless_rcx_zero(dead);
+            a.lea(RCX, at(RCX, -1));
+            a.rorx(RCX, RCX, 32);
+            if !a.jrcxz_back(dead, true) {
+                return Err(far());
+            }
         }
         a.bind(looped);
-        // Budget: r12 counts down (see [`trampoline`]); r12 >> 12 is 0 while it is in
-        // 0..MAX_RUN, and not once it went below 0.
-        a.shrx(RCX, R12, R13);
-        a.jmp_unless_rcx_zero(out);
-        // The exit-request word (interrupts, kicks and pauses from other threads).
+        // Budget: r12 counts down (see [`trampoline`]) from below MAX_RUN and is negative
+        // once spent (by less than a block, MAX_INSNS): r12 >> 12 (arithmetic) is 0 or -1,
+        // plus 1 is 0 exactly when spent.
+        a.sarx(RCX, R12, R13);
+        a.lea(RCX, at(RCX, 1));
+        if !a.jrcxz_back(out, false) {
+            return Err(far());
+        }
+        // The exit-request word (interrupts, kicks and pauses from other threads): 0, or 1
+        // when set (`VcpuShared::post`/`kick` store only 1); minus 1 is 0 exactly when set.
         a.load(RCX, ctx(C_REQ));
         a.load32(RCX, RCX);
-        a.jmp_unless_rcx_zero(out);
-        (out, dead)
+        a.lea32(RCX, RCX, -1);
+        if !a.jrcxz_back(out, false) {
+            return Err(far());
+        }
+        Ok(())
     }
 
     /// An exit stub leaving before instruction `done` (at `ip`), which writes back the
@@ -1738,7 +1825,21 @@ impl Emitter {
     /// page to the store log and comes back, so a store to a page already dirty costs what a
     /// load does.
     fn tlb(&mut self, k: u32, ip: u64, size: usize, write: bool) {
-        self.tlb_check(k, ip, size, write);
+        let stub = self.stub(k, ip, if write { 2 } else { 1 });
+        self.tlb_to(stub, size, write);
+    }
+
+    /// [`Emitter::tlb`] leaving the host address as rsi + rdi (rsi still the guest linear
+    /// address, rdi the slot's addend): an instruction re-encoded with `[rsi + rdi]` needs
+    /// no `lea` of its own.
+    fn tlb_check(&mut self, k: u32, ip: u64, size: usize, write: bool) {
+        let stub = self.stub(k, ip, if write { 2 } else { 1 });
+        self.tlb_check_to(stub, size, write);
+    }
+
+    /// [`Emitter::tlb`] whose miss goes to `miss` instead of an exit stub.
+    fn tlb_to(&mut self, miss: Label, size: usize, write: bool) {
+        self.tlb_check_to(miss, size, write);
         self.a.lea(
             RSI,
             Mem {
@@ -1749,11 +1850,8 @@ impl Emitter {
         );
     }
 
-    /// [`Emitter::tlb`] leaving the host address as rsi + rdi (rsi still the guest linear
-    /// address, rdi the slot's addend): an instruction re-encoded with `[rsi + rdi]` needs
-    /// no `lea` of its own.
-    fn tlb_check(&mut self, k: u32, ip: u64, size: usize, write: bool) {
-        let stub = self.stub(k, ip, if write { 2 } else { 1 });
+    /// [`Emitter::tlb_check`] whose miss goes to `stub`.
+    fn tlb_check_to(&mut self, stub: Label, size: usize, write: bool) {
         let a = &mut self.a;
         a.pext_mem(RDX, RSI, at(RSP, TLB_MASK_AT)); // the slot of the first byte's page
         a.load(RDI, tlb_field(if write { super::TLB_WRITE } else { 0 })); // -page
@@ -1921,6 +2019,118 @@ impl Emitter {
         self.a.lea(hsp, at(hsp, 8));
         self.set_dirty(4);
         self.set_dirty(g);
+        Ok(())
+    }
+
+    /// A run of pushes or pops ([`stack_run`]) starting at instruction `k`: one soft-TLB
+    /// check (a write check for pushes) covers the run's whole range next to rsp, and rsp
+    /// moves once after the last. Between the check and the accesses nothing can fault or
+    /// leave: they hit, and the register cache's loads and evictions are plain
+    /// register-file accesses. Where the range crosses a page end or any of it misses, the
+    /// run goes on out of line ([`SlowRun`]): each instruction with its own check, so a miss
+    /// or a fault happens at exactly the instruction whose access needs it.
+    fn stack_run_fast(&mut self, k: u32, run: &[(Instruction, Kind)], pop: bool) -> E<()> {
+        let slow = SlowRun {
+            label: self.a.label(),
+            back: self.a.label(),
+            k,
+            pop,
+            run: run.iter().map(|(i, _)| *i).collect(),
+            cache: self.cache,
+            rax_live: self.rax_live,
+            end: RegCache::EMPTY,
+        };
+        self.stack_run_code(k, &slow.run, pop, Some(slow.label))?;
+        self.a.bind(slow.back);
+        self.slow_runs.push(SlowRun {
+            end: self.cache,
+            ..slow
+        });
+        Ok(())
+    }
+
+    /// The code of a stack run: with `fast` (the label a miss of the run's check goes to),
+    /// one check for the whole run; without, a check per instruction (rsp moved after each,
+    /// as `push`/`pop` on the cache do). Both make the same register-cache requests in the
+    /// same order.
+    fn stack_run_code(
+        &mut self,
+        k: u32,
+        run: &[Instruction],
+        pop: bool,
+        fast: Option<Label>,
+    ) -> E<()> {
+        let n = run.len() as i32;
+        let hsp = self.cached_regs(&[(4, true)])?;
+        if let Some(miss) = fast {
+            if pop {
+                self.a.mov(RSI, hsp);
+            } else {
+                self.a.lea(RSI, at(hsp, -8 * n));
+            }
+            self.tlb_to(miss, 8 * run.len(), !pop);
+        }
+        for (j, i) in run.iter().enumerate() {
+            let (kj, j) = (k + j as u32, j as i32);
+            let g = gpr_of(i.op0_register());
+            if pop {
+                let g = g.ok_or_else(|| EmitError("pop destination".into()))?;
+                // The destination is taken into the cache before the check (slow version),
+                // without its value: see `pop_cached`.
+                let hsp = self.cached_regs(&[(4, true), (g, false)])?;
+                let h = self
+                    .cache
+                    .host(g)
+                    .ok_or_else(|| EmitError("pop destination".into()))?;
+                let off = if fast.is_some() {
+                    8 * j
+                } else {
+                    self.a.mov(RSI, hsp);
+                    self.tlb(kj, i.ip(), 8, false);
+                    0
+                };
+                self.a.load(h, at(RSI, off));
+                self.set_dirty(g);
+                if fast.is_none() {
+                    self.a.lea(hsp, at(hsp, 8));
+                    self.set_dirty(4);
+                }
+            } else {
+                let src = match (i.code(), g) {
+                    (Code::Push_r64, Some(g)) => Some(g),
+                    _ => None,
+                };
+                let hsp = match src {
+                    Some(g) => self.cached_regs(&[(4, true), (g, true)])?,
+                    None => self.cached_regs(&[(4, true)])?,
+                };
+                // The j-th push stores 8 * (j + 1) bytes below the old rsp.
+                let off = if fast.is_some() {
+                    8 * (n - 1 - j)
+                } else {
+                    self.a.lea(RSI, at(hsp, -8));
+                    self.tlb(kj, i.ip(), 8, true);
+                    0
+                };
+                match src.and_then(|g| self.cache.host(g)) {
+                    Some(h) => self.a.store(at(RSI, off), h),
+                    None if src.is_some() => return Err(EmitError("push source".into())),
+                    None => {
+                        self.a.mov_imm(RDX, i.immediate(0));
+                        self.a.store(at(RSI, off), RDX);
+                    }
+                }
+                if fast.is_none() {
+                    self.a.lea(hsp, at(hsp, -8));
+                    self.set_dirty(4);
+                }
+            }
+        }
+        let hsp = self.cached_regs(&[(4, true)])?;
+        if fast.is_some() {
+            self.a.lea(hsp, at(hsp, if pop { 8 * n } else { -8 * n }));
+        }
+        self.set_dirty(4);
         Ok(())
     }
 

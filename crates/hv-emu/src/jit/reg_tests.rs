@@ -537,3 +537,88 @@ fn a_shared_check_never_writes_a_code_page_unseen() {
         assert_eq!(c.mp_state, hv::MpState::Halted);
     }
 }
+
+/// A prologue's pushes and an epilogue's pops (`stack_run` in `emit.rs`): one soft-TLB
+/// check covers each run.
+fn prologue_epilogue(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.add(rbx, 3)?;
+    a.push(rbp)?;
+    a.push(r15)?;
+    a.push(r14)?;
+    a.push(0x7f)?;
+    a.push(r13)?;
+    a.push(-2)?;
+    a.push(r12)?;
+    a.push(rbx)?;
+    a.push(rax)?; // the ninth: a run takes at most eight
+    a.xor(r12, r15)?;
+    a.pop(rax)?;
+    a.pop(rbx)?;
+    a.pop(r12)?;
+    a.pop(rcx)?;
+    a.pop(rcx)?; // the same register twice: the later value stays
+    a.pop(rdx)?;
+    a.pop(r14)?;
+    a.pop(r15)?;
+    a.pop(rbp)?;
+    a.add(rbp, rax)
+}
+
+#[test]
+fn push_and_pop_runs_match_the_interpreter_at_every_stack_offset() {
+    let code = code_of(prologue_epilogue);
+    // On a mapped stack: whole runs in one page, and runs that cross a page end (the check
+    // misses, the interpreter runs the first push or pop, the rest becomes its own block).
+    for k in 0..24u64 {
+        let stack = 0x8000 + 8 * k;
+        let (_, r, c) = both(&code, 70 + k, 100, true, &move |c| c.gpr[4] = stack);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(c.gpr[4], stack, "rsp after the runs");
+    }
+    // In the middle of a page, after a store that fills the soft TLB's write entry: both
+    // runs are translated code (one exit: the filling store's miss).
+    let warm = code_of(|a| {
+        a.mov(qword_ptr(rsp - 0x100), r8)?;
+        prologue_epilogue(a)
+    });
+    let (rig, r, _) = both(&warm, 69, 100, true, &|c| c.gpr[4] = 0x8800);
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(rig.jit.stats.exits_to_interp, 1, "{:?}", rig.jit.stats);
+    // The stack just above the hole (not present) and the read-only page: the push that
+    // reaches it faults, with every earlier push done and rsp as before it.
+    for (base, name) in [(HOLE, "hole"), (RDONLY, "read-only")] {
+        // Nine pushes: a stack less than 72 bytes above the page reaches into it.
+        for k in 0..9u64 {
+            let stack = base + 0x1000 + 8 * k;
+            // CR0.WP: supervisor writes to the read-only page fault too.
+            let (_, r, c) = both(&code, 90 + k, 100, true, &move |c| {
+                c.gpr[4] = stack;
+                c.cr0 |= crate::cpu::CR0_WP;
+            });
+            assert!(r.is_err(), "{name} {k}: no fault");
+            assert_eq!(c.cr2 >> 12, base >> 12, "{name} {k}");
+            assert_eq!(c.gpr[4], base + 0x1000, "{name} {k}: rsp at the fault");
+        }
+    }
+}
+
+#[test]
+fn a_pop_run_faults_at_the_first_pop_that_leaves_the_mapped_stack() {
+    // Pops read upwards: the stack just below the hole, so the run crosses into it.
+    let code = code_of(|a| {
+        a.inc(r10)?;
+        a.pop(rax)?;
+        a.pop(rbx)?;
+        a.pop(r11)?;
+        a.pop(rbp)?;
+        a.pop(r8)?;
+        a.add(rbp, rax)
+    });
+    for k in 1..5u64 {
+        let stack = HOLE - 8 * k;
+        let (_, r, c) = both(&code, 110 + k, 100, true, &move |c| c.gpr[4] = stack);
+        assert!(r.is_err(), "{k}: no fault");
+        assert_eq!(c.cr2, HOLE, "{k}");
+        assert_eq!(c.gpr[4], HOLE, "{k}: rsp at the fault");
+    }
+}
