@@ -283,6 +283,20 @@ impl Asm {
         true
     }
 
+    /// Jumps to `l` when rcx is 0, falling through otherwise, with a not-taken branch on the
+    /// fall-through path: `jrcxz +2` into the immediate of a `mov dead, imm64` whose first
+    /// five immediate bytes are `jmp rel32 l`. On the fall-through path the `mov` runs and
+    /// only writes `dead`, which the caller does not need. (`jrcxz` reaches 127 bytes and
+    /// jumps on zero; this gives a far target without a branch taken in the common case.)
+    pub fn jrcxz_far(&mut self, l: Label, dead: u8) {
+        self.buf.extend_from_slice(&[0xe3, 0x02]);
+        self.buf.push(0x48 | (dead >> 3));
+        self.buf.push(0xb8 | (dead & 7));
+        self.buf.push(0xe9);
+        self.rel32(l);
+        self.buf.extend_from_slice(&[0xcc; 3]);
+    }
+
     /// rorx r64, r64, imm8 (BMI2; flags unchanged)
     pub fn rorx(&mut self, dst: u8, src: u8, imm: u8) {
         self.buf.push(0xc4);
@@ -565,6 +579,23 @@ mod tests {
         let len = a.buf.len();
         assert!(!a.jrcxz_back(l, false));
         assert_eq!(a.buf.len(), len);
+        // jrcxz_far: a jrcxz into a mov's immediate, which is a jmp to the label.
+        let mut a = Asm::default();
+        let l = a.label();
+        a.jrcxz_far(l, RDI);
+        a.bytes(&[0x90; 40]);
+        a.bind(l);
+        a.bytes(&[0x90]);
+        assert!(a.finish());
+        let v: Vec<_> = Decoder::with_ip(64, &a.buf, 0x1000, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        assert_eq!(v[0].near_branch64(), 0x1004);
+        assert_eq!(v[1].code(), iced_x86::Code::Mov_r64_imm64);
+        assert_eq!(v[1].op0_register(), iced_x86::Register::RDI);
+        let j = Decoder::with_ip(64, &a.buf[4..], 0x1004, DecoderOptions::NONE).decode();
+        assert_eq!(j.code(), iced_x86::Code::Jmp_rel32_64);
+        assert_eq!(j.near_branch64(), 0x1000 + 12 + 40);
         // The displacement sizes: none, 8 and 32 bits.
         let mut a = Asm::default();
         a.load(RAX, at(RBX, 0));

@@ -583,6 +583,10 @@ const TLB_MASK_AT: i32 = 8;
 /// pdep mask of a jump-cache index times 16 (the entry size), at `[rsp + JC_MASK_AT]`.
 const JC_MASK: u32 = (JC_ENTRIES as u32 - 1) << 4;
 const JC_MASK_AT: i32 = 16;
+/// pext mask of bit 63, at `[rsp + TOP_MASK_AT]`: turns the soft-TLB check's `s - 1` (all ones
+/// on a hit, below 2^52 on a miss) into 1 or 0 (see [`Emitter::tlb_check_to`]).
+const TOP_MASK: u64 = 1 << 63;
+const TOP_MASK_AT: i32 = 24;
 const _: () = assert!(
     super::TLB_ENTRIES.is_power_of_two()
         && JC_ENTRIES.is_power_of_two()
@@ -627,8 +631,10 @@ pub fn trampoline() -> Vec<u8> {
     a.not(R12);
     a.load(RAX, ctx(C_FLAGS));
     flags_from_rax(&mut a);
-    // The masks blocks use with pdep, at [rsp + JC_MASK_AT] and [rsp + TLB_MASK_AT] (above
-    // the return address): push imm32.
+    // The masks blocks use with pdep/pext, at [rsp + TOP_MASK_AT], [rsp + JC_MASK_AT] and
+    // [rsp + TLB_MASK_AT] (above the return address): push r64 / push imm32.
+    a.mov_imm(RCX, TOP_MASK);
+    a.bytes(&[0x51]); // push rcx
     for m in [JC_MASK, TLB_MASK] {
         a.bytes(&[0x68]);
         a.bytes(&m.to_le_bytes());
@@ -637,7 +643,7 @@ pub fn trampoline() -> Vec<u8> {
         0xff, 0xd2, // call rdx
         0x9c, 0x5f, // pushfq; pop rdi
     ]);
-    a.lea(RSP, at(RSP, 16));
+    a.lea(RSP, at(RSP, 24));
     a.store(ctx(C_FLAGS), RDI);
     a.store(ctx(C_RIP), RAX);
     a.bytes(&[
@@ -1865,10 +1871,28 @@ impl Emitter {
             },
         );
         a.shrx(RCX, RCX, R13);
+        // rcx is 0 on a hit and below 2^52 on a miss. In code that runs rarely (cold in the
+        // branch predictor) a conditional branch is predicted not taken (see `head_checks`),
+        // so the check's branch is taken only on a miss: minus 1, bit 63 of rcx (pext) is 1
+        // exactly on a hit, and `Asm::jrcxz_far` reaches the far target without a taken
+        // branch on the way on. Inside a one-block loop (hot, its branches predicted) the
+        // three extra instructions would only cost: there the hit branches over a `jmp`.
+        let hot = self.loop_inner.is_some();
+        if !hot {
+            a.lea(RCX, at(RCX, -1));
+            a.pext_mem(RCX, RCX, at(RSP, TOP_MASK_AT));
+        }
+        let jump = |a: &mut Asm, to: Label| {
+            if hot {
+                a.jmp_unless_rcx_zero(to);
+            } else {
+                a.jrcxz_far(to, RDI);
+            }
+        };
         if write {
             let slow = a.label();
             let back = a.label();
-            a.jmp_unless_rcx_zero(slow);
+            jump(a, slow);
             a.bind(back);
             self.logged.push(LoggedWrite {
                 slow,
@@ -1877,7 +1901,7 @@ impl Emitter {
                 size,
             });
         } else {
-            a.jmp_unless_rcx_zero(stub);
+            jump(a, stub);
         }
         self.a.load(RDI, tlb_field(super::TLB_ADDEND));
     }
@@ -2755,7 +2779,11 @@ mod tests {
         let ctx = &jit.ctx;
         assert_eq!((ctx.rip, ctx.count), (2047, 0));
         // The pdep masks blocks find above the return address.
-        for (at_, mask) in [(TLB_MASK_AT, TLB_MASK), (JC_MASK_AT, JC_MASK)] {
+        for (at_, mask) in [
+            (TLB_MASK_AT, u64::from(TLB_MASK)),
+            (JC_MASK_AT, u64::from(JC_MASK)),
+            (TOP_MASK_AT, TOP_MASK),
+        ] {
             let jit = run(
                 |a| {
                     a.load(RAX, at(RSP, at_));
@@ -2765,7 +2793,7 @@ mod tests {
                 0x202,
                 1,
             );
-            assert_eq!(jit.ctx.rip, u64::from(mask));
+            assert_eq!(jit.ctx.rip, mask);
         }
     }
 }
