@@ -379,3 +379,38 @@ fn a_block_with_clock_reads_runs_as_one_translation() {
         assert_eq!(c.rip, code.len() as u64 - 1 + CODE, "at the hlt");
     }
 }
+
+#[test]
+fn a_delay_loop_of_clock_reads_runs_translated() {
+    // A one-block loop (the kernel's `delay_tsc` shape): the register cache carried around the
+    // back edge and the reads' write-backs must agree; the last reading is the newest.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.rdtsc().unwrap();
+    a.add(r8, 1).unwrap();
+    a.mov(r9, rax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for mode in [Mode::Host, Mode::Paced] {
+        let mut rig = rig(mode);
+        load(&mut rig, 13, &code);
+        let start = cpu(13);
+        for _ in 0..2 {
+            let mut c = copy_tsc(&start);
+            c.gpr[1] = 100;
+            let (ran, lo, hi) = run(&mut rig, &mut c, 500);
+            assert_eq!(ran, Ran::Translated, "{mode:?}");
+            let t = c.gpr[2] << 32 | c.gpr[0];
+            assert!(
+                lo <= t && t <= hi,
+                "{mode:?}: {t:#x} not in [{lo:#x}, {hi:#x}]"
+            );
+            assert_eq!(c.gpr[9], c.gpr[0], "{mode:?}: r9");
+            assert_eq!(c.gpr[8], start.gpr[8].wrapping_add(100), "{mode:?}: r8");
+            assert_eq!((c.gpr[1], c.rip), (0, code.len() as u64 - 1 + CODE));
+        }
+    }
+}
