@@ -67,9 +67,11 @@ pub(crate) fn enter(t: &mut TimeCtx, cpu: &Cpu, clock: &Clock) {
     };
     t.add = base.wrapping_add(cpu.msr.tsc_offset);
     let tsd = cpu.cr4 & CR4_TSD != 0 && cpu.cpl != 0;
-    // The floor has not been passed yet: the interpreter applies it.
-    let below_floor =
-        cpu.msr.tsc_floor != 0 && hv_emu_jit_rt::host_tsc().wrapping_add(t.add) < cpu.msr.tsc_floor;
+    // The floor has not been passed yet: the interpreter applies it. (A TSC in the top half
+    // of its range also goes there while a floor is set: it could wrap during the run, after
+    // which `max` with the floor would matter again.)
+    let now = hv_emu_jit_rt::host_tsc().wrapping_add(t.add);
+    let below_floor = cpu.msr.tsc_floor != 0 && (now < cpu.msr.tsc_floor || now >> 63 != 0);
     t.deny = u64::from(tsd || below_floor);
 }
 
