@@ -36,6 +36,8 @@
 //!   registers and MXCSR whose addresses `ctx` holds, and its own stack frame are touched;
 //!   callee-saved registers, the MXCSR control bits and DF are preserved) are documented there and
 //!   in docs/emu.md ("Translator").
+//! * **Time**: [`host_tsc`] reads the host TSC for the emulator's clock (the same counter
+//!   translated `rdtsc` reads).
 
 #![allow(unsafe_code)] // Executable memory and calls into generated code: the purpose of this crate.
 
@@ -91,6 +93,18 @@ pub struct CodeCache {
 // and `&self` methods only read/execute code already written. Moving the cache to another
 // thread (a vCPU thread) moves that ownership.
 unsafe impl Send for CodeCache {}
+
+/// The host's time-stamp counter now (`rdtsc`). emu paces its guest TSC by it where the host
+/// TSC is constant and nonstop, and translated code reads it with the same instruction, so the
+/// interpreter and generated code see one counter (`hv_emu::clock`).
+#[inline]
+pub fn host_tsc() -> u64 {
+    // SAFETY: `rdtsc` only reads the time-stamp counter into registers; it has no memory
+    // effects, and this crate only builds for x86-64, where the instruction always exists
+    // (user-mode `rdtsc` faults only under CR4.TSD, which Linux does not set for processes
+    // that have not asked for it with `prctl(PR_SET_TSC)`).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
 
 /// Why a call was refused.
 #[derive(Debug, PartialEq, Eq)]

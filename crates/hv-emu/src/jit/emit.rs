@@ -61,6 +61,8 @@ mod reg_tests;
 pub(super) mod simd;
 #[path = "sys.rs"]
 pub(super) mod sys;
+#[path = "time.rs"]
+pub(super) mod time;
 
 /// How a guest instruction is translated.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -109,6 +111,13 @@ pub enum Kind {
     PushMem,
     /// `cmpxchg16b m128` (one vCPU only, see `sys.rs`).
     Cmpxchg16b,
+    /// `rdtsc` (`time.rs`, as the kinds below): the host's `rdtsc` where the guest TSC is
+    /// it plus a constant, else interpreted.
+    Rdtsc,
+    /// `rdtscp` (models with RDTSCP).
+    Rdtscp,
+    /// `rdpid r64` (models with RDPID).
+    Rdpid,
 }
 
 impl Kind {
@@ -415,9 +424,11 @@ pub fn classify(i: &Instruction) -> Option<Kind> {
 }
 
 /// [`classify`] for a VM whose CPU model shows `features`: also the system instructions and
-/// the scalar extensions of that model (`sys.rs`).
+/// the scalar extensions of that model (`sys.rs`), and the TSC reads (`time.rs`).
 pub fn classify_for(i: &Instruction, features: hv::cpu_model::FeatureSet) -> Option<Kind> {
-    classify(i).or_else(|| sys::classify(i, features))
+    classify(i)
+        .or_else(|| sys::classify(i, features))
+        .or_else(|| time::classify(i, features))
 }
 
 /// [`Kind::Generic`] if every operand of `i` is a general register, an immediate or one
@@ -1349,6 +1360,7 @@ impl Emitter {
                 | Kind::FsGsBase
                 | Kind::PushMem
                 | Kind::Cmpxchg16b => ended = self.sys(k, i, *kind)?,
+                Kind::Rdtsc | Kind::Rdtscp | Kind::Rdpid => self.time(k, i, *kind)?,
                 Kind::Leave => {
                     self.a.load(RSI, greg(5));
                     self.a.mov(RBP, RSI);

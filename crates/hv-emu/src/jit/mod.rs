@@ -290,6 +290,8 @@ pub struct Ctx {
     simd: emit::simd::SimdCtx,
     /// System-instruction state (`sys.rs`); set at every entry, read back after.
     sys: emit::sys::SysCtx,
+    /// TSC-read state (`time.rs`); set at every entry.
+    time: emit::time::TimeCtx,
 }
 
 /// Jump-cache entries per privilege class (a power of two; [`jc_index`] and the emitter agree
@@ -529,6 +531,7 @@ impl Jit {
                 log: [0; LOG_CAP],
                 simd: Default::default(),
                 sys: Default::default(),
+                time: Default::default(),
             }),
             index: index::Index::new(),
             emitter,
@@ -1145,6 +1148,7 @@ impl Exec<'_> {
             self.vm.features,
             self.vm.vcpus.len(),
         );
+        emit::time::enter(&mut ctx.time, self.cpu, &self.vm.clock);
         jit.stats.entries += 1;
         let called = jit.cache.enter(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
