@@ -93,11 +93,14 @@ pub enum Kind {
     SegRead,
     /// `cli` (CPL <= IOPL, else interpreted: #GP).
     Cli,
-    /// `sti`: ends the block; the run loop checks interrupts after the STI shadow.
+    /// `sti`: the next instruction runs in its shadow in the same block when it can
+    /// ([`sys::in_shadow`]), then the block leaves only if an interrupt may be waiting; else
+    /// it ends the block and the run loop checks interrupts after the shadow.
     Sti,
     Cld,
     Std,
-    /// `popfq`: ends the block; the run loop checks interrupts.
+    /// `popfq`: leaves to the run loop when it changes IOPL or sets IF with an interrupt
+    /// possibly waiting; else the block goes on.
     Popf,
     /// `iretq`: ends the block; the run loop finishes the same-level case (`sys.rs`).
     Iret,
@@ -124,10 +127,14 @@ impl Kind {
                 | Kind::JmpMem
                 | Kind::Jcc
                 | Kind::CallMem
-                | Kind::Sti
-                | Kind::Popf
                 | Kind::Iret
         )
+    }
+
+    /// Whether an instruction of this kind may follow one of kind `prev` in a block (after a
+    /// `sti`, only what may run in its shadow, see `sys.rs`).
+    pub fn may_follow(self, prev: Kind) -> bool {
+        prev != Kind::Sti || sys::in_shadow(self)
     }
 }
 
@@ -989,6 +996,11 @@ pub struct Emitter {
     next: Option<Instruction>,
     /// See [`Covered`].
     covered: Option<Covered>,
+    /// The kind of the block's instruction after the one being emitted, if any.
+    following: Option<Kind>,
+    /// The instruction after which [`Emitter::sti_window`] goes (the one in a `sti`'s
+    /// shadow).
+    window: Option<u32>,
     info: InstructionInfoFactory,
     enc: Encoder,
 }
@@ -1171,6 +1183,8 @@ impl Emitter {
             logged: Vec::new(),
             next: None,
             covered: None,
+            following: None,
+            window: None,
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
         })
@@ -1231,6 +1245,7 @@ impl Emitter {
         self.stubs.clear();
         self.logged.clear();
         self.covered = None;
+        self.window = None;
         self.loop_head = None;
         self.loop_inner = None;
         self.flushed = false;
@@ -1261,6 +1276,7 @@ impl Emitter {
             self.next = insns
                 .get(k + 1)
                 .and_then(|(n, nk)| (*nk == Kind::Generic).then_some(*n));
+            self.following = insns.get(k + 1).map(|(_, nk)| *nk);
             let k = k as u32;
             // Every kind but these reads or writes the register file in memory (or pins
             // guest registers to host ones): the cache is written back and emptied first.
@@ -1399,6 +1415,9 @@ impl Emitter {
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
+            }
+            if self.window == Some(k) {
+                self.sti_window(k, i)?;
             }
             if ended {
                 break;

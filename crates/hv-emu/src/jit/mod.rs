@@ -588,6 +588,9 @@ impl Jit {
             let Some(kind) = classify_for(&i, features) else {
                 break;
             };
+            if self.insns.last().is_some_and(|&(_, p)| !kind.may_follow(p)) {
+                break;
+            }
             if check_encodes && kind == Kind::Generic && !self.emitter.encodes(&i) {
                 break;
             }
@@ -1139,12 +1142,7 @@ impl Exec<'_> {
         ctx.link = 0;
         ctx.dead = 0;
         emit::simd::enter(&mut ctx.simd, self.cpu, self.vm.features);
-        emit::sys::enter(
-            &mut ctx.sys,
-            self.cpu,
-            self.vm.features,
-            self.vm.vcpus.len(),
-        );
+        emit::sys::enter(&mut ctx.sys, self);
         jit.stats.entries += 1;
         let called = jit.cache.enter(code, &mut self.cpu.gpr, ctx);
         if let Some(a) = active {
