@@ -11,13 +11,41 @@
 //! **Privilege and interrupts.** [`enter`] computes a deny word (CPL > IOPL: `cli`/`sti`
 //! #GP; CPL != 0: `swapgs` #GP; CR4.FSGSBASE or the model's FSGSBASE missing: #UD; more than
 //! one vCPU: `cmpxchg16b`, see below) and POPF's writable mask; only the interpreter changes
-//! CPL, IOPL, CR4, and the instructions here that change IOPL (`popfq`) return to the run loop,
-//! so the word holds for a whole chain. Each instruction that needs a bit checks it first and
-//! leaves to the interpreter (which raises the fault) when it is set. `sti` and `popfq` end the
-//! block and return to the run loop (never chained), asking it ([`SysCtx::effects`]) for what
-//! the interpreter does after them: `irq_check` (a pending interrupt is looked at), and for an
-//! `sti` that sets IF the interrupt shadow, so the run loop interprets the next instruction
-//! alone before it injects, exactly as after an interpreted `sti`.
+//! CPL, IOPL, CR4, and a `popfq` that changes IOPL returns to the run loop, so the word holds
+//! for a whole chain. Each instruction that needs a bit checks it first and leaves to the
+//! interpreter (which raises the fault) when it is set.
+//!
+//! **The interrupt window of `sti` and `popfq`.** The interpreter sets `irq_check` after both
+//! (and, after a `sti` that sets IF, the one-instruction STI shadow: SDM Vol. 2 "STI", Vol. 3
+//! 6.8.3), and its run loop then delivers an interrupt if one is deliverable. Translated code
+//! does the same without returning when nothing can be delivered: [`enter`] records in
+//! [`SysCtx::waiting`] whether an interrupt may be waiting at entry ([`irq_waiting`]: an
+//! `irq_check` left set, an unmasked NMI, a vector the local APIC would deliver with IF set,
+//! a mailbox not merged yet), and while the run lasts the only new interrupts are other
+//! threads' posts, which set the exit-request word the block heads read anyway (the LAPIC
+//! timer, LAPIC and TPR writes are the run loop's and the interpreter's). At the window
+//! ([`Emitter::irq_window`]) the block leaves to the run loop with `irq_check`
+//! ([`SysCtx::effects`]) when IF is set and either of the two says so, and goes on otherwise:
+//!
+//! * `sti` that sets IF: the next instruction is translated into the same block when it may
+//!   run in the shadow ([`in_shadow`]: not one that ends the block, not another `sti` or a
+//!   `popfq`); the window follows it ([`Emitter::sti_window`]; after `sti; cli` IF is clear
+//!   and there is none). An exit before or inside that instruction (a soft-TLB miss, a
+//!   fault) leaves `irq_check` and the shadow for the run loop, which interprets it alone,
+//!   as before. When the block has nothing after the `sti` it may run in the shadow (an
+//!   untranslated instruction such as the `hlt` of `sti; hlt`, a branch, the page end), the
+//!   block ends at the `sti` and the run loop takes the shadow and the check.
+//! * `sti` with IF already set: no shadow; the window is right after it (the interpreter's
+//!   `irq_check` asks for a look there too).
+//! * `popfq`: a new IOPL returns to the run loop (the deny word and POPF's mask are stale);
+//!   otherwise the window is right after it (no shadow), and the block goes on with the new
+//!   flags in [`SysCtx::flags`] and `Ctx::flags`.
+//!
+//! `irq_check` stays clear where the block went on: the interpreter would have set it and
+//! found nothing to deliver. Tests: `a_pending_interrupt_comes_right_after_the_sti_shadow`,
+//! `an_interrupt_posted_while_the_block_runs_comes_after_the_shadow`,
+//! `popfq_that_sets_if_delivers_a_pending_interrupt_right_after_it`,
+//! `popfq_that_changes_iopl_ends_the_run` and the others in `sys_tests.rs`.
 //!
 //! **cmpxchg16b** runs as the host's `lock cmpxchg16b` on the soft TLB's host address only
 //! while the VM has one vCPU: the interpreter runs it as read-then-write under a VM-wide mutex,
@@ -517,8 +545,10 @@ impl Emitter {
                 let stub = self.stub(k + 1, i.next_ip(), -1);
                 self.a.jmp_unless_rcx_zero(stub);
                 self.sys_flags(0, IF)?;
-                // IF was clear: the next instruction runs in the shadow (an exit before or in
-                // it leaves SHADOW for the run loop), then [`Emitter::sti_window`].
+                // The next instruction (in the shadow if IF was clear: an exit before or in it
+                // leaves SHADOW for the run loop), then the window after it,
+                // [`Emitter::sti_window`] (after a `sti` that found IF set, a second look for
+                // what another thread posted meanwhile).
                 self.window = Some(k + 1);
             }
             Kind::Popf => {
