@@ -95,11 +95,14 @@ pub enum Kind {
     SegRead,
     /// `cli` (CPL <= IOPL, else interpreted: #GP).
     Cli,
-    /// `sti`: ends the block; the run loop checks interrupts after the STI shadow.
+    /// `sti`: the next instruction runs in its shadow in the same block when it can
+    /// ([`sys::in_shadow`]), then the block leaves only if an interrupt may be waiting; else
+    /// it ends the block and the run loop checks interrupts after the shadow.
     Sti,
     Cld,
     Std,
-    /// `popfq`: ends the block; the run loop checks interrupts.
+    /// `popfq`: leaves to the run loop when it changes IOPL or sets IF with an interrupt
+    /// possibly waiting; else the block goes on.
     Popf,
     /// `iretq`: ends the block; the run loop finishes the same-level case (`sys.rs`).
     Iret,
@@ -133,10 +136,14 @@ impl Kind {
                 | Kind::JmpMem
                 | Kind::Jcc
                 | Kind::CallMem
-                | Kind::Sti
-                | Kind::Popf
                 | Kind::Iret
         )
+    }
+
+    /// Whether an instruction of this kind may follow one of kind `prev` in a block (after a
+    /// `sti`, only what may run in its shadow, see `sys.rs`).
+    pub fn may_follow(self, prev: Kind) -> bool {
+        prev != Kind::Sti || sys::in_shadow(self)
     }
 }
 
@@ -1043,6 +1050,11 @@ pub struct Emitter {
     next: Option<Instruction>,
     /// See [`Covered`].
     covered: Option<Covered>,
+    /// The kind of the block's instruction after the one being emitted, if any.
+    following: Option<Kind>,
+    /// The instruction after which [`Emitter::sti_window`] goes (the one in a `sti`'s
+    /// shadow).
+    window: Option<u32>,
     info: InstructionInfoFactory,
     enc: Encoder,
 }
@@ -1226,6 +1238,8 @@ impl Emitter {
             slow_runs: Vec::new(),
             next: None,
             covered: None,
+            following: None,
+            window: None,
             info: InstructionInfoFactory::new(),
             enc: Encoder::new(64),
         })
@@ -1287,6 +1301,7 @@ impl Emitter {
         self.logged.clear();
         self.slow_runs.clear();
         self.covered = None;
+        self.window = None;
         self.loop_head = None;
         self.loop_inner = None;
         self.flushed = false;
@@ -1323,6 +1338,7 @@ impl Emitter {
             self.next = insns
                 .get(k + 1)
                 .and_then(|(n, nk)| (*nk == Kind::Generic).then_some(*n));
+            self.following = insns.get(k + 1).map(|(_, nk)| *nk);
             let k = k as u32;
             // Every kind but these reads or writes the register file in memory (or pins
             // guest registers to host ones): the cache is written back and emptied first.
@@ -1474,6 +1490,9 @@ impl Emitter {
                     self.exit_static(rip, i.near_branch64(), k + 1, chk);
                     ended = true;
                 }
+            }
+            if self.window == Some(k) {
+                self.sti_window(k, i)?;
             }
             if ended {
                 break;

@@ -591,6 +591,9 @@ impl Jit {
             let Some(kind) = classify_for(&i, features) else {
                 break;
             };
+            if self.insns.last().is_some_and(|&(_, p)| !kind.may_follow(p)) {
+                break;
+            }
             if check_encodes && kind == Kind::Generic && !self.emitter.encodes(&i) {
                 break;
             }
@@ -1142,12 +1145,7 @@ impl Exec<'_> {
         ctx.link = 0;
         ctx.dead = 0;
         emit::simd::enter(&mut ctx.simd, self.cpu, self.vm.features);
-        emit::sys::enter(
-            &mut ctx.sys,
-            self.cpu,
-            self.vm.features,
-            self.vm.vcpus.len(),
-        );
+        emit::sys::enter(&mut ctx.sys, self);
         emit::time::enter(&mut ctx.time, self.cpu, &self.vm.clock);
         jit.stats.entries += 1;
         let called = jit.cache.enter(code, &mut self.cpu.gpr, ctx);

@@ -11,13 +11,41 @@
 //! **Privilege and interrupts.** [`enter`] computes a deny word (CPL > IOPL: `cli`/`sti`
 //! #GP; CPL != 0: `swapgs` #GP; CR4.FSGSBASE or the model's FSGSBASE missing: #UD; more than
 //! one vCPU: `cmpxchg16b`, see below) and POPF's writable mask; only the interpreter changes
-//! CPL, IOPL, CR4, and the instructions here that change IOPL (`popfq`) return to the run loop,
-//! so the word holds for a whole chain. Each instruction that needs a bit checks it first and
-//! leaves to the interpreter (which raises the fault) when it is set. `sti` and `popfq` end the
-//! block and return to the run loop (never chained), asking it ([`SysCtx::effects`]) for what
-//! the interpreter does after them: `irq_check` (a pending interrupt is looked at), and for an
-//! `sti` that sets IF the interrupt shadow, so the run loop interprets the next instruction
-//! alone before it injects, exactly as after an interpreted `sti`.
+//! CPL, IOPL, CR4, and a `popfq` that changes IOPL returns to the run loop, so the word holds
+//! for a whole chain. Each instruction that needs a bit checks it first and leaves to the
+//! interpreter (which raises the fault) when it is set.
+//!
+//! **The interrupt window of `sti` and `popfq`.** The interpreter sets `irq_check` after both
+//! (and, after a `sti` that sets IF, the one-instruction STI shadow: SDM Vol. 2 "STI", Vol. 3
+//! 6.8.3), and its run loop then delivers an interrupt if one is deliverable. Translated code
+//! does the same without returning when nothing can be delivered: [`enter`] records in
+//! [`SysCtx::waiting`] whether an interrupt may be waiting at entry ([`irq_waiting`]: an
+//! `irq_check` left set, an unmasked NMI, a vector the local APIC would deliver with IF set,
+//! a mailbox not merged yet), and while the run lasts the only new interrupts are other
+//! threads' posts, which set the exit-request word the block heads read anyway (the LAPIC
+//! timer, LAPIC and TPR writes are the run loop's and the interpreter's). At the window
+//! ([`Emitter::irq_window`]) the block leaves to the run loop with `irq_check`
+//! ([`SysCtx::effects`]) when IF is set and either of the two says so, and goes on otherwise:
+//!
+//! * `sti` that sets IF: the next instruction is translated into the same block when it may
+//!   run in the shadow ([`in_shadow`]: not one that ends the block, not another `sti` or a
+//!   `popfq`); the window follows it ([`Emitter::sti_window`]; after `sti; cli` IF is clear
+//!   and there is none). An exit before or inside that instruction (a soft-TLB miss, a
+//!   fault) leaves `irq_check` and the shadow for the run loop, which interprets it alone,
+//!   as before. When the block has nothing after the `sti` it may run in the shadow (an
+//!   untranslated instruction such as the `hlt` of `sti; hlt`, a branch, the page end), the
+//!   block ends at the `sti` and the run loop takes the shadow and the check.
+//! * `sti` with IF already set: no shadow; the window is right after it (the interpreter's
+//!   `irq_check` asks for a look there too).
+//! * `popfq`: a new IOPL returns to the run loop (the deny word and POPF's mask are stale);
+//!   otherwise the window is right after it (no shadow), and the block goes on with the new
+//!   flags in [`SysCtx::flags`] and `Ctx::flags`.
+//!
+//! `irq_check` stays clear where the block went on: the interpreter would have set it and
+//! found nothing to deliver. Tests: `a_pending_interrupt_comes_right_after_the_sti_shadow`,
+//! `an_interrupt_posted_while_the_block_runs_comes_after_the_shadow`,
+//! `popfq_that_sets_if_delivers_a_pending_interrupt_right_after_it`,
+//! `popfq_that_changes_iopl_ends_the_run` and the others in `sys_tests.rs`.
 //!
 //! **cmpxchg16b** runs as the host's `lock cmpxchg16b` on the soft TLB's host address only
 //! while the VM has one vCPU: the interpreter runs it as read-then-write under a VM-wide mutex,
@@ -29,14 +57,15 @@
 
 use std::mem::offset_of;
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 
 use hv::cpu_model::{Feature, FeatureSet};
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
 
-use super::super::{C_FLAGS, C_FS, C_GS, Ctx};
+use super::super::{C_FLAGS, C_FS, C_GS, C_REQ, Ctx};
 use super::{E, EXIT_GO, EmitError, Emitter, Kind, Src, ctx, gpr_num, greg, mem_ok};
 use crate::cpu::{
-    ARITH_FLAGS, CS, Cpu, DF, DS, ES, FLAGS_WRITABLE, FS, GS, IF, IOPL, RF, SS, parse_descriptor,
+    ARITH_FLAGS, CS, DF, DS, ES, FLAGS_WRITABLE, FS, GS, IF, IOPL, RF, SS, parse_descriptor,
 };
 use crate::exec::Exec;
 use crate::jit::asm::{Mem, R8, RAX, RBP, RBX, RCX, RDX, RSI, at};
@@ -61,6 +90,8 @@ pub struct SysCtx {
     sel: [u16; 8],
     /// The five qwords an `iretq` popped (RIP, CS, RFLAGS, RSP, SS), for [`leave`].
     frame: [u64; 5],
+    /// 1 when an interrupt may have been waiting for IF at entry ([`irq_waiting`]), else 0.
+    waiting: u64,
 }
 
 const C_SYS: i32 = offset_of!(Ctx, sys) as i32;
@@ -71,6 +102,7 @@ const C_POPF: i32 = C_SYS + offset_of!(SysCtx, popf_mask) as i32;
 const C_KGS: i32 = C_SYS + offset_of!(SysCtx, kernel_gs) as i32;
 const C_SEL: i32 = C_SYS + offset_of!(SysCtx, sel) as i32;
 const C_FRAME: i32 = C_SYS + offset_of!(SysCtx, frame) as i32;
+const C_WAIT: i32 = C_SYS + offset_of!(SysCtx, waiting) as i32;
 
 /// The run loop sets `irq_check` after the run.
 const IRQ_CHECK: u64 = 1;
@@ -90,10 +122,33 @@ const D_SMP: u64 = 8;
 
 const CR4_FSGSBASE: u64 = 1 << 16;
 
-/// Sets [`SysCtx`] up for a run on `cpu` (before every entry). `vcpus`: the VM's vCPU count.
-pub(crate) fn enter(s: &mut SysCtx, cpu: &Cpu, features: FeatureSet, vcpus: usize) {
+/// Whether an interrupt may be waiting for IF to be set (or for nothing) when a run is
+/// entered: what the run loop's `Exec::try_inject` would find after a `sti` or `popfq` that
+/// this run does not return for. Another thread's post from now on sets the exit-request
+/// word, which translated code reads itself; nothing else gives the vCPU an interrupt while
+/// translated code runs (LAPIC accesses, TPR writes and the timer are the run loop's).
+/// May say yes for nothing (the run then returns at the `sti`/`popfq`, as it always did),
+/// never no for something.
+fn irq_waiting(ex: &Exec<'_>) -> bool {
+    let cpu = &*ex.cpu;
+    cpu.irq_check
+        || (cpu.nmi_pending && !cpu.nmi_masked)
+        || cpu.lapic.deliverable().is_some()
+        // Posted before the batch cleared the exit-request word, not merged yet.
+        || ex
+            .vm
+            .vcpus
+            .get(cpu.id as usize)
+            .is_some_and(|v| v.pending.load(Ordering::Acquire))
+}
+
+/// Sets [`SysCtx`] up for a run of `ex`'s vCPU (before every entry).
+pub(crate) fn enter(s: &mut SysCtx, ex: &Exec<'_>) {
+    let cpu = &*ex.cpu;
+    let (features, vcpus) = (ex.vm.features, ex.vm.vcpus.len());
     s.flags = cpu.rflags;
     s.effects = 0;
+    s.waiting = u64::from(irq_waiting(ex));
     let iopl = (cpu.rflags & IOPL) >> 12;
     let cpl = u64::from(cpu.cpl);
     let mut deny = 0;
@@ -273,6 +328,14 @@ fn ext_feature(m: M) -> Option<Feature> {
     })
 }
 
+/// Whether an instruction of kind `k` may run in a block right after a `sti` (in its
+/// interrupt shadow, with the interrupt window after it, [`Emitter::sti_window`]): one that
+/// does not end the block and is neither another `sti` nor a `popfq` (which have windows of
+/// their own). After a `sti` followed by anything else the block ends (see the module doc).
+pub(super) fn in_shadow(k: Kind) -> bool {
+    !k.ends_block() && !matches!(k, Kind::Sti | Kind::Popf)
+}
+
 /// Index (ES = 0 .. GS = 5) of a segment register.
 fn sreg(r: Register) -> Option<usize> {
     Some(match r {
@@ -362,6 +425,54 @@ impl Emitter {
         self.leave(next, EXIT_GO, done);
     }
 
+    /// rcx = nonzero when IF is set now ([`SysCtx::flags`]) and an interrupt may be waiting:
+    /// one was at entry ([`SysCtx::waiting`]) or another thread posted one since (the
+    /// exit-request word). Flag-neutral; clobbers rcx and rdx only (rsi and rdi may hold a
+    /// host address the next instruction reuses, see `Covered`).
+    fn irq_window(&mut self) -> E<()> {
+        let a = &mut self.a;
+        a.load(RCX, ctx(C_SFLAGS));
+        a.mov_imm(RDX, 63 - 9);
+        a.shlx(RCX, RCX, RDX);
+        a.mov_imm(RDX, 63);
+        a.sarx(RCX, RCX, RDX); // IF ? !0 : 0
+        a.load(RDX, ctx(C_REQ));
+        a.load32(RDX, RDX);
+        let pext = Instruction::with3(
+            Code::VEX_Pext_r64_r64_rm64,
+            Register::RDX,
+            Register::RDX,
+            Register::RCX,
+        );
+        self.ins(pext.map_err(EmitError::from))?; // IF ? request : 0
+        let a = &mut self.a;
+        a.pext_mem(RCX, RCX, ctx(C_WAIT)); // IF && waiting at entry
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RDX, 1)),
+                disp: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// The end of the STI shadow, after instruction `k` (`i`), the one after a `sti` that set
+    /// IF: back to the run loop (IRQ_CHECK, no SHADOW) when IF is still set and an
+    /// interrupt may be waiting, else on with nothing for the run loop to do.
+    pub(super) fn sti_window(&mut self, k: u32, i: &Instruction) -> E<()> {
+        self.a.store_imm(ctx(C_EFFECTS), IRQ_CHECK as i32);
+        self.irq_window()?;
+        let stub = self.stub(k + 1, i.next_ip(), -1);
+        self.a.jmp_unless_rcx_zero(stub);
+        self.a.store_imm(ctx(C_EFFECTS), 0);
+        // The check used rcx and rdx only, but keep the next instruction from relying on an
+        // address check made before it.
+        self.covered = None;
+        Ok(())
+    }
+
     /// Instruction `k` of the block, a kind of this module. Returns whether it ended the block.
     pub(super) fn sys(&mut self, k: u32, i: &Instruction, kind: Kind) -> E<bool> {
         let ip = i.ip();
@@ -421,14 +532,29 @@ impl Emitter {
                     },
                 );
                 a.store(ctx(C_EFFECTS), RCX);
+                if !self.following.is_some_and(in_shadow) {
+                    // Nothing the block can run in the shadow: the run loop interprets it.
+                    self.sys_flags(0, IF)?;
+                    self.exit_to_run_loop(k + 1, i.next_ip());
+                    return Ok(true);
+                }
+                // IF was set already: no shadow, the window is right after `sti` (the
+                // interpreter's `irq_check`). The check reads IF before this `sti` sets it,
+                // so it leaves only then, with IF and `effects` (IRQ_CHECK) as they are.
+                self.irq_window()?;
+                let stub = self.stub(k + 1, i.next_ip(), -1);
+                self.a.jmp_unless_rcx_zero(stub);
                 self.sys_flags(0, IF)?;
-                self.exit_to_run_loop(k + 1, i.next_ip());
-                return Ok(true);
+                // The next instruction (in the shadow if IF was clear: an exit before or in it
+                // leaves SHADOW for the run loop), then the window after it,
+                // [`Emitter::sti_window`] (after a `sti` that found IF set, a second look for
+                // what another thread posted meanwhile).
+                self.window = Some(k + 1);
             }
             Kind::Popf => {
                 self.pop_to(k, ip);
-                // New RFLAGS = (old & !mask) | (value & mask) | 2; the host flags are
-                // overwritten below anyway.
+                // New RFLAGS = (old & !mask) | (value & mask) | 2, and in rdx the IOPL bits
+                // it changes; the host flags are overwritten below anyway.
                 self.a.load(RCX, ctx(C_POPF));
                 self.a.load(RDX, ctx(C_SFLAGS));
                 self.a.bytes(&[
@@ -438,15 +564,26 @@ impl Emitter {
                     0x48, 0x09, 0xd0, // or rax, rdx
                     0x48, 0x83, 0xc8, 0x02, // or rax, 2
                 ]);
+                self.a.load(RDX, ctx(C_SFLAGS));
+                self.a.bytes(&[
+                    0x48, 0x31, 0xc2, // xor rdx, rax
+                    0x81, 0xe2, 0x00, 0x30, 0x00, 0x00, // and edx, IOPL
+                ]);
                 self.a.store(ctx(C_SFLAGS), RAX);
                 self.a.store(ctx(C_FLAGS), RAX);
                 self.a.lea(RBP, at(RBP, 8));
                 self.a.store(greg(4), RBP);
                 self.a.store_imm(ctx(C_EFFECTS), IRQ_CHECK as i32);
-                // The arithmetic flags into the host flags, as the trampoline does.
+                // The arithmetic flags into the host flags, as the trampoline does (rdx kept).
                 super::flags_from_rax(&mut self.a);
-                self.exit_to_run_loop(k + 1, i.next_ip());
-                return Ok(true);
+                // A new IOPL makes the deny word and POPF's mask stale: back to the run loop,
+                // as when IF is set now and an interrupt may be waiting (no shadow).
+                let stub = self.stub(k + 1, i.next_ip(), -1);
+                self.a.mov(RCX, RDX);
+                self.a.jmp_unless_rcx_zero(stub);
+                self.irq_window()?;
+                self.a.jmp_unless_rcx_zero(stub);
+                self.a.store_imm(ctx(C_EFFECTS), 0);
             }
             Kind::Iret => {
                 // The frame into the context; `leave` checks and finishes it (or has the
