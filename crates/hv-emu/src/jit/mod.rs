@@ -513,9 +513,11 @@ pub struct Jit {
     /// The next page of each block whose last instruction crosses into it, by the cache
     /// offset of the block's body (emptied with the cache).
     xpages: HashMap<u32, XPage>,
-    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch or
-    /// the CPL last changed (those links are undone when either changes).
-    xpage_links: Vec<u32>,
+    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch last
+    /// changed, each with whether its first page may be fetched at CPL 3 (a user page, or
+    /// not known): those links are undone when the TLB epoch changes, the user-page ones also
+    /// when the privilege class does (see [`XPage`]).
+    xpage_links: Vec<(u32, bool)>,
     /// [`emit::Emitted::unchecked`] of every block so far (`None` before the first, or for
     /// good if two blocks ever differed: then links go to the chained entries).
     unchecked: Option<u32>,
@@ -530,14 +532,27 @@ pub struct Jit {
 ///
 /// Such a block runs only where the next page's current translation is that page: the run
 /// loop checks it at every lookup (`Exec::next_page_current`), and the ways in that skip the
-/// lookup live only as long as the translations and the privilege that check was made under:
-/// a jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
-/// are global), and a jump linked to it (made right after such a lookup, like every link) is
-/// undone at the next entry into translated code under another TLB epoch or CPL
-/// (`Jit::xpage_links`) — a linked jump's source block vouches only for the mapping of its own
-/// page, which is why QEMU never chains to a block spanning two pages. Between two TLB
-/// flushes at one privilege, the next page's translation is the one the check saw (or a
-/// stale one the guest did not flush, which a CPU may use too).
+/// lookup live only as long as the translations and the privilege that check was made under.
+/// A jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
+/// are global) and lives in the half of the privilege class it was made at. A jump linked to
+/// the block (made right after such a lookup, like every link) is undone at the next entry
+/// into translated code under another TLB epoch (`Jit::xpage_links`) — a linked jump's source
+/// block vouches only for the mapping of its own page, which is why QEMU never chains to a
+/// block spanning two pages. Between two TLB flushes the next page's translation is the one
+/// the check saw (or a stale one the guest did not flush, which a CPU may use too).
+///
+/// The privilege class matters too: a fetch of the next page allowed at CPL 0-2 may fault at
+/// CPL 3 (a supervisor page) and the other way round (SMEP). Links join blocks of one page
+/// only, so the linking jump's block starts in the crossing block's first page, and a
+/// block runs at a class only after a fetch of its first page passed there under the current
+/// translations (the run loop's lookup, the class's own jump-cache half, or a link or loop
+/// from a block of that page, which ran by the same rule). A first page whose translation is
+/// supervisor-only never passes at CPL 3, so a link made at CPL 0-2 out of it is taken at CPL
+/// 0-2 only, where its next page's check still holds while the epoch lasts: such links are
+/// kept across system calls and returns to user mode (the blk benchmark linked and unlinked
+/// 12 per request when every CPL change undid them all). Links into blocks whose first page
+/// user mode may fetch (or whose translation the TLB no longer holds) are undone at every
+/// change of privilege class, as before.
 #[derive(Clone, Copy)]
 struct XPage {
     page: u64,
@@ -878,8 +893,10 @@ impl Exec<'_> {
                     _ => *chk,
                 };
                 jit.link(p.site, *chk, to);
-                if *xpage && !jit.xpage_links.contains(chk) {
-                    jit.xpage_links.push(*chk);
+                if *xpage && !jit.xpage_links.iter().any(|&(c, _)| c == *chk) {
+                    // Whether the source (the same first page) may run at CPL 3: see [`XPage`].
+                    let user = !self.cpu.tlb.is_supervisor(self.cpu.rip);
+                    jit.xpage_links.push((*chk, user));
                 }
             }
             if let Found::Code(_, chk, xpage) = &code {
@@ -1144,13 +1161,22 @@ impl Exec<'_> {
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
-        if (jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl)
-            && !jit.xpage_links.is_empty()
-        {
-            // Jumps linked to cross-page blocks hold for the translations and the privilege
-            // they were linked under (see [`XPage`]).
-            for chk in std::mem::take(&mut jit.xpage_links) {
-                jit.unlink_into(chk);
+        if !jit.xpage_links.is_empty() {
+            // Jumps linked to cross-page blocks hold for the translations they were linked
+            // under, and those out of a page user mode may fetch for the privilege class too
+            // (see [`XPage`]).
+            let all = jit.tlb_epoch != self.cpu.tlb.epoch;
+            let class = (jit.cpl == 3) != (self.cpu.cpl == 3);
+            if all || class {
+                let links = std::mem::take(&mut jit.xpage_links);
+                for &(chk, user) in &links {
+                    if all || user {
+                        jit.unlink_into(chk);
+                    }
+                }
+                if !all {
+                    jit.xpage_links = links.into_iter().filter(|&(_, user)| !user).collect();
+                }
             }
         }
         if jit.tlb_epoch != self.cpu.tlb.epoch {
@@ -1433,6 +1459,9 @@ impl Exec<'_> {
     }
 }
 
+#[cfg(test)]
+#[path = "jc_tests.rs"]
+mod jc_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
