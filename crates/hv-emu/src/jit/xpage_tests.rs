@@ -359,7 +359,7 @@ fn map_flags(rig: &Rig, flags: impl Fn(u64) -> Option<u64>) {
         w(0x12000, 0x13000 | 7);
         for p in 0..32u64 {
             if let Some(f) = flags(p) {
-                w(0x13000 + 8 * p, p * 0x1000 | f);
+                w(0x13000 + 8 * p, (p * 0x1000) | f);
             }
         }
     }
