@@ -81,16 +81,6 @@ impl Tlb {
             .is_some_and(|e| e.vpn == vpn && e.pa & T_GLOBAL != 0)
     }
 
-    /// Whether the TLB holds a translation of `lin` that user mode may not access (U/S clear
-    /// at some level): an instruction fetch from it at CPL 3 faults while that translation
-    /// stands.
-    pub fn is_supervisor(&self, lin: u64) -> bool {
-        let vpn = lin >> 12;
-        self.e
-            .get((vpn as usize) & (TLB_SIZE - 1))
-            .is_some_and(|e| e.vpn == vpn && e.pa & T_USER == 0)
-    }
-
     /// Drops the translations to any of the guest page frames `frames`.
     pub fn flush_frames(&mut self, frames: &[u64]) {
         self.epoch = self.epoch.wrapping_add(1);

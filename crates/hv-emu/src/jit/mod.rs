@@ -292,6 +292,15 @@ pub struct Ctx {
     sys: emit::sys::SysCtx,
 }
 
+/// Words of `Jit::user_pages` (64 K bits).
+const USER_PAGE_WORDS: usize = 1024;
+
+/// The word and bit of page `vpn` in `Jit::user_pages`.
+fn user_page_bit(vpn: u64) -> (usize, u64) {
+    let h = (vpn as usize) & (USER_PAGE_WORDS * 64 - 1);
+    (h / 64, 1 << (h % 64))
+}
+
 /// Jump-cache entries per privilege class: [`JC_SETS`] sets of [`JC_WAYS`] (a power of two;
 /// [`jc_index`] and the emitter agree on the hash). 1 MiB for both classes.
 pub const JC_ENTRIES: usize = JC_SETS * JC_WAYS;
@@ -514,10 +523,18 @@ pub struct Jit {
     /// offset of the block's body (emptied with the cache).
     xpages: HashMap<u32, XPage>,
     /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch last
-    /// changed, each with whether its first page may be fetched at CPL 3 (a user page, or
-    /// not known): those links are undone when the TLB epoch changes, the user-page ones also
-    /// when the privilege class does (see [`XPage`]).
-    xpage_links: Vec<(u32, bool)>,
+    /// changed, each with whether the links are undone at the next change of privilege class
+    /// and its first page (virtual page number). All are undone when the TLB epoch changes;
+    /// the others (kept across class changes) when a CPL-3 lookup passes in their page (see
+    /// [`XPage`]).
+    xpage_links: Vec<(u32, bool, u64)>,
+    /// Whether `xpage_links` holds links kept across privilege-class changes.
+    xpage_kept: bool,
+    /// Pages (virtual page numbers, hashed to 64 K bits) where a lookup at CPL 3 passed since
+    /// the jump cache was last emptied whole (see [`XPage`]); `user_pages_set`: some bit is
+    /// set.
+    user_pages: Vec<u64>,
+    user_pages_set: bool,
     /// [`emit::Emitted::unchecked`] of every block so far (`None` before the first, or for
     /// good if two blocks ever differed: then links go to the chained entries).
     unchecked: Option<u32>,
@@ -543,16 +560,21 @@ pub struct Jit {
 ///
 /// The privilege class matters too: a fetch of the next page allowed at CPL 0-2 may fault at
 /// CPL 3 (a supervisor page) and the other way round (SMEP). Links join blocks of one page
-/// only, so the linking jump's block starts in the crossing block's first page, and a
-/// block runs at a class only after a fetch of its first page passed there under the current
-/// translations (the run loop's lookup, the class's own jump-cache half, or a link or loop
-/// from a block of that page, which ran by the same rule). A first page whose translation is
-/// supervisor-only never passes at CPL 3, so a link made at CPL 0-2 out of it is taken at CPL
-/// 0-2 only, where its next page's check still holds while the epoch lasts: such links are
-/// kept across system calls and returns to user mode (the blk benchmark linked and unlinked
-/// 12 per request when every CPL change undid them all). Links into blocks whose first page
-/// user mode may fetch (or whose translation the TLB no longer holds) are undone at every
-/// change of privilege class, as before.
+/// only, so the linking jump's block starts in the crossing block's first page P. A block of
+/// P runs at CPL 3 only after a run-loop lookup at CPL 3 passed in P (the lookup translates
+/// RIP for a fetch first), entered from there, from the CPL-3 half of the jump cache (whose
+/// entries are made after such lookups and live until the jump cache is emptied whole), or
+/// by a link or loop from a block of P that ran at CPL 3 by the same rule. The run loop
+/// notes every page where a CPL-3 lookup passed (`Jit::user_pages`, a 64 K-bit hash, cleared
+/// with the whole jump cache). A link made at CPL 0-2 out of a page not noted is kept across
+/// privilege-class changes, and undone by the first CPL-3 lookup that passes in that page,
+/// before any block of it runs at CPL 3: until then it is taken only at CPL 0-2, where the
+/// next page's check still holds while the TLB epoch lasts. Other links (made at CPL 3, or
+/// out of a noted page, or a hash collision) are undone at every change of privilege class,
+/// as before. Kernel code crossing pages thus keeps its links across system calls and
+/// returns to user mode (the blk benchmark linked and unlinked 11-12 per request when every
+/// CPL change undid them all); the rule does not depend on the U/S bits, so a page made
+/// user-accessible without a TLB flush is covered too.
 #[derive(Clone, Copy)]
 struct XPage {
     page: u64,
@@ -615,6 +637,9 @@ impl Jit {
             pending: None,
             xpages: HashMap::new(),
             xpage_links: Vec::new(),
+            xpage_kept: false,
+            user_pages: vec![0; USER_PAGE_WORDS],
+            user_pages_set: false,
             unchecked: None,
             unchecked_varies: false,
             stats: Stats::default(),
@@ -677,6 +702,7 @@ impl Jit {
         self.incoming.clear();
         self.xpages.clear();
         self.xpage_links.clear();
+        self.xpage_kept = false;
         self.flush_jc();
         self.pending = None;
         self.stats.flushes += 1;
@@ -693,6 +719,37 @@ impl Jit {
             self.incoming.entry(chk).or_default().push((site, orig));
             self.stats.links += 1;
         }
+    }
+
+    /// Undoes the links into cross-page blocks whose first page is `vpn` (see [`XPage`]).
+    fn unlink_xpage_from(&mut self, vpn: u64) {
+        if !self.xpage_links.iter().any(|&(_, _, p)| p == vpn) {
+            return;
+        }
+        let links = std::mem::take(&mut self.xpage_links);
+        for &(chk, _, p) in &links {
+            if p == vpn {
+                self.unlink_into(chk);
+            }
+        }
+        self.xpage_links = links.into_iter().filter(|&(_, _, p)| p != vpn).collect();
+        self.xpage_kept = self.xpage_links.iter().any(|&(_, bound, _)| !bound);
+    }
+
+    /// Records that a lookup at CPL 3 passed in page `vpn`.
+    fn note_user_page(&mut self, vpn: u64) {
+        let (w, b) = user_page_bit(vpn);
+        if let Some(x) = self.user_pages.get_mut(w) {
+            *x |= b;
+            self.user_pages_set = true;
+        }
+    }
+
+    /// Whether a lookup at CPL 3 may have passed in page `vpn` since the jump cache was last
+    /// emptied whole.
+    fn user_page(&self, vpn: u64) -> bool {
+        let (w, b) = user_page_bit(vpn);
+        self.user_pages.get(w).is_none_or(|x| x & b != 0)
     }
 
     /// Undoes every link into the chained entry `chk` (its block is no longer current).
@@ -726,6 +783,10 @@ impl Jit {
     /// Empties the jump cache (both halves): its entries hold for one address space and code
     /// cache.
     fn flush_jc(&mut self) {
+        if self.user_pages_set {
+            self.user_pages.fill(0);
+            self.user_pages_set = false;
+        }
         let jc = &mut self.ctx.jc;
         self.jc_used.flush_all(|i| {
             if let Some(e) = jc.get_mut(i) {
@@ -879,6 +940,15 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
+            if self.cpu.cpl == 3 {
+                // The page passed a fetch at CPL 3: its blocks may run there from now on (see
+                // [`XPage`]).
+                let vpn = self.cpu.rip >> 12;
+                jit.note_user_page(vpn);
+                if jit.xpage_kept {
+                    jit.unlink_xpage_from(vpn);
+                }
+            }
             if let (Some(p), Found::Code(c, chk, xpage)) = (jit.pending.take(), &code)
                 && p.rip == self.cpu.rip
                 && p.epoch == self.cpu.tlb.epoch
@@ -893,10 +963,13 @@ impl Exec<'_> {
                     _ => *chk,
                 };
                 jit.link(p.site, *chk, to);
-                if *xpage && !jit.xpage_links.iter().any(|&(c, _)| c == *chk) {
-                    // Whether the source (the same first page) may run at CPL 3: see [`XPage`].
-                    let user = !self.cpu.tlb.is_supervisor(self.cpu.rip);
-                    jit.xpage_links.push((*chk, user));
+                if *xpage && !jit.xpage_links.iter().any(|&(c, _, _)| c == *chk) {
+                    // Kept across class changes only if the source (in the same first page)
+                    // cannot run at CPL 3: see [`XPage`].
+                    let vpn = self.cpu.rip >> 12;
+                    let bound = self.cpu.cpl == 3 || jit.user_page(vpn);
+                    jit.xpage_links.push((*chk, bound, vpn));
+                    jit.xpage_kept |= !bound;
                 }
             }
             if let Found::Code(_, chk, xpage) = &code {
@@ -1169,14 +1242,15 @@ impl Exec<'_> {
             let class = (jit.cpl == 3) != (self.cpu.cpl == 3);
             if all || class {
                 let links = std::mem::take(&mut jit.xpage_links);
-                for &(chk, user) in &links {
-                    if all || user {
+                for &(chk, bound, _) in &links {
+                    if all || bound {
                         jit.unlink_into(chk);
                     }
                 }
                 if !all {
-                    jit.xpage_links = links.into_iter().filter(|&(_, user)| !user).collect();
+                    jit.xpage_links = links.into_iter().filter(|&(_, bound, _)| !bound).collect();
                 }
+                jit.xpage_kept = !jit.xpage_links.is_empty();
             }
         }
         if jit.tlb_epoch != self.cpu.tlb.epoch {

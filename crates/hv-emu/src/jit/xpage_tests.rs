@@ -487,3 +487,65 @@ fn a_link_to_a_crossing_block_ends_when_the_next_page_changes() {
         assert_eq!((c.cr2, c.rip), (next, CROSS), "CPL {cpl}: {r:?}");
     }
 }
+
+#[test]
+fn a_kernel_link_is_undone_when_its_page_becomes_user_accessible_without_a_flush() {
+    // Linked at CPL 0 out of a supervisor page and kept across the class change; the guest
+    // then makes that page user-accessible without flushing (a permission upgrade; the TLB
+    // walks again when its cached entry refuses the fetch). At CPL 3 the crossing block must
+    // still fault on its supervisor-only next page: the lookup that lets user mode into the
+    // page undoes the kept link.
+    let next = CODE + 0x1000;
+    let (mut rig, a_at, user) = linked_rig(0x1111_1111);
+    map_flags(&rig, |p| Some(if p == 5 { 7 } else { 3 }));
+    let mut c = paged(10, a_at);
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+    }
+    assert_eq!(rig.jit.stats.links, 1, "{:?}", rig.jit.stats);
+    let r = run_at(&mut rig, &mut c, user, 3, 50);
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(rig.jit.stats.unlinks, 0, "not kept across the class change");
+    map_flags(&rig, |p| {
+        Some(if p == 5 || p == CODE >> 12 { 7 } else { 3 })
+    });
+    c.cr2 = 0;
+    let r = run_at(&mut rig, &mut c, a_at, 3, 50);
+    assert!(r.is_err(), "no fault");
+    assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+}
+
+#[test]
+fn a_kernel_link_out_of_a_page_user_mode_ran_is_undone_at_the_class_change() {
+    // A and the crossing block in a user page, the next page supervisor-only. User code at
+    // 0x5000 jumps to A (through the jump cache: another page), so the CPL-3 half caches A;
+    // then the kernel runs A and links its jump. Back at CPL 3 the jump cache enters A
+    // without a lookup in its page: the link, made out of a page user mode had run, must not
+    // have survived the change to CPL 3.
+    let next = CODE + 0x1000;
+    let (mut rig, a_at, user) = linked_rig(0x1111_1111);
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.add(rdx, 1).unwrap();
+    u.jmp(a_at).unwrap();
+    rig.write(user, &u.assemble(user).unwrap());
+    map_flags(&rig, |p| {
+        Some(if p == CODE >> 12 || p == 5 { 7 } else { 3 })
+    });
+    let mut c = paged(11, user);
+    for _ in 0..2 {
+        c.cr2 = 0;
+        let r = run_at(&mut rig, &mut c, user, 3, 50);
+        assert!(r.is_err(), "no fault");
+        assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+    }
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+    }
+    assert!(rig.jit.stats.links >= 1, "{:?}", rig.jit.stats);
+    c.cr2 = 0;
+    let r = run_at(&mut rig, &mut c, user, 3, 50);
+    assert!(r.is_err(), "no fault");
+    assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+}
