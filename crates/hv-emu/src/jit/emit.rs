@@ -50,7 +50,7 @@ use iced_x86::{
 
 use super::{
     C_COUNT, C_DEAD, C_EXIT, C_FLAGS, C_FS, C_GS, C_JC, C_LINK, C_LOG, C_LOG_N, C_MISS_KIND,
-    C_MISS_LIN, C_NBUDGET, C_REQ, C_RIP, C_TLB, JC_ENTRIES,
+    C_MISS_LIN, C_NBUDGET, C_REQ, C_RIP, C_TLB, JC_SETS, JC_WAYS,
 };
 use crate::decode::canonical;
 
@@ -598,8 +598,9 @@ const _: () = assert!(super::MAX_RUN < 4096);
 /// `[rsp + TLB_MASK_AT]`.
 const TLB_MASK: u32 = (super::TLB_ENTRIES as u32 - 1) << 12;
 const TLB_MASK_AT: i32 = 8;
-/// pdep mask of a jump-cache index times 16 (the entry size), at `[rsp + JC_MASK_AT]`.
-const JC_MASK: u32 = (JC_ENTRIES as u32 - 1) << 4;
+/// pdep mask of a jump-cache set number times 32 (the set size: two 16-byte entries), at
+/// `[rsp + JC_MASK_AT]`.
+const JC_MASK: u32 = (JC_SETS as u32 - 1) << 5;
 const JC_MASK_AT: i32 = 16;
 /// pext mask of bit 63, at `[rsp + TOP_MASK_AT]`: turns the soft-TLB check's `s - 1` (all ones
 /// on a hit, below 2^52 on a miss) into 1 or 0 (see [`Emitter::tlb_check_to`]).
@@ -607,7 +608,8 @@ const TOP_MASK: u64 = 1 << 63;
 const TOP_MASK_AT: i32 = 24;
 const _: () = assert!(
     super::TLB_ENTRIES.is_power_of_two()
-        && JC_ENTRIES.is_power_of_two()
+        && JC_SETS.is_power_of_two()
+        && JC_WAYS == 2
         && std::mem::size_of::<super::JcEntry>() == 16
         && JC_MASK < 1 << 31
 );
@@ -1717,12 +1719,14 @@ impl Emitter {
         }
     }
 
-    /// Goes on at guest RIP = rax: straight to its translation if the jump cache has it,
-    /// else back to the run loop (which fills the entry).
+    /// Goes on at guest RIP = rax: straight to its translation if the jump cache has it in
+    /// either way of its set, else back to the run loop (which fills the entry). Flag-neutral
+    /// like all glue (`mov`, `lea`, `shrx`, `pdep`, `jrcxz`, `jmp`).
     fn jump_cache(&mut self) {
+        let way1 = self.a.label();
         let miss = self.a.label();
         let a = &mut self.a;
-        // rcx = (rip + (rip >> 12)) mod JC_ENTRIES, see `jc_index`.
+        // rcx = (rip + (rip >> 12)) mod JC_SETS, see `jc_index`.
         a.shrx(RCX, RAX, R13);
         a.lea(
             RCX,
@@ -1732,7 +1736,7 @@ impl Emitter {
                 disp: 0,
             },
         );
-        // rdi = the 16-byte entry, in the half of the current privilege class.
+        // rdi = the 32-byte set, in the half of the current privilege class.
         a.pdep_mem(RCX, RCX, at(RSP, JC_MASK_AT));
         a.load(RDI, ctx(C_JC));
         a.lea(
@@ -1752,8 +1756,20 @@ impl Emitter {
                 disp: 0,
             },
         );
-        a.jmp_unless_rcx_zero(miss);
+        a.jmp_unless_rcx_zero(way1);
         a.jmp_mem(RDI, 8);
+        a.bind(way1);
+        a.load(RCX, at(RDI, 16));
+        a.lea(
+            RCX,
+            Mem {
+                base: Some(RCX),
+                index: Some((RAX, 1)),
+                disp: 0,
+            },
+        );
+        a.jmp_unless_rcx_zero(miss);
+        a.jmp_mem(RDI, 24);
         a.bind(miss);
         a.mov_imm(RCX, u64::from(EXIT_GO));
         a.ret();

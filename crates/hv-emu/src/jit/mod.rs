@@ -242,7 +242,7 @@ fn tlb_half(cpl: u8) -> usize {
     if cpl == 3 { TLB_ENTRIES } else { 0 }
 }
 
-/// The first jump-cache index of the half for `cpl` (see [`Ctx::jc_base`]).
+/// The first jump-cache entry of the half for `cpl` (see [`Ctx::jc_base`]).
 fn jc_half(cpl: u8) -> usize {
     if cpl == 3 { JC_ENTRIES } else { 0 }
 }
@@ -283,8 +283,8 @@ pub struct Ctx {
     jc_base: u64,
     /// Jump cache: translations by guest RIP, for the exits whose target is not linked
     /// (returns, indirect branches, other pages). Generated code probes it and goes straight to
-    /// the entry's chained entry on a hit.
-    jc: [JcEntry; 2 * JC_ENTRIES],
+    /// the entry's chained entry on a hit (see [`JC_WAYS`]).
+    jc: JcTable,
     log: [u64; LOG_CAP],
     /// Vector-instruction state (`simd.rs`); set at every entry.
     simd: emit::simd::SimdCtx,
@@ -294,12 +294,74 @@ pub struct Ctx {
     time: emit::time::TimeCtx,
 }
 
-/// Jump-cache entries per privilege class (a power of two; [`jc_index`] and the emitter agree
-/// on the hash). 4096 left 0.24 M of the boot's 0.87 M jump-cache misses to slot conflicts;
-/// 32768 found no more than 16384.
-pub const JC_ENTRIES: usize = 16384;
+/// Words of `Jit::user_pages` (64 K bits).
+const USER_PAGE_WORDS: usize = 1024;
+
+/// The word and bit of page `vpn` in `Jit::user_pages`.
+fn user_page_bit(vpn: u64) -> (usize, u64) {
+    let h = (vpn as usize) & (USER_PAGE_WORDS * 64 - 1);
+    (h / 64, 1 << (h % 64))
+}
+
+/// Jump-cache entries per privilege class: [`JC_SETS`] sets of [`JC_WAYS`] (a power of two;
+/// [`jc_index`] and the emitter agree on the hash). 1 MiB for both classes.
+pub const JC_ENTRIES: usize = JC_SETS * JC_WAYS;
+/// Ways per jump-cache set: two adjacent entries (32 bytes, in one host cache line), the probe
+/// checks way 0 then way 1 before leaving; [`Jit::jc_fill`] puts the newest target in way 0
+/// and moves way 0's to way 1 (a hit in generated code does not reorder: no stores there).
+///
+/// Direct-mapped, the blk benchmark's vCPU left translated code ~51 times per request through
+/// a slot holding another RIP, mostly pairs of targets taken in turn (doubling the table
+/// helped little, a second way nearly all). Replayed on a trace of
+/// every jump-cache probe of a boot plus 4 s of blk random reads (38.7 M probes,
+/// 0.36 M to empty slots): direct-mapped with 16 K entries per class, 0.55 M conflicts; 32 K,
+/// 0.37 M; 2 ways × 8 K sets, 53 K; 2 × 16 K, 28 K; 4 × 8 K, 43 K; a million direct-mapped
+/// entries, 1 K. Other hashes (a multiplicative one, adding `rip >> 4` or a rotation) did not
+/// do better than `rip + (rip >> 12)` with two ways.
+pub const JC_WAYS: usize = 2;
+/// Jump-cache sets per privilege class.
+pub const JC_SETS: usize = 16384;
 // `used::UsedSlots` lists slots as `u16`.
 const _: () = assert!(2 * JC_ENTRIES <= 1 << 16 && 2 * TLB_ENTRIES <= 1 << 16);
+const _: () = assert!(JC_WAYS == 2 && JC_SETS.is_power_of_two());
+
+/// One jump-cache set: 32 bytes, aligned so that it never straddles a host cache line.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub struct JcSet([JcEntry; JC_WAYS]);
+
+/// The jump cache's entries, both privilege classes, numbered `set * JC_WAYS + way`: the set
+/// of `rip` at CPL `c` is entries `jc_index(rip) + jc_half(c)` (way 0) and the next (way 1).
+/// On the heap (1 MiB: too large to build on a thread's stack).
+pub struct JcTable(Box<[JcSet]>);
+
+impl JcTable {
+    fn new() -> JcTable {
+        JcTable(vec![JcSet([JC_EMPTY; JC_WAYS]); 2 * JC_SETS].into_boxed_slice())
+    }
+
+    /// Entry `i` (way `i % JC_WAYS` of set `i / JC_WAYS`).
+    fn get(&self, i: usize) -> Option<&JcEntry> {
+        self.0.get(i / JC_WAYS)?.0.get(i % JC_WAYS)
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut JcEntry> {
+        self.0.get_mut(i / JC_WAYS)?.0.get_mut(i % JC_WAYS)
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &JcEntry> {
+        self.0.iter().flat_map(|s| s.0.iter())
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<usize> for JcTable {
+    type Output = JcEntry;
+    fn index(&self, i: usize) -> &JcEntry {
+        &self.0[i / JC_WAYS].0[i % JC_WAYS]
+    }
+}
 
 /// One jump-cache entry: the negated guest RIP (0 after adding the RIP on a hit; 1 when
 /// empty) and the host address of the translation's chained entry.
@@ -315,11 +377,11 @@ const JC_EMPTY: JcEntry = JcEntry {
     addr: 0,
 };
 
-/// The jump-cache slot of `rip`: `(rip + (rip >> 12)) mod JC_ENTRIES` (flag-free to compute in
-/// generated code).
+/// The first entry (way 0) of `rip`'s jump-cache set in a half: `JC_WAYS * ((rip + (rip >>
+/// 12)) mod JC_SETS)` (flag-free to compute in generated code).
 #[inline]
 pub fn jc_index(rip: u64) -> usize {
-    (rip.wrapping_add(rip >> 12) as usize) & (JC_ENTRIES - 1)
+    ((rip.wrapping_add(rip >> 12) as usize) & (JC_SETS - 1)) * JC_WAYS
 }
 
 const C_RIP: i32 = offset_of!(Ctx, rip) as i32;
@@ -462,9 +524,19 @@ pub struct Jit {
     /// The next page of each block whose last instruction crosses into it, by the cache
     /// offset of the block's body (emptied with the cache).
     xpages: HashMap<u32, XPage>,
-    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch or
-    /// the CPL last changed (those links are undone when either changes).
-    xpage_links: Vec<u32>,
+    /// Chained entries of cross-page blocks that jumps were linked to since the TLB epoch last
+    /// changed, each with whether the links are undone at the next change of privilege class
+    /// and its first page (virtual page number). All are undone when the TLB epoch changes;
+    /// the others (kept across class changes) when a CPL-3 lookup passes in their page (see
+    /// [`XPage`]).
+    xpage_links: Vec<(u32, bool, u64)>,
+    /// Whether `xpage_links` holds links kept across privilege-class changes.
+    xpage_kept: bool,
+    /// Pages (virtual page numbers, hashed to 64 K bits) where a lookup at CPL 3 passed since
+    /// the jump cache was last emptied whole (see [`XPage`]); `user_pages_set`: some bit is
+    /// set.
+    user_pages: Vec<u64>,
+    user_pages_set: bool,
     /// [`emit::Emitted::unchecked`] of every block so far (`None` before the first, or for
     /// good if two blocks ever differed: then links go to the chained entries).
     unchecked: Option<u32>,
@@ -479,14 +551,32 @@ pub struct Jit {
 ///
 /// Such a block runs only where the next page's current translation is that page: the run
 /// loop checks it at every lookup (`Exec::next_page_current`), and the ways in that skip the
-/// lookup live only as long as the translations and the privilege that check was made under:
-/// a jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
-/// are global), and a jump linked to it (made right after such a lookup, like every link) is
-/// undone at the next entry into translated code under another TLB epoch or CPL
-/// (`Jit::xpage_links`) — a linked jump's source block vouches only for the mapping of its own
-/// page, which is why QEMU never chains to a block spanning two pages. Between two TLB
-/// flushes at one privilege, the next page's translation is the one the check saw (or a
-/// stale one the guest did not flush, which a CPU may use too).
+/// lookup live only as long as the translations and the privilege that check was made under.
+/// A jump-cache entry is emptied with the soft TLB (kept across MOV to CR3 only if both pages
+/// are global) and lives in the half of the privilege class it was made at. A jump linked to
+/// the block (made right after such a lookup, like every link) is undone at the next entry
+/// into translated code under another TLB epoch (`Jit::xpage_links`) — a linked jump's source
+/// block vouches only for the mapping of its own page, which is why QEMU never chains to a
+/// block spanning two pages. Between two TLB flushes the next page's translation is the one
+/// the check saw (or a stale one the guest did not flush, which a CPU may use too).
+///
+/// The privilege class matters too: a fetch of the next page allowed at CPL 0-2 may fault at
+/// CPL 3 (a supervisor page) and the other way round (SMEP). Links join blocks of one page
+/// only, so the linking jump's block starts in the crossing block's first page P. A block of
+/// P runs at CPL 3 only after a run-loop lookup at CPL 3 passed in P (the lookup translates
+/// RIP for a fetch first), entered from there, from the CPL-3 half of the jump cache (whose
+/// entries are made after such lookups and live until the jump cache is emptied whole), or
+/// by a link or loop from a block of P that ran at CPL 3 by the same rule. The run loop
+/// notes every page where a CPL-3 lookup passed (`Jit::user_pages`, a 64 K-bit hash, cleared
+/// with the whole jump cache). A link made at CPL 0-2 out of a page not noted is kept across
+/// privilege-class changes, and undone by the first CPL-3 lookup that passes in that page,
+/// before any block of it runs at CPL 3: until then it is taken only at CPL 0-2, where the
+/// next page's check still holds while the TLB epoch lasts. Other links (made at CPL 3, or
+/// out of a noted page, or a hash collision) are undone at every change of privilege class,
+/// as before. Kernel code crossing pages thus keeps its links across system calls and
+/// returns to user mode (the blk benchmark linked and unlinked 11-12 per request when every
+/// CPL change undid them all); the rule does not depend on the U/S bits, so a page made
+/// user-accessible without a TLB flush is covered too.
 #[derive(Clone, Copy)]
 struct XPage {
     page: u64,
@@ -527,7 +617,7 @@ impl Jit {
                 tlb_base: 0,
                 tlb: SoftTlb::new(),
                 jc_base: 0,
-                jc: [JC_EMPTY; 2 * JC_ENTRIES],
+                jc: JcTable::new(),
                 log: [0; LOG_CAP],
                 simd: Default::default(),
                 sys: Default::default(),
@@ -550,6 +640,9 @@ impl Jit {
             pending: None,
             xpages: HashMap::new(),
             xpage_links: Vec::new(),
+            xpage_kept: false,
+            user_pages: vec![0; USER_PAGE_WORDS],
+            user_pages_set: false,
             unchecked: None,
             unchecked_varies: false,
             stats: Stats::default(),
@@ -615,6 +708,7 @@ impl Jit {
         self.incoming.clear();
         self.xpages.clear();
         self.xpage_links.clear();
+        self.xpage_kept = false;
         self.flush_jc();
         self.pending = None;
         self.stats.flushes += 1;
@@ -631,6 +725,37 @@ impl Jit {
             self.incoming.entry(chk).or_default().push((site, orig));
             self.stats.links += 1;
         }
+    }
+
+    /// Undoes the links into cross-page blocks whose first page is `vpn` (see [`XPage`]).
+    fn unlink_xpage_from(&mut self, vpn: u64) {
+        if !self.xpage_links.iter().any(|&(_, _, p)| p == vpn) {
+            return;
+        }
+        let links = std::mem::take(&mut self.xpage_links);
+        for &(chk, _, p) in &links {
+            if p == vpn {
+                self.unlink_into(chk);
+            }
+        }
+        self.xpage_links = links.into_iter().filter(|&(_, _, p)| p != vpn).collect();
+        self.xpage_kept = self.xpage_links.iter().any(|&(_, bound, _)| !bound);
+    }
+
+    /// Records that a lookup at CPL 3 passed in page `vpn`.
+    fn note_user_page(&mut self, vpn: u64) {
+        let (w, b) = user_page_bit(vpn);
+        if let Some(x) = self.user_pages.get_mut(w) {
+            *x |= b;
+            self.user_pages_set = true;
+        }
+    }
+
+    /// Whether a lookup at CPL 3 may have passed in page `vpn` since the jump cache was last
+    /// emptied whole.
+    fn user_page(&self, vpn: u64) -> bool {
+        let (w, b) = user_page_bit(vpn);
+        self.user_pages.get(w).is_none_or(|x| x & b != 0)
     }
 
     /// Undoes every link into the chained entry `chk` (its block is no longer current).
@@ -664,6 +789,10 @@ impl Jit {
     /// Empties the jump cache (both halves): its entries hold for one address space and code
     /// cache.
     fn flush_jc(&mut self) {
+        if self.user_pages_set {
+            self.user_pages.fill(0);
+            self.user_pages_set = false;
+        }
         let jc = &mut self.ctx.jc;
         self.jc_used.flush_all(|i| {
             if let Some(e) = jc.get_mut(i) {
@@ -673,17 +802,36 @@ impl Jit {
     }
 
     /// Remembers in the jump cache of privilege class `cpl` that `rip` runs the code whose
-    /// chained entry is `chk`; `global`: the TLB's translation of `rip` is global.
+    /// chained entry is `chk`; `global`: the TLB's translation of `rip` is global. An entry
+    /// for `rip` already in the set is replaced where it is; else the new one goes to way 0,
+    /// after way 0's (if any) moved to way 1 (whose entry is dropped) with its global state.
     fn jc_fill(&mut self, rip: u64, chk: u32, global: bool, cpl: u8) {
         let Some(addr) = self.cache.address_of(chk) else {
             return;
         };
-        let i = jc_index(rip) | jc_half(cpl);
-        if let Some(e) = self.ctx.jc.get_mut(i) {
-            *e = JcEntry {
-                neg_rip: rip.wrapping_neg(),
-                addr,
-            };
+        let i0 = jc_index(rip) | jc_half(cpl);
+        let i1 = i0 | 1;
+        let neg_rip = rip.wrapping_neg();
+        let jc = &mut self.ctx.jc;
+        let (Some(&w0), Some(&w1)) = (jc.get(i0), jc.get(i1)) else {
+            return;
+        };
+        let i = if w0.neg_rip == neg_rip {
+            i0
+        } else if w1.neg_rip == neg_rip {
+            i1
+        } else if w0.neg_rip == JC_EMPTY.neg_rip {
+            i0
+        } else {
+            if let Some(e) = jc.get_mut(i1) {
+                *e = w0;
+                let g = self.jc_used.is_global(i0);
+                self.jc_used.fill(i1, g);
+            }
+            i0
+        };
+        if let Some(e) = jc.get_mut(i) {
+            *e = JcEntry { neg_rip, addr };
             self.jc_used.fill(i, global);
         }
     }
@@ -798,6 +946,15 @@ impl Exec<'_> {
                 Err(e) => return Err(e),
             };
             self.cpu.shadow = 0;
+            if self.cpu.cpl == 3 {
+                // The page passed a fetch at CPL 3: its blocks may run there from now on (see
+                // [`XPage`]).
+                let vpn = self.cpu.rip >> 12;
+                jit.note_user_page(vpn);
+                if jit.xpage_kept {
+                    jit.unlink_xpage_from(vpn);
+                }
+            }
             if let (Some(p), Found::Code(c, chk, xpage)) = (jit.pending.take(), &code)
                 && p.rip == self.cpu.rip
                 && p.epoch == self.cpu.tlb.epoch
@@ -812,8 +969,13 @@ impl Exec<'_> {
                     _ => *chk,
                 };
                 jit.link(p.site, *chk, to);
-                if *xpage && !jit.xpage_links.contains(chk) {
-                    jit.xpage_links.push(*chk);
+                if *xpage && !jit.xpage_links.iter().any(|&(c, _, _)| c == *chk) {
+                    // Kept across class changes only if the source (in the same first page)
+                    // cannot run at CPL 3: see [`XPage`].
+                    let vpn = self.cpu.rip >> 12;
+                    let bound = self.cpu.cpl == 3 || jit.user_page(vpn);
+                    jit.xpage_links.push((*chk, bound, vpn));
+                    jit.xpage_kept |= !bound;
                 }
             }
             if let Found::Code(_, chk, xpage) = &code {
@@ -1078,13 +1240,23 @@ impl Exec<'_> {
     /// Runs one translated block (and the instruction it stopped before, if any). Returns the
     /// instructions executed.
     fn jit_run(&mut self, jit: &mut Jit, code: CodeRef, left: u32) -> R<u32> {
-        if (jit.tlb_epoch != self.cpu.tlb.epoch || jit.cpl != self.cpu.cpl)
-            && !jit.xpage_links.is_empty()
-        {
-            // Jumps linked to cross-page blocks hold for the translations and the privilege
-            // they were linked under (see [`XPage`]).
-            for chk in std::mem::take(&mut jit.xpage_links) {
-                jit.unlink_into(chk);
+        if !jit.xpage_links.is_empty() {
+            // Jumps linked to cross-page blocks hold for the translations they were linked
+            // under, and those out of a page user mode may fetch for the privilege class too
+            // (see [`XPage`]).
+            let all = jit.tlb_epoch != self.cpu.tlb.epoch;
+            let class = (jit.cpl == 3) != (self.cpu.cpl == 3);
+            if all || class {
+                let links = std::mem::take(&mut jit.xpage_links);
+                for &(chk, bound, _) in &links {
+                    if all || bound {
+                        jit.unlink_into(chk);
+                    }
+                }
+                if !all {
+                    jit.xpage_links = links.into_iter().filter(|&(_, bound, _)| !bound).collect();
+                }
+                jit.xpage_kept = !jit.xpage_links.is_empty();
             }
         }
         if jit.tlb_epoch != self.cpu.tlb.epoch {
@@ -1363,6 +1535,9 @@ impl Exec<'_> {
     }
 }
 
+#[cfg(test)]
+#[path = "jc_tests.rs"]
+mod jc_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -47,7 +47,6 @@ impl UsedSlots {
         self.live == 0
     }
 
-    #[cfg(test)]
     /// Whether slot `i` is filled and kept by [`UsedSlots::flush_local`].
     pub(super) fn is_global(&self, i: usize) -> bool {
         self.state.get(i) == Some(&GLOBAL)

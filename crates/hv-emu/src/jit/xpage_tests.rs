@@ -342,3 +342,210 @@ fn a_chain_within_a_page_sees_its_page_rewritten_when_entered_again() {
     assert_eq!(c.gpr[7], want, "a stale translation of B ran");
     assert!(rig.jit.stats.links >= 2, "{:?}", rig.jit.stats);
 }
+
+/// Page tables like [`map`], every upper level user-accessible, the page at `p * 0x1000`
+/// (below 128 KiB) mapped one to one with the leaf flags `flags(p)` (`None`: not present;
+/// `0x3`: supervisor, `0x7`: user).
+fn map_flags(rig: &Rig, flags: impl Fn(u64) -> Option<u64>) {
+    for m in [&rig.m1, &rig.m2] {
+        let w = |a: u64, v: u64| m.write_obj(v, GuestAddress(a)).unwrap();
+        for k in 0..512 {
+            for t in [0x10000, 0x11000, 0x12000, 0x13000] {
+                w(t + 8 * k, 0);
+            }
+        }
+        w(0x10000, 0x11000 | 7);
+        w(0x11000, 0x12000 | 7);
+        w(0x12000, 0x13000 | 7);
+        for p in 0..32u64 {
+            if let Some(f) = flags(p) {
+                w(0x13000 + 8 * p, (p * 0x1000) | f);
+            }
+        }
+    }
+}
+
+/// Runs the translator from `rip` at `cpl` on `c` (its TLB and epoch kept from run to run).
+fn run_at(
+    rig: &mut Rig,
+    c: &mut Cpu,
+    rip: u64,
+    cpl: u8,
+    budget: u32,
+) -> crate::exec::R<(u32, bool)> {
+    c.rip = rip;
+    c.cpl = cpl;
+    c.mp_state = MpState::Runnable;
+    crate::testutil::exec(c, &rig.m1, &rig.vm, |ex| {
+        ex.run_batch_jit(&mut rig.jit, &mut BlockCache::new(), budget, false)
+    })
+}
+
+/// A at `CODE + 0x100` (`add rdx, 1; jmp START`) in the crossing block's first page, and a
+/// user-mode loop at 0x5000 (`add rdx, 1; jmp 0x5000`).
+fn linked_rig(imm: u32) -> (Rig, u64, u64) {
+    let a_at = CODE + 0x100;
+    let user = 0x5000;
+    let rig = rig_with(&crossing(imm), START);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.add(rdx, 1).unwrap();
+    a.jmp(START).unwrap();
+    rig.write(a_at, &a.assemble(a_at).unwrap());
+    let mut u = CodeAssembler::new(64).unwrap();
+    let mut top = u.create_label();
+    u.set_label(&mut top).unwrap();
+    u.add(rdx, 1).unwrap();
+    u.jmp(top).unwrap();
+    rig.write(user, &u.assemble(user).unwrap());
+    (rig, a_at, user)
+}
+
+#[test]
+fn a_kernel_link_to_a_crossing_block_survives_a_round_trip_through_user_mode() {
+    // Supervisor pages hold A and the crossing block (and its next page), 0x5000 is a user
+    // page. A's jump is linked at CPL 0; a run at CPL 3 under the same translations (a system
+    // call's return and the next call) cannot reach A, so back at CPL 0 the link still holds
+    // and is taken: no unlink, no new link, no exit through an unlinked jump.
+    let (mut rig, a_at, user) = linked_rig(0x1111_1111);
+    map_flags(&rig, |p| Some(if p == 5 { 7 } else { 3 }));
+    let mut c = paged(6, a_at);
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+        assert_eq!(c.gpr[0], 0x1111_1111);
+    }
+    let s = rig.jit.stats;
+    assert_eq!((s.links, s.xpage_blocks), (1, 1), "{s:?}");
+    let r = run_at(&mut rig, &mut c, user, 3, 50);
+    assert!(r.is_ok(), "{r:?}");
+    assert!(rig.jit.stats.entries > s.entries, "no entry at CPL 3");
+    let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+    assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+    assert_eq!(c.gpr[0], 0x1111_1111);
+    let t = rig.jit.stats;
+    assert_eq!(
+        (t.unlinks, t.links, t.exits_link),
+        (s.unlinks, s.links, s.exits_link),
+        "the link was undone by the round trip: {t:?}"
+    );
+}
+
+#[test]
+fn a_user_block_crossing_into_a_supervisor_page_faults_after_a_kernel_link() {
+    // A and the crossing block in a user page, the next page supervisor-only (the kernel may
+    // run user pages: no SMEP). Linked at CPL 0, A's jump must not take the crossing block at
+    // CPL 3: its fetch of the next page faults there (#PF, CR2 = the next page, RIP = the
+    // crossing instruction), as on the interpreter.
+    let next = CODE + 0x1000;
+    let (mut rig, a_at, _) = linked_rig(0x1111_1111);
+    map_flags(&rig, |p| {
+        Some(if p == CODE >> 12 || p == 5 { 7 } else { 3 })
+    });
+    let mut c = paged(8, a_at);
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+        assert_eq!(c.gpr[0], 0x1111_1111);
+    }
+    assert_eq!(rig.jit.stats.links, 1, "{:?}", rig.jit.stats);
+    for _ in 0..2 {
+        c.cr2 = 0;
+        let r = run_at(&mut rig, &mut c, a_at, 3, 50);
+        assert!(r.is_err(), "no fault");
+        assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+    }
+}
+
+#[test]
+fn a_link_to_a_crossing_block_ends_when_the_next_page_changes() {
+    // Linked with the next page mapped, then (a TLB flush later) the next page unmapped at
+    // CPL 0, or made supervisor-only under user code at CPL 3: the linked jump must not run
+    // the crossing block past the changed translation.
+    let next = CODE + 0x1000;
+    for (cpl, code_flags, changed) in [(0u8, 3u64, None), (3, 7, Some(3u64))] {
+        let (mut rig, a_at, _) = linked_rig(0x1111_1111);
+        map_flags(&rig, |p| {
+            Some(if p == 1 || p == 2 { code_flags } else { 3 })
+        });
+        let mut c = paged(9, a_at);
+        for _ in 0..2 {
+            let r = run_at(&mut rig, &mut c, a_at, cpl, 50);
+            // At CPL 3 the `hlt` after the crossing instruction raises #GP.
+            assert_eq!(r.is_ok(), cpl == 0, "{r:?}");
+            assert_eq!(c.gpr[0], 0x1111_1111);
+        }
+        assert_eq!(rig.jit.stats.links, 1, "{:?}", rig.jit.stats);
+        map_flags(&rig, |p| match p {
+            2 => changed,
+            1 => Some(code_flags),
+            _ => Some(3),
+        });
+        c.tlb.flush_all();
+        c.cr2 = 0;
+        let r = run_at(&mut rig, &mut c, a_at, cpl, 50);
+        assert!(r.is_err(), "CPL {cpl}: no fault");
+        assert_eq!((c.cr2, c.rip), (next, CROSS), "CPL {cpl}: {r:?}");
+    }
+}
+
+#[test]
+fn a_kernel_link_is_undone_when_its_page_becomes_user_accessible_without_a_flush() {
+    // Linked at CPL 0 out of a supervisor page and kept across the class change; the guest
+    // then makes that page user-accessible without flushing (a permission upgrade; the TLB
+    // walks again when its cached entry refuses the fetch). At CPL 3 the crossing block must
+    // still fault on its supervisor-only next page: the lookup that lets user mode into the
+    // page undoes the kept link.
+    let next = CODE + 0x1000;
+    let (mut rig, a_at, user) = linked_rig(0x1111_1111);
+    map_flags(&rig, |p| Some(if p == 5 { 7 } else { 3 }));
+    let mut c = paged(10, a_at);
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+    }
+    assert_eq!(rig.jit.stats.links, 1, "{:?}", rig.jit.stats);
+    let r = run_at(&mut rig, &mut c, user, 3, 50);
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(rig.jit.stats.unlinks, 0, "not kept across the class change");
+    map_flags(&rig, |p| {
+        Some(if p == 5 || p == CODE >> 12 { 7 } else { 3 })
+    });
+    c.cr2 = 0;
+    let r = run_at(&mut rig, &mut c, a_at, 3, 50);
+    assert!(r.is_err(), "no fault");
+    assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+}
+
+#[test]
+fn a_kernel_link_out_of_a_page_user_mode_ran_is_undone_at_the_class_change() {
+    // A and the crossing block in a user page, the next page supervisor-only. User code at
+    // 0x5000 jumps to A (through the jump cache: another page), so the CPL-3 half caches A;
+    // then the kernel runs A and links its jump. Back at CPL 3 the jump cache enters A
+    // without a lookup in its page: the link, made out of a page user mode had run, must not
+    // have survived the change to CPL 3.
+    let next = CODE + 0x1000;
+    let (mut rig, a_at, user) = linked_rig(0x1111_1111);
+    let mut u = CodeAssembler::new(64).unwrap();
+    u.add(rdx, 1).unwrap();
+    u.jmp(a_at).unwrap();
+    rig.write(user, &u.assemble(user).unwrap());
+    map_flags(&rig, |p| {
+        Some(if p == CODE >> 12 || p == 5 { 7 } else { 3 })
+    });
+    let mut c = paged(11, user);
+    for _ in 0..2 {
+        c.cr2 = 0;
+        let r = run_at(&mut rig, &mut c, user, 3, 50);
+        assert!(r.is_err(), "no fault");
+        assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+    }
+    for _ in 0..2 {
+        let r = run_at(&mut rig, &mut c, a_at, 0, 50);
+        assert!(r.is_ok() && c.mp_state == MpState::Halted, "{r:?}");
+    }
+    assert!(rig.jit.stats.links >= 1, "{:?}", rig.jit.stats);
+    c.cr2 = 0;
+    let r = run_at(&mut rig, &mut c, user, 3, 50);
+    assert!(r.is_err(), "no fault");
+    assert_eq!((c.cr2, c.rip), (next, CROSS), "{r:?}");
+}
