@@ -862,8 +862,8 @@ struct LoggedWrite {
 
 /// A stack run ([`stack_run`]) whose one soft-TLB check missed goes on here: the same
 /// pushes or pops, each with its own check and exit stub, from the register cache as it was
-/// before the run (the same cache operations in the same order, so both versions end with
-/// the same cache), then back after the run.
+/// at the check (the same cache operations in the same order, so both versions end with the
+/// same cache), then back after the run.
 struct SlowRun {
     label: Label,
     back: Label,
@@ -2101,6 +2101,11 @@ impl Emitter {
     /// run goes on out of line ([`SlowRun`]): each instruction with its own check, so a miss
     /// or a fault happens at exactly the instruction whose access needs it.
     fn stack_run_fast(&mut self, k: u32, run: &[(Instruction, Kind)], pop: bool) -> E<()> {
+        // rsp into the cache first (its loads and evictions run before the check, on both
+        // ways): the slow version starts from the cache as it is at the check, and its own
+        // request for rsp emits nothing. Starting it from the cache before this request
+        // would redo an eviction whose host register already holds rsp.
+        self.cached_regs(&[(4, true)])?;
         let slow = SlowRun {
             label: self.a.label(),
             back: self.a.label(),

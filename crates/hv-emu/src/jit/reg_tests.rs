@@ -622,3 +622,34 @@ fn a_pop_run_faults_at_the_first_pop_that_leaves_the_mapped_stack() {
         assert_eq!(c.gpr[4], HOLE, "{k}: rsp at the fault");
     }
 }
+
+#[test]
+fn a_stack_run_whose_check_misses_after_cache_evictions_keeps_every_register() {
+    // Six guest registers dirty in the cache, then a run of pushes: taking rsp into the cache
+    // for the run evicts one of them (written back) before the run's check. Where the check
+    // misses (the run crosses a page end), the per-instruction version must start from the
+    // cache as it is at the check, not redo that eviction with another register's value.
+    let code = code_of(|a| {
+        a.add(rax, 1)?;
+        a.add(rbx, 2)?;
+        a.add(rcx, 3)?;
+        a.add(rdx, 4)?;
+        a.add(r8, 5)?;
+        a.add(r9, 6)?;
+        a.push(r10)?;
+        a.push(r11)?;
+        a.push(r12)?;
+        a.add(rdx, rax)?;
+        a.pop(r12)?;
+        a.pop(r11)?;
+        a.pop(r10)?;
+        a.add(rcx, rbx)
+    });
+    for k in 0..6u64 {
+        // Across the page end at 0x8000 for k < 3 (pushes) and back (pops).
+        let stack = 0x8000 + 8 * k;
+        let (_, r, c) = both(&code, 130 + k, 100, true, &move |c| c.gpr[4] = stack);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(c.gpr[4], stack, "rsp after the runs");
+    }
+}
