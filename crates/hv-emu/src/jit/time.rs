@@ -70,8 +70,11 @@ pub(crate) fn enter(t: &mut TimeCtx, cpu: &Cpu, clock: &Clock) {
     // The floor has not been passed yet: the interpreter applies it. (A TSC in the top half
     // of its range also goes there while a floor is set: it could wrap during the run, after
     // which `max` with the floor would matter again.)
-    let now = hv_emu_jit_rt::host_tsc().wrapping_add(t.add);
-    let below_floor = cpu.msr.tsc_floor != 0 && (now < cpu.msr.tsc_floor || now >> 63 != 0);
+    // (The host TSC is read only while a floor is set: most entries have none.)
+    let below_floor = cpu.msr.tsc_floor != 0 && {
+        let now = hv_emu_jit_rt::host_tsc().wrapping_add(t.add);
+        now < cpu.msr.tsc_floor || now >> 63 != 0
+    };
     t.deny = u64::from(tsd || below_floor);
 }
 
