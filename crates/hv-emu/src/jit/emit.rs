@@ -1747,29 +1747,23 @@ impl Emitter {
                 disp: 0,
             },
         );
-        a.load(RCX, at(RDI, 0));
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((RAX, 1)),
-                disp: 0,
-            },
-        );
-        a.jmp_unless_rcx_zero(way1);
-        a.jmp_mem(RDI, 8);
-        a.bind(way1);
-        a.load(RCX, at(RDI, 16));
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((RAX, 1)),
-                disp: 0,
-            },
-        );
-        a.jmp_unless_rcx_zero(miss);
-        a.jmp_mem(RDI, 24);
+        // Each way: rcx = its negated RIP + rax, zero on a hit; then its translation.
+        for (way, next) in [(0, way1), (16, miss)] {
+            if way != 0 {
+                a.bind(way1);
+            }
+            a.load(RCX, at(RDI, way));
+            a.lea(
+                RCX,
+                Mem {
+                    base: Some(RCX),
+                    index: Some((RAX, 1)),
+                    disp: 0,
+                },
+            );
+            a.jmp_unless_rcx_zero(next);
+            a.jmp_mem(RDI, way + 8);
+        }
         a.bind(miss);
         a.mov_imm(RCX, u64::from(EXIT_GO));
         a.ret();
