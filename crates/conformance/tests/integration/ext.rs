@@ -274,15 +274,35 @@ fn sha256_abc(hv: &dyn Hypervisor) {
     );
 }
 
-/// RDRAND/RDSEED set CF (the values are the host's); RDTSCP and RDPID run.
+/// RDRAND/RDSEED set CF (the values are the host's); RDTSCP and RDPID run. The hardware may
+/// clear CF when its entropy is spent for the moment (SDM: software retries), which RDSEED
+/// does on a loaded host: both are retried up to 64 times, as the SDM advises.
 fn random_and_tsc_aux_run(hv: &dyn Hypervisor) {
     let code = asm(|a| {
+        let mut rdrand = a.create_label();
+        let mut rdseed = a.create_label();
+        a.mov(edx, 64)?;
+        a.set_label(&mut rdrand)?;
         a.xor(eax, eax)?; // CF clear
         a.rdrand(rbx)?;
         flags(a, rsi)?;
+        a.bt(esi, 0)?;
+        a.jb(rdseed)?;
+        a.dec(edx)?;
+        a.jne(rdrand)?;
+        a.set_label(&mut rdseed)?;
+        a.mov(edx, 64)?;
+        let mut again = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut again)?;
         a.xor(eax, eax)?;
         a.rdseed(ecx)?;
         flags(a, rdi)?;
+        a.bt(edi, 0)?;
+        a.jb(done)?;
+        a.dec(edx)?;
+        a.jne(again)?;
+        a.set_label(&mut done)?;
         a.rdtscp()?;
         a.rdpid(r8)?;
         a.ud2()
