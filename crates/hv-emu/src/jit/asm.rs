@@ -45,6 +45,15 @@ pub struct Mem {
     pub disp: i32,
 }
 
+/// `[base + index]`.
+pub fn sum(base: u8, index: u8) -> Mem {
+    Mem {
+        base: Some(base),
+        index: Some((index, 1)),
+        disp: 0,
+    }
+}
+
 pub fn at(base: u8, disp: i32) -> Mem {
     Mem {
         base: Some(base),

@@ -41,7 +41,7 @@
 use iced_x86::IcedError;
 
 use super::asm::{
-    Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP, at,
+    Asm, Label, Mem, R8, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP, at, sum,
 };
 use iced_x86::{
     Code, Encoder, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic as M, OpAccess,
@@ -1728,39 +1728,18 @@ impl Emitter {
         let a = &mut self.a;
         // rcx = (rip + (rip >> 12)) mod JC_SETS, see `jc_index`.
         a.shrx(RCX, RAX, R13);
-        a.lea(
-            RCX,
-            Mem {
-                base: Some(RCX),
-                index: Some((RAX, 1)),
-                disp: 0,
-            },
-        );
+        a.lea(RCX, sum(RCX, RAX));
         // rdi = the 32-byte set, in the half of the current privilege class.
         a.pdep_mem(RCX, RCX, at(RSP, JC_MASK_AT));
         a.load(RDI, ctx(C_JC));
-        a.lea(
-            RDI,
-            Mem {
-                base: Some(RDI),
-                index: Some((RCX, 1)),
-                disp: 0,
-            },
-        );
+        a.lea(RDI, sum(RDI, RCX));
         // Each way: rcx = its negated RIP + rax, zero on a hit; then its translation.
         for (way, next) in [(0, way1), (16, miss)] {
             if way != 0 {
                 a.bind(way1);
             }
             a.load(RCX, at(RDI, way));
-            a.lea(
-                RCX,
-                Mem {
-                    base: Some(RCX),
-                    index: Some((RAX, 1)),
-                    disp: 0,
-                },
-            );
+            a.lea(RCX, sum(RCX, RAX));
             a.jmp_unless_rcx_zero(next);
             a.jmp_mem(RDI, way + 8);
         }
